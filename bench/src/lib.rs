@@ -1,0 +1,1 @@
+//! forkd benchmarks (see issue: warm pool and the bench crate).

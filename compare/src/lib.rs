@@ -1,0 +1,1 @@
+//! compare-all: forkd side by side with other sandboxes (see its issue).

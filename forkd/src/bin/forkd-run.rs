@@ -1,0 +1,418 @@
+//! `forkd-run`: run Python in forkd sandboxes from the command line.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use forkd_ipc::{AsyncClient, ClientError, Limits, Program, SpawnRequest, SpawnResult};
+use hdrhistogram::Histogram;
+
+/// Run Python code in an isolated forkd sandbox and mirror its output and exit status.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about,
+    after_help = "Exit status: the sandbox's exit code, or 128+signal when it was killed; 2 for usage errors, 3 when forkd refused or failed the request."
+)]
+struct Args {
+    /// Python code to run (like `python -c`).
+    #[arg(short = 'c', long = "code", conflicts_with = "script")]
+    code: Option<String>,
+    /// Script to run (read here and sent to the sandbox), followed by its arguments.
+    script: Option<PathBuf>,
+    /// Arguments for the program (sys.argv[1:]).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// Wall-clock limit in seconds (fractions allowed).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Memory limit, e.g. 256M or 1G.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Process/thread limit.
+    #[arg(long)]
+    pids: Option<u64>,
+    /// CPU limit in cores.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Output limit (stdout+stderr), e.g. 1M.
+    #[arg(long, value_parser = parse_size)]
+    output_limit: Option<u64>,
+    /// Zygote to fork from.
+    #[arg(long)]
+    zygote: Option<String>,
+    /// Isolation policy name.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Environment variable for the program (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Print the full result as JSON (protocol shape: stdout/stderr base64).
+    #[arg(long)]
+    json: bool,
+    /// Run N copies concurrently and print a summary.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    count: usize,
+    /// With -n: how many run at once (default: all).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// With -n: a copy counts as OK only if its stdout (trimmed) equals this.
+    #[arg(long)]
+    expect: Option<String>,
+    /// Socket of the daemon.
+    #[arg(long, env = "FORKD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Start a private daemon for this command instead of using a running one.
+    #[arg(long)]
+    embedded: bool,
+    /// With --embedded: the zygote's interpreter (e.g. .venv/bin/python).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// With --embedded: comma-separated preload modules (default numpy).
+    #[arg(long, value_delimiter = ',')]
+    preload: Option<Vec<String>>,
+    /// With --embedded: daemon config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512M or 2G"))?;
+    if !n.is_finite() || n <= 0.0 {
+        return Err(format!("`{s}` must be positive"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not NAME=VALUE"))
+}
+
+fn build_request(args: &Args) -> Result<SpawnRequest, String> {
+    let (program, argv) = match (&args.code, &args.script) {
+        (Some(code), _) => (Program::Code(code.clone()), args.args.clone()),
+        (None, Some(path)) => {
+            let code = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            (Program::Code(code), args.args.clone())
+        }
+        (None, None) => return Err("give code with -c CODE or a script path".into()),
+    };
+    let stdin = if std::io::stdin().is_terminal() {
+        Vec::new()
+    } else {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        buf
+    };
+    let mut env = BTreeMap::new();
+    for (k, v) in &args.env {
+        env.insert(k.clone(), v.clone());
+    }
+    let timeout_ms = match args.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some((t * 1000.0).ceil() as u64),
+        Some(t) => {
+            return Err(format!(
+                "--timeout {t} must be a positive number of seconds"
+            ))
+        }
+        None => None,
+    };
+    Ok(SpawnRequest {
+        zygote: args.zygote.clone(),
+        program,
+        argv,
+        stdin,
+        env,
+        files: Vec::new(),
+        timeout_ms,
+        limits: Limits {
+            memory_bytes: args.memory,
+            cpus: args.cpus,
+            pids: args.pids,
+            output_bytes: args.output_limit,
+            ..Limits::default()
+        },
+        policy: args.policy.clone(),
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let req = match build_request(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("forkd-run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.count == 0 {
+        eprintln!("forkd-run: -n must be at least 1");
+        return ExitCode::from(2);
+    }
+    forkd::init_logging(if args.embedded { "warn" } else { "error" }, false);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("forkd-run: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args, req))
+}
+
+async fn run(args: Args, req: SpawnRequest) -> ExitCode {
+    let mut embedded = None;
+    let mut _socket_dir = None;
+    let socket = if args.embedded {
+        let mut config = match &args.config {
+            Some(p) => match forkd::Config::load(p) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("forkd-run: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => forkd::Config::default(),
+        };
+        forkd::config::apply_overrides(&mut config, args.python.clone(), args.preload.clone());
+        if config.max_concurrent < args.count {
+            config.max_concurrent = args.count.min(4096);
+        }
+        let dir = match tempdir() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("forkd-run: cannot create a private socket directory: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let path = dir.join("forkd.sock");
+        let started = Instant::now();
+        match forkd::start(config, Some(&path)).await {
+            Ok(r) => {
+                eprintln!(
+                    "forkd-run: embedded daemon ready in {:.0} ms (zygote preloaded, socket {})",
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    path.display()
+                );
+                embedded = Some(r);
+            }
+            Err(e) => {
+                eprintln!("forkd-run: cannot start the embedded daemon: {e}");
+                let _ = std::fs::remove_dir_all(&dir);
+                return ExitCode::FAILURE;
+            }
+        }
+        _socket_dir = Some(dir);
+        path
+    } else {
+        args.socket
+            .clone()
+            .unwrap_or_else(forkd_ipc::client::default_socket_path)
+    };
+
+    let code = match AsyncClient::connect(&socket).await {
+        Ok(client) => {
+            if args.count == 1 {
+                single(&client, &req, args.json).await
+            } else {
+                fan_out(&client, &req, &args).await
+            }
+        }
+        Err(e) => {
+            eprintln!("forkd-run: {e}");
+            if matches!(e, ClientError::Connect { .. }) {
+                eprintln!("forkd-run: hint: `forkd-run --embedded ...` starts a private daemon for one command");
+            }
+            ExitCode::from(3)
+        }
+    };
+    if let Some(r) = embedded {
+        r.shutdown().await;
+    }
+    if let Some(dir) = _socket_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    code
+}
+
+fn tempdir() -> std::io::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for attempt in 0..100u32 {
+        let dir = base.join(format!("forkd-run-{}-{attempt}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary directory name"))
+}
+
+fn report_limits(result: &SpawnResult) {
+    if result.stdout_truncated || result.stderr_truncated {
+        eprintln!(
+            "forkd-run: output truncated at {} bytes (raise --output-limit)",
+            result.limits.output_bytes
+        );
+    }
+    if let Some(k) = result.killed_by {
+        eprintln!(
+            "forkd-run: sandbox killed by {}",
+            serde_json::to_string(&k)
+                .unwrap_or_default()
+                .trim_matches('"')
+        );
+    }
+    if !result.limits.cgroup_enforced {
+        eprintln!("forkd-run: warning: memory/cpu/pids limits were not enforced (daemon has no usable cgroup)");
+    }
+}
+
+async fn single(client: &AsyncClient, req: &SpawnRequest, json: bool) -> ExitCode {
+    match client.spawn(req).await {
+        Ok(result) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&result).unwrap_or_default()
+                );
+            } else {
+                let _ = std::io::stdout().write_all(&result.stdout);
+                let _ = std::io::stderr().write_all(&result.stderr);
+                let _ = std::io::stdout().flush();
+                report_limits(&result);
+            }
+            ExitCode::from(result.shell_status().clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            eprintln!("forkd-run: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitCode {
+    let n = args.count;
+    let concurrency = args.concurrency.unwrap_or(n).max(1);
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let wall = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = client.clone();
+        let req = req.clone();
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await;
+            let t = Instant::now();
+            let r = client.spawn(&req).await;
+            (t.elapsed(), r)
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut fork_us = Vec::new();
+    let mut total_us = Vec::new();
+    let mut ok = 0usize;
+    let mut outputs: BTreeMap<String, usize> = BTreeMap::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut results = Vec::new();
+    for task in tasks {
+        let (elapsed, r) = match task.await {
+            Ok(x) => x,
+            Err(e) => {
+                *errors.entry(format!("task failed: {e}")).or_default() += 1;
+                continue;
+            }
+        };
+        let _ = latency.record(elapsed.as_micros().max(1) as u64);
+        match r {
+            Ok(result) => {
+                let out = result.stdout_lossy();
+                let good = result.exit_code == Some(0)
+                    && args
+                        .expect
+                        .as_deref()
+                        .is_none_or(|e| out.trim() == e.trim());
+                if good {
+                    ok += 1;
+                }
+                fork_us.push(result.timings.fork_us);
+                total_us.push(result.timings.total_us);
+                let key = if result.exit_code == Some(0) {
+                    out.trim_end().to_string()
+                } else {
+                    format!(
+                        "exit {:?} signal {:?} killed_by {:?}: {}",
+                        result.exit_code,
+                        result.signal,
+                        result.killed_by,
+                        result.stderr_lossy().trim_end()
+                    )
+                };
+                *outputs.entry(key).or_default() += 1;
+                if args.json {
+                    results.push(result);
+                }
+            }
+            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    let wall = wall.elapsed();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&results).unwrap_or_default()
+        );
+    }
+    for (out, count) in &outputs {
+        eprintln!("{count:>6} × {out}");
+    }
+    for (err, count) in &errors {
+        eprintln!("{count:>6} × error: {err}");
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    eprintln!(
+        "ok {ok}/{n}  wall {:.1} ms  latency p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (concurrency {concurrency})",
+        ms(wall),
+        latency.value_at_quantile(0.5) as f64 / 1000.0,
+        latency.value_at_quantile(0.9) as f64 / 1000.0,
+        latency.value_at_quantile(0.99) as f64 / 1000.0,
+        latency.max() as f64 / 1000.0,
+    );
+    eprintln!(
+        "daemon-side medians: request→forked {:.2} ms, request→result {:.2} ms",
+        median(&mut fork_us) as f64 / 1000.0,
+        median(&mut total_us) as f64 / 1000.0
+    );
+    if ok == n {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

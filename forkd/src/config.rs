@@ -1,0 +1,696 @@
+//! Daemon configuration (TOML) and the resolution of a request's limits
+//! against it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use forkd_ipc::{AppliedLimits, ErrorCode, ErrorReply, InlineFile, SpawnRequest};
+use serde::Deserialize;
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("policy `{name}` ({path}): {reason}")]
+    Policy {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The daemon's configuration file. Every field has a default, so an empty
+/// file (or none) gives a working root daemon with one numpy zygote.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Socket path; default `/run/forkd/forkd.sock` as root, else
+    /// `$XDG_RUNTIME_DIR/forkd/forkd.sock`.
+    pub socket: Option<PathBuf>,
+    /// Peers whose uid is listed may connect; default: the daemon's uid and root.
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Peers whose primary gid is listed may connect too.
+    pub allowed_gids: Vec<u32>,
+    /// Sandboxes running at once; further requests wait for a slot.
+    pub max_concurrent: usize,
+    pub default_zygote: String,
+    #[serde(rename = "zygote")]
+    pub zygotes: Vec<ZygoteSection>,
+    /// Path of `libforkd_zygote.so`; default: next to the executable.
+    pub zygote_library: Option<PathBuf>,
+    pub limits: LimitsSection,
+    pub cgroup: forkd_cgroup::Config,
+    /// Extra policies: name → TOML file. `default` is built in unless overridden.
+    pub policies: BTreeMap<String, PathBuf>,
+    pub default_policy: String,
+    pub hostname: String,
+    /// How long shutdown waits for killed sandboxes to be reported.
+    pub shutdown_grace_ms: u64,
+    /// Limit on one client frame's size, bytes (at most the protocol's 16 MiB).
+    pub max_frame_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: None,
+            allowed_uids: None,
+            allowed_gids: Vec::new(),
+            max_concurrent: 256,
+            default_zygote: "default".into(),
+            zygotes: Vec::new(),
+            zygote_library: None,
+            limits: LimitsSection::default(),
+            cgroup: forkd_cgroup::Config::default(),
+            policies: BTreeMap::new(),
+            default_policy: "default".into(),
+            hostname: "sandbox".into(),
+            shutdown_grace_ms: 5000,
+            max_frame_bytes: forkd_ipc::MAX_FRAME_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ZygoteSection {
+    pub name: String,
+    /// Interpreter (absolute, or looked up on PATH). A venv's `bin/python`
+    /// runs the zygote in that venv.
+    pub python: PathBuf,
+    pub preload: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Replace the zygote after this many forks (bounds how many sandboxes
+    /// share one ASLR layout and str hash secret).
+    pub max_forks: Option<u64>,
+    /// Replace the zygote after this many seconds.
+    pub max_age_secs: Option<u64>,
+    pub start_timeout_secs: u64,
+}
+
+impl Default for ZygoteSection {
+    fn default() -> Self {
+        ZygoteSection {
+            name: "default".into(),
+            python: PathBuf::from("python3"),
+            preload: vec!["numpy".into()],
+            env: BTreeMap::new(),
+            max_forks: Some(10_000),
+            max_age_secs: Some(3600),
+            start_timeout_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Applied when a request leaves a limit unset.
+    pub default: LimitValues,
+    /// The most a request may ask for.
+    pub max: LimitValues,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            default: LimitValues {
+                timeout_ms: 30_000,
+                memory_bytes: 512 * MIB,
+                cpus: 1.0,
+                pids: 64,
+                output_bytes: MIB,
+                scratch_bytes: 64 * MIB,
+                open_files: 256,
+                file_size_bytes: 64 * MIB,
+            },
+            max: LimitValues {
+                timeout_ms: 600_000,
+                memory_bytes: 8192 * MIB,
+                cpus: 64.0,
+                pids: 4096,
+                output_bytes: 64 * MIB,
+                scratch_bytes: 1024 * MIB,
+                open_files: 4096,
+                file_size_bytes: 1024 * MIB,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitValues {
+    pub timeout_ms: u64,
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub pids: u64,
+    pub output_bytes: u64,
+    pub scratch_bytes: u64,
+    pub open_files: u64,
+    pub file_size_bytes: u64,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The zygotes, with the built-in default when none is configured.
+    pub fn zygote_sections(&self) -> Vec<ZygoteSection> {
+        if self.zygotes.is_empty() {
+            vec![ZygoteSection::default()]
+        } else {
+            self.zygotes.clone()
+        }
+    }
+
+    /// Checks cross-field rules that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let zygotes = self.zygote_sections();
+        let mut names = std::collections::BTreeSet::new();
+        for z in &zygotes {
+            if z.name.is_empty() || !names.insert(z.name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "zygote names must be non-empty and unique (`{}`)",
+                    z.name
+                )));
+            }
+        }
+        if !names.contains(&self.default_zygote) {
+            return Err(ConfigError::Invalid(format!(
+                "default_zygote `{}` is not one of the configured zygotes {names:?}",
+                self.default_zygote
+            )));
+        }
+        let (d, m) = (&self.limits.default, &self.limits.max);
+        let pairs = [
+            ("timeout_ms", d.timeout_ms as f64, m.timeout_ms as f64),
+            ("memory_bytes", d.memory_bytes as f64, m.memory_bytes as f64),
+            ("cpus", d.cpus, m.cpus),
+            ("pids", d.pids as f64, m.pids as f64),
+            ("output_bytes", d.output_bytes as f64, m.output_bytes as f64),
+            (
+                "scratch_bytes",
+                d.scratch_bytes as f64,
+                m.scratch_bytes as f64,
+            ),
+            ("open_files", d.open_files as f64, m.open_files as f64),
+            (
+                "file_size_bytes",
+                d.file_size_bytes as f64,
+                m.file_size_bytes as f64,
+            ),
+        ];
+        for (name, default, max) in pairs {
+            if !(default.is_finite() && default > 0.0 && default <= max) {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.default.{name} ({default}) must be positive and at most limits.max.{name} ({max})"
+                )));
+            }
+        }
+        if self.max_frame_bytes == 0 || self.max_frame_bytes > forkd_ipc::MAX_FRAME_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "max_frame_bytes must be between 1 and {}",
+                forkd_ipc::MAX_FRAME_BYTES
+            )));
+        }
+        if self.max_concurrent == 0 {
+            return Err(ConfigError::Invalid(
+                "max_concurrent must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the policy set: the built-in `default` plus configured files.
+    pub fn load_policies(&self) -> Result<BTreeMap<String, forkd_zygote::Policy>, ConfigError> {
+        let mut set = BTreeMap::new();
+        set.insert(
+            "default".to_string(),
+            forkd_zygote::Policy::default_policy(),
+        );
+        for (name, path) in &self.policies {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Policy {
+                name: name.clone(),
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let policy =
+                forkd_zygote::Policy::from_toml(&text).map_err(|e| ConfigError::Policy {
+                    name: name.clone(),
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            set.insert(name.clone(), policy);
+        }
+        if !set.contains_key(&self.default_policy) {
+            return Err(ConfigError::Invalid(format!(
+                "default_policy `{}` is not defined",
+                self.default_policy
+            )));
+        }
+        Ok(set)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// A request after validation against the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub zygote: String,
+    pub policy: String,
+    pub limits: AppliedLimits,
+}
+
+fn invalid(message: String) -> ErrorReply {
+    ErrorReply {
+        code: ErrorCode::InvalidRequest,
+        message,
+    }
+}
+
+/// Validates a request and fills in defaults. Limits above the configured
+/// maximum are refused, never clamped.
+pub fn resolve(
+    config: &Config,
+    req: &SpawnRequest,
+    known_policies: &BTreeMap<String, forkd_zygote::Policy>,
+    cgroup_enforced: bool,
+) -> Result<Resolved, ErrorReply> {
+    let zygote = req
+        .zygote
+        .clone()
+        .unwrap_or_else(|| config.default_zygote.clone());
+    if !config.zygote_sections().iter().any(|z| z.name == zygote) {
+        return Err(ErrorReply {
+            code: ErrorCode::UnknownZygote,
+            message: format!(
+                "no zygote named `{zygote}`; configured: {}",
+                config
+                    .zygote_sections()
+                    .iter()
+                    .map(|z| z.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    let policy = req
+        .policy
+        .clone()
+        .unwrap_or_else(|| config.default_policy.clone());
+    if !known_policies.contains_key(&policy) {
+        return Err(ErrorReply {
+            code: ErrorCode::UnknownPolicy,
+            message: format!(
+                "no policy named `{policy}`; configured: {}",
+                known_policies
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+
+    let d = &config.limits.default;
+    let m = &config.limits.max;
+    let l = &req.limits;
+    let pick_u = |name: &str, asked: Option<u64>, default: u64, max: u64, min: u64| {
+        let v = asked.unwrap_or(default);
+        if v < min {
+            return Err(invalid(format!(
+                "limits.{name} = {v} is below the minimum {min}"
+            )));
+        }
+        if v > max {
+            return Err(ErrorReply {
+                code: ErrorCode::LimitExceedsPolicy,
+                message: format!(
+                    "limits.{name} = {v} exceeds this daemon's maximum {max}; ask for less or raise limits.max.{name} in the daemon's config"
+                ),
+            });
+        }
+        Ok(v)
+    };
+    let timeout_ms = {
+        let v = req.timeout_ms.unwrap_or(d.timeout_ms);
+        if v == 0 {
+            return Err(invalid("timeout_ms must be at least 1".into()));
+        }
+        pick_u("timeout_ms", Some(v), d.timeout_ms, m.timeout_ms, 1)?
+    };
+    let cpus = l.cpus.unwrap_or(d.cpus);
+    if !cpus.is_finite() || cpus < 0.01 {
+        return Err(invalid(format!(
+            "limits.cpus = {cpus} must be a number of at least 0.01"
+        )));
+    }
+    if cpus > m.cpus {
+        return Err(ErrorReply {
+            code: ErrorCode::LimitExceedsPolicy,
+            message: format!(
+                "limits.cpus = {cpus} exceeds this daemon's maximum {}; ask for less or raise limits.max.cpus",
+                m.cpus
+            ),
+        });
+    }
+    let limits = AppliedLimits {
+        timeout_ms,
+        memory_bytes: pick_u(
+            "memory_bytes",
+            l.memory_bytes,
+            d.memory_bytes,
+            m.memory_bytes,
+            8 * MIB,
+        )?,
+        cpus,
+        pids: pick_u("pids", l.pids, d.pids, m.pids, 1)?,
+        output_bytes: pick_u(
+            "output_bytes",
+            l.output_bytes,
+            d.output_bytes,
+            m.output_bytes,
+            1,
+        )?,
+        scratch_bytes: pick_u(
+            "scratch_bytes",
+            l.scratch_bytes,
+            d.scratch_bytes,
+            m.scratch_bytes,
+            4096,
+        )?,
+        open_files: pick_u("open_files", l.open_files, d.open_files, m.open_files, 16)?,
+        file_size_bytes: pick_u(
+            "file_size_bytes",
+            l.file_size_bytes,
+            d.file_size_bytes,
+            m.file_size_bytes,
+            1,
+        )?,
+        cgroup_enforced,
+    };
+
+    validate_files(&req.files, limits.scratch_bytes)?;
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(invalid(format!(
+                "environment variable {k:?} is invalid: names must be non-empty without '=' or NUL, values without NUL"
+            )));
+        }
+    }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("argv entries must not contain NUL bytes".into()));
+    }
+    if let forkd_ipc::Program::Script(path) = &req.program {
+        if path.is_empty() || path.contains('\0') {
+            return Err(invalid(format!(
+                "script path {path:?} must be non-empty without NUL bytes (relative paths are inside the scratch directory)"
+            )));
+        }
+    }
+    Ok(Resolved {
+        zygote,
+        policy,
+        limits,
+    })
+}
+
+fn validate_files(files: &[InlineFile], scratch_bytes: u64) -> Result<(), ErrorReply> {
+    let mut total: u64 = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for f in files {
+        let p = Path::new(&f.path);
+        let ok = !f.path.is_empty()
+            && !f.path.contains('\0')
+            && p.is_relative()
+            && p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !ok {
+            return Err(invalid(format!(
+                "file path {:?} must be relative to the scratch directory, without `..` or `.`",
+                f.path
+            )));
+        }
+        if !seen.insert(f.path.clone()) {
+            return Err(invalid(format!("file path {:?} appears twice", f.path)));
+        }
+        if let Some(mode) = f.mode {
+            if mode & !0o777 != 0 {
+                return Err(invalid(format!(
+                    "file {:?}: mode {mode:#o} may only hold permission bits (no setuid/setgid/sticky)",
+                    f.path
+                )));
+            }
+        }
+        total += f.content.len() as u64;
+    }
+    if total > scratch_bytes {
+        return Err(ErrorReply {
+            code: ErrorCode::LimitExceedsPolicy,
+            message: format!(
+                "inline files total {total} bytes, more than the scratch directory's {scratch_bytes} bytes; raise limits.scratch_bytes"
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forkd_ipc::{Limits, Program};
+
+    fn policies() -> BTreeMap<String, forkd_zygote::Policy> {
+        Config::default().load_policies().unwrap()
+    }
+
+    fn req() -> SpawnRequest {
+        SpawnRequest {
+            program: Program::Code("print(1)".into()),
+            ..SpawnRequest::default()
+        }
+    }
+
+    #[test]
+    fn empty_config_is_valid_and_defaults_apply() {
+        let c = Config::from_toml("").unwrap();
+        c.validate().unwrap();
+        let r = resolve(&c, &req(), &policies(), true).unwrap();
+        assert_eq!(r.zygote, "default");
+        assert_eq!(r.policy, "default");
+        assert_eq!(r.limits.memory_bytes, 512 * MIB);
+        assert_eq!(r.limits.timeout_ms, 30_000);
+        assert!(r.limits.cgroup_enforced);
+    }
+
+    #[test]
+    fn limits_above_max_are_refused_not_clamped() {
+        let c = Config::default();
+        let mut r = req();
+        r.limits = Limits {
+            memory_bytes: Some(c.limits.max.memory_bytes + 1),
+            ..Limits::default()
+        };
+        let e = resolve(&c, &r, &policies(), true).unwrap_err();
+        assert_eq!(e.code, ErrorCode::LimitExceedsPolicy);
+        assert!(e.message.contains("memory_bytes"), "{}", e.message);
+        r.limits = Limits {
+            pids: Some(5000),
+            ..Limits::default()
+        };
+        assert_eq!(
+            resolve(&c, &r, &policies(), true).unwrap_err().code,
+            ErrorCode::LimitExceedsPolicy
+        );
+        r.limits = Limits::default();
+        r.timeout_ms = Some(c.limits.max.timeout_ms + 1);
+        assert_eq!(
+            resolve(&c, &r, &policies(), true).unwrap_err().code,
+            ErrorCode::LimitExceedsPolicy
+        );
+    }
+
+    #[test]
+    fn nonsense_limits_are_invalid() {
+        let c = Config::default();
+        for limits in [
+            Limits {
+                cpus: Some(f64::NAN),
+                ..Limits::default()
+            },
+            Limits {
+                cpus: Some(0.0),
+                ..Limits::default()
+            },
+            Limits {
+                pids: Some(0),
+                ..Limits::default()
+            },
+            Limits {
+                memory_bytes: Some(1024),
+                ..Limits::default()
+            },
+        ] {
+            let r = SpawnRequest { limits, ..req() };
+            assert_eq!(
+                resolve(&c, &r, &policies(), true).unwrap_err().code,
+                ErrorCode::InvalidRequest
+            );
+        }
+        let r = SpawnRequest {
+            timeout_ms: Some(0),
+            ..req()
+        };
+        assert_eq!(
+            resolve(&c, &r, &policies(), true).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn requested_limits_within_max_are_kept() {
+        let c = Config::default();
+        let r = SpawnRequest {
+            limits: Limits {
+                memory_bytes: Some(64 * MIB),
+                cpus: Some(0.5),
+                pids: Some(8),
+                ..Limits::default()
+            },
+            timeout_ms: Some(1500),
+            ..req()
+        };
+        let got = resolve(&c, &r, &policies(), false).unwrap().limits;
+        assert_eq!(
+            (got.memory_bytes, got.cpus, got.pids, got.timeout_ms),
+            (64 * MIB, 0.5, 8, 1500)
+        );
+        assert!(!got.cgroup_enforced);
+    }
+
+    #[test]
+    fn file_paths_must_stay_in_scratch() {
+        let c = Config::default();
+        for bad in ["../x", "/etc/passwd", "a/../../b", "", "./a", "a/./b"] {
+            let r = SpawnRequest {
+                files: vec![InlineFile {
+                    path: bad.into(),
+                    content: vec![],
+                    mode: None,
+                }],
+                ..req()
+            };
+            let e = resolve(&c, &r, &policies(), true).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad:?} accepted");
+        }
+        let ok = SpawnRequest {
+            files: vec![InlineFile {
+                path: "pkg/mod.py".into(),
+                content: b"x=1".to_vec(),
+                mode: Some(0o600),
+            }],
+            ..req()
+        };
+        resolve(&c, &ok, &policies(), true).unwrap();
+        let setuid = SpawnRequest {
+            files: vec![InlineFile {
+                path: "a".into(),
+                content: vec![],
+                mode: Some(0o4755),
+            }],
+            ..req()
+        };
+        assert_eq!(
+            resolve(&c, &setuid, &policies(), true).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn unknown_zygote_and_policy_are_named() {
+        let c = Config::default();
+        let r = SpawnRequest {
+            zygote: Some("nope".into()),
+            ..req()
+        };
+        let e = resolve(&c, &r, &policies(), true).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownZygote);
+        assert!(e.message.contains("nope") && e.message.contains("default"));
+        let r = SpawnRequest {
+            policy: Some("lax".into()),
+            ..req()
+        };
+        assert_eq!(
+            resolve(&c, &r, &policies(), true).unwrap_err().code,
+            ErrorCode::UnknownPolicy
+        );
+    }
+
+    #[test]
+    fn config_rejects_unknown_keys_and_bad_defaults() {
+        assert!(Config::from_toml("sockett = '/x'").is_err());
+        let c = Config::from_toml("[limits.default]\ntimeout_ms = 1\nmemory_bytes = 99999999999999\ncpus = 1.0\npids = 1\noutput_bytes = 1\nscratch_bytes = 4096\nopen_files = 16\nfile_size_bytes = 1\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("default_zygote = 'x'").unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn env_with_nul_or_equals_is_refused() {
+        let c = Config::default();
+        let mut r = req();
+        r.env.insert("A=B".into(), "1".into());
+        assert_eq!(
+            resolve(&c, &r, &policies(), true).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+    }
+}
+
+/// Command-line overrides for the default zygote (`--python`, `--preload`).
+pub fn apply_overrides(config: &mut Config, python: Option<PathBuf>, preload: Option<Vec<String>>) {
+    if python.is_none() && preload.is_none() {
+        return;
+    }
+    if config.zygotes.is_empty() {
+        config.zygotes.push(ZygoteSection::default());
+    }
+    let default = config.default_zygote.clone();
+    if let Some(z) = config.zygotes.iter_mut().find(|z| z.name == default) {
+        if let Some(p) = python {
+            z.python = p;
+        }
+        if let Some(p) = preload {
+            z.preload = p.into_iter().filter(|m| !m.is_empty()).collect();
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Daemon start-up and shutdown: configuration, cgroups, zygotes, the socket.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_pool::{Recycle, Supervisor, ZygoteConfig};
+use tokio::net::UnixListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(
+        "another forkd is already serving {0}; stop it first or pick another socket with --socket"
+    )]
+    AlreadyServed(PathBuf),
+    #[error("cannot use socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroups: {0}\n(run as root on a host with cgroup v1 or v2 controllers, delegate a cgroup v2 subtree and set cgroup.v2_root, or set cgroup.mode = \"disabled\" to run without memory/cpu/pids limits)")]
+    Cgroup(forkd_cgroup::Error),
+    #[error("cannot find forkd's native zygote library {name}; looked in: {tried}. Build the whole workspace (`cargo build --release`) or set zygote_library in the config / FORKD_ZYGOTE_LIB")]
+    Library { name: &'static str, tried: String },
+    #[error("interpreter `{0}` for zygote `{1}` was not found on PATH; set `python` to an absolute path (e.g. a venv's bin/python)")]
+    Python(PathBuf, String),
+    #[error("{0}")]
+    Zygote(String),
+}
+
+/// The running daemon's shared state.
+pub struct Daemon {
+    pub config: Config,
+    pub policies: BTreeMap<String, forkd_zygote::Policy>,
+    pub pool: Supervisor,
+    pub cgroups: Arc<forkd_cgroup::Manager>,
+    pub(crate) slots: Semaphore,
+    next_id: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    pub fn next_sandbox_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sandboxes running right now.
+    pub fn running(&self) -> usize {
+        self.config.max_concurrent - self.slots.available_permits()
+    }
+}
+
+/// Resolves once shutdown has begun.
+pub async fn stopping(rx: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns must not live across an await point.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Socket path by precedence: explicit, config, `FORKD_SOCKET`, default.
+pub fn socket_path(explicit: Option<&Path>, config: &Config) -> PathBuf {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| config.socket.clone())
+        .unwrap_or_else(forkd_ipc::client::default_socket_path)
+}
+
+fn find_library(config: &Config) -> Result<PathBuf, StartError> {
+    let name = forkd_zygote::LIBRARY_FILE_NAME;
+    let mut candidates = Vec::new();
+    if let Some(p) = &config.zygote_library {
+        candidates.push(p.clone());
+    } else if let Some(p) = std::env::var_os("FORKD_ZYGOTE_LIB") {
+        candidates.push(PathBuf::from(p));
+    } else if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join(name));
+            // Test binaries live in target/<profile>/deps.
+            candidates.push(dir.join("..").join(name));
+            candidates.push(dir.join("../lib/forkd").join(name));
+        }
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .ok_or_else(|| StartError::Library {
+            name,
+            tried: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+fn find_python(python: &Path, zygote: &str) -> Result<PathBuf, StartError> {
+    if python.components().count() > 1 {
+        // Absolute but not canonical: a venv's python is a symlink whose
+        // location is what selects the venv.
+        return match std::path::absolute(python) {
+            Ok(p) if p.exists() => Ok(p),
+            _ => Err(StartError::Python(python.to_path_buf(), zygote.into())),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(python))
+        .find(|p| p.is_file())
+        .ok_or_else(|| StartError::Python(python.to_path_buf(), zygote.into()))
+}
+
+/// Replaces a stale socket file; refuses if a live daemon answers on it.
+fn claim_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartError> {
+    let sock_err = |source| StartError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(sock_err)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(sock_err)?;
+        }
+    }
+    if path.exists() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(StartError::AlreadyServed(path.to_path_buf())),
+            Err(_) => {
+                tracing::info!(socket = %path.display(), "removing stale socket file");
+                std::fs::remove_file(path).map_err(sock_err)?;
+            }
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(sock_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(sock_err)?;
+    listener.set_nonblocking(true).map_err(sock_err)?;
+    Ok(listener)
+}
+
+/// A started daemon: serving until [`Running::shutdown`].
+pub struct Running {
+    pub daemon: Arc<Daemon>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub fn socket_path(&self) -> &Path {
+        self.daemon.socket_path()
+    }
+
+    /// Stops accepting, kills running sandboxes (reported as
+    /// `killed_by: shutdown`), waits up to the grace period for their replies,
+    /// stops the zygotes, removes every cgroup and the socket file.
+    pub async fn shutdown(self) {
+        let d = &self.daemon;
+        tracing::info!(running = d.running(), "shutting down");
+        let _ = d.shutdown.send(true);
+        let grace = d.config.shutdown_grace();
+        let deadline = tokio::time::Instant::now() + grace;
+        while d.running() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let the connections flush the final replies.
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.server).await;
+        d.pool.shutdown(Duration::from_secs(2)).await;
+        let cgroups = d.cgroups.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = cgroups.shutdown() {
+                tracing::warn!("removing cgroups at shutdown: {e}");
+            }
+        })
+        .await;
+        let _ = std::fs::remove_file(&d.socket);
+        tracing::info!("forkd stopped");
+    }
+}
+
+/// Starts a daemon: cgroups, zygotes (waiting until each has imported its
+/// preload modules), then the socket.
+pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, StartError> {
+    config.validate()?;
+    let policies = config.load_policies()?;
+    let socket = socket_path(socket, &config);
+
+    let cgroups = match forkd_cgroup::Manager::new(&config.cgroup) {
+        Ok(m) => m,
+        Err(e) if sys::euid() != 0 && config.cgroup.mode == forkd_cgroup::ModeChoice::Auto => {
+            tracing::warn!("no usable cgroup for an unprivileged daemon ({e}); memory, cpu and pids limits are NOT enforced and every result says so (cgroup_enforced: false)");
+            let disabled = forkd_cgroup::Config {
+                mode: forkd_cgroup::ModeChoice::Disabled,
+                ..config.cgroup.clone()
+            };
+            forkd_cgroup::Manager::new(&disabled).map_err(StartError::Cgroup)?
+        }
+        Err(e) => return Err(StartError::Cgroup(e)),
+    };
+    match cgroups.cleanup_stale() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            removed = n,
+            "removed sandbox cgroups left by a daemon that died"
+        ),
+        Err(e) => tracing::warn!("cleaning up stale cgroups: {e}"),
+    }
+    let cgroups = Arc::new(cgroups);
+    tracing::info!(mode = ?cgroups.mode(), enforced = cgroups.limits_enforced(), "cgroups ready");
+
+    let library = find_library(&config)?;
+    let init = forkd_zygote::InitConfig {
+        policies: policies.clone(),
+        interpreter_paths: Vec::new(),
+        hostname: config.hostname.clone(),
+    };
+    let mut zygotes = Vec::new();
+    for z in config.zygote_sections() {
+        let python = find_python(&z.python, &z.name)?;
+        zygotes.push((
+            ZygoteConfig {
+                name: z.name.clone(),
+                python,
+                preload: z.preload.clone(),
+                env: z.env.clone(),
+                library: library.clone(),
+                init: init.clone(),
+                start_timeout: Duration::from_secs(z.start_timeout_secs),
+            },
+            Recycle {
+                max_forks: z.max_forks,
+                max_age: z.max_age_secs.map(Duration::from_secs),
+            },
+        ));
+    }
+    let pool = Supervisor::start(zygotes);
+    if let Err(e) = pool.wait_ready().await {
+        pool.shutdown(Duration::from_secs(1)).await;
+        let _ = cgroups.shutdown();
+        return Err(StartError::Zygote(e.to_string()));
+    }
+
+    let listener = match claim_socket(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            pool.shutdown(Duration::from_secs(1)).await;
+            let _ = cgroups.shutdown();
+            return Err(e);
+        }
+    };
+    let listener = UnixListener::from_std(listener).map_err(|source| StartError::Socket {
+        path: socket.clone(),
+        source,
+    })?;
+    let (shutdown, _) = watch::channel(false);
+    let daemon = Arc::new(Daemon {
+        slots: Semaphore::new(config.max_concurrent),
+        config,
+        policies,
+        pool,
+        cgroups,
+        next_id: AtomicU64::new(1),
+        shutdown,
+        socket,
+    });
+    tracing::info!(socket = %daemon.socket.display(), "forkd listening");
+    let server = tokio::spawn(crate::server::serve(daemon.clone(), listener));
+    Ok(Running { daemon, server })
+}

@@ -1,0 +1,30 @@
+//! The forkd daemon.
+//!
+//! [`daemon`] starts and stops it (configuration, cgroups, zygotes, socket),
+//! [`server`] speaks the protocol on the socket, and [`sandbox`] turns one
+//! request into one isolated child and its result. The daemon is a
+//! multi-threaded tokio program and never forks: zygotes do
+//! (see the `forkd-zygote` and `forkd-pool` crates).
+
+pub mod config;
+pub mod daemon;
+pub mod sandbox;
+pub mod server;
+mod sys;
+
+pub use config::Config;
+pub use daemon::{start, Running, StartError};
+
+/// Installs the log subscriber (`RUST_LOG` or `level`), once.
+pub fn init_logging(level: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -1,0 +1,202 @@
+//! The Unix-socket server: peer checks, framing, pipelined requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_ipc::frame::{
+    encode_frame, peek_request_id, peek_request_version, read_frame_bytes_async, FrameError,
+};
+use forkd_ipc::{
+    ErrorCode, ErrorReply, Request, RequestBody, Response, ResponseBody, PROTOCOL_VERSION,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::daemon::Daemon;
+
+/// Replies queued per connection before its reader waits for the writer.
+const REPLY_QUEUE: usize = 256;
+
+pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
+    let mut shutdown = daemon.shutdown_signal();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(connection(daemon.clone(), stream));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = crate::daemon::stopping(&mut shutdown) => break,
+        }
+    }
+}
+
+fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Response {
+    Response {
+        v: PROTOCOL_VERSION,
+        id,
+        body: ResponseBody::Error(ErrorReply {
+            code,
+            message: message.into(),
+        }),
+    }
+}
+
+fn peer_allowed(daemon: &Daemon, uid: u32, gid: u32) -> bool {
+    let own = crate::sys::euid();
+    let uids = daemon
+        .config
+        .allowed_uids
+        .clone()
+        .unwrap_or_else(|| vec![own, 0]);
+    uids.contains(&uid) || daemon.config.allowed_gids.contains(&gid)
+}
+
+async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    let (mut reader, mut writer) = stream.into_split();
+    if !peer_allowed(&daemon, cred.uid(), cred.gid()) {
+        tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused connection from a peer not on the allow-list");
+        let reply = error_response(
+            0,
+            ErrorCode::PermissionDenied,
+            format!(
+                "uid {} / gid {} may not use this forkd; ask its operator to add you to allowed_uids or allowed_gids",
+                cred.uid(),
+                cred.gid()
+            ),
+        );
+        if let Ok(frame) = encode_frame(&reply) {
+            let _ = writer.write_all(&frame).await;
+        }
+        return;
+    }
+
+    let (tx, mut rx) = mpsc::channel::<Response>(REPLY_QUEUE);
+    let write_task = tokio::spawn(async move {
+        while let Some(resp) = rx.recv().await {
+            let frame = match encode_frame(&resp) {
+                Ok(f) => f,
+                Err(e) => match encode_frame(&error_response(
+                    resp.id,
+                    ErrorCode::Internal,
+                    format!("the reply could not be encoded ({e}); lower limits.output_bytes"),
+                )) {
+                    Ok(f) => f,
+                    Err(_) => continue,
+                },
+            };
+            if writer.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let max = daemon.config.max_frame_bytes;
+    loop {
+        let bytes = match read_frame_bytes_async(&mut reader, max).await {
+            Ok(b) => b,
+            Err(FrameError::TooLarge { len, max }) => {
+                let _ = tx
+                    .send(error_response(
+                        0,
+                        ErrorCode::FrameTooLarge,
+                        format!("frame of {len} bytes exceeds the {max}-byte limit; send smaller code, stdin or files"),
+                    ))
+                    .await;
+                break;
+            }
+            Err(FrameError::Empty) => {
+                let _ = tx
+                    .send(error_response(
+                        0,
+                        ErrorCode::MalformedFrame,
+                        "zero-length frame: every frame carries a JSON request",
+                    ))
+                    .await;
+                continue;
+            }
+            // Clean close, a frame cut short by EOF, or a broken stream.
+            Err(_) => break,
+        };
+        let request = match serde_json::from_slice::<Request>(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                let id = peek_request_id(&bytes);
+                let reply = match peek_request_version(&bytes) {
+                    Some(v) if v != u64::from(PROTOCOL_VERSION) => error_response(
+                        id,
+                        ErrorCode::UnsupportedVersion,
+                        format!("protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
+                    ),
+                    _ => error_response(id, ErrorCode::MalformedFrame, format!("not a valid forkd request: {e}")),
+                };
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        if request.v != PROTOCOL_VERSION {
+            let reply = error_response(
+                request.id,
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "protocol version {} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+                    request.v
+                ),
+            );
+            if tx.send(reply).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let id = request.id;
+        match request.body {
+            RequestBody::Ping => {
+                let reply = Response {
+                    v: PROTOCOL_VERSION,
+                    id,
+                    body: ResponseBody::Pong {
+                        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+                    },
+                };
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            RequestBody::Spawn(spawn) => {
+                let daemon = daemon.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let body = match daemon.run_sandbox(spawn).await {
+                        Ok(result) => ResponseBody::Result(result),
+                        Err(e) => ResponseBody::Error(e),
+                    };
+                    let _ = tx
+                        .send(Response {
+                            v: PROTOCOL_VERSION,
+                            id,
+                            body,
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+    // In-flight requests keep their own senders; the writer ends after them.
+    drop(tx);
+    let _ = write_task.await;
+}

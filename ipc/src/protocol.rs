@@ -1,0 +1,398 @@
+//! Message types of protocol version [`PROTOCOL_VERSION`].
+//!
+//! Every frame carries one JSON object. Requests are [`Request`]; the daemon
+//! answers each with one [`Response`] carrying the same `id`. Requests on one
+//! connection may be pipelined: responses come back in completion order, so
+//! clients match them by `id`. Byte strings (stdin, stdout, file contents) are
+//! base64 (standard alphabet, padded) so the JSON stays valid UTF-8.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version spoken by this crate. A request with another `v` gets
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Hard upper bound on one frame's JSON payload, in bytes, for both directions.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// A client's frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version; must equal [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    /// The operation and its arguments (flattened: `"op"` and the
+    /// operation's fields sit beside `v` and `id`).
+    #[serde(flatten)]
+    pub body: RequestBody,
+}
+
+/// What a request asks for; on the wire the variant is the `"op"` field,
+/// next to `v` and `id`, with the variant's fields beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", from = "wire::RequestBodyWire")]
+// A request is built once per call and moved a handful of times; boxing the
+// spawn arguments would only make every consumer's `match` clumsier.
+#[allow(clippy::large_enum_variant)]
+pub enum RequestBody {
+    /// Run one sandbox and answer with [`ResponseBody::Result`].
+    Spawn(SpawnRequest),
+    /// Liveness check; answered with [`ResponseBody::Pong`].
+    Ping,
+}
+
+/// Deserialization-only mirror of [`RequestBody`]. It exists because a unit
+/// variant of an internally tagged enum silently accepts any extra fields;
+/// routing `ping` through an empty `deny_unknown_fields` struct makes
+/// `{"op":"ping","bogus":1}` a malformed frame, like unknown fields of
+/// `spawn`. The wire shape and the public type are unchanged.
+mod wire {
+    use serde::Deserialize;
+
+    use super::{RequestBody, SpawnRequest};
+
+    #[derive(Deserialize)]
+    #[serde(tag = "op", rename_all = "snake_case")]
+    #[allow(clippy::large_enum_variant)] // Lives only during deserialization.
+    pub(super) enum RequestBodyWire {
+        Spawn(SpawnRequest),
+        Ping(NoFields),
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct NoFields {}
+
+    impl From<RequestBodyWire> for RequestBody {
+        fn from(w: RequestBodyWire) -> Self {
+            match w {
+                RequestBodyWire::Spawn(s) => RequestBody::Spawn(s),
+                RequestBodyWire::Ping(NoFields {}) => RequestBody::Ping,
+            }
+        }
+    }
+}
+
+/// What to run and under which limits. Unset limits take the daemon's defaults;
+/// a limit above the daemon's configured maximum is refused
+/// ([`ErrorCode::LimitExceedsPolicy`]), never silently clamped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    /// Zygote by name; `None` means the daemon's default zygote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zygote: Option<String>,
+    /// What to run.
+    pub program: Program,
+    /// `sys.argv[1:]` of the program.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    /// Bytes fed to the program's stdin, then EOF.
+    #[serde(default, with = "b64", skip_serializing_if = "Vec::is_empty")]
+    pub stdin: Vec<u8>,
+    /// Environment of the program (replaces, does not extend, the zygote's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Small files written into the scratch (working) directory before the
+    /// program starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<InlineFile>,
+    /// Wall-clock limit in milliseconds; the whole sandbox is killed at expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Resource limits; always serialized (possibly as `{}`), optional on input.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Isolation policy by name; `None` means the daemon's default policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+/// Python source, or a script path as seen inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Program {
+    /// Python source run as `__main__` (`{"code": "print(1)"}`).
+    Code(String),
+    /// Path of a script inside the sandbox (`{"script": "/opt/job.py"}`).
+    Script(String),
+}
+
+// `program` has no serde default (a spawn without a program is malformed);
+// this Rust-side default only keeps `..SpawnRequest::default()` usable.
+impl Default for Program {
+    fn default() -> Self {
+        Program::Code(String::new())
+    }
+}
+
+/// A file created in the scratch directory before the program starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InlineFile {
+    /// Relative path inside the scratch directory; no `..`, no absolute paths.
+    pub path: String,
+    /// File contents (base64 on the wire).
+    #[serde(with = "b64")]
+    pub content: Vec<u8>,
+    /// Unix permission bits; default 0o644.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// Per-request resource limits. `None` takes the daemon's default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory (RSS + page cache + tmpfs pages charged to the sandbox), bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU bandwidth in cores (1.5 = one and a half cores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes and threads in the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// Maximum bytes of stdout plus stderr kept; more kills the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
+    /// Size of the scratch tmpfs (working directory and /tmp), bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_bytes: Option<u64>,
+    /// RLIMIT_NOFILE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    /// RLIMIT_FSIZE: largest file the program may write, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size_bytes: Option<u64>,
+}
+
+/// A daemon's frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version of the daemon; equals [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// The request's id; 0 when the request could not be parsed far enough.
+    pub id: u64,
+    /// The outcome (flattened: `"kind"` and its fields sit beside `v`, `id`).
+    #[serde(flatten)]
+    pub body: ResponseBody,
+}
+
+/// What a response carries; on the wire the variant is the `"kind"` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ResponseBody {
+    /// The sandbox ran (whatever its exit status); answers `spawn`.
+    Result(SpawnResult),
+    /// The request was refused or could not be carried out.
+    Error(ErrorReply),
+    /// Answers `ping`.
+    Pong {
+        /// The daemon's version string (its crate version).
+        daemon_version: String,
+    },
+}
+
+/// Why a sandbox run ended abnormally: a limit the daemon enforced, the
+/// kernel acting on a limit, or a signal. When several apply, the cause the
+/// daemon acted on itself (timeout, output limit, shutdown) wins over the
+/// ones inferred afterwards (oom, pids, signal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KilledBy {
+    /// The wall-clock timeout expired.
+    Timeout,
+    /// The kernel's OOM killer fired in the sandbox's cgroup (read from the
+    /// cgroup's own counters).
+    Oom,
+    /// The pids limit refused a fork and the program then failed.
+    Pids,
+    /// stdout plus stderr exceeded the output limit.
+    OutputLimit,
+    /// Died from a signal nobody above accounts for.
+    Signal,
+    /// The daemon shut down while the sandbox ran.
+    Shutdown,
+}
+
+/// Outcome of one sandbox run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpawnResult {
+    /// Sandbox id, unique per daemon run.
+    pub sandbox: u64,
+    /// Name of the zygote that forked the sandbox.
+    pub zygote: String,
+    /// Exit code when the program exited; `None` when a signal ended it.
+    pub exit_code: Option<i32>,
+    /// Signal that ended the program's init process, if any.
+    pub signal: Option<i32>,
+    /// Why the run ended abnormally, if it did; `None` when the program
+    /// exited on its own with no limit involved (then `exit_code` is set).
+    /// May be set together with `exit_code` (e.g. [`KilledBy::Pids`]).
+    pub killed_by: Option<KilledBy>,
+    /// Captured stdout (base64 on the wire; arbitrary bytes).
+    #[serde(with = "b64")]
+    pub stdout: Vec<u8>,
+    /// Captured stderr (base64 on the wire; arbitrary bytes).
+    #[serde(with = "b64")]
+    pub stderr: Vec<u8>,
+    /// True when stdout was cut at the output limit.
+    pub stdout_truncated: bool,
+    /// True when stderr was cut at the output limit.
+    pub stderr_truncated: bool,
+    /// Where the time went.
+    pub timings: Timings,
+    /// Resources the sandbox consumed.
+    pub usage: Usage,
+    /// The limits actually applied, after defaults.
+    pub limits: AppliedLimits,
+}
+
+impl SpawnResult {
+    /// Exit status in shell convention: the exit code, or 128 + signal; 255
+    /// if the daemon reported neither.
+    pub fn shell_status(&self) -> i32 {
+        match (self.exit_code, self.signal) {
+            (Some(code), _) => code,
+            // Saturating: the value comes off the wire and must not be able
+            // to panic a debug-build client.
+            (None, Some(sig)) => sig.saturating_add(128),
+            (None, None) => 255,
+        }
+    }
+
+    /// stdout as text, invalid UTF-8 replaced by U+FFFD.
+    pub fn stdout_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// stderr as text, invalid UTF-8 replaced by U+FFFD.
+    pub fn stderr_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Microseconds measured by the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Request decoded → result encoded.
+    pub total_us: u64,
+    /// Request decoded → the zygote reported the child forked.
+    pub fork_us: u64,
+    /// Request decoded → the child finished isolating itself.
+    pub isolated_us: u64,
+    /// Isolation finished → the program's init process exited.
+    pub run_us: u64,
+}
+
+/// Resources consumed by the sandbox, from its cgroup (zero when the cgroup
+/// is not enforced, see [`AppliedLimits::cgroup_enforced`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// User CPU time, microseconds.
+    pub cpu_user_us: u64,
+    /// System CPU time, microseconds.
+    pub cpu_system_us: u64,
+    /// Peak memory charged to the sandbox's cgroup, bytes.
+    pub peak_memory_bytes: u64,
+}
+
+/// Limits in force for a sandbox after defaults were filled in; same units
+/// as [`Limits`] and [`SpawnRequest::timeout_ms`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppliedLimits {
+    /// Wall-clock limit, milliseconds.
+    pub timeout_ms: u64,
+    /// Memory limit, bytes.
+    pub memory_bytes: u64,
+    /// CPU bandwidth, cores.
+    pub cpus: f64,
+    /// Process/thread limit.
+    pub pids: u64,
+    /// stdout plus stderr limit, bytes.
+    pub output_bytes: u64,
+    /// Scratch tmpfs size, bytes.
+    pub scratch_bytes: u64,
+    /// RLIMIT_NOFILE.
+    pub open_files: u64,
+    /// RLIMIT_FSIZE, bytes.
+    pub file_size_bytes: u64,
+    /// False when the daemon has no usable cgroup (e.g. rootless without a
+    /// delegated subtree): memory, cpu and pids were then NOT enforced.
+    pub cgroup_enforced: bool,
+}
+
+/// Body of an error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable; says what to do about it.
+    pub message: String,
+}
+
+/// Machine-readable reason of an [`ErrorReply`] (snake_case on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame was not valid JSON or not a known request shape.
+    MalformedFrame,
+    /// The frame's length prefix exceeded [`MAX_FRAME_BYTES`] (the connection
+    /// is closed after this reply).
+    FrameTooLarge,
+    /// The request's `v` is not [`PROTOCOL_VERSION`].
+    UnsupportedVersion,
+    /// A well-formed request with an invalid value (bad file path, zero
+    /// timeout, ...).
+    InvalidRequest,
+    /// A requested limit is above what the daemon's configuration allows.
+    LimitExceedsPolicy,
+    /// No zygote with the requested name.
+    UnknownZygote,
+    /// No isolation policy with the requested name.
+    UnknownPolicy,
+    /// The zygote is restarting or failed to start; retry later.
+    ZygoteUnavailable,
+    /// The zygote could not fork, or the child could not isolate itself.
+    SpawnFailed,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// The peer's uid/gid is not on the daemon's allow-list (the connection
+    /// is closed after this reply).
+    PermissionDenied,
+    /// The daemon could not complete the request for an internal reason.
+    Internal,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{self:?}"));
+        f.write_str(&s)
+    }
+}
+
+/// Serde adapter: `Vec<u8>` as a standard padded base64 string.
+pub mod b64 {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Encodes `bytes` as a base64 string.
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    /// Decodes a base64 string; anything else is an error.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}

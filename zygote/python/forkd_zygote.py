@@ -1,0 +1,385 @@
+"""forkd zygote: a single-threaded Python that has imported its preload
+modules and forks one isolated child per sandbox.
+
+The daemon starts it as `python -c <this file>` with a SOCK_SEQPACKET socket
+on fd 3 and talks JSON over it (see pool/src/zygote.rs for the other side):
+
+  daemon -> zygote  {"op": "init", "lib": PATH, "config": {...}, "preload": [...]}
+                    {"op": "spawn", "id": N, "spec": "<ChildSpec JSON>"}
+                        + fds [payload memfd, stdin, stdout, stderr, status]
+                    {"op": "drain"}   finish running children, then exit
+  zygote -> daemon  {"op": "importing", "module": M}
+                    {"op": "ready", ...} | {"op": "fatal", "error": E}
+                    {"op": "forked", "id": N, "pid": P} + fds [pidfd]
+                    {"op": "exited", "id": N, "status": S, ...}
+                    {"op": "spawn_error", "id": N, "error": E}
+
+The native half (libforkd_zygote.so, loaded with ctypes) builds the sandbox
+root and applies namespaces, cgroup, capabilities, landlock and seccomp in each
+child; forking itself is os.fork() so CPython's after-fork hooks run (which
+also reseeds `random`).
+"""
+
+import os
+
+# BLAS/OpenMP pools must not start threads: a process with threads cannot be
+# forked safely. Set before anything can import numpy.
+for _var in (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "BLIS_NUM_THREADS",
+):
+    os.environ[_var] = "1"
+
+import atexit
+import builtins
+import ctypes
+import gc
+import importlib
+import json
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+import types
+
+CONTROL_FD = 3
+# In a child: the status pipe, moved onto fd 3 (replacing the control socket,
+# which the child must not keep). Closing it tells the daemon the program starts.
+STATUS_FD = 3
+MAX_MESSAGE = 1 << 20
+ERR_CAP = 4096
+
+
+def send(sock, msg, fds=()):
+    data = json.dumps(msg).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+def fatal(sock, error):
+    try:
+        send(sock, {"op": "fatal", "error": error})
+    finally:
+        os._exit(1)
+
+
+def interpreter_paths():
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.add(os.path.dirname(sys.executable))
+    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    paths.update(p for p in sys.path if p and os.path.isabs(p))
+    return sorted(p for p in paths if p)
+
+
+def thread_count():
+    return len(os.listdir("/proc/self/task"))
+
+
+class Zygote:
+    def __init__(self, sock):
+        self.sock = sock
+        self.lib = None
+        self.children = {}  # pidfd -> (id, pid)
+        self.poller = select.poll()
+        self.draining = False
+        self.err = ctypes.create_string_buffer(ERR_CAP)
+
+    # -- start-up ---------------------------------------------------------
+
+    def init(self):
+        started = time.monotonic()
+        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 0)
+        if not data:
+            os._exit(0)
+        msg = json.loads(data)
+        if msg.get("op") != "init":
+            fatal(self.sock, f"expected init message, got {msg.get('op')!r}")
+        try:
+            lib = ctypes.CDLL(msg["lib"])
+        except OSError as e:
+            fatal(self.sock, f"cannot load forkd's native zygote library {msg['lib']}: {e}")
+        lib.forkd_init.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+        lib.forkd_child_isolate.argtypes = lib.forkd_init.argtypes
+        lib.forkd_info.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.forkd_info.restype = ctypes.c_int64
+        config = msg["config"]
+        config["interpreter_paths"] = interpreter_paths()
+        raw = json.dumps(config).encode()
+        # Before any preload import: forkd_init forks a helper and needs one thread.
+        if lib.forkd_init(raw, len(raw), self.err, ERR_CAP) != 0:
+            fatal(self.sock, "zygote init failed: " + self.err.value.decode(errors="replace"))
+        self.lib = lib
+
+        for name in msg.get("preload", []):
+            send(self.sock, {"op": "importing", "module": name})
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                fatal(
+                    self.sock,
+                    f"preload module {name!r} failed to import in {sys.executable} "
+                    f"(Python {sys.version.split()[0]}):\n{traceback.format_exc()}",
+                )
+        threads = thread_count()
+        if threads != 1:
+            fatal(
+                self.sock,
+                f"after importing {msg.get('preload')} the zygote runs {threads} threads; "
+                "a preload module started a thread pool that the *_NUM_THREADS=1 variables "
+                "did not stop, and forking would copy a broken process",
+            )
+        # Objects created so far are never collected in children: freezing them
+        # keeps the collector from touching (and copying) the zygote's pages.
+        gc.freeze()
+        info = ctypes.create_string_buffer(1 << 16)
+        n = lib.forkd_info(info, len(info))
+        send(
+            self.sock,
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "python": sys.version.split()[0],
+                "executable": sys.executable,
+                "threads": threads,
+                "preloaded": msg.get("preload", []),
+                "init_ms": round((time.monotonic() - started) * 1000, 3),
+                "native": json.loads(info.raw[:n]) if n > 0 else {},
+            },
+        )
+
+    # -- serving ----------------------------------------------------------
+
+    def serve(self):
+        sock_fd = self.sock.fileno()
+        self.poller.register(sock_fd, select.POLLIN)
+        while True:
+            for fd, _ in self.poller.poll():
+                if fd == sock_fd:
+                    self.on_message()
+                else:
+                    self.reap(fd)
+            if self.draining and not self.children:
+                os._exit(0)
+
+    def on_message(self):
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 8)
+        except InterruptedError:
+            return
+        if not data:
+            # The daemon is gone: no one can report these sandboxes any more.
+            self.kill_children()
+            os._exit(0)
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            return
+        msg = json.loads(data)
+        op = msg.get("op")
+        if op == "spawn":
+            self.spawn(msg, fds)
+        elif op == "drain":
+            self.draining = True
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def spawn(self, msg, fds):
+        sid = msg["id"]
+        if len(fds) != 5:
+            for fd in fds:
+                os.close(fd)
+            send(self.sock, {"op": "spawn_error", "id": sid, "error": f"expected 5 fds, got {len(fds)}"})
+            return
+        spec = msg["spec"].encode()
+        errno = self.lib.forkd_pidns_enter_new()
+        if errno != 0:
+            for fd in fds:
+                os.close(fd)
+            send(self.sock, {"op": "spawn_error", "id": sid, "error": f"new pid namespace: {os.strerror(errno)}"})
+            return
+        try:
+            pid = os.fork()
+        except OSError as e:
+            pid = -1
+            error = f"fork: {e}"
+        if pid == 0:
+            self.child(spec, fds)  # never returns
+        errno = self.lib.forkd_pidns_restore()
+        for fd in fds:
+            os.close(fd)
+        if errno != 0:
+            # Every later fork would fail the same way: let the daemon restart us.
+            fatal(self.sock, f"cannot return to the zygote's pid namespace: {os.strerror(errno)}")
+        if pid < 0:
+            send(self.sock, {"op": "spawn_error", "id": sid, "error": error})
+            return
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = (sid, pid)
+        self.poller.register(pidfd, select.POLLIN)
+        send(self.sock, {"op": "forked", "id": sid, "pid": pid}, [pidfd])
+
+    def reap(self, pidfd):
+        sid, pid = self.children.pop(pidfd)
+        self.poller.unregister(pidfd)
+        _, status, ru = os.wait4(pid, 0)
+        os.close(pidfd)
+        send(
+            self.sock,
+            {
+                "op": "exited",
+                "id": sid,
+                "status": status,
+                "utime_us": int(ru.ru_utime * 1e6),
+                "stime_us": int(ru.ru_stime * 1e6),
+                "maxrss_kb": ru.ru_maxrss,
+            },
+        )
+
+    def kill_children(self):
+        for pidfd in list(self.children):
+            try:
+                signal_pidfd(pidfd)
+            except OSError:
+                pass
+
+    # -- in the child -----------------------------------------------------
+
+    def child(self, spec, fds):
+        try:
+            payload_fd, stdin_fd, stdout_fd, stderr_fd, status_fd = fds
+            for src, dst in ((stdin_fd, 0), (stdout_fd, 1), (stderr_fd, 2), (status_fd, STATUS_FD)):
+                os.dup2(src, dst)
+            payload = read_all(payload_fd)
+            if self.lib.forkd_child_isolate(spec, len(spec), self.err, ERR_CAP) != 0:
+                setup_failed("isolation failed: " + self.err.value.decode(errors="replace"))
+            job = json.loads(payload)
+        except BaseException:
+            setup_failed("sandbox setup failed:\n" + traceback.format_exc())
+        run_job(job)
+
+
+def signal_pidfd(pidfd):
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def read_all(fd):
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def setup_failed(message):
+    try:
+        os.write(STATUS_FD, message.encode(errors="replace")[:65536])
+    finally:
+        os._exit(126)
+
+
+def write_inline_files(files):
+    import base64
+
+    for f in files:
+        path = f["path"]
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, f.get("mode") or 0o644)
+        try:
+            data = memoryview(base64.b64decode(f["content"]))
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+
+
+def exit_code_of(exc):
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except Exception:
+        pass
+    return 1
+
+
+def run_job(job):
+    """Runs the user's program in this (isolated) process; never returns."""
+    try:
+        # `random` was reseeded by os.fork's after-fork hook; numpy's global
+        # RandomState was seeded once at import and is shared by every child.
+        np_random = sys.modules.get("numpy.random")
+        if np_random is not None:
+            np_random.seed()
+        os.environ.clear()
+        os.environ.update(job.get("env", {}))
+        try:
+            write_inline_files(job.get("files", []))
+        except OSError as e:
+            setup_failed(f"writing inline file {e.filename!r} into the scratch directory failed: {e.strerror}")
+        program = job["program"]
+        script = program.get("script")
+        sys.argv = [script if script is not None else "-c"] + list(job.get("argv", []))
+        sys.path[0] = os.path.dirname(script) if script else ""
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = main
+    except BaseException:
+        setup_failed("sandbox setup failed:\n" + traceback.format_exc())
+    os.close(STATUS_FD)
+
+    code = 0
+    try:
+        if script is not None:
+            main.__file__ = script
+            with open(script, "rb") as f:
+                source = f.read()
+            compiled = compile(source, script, "exec")
+        else:
+            compiled = compile(program.get("code", ""), "<string>", "exec")
+        exec(compiled, main.__dict__)
+    except SystemExit as e:
+        code = exit_code_of(e)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            if code == 0:
+                code = 120
+    os._exit(code)
+
+
+def main():
+    sock = socket.socket(fileno=CONTROL_FD)
+    zygote = Zygote(sock)
+    zygote.init()
+    zygote.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+//! The C ABI the Python zygote calls through ctypes.
+//!
+//! Every function returns 0 on success or -1 with a message copied into the
+//! caller's buffer (NUL-terminated, truncated to fit). Pointers come from
+//! ctypes buffers owned by the caller for the duration of the call.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+
+use crate::isolate::{isolate_child, Prepared};
+use crate::policy::PolicyError;
+use crate::spec::{ChildSpec, InitConfig, InitInfo};
+use crate::{sys, template};
+
+struct State {
+    policies: BTreeMap<String, Prepared>,
+    hostname: String,
+    own_pid_ns: OwnedFd,
+    last_cap: u32,
+    info: InitInfo,
+}
+
+static STATE: OnceLock<State> = OnceLock::new();
+
+/// # Safety
+/// `ptr` must be valid for reads of `len` bytes (or `len` must be 0).
+unsafe fn input<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if ptr.is_null() || len == 0 {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
+/// Copies `msg` into the caller's buffer and returns -1.
+///
+/// # Safety
+/// `buf` must be valid for writes of `cap` bytes (or null).
+unsafe fn fail(msg: &str, buf: *mut u8, cap: usize) -> i32 {
+    if !buf.is_null() && cap > 0 {
+        let n = msg.len().min(cap - 1);
+        // SAFETY: n < cap and buf is valid for cap bytes (caller's contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), buf, n);
+            *buf.add(n) = 0;
+        }
+    }
+    -1
+}
+
+fn init(config: &[u8]) -> Result<State, String> {
+    if STATE.get().is_some() {
+        return Err("forkd_init was already called in this zygote".into());
+    }
+    let threads = sys::thread_count().map_err(|e| format!("count threads: {e}"))?;
+    if threads != 1 {
+        return Err(format!(
+            "the zygote has {threads} threads before init; it must be single-threaded to fork"
+        ));
+    }
+    let config: InitConfig =
+        serde_json::from_slice(config).map_err(|e| format!("bad init config: {e}"))?;
+    let mut info = InitInfo {
+        landlock_abi: landlock_abi(),
+        ..InitInfo::default()
+    };
+    let mut policies = BTreeMap::new();
+    for (name, policy) in config.policies {
+        let seccomp = policy
+            .compile_seccomp()
+            .map_err(|e: PolicyError| format!("policy `{name}`: {e}"))?;
+        let template = template::build(&policy.filesystem, &config.interpreter_paths)
+            .map_err(|e| format!("policy `{name}`: {e}"))?;
+        info.seccomp_instructions
+            .insert(name.clone(), seccomp.len());
+        info.bound_paths.insert(
+            name.clone(),
+            template
+                .bound
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+        );
+        policies.insert(name, Prepared { template, seccomp });
+    }
+    let own_pid_ns = sys::open(c"/proc/self/ns/pid", libc::O_RDONLY, 0)
+        .map_err(|e| format!("open own pid namespace: {e}"))?;
+    Ok(State {
+        policies,
+        hostname: config.hostname,
+        own_pid_ns,
+        last_cap: sys::last_capability(),
+        info,
+    })
+}
+
+fn landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the version query takes no attribute pointer and returns an int.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    abi.max(0) as i32
+}
+
+/// Compiles the policies and builds their sandbox roots. Must be called once,
+/// while the process is single-threaded (before importing preload modules).
+///
+/// # Safety
+/// `config` must be valid for `len` bytes; `err` valid for `err_cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn forkd_init(
+    config: *const u8,
+    len: usize,
+    err: *mut u8,
+    err_cap: usize,
+) -> i32 {
+    // SAFETY: forwarded caller contract.
+    let config = unsafe { input(config, len) };
+    match init(config) {
+        Ok(state) => {
+            let _ = STATE.set(state);
+            0
+        }
+        // SAFETY: forwarded caller contract.
+        Err(msg) => unsafe { fail(&msg, err, err_cap) },
+    }
+}
+
+/// Writes the init report (JSON) into `buf`; returns its length, or -1 if
+/// `forkd_init` has not succeeded or the buffer is too small.
+///
+/// # Safety
+/// `buf` must be valid for writes of `cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn forkd_info(buf: *mut u8, cap: usize) -> i64 {
+    let Some(state) = STATE.get() else { return -1 };
+    let json = serde_json::to_vec(&state.info).unwrap_or_default();
+    if json.len() > cap || buf.is_null() {
+        return -1;
+    }
+    // SAFETY: json.len() <= cap and buf is valid for cap bytes.
+    unsafe { std::ptr::copy_nonoverlapping(json.as_ptr(), buf, json.len()) };
+    json.len() as i64
+}
+
+/// Makes the next fork land in a new pid namespace (as its pid 1).
+#[no_mangle]
+pub extern "C" fn forkd_pidns_enter_new() -> i32 {
+    match sys::unshare(libc::CLONE_NEWPID) {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+/// Points later forks back at the zygote's own pid namespace (undoes
+/// `forkd_pidns_enter_new` so the next one can create a fresh namespace).
+#[no_mangle]
+pub extern "C" fn forkd_pidns_restore() -> i32 {
+    let Some(state) = STATE.get() else {
+        return libc::EINVAL;
+    };
+    match sys::setns(state.own_pid_ns.as_fd(), libc::CLONE_NEWPID) {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+/// Isolates the calling (freshly forked) child according to `spec` (JSON
+/// [`ChildSpec`]). Descriptors 0-3 survive; everything else is closed.
+///
+/// # Safety
+/// `spec` must be valid for `len` bytes; `err` valid for `err_cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn forkd_child_isolate(
+    spec: *const u8,
+    len: usize,
+    err: *mut u8,
+    err_cap: usize,
+) -> i32 {
+    // SAFETY: forwarded caller contract.
+    let spec = unsafe { input(spec, len) };
+    let result = (|| -> Result<(), String> {
+        let state = STATE.get().ok_or("forkd_init has not run in this zygote")?;
+        let spec: ChildSpec =
+            serde_json::from_slice(spec).map_err(|e| format!("bad child spec: {e}"))?;
+        let policy = state
+            .policies
+            .get(&spec.policy)
+            .ok_or_else(|| format!("unknown policy `{}`", spec.policy))?;
+        isolate_child(&spec, policy, &state.hostname, state.last_cap).map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(()) => 0,
+        // SAFETY: forwarded caller contract.
+        Err(msg) => unsafe { fail(&msg, err, err_cap) },
+    }
+}

@@ -1,0 +1,194 @@
+//! The per-child isolation sequence, run in a freshly forked child before any
+//! user code. The order matters: each step needs privileges that a later step
+//! removes.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use landlock::{
+    Access, AccessFs, BitFlags, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope, ABI,
+};
+use seccompiler::BpfProgram;
+
+use crate::spec::ChildSpec;
+use crate::sys;
+use crate::template::Template;
+
+/// Landlock ABI whose rights we request; newer kernels are used at this level,
+/// older ones degrade gracefully (the landlock crate's best-effort mode).
+pub const LANDLOCK_ABI: ABI = ABI::V6;
+
+/// First descriptor closed before user code: 0-2 are stdio, 3 the status pipe
+/// the Python side closes once the program starts.
+pub const FIRST_CLOSED_FD: u32 = 4;
+
+/// A policy made ready in the zygote.
+pub struct Prepared {
+    pub template: Template,
+    pub seccomp: BpfProgram,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {source}")]
+pub struct IsolateError {
+    step: &'static str,
+    #[source]
+    source: io::Error,
+}
+
+fn at(step: &'static str) -> impl FnOnce(io::Error) -> IsolateError {
+    move |source| IsolateError { step, source }
+}
+
+fn landlock_err<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> IsolateError {
+    move |e| IsolateError {
+        step,
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+/// Isolates the calling process (a just-forked child, pid 1 of a new pid
+/// namespace). On success the process can no longer change its namespaces,
+/// mounts, privileges or filters.
+pub fn isolate_child(
+    spec: &ChildSpec,
+    policy: &Prepared,
+    hostname: &str,
+    last_cap: u32,
+) -> Result<(), IsolateError> {
+    // Die with the zygote: a sandbox never outlives the process that reports it.
+    sys::set_parent_death_signal(libc::SIGKILL).map_err(at("set parent-death signal"))?;
+
+    // Join the cgroup while the host's cgroupfs is still visible.
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, b"0").map_err(at("join cgroup"))?;
+    }
+
+    sys::setns(policy.template.mount_ns.as_fd(), libc::CLONE_NEWNS)
+        .map_err(at("enter the sandbox root"))?;
+    sys::unshare(
+        libc::CLONE_NEWNS
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWCGROUP,
+    )
+    .map_err(at("unshare namespaces"))?;
+
+    let tmpfs = c"tmpfs";
+    let scratch_opts = CString::new(format!(
+        "size={},nr_inodes=65536,mode=0777",
+        spec.scratch_bytes
+    ))
+    .map_err(|_| at("scratch options")(io::ErrorKind::InvalidInput.into()))?;
+    sys::mount(
+        Some(tmpfs),
+        c"/tmp",
+        Some(tmpfs),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&scratch_opts),
+    )
+    .map_err(at("mount scratch tmpfs"))?;
+    sys::mount(
+        Some(tmpfs),
+        c"/dev/shm",
+        Some(tmpfs),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(&scratch_opts),
+    )
+    .map_err(at("mount /dev/shm"))?;
+    sys::mount(
+        Some(c"proc"),
+        c"/proc",
+        Some(c"proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+        None,
+    )
+    .map_err(at("mount /proc"))?;
+    sys::chdir(c"/tmp").map_err(at("chdir to scratch"))?;
+
+    sys::sethostname(hostname.as_bytes()).map_err(at("set hostname"))?;
+    sys::loopback_up().map_err(at("bring loopback up"))?;
+
+    sys::setrlimit(libc::RLIMIT_CORE, 0).map_err(at("RLIMIT_CORE"))?;
+    sys::setrlimit(libc::RLIMIT_NOFILE, spec.open_files).map_err(at("RLIMIT_NOFILE"))?;
+    sys::setrlimit(libc::RLIMIT_FSIZE, spec.file_size_bytes).map_err(at("RLIMIT_FSIZE"))?;
+
+    // Capabilities: bounding set (needs CAP_SETPCAP, so first), securebits,
+    // ambient, then the process's own sets.
+    for cap in 0..=last_cap {
+        match sys::drop_bounding_cap(cap) {
+            Ok(()) => {}
+            // A capability number this kernel does not know.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(at("drop bounding capability")(e)),
+        }
+    }
+    sys::lock_securebits().map_err(at("lock securebits"))?;
+    sys::clear_ambient_caps().map_err(at("clear ambient capabilities"))?;
+    sys::clear_capabilities().map_err(at("drop capabilities"))?;
+    sys::set_no_new_privs().map_err(at("set no_new_privs"))?;
+
+    apply_landlock(policy)?;
+
+    sys::close_range(FIRST_CLOSED_FD, u32::MAX).map_err(at("close inherited descriptors"))?;
+    seccompiler::apply_filter(&policy.seccomp)
+        .map_err(|e| at("install seccomp filter")(io::Error::other(e.to_string())))?;
+    Ok(())
+}
+
+fn apply_landlock(policy: &Prepared) -> Result<(), IsolateError> {
+    let abi = LANDLOCK_ABI;
+    let all = AccessFs::from_all(abi);
+    let read_dir = AccessFs::from_read(abi);
+    let read_file = AccessFs::ReadFile | AccessFs::Execute;
+    let rw_file = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
+    let paths = &policy.template.landlock;
+
+    let scratch =
+        sys::open(c"/tmp", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(at("open scratch"))?;
+    let shm =
+        sys::open(c"/dev/shm", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(at("open /dev/shm"))?;
+    let proc_fd =
+        sys::open(c"/proc", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(at("open /proc"))?;
+
+    let mut rules: Vec<(BorrowedFd<'_>, BitFlags<AccessFs>)> = Vec::new();
+    rules.extend(paths.read_exec_dirs.iter().map(|fd| (fd.as_fd(), read_dir)));
+    rules.extend(
+        paths
+            .read_exec_files
+            .iter()
+            .map(|fd| (fd.as_fd(), read_file)),
+    );
+    rules.extend(paths.rw_devices.iter().map(|fd| (fd.as_fd(), rw_file)));
+    rules.extend(
+        paths
+            .ro_devices
+            .iter()
+            .map(|fd| (fd.as_fd(), AccessFs::ReadFile.into())),
+    );
+    rules.push((scratch.as_fd(), all));
+    rules.push((shm.as_fd(), all));
+    rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
+
+    let mut ruleset = Ruleset::default()
+        .handle_access(all)
+        .map_err(landlock_err("landlock ruleset"))?
+        .scope(Scope::from_all(abi))
+        .map_err(landlock_err("landlock scope"))?
+        .create()
+        .map_err(landlock_err("landlock create"))?;
+    for (fd, access) in rules {
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(landlock_err("landlock rule"))?;
+    }
+    // Without landlock the status says NotEnforced and the mount namespace
+    // alone confines the filesystem; the zygote reports the kernel's ABI at
+    // start-up and the daemon logs that degradation once, keeping this path quiet.
+    ruleset
+        .restrict_self()
+        .map_err(landlock_err("landlock restrict_self"))?;
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Data the daemon sends to a zygote: its start-up configuration and the
+//! per-child isolation parameters. Both travel as JSON through the Python
+//! zygote, which passes them to this library unchanged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Policy;
+
+/// Configuration for `forkd_init`, built by the daemon; the Python side adds
+/// `interpreter_paths` (its prefixes and `sys.path`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub policies: BTreeMap<String, Policy>,
+    #[serde(default)]
+    pub interpreter_paths: Vec<String>,
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+}
+
+fn default_hostname() -> String {
+    "sandbox".into()
+}
+
+/// Isolation parameters of one child.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildSpec {
+    /// Name of a policy from [`InitConfig::policies`].
+    pub policy: String,
+    /// `cgroup.procs` files the child joins (writes "0" into) first.
+    #[serde(default)]
+    pub cgroup_procs: Vec<String>,
+    pub scratch_bytes: u64,
+    pub open_files: u64,
+    pub file_size_bytes: u64,
+}
+
+/// What `forkd_init` reports back (JSON from `forkd_info`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InitInfo {
+    /// Landlock ABI the kernel offers (0: none; the sandbox then relies on the
+    /// mount namespace alone for filesystem confinement).
+    pub landlock_abi: i32,
+    /// Instruction count of each policy's seccomp filter.
+    pub seccomp_instructions: BTreeMap<String, usize>,
+    /// Host paths bound read-only into each policy's root.
+    pub bound_paths: BTreeMap<String, Vec<String>>,
+}

@@ -1,0 +1,391 @@
+//! The sandbox's minimal root, built once per policy as a mount namespace.
+//!
+//! A throwaway helper process (forked while the zygote is still
+//! single-threaded) unshares a mount namespace, assembles a tmpfs root holding
+//! only what the policy exposes (read-only binds of system and interpreter
+//! paths, selected /etc entries, a few device nodes, empty mount points for
+//! /proc, /tmp and /dev/shm), pivots into it and makes it read-only. The zygote
+//! keeps an fd to that namespace; each child `setns`es into it and unshares a
+//! private copy, so the per-child cost is a namespace copy and three mounts
+//! instead of a dozen binds.
+
+use std::ffi::CString;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use crate::policy::FilesystemPolicy;
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot build the sandbox root: {step}: {source}")]
+    Step {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the sandbox root helper failed: {0}")]
+    Helper(String),
+}
+
+fn step(step: impl Into<String>) -> impl FnOnce(io::Error) -> TemplateError {
+    move |source| TemplateError::Step {
+        step: step.into(),
+        source,
+    }
+}
+
+/// What a path in the new root is made of.
+#[derive(Debug, Clone, PartialEq)]
+enum Entry {
+    /// Bind-mount the host path (a directory or a file) read-only.
+    Bind {
+        host: PathBuf,
+        is_dir: bool,
+    },
+    /// Bind-mount a device node (read-only mount; device writes still work).
+    Device {
+        host: PathBuf,
+    },
+    Symlink {
+        target: PathBuf,
+    },
+    Dir,
+}
+
+/// Paths the landlock rule set grants, as O_PATH descriptors opened on the host.
+/// Bind mounts share inodes with their source, so rules on these descriptors
+/// apply inside the sandbox's root.
+#[derive(Debug, Default)]
+pub struct LandlockPaths {
+    pub read_exec_dirs: Vec<OwnedFd>,
+    pub read_exec_files: Vec<OwnedFd>,
+    pub rw_devices: Vec<OwnedFd>,
+    pub ro_devices: Vec<OwnedFd>,
+}
+
+#[derive(Debug)]
+pub struct Template {
+    pub mount_ns: OwnedFd,
+    pub landlock: LandlockPaths,
+    /// Host paths bound read-only, for diagnostics.
+    pub bound: Vec<PathBuf>,
+}
+
+/// Plans the root's entries: (path inside the root, entry), parents first.
+fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, Entry)> {
+    let mut out: Vec<(PathBuf, Entry)> = Vec::new();
+    let mut binds: Vec<PathBuf> = Vec::new();
+    let covered = |binds: &[PathBuf], p: &Path| binds.iter().any(|b| p.starts_with(b));
+
+    for p in &fs.read_only {
+        let path = PathBuf::from(p);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(&path) {
+                    out.push((path, Entry::Symlink { target }));
+                }
+            }
+            Ok(m) => {
+                binds.push(path.clone());
+                let is_dir = m.is_dir();
+                out.push((path.clone(), Entry::Bind { host: path, is_dir }));
+            }
+            Err(_) => {}
+        }
+    }
+    // Interpreter paths: bind the real location, and the spelled one when it
+    // differs (e.g. a venv reached through a symlink).
+    let mut extra: Vec<PathBuf> = Vec::new();
+    for p in interpreter_paths {
+        let spelled = PathBuf::from(p);
+        if !spelled.is_absolute() {
+            continue;
+        }
+        if let Ok(real) = std::fs::canonicalize(&spelled) {
+            extra.push(real.clone());
+            if real != spelled {
+                extra.push(spelled);
+            }
+        }
+    }
+    extra.sort_by_key(|p| p.as_os_str().len());
+    for path in extra {
+        if covered(&binds, &path) || path.parent().is_none() {
+            continue;
+        }
+        if let Ok(m) = std::fs::metadata(&path) {
+            binds.push(path.clone());
+            out.push((
+                path.clone(),
+                Entry::Bind {
+                    host: path,
+                    is_dir: m.is_dir(),
+                },
+            ));
+        }
+    }
+    for e in &fs.etc {
+        let path = Path::new("/etc").join(e);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(&path) {
+                    out.push((path, Entry::Symlink { target }));
+                }
+            }
+            Ok(m) => out.push((
+                path.clone(),
+                Entry::Bind {
+                    host: path,
+                    is_dir: m.is_dir(),
+                },
+            )),
+            Err(_) => {}
+        }
+    }
+    for d in fs.devices_rw.iter().chain(&fs.devices_ro) {
+        let host = Path::new("/dev").join(d);
+        if host.exists() {
+            out.push((host.clone(), Entry::Device { host }));
+        }
+    }
+    for dir in ["/proc", "/tmp", "/dev/shm"] {
+        out.push((PathBuf::from(dir), Entry::Dir));
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        out.push((
+            Path::new("/dev").join(name),
+            Entry::Symlink {
+                target: PathBuf::from(target),
+            },
+        ));
+    }
+    out
+}
+
+fn open_path(path: &Path) -> io::Result<OwnedFd> {
+    sys::open(&sys::cstring(path)?, libc::O_PATH, 0)
+}
+
+/// Builds the template for one filesystem policy.
+pub fn build(
+    fs: &FilesystemPolicy,
+    interpreter_paths: &[String],
+) -> Result<Template, TemplateError> {
+    let entries = plan(fs, interpreter_paths);
+
+    // Landlock rules are made from descriptors opened here, on the host: a
+    // bind mount shares its source's inode, so they cover the sandbox's view.
+    let mut landlock = LandlockPaths::default();
+    let mut bound = Vec::new();
+    for (_, entry) in &entries {
+        match entry {
+            Entry::Bind { host, is_dir } => {
+                let fd = open_path(host).map_err(step(format!("open {}", host.display())))?;
+                if *is_dir {
+                    landlock.read_exec_dirs.push(fd);
+                } else {
+                    landlock.read_exec_files.push(fd);
+                }
+                bound.push(host.clone());
+            }
+            Entry::Device { host } => {
+                let fd = open_path(host).map_err(step(format!("open {}", host.display())))?;
+                let name = host.file_name().map(|n| n.to_string_lossy().into_owned());
+                if name.is_some_and(|n| fs.devices_rw.contains(&n)) {
+                    landlock.rw_devices.push(fd);
+                } else {
+                    landlock.ro_devices.push(fd);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let (ready_r, ready_w) = sys::pipe().map_err(step("pipe"))?;
+    let (hold_r, hold_w) = sys::pipe().map_err(step("pipe"))?;
+    // SAFETY: called from forkd_init while the zygote is single-threaded (the
+    // Python side calls it before importing any preload module).
+    let pid = match unsafe { sys::fork() }.map_err(step("fork helper"))? {
+        sys::Fork::Child => {
+            drop(ready_r);
+            drop(hold_w);
+            let outcome = assemble(&entries);
+            let msg = match &outcome {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = sys::write_all(ready_w.as_fd(), msg.as_bytes());
+            drop(ready_w);
+            if outcome.is_ok() {
+                // Keep the namespace alive until the parent has opened it.
+                let mut buf = [0u8; 1];
+                let _ = std::fs::File::from(hold_r).read(&mut buf);
+            }
+            sys::exit_now(if outcome.is_ok() { 0 } else { 1 });
+        }
+        sys::Fork::Parent(pid) => pid,
+    };
+    drop(ready_w);
+    drop(hold_r);
+    let mut msg = String::new();
+    let read = std::fs::File::from(ready_r).read_to_string(&mut msg);
+    let result = match read {
+        Ok(_) if msg == "ok" => sys::open(
+            &CString::new(format!("/proc/{pid}/ns/mnt")).expect("no NUL"),
+            libc::O_RDONLY,
+            0,
+        )
+        .map_err(step("open helper mount namespace")),
+        Ok(_) => Err(TemplateError::Helper(msg)),
+        Err(e) => Err(step("read helper status")(e)),
+    };
+    drop(hold_w);
+    let _ = sys::waitpid(pid);
+    Ok(Template {
+        mount_ns: result?,
+        landlock,
+        bound,
+    })
+}
+
+const STAGE: &str = "/tmp";
+
+fn staged(inner: &Path) -> PathBuf {
+    let rel: PathBuf = inner
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    Path::new(STAGE).join(rel)
+}
+
+fn c(path: &Path) -> Result<CString, TemplateError> {
+    sys::cstring(path).map_err(step(format!("path {}", path.display())))
+}
+
+/// Runs in the helper: builds the root and pivots into it.
+fn assemble(entries: &[(PathBuf, Entry)]) -> Result<(), TemplateError> {
+    sys::unshare(libc::CLONE_NEWNS).map_err(step("unshare mount namespace"))?;
+    let root = CString::new("/").expect("no NUL");
+    sys::mount(None, &root, None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .map_err(step("make / private"))?;
+    // Bind sources must be mounts of this namespace (binding from another
+    // namespace is EINVAL), and opened before the staging tmpfs can shadow them.
+    let mut sources = Vec::with_capacity(entries.len());
+    for (_, entry) in entries {
+        sources.push(match entry {
+            Entry::Bind { host, .. } | Entry::Device { host } => {
+                Some(open_path(host).map_err(step(format!("open {}", host.display())))?)
+            }
+            _ => None,
+        });
+    }
+    let stage = CString::new(STAGE).expect("no NUL");
+    let tmpfs = CString::new("tmpfs").expect("no NUL");
+    let opts = CString::new("size=1m,nr_inodes=4096,mode=0755").expect("no NUL");
+    sys::mount(
+        Some(&tmpfs),
+        &stage,
+        Some(&tmpfs),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&opts),
+    )
+    .map_err(step("mount staging tmpfs"))?;
+
+    for ((inner, entry), source) in entries.iter().zip(&sources) {
+        let target = staged(inner);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(step(format!("mkdir {}", parent.display())))?;
+        }
+        match entry {
+            Entry::Dir => std::fs::create_dir_all(&target)
+                .map_err(step(format!("mkdir {}", target.display())))?,
+            Entry::Symlink { target: link } => {
+                if std::fs::symlink_metadata(&target).is_err() {
+                    std::os::unix::fs::symlink(link, &target)
+                        .map_err(step(format!("symlink {}", target.display())))?;
+                }
+            }
+            Entry::Bind { .. } | Entry::Device { .. } => {
+                let is_dir = matches!(entry, Entry::Bind { is_dir: true, .. });
+                if is_dir {
+                    std::fs::create_dir_all(&target)
+                        .map_err(step(format!("mkdir {}", target.display())))?;
+                } else if std::fs::symlink_metadata(&target).is_err() {
+                    std::fs::File::create(&target)
+                        .map_err(step(format!("create {}", target.display())))?;
+                }
+                let fd = source
+                    .as_ref()
+                    .ok_or_else(|| TemplateError::Helper("missing source".into()))?;
+                let src =
+                    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+                let dst = c(&target)?;
+                sys::mount(Some(&src), &dst, None, libc::MS_BIND | libc::MS_REC, None)
+                    .map_err(step(format!("bind {}", inner.display())))?;
+                let mut flags =
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID;
+                if !matches!(entry, Entry::Device { .. }) {
+                    flags |= libc::MS_NODEV;
+                }
+                sys::mount(None, &dst, None, flags, None)
+                    .map_err(step(format!("make {} read-only", inner.display())))?;
+            }
+        }
+    }
+
+    sys::chdir(&stage).map_err(step("chdir to staging root"))?;
+    let dot = CString::new(".").expect("no NUL");
+    sys::pivot_root(&dot, &dot).map_err(step("pivot_root"))?;
+    sys::umount2(&dot, libc::MNT_DETACH).map_err(step("detach old root"))?;
+    sys::chdir(&root).map_err(step("chdir /"))?;
+    sys::mount(
+        None,
+        &root,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )
+    .map_err(step("make the root read-only"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_skips_nested_and_missing_paths() {
+        let fs = FilesystemPolicy {
+            read_only: vec!["/usr".into(), "/definitely/missing".into()],
+            etc: vec!["passwd".into(), "no-such-entry".into()],
+            devices_rw: vec!["null".into()],
+            devices_ro: vec![],
+        };
+        let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
+        let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
+        assert!(paths.contains(&PathBuf::from("/usr")));
+        assert!(
+            !paths.contains(&PathBuf::from("/usr/lib")),
+            "nested path bound twice"
+        );
+        assert!(!paths.iter().any(|p| p.starts_with("/definitely")));
+        assert!(paths.contains(&PathBuf::from("/etc/passwd")));
+        assert!(!paths.contains(&PathBuf::from("/etc/no-such-entry")));
+        assert!(paths.contains(&PathBuf::from("/dev/null")));
+        assert!(paths.contains(&PathBuf::from("/tmp")));
+        assert!(!paths.contains(&PathBuf::from("/etc/shadow")));
+    }
+
+    #[test]
+    fn staged_paths_stay_under_the_stage() {
+        assert_eq!(staged(Path::new("/usr/lib")), PathBuf::from("/tmp/usr/lib"));
+        assert_eq!(staged(Path::new("/")), PathBuf::from("/tmp"));
+    }
+}
