@@ -484,6 +484,25 @@ fn validate_files(files: &[InlineFile], scratch_bytes: u64) -> Result<(), ErrorR
     Ok(())
 }
 
+/// Command-line overrides for the default zygote (`--python`, `--preload`).
+pub fn apply_overrides(config: &mut Config, python: Option<PathBuf>, preload: Option<Vec<String>>) {
+    if python.is_none() && preload.is_none() {
+        return;
+    }
+    if config.zygotes.is_empty() {
+        config.zygotes.push(ZygoteSection::default());
+    }
+    let default = config.default_zygote.clone();
+    if let Some(z) = config.zygotes.iter_mut().find(|z| z.name == default) {
+        if let Some(p) = python {
+            z.python = p;
+        }
+        if let Some(p) = preload {
+            z.preload = p.into_iter().filter(|m| !m.is_empty()).collect();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,24 +692,5 @@ mod tests {
             resolve(&c, &r, &policies(), true).unwrap_err().code,
             ErrorCode::InvalidRequest
         );
-    }
-}
-
-/// Command-line overrides for the default zygote (`--python`, `--preload`).
-pub fn apply_overrides(config: &mut Config, python: Option<PathBuf>, preload: Option<Vec<String>>) {
-    if python.is_none() && preload.is_none() {
-        return;
-    }
-    if config.zygotes.is_empty() {
-        config.zygotes.push(ZygoteSection::default());
-    }
-    let default = config.default_zygote.clone();
-    if let Some(z) = config.zygotes.iter_mut().find(|z| z.name == default) {
-        if let Some(p) = python {
-            z.python = p;
-        }
-        if let Some(p) = preload {
-            z.preload = p.into_iter().filter(|m| !m.is_empty()).collect();
-        }
     }
 }
