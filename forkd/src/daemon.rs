@@ -241,6 +241,7 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
                 library: library.clone(),
                 init: init.clone(),
                 start_timeout: Duration::from_secs(z.start_timeout_secs),
+                rootless: sys::euid() != 0,
             },
             Recycle {
                 max_forks: z.max_forks,

@@ -173,7 +173,7 @@ async fn supervise(slot: Arc<Slot>, cfg: ZygoteConfig) {
         let mut current = match started {
             Ok(z) => {
                 tracing::info!(
-                    zygote = %cfg.name, pid = z.info().pid, python = %z.info().python,
+                    zygote = %cfg.name, pid = z.process_id(), python = %z.info().python,
                     init_ms = z.info().init_ms, preloaded = ?z.info().preloaded,
                     "zygote ready"
                 );

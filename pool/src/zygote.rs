@@ -67,6 +67,8 @@ pub struct ZygoteConfig {
     pub library: PathBuf,
     pub init: InitConfig,
     pub start_timeout: Duration,
+    /// Unprivileged daemon: the zygote makes a user namespace of its own first.
+    pub rootless: bool,
 }
 
 /// What the zygote reported when it became ready.
@@ -158,6 +160,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct Zygote {
     shared: Arc<Shared>,
+    /// Host pid of the process the daemon started (our unreaped child).
+    process_id: u32,
     info: Arc<ReadyInfo>,
     started: Instant,
     forks: Arc<AtomicU64>,
@@ -211,6 +215,9 @@ impl Zygote {
         crate::sys::pass_fd_as(&mut cmd, theirs.as_raw_fd(), 3);
         let mut child = cmd.spawn().map_err(|e| start_err(e.to_string()))?;
         drop(theirs);
+        // The process we started; a rootless zygote reports pid 1 of its own
+        // pid namespace as its pid, so kills must use this one.
+        let process_id = child.id().unwrap_or(0);
 
         if let Some(stderr) = child.stderr.take() {
             let name = cfg.name.clone();
@@ -240,6 +247,7 @@ impl Zygote {
             "lib": cfg.library,
             "config": cfg.init,
             "preload": cfg.preload,
+            "rootless": cfg.rootless,
         });
         send(&shared, init.to_string().as_bytes(), &[])
             .await
@@ -302,6 +310,7 @@ impl Zygote {
         tokio::spawn(read_loop(shared.clone(), child, exited_tx, buf));
         Ok(Zygote {
             shared,
+            process_id,
             info: Arc::new(info),
             started: Instant::now(),
             forks: Arc::new(AtomicU64::new(0)),
@@ -315,6 +324,11 @@ impl Zygote {
 
     pub fn info(&self) -> &ReadyInfo {
         &self.info
+    }
+
+    /// Host pid of the zygote process the daemon started.
+    pub fn process_id(&self) -> u32 {
+        self.process_id
     }
 
     pub fn forks(&self) -> u64 {
@@ -417,10 +431,12 @@ impl Zygote {
     pub fn kill(&self) {
         // The process is our unreaped child until the reader task waits for
         // it, so its pid cannot have been reused.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.info.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        if self.process_id > 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.process_id as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 
     /// Number of sandboxes this zygote is running.
@@ -491,8 +507,15 @@ async fn read_loop(
         }
     };
     shared.dead.store(true, Ordering::Release);
-    let _ = child.start_kill();
-    let status = child.wait().await.ok();
+    // A zygote that closed its socket is exiting (a rootless one's outer
+    // process needs a moment to relay the exit); one that broke protocol is not.
+    let status = match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            let _ = child.start_kill();
+            child.wait().await.ok()
+        }
+    };
     let how = format!("{}; {reason}", describe_status(status));
     let expected = shared.draining.load(Ordering::Acquire) && status.is_some_and(|s| s.success());
     if expected {

@@ -110,6 +110,9 @@ class Zygote:
         lib.forkd_child_isolate.argtypes = lib.forkd_init.argtypes
         lib.forkd_info.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_info.restype = ctypes.c_int64
+        lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        if msg.get("rootless"):
+            self.become_namespace_root(lib)
         config = msg["config"]
         config["interpreter_paths"] = interpreter_paths()
         raw = json.dumps(config).encode()
@@ -154,6 +157,38 @@ class Zygote:
                 "native": json.loads(info.raw[:n]) if n > 0 else {},
             },
         )
+
+    def become_namespace_root(self, lib):
+        """Rootless start: enter a user namespace of our own, then continue as
+        pid 1 of a new pid namespace owned by it (so that pid namespaces made
+        per sandbox can be left again with setns). The original process stays
+        behind only to relay the inner zygote's exit to the daemon."""
+        if lib.forkd_enter_userns(self.err, ERR_CAP) != 0:
+            fatal(self.sock, "rootless zygote: " + self.err.value.decode(errors="replace"))
+        errno = lib.forkd_pidns_enter_new()
+        if errno != 0:
+            fatal(self.sock, f"rootless zygote: new pid namespace: {os.strerror(errno)}")
+        pid = os.fork()
+        if pid == 0:
+            lib.forkd_die_with_parent()
+            errno = lib.forkd_private_proc()
+            if errno != 0:
+                fatal(self.sock, f"rootless zygote: private /proc: {os.strerror(errno)}")
+            return
+        # Only the inner zygote may hold the control socket, so that its
+        # death shows as EOF to the daemon.
+        os.close(self.sock.detach())
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
     # -- serving ----------------------------------------------------------
 

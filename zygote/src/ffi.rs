@@ -150,6 +150,39 @@ pub unsafe extern "C" fn forkd_info(buf: *mut u8, cap: usize) -> i64 {
     json.len() as i64
 }
 
+/// Rootless start: moves the (single-threaded) calling process into a new
+/// user namespace in which it is root, mapping only its own uid and gid.
+///
+/// # Safety
+/// `err` must be valid for writes of `err_cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn forkd_enter_userns(err: *mut u8, err_cap: usize) -> i32 {
+    match crate::userns::enter_own_user_namespace() {
+        Ok(()) => 0,
+        // SAFETY: forwarded caller contract.
+        Err(e) => unsafe { fail(&e.to_string(), err, err_cap) },
+    }
+}
+
+/// Rootless start, in the inner zygote: a private mount namespace with a
+/// /proc of its own pid namespace.
+#[no_mangle]
+pub extern "C" fn forkd_private_proc() -> i32 {
+    match crate::userns::private_proc() {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+/// SIGKILL for the caller when its parent dies.
+#[no_mangle]
+pub extern "C" fn forkd_die_with_parent() -> i32 {
+    match sys::set_parent_death_signal(libc::SIGKILL) {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
 /// Makes the next fork land in a new pid namespace (as its pid 1).
 #[no_mangle]
 pub extern "C" fn forkd_pidns_enter_new() -> i32 {

@@ -304,8 +304,24 @@ fn assemble(entries: &[(PathBuf, Entry)]) -> Result<(), TemplateError> {
             std::fs::create_dir_all(parent).map_err(step(format!("mkdir {}", parent.display())))?;
         }
         match entry {
-            Entry::Dir => std::fs::create_dir_all(&target)
-                .map_err(step(format!("mkdir {}", target.display())))?,
+            Entry::Dir => {
+                std::fs::create_dir_all(&target)
+                    .map_err(step(format!("mkdir {}", target.display())))?;
+                if inner == Path::new("/proc") {
+                    // A user namespace may mount a fresh proc only where one is
+                    // already fully visible (mount_too_revealing), so the root
+                    // carries a proc mount that each child covers with its own.
+                    let proc_fs = CString::new("proc").expect("no NUL");
+                    sys::mount(
+                        Some(&proc_fs),
+                        &c(&target)?,
+                        Some(&proc_fs),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+                        None,
+                    )
+                    .map_err(step("mount proc into the root"))?;
+                }
+            }
             Entry::Symlink { target: link } => {
                 if std::fs::symlink_metadata(&target).is_err() {
                     std::os::unix::fs::symlink(link, &target)
