@@ -61,6 +61,9 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Limit on one client frame's size, bytes (at most the protocol's 16 MiB).
     pub max_frame_bytes: usize,
+    /// Network namespaces kept made ahead of requests (0: each child makes
+    /// its own). Only a root daemon can make them.
+    pub netns_stock: usize,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             hostname: "sandbox".into(),
             shutdown_grace_ms: 5000,
             max_frame_bytes: forkd_ipc::MAX_FRAME_BYTES,
+            netns_stock: 32,
         }
     }
 }
@@ -452,6 +456,9 @@ fn validate_files(files: &[InlineFile], scratch_bytes: u64) -> Result<(), ErrorR
         let ok = !f.path.is_empty()
             && !f.path.contains('\0')
             && p.is_relative()
+            // components() silently drops interior `.` (`a/./b`), so check
+            // the raw segments too.
+            && !f.path.split('/').any(|seg| seg == ".")
             && p.components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)));
         if !ok {

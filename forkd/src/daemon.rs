@@ -1,7 +1,7 @@
 //! Daemon start-up and shutdown: configuration, cgroups, zygotes, the socket.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,6 +44,7 @@ pub struct Daemon {
     pub pool: Supervisor,
     pub cgroups: Arc<forkd_cgroup::Manager>,
     pub(crate) slots: Semaphore,
+    pub(crate) netns: Option<crate::netns::NetnsStock>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
     socket: PathBuf,
@@ -140,7 +141,16 @@ fn claim_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartEr
                 .map_err(sock_err)?;
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket may be taken for a stale one and removed: anything
+        // else at the path (a mistyped --socket naming a regular file, say)
+        // is refused rather than deleted.
+        if !meta.file_type().is_socket() {
+            return Err(sock_err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; remove it or pick another socket path",
+            )));
+        }
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(StartError::AlreadyServed(path.to_path_buf())),
             Err(_) => {
@@ -269,8 +279,14 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         source,
     })?;
     let (shutdown, _) = watch::channel(false);
+    let netns = if sys::euid() == 0 {
+        crate::netns::NetnsStock::start(config.netns_stock)
+    } else {
+        None
+    };
     let daemon = Arc::new(Daemon {
         slots: Semaphore::new(config.max_concurrent),
+        netns,
         config,
         policies,
         pool,

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod netns;
 pub mod sandbox;
 pub mod server;
 mod sys;

@@ -253,6 +253,7 @@ impl Daemon {
                     stdout: stdout_w,
                     stderr: stderr_w,
                     status: status_w,
+                    netns: self.netns.as_ref().and_then(|stock| stock.take()),
                 },
             )
             .await

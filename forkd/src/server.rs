@@ -9,7 +9,7 @@ use forkd_ipc::frame::{
 use forkd_ipc::{
     ErrorCode, ErrorReply, Request, RequestBody, Response, ResponseBody, PROTOCOL_VERSION,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
@@ -17,6 +17,12 @@ use crate::daemon::Daemon;
 
 /// Replies queued per connection before its reader waits for the writer.
 const REPLY_QUEUE: usize = 256;
+
+/// How long a refused peer's connection stays half-open so that its first
+/// request does not race our close (see `connection`), and how much of what
+/// it sends meanwhile is read and discarded.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+const REFUSAL_DISCARD_BYTES: usize = 1 << 20;
 
 pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
     let mut shutdown = daemon.shutdown_signal();
@@ -81,6 +87,22 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         if let Ok(frame) = encode_frame(&reply) {
             let _ = writer.write_all(&frame).await;
         }
+        // Closing at once would race the peer's first request: written after
+        // our close, it fails with EPIPE and the client reports a closed
+        // connection instead of the refusal. Half-close, and discard what the
+        // peer sends until it hangs up (bounded in time and bytes).
+        let _ = writer.shutdown().await;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            let mut sink = [0u8; 4096];
+            let mut discarded = 0usize;
+            while discarded < REFUSAL_DISCARD_BYTES {
+                match reader.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => discarded += n,
+                }
+            }
+        })
+        .await;
         return;
     }
 

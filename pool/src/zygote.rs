@@ -93,6 +93,9 @@ pub struct SpawnFds {
     /// Write end of the status pipe: setup errors are written here; its EOF
     /// means the program started.
     pub status: OwnedFd,
+    /// A network namespace made ahead of time (lo up) for the child to
+    /// enter; `None`: the child makes its own.
+    pub netns: Option<OwnedFd>,
 }
 
 /// A forked sandbox.
@@ -386,13 +389,14 @@ impl Zygote {
             return Err(self.died_error());
         }
         let msg = serde_json::json!({ "op": "spawn", "id": id, "spec": spec }).to_string();
-        let raw = [
+        let mut raw = vec![
             fds.payload.as_raw_fd(),
             fds.stdin.as_raw_fd(),
             fds.stdout.as_raw_fd(),
             fds.stderr.as_raw_fd(),
             fds.status.as_raw_fd(),
         ];
+        raw.extend(fds.netns.as_ref().map(|fd| fd.as_raw_fd()));
         if let Err(e) = send(&self.shared, msg.as_bytes(), &raw).await {
             self.forget(id);
             return Err(ZygoteError::Channel {

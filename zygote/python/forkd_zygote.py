@@ -6,7 +6,7 @@ on fd 3 and talks JSON over it (see pool/src/zygote.rs for the other side):
 
   daemon -> zygote  {"op": "init", "lib": PATH, "config": {...}, "preload": [...]}
                     {"op": "spawn", "id": N, "spec": "<ChildSpec JSON>"}
-                        + fds [payload memfd, stdin, stdout, stderr, status]
+                        + fds [payload memfd, stdin, stdout, stderr, status(, netns)]
                     {"op": "drain"}   finish running children, then exit
   zygote -> daemon  {"op": "importing", "module": M}
                     {"op": "ready", ...} | {"op": "fatal", "error": E}
@@ -35,6 +35,7 @@ for _var in (
     os.environ[_var] = "1"
 
 import atexit
+import base64
 import builtins
 import ctypes
 import gc
@@ -47,6 +48,9 @@ import sys
 import time
 import traceback
 import types
+
+# Every module the child path uses is imported here, in the zygote: an import
+# inside a sandbox costs milliseconds of path searching per child.
 
 CONTROL_FD = 3
 # In a child: the status pipe, moved onto fd 3 (replacing the control socket,
@@ -107,7 +111,9 @@ class Zygote:
         except OSError as e:
             fatal(self.sock, f"cannot load forkd's native zygote library {msg['lib']}: {e}")
         lib.forkd_init.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
-        lib.forkd_child_isolate.argtypes = lib.forkd_init.argtypes
+        lib.forkd_child_isolate.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t
+        ]
         lib.forkd_info.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_info.restype = ctypes.c_int64
         lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
@@ -229,10 +235,10 @@ class Zygote:
 
     def spawn(self, msg, fds):
         sid = msg["id"]
-        if len(fds) != 5:
+        if len(fds) not in (5, 6):
             for fd in fds:
                 os.close(fd)
-            send(self.sock, {"op": "spawn_error", "id": sid, "error": f"expected 5 fds, got {len(fds)}"})
+            send(self.sock, {"op": "spawn_error", "id": sid, "error": f"expected 5 or 6 fds, got {len(fds)}"})
             return
         spec = msg["spec"].encode()
         errno = self.lib.forkd_pidns_enter_new()
@@ -290,11 +296,12 @@ class Zygote:
 
     def child(self, spec, fds):
         try:
-            payload_fd, stdin_fd, stdout_fd, stderr_fd, status_fd = fds
+            payload_fd, stdin_fd, stdout_fd, stderr_fd, status_fd = fds[:5]
+            netns_fd = fds[5] if len(fds) == 6 else -1
             for src, dst in ((stdin_fd, 0), (stdout_fd, 1), (stderr_fd, 2), (status_fd, STATUS_FD)):
                 os.dup2(src, dst)
             payload = read_all(payload_fd)
-            if self.lib.forkd_child_isolate(spec, len(spec), self.err, ERR_CAP) != 0:
+            if self.lib.forkd_child_isolate(spec, len(spec), netns_fd, self.err, ERR_CAP) != 0:
                 setup_failed("isolation failed: " + self.err.value.decode(errors="replace"))
             job = json.loads(payload)
         except BaseException:
@@ -324,8 +331,6 @@ def setup_failed(message):
 
 
 def write_inline_files(files):
-    import base64
-
     for f in files:
         path = f["path"]
         parent = os.path.dirname(path)

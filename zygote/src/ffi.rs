@@ -206,7 +206,8 @@ pub extern "C" fn forkd_pidns_restore() -> i32 {
 }
 
 /// Isolates the calling (freshly forked) child according to `spec` (JSON
-/// [`ChildSpec`]). Descriptors 0-3 survive; everything else is closed.
+/// [`ChildSpec`]), entering the network namespace `netns_fd` when it is not
+/// -1 (else making one). Descriptors 0-3 survive; everything else is closed.
 ///
 /// # Safety
 /// `spec` must be valid for `len` bytes; `err` valid for `err_cap` bytes.
@@ -214,6 +215,7 @@ pub extern "C" fn forkd_pidns_restore() -> i32 {
 pub unsafe extern "C" fn forkd_child_isolate(
     spec: *const u8,
     len: usize,
+    netns_fd: i32,
     err: *mut u8,
     err_cap: usize,
 ) -> i32 {
@@ -227,7 +229,12 @@ pub unsafe extern "C" fn forkd_child_isolate(
             .policies
             .get(&spec.policy)
             .ok_or_else(|| format!("unknown policy `{}`", spec.policy))?;
-        isolate_child(&spec, policy, &state.hostname, state.last_cap).map_err(|e| e.to_string())
+        // SAFETY: the Python side passes a descriptor it received for this
+        // child and keeps open until the call returns (or -1).
+        let netns =
+            (netns_fd >= 0).then(|| unsafe { std::os::fd::BorrowedFd::borrow_raw(netns_fd) });
+        isolate_child(&spec, policy, &state.hostname, state.last_cap, netns)
+            .map_err(|e| e.to_string())
     })();
     match result {
         Ok(()) => 0,
