@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use forkd_ipc::{
     AsyncClient, ClientError, ErrorCode, InlineFile, KilledBy, Limits, Program, SpawnRequest,
     SpawnResult,

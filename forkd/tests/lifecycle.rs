@@ -1,0 +1,357 @@
+//! Daemon lifecycle (socket claiming, shutdown) and zygote supervision
+//! (failed start-up, crash and restart, recycling).
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_daemon_on_a_served_socket_is_refused() {
+    let d = TestDaemon::start(|_| {}).await;
+    let (err, attempt) = match TestDaemon::try_start(Some(d.socket.clone()), |_| {}).await {
+        Ok(_) => panic!("a second daemon started on a socket that is being served"),
+        Err(e) => e,
+    };
+    match &err {
+        forkd::StartError::AlreadyServed(p) => assert_eq!(p, &d.socket),
+        other => panic!("expected AlreadyServed, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains(&d.socket.display().to_string()),
+        "{err}"
+    );
+    // The failed attempt cleaned up its own cgroups and zygote...
+    attempt.assert_no_leaks().await;
+    // ...and did not disturb the first daemon or its socket.
+    assert!(std::fs::metadata(&d.socket)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    assert_eq!(d.run("print('first')").await.stdout, b"first\n");
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_socket_is_replaced_and_other_files_are_not_touched() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // A leftover socket with no listener (a daemon that died).
+    let path = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
+    assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+    let d = match TestDaemon::try_start(Some(path.clone()), |_| {}).await {
+        Ok(d) => d,
+        Err((e, _)) => panic!("stale socket not replaced: {e}"),
+    };
+    assert_eq!(d.run("print('replaced')").await.stdout, b"replaced\n");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+        0o660
+    );
+    d.finish().await; // also asserts the socket file is gone
+    assert!(!path.exists());
+
+    // A socket in a directory that does not exist yet: created, 0755.
+    let nested = dir.path().join("run/forkd/forkd.sock");
+    let d = match TestDaemon::try_start(Some(nested.clone()), |_| {}).await {
+        Ok(d) => d,
+        Err((e, _)) => panic!("{e}"),
+    };
+    let mode = std::fs::metadata(nested.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+    d.finish().await;
+    assert!(!nested.exists());
+
+    // Something that is not a socket is never deleted.
+    let file = dir.path().join("precious.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    let (err, attempt) = match TestDaemon::try_start(Some(file.clone()), |_| {}).await {
+        Ok(_) => panic!("the daemon took over a regular file's path"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, forkd::StartError::Socket { .. }), "{err:?}");
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"keep me",
+        "the daemon deleted a regular file"
+    );
+    attempt.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_kills_running_sandboxes_and_replies() {
+    let d = TestDaemon::start(|_| {}).await;
+    let client = d.client().await;
+    let c = client.clone();
+    let task = tokio::spawn(async move {
+        let mut r = req("import time\nopen('/tmp/started', 'w').close()\nprint('sleeping', flush=True)\ntime.sleep(30)");
+        r.timeout_ms = Some(60_000);
+        c.spawn(&r).await
+    });
+    let running = d
+        .wait_for_scratch_file("started", Duration::from_secs(10))
+        .await;
+    assert_eq!(d.daemon.running(), 1);
+    let socket = d.socket.clone();
+
+    let t0 = Instant::now();
+    let stopped = d.shutdown().await;
+    let shutdown_took = t0.elapsed();
+    let res = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("no reply within 5 s of shutdown")
+        .unwrap()
+        .expect("the running request gets a result, not an error");
+    let replied = t0.elapsed();
+    println!(
+        "shutdown took {shutdown_took:?}, reply after {replied:?}: {:?} {:?}",
+        res.killed_by, res.signal
+    );
+    assert_eq!(res.killed_by, Some(KilledBy::Shutdown));
+    assert_eq!((res.exit_code, res.signal), (None, Some(9)));
+    assert_eq!(res.stdout, b"sleeping\n");
+    assert!(shutdown_took < Duration::from_secs(4), "{shutdown_took:?}");
+    assert!(replied < Duration::from_secs(4), "{replied:?}");
+    for (pid, start) in running {
+        assert!(
+            !process_alive(pid, start),
+            "sandbox {pid} survived shutdown"
+        );
+    }
+
+    // The socket is gone; the connection that was open gets refusals.
+    assert!(!socket.exists());
+    assert!(AsyncClient::connect(&socket).await.is_err());
+    match client.spawn(&req("print(1)")).await {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::ShuttingDown, "{e:?}"),
+        other => panic!("expected shutting_down, got {other:?}"),
+    }
+    drop(client);
+    stopped.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preload_import_error_fails_start_naming_module_and_interpreter() {
+    let (err, attempt) = match TestDaemon::try_start(None, |c| {
+        c.zygotes[0].preload = vec!["numpy".into(), "forkd_no_such_module".into()];
+    })
+    .await
+    {
+        Ok(_) => panic!("started with a preload module that does not exist"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    println!("{msg}");
+    assert!(matches!(err, forkd::StartError::Zygote(_)), "{err:?}");
+    assert!(msg.contains("forkd_no_such_module"), "{msg}");
+    assert!(
+        msg.contains(&python().display().to_string()),
+        "interpreter path missing: {msg}"
+    );
+    assert!(msg.contains("ModuleNotFoundError"), "{msg}");
+    attempt.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preload_crash_or_hang_fails_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("forkd_it_segv.py"),
+        "import ctypes\nctypes.string_at(0)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("forkd_it_slow.py"),
+        "import time\ntime.sleep(60)\n",
+    )
+    .unwrap();
+    let pythonpath = dir.path().display().to_string();
+
+    let pp = pythonpath.clone();
+    let (err, attempt) = match TestDaemon::try_start(None, move |c| {
+        c.zygotes[0].preload = vec!["numpy".into(), "forkd_it_segv".into()];
+        c.zygotes[0].env.insert("PYTHONPATH".into(), pp);
+    })
+    .await
+    {
+        Ok(_) => panic!("started although a preload module segfaults"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    println!("{msg}");
+    assert!(matches!(err, forkd::StartError::Zygote(_)), "{err:?}");
+    assert!(msg.contains("forkd_it_segv"), "module not named: {msg}");
+    assert!(
+        msg.contains("signal 11") && msg.contains("SIGSEGV"),
+        "signal not named: {msg}"
+    );
+    attempt.assert_no_leaks().await;
+
+    let started = Instant::now();
+    let (err, attempt) = match TestDaemon::try_start(None, move |c| {
+        c.zygotes[0].preload = vec!["forkd_it_slow".into()];
+        c.zygotes[0].env.insert("PYTHONPATH".into(), pythonpath);
+        c.zygotes[0].start_timeout_secs = 1;
+    })
+    .await
+    {
+        Ok(_) => panic!("started although a preload module hangs"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    println!("{msg} (after {:?})", started.elapsed());
+    assert!(
+        msg.contains("forkd_it_slow") && msg.contains("start_timeout_secs"),
+        "{msg}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    attempt.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_zygote_fails_its_requests_and_is_restarted() {
+    let d = TestDaemon::start(|_| {}).await;
+    let zygote = d.zygote_pid().await;
+    let zygote_start = proc_stat(zygote).expect("zygote alive").2;
+    let client = d.client().await;
+    let c = client.clone();
+    let task = tokio::spawn(async move {
+        c.spawn(&req(
+            "import time\nopen('/tmp/started', 'w').close()\ntime.sleep(5)\nprint('finished')",
+        ))
+        .await
+    });
+    let sandboxes = d
+        .wait_for_scratch_file("started", Duration::from_secs(10))
+        .await;
+
+    let t0 = Instant::now();
+    // SAFETY: kill with a positive pid: our own zygote.
+    assert_eq!(unsafe { libc::kill(zygote, libc::SIGKILL) }, 0);
+    let res = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the request hung after its zygote died")
+        .unwrap();
+    let took = t0.elapsed();
+    let e = match res {
+        Err(ClientError::Server(e)) => e,
+        other => panic!("expected an error reply, got {other:?}"),
+    };
+    println!("after {took:?}: {e:?}");
+    assert_eq!(e.code, ErrorCode::ZygoteUnavailable, "{e:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The sandbox died with its zygote (parent-death signal), the zygote is gone.
+    for (pid, start) in sandboxes {
+        assert!(
+            wait_until(Duration::from_secs(3), || !process_alive(pid, start)).await,
+            "sandbox {pid} outlived its zygote"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || !process_alive(
+            zygote,
+            zygote_start
+        ))
+        .await
+    );
+
+    // A later request succeeds once the supervisor has restarted it. In the
+    // moment between the death and the restart a request may still be told
+    // the zygote is unavailable; nothing else is acceptable.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut unavailable = 0;
+    let ok = loop {
+        match client
+            .spawn(&req("import numpy; print(numpy.zeros(2).tolist())"))
+            .await
+        {
+            Ok(r) => break r,
+            Err(ClientError::Server(e))
+                if e.code == ErrorCode::ZygoteUnavailable && Instant::now() < deadline =>
+            {
+                unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("after the restart: {e}"),
+        }
+    };
+    println!(
+        "restarted after {:?} ({unavailable} unavailable replies)",
+        t0.elapsed()
+    );
+    assert_eq!(ok.stdout, b"[0.0, 0.0]\n");
+    assert_ne!(d.zygote_pid().await, zygote);
+    drop(client);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zygote_is_recycled_after_max_forks() {
+    let d = TestDaemon::start(|c| c.zygotes[0].max_forks = Some(3)).await;
+    let first = d.zygote_pid().await;
+    // The replacement starts in the background while the worn zygote keeps
+    // serving, so requests never wait for a recycle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    while d.zygote_pid().await == first {
+        assert!(
+            Instant::now() < deadline,
+            "zygote never recycled after {i} forks with max_forks = 3"
+        );
+        let r = d.run(&format!("print({i})")).await;
+        assert_eq!(r.stdout_lossy(), format!("{i}\n"));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(i >= 2, "recycled after only {i} forks");
+    let second = d.zygote_pid().await;
+    assert_eq!(d.run("print('fresh')").await.stdout, b"fresh\n");
+    // The retired zygote exits once drained.
+    assert!(
+        wait_until(Duration::from_secs(5), || proc_stat(first).is_none()).await,
+        "retired zygote {first} still exists"
+    );
+    assert!(proc_stat(second).is_some());
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_refuses_requests_waiting_for_a_slot() {
+    let d = TestDaemon::start(|c| c.max_concurrent = 1).await;
+    let client = d.client().await;
+    let (c1, c2) = (client.clone(), client.clone());
+    let running = tokio::spawn(async move {
+        c1.spawn(&req(
+            "import time\nopen('/tmp/started', 'w').close()\ntime.sleep(30)",
+        ))
+        .await
+    });
+    d.wait_for_scratch_file("started", Duration::from_secs(10))
+        .await;
+    let queued = tokio::spawn(async move { c2.spawn(&req("print('never')")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !queued.is_finished(),
+        "the second request should wait for the slot"
+    );
+    let stopped = d.shutdown().await;
+    let r = running
+        .await
+        .unwrap()
+        .expect("running request gets a result");
+    assert_eq!(r.killed_by, Some(KilledBy::Shutdown));
+    match queued.await.unwrap() {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::ShuttingDown, "{e:?}"),
+        other => panic!("queued request: expected shutting_down, got {other:?}"),
+    }
+    drop(client);
+    stopped.assert_no_leaks().await;
+}
