@@ -158,11 +158,54 @@ async fn collect_output(
     out
 }
 
-async fn read_status(status: pipe::Receiver) -> (Vec<u8>, Instant) {
+/// Reads the child's status pipe to EOF (see `forkd_zygote.py`): tagged
+/// one-byte reports `E<message>` (setup failed), `S` (the program starts) and
+/// `K<signal>` (the program, pid 1 of its namespace, died of a signal it sent
+/// itself). Returns the bytes and when the first one arrived.
+async fn read_status(mut status: pipe::Receiver) -> (Vec<u8>, Option<Instant>) {
+    const CAP: usize = 64 * 1024;
     let mut data = Vec::new();
-    let mut limited = status.take(64 * 1024);
-    let _ = limited.read_to_end(&mut data).await;
-    (data, Instant::now())
+    let mut first = None;
+    let mut buf = [0u8; 4096];
+    while data.len() < CAP {
+        match status.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                first.get_or_insert_with(Instant::now);
+                data.extend_from_slice(&buf[..n.min(CAP - data.len())]);
+            }
+        }
+    }
+    (data, first)
+}
+
+/// The status pipe's reports, interpreted.
+#[derive(Debug, PartialEq)]
+enum Status {
+    /// The pipe closed before the program started.
+    DiedInSetup,
+    SetupFailed(String),
+    /// The program started; `Some(signal)` if it reported dying of one.
+    Started(Option<i32>),
+}
+
+fn parse_status(data: &[u8]) -> Status {
+    match data.first() {
+        None => Status::DiedInSetup,
+        Some(b'E') => Status::SetupFailed(String::from_utf8_lossy(&data[1..]).into_owned()),
+        Some(b'S') => {
+            let signal = data[1..]
+                .windows(2)
+                .rev()
+                .find(|w| w[0] == b'K')
+                .map(|w| i32::from(w[1]));
+            Status::Started(signal)
+        }
+        Some(_) => Status::SetupFailed(format!(
+            "unexpected status report {:?}",
+            String::from_utf8_lossy(&data[..data.len().min(80)])
+        )),
+    }
 }
 
 impl Daemon {
@@ -320,20 +363,18 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let (status_msg, t_isolated) =
+        let (status_data, t_started) =
             match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await {
                 Ok(Ok(status)) => status,
                 Ok(Err(e)) => return Err(internal("status task", e)),
-                Err(_) => (Vec::new(), t_exit),
+                Err(_) => (Vec::new(), None),
             };
-        if !status_msg.is_empty() {
+        let status = parse_status(&status_data);
+        if let Status::SetupFailed(msg) = &status {
             output_task.abort();
             return Err(error(
                 ErrorCode::SpawnFailed,
-                format!(
-                    "the sandbox could not be set up: {}",
-                    String::from_utf8_lossy(&status_msg)
-                ),
+                format!("the sandbox could not be set up: {msg}"),
             ));
         }
         let output = match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, output_task).await {
@@ -358,7 +399,23 @@ impl Daemon {
                     .ok()
             })
             .unwrap_or_default();
-        let (exit_code, signal) = decode_wait_status(exit.status);
+        let (mut exit_code, mut signal) = decode_wait_status(exit.status);
+        match status {
+            // Trusted only when the exit matches what the reporter does.
+            Status::Started(Some(sig)) if exit_code == Some(128 + sig) => {
+                exit_code = None;
+                signal = Some(sig);
+            }
+            Status::DiedInSetup if killed_by.is_none() && stats.oom_kills == 0 => {
+                return Err(error(
+                    ErrorCode::SpawnFailed,
+                    format!(
+                        "the sandbox died while being set up (exit code {exit_code:?}, signal {signal:?}); the daemon's log may say more"
+                    ),
+                ));
+            }
+            _ => {}
+        }
         if killed_by.is_none() {
             killed_by = if stats.oom_kills > 0 {
                 Some(KilledBy::Oom)
@@ -370,7 +427,7 @@ impl Daemon {
                 None
             };
         }
-        let isolated = t_isolated.min(t_exit).max(t_forked);
+        let isolated = t_started.unwrap_or(t_exit).min(t_exit).max(t_forked);
         let result = SpawnResult {
             sandbox: id,
             zygote: zygote_name,
@@ -452,6 +509,15 @@ mod tests {
         assert_eq!(decode_wait_status(0), (Some(0), None));
         assert_eq!(decode_wait_status(3 << 8), (Some(3), None));
         assert_eq!(decode_wait_status(libc::SIGKILL), (None, Some(9)));
+    }
+
+    #[test]
+    fn status_reports_are_parsed() {
+        assert_eq!(parse_status(b""), Status::DiedInSetup);
+        assert_eq!(parse_status(b"Eboom"), Status::SetupFailed("boom".into()));
+        assert_eq!(parse_status(b"S"), Status::Started(None));
+        assert_eq!(parse_status(b"SK\x06"), Status::Started(Some(6)));
+        assert!(matches!(parse_status(b"x"), Status::SetupFailed(_)));
     }
 
     #[test]

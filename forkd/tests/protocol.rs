@@ -380,7 +380,6 @@ async fn unauthorised_peer_gets_permission_denied_then_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "ipc bug (ipc/src/client.rs, not fixable in forkd/): AsyncClient drops an id-0 error reply that arrives while no call is pending and then reports the EOF as ClientError::Closed, so the first call gets permission_denied only if it registered before the reply arrived (a race) and every later call on the connection gets Closed"]
 async fn unauthorised_peer_async_client_sees_permission_denied() {
     let d = TestDaemon::start(|c| {
         c.allowed_uids = Some(vec![4242]);

@@ -443,8 +443,14 @@ const WRITE_QUEUE: usize = 64;
 #[derive(Debug, Clone)]
 enum CloseReason {
     Closed,
+    /// The daemon sent an unroutable error (id 0) and then closed, as it does
+    /// for `permission_denied`: that error is the reason, not the EOF.
+    Refused(ErrorReply),
     Io(io::ErrorKind, String),
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        len: usize,
+        max: usize,
+    },
     Empty,
 }
 
@@ -473,6 +479,7 @@ impl CloseReason {
     fn to_error(&self) -> ClientError {
         match self {
             CloseReason::Closed => ClientError::Closed,
+            CloseReason::Refused(reply) => ClientError::Server(reply.clone()),
             CloseReason::Io(kind, msg) => ClientError::Io(io::Error::new(*kind, msg.clone())),
             CloseReason::TooLarge { len, max } => ClientError::Frame(FrameError::TooLarge {
                 len: *len,
@@ -501,6 +508,8 @@ struct State {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     /// Set once, when the connection dies; new calls then fail at once.
     closed: Option<CloseReason>,
+    /// The last error reply that named no request (id 0).
+    unroutable: Option<ErrorReply>,
 }
 
 /// Routing table shared by callers and the reader/writer tasks. A std mutex:
@@ -561,6 +570,10 @@ impl Shared {
     fn close(&self, reason: CloseReason) {
         let (reason, drained): (CloseReason, Vec<_>) = {
             let mut st = self.lock();
+            let reason = match (reason, st.unroutable.take()) {
+                (CloseReason::Closed, Some(reply)) => CloseReason::Refused(reply),
+                (reason, _) => reason,
+            };
             // The first reason wins: the reader's EOF after a writer error
             // should not mask the error.
             let reason = st.closed.get_or_insert(reason).clone();
@@ -579,7 +592,10 @@ impl Shared {
                 // no caller can be singled out: fail them all rather than let
                 // the right one hang until its timeout.
                 let err = match resp.body {
-                    ResponseBody::Error(reply) => ClientError::Server(reply),
+                    ResponseBody::Error(reply) => {
+                        self.lock().unroutable = Some(reply.clone());
+                        ClientError::Server(reply)
+                    }
                     other => ClientError::UnexpectedReply(format!(
                         "reply with id 0 that is not an error: {other:?}"
                     )),

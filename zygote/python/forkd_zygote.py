@@ -54,7 +54,9 @@ import types
 
 CONTROL_FD = 3
 # In a child: the status pipe, moved onto fd 3 (replacing the control socket,
-# which the child must not keep). Closing it tells the daemon the program starts.
+# which the child must not keep). It carries one-byte tagged reports:
+#   E<message>  setup failed        S  the program starts
+#   K<signo>    the program died of a signal it sent itself (see forkd_report_signals)
 STATUS_FD = 3
 MAX_MESSAGE = 1 << 20
 ERR_CAP = 4096
@@ -116,6 +118,7 @@ class Zygote:
         ]
         lib.forkd_info.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_info.restype = ctypes.c_int64
+        lib.forkd_report_signals.argtypes = [ctypes.c_int]
         lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         if msg.get("rootless"):
             self.become_namespace_root(lib)
@@ -306,7 +309,7 @@ class Zygote:
             job = json.loads(payload)
         except BaseException:
             setup_failed("sandbox setup failed:\n" + traceback.format_exc())
-        run_job(job)
+        run_job(job, self.lib)
 
 
 def signal_pidfd(pidfd):
@@ -325,7 +328,7 @@ def read_all(fd):
 
 def setup_failed(message):
     try:
-        os.write(STATUS_FD, message.encode(errors="replace")[:65536])
+        os.write(STATUS_FD, b"E" + message.encode(errors="replace")[:65536])
     finally:
         os._exit(126)
 
@@ -358,7 +361,7 @@ def exit_code_of(exc):
     return 1
 
 
-def run_job(job):
+def run_job(job, lib):
     """Runs the user's program in this (isolated) process; never returns."""
     try:
         # `random` was reseeded by os.fork's after-fork hook; numpy's global
@@ -379,9 +382,14 @@ def run_job(job):
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = builtins
         sys.modules["__main__"] = main
+        errno = lib.forkd_report_signals(STATUS_FD)
+        if errno != 0:
+            setup_failed(f"installing signal reporters failed: {os.strerror(errno)}")
+        # Programs it execs must not inherit the report channel.
+        os.set_inheritable(STATUS_FD, False)
+        os.write(STATUS_FD, b"S")
     except BaseException:
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
-    os.close(STATUS_FD)
 
     code = 0
     try:

@@ -242,3 +242,73 @@ pub unsafe extern "C" fn forkd_child_isolate(
         Err(msg) => unsafe { fail(&msg, err, err_cap) },
     }
 }
+
+/// Descriptor the signal reporter writes to (the status pipe), or -1.
+static REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn report_signal_and_exit(sig: libc::c_int) {
+    let fd = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
+    let msg = [b'K', sig as u8];
+    // SAFETY: write and _exit are async-signal-safe; msg lives on this stack.
+    unsafe {
+        if fd >= 0 {
+            libc::write(fd, msg.as_ptr().cast(), msg.len());
+        }
+        libc::_exit(128 + sig);
+    }
+}
+
+/// The program runs as pid 1 of its pid namespace, and the kernel drops
+/// signals a namespace's init sends itself while their action is the default
+/// (`os.kill(os.getpid(), SIGTERM)`, and `abort()` would end as SIGSEGV).
+/// This installs, for every signal whose default action terminates and whose
+/// disposition is still the default, a handler that reports `K<signal>` on
+/// `fd` and exits with 128+signal, so the daemon can report the signal the
+/// program meant to die of. Returns 0, or an errno.
+#[no_mangle]
+pub extern "C" fn forkd_report_signals(fd: i32) -> i32 {
+    const FATAL: [libc::c_int; 21] = [
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGILL,
+        libc::SIGTRAP,
+        libc::SIGABRT,
+        libc::SIGBUS,
+        libc::SIGFPE,
+        libc::SIGUSR1,
+        libc::SIGSEGV,
+        libc::SIGUSR2,
+        libc::SIGPIPE,
+        libc::SIGALRM,
+        libc::SIGTERM,
+        libc::SIGSTKFLT,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGPWR,
+        libc::SIGSYS,
+    ];
+    REPORT_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+    for sig in FATAL {
+        // SAFETY: sigaction with valid out/in pointers to zeroed, then filled,
+        // plain-data structs; the handler only calls async-signal-safe functions.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                return *libc::__errno_location();
+            }
+            if old.sa_sigaction != libc::SIG_DFL {
+                continue; // Python's own handlers and ignored signals stay.
+            }
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = report_signal_and_exit as *const () as usize;
+            libc::sigemptyset(&mut new.sa_mask);
+            if libc::sigaction(sig, &new, std::ptr::null_mut()) != 0 {
+                return *libc::__errno_location();
+            }
+        }
+    }
+    0
+}

@@ -79,6 +79,10 @@ pub fn isolate_child(
     }
     sys::unshare(fresh).map_err(at("unshare namespaces"))?;
 
+    // Binds the fresh tmpfs mounts below would hide (a venv under /tmp):
+    // keep a handle on each to bind it again on top.
+    let shadowed = reopen_shadowed(&policy.template.shadowed)?;
+
     let tmpfs = c"tmpfs";
     let scratch_opts = CString::new(format!(
         "size={},nr_inodes=65536,mode=0777",
@@ -109,6 +113,10 @@ pub fn isolate_child(
         None,
     )
     .map_err(at("mount /proc"))?;
+    for (path, fd) in &shadowed {
+        rebind(path, fd).map_err(at("bind an interpreter path under /tmp"))?;
+    }
+    drop(shadowed);
     sys::chdir(c"/tmp").map_err(at("chdir to scratch"))?;
 
     sys::sethostname(hostname.as_bytes()).map_err(at("set hostname"))?;
@@ -141,6 +149,37 @@ pub fn isolate_child(
     seccompiler::apply_filter(&policy.seccomp)
         .map_err(|e| at("install seccomp filter")(io::Error::other(e.to_string())))?;
     Ok(())
+}
+
+fn reopen_shadowed(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<(std::path::PathBuf, std::os::fd::OwnedFd)>, IsolateError> {
+    paths
+        .iter()
+        .map(|p| {
+            let c = sys::cstring(p).map_err(at("interpreter path"))?;
+            let fd = sys::open(&c, libc::O_PATH, 0)
+                .map_err(at("open an interpreter path under /tmp"))?;
+            Ok((p.clone(), fd))
+        })
+        .collect()
+}
+
+fn rebind(path: &std::path::Path, fd: &std::os::fd::OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let is_dir = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.is_dir();
+    if is_dir {
+        std::fs::create_dir_all(path)?;
+    } else {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::File::create(path)?;
+    }
+    let src = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // A bind keeps the source mount's flags: read-only, nosuid, nodev.
+    sys::mount(Some(&src), &sys::cstring(path)?, None, libc::MS_BIND, None)
 }
 
 fn apply_landlock(policy: &Prepared) -> Result<(), IsolateError> {

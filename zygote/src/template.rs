@@ -71,7 +71,13 @@ pub struct Template {
     pub landlock: LandlockPaths,
     /// Host paths bound read-only, for diagnostics.
     pub bound: Vec<PathBuf>,
+    /// Bound paths that lie under a per-child tmpfs (/tmp, /dev/shm), e.g. a
+    /// venv in /tmp: each child binds them again on top of its fresh tmpfs.
+    pub shadowed: Vec<PathBuf>,
 }
+
+/// Mount points each child covers with a fresh tmpfs.
+pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
 
 /// Plans the root's entries: (path inside the root, entry), parents first.
 fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, Entry)> {
@@ -248,10 +254,18 @@ pub fn build(
     };
     drop(hold_w);
     let _ = sys::waitpid(pid);
+    let shadowed = entries
+        .iter()
+        .filter(|(inner, e)| {
+            matches!(e, Entry::Bind { .. }) && PER_CHILD_TMPFS.iter().any(|t| inner.starts_with(t))
+        })
+        .map(|(inner, _)| inner.clone())
+        .collect();
     Ok(Template {
         mount_ns: result?,
         landlock,
         bound,
+        shadowed,
     })
 }
 
