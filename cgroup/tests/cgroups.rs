@@ -354,7 +354,9 @@ fn v1_limits_attach_stats_remove() {
         (st.oom_kills, st.pids_limit_hits, st.memory_limit_hits),
         (0, 0, 0)
     );
-    assert!(st.memory_peak_bytes.unwrap() > 0);
+    // v1 does not move a migrated process's charges, so an idle `sleep` may
+    // have charged nothing yet: the counter must be readable, not non-zero.
+    assert!(st.memory_peak_bytes.is_some());
     assert!(st.cpu_user_us.is_some() == v1_mount("cpuacct").is_some());
 
     // The daemon itself never joins.
