@@ -697,6 +697,28 @@ impl SandboxCgroup {
         &self.dirs
     }
 
+    /// Changes the limits of a live sandbox cgroup (a warm-pool child made
+    /// with the defaults, handed a request that asks for others). `None`
+    /// leaves a limit as it is. On v1 the memory+swap limit must never drop
+    /// below the memory limit, so the order of the two writes follows the
+    /// direction of the change.
+    pub fn set_limits(&self, limits: &Limits) -> Result<(), Error> {
+        let plan = Plan::new(limits)?;
+        for (dir, ctl) in self.dirs.iter().zip(&self.ctls) {
+            if let (Some(m), true, Mode::V1) = (plan.memory, ctl.memory, self.mode) {
+                let memsw = dir.join("memory.memsw.limit_in_bytes");
+                let raising = sys::read_opt(&memsw)?
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|current| m > current);
+                if raising {
+                    sys::write(&memsw, &m.to_string())?;
+                }
+            }
+            apply_limits(self.mode, dir, *ctl, &plan)?;
+        }
+        Ok(())
+    }
+
     /// The v2 directory (for `clone3(CLONE_INTO_CGROUP)`); `None` unless v2.
     pub fn v2_dir(&self) -> Option<&Path> {
         match self.mode {
