@@ -380,6 +380,46 @@ fn v1_limits_attach_stats_remove() {
 }
 
 #[test]
+fn v1_set_limits_raises_and_lowers_in_a_valid_order() {
+    if !have_v1() {
+        return;
+    }
+    let mut g = Guard::new();
+    let mgr = g.manager(ModeChoice::V1, None, false).unwrap();
+    let sb = mgr
+        .create(
+            "sbl",
+            &Limits {
+                memory_bytes: Some(64 * MIB),
+                cpus: Some(0.5),
+                pids: Some(16),
+            },
+        )
+        .unwrap();
+    let mem = find_dir(&sb, "memory.limit_in_bytes").to_path_buf();
+    let memsw = mem.join("memory.memsw.limit_in_bytes");
+    for target in [256 * MIB, 32 * MIB, 128 * MIB] {
+        sb.set_limits(&Limits {
+            memory_bytes: Some(target),
+            cpus: Some(1.5),
+            pids: Some(40),
+        })
+        .unwrap();
+        assert_eq!(read(&mem.join("memory.limit_in_bytes")).trim(), target.to_string());
+        if memsw.exists() {
+            assert_eq!(read(&memsw).trim(), target.to_string());
+        }
+    }
+    assert_eq!(read(&find_dir(&sb, "cpu.cfs_quota_us").join("cpu.cfs_quota_us")).trim(), "150000");
+    assert_eq!(read(&find_dir(&sb, "pids.max").join("pids.max")).trim(), "40");
+    // Unset limits stay as they are.
+    sb.set_limits(&Limits::default()).unwrap();
+    assert_eq!(read(&find_dir(&sb, "pids.max").join("pids.max")).trim(), "40");
+    sb.remove().unwrap();
+    g.finish(mgr);
+}
+
+#[test]
 fn v1_cpu_quota_is_enforced_and_accounted() {
     if !have_v1() {
         return;
