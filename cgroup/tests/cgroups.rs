@@ -405,16 +405,28 @@ fn v1_set_limits_raises_and_lowers_in_a_valid_order() {
             pids: Some(40),
         })
         .unwrap();
-        assert_eq!(read(&mem.join("memory.limit_in_bytes")).trim(), target.to_string());
+        assert_eq!(
+            read(&mem.join("memory.limit_in_bytes")).trim(),
+            target.to_string()
+        );
         if memsw.exists() {
             assert_eq!(read(&memsw).trim(), target.to_string());
         }
     }
-    assert_eq!(read(&find_dir(&sb, "cpu.cfs_quota_us").join("cpu.cfs_quota_us")).trim(), "150000");
-    assert_eq!(read(&find_dir(&sb, "pids.max").join("pids.max")).trim(), "40");
+    assert_eq!(
+        read(&find_dir(&sb, "cpu.cfs_quota_us").join("cpu.cfs_quota_us")).trim(),
+        "150000"
+    );
+    assert_eq!(
+        read(&find_dir(&sb, "pids.max").join("pids.max")).trim(),
+        "40"
+    );
     // Unset limits stay as they are.
     sb.set_limits(&Limits::default()).unwrap();
-    assert_eq!(read(&find_dir(&sb, "pids.max").join("pids.max")).trim(), "40");
+    assert_eq!(
+        read(&find_dir(&sb, "pids.max").join("pids.max")).trim(),
+        "40"
+    );
     sb.remove().unwrap();
     g.finish(mgr);
 }

@@ -103,6 +103,11 @@ pub struct ZygoteSection {
     /// Replace the zygote after this many seconds.
     pub max_age_secs: Option<u64>,
     pub start_timeout_secs: u64,
+    /// Children kept forked and isolated ahead of requests (0: none). They
+    /// use the default limits and policy; a request needing another scratch
+    /// size, rlimit or policy is forked on demand, other cgroup limits are
+    /// applied to the warm child before the hand-off.
+    pub warm_pool: usize,
 }
 
 impl Default for ZygoteSection {
@@ -115,6 +120,7 @@ impl Default for ZygoteSection {
             max_forks: Some(10_000),
             max_age_secs: Some(3600),
             start_timeout_secs: 60,
+            warm_pool: 16,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_pool::{Recycle, Supervisor, ZygoteConfig};
+use forkd_pool::{ChildPlan, Makers, NetnsStock, Recycle, Supervisor, WarmPool, ZygoteConfig};
 use tokio::net::UnixListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -41,11 +41,13 @@ pub enum StartError {
 pub struct Daemon {
     pub config: Config,
     pub policies: BTreeMap<String, forkd_zygote::Policy>,
-    pub pool: Supervisor,
+    pub pool: Arc<Supervisor>,
     pub cgroups: Arc<forkd_cgroup::Manager>,
     pub(crate) slots: Semaphore,
-    pub(crate) netns: Option<crate::netns::NetnsStock>,
-    next_id: AtomicU64,
+    pub(crate) netns: Arc<Option<NetnsStock>>,
+    /// Warm pools by zygote name.
+    pub warm: std::collections::HashMap<String, WarmPool>,
+    next_id: Arc<AtomicU64>,
     shutdown: watch::Sender<bool>,
     socket: PathBuf,
 }
@@ -190,7 +192,25 @@ impl Running {
         }
         // Let the connections flush the final replies.
         let _ = tokio::time::timeout(Duration::from_millis(500), self.server).await;
+        for (name, pool) in &d.warm {
+            let s = pool.stats();
+            tracing::info!(
+                zygote = %name,
+                hits = s.hits.load(Ordering::Relaxed),
+                misses = s.misses.load(Ordering::Relaxed),
+                refills = s.refills.load(Ordering::Relaxed),
+                "warm pool stopped"
+            );
+            pool.shutdown().await;
+        }
         d.pool.shutdown(Duration::from_secs(2)).await;
+        let stock = d.netns.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(stock) = stock.as_ref() {
+                stock.stop();
+            }
+        })
+        .await;
         let cgroups = d.cgroups.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = cgroups.shutdown() {
@@ -279,19 +299,51 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         source,
     })?;
     let (shutdown, _) = watch::channel(false);
-    let netns = if sys::euid() == 0 {
-        crate::netns::NetnsStock::start(config.netns_stock)
+    let netns = Arc::new(if sys::euid() == 0 {
+        NetnsStock::start(config.netns_stock)
     } else {
         None
+    });
+    let pool = Arc::new(pool);
+    let next_id = Arc::new(AtomicU64::new(1));
+    let makers = Makers {
+        supervisor: pool.clone(),
+        cgroups: cgroups.clone(),
+        netns: netns.clone(),
+        ids: next_id.clone(),
     };
+    let mut warm = std::collections::HashMap::new();
+    for z in config.zygote_sections().iter().filter(|z| z.warm_pool > 0) {
+        let d = &config.limits.default;
+        let plan = ChildPlan {
+            policy: config.default_policy.clone(),
+            scratch_bytes: d.scratch_bytes,
+            open_files: d.open_files,
+            file_size_bytes: d.file_size_bytes,
+            cgroup: if cgroups.limits_enforced() {
+                forkd_cgroup::Limits {
+                    memory_bytes: Some(d.memory_bytes),
+                    cpus: Some(d.cpus),
+                    pids: Some(d.pids),
+                }
+            } else {
+                forkd_cgroup::Limits::default()
+            },
+        };
+        warm.insert(
+            z.name.clone(),
+            WarmPool::start(&z.name, plan, z.warm_pool, makers.clone()),
+        );
+    }
     let daemon = Arc::new(Daemon {
         slots: Semaphore::new(config.max_concurrent),
         netns,
+        warm,
         config,
         policies,
         pool,
         cgroups,
-        next_id: AtomicU64::new(1),
+        next_id,
         shutdown,
         socket,
     });

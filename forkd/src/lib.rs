@@ -8,7 +8,6 @@
 
 pub mod config;
 pub mod daemon;
-pub mod netns;
 pub mod sandbox;
 pub mod server;
 mod sys;

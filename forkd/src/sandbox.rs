@@ -1,7 +1,7 @@
 //! One sandbox, from request to result.
 //!
 //! The daemon prepares everything the child needs (cgroup, pipes, the job in
-//! a memfd), hands it to a zygote, then watches: stdout/stderr are read into
+//! the job pipe) — or takes a child the warm pool prepared — then watches: stdout/stderr are read into
 //! bounded buffers, the status pipe tells when isolation finished (or why it
 //! failed), and the zygote reports the exit. A timeout, an output flood or a
 //! shutdown kills the sandbox's init through its pidfd, which takes its whole
@@ -16,15 +16,14 @@ use base64::Engine;
 use forkd_ipc::{
     ErrorCode, ErrorReply, KilledBy, Program, SpawnRequest, SpawnResult, Timings, Usage,
 };
-use forkd_pool::{Exited, PoolError, SpawnFds, ZygoteError};
-use forkd_zygote::ChildSpec;
+use forkd_pool::{ChildPlan, Exited, PoolError, PrepareError, ZygoteError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 
 use crate::config::{resolve, Resolved};
 use crate::daemon::Daemon;
-use crate::sys;
+use forkd_pool::kill_pidfd;
 
 /// How long a killed sandbox may take to be reported before the request fails.
 const KILL_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,6 +71,33 @@ fn base_env() -> Vec<(&'static str, &'static str)> {
         ("OMP_NUM_THREADS", "1"),
         ("MKL_NUM_THREADS", "1"),
     ]
+}
+
+/// Whether a pooled child made with `pool` can serve a request needing
+/// `wanted`: everything applied inside the child must match; cgroup limits are
+/// set from outside before the hand-off.
+fn same_isolation(pool: &ChildPlan, wanted: &ChildPlan) -> bool {
+    pool.policy == wanted.policy
+        && pool.scratch_bytes == wanted.scratch_bytes
+        && pool.open_files == wanted.open_files
+        && pool.file_size_bytes == wanted.file_size_bytes
+}
+
+fn prepare_error(e: PrepareError) -> ErrorReply {
+    match e {
+        PrepareError::Zygote(z) => zygote_error(z),
+        other => internal("preparing the sandbox failed", other),
+    }
+}
+
+/// The job as the child reads it from fd 0: a 4-byte big-endian length, then
+/// the JSON (the program's stdin follows on the same pipe).
+fn job_frame(req: &SpawnRequest) -> Vec<u8> {
+    let json = serde_json::to_vec(&job_payload(req)).unwrap_or_default();
+    let mut frame = Vec::with_capacity(4 + json.len());
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&json);
+    frame
 }
 
 fn job_payload(req: &SpawnRequest) -> serde_json::Value {
@@ -158,25 +184,58 @@ async fn collect_output(
     out
 }
 
-/// Reads the child's status pipe to EOF (see `forkd_zygote.py`): tagged
-/// one-byte reports `E<message>` (setup failed), `S` (the program starts) and
-/// `K<signal>` (the program, pid 1 of its namespace, died of a signal it sent
-/// itself). Returns the bytes and when the first one arrived.
-async fn read_status(mut status: pipe::Receiver) -> (Vec<u8>, Option<Instant>) {
+/// What the child reported on its status pipe so far (see `forkd_zygote.py`):
+/// one-byte tags `E<message>` (setup failed), `S` (the program starts),
+/// `K<signal>` (the program, pid 1 of its namespace, died of a signal it
+/// sent itself) and `X<code>` (the program finished; stdout/stderr closed).
+#[derive(Debug, Default)]
+struct StatusLog {
+    data: Vec<u8>,
+    started: Option<Instant>,
+}
+
+/// Reads the status pipe to EOF into `log`, firing `finished` with the exit
+/// code as soon as an `X` report arrives.
+async fn read_status(
+    mut status: pipe::Receiver,
+    log: Arc<std::sync::Mutex<StatusLog>>,
+    finished: tokio::sync::oneshot::Sender<u8>,
+) {
     const CAP: usize = 64 * 1024;
-    let mut data = Vec::new();
-    let mut first = None;
+    let mut finished = Some(finished);
     let mut buf = [0u8; 4096];
-    while data.len() < CAP {
-        match status.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                first.get_or_insert_with(Instant::now);
-                data.extend_from_slice(&buf[..n.min(CAP - data.len())]);
-            }
+    loop {
+        let n = match status.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let Ok(mut log) = log.lock() else { return };
+        log.started.get_or_insert_with(Instant::now);
+        let room = CAP.saturating_sub(log.data.len());
+        log.data.extend_from_slice(&buf[..n.min(room)]);
+        if let (Some(code), Some(tx)) = (finished_code(&log.data), finished.take_if(|_| true)) {
+            let _ = tx.send(code);
+        }
+        if room == 0 {
+            return;
         }
     }
-    (data, first)
+}
+
+/// The exit code of an `X` report following `S`, if one arrived.
+fn finished_code(data: &[u8]) -> Option<u8> {
+    if data.first() != Some(&b'S') {
+        return None;
+    }
+    let mut i = 1;
+    while i + 1 < data.len() {
+        match data[i] {
+            b'X' => return Some(data[i + 1]),
+            b'K' => i += 2,
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// The status pipe's reports, interpreted.
@@ -194,11 +253,18 @@ fn parse_status(data: &[u8]) -> Status {
         None => Status::DiedInSetup,
         Some(b'E') => Status::SetupFailed(String::from_utf8_lossy(&data[1..]).into_owned()),
         Some(b'S') => {
-            let signal = data[1..]
-                .windows(2)
-                .rev()
-                .find(|w| w[0] == b'K')
-                .map(|w| i32::from(w[1]));
+            let mut signal = None;
+            let mut i = 1;
+            while i + 1 < data.len() {
+                match data[i] {
+                    b'K' => {
+                        signal = Some(i32::from(data[i + 1]));
+                        i += 2;
+                    }
+                    b'X' => i += 2,
+                    _ => i += 1,
+                }
+            }
             Status::Started(signal)
         }
         Some(_) => Status::SetupFailed(format!(
@@ -236,9 +302,6 @@ impl Daemon {
             permit = self.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down"))?,
             _ = crate::daemon::stopping(&mut shutdown) => return Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
         };
-        let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
-        let id = self.next_sandbox_id();
-
         let cg_limits = if self.cgroups.limits_enforced() {
             forkd_cgroup::Limits {
                 memory_bytes: Some(limits.memory_bytes),
@@ -248,67 +311,79 @@ impl Daemon {
         } else {
             forkd_cgroup::Limits::default()
         };
-        let cgroups = self.cgroups.clone();
-        let cgroup =
-            tokio::task::spawn_blocking(move || cgroups.create(&format!("sb{id}"), &cg_limits))
-                .await
-                .map_err(|e| internal("cgroup task", e))?
-                .map_err(|e| internal("cannot create the sandbox's cgroup", e))?;
-        let cleanup = CgroupCleanup(Some(cgroup));
-
-        let (stdin_r, stdin_w) = sys::pipe().map_err(|e| internal("pipe", e))?;
-        let (stdout_r, stdout_w) = sys::pipe().map_err(|e| internal("pipe", e))?;
-        let (stderr_r, stderr_w) = sys::pipe().map_err(|e| internal("pipe", e))?;
-        let (status_r, status_w) = sys::pipe().map_err(|e| internal("pipe", e))?;
-        let payload = sys::memfd_with(
-            b"forkd-job",
-            &serde_json::to_vec(&job_payload(&req)).unwrap_or_default(),
-        )
-        .map_err(|e| internal("job memfd", e))?;
-        let cgroup_ref = cleanup.0.as_ref().expect("cgroup present");
-        let spec = ChildSpec {
+        let plan = ChildPlan {
             policy,
-            cgroup_procs: cgroup_ref
-                .procs_files()
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect(),
             scratch_bytes: limits.scratch_bytes,
             open_files: limits.open_files,
             file_size_bytes: limits.file_size_bytes,
+            cgroup: cg_limits,
         };
-        let spec = serde_json::to_string(&spec).map_err(|e| internal("child spec", e))?;
 
-        // Register our ends with tokio before the fork so a failure leaves
-        // nothing half-made.
+        // A warm child if one fits (its cgroup limits can still change);
+        // otherwise fork one now.
+        let warm_child = self
+            .warm
+            .get(&zygote_name)
+            .filter(|pool| same_isolation(pool.plan(), &plan))
+            .and_then(|pool| pool.take());
+        let warm = warm_child.is_some();
+        let mut child = match warm_child {
+            Some(child) => {
+                if child.plan.cgroup != plan.cgroup {
+                    if let Some(cg) = child.cgroup.get() {
+                        cg.set_limits(&plan.cgroup)
+                            .map_err(|e| internal("cannot set the sandbox's limits", e))?;
+                    }
+                }
+                child
+            }
+            None => {
+                let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
+                let id = self.next_sandbox_id();
+                forkd_pool::prepare(
+                    &zygote,
+                    &self.cgroups,
+                    self.netns.as_ref().as_ref(),
+                    id,
+                    plan,
+                )
+                .await
+                .map_err(prepare_error)?
+            }
+        };
+        let id = child.sandbox;
+        // From here the request owns the child: its timeout starts now.
+        let t_forked = if warm { t0 } else { Instant::now() };
+        let t_handoff = Instant::now();
+        let (Some(job_w), Some(stdout_r), Some(stderr_r), Some(status_r)) = (
+            child.job.take(),
+            child.stdout.take(),
+            child.stderr.take(),
+            child.status.take(),
+        ) else {
+            return Err(error(
+                ErrorCode::Internal,
+                "a prepared child lacks its pipes",
+            ));
+        };
         let stdout_rx = receiver(stdout_r)?;
         let stderr_rx = receiver(stderr_r)?;
         let status_rx = receiver(status_r)?;
-        let stdin_tx = sender(stdin_w)?;
+        let job_tx = sender(job_w)?;
+        let cleanup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
+        let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
+        let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
+        drop(child);
 
-        let forked = zygote
-            .spawn(
-                id,
-                &spec,
-                SpawnFds {
-                    payload,
-                    stdin: stdin_r,
-                    stdout: stdout_w,
-                    stderr: stderr_w,
-                    status: status_w,
-                    netns: self.netns.as_ref().and_then(|stock| stock.take()),
-                },
-            )
-            .await
-            .map_err(zygote_error)?;
-        let t_forked = Instant::now();
-        let pidfd = forked.pidfd;
-
+        let job = job_frame(&req);
         let stdin = req.stdin;
         let stdin_task = tokio::spawn(async move {
-            let mut tx = stdin_tx;
-            // EPIPE when the program never reads its stdin is fine.
-            let _ = tx.write_all(&stdin).await;
+            let mut tx = job_tx;
+            // The job, then the program's stdin; EPIPE when the program never
+            // reads its stdin is fine.
+            if tx.write_all(&job).await.is_ok() {
+                let _ = tx.write_all(&stdin).await;
+            }
         });
         let exceeded = Arc::new(Notify::new());
         let exceeded_flag = Arc::new(AtomicBool::new(false));
@@ -319,11 +394,17 @@ impl Daemon {
             exceeded.clone(),
             exceeded_flag.clone(),
         ));
-        let status_task = tokio::spawn(read_status(status_rx));
+        let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
+        let (finished_tx, mut finished_rx) = tokio::sync::oneshot::channel();
+        let status_task = tokio::spawn(read_status(status_rx, status_log.clone(), finished_tx));
+        // Set when the program reported its exit code itself: the reply then
+        // goes out without waiting for the kernel to tear the process down.
+        let mut reported_exit: Option<u8> = None;
+        let mut watch_finish = true;
 
         let deadline =
-            tokio::time::Instant::from_std(t_forked + Duration::from_millis(limits.timeout_ms));
-        let mut exited_rx = forked.exited;
+            tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
+        let mut exited_rx = exited;
         let mut killed_by: Option<KilledBy> = None;
         let exit: Result<Exited, ErrorReply> = loop {
             tokio::select! {
@@ -334,17 +415,32 @@ impl Daemon {
                         Err(_) => Err(error(ErrorCode::ZygoteUnavailable, "zygote vanished before reporting the sandbox's exit; retry")),
                     };
                 }
+                code = &mut finished_rx, if killed_by.is_none() && watch_finish => {
+                    match code {
+                        Ok(code) => {
+                            reported_exit = Some(code);
+                            break Ok(Exited {
+                                status: i32::from(code) << 8,
+                                utime_us: 0,
+                                stime_us: 0,
+                                maxrss_kb: 0,
+                            });
+                        }
+                        // The status pipe closed without a report: wait for the zygote.
+                        Err(_) => watch_finish = false,
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline), if killed_by.is_none() => {
                     killed_by = Some(KilledBy::Timeout);
-                    sys::kill_pidfd(pidfd.as_fd());
+                    kill_pidfd(pidfd.as_fd());
                 }
                 _ = exceeded.notified(), if killed_by.is_none() => {
                     killed_by = Some(KilledBy::OutputLimit);
-                    sys::kill_pidfd(pidfd.as_fd());
+                    kill_pidfd(pidfd.as_fd());
                 }
                 _ = crate::daemon::stopping(&mut shutdown), if killed_by.is_none() => {
                     killed_by = Some(KilledBy::Shutdown);
-                    sys::kill_pidfd(pidfd.as_fd());
+                    kill_pidfd(pidfd.as_fd());
                 }
                 _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
                     break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
@@ -357,19 +453,20 @@ impl Daemon {
             Ok(e) => e,
             Err(e) => {
                 // The zygote died or lost track: make sure nothing survives.
-                sys::kill_pidfd(pidfd.as_fd());
+                kill_pidfd(pidfd.as_fd());
                 output_task.abort();
                 status_task.abort();
                 return Err(e);
             }
         };
-        let (status_data, t_started) =
-            match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await {
-                Ok(Ok(status)) => status,
-                Ok(Err(e)) => return Err(internal("status task", e)),
-                Err(_) => (Vec::new(), None),
-            };
-        let status = parse_status(&status_data);
+        if reported_exit.is_none() {
+            // The process is gone, so its status pipe is at EOF (or about to be).
+            let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await;
+        }
+        let (status, t_started) = match status_log.lock() {
+            Ok(log) => (parse_status(&log.data), log.started),
+            Err(_) => return Err(error(ErrorCode::Internal, "status log poisoned")),
+        };
         if let Status::SetupFailed(msg) = &status {
             output_task.abort();
             return Err(error(
@@ -391,8 +488,7 @@ impl Daemon {
         }
 
         let stats = cleanup
-            .0
-            .as_ref()
+            .get()
             .and_then(|cg| {
                 cg.stats()
                     .map_err(|e| tracing::warn!(sandbox = id, "cgroup stats: {e}"))
@@ -450,7 +546,13 @@ impl Daemon {
                 peak_memory_bytes: stats.memory_peak_bytes.unwrap_or(exit.maxrss_kb * 1024),
             },
             limits,
+            warm,
         };
+        if reported_exit.is_some() {
+            // The program is done; its init is exiting. Make sure whatever it
+            // left running (or a program that only claimed to finish) goes too.
+            kill_pidfd(pidfd.as_fd());
+        }
         drop(cleanup); // removal happens on a blocking thread, after the reply is built
         Ok(result)
     }
@@ -478,28 +580,6 @@ fn sender(fd: OwnedFd) -> Result<pipe::Sender, ErrorReply> {
     pipe::Sender::from_owned_fd(fd).map_err(|e| internal("register pipe", e))
 }
 
-/// Removes the sandbox's cgroup off the request path, whatever way the
-/// request ends (including early returns and cancellation).
-struct CgroupCleanup(Option<forkd_cgroup::SandboxCgroup>);
-
-impl Drop for CgroupCleanup {
-    fn drop(&mut self) {
-        if let Some(cg) = self.0.take() {
-            let remove = move || {
-                if let Err(e) = cg.remove() {
-                    tracing::warn!("removing a sandbox cgroup failed: {e}");
-                }
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn_blocking(remove);
-                }
-                Err(_) => remove(),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,6 +598,12 @@ mod tests {
         assert_eq!(parse_status(b"S"), Status::Started(None));
         assert_eq!(parse_status(b"SK\x06"), Status::Started(Some(6)));
         assert!(matches!(parse_status(b"x"), Status::SetupFailed(_)));
+        assert_eq!(parse_status(b"SX\x07"), Status::Started(None));
+        assert_eq!(finished_code(b"SX\x07"), Some(7));
+        assert_eq!(finished_code(b"SK\x58X\x00"), Some(0), "a K's byte is not a tag");
+        assert_eq!(finished_code(b"S"), None);
+        assert_eq!(finished_code(b"SX"), None, "the code byte has not arrived yet");
+        assert_eq!(finished_code(b"EX\x01"), None, "no report before the program started");
     }
 
     #[test]

@@ -322,6 +322,8 @@ async fn malformed_and_hostile_frames() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorised_peer_gets_permission_denied_then_close() {
     let d = TestDaemon::start(|c| {
+        // No warm pool: the sandbox-id counter below proves nothing ran.
+        c.zygotes[0].warm_pool = 0;
         c.allowed_uids = Some(vec![4242]);
         c.allowed_gids = Vec::new();
     })

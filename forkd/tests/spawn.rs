@@ -391,14 +391,16 @@ async fn hundred_concurrent_pipelined_spawns_with_distinct_randomness() {
         "numpy.random.rand() repeated across children: {np:?}"
     );
     drop(client);
-    // Everything was cleaned up per sandbox already (not only at shutdown).
+    // Every used sandbox was cleaned up already (not only at shutdown); only
+    // the warm pool's parked children keep cgroups.
+    let used: BTreeSet<String> = ids.iter().map(|id| format!("sb{id}")).collect();
     assert!(
         wait_until(Duration::from_secs(5), || {
             instance_cgroup_dirs(&d.instance).iter().all(|dir| {
                 std::fs::read_dir(dir)
                     .map(|e| {
                         e.flatten()
-                            .all(|e| !e.file_name().to_string_lossy().starts_with("sb"))
+                            .all(|e| !used.contains(&*e.file_name().to_string_lossy()))
                     })
                     .unwrap_or(true)
             })

@@ -250,6 +250,10 @@ pub struct SpawnResult {
     pub usage: Usage,
     /// The limits actually applied, after defaults.
     pub limits: AppliedLimits,
+    /// True when a warm-pool child (forked and isolated before the request)
+    /// ran the program; false when one was forked for it.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 impl SpawnResult {
@@ -281,11 +285,12 @@ impl SpawnResult {
 pub struct Timings {
     /// Request decoded → result encoded.
     pub total_us: u64,
-    /// Request decoded → the zygote reported the child forked.
+    /// Request decoded → the zygote reported the child forked (0 for a warm
+    /// child, forked before the request).
     pub fork_us: u64,
-    /// Request decoded → the child finished isolating itself.
+    /// Request decoded → the program starts (child isolated, job set up).
     pub isolated_us: u64,
-    /// Isolation finished → the program's init process exited.
+    /// Program start → the program's init process exited.
     pub run_us: u64,
 }
 

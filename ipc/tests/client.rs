@@ -70,6 +70,7 @@ fn result_for(id: u64, stdout: &[u8]) -> SpawnResult {
         timings: Timings::default(),
         usage: Usage::default(),
         limits: AppliedLimits::default(),
+        warm: false,
     }
 }
 

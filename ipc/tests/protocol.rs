@@ -73,6 +73,7 @@ fn sample_result() -> SpawnResult {
             file_size_bytes: 16_777_216,
             cgroup_enforced: true,
         },
+        warm: true,
     }
 }
 
@@ -150,7 +151,7 @@ fn result_exact_json() {
         r#""usage":{"cpu_user_us":2100,"cpu_system_us":800,"peak_memory_bytes":9437184},"#,
         r#""limits":{"timeout_ms":5000,"memory_bytes":268435456,"cpus":1.5,"pids":32,"#,
         r#""output_bytes":1048576,"scratch_bytes":67108864,"open_files":256,"#,
-        r#""file_size_bytes":16777216,"cgroup_enforced":true}}"#
+        r#""file_size_bytes":16777216,"cgroup_enforced":true},"warm":true}"#
     );
     assert_eq!(serde_json::to_string(&resp).unwrap(), expected);
     round_trip(&resp);

@@ -4,10 +4,14 @@
 //! configured name running: it restarts a zygote that dies (with back-off),
 //! recycles one that has forked `max_forks` children or lived `max_age`
 //! (bounding how long children share one ASLR layout and hash secret), and
-//! hands requests the current one. The warm pool of pre-forked children will
-//! live here too.
+//! hands requests the current one. [`child`] prepares one isolated child,
+//! [`warm`] keeps a pool of them ready, [`netns`] a stock of network
+//! namespaces.
 
+pub mod child;
+pub mod netns;
 pub mod sys;
+pub mod warm;
 pub mod zygote;
 
 use std::collections::HashMap;
@@ -16,6 +20,9 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+pub use child::{kill_pidfd, prepare, CgroupCleanup, ChildPlan, PrepareError, ReadyChild};
+pub use netns::NetnsStock;
+pub use warm::{Makers, PoolStats, WarmPool};
 pub use zygote::{Exited, Forked, ReadyInfo, SpawnFds, Zygote, ZygoteConfig, ZygoteError};
 
 /// When a zygote is replaced by a fresh one.

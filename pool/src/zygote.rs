@@ -85,9 +85,9 @@ pub struct ReadyInfo {
 
 /// The descriptors a child receives, in the order the zygote expects them.
 pub struct SpawnFds {
-    /// memfd holding the job (program, argv, env, files) as JSON.
-    pub payload: OwnedFd,
-    pub stdin: OwnedFd,
+    /// Read end of the job pipe: the child reads its job (length-prefixed
+    /// JSON), then the program's stdin, from it.
+    pub job: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     /// Write end of the status pipe: setup errors are written here; its EOF
@@ -346,6 +346,11 @@ impl Zygote {
         !self.shared.dead.load(Ordering::Acquire)
     }
 
+    /// Dead, or told to drain (replaced by a fresh zygote).
+    pub fn is_retired(&self) -> bool {
+        !self.is_alive() || self.shared.draining.load(Ordering::Acquire)
+    }
+
     /// Resolves once the zygote process has exited.
     pub async fn wait_exit(&self) {
         let mut rx = self.exited.clone();
@@ -390,8 +395,7 @@ impl Zygote {
         }
         let msg = serde_json::json!({ "op": "spawn", "id": id, "spec": spec }).to_string();
         let mut raw = vec![
-            fds.payload.as_raw_fd(),
-            fds.stdin.as_raw_fd(),
+            fds.job.as_raw_fd(),
             fds.stdout.as_raw_fd(),
             fds.stderr.as_raw_fd(),
             fds.status.as_raw_fd(),

@@ -6,13 +6,18 @@ on fd 3 and talks JSON over it (see pool/src/zygote.rs for the other side):
 
   daemon -> zygote  {"op": "init", "lib": PATH, "config": {...}, "preload": [...]}
                     {"op": "spawn", "id": N, "spec": "<ChildSpec JSON>"}
-                        + fds [payload memfd, stdin, stdout, stderr, status(, netns)]
+                        + fds [job, stdout, stderr, status(, netns)]
                     {"op": "drain"}   finish running children, then exit
   zygote -> daemon  {"op": "importing", "module": M}
                     {"op": "ready", ...} | {"op": "fatal", "error": E}
                     {"op": "forked", "id": N, "pid": P} + fds [pidfd]
                     {"op": "exited", "id": N, "status": S, ...}
                     {"op": "spawn_error", "id": N, "error": E}
+
+A child isolates itself at once, then blocks reading its job from fd 0: a
+4-byte big-endian length, the job as JSON, then the program's stdin until
+EOF. A warm-pool child waits there until a request arrives; an on-demand one
+finds its job already written.
 
 The native half (libforkd_zygote.so, loaded with ctypes) builds the sandbox
 root and applies namespaces, cgroup, capabilities, landlock and seccomp in each
@@ -57,6 +62,7 @@ CONTROL_FD = 3
 # which the child must not keep). It carries one-byte tagged reports:
 #   E<message>  setup failed        S  the program starts
 #   K<signo>    the program died of a signal it sent itself (see forkd_report_signals)
+#   X<code>     the program finished with this exit code (stdout/stderr closed)
 STATUS_FD = 3
 MAX_MESSAGE = 1 << 20
 ERR_CAP = 4096
@@ -238,10 +244,10 @@ class Zygote:
 
     def spawn(self, msg, fds):
         sid = msg["id"]
-        if len(fds) not in (5, 6):
+        if len(fds) not in (4, 5):
             for fd in fds:
                 os.close(fd)
-            send(self.sock, {"op": "spawn_error", "id": sid, "error": f"expected 5 or 6 fds, got {len(fds)}"})
+            send(self.sock, {"op": "spawn_error", "id": sid, "error": f"expected 4 or 5 fds, got {len(fds)}"})
             return
         spec = msg["spec"].encode()
         errno = self.lib.forkd_pidns_enter_new()
@@ -299,16 +305,25 @@ class Zygote:
 
     def child(self, spec, fds):
         try:
-            payload_fd, stdin_fd, stdout_fd, stderr_fd, status_fd = fds[:5]
-            netns_fd = fds[5] if len(fds) == 6 else -1
-            for src, dst in ((stdin_fd, 0), (stdout_fd, 1), (stderr_fd, 2), (status_fd, STATUS_FD)):
+            job_fd, stdout_fd, stderr_fd, status_fd = fds[:4]
+            netns_fd = fds[4] if len(fds) == 5 else -1
+            for src, dst in ((job_fd, 0), (stdout_fd, 1), (stderr_fd, 2), (status_fd, STATUS_FD)):
                 os.dup2(src, dst)
-            payload = read_all(payload_fd)
             if self.lib.forkd_child_isolate(spec, len(spec), netns_fd, self.err, ERR_CAP) != 0:
                 setup_failed("isolation failed: " + self.err.value.decode(errors="replace"))
-            job = json.loads(payload)
         except BaseException:
             setup_failed("sandbox setup failed:\n" + traceback.format_exc())
+        # Isolated: from here on only the job's own data is read.
+        try:
+            header = read_exact(0, 4)
+            if header is None:
+                os._exit(0)  # the daemon dropped this (warm-pool) child unused
+            body = read_exact(0, int.from_bytes(header, "big"))
+            if body is None:
+                setup_failed("the job ended early")
+            job = json.loads(body)
+        except BaseException:
+            setup_failed("reading the job failed:\n" + traceback.format_exc())
         run_job(job, self.lib)
 
 
@@ -316,14 +331,20 @@ def signal_pidfd(pidfd):
     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
-def read_all(fd):
-    chunks, offset = [], 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
+def read_exact(fd, n):
+    """Exactly n bytes from fd (never more: what follows is the program's
+    stdin), or None at EOF before them."""
+    chunks, left = [], n
+    while left:
+        try:
+            chunk = os.read(fd, min(left, 1 << 20))
+        except InterruptedError:
+            continue
         if not chunk:
-            return b"".join(chunks)
+            return None
         chunks.append(chunk)
-        offset += len(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def setup_failed(message):
@@ -419,6 +440,15 @@ def run_job(job, lib):
         except BaseException:
             if code == 0:
                 code = 120
+    # Report before the kernel tears this process down: with stdout/stderr
+    # closed and the exit code sent, the daemon can answer while this
+    # process's memory and namespaces are still being freed.
+    try:
+        os.close(1)
+        os.close(2)
+        os.write(STATUS_FD, b"X" + bytes([code & 0xFF]))
+    except OSError:
+        pass
     os._exit(code)
 
 

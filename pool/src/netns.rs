@@ -13,13 +13,17 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use forkd_zygote::sys as zsys;
 
 pub struct NetnsStock {
     ready: Mutex<Receiver<OwnedFd>>,
+    stopped: Arc<AtomicBool>,
+    maker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl NetnsStock {
@@ -31,6 +35,8 @@ impl NetnsStock {
         }
         let (tx, rx) = sync_channel::<OwnedFd>(capacity);
         let (probe_tx, probe_rx) = std::sync::mpsc::channel::<io::Error>();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stop = stopped.clone();
         let maker = move || {
             let home = match zsys::open(c"/proc/thread-self/ns/net", libc::O_RDONLY, 0) {
                 Ok(fd) => fd,
@@ -53,7 +59,7 @@ impl NetnsStock {
                     return;
                 }
             }
-            loop {
+            while !stop.load(Ordering::Acquire) {
                 match make_one(home.as_fd()) {
                     // Blocks while the stock is full.
                     Ok(fd) => {
@@ -68,7 +74,7 @@ impl NetnsStock {
                 }
             }
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("forkd-netns".into())
             .spawn(maker)
             .ok()?;
@@ -80,7 +86,35 @@ impl NetnsStock {
             // The maker dropped the probe sender: it works.
             Err(_) => Some(NetnsStock {
                 ready: Mutex::new(rx),
+                stopped,
+                maker: Mutex::new(Some(handle)),
             }),
+        }
+    }
+
+    /// Stops the maker thread and closes every stocked namespace (at
+    /// shutdown: nothing of the daemon may outlive it).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let Some(maker) = self.maker.lock().ok().and_then(|mut m| m.take()) else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        // Draining frees a slot for a maker blocked in send; it then sees
+        // the flag and exits.
+        while !maker.is_finished() && Instant::now() < deadline {
+            self.drain();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if maker.is_finished() {
+            let _ = maker.join();
+        }
+        self.drain();
+    }
+
+    fn drain(&self) {
+        if let Ok(rx) = self.ready.lock() {
+            while rx.try_recv().is_ok() {}
         }
     }
 

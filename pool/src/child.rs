@@ -1,0 +1,200 @@
+//! Preparing one child: everything a sandbox needs before it can run a job.
+//!
+//! [`prepare`] creates the child's cgroup, its pipes, takes a network
+//! namespace from the stock, and has the zygote fork it; the child isolates
+//! itself and then waits for its job on fd 0. The result, a [`ReadyChild`],
+//! is either handed a request at once (on demand) or parked in the warm pool.
+//! Dropping an unused `ReadyChild` kills the child and removes its cgroup off
+//! the async threads.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use forkd_cgroup::{Manager, SandboxCgroup};
+use tokio::sync::oneshot;
+
+use crate::netns::NetnsStock;
+use crate::zygote::{Exited, SpawnFds, Zygote, ZygoteError};
+
+/// What a child is isolated with; children with equal plans are
+/// interchangeable (cgroup limits excepted: those can change before hand-off).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildPlan {
+    pub policy: String,
+    pub scratch_bytes: u64,
+    pub open_files: u64,
+    pub file_size_bytes: u64,
+    pub cgroup: forkd_cgroup::Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("cannot create the sandbox's cgroup: {0}")]
+    Cgroup(forkd_cgroup::Error),
+    #[error("cannot create the sandbox's pipes: {0}")]
+    Io(std::io::Error),
+    #[error(transparent)]
+    Zygote(ZygoteError),
+}
+
+/// A forked, isolated child waiting for its job.
+pub struct ReadyChild {
+    pub sandbox: u64,
+    pub plan: ChildPlan,
+    /// The zygote generation that forked it.
+    pub zygote: Zygote,
+    /// Write end of the job pipe (the child's fd 0).
+    pub job: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    pub status: Option<OwnedFd>,
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub exited: oneshot::Receiver<Result<Exited, ZygoteError>>,
+    pub cgroup: CgroupCleanup,
+    pub forked_at: Instant,
+}
+
+impl ReadyChild {
+    /// True while the child has not exited (a pooled child can die, e.g. with
+    /// its zygote).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(
+            self.exited.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        )
+    }
+
+    /// Alive and forked by a zygote that is still current: children of a
+    /// recycled zygote are not handed out (recycling bounds how many share
+    /// its memory layout), and dropping them lets the old zygote exit.
+    pub fn is_usable(&mut self) -> bool {
+        !self.zygote.is_retired() && self.is_alive()
+    }
+
+    pub fn kill(&self) {
+        kill_pidfd(self.pidfd.as_fd());
+    }
+}
+
+impl Drop for ReadyChild {
+    fn drop(&mut self) {
+        // Unused or abandoned: make sure it is gone (closing the job pipe
+        // alone would also end it, once it runs again).
+        if self.job.is_some() {
+            self.kill();
+        }
+    }
+}
+
+/// Sends SIGKILL through a pidfd. Killing a pid namespace's init kills every
+/// process in it; an exited process is not an error.
+pub fn kill_pidfd(pidfd: BorrowedFd<'_>) {
+    // SAFETY: pidfd_send_signal with a borrowed, open pidfd and no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        );
+    }
+}
+
+/// Owns a sandbox cgroup and removes it on a blocking thread when dropped
+/// (removal kills stragglers and may retry rmdir for a while).
+pub struct CgroupCleanup(pub Option<SandboxCgroup>);
+
+impl CgroupCleanup {
+    pub fn get(&self) -> Option<&SandboxCgroup> {
+        self.0.as_ref()
+    }
+}
+
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            let remove = move || {
+                if let Err(e) = cg.remove() {
+                    tracing::warn!("removing a sandbox cgroup failed: {e}");
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn_blocking(remove);
+                }
+                Err(_) => remove(),
+            }
+        }
+    }
+}
+
+/// Forks and isolates one child for `plan`.
+pub async fn prepare(
+    zygote: &Zygote,
+    cgroups: &Arc<Manager>,
+    netns: Option<&NetnsStock>,
+    sandbox: u64,
+    plan: ChildPlan,
+) -> Result<ReadyChild, PrepareError> {
+    let limits = plan.cgroup;
+    let manager = cgroups.clone();
+    let cgroup =
+        tokio::task::spawn_blocking(move || manager.create(&format!("sb{sandbox}"), &limits))
+            .await
+            .map_err(|e| PrepareError::Io(std::io::Error::other(e.to_string())))?
+            .map_err(PrepareError::Cgroup)?;
+    let cgroup = CgroupCleanup(Some(cgroup));
+
+    let (job_r, job_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
+    let (stdout_r, stdout_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
+    let (stderr_r, stderr_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
+    let (status_r, status_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
+    let spec = forkd_zygote::ChildSpec {
+        policy: plan.policy.clone(),
+        cgroup_procs: cgroup
+            .get()
+            .map(|cg| {
+                cg.procs_files()
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        scratch_bytes: plan.scratch_bytes,
+        open_files: plan.open_files,
+        file_size_bytes: plan.file_size_bytes,
+    };
+    let spec =
+        serde_json::to_string(&spec).map_err(|e| PrepareError::Io(std::io::Error::other(e)))?;
+    let forked = zygote
+        .spawn(
+            sandbox,
+            &spec,
+            SpawnFds {
+                job: job_r,
+                stdout: stdout_w,
+                stderr: stderr_w,
+                status: status_w,
+                netns: netns.and_then(NetnsStock::take),
+            },
+        )
+        .await
+        .map_err(PrepareError::Zygote)?;
+    Ok(ReadyChild {
+        sandbox,
+        plan,
+        zygote: zygote.clone(),
+        job: Some(job_w),
+        stdout: Some(stdout_r),
+        stderr: Some(stderr_r),
+        status: Some(status_r),
+        pid: forked.pid,
+        pidfd: forked.pidfd,
+        exited: forked.exited,
+        cgroup,
+        forked_at: Instant::now(),
+    })
+}

@@ -1,0 +1,192 @@
+//! The warm pool: children forked and fully isolated before any request.
+//!
+//! Per zygote, a refill task keeps `target` [`ReadyChild`]ren parked, each in
+//! its own cgroup (with the default limits), namespaces, landlock and seccomp,
+//! blocked reading its job. A request takes one (O(1), never waiting behind a
+//! refill) and the task makes a replacement in the background. When the pool
+//! is empty, or the request needs a different isolation plan, the caller
+//! prepares a child on demand; both paths run the same code in the child, so
+//! a program cannot tell them apart. Children are never reused.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forkd_cgroup::Manager;
+use tokio::sync::Notify;
+
+use crate::child::{prepare, ChildPlan, ReadyChild};
+use crate::netns::NetnsStock;
+use crate::Supervisor;
+
+/// Counters of one pool.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub refills: AtomicU64,
+    pub discarded: AtomicU64,
+}
+
+struct Inner {
+    zygote: String,
+    plan: ChildPlan,
+    target: usize,
+    ready: Mutex<VecDeque<ReadyChild>>,
+    wake: Notify,
+    stopped: AtomicBool,
+    stats: PoolStats,
+}
+
+/// Sources a refill task needs; shared with the daemon's on-demand path.
+#[derive(Clone)]
+pub struct Makers {
+    pub supervisor: Arc<Supervisor>,
+    pub cgroups: Arc<Manager>,
+    pub netns: Arc<Option<NetnsStock>>,
+    /// Sandbox ids, shared with on-demand children so they never collide.
+    pub ids: Arc<AtomicU64>,
+}
+
+pub struct WarmPool {
+    inner: Arc<Inner>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl WarmPool {
+    /// Starts filling a pool of `target` children of `zygote` made with `plan`.
+    pub fn start(zygote: &str, plan: ChildPlan, target: usize, makers: Makers) -> WarmPool {
+        let inner = Arc::new(Inner {
+            zygote: zygote.to_string(),
+            plan,
+            target,
+            ready: Mutex::new(VecDeque::with_capacity(target)),
+            wake: Notify::new(),
+            stopped: AtomicBool::new(false),
+            stats: PoolStats::default(),
+        });
+        let task = tokio::spawn(refill(inner.clone(), makers));
+        WarmPool {
+            inner,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    pub fn plan(&self) -> &ChildPlan {
+        &self.inner.plan
+    }
+
+    pub fn stats(&self) -> &PoolStats {
+        &self.inner.stats
+    }
+
+    /// Children ready right now.
+    pub fn ready(&self) -> usize {
+        self.inner.ready.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// A ready child, if one is parked; counts a miss otherwise.
+    pub fn take(&self) -> Option<ReadyChild> {
+        let taken = {
+            let mut ready = self.inner.ready.lock().ok()?;
+            let mut found = None;
+            while let Some(mut child) = ready.pop_front() {
+                if child.is_usable() {
+                    found = Some(child);
+                    break;
+                }
+                self.inner.stats.discarded.fetch_add(1, Ordering::Relaxed);
+            }
+            found
+        };
+        self.inner.wake.notify_one();
+        let counter = if taken.is_some() {
+            &self.inner.stats.hits
+        } else {
+            &self.inner.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        taken
+    }
+
+    /// Stops refilling and kills the parked children.
+    pub async fn shutdown(&self) {
+        self.inner.stopped.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        let parked: Vec<ReadyChild> = self
+            .inner
+            .ready
+            .lock()
+            .map(|mut r| r.drain(..).collect())
+            .unwrap_or_default();
+        drop(parked);
+    }
+}
+
+async fn refill(inner: Arc<Inner>, makers: Makers) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if inner.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let missing = {
+            let Ok(mut ready) = inner.ready.lock() else {
+                return;
+            };
+            let before = ready.len();
+            ready.retain_mut(ReadyChild::is_usable);
+            inner
+                .stats
+                .discarded
+                .fetch_add((before - ready.len()) as u64, Ordering::Relaxed);
+            inner.target.saturating_sub(ready.len())
+        };
+        if missing == 0 {
+            // Woken by a take, or periodically to drop children whose zygote
+            // died or was recycled.
+            let _ = tokio::time::timeout(Duration::from_millis(500), inner.wake.notified()).await;
+            continue;
+        }
+        let zygote = match makers.supervisor.get(&inner.zygote).await {
+            Ok(z) => z,
+            Err(e) => {
+                tracing::debug!(zygote = %inner.zygote, "warm pool waits for its zygote: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let id = makers.ids.fetch_add(1, Ordering::Relaxed);
+        match prepare(
+            &zygote,
+            &makers.cgroups,
+            makers.netns.as_ref().as_ref(),
+            id,
+            inner.plan.clone(),
+        )
+        .await
+        {
+            Ok(child) => {
+                backoff = Duration::from_millis(50);
+                inner.stats.refills.fetch_add(1, Ordering::Relaxed);
+                if inner.stopped.load(Ordering::Acquire) {
+                    return; // dropping `child` kills it
+                }
+                if let Ok(mut ready) = inner.ready.lock() {
+                    ready.push_back(child);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(zygote = %inner.zygote, "warm pool could not prepare a child: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
