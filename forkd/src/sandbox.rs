@@ -600,10 +600,22 @@ mod tests {
         assert!(matches!(parse_status(b"x"), Status::SetupFailed(_)));
         assert_eq!(parse_status(b"SX\x07"), Status::Started(None));
         assert_eq!(finished_code(b"SX\x07"), Some(7));
-        assert_eq!(finished_code(b"SK\x58X\x00"), Some(0), "a K's byte is not a tag");
+        assert_eq!(
+            finished_code(b"SK\x58X\x00"),
+            Some(0),
+            "a K's byte is not a tag"
+        );
         assert_eq!(finished_code(b"S"), None);
-        assert_eq!(finished_code(b"SX"), None, "the code byte has not arrived yet");
-        assert_eq!(finished_code(b"EX\x01"), None, "no report before the program started");
+        assert_eq!(
+            finished_code(b"SX"),
+            None,
+            "the code byte has not arrived yet"
+        );
+        assert_eq!(
+            finished_code(b"EX\x01"),
+            None,
+            "no report before the program started"
+        );
     }
 
     #[test]

@@ -37,7 +37,15 @@ struct Inner {
     wake: Notify,
     stopped: AtomicBool,
     stats: PoolStats,
+    /// When a request last took a child (µs since `epoch`).
+    last_take_us: AtomicU64,
+    epoch: std::time::Instant,
 }
+
+/// Refills wait until requests have left the pool alone this long: on a small
+/// machine a refill fork competes for the CPU a burst of requests needs, and
+/// a burst is better served by the children already parked.
+const QUIET_BEFORE_REFILL: Duration = Duration::from_millis(3);
 
 /// Sources a refill task needs; shared with the daemon's on-demand path.
 #[derive(Clone)]
@@ -65,6 +73,8 @@ impl WarmPool {
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
             stats: PoolStats::default(),
+            last_take_us: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         });
         let task = tokio::spawn(refill(inner.clone(), makers));
         WarmPool {
@@ -100,6 +110,8 @@ impl WarmPool {
             }
             found
         };
+        let now = self.inner.epoch.elapsed().as_micros() as u64;
+        self.inner.last_take_us.store(now, Ordering::Relaxed);
         self.inner.wake.notify_one();
         let counter = if taken.is_some() {
             &self.inner.stats.hits
@@ -152,6 +164,16 @@ async fn refill(inner: Arc<Inner>, makers: Makers) {
             // died or was recycled.
             let _ = tokio::time::timeout(Duration::from_millis(500), inner.wake.notified()).await;
             continue;
+        }
+        // Yield to a burst in progress (bounded: an empty pool refills anyway
+        // after a few rounds).
+        for _ in 0..20 {
+            let now = inner.epoch.elapsed().as_micros() as u64;
+            let since = now.saturating_sub(inner.last_take_us.load(Ordering::Relaxed));
+            if since >= QUIET_BEFORE_REFILL.as_micros() as u64 {
+                break;
+            }
+            tokio::time::sleep(QUIET_BEFORE_REFILL).await;
         }
         let zygote = match makers.supervisor.get(&inner.zygote).await {
             Ok(z) => z,
