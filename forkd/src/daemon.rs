@@ -85,11 +85,13 @@ pub fn socket_path(explicit: Option<&Path>, config: &Config) -> PathBuf {
         .unwrap_or_else(forkd_ipc::client::default_socket_path)
 }
 
-fn find_library(config: &Config) -> Result<PathBuf, StartError> {
+/// Locates `libforkd_zygote.so`: `explicit`, else `FORKD_ZYGOTE_LIB`, else
+/// next to the executable (and its parent, for test binaries).
+pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, StartError> {
     let name = forkd_zygote::LIBRARY_FILE_NAME;
     let mut candidates = Vec::new();
-    if let Some(p) = &config.zygote_library {
-        candidates.push(p.clone());
+    if let Some(p) = explicit {
+        candidates.push(p.to_path_buf());
     } else if let Some(p) = std::env::var_os("FORKD_ZYGOTE_LIB") {
         candidates.push(PathBuf::from(p));
     } else if let Ok(exe) = std::env::current_exe() {
@@ -114,7 +116,9 @@ fn find_library(config: &Config) -> Result<PathBuf, StartError> {
         })
 }
 
-fn find_python(python: &Path, zygote: &str) -> Result<PathBuf, StartError> {
+/// Resolves a zygote's interpreter: a path as given (made absolute, symlinks
+/// kept), or a bare name on PATH.
+pub fn find_python(python: &Path, zygote: &str) -> Result<PathBuf, StartError> {
     if python.components().count() > 1 {
         // Absolute but not canonical: a venv's python is a symlink whose
         // location is what selects the venv.
@@ -253,7 +257,7 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
     let cgroups = Arc::new(cgroups);
     tracing::info!(mode = ?cgroups.mode(), enforced = cgroups.limits_enforced(), "cgroups ready");
 
-    let library = find_library(&config)?;
+    let library = find_library(config.zygote_library.as_deref())?;
     let init = forkd_zygote::InitConfig {
         policies: policies.clone(),
         interpreter_paths: Vec::new(),
@@ -329,6 +333,7 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
             } else {
                 forkd_cgroup::Limits::default()
             },
+            isolate: true,
         };
         warm.insert(
             z.name.clone(),

@@ -92,7 +92,7 @@ fn prepare_error(e: PrepareError) -> ErrorReply {
 
 /// The job as the child reads it from fd 0: a 4-byte big-endian length, then
 /// the JSON (the program's stdin follows on the same pipe).
-fn job_frame(req: &SpawnRequest) -> Vec<u8> {
+pub fn job_frame(req: &SpawnRequest) -> Vec<u8> {
     let json = serde_json::to_vec(&job_payload(req)).unwrap_or_default();
     let mut frame = Vec::with_capacity(4 + json.len());
     frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
@@ -317,6 +317,7 @@ impl Daemon {
             open_files: limits.open_files,
             file_size_bytes: limits.file_size_bytes,
             cgroup: cg_limits,
+            isolate: true,
         };
 
         // A warm child if one fits (its cgroup limits can still change);

@@ -26,6 +26,8 @@ pub struct ChildPlan {
     pub open_files: u64,
     pub file_size_bytes: u64,
     pub cgroup: forkd_cgroup::Limits,
+    /// Always true in the daemon; false only for the benchmark's floor.
+    pub isolate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +168,7 @@ pub async fn prepare(
         scratch_bytes: plan.scratch_bytes,
         open_files: plan.open_files,
         file_size_bytes: plan.file_size_bytes,
+        isolate: plan.isolate,
     };
     let spec =
         serde_json::to_string(&spec).map_err(|e| PrepareError::Io(std::io::Error::other(e)))?;

@@ -91,6 +91,15 @@ impl WarmPool {
         &self.inner.stats
     }
 
+    /// Host pids of the parked children (for memory accounting).
+    pub fn child_pids(&self) -> Vec<i32> {
+        self.inner
+            .ready
+            .lock()
+            .map(|r| r.iter().map(|c| c.pid).collect())
+            .unwrap_or_default()
+    }
+
     /// Children ready right now.
     pub fn ready(&self) -> usize {
         self.inner.ready.lock().map(|r| r.len()).unwrap_or(0)

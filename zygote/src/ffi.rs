@@ -225,6 +225,9 @@ pub unsafe extern "C" fn forkd_child_isolate(
         let state = STATE.get().ok_or("forkd_init has not run in this zygote")?;
         let spec: ChildSpec =
             serde_json::from_slice(spec).map_err(|e| format!("bad child spec: {e}"))?;
+        if !spec.isolate {
+            return Ok(());
+        }
         let policy = state
             .policies
             .get(&spec.policy)

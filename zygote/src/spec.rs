@@ -36,6 +36,15 @@ pub struct ChildSpec {
     pub scratch_bytes: u64,
     pub open_files: u64,
     pub file_size_bytes: u64,
+    /// False only for the benchmark's no-isolation floor reference, which
+    /// drives its own zygote; the daemon always isolates and no request can
+    /// change that.
+    #[serde(default = "yes")]
+    pub isolate: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What `forkd_init` reports back (JSON from `forkd_info`).

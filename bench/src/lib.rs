@@ -1,1 +1,0 @@
-//! forkd benchmarks (see issue: warm pool and the bench crate).

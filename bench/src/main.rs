@@ -1,0 +1,426 @@
+//! `forkd-bench`: measures a real forkd daemon through the client library.
+//!
+//! Every figure is taken in one run next to the **floor reference**: the same
+//! interpreter and preload list in a zygote of the same kind, forking the same
+//! snippet with no isolation at all (no namespaces, cgroup, landlock or
+//! seccomp; the bench drives that zygote directly, the daemon cannot be asked
+//! for it). A spawn counts only if it printed the expected output.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use forkd_ipc::{AsyncClient, Program, SpawnRequest};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SNIPPET: &str = "import numpy; print(numpy.zeros(5).tolist())";
+const EXPECTED: &str = "[0.0, 0.0, 0.0, 0.0, 0.0]\n";
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Benchmarks forkd against its own no-isolation floor")]
+struct Args {
+    /// Interpreter of the zygote (e.g. .venv/bin/python).
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// Preload modules.
+    #[arg(long, value_delimiter = ',', default_value = "numpy")]
+    preload: Vec<String>,
+    /// Sequential spawns for the single-spawn latency.
+    #[arg(long, default_value_t = 300)]
+    single: usize,
+    /// Burst sizes (N concurrent spawns).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    bursts: Vec<usize>,
+    /// Rounds per burst size (the median wall is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds of sustained load.
+    #[arg(long, default_value_t = 5.0)]
+    sustained_secs: f64,
+    /// Concurrency of the sustained load.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Warm pool size for the pool-on runs (default: the largest burst).
+    #[arg(long)]
+    pool: Option<usize>,
+    /// Write the full results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Small, fast run (smoke test).
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Debug, Serialize, Default, Clone)]
+struct Latency {
+    count: u64,
+    ok: u64,
+    p50_us: u64,
+    p90_us: u64,
+    p99_us: u64,
+    max_us: u64,
+}
+
+impl Latency {
+    fn from(h: &Histogram<u64>, ok: u64) -> Latency {
+        Latency {
+            count: h.len(),
+            ok,
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            max_us: h.max(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Clone)]
+struct Burst {
+    n: usize,
+    walls_us: Vec<u64>,
+    median_wall_us: u64,
+    ok: u64,
+    attempted: u64,
+}
+
+#[derive(Debug, Serialize, Default, Clone)]
+struct Mode {
+    name: String,
+    warm_pool: usize,
+    single: Latency,
+    bursts: Vec<Burst>,
+    sustained_per_sec: f64,
+    sustained_ok: u64,
+    sustained_failed: u64,
+    idle_child_uss_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    host: serde_json::Value,
+    floor: Latency,
+    modes: Vec<Mode>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+fn request() -> SpawnRequest {
+    SpawnRequest {
+        program: Program::Code(SNIPPET.into()),
+        timeout_ms: Some(30_000),
+        ..SpawnRequest::default()
+    }
+}
+
+fn host_facts(daemon: &forkd::daemon::Daemon, python: &str) -> serde_json::Value {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": read("/proc/sys/kernel/osrelease"),
+        "cgroup_mode": format!("{:?}", daemon.cgroups.mode()),
+        "python": python,
+        "forkd": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+fn config(args: &Args, warm_pool: usize) -> forkd::Config {
+    let mut config = forkd::Config::default();
+    forkd::config::apply_overrides(
+        &mut config,
+        Some(args.python.clone()),
+        Some(args.preload.clone()),
+    );
+    config.zygotes[0].warm_pool = warm_pool;
+    config.max_concurrent = 4096;
+    config
+}
+
+async fn wait_pool_full(daemon: &forkd::daemon::Daemon, want: usize) {
+    let Some(pool) = daemon.warm.get("default") else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pool.ready() < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the refill's last children settle.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn single(client: &AsyncClient, n: usize) -> Latency {
+    let mut h = histogram();
+    let mut ok = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = client.spawn(&request()).await;
+        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+        if matches!(&r, Ok(res) if res.stdout == EXPECTED.as_bytes()) {
+            ok += 1;
+        }
+    }
+    Latency::from(&h, ok)
+}
+
+async fn burst(client: &AsyncClient, n: usize) -> (u64, u64) {
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let c = client.clone();
+        set.spawn(async move { c.spawn(&request()).await });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        if matches!(r, Ok(Ok(res)) if res.stdout == EXPECTED.as_bytes()) {
+            ok += 1;
+        }
+    }
+    (t.elapsed().as_micros() as u64, ok)
+}
+
+async fn sustained(client: &AsyncClient, secs: f64, concurrency: usize) -> (f64, u64, u64) {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let c = client.clone();
+        set.spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while Instant::now() < end {
+                match c.spawn(&request()).await {
+                    Ok(res) if res.stdout == EXPECTED.as_bytes() => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(Ok((o, f))) = set.join_next().await {
+        ok += o;
+        failed += f;
+    }
+    (ok as f64 / started.elapsed().as_secs_f64(), ok, failed)
+}
+
+/// Unique set size (private pages) of a process, from smaps_rollup.
+fn uss(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kb = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((kb("Private_Clean:") + kb("Private_Dirty:")) * 1024)
+}
+
+/// The floor: a zygote of the same interpreter and preload list, driven
+/// directly, forking the snippet with no isolation.
+async fn floor(args: &Args, n: usize) -> Result<Latency> {
+    let library = forkd::daemon::find_library(None).context("floor zygote library")?;
+    let cfg = forkd_pool::ZygoteConfig {
+        name: "floor".into(),
+        python: forkd::daemon::find_python(&args.python, "floor")?,
+        preload: args.preload.clone(),
+        env: Default::default(),
+        library,
+        init: forkd_zygote::InitConfig {
+            policies: [(
+                "default".to_string(),
+                forkd_zygote::Policy::default_policy(),
+            )]
+            .into(),
+            interpreter_paths: Vec::new(),
+            hostname: "sandbox".into(),
+        },
+        start_timeout: Duration::from_secs(60),
+        rootless: false,
+    };
+    let zygote = forkd_pool::Zygote::start(&cfg).await?;
+    let no_cgroups = Arc::new(forkd_cgroup::Manager::new(&forkd_cgroup::Config {
+        mode: forkd_cgroup::ModeChoice::Disabled,
+        ..forkd_cgroup::Config::default()
+    })?);
+    let plan = forkd_pool::ChildPlan {
+        policy: "default".into(),
+        scratch_bytes: 1 << 26,
+        open_files: 256,
+        file_size_bytes: 1 << 26,
+        cgroup: forkd_cgroup::Limits::default(),
+        isolate: false,
+    };
+    let job = forkd::sandbox::job_frame(&request());
+    let mut h = histogram();
+    let mut ok = 0;
+    for i in 0..n {
+        let t = Instant::now();
+        let mut child =
+            forkd_pool::prepare(&zygote, &no_cgroups, None, i as u64 + 1, plan.clone()).await?;
+        let (Some(job_w), Some(stdout)) = (child.job.take(), child.stdout.take()) else {
+            bail!("prepared child lacks pipes");
+        };
+        let mut tx = tokio::net::unix::pipe::Sender::from_owned_fd(job_w)?;
+        tx.write_all(&job).await?;
+        drop(tx);
+        let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout)?;
+        let mut out = Vec::new();
+        rx.read_to_end(&mut out).await?;
+        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+        if out == EXPECTED.as_bytes() {
+            ok += 1;
+        }
+        let _ = (&mut child.exited).await;
+    }
+    zygote.drain().await;
+    Ok(Latency::from(&h, ok))
+}
+
+async fn run_mode(
+    args: &Args,
+    name: &str,
+    warm_pool: usize,
+    n_single: usize,
+) -> Result<(Mode, serde_json::Value)> {
+    let dir = std::env::temp_dir().join(format!("forkd-bench-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("forkd.sock");
+    let running = forkd::start(config(args, warm_pool), Some(&socket)).await?;
+    let host = host_facts(&running.daemon, &args.python.display().to_string());
+    let client = AsyncClient::connect(&socket).await?;
+    let mut mode = Mode {
+        name: name.into(),
+        warm_pool,
+        ..Mode::default()
+    };
+    wait_pool_full(&running.daemon, warm_pool).await;
+    if let Some(pool) = running.daemon.warm.get("default") {
+        let sizes: Vec<u64> = pool.child_pids().into_iter().filter_map(uss).collect();
+        if !sizes.is_empty() {
+            let mut sorted = sizes.clone();
+            sorted.sort_unstable();
+            mode.idle_child_uss_bytes = Some(sorted[sorted.len() / 2]);
+        }
+    }
+    mode.single = single(&client, n_single).await;
+    for &n in &args.bursts {
+        let mut walls = Vec::new();
+        let mut ok = 0;
+        for _ in 0..args.rounds {
+            wait_pool_full(&running.daemon, warm_pool).await;
+            let (wall, o) = burst(&client, n).await;
+            walls.push(wall);
+            ok += o;
+        }
+        let mut sorted = walls.clone();
+        sorted.sort_unstable();
+        mode.bursts.push(Burst {
+            n,
+            median_wall_us: sorted[sorted.len() / 2],
+            walls_us: walls,
+            ok,
+            attempted: (n * args.rounds) as u64,
+        });
+    }
+    wait_pool_full(&running.daemon, warm_pool).await;
+    let (rate, ok, failed) = sustained(&client, args.sustained_secs, args.concurrency).await;
+    mode.sustained_per_sec = rate;
+    mode.sustained_ok = ok;
+    mode.sustained_failed = failed;
+    drop(client);
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((mode, host))
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+fn print_table(r: &Report) {
+    println!("forkd-bench — host: {}", r.host);
+    println!(
+        "floor (same zygote, fork + snippet, no isolation): p50 {}  p90 {}  p99 {}  ({} of {} ok)",
+        ms(r.floor.p50_us),
+        ms(r.floor.p90_us),
+        ms(r.floor.p99_us),
+        r.floor.ok,
+        r.floor.count
+    );
+    for m in &r.modes {
+        println!("\n## {} (warm pool {})", m.name, m.warm_pool);
+        println!(
+            "single spawn: p50 {}  p90 {}  p99 {}  max {}  ({} of {} ok)  = {:.2}× floor p50",
+            ms(m.single.p50_us),
+            ms(m.single.p90_us),
+            ms(m.single.p99_us),
+            ms(m.single.max_us),
+            m.single.ok,
+            m.single.count,
+            m.single.p50_us as f64 / r.floor.p50_us.max(1) as f64
+        );
+        for b in &m.bursts {
+            println!(
+                "burst N={:<5} median wall {:>10}  ({} of {} ok; rounds {:?} µs)",
+                b.n,
+                ms(b.median_wall_us),
+                b.ok,
+                b.attempted,
+                b.walls_us
+            );
+        }
+        println!(
+            "sustained: {:.0} spawns/s ({} ok, {} failed)",
+            m.sustained_per_sec, m.sustained_ok, m.sustained_failed
+        );
+        if let Some(uss) = m.idle_child_uss_bytes {
+            println!("idle pooled child USS (median): {:.2} MB", uss as f64 / 1e6);
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.single = 30;
+        args.bursts = vec![1, 10];
+        args.rounds = 2;
+        args.sustained_secs = 1.0;
+    }
+    forkd::init_logging("warn", false);
+    let pool = args
+        .pool
+        .unwrap_or_else(|| args.bursts.iter().copied().max().unwrap_or(16));
+    let floor = floor(&args, args.single).await?;
+    let (on, host) = run_mode(&args, "warm pool", pool, args.single).await?;
+    let (off, _) = run_mode(&args, "no pool", 0, args.single).await?;
+    let report = Report {
+        host,
+        floor,
+        modes: vec![on, off],
+    };
+    print_table(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    let failures = report
+        .modes
+        .iter()
+        .any(|m| m.single.ok != m.single.count || m.bursts.iter().any(|b| b.ok != b.attempted));
+    if failures || report.floor.ok != report.floor.count {
+        bail!("some spawns did not return the expected output");
+    }
+    Ok(())
+}
