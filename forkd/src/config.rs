@@ -108,6 +108,11 @@ pub struct ZygoteSection {
     /// size, rlimit or policy is forked on demand, other cgroup limits are
     /// applied to the warm child before the hand-off.
     pub warm_pool: usize,
+    /// Warm children prepared at once while refilling.
+    pub warm_refill_concurrency: usize,
+    /// Warm children parked longer than this many seconds are replaced
+    /// (unset: kept until used).
+    pub warm_max_idle_secs: Option<u64>,
 }
 
 impl Default for ZygoteSection {
@@ -121,6 +126,8 @@ impl Default for ZygoteSection {
             max_age_secs: Some(3600),
             start_timeout_secs: 60,
             warm_pool: 16,
+            warm_refill_concurrency: 2,
+            warm_max_idle_secs: Some(600),
         }
     }
 }

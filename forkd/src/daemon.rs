@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_pool::{ChildPlan, Makers, NetnsStock, Recycle, Supervisor, WarmPool, ZygoteConfig};
+use forkd_pool::{
+    ChildPlan, Makers, NetnsStock, PoolPolicy, Recycle, Supervisor, WarmPool, ZygoteConfig,
+};
 use tokio::net::UnixListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -335,9 +337,14 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
             },
             isolate: true,
         };
+        let policy = PoolPolicy {
+            target: z.warm_pool,
+            refill_concurrency: z.warm_refill_concurrency,
+            max_idle: z.warm_max_idle_secs.map(Duration::from_secs),
+        };
         warm.insert(
             z.name.clone(),
-            WarmPool::start(&z.name, plan, z.warm_pool, makers.clone()),
+            WarmPool::start(&z.name, plan, policy, makers.clone()),
         );
     }
     let daemon = Arc::new(Daemon {

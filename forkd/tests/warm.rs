@@ -213,3 +213,37 @@ fn proc_alive(pid: i32) -> bool {
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_warm_children_are_replaced() {
+    let d = TestDaemon::start(|c| {
+        c.zygotes[0].warm_pool = POOL;
+        c.zygotes[0].warm_max_idle_secs = Some(1);
+    })
+    .await;
+    pool_full(&d).await;
+    let pool = d.daemon.warm.get("default").unwrap();
+    let before: std::collections::BTreeSet<i32> = pool.child_pids().into_iter().collect();
+    let replaced = wait_until(Duration::from_secs(10), || {
+        let now: std::collections::BTreeSet<i32> = pool.child_pids().into_iter().collect();
+        now.len() == POOL && now.is_disjoint(&before)
+    })
+    .await;
+    assert!(replaced, "children parked past max idle were not replaced");
+    // The replaced ones are gone from the host.
+    for pid in &before {
+        assert!(
+            wait_until(Duration::from_secs(5), || !proc_alive(*pid)).await,
+            "idle child {pid} still running"
+        );
+    }
+    assert!(
+        pool.stats()
+            .discarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= POOL as u64
+    );
+    let r = d.run("print('fresh')").await;
+    assert_eq!((r.stdout_lossy().as_str(), r.warm), ("fresh\n", true));
+    d.finish().await;
+}

@@ -22,7 +22,7 @@ use tokio::sync::{watch, Notify};
 
 pub use child::{kill_pidfd, prepare, CgroupCleanup, ChildPlan, PrepareError, ReadyChild};
 pub use netns::NetnsStock;
-pub use warm::{Makers, PoolStats, WarmPool};
+pub use warm::{Makers, PoolPolicy, PoolStats, WarmPool};
 pub use zygote::{Exited, Forked, ReadyInfo, SpawnFds, Zygote, ZygoteConfig, ZygoteError};
 
 /// When a zygote is replaced by a fresh one.

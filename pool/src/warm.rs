@@ -29,10 +29,24 @@ pub struct PoolStats {
     pub discarded: AtomicU64,
 }
 
+/// How a pool is sized and refilled.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolPolicy {
+    /// Children kept ready.
+    pub target: usize,
+    /// Children prepared at once while refilling (the zygote forks one at a
+    /// time; the daemon-side setup and each child's isolation overlap).
+    pub refill_concurrency: usize,
+    /// Children parked longer than this are replaced (`None`: kept until used).
+    pub max_idle: Option<Duration>,
+}
+
 struct Inner {
     zygote: String,
     plan: ChildPlan,
     target: usize,
+    refill_concurrency: usize,
+    max_idle: Option<Duration>,
     ready: Mutex<VecDeque<ReadyChild>>,
     wake: Notify,
     stopped: AtomicBool,
@@ -64,11 +78,14 @@ pub struct WarmPool {
 
 impl WarmPool {
     /// Starts filling a pool of `target` children of `zygote` made with `plan`.
-    pub fn start(zygote: &str, plan: ChildPlan, target: usize, makers: Makers) -> WarmPool {
+    pub fn start(zygote: &str, plan: ChildPlan, policy: PoolPolicy, makers: Makers) -> WarmPool {
+        let target = policy.target;
         let inner = Arc::new(Inner {
             zygote: zygote.to_string(),
             plan,
             target,
+            refill_concurrency: policy.refill_concurrency.max(1),
+            max_idle: policy.max_idle,
             ready: Mutex::new(VecDeque::with_capacity(target)),
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
@@ -161,7 +178,10 @@ async fn refill(inner: Arc<Inner>, makers: Makers) {
                 return;
             };
             let before = ready.len();
-            ready.retain_mut(ReadyChild::is_usable);
+            let max_idle = inner.max_idle;
+            ready.retain_mut(|c| {
+                c.is_usable() && max_idle.is_none_or(|m| c.forked_at.elapsed() < m)
+            });
             inner
                 .stats
                 .discarded
@@ -193,27 +213,41 @@ async fn refill(inner: Arc<Inner>, makers: Makers) {
                 continue;
             }
         };
-        let id = makers.ids.fetch_add(1, Ordering::Relaxed);
-        match prepare(
-            &zygote,
-            &makers.cgroups,
-            makers.netns.as_ref().as_ref(),
-            id,
-            inner.plan.clone(),
-        )
-        .await
-        {
-            Ok(child) => {
-                backoff = Duration::from_millis(50);
-                inner.stats.refills.fetch_add(1, Ordering::Relaxed);
-                if inner.stopped.load(Ordering::Acquire) {
-                    return; // dropping `child` kills it
+        let batch = missing.min(inner.refill_concurrency);
+        let mut made = tokio::task::JoinSet::new();
+        for _ in 0..batch {
+            let id = makers.ids.fetch_add(1, Ordering::Relaxed);
+            let (zygote, makers, plan) = (zygote.clone(), makers.clone(), inner.plan.clone());
+            made.spawn(async move {
+                prepare(
+                    &zygote,
+                    &makers.cgroups,
+                    makers.netns.as_ref().as_ref(),
+                    id,
+                    plan,
+                )
+                .await
+            });
+        }
+        let mut failed = None;
+        while let Some(result) = made.join_next().await {
+            match result {
+                Ok(Ok(child)) => {
+                    inner.stats.refills.fetch_add(1, Ordering::Relaxed);
+                    if inner.stopped.load(Ordering::Acquire) {
+                        continue; // dropping `child` kills it
+                    }
+                    if let Ok(mut ready) = inner.ready.lock() {
+                        ready.push_back(child);
+                    }
                 }
-                if let Ok(mut ready) = inner.ready.lock() {
-                    ready.push_back(child);
-                }
+                Ok(Err(e)) => failed = Some(e.to_string()),
+                Err(e) => failed = Some(e.to_string()),
             }
-            Err(e) => {
+        }
+        match failed {
+            None => backoff = Duration::from_millis(50),
+            Some(e) => {
                 tracing::warn!(zygote = %inner.zygote, "warm pool could not prepare a child: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
