@@ -64,6 +64,9 @@ pub struct Config {
     /// Network namespaces kept made ahead of requests (0: each child makes
     /// its own). Only a root daemon can make them.
     pub netns_stock: usize,
+    /// Once a client frame has begun, the rest must arrive within this many
+    /// milliseconds or the connection is closed (slow or stalled clients).
+    pub frame_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -84,6 +87,7 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             max_frame_bytes: forkd_ipc::MAX_FRAME_BYTES,
             netns_stock: 32,
+            frame_timeout_ms: 30_000,
         }
     }
 }
@@ -255,6 +259,11 @@ impl Config {
                 "max_frame_bytes must be between 1 and {}",
                 forkd_ipc::MAX_FRAME_BYTES
             )));
+        }
+        if self.frame_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "frame_timeout_ms must be at least 1".into(),
+            ));
         }
         if self.max_concurrent == 0 {
             return Err(ConfigError::Invalid(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forkd_ipc::frame::{
-    encode_frame, peek_request_id, peek_request_version, read_frame_bytes_async, FrameError,
+    encode_frame, peek_request_id, peek_request_version, read_frame_bytes_async_within, FrameError,
 };
 use forkd_ipc::{
     ErrorCode, ErrorReply, Request, RequestBody, Response, ResponseBody, PROTOCOL_VERSION,
@@ -127,9 +127,14 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     });
 
     let max = daemon.config.max_frame_bytes;
+    let frame_timeout = Duration::from_millis(daemon.config.frame_timeout_ms);
     loop {
-        let bytes = match read_frame_bytes_async(&mut reader, max).await {
+        let bytes = match read_frame_bytes_async_within(&mut reader, max, frame_timeout).await {
             Ok(b) => b,
+            Err(FrameError::Stalled { after }) => {
+                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "closing a connection whose frame stalled for {after:?}");
+                break;
+            }
             Err(FrameError::TooLarge { len, max }) => {
                 let _ = tx
                     .send(error_response(

@@ -403,3 +403,42 @@ async fn unauthorised_peer_async_client_sees_permission_denied() {
     }
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_frames_are_cut_off_but_idle_connections_stay() {
+    let d = TestDaemon::start(|c| {
+        c.frame_timeout_ms = 300;
+        c.zygotes[0].warm_pool = 0;
+    })
+    .await;
+    let mut idle = Raw::connect(&d.socket).await;
+    let mut bystander = Raw::connect(&d.socket).await;
+
+    // Half a header, then nothing.
+    let mut half_header = Raw::connect(&d.socket).await;
+    half_header.send(&[0, 0]).await;
+    // A whole header announcing 100 bytes, then 10 of them.
+    let mut half_body = Raw::connect(&d.socket).await;
+    half_body.send(&100u32.to_be_bytes()).await;
+    half_body.send(&[b'{'; 10]).await;
+
+    let t = std::time::Instant::now();
+    half_header.expect_closed("half a header").await;
+    half_body.expect_closed("half a body").await;
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "cut off too early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "stalled frames held for {took:?}"
+    );
+
+    // Nothing else was disturbed, and an idle connection is not a slow one.
+    bystander.ping(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    idle.ping(2).await;
+    drop((idle, bystander, half_header, half_body));
+    d.finish().await;
+}

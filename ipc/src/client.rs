@@ -460,9 +460,10 @@ impl CloseReason {
             FrameError::Io(e) => Self::from_io(&e),
             FrameError::TooLarge { len, max } => CloseReason::TooLarge { len, max },
             FrameError::Empty => CloseReason::Empty,
-            FrameError::Closed | FrameError::Truncated { .. } | FrameError::Json(_) => {
-                CloseReason::Closed
-            }
+            FrameError::Closed
+            | FrameError::Truncated { .. }
+            | FrameError::Json(_)
+            | FrameError::Stalled { .. } => CloseReason::Closed,
         }
     }
 

@@ -57,6 +57,13 @@ pub enum FrameError {
     /// The stream ended cleanly exactly at a frame boundary.
     #[error("connection closed")]
     Closed,
+    /// A frame began but did not complete within the allowed time (see
+    /// [`read_frame_bytes_async_within`]).
+    #[error("a frame began but was not completed within {after:?}")]
+    Stalled {
+        /// The time allowed.
+        after: std::time::Duration,
+    },
     /// The frame body was not valid JSON for the expected type, or a message
     /// could not be serialized.
     #[error("frame is not valid JSON for the expected message: {0}")]
@@ -293,6 +300,55 @@ where
     let mut buf = Vec::new();
     read_body_async(r, len, &mut buf).await?;
     Ok(buf)
+}
+
+/// Like [`read_frame_bytes_async`], but once a frame has begun (its first
+/// byte arrived) the rest must arrive within `rest`: a peer that sends half a
+/// frame and stalls gets [`FrameError::Stalled`] rather than holding the
+/// reader forever. Waiting for a frame to begin is not limited (an idle
+/// connection is not a slow one).
+pub async fn read_frame_bytes_async_within<R>(
+    r: &mut R,
+    max: usize,
+    rest: std::time::Duration,
+) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut first = [0u8; 1];
+    loop {
+        match r.read(&mut first).await {
+            Ok(0) => return Err(FrameError::Closed),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let rest_of_frame = async {
+        let mut header = [0u8; HEADER_LEN];
+        header[0] = first[0];
+        let mut got = 1;
+        while got < HEADER_LEN {
+            match r.read(&mut header[got..]).await {
+                Ok(0) => {
+                    return Err(FrameError::Truncated {
+                        expected: HEADER_LEN,
+                        got,
+                    })
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let len = check_len(header, max)?;
+        let mut buf = Vec::new();
+        read_body_async(r, len, &mut buf).await?;
+        Ok(buf)
+    };
+    tokio::time::timeout(rest, rest_of_frame)
+        .await
+        .unwrap_or(Err(FrameError::Stalled { after: rest }))
 }
 
 /// Async counterpart of [`read_frame`].
