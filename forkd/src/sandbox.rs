@@ -276,9 +276,12 @@ fn parse_status(data: &[u8]) -> Status {
 
 impl Daemon {
     /// Runs one sandbox. Every failure is an [`ErrorReply`] that says what to do.
+    /// `client_gone` turns true when the requesting connection closes: the
+    /// sandbox is then killed, since its result could not be delivered.
     pub async fn run_sandbox(
         self: &Arc<Self>,
         req: SpawnRequest,
+        mut client_gone: tokio::sync::watch::Receiver<bool>,
     ) -> Result<SpawnResult, ErrorReply> {
         let t0 = Instant::now();
         let Resolved {
@@ -402,6 +405,8 @@ impl Daemon {
         // goes out without waiting for the kernel to tear the process down.
         let mut reported_exit: Option<u8> = None;
         let mut watch_finish = true;
+        // The client went away: kill, clean up, reply to nobody.
+        let mut abandoned = false;
 
         let deadline =
             tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
@@ -443,6 +448,10 @@ impl Daemon {
                     killed_by = Some(KilledBy::Shutdown);
                     kill_pidfd(pidfd.as_fd());
                 }
+                _ = crate::daemon::stopping(&mut client_gone), if !abandoned => {
+                    abandoned = true;
+                    kill_pidfd(pidfd.as_fd());
+                }
                 _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
                     break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
                 }
@@ -450,6 +459,15 @@ impl Daemon {
         };
         let t_exit = Instant::now();
         stdin_task.abort();
+        if abandoned {
+            kill_pidfd(pidfd.as_fd());
+            output_task.abort();
+            status_task.abort();
+            return Err(error(
+                ErrorCode::Internal,
+                "the client disconnected; the sandbox was killed",
+            ));
+        }
         let exit = match exit {
             Ok(e) => e,
             Err(e) => {

@@ -126,6 +126,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         }
     });
 
+    let (client_gone, _) = tokio::sync::watch::channel(false);
     let max = daemon.config.max_frame_bytes;
     let frame_timeout = Duration::from_millis(daemon.config.frame_timeout_ms);
     loop {
@@ -207,8 +208,9 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             RequestBody::Spawn(spawn) => {
                 let daemon = daemon.clone();
                 let tx = tx.clone();
+                let gone = client_gone.subscribe();
                 tokio::spawn(async move {
-                    let body = match daemon.run_sandbox(spawn).await {
+                    let body = match daemon.run_sandbox(spawn, gone).await {
                         Ok(result) => ResponseBody::Result(result),
                         Err(e) => ResponseBody::Error(e),
                     };
@@ -223,6 +225,9 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             }
         }
     }
+    // The client closed (or broke) its side: nobody can receive the replies
+    // of its sandboxes still running, so they are killed and cleaned up.
+    let _ = client_gone.send(true);
     // In-flight requests keep their own senders; the writer ends after them.
     drop(tx);
     let _ = write_task.await;

@@ -442,3 +442,38 @@ async fn stalled_frames_are_cut_off_but_idle_connections_stay() {
     drop((idle, bystander, half_header, half_body));
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_request_has_its_sandbox_killed() {
+    let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 0).await;
+    let mut raw = Raw::connect(&d.socket).await;
+    raw.send_json(&json!({
+        "v": 1, "id": 1, "op": "spawn",
+        "program": {"code": "import time\nprint('up', flush=True)\ntime.sleep(30)"},
+        "timeout_ms": 60000
+    }))
+    .await;
+    let instance = d.instance.clone();
+    let sandbox = || {
+        processes_of(&instance)
+            .into_iter()
+            .filter(|p| p.state != 'Z' && cgroup_under(&p.cgroup, &instance, None))
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || sandbox() == 1).await,
+        "the sandbox never started"
+    );
+    drop(raw);
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || sandbox() == 0).await,
+        "the sandbox outlived its client"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || d.daemon.running() == 0).await,
+        "the request still holds a slot"
+    );
+    println!("sandbox gone {:?} after its client", t.elapsed());
+    d.finish().await;
+}
