@@ -355,3 +355,143 @@ async fn shutdown_refuses_requests_waiting_for_a_slot() {
     drop(client);
     stopped.assert_no_leaks().await;
 }
+
+/// Pids whose /proc/<pid>/cgroup mentions `needle`.
+fn pids_in_cgroups_named(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|c| c.contains(needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_daemon_leaks_nothing_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("forkd.sock");
+    let parent = format!("forkd-it-k9-{}", std::process::id());
+    let config = dir.path().join("forkd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cgroup]\nparent = \"{parent}\"\n\n[[zygote]]\nname = \"default\"\npython = \"{}\"\npreload = [\"numpy\"]\nwarm_pool = 4\n",
+            python().display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_forkd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--log-level", "warn"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start forkd")
+    };
+    let wait_socket = |child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "forkd exited early");
+            assert!(Instant::now() < deadline, "forkd did not open its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut first = start();
+    wait_socket(&mut first);
+    // A sandbox running, warm children parked.
+    let client = forkd_ipc::AsyncClient::connect(&socket).await.unwrap();
+    let mut r = req("import time\nprint('up', flush=True)\ntime.sleep(60)");
+    r.timeout_ms = Some(120_000);
+    let running = tokio::spawn(async move { client.spawn(&r).await });
+    let cgroup_name = format!("/{parent}/d{}", first.id());
+    assert!(
+        wait_until(Duration::from_secs(10), || pids_in_cgroups_named(
+            &cgroup_name
+        )
+        .len()
+            >= 2)
+        .await,
+        "no sandboxes of the first daemon seen"
+    );
+
+    // kill -9: no shutdown code runs.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Zygote (its control socket closed) and sandboxes (parent-death signal) follow.
+    assert!(
+        wait_until(Duration::from_secs(10), || pids_in_cgroups_named(
+            &cgroup_name
+        )
+        .is_empty())
+        .await,
+        "processes of the killed daemon survive: {:?}",
+        pids_in_cgroups_named(&cgroup_name)
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("client hung")
+        .unwrap();
+    assert!(
+        reply.is_err(),
+        "the request of a killed daemon must fail, got {reply:?}"
+    );
+    assert!(
+        socket.exists(),
+        "kill -9 leaves the socket file (the restart must cope)"
+    );
+
+    // A new daemon on the same socket takes over and removes the leftovers.
+    let mut second = start();
+    wait_socket(&mut second);
+    let leftovers = |h: &str| {
+        std::path::Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join(&parent)
+            .join(format!("d{}", first.id()))
+    };
+    for h in ["memory", "pids", "cpu"] {
+        if std::path::Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join(&parent)
+            .exists()
+        {
+            assert!(
+                !leftovers(h).exists(),
+                "{} left behind",
+                leftovers(h).display()
+            );
+        }
+    }
+    let c = forkd_ipc::AsyncClient::connect(&socket).await.unwrap();
+    let ok = c.spawn(&req("print('again')")).await.unwrap();
+    assert_eq!(ok.stdout, b"again\n");
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(second.wait().unwrap().success());
+    assert!(!socket.exists());
+    for h in ["memory", "pids", "cpu", "cpuacct"] {
+        let p = std::path::Path::new("/sys/fs/cgroup").join(h).join(&parent);
+        if p.exists() {
+            // Sub-cgroups are directories; the rest are control files.
+            let left: Vec<_> = std::fs::read_dir(&p)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name())
+                .collect();
+            assert!(left.is_empty(), "{} still holds {left:?}", p.display());
+            let _ = std::fs::remove_dir(&p);
+        }
+    }
+}

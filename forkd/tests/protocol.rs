@@ -477,3 +477,38 @@ async fn a_client_that_disconnects_mid_request_has_its_sandbox_killed() {
     println!("sandbox gone {:?} after its client", t.elapsed());
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_connections() {
+    let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 0).await;
+    let mut clients = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        clients.push(
+            forkd_ipc::AsyncClient::connect(&d.socket)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for c in &clients {
+        let c = c.clone();
+        set.spawn(async move { c.ping().await });
+    }
+    let mut pongs = 0;
+    while let Some(r) = set.join_next().await {
+        r.unwrap().expect("ping");
+        pongs += 1;
+    }
+    assert_eq!(pongs, 1000);
+    // And they still run sandboxes, a few of them at once.
+    let mut set = tokio::task::JoinSet::new();
+    for c in clients.iter().step_by(100) {
+        let c = c.clone();
+        set.spawn(async move { c.spawn(&req("print(6 * 7)")).await });
+    }
+    while let Some(r) = set.join_next().await {
+        assert_eq!(r.unwrap().expect("spawn").stdout, b"42\n");
+    }
+    drop(clients);
+    d.finish().await;
+}
