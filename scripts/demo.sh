@@ -8,5 +8,5 @@ scripts/venv.sh
 cargo build --release --workspace --quiet
 N=${N:-100}
 exec target/release/forkd-run --embedded --python "$PWD/.venv/bin/python" --preload numpy \
-    -n "$N" --expect '[0.0, 0.0, 0.0, 0.0, 0.0]' \
+    --warm-pool "$N" -n "$N" --expect '[0.0, 0.0, 0.0, 0.0, 0.0]' \
     -c 'import numpy; print(numpy.zeros(5).tolist())'

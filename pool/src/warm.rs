@@ -117,6 +117,11 @@ impl WarmPool {
             .unwrap_or_default()
     }
 
+    /// Children the pool keeps ready.
+    pub fn target(&self) -> usize {
+        self.inner.target
+    }
+
     /// Children ready right now.
     pub fn ready(&self) -> usize {
         self.inner.ready.lock().map(|r| r.len()).unwrap_or(0)

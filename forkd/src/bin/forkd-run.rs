@@ -77,6 +77,10 @@ struct Args {
     /// With --embedded: daemon config file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// With --embedded: warm children to keep ready (waits until they are
+    /// before running).
+    #[arg(long)]
+    warm_pool: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -195,6 +199,14 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
             None => forkd::Config::default(),
         };
         forkd::config::apply_overrides(&mut config, args.python.clone(), args.preload.clone());
+        if let Some(n) = args.warm_pool {
+            if config.zygotes.is_empty() {
+                config.zygotes.push(forkd::config::ZygoteSection::default());
+            }
+            for z in &mut config.zygotes {
+                z.warm_pool = n;
+            }
+        }
         if config.max_concurrent < args.count {
             config.max_concurrent = args.count.min(4096);
         }
@@ -209,8 +221,16 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
         let started = Instant::now();
         match forkd::start(config, Some(&path)).await {
             Ok(r) => {
+                // Let the warm pools fill, so the run shows the steady state.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while r.daemon.warm.values().any(|p| p.ready() < p.target())
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let warm: usize = r.daemon.warm.values().map(|p| p.ready()).sum();
                 eprintln!(
-                    "forkd-run: embedded daemon ready in {:.0} ms (zygote preloaded, socket {})",
+                    "forkd-run: embedded daemon ready in {:.0} ms (zygote preloaded, {warm} warm children, socket {})",
                     started.elapsed().as_secs_f64() * 1000.0,
                     path.display()
                 );
