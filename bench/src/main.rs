@@ -97,6 +97,8 @@ struct Mode {
     sustained_ok: u64,
     sustained_failed: u64,
     idle_child_uss_bytes: Option<u64>,
+    /// Median USS of children running a sleeping numpy program.
+    running_child_uss_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -226,6 +228,39 @@ fn uss(pid: i32) -> Option<u64> {
     Some((kb("Private_Clean:") + kb("Private_Dirty:")) * 1024)
 }
 
+/// Median USS of 10 sandboxes running the snippet and then sleeping: their
+/// pids come from the sandbox cgroups (parked warm children excluded).
+async fn running_uss(daemon: &forkd::daemon::Daemon, client: &AsyncClient) -> Option<u64> {
+    let parked: std::collections::BTreeSet<i32> =
+        daemon.warm.values().flat_map(|p| p.child_pids()).collect();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let c = client.clone();
+        set.spawn(async move {
+            let mut r = request();
+            r.program = Program::Code(format!("{SNIPPET}\nimport time; time.sleep(1.5)"));
+            c.spawn(&r).await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut pids = std::collections::BTreeSet::new();
+    for base in daemon.cgroups.base_dirs() {
+        for sandbox in std::fs::read_dir(base).ok()?.flatten() {
+            let procs =
+                std::fs::read_to_string(sandbox.path().join("cgroup.procs")).unwrap_or_default();
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+    }
+    let mut sizes: Vec<u64> = pids
+        .into_iter()
+        .filter(|p| !parked.contains(p))
+        .filter_map(uss)
+        .collect();
+    while set.join_next().await.is_some() {}
+    sizes.sort_unstable();
+    sizes.get(sizes.len() / 2).copied()
+}
+
 /// The floor: a zygote of the same interpreter and preload list, driven
 /// directly, forking the snippet with no isolation.
 async fn floor(args: &Args, n: usize) -> Result<Latency> {
@@ -338,6 +373,7 @@ async fn run_mode(
     mode.sustained_per_sec = rate;
     mode.sustained_ok = ok;
     mode.sustained_failed = failed;
+    mode.running_child_uss_bytes = running_uss(&running.daemon, &client).await;
     drop(client);
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -386,6 +422,12 @@ fn print_table(r: &Report) {
         );
         if let Some(uss) = m.idle_child_uss_bytes {
             println!("idle pooled child USS (median): {:.2} MB", uss as f64 / 1e6);
+        }
+        if let Some(uss) = m.running_child_uss_bytes {
+            println!(
+                "running child USS (median of 10): {:.2} MB",
+                uss as f64 / 1e6
+            );
         }
     }
 }
