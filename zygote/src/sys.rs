@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -92,18 +92,6 @@ pub fn close_range(first: u32, last: u32) -> io::Result<()> {
     check_long(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) })
 }
 
-/// Moves `fd` onto `target` (dup2) and returns the target as owned.
-pub fn dup_onto(fd: BorrowedFd<'_>, target: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: dup2 on a borrowed open fd; the returned descriptor is new and
-    // exclusively owned by the result.
-    let ret = unsafe { libc::dup2(fd.as_raw_fd(), target) };
-    if ret == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: dup2 succeeded, so `ret` is an open descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
-}
-
 pub fn open(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
     // SAFETY: path is a valid C string; the result is checked before wrapping.
     let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
@@ -139,11 +127,6 @@ pub fn set_no_new_privs() -> io::Result<()> {
 pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) })
-}
-
-pub fn set_dumpable(dumpable: bool) -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong, 0, 0, 0) })
 }
 
 /// Removes `cap` from the bounding set (needs CAP_SETPCAP).
