@@ -186,7 +186,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, req: SpawnRequest) -> ExitCode {
     let mut embedded = None;
-    let mut _socket_dir = None;
+    let mut socket_dir = None;
     let socket = if args.embedded {
         let mut config = match &args.config {
             Some(p) => match forkd::Config::load(p) {
@@ -242,7 +242,7 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        _socket_dir = Some(dir);
+        socket_dir = Some(dir);
         path
     } else {
         args.socket
@@ -269,7 +269,7 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
     if let Some(r) = embedded {
         r.shutdown().await;
     }
-    if let Some(dir) = _socket_dir {
+    if let Some(dir) = socket_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
     code
