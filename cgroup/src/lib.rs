@@ -39,6 +39,9 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 const MIN_QUOTA_US: u64 = 1_000;
 const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
+/// How long removal retries a plain rmdir before killing what is inside.
+const FAST_RMDIR_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The cgroup flavour a [`Manager`] actually uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -801,6 +804,26 @@ impl SandboxCgroup {
         if self.removed || self.dirs.is_empty() {
             return Ok(());
         }
+        // Fast path, the usual case: the sandbox is gone or finishing its
+        // exit. A plain rmdir, retried briefly, needs no directory listing.
+        let deadline = std::time::Instant::now() + FAST_RMDIR_WINDOW;
+        let mut left: Vec<PathBuf> = self.dirs.clone();
+        loop {
+            left.retain(|d| match std::fs::remove_dir(d) {
+                Ok(()) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            });
+            if left.is_empty() {
+                self.removed = true;
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // Something still runs in it (or a sub-cgroup exists): kill, then
+        // remove bottom-up.
         self.kill_all()?;
         let mut first_err = None;
         for d in &self.dirs {
