@@ -185,6 +185,23 @@ pub struct LimitValues {
     pub file_size_bytes: u64,
 }
 
+impl LimitValues {
+    /// These values as the limits a result reports.
+    pub fn applied(&self, cgroup_enforced: bool) -> AppliedLimits {
+        AppliedLimits {
+            timeout_ms: self.timeout_ms,
+            memory_bytes: self.memory_bytes,
+            cpus: self.cpus,
+            pids: self.pids,
+            output_bytes: self.output_bytes,
+            scratch_bytes: self.scratch_bytes,
+            open_files: self.open_files,
+            file_size_bytes: self.file_size_bytes,
+            cgroup_enforced,
+        }
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_pool::{
-    ChildPlan, Makers, NetnsStock, PoolPolicy, Recycle, Supervisor, WarmPool, ZygoteConfig,
-};
+use forkd_pool::{Makers, NetnsStock, PoolPolicy, Recycle, Supervisor, WarmPool, ZygoteConfig};
 use tokio::net::UnixListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -320,23 +318,8 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
     };
     let mut warm = std::collections::HashMap::new();
     for z in config.zygote_sections().iter().filter(|z| z.warm_pool > 0) {
-        let d = &config.limits.default;
-        let plan = ChildPlan {
-            policy: config.default_policy.clone(),
-            scratch_bytes: d.scratch_bytes,
-            open_files: d.open_files,
-            file_size_bytes: d.file_size_bytes,
-            cgroup: if cgroups.limits_enforced() {
-                forkd_cgroup::Limits {
-                    memory_bytes: Some(d.memory_bytes),
-                    cpus: Some(d.cpus),
-                    pids: Some(d.pids),
-                }
-            } else {
-                forkd_cgroup::Limits::default()
-            },
-            isolate: true,
-        };
+        let defaults = config.limits.default.applied(cgroups.limits_enforced());
+        let plan = crate::sandbox::plan_for(config.default_policy.clone(), &defaults);
         let policy = PoolPolicy {
             target: z.warm_pool,
             refill_concurrency: z.warm_refill_concurrency,

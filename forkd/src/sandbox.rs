@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use forkd_ipc::{
-    ErrorCode, ErrorReply, KilledBy, Program, SpawnRequest, SpawnResult, Timings, Usage,
+    AppliedLimits, ErrorCode, ErrorReply, KilledBy, Program, SpawnRequest, SpawnResult, Timings,
+    Usage,
 };
 use forkd_pool::{ChildPlan, Exited, PoolError, PrepareError, ZygoteError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -71,6 +72,27 @@ fn base_env() -> Vec<(&'static str, &'static str)> {
         ("OMP_NUM_THREADS", "1"),
         ("MKL_NUM_THREADS", "1"),
     ]
+}
+
+/// The isolation plan of a child with `limits` (cgroup limits only where
+/// they are enforced).
+pub(crate) fn plan_for(policy: String, limits: &AppliedLimits) -> ChildPlan {
+    ChildPlan {
+        policy,
+        scratch_bytes: limits.scratch_bytes,
+        open_files: limits.open_files,
+        file_size_bytes: limits.file_size_bytes,
+        cgroup: if limits.cgroup_enforced {
+            forkd_cgroup::Limits {
+                memory_bytes: Some(limits.memory_bytes),
+                cpus: Some(limits.cpus),
+                pids: Some(limits.pids),
+            }
+        } else {
+            forkd_cgroup::Limits::default()
+        },
+        isolate: true,
+    }
 }
 
 /// Whether a pooled child made with `pool` can serve a request needing
@@ -305,23 +327,7 @@ impl Daemon {
             permit = self.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down"))?,
             _ = crate::daemon::stopping(&mut shutdown) => return Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
         };
-        let cg_limits = if self.cgroups.limits_enforced() {
-            forkd_cgroup::Limits {
-                memory_bytes: Some(limits.memory_bytes),
-                cpus: Some(limits.cpus),
-                pids: Some(limits.pids),
-            }
-        } else {
-            forkd_cgroup::Limits::default()
-        };
-        let plan = ChildPlan {
-            policy,
-            scratch_bytes: limits.scratch_bytes,
-            open_files: limits.open_files,
-            file_size_bytes: limits.file_size_bytes,
-            cgroup: cg_limits,
-            isolate: true,
-        };
+        let plan = plan_for(policy, &limits);
 
         // A warm child if one fits (its cgroup limits can still change);
         // otherwise fork one now.

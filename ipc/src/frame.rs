@@ -239,7 +239,19 @@ where
     R: AsyncRead + Unpin + ?Sized,
 {
     let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
+    fill_header_async(r, &mut header, 0).await?;
+    Ok(header)
+}
+
+/// Reads the rest of a header of which `got` bytes are already in `header`.
+async fn fill_header_async<R>(
+    r: &mut R,
+    header: &mut [u8; HEADER_LEN],
+    mut got: usize,
+) -> Result<(), FrameError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
     while got < HEADER_LEN {
         match r.read(&mut header[got..]).await {
             Ok(0) if got == 0 => return Err(FrameError::Closed),
@@ -254,7 +266,7 @@ where
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(header)
+    Ok(())
 }
 
 async fn read_body_async<R>(r: &mut R, len: usize, buf: &mut Vec<u8>) -> Result<(), FrameError>
@@ -325,22 +337,8 @@ where
         }
     }
     let rest_of_frame = async {
-        let mut header = [0u8; HEADER_LEN];
-        header[0] = first[0];
-        let mut got = 1;
-        while got < HEADER_LEN {
-            match r.read(&mut header[got..]).await {
-                Ok(0) => {
-                    return Err(FrameError::Truncated {
-                        expected: HEADER_LEN,
-                        got,
-                    })
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let mut header = [first[0], 0, 0, 0];
+        fill_header_async(r, &mut header, 1).await?;
         let len = check_len(header, max)?;
         let mut buf = Vec::new();
         read_body_async(r, len, &mut buf).await?;
