@@ -7,7 +7,10 @@ use clap::Parser;
 
 /// Runs isolated Python sandboxes forked from warm zygotes, served on a Unix socket.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "forkd: runs isolated Python sandboxes forked from warm zygotes, served on a Unix socket"
+)]
 struct Args {
     /// TOML configuration file (every key is optional; see README).
     #[arg(long, short)]

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about,
+    about = "Run Python code in an isolated forkd sandbox and mirror its output and exit status",
     after_help = "Exit status: the sandbox's exit code, or 128+signal when it was killed; 2 for usage errors, 3 when forkd refused or failed the request."
 )]
 struct Args {
