@@ -16,6 +16,8 @@ cargo test --workspace --quiet 2>&1 | tee "$log" || status=$?
 # The benchmark harness must not rot: a quick run against a real daemon
 # (correctness only: it fails if any spawn returns the wrong output).
 cargo run --quiet -p forkd-bench -- --quick --python "$FORKD_TEST_PYTHON" || status=$?
+# Python client (clients/python): unittest against a real daemon.
+"$FORKD_TEST_PYTHON" -m unittest discover -s clients/python/tests -v 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -1,0 +1,62 @@
+"""Python client for forkd: run untrusted Python snippets in isolated
+sandboxes forked from warm zygotes.
+
+>>> from forkd import Forkd
+>>> with Forkd() as fk:                                  # doctest: +SKIP
+...     r = fk.run("import numpy; print(numpy.zeros(5).tolist())", timeout=5)
+...     print(r.exit_code, r.text)
+
+Standard library only. See :class:`Forkd` (blocking), :class:`AsyncForkd`
+(asyncio, multiplexed) and :mod:`forkd.errors`.
+"""
+
+from ._protocol import (
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Execution,
+    Timings,
+    Usage,
+    default_socket_path,
+    parse_size,
+)
+from .aio import AsyncForkd
+from .client import Forkd
+from .errors import (
+    ConnectionLost,
+    DaemonNotRunning,
+    ForkdError,
+    InvalidRequest,
+    LimitExceedsPolicy,
+    PermissionDenied,
+    ProtocolError,
+    RequestRefused,
+    ShuttingDown,
+    Timeout,
+    ZygoteUnavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Forkd",
+    "AsyncForkd",
+    "Execution",
+    "Timings",
+    "Usage",
+    "default_socket_path",
+    "parse_size",
+    "PROTOCOL_VERSION",
+    "MAX_FRAME_BYTES",
+    "ForkdError",
+    "DaemonNotRunning",
+    "PermissionDenied",
+    "RequestRefused",
+    "LimitExceedsPolicy",
+    "InvalidRequest",
+    "ZygoteUnavailable",
+    "ShuttingDown",
+    "ProtocolError",
+    "Timeout",
+    "ConnectionLost",
+    "__version__",
+]
