@@ -50,6 +50,9 @@ pub struct Daemon {
     next_id: Arc<AtomicU64>,
     shutdown: watch::Sender<bool>,
     socket: PathBuf,
+    /// False when systemd bound the socket (socket activation): the file is
+    /// then its to keep, for the next activation.
+    owns_socket_file: bool,
 }
 
 impl Daemon {
@@ -171,6 +174,21 @@ fn claim_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartEr
     Ok(listener)
 }
 
+/// Serves the socket systemd bound, with the mode forkd gives its own
+/// socket (0660: owner and group, as set by SocketUser=/SocketGroup=).
+fn adopt_activated(
+    a: crate::activation::Activated,
+) -> Result<std::os::unix::net::UnixListener, StartError> {
+    std::fs::set_permissions(&a.path, std::fs::Permissions::from_mode(0o660)).map_err(
+        |source| StartError::Socket {
+            path: a.path.clone(),
+            source,
+        },
+    )?;
+    tracing::info!(socket = %a.path.display(), "socket-activated: serving the socket systemd passed");
+    Ok(a.listener)
+}
+
 /// A started daemon: serving until [`Running::shutdown`].
 pub struct Running {
     pub daemon: Arc<Daemon>,
@@ -222,7 +240,9 @@ impl Running {
             }
         })
         .await;
-        let _ = std::fs::remove_file(&d.socket);
+        if d.owns_socket_file {
+            let _ = std::fs::remove_file(&d.socket);
+        }
         tracing::info!("forkd stopped");
     }
 }
@@ -230,9 +250,28 @@ impl Running {
 /// Starts a daemon: cgroups, zygotes (waiting until each has imported its
 /// preload modules), then the socket.
 pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, StartError> {
+    start_with(config, socket, None).await
+}
+
+/// [`start`], serving the socket systemd passed when `activated` is given
+/// (see [`crate::activation`]) instead of binding one.
+pub async fn start_with(
+    config: Config,
+    socket: Option<&Path>,
+    activated: Option<crate::activation::Activated>,
+) -> Result<Running, StartError> {
     config.validate()?;
     let policies = config.load_policies()?;
-    let socket = socket_path(socket, &config);
+    let configured = socket_path(socket, &config);
+    let socket = match &activated {
+        Some(a) => {
+            if (socket.is_some() || config.socket.is_some()) && configured != a.path {
+                tracing::warn!(configured = %configured.display(), activated = %a.path.display(), "socket-activated: serving systemd's socket, not the configured path");
+            }
+            a.path.clone()
+        }
+        None => configured,
+    };
 
     let cgroups = match forkd_cgroup::Manager::new(&config.cgroup) {
         Ok(m) => m,
@@ -290,7 +329,12 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         return Err(StartError::Zygote(e.to_string()));
     }
 
-    let listener = match claim_socket(&socket) {
+    let owns_socket_file = activated.is_none();
+    let claimed = match activated {
+        Some(a) => adopt_activated(a),
+        None => claim_socket(&socket),
+    };
+    let listener = match claimed {
         Ok(l) => l,
         Err(e) => {
             pool.shutdown(Duration::from_secs(1)).await;
@@ -341,6 +385,7 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         next_id,
         shutdown,
         socket,
+        owns_socket_file,
     });
     tracing::info!(socket = %daemon.socket.display(), "forkd listening");
     let server = tokio::spawn(crate::server::serve(daemon.clone(), listener));

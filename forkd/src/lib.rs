@@ -6,6 +6,7 @@
 //! multi-threaded tokio program and never forks: zygotes do
 //! (see the `forkd-zygote` and `forkd-pool` crates).
 
+pub mod activation;
 pub mod config;
 pub mod daemon;
 pub mod sandbox;
@@ -13,7 +14,7 @@ pub mod server;
 mod sys;
 
 pub use config::Config;
-pub use daemon::{start, Running, StartError};
+pub use daemon::{start, start_with, Running, StartError};
 
 /// Installs the log subscriber (`RUST_LOG` or `level`), once.
 pub fn init_logging(level: &str, json: bool) {

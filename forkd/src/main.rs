@@ -62,6 +62,14 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Before the runtime starts any thread (it edits the environment).
+    let activated = match forkd::activation::take_listener() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("forkd: socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,7 +81,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let running = match forkd::start(config, args.socket.as_deref()).await {
+        let running = match forkd::start_with(config, args.socket.as_deref(), activated).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("forkd: {e}");
