@@ -177,7 +177,7 @@ fn claim_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartEr
 /// Serves the socket systemd bound, with the mode forkd gives its own
 /// socket (0660: owner and group, as set by SocketUser=/SocketGroup=).
 fn adopt_activated(
-    a: crate::activation::Activated,
+    a: crate::systemd::Activated,
 ) -> Result<std::os::unix::net::UnixListener, StartError> {
     std::fs::set_permissions(&a.path, std::fs::Permissions::from_mode(0o660)).map_err(
         |source| StartError::Socket {
@@ -254,11 +254,11 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
 }
 
 /// [`start`], serving the socket systemd passed when `activated` is given
-/// (see [`crate::activation`]) instead of binding one.
+/// (see [`crate::systemd`]) instead of binding one.
 pub async fn start_with(
     config: Config,
     socket: Option<&Path>,
-    activated: Option<crate::activation::Activated>,
+    activated: Option<crate::systemd::Activated>,
 ) -> Result<Running, StartError> {
     config.validate()?;
     let policies = config.load_policies()?;

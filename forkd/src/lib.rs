@@ -6,12 +6,12 @@
 //! multi-threaded tokio program and never forks: zygotes do
 //! (see the `forkd-zygote` and `forkd-pool` crates).
 
-pub mod activation;
 pub mod config;
 pub mod daemon;
 pub mod sandbox;
 pub mod server;
 mod sys;
+pub mod systemd;
 
 pub use config::Config;
 pub use daemon::{start, start_with, Running, StartError};

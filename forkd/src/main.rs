@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         };
     }
     // Before the runtime starts any thread (it edits the environment).
-    let activated = match forkd::activation::take_listener() {
+    let activated = match forkd::systemd::take_listener() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("forkd: socket activation: {e}");
@@ -88,7 +88,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        forkd::systemd::notify("READY=1");
         wait_for_signal().await;
+        forkd::systemd::notify("STOPPING=1");
         running.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -1,14 +1,16 @@
-//! systemd socket activation, driven the way systemd does it: the test binds
-//! the socket, starts the `forkd` binary with it as fd 3 and
-//! `LISTEN_PID`/`LISTEN_FDS` set, and checks that the daemon serves it, keeps
-//! it out of its zygotes and sandboxes, and leaves the file for the next
+//! systemd socket activation and readiness notification, driven the way
+//! systemd does it: the test binds the socket, starts the `forkd` binary with
+//! it as fd 3, `LISTEN_PID`/`LISTEN_FDS` and `NOTIFY_SOCKET` set, and checks
+//! that the daemon serves it, keeps it out of its zygotes and sandboxes,
+//! reports READY=1 and STOPPING=1, and leaves the file for the next
 //! activation.
 
 mod common;
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -19,7 +21,19 @@ use common::*;
 /// Starts `forkd --config <config>` with `fd` as its fd 3 and `LISTEN_FDS`
 /// set to `count`; `LISTEN_PID` is the daemon's own pid (the shell execs it).
 fn start_activated(fd: RawFd, count: &str, config: &Path) -> Child {
+    start_activated_notifying(fd, count, config, None)
+}
+
+fn start_activated_notifying(
+    fd: RawFd,
+    count: &str,
+    config: &Path,
+    notify_socket: Option<&str>,
+) -> Child {
     let mut cmd = Command::new("/bin/sh");
+    if let Some(n) = notify_socket {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
     cmd.arg("-c")
         .arg(r#"LISTEN_PID=$$ LISTEN_FDS="$0" exec "$@""#)
         .arg(count)
@@ -61,25 +75,10 @@ fn write_config(dir: &Path, instance: &str) -> std::path::PathBuf {
     config
 }
 
-/// Pings over `socket` until the daemon answers (the connection itself is
-/// accepted by the kernel as soon as the socket listens).
-fn wait_serving(socket: &Path, daemon: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            daemon.try_wait().unwrap().is_none(),
-            "forkd exited before serving: {}",
-            stderr_of(daemon)
-        );
-        let pong = forkd_ipc::Client::connect(socket)
-            .map(|c| c.with_timeout(Some(Duration::from_secs(2))))
-            .and_then(|mut c| c.ping());
-        if pong.is_ok() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "forkd did not serve: {pong:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn next_notification(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("no notification from forkd");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 fn stderr_of(child: &mut Child) -> String {
@@ -149,9 +148,34 @@ fn serves_the_passed_socket_keeps_it_from_sandboxes_and_leaves_it_for_the_next_a
         .ino();
     let target = format!("socket:[{inode}]");
 
-    for round in 0..2 {
-        let mut daemon = start_activated(listener.as_raw_fd(), "1", &config);
-        wait_serving(&socket, &mut daemon);
+    // systemd's notification socket: a path in round 0, abstract in round 1.
+    let notify_path = dir.path().join("notify");
+    let abstract_name = format!("forkd-it-notify-{}", std::process::id());
+    let notify_targets = [
+        (
+            UnixDatagram::bind(&notify_path).unwrap(),
+            notify_path.display().to_string(),
+        ),
+        (
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+            format!("@{abstract_name}"),
+        ),
+    ];
+
+    for (round, (notifications, target_name)) in notify_targets.iter().enumerate() {
+        notifications
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let daemon = start_activated_notifying(
+            listener.as_raw_fd(),
+            "1",
+            &config,
+            Some(target_name.as_str()),
+        );
+        assert_eq!(next_notification(notifications), "READY=1");
+        // Ready means served: no retry needed for this ping.
+        assert!(forkd_ipc::Client::connect(&socket).unwrap().ping().is_ok());
         let mut client = forkd_ipc::Client::connect(&socket).unwrap();
         let result = client
             .spawn(&req("import numpy; print(numpy.zeros(5).tolist())"))
@@ -188,6 +212,7 @@ fn serves_the_passed_socket_keeps_it_from_sandboxes_and_leaves_it_for_the_next_a
         );
 
         terminate(daemon);
+        assert_eq!(next_notification(notifications), "STOPPING=1");
         assert!(
             socket.exists(),
             "round {round}: the socket file belongs to systemd and must survive the daemon"

@@ -1,6 +1,6 @@
-//! systemd socket activation: taking the listening socket systemd passes.
+//! systemd integration: socket activation and readiness notification.
 //!
-//! The protocol (`sd_listen_fds(3)`): the service manager binds the socket,
+//! **Socket activation.** //! The protocol (`sd_listen_fds(3)`): the service manager binds the socket,
 //! starts the daemon with it as fd 3 and sets `LISTEN_PID` to the daemon's
 //! pid and `LISTEN_FDS` to the number of descriptors passed. forkd serves
 //! exactly one Unix stream socket, so it accepts exactly one descriptor.
@@ -9,6 +9,11 @@
 //! `LISTEN_*` variables (so nothing started later inherits them) and marks
 //! the descriptor close-on-exec, so a zygote can never inherit the listening
 //! socket and accept other clients' connections.
+//!
+//! **Readiness** (`sd_notify(3)`, for `Type=notify`): [`notify`] sends
+//! `READY=1` once the zygotes are up and the socket is served, and
+//! `STOPPING=1` when shutdown begins, to the datagram socket named by
+//! `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket).
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -20,6 +25,9 @@ use nix::sys::socket::{getsockopt, sockopt, SockType};
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;
+
+/// What [`take_listener`] found in the environment, read once.
+static NOTIFY_SOCKET: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
@@ -63,12 +71,19 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Takes the socket systemd passed to this process, if any (`Ok(None)` when
 /// the daemon was not socket-activated). Call once, early in `main`, while
-/// the process is single-threaded: it removes `LISTEN_PID`, `LISTEN_FDS` and
-/// `LISTEN_FDNAMES` from the environment.
+/// the process is single-threaded: it removes `LISTEN_PID`, `LISTEN_FDS`,
+/// `LISTEN_FDNAMES` and `NOTIFY_SOCKET` from the environment (keeping the
+/// latter for [`notify`]).
 pub fn take_listener() -> Result<Option<Activated>, ActivationError> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
-    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+    let _ = NOTIFY_SOCKET.set(std::env::var_os("NOTIFY_SOCKET"));
+    for var in [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "NOTIFY_SOCKET",
+    ] {
         // Single-threaded at this point (see above), so this cannot race a
         // concurrent getenv.
         std::env::remove_var(var);
@@ -125,6 +140,33 @@ pub fn take_listener() -> Result<Option<Activated>, ActivationError> {
         .set_nonblocking(true)
         .map_err(|e| unusable("cannot make it non-blocking", &e))?;
     Ok(Some(Activated { listener, path }))
+}
+
+/// Tells the service manager about a state change (`READY=1`,
+/// `STOPPING=1`). A no-op when not started with `NOTIFY_SOCKET` (or when
+/// [`take_listener`] has not read it); failures are logged, never fatal: the
+/// daemon works without a supervisor.
+pub fn notify(state: &str) {
+    let Some(Some(target)) = NOTIFY_SOCKET.get() else {
+        return;
+    };
+    if let Err(e) = send_notification(target, state) {
+        tracing::warn!(notify_socket = ?target, "cannot notify systemd of {state}: {e}");
+    }
+}
+
+fn send_notification(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let bytes = target.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::path::Path::new(target))?,
+    };
+    let socket = UnixDatagram::unbound()?;
+    socket.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
 }
 
 #[cfg(test)]
