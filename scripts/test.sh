@@ -18,6 +18,11 @@ cargo test --workspace --quiet 2>&1 | tee "$log" || status=$?
 cargo run --quiet -p forkd-bench -- --quick --python "$FORKD_TEST_PYTHON" || status=$?
 # Python client (clients/python): unittest against a real daemon.
 "$FORKD_TEST_PYTHON" -m unittest discover -s clients/python/tests -v 2>&1 | tee -a "$log" || status=$?
+# Deployment files, offline (no cluster, no systemd needed): the Kubernetes
+# manifests against the API schemas in strict mode, a misspelt copy that must
+# be rejected, the shipped forkd.toml files through `forkd --check-config`.
+# Installs its validator (PyPI kubernetes-validate) into target/deploy-venv.
+timeout 900 deploy/validate.sh || status=$?
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -1,0 +1,51 @@
+{
+  description = "forkd: isolated Python sandboxes forked from warm zygotes";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.11";
+
+  outputs = { self, nixpkgs }:
+    let
+      systems = [ "x86_64-linux" "aarch64-linux" ];
+      forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
+    in
+    {
+      packages = forAllSystems (system: pkgs: {
+        forkd = pkgs.callPackage ./nix/package.nix { };
+        default = self.packages.${system}.forkd;
+        # A zygote interpreter with numpy (the default zygote preloads it).
+        python = pkgs.python3.withPackages (ps: [ ps.numpy ]);
+      });
+
+      apps = forAllSystems (system: pkgs:
+        let forkd = self.packages.${system}.forkd; in {
+          forkd = { type = "app"; program = "${forkd}/bin/forkd"; };
+          forkd-run = { type = "app"; program = "${forkd}/bin/forkd-run"; };
+          forkd-bench = { type = "app"; program = "${forkd}/bin/forkd-bench"; };
+          default = self.apps.${system}.forkd-run;
+        });
+
+      devShells = forAllSystems (system: pkgs: {
+        default = pkgs.mkShell {
+          packages = [
+            pkgs.cargo
+            pkgs.rustc
+            pkgs.clippy
+            pkgs.rustfmt
+            (pkgs.python3.withPackages (ps: [ ps.numpy ]))
+            pkgs.kubeconform
+          ];
+          # scripts/test.sh and the tests use this interpreter.
+          shellHook = ''
+            export FORKD_TEST_PYTHON=$(command -v python3)
+          '';
+        };
+      });
+
+      overlays.default = final: _prev: {
+        forkd = final.callPackage ./nix/package.nix { };
+      };
+
+      nixosModules.forkd = import ./nix/module.nix self;
+      nixosModules.default = self.nixosModules.forkd;
+    };
+}
