@@ -58,6 +58,7 @@ rustPlatform.buildRustPackage {
       --replace-fail /usr/bin/forkd $out/bin/forkd
     install -Dm0644 packaging/systemd/forkd.conf $out/lib/tmpfiles.d/forkd.conf
     install -Dm0644 packaging/forkd.toml $out/share/doc/forkd/forkd.toml
+    install -Dm0644 packaging/README.md $out/share/doc/forkd/packaging.md
     install -Dm0644 policy/default.toml $out/share/forkd/policy/default.toml
   '';
 
