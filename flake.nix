@@ -1,7 +1,8 @@
 {
   description = "forkd: isolated Python sandboxes forked from warm zygotes";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.11";
+  # Pinned by flake.lock once created (`nix flake lock`; needs GitHub access).
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
 
   outputs = { self, nixpkgs }:
     let
