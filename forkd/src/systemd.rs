@@ -1,9 +1,10 @@
 //! systemd integration: socket activation and readiness notification.
 //!
-//! **Socket activation.** //! The protocol (`sd_listen_fds(3)`): the service manager binds the socket,
-//! starts the daemon with it as fd 3 and sets `LISTEN_PID` to the daemon's
-//! pid and `LISTEN_FDS` to the number of descriptors passed. forkd serves
-//! exactly one Unix stream socket, so it accepts exactly one descriptor.
+//! **Socket activation** (`sd_listen_fds(3)`): the service manager binds the
+//! socket, starts the daemon with it as fd 3 and sets `LISTEN_PID` to the
+//! daemon's pid and `LISTEN_FDS` to the number of descriptors passed. forkd
+//! serves exactly one Unix stream socket, so it accepts exactly one
+//! descriptor.
 //!
 //! [`take_listener`] must run before any thread starts: it clears the
 //! `LISTEN_*` variables (so nothing started later inherits them) and marks
