@@ -112,11 +112,28 @@ pub struct ZygoteSection {
     /// size, rlimit or policy is forked on demand, other cgroup limits are
     /// applied to the warm child before the hand-off.
     pub warm_pool: usize,
+    /// Bounds of an adaptive pool: a request finding the pool empty doubles
+    /// its size up to `warm_pool_max`; a `warm_shrink_after_secs` window
+    /// with unused parked children halves that headroom, down to
+    /// `warm_pool_min`. Both default to `warm_pool` (a fixed size).
+    pub warm_pool_min: Option<usize>,
+    pub warm_pool_max: Option<usize>,
+    pub warm_shrink_after_secs: u64,
     /// Warm children prepared at once while refilling.
     pub warm_refill_concurrency: usize,
     /// Warm children parked longer than this many seconds are replaced
     /// (unset: kept until used).
     pub warm_max_idle_secs: Option<u64>,
+}
+
+impl ZygoteSection {
+    /// `(warm_pool_min, warm_pool_max)`, each defaulting to `warm_pool`.
+    pub fn warm_pool_bounds(&self) -> (usize, usize) {
+        (
+            self.warm_pool_min.unwrap_or(self.warm_pool),
+            self.warm_pool_max.unwrap_or(self.warm_pool),
+        )
+    }
 }
 
 impl Default for ZygoteSection {
@@ -130,6 +147,9 @@ impl Default for ZygoteSection {
             max_age_secs: Some(3600),
             start_timeout_secs: 60,
             warm_pool: 16,
+            warm_pool_min: None,
+            warm_pool_max: None,
+            warm_shrink_after_secs: 60,
             warm_refill_concurrency: 2,
             warm_max_idle_secs: Some(600),
         }
@@ -235,6 +255,19 @@ impl Config {
             if z.name.is_empty() || !names.insert(z.name.clone()) {
                 return Err(ConfigError::Invalid(format!(
                     "zygote names must be non-empty and unique (`{}`)",
+                    z.name
+                )));
+            }
+            let (min, max) = z.warm_pool_bounds();
+            if !(min <= z.warm_pool && z.warm_pool <= max) {
+                return Err(ConfigError::Invalid(format!(
+                    "zygote `{}`: warm_pool_min ({min}) <= warm_pool ({}) <= warm_pool_max ({max}) must hold",
+                    z.name, z.warm_pool
+                )));
+            }
+            if z.warm_shrink_after_secs == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "zygote `{}`: warm_shrink_after_secs must be at least 1",
                     z.name
                 )));
             }

@@ -317,11 +317,19 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         ids: next_id.clone(),
     };
     let mut warm = std::collections::HashMap::new();
-    for z in config.zygote_sections().iter().filter(|z| z.warm_pool > 0) {
+    for z in config
+        .zygote_sections()
+        .iter()
+        .filter(|z| z.warm_pool_bounds().1 > 0)
+    {
         let defaults = config.limits.default.applied(cgroups.limits_enforced());
         let plan = crate::sandbox::plan_for(config.default_policy.clone(), &defaults);
+        let (min, max) = z.warm_pool_bounds();
         let policy = PoolPolicy {
             target: z.warm_pool,
+            min,
+            max,
+            shrink_after: Duration::from_secs(z.warm_shrink_after_secs),
             refill_concurrency: z.warm_refill_concurrency,
             max_idle: z.warm_max_idle_secs.map(Duration::from_secs),
         };
