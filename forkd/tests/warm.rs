@@ -274,6 +274,7 @@ async fn adaptive_pool_grows_on_misses_and_shrinks_when_idle() {
         let (i, r) = joined.expect("task");
         assert_eq!(r.expect("spawn").stdout_lossy(), format!("{i}\n"));
     }
+    drop(client);
     let missed = pool
         .stats()
         .misses

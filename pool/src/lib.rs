@@ -10,6 +10,7 @@
 
 pub mod child;
 pub mod netns;
+pub mod reaper;
 pub mod sys;
 pub mod warm;
 pub mod zygote;
