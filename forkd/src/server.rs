@@ -54,6 +54,25 @@ fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Respo
     }
 }
 
+/// The configured zygote and policy a request resolves to (`None` for a
+/// name that is not configured: such text never reaches a metric label).
+fn configured_names(
+    daemon: &Daemon,
+    (zygote, policy): (Option<String>, Option<String>),
+) -> (Option<String>, Option<String>) {
+    let zygote = zygote.unwrap_or_else(|| daemon.config.default_zygote.clone());
+    let policy = policy.unwrap_or_else(|| daemon.config.default_policy.clone());
+    (
+        daemon
+            .config
+            .zygote_sections()
+            .iter()
+            .any(|z| z.name == zygote)
+            .then_some(zygote),
+        daemon.policies.contains_key(&policy).then_some(policy),
+    )
+}
+
 fn peer_allowed(daemon: &Daemon, uid: u32, gid: u32) -> bool {
     let own = crate::sys::euid();
     let uids = daemon
@@ -73,7 +92,20 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         }
     };
     let (mut reader, mut writer) = stream.into_split();
-    if !peer_allowed(&daemon, cred.uid(), cred.gid()) {
+    let connection = daemon.next_connection();
+    let peer = crate::audit::Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    let allowed = peer_allowed(&daemon, cred.uid(), cred.gid());
+    daemon.metrics.record_connection(allowed);
+    if !allowed {
+        if let Some(audit) = &daemon.audit {
+            audit
+                .record(crate::audit::Record::refused(peer, connection))
+                .await;
+        }
         tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused connection from a peer not on the allow-list");
         let reply = error_response(
             0,
@@ -210,7 +242,23 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
                 let tx = tx.clone();
                 let gone = client_gone.subscribe();
                 tokio::spawn(async move {
-                    let body = match daemon.run_sandbox(spawn, gone).await {
+                    let started = std::time::Instant::now();
+                    let asked = (spawn.zygote.clone(), spawn.policy.clone());
+                    let pending = daemon.audit.as_ref().map(|audit| {
+                        crate::audit::Record::request(peer, connection, id, &spawn, audit.payloads)
+                    });
+                    let outcome = daemon.run_sandbox(spawn, gone).await;
+                    let elapsed = started.elapsed();
+                    let (zygote, policy) = configured_names(&daemon, asked);
+                    match &outcome {
+                        Ok(result) => daemon.metrics.record_result(result, elapsed),
+                        Err(e) => daemon.metrics.record_error(
+                            zygote.as_deref().unwrap_or(crate::metrics::NO_ZYGOTE),
+                            e.code,
+                        ),
+                    }
+                    let record = pending.map(|r| r.complete(zygote, policy, &outcome, elapsed));
+                    let body = match outcome {
                         Ok(result) => ResponseBody::Result(result),
                         Err(e) => ResponseBody::Error(e),
                     };
@@ -221,6 +269,10 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
                             body,
                         })
                         .await;
+                    // After the reply is queued: the audit never delays it.
+                    if let (Some(audit), Some(record)) = (&daemon.audit, record) {
+                        audit.record(record).await;
+                    }
                 });
             }
         }
