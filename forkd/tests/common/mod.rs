@@ -27,6 +27,8 @@
 
 #![allow(dead_code)]
 
+pub mod scrape;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -655,6 +657,11 @@ impl TestDaemon {
                 },
             )),
         }
+    }
+
+    /// The metrics endpoint's TCP address (when `metrics_listen` is TCP).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.running.as_ref().and_then(forkd::Running::metrics_addr)
     }
 
     pub async fn client(&self) -> AsyncClient {
