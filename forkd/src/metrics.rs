@@ -460,6 +460,12 @@ mod tests {
         let m = Metrics::new();
         m.record_error(NO_ZYGOTE, ErrorCode::UnknownZygote);
         m.record_connection(false);
+        m.duration
+            .get_or_create(&LatencyLabels {
+                zygote: "default".into(),
+                warm: "true",
+            })
+            .observe(0.002);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
         assert!(
@@ -468,7 +474,27 @@ mod tests {
         );
         assert!(out.contains(r#"forkd_spawn_errors_total{zygote="-",code="unknown_zygote"} 1"#));
         assert!(out.contains(r#"forkd_connections_total{result="refused"} 1"#));
-        assert!(out.contains("# TYPE forkd_spawn_duration_seconds histogram"));
+        assert!(
+            out.contains("# TYPE forkd_spawn_duration_seconds histogram"),
+            "{out}"
+        );
         assert!(out.contains("# UNIT forkd_spawn_duration_seconds seconds"));
+        println!("{out}");
+        assert!(
+            out.contains(
+                r#"forkd_spawn_duration_seconds_bucket{le="0.0025",zygote="default",warm="true"} 1"#
+            ) || out.contains(
+                r#"forkd_spawn_duration_seconds_bucket{zygote="default",warm="true",le="0.0025"} 1"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"forkd_spawn_duration_seconds_bucket{zygote="default",warm="true",le="0.001"} 0"#
+            ) || out.contains(
+                r#"forkd_spawn_duration_seconds_bucket{le="0.001",zygote="default",warm="true"} 0"#
+            ),
+            "{out}"
+        );
     }
 }
