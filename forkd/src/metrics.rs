@@ -479,22 +479,11 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("# UNIT forkd_spawn_duration_seconds seconds"));
-        println!("{out}");
-        assert!(
-            out.contains(
-                r#"forkd_spawn_duration_seconds_bucket{le="0.0025",zygote="default",warm="true"} 1"#
-            ) || out.contains(
-                r#"forkd_spawn_duration_seconds_bucket{zygote="default",warm="true",le="0.0025"} 1"#
-            ),
-            "{out}"
-        );
-        assert!(
-            out.contains(
-                r#"forkd_spawn_duration_seconds_bucket{zygote="default",warm="true",le="0.001"} 0"#
-            ) || out.contains(
-                r#"forkd_spawn_duration_seconds_bucket{le="0.001",zygote="default",warm="true"} 0"#
-            ),
-            "{out}"
-        );
+        for line in [
+            r#"forkd_spawn_duration_seconds_bucket{le="0.001",zygote="default",warm="true"} 0"#,
+            r#"forkd_spawn_duration_seconds_bucket{le="0.0025",zygote="default",warm="true"} 1"#,
+        ] {
+            assert!(out.contains(line), "{line} missing:\n{out}");
+        }
     }
 }
