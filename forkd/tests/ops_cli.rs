@@ -224,3 +224,38 @@ fn doctor_fails_with_a_fix_for_a_missing_interpreter_or_preload() {
         "{report}"
     );
 }
+
+#[test]
+fn check_config_validates_what_a_start_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |toml: &str| {
+        let config = dir.path().join("forkd.toml");
+        std::fs::write(&config, toml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let python = python().display().to_string();
+    let (code, text) = check(&format!(
+        "metrics_listen = \"127.0.0.1:9464\"\naudit_log = \"/var/log/forkd/audit.jsonl\"\nlog_format = \"json\"\n{}",
+        zygote_toml(&python, "\"numpy\"")
+    ));
+    assert_eq!((code, text.trim()), (Some(0), "configuration OK"));
+    let (code, text) = check(&zygote_toml("/nonexistent/bin/python", ""));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("/nonexistent/bin/python"), "{text}");
+    let (code, text) = check(&format!(
+        "metrics_listen = \"0.0.0.0:9464\"\n{}",
+        zygote_toml(&python, "")
+    ));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("not a loopback address"), "{text}");
+}
