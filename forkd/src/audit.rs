@@ -229,7 +229,7 @@ impl Record {
         elapsed: Duration,
     ) -> Record {
         self.time = rfc3339_utc(SystemTime::now());
-        self.duration_ms = Some(elapsed.as_secs_f64() * 1e3);
+        self.duration_ms = Some(elapsed.as_micros() as f64 / 1e3);
         let with_payloads = self.payloads.is_some();
         if let Some(r) = self.requested.as_mut() {
             if !with_payloads {

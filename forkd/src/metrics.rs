@@ -126,7 +126,7 @@ impl Metrics {
         let spawns = Family::<SpawnLabels, Counter>::default();
         registry.register(
             "forkd_spawns",
-            "Spawn requests completed, by zygote, outcome (ok, exit_nonzero, killed, error) and killed_by",
+"Spawn requests completed, by zygote, outcome (ok, exit_nonzero, killed, error) and killed_by",
             spawns.clone(),
         );
         let errors = Family::<ErrorLabels, Counter>::default();
@@ -140,7 +140,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "forkd_spawn_duration",
-            "Request received to result ready (including any wait for a free slot), by zygote and whether a warm child served it",
+"Request received to result ready (including any wait for a free slot), by zygote and whether a warm child served it",
             Unit::Seconds,
             duration.clone(),
         );
@@ -325,14 +325,14 @@ impl Collector for Snapshot {
         let running = ConstGauge::new(self.running as i64);
         running.encode(encoder.encode_descriptor(
             "forkd_sandboxes_running",
-            "Sandboxes running right now",
+            "Sandboxes running right now.",
             None,
             MetricType::Gauge,
         )?)?;
         let max = ConstGauge::new(self.max_concurrent as i64);
         max.encode(encoder.encode_descriptor(
             "forkd_sandboxes_max",
-            "Sandboxes allowed at once (max_concurrent); further requests wait",
+            "Sandboxes allowed at once (max_concurrent); further requests wait.",
             None,
             MetricType::Gauge,
         )?)?;
@@ -348,77 +348,77 @@ impl Collector for Snapshot {
         per_zygote(
             &mut encoder,
             "forkd_zygote_up",
-            "1 while the zygote is running and serving, 0 while it (re)starts or after a failed start",
+"1 while the zygote is running and serving, 0 while it (re)starts or after a failed start.",
             MetricType::Gauge,
             gauge(|s| Some(u64::from(s.up))),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_zygote_starts",
-            "Zygote processes started successfully (first start, restarts and recycling)",
+            "Zygote processes started successfully (first start, restarts and recycling).",
             MetricType::Counter,
             counter(|s| Some(s.starts)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_zygote_start_failures",
-            "Zygote starts that failed (interpreter, preload import, timeout)",
+            "Zygote starts that failed (interpreter, preload import, timeout).",
             MetricType::Counter,
             counter(|s| Some(s.start_failures)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_zygote_restarts",
-            "Zygotes that died unexpectedly and were restarted",
+            "Zygotes that died unexpectedly and were restarted.",
             MetricType::Counter,
             counter(|s| Some(s.deaths)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_zygote_recycles",
-            "Zygotes replaced after max_forks or max_age_secs",
+            "Zygotes replaced after max_forks or max_age_secs.",
             MetricType::Counter,
             counter(|s| Some(s.recycles)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_ready",
-            "Warm children parked and ready now",
+            "Warm children parked and ready now.",
             MetricType::Gauge,
             gauge(|s| s.pool.map(|p| p[0])),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_target",
-            "Warm children the pool keeps ready (warm_pool)",
+            "Warm children the pool keeps ready (warm_pool).",
             MetricType::Gauge,
             gauge(|s| s.pool.map(|p| p[1])),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_hits",
-            "Requests served by a warm child",
+            "Requests served by a warm child.",
             MetricType::Counter,
             counter(|s| s.pool.map(|p| p[2])),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_misses",
-            "Requests that found the warm pool empty and were forked on demand",
+            "Requests that found the warm pool empty and were forked on demand.",
             MetricType::Counter,
             counter(|s| s.pool.map(|p| p[3])),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_refills",
-            "Warm children prepared by the refill task",
+            "Warm children prepared by the refill task.",
             MetricType::Counter,
             counter(|s| s.pool.map(|p| p[4])),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_discarded",
-            "Warm children thrown away unused (their zygote died or was recycled, or they idled too long)",
+"Warm children thrown away unused (their zygote died or was recycled, or they idled too long).",
             MetricType::Counter,
             counter(|s| s.pool.map(|p| p[5])),
         )?;
@@ -426,7 +426,7 @@ impl Collector for Snapshot {
             prometheus_client::metrics::info::Info::new([("version", env!("CARGO_PKG_VERSION"))]);
         info.encode(encoder.encode_descriptor(
             "forkd_build",
-            "forkd's version",
+            "forkd's version.",
             None,
             MetricType::Info,
         )?)?;
