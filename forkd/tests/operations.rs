@@ -248,6 +248,29 @@ async fn audit_log_has_one_line_per_request_with_the_peer_and_no_payload() {
     let rotated = dir.path().join("log/audit.jsonl.1");
     std::fs::rename(&path, &rotated).unwrap();
     assert_eq!(d.run("print(4)").await.exit_code, Some(0));
+    // A peer that is not on the allow-list (nobody) is refused and audited.
+    std::fs::set_permissions(d.socket.parent().unwrap(), PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&d.socket, PermissionsExt::from_mode(0o666)).unwrap();
+    let socket = d.socket.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["-c", "print(1)"])
+            .uid(65534)
+            .gid(65534)
+            .current_dir("/")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("may not use this forkd"),
+        "{refused:?}"
+    );
     d.finish().await;
 
     let text = std::fs::read_to_string(&rotated).unwrap();
@@ -281,8 +304,15 @@ async fn audit_log_has_one_line_per_request_with_the_peer_and_no_payload() {
     assert_eq!(lines[2]["error"], "unknown_zygote");
     assert!(lines[2].get("zygote").is_none());
     let after = audit_lines(&path);
-    assert_eq!(after.len(), 1, "the record after rotation is in a new file");
+    assert_eq!(
+        after.len(),
+        2,
+        "the records after rotation are in a new file"
+    );
     assert_eq!(after[0]["outcome"], "ok");
+    assert_eq!(after[1]["event"], "refused_connection");
+    assert_eq!(after[1]["peer"]["uid"], 65534);
+    assert_eq!(after[1]["outcome"], "refused");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640, "audit log mode");
 }
