@@ -1,10 +1,11 @@
 //! The audit log: one JSON line per spawn request (and per refused
 //! connection), appended to a file the operator names.
 //!
-//! Records are built when a request completes, after its reply is queued,
-//! and handed to a dedicated writer thread through a bounded channel, so a
-//! slow disk never delays a reply (a full channel makes the finished request's
-//! task wait, never the client). The file is opened `O_APPEND` (mode 0640
+//! Records are built when a request completes and handed to a dedicated
+//! writer thread through a bounded channel with a non-blocking send, so a
+//! slow disk never delays a reply (when the channel is full the record is
+//! sent after the reply, and the finished request's task waits, never the
+//! client). The file is opened `O_APPEND` (mode 0640
 //! when created) and reopened when it is renamed or removed (log rotation).
 //! Write errors are logged and counted, never fatal.
 //!
@@ -277,7 +278,7 @@ impl Record {
 
 /// The daemon's handle on the audit log.
 pub struct AuditLog {
-    tx: Mutex<Option<mpsc::Sender<Record>>>,
+    tx: Mutex<Option<mpsc::Sender<Box<Record>>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub payloads: bool,
 }
@@ -315,10 +316,20 @@ impl AuditLog {
     }
 
     /// Queues a record; waits only if the writer is [`QUEUE`] records behind.
-    pub async fn record(&self, record: Record) {
+    pub async fn record(&self, record: Box<Record>) {
         let tx = self.tx.lock().ok().and_then(|t| t.clone());
         if let Some(tx) = tx {
             let _ = tx.send(record).await;
+        }
+    }
+
+    /// Queues a record if there is room at once; gives it back otherwise
+    /// (dropped silently once the log is closed).
+    pub fn try_record(&self, record: Box<Record>) -> Result<(), Box<Record>> {
+        let tx = self.tx.lock().ok().and_then(|t| t.clone());
+        match tx.map(|tx| tx.try_send(record)) {
+            Some(Err(mpsc::error::TrySendError::Full(record))) => Err(record),
+            _ => Ok(()),
         }
     }
 
@@ -354,7 +365,7 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
 fn write_loop(
     path: PathBuf,
     mut file: std::fs::File,
-    mut rx: mpsc::Receiver<Record>,
+    mut rx: mpsc::Receiver<Box<Record>>,
     metrics: Arc<Metrics>,
 ) {
     let mut failing = false;

@@ -9,6 +9,8 @@ use forkd_ipc::{AppliedLimits, ErrorCode, ErrorReply, InlineFile, SpawnRequest};
 use serde::Deserialize;
 
 const MIB: u64 = 1024 * 1024;
+/// Name of the zygote an empty configuration gets.
+const DEFAULT_ZYGOTE_NAME: &str = "default";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -207,7 +209,7 @@ impl ZygoteSection {
 impl Default for ZygoteSection {
     fn default() -> Self {
         ZygoteSection {
-            name: "default".into(),
+            name: DEFAULT_ZYGOTE_NAME.into(),
             python: PathBuf::from("python3"),
             preload: vec!["numpy".into()],
             env: BTreeMap::new(),
@@ -312,6 +314,15 @@ impl Config {
             vec![ZygoteSection::default()]
         } else {
             self.zygotes.clone()
+        }
+    }
+
+    /// Whether `name` is a configured zygote (without cloning the sections).
+    pub fn has_zygote(&self, name: &str) -> bool {
+        if self.zygotes.is_empty() {
+            name == DEFAULT_ZYGOTE_NAME
+        } else {
+            self.zygotes.iter().any(|z| z.name == name)
         }
     }
 
@@ -470,7 +481,7 @@ pub fn resolve(
         .zygote
         .clone()
         .unwrap_or_else(|| config.default_zygote.clone());
-    if !config.zygote_sections().iter().any(|z| z.name == zygote) {
+    if !config.has_zygote(&zygote) {
         return Err(ErrorReply {
             code: ErrorCode::UnknownZygote,
             message: format!(

@@ -232,10 +232,6 @@ impl Running {
         if let Some(task) = self.metrics_server {
             let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
         }
-        if let Some(audit) = &d.audit {
-            // Requests that completed meanwhile have queued their records.
-            audit.close().await;
-        }
         for (name, pool) in &d.warm {
             let s = pool.stats();
             tracing::info!(
@@ -263,6 +259,10 @@ impl Running {
         })
         .await;
         let _ = std::fs::remove_file(&d.socket);
+        if let Some(audit) = &d.audit {
+            // Last, so that every request finished above has queued its record.
+            audit.close().await;
+        }
         tracing::info!("forkd stopped");
     }
 }

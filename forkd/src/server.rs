@@ -54,6 +54,60 @@ fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Respo
     }
 }
 
+/// Runs one spawn request: the sandbox, its reply, its metrics and its audit record.
+async fn spawn_request(
+    daemon: Arc<Daemon>,
+    tx: mpsc::Sender<Response>,
+    gone: tokio::sync::watch::Receiver<bool>,
+    spawn: forkd_ipc::SpawnRequest,
+    peer: crate::audit::Peer,
+    connection: u64,
+    id: u64,
+) {
+    let started = std::time::Instant::now();
+    let asked = (spawn.zygote.clone(), spawn.policy.clone());
+    let pending = daemon
+        .audit
+        .as_ref()
+        .map(|audit| crate::audit::Record::request(peer, connection, id, &spawn, audit.payloads));
+    let outcome = daemon.run_sandbox(spawn, gone).await;
+    let elapsed = started.elapsed();
+    let names = (outcome.is_err() || pending.is_some()).then(|| configured_names(&daemon, asked));
+    match &outcome {
+        Ok(result) => daemon.metrics.record_result(result, elapsed),
+        Err(e) => {
+            let zygote = names.as_ref().and_then(|n| n.0.as_deref());
+            daemon
+                .metrics
+                .record_error(zygote.unwrap_or(crate::metrics::NO_ZYGOTE), e.code)
+        }
+    }
+    // Queued before the reply when the writer keeps up (a non-blocking
+    // send), so a record cannot miss the audit log's close at shutdown;
+    // otherwise after the reply: the audit never delays it.
+    let mut late = None;
+    if let (Some(audit), Some(record)) = (&daemon.audit, pending) {
+        let (zygote, policy) = names.unwrap_or_default();
+        late = audit
+            .try_record(Box::new(record.complete(zygote, policy, &outcome, elapsed)))
+            .err();
+    }
+    let body = match outcome {
+        Ok(result) => ResponseBody::Result(result),
+        Err(e) => ResponseBody::Error(e),
+    };
+    let _ = tx
+        .send(Response {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        })
+        .await;
+    if let (Some(audit), Some(record)) = (&daemon.audit, late) {
+        audit.record(record).await;
+    }
+}
+
 /// The configured zygote and policy a request resolves to (`None` for a
 /// name that is not configured: such text never reaches a metric label).
 fn configured_names(
@@ -63,12 +117,7 @@ fn configured_names(
     let zygote = zygote.unwrap_or_else(|| daemon.config.default_zygote.clone());
     let policy = policy.unwrap_or_else(|| daemon.config.default_policy.clone());
     (
-        daemon
-            .config
-            .zygote_sections()
-            .iter()
-            .any(|z| z.name == zygote)
-            .then_some(zygote),
+        daemon.config.has_zygote(&zygote).then_some(zygote),
         daemon.policies.contains_key(&policy).then_some(policy),
     )
 }
@@ -103,7 +152,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     if !allowed {
         if let Some(audit) = &daemon.audit {
             audit
-                .record(crate::audit::Record::refused(peer, connection))
+                .record(Box::new(crate::audit::Record::refused(peer, connection)))
                 .await;
         }
         tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused connection from a peer not on the allow-list");
@@ -241,39 +290,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
                 let daemon = daemon.clone();
                 let tx = tx.clone();
                 let gone = client_gone.subscribe();
-                tokio::spawn(async move {
-                    let started = std::time::Instant::now();
-                    let asked = (spawn.zygote.clone(), spawn.policy.clone());
-                    let pending = daemon.audit.as_ref().map(|audit| {
-                        crate::audit::Record::request(peer, connection, id, &spawn, audit.payloads)
-                    });
-                    let outcome = daemon.run_sandbox(spawn, gone).await;
-                    let elapsed = started.elapsed();
-                    let (zygote, policy) = configured_names(&daemon, asked);
-                    match &outcome {
-                        Ok(result) => daemon.metrics.record_result(result, elapsed),
-                        Err(e) => daemon.metrics.record_error(
-                            zygote.as_deref().unwrap_or(crate::metrics::NO_ZYGOTE),
-                            e.code,
-                        ),
-                    }
-                    let record = pending.map(|r| r.complete(zygote, policy, &outcome, elapsed));
-                    let body = match outcome {
-                        Ok(result) => ResponseBody::Result(result),
-                        Err(e) => ResponseBody::Error(e),
-                    };
-                    let _ = tx
-                        .send(Response {
-                            v: PROTOCOL_VERSION,
-                            id,
-                            body,
-                        })
-                        .await;
-                    // After the reply is queued: the audit never delays it.
-                    if let (Some(audit), Some(record)) = (&daemon.audit, record) {
-                        audit.record(record).await;
-                    }
-                });
+                tokio::spawn(spawn_request(daemon, tx, gone, spawn, peer, connection, id));
             }
         }
     }
