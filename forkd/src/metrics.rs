@@ -126,7 +126,7 @@ impl Metrics {
         let spawns = Family::<SpawnLabels, Counter>::default();
         registry.register(
             "forkd_spawns",
-"Spawn requests completed, by zygote, outcome (ok, exit_nonzero, killed, error) and killed_by",
+            "Spawn requests completed, by zygote, outcome (ok, exit_nonzero, killed, error) and killed_by",
             spawns.clone(),
         );
         let errors = Family::<ErrorLabels, Counter>::default();
@@ -140,7 +140,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "forkd_spawn_duration",
-"Request received to result ready (including any wait for a free slot), by zygote and whether a warm child served it",
+            "Request received to result ready (including any wait for a free slot), by zygote and whether a warm child served it",
             Unit::Seconds,
             duration.clone(),
         );
@@ -258,8 +258,8 @@ struct ZygoteSnapshot {
     start_failures: u64,
     deaths: u64,
     recycles: u64,
-    /// (ready, target, hits, misses, refills, discarded) when it has a warm pool.
-    pool: Option<[u64; 6]>,
+    /// (ready, target, hits, misses, refills, discarded, shrunk) when it has a warm pool.
+    pool: Option<[u64; 7]>,
 }
 
 impl Snapshot {
@@ -289,6 +289,7 @@ impl Snapshot {
                             s.misses.load(Ordering::Relaxed),
                             s.refills.load(Ordering::Relaxed),
                             s.discarded.load(Ordering::Relaxed),
+                            s.shrunk.load(Ordering::Relaxed),
                         ]
                     }),
                 }
@@ -348,7 +349,7 @@ impl Collector for Snapshot {
         per_zygote(
             &mut encoder,
             "forkd_zygote_up",
-"1 while the zygote is running and serving, 0 while it (re)starts or after a failed start.",
+            "1 while the zygote is running and serving, 0 while it (re)starts or after a failed start.",
             MetricType::Gauge,
             gauge(|s| Some(u64::from(s.up))),
         )?;
@@ -390,7 +391,7 @@ impl Collector for Snapshot {
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_target",
-            "Warm children the pool keeps ready (warm_pool).",
+            "Warm children the pool aims to keep ready now (adapts between warm_pool_min and warm_pool_max).",
             MetricType::Gauge,
             gauge(|s| s.pool.map(|p| p[1])),
         )?;
@@ -418,9 +419,16 @@ impl Collector for Snapshot {
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_discarded",
-"Warm children thrown away unused (their zygote died or was recycled, or they idled too long).",
+            "Warm children thrown away unused (their zygote died or was recycled, or they idled too long).",
             MetricType::Counter,
             counter(|s| s.pool.map(|p| p[5])),
+        )?;
+        per_zygote(
+            &mut encoder,
+            "forkd_warm_pool_shrunk",
+            "Parked warm children killed because the pool shrank.",
+            MetricType::Counter,
+            counter(|s| s.pool.map(|p| p[6])),
         )?;
         let info =
             prometheus_client::metrics::info::Info::new([("version", env!("CARGO_PKG_VERSION"))]);
