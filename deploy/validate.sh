@@ -41,7 +41,7 @@ docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") 
 assert len(docs) == 1, "daemonset.yaml must hold exactly one ConfigMap"
 open(sys.argv[2], "w").write(docs[0]["data"]["forkd.toml"])
 PY
-cargo build --quiet -p forkd --bin forkd
+cargo build --quiet -p forkd -p forkd-zygote # --check-config also looks for the zygote library
 for config in "$tmp/configmap-forkd.toml" packaging/forkd.toml; do
     target/debug/forkd --check-config --config "$config" >/dev/null
     echo "deploy/validate.sh: $config accepted by forkd --check-config"
