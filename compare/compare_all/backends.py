@@ -313,7 +313,8 @@ class Forkd(Backend):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.tmp:
+        if self.tmp:  # the last daemon log stays, for post-mortems
+            shutil.copy(self.tmp / "forkd.log", STATE / f"{self.name}.log")
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -345,7 +346,8 @@ class OpenSandbox(Backend):
         setup.ensure_execd_image()
         self.py = setup.ensure_opensandbox()
         self._remove_sandboxes()
-        self.tmp = Path(tempfile.mkdtemp(prefix="compare-opensandbox-"))
+        STATE.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="opensandbox-", dir=STATE))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -357,7 +359,6 @@ class OpenSandbox(Backend):
         text = re.sub(r'(?m)^execd_image = .*', f'execd_image = "{setup.EXECD_IMAGE}"', text)
         text = re.sub(r'(?m)^path = "~/.opensandbox/opensandbox.db"', f'path = "{self.tmp}/opensandbox.db"', text)
         text = re.sub(r'(?m)^# publish_host = .*', 'publish_host = "127.0.0.1"', text)
-        text = re.sub(r'(?m)^level = "INFO"', 'level = "WARNING"', text)
         conf.write_text(text)
         self.log = open(self.tmp / "server.log", "wb")
         env = dict(os.environ, OPENSANDBOX_INSECURE_SERVER="YES")
@@ -419,7 +420,8 @@ class OpenSandbox(Backend):
                 self.server.wait()
         if self.server:
             self._remove_sandboxes()
-        if self.tmp:
+        if self.tmp:  # the last server log stays, for post-mortems
+            shutil.copy(self.tmp / "server.log", STATE / "opensandbox-server.log")
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -194,6 +195,8 @@ def build_forkd(a):
 
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM unwinds like Ctrl-C, so daemons, servers and containers started here are cleaned up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if os.geteuid() != 0:
         sys.exit("compare-all: run as root (it installs packages, starts dockerd and forkd with cgroups)")
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -206,8 +209,22 @@ def main(argv=None):
             build_forkd(a)
         except Exception as e:
             forkd_err = str(e)
+    try:
+        prepare_and_run(a, backends, versions, forkd_err, python_needs_apt)
+    finally:
+        for b in backends:
+            if "obj" in b:
+                try:
+                    b["obj"].close()
+                except Exception as e:
+                    setup.log(f"closing {b['name']}: {e}")
+    return report(a, started, host, versions, backends)
+
+
+def prepare_and_run(a, backends, versions, forkd_err, python_needs_apt):
     for name in a.backends:
         entry = {"name": name, "status": "ok", "raw": {}}
+        backends.append(entry)  # before prepare: whatever it starts is closed even on Ctrl-C
         try:
             if python_needs_apt and name in NO_DOCKER:
                 setup.apt_install(["python3-numpy"])
@@ -226,16 +243,10 @@ def main(argv=None):
             setup.log(f"{name} cannot run: {entry['error'][:500]}")
             if not isinstance(e, (B.BackendUnavailable, setup.SetupError)):
                 traceback.print_exc()
-        backends.append(entry)
-    try:
-        asyncio.run(run_all(a, backends))
-    finally:
-        for b in backends:
-            if "obj" in b:
-                try:
-                    b["obj"].close()
-                except Exception as e:
-                    setup.log(f"closing {b['name']}: {e}")
+    asyncio.run(run_all(a, backends))
+
+
+def report(a, started, host, versions, backends):
     for b in backends:
         b["results"] = []
         for n in a.sizes:
