@@ -18,6 +18,10 @@ cargo test --workspace --quiet 2>&1 | tee "$log" || status=$?
 cargo run --quiet -p forkd-bench -- --quick --python "$FORKD_TEST_PYTHON" || status=$?
 # Python client (clients/python): unittest against a real daemon.
 "$FORKD_TEST_PYTHON" -m unittest discover -s clients/python/tests -v 2>&1 | tee -a "$log" || status=$?
+# compare-all (compare/) must not rot: its quick mode against real forkd daemons and cold python
+# (no Docker needed). It exits non-zero unless every sandbox's output is verified; bounded by timeout.
+timeout 120 compare/compare-all --quick --backends forkd,forkd-nopool,python --python "$FORKD_TEST_PYTHON" \
+    --forkd-bin target/debug/forkd --no-chart --out target/compare-quick || status=$?
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -263,7 +263,9 @@ def report(a, started, host, versions, backends):
         "raw": {b["name"]: {str(n): r for n, r in b["raw"].items()} for b in backends},
     }
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    # One line per top-level key: diffable without spreading thousands of samples over lines.
+    (a.out / "results.json").write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
+                                                            for k, v in res.items()) + "\n}\n")
     md = markdown(res)
     if not a.no_chart:
         try:

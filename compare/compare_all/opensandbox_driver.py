@@ -30,9 +30,9 @@ async def one(server, image, grace, t0):
             image,
             env={**THREAD_ENV, "EXECD_API_GRACE_SHUTDOWN": grace},
             timeout=timedelta(minutes=10),
-            ready_timeout=timedelta(seconds=180),
+            ready_timeout=timedelta(seconds=300),
             connection_config=ConnectionConfig(domain=server, protocol="http",
-                                               request_timeout=timedelta(seconds=180)),
+                                               request_timeout=timedelta(seconds=300)),
         )
         execution = await sandbox.commands.run(f'python3 -c "{SNIPPET}"')
         out = "".join(m.text for m in execution.logs.stdout).strip()
