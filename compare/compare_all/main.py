@@ -42,6 +42,8 @@ def parse_args(argv):
     ap.add_argument("--opensandbox-grace", default="50ms",
                     help="EXECD_API_GRACE_SHUTDOWN given to OpenSandbox sandboxes (execd's default is 1s)")
     ap.add_argument("--out", default=None, help="results folder (default compare/results; --quick: compare/results/tmp)")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: rewrite results.md and chart.png from --out's results.json")
     ap.add_argument("--no-chart", action="store_true", help="skip the PNG (needs matplotlib, installed by apt)")
     a = ap.parse_args(argv)
     a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
@@ -118,6 +120,30 @@ def fmt_s(x):
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def summary_table(res):
+    """One row per backend: wall at every N, then the largest N in detail."""
+    sizes = res["sizes"]
+    big = max(sizes)
+    head = " | ".join(f"N={n} wall" for n in sizes[:-1])
+    lines = [f"| backend | {head} | N={big} wall (min–max) | verified | per-sandbox p50 / p99 | teardown |",
+             "|---|" + "---|" * (len(sizes) + 3)]
+    for b in res["backends"]:
+        if b["status"] != "ok":
+            lines.append(f"| {b['name']} | " + " | ".join(["could not run"] + ["—"] * (len(sizes) + 3)) + " |")
+            continue
+        by_n = {s["n"]: s for s in b["results"]}
+        cells = [fmt_s(by_n[n]["wall_s"]["median"]) if n in by_n else "—" for n in sizes[:-1]]
+        s = by_n.get(big)
+        if s:
+            w = s["wall_s"]
+            cells += [f"{fmt_s(w['median'])} ({fmt_s(w['min'])}–{fmt_s(w['max'])})", f"{s['success']}/{s['requested']}",
+                      f"{fmt_s(s['latency_s']['p50'])} / {fmt_s(s['latency_s']['p99'])}", fmt_s(s["teardown_s"])]
+        else:
+            cells += ["—"] * 4
+        lines.append(f"| {b['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(res):
     h = res["host"]
     lines = [f"# compare-all results ({res['mode']} run, {res['finished']})", "",
@@ -125,6 +151,7 @@ def markdown(res):
              f"`{B.SNIPPET}` and must print `{B.EXPECTED}`. Wall = first request → last verified result "
              f"(median of the rounds, min–max in brackets); per-sandbox latency = its request → its verified "
              f"result, pooled over rounds; teardown is timed separately. See compare/METHODOLOGY.md.", "",
+             *summary_table(res), "", "All sizes:", "",
              "| backend | N | wall median (min–max) | verified | per-sandbox p50 / p99 | teardown (median) |",
              "|---|---|---|---|---|---|"]
     for b in res["backends"]:
@@ -195,6 +222,8 @@ def build_forkd(a):
 
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.render:
+        return render(a.out, json.loads((a.out / "results.json").read_text()), chart=not a.no_chart)
     # SIGTERM unwinds like Ctrl-C, so daemons, servers and containers started here are cleaned up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if os.geteuid() != 0:
@@ -266,12 +295,17 @@ def report(a, started, host, versions, backends):
     # One line per top-level key: diffable without spreading thousands of samples over lines.
     (a.out / "results.json").write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
                                                             for k, v in res.items()) + "\n}\n")
+    return render(a.out, res, chart=not a.no_chart)
+
+
+def render(out, res, chart=True):
+    """Writes results.md (and chart.png) from `res`; the exit status the results deserve."""
     md = markdown(res)
-    if not a.no_chart:
+    if chart:
         try:
             setup.apt_install(["python3-matplotlib"])
             p = subprocess.run(["/usr/bin/python3", str(Path(__file__).with_name("chart.py")),
-                                str(a.out / "results.json"), str(a.out / "chart.png")],
+                                str(out / "results.json"), str(out / "chart.png")],
                                capture_output=True, text=True, timeout=300)
             if p.returncode != 0:
                 raise setup.SetupError(p.stderr[-600:])
@@ -279,10 +313,10 @@ def report(a, started, host, versions, backends):
         except Exception as e:
             md += f"\nChart not made: {e}\n"
             setup.log(f"chart not made: {e}")
-    (a.out / "results.md").write_text(md)
+    (out / "results.md").write_text(md)
     print(md)
-    setup.log(f"results in {a.out}")
-    bad = [b["name"] for b in backends if b["status"] != "ok"
+    setup.log(f"results in {out}")
+    bad = [b["name"] for b in res["backends"] if b["status"] != "ok"
            or any(s["success"] != s["requested"] for s in b["results"])]
     if bad:
         setup.log(f"NOT all verified: {', '.join(bad)}")
