@@ -39,7 +39,13 @@ def verify(returncode, stdout, stderr):
 
 
 async def run_processes(argvs, env=None, limit_s=600):
-    """Starts every argv at once; a sample per process (request = just before its exec)."""
+    """Starts every argv at once; a sample per process (request = just before its exec).
+
+    Each process gets a session of its own (setsid, as `bwrap --new-session` and container
+    runtimes do): with the kernel's scheduler autogroups, a session is a scheduling group, so
+    on a shared host processes left in the harness's session would get less CPU than the same
+    processes in sessions of their own, whatever the sandbox.
+    """
     t0 = time.perf_counter()
 
     async def one(argv):
@@ -47,7 +53,8 @@ async def run_processes(argvs, env=None, limit_s=600):
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                         stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE, env=env)
+                                                        stderr=asyncio.subprocess.PIPE, env=env,
+                                                        start_new_session=True)
             out, err = await asyncio.wait_for(proc.communicate(), limit_s)
             ok, detail = verify(proc.returncode, out, err)
         except Exception as e:
@@ -63,7 +70,7 @@ def interpreter_paths(python):
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
     paths = {os.path.realpath(p) for p in json.loads(out) if p and os.path.isdir(p)}
     paths.add(os.path.dirname(os.path.realpath(python)))
-    return sorted(p for p in paths if not p.startswith("/usr/"))
+    return sorted(p for p in paths if p != "/usr" and not p.startswith("/usr/"))
 
 
 class Backend:
@@ -225,8 +232,9 @@ class Forkd(Backend):
         conf.write_text(f'socket = "{sock}"\n[[zygote]]\nname = "default"\npython = "{self.python}"\n'
                         f"preload = {json.dumps(self.preload)}\nwarm_pool = {self.warm_pool}\n")
         self.log = open(self.tmp / "forkd.log", "wb")
+        # Its own session, as a service would run (and not the harness's scheduler autogroup).
         self.proc = subprocess.Popen([str(self.forkd_bin), "--config", str(conf)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.sock = str(sock)
         deadline = time.monotonic() + 60
         while not sock.exists():
