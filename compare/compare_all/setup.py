@@ -153,7 +153,7 @@ def ensure_image():
 
 
 def ensure_execd_image():
-    """The stand-in for OpenSandbox's execd image (see compare/execd-standin/README.md)."""
+    """The stand-in for OpenSandbox's execd image (what it is and what differs: compare/METHODOLOGY.md)."""
     src = REPO / "compare" / "execd-standin"
     digest = run(["sha256sum", *sorted(str(p) for p in src.iterdir())]).stdout
     label = re.sub(r"\s+", " ", digest).strip()
