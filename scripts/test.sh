@@ -23,6 +23,10 @@ cargo run --quiet -p forkd-bench -- --quick --python "$FORKD_TEST_PYTHON" || sta
 # be rejected, the shipped forkd.toml files through `forkd --check-config`.
 # Installs its validator (PyPI kubernetes-validate) into target/deploy-venv.
 timeout 900 deploy/validate.sh || status=$?
+# compare-all (compare/) must not rot: its quick mode against real forkd daemons and cold python
+# (no Docker needed). It exits non-zero unless every sandbox's output is verified; bounded by timeout.
+timeout 120 compare/compare-all --quick --backends forkd,forkd-nopool,python --python "$FORKD_TEST_PYTHON" \
+    --forkd-bin target/debug/forkd --no-chart --out target/compare-quick || status=$?
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

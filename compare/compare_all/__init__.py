@@ -1,0 +1,1 @@
+"""compare-all harness (see compare/METHODOLOGY.md)."""

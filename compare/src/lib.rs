@@ -1,1 +1,0 @@
-//! compare-all: forkd side by side with other sandboxes (see its issue).
