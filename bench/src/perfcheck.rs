@@ -11,7 +11,7 @@
 //! **The rule** (see [`Rule`]): a timed metric regresses when the median of
 //! this run's per-round ratios is more than [`Rule::min_effect`] above the
 //! baseline's median *and* a one-sided permutation test on the two sets of
-//! per-round ratios gives p < [`Rule::alpha`]. The idle child's memory is not
+//! per-round ratios (Wilcoxon rank-sum statistic) gives p < [`Rule::alpha`]. The idle child's memory is not
 //! timing-noisy and is compared in absolute megabytes against
 //! [`Rule::uss_tolerance_mb`].
 
@@ -249,7 +249,7 @@ impl Rule {
     /// The rule as one line of text, for tables and logs.
     pub fn describe(&self) -> String {
         format!(
-            "timed: regression if the median same-round ratio rises by more than {:.0}% and a one-sided permutation test of the per-round ratios gives p < {}; memory: regression if the median idle child USS rises by more than {:.2} MB; inconclusive instead when others kept more than {} cores busy (median)",
+            "timed: regression if the median same-round ratio rises by more than {:.0}% and a one-sided permutation test (rank sum) of the per-round ratios gives p < {}; memory: regression if the median idle child USS rises by more than {:.2} MB; inconclusive instead when others kept more than {} cores busy (median)",
             self.min_effect * 100.0,
             self.alpha,
             self.uss_tolerance_mb,

@@ -1,5 +1,5 @@
 //! Small, dependency-free statistics for the perf-regression check: medians
-//! and a one-sided permutation test on the difference of medians.
+//! and a one-sided permutation test on ranks.
 //!
 //! Pure functions only (no clock, no I/O), so the decision rule is unit-tested
 //! on fixed numbers.
@@ -20,16 +20,40 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-/// One-sided permutation test of "`candidate` is larger than `baseline`".
+/// Ranks of `values` from 1 (smallest), ties given the mean of the ranks
+/// they span ("midranks").
+pub fn ranks(values: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    let mut ranks = vec![0.0; values.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && values[order[j + 1]] == values[order[i]] {
+            j += 1;
+        }
+        let midrank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = midrank;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// One-sided permutation test of "`candidate` tends to be larger than
+/// `baseline`", on the Wilcoxon–Mann–Whitney rank-sum statistic.
 ///
-/// Statistic: `median(candidate) - median(baseline)`. Under the null
-/// hypothesis (both samples come from one distribution, so their labels are
-/// exchangeable) every relabelling of the pooled values is equally likely;
-/// the p-value is the share of relabellings whose statistic is at least the
-/// observed one. It is estimated from `resamples` random relabellings drawn
-/// with a fixed `seed` (the same inputs always give the same answer), as
-/// `(1 + hits) / (1 + resamples)`, which never underestimates the exact
-/// value's expectation and is never 0.
+/// Statistic: the sum of the candidate's ranks in the pooled sample. Under
+/// the null hypothesis (both samples come from one distribution, so their
+/// labels are exchangeable) every relabelling of the pooled values is equally
+/// likely; the p-value is the share of relabellings whose statistic is at
+/// least the observed one. Ranks make it insensitive to how far an outlier
+/// round lies (one round hit by a neighbour weighs as one rank, not as its
+/// size). Estimated from `resamples` random relabellings drawn with a fixed
+/// `seed` (the same inputs always give the same answer), as
+/// `(1 + hits) / (1 + resamples)`, which is never 0 and does not understate
+/// the exact value on average.
 ///
 /// Returns `None` when either sample is empty or holds a NaN.
 pub fn permutation_p_value(
@@ -38,19 +62,23 @@ pub fn permutation_p_value(
     resamples: usize,
     seed: u64,
 ) -> Option<f64> {
-    let observed = median(candidate)? - median(baseline)?;
-    let mut pooled: Vec<f64> = baseline.iter().chain(candidate).copied().collect();
+    if baseline.is_empty()
+        || candidate.is_empty()
+        || baseline.iter().chain(candidate).any(|v| v.is_nan())
+    {
+        return None;
+    }
+    let pooled: Vec<f64> = baseline.iter().chain(candidate).copied().collect();
+    let mut ranks = ranks(&pooled);
     let n_base = baseline.len();
+    let observed: f64 = ranks[n_base..].iter().sum();
     let mut rng = SplitMix64(seed);
-    // A relabelling that ties the observed statistic counts as a hit; the
-    // tolerance keeps float rounding in the subtraction from splitting ties.
-    let tolerance = 1e-12 * observed.abs().max(1.0);
     let mut hits = 0usize;
     for _ in 0..resamples {
-        shuffle(&mut pooled, &mut rng);
-        let (b, c) = pooled.split_at(n_base);
-        let statistic = median(c)? - median(b)?;
-        if statistic >= observed - tolerance {
+        shuffle(&mut ranks, &mut rng);
+        // Rank sums are multiples of 0.5: the tolerance only absorbs float
+        // rounding so that ties with the observed sum count as hits.
+        if ranks[n_base..].iter().sum::<f64>() >= observed - 1e-9 {
             hits += 1;
         }
     }
@@ -140,9 +168,29 @@ mod tests {
     #[test]
     fn exact_distribution_is_approximated() {
         // Two samples of two: of the C(4,2) = 6 labellings, candidate {3,4}
-        // is the only one with a difference of medians >= the observed 2.
+        // is the only one with a rank sum >= the observed 7.
         let p = permutation_p_value(&[1.0, 2.0], &[3.0, 4.0], 60_000, 3).unwrap();
         assert!((p - 1.0 / 6.0).abs() < 0.01, "p = {p}");
+        // {2,4} and {3,4} reach the observed 6 of candidate {2,4}: 2/6.
+        let p = permutation_p_value(&[1.0, 3.0], &[2.0, 4.0], 60_000, 3).unwrap();
+        assert!((p - 2.0 / 6.0).abs() < 0.01, "p = {p}");
+    }
+
+    #[test]
+    fn midranks() {
+        assert_eq!(ranks(&[10.0, 30.0, 20.0]), vec![1.0, 3.0, 2.0]);
+        assert_eq!(ranks(&[5.0, 1.0, 5.0, 7.0]), vec![2.5, 1.0, 2.5, 4.0]);
+        assert!(ranks(&[]).is_empty());
+    }
+
+    #[test]
+    fn an_outlier_weighs_as_one_rank() {
+        // One huge candidate round among otherwise equal-looking values is
+        // not evidence of a shift.
+        let base = [1.00, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97, 1.00];
+        let cand = [1.01, 0.99, 1.00, 0.98, 1.02, 0.97, 1.03, 9.0];
+        let p = permutation_p_value(&base, &cand, 10_000, 1).unwrap();
+        assert!(p > 0.1, "p = {p}");
     }
 
     #[test]
