@@ -115,10 +115,12 @@ impl Bench {
             max_age_secs: None,
             ..Default::default()
         };
-        let mut config = forkd::Config::default();
-        config.zygotes = vec![zygote(POOLED, settings.burst), zygote(NOPOOL, 0)];
-        config.default_zygote = POOLED.into();
-        config.max_concurrent = 4096;
+        let config = forkd::Config {
+            zygotes: vec![zygote(POOLED, settings.burst), zygote(NOPOOL, 0)],
+            default_zygote: POOLED.into(),
+            max_concurrent: 4096,
+            ..Default::default()
+        };
         let dir = std::env::temp_dir().join(format!("forkd-bench-check-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("forkd.sock");
@@ -164,6 +166,8 @@ impl Bench {
         self.floor.single(20).await?;
         single(&self.client, 20, &Self::request(POOLED)).await;
         single(&self.client, 20, &Self::request(NOPOOL)).await;
+        self.floor.burst(self.settings.burst).await?;
+        burst(&self.client, self.settings.burst, &Self::request(NOPOOL)).await;
         Ok(())
     }
 

@@ -452,9 +452,12 @@ fn compare_metric(metric: Metric, base: &[f64], cur: &[f64], rule: &Rule) -> Row
     row
 }
 
+/// A raw figure of the context table: name, accessor, divisor, unit.
+type RawFigure = (&'static str, fn(&Round) -> f64, f64, &'static str);
+
 /// Median of a raw figure over a record's rounds, for the context table.
-fn raw_median(record: &Record, field: fn(&Round) -> Option<f64>) -> Option<f64> {
-    let values: Vec<f64> = record.rounds.iter().filter_map(field).collect();
+fn raw_median(record: &Record, field: fn(&Round) -> f64) -> Option<f64> {
+    let values: Vec<f64> = record.rounds.iter().map(field).collect();
     stats::median(&values)
 }
 
@@ -549,33 +552,13 @@ pub fn render(cmp: &Comparison, baseline: &Record, current: &Record) -> String {
             row.verdict.label()
         );
     }
-    let fields: [(&str, fn(&Round) -> Option<f64>, f64, &str); 6] = [
-        (
-            "floor single p50",
-            |r| Some(r.floor_single_p50_us),
-            1e3,
-            "ms",
-        ),
-        (
-            "floor burst wall",
-            |r| Some(r.floor_burst_wall_us),
-            1e3,
-            "ms",
-        ),
-        ("warm single p50", |r| Some(r.warm_single_p50_us), 1e3, "ms"),
-        (
-            "burst wall, pool",
-            |r| Some(r.burst_pool_wall_us),
-            1e3,
-            "ms",
-        ),
-        (
-            "burst wall, no pool",
-            |r| Some(r.burst_nopool_wall_us),
-            1e3,
-            "ms",
-        ),
-        ("sustained", |r| Some(r.sustained_per_sec), 1.0, "/s"),
+    let fields: [RawFigure; 6] = [
+        ("floor single p50", |r| r.floor_single_p50_us, 1e3, "ms"),
+        ("floor burst wall", |r| r.floor_burst_wall_us, 1e3, "ms"),
+        ("warm single p50", |r| r.warm_single_p50_us, 1e3, "ms"),
+        ("burst wall, pool", |r| r.burst_pool_wall_us, 1e3, "ms"),
+        ("burst wall, no pool", |r| r.burst_nopool_wall_us, 1e3, "ms"),
+        ("sustained", |r| r.sustained_per_sec, 1.0, "/s"),
     ];
     let _ = writeln!(out, "\nAbsolute medians (context only, not compared):");
     let _ = writeln!(out, "\n| figure | baseline | this run |\n|---|---|---|");
