@@ -224,11 +224,11 @@ pub struct Rule {
     pub resamples: usize,
     /// Seed of those draws (fixed: the same files give the same verdict).
     pub seed: u64,
-    /// When the median neighbour load of the judged run exceeds this many
-    /// cores, a regression is reported as inconclusive instead: others'
-    /// processes then compete with the daemon's threads far more than with
-    /// the floor's simpler path, and ratios rise without any change in the
-    /// code.
+    /// When the median neighbour load of the judged run, or of the
+    /// baseline, exceeds this many cores, a timing regression is reported as
+    /// inconclusive instead: others' processes then compete with the
+    /// daemon's threads far more than with the floor's simpler path, and
+    /// ratios move by several times without any change in the code.
     pub busy_cores: f64,
 }
 
@@ -276,7 +276,7 @@ impl Verdict {
             Verdict::Ok => "ok",
             Verdict::Improved => "improved",
             Verdict::Regression => "**REGRESSION**",
-            Verdict::Inconclusive => "slower, inconclusive (host busy)",
+            Verdict::Inconclusive => "slower, inconclusive (busy host)",
             Verdict::NotMeasured => "not measured",
         }
     }
@@ -349,10 +349,19 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    /// Whether others kept the host busier than the rule accepts.
+    /// Whether others kept the host busier than the rule accepts while this
+    /// run was measured.
     pub fn host_busy(&self) -> bool {
         self.neighbour_cores
             .1
+            .is_some_and(|c| c > self.rule.busy_cores)
+    }
+
+    /// Whether the baseline itself was taken on a busy host (its ratios are
+    /// then inflated and say little about the code: take it again).
+    pub fn baseline_busy(&self) -> bool {
+        self.neighbour_cores
+            .0
             .is_some_and(|c| c > self.rule.busy_cores)
     }
 
@@ -390,7 +399,7 @@ pub fn compare(baseline: &Record, current: &Record, rule: &Rule) -> Result<Compa
         rule: rule.clone(),
         neighbour_cores: (neighbours(baseline), neighbours(current)),
     };
-    let busy = cmp.host_busy();
+    let busy = cmp.host_busy() || cmp.baseline_busy();
     cmp.rows = Metric::ALL
         .iter()
         .map(|&metric| {
@@ -512,10 +521,10 @@ pub fn render(cmp: &Comparison, baseline: &Record, current: &Record) -> String {
         "- others' load while the check idled (median, cores): baseline {}, this run {}{}",
         cores(cmp.neighbour_cores.0),
         cores(cmp.neighbour_cores.1),
-        if cmp.host_busy() {
-            " — **host busy: timing regressions are reported as inconclusive**"
-        } else {
-            ""
+        match (cmp.baseline_busy(), cmp.host_busy()) {
+            (true, _) => " — **the baseline was taken on a busy host: timing regressions are reported as inconclusive; take a new baseline on a quiet host**",
+            (false, true) => " — **host busy: timing regressions are reported as inconclusive**",
+            (false, false) => "",
         }
     );
     let _ = writeln!(out, "- rule: {}\n", cmp.rule.describe());
@@ -724,6 +733,19 @@ mod tests {
         assert_eq!(cmp.rows[0].verdict, Verdict::Inconclusive);
         // Memory is still judged.
         assert_eq!(cmp.regressions(), vec![Metric::IdleChildUss]);
+        // A baseline taken on a busy host makes timing inconclusive too.
+        let mut busy_base = base.clone();
+        for r in &mut busy_base.rounds {
+            r.neighbour_cores = Some(1.5);
+        }
+        let mut slow = base.clone();
+        for r in &mut slow.rounds {
+            r.warm_single_p50_us *= 1.5;
+        }
+        let cmp = compare(&busy_base, &slow, &Rule::default()).unwrap();
+        assert!(cmp.baseline_busy() && !cmp.host_busy());
+        assert_eq!(cmp.rows[0].verdict, Verdict::Inconclusive);
+        assert!(cmp.regressions().is_empty());
     }
 
     #[test]
