@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use forkd_bench::perfcheck::{self, HostFacts, Record, Round, Rule, Settings, Verdict};
+use forkd_bench::perfcheck::{self, HostFacts, Record, Round, Rule, Settings};
 use forkd_ipc::{AsyncClient, SpawnRequest};
 
 use crate::floor::Floor;
@@ -446,15 +446,7 @@ async fn run_started(
     println!("{table}");
     let suspected = first.regressions();
     if suspected.is_empty() {
-        let verdict = if first
-            .rows
-            .iter()
-            .any(|r| r.verdict == Verdict::Inconclusive)
-        {
-            "PASS, inconclusive — the host was busy with other work and some timing looked slower; re-run on a quiet host to be sure"
-        } else {
-            "PASS — no regression"
-        };
+        let verdict = first.pass_text();
         println!("forkd-bench check: {verdict}");
         append_summary(args.summary.as_deref(), &format!("{table}\n**{verdict}**"))?;
         return Ok(ExitCode::SUCCESS);
@@ -517,7 +509,7 @@ pub fn compare_files(args: CompareArgs) -> Result<ExitCode> {
     println!("{table}");
     let regressions: Vec<&str> = cmp.regressions().iter().map(|m| m.name()).collect();
     let verdict = if regressions.is_empty() {
-        "PASS — no regression".to_string()
+        cmp.pass_text().to_string()
     } else {
         format!("FAIL — regression in {}", regressions.join(", "))
     };

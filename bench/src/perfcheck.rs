@@ -365,6 +365,22 @@ impl Comparison {
             .is_some_and(|c| c > self.rule.busy_cores)
     }
 
+    /// The verdict line of a comparison without regressions: says plainly
+    /// when timing could not be judged.
+    pub fn pass_text(&self) -> &'static str {
+        if self.baseline_busy() {
+            "PASS on memory only — timing not judged: the baseline was taken on a busy host (take a new one on a quiet host)"
+        } else if self.host_busy() {
+            if self.rows.iter().any(|r| r.verdict == Verdict::Inconclusive) {
+                "PASS, inconclusive — the host was busy with other work and some timing looked slower; re-run on a quiet host to be sure"
+            } else {
+                "PASS — no regression (host busy: a timing regression would have been reported as inconclusive)"
+            }
+        } else {
+            "PASS — no regression"
+        }
+    }
+
     pub fn regressions(&self) -> Vec<Metric> {
         self.rows
             .iter()
@@ -744,6 +760,7 @@ mod tests {
         }
         let cmp = compare(&busy_base, &slow, &Rule::default()).unwrap();
         assert!(cmp.baseline_busy() && !cmp.host_busy());
+        assert!(cmp.pass_text().starts_with("PASS on memory only"));
         assert_eq!(cmp.rows[0].verdict, Verdict::Inconclusive);
         assert!(cmp.regressions().is_empty());
     }
