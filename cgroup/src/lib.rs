@@ -784,7 +784,7 @@ impl SandboxCgroup {
 
     /// Kills every process in the sandbox: v2 writes `1` to `cgroup.kill`
     /// when present; then (and always on v1 / old v2) reads `cgroup.procs`
-    /// and sends SIGKILL until empty, for at most ~2 s.
+    /// and sends SIGKILL until empty, for at most ~10 s.
     pub fn kill_all(&self) -> Result<(), Error> {
         if self.dirs.is_empty() {
             return Ok(());
@@ -792,8 +792,40 @@ impl SandboxCgroup {
         sys::kill_tree(&self.dirs)
     }
 
+    /// One removal attempt that never waits, for a caller that retries (a
+    /// background reaper): with `kill`, first SIGKILLs whatever still runs
+    /// in the cgroup and also tries sub-cgroups; then removes the
+    /// directories it can. `Ok(true)` once nothing is left.
+    pub fn try_remove(&mut self, kill: bool) -> Result<bool, Error> {
+        if self.removed {
+            return Ok(true);
+        }
+        if kill {
+            sys::signal_tree(&self.dirs)?;
+        }
+        let mut left_dirs = Vec::new();
+        let mut left_ctls = Vec::new();
+        for (dir, ctl) in self.dirs.iter().zip(&self.ctls) {
+            if !sys::try_remove_tree(dir, kill)? {
+                left_dirs.push(dir.clone());
+                left_ctls.push(*ctl);
+            }
+        }
+        self.dirs = left_dirs;
+        self.ctls = left_ctls;
+        self.removed = self.dirs.is_empty();
+        Ok(self.removed)
+    }
+
+    /// Gives up on removing: returns the directories left behind, which
+    /// dropping the handle will no longer try to remove.
+    pub fn abandon(mut self) -> Vec<PathBuf> {
+        self.removed = true;
+        std::mem::take(&mut self.dirs)
+    }
+
     /// Kills all processes, then removes the directories (retrying EBUSY
-    /// for up to ~1 s). Already-removed directories are fine.
+    /// for up to ~5 s). Already-removed directories are fine.
     pub fn remove(mut self) -> Result<(), Error> {
         let res = self.remove_inner();
         self.removed = true;

@@ -10,9 +10,9 @@ use crate::parse;
 use crate::Error;
 
 /// How long [`kill_tree`] keeps sending SIGKILL before giving up.
-pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`remove_tree`] retries `rmdir` on EBUSY.
-pub(crate) const RMDIR_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const RMDIR_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends `sig` to the single process `pid`.
 ///
@@ -164,5 +164,51 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), Error> {
             }
             Err(e) => return Err(Error::io("rmdir", dir, e)),
         }
+    }
+}
+
+/// One pass, never waiting: SIGKILLs every process in `dirs` and below
+/// (`cgroup.kill` where it exists). For callers that retry on their own.
+pub(crate) fn signal_tree(dirs: &[PathBuf]) -> Result<(), Error> {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let mut pids = Vec::new();
+    for d in dirs {
+        let kill_file = d.join("cgroup.kill");
+        if kill_file.exists() {
+            write(&kill_file, "1")?;
+        }
+        pids_in_tree(d, &mut pids)?;
+    }
+    for p in pids.into_iter().filter(|p| *p != me) {
+        // ESRCH: already gone.
+        let _ = kill(p, libc::SIGKILL);
+    }
+    Ok(())
+}
+
+/// One removal attempt of `dir` and its descendant cgroups, bottom-up,
+/// never waiting: `Ok(false)` while something is still busy.
+pub(crate) fn try_remove_tree(dir: &Path, descend: bool) -> Result<bool, Error> {
+    match fs::remove_dir(dir) {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+        Err(e) => return Err(Error::io("rmdir", dir, e)),
+    }
+    if !descend {
+        return Ok(false);
+    }
+    let mut all = true;
+    for sub in subdirs(dir)? {
+        all &= try_remove_tree(&sub, true)?;
+    }
+    if !all {
+        return Ok(false);
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
+        Err(e) => Err(Error::io("rmdir", dir, e)),
     }
 }

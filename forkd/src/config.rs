@@ -9,6 +9,8 @@ use forkd_ipc::{AppliedLimits, ErrorCode, ErrorReply, InlineFile, SpawnRequest};
 use serde::Deserialize;
 
 const MIB: u64 = 1024 * 1024;
+/// Name of the zygote an empty configuration gets.
+const DEFAULT_ZYGOTE_NAME: &str = "default";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +69,69 @@ pub struct Config {
     /// Once a client frame has begun, the rest must arrive within this many
     /// milliseconds or the connection is closed (slow or stalled clients).
     pub frame_timeout_ms: u64,
+    /// Log line format on stderr: `text` (default) or `json` (one object per line).
+    pub log_format: LogFormat,
+    /// Serve Prometheus metrics (`GET /metrics`) here: `host:port` (loopback
+    /// only unless `metrics_allow_remote`) or an absolute Unix socket path.
+    /// Unset: no listener.
+    pub metrics_listen: Option<String>,
+    /// Allow `metrics_listen` on a non-loopback address. The endpoint has no
+    /// authentication or TLS and tells anyone who can reach it the zygote
+    /// names, load and error rates.
+    pub metrics_allow_remote: bool,
+    /// Append one JSON line per request here (created 0640 if missing).
+    pub audit_log: Option<PathBuf>,
+    /// Also record each request's code, argv, env, stdin and output, and error
+    /// messages, in the audit log. Off by default: those are the users' data.
+    pub audit_payloads: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl MetricsListen {
+    /// Parses `host:port` or an absolute socket path; refuses a non-loopback
+    /// address unless `allow_remote`.
+    pub fn parse(text: &str, allow_remote: bool) -> Result<MetricsListen, ConfigError> {
+        if text.starts_with('/') {
+            return Ok(MetricsListen::Unix(PathBuf::from(text)));
+        }
+        let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "metrics_listen `{text}` is neither an IP:port (e.g. 127.0.0.1:9464) nor an absolute Unix socket path"
+            ))
+        })?;
+        if !addr.ip().is_loopback() && !allow_remote {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_listen `{text}` is not a loopback address: the metrics endpoint has no authentication or TLS; listen on 127.0.0.1 or a Unix socket and scrape through a proxy, or set metrics_allow_remote = true"
+            )));
+        }
+        Ok(MetricsListen::Tcp(addr))
+    }
+}
+
+impl std::fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsListen::Tcp(a) => write!(f, "http://{a}/metrics"),
+            MetricsListen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 impl Default for Config {
@@ -88,6 +153,11 @@ impl Default for Config {
             max_frame_bytes: forkd_ipc::MAX_FRAME_BYTES,
             netns_stock: 32,
             frame_timeout_ms: 30_000,
+            log_format: LogFormat::Text,
+            metrics_listen: None,
+            metrics_allow_remote: false,
+            audit_log: None,
+            audit_payloads: false,
         }
     }
 }
@@ -112,6 +182,13 @@ pub struct ZygoteSection {
     /// size, rlimit or policy is forked on demand, other cgroup limits are
     /// applied to the warm child before the hand-off.
     pub warm_pool: usize,
+    /// Bounds of an adaptive pool: a request finding the pool empty doubles
+    /// its size up to `warm_pool_max`; a `warm_shrink_after_secs` window
+    /// with unused parked children halves that headroom, down to
+    /// `warm_pool_min`. Both default to `warm_pool` (a fixed size).
+    pub warm_pool_min: Option<usize>,
+    pub warm_pool_max: Option<usize>,
+    pub warm_shrink_after_secs: u64,
     /// Warm children prepared at once while refilling.
     pub warm_refill_concurrency: usize,
     /// Warm children parked longer than this many seconds are replaced
@@ -119,10 +196,20 @@ pub struct ZygoteSection {
     pub warm_max_idle_secs: Option<u64>,
 }
 
+impl ZygoteSection {
+    /// `(warm_pool_min, warm_pool_max)`, each defaulting to `warm_pool`.
+    pub fn warm_pool_bounds(&self) -> (usize, usize) {
+        (
+            self.warm_pool_min.unwrap_or(self.warm_pool),
+            self.warm_pool_max.unwrap_or(self.warm_pool),
+        )
+    }
+}
+
 impl Default for ZygoteSection {
     fn default() -> Self {
         ZygoteSection {
-            name: "default".into(),
+            name: DEFAULT_ZYGOTE_NAME.into(),
             python: PathBuf::from("python3"),
             preload: vec!["numpy".into()],
             env: BTreeMap::new(),
@@ -130,6 +217,9 @@ impl Default for ZygoteSection {
             max_age_secs: Some(3600),
             start_timeout_secs: 60,
             warm_pool: 16,
+            warm_pool_min: None,
+            warm_pool_max: None,
+            warm_shrink_after_secs: 60,
             warm_refill_concurrency: 2,
             warm_max_idle_secs: Some(600),
         }
@@ -227,6 +317,15 @@ impl Config {
         }
     }
 
+    /// Whether `name` is a configured zygote (without cloning the sections).
+    pub fn has_zygote(&self, name: &str) -> bool {
+        if self.zygotes.is_empty() {
+            name == DEFAULT_ZYGOTE_NAME
+        } else {
+            self.zygotes.iter().any(|z| z.name == name)
+        }
+    }
+
     /// Checks cross-field rules that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let zygotes = self.zygote_sections();
@@ -235,6 +334,19 @@ impl Config {
             if z.name.is_empty() || !names.insert(z.name.clone()) {
                 return Err(ConfigError::Invalid(format!(
                     "zygote names must be non-empty and unique (`{}`)",
+                    z.name
+                )));
+            }
+            let (min, max) = z.warm_pool_bounds();
+            if !(min <= z.warm_pool && z.warm_pool <= max) {
+                return Err(ConfigError::Invalid(format!(
+                    "zygote `{}`: warm_pool_min ({min}) <= warm_pool ({}) <= warm_pool_max ({max}) must hold",
+                    z.name, z.warm_pool
+                )));
+            }
+            if z.warm_shrink_after_secs == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "zygote `{}`: warm_shrink_after_secs must be at least 1",
                     z.name
                 )));
             }
@@ -287,7 +399,24 @@ impl Config {
                 "max_concurrent must be at least 1".into(),
             ));
         }
+        self.metrics()?;
+        if let Some(path) = &self.audit_log {
+            if !path.is_absolute() {
+                return Err(ConfigError::Invalid(format!(
+                    "audit_log `{}` must be an absolute path",
+                    path.display()
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The metrics listener, if one is configured.
+    pub fn metrics(&self) -> Result<Option<MetricsListen>, ConfigError> {
+        self.metrics_listen
+            .as_deref()
+            .map(|t| MetricsListen::parse(t, self.metrics_allow_remote))
+            .transpose()
     }
 
     /// Loads the policy set: the built-in `default` plus configured files.
@@ -352,7 +481,7 @@ pub fn resolve(
         .zygote
         .clone()
         .unwrap_or_else(|| config.default_zygote.clone());
-    if !config.zygote_sections().iter().any(|z| z.name == zygote) {
+    if !config.has_zygote(&zygote) {
         return Err(ErrorReply {
             code: ErrorCode::UnknownZygote,
             message: format!(
@@ -727,6 +856,32 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config::from_toml("default_zygote = 'x'").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn metrics_listener_is_loopback_unless_allowed() {
+        assert_eq!(
+            MetricsListen::parse("127.0.0.1:9464", false).unwrap(),
+            MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap())
+        );
+        assert!(MetricsListen::parse("[::1]:9464", false).is_ok());
+        assert_eq!(
+            MetricsListen::parse("/run/forkd/metrics.sock", false).unwrap(),
+            MetricsListen::Unix("/run/forkd/metrics.sock".into())
+        );
+        let e = MetricsListen::parse("0.0.0.0:9464", false).unwrap_err();
+        assert!(e.to_string().contains("metrics_allow_remote"), "{e}");
+        assert!(MetricsListen::parse("0.0.0.0:9464", true).is_ok());
+        assert!(MetricsListen::parse("localhost:9464", false).is_err());
+        assert!(MetricsListen::parse("metrics.sock", false).is_err());
+        let c = Config::from_toml("metrics_listen = '10.0.0.1:1'").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("audit_log = 'audit.jsonl'").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("log_format = 'json'\naudit_log = '/var/log/forkd/audit.jsonl'")
+            .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
     }
 
     #[test]

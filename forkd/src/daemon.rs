@@ -31,10 +31,14 @@ pub enum StartError {
     Cgroup(forkd_cgroup::Error),
     #[error("cannot find forkd's native zygote library {name}; looked in: {tried}. Build the whole workspace (`cargo build --release`) or set zygote_library in the config / FORKD_ZYGOTE_LIB")]
     Library { name: &'static str, tried: String },
-    #[error("interpreter `{0}` for zygote `{1}` was not found on PATH; set `python` to an absolute path (e.g. a venv's bin/python)")]
+    #[error("interpreter `{0}` for zygote `{1}` was not found (a bare name is looked up on PATH); set `python` to an existing interpreter, e.g. a venv's bin/python")]
     Python(PathBuf, String),
     #[error("{0}")]
     Zygote(String),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics_http::MetricsListenError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditOpenError),
 }
 
 /// The running daemon's shared state.
@@ -48,13 +52,21 @@ pub struct Daemon {
     /// Warm pools by zygote name.
     pub warm: std::collections::HashMap<String, WarmPool>,
     next_id: Arc<AtomicU64>,
+    next_connection: AtomicU64,
     shutdown: watch::Sender<bool>,
     socket: PathBuf,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The audit log, when `audit_log` is configured.
+    pub audit: Option<crate::audit::AuditLog>,
 }
 
 impl Daemon {
     pub fn next_sandbox_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn next_connection(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -134,6 +146,19 @@ pub fn find_python(python: &Path, zygote: &str) -> Result<PathBuf, StartError> {
         .ok_or_else(|| StartError::Python(python.to_path_buf(), zygote.into()))
 }
 
+/// Everything [`start`] checks before it starts anything: the configuration's
+/// rules, the policies, the native library and every zygote's interpreter
+/// (what `forkd --check-config` runs).
+pub fn preflight(config: &Config) -> Result<(), StartError> {
+    config.validate()?;
+    config.load_policies()?;
+    find_library(config.zygote_library.as_deref())?;
+    for z in config.zygote_sections() {
+        find_python(&z.python, &z.name)?;
+    }
+    Ok(())
+}
+
 /// Replaces a stale socket file; refuses if a live daemon answers on it.
 fn claim_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartError> {
     let sock_err = |source| StartError::Socket {
@@ -175,11 +200,19 @@ fn claim_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartEr
 pub struct Running {
     pub daemon: Arc<Daemon>,
     server: tokio::task::JoinHandle<()>,
+    metrics_server: Option<tokio::task::JoinHandle<()>>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Running {
     pub fn socket_path(&self) -> &Path {
         self.daemon.socket_path()
+    }
+
+    /// The metrics endpoint's TCP address, when it listens on TCP (the
+    /// actual port when the configuration asked for port 0).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops accepting, kills running sandboxes (reported as
@@ -196,6 +229,9 @@ impl Running {
         }
         // Let the connections flush the final replies.
         let _ = tokio::time::timeout(Duration::from_millis(500), self.server).await;
+        if let Some(task) = self.metrics_server {
+            let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
+        }
         for (name, pool) in &d.warm {
             let s = pool.stats();
             tracing::info!(
@@ -223,6 +259,10 @@ impl Running {
         })
         .await;
         let _ = std::fs::remove_file(&d.socket);
+        if let Some(audit) = &d.audit {
+            // Last, so that every request finished above has queued its record.
+            audit.close().await;
+        }
         tracing::info!("forkd stopped");
     }
 }
@@ -290,6 +330,32 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         return Err(StartError::Zygote(e.to_string()));
     }
 
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let bound = async {
+        let metrics_listener = match config.metrics()? {
+            Some(listen) => Some(crate::metrics_http::Listener::bind(&listen).await?),
+            None => None,
+        };
+        let audit = match &config.audit_log {
+            Some(path) => Some(crate::audit::AuditLog::open(
+                path,
+                config.audit_payloads,
+                metrics.clone(),
+            )?),
+            None => None,
+        };
+        Ok::<_, StartError>((metrics_listener, audit))
+    }
+    .await;
+    let (metrics_listener, audit) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            pool.shutdown(Duration::from_secs(1)).await;
+            let _ = cgroups.shutdown();
+            return Err(e);
+        }
+    };
+
     let listener = match claim_socket(&socket) {
         Ok(l) => l,
         Err(e) => {
@@ -317,11 +383,19 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         ids: next_id.clone(),
     };
     let mut warm = std::collections::HashMap::new();
-    for z in config.zygote_sections().iter().filter(|z| z.warm_pool > 0) {
+    for z in config
+        .zygote_sections()
+        .iter()
+        .filter(|z| z.warm_pool_bounds().1 > 0)
+    {
         let defaults = config.limits.default.applied(cgroups.limits_enforced());
         let plan = crate::sandbox::plan_for(config.default_policy.clone(), &defaults);
+        let (min, max) = z.warm_pool_bounds();
         let policy = PoolPolicy {
             target: z.warm_pool,
+            min,
+            max,
+            shrink_after: Duration::from_secs(z.warm_shrink_after_secs),
             refill_concurrency: z.warm_refill_concurrency,
             max_idle: z.warm_max_idle_secs.map(Duration::from_secs),
         };
@@ -339,10 +413,33 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
         pool,
         cgroups,
         next_id,
+        next_connection: AtomicU64::new(1),
         shutdown,
         socket,
+        metrics,
+        audit,
     });
     tracing::info!(socket = %daemon.socket.display(), "forkd listening");
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .and_then(crate::metrics_http::Listener::local_addr);
+    if let Ok(Some(listen)) = daemon.config.metrics() {
+        let shown = match metrics_addr {
+            Some(a) => format!("http://{a}/metrics"),
+            None => listen.to_string(),
+        };
+        tracing::info!(endpoint = %shown, "serving metrics");
+    }
+    let metrics_server =
+        metrics_listener.map(|l| tokio::spawn(crate::metrics_http::serve(daemon.clone(), l)));
+    if let Some(path) = &daemon.config.audit_log {
+        tracing::info!(path = %path.display(), payloads = daemon.config.audit_payloads, "audit log open");
+    }
     let server = tokio::spawn(crate::server::serve(daemon.clone(), listener));
-    Ok(Running { daemon, server })
+    Ok(Running {
+        daemon,
+        server,
+        metrics_server,
+        metrics_addr,
+    })
 }

@@ -6,8 +6,12 @@
 //! multi-threaded tokio program and never forks: zygotes do
 //! (see the `forkd-zygote` and `forkd-pool` crates).
 
+pub mod audit;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
+pub mod metrics;
+pub mod metrics_http;
 pub mod sandbox;
 pub mod server;
 mod sys;
@@ -15,7 +19,9 @@ mod sys;
 pub use config::Config;
 pub use daemon::{start, Running, StartError};
 
-/// Installs the log subscriber (`RUST_LOG` or `level`), once.
+/// Installs the log subscriber (`RUST_LOG` or `level`), once. `json`: one
+/// JSON object per line (`timestamp`, `level`, `fields.message`, other
+/// fields, `target`), for log collectors.
 pub fn init_logging(level: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Runs isolated Python sandboxes forked from warm zygotes, served on a Unix socket.
 #[derive(Parser, Debug)]
@@ -12,30 +12,62 @@ use clap::Parser;
     about = "forkd: runs isolated Python sandboxes forked from warm zygotes, served on a Unix socket"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (every key is optional; see README).
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Socket path (overrides the config; default /run/forkd/forkd.sock as root,
     /// $XDG_RUNTIME_DIR/forkd/forkd.sock otherwise).
     #[arg(long, env = "FORKD_SOCKET")]
     socket: Option<PathBuf>,
     /// Interpreter of the default zygote (overrides the config), e.g. a venv's bin/python.
-    #[arg(long)]
+    #[arg(long, global = true)]
     python: Option<PathBuf>,
     /// Comma-separated preload modules of the default zygote (overrides the config).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', global = true)]
     preload: Option<Vec<String>>,
     /// Log level when RUST_LOG is unset.
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", global = true)]
     log_level: String,
-    /// Check the configuration and exit.
+    /// Log line format (overrides the config's log_format).
+    #[arg(long, value_enum)]
+    log_format: Option<forkd::config::LogFormat>,
+    /// Serve Prometheus metrics at GET /metrics on this loopback IP:port or
+    /// Unix socket path (overrides the config's metrics_listen).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Check the configuration (and that its interpreters and the zygote
+    /// library exist) and exit.
     #[arg(long)]
     check_config: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check this machine and the configuration: kernel, namespaces, cgroups,
+    /// landlock, seccomp, interpreters and preload imports, then one sandbox
+    /// end to end. One PASS/WARN/FAIL line per check; exit status 1 if any failed.
+    Doctor,
+    /// One of the doctor's probes, run in a child process (internal).
+    #[command(name = "__probe", hide = true)]
+    Probe { what: String },
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    forkd::init_logging(&args.log_level, false);
+    if let Some(Command::Probe { what }) = &args.command {
+        return match forkd::doctor::probe(what) {
+            Ok(detail) => {
+                println!("{detail}");
+                ExitCode::SUCCESS
+            }
+            Err(detail) => {
+                println!("{detail}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut config = match &args.config {
         Some(path) => match forkd::Config::load(path) {
             Ok(c) => c,
@@ -47,11 +79,23 @@ fn main() -> ExitCode {
         None => forkd::Config::default(),
     };
     forkd::config::apply_overrides(&mut config, args.python.clone(), args.preload.clone());
+    if let Some(format) = args.log_format {
+        config.log_format = format;
+    }
+    if let Some(listen) = &args.metrics_listen {
+        config.metrics_listen = Some(listen.clone());
+    }
+    let json_logs = config.log_format == forkd::config::LogFormat::Json;
+    if let Some(Command::Doctor) = args.command {
+        // Only the doctor's own warnings; the private daemon it starts is quiet.
+        forkd::init_logging("warn", json_logs);
+        println!("{}", forkd::doctor::describe(args.config.as_deref()));
+        let checks = forkd::doctor::run(&config, |c| println!("{c}"));
+        return ExitCode::from(forkd::doctor::exit_code(&checks));
+    }
+    forkd::init_logging(&args.log_level, json_logs);
     if args.check_config {
-        return match config
-            .validate()
-            .and_then(|_| config.load_policies().map(|_| ()))
-        {
+        return match forkd::daemon::preflight(&config) {
             Ok(()) => {
                 println!("configuration OK");
                 ExitCode::SUCCESS

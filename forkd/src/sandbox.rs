@@ -348,17 +348,29 @@ impl Daemon {
                 child
             }
             None => {
-                let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
-                let id = self.next_sandbox_id();
-                forkd_pool::prepare(
-                    &zygote,
-                    &self.cgroups,
-                    self.netns.as_ref().as_ref(),
-                    id,
-                    plan,
-                )
-                .await
-                .map_err(prepare_error)?
+                // A zygote handed out just before it was recycled may drain
+                // and exit before our fork order reaches it: that is ours
+                // to retry on its replacement, not the client's.
+                let mut retried = false;
+                loop {
+                    let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
+                    let id = self.next_sandbox_id();
+                    match forkd_pool::prepare(
+                        &zygote,
+                        &self.cgroups,
+                        self.netns.as_ref().as_ref(),
+                        id,
+                        plan.clone(),
+                    )
+                    .await
+                    {
+                        Ok(child) => break child,
+                        Err(_) if !retried && zygote.is_draining() => {
+                            retried = true;
+                        }
+                        Err(e) => return Err(prepare_error(e)),
+                    }
+                }
             }
         };
         let id = child.sandbox;

@@ -54,6 +54,74 @@ fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Respo
     }
 }
 
+/// Runs one spawn request: the sandbox, its reply, its metrics and its audit record.
+async fn spawn_request(
+    daemon: Arc<Daemon>,
+    tx: mpsc::Sender<Response>,
+    gone: tokio::sync::watch::Receiver<bool>,
+    spawn: forkd_ipc::SpawnRequest,
+    peer: crate::audit::Peer,
+    connection: u64,
+    id: u64,
+) {
+    let started = std::time::Instant::now();
+    let asked = (spawn.zygote.clone(), spawn.policy.clone());
+    let pending = daemon
+        .audit
+        .as_ref()
+        .map(|audit| crate::audit::Record::request(peer, connection, id, &spawn, audit.payloads));
+    let outcome = daemon.run_sandbox(spawn, gone).await;
+    let elapsed = started.elapsed();
+    let names = (outcome.is_err() || pending.is_some()).then(|| configured_names(&daemon, asked));
+    match &outcome {
+        Ok(result) => daemon.metrics.record_result(result, elapsed),
+        Err(e) => {
+            let zygote = names.as_ref().and_then(|n| n.0.as_deref());
+            daemon
+                .metrics
+                .record_error(zygote.unwrap_or(crate::metrics::NO_ZYGOTE), e.code)
+        }
+    }
+    // Queued before the reply when the writer keeps up (a non-blocking
+    // send), so a record cannot miss the audit log's close at shutdown;
+    // otherwise after the reply: the audit never delays it.
+    let mut late = None;
+    if let (Some(audit), Some(record)) = (&daemon.audit, pending) {
+        let (zygote, policy) = names.unwrap_or_default();
+        late = audit
+            .try_record(Box::new(record.complete(zygote, policy, &outcome, elapsed)))
+            .err();
+    }
+    let body = match outcome {
+        Ok(result) => ResponseBody::Result(result),
+        Err(e) => ResponseBody::Error(e),
+    };
+    let _ = tx
+        .send(Response {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        })
+        .await;
+    if let (Some(audit), Some(record)) = (&daemon.audit, late) {
+        audit.record(record).await;
+    }
+}
+
+/// The configured zygote and policy a request resolves to (`None` for a
+/// name that is not configured: such text never reaches a metric label).
+fn configured_names(
+    daemon: &Daemon,
+    (zygote, policy): (Option<String>, Option<String>),
+) -> (Option<String>, Option<String>) {
+    let zygote = zygote.unwrap_or_else(|| daemon.config.default_zygote.clone());
+    let policy = policy.unwrap_or_else(|| daemon.config.default_policy.clone());
+    (
+        daemon.config.has_zygote(&zygote).then_some(zygote),
+        daemon.policies.contains_key(&policy).then_some(policy),
+    )
+}
+
 fn peer_allowed(daemon: &Daemon, uid: u32, gid: u32) -> bool {
     let own = crate::sys::euid();
     let uids = daemon
@@ -73,7 +141,20 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         }
     };
     let (mut reader, mut writer) = stream.into_split();
-    if !peer_allowed(&daemon, cred.uid(), cred.gid()) {
+    let connection = daemon.next_connection();
+    let peer = crate::audit::Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    let allowed = peer_allowed(&daemon, cred.uid(), cred.gid());
+    daemon.metrics.record_connection(allowed);
+    if !allowed {
+        if let Some(audit) = &daemon.audit {
+            audit
+                .record(Box::new(crate::audit::Record::refused(peer, connection)))
+                .await;
+        }
         tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused connection from a peer not on the allow-list");
         let reply = error_response(
             0,
@@ -209,19 +290,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
                 let daemon = daemon.clone();
                 let tx = tx.clone();
                 let gone = client_gone.subscribe();
-                tokio::spawn(async move {
-                    let body = match daemon.run_sandbox(spawn, gone).await {
-                        Ok(result) => ResponseBody::Result(result),
-                        Err(e) => ResponseBody::Error(e),
-                    };
-                    let _ = tx
-                        .send(Response {
-                            v: PROTOCOL_VERSION,
-                            id,
-                            body,
-                        })
-                        .await;
-                });
+                tokio::spawn(spawn_request(daemon, tx, gone, spawn, peer, connection, id));
             }
         }
     }

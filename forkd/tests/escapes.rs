@@ -488,7 +488,8 @@ async fn another_sandbox_scratch_is_invisible() {
     let mut a = req(
         "import time\nopen('/tmp/secret', 'w').write('A-secret')\nopen('/tmp/secret-ready', 'w').close()\nprint('A wrote', flush=True)\ntime.sleep(30)",
     );
-    a.timeout_ms = Some(4_000);
+    // Long enough for B's filesystem walk on a loaded machine.
+    a.timeout_ms = Some(15_000);
     let client = d.client().await;
     let a_task = tokio::spawn(async move { client.spawn(&a).await });
     let pids = d

@@ -307,3 +307,45 @@ async fn output_is_bounded_and_large_output_is_intact() {
     assert!(!res.stdout_truncated && !res.stderr_truncated);
     d.finish().await;
 }
+
+/// The zygote holds a pidfd per running sandbox, and a freshly forked child
+/// inherits them until it closes everything it does not need; a low
+/// open-files limit must not make isolation fail while many sandboxes run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_open_files_limit_with_many_sandboxes_running() {
+    let d = TestDaemon::start(|_| {}).await;
+    let client = d.client().await;
+    let mut sleepers = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let client = client.clone();
+        let mut r = req("import time; time.sleep(3); print('slept')");
+        r.timeout_ms = Some(30_000);
+        sleepers.spawn(async move { client.spawn(&r).await });
+    }
+    // Wait until the zygote holds a pidfd for each of them.
+    let zygote = d.zygote_pid().await;
+    let zygote_fds = || {
+        std::fs::read_dir(format!("/proc/{zygote}/fd"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || zygote_fds() >= 40).await,
+        "the zygote holds only {} descriptors",
+        zygote_fds()
+    );
+    let mut r = req("import os; print(len(os.listdir('/proc/self/fd')))");
+    r.limits.open_files = Some(16);
+    let res = d.spawn(&r).await.expect("a sandbox with open_files = 16");
+    assert_eq!(res.exit_code, Some(0), "stderr: {}", res.stderr_lossy());
+    // stdin, stdout, stderr and the listing's own descriptor (fd 3, the
+    // status pipe, is close-on-exec but still open: listed too).
+    let fds: u32 = res.stdout_lossy().trim().parse().unwrap();
+    assert!(fds <= 5, "{fds} descriptors open in the sandbox");
+    while let Some(joined) = sleepers.join_next().await {
+        let r = joined.unwrap().expect("sleeper");
+        assert_eq!(r.stdout_lossy(), "slept\n");
+    }
+    drop(client);
+    d.finish().await;
+}

@@ -247,3 +247,64 @@ async fn idle_warm_children_are_replaced() {
     assert_eq!((r.stdout_lossy().as_str(), r.warm), ("fresh\n", true));
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_pool_grows_on_misses_and_shrinks_when_idle() {
+    let d = TestDaemon::start(|c| {
+        let z = &mut c.zygotes[0];
+        z.warm_pool = 2;
+        z.warm_pool_min = Some(1);
+        z.warm_pool_max = Some(8);
+        z.warm_shrink_after_secs = 1;
+    })
+    .await;
+    let pool = d.daemon.warm.get("default").unwrap();
+    assert_eq!((pool.target(), pool.bounds()), (2, (1, 8)));
+    assert!(wait_until(Duration::from_secs(20), || pool.ready() == 2).await);
+
+    // A burst larger than the pool: the requests that find it empty are
+    // forked on demand and each doubles the target, up to the maximum.
+    let client = d.client().await;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let client = client.clone();
+        burst.spawn(async move { (i, client.spawn(&req(&format!("print({i})"))).await) });
+    }
+    while let Some(joined) = burst.join_next().await {
+        let (i, r) = joined.expect("task");
+        assert_eq!(r.expect("spawn").stdout_lossy(), format!("{i}\n"));
+    }
+    drop(client);
+    let missed = pool
+        .stats()
+        .misses
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(missed >= 1, "an 8-request burst must miss a pool of 2");
+    assert!(
+        wait_until(Duration::from_secs(30), || pool.ready() > 2).await,
+        "the pool did not grow after misses (target {})",
+        pool.target()
+    );
+    let grown = pool.target();
+    assert!(grown > 2 && grown <= 8, "target {grown}");
+
+    // Idle: every window halves the unused headroom, down to the minimum,
+    // and the surplus children are killed.
+    assert!(
+        wait_until(Duration::from_secs(30), || pool.target() == 1
+            && pool.ready() == 1)
+        .await,
+        "the idle pool did not shrink to its minimum (target {}, ready {})",
+        pool.target(),
+        pool.ready()
+    );
+    assert!(
+        pool.stats()
+            .shrunk
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    let r = d.run("print('after')").await;
+    assert_eq!((r.stdout_lossy().as_str(), r.warm), ("after\n", true));
+    d.finish().await;
+}

@@ -4,8 +4,8 @@
 //! namespace from the stock, and has the zygote fork it; the child isolates
 //! itself and then waits for its job on fd 0. The result, a [`ReadyChild`],
 //! is either handed a request at once (on demand) or parked in the warm pool.
-//! Dropping an unused `ReadyChild` kills the child and removes its cgroup off
-//! the async threads.
+//! Dropping an unused `ReadyChild` kills the child and removes its cgroup in
+//! the background ([`crate::reaper`]).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -105,8 +105,8 @@ pub fn kill_pidfd(pidfd: BorrowedFd<'_>) {
     }
 }
 
-/// Owns a sandbox cgroup and removes it on a blocking thread when dropped
-/// (removal kills stragglers and may retry rmdir for a while).
+/// Owns a sandbox cgroup and hands it to the background reaper when dropped
+/// (which retries removal until the sandbox's processes are gone).
 pub struct CgroupCleanup(pub Option<SandboxCgroup>);
 
 impl CgroupCleanup {
@@ -118,17 +118,7 @@ impl CgroupCleanup {
 impl Drop for CgroupCleanup {
     fn drop(&mut self) {
         if let Some(cg) = self.0.take() {
-            let remove = move || {
-                if let Err(e) = cg.remove() {
-                    tracing::warn!("removing a sandbox cgroup failed: {e}");
-                }
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn_blocking(remove);
-                }
-                Err(_) => remove(),
-            }
+            crate::reaper::remove_later(cg);
         }
     }
 }

@@ -10,11 +10,13 @@
 
 pub mod child;
 pub mod netns;
+pub mod reaper;
 pub mod sys;
 pub mod warm;
 pub mod zygote;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,9 +52,23 @@ enum SlotState {
     Stopped,
 }
 
+/// Lifetime counters of one configured zygote (for the daemon's metrics).
+#[derive(Debug, Default)]
+pub struct ZygoteStats {
+    /// Successful starts, including the first and every replacement.
+    pub starts: AtomicU64,
+    /// Starts that failed (interpreter missing, preload import error, timeout).
+    pub start_failures: AtomicU64,
+    /// Zygotes that died unexpectedly and were restarted.
+    pub deaths: AtomicU64,
+    /// Zygotes replaced after `max_forks` or `max_age`.
+    pub recycles: AtomicU64,
+}
+
 struct Slot {
     name: String,
     state: watch::Sender<SlotState>,
+    stats: ZygoteStats,
     recycle_now: Notify,
     stop: Notify,
     recycle: Recycle,
@@ -76,6 +92,7 @@ impl Supervisor {
             let slot = Arc::new(Slot {
                 name: cfg.name.clone(),
                 state,
+                stats: ZygoteStats::default(),
                 recycle_now: Notify::new(),
                 stop: Notify::new(),
                 recycle,
@@ -92,6 +109,18 @@ impl Supervisor {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.slots.keys().map(String::as_str)
+    }
+
+    /// Lifetime counters of zygote `name`.
+    pub fn stats(&self, name: &str) -> Option<&ZygoteStats> {
+        self.slots.get(name).map(|s| &s.stats)
+    }
+
+    /// Whether zygote `name` is up and serving right now.
+    pub fn is_ready(&self, name: &str) -> bool {
+        self.slots
+            .get(name)
+            .is_some_and(|s| matches!(*s.state.borrow(), SlotState::Ready(_)))
     }
 
     /// Waits until every zygote has started once (or failed to), returning
@@ -187,11 +216,13 @@ async fn supervise(slot: Arc<Slot>, cfg: ZygoteConfig) {
                 if z.info().native.landlock_abi == 0 {
                     tracing::warn!(zygote = %cfg.name, "kernel has no landlock: sandboxes rely on the mount namespace alone for filesystem confinement");
                 }
+                slot.stats.starts.fetch_add(1, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
                 z
             }
             Err(e) => {
                 tracing::error!(zygote = %cfg.name, "{e}");
+                slot.stats.start_failures.fetch_add(1, Ordering::Relaxed);
                 slot.state.send_replace(SlotState::Failed(e));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -206,6 +237,7 @@ async fn supervise(slot: Arc<Slot>, cfg: ZygoteConfig) {
             tokio::select! {
                 _ = current.wait_exit() => {
                     tracing::warn!(zygote = %cfg.name, "zygote died; restarting");
+                    slot.stats.deaths.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
                 _ = slot.recycle_now.notified() => {
@@ -213,11 +245,16 @@ async fn supervise(slot: Arc<Slot>, cfg: ZygoteConfig) {
                     match Zygote::start(&cfg).await {
                         Ok(fresh) => {
                             tracing::info!(zygote = %cfg.name, forks = current.forks(), age = ?current.age(), "zygote recycled");
+                            slot.stats.starts.fetch_add(1, Ordering::Relaxed);
+                            slot.stats.recycles.fetch_add(1, Ordering::Relaxed);
                             let old = std::mem::replace(&mut current, fresh);
                             slot.state.send_replace(SlotState::Ready(current.clone()));
                             tokio::spawn(retire(old, cfg.start_timeout.max(Duration::from_secs(60))));
                         }
-                        Err(e) => tracing::error!(zygote = %cfg.name, "recycling failed, keeping the old zygote: {e}"),
+                        Err(e) => {
+                            tracing::error!(zygote = %cfg.name, "recycling failed, keeping the old zygote: {e}");
+                            slot.stats.start_failures.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 _ = slot.stop.notified() => {

@@ -7,9 +7,15 @@
 //! is empty, or the request needs a different isolation plan, the caller
 //! prepares a child on demand; both paths run the same code in the child, so
 //! a program cannot tell them apart. Children are never reused.
+//!
+//! The pool's size adapts between `min` and `max`: a miss (a request found
+//! it empty) doubles the target, and a window of `shrink_after` in which
+//! requests never drew the pool below `low` children (and nothing missed)
+//! lowers the target by half of that unused headroom. With `min == max` the
+//! size is fixed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,13 +33,21 @@ pub struct PoolStats {
     pub misses: AtomicU64,
     pub refills: AtomicU64,
     pub discarded: AtomicU64,
+    /// Parked children dropped because the pool shrank.
+    pub shrunk: AtomicU64,
 }
 
 /// How a pool is sized and refilled.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolPolicy {
-    /// Children kept ready.
+    /// Children kept ready at start (clamped to `min..=max`).
     pub target: usize,
+    /// The size never shrinks below this ...
+    pub min: usize,
+    /// ... nor grows above this.
+    pub max: usize,
+    /// Window over which unused headroom is measured before shrinking.
+    pub shrink_after: Duration,
     /// Children prepared at once while refilling (the zygote forks one at a
     /// time; the daemon-side setup and each child's isolation overlap).
     pub refill_concurrency: usize,
@@ -44,7 +58,14 @@ pub struct PoolPolicy {
 struct Inner {
     zygote: String,
     plan: ChildPlan,
-    target: usize,
+    target: AtomicUsize,
+    min: usize,
+    max: usize,
+    shrink_after: Duration,
+    /// Fewest children left parked after a take in the current window.
+    low_water: AtomicUsize,
+    /// Misses in the current window.
+    window_misses: AtomicU64,
     refill_concurrency: usize,
     max_idle: Option<Duration>,
     ready: Mutex<VecDeque<ReadyChild>>,
@@ -54,6 +75,34 @@ struct Inner {
     /// When a request last took a child (µs since `epoch`).
     last_take_us: AtomicU64,
     epoch: std::time::Instant,
+}
+
+impl Inner {
+    /// Demand outran the pool: double the target (at most `max`).
+    fn grow(&self) {
+        let _ = self
+            .target
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                let grown = t.saturating_mul(2).max(1).min(self.max);
+                (grown != t).then_some(grown)
+            });
+    }
+
+    /// At the end of a window: shrink by half the headroom requests never
+    /// used. Returns the new target.
+    fn adapt(&self, parked_now: usize) -> usize {
+        let low = self.low_water.swap(parked_now, Ordering::Relaxed);
+        let missed = self.window_misses.swap(0, Ordering::Relaxed);
+        let target = self.target.load(Ordering::Relaxed);
+        // No take at all in the window: everything parked was unused.
+        let unused = low.min(parked_now).min(target);
+        if missed > 0 || unused == 0 || target <= self.min {
+            return target;
+        }
+        let shrunk = target.saturating_sub(unused.div_ceil(2)).max(self.min);
+        self.target.store(shrunk, Ordering::Relaxed);
+        shrunk
+    }
 }
 
 /// Refills wait until requests have left the pool alone this long: on a small
@@ -79,11 +128,17 @@ pub struct WarmPool {
 impl WarmPool {
     /// Starts filling a pool of `target` children of `zygote` made with `plan`.
     pub fn start(zygote: &str, plan: ChildPlan, policy: PoolPolicy, makers: Makers) -> WarmPool {
-        let target = policy.target;
+        let max = policy.max.max(policy.min);
+        let target = policy.target.clamp(policy.min, max);
         let inner = Arc::new(Inner {
             zygote: zygote.to_string(),
             plan,
-            target,
+            target: AtomicUsize::new(target),
+            min: policy.min,
+            max,
+            shrink_after: policy.shrink_after,
+            low_water: AtomicUsize::new(usize::MAX),
+            window_misses: AtomicU64::new(0),
             refill_concurrency: policy.refill_concurrency.max(1),
             max_idle: policy.max_idle,
             ready: Mutex::new(VecDeque::with_capacity(target)),
@@ -117,9 +172,14 @@ impl WarmPool {
             .unwrap_or_default()
     }
 
-    /// Children the pool keeps ready.
+    /// Children the pool currently aims to keep ready.
     pub fn target(&self) -> usize {
-        self.inner.target
+        self.inner.target.load(Ordering::Relaxed)
+    }
+
+    /// The bounds the target moves between.
+    pub fn bounds(&self) -> (usize, usize) {
+        (self.inner.min, self.inner.max)
     }
 
     /// Children ready right now.
@@ -139,8 +199,15 @@ impl WarmPool {
                 }
                 self.inner.stats.discarded.fetch_add(1, Ordering::Relaxed);
             }
+            self.inner
+                .low_water
+                .fetch_min(ready.len(), Ordering::Relaxed);
             found
         };
+        if taken.is_none() {
+            self.inner.window_misses.fetch_add(1, Ordering::Relaxed);
+            self.inner.grow();
+        }
         let now = self.inner.epoch.elapsed().as_micros() as u64;
         self.inner.last_take_us.store(now, Ordering::Relaxed);
         self.inner.wake.notify_one();
@@ -174,11 +241,12 @@ impl WarmPool {
 async fn refill(inner: Arc<Inner>, makers: Makers) {
     const MAX_BACKOFF: Duration = Duration::from_secs(5);
     let mut backoff = Duration::from_millis(50);
+    let mut window_started = std::time::Instant::now();
     loop {
         if inner.stopped.load(Ordering::Acquire) {
             return;
         }
-        let missing = {
+        let (missing, surplus) = {
             let Ok(mut ready) = inner.ready.lock() else {
                 return;
             };
@@ -191,8 +259,24 @@ async fn refill(inner: Arc<Inner>, makers: Makers) {
                 .stats
                 .discarded
                 .fetch_add((before - ready.len()) as u64, Ordering::Relaxed);
-            inner.target.saturating_sub(ready.len())
+            let target = if window_started.elapsed() >= inner.shrink_after {
+                window_started = std::time::Instant::now();
+                inner.adapt(ready.len())
+            } else {
+                inner.target.load(Ordering::Relaxed)
+            };
+            // The oldest children go first, as they would to requests.
+            let excess = ready.len().saturating_sub(target);
+            let surplus: Vec<ReadyChild> = ready.drain(..excess).collect();
+            (target.saturating_sub(ready.len()), surplus)
         };
+        if !surplus.is_empty() {
+            inner
+                .stats
+                .shrunk
+                .fetch_add(surplus.len() as u64, Ordering::Relaxed);
+            drop(surplus); // killed; their cgroups are removed in the background
+        }
         if missing == 0 {
             // Woken by a take, or periodically to drop children whose zygote
             // died or was recycled.

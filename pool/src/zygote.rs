@@ -346,6 +346,11 @@ impl Zygote {
         !self.shared.dead.load(Ordering::Acquire)
     }
 
+    /// Told to drain: replaced by a fresh zygote (not crashed).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
     /// Dead, or told to drain (replaced by a fresh zygote).
     pub fn is_retired(&self) -> bool {
         !self.is_alive() || self.shared.draining.load(Ordering::Acquire)

@@ -62,7 +62,7 @@ fn init(config: &[u8]) -> Result<State, String> {
     let config: InitConfig =
         serde_json::from_slice(config).map_err(|e| format!("bad init config: {e}"))?;
     let mut info = InitInfo {
-        landlock_abi: landlock_abi(),
+        landlock_abi: sys::landlock_abi(),
         ..InitInfo::default()
     };
     let mut policies = BTreeMap::new();
@@ -93,20 +93,6 @@ fn init(config: &[u8]) -> Result<State, String> {
         last_cap: sys::last_capability(),
         info,
     })
-}
-
-fn landlock_abi() -> i32 {
-    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
-    // SAFETY: the version query takes no attribute pointer and returns an int.
-    let abi = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            LANDLOCK_CREATE_RULESET_VERSION,
-        )
-    };
-    abi.max(0) as i32
 }
 
 /// Compiles the policies and builds their sandbox roots. Must be called once,

@@ -125,7 +125,6 @@ pub fn isolate_child(
     }
 
     sys::setrlimit(libc::RLIMIT_CORE, 0).map_err(at("RLIMIT_CORE"))?;
-    sys::setrlimit(libc::RLIMIT_NOFILE, spec.open_files).map_err(at("RLIMIT_NOFILE"))?;
     sys::setrlimit(libc::RLIMIT_FSIZE, spec.file_size_bytes).map_err(at("RLIMIT_FSIZE"))?;
 
     // Capabilities: bounding set (needs CAP_SETPCAP, so first), securebits,
@@ -146,6 +145,9 @@ pub fn isolate_child(
     apply_landlock(policy)?;
 
     sys::close_range(FIRST_CLOSED_FD, u32::MAX).map_err(at("close inherited descriptors"))?;
+    // Only now: until the close above, this process holds the zygote's
+    // descriptors (a pidfd per running sibling), which can exceed the limit.
+    sys::setrlimit(libc::RLIMIT_NOFILE, spec.open_files).map_err(at("RLIMIT_NOFILE"))?;
     seccompiler::apply_filter(&policy.seccomp)
         .map_err(|e| at("install seccomp filter")(io::Error::other(e.to_string())))?;
     Ok(())

@@ -295,3 +295,25 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn thread_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/task")?.count())
 }
+
+/// The landlock ABI version the running kernel offers (0: none, or landlock
+/// is not enabled as an LSM).
+pub fn landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the version query takes no attribute pointer and returns an int.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    abi.max(0) as i32
+}
+
+/// Installs a compiled seccomp filter on the calling thread (needs
+/// `no_new_privs` or CAP_SYS_ADMIN).
+pub fn apply_seccomp(program: &seccompiler::BpfProgram) -> io::Result<()> {
+    seccompiler::apply_filter(program).map_err(|e| io::Error::other(e.to_string()))
+}

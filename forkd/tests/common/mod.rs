@@ -27,6 +27,8 @@
 
 #![allow(dead_code)]
 
+pub mod scrape;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -288,8 +290,17 @@ pub fn open_fds() -> BTreeMap<i32, String> {
     out
 }
 
+/// The host's mount table, without mounts that container engines running
+/// on the same machine make and remove on their own (Docker's overlays,
+/// network namespaces and runtime binds): forkd never mounts there, and a
+/// benchmark comparing forkd with Docker may run next to the tests.
 pub fn mountinfo() -> String {
-    std::fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo")
+    const OTHERS: [&str; 3] = [" /var/lib/docker/", " /run/docker/", " /run/containerd/"];
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    text.lines()
+        .filter(|l| !OTHERS.iter().any(|p| l.contains(p)))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// Mount points of every cgroup (v1) and cgroup2 hierarchy.
@@ -646,6 +657,11 @@ impl TestDaemon {
                 },
             )),
         }
+    }
+
+    /// The metrics endpoint's TCP address (when `metrics_listen` is TCP).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.running.as_ref().and_then(forkd::Running::metrics_addr)
     }
 
     pub async fn client(&self) -> AsyncClient {
