@@ -26,12 +26,13 @@ if ! "$base" check --help >/dev/null 2>&1; then
     exit 0
 fi
 
-record() { # BIN OUT
-    timeout --kill-after=30 600 "$1" check --record-only --python "$python" --out "$2"
+# BASE_COMMIT / HEAD_COMMIT (optional) name the builds in the records.
+record() { # BIN OUT COMMIT
+    FORKD_BENCH_COMMIT=$3 timeout --kill-after=30 600 "$1" check --record-only --python "$python" --out "$2"
 }
 
-record "$base" "$out/base-1.json"
-record "$head" "$out/head-1.json"
+record "$base" "$out/base-1.json" "${BASE_COMMIT:-}"
+record "$head" "$out/head-1.json" "${HEAD_COMMIT:-}"
 status=0
 "$head" compare "$out/base-1.json" "$out/head-1.json" --summary "$summary" || status=$?
 case $status in
@@ -41,8 +42,8 @@ case $status in
 esac
 
 echo "perf A/B: suspected regression; re-measuring in the opposite order to confirm" | tee -a "$summary"
-record "$head" "$out/head-2.json"
-record "$base" "$out/base-2.json"
+record "$head" "$out/head-2.json" "${HEAD_COMMIT:-}"
+record "$base" "$out/base-2.json" "${BASE_COMMIT:-}"
 status=0
 "$head" compare "$out/base-2.json" "$out/head-2.json" --summary "$summary" || status=$?
 if [ "$status" = 1 ]; then

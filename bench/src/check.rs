@@ -309,7 +309,15 @@ fn interpreter_version(python: &Path, preload: &[String]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The measured tree's commit: `FORKD_BENCH_COMMIT` when set (an A/B run
+/// measures two builds from one directory), else `git rev-parse HEAD`.
 fn git_head() -> Option<String> {
+    if let Some(commit) = std::env::var("FORKD_BENCH_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+    {
+        return Some(commit);
+    }
     let out = std::process::Command::new("git")
         .args(["rev-parse", "HEAD"])
         .output()
