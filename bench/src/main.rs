@@ -6,22 +6,44 @@
 //! seccomp; the bench drives that zygote directly, the daemon cannot be asked
 //! for it). A spawn counts only if it printed the expected output.
 
+mod check;
+mod floor;
+
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use clap::Parser;
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
 use forkd_ipc::{AsyncClient, Program, SpawnRequest};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SNIPPET: &str = "import numpy; print(numpy.zeros(5).tolist())";
 const EXPECTED: &str = "[0.0, 0.0, 0.0, 0.0, 0.0]\n";
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Benchmarks forkd against its own no-isolation floor")]
+#[command(
+    version,
+    about = "Benchmarks forkd against its own no-isolation floor",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    bench: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Perf-regression check: measure rounds of same-run ratios to the floor
+    /// and compare them with a baseline (exit 1 on a confirmed regression).
+    Check(check::CheckArgs),
+    /// Compare two recorded check runs (`check --out`) without measuring.
+    Compare(check::CompareArgs),
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// Interpreter of the zygote (e.g. .venv/bin/python).
     #[arg(long, default_value = "python3")]
@@ -149,7 +171,11 @@ fn config(args: &Args, warm_pool: usize) -> forkd::Config {
 }
 
 async fn wait_pool_full(daemon: &forkd::daemon::Daemon, want: usize) {
-    let Some(pool) = daemon.warm.get("default") else {
+    wait_zygote_pool_full(daemon, "default", want).await;
+}
+
+async fn wait_zygote_pool_full(daemon: &forkd::daemon::Daemon, zygote: &str, want: usize) {
+    let Some(pool) = daemon.warm.get(zygote) else {
         return;
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -160,12 +186,12 @@ async fn wait_pool_full(daemon: &forkd::daemon::Daemon, want: usize) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn single(client: &AsyncClient, n: usize) -> Latency {
+async fn single(client: &AsyncClient, n: usize, req: &SpawnRequest) -> Latency {
     let mut h = histogram();
     let mut ok = 0;
     for _ in 0..n {
         let t = Instant::now();
-        let r = client.spawn(&request()).await;
+        let r = client.spawn(req).await;
         let _ = h.record(t.elapsed().as_micros().max(1) as u64);
         if matches!(&r, Ok(res) if res.stdout == EXPECTED.as_bytes()) {
             ok += 1;
@@ -174,12 +200,12 @@ async fn single(client: &AsyncClient, n: usize) -> Latency {
     Latency::from(&h, ok)
 }
 
-async fn burst(client: &AsyncClient, n: usize) -> (u64, u64) {
+async fn burst(client: &AsyncClient, n: usize, req: &SpawnRequest) -> (u64, u64) {
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
-        let c = client.clone();
-        set.spawn(async move { c.spawn(&request()).await });
+        let (c, req) = (client.clone(), req.clone());
+        set.spawn(async move { c.spawn(&req).await });
     }
     let mut ok = 0;
     while let Some(r) = set.join_next().await {
@@ -261,67 +287,6 @@ async fn running_uss(daemon: &forkd::daemon::Daemon, client: &AsyncClient) -> Op
     sizes.get(sizes.len() / 2).copied()
 }
 
-/// The floor: a zygote of the same interpreter and preload list, driven
-/// directly, forking the snippet with no isolation.
-async fn floor(args: &Args, n: usize) -> Result<Latency> {
-    let library = forkd::daemon::find_library(None).context("floor zygote library")?;
-    let cfg = forkd_pool::ZygoteConfig {
-        name: "floor".into(),
-        python: forkd::daemon::find_python(&args.python, "floor")?,
-        preload: args.preload.clone(),
-        env: Default::default(),
-        library,
-        init: forkd_zygote::InitConfig {
-            policies: [(
-                "default".to_string(),
-                forkd_zygote::Policy::default_policy(),
-            )]
-            .into(),
-            interpreter_paths: Vec::new(),
-            hostname: "sandbox".into(),
-        },
-        start_timeout: Duration::from_secs(60),
-        rootless: false,
-    };
-    let zygote = forkd_pool::Zygote::start(&cfg).await?;
-    let no_cgroups = Arc::new(forkd_cgroup::Manager::new(&forkd_cgroup::Config {
-        mode: forkd_cgroup::ModeChoice::Disabled,
-        ..forkd_cgroup::Config::default()
-    })?);
-    let plan = forkd_pool::ChildPlan {
-        policy: "default".into(),
-        scratch_bytes: 1 << 26,
-        open_files: 256,
-        file_size_bytes: 1 << 26,
-        cgroup: forkd_cgroup::Limits::default(),
-        isolate: false,
-    };
-    let job = forkd::sandbox::job_frame(&request());
-    let mut h = histogram();
-    let mut ok = 0;
-    for i in 0..n {
-        let t = Instant::now();
-        let mut child =
-            forkd_pool::prepare(&zygote, &no_cgroups, None, i as u64 + 1, plan.clone()).await?;
-        let (Some(job_w), Some(stdout)) = (child.job.take(), child.stdout.take()) else {
-            bail!("prepared child lacks pipes");
-        };
-        let mut tx = tokio::net::unix::pipe::Sender::from_owned_fd(job_w)?;
-        tx.write_all(&job).await?;
-        drop(tx);
-        let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout)?;
-        let mut out = Vec::new();
-        rx.read_to_end(&mut out).await?;
-        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
-        if out == EXPECTED.as_bytes() {
-            ok += 1;
-        }
-        let _ = (&mut child.exited).await;
-    }
-    zygote.drain().await;
-    Ok(Latency::from(&h, ok))
-}
-
 async fn run_mode(
     args: &Args,
     name: &str,
@@ -348,13 +313,13 @@ async fn run_mode(
             mode.idle_child_uss_bytes = Some(sorted[sorted.len() / 2]);
         }
     }
-    mode.single = single(&client, n_single).await;
+    mode.single = single(&client, n_single, &request()).await;
     for &n in &args.bursts {
         let mut walls = Vec::new();
         let mut ok = 0;
         for _ in 0..args.rounds {
             wait_pool_full(&running.daemon, warm_pool).await;
-            let (wall, o) = burst(&client, n).await;
+            let (wall, o) = burst(&client, n, &request()).await;
             walls.push(wall);
             ok += o;
         }
@@ -432,9 +397,30 @@ fn print_table(r: &Report) {
     }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<()> {
-    let mut args = Args::parse();
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let outcome = match cli.command {
+        None => runtime
+            .block_on(bench(cli.bench))
+            .map(|()| std::process::ExitCode::SUCCESS),
+        Some(Command::Check(args)) => runtime.block_on(check::run(args)),
+        Some(Command::Compare(args)) => check::compare_files(args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkd-bench: {e:#}");
+            // 3, not 1: a failure to measure is not a detected regression.
+            std::process::ExitCode::from(3)
+        }
+    }
+}
+
+async fn bench(mut args: Args) -> Result<()> {
     if args.quick {
         args.single = 30;
         args.bursts = vec![1, 10];
@@ -445,7 +431,9 @@ async fn main() -> Result<()> {
     let pool = args
         .pool
         .unwrap_or_else(|| args.bursts.iter().copied().max().unwrap_or(16));
-    let floor = floor(&args, args.single).await?;
+    let floor_zygote = floor::Floor::start(&args.python, &args.preload).await?;
+    let floor = floor_zygote.single(args.single).await?;
+    floor_zygote.drain().await;
     let (on, host) = run_mode(&args, "warm pool", pool, args.single).await?;
     let (off, _) = run_mode(&args, "no pool", 0, args.single).await?;
     let report = Report {
