@@ -20,7 +20,7 @@
 # Exit status: 0 all guest tests passed; 1 a test failed or the guest did not
 # report (timeout, crash, build failure); 77 this machine cannot run the guest
 # at all (no apt / qemu cannot be installed): skipped, said loudly.
-# Environment: FORKD_VM_CACHE (default /var/cache/forkd-vm),
+# Environment: FORKD_VM=off (skip, loudly), FORKD_VM_CACHE (default /var/cache/forkd-vm),
 # FORKD_VM_TIMEOUT (seconds the guest may run, default 900), FORKD_VM_MEMORY
 # (default 3G), FORKD_VM_ACCEL (default tcg; kvm where it works).
 set -euo pipefail
@@ -44,6 +44,9 @@ fail() {
     exit 1
 }
 
+if [ "${FORKD_VM:-on}" = off ]; then
+    skip "FORKD_VM=off"
+fi
 [ "$(id -u)" = 0 ] || {
     say "run as root (it installs packages and builds a root filesystem)"
     exit 2
@@ -118,10 +121,11 @@ started=$(date +%s)
 # --- test binaries -----------------------------------------------------------
 # The guest runs the compiled tests at their host paths (Cargo bakes absolute
 # paths such as CARGO_BIN_EXE_forkd into them).
+# Whole-workspace builds, as scripts/test.sh does, so that inside it these
+# are no-ops (per-package builds can unify features differently and rebuild).
 say "building forkd and the tests"
-cargo build --quiet -p forkd -p forkd-zygote
-json=$(cargo test --quiet --no-run --message-format=json \
-    -p forkd --test limits --test rootless -p forkd-cgroup --test cgroups)
+cargo build --quiet --workspace --bins --lib
+json=$(cargo test --quiet --workspace --no-run --message-format=json)
 test_exe() { # the executable of integration test $1
     grep -F '"kind":["test"]' <<<"$json" | grep -F "\"name\":\"$1\"" |
         grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -1
