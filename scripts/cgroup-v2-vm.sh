@@ -68,6 +68,7 @@ missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v cpio >/dev/null || missing+=(cpio)
+command -v objcopy >/dev/null || missing+=(binutils)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     apt_install "${missing[@]}" || skip "could not install ${missing[*]}"

@@ -876,7 +876,7 @@ fn v2_limits_attach_stats_remove() {
         )
         .unwrap();
     let dir = sb.v2_dir().unwrap().to_path_buf();
-    assert_eq!(sb.dirs(), &[dir.clone()]);
+    assert_eq!(sb.dirs(), std::slice::from_ref(&dir));
     assert_eq!(read(&dir.join("memory.max")).trim(), (64 * MIB).to_string());
     if dir.join("memory.swap.max").exists() {
         assert_eq!(read(&dir.join("memory.swap.max")).trim(), "0");

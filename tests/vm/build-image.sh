@@ -15,14 +15,14 @@ chmod 755 "$work" # apt-get download runs as _apt, which must reach deb/
 # The kernel: download the .deb (as the unprivileged _apt user, which needs a
 # directory it can write) and extract only /boot.
 mkdir "$work/deb" && chmod 777 "$work/deb"
-(cd "$work/deb" && apt-get download -qq "$kernel_pkg")
+(cd "$work/deb" && timeout 600 apt-get download -qq "$kernel_pkg")
 dpkg-deb -x "$work/deb"/"$kernel_pkg"_*.deb "$work/kernel"
 cp "$work"/kernel/boot/vmlinuz-* "$work/vmlinuz"
 cp "$work"/kernel/boot/config-* "$work/kernel-config"
 
 # The root filesystem. minbase already has util-linux (mount, setpriv) and
 # passwd (useradd) for the guest's init script.
-debootstrap --variant=minbase --include=python3,python3-numpy \
+timeout 1200 debootstrap --variant=minbase --include=python3,python3-numpy \
     "$suite" "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || {
     tail -30 "$work/debootstrap.log" >&2
     echo "build-image.sh: debootstrap $suite from $mirror failed (log above)" >&2
