@@ -184,7 +184,10 @@ async fn busy_loop_and_its_child_die_at_the_timeout() {
     assert_eq!((res.exit_code, res.signal), (None, Some(9)));
     assert_eq!(res.stdout_lossy(), "child 2\n");
     assert!(res.timings.total_us >= 2_000_000, "{:?}", res.timings);
-    assert!(res.timings.total_us < 3_500_000, "{:?}", res.timings);
+    // Killed promptly: the program ran no longer than the timeout plus the
+    // kill's latency. (Not the total: fork and isolation come first and take
+    // over a second each in an emulated guest.)
+    assert!(res.timings.run_us < 3_500_000, "{:?}", res.timings);
     assert!(
         res.usage.cpu_user_us > 100_000,
         "it did spin: {:?}",
