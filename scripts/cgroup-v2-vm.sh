@@ -7,6 +7,8 @@
 #                           pids limit, timeout, output limit, leak checks
 #   forkd/tests/rootless.rs rootless daemon in a delegated cgroup v2 subtree:
 #                           limits enforced (OOM, pids) as an unprivileged user
+#   forkd/tests/warm.rs     request limits written to a warm child's cgroup
+#   forkd/tests/leaks.rs    the leak checks fire (and pass) on cgroup v2
 #   cgroup/tests/cgroups.rs the cgroup crate against real v2 controllers
 #
 # Steps (idempotent): install qemu-system-x86, debootstrap and cpio if missing;
@@ -131,11 +133,22 @@ test_exe() { # the executable of integration test $1
     grep -F '"kind":["test"]' <<<"$json" | grep -F "\"name\":\"$1\"" |
         grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -1
 }
+# What the guest runs: test binary, then an optional name filter.
+GUEST_TESTS=(
+    "limits"
+    "rootless"
+    "warm request_limits_are_applied_to_a_warm_child"
+    "leaks"
+    "cgroups"
+)
 TESTS=()
-for t in limits rootless cgroups; do
-    exe=$(test_exe "$t")
-    [ -x "$exe" ] || fail "no test executable for $t"
+test_list=
+for entry in "${GUEST_TESTS[@]}"; do
+    name=${entry%% *}
+    exe=$(test_exe "$name")
+    [ -x "$exe" ] || fail "no test executable for $name"
     TESTS+=("$exe")
+    test_list+="$exe${entry#"$name"}"$'\n'
 done
 TARGET_DIR=$(dirname "$(dirname "${TESTS[0]}")") # target/debug
 FORKD_BIN=$TARGET_DIR/forkd
@@ -159,10 +172,7 @@ for f in "${TESTS[@]}" "$FORKD_BIN" "$ZYGOTE_LIB"; do
     # everything into its RAM.
     objcopy --strip-debug "$f" "$overlay$f"
 done
-{
-    printf 'TESTS="%s"\n' "${TESTS[*]}"
-    printf 'FORKD_BIN=%s\n' "$FORKD_BIN"
-} >"$overlay/forkd-vm.env"
+printf '%s' "$test_list" >"$overlay/forkd-vm.tests"
 (cd "$overlay" && find . -print0 | cpio --null -o -H newc --quiet) >"$run/overlay.cpio"
 # The kernel unpacks concatenated archives in order, later files on top.
 cat "$IMAGE/rootfs.cpio" "$run/overlay.cpio" >"$run/initrd"

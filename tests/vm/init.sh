@@ -1,7 +1,8 @@
 #!/bin/sh
 # pid 1 of the cgroup v2 test guest (scripts/cgroup-v2-vm.sh). Mounts a pure
 # cgroup2 hierarchy, runs the compiled test binaries listed in
-# /forkd-vm.env, prints a verdict line the host parses, and powers off.
+# /forkd-vm.tests (one per line: path, then an optional test name filter),
+# prints a verdict line the host parses, and powers off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8
 
@@ -36,7 +37,6 @@ poweroff_now() {
     sleep 30
 }
 
-. /forkd-vm.env
 echo "forkd-vm: kernel $(uname -r); $(nproc) CPUs; $(awk '/MemTotal/ {print $2 / 1024 " MiB"}' /proc/meminfo)"
 echo "forkd-vm: cgroup mounts: $(awk '$3 ~ /^cgroup/ {print $2 " (" $3 ")"}' /proc/mounts | tr '\n' ' ')"
 echo "forkd-vm: cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
@@ -55,17 +55,19 @@ export FORKD_TEST_PYTHON=/usr/bin/python3 FORKD_TEST_EXPECT_CGROUP_V2=1
 export RUST_BACKTRACE=1
 cd /tmp
 status=PASS
-for t in $TESTS; do
-    name=$(basename "$t")
+while read -r t filter <&3; do
+    name="$(basename "$t")${filter:+ $filter}"
     echo "forkd-vm: ==== $name ===="
     start=$(date +%s)
     # One test at a time: the guest's 2 emulated CPUs are slow, and the leak
     # checks (fds) are only exact for a test running alone.
-    { timeout 600 "$t" --test-threads=1 2>&1; echo $? >/tmp/rc; } | tee -a /tmp/all-tests.log
+    # shellcheck disable=SC2086 # an empty filter is no argument
+    { timeout 600 "$t" --test-threads=1 $filter </dev/null 2>&1; echo $? >/tmp/rc; } |
+        tee -a /tmp/all-tests.log
     rc=$(cat /tmp/rc)
     echo "forkd-vm: ==== $name: exit $rc in $(($(date +%s) - start)) s ===="
     [ "$rc" = 0 ] || status=FAIL
-done
+done 3</forkd-vm.tests
 counts=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
     END { printf "%d passed, %d failed", p, f }' /tmp/all-tests.log)
 echo "FORKD-VM-RESULT: $status ($counts)"
