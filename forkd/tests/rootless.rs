@@ -1,17 +1,24 @@
 //! Rootless mode for real: the `forkd` binary runs as an unprivileged user the
 //! test creates, its zygote enters a user namespace of its own, and sandboxes
-//! still get their namespaces, landlock and seccomp; limits are reported as
-//! not enforced (no delegated cgroup).
+//! still get their namespaces, landlock and seccomp. Without a delegated
+//! cgroup, limits are reported as not enforced; with a delegated cgroup v2
+//! subtree that has the memory, cpu and pids controllers (a pure cgroup v2
+//! host, such as the guest of scripts/cgroup-v2-vm.sh), they are enforced.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use forkd_ipc::{Client, Program, SpawnRequest};
+use forkd_ipc::{Client, KilledBy, Limits, Program, SpawnRequest};
 
 const USER: &str = "forkd-it";
+const MIB: u64 = 1024 * 1024;
+
+/// Both tests run daemons as the same user and count its processes.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn user_ids() -> (u32, u32) {
     let lookup = || {
@@ -75,6 +82,7 @@ fn wait_for_socket(path: &Path, daemon: &mut std::process::Child) {
 
 #[test]
 fn unprivileged_daemon_isolates_with_a_user_namespace() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (uid, gid) = user_ids();
     assert!(
         processes_of(uid).is_empty(),
@@ -224,4 +232,331 @@ fn zygote_library() -> std::path::PathBuf {
         lib.display()
     );
     lib
+}
+
+// ---------------------------------------------------------------------------
+// Rootless with a delegated cgroup v2 subtree
+// ---------------------------------------------------------------------------
+
+const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// The cgroup2 mount to delegate from: `/sys/fs/cgroup` when it is cgroup2,
+/// else the first cgroup2 mount (`/sys/fs/cgroup/unified` on a v1-hybrid host).
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            (f.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(f[4]))
+        })
+        .collect();
+    mounts
+        .iter()
+        .find(|m| m.as_path() == Path::new("/sys/fs/cgroup"))
+        .or(mounts.first())
+        .cloned()
+}
+
+fn words(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write(path: &Path, value: &str) {
+    std::fs::write(path, value)
+        .unwrap_or_else(|e| panic!("write {value:?} to {}: {e}", path.display()));
+}
+
+/// A subtree delegated to the test user the way cgroup v2 documents it
+/// (cgroup-v2.rst, "Delegation"): the directory and its `cgroup.procs`,
+/// `cgroup.subtree_control` and `cgroup.threads` are chowned to the user, and
+/// the controllers are enabled from the mount root down to it. The daemon
+/// lives in the leaf `daemon/`; the subtree itself holds no process, so the
+/// daemon may create sandbox cgroups beside it (no internal processes) and
+/// its children may move into them (the common ancestor's `cgroup.procs` is
+/// the user's). Dropping it kills what is left and removes the tree.
+struct Delegation {
+    root: PathBuf,
+    leaf: PathBuf,
+    controllers: bool,
+}
+
+impl Delegation {
+    fn new(mount: &Path, uid: u32, gid: u32) -> Delegation {
+        let available = words(&mount.join("cgroup.controllers"));
+        let controllers = CONTROLLERS.iter().all(|c| available.iter().any(|a| a == c));
+        if controllers {
+            for c in CONTROLLERS {
+                write(&mount.join("cgroup.subtree_control"), &format!("+{c}"));
+            }
+        }
+        let root = mount.join(format!("forkd-it-delegated-{}", std::process::id()));
+        std::fs::create_dir(&root).unwrap_or_else(|e| panic!("mkdir {}: {e}", root.display()));
+        let d = Delegation {
+            leaf: root.join("daemon"),
+            root,
+            controllers,
+        };
+        if controllers {
+            for c in CONTROLLERS {
+                write(&d.root.join("cgroup.subtree_control"), &format!("+{c}"));
+            }
+        }
+        std::fs::create_dir(&d.leaf).unwrap();
+        for f in [
+            "",
+            "cgroup.procs",
+            "cgroup.subtree_control",
+            "cgroup.threads",
+        ] {
+            let path = d.root.join(f);
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+        }
+        d
+    }
+
+    /// Every cgroup directory below the subtree root (excluding the leaf).
+    fn sandbox_cgroups(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &mut out);
+        out.retain(|p| *p != self.leaf);
+        out
+    }
+}
+
+impl Drop for Delegation {
+    fn drop(&mut self) {
+        let mut dirs = self.sandbox_cgroups();
+        dirs.push(self.leaf.clone());
+        // Deepest first.
+        dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for d in dirs.iter().chain(std::iter::once(&self.root)) {
+            let _ = std::fs::write(d.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while std::fs::remove_dir(d).is_err() && d.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let expect_v2 = std::env::var_os("FORKD_TEST_EXPECT_CGROUP_V2").is_some();
+    let Some(mount) = cgroup2_mount() else {
+        assert!(
+            !expect_v2,
+            "FORKD_TEST_EXPECT_CGROUP_V2 is set but no cgroup2 is mounted"
+        );
+        eprintln!("SKIPPED: no cgroup2 mount to delegate from");
+        return;
+    };
+    let (uid, gid) = user_ids();
+    assert!(
+        processes_of(uid).is_empty(),
+        "processes of {USER} exist before the test"
+    );
+    let delegation = Delegation::new(&mount, uid, gid);
+    assert!(
+        delegation.controllers || !expect_v2,
+        "FORKD_TEST_EXPECT_CGROUP_V2 is set but {} lacks one of {CONTROLLERS:?}",
+        mount.join("cgroup.controllers").display()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket_dir = dir.path().join("run");
+    std::fs::create_dir(&socket_dir).unwrap();
+    std::os::unix::fs::chown(&socket_dir, Some(uid), Some(gid)).unwrap();
+    let socket = socket_dir.join("forkd.sock");
+    let config = dir.path().join("forkd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cgroup]\nv2_root = \"{}\"\n\n[[zygote]]\nname = \"default\"\nwarm_pool = 2\n",
+            delegation.root.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // Root moves the daemon into the delegated leaf, then drops to the user:
+    // an unprivileged process could not leave the test's cgroup on its own.
+    let leaf_procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(delegation.leaf.join("cgroup.procs"))
+        .unwrap();
+    let leaf_fd = std::os::fd::AsRawFd::as_raw_fd(&leaf_procs);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_forkd"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--python",
+            "/usr/bin/python3",
+            "--preload",
+            "json",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--socket")
+        .arg(&socket)
+        .env("FORKD_ZYGOTE_LIB", zygote_library())
+        .current_dir("/")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: between fork and exec the closure only makes raw system calls
+    // (write, setgroups, setgid, setuid) on values prepared before the fork;
+    // it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let check = |r: libc::c_long| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::write(leaf_fd, b"0".as_ptr().cast(), 1) as libc::c_long)?;
+            check(libc::setgroups(0, std::ptr::null()) as libc::c_long)?;
+            check(libc::setgid(gid) as libc::c_long)?;
+            check(libc::setuid(uid) as libc::c_long)?;
+            Ok(())
+        });
+    }
+    let mut daemon = command
+        .spawn()
+        .expect("start forkd as the unprivileged user");
+    drop(leaf_procs);
+    wait_for_socket(&socket, &mut daemon);
+    assert_eq!(
+        words(&delegation.leaf.join("cgroup.procs"))
+            .first()
+            .map(String::as_str),
+        Some(daemon.id().to_string().as_str()),
+        "the daemon runs in the delegated leaf"
+    );
+
+    let mut client = Client::connect(&socket).unwrap();
+    let spawn = |client: &mut Client, code: &str, limits: Limits| {
+        client
+            .spawn(&SpawnRequest {
+                program: Program::Code(code.into()),
+                timeout_ms: Some(60_000),
+                limits,
+                ..SpawnRequest::default()
+            })
+            .unwrap()
+    };
+    let hello = spawn(&mut client, "print('hello')", Limits::default());
+    assert_eq!(
+        (hello.exit_code, hello.stdout_lossy().as_str()),
+        (Some(0), "hello\n"),
+        "stderr: {}",
+        hello.stderr_lossy()
+    );
+    if delegation.controllers {
+        assert!(
+            hello.limits.cgroup_enforced,
+            "limits must be enforced in a delegated subtree with {CONTROLLERS:?}"
+        );
+        // Sandbox cgroups live in the delegated subtree, owned by the user.
+        let base = delegation
+            .root
+            .join("forkd")
+            .join(format!("d{}", daemon.id()));
+        assert!(base.is_dir(), "{} missing", base.display());
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&base).unwrap()),
+            uid
+        );
+
+        let bomb = spawn(
+            &mut client,
+            "chunks = []\nfor i in range(512):\n    chunks.append(b'\\x01' * (1 << 20))\nprint('survived')",
+            Limits {
+                memory_bytes: Some(64 * MIB),
+                ..Limits::default()
+            },
+        );
+        assert_eq!(
+            bomb.killed_by,
+            Some(KilledBy::Oom),
+            "stdout: {} stderr: {}",
+            bomb.stdout_lossy(),
+            bomb.stderr_lossy()
+        );
+        assert_eq!((bomb.exit_code, bomb.signal), (None, Some(9)));
+        assert!(bomb.usage.peak_memory_bytes <= 64 * MIB, "{:?}", bomb.usage);
+
+        let forks = spawn(
+            &mut client,
+            "import os, sys, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n        n += 1\nexcept BlockingIOError as e:\n    print(n, e.errno)\n    sys.exit(3)",
+            Limits {
+                pids: Some(8),
+                ..Limits::default()
+            },
+        );
+        assert_eq!(
+            (forks.stdout_lossy().as_str(), forks.exit_code),
+            ("7 11\n", Some(3)),
+            "stderr: {}",
+            forks.stderr_lossy()
+        );
+        assert_eq!(forks.killed_by, Some(KilledBy::Pids));
+        println!("delegated cgroup v2: limits enforced (OOM kill and pids limit reported)");
+    } else {
+        assert!(
+            !hello.limits.cgroup_enforced,
+            "{} lacks controllers: limits must be reported as not enforced",
+            mount.display()
+        );
+        println!(
+            "{} has none of {CONTROLLERS:?} to delegate (cgroup v1 host): checked that limits are reported as not enforced; scripts/cgroup-v2-vm.sh checks enforcement",
+            mount.display()
+        );
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status =
+        wait_timeout(&mut daemon, Duration::from_secs(20)).expect("daemon exits after SIGTERM");
+    assert!(status.success(), "daemon exit status {status}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_of(uid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        processes_of(uid).is_empty(),
+        "processes of {USER} left: {:?}",
+        processes_of(uid)
+    );
+    // The daemon removed its own cgroups: only its (empty) parent may stay.
+    let left: Vec<PathBuf> = delegation
+        .sandbox_cgroups()
+        .into_iter()
+        .filter(|p| *p != delegation.root.join("forkd"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "cgroups left in the delegated subtree: {left:?}"
+    );
 }

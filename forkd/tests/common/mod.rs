@@ -76,6 +76,20 @@ pub fn python() -> PathBuf {
     path
 }
 
+/// With `FORKD_TEST_EXPECT_CGROUP_V2` set (the cgroup v2 guest of
+/// scripts/cgroup-v2-vm.sh), a daemon that did not get cgroup v2 with every
+/// limit enforced fails the test instead of quietly testing something else.
+fn expect_cgroup_v2_if_asked(cgroups: &forkd_cgroup::Manager) {
+    if std::env::var_os("FORKD_TEST_EXPECT_CGROUP_V2").is_some() {
+        assert!(
+            cgroups.mode() == forkd_cgroup::Mode::V2 && cgroups.limits_enforced(),
+            "FORKD_TEST_EXPECT_CGROUP_V2 is set but the daemon uses {:?} (limits enforced: {})",
+            cgroups.mode(),
+            cgroups.limits_enforced()
+        );
+    }
+}
+
 fn require_root() {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -633,6 +647,7 @@ impl TestDaemon {
         match forkd::start(config, Some(&socket)).await {
             Ok(running) => {
                 let daemon = running.daemon.clone();
+                expect_cgroup_v2_if_asked(&daemon.cgroups);
                 tracker.base_dirs = daemon
                     .cgroups
                     .base_dirs()
