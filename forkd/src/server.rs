@@ -54,6 +54,38 @@ fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Respo
     }
 }
 
+/// Turns one frame body into a request this daemon speaks, or the error
+/// reply it gets (`malformed_frame`, or `unsupported_version` for another
+/// protocol version, carrying the frame's id when one can be read). Pure, so
+/// that the fuzz target (fuzz/) exercises exactly what the daemon runs.
+pub fn parse_request(bytes: &[u8]) -> Result<Request, Response> {
+    let unsupported = |id, v| {
+        error_response(
+            id,
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
+        )
+    };
+    let request = match serde_json::from_slice::<Request>(bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            let id = peek_request_id(bytes);
+            return Err(match peek_request_version(bytes) {
+                Some(v) if v != u64::from(PROTOCOL_VERSION) => unsupported(id, v),
+                _ => error_response(
+                    id,
+                    ErrorCode::MalformedFrame,
+                    format!("not a valid forkd request: {e}"),
+                ),
+            });
+        }
+    };
+    if request.v != PROTOCOL_VERSION {
+        return Err(unsupported(request.id, u64::from(request.v)));
+    }
+    Ok(request)
+}
+
 fn peer_allowed(daemon: &Daemon, uid: u32, gid: u32) -> bool {
     let own = crate::sys::euid();
     let uids = daemon
@@ -159,38 +191,15 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             // Clean close, a frame cut short by EOF, or a broken stream.
             Err(_) => break,
         };
-        let request = match serde_json::from_slice::<Request>(&bytes) {
+        let request = match parse_request(&bytes) {
             Ok(r) => r,
-            Err(e) => {
-                let id = peek_request_id(&bytes);
-                let reply = match peek_request_version(&bytes) {
-                    Some(v) if v != u64::from(PROTOCOL_VERSION) => error_response(
-                        id,
-                        ErrorCode::UnsupportedVersion,
-                        format!("protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
-                    ),
-                    _ => error_response(id, ErrorCode::MalformedFrame, format!("not a valid forkd request: {e}")),
-                };
+            Err(reply) => {
                 if tx.send(reply).await.is_err() {
                     break;
                 }
                 continue;
             }
         };
-        if request.v != PROTOCOL_VERSION {
-            let reply = error_response(
-                request.id,
-                ErrorCode::UnsupportedVersion,
-                format!(
-                    "protocol version {} is not supported; this daemon speaks {PROTOCOL_VERSION}",
-                    request.v
-                ),
-            );
-            if tx.send(reply).await.is_err() {
-                break;
-            }
-            continue;
-        }
         let id = request.id;
         match request.body {
             RequestBody::Ping => {
