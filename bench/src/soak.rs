@@ -30,7 +30,9 @@ const MARKER_VAR: &str = "FORKD_SOAK";
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Soak test: many spawns against a real forkd, then a leak audit"
+    about = "Soak test: many spawns against a real forkd, then a leak audit",
+    // scripts/soak.sh passes CI defaults; later flags override them.
+    args_override_self = true
 )]
 struct Args {
     /// Interpreter of the zygote (e.g. .venv/bin/python).

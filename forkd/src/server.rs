@@ -55,33 +55,35 @@ fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Respo
 }
 
 /// Turns one frame body into a request this daemon speaks, or the error
-/// reply it gets (`malformed_frame`, or `unsupported_version` for another
-/// protocol version, carrying the frame's id when one can be read). Pure, so
-/// that the fuzz target (fuzz/) exercises exactly what the daemon runs.
-pub fn parse_request(bytes: &[u8]) -> Result<Request, Response> {
-    let unsupported = |id, v| {
-        error_response(
-            id,
-            ErrorCode::UnsupportedVersion,
-            format!("protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
-        )
+/// the reply carries (`malformed_frame`, or `unsupported_version` for another
+/// protocol version) with the id to send it under (the frame's own when one
+/// can be read, else 0). Pure, so that the fuzz target (fuzz/) exercises
+/// exactly what the daemon runs.
+pub fn parse_request(bytes: &[u8]) -> Result<Request, (u64, ErrorReply)> {
+    let unsupported = |v| ErrorReply {
+        code: ErrorCode::UnsupportedVersion,
+        message: format!(
+            "protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"
+        ),
     };
     let request = match serde_json::from_slice::<Request>(bytes) {
         Ok(r) => r,
         Err(e) => {
             let id = peek_request_id(bytes);
             return Err(match peek_request_version(bytes) {
-                Some(v) if v != u64::from(PROTOCOL_VERSION) => unsupported(id, v),
-                _ => error_response(
+                Some(v) if v != u64::from(PROTOCOL_VERSION) => (id, unsupported(v)),
+                _ => (
                     id,
-                    ErrorCode::MalformedFrame,
-                    format!("not a valid forkd request: {e}"),
+                    ErrorReply {
+                        code: ErrorCode::MalformedFrame,
+                        message: format!("not a valid forkd request: {e}"),
+                    },
                 ),
             });
         }
     };
     if request.v != PROTOCOL_VERSION {
-        return Err(unsupported(request.id, u64::from(request.v)));
+        return Err((request.id, unsupported(u64::from(request.v))));
     }
     Ok(request)
 }
@@ -193,7 +195,12 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         };
         let request = match parse_request(&bytes) {
             Ok(r) => r,
-            Err(reply) => {
+            Err((id, e)) => {
+                let reply = Response {
+                    v: PROTOCOL_VERSION,
+                    id,
+                    body: ResponseBody::Error(e),
+                };
                 if tx.send(reply).await.is_err() {
                     break;
                 }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use forkd::config::{resolve, Config, ZygoteSection};
 use forkd_ipc::frame::{encode_frame, peek_request_id};
-use forkd_ipc::{ErrorCode, RequestBody, ResponseBody};
+use forkd_ipc::{ErrorCode, RequestBody, Response, ResponseBody, PROTOCOL_VERSION};
 use libfuzzer_sys::fuzz_target;
 
 struct Setup {
@@ -43,10 +43,7 @@ fuzz_target!(|body: &[u8]| {
     let Setup { config, policies } = setup();
     let request = match forkd::server::parse_request(body) {
         Ok(r) => r,
-        Err(reply) => {
-            let ResponseBody::Error(e) = &reply.body else {
-                panic!("a refusal must be an error reply: {reply:?}");
-            };
+        Err((id, e)) => {
             assert!(
                 matches!(
                     e.code,
@@ -58,8 +55,13 @@ fuzz_target!(|body: &[u8]| {
             // Parse failures carry the best-effort id; a wrong version with a
             // valid shape carries the request's own.
             if e.code == ErrorCode::MalformedFrame {
-                assert_eq!(reply.id, peek_request_id(body));
+                assert_eq!(id, peek_request_id(body));
             }
+            let reply = Response {
+                v: PROTOCOL_VERSION,
+                id,
+                body: ResponseBody::Error(e),
+            };
             encode_frame(&reply).expect("an error reply always encodes");
             return;
         }
@@ -88,14 +90,29 @@ fuzz_target!(|body: &[u8]| {
         let (l, max) = (&resolved.limits, &config.limits.max);
         assert_eq!(l.cgroup_enforced, enforced);
         assert!((1..=max.timeout_ms).contains(&l.timeout_ms), "{l:?}");
-        assert!((8 << 20..=max.memory_bytes).contains(&l.memory_bytes), "{l:?}");
-        assert!(l.cpus.is_finite() && l.cpus >= 0.01 && l.cpus <= max.cpus, "{l:?}");
+        assert!(
+            (8 << 20..=max.memory_bytes).contains(&l.memory_bytes),
+            "{l:?}"
+        );
+        assert!(
+            l.cpus.is_finite() && l.cpus >= 0.01 && l.cpus <= max.cpus,
+            "{l:?}"
+        );
         assert!((1..=max.pids).contains(&l.pids), "{l:?}");
         assert!((1..=max.output_bytes).contains(&l.output_bytes), "{l:?}");
-        assert!((4096..=max.scratch_bytes).contains(&l.scratch_bytes), "{l:?}");
+        assert!(
+            (4096..=max.scratch_bytes).contains(&l.scratch_bytes),
+            "{l:?}"
+        );
         assert!((16..=max.open_files).contains(&l.open_files), "{l:?}");
-        assert!((1..=max.file_size_bytes).contains(&l.file_size_bytes), "{l:?}");
-        assert!(config.zygote_sections().iter().any(|z| z.name == resolved.zygote));
+        assert!(
+            (1..=max.file_size_bytes).contains(&l.file_size_bytes),
+            "{l:?}"
+        );
+        assert!(config
+            .zygote_sections()
+            .iter()
+            .any(|z| z.name == resolved.zygote));
         assert!(policies.contains_key(&resolved.policy));
         let total: u64 = spawn.files.iter().map(|f| f.content.len() as u64).sum();
         assert!(total <= l.scratch_bytes);
