@@ -800,6 +800,13 @@ impl SandboxCgroup {
         res
     }
 
+    /// Like [`SandboxCgroup::remove`], but keeps the cgroup on failure so
+    /// that removal can be retried later (e.g. processes stuck in
+    /// uninterruptible sleep on a heavily loaded host).
+    pub fn try_remove(&mut self) -> Result<(), Error> {
+        self.remove_inner()
+    }
+
     fn remove_inner(&mut self) -> Result<(), Error> {
         if self.removed || self.dirs.is_empty() {
             return Ok(());

@@ -355,17 +355,30 @@ impl Daemon {
                 child
             }
             None => {
-                let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
-                let id = self.next_sandbox_id();
-                forkd_pool::prepare(
-                    &zygote,
-                    &self.cgroups,
-                    self.netns.as_ref().as_ref(),
-                    id,
-                    plan,
-                )
-                .await
-                .map_err(prepare_error)?
+                let mut retried = false;
+                loop {
+                    let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
+                    let id = self.next_sandbox_id();
+                    match forkd_pool::prepare(
+                        &zygote,
+                        &self.cgroups,
+                        self.netns.as_ref().as_ref(),
+                        id,
+                        plan.clone(),
+                    )
+                    .await
+                    {
+                        Ok(child) => break child,
+                        // The zygote was recycled (told to drain) or died
+                        // between `get` and the fork: the program never ran,
+                        // so one more try on the current zygote is safe (the
+                        // soak saw recycles fail requests otherwise).
+                        Err(PrepareError::Zygote(_)) if !retried && zygote.is_retired() => {
+                            retried = true;
+                        }
+                        Err(e) => return Err(prepare_error(e)),
+                    }
+                }
             }
         };
         let id = child.sandbox;

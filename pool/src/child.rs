@@ -115,12 +115,41 @@ impl CgroupCleanup {
     }
 }
 
+/// How long a sandbox cgroup whose removal failed is retried in the
+/// background before it is given up (and logged as leaked).
+const CGROUP_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Retries removing `cg` with backoff. Runs on a detached thread: it must not
+/// hold up the daemon's exit (shutdown removes the whole tree anyway).
+fn retry_removal(mut cg: SandboxCgroup, first: forkd_cgroup::Error) {
+    tracing::warn!("removing a sandbox cgroup failed (retrying in the background for up to {CGROUP_RETRY_FOR:?}): {first}");
+    let give_up = std::time::Instant::now() + CGROUP_RETRY_FOR;
+    let mut wait = std::time::Duration::from_secs(1);
+    let spawned = std::thread::Builder::new()
+        .name("cgroup-retry".into())
+        .spawn(move || loop {
+            std::thread::sleep(wait);
+            match cg.try_remove() {
+                Ok(()) => {
+                    tracing::info!("removed a sandbox cgroup after retrying");
+                    return;
+                }
+                // Dropping `cg` tries once more and logs the leak.
+                Err(_) if std::time::Instant::now() >= give_up => return,
+                Err(_) => wait = (wait * 2).min(std::time::Duration::from_secs(30)),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a thread to retry a cgroup removal: {e}");
+    }
+}
+
 impl Drop for CgroupCleanup {
     fn drop(&mut self) {
-        if let Some(cg) = self.0.take() {
+        if let Some(mut cg) = self.0.take() {
             let remove = move || {
-                if let Err(e) = cg.remove() {
-                    tracing::warn!("removing a sandbox cgroup failed: {e}");
+                if let Err(e) = cg.try_remove() {
+                    retry_removal(cg, e);
                 }
             };
             match tokio::runtime::Handle::try_current() {
