@@ -401,7 +401,10 @@ async fn load(
                             );
                         }
                     }
-                    Err(ClientError::Server(e)) => tally.error(e.code.to_string()),
+                    Err(ClientError::Server(e)) => {
+                        tally.error(e.code.to_string());
+                        eprintln!("forkd-soak: spawn {i}: {}: {}", e.code, e.message);
+                    }
                     Err(e) => tally.error(format!("client: {e}")),
                 }
             }
