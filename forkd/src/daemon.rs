@@ -313,29 +313,8 @@ pub async fn start_with(
         None => configured,
     };
 
-    let cgroups = match forkd_cgroup::Manager::new(&config.cgroup) {
-        Ok(m) => m,
-        Err(e) if sys::euid() != 0 && config.cgroup.mode == forkd_cgroup::ModeChoice::Auto => {
-            tracing::warn!("no usable cgroup for an unprivileged daemon ({e}); memory, cpu and pids limits are NOT enforced and every result says so (cgroup_enforced: false)");
-            let disabled = forkd_cgroup::Config {
-                mode: forkd_cgroup::ModeChoice::Disabled,
-                ..config.cgroup.clone()
-            };
-            forkd_cgroup::Manager::new(&disabled).map_err(StartError::Cgroup)?
-        }
-        Err(e) => return Err(StartError::Cgroup(e)),
-    };
-    match cgroups.cleanup_stale() {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(
-            removed = n,
-            "removed sandbox cgroups left by a daemon that died"
-        ),
-        Err(e) => tracing::warn!("cleaning up stale cgroups: {e}"),
-    }
-    let cgroups = Arc::new(cgroups);
-    tracing::info!(mode = ?cgroups.mode(), enforced = cgroups.limits_enforced(), "cgroups ready");
-
+    // Everything that can fail without side effects first, so that a bad
+    // library or interpreter path leaves no cgroups behind.
     let library = find_library(config.zygote_library.as_deref())?;
     let init = forkd_zygote::InitConfig {
         policies: policies.clone(),
@@ -362,6 +341,29 @@ pub async fn start_with(
             },
         ));
     }
+    let cgroups = match forkd_cgroup::Manager::new(&config.cgroup) {
+        Ok(m) => m,
+        Err(e) if sys::euid() != 0 && config.cgroup.mode == forkd_cgroup::ModeChoice::Auto => {
+            tracing::warn!("no usable cgroup for an unprivileged daemon ({e}); memory, cpu and pids limits are NOT enforced and every result says so (cgroup_enforced: false)");
+            let disabled = forkd_cgroup::Config {
+                mode: forkd_cgroup::ModeChoice::Disabled,
+                ..config.cgroup.clone()
+            };
+            forkd_cgroup::Manager::new(&disabled).map_err(StartError::Cgroup)?
+        }
+        Err(e) => return Err(StartError::Cgroup(e)),
+    };
+    match cgroups.cleanup_stale() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            removed = n,
+            "removed sandbox cgroups left by a daemon that died"
+        ),
+        Err(e) => tracing::warn!("cleaning up stale cgroups: {e}"),
+    }
+    let cgroups = Arc::new(cgroups);
+    tracing::info!(mode = ?cgroups.mode(), enforced = cgroups.limits_enforced(), "cgroups ready");
+
     let pool = Supervisor::start(zygotes);
     if let Err(e) = pool.wait_ready().await {
         pool.shutdown(Duration::from_secs(1)).await;

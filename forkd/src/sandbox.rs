@@ -108,6 +108,9 @@ fn same_isolation(pool: &ChildPlan, wanted: &ChildPlan) -> bool {
 fn prepare_error(e: PrepareError) -> ErrorReply {
     match e {
         PrepareError::Zygote(z) => zygote_error(z),
+        // The program did not run; the message names the cgroup file and
+        // what to do (e.g. a read-only cgroup filesystem).
+        e @ PrepareError::Cgroup(_) => error(ErrorCode::SpawnFailed, e.to_string()),
         other => internal("preparing the sandbox failed", other),
     }
 }
@@ -341,8 +344,12 @@ impl Daemon {
             Some(child) => {
                 if child.plan.cgroup != plan.cgroup {
                     if let Some(cg) = child.cgroup.get() {
-                        cg.set_limits(&plan.cgroup)
-                            .map_err(|e| internal("cannot set the sandbox's limits", e))?;
+                        cg.set_limits(&plan.cgroup).map_err(|e| {
+                            error(
+                                ErrorCode::SpawnFailed,
+                                format!("cannot set the sandbox's limits: {e}"),
+                            )
+                        })?;
                     }
                 }
                 child

@@ -122,6 +122,40 @@ fn configured_names(
     )
 }
 
+/// Turns one frame body into a request this daemon speaks, or the error
+/// the reply carries (`malformed_frame`, or `unsupported_version` for another
+/// protocol version) with the id to send it under (the frame's own when one
+/// can be read, else 0). Pure, so that the fuzz target (fuzz/) exercises
+/// exactly what the daemon runs.
+pub fn parse_request(bytes: &[u8]) -> Result<Request, (u64, ErrorReply)> {
+    let unsupported = |v| ErrorReply {
+        code: ErrorCode::UnsupportedVersion,
+        message: format!(
+            "protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"
+        ),
+    };
+    let request = match serde_json::from_slice::<Request>(bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            let id = peek_request_id(bytes);
+            return Err(match peek_request_version(bytes) {
+                Some(v) if v != u64::from(PROTOCOL_VERSION) => (id, unsupported(v)),
+                _ => (
+                    id,
+                    ErrorReply {
+                        code: ErrorCode::MalformedFrame,
+                        message: format!("not a valid forkd request: {e}"),
+                    },
+                ),
+            });
+        }
+    };
+    if request.v != PROTOCOL_VERSION {
+        return Err((request.id, unsupported(u64::from(request.v))));
+    }
+    Ok(request)
+}
+
 fn peer_allowed(daemon: &Daemon, uid: u32, gid: u32) -> bool {
     let own = crate::sys::euid();
     let uids = daemon
@@ -240,17 +274,13 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             // Clean close, a frame cut short by EOF, or a broken stream.
             Err(_) => break,
         };
-        let request = match serde_json::from_slice::<Request>(&bytes) {
+        let request = match parse_request(&bytes) {
             Ok(r) => r,
-            Err(e) => {
-                let id = peek_request_id(&bytes);
-                let reply = match peek_request_version(&bytes) {
-                    Some(v) if v != u64::from(PROTOCOL_VERSION) => error_response(
-                        id,
-                        ErrorCode::UnsupportedVersion,
-                        format!("protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
-                    ),
-                    _ => error_response(id, ErrorCode::MalformedFrame, format!("not a valid forkd request: {e}")),
+            Err((id, e)) => {
+                let reply = Response {
+                    v: PROTOCOL_VERSION,
+                    id,
+                    body: ResponseBody::Error(e),
                 };
                 if tx.send(reply).await.is_err() {
                     break;
@@ -258,20 +288,6 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
                 continue;
             }
         };
-        if request.v != PROTOCOL_VERSION {
-            let reply = error_response(
-                request.id,
-                ErrorCode::UnsupportedVersion,
-                format!(
-                    "protocol version {} is not supported; this daemon speaks {PROTOCOL_VERSION}",
-                    request.v
-                ),
-            );
-            if tx.send(reply).await.is_err() {
-                break;
-            }
-            continue;
-        }
         let id = request.id;
         match request.body {
             RequestBody::Ping => {

@@ -1,9 +1,11 @@
 //! Rootless mode for real: the `forkd` binary runs as an unprivileged user the
 //! test creates, its zygote enters a user namespace of its own, and sandboxes
 //! still get their namespaces, landlock and seccomp. Without a delegated
-//! cgroup, limits are reported as not enforced; with a delegated cgroup v2
-//! subtree that has the memory, cpu and pids controllers (a pure cgroup v2
-//! host, such as the guest of scripts/cgroup-v2-vm.sh), they are enforced.
+//! cgroup the daemon warns once at start-up and every result reports the
+//! limits as not enforced (warm-pool and on-demand children alike); with a
+//! delegated cgroup v2 subtree that has the memory, cpu and pids controllers
+//! (a pure cgroup v2 host, such as the guest of scripts/cgroup-v2-vm.sh),
+//! they are enforced.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -185,6 +187,30 @@ print(open("scratch.txt").read())
         !result.limits.cgroup_enforced,
         "rootless without delegation must say limits are not enforced"
     );
+    // Every result says so, whatever path the child took: warm pool
+    // (default limits) or forked on demand (other scratch size), with or
+    // without explicit cgroup limits asked for.
+    for (i, (scratch, memory)) in [(None, None), (Some(2 << 20), None), (None, Some(64 << 20))]
+        .into_iter()
+        .cycle()
+        .take(6)
+        .enumerate()
+    {
+        let mut req = SpawnRequest {
+            program: Program::Code(format!("print({i})")),
+            timeout_ms: Some(10_000),
+            ..SpawnRequest::default()
+        };
+        req.limits.scratch_bytes = scratch;
+        req.limits.memory_bytes = memory;
+        let r = client.spawn(&req).unwrap();
+        assert_eq!(r.stdout_lossy(), format!("{i}\n"), "{}", r.stderr_lossy());
+        assert!(
+            !r.limits.cgroup_enforced,
+            "result {i} claims enforced limits: {:?}",
+            r.limits
+        );
+    }
 
     // SIGTERM: clean exit, socket removed, nothing of the user's left running.
     nix::sys::signal::kill(
@@ -196,6 +222,17 @@ print(open("scratch.txt").read())
         wait_timeout(&mut daemon, Duration::from_secs(20)).expect("daemon exits after SIGTERM");
     assert!(status.success(), "daemon exit status {status}");
     assert!(!socket.exists(), "socket file left behind");
+    // The missing cgroup was said once, at start-up, not per request.
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut log).unwrap();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("limits are NOT enforced"))
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "expected one warning about unenforced limits:\n{log}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !processes_of(uid).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

@@ -362,7 +362,8 @@ pub enum ErrorCode {
     UnknownPolicy,
     /// The zygote is restarting or failed to start; retry later.
     ZygoteUnavailable,
-    /// The zygote could not fork, or the child could not isolate itself.
+    /// The zygote could not fork, the sandbox's cgroup could not be created,
+    /// or the child could not isolate itself; the program did not run.
     SpawnFailed,
     /// The daemon is shutting down.
     ShuttingDown,

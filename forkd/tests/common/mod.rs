@@ -146,6 +146,15 @@ impl Drop for Session {
     }
 }
 
+/// Held by a test that runs a daemon of its own (a `forkd` child process)
+/// instead of a [`TestDaemon`]: other tests' fd checks then know they were
+/// not alone.
+pub struct ExternalSession(#[allow(dead_code)] Session);
+
+pub fn external_session() -> ExternalSession {
+    ExternalSession(Session::begin())
+}
+
 // ---------------------------------------------------------------------------
 // /proc scanning
 // ---------------------------------------------------------------------------
