@@ -25,7 +25,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp
+# /tmp stays on the (RAM-backed) root: a checkout under /tmp (a CI clone) put
+# its test binaries there, at the paths cargo compiled into them.
+chmod 1777 /tmp
 mount -t tmpfs tmpfs /run
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 hostname forkd-vm
