@@ -55,7 +55,7 @@ struct Args {
     #[arg(long, default_value_t = 300)]
     single: usize,
     /// Burst sizes (N concurrent spawns).
-    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
     bursts: Vec<usize>,
     /// Rounds per burst size (the median wall is reported).
     #[arg(long, default_value_t = 5)]

@@ -153,3 +153,54 @@ fn compare_command_exit_status() {
         "{stdout}"
     );
 }
+
+/// Three back-to-back runs recorded on 2026-11-30 on the quiet VM (nothing
+/// else running), against the quiet baseline: what CI normally sees.
+fn quiet_runs() -> Vec<(String, Record)> {
+    load(&["quiet-1.json", "quiet-2.json", "quiet-3.json"])
+}
+
+const TIMED: [Metric; 4] = [
+    Metric::SingleWarm,
+    Metric::BurstPool,
+    Metric::BurstNoPool,
+    Metric::Sustained,
+];
+
+#[test]
+fn on_quiet_runs_a_one_and_a_half_times_slowdown_is_flagged() {
+    let runs = quiet_runs();
+    for (a_name, a) in &runs {
+        for (b_name, b) in &runs {
+            if a_name == b_name {
+                continue;
+            }
+            for m in TIMED {
+                let cmp = compare(a, &slowed(b, m, 1.5), &Rule::default()).unwrap();
+                assert!(
+                    cmp.regressions().contains(&m),
+                    "1.5x {m:?} in {b_name} against {a_name} not flagged: {:#?}",
+                    cmp.rows
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quiet_runs_of_the_same_code_pass_against_themselves_and_the_baseline() {
+    let baseline = Record::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("baseline.json"))
+        .expect("bench/baseline.json");
+    for (name, run) in quiet_runs() {
+        let cmp = compare(&run, &run, &Rule::default()).unwrap();
+        assert!(cmp.regressions().is_empty(), "{name} against itself");
+        // These runs passed the full check (with its confirmation rounds)
+        // against this baseline; the first comparison alone must pass too.
+        let cmp = compare(&baseline, &run, &Rule::default()).unwrap();
+        assert!(
+            cmp.regressions().is_empty(),
+            "{name} against the baseline: {:#?}",
+            cmp.rows
+        );
+    }
+}
