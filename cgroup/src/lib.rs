@@ -403,14 +403,24 @@ impl Manager {
     /// Sandbox handles still alive afterwards become no-ops on removal.
     pub fn shutdown(&self) -> Result<(), Error> {
         let bases: Vec<PathBuf> = self.hiers.iter().map(|h| h.base.clone()).collect();
-        sys::kill_tree(&bases)?;
-        let mut first_err = None;
-        for b in &bases {
-            if let Err(e) = sys::remove_tree(b) {
-                first_err.get_or_insert(e);
+        // A few rounds: sandboxes still exiting (or removed concurrently by
+        // the background reaper) can keep a directory busy for a moment.
+        let mut result = Ok(());
+        for _ in 0..3 {
+            result = sys::kill_tree(&bases);
+            if result.is_ok() {
+                for b in &bases {
+                    if let Err(e) = sys::remove_tree(b) {
+                        result = Err(e);
+                    }
+                }
             }
+            if result.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
-        first_err.map_or(Ok(()), Err)
+        result
     }
 }
 
