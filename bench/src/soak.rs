@@ -234,15 +234,10 @@ fn processes_of(marker: &str, daemon_pid: i32) -> Vec<i32> {
 }
 
 fn cgroup_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+    forkd_cgroup::hierarchy_mounts()
         .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let fstype = fields.get(sep + 1)?;
-            (*fstype == "cgroup" || *fstype == "cgroup2").then(|| PathBuf::from(fields[4]))
-        })
+        .into_iter()
+        .map(|m| m.mount_point)
         .collect()
 }
 

@@ -42,6 +42,33 @@ const MIN_MEMORY_BYTES: u64 = 1 << 20;
 /// How long removal retries a plain rmdir before killing what is inside.
 const FAST_RMDIR_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// A mounted cgroup hierarchy, as `/proc/self/mountinfo` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HierarchyMount {
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// cgroup2 (else a v1 hierarchy).
+    pub v2: bool,
+    /// Super options: for v1 the controllers it carries (`cpu`, `name=...`)
+    /// among `rw` and friends.
+    pub options: Vec<String>,
+}
+
+/// Every cgroup (v1) and cgroup2 hierarchy mounted in this mount namespace.
+pub fn hierarchy_mounts() -> Result<Vec<HierarchyMount>, Error> {
+    let text =
+        fs::read_to_string(MOUNTINFO).map_err(|e| Error::io("read", Path::new(MOUNTINFO), e))?;
+    Ok(parse::parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+        .map(|m| HierarchyMount {
+            v2: m.fstype == "cgroup2",
+            mount_point: m.mount_point,
+            options: m.super_opts,
+        })
+        .collect())
+}
+
 /// The cgroup flavour a [`Manager`] actually uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

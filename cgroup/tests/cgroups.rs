@@ -29,6 +29,26 @@ const MIB: u64 = 1 << 20;
 static LOCK: Mutex<()> = Mutex::new(());
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
+/// A case run on v1 when this host has v1 controllers and on v2 when a
+/// cgroup2 root with controllers exists (the guest of scripts/cgroup-v2-vm.sh).
+macro_rules! both_modes {
+    ($case:ident, $v1:ident, $v2:ident) => {
+        #[test]
+        fn $v1() {
+            if have_v1() {
+                $case(ModeChoice::V1, None);
+            }
+        }
+
+        #[test]
+        fn $v2() {
+            if let Some(root) = v2_with_controllers() {
+                $case(ModeChoice::V2, Some(root));
+            }
+        }
+    };
+}
+
 // ---------- environment probes (independent of the crate) ----------
 
 fn mounts() -> Vec<(PathBuf, String, String)> {
@@ -478,19 +498,11 @@ fn v1_set_limits_raises_and_lowers_in_a_valid_order() {
     g.finish(mgr);
 }
 
-#[test]
-fn v1_cpu_quota_is_enforced_and_accounted() {
-    if have_v1() {
-        cpu_quota_case(ModeChoice::V1, None);
-    }
-}
-
-#[test]
-fn v2_cpu_quota_is_enforced_and_accounted() {
-    if let Some(root) = v2_with_controllers() {
-        cpu_quota_case(ModeChoice::V2, Some(root));
-    }
-}
+both_modes!(
+    cpu_quota_case,
+    v1_cpu_quota_is_enforced_and_accounted,
+    v2_cpu_quota_is_enforced_and_accounted
+);
 
 fn cpu_quota_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     let mut g = Guard::new();
@@ -545,19 +557,7 @@ fn cpu_quota_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     g.finish(mgr);
 }
 
-#[test]
-fn v1_oom_kill_is_counted() {
-    if have_v1() {
-        oom_case(ModeChoice::V1, None);
-    }
-}
-
-#[test]
-fn v2_oom_kill_is_counted() {
-    if let Some(root) = v2_with_controllers() {
-        oom_case(ModeChoice::V2, Some(root));
-    }
-}
+both_modes!(oom_case, v1_oom_kill_is_counted, v2_oom_kill_is_counted);
 
 fn oom_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     let mut g = Guard::new();
@@ -620,19 +620,11 @@ fn oom_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     g.finish(mgr);
 }
 
-#[test]
-fn v1_pids_limit_hits_are_counted() {
-    if have_v1() {
-        pids_case(ModeChoice::V1, None);
-    }
-}
-
-#[test]
-fn v2_pids_limit_hits_are_counted() {
-    if let Some(root) = v2_with_controllers() {
-        pids_case(ModeChoice::V2, Some(root));
-    }
-}
+both_modes!(
+    pids_case,
+    v1_pids_limit_hits_are_counted,
+    v2_pids_limit_hits_are_counted
+);
 
 fn pids_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     let mut g = Guard::new();
@@ -669,19 +661,11 @@ fn pids_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     g.finish(mgr);
 }
 
-#[test]
-fn v1_kill_all_reaches_grandchildren_and_drop_removes() {
-    if have_v1() {
-        kill_tree_case(ModeChoice::V1, None);
-    }
-}
-
-#[test]
-fn v2_kill_all_reaches_grandchildren_and_drop_removes() {
-    if let Some(root) = v2_with_controllers() {
-        kill_tree_case(ModeChoice::V2, Some(root));
-    }
-}
+both_modes!(
+    kill_tree_case,
+    v1_kill_all_reaches_grandchildren_and_drop_removes,
+    v2_kill_all_reaches_grandchildren_and_drop_removes
+);
 
 fn kill_tree_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     let mut g = Guard::new();
@@ -1055,19 +1039,11 @@ fn disabled_mode_creates_nothing() {
     mgr.shutdown().unwrap();
 }
 
-#[test]
-fn v1_reused_instance_dir_is_purged_on_new() {
-    if have_v1() {
-        reused_instance_case(ModeChoice::V1, None);
-    }
-}
-
-#[test]
-fn v2_reused_instance_dir_is_purged_on_new() {
-    if let Some(root) = v2_with_controllers() {
-        reused_instance_case(ModeChoice::V2, Some(root));
-    }
-}
+both_modes!(
+    reused_instance_case,
+    v1_reused_instance_dir_is_purged_on_new,
+    v2_reused_instance_dir_is_purged_on_new
+);
 
 fn reused_instance_case(mode: ModeChoice, v2_root: Option<PathBuf>) {
     let mut g = Guard::new();

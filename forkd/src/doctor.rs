@@ -399,31 +399,19 @@ fn landlock() -> Check {
 
 /// Cgroup filesystems mounted here: (v1 controllers, cgroup2 mount points).
 fn cgroup_mounts() -> (Vec<String>, Vec<String>) {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    const V1_CONTROLLERS: [&str; 8] = [
+        "memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer",
+    ];
     let (mut v1, mut v2) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut r = right.split(' ');
-        let fstype = r.next().unwrap_or("");
-        let options = r.nth(1).unwrap_or("");
-        let mount_point = left.split(' ').nth(4).unwrap_or("");
-        match fstype {
-            "cgroup2" => v2.push(mount_point.to_string()),
-            "cgroup" => v1.extend(
-                options
-                    .split(',')
-                    .filter(|o| {
-                        [
-                            "memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices",
-                            "freezer",
-                        ]
-                        .contains(o)
-                    })
-                    .map(str::to_string),
-            ),
-            _ => {}
+    for m in forkd_cgroup::hierarchy_mounts().unwrap_or_default() {
+        if m.v2 {
+            v2.push(m.mount_point.display().to_string());
+        } else {
+            v1.extend(
+                m.options
+                    .into_iter()
+                    .filter(|o| V1_CONTROLLERS.contains(&o.as_str())),
+            );
         }
     }
     (v1, v2)

@@ -95,22 +95,9 @@ fn unprivileged_daemon_isolates_with_a_user_namespace() {
     let socket = dir.path().join("forkd.sock");
 
     // Debian's interpreter: readable by any user (unlike a venv under /root).
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_forkd"))
-        .args([
-            "--python",
-            "/usr/bin/python3",
-            "--preload",
-            "json",
-            "--log-level",
-            "warn",
-        ])
-        .arg("--socket")
-        .arg(&socket)
-        .env("FORKD_ZYGOTE_LIB", zygote_library())
+    let mut daemon = forkd_command(&socket)
         .uid(uid)
         .gid(gid)
-        .current_dir("/")
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start forkd as the unprivileged user");
@@ -260,6 +247,27 @@ fn wait_timeout(
 }
 
 /// The native zygote library next to the test's forkd binary.
+/// The daemon as both rootless tests run it: Debian's interpreter (readable
+/// by any user, unlike a venv under /root), a cheap preload, on `socket`.
+fn forkd_command(socket: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_forkd"));
+    command
+        .args([
+            "--python",
+            "/usr/bin/python3",
+            "--preload",
+            "json",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--socket")
+        .arg(socket)
+        .env("FORKD_ZYGOTE_LIB", zygote_library())
+        .current_dir("/")
+        .stdout(Stdio::null());
+    command
+}
+
 fn zygote_library() -> std::path::PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_forkd"));
     let lib = exe.with_file_name(forkd_zygote::LIBRARY_FILE_NAME);
@@ -280,14 +288,11 @@ const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 /// The cgroup2 mount to delegate from: `/sys/fs/cgroup` when it is cgroup2,
 /// else the first cgroup2 mount (`/sys/fs/cgroup/unified` on a v1-hybrid host).
 fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mounts: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            (f.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(f[4]))
-        })
+    let mounts: Vec<PathBuf> = forkd_cgroup::hierarchy_mounts()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.v2)
+        .map(|m| m.mount_point)
         .collect();
     mounts
         .iter()
@@ -439,23 +444,10 @@ fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
         .open(delegation.leaf.join("cgroup.procs"))
         .unwrap();
     let leaf_fd = std::os::fd::AsRawFd::as_raw_fd(&leaf_procs);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_forkd"));
+    let mut command = forkd_command(&socket);
     command
         .arg("--config")
         .arg(&config)
-        .args([
-            "--python",
-            "/usr/bin/python3",
-            "--preload",
-            "json",
-            "--log-level",
-            "warn",
-        ])
-        .arg("--socket")
-        .arg(&socket)
-        .env("FORKD_ZYGOTE_LIB", zygote_library())
-        .current_dir("/")
-        .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     // SAFETY: between fork and exec the closure only makes raw system calls
     // (write, setgroups, setgid, setuid) on values prepared before the fork;

@@ -328,14 +328,10 @@ pub fn mountinfo() -> String {
 
 /// Mount points of every cgroup (v1) and cgroup2 hierarchy.
 pub fn cgroup_mounts() -> Vec<PathBuf> {
-    mountinfo()
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let fstype = fields.get(sep + 1)?;
-            (*fstype == "cgroup" || *fstype == "cgroup2").then(|| PathBuf::from(fields[4]))
-        })
+    forkd_cgroup::hierarchy_mounts()
+        .expect("read /proc/self/mountinfo")
+        .into_iter()
+        .map(|m| m.mount_point)
         .collect()
 }
 
