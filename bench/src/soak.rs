@@ -7,7 +7,8 @@
 //! settle and compares. Then it stops the daemon with SIGTERM and checks that
 //! nothing of it is left on the host. Every spawn must print its own expected
 //! output. Exit status 1 on any failed spawn, leak, or RSS growth beyond
-//! `--max-rss-growth-mib`.
+//! `--max-rss-growth-mib` in all or `--max-late-rss-growth-mib` over the
+//! second half of the spawns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -59,6 +60,15 @@ struct Args {
     /// Fail if the daemon's RSS grows by more than this between baseline and end.
     #[arg(long, default_value_t = 32)]
     max_rss_growth_mib: u64,
+    /// Fail if the daemon's RSS grows by more than this over the second half
+    /// of the spawns (a per-spawn leak grows there; allocator warm-up has
+    /// levelled off by then).
+    #[arg(long, default_value_t = 4)]
+    max_late_rss_growth_mib: i64,
+    /// Sample the daemon's RSS this often during the load (the trace shows
+    /// whether growth levels off or keeps climbing with the spawn count).
+    #[arg(long, default_value_t = 5.0)]
+    sample_secs: f64,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -107,9 +117,23 @@ struct Report {
     spawns_per_sec: f64,
     baseline: Holdings,
     end: Holdings,
+    /// The daemon's RSS during the load, every `--sample-secs`.
+    rss_trace: Vec<RssSample>,
+    /// Median RSS over the last quarter of the spawns minus the median over
+    /// the second quarter: a leak that grows with the spawn count shows
+    /// here; allocator warm-up, over by then, does not. `None` when the run
+    /// was too short for a sample in each of those quarters.
+    second_half_rss_growth_kib: Option<i64>,
     /// What is left on the host after the daemon's SIGTERM exit.
     after_exit: Vec<String>,
     daemon_warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+struct RssSample {
+    secs: f64,
+    spawns: u64,
+    rss_kib: u64,
 }
 
 struct Daemon {
@@ -289,12 +313,7 @@ fn ns_held(kind: &str, procs: &[i32], daemon_pid: i32) -> usize {
 }
 
 fn holdings(d: &Daemon) -> Holdings {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid)).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let rss_kib = rss_kib(d.pid);
     let fds = std::fs::read_dir(format!("/proc/{}/fd", d.pid))
         .map(|r| r.count())
         .unwrap_or(0);
@@ -344,6 +363,8 @@ fn request(i: u64) -> (SpawnRequest, String) {
 
 #[derive(Default)]
 struct Tally {
+    /// Spawns answered (any outcome).
+    finished: AtomicU64,
     ok: AtomicU64,
     wrong: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -379,7 +400,9 @@ async fn load(
                     break;
                 }
                 let (req, expected) = request(i);
-                match client.spawn(&req).await {
+                let outcome = client.spawn(&req).await;
+                tally.finished.fetch_add(1, Ordering::Relaxed);
+                match outcome {
                     Ok(r) if r.exit_code == Some(0) && r.stdout == expected.as_bytes() => {
                         tally.ok.fetch_add(1, Ordering::Relaxed);
                     }
@@ -400,7 +423,10 @@ async fn load(
                         tally.error(e.code.to_string());
                         eprintln!("forkd-soak: spawn {i}: {}: {}", e.code, e.message);
                     }
-                    Err(e) => tally.error(format!("client: {e}")),
+                    Err(e) => {
+                        eprintln!("forkd-soak: spawn {i}: client: {e}");
+                        tally.error(format!("client: {e}"));
+                    }
                 }
             }
         }));
@@ -409,6 +435,36 @@ async fn load(
         w.await?;
     }
     Ok(next.load(Ordering::Relaxed).min(n))
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Samples the daemon's RSS every `every` until `stop` fires.
+async fn sample_rss(
+    pid: i32,
+    t0: Instant,
+    every: Duration,
+    tally: Arc<Tally>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<RssSample> {
+    let mut trace = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => trace.push(RssSample {
+                secs: t0.elapsed().as_secs_f64(),
+                spawns: tally.finished.load(Ordering::Relaxed),
+                rss_kib: rss_kib(pid),
+            }),
+            _ = &mut stop => return trace,
+        }
+    }
 }
 
 /// SIGTERM, then wait (SIGKILL after 30 s).
@@ -495,6 +551,22 @@ async fn main() -> Result<()> {
         report.wrong_output,
         report.errors
     );
+    let trace = &report.rss_trace;
+    let step = trace.len().div_ceil(12).max(1);
+    println!("daemon RSS during the load (s, spawns, KiB):");
+    for (i, x) in trace.iter().enumerate() {
+        if i % step == 0 || i + 1 == trace.len() {
+            println!("  {:>7.1}  {:>7}  {:>7}", x.secs, x.spawns, x.rss_kib);
+        }
+    }
+    match report.second_half_rss_growth_kib {
+        Some(kib) => println!(
+            "RSS growth over the second half of the spawns (median of the last quarter minus the second): {kib:+} KiB"
+        ),
+        None => println!(
+            "RSS growth over the second half of the spawns: not judged (too few samples; lower --sample-secs)"
+        ),
+    }
     println!("daemon        baseline      end");
     println!("rss           {:>7} KiB  {:>7} KiB", b.rss_kib, e.rss_kib);
     for (name, x, y) in [
@@ -542,6 +614,15 @@ async fn main() -> Result<()> {
             args.max_rss_growth_mib
         ));
     }
+    if let Some(kib) = report
+        .second_half_rss_growth_kib
+        .filter(|&kib| kib > args.max_late_rss_growth_mib * 1024)
+    {
+        failures.push(format!(
+            "daemon RSS grew by {kib} KiB over the second half of the spawns (limit {} MiB): it grows with the spawn count",
+            args.max_late_rss_growth_mib
+        ));
+    }
     if !report.after_exit.is_empty() {
         failures.push("the daemon left things behind after exiting".to_string());
     }
@@ -572,6 +653,14 @@ async fn soak(args: &Args, d: &Daemon) -> Result<(Report, Arc<Tally>)> {
     let tally = Arc::new(Tally::default());
     let t0 = Instant::now();
     let stop_at = args.max_secs.map(|s| t0 + Duration::from_secs_f64(s));
+    let (stop_sampler, sampler_stopped) = tokio::sync::oneshot::channel();
+    let sampler = tokio::spawn(sample_rss(
+        d.pid,
+        t0,
+        Duration::from_secs_f64(args.sample_secs.max(0.1)),
+        tally.clone(),
+        sampler_stopped,
+    ));
     let done = load(
         &d.socket,
         args.spawns,
@@ -579,9 +668,32 @@ async fn soak(args: &Args, d: &Daemon) -> Result<(Report, Arc<Tally>)> {
         stop_at,
         tally.clone(),
     )
-    .await?;
+    .await;
+    let _ = stop_sampler.send(());
+    let mut rss_trace = sampler.await.unwrap_or_default();
+    let done = done?;
     let secs = t0.elapsed().as_secs_f64();
     let end = settle(d, Some(&baseline), Duration::from_secs(30)).await;
+    rss_trace.push(RssSample {
+        secs,
+        spawns: done,
+        rss_kib: end.rss_kib,
+    });
+    // Single samples wander by a couple of MiB with what is in flight, so
+    // compare the medians of the second and the last quarter of the spawns.
+    let quarter = |from: u64, to: u64| {
+        let mut q: Vec<u64> = rss_trace
+            .iter()
+            .filter(|s| s.spawns * 4 >= from * done && s.spawns * 4 <= to * done)
+            .map(|s| s.rss_kib)
+            .collect();
+        q.sort_unstable();
+        q.get(q.len() / 2).copied()
+    };
+    let second_half_rss_growth_kib = match (quarter(1, 2), quarter(3, 4)) {
+        (Some(mid), Some(last)) => Some(last as i64 - mid as i64),
+        _ => None,
+    };
     Ok((
         Report {
             spawns_requested: args.spawns,
@@ -594,6 +706,8 @@ async fn soak(args: &Args, d: &Daemon) -> Result<(Report, Arc<Tally>)> {
             spawns_per_sec: done as f64 / secs,
             baseline,
             end,
+            rss_trace,
+            second_half_rss_growth_kib,
             after_exit: Vec::new(),
             daemon_warnings: Vec::new(),
         },

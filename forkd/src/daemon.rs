@@ -402,7 +402,19 @@ pub async fn start_with(
         Some(a) => adopt_activated(a),
         None => claim_socket(&socket),
     };
-    let listener = match claimed {
+    // Registering with tokio can fail too (no reactor slot): undo the same.
+    let listener = claimed.and_then(|l| {
+        UnixListener::from_std(l).map_err(|source| {
+            if owns_socket_file {
+                let _ = std::fs::remove_file(&socket);
+            }
+            StartError::Socket {
+                path: socket.clone(),
+                source,
+            }
+        })
+    });
+    let listener = match listener {
         Ok(l) => l,
         Err(e) => {
             pool.shutdown(Duration::from_secs(1)).await;
@@ -410,10 +422,6 @@ pub async fn start_with(
             return Err(e);
         }
     };
-    let listener = UnixListener::from_std(listener).map_err(|source| StartError::Socket {
-        path: socket.clone(),
-        source,
-    })?;
     let (shutdown, _) = watch::channel(false);
     let netns = Arc::new(if sys::euid() == 0 {
         NetnsStock::start(config.netns_stock)
