@@ -51,12 +51,35 @@ pub(crate) fn write(path: &Path, value: &str) -> Result<(), Error> {
         .map_err(|e| Error::io("write", path, e))
 }
 
-/// Reads a control file; `Ok(None)` when it does not exist.
+/// Whether an error means the cgroup is gone: ENOENT, or ENODEV from a
+/// control file opened just before its directory was removed (kernfs).
+fn cgroup_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+}
+
+/// Reads a control file; `Ok(None)` when it (or its cgroup) is gone.
 pub(crate) fn read_opt(path: &Path) -> Result<Option<String>, Error> {
     match fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if cgroup_gone(&e) => Ok(None),
         Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+/// Writes `cgroup.kill` in `dir` if the kernel has it (v2, Linux >= 5.14);
+/// a cgroup removed meanwhile (by the reaper, racing) needs no kill.
+fn write_kill_file(dir: &Path) -> Result<(), Error> {
+    let kill_file = dir.join("cgroup.kill");
+    if !kill_file.exists() {
+        return Ok(());
+    }
+    match fs::OpenOptions::new()
+        .write(true)
+        .open(&kill_file)
+        .and_then(|mut f| f.write_all(b"1"))
+    {
+        Err(e) if !cgroup_gone(&e) => Err(Error::io("write", &kill_file, e)),
+        _ => Ok(()),
     }
 }
 
@@ -70,16 +93,20 @@ pub(crate) fn mkdir(path: &Path) -> Result<bool, Error> {
 }
 
 /// Child directories of a cgroup (control files are regular files).
-/// A missing directory has no children.
+/// A missing directory (or one removed while listed) has no children.
 pub(crate) fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if cgroup_gone(&e) => return Ok(Vec::new()),
         Err(e) => return Err(Error::io("list", dir, e)),
     };
     let mut out = Vec::new();
     for ent in rd {
-        let ent = ent.map_err(|e| Error::io("list", dir, e))?;
+        let ent = match ent {
+            Ok(ent) => ent,
+            Err(e) if cgroup_gone(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", dir, e)),
+        };
         if ent.file_type().is_ok_and(|t| t.is_dir()) {
             out.push(ent.path());
         }
@@ -114,10 +141,7 @@ pub(crate) fn tree_populated(dirs: &[PathBuf]) -> Result<bool, Error> {
 /// [`KILL_TIMEOUT`]. Our own pid is never signalled.
 pub(crate) fn kill_tree(dirs: &[PathBuf]) -> Result<(), Error> {
     for d in dirs {
-        let kill_file = d.join("cgroup.kill");
-        if kill_file.exists() {
-            write(&kill_file, "1")?;
-        }
+        write_kill_file(d)?;
     }
     let me = i32::try_from(std::process::id()).unwrap_or(0);
     let start = Instant::now();
@@ -173,10 +197,7 @@ pub(crate) fn signal_tree(dirs: &[PathBuf]) -> Result<(), Error> {
     let me = i32::try_from(std::process::id()).unwrap_or(0);
     let mut pids = Vec::new();
     for d in dirs {
-        let kill_file = d.join("cgroup.kill");
-        if kill_file.exists() {
-            write(&kill_file, "1")?;
-        }
+        write_kill_file(d)?;
         pids_in_tree(d, &mut pids)?;
     }
     for p in pids.into_iter().filter(|p| *p != me) {
@@ -210,5 +231,34 @@ pub(crate) fn try_remove_tree(dir: &Path, descend: bool) -> Result<bool, Error> 
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
         Err(e) => Err(Error::io("rmdir", dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The race the reaper and shutdown run into: a control file opened just
+    /// before its cgroup is removed reads ENODEV, which must count as gone.
+    /// Needs root and a writable cgroup hierarchy; says so and passes without.
+    #[test]
+    fn control_file_of_a_removed_cgroup_counts_as_gone() {
+        let mounts = crate::hierarchy_mounts().unwrap_or_default();
+        let Some(m) = mounts
+            .iter()
+            .find(|m| fs::create_dir(m.mount_point.join("forkd-enodev-probe")).is_ok())
+        else {
+            eprintln!("no writable cgroup hierarchy (not root?): ENODEV case not exercised");
+            return;
+        };
+        let dir = m.mount_point.join("forkd-enodev-probe");
+        let mut procs = fs::File::open(dir.join("cgroup.procs")).expect("open cgroup.procs");
+        fs::remove_dir(&dir).expect("rmdir the empty probe cgroup");
+        let mut text = String::new();
+        let err = io::Read::read_to_string(&mut procs, &mut text)
+            .expect_err("reading a removed cgroup's control file must fail");
+        assert!(cgroup_gone(&err), "unexpected error {err:?}");
+        assert_eq!(read_opt(&dir.join("cgroup.procs")).unwrap(), None);
+        assert!(subdirs(&dir).unwrap().is_empty());
     }
 }
