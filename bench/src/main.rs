@@ -8,6 +8,7 @@
 
 mod check;
 mod floor;
+mod hostcpu;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -119,6 +120,11 @@ struct Mode {
     sustained_ok: u64,
     sustained_failed: u64,
     idle_child_uss_bytes: Option<u64>,
+    /// Host CPU per spawn over the single-spawn phase (sequential, like the
+    /// floor's), in ms: see `hostcpu`.
+    single_cpu_ms_per_spawn: Option<f64>,
+    /// Host CPU per spawn over the sustained phase, in ms.
+    sustained_cpu_ms_per_spawn: Option<f64>,
     /// Median USS of children running a sleeping numpy program.
     running_child_uss_bytes: Option<u64>,
 }
@@ -127,6 +133,8 @@ struct Mode {
 struct Report {
     host: serde_json::Value,
     floor: Latency,
+    /// Host CPU per floor spawn (sequential), in ms.
+    floor_cpu_ms_per_spawn: Option<f64>,
     modes: Vec<Mode>,
 }
 
@@ -313,7 +321,9 @@ async fn run_mode(
             mode.idle_child_uss_bytes = Some(sorted[sorted.len() / 2]);
         }
     }
+    let meter = hostcpu::Meter::start();
     mode.single = single(&client, n_single, &request()).await;
+    mode.single_cpu_ms_per_spawn = meter.per_spawn_ms(mode.single.count);
     for &n in &args.bursts {
         let mut walls = Vec::new();
         let mut ok = 0;
@@ -334,7 +344,9 @@ async fn run_mode(
         });
     }
     wait_pool_full(&running.daemon, warm_pool).await;
+    let meter = hostcpu::Meter::start();
     let (rate, ok, failed) = sustained(&client, args.sustained_secs, args.concurrency).await;
+    mode.sustained_cpu_ms_per_spawn = meter.per_spawn_ms(ok + failed);
     mode.sustained_per_sec = rate;
     mode.sustained_ok = ok;
     mode.sustained_failed = failed;
@@ -358,6 +370,11 @@ fn print_table(r: &Report) {
         ms(r.floor.p99_us),
         r.floor.ok,
         r.floor.count
+    );
+    let cpu = |ms: Option<f64>| ms.map_or("unreadable".to_string(), |v| format!("{v:.2} ms"));
+    println!(
+        "host CPU per spawn (all processes, /proc/stat): floor {} (sequential)",
+        cpu(r.floor_cpu_ms_per_spawn)
     );
     for m in &r.modes {
         println!("\n## {} (warm pool {})", m.name, m.warm_pool);
@@ -384,6 +401,15 @@ fn print_table(r: &Report) {
         println!(
             "sustained: {:.0} spawns/s ({} ok, {} failed)",
             m.sustained_per_sec, m.sustained_ok, m.sustained_failed
+        );
+        let ratio = match (m.single_cpu_ms_per_spawn, r.floor_cpu_ms_per_spawn) {
+            (Some(a), Some(f)) if f > 0.0 => format!(" = {:.2}× floor", a / f),
+            _ => String::new(),
+        };
+        println!(
+            "host CPU per spawn: single {}{ratio}; sustained {}",
+            cpu(m.single_cpu_ms_per_spawn),
+            cpu(m.sustained_cpu_ms_per_spawn)
         );
         if let Some(uss) = m.idle_child_uss_bytes {
             println!("idle pooled child USS (median): {:.2} MB", uss as f64 / 1e6);
@@ -432,13 +458,16 @@ async fn bench(mut args: Args) -> Result<()> {
         .pool
         .unwrap_or_else(|| args.bursts.iter().copied().max().unwrap_or(16));
     let floor_zygote = floor::Floor::start(&args.python, &args.preload).await?;
+    let meter = hostcpu::Meter::start();
     let floor = floor_zygote.single(args.single).await?;
+    let floor_cpu_ms_per_spawn = meter.per_spawn_ms(floor.count);
     floor_zygote.drain().await;
     let (on, host) = run_mode(&args, "warm pool", pool, args.single).await?;
     let (off, _) = run_mode(&args, "no pool", 0, args.single).await?;
     let report = Report {
         host,
         floor,
+        floor_cpu_ms_per_spawn,
         modes: vec![on, off],
     };
     print_table(&report);
