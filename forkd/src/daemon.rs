@@ -402,7 +402,7 @@ pub async fn start_with(
         Some(a) => adopt_activated(a),
         None => claim_socket(&socket),
     };
-    // Registering with tokio can fail too (no reactor slot): undo the same.
+    // Registering the socket with tokio (epoll) can fail too: undo the same.
     let listener = claimed.and_then(|l| {
         UnixListener::from_std(l).map_err(|source| {
             if owns_socket_file {
