@@ -453,24 +453,9 @@ async fn kill_9_of_the_daemon_leaks_nothing_after_a_restart() {
     // A new daemon on the same socket takes over and removes the leftovers.
     let mut second = start();
     wait_socket(&mut second);
-    let leftovers = |h: &str| {
-        std::path::Path::new("/sys/fs/cgroup")
-            .join(h)
-            .join(&parent)
-            .join(format!("d{}", first.id()))
-    };
-    for h in ["memory", "pids", "cpu"] {
-        if std::path::Path::new("/sys/fs/cgroup")
-            .join(h)
-            .join(&parent)
-            .exists()
-        {
-            assert!(
-                !leftovers(h).exists(),
-                "{} left behind",
-                leftovers(h).display()
-            );
-        }
+    for mount in cgroup_mounts() {
+        let leftover = mount.join(&parent).join(format!("d{}", first.id()));
+        assert!(!leftover.exists(), "{} left behind", leftover.display());
     }
     let c = forkd_ipc::AsyncClient::connect(&socket).await.unwrap();
     let ok = c.spawn(&req("print('again')")).await.unwrap();
@@ -483,8 +468,8 @@ async fn kill_9_of_the_daemon_leaks_nothing_after_a_restart() {
     .unwrap();
     assert!(second.wait().unwrap().success());
     assert!(!socket.exists());
-    for h in ["memory", "pids", "cpu", "cpuacct"] {
-        let p = std::path::Path::new("/sys/fs/cgroup").join(h).join(&parent);
+    for mount in cgroup_mounts() {
+        let p = mount.join(&parent);
         if p.exists() {
             // Sub-cgroups are directories; the rest are control files.
             let left: Vec<_> = std::fs::read_dir(&p)

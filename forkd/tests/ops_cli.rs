@@ -95,13 +95,20 @@ async fn json_logs_parse_and_metrics_serve_on_a_unix_socket() {
         "the metrics socket is removed at shutdown"
     );
     assert!(!socket.exists());
-    for h in ["memory", "pids", "cpu"] {
-        let d = Path::new("/sys/fs/cgroup").join(h).join(&parent);
+    // Every hierarchy the daemon may have used (cpuacct too): the test's
+    // parent must go with what is below it.
+    for mount in cgroup_mounts() {
+        let d = mount.join(&parent);
         let leftovers: Vec<_> = std::fs::read_dir(&d)
             .map(|r| r.flatten().filter(|e| e.path().is_dir()).collect())
             .unwrap_or_default();
         assert!(leftovers.is_empty(), "cgroups left in {}", d.display());
         let _ = std::fs::remove_dir(&d);
+        assert!(
+            !d.exists(),
+            "the test's cgroup parent {} stayed",
+            d.display()
+        );
     }
 }
 
@@ -168,8 +175,8 @@ fn doctor_passes_the_core_checks_on_this_machine() {
     assert!(!report.contains("FAIL"));
     // Its private daemon and probe cgroups are gone.
     let pattern = "/doctor-";
-    for h in ["memory", "pids", "cpu"] {
-        let d = Path::new("/sys/fs/cgroup").join(h).join(CGROUP_PARENT);
+    for mount in cgroup_mounts() {
+        let d = mount.join(CGROUP_PARENT);
         if let Ok(entries) = std::fs::read_dir(&d) {
             for e in entries.flatten() {
                 assert!(
