@@ -259,33 +259,19 @@ impl Bench {
     }
 }
 
-/// Busy (non-idle, non-iowait) jiffies and all jiffies, summed over CPUs,
-/// from the first line of /proc/stat.
-fn cpu_jiffies() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let [user, nice, system, idle, iowait, irq, softirq, steal] = fields[..] else {
-        return None;
-    };
-    let busy = user + nice + system + irq + softirq + steal;
-    Some((busy, busy + idle + iowait))
-}
-
 /// Cores kept busy by everything else while this process sits idle for
 /// `window` (the pool is full and nothing of ours runs, so what burns CPU
 /// belongs to other processes, plus the kernel's leftover cleanup of our
 /// sandboxes).
 async fn neighbour_cores(window: std::time::Duration) -> Option<f64> {
-    let (busy0, total0) = cpu_jiffies()?;
+    // Steal counts as busy here: a neighbour guest slows us down too.
+    let jiffies = || {
+        let t = crate::hostcpu::CpuTimes::now()?;
+        Some((t.busy + t.steal, t.busy + t.steal + t.idle))
+    };
+    let (busy0, total0) = jiffies()?;
     tokio::time::sleep(window).await;
-    let (busy1, total1) = cpu_jiffies()?;
+    let (busy1, total1) = jiffies()?;
     let cpus = std::thread::available_parallelism().ok()?.get() as f64;
     let total = total1.checked_sub(total0)?;
     (total > 0).then(|| (busy1.saturating_sub(busy0)) as f64 / total as f64 * cpus)
