@@ -446,6 +446,22 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Median RSS over the last quarter of `done` spawns minus the median over
+/// the second quarter (single samples wander by a couple of MiB with what is
+/// in flight); `None` without a sample in each of those quarters.
+fn late_rss_growth_kib(trace: &[RssSample], done: u64) -> Option<i64> {
+    let median_between = |from: u64, to: u64| {
+        let mut q: Vec<u64> = trace
+            .iter()
+            .filter(|s| s.spawns * 4 >= from * done && s.spawns * 4 <= to * done)
+            .map(|s| s.rss_kib)
+            .collect();
+        q.sort_unstable();
+        q.get(q.len() / 2).copied()
+    };
+    Some(median_between(3, 4)? as i64 - median_between(1, 2)? as i64)
+}
+
 /// Samples the daemon's RSS every `every` until `stop` fires.
 async fn sample_rss(
     pid: i32,
@@ -679,21 +695,7 @@ async fn soak(args: &Args, d: &Daemon) -> Result<(Report, Arc<Tally>)> {
         spawns: done,
         rss_kib: end.rss_kib,
     });
-    // Single samples wander by a couple of MiB with what is in flight, so
-    // compare the medians of the second and the last quarter of the spawns.
-    let quarter = |from: u64, to: u64| {
-        let mut q: Vec<u64> = rss_trace
-            .iter()
-            .filter(|s| s.spawns * 4 >= from * done && s.spawns * 4 <= to * done)
-            .map(|s| s.rss_kib)
-            .collect();
-        q.sort_unstable();
-        q.get(q.len() / 2).copied()
-    };
-    let second_half_rss_growth_kib = match (quarter(1, 2), quarter(3, 4)) {
-        (Some(mid), Some(last)) => Some(last as i64 - mid as i64),
-        _ => None,
-    };
+    let second_half_rss_growth_kib = late_rss_growth_kib(&rss_trace, done);
     Ok((
         Report {
             spawns_requested: args.spawns,
@@ -713,4 +715,43 @@ async fn soak(args: &Args, d: &Daemon) -> Result<(Report, Arc<Tally>)> {
         },
         tally,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(rss: impl Fn(u64) -> u64) -> Vec<RssSample> {
+        (1..=40)
+            .map(|i| RssSample {
+                secs: i as f64,
+                spawns: i * 2500,
+                rss_kib: rss(i * 2500),
+            })
+            .collect()
+    }
+
+    /// 100 bytes kept per spawn over 100,000 spawns: ~4.9 MiB over the
+    /// second half, past the full soak's 4 MiB limit.
+    #[test]
+    fn a_per_spawn_leak_shows_as_late_growth() {
+        let leak = trace(|n| 14_000 + n * 100 / 1024);
+        let growth = late_rss_growth_kib(&leak, 100_000).unwrap();
+        assert!(growth > 4 * 1024, "{growth} KiB");
+    }
+
+    /// Allocator warm-up (a rise that levels off by a quarter of the run)
+    /// with noise of ±1.5 MiB does not.
+    #[test]
+    fn warm_up_and_noise_do_not() {
+        let warm = trace(|n| 13_000 + 8_000 * n.min(25_000) / 25_000 + (n / 2500 % 3) * 1_500);
+        let growth = late_rss_growth_kib(&warm, 100_000).unwrap();
+        assert!(growth.abs() <= 1_500, "{growth} KiB");
+    }
+
+    #[test]
+    fn too_few_samples_are_not_judged() {
+        let two = trace(|_| 14_000)[..2].to_vec();
+        assert_eq!(late_rss_growth_kib(&two, 100_000), None);
+    }
 }
