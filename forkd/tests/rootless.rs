@@ -94,7 +94,6 @@ fn unprivileged_daemon_isolates_with_a_user_namespace() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let socket = dir.path().join("forkd.sock");
 
-    // Debian's interpreter: readable by any user (unlike a venv under /root).
     let mut daemon = forkd_command(&socket)
         .uid(uid)
         .gid(gid)
@@ -246,7 +245,6 @@ fn wait_timeout(
     None
 }
 
-/// The native zygote library next to the test's forkd binary.
 /// The daemon as both rootless tests run it: Debian's interpreter (readable
 /// by any user, unlike a venv under /root), a cheap preload, on `socket`.
 fn forkd_command(socket: &Path) -> Command {
@@ -268,6 +266,7 @@ fn forkd_command(socket: &Path) -> Command {
     command
 }
 
+/// The native zygote library next to the test's forkd binary.
 fn zygote_library() -> std::path::PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_forkd"));
     let lib = exe.with_file_name(forkd_zygote::LIBRARY_FILE_NAME);
