@@ -123,7 +123,7 @@ struct Report {
     /// the second quarter: a leak that grows with the spawn count shows
     /// here; allocator warm-up, over by then, does not. `None` when the run
     /// was too short for a sample in each of those quarters.
-    second_half_rss_growth_kib: Option<i64>,
+    late_rss_growth_kib: Option<i64>,
     /// What is left on the host after the daemon's SIGTERM exit.
     after_exit: Vec<String>,
     daemon_warnings: Vec<String>,
@@ -575,7 +575,7 @@ async fn main() -> Result<()> {
             println!("  {:>7.1}  {:>7}  {:>7}", x.secs, x.spawns, x.rss_kib);
         }
     }
-    match report.second_half_rss_growth_kib {
+    match report.late_rss_growth_kib {
         Some(kib) => println!(
             "RSS growth over the second half of the spawns (median of the last quarter minus the second): {kib:+} KiB"
         ),
@@ -631,7 +631,7 @@ async fn main() -> Result<()> {
         ));
     }
     if let Some(kib) = report
-        .second_half_rss_growth_kib
+        .late_rss_growth_kib
         .filter(|&kib| kib > args.max_late_rss_growth_mib * 1024)
     {
         failures.push(format!(
@@ -695,7 +695,7 @@ async fn soak(args: &Args, d: &Daemon) -> Result<(Report, Arc<Tally>)> {
         spawns: done,
         rss_kib: end.rss_kib,
     });
-    let second_half_rss_growth_kib = late_rss_growth_kib(&rss_trace, done);
+    let late_growth = late_rss_growth_kib(&rss_trace, done);
     Ok((
         Report {
             spawns_requested: args.spawns,
@@ -709,7 +709,7 @@ async fn soak(args: &Args, d: &Daemon) -> Result<(Report, Arc<Tally>)> {
             baseline,
             end,
             rss_trace,
-            second_half_rss_growth_kib,
+            late_rss_growth_kib: late_growth,
             after_exit: Vec::new(),
             daemon_warnings: Vec::new(),
         },
@@ -731,7 +731,7 @@ mod tests {
             .collect()
     }
 
-    /// 100 bytes kept per spawn over 100,000 spawns: ~4.9 MiB over the
+    /// 100 bytes kept per spawn over 100,000 spawns: about 4.8 MiB over the
     /// second half, past the full soak's 4 MiB limit.
     #[test]
     fn a_per_spawn_leak_shows_as_late_growth() {
