@@ -56,6 +56,7 @@ impl Floor {
                 file_size_bytes: 1 << 26,
                 cgroup: forkd_cgroup::Limits::default(),
                 isolate: false,
+                workspace: None,
             },
             job: forkd::sandbox::job_frame(&request()),
             next_id: AtomicU64::new(1),

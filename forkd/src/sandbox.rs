@@ -92,6 +92,7 @@ pub(crate) fn plan_for(policy: String, limits: &AppliedLimits) -> ChildPlan {
             forkd_cgroup::Limits::default()
         },
         isolate: true,
+        workspace: None,
     }
 }
 
@@ -99,7 +100,9 @@ pub(crate) fn plan_for(policy: String, limits: &AppliedLimits) -> ChildPlan {
 /// `wanted`: everything applied inside the child must match; cgroup limits are
 /// set from outside before the hand-off.
 fn same_isolation(pool: &ChildPlan, wanted: &ChildPlan) -> bool {
-    pool.policy == wanted.policy
+    // A workspace is mounted while the child is isolated: never pooled.
+    wanted.workspace.is_none()
+        && pool.policy == wanted.policy
         && pool.scratch_bytes == wanted.scratch_bytes
         && pool.open_files == wanted.open_files
         && pool.file_size_bytes == wanted.file_size_bytes

@@ -28,6 +28,8 @@ pub struct ChildPlan {
     pub cgroup: forkd_cgroup::Limits,
     /// Always true in the daemon; false only for the benchmark's floor.
     pub isolate: bool,
+    /// A workspace mounted into the child (such children are never pooled).
+    pub workspace: Option<forkd_zygote::workspace::MountPlan>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +161,7 @@ pub async fn prepare(
         open_files: plan.open_files,
         file_size_bytes: plan.file_size_bytes,
         isolate: plan.isolate,
+        workspace: plan.workspace.clone(),
     };
     let spec =
         serde_json::to_string(&spec).map_err(|e| PrepareError::Io(std::io::Error::other(e)))?;

@@ -91,7 +91,7 @@ fn is_opaque(fd: impl AsFd + Copy) -> bool {
 }
 
 fn has_overlay_metadata(fd: impl AsFd + Copy) -> bool {
-    ["redirect", "metacopy", "origin"].iter().any(|x| {
+    ["redirect", "metacopy"].iter().any(|x| {
         getxattr(fd, &format!("trusted.overlay.{x}")).is_some()
             || getxattr(fd, &format!("user.overlay.{x}")).is_some()
     })
@@ -346,6 +346,15 @@ pub fn apply_tar(
         };
         if changed.is_empty() {
             return Err(DeltaError::BadPath(path));
+        }
+        // A directory that exists already is no change (overlayfs copies up
+        // every parent of a changed path): nothing to check or do.
+        if matches!(action, Action::Put)
+            && entry.header().entry_type() == tar::EntryType::Directory
+            && open_beneath(&root, &changed, OFlags::RDONLY | OFlags::DIRECTORY).is_ok()
+        {
+            stats.dirs += 1;
+            continue;
         }
         if let Some(rules) = rules {
             let mode = rules

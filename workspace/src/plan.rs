@@ -216,7 +216,7 @@ fn join(comps: &[Vec<u8>]) -> Result<String, PlanError> {
     Ok(s)
 }
 
-type Key = Option<(usize, usize, usize)>;
+use crate::rules::Keys as Key;
 
 impl Walker<'_> {
     fn dir(
@@ -298,9 +298,9 @@ impl Walker<'_> {
         write_area: &str,
     ) -> Result<Summary, PlanError> {
         let borrowed: Vec<&[u8]> = comps.iter().map(|c| c.as_slice()).collect();
-        let key = parent_key.max(self.rules.best_exact(&borrowed));
+        let key = self.rules.step(parent_key, &borrowed);
         drop(borrowed);
-        let mode = self.rules.mode_of(key);
+        let mode = self.rules.mode_at(key);
         let path = join(comps)?;
         let none = Summary {
             view: false,
@@ -412,8 +412,8 @@ pub fn plan(
         path: host_root.to_path_buf(),
         source: e.into(),
     })?;
-    let key = rules.best_exact(&[]);
-    let root_mode = rules.mode_of(key);
+    let key = rules.step(Key::default(), &[]);
+    let root_mode = rules.mode_at(key);
     if root_mode == Mode::None {
         return Err(PlanError::RootHidden);
     }

@@ -320,6 +320,9 @@ pub enum Reason {
     Rule { index: usize, rule: Rule },
     /// An ancestor is `none`; `ancestor` is that path and `by` why it is.
     HiddenBy { ancestor: String, by: Box<Reason> },
+    /// The ceiling (a configured workspace's own rules) allows less than the
+    /// request's rules; `by` is the ceiling's reason.
+    Ceiling { by: Box<Reason> },
 }
 
 impl fmt::Display for Reason {
@@ -330,6 +333,7 @@ impl fmt::Display for Reason {
             Reason::HiddenBy { ancestor, by } => {
                 write!(f, "inside `{ancestor}`, which is none by {by}")
             }
+            Reason::Ceiling { by } => write!(f, "the configured workspace's {by}"),
         }
     }
 }
@@ -337,16 +341,71 @@ impl fmt::Display for Reason {
 /// The winning rule's key for one path: (anchor depth, literal parts, index).
 type Key = (usize, usize, usize);
 
-/// A rule set: the ordered rules and the mode of unmatched paths.
+/// The winning keys of a rule set and of its ceiling, carried down a walk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Keys {
+    own: Option<Key>,
+    ceiling: Option<Key>,
+}
+
+/// A rule set: the ordered rules, the mode of unmatched paths, and
+/// optionally a ceiling: another rule set (a configured workspace's) whose
+/// mode for a path is the most this one can give (the lower mode wins).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
     pub rules: Vec<Rule>,
     pub default: Mode,
+    pub ceiling: Option<Box<Rules>>,
 }
 
 impl Rules {
     pub fn new(rules: Vec<Rule>, default: Mode) -> Rules {
-        Rules { rules, default }
+        Rules {
+            rules,
+            default,
+            ceiling: None,
+        }
+    }
+
+    /// These rules, never granting more than `ceiling` does.
+    pub fn with_ceiling(mut self, ceiling: Rules) -> Rules {
+        self.ceiling = Some(Box::new(ceiling));
+        self
+    }
+
+    fn modes(&self) -> impl Iterator<Item = Mode> + '_ {
+        std::iter::once(self.default).chain(self.rules.iter().map(|r| r.mode))
+    }
+
+    /// Could any path be `view`? (Conservative.)
+    pub fn may_view(&self) -> bool {
+        self.modes().any(|m| m == Mode::View)
+    }
+
+    /// Could any path be `write`? (Conservative.)
+    pub fn may_write(&self) -> bool {
+        self.modes().any(|m| m == Mode::Write)
+            && self.ceiling.as_ref().is_none_or(|c| c.may_write())
+    }
+
+    /// Keys of `comps` given its parent's.
+    pub(crate) fn step(&self, parent: Keys, comps: &[&[u8]]) -> Keys {
+        Keys {
+            own: parent.own.max(self.best_exact(comps)),
+            ceiling: self
+                .ceiling
+                .as_ref()
+                .and_then(|c| parent.ceiling.max(c.best_exact(comps))),
+        }
+    }
+
+    /// The mode keys stand for (ceiling applied).
+    pub(crate) fn mode_at(&self, keys: Keys) -> Mode {
+        let own = self.mode_of(keys.own);
+        match &self.ceiling {
+            Some(c) => own.min(c.mode_of(keys.ceiling)),
+            None => own,
+        }
     }
 
     /// Parses `GLOB=MODE` strings.
@@ -355,7 +414,7 @@ impl Rules {
             .iter()
             .map(|r| r.as_ref().parse())
             .collect::<Result<_, _>>()?;
-        Ok(Rules { rules, default })
+        Ok(Rules::new(rules, default))
     }
 
     /// The best rule matching exactly `comps` (as anchor), if any.
@@ -397,6 +456,17 @@ impl Rules {
 
     /// The mode of `path` (relative to the workspace) and the reason for it.
     pub fn explain(&self, path: &str) -> Result<(Mode, Reason), RuleError> {
+        let own = self.explain_own(path)?;
+        if let Some(c) = &self.ceiling {
+            let (mode, by) = c.explain(path)?;
+            if mode < own.0 {
+                return Ok((mode, Reason::Ceiling { by: Box::new(by) }));
+            }
+        }
+        Ok(own)
+    }
+
+    fn explain_own(&self, path: &str) -> Result<(Mode, Reason), RuleError> {
         let comps = components(path)?;
         // A hidden ancestor (or the root) decides first.
         for k in 0..comps.len() {
@@ -591,6 +661,30 @@ mod tests {
             Mode::Read,
             "`**` anchors at the root"
         );
+    }
+
+    #[test]
+    fn a_ceiling_caps_the_request() {
+        let operator = rules(&["secrets=none", "out=write"], Mode::Read);
+        let r = rules(&["secrets=read", "**=write", "out/tmp=view"], Mode::Write)
+            .with_ceiling(operator);
+        let (mode, why) = r.explain("secrets/key").unwrap();
+        assert_eq!(mode, Mode::None);
+        assert!(matches!(why, Reason::Ceiling { .. }), "{why}");
+        assert_eq!(
+            r.mode("src/a").unwrap(),
+            Mode::Read,
+            "the request cannot widen read to write"
+        );
+        assert_eq!(r.mode("out/a").unwrap(), Mode::Write);
+        assert_eq!(
+            r.mode("out/tmp/x").unwrap(),
+            Mode::View,
+            "narrowing is fine"
+        );
+        assert!(r.may_write());
+        let ro = rules(&["**=write"], Mode::Write).with_ceiling(rules(&[], Mode::Read));
+        assert!(!ro.may_write());
     }
 
     #[test]

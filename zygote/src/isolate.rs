@@ -66,6 +66,12 @@ pub fn isolate_child(
         std::fs::write(procs, b"0").map_err(at("join cgroup"))?;
     }
 
+    // Workspace mounts are made while the host is still visible (see workspace.rs).
+    let workspace = match &spec.workspace {
+        Some(plan) => Some(crate::workspace::prepare(plan).map_err(workspace_err)?),
+        None => None,
+    };
+
     sys::setns(policy.template.mount_ns.as_fd(), libc::CLONE_NEWNS)
         .map_err(at("enter the sandbox root"))?;
     // A network namespace made ahead of time (lo already up) saves most of
@@ -117,6 +123,12 @@ pub fn isolate_child(
         rebind(path, fd).map_err(at("bind an interpreter path under /tmp"))?;
     }
     drop(shadowed);
+    let workspace_rules = match workspace {
+        Some(ws) => ws
+            .attach(LANDLOCK_ABI, sys::landlock_abi())
+            .map_err(workspace_err)?,
+        None => Vec::new(),
+    };
     sys::chdir(c"/tmp").map_err(at("chdir to scratch"))?;
 
     sys::sethostname(hostname.as_bytes()).map_err(at("set hostname"))?;
@@ -142,7 +154,8 @@ pub fn isolate_child(
     sys::clear_capabilities().map_err(at("drop capabilities"))?;
     sys::set_no_new_privs().map_err(at("set no_new_privs"))?;
 
-    apply_landlock(policy)?;
+    apply_landlock(policy, &workspace_rules)?;
+    drop(workspace_rules); // before close_range below closes their descriptors
 
     sys::close_range(FIRST_CLOSED_FD, u32::MAX).map_err(at("close inherited descriptors"))?;
     // Only now: until the close above, this process holds the zygote's
@@ -184,7 +197,17 @@ fn rebind(path: &std::path::Path, fd: &std::os::fd::OwnedFd) -> io::Result<()> {
     sys::mount(Some(&src), &sys::cstring(path)?, None, libc::MS_BIND, None)
 }
 
-fn apply_landlock(policy: &Prepared) -> Result<(), IsolateError> {
+fn workspace_err(e: crate::workspace::WorkspaceError) -> IsolateError {
+    IsolateError {
+        step: "workspace",
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+fn apply_landlock(
+    policy: &Prepared,
+    workspace: &[(std::os::fd::OwnedFd, BitFlags<AccessFs>)],
+) -> Result<(), IsolateError> {
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
     let read_dir = AccessFs::from_read(abi);
@@ -217,6 +240,7 @@ fn apply_landlock(policy: &Prepared) -> Result<(), IsolateError> {
     rules.push((scratch.as_fd(), all));
     rules.push((shm.as_fd(), all));
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
+    rules.extend(workspace.iter().map(|(fd, access)| (fd.as_fd(), *access)));
 
     let mut ruleset = Ruleset::default()
         .handle_access(all)

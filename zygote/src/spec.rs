@@ -41,6 +41,9 @@ pub struct ChildSpec {
     /// change that.
     #[serde(default = "yes")]
     pub isolate: bool,
+    /// A workspace to mount (planned by the daemon; see `workspace.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<forkd_workspace::MountPlan>,
 }
 
 fn yes() -> bool {

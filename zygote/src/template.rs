@@ -156,7 +156,8 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
             out.push((host.clone(), Entry::Device { host }));
         }
     }
-    for dir in ["/proc", "/tmp", "/dev/shm"] {
+    // /workspace: the default mount point of a request's workspace.
+    for dir in ["/proc", "/tmp", "/dev/shm", "/workspace"] {
         out.push((PathBuf::from(dir), Entry::Dir));
     }
     for (name, target) in [
