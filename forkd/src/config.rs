@@ -84,6 +84,13 @@ pub struct Config {
     /// Also record each request's code, argv, env, stdin and output, and error
     /// messages, in the audit log. Off by default: those are the users' data.
     pub audit_payloads: bool,
+    /// Workspaces requests may mount by name (docs/workspaces.md).
+    pub workspaces: BTreeMap<String, crate::workspace::NamedWorkspace>,
+    /// Ad-hoc workspace paths are allowed only beneath these (default: none).
+    pub workspace_roots: Vec<PathBuf>,
+    /// Where overlay workspaces keep their upper layers; default
+    /// `workspaces/` beside the socket.
+    pub workspace_dir: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -158,6 +165,9 @@ impl Default for Config {
             metrics_allow_remote: false,
             audit_log: None,
             audit_payloads: false,
+            workspaces: BTreeMap::new(),
+            workspace_roots: Vec::new(),
+            workspace_dir: None,
         }
     }
 }
@@ -328,6 +338,7 @@ impl Config {
 
     /// Checks cross-field rules that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::workspace::validate(self)?;
         let zygotes = self.zygote_sections();
         let mut names = std::collections::BTreeSet::new();
         for z in &zygotes {

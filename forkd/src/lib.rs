@@ -16,6 +16,7 @@ pub mod sandbox;
 pub mod server;
 mod sys;
 pub mod systemd;
+pub mod workspace;
 
 pub use config::Config;
 pub use daemon::{start, start_with, Running, StartError};

@@ -309,7 +309,18 @@ impl Daemon {
     pub async fn run_sandbox(
         self: &Arc<Self>,
         req: SpawnRequest,
+        client_gone: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<SpawnResult, ErrorReply> {
+        self.run_sandbox_for(req, client_gone, None).await
+    }
+
+    /// [`Self::run_sandbox`] for a peer whose credentials decide which
+    /// workspace paths it may mount (`None`: the daemon itself).
+    pub async fn run_sandbox_for(
+        self: &Arc<Self>,
+        req: SpawnRequest,
         mut client_gone: tokio::sync::watch::Receiver<bool>,
+        who: Option<crate::workspace::Requester>,
     ) -> Result<SpawnResult, ErrorReply> {
         let t0 = Instant::now();
         let Resolved {
@@ -333,7 +344,22 @@ impl Daemon {
             permit = self.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down"))?,
             _ = crate::daemon::stopping(&mut shutdown) => return Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
         };
-        let plan = plan_for(policy, &limits);
+        let mut plan = plan_for(policy, &limits);
+        let workspace = match &req.workspace {
+            Some(w) => Some(
+                crate::workspace::prepare(
+                    &self.config,
+                    self.socket_path(),
+                    w,
+                    who,
+                    limits.scratch_bytes,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let export_delta = req.workspace.as_ref().is_some_and(|w| w.export_delta);
+        plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
 
         // A warm child if one fits (its cgroup limits can still change);
         // otherwise fork one now.
@@ -594,11 +620,22 @@ impl Daemon {
             },
             limits,
             warm,
+            workspace_delta: None,
+            workspace_error: None,
         };
         if reported_exit.is_some() {
             // The program is done; its init is exiting. Make sure whatever it
             // left running (or a program that only claimed to finish) goes too.
             kill_pidfd(pidfd.as_fd());
+        }
+        let mut result = result;
+        if let (Some(ws), true) = (&workspace, export_delta) {
+            match ws.export().await {
+                Ok(tar) => result.workspace_delta = Some(tar),
+                Err(e) => {
+                    result.workspace_error = Some(format!("cannot export the workspace delta: {e}"))
+                }
+            }
         }
         drop(cleanup); // removal happens on a blocking thread, after the reply is built
         Ok(result)

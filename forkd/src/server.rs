@@ -70,7 +70,12 @@ async fn spawn_request(
         .audit
         .as_ref()
         .map(|audit| crate::audit::Record::request(peer, connection, id, &spawn, audit.payloads));
-    let outcome = daemon.run_sandbox(spawn, gone).await;
+    let who = crate::workspace::Requester {
+        uid: peer.uid,
+        gid: peer.gid,
+        pid: peer.pid,
+    };
+    let outcome = daemon.run_sandbox_for(spawn, gone, Some(who)).await;
     let elapsed = started.elapsed();
     let names = (outcome.is_err() || pending.is_some()).then(|| configured_names(&daemon, asked));
     match &outcome {

@@ -109,6 +109,55 @@ pub struct SpawnRequest {
     /// Isolation policy by name; `None` means the daemon's default policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// A host directory mounted into the sandbox with per-path modes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceRequest>,
+}
+
+/// A workspace: a host directory (named in the daemon's configuration, or an
+/// ad-hoc path beneath its `workspace_roots`) seen at `mount_point` with
+/// per-path modes (`none`, `view`, `read`, `write`) from ordered `GLOB=MODE`
+/// rules. See `docs/workspaces.md`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceRequest {
+    /// A workspace configured by name (its rules are a ceiling: a request's
+    /// rules can only narrow them). Exactly one of `name` and `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An absolute host path without symlinks, beneath one of the daemon's
+    /// `workspace_roots`, that the requesting uid can access itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Ordered `GLOB=MODE` rules; most specific match wins, ties go to the
+    /// later rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
+    /// Mode of paths no rule matches: `none`, `view`, `read` (default) or `write`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_mode: Option<String>,
+    /// `direct` (default: writes land in the host directory) or `overlay`
+    /// (copy-on-write; the host never changes).
+    #[serde(default)]
+    pub mode: WorkspaceMode,
+    /// Where the sandbox sees it; default `/workspace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_point: Option<String>,
+    /// Overlay mode: return the changes as a tar in
+    /// [`SpawnResult::workspace_delta`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub export_delta: bool,
+}
+
+/// Where a workspace's writes go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceMode {
+    /// Into the host directory.
+    #[default]
+    Direct,
+    /// Into a copy-on-write layer of the sandbox's own.
+    Overlay,
 }
 
 /// Python source, or a script path as seen inside the sandbox.
@@ -185,6 +234,9 @@ pub struct Response {
 /// What a response carries; on the wire the variant is the `"kind"` field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// One response per request, moved once or twice: boxing the result would only
+// make every consumer's `match` clumsier (as for `RequestBody`).
+#[allow(clippy::large_enum_variant)]
 pub enum ResponseBody {
     /// The sandbox ran (whatever its exit status); answers `spawn`.
     Result(SpawnResult),
@@ -254,6 +306,13 @@ pub struct SpawnResult {
     /// ran the program; false when one was forked for it.
     #[serde(default)]
     pub warm: bool,
+    /// The overlay workspace's changes (a tar; deletions as `.wh.NAME`
+    /// entries), when the request asked for `export_delta`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub workspace_delta: Option<Vec<u8>>,
+    /// Why the delta could not be exported (the program's result stands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_error: Option<String>,
 }
 
 impl SpawnResult {
@@ -381,6 +440,26 @@ impl std::fmt::Display for ErrorCode {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_else(|| format!("{self:?}"));
         f.write_str(&s)
+    }
+}
+
+/// Serde adapter: `Option<Vec<u8>>` as an optional base64 string.
+pub mod b64_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Encodes `Some(bytes)` as base64, `None` as null.
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => super::b64::serialize(b, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Decodes null or a base64 string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "super::b64")] Vec<u8>);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
     }
 }
 

@@ -71,6 +71,8 @@ fn result_for(id: u64, stdout: &[u8]) -> SpawnResult {
         usage: Usage::default(),
         limits: AppliedLimits::default(),
         warm: false,
+        workspace_delta: None,
+        workspace_error: None,
     }
 }
 

@@ -37,6 +37,7 @@ fn sample_spawn() -> SpawnRequest {
             file_size_bytes: Some(16_777_216),
         },
         policy: Some("default".into()),
+        workspace: None,
     }
 }
 
@@ -74,6 +75,8 @@ fn sample_result() -> SpawnResult {
             cgroup_enforced: true,
         },
         warm: true,
+        workspace_delta: None,
+        workspace_error: None,
     }
 }
 

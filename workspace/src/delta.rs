@@ -84,17 +84,27 @@ fn getxattr(fd: impl AsFd, name: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn is_opaque(fd: impl AsFd + Copy) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|x| getxattr(fd, x).is_some_and(|v| v == b"y" || v == b"x"))
+/// The xattr namespace overlayfs keeps its metadata in: `trusted.` (the
+/// default, which the sandbox cannot write) or `user.` (`userxattr`, in a
+/// user namespace, where overlayfs hides those names from the sandbox).
+/// Only that namespace is believed: a `user.overlay.opaque` the sandbox set
+/// on a `trusted.` overlay is its own data, not an opaque marker.
+fn ns(userxattr: bool) -> &'static str {
+    if userxattr {
+        "user.overlay."
+    } else {
+        "trusted.overlay."
+    }
 }
 
-fn has_overlay_metadata(fd: impl AsFd + Copy) -> bool {
-    ["redirect", "metacopy"].iter().any(|x| {
-        getxattr(fd, &format!("trusted.overlay.{x}")).is_some()
-            || getxattr(fd, &format!("user.overlay.{x}")).is_some()
-    })
+fn is_opaque(fd: impl AsFd + Copy, userxattr: bool) -> bool {
+    getxattr(fd, &format!("{}opaque", ns(userxattr))).is_some_and(|v| v == b"y" || v == b"x")
+}
+
+fn has_overlay_metadata(fd: impl AsFd + Copy, userxattr: bool) -> bool {
+    ["redirect", "metacopy"]
+        .iter()
+        .any(|x| getxattr(fd, &format!("{}{x}", ns(userxattr))).is_some())
 }
 
 fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
@@ -111,6 +121,7 @@ fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
 struct Exporter<W: Write> {
     tar: tar::Builder<W>,
     stats: DeltaStats,
+    userxattr: bool,
 }
 
 impl<W: Write> Exporter<W> {
@@ -150,7 +161,7 @@ impl<W: Write> Exporter<W> {
                 FileType::Directory => {
                     let sub = open_beneath(fd, &name, OFlags::RDONLY | OFlags::DIRECTORY)
                         .map_err(io(format!("open {path}")))?;
-                    if has_overlay_metadata(&sub) {
+                    if has_overlay_metadata(&sub, self.userxattr) {
                         return Err(DeltaError::OverlayMetadata(path));
                     }
                     self.append(
@@ -159,7 +170,7 @@ impl<W: Write> Exporter<W> {
                         &[][..],
                     )?;
                     self.stats.dirs += 1;
-                    if is_opaque(&sub) {
+                    if is_opaque(&sub, self.userxattr) {
                         self.append(
                             &format!("{path}/{OPAQUE_MARKER}"),
                             header(tar::EntryType::Regular, 0, 0o644),
@@ -172,7 +183,7 @@ impl<W: Write> Exporter<W> {
                 FileType::RegularFile => {
                     let f = open_beneath(fd, &name, OFlags::RDONLY)
                         .map_err(io(format!("open {path}")))?;
-                    if has_overlay_metadata(&f) {
+                    if has_overlay_metadata(&f, self.userxattr) {
                         return Err(DeltaError::OverlayMetadata(path));
                     }
                     let file = std::fs::File::from(f);
@@ -218,18 +229,33 @@ impl<W: Write> Exporter<W> {
     }
 }
 
-/// Exports the overlay upper directory `upper` as a tar into `out`.
-pub fn export_tar(upper: &Path, out: impl Write) -> Result<DeltaStats, DeltaError> {
+/// Exports the overlay upper directory `upper` as a tar into `out`
+/// (`userxattr`: the overlay kept its metadata in `user.overlay.*`).
+pub fn export_tar(
+    upper: &Path,
+    out: impl Write,
+    userxattr: bool,
+) -> Result<DeltaStats, DeltaError> {
     let fd = crate::plan::open_root(upper).map_err(|e| DeltaError::Io {
         what: format!("open {}", upper.display()),
         source: std::io::Error::other(e.to_string()),
     })?;
+    export_tar_from(&fd, out, userxattr)
+}
+
+/// [`export_tar`] from an open directory.
+pub fn export_tar_from(
+    upper: &OwnedFd,
+    out: impl Write,
+    userxattr: bool,
+) -> Result<DeltaStats, DeltaError> {
     let mut ex = Exporter {
         tar: tar::Builder::new(out),
         stats: DeltaStats::default(),
+        userxattr,
     };
     ex.tar.mode(tar::HeaderMode::Deterministic);
-    ex.dir(&fd, "")?;
+    ex.dir(upper, "")?;
     ex.tar.finish().map_err(io("finish tar"))?;
     Ok(ex.stats)
 }
@@ -251,16 +277,34 @@ fn entry_components(path: &str) -> Result<Vec<&str>, DeltaError> {
     Ok(comps)
 }
 
-/// Removes `name` in `dir` whatever it is (a directory recursively), never
+/// Refuses to remove `path` unless the rules make it `write`.
+fn may_change(rules: Option<&Rules>, path: &str) -> Result<(), DeltaError> {
+    if let Some(rules) = rules {
+        let mode = rules
+            .mode(path)
+            .map_err(|_| DeltaError::BadPath(path.into()))?;
+        if mode != Mode::Write {
+            return Err(DeltaError::NotWritable {
+                path: path.into(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes `name` in `dir` (the workspace path `what`) whatever it is (a
+/// directory recursively, each entry checked against the rules), never
 /// following symlinks. Missing is fine.
-fn remove(dir: &OwnedFd, name: &str, what: &str) -> Result<(), DeltaError> {
+fn remove(dir: &OwnedFd, name: &str, what: &str, rules: Option<&Rules>) -> Result<(), DeltaError> {
+    may_change(rules, what)?;
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::NOENT) => Ok(()),
         Err(rustix::io::Errno::ISDIR) | Err(rustix::io::Errno::PERM) => {
             let sub = open_beneath(dir, name, OFlags::RDONLY | OFlags::DIRECTORY)
                 .map_err(io(format!("open {what}")))?;
-            empty_dir(&sub, what)?;
+            empty_dir(&sub, what, rules)?;
             rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
                 .map_err(errno(format!("remove {what}")))
         }
@@ -268,7 +312,7 @@ fn remove(dir: &OwnedFd, name: &str, what: &str) -> Result<(), DeltaError> {
     }
 }
 
-fn empty_dir(dir: &OwnedFd, what: &str) -> Result<(), DeltaError> {
+fn empty_dir(dir: &OwnedFd, what: &str, rules: Option<&Rules>) -> Result<(), DeltaError> {
     let mut names = Vec::new();
     for entry in Dir::read_from(dir).map_err(errno(format!("list {what}")))? {
         let entry = entry.map_err(errno(format!("list {what}")))?;
@@ -278,7 +322,7 @@ fn empty_dir(dir: &OwnedFd, what: &str) -> Result<(), DeltaError> {
         }
     }
     for n in names {
-        remove(dir, &n, &format!("{what}/{n}"))?;
+        remove(dir, &n, &format!("{what}/{n}"), rules)?;
     }
     Ok(())
 }
@@ -371,12 +415,12 @@ pub fn apply_tar(
             Action::Opaque => {
                 let dir = open_beneath(&root, &changed, OFlags::RDONLY | OFlags::DIRECTORY)
                     .map_err(io(format!("open {changed}")))?;
-                empty_dir(&dir, &changed)?;
+                empty_dir(&dir, &changed, rules)?;
                 stats.opaque_dirs += 1;
             }
             Action::Delete(victim) => {
                 let parent = open_parent(&root, &comps, &path)?;
-                remove(&parent, &victim, &changed)?;
+                remove(&parent, &victim, &changed, rules)?;
                 stats.deletions += 1;
             }
             Action::Put => {
@@ -388,7 +432,7 @@ pub fn apply_tar(
                         match open_beneath(&parent, name, OFlags::RDONLY | OFlags::DIRECTORY) {
                             Ok(_) => {}
                             Err(_) => {
-                                remove(&parent, name, &changed)?;
+                                remove(&parent, name, &changed, rules)?;
                                 rustix::fs::mkdirat(&parent, name, FsMode::from_raw_mode(perm))
                                     .map_err(errno(format!("mkdir {changed}")))?;
                             }
@@ -396,7 +440,7 @@ pub fn apply_tar(
                         stats.dirs += 1;
                     }
                     tar::EntryType::Regular => {
-                        remove(&parent, name, &changed)?;
+                        remove(&parent, name, &changed, rules)?;
                         let fd = rustix::fs::openat(
                             &parent,
                             name,
@@ -420,7 +464,7 @@ pub fn apply_tar(
                             .link_name_bytes()
                             .ok_or_else(|| DeltaError::BadType(path.clone()))?
                             .into_owned();
-                        remove(&parent, name, &changed)?;
+                        remove(&parent, name, &changed, rules)?;
                         rustix::fs::symlinkat(target.as_slice(), &parent, name)
                             .map_err(errno(format!("symlink {changed}")))?;
                         stats.symlinks += 1;
@@ -556,7 +600,7 @@ mod tests {
         .is_ok();
         fs::write(u.join("replaced/only"), b"1").unwrap();
         let mut out = Vec::new();
-        let stats = export_tar(u, &mut out).unwrap();
+        let stats = export_tar(u, &mut out, false).unwrap();
         let names = tar_names(&out);
         assert!(names.contains(&"out/new/f.txt".to_string()), "{names:?}");
         assert!(names.contains(&"out/link".to_string()));
@@ -582,7 +626,7 @@ mod tests {
     fn reserved_names_are_refused() {
         let upper = tempfile::tempdir().unwrap();
         fs::write(upper.path().join(".wh.README"), b"").unwrap();
-        let e = export_tar(upper.path(), Vec::new()).unwrap_err();
+        let e = export_tar(upper.path(), Vec::new(), false).unwrap_err();
         assert!(matches!(e, DeltaError::ReservedName(_)), "{e}");
     }
 
@@ -681,12 +725,53 @@ mod tests {
     }
 
     #[test]
+    fn deletions_never_reach_read_paths_below_a_write_dir() {
+        let host = tempfile::tempdir().unwrap();
+        let h = host.path();
+        fs::create_dir_all(h.join("out/keep")).unwrap();
+        fs::write(h.join("out/keep/k"), b"k").unwrap();
+        fs::write(h.join("out/x"), b"x").unwrap();
+        let rules = Rules::parse(&["out=write", "out/keep=read"], Mode::Read).unwrap();
+        let opaque = delta(&[("out/", None), ("out/.wh..wh..opq", Some(b""))]);
+        assert!(apply_tar(&opaque[..], h, Some(&rules)).is_err());
+        assert_eq!(fs::read(h.join("out/keep/k")).unwrap(), b"k");
+        let rules = Rules::parse(&["a=write", "a/b/c=read"], Mode::Read).unwrap();
+        fs::create_dir_all(h.join("a/b")).unwrap();
+        fs::write(h.join("a/b/c"), b"c").unwrap();
+        let wh = delta(&[("a/.wh.b", Some(b""))]);
+        assert!(apply_tar(&wh[..], h, Some(&rules)).is_err());
+        assert_eq!(fs::read(h.join("a/b/c")).unwrap(), b"c");
+    }
+
+    #[test]
+    fn a_user_opaque_xattr_is_data_on_a_trusted_overlay() {
+        let upper = tempfile::tempdir().unwrap();
+        fs::create_dir(upper.path().join("d")).unwrap();
+        if rustix::fs::setxattr(
+            upper.path().join("d").as_path(),
+            "user.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .is_err()
+        {
+            return; // no user xattrs on this file system
+        }
+        let mut t = Vec::new();
+        export_tar(upper.path(), &mut t, false).unwrap();
+        assert!(!tar_names(&t).iter().any(|n| n.ends_with(OPAQUE_MARKER)));
+        let mut t = Vec::new();
+        export_tar(upper.path(), &mut t, true).unwrap();
+        assert!(tar_names(&t).iter().any(|n| n.ends_with(OPAQUE_MARKER)));
+    }
+
+    #[test]
     fn export_then_unpack_then_apply_round_trips() {
         let upper = tempfile::tempdir().unwrap();
         fs::create_dir_all(upper.path().join("a/b")).unwrap();
         fs::write(upper.path().join("a/b/c"), b"c").unwrap();
         let mut t = Vec::new();
-        export_tar(upper.path(), &mut t).unwrap();
+        export_tar(upper.path(), &mut t, false).unwrap();
         let tree = tempfile::tempdir().unwrap();
         let dir = tree.path().join("delta");
         unpack_tree(&t[..], &dir).unwrap();

@@ -12,7 +12,7 @@ pub mod delta;
 pub mod plan;
 pub mod rules;
 
-pub use delta::{apply_tar, export_tar, unpack_tree, DeltaError, DeltaStats};
+pub use delta::{apply_tar, export_tar, export_tar_from, unpack_tree, DeltaError, DeltaStats};
 pub use plan::{plan, Access, Bind, Grant, Kind, MountPlan, PlanError, MAX_PLAN_ITEMS};
 pub use rules::{Mode, Reason, Rule, RuleError, Rules};
 

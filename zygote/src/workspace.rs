@@ -206,12 +206,18 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
                 .upper
                 .as_ref()
                 .ok_or_else(|| other("overlay", "no upper directory in the plan"))?;
-            let dir =
-                open_root(upper).map_err(|e| other("open the upper directory", e.to_string()))?;
-            let up = open_beneath(&dir, "upper", OFlags::RDONLY | OFlags::DIRECTORY)
-                .map_err(at("open the upper layer"))?;
-            let work = open_beneath(&dir, "work", OFlags::RDONLY | OFlags::DIRECTORY)
-                .map_err(at("open the overlay work directory"))?;
+            // The daemon's path (often `/proc/<daemon>/fd/<n>`, a detached
+            // tmpfs: a magic link by design), so opened as given.
+            let open_dir = |name: &str| {
+                rustix::fs::open(
+                    upper.join(name),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    FsMode::empty(),
+                )
+                .map_err(errno(format!("open the overlay's {name} directory")))
+            };
+            let up = open_dir("upper")?;
+            let work = open_dir("work")?;
             fsconfig_set_fd(&fs, "upperdir", &up).map_err(errno("overlay upper layer"))?;
             fsconfig_set_fd(&fs, "workdir", &work).map_err(errno("overlay work directory"))?;
             // A plain upper tree: renamed directories are copied, not
@@ -277,7 +283,9 @@ fn open_mount_point(path: &str) -> Result<OwnedFd, WorkspaceError> {
 /// The landlock rights of a grant.
 fn rights(access: Access, abi: ABI) -> BitFlags<AccessFs> {
     match access {
-        Access::Full => AccessFs::from_all(abi),
+        // No device nodes (useless on nodev mounts; and a 0/0 character
+        // device is an overlayfs whiteout, which needs no CAP_MKNOD).
+        Access::Full => AccessFs::from_all(abi) & !(AccessFs::MakeChar | AccessFs::MakeBlock),
         Access::List => AccessFs::ReadDir.into(),
         Access::ListWrite => {
             AccessFs::ReadDir

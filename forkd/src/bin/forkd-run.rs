@@ -81,6 +81,156 @@ struct Args {
     /// before running).
     #[arg(long)]
     warm_pool: Option<usize>,
+    /// Mount this host directory at /workspace (see docs/workspaces.md).
+    #[arg(long, conflicts_with = "workspace_name")]
+    workspace: Option<PathBuf>,
+    /// Mount the workspace the daemon's configuration names.
+    #[arg(long)]
+    workspace_name: Option<String>,
+    /// Workspace rule GLOB=MODE (none, view, read, write); repeatable, in order.
+    #[arg(long = "rule")]
+    rules: Vec<String>,
+    /// Mode of workspace paths no rule matches (default read).
+    #[arg(long)]
+    workspace_default: Option<String>,
+    /// direct (writes reach the host directory) or overlay (copy-on-write).
+    #[arg(long, value_parser = ["direct", "overlay"])]
+    workspace_mode: Option<String>,
+    /// Where the sandbox sees the workspace (default /workspace).
+    #[arg(long)]
+    workspace_mount: Option<PathBuf>,
+    /// Overlay: write the changes here, as a tar if the name ends in .tar,
+    /// else as a new directory tree (deletions as .wh.NAME files).
+    #[arg(long)]
+    export_delta: Option<PathBuf>,
+}
+
+/// `forkd-run workspace ...`: rules and deltas without a sandbox.
+#[derive(Parser, Debug)]
+#[command(name = "forkd-run workspace")]
+enum WorkspaceCmd {
+    /// Print the mode a path gets and the rule behind it (a dry run).
+    Explain {
+        /// Path relative to the workspace root.
+        path: String,
+        /// GLOB=MODE, repeatable, in order.
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        /// Mode of paths no rule matches.
+        #[arg(long, default_value = "read")]
+        default: String,
+    },
+    /// Apply an exported delta (tar) to a host directory; with rules, only
+    /// changes to `write` paths are accepted.
+    Apply {
+        delta: PathBuf,
+        dir: PathBuf,
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        #[arg(long)]
+        default: Option<String>,
+    },
+}
+
+fn workspace_cmd(argv: Vec<std::ffi::OsString>) -> ExitCode {
+    use forkd_workspace::{Mode, Rules};
+    let cmd = match WorkspaceCmd::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let rules = |rules: &[String], default: &str| -> Result<Rules, String> {
+        let mode: Mode = default.parse().map_err(|e| format!("{e}"))?;
+        Rules::parse(rules, mode).map_err(|e| e.to_string())
+    };
+    let outcome = match cmd {
+        WorkspaceCmd::Explain {
+            path,
+            rules: r,
+            default,
+        } => rules(&r, &default).and_then(|rs| {
+            let (mode, why) = rs.explain(&path).map_err(|e| e.to_string())?;
+            println!("{path}: {mode} ({why})");
+            Ok(())
+        }),
+        WorkspaceCmd::Apply {
+            delta,
+            dir,
+            rules: r,
+            default,
+        } => (|| {
+            let rs = if r.is_empty() && default.is_none() {
+                None
+            } else {
+                Some(rules(&r, default.as_deref().unwrap_or("read"))?)
+            };
+            let f = std::fs::File::open(&delta).map_err(|e| format!("{}: {e}", delta.display()))?;
+            let stats = forkd_workspace::apply_tar(std::io::BufReader::new(f), &dir, rs.as_ref())
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "forkd-run: applied {} files, {} directories, {} symlinks, {} deletions, {} replaced directories",
+                stats.files, stats.dirs, stats.symlinks, stats.deletions, stats.opaque_dirs
+            );
+            Ok(())
+        })(),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forkd-run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn build_workspace(args: &Args) -> Result<Option<forkd_ipc::WorkspaceRequest>, String> {
+    if args.workspace.is_none() && args.workspace_name.is_none() {
+        if !args.rules.is_empty() || args.workspace_mode.is_some() || args.export_delta.is_some() {
+            return Err("--rule, --workspace-mode and --export-delta need --workspace DIR or --workspace-name NAME".into());
+        }
+        return Ok(None);
+    }
+    let path = match &args.workspace {
+        Some(p) => Some(
+            std::fs::canonicalize(p)
+                .map_err(|e| format!("--workspace {}: {e}", p.display()))?
+                .display()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let mode = match args.workspace_mode.as_deref() {
+        Some("overlay") => forkd_ipc::WorkspaceMode::Overlay,
+        _ => forkd_ipc::WorkspaceMode::Direct,
+    };
+    if args.export_delta.is_some() && mode != forkd_ipc::WorkspaceMode::Overlay {
+        return Err("--export-delta needs --workspace-mode overlay".into());
+    }
+    Ok(Some(forkd_ipc::WorkspaceRequest {
+        name: args.workspace_name.clone(),
+        path,
+        rules: args.rules.clone(),
+        default_mode: args.workspace_default.clone(),
+        mode,
+        mount_point: args
+            .workspace_mount
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        export_delta: args.export_delta.is_some(),
+    }))
+}
+
+/// Writes an exported delta where `--export-delta` says.
+fn write_delta(out: &std::path::Path, tar: &[u8]) -> Result<(), String> {
+    if out.extension().is_some_and(|e| e == "tar") {
+        std::fs::write(out, tar).map_err(|e| format!("{}: {e}", out.display()))
+    } else {
+        forkd_workspace::unpack_tree(tar, out)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -154,10 +304,15 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
             ..Limits::default()
         },
         policy: args.policy.clone(),
+        workspace: build_workspace(args)?,
     })
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "workspace") {
+        return workspace_cmd(argv[1..].to_vec());
+    }
     let args = Args::parse();
     let req = match build_request(&args) {
         Ok(r) => r,
@@ -253,7 +408,7 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
     let code = match AsyncClient::connect(&socket).await {
         Ok(client) => {
             if args.count == 1 {
-                single(&client, &req, args.json).await
+                single(&client, &req, args.json, args.export_delta.as_deref()).await
             } else {
                 fan_out(&client, &req, &args).await
             }
@@ -308,9 +463,23 @@ fn report_limits(result: &SpawnResult) {
     }
 }
 
-async fn single(client: &AsyncClient, req: &SpawnRequest, json: bool) -> ExitCode {
+async fn single(
+    client: &AsyncClient,
+    req: &SpawnRequest,
+    json: bool,
+    export: Option<&std::path::Path>,
+) -> ExitCode {
     match client.spawn(req).await {
         Ok(result) => {
+            if let Some(e) = &result.workspace_error {
+                eprintln!("forkd-run: {e}");
+            }
+            if let (Some(out), Some(tar)) = (export, &result.workspace_delta) {
+                if let Err(e) = write_delta(out, tar) {
+                    eprintln!("forkd-run: cannot write the delta: {e}");
+                    return ExitCode::from(3);
+                }
+            }
             if json {
                 println!(
                     "{}",

@@ -1,0 +1,467 @@
+//! Workspaces on the daemon's side: which host directories a request may
+//! mount (named workspaces from the configuration; ad-hoc paths beneath
+//! `workspace_roots` that the requesting uid can access itself), the mount
+//! plan (computed on a blocking thread, before the child is forked), the
+//! overlay's upper layer and the delta export. The child mounts the plan
+//! (`forkd_zygote::workspace`); see docs/workspaces.md.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use forkd_ipc::{ErrorCode, ErrorReply, WorkspaceMode, WorkspaceRequest};
+use forkd_workspace::{Kind, Mode, MountPlan, Rules};
+use rustix::fs::OFlags;
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, FsMountFlags, FsOpenFlags,
+    MountAttrFlags,
+};
+use serde::Deserialize;
+
+use crate::config::{Config, ConfigError};
+
+/// A workspace the operator registers: `[workspaces.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedWorkspace {
+    /// Absolute host path.
+    pub path: PathBuf,
+    /// `GLOB=MODE` rules; a request's own rules can only narrow them.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Mode of paths no rule matches (default `read`).
+    #[serde(default = "default_mode")]
+    pub default_mode: String,
+    /// uids that may use it; default: every peer allowed to connect.
+    #[serde(default)]
+    pub allowed_uids: Option<Vec<u32>>,
+}
+
+fn default_mode() -> String {
+    "read".into()
+}
+
+/// Checks the workspace part of a configuration.
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    for (name, ws) in &config.workspaces {
+        if !ws.path.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "workspaces.{name}.path `{}` must be absolute",
+                ws.path.display()
+            )));
+        }
+        let mode: Mode = ws
+            .default_mode
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("workspaces.{name}.default_mode: {e}")))?;
+        Rules::parse(&ws.rules, mode)
+            .map_err(|e| ConfigError::Invalid(format!("workspaces.{name}.rules: {e}")))?;
+    }
+    for root in &config.workspace_roots {
+        if !root.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "workspace_roots entry `{}` must be absolute",
+                root.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn refused(message: String) -> ErrorReply {
+    ErrorReply {
+        code: ErrorCode::PermissionDenied,
+        message,
+    }
+}
+
+fn invalid(message: String) -> ErrorReply {
+    ErrorReply {
+        code: ErrorCode::InvalidRequest,
+        message,
+    }
+}
+
+/// Who asks (from `SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+pub struct Requester {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// A request's workspace after the checks, ready to plan.
+#[derive(Debug)]
+struct Checked {
+    host: PathBuf,
+    rules: Rules,
+    kind: Kind,
+    mount_point: String,
+}
+
+fn check(
+    config: &Config,
+    req: &WorkspaceRequest,
+    who: Option<Requester>,
+) -> Result<Checked, ErrorReply> {
+    let kind = match req.mode {
+        WorkspaceMode::Direct => Kind::Direct,
+        WorkspaceMode::Overlay => Kind::Overlay,
+    };
+    if req.export_delta && kind != Kind::Overlay {
+        return Err(invalid(
+            "workspace.export_delta needs mode overlay: a direct workspace writes into the host directory, there is no delta".into(),
+        ));
+    }
+    let mount_point = req
+        .mount_point
+        .clone()
+        .unwrap_or_else(|| forkd_workspace::DEFAULT_MOUNT_POINT.to_string());
+    let mp = Path::new(&mount_point);
+    let clean = mp.is_absolute()
+        && mp
+            .components()
+            .skip(1)
+            .all(|c| matches!(c, Component::Normal(_)))
+        && mount_point.len() < 256;
+    let under_tmp = mp.starts_with("/tmp") && mp != Path::new("/tmp");
+    if !clean || !(mount_point == forkd_workspace::DEFAULT_MOUNT_POINT || under_tmp) {
+        return Err(invalid(format!(
+            "workspace.mount_point `{mount_point}` must be /workspace or a path below /tmp (the sandbox's root is read-only elsewhere)"
+        )));
+    }
+    let default: Mode = match &req.default_mode {
+        Some(m) => m
+            .parse()
+            .map_err(|e| invalid(format!("workspace.default_mode: {e}")))?,
+        None => Mode::Read,
+    };
+    let own =
+        Rules::parse(&req.rules, default).map_err(|e| invalid(format!("workspace.rules: {e}")))?;
+    let (host, rules) = match (&req.name, &req.path) {
+        (Some(name), None) => {
+            let ws = config.workspaces.get(name).ok_or_else(|| {
+                invalid(format!(
+                    "no workspace named `{name}`; configured: {}",
+                    config.workspaces.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            if let (Some(allowed), Some(who)) = (&ws.allowed_uids, who) {
+                if !allowed.contains(&who.uid) {
+                    return Err(refused(format!(
+                        "uid {} may not use workspace `{name}`; ask the operator to add it to workspaces.{name}.allowed_uids",
+                        who.uid
+                    )));
+                }
+            }
+            let mode: Mode = ws.default_mode.parse().map_err(|e| invalid(format!("{e}")))?;
+            let ceiling = Rules::parse(&ws.rules, mode).map_err(|e| invalid(format!("{e}")))?;
+            (ws.path.clone(), own.with_ceiling(ceiling))
+        }
+        (None, Some(path)) => {
+            let path = PathBuf::from(path);
+            check_ad_hoc(config, &path, who, kind, &own)?;
+            (path, own)
+        }
+        _ => {
+            return Err(invalid(
+                "workspace needs exactly one of `name` (a configured workspace) and `path` (a host directory)".into(),
+            ))
+        }
+    };
+    if mount_point != forkd_workspace::DEFAULT_MOUNT_POINT && rules.may_view() {
+        return Err(invalid(format!(
+            "workspace.mount_point `{mount_point}` is below /tmp, where the sandbox may read everything: `view` rules need /workspace"
+        )));
+    }
+    Ok(Checked {
+        host,
+        rules,
+        kind,
+        mount_point,
+    })
+}
+
+fn check_ad_hoc(
+    config: &Config,
+    path: &Path,
+    who: Option<Requester>,
+    kind: Kind,
+    rules: &Rules,
+) -> Result<(), ErrorReply> {
+    if !path.is_absolute() {
+        return Err(invalid(format!(
+            "workspace.path `{}` must be absolute",
+            path.display()
+        )));
+    }
+    if config.workspace_roots.is_empty() {
+        return Err(refused(format!(
+            "this forkd allows no ad-hoc workspace paths (`{}`): use a workspace the operator configured by name, or ask the operator to add a parent directory to workspace_roots",
+            path.display()
+        )));
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| {
+        invalid(format!(
+            "workspace.path `{}`: {e}; it must be an existing directory",
+            path.display()
+        ))
+    })?;
+    if real != path {
+        return Err(invalid(format!(
+            "workspace.path `{}` goes through a symlink or `..` (it is `{}`); give the real path",
+            path.display(),
+            real.display()
+        )));
+    }
+    let inside = config
+        .workspace_roots
+        .iter()
+        .any(|root| std::fs::canonicalize(root).is_ok_and(|r| real.starts_with(r)));
+    if !inside {
+        return Err(refused(format!(
+            "workspace.path `{}` is outside the directories this forkd allows ({}); ask the operator to add it to workspace_roots",
+            path.display(),
+            config
+                .workspace_roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let Some(who) = who else { return Ok(()) };
+    // Writes reach the host only in direct mode: then the requester must
+    // be able to write there too.
+    let write = kind == Kind::Direct && rules.may_write();
+    if let Err(e) = requester_can_access(&real, who, write) {
+        return Err(refused(format!(
+            "uid {} cannot {} `{}` itself ({e}), so forkd will not mount it for you",
+            who.uid,
+            if write { "read and write" } else { "read" },
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The peer's supplementary groups, from `/proc/<pid>/status`.
+fn peer_groups(pid: Option<i32>) -> Vec<u32> {
+    let Some(pid) = pid else { return Vec::new() };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Groups:").map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect()
+                })
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Asks the kernel whether the requester could access `path` (search every
+/// component, read (and write) the directory), on a thread of its own that
+/// takes the requester's fsuid, fsgid and groups (per-thread on Linux; a
+/// root thread that changes its fsuid also loses its file capabilities).
+fn requester_can_access(path: &Path, who: Requester, write: bool) -> std::io::Result<()> {
+    if who.uid == 0 {
+        return Ok(());
+    }
+    let groups = peer_groups(who.pid);
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    std::thread::spawn(move || -> std::io::Result<()> {
+        // SAFETY: raw syscalls (not glibc's process-wide setxid wrappers)
+        // change only this thread's credentials; the thread ends right after.
+        unsafe {
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_setfsgid, who.gid);
+            libc::syscall(libc::SYS_setfsuid, who.uid);
+            if libc::syscall(libc::SYS_setfsuid, -1i32) != who.uid as libc::c_long {
+                return Err(std::io::Error::other("cannot take the requester's uid"));
+            }
+        }
+        let mut mode = libc::R_OK | libc::X_OK;
+        if write {
+            mode |= libc::W_OK;
+        }
+        // SAFETY: a valid NUL-terminated path; AT_EACCESS checks with this
+        // thread's fsuid/fsgid/groups.
+        if unsafe { libc::faccessat(libc::AT_FDCWD, cpath.as_ptr(), mode, libc::AT_EACCESS) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("access check thread panicked"))?
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+/// A workspace ready for a child: its plan, and for overlay mode the upper
+/// layer, released when this is dropped.
+pub struct Ready {
+    pub plan: MountPlan,
+    upper: Option<Upper>,
+}
+
+/// The overlay's upper layer. As root: a tmpfs of the sandbox's scratch
+/// size, mounted nowhere (`fsmount` without `move_mount`), held by this
+/// descriptor only: no mount table ever lists it, and it is gone when the
+/// descriptor and the sandbox's overlay are, even if the daemon crashes.
+/// The child reaches it through `/proc/<daemon>/fd/<fd>`. Rootless (no
+/// `fsopen` for the daemon): a plain directory, removed afterwards.
+enum Upper {
+    Detached(OwnedFd),
+    Dir(PathBuf),
+}
+
+impl Drop for Upper {
+    fn drop(&mut self) {
+        if let Upper::Dir(dir) = self {
+            let dir = std::mem::take(dir);
+            // Off the runtime: removal walks the layer.
+            std::thread::spawn(move || std::fs::remove_dir_all(dir));
+        }
+    }
+}
+
+impl Upper {
+    /// The path the plan carries: a directory holding `upper/` and `work/`.
+    fn path(&self) -> PathBuf {
+        match self {
+            Upper::Detached(fd) => PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                fd.as_raw_fd()
+            )),
+            Upper::Dir(d) => d.clone(),
+        }
+    }
+}
+
+/// Checks, plans and (overlay) makes the upper layer, on a blocking thread.
+pub async fn prepare(
+    config: &Config,
+    socket: &Path,
+    req: &WorkspaceRequest,
+    who: Option<Requester>,
+    scratch_bytes: u64,
+) -> Result<Ready, ErrorReply> {
+    let checked = check(config, req, who)?;
+    let base = config.workspace_dir.clone().unwrap_or_else(|| {
+        socket
+            .parent()
+            .unwrap_or(Path::new("/tmp"))
+            .join("workspaces")
+    });
+    tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
+        let mut plan = forkd_workspace::plan(
+            &checked.host,
+            &checked.rules,
+            checked.kind,
+            &checked.mount_point,
+        )
+        .map_err(|e| invalid(format!("workspace: {e}")))?;
+        let upper = if checked.kind == Kind::Overlay {
+            let upper = make_upper(&base, scratch_bytes).map_err(|e| ErrorReply {
+                code: ErrorCode::SpawnFailed,
+                message: format!("cannot make the overlay's upper layer: {e}"),
+            })?;
+            plan.upper = Some(upper.path());
+            Some(upper)
+        } else {
+            None
+        };
+        Ok(Ready { plan, upper })
+    })
+    .await
+    .map_err(|e| ErrorReply {
+        code: ErrorCode::Internal,
+        message: format!("workspace planning: {e}"),
+    })?
+}
+
+/// Makes the upper layer (see [`Upper`]) with `upper/` and `work/` in it.
+fn make_upper(base: &Path, scratch_bytes: u64) -> std::io::Result<Upper> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+        fsconfig_set_string(&fs, "size", scratch_bytes.to_string())?;
+        fsconfig_set_string(&fs, "mode", "0700")?;
+        fsconfig_create(&fs)?;
+        let mnt = fsmount(
+            &fs,
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+        )?;
+        for d in ["upper", "work"] {
+            rustix::fs::mkdirat(&mnt, d, rustix::fs::Mode::from_raw_mode(0o755))?;
+        }
+        return Ok(Upper::Detached(mnt));
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(base)?;
+    let dir = base.join(format!(
+        "ws-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let upper = Upper::Dir(dir.clone());
+    std::fs::create_dir(dir.join("upper"))?;
+    std::fs::create_dir(dir.join("work"))?;
+    Ok(upper)
+}
+
+/// Largest delta returned in a result (it travels base64 in one frame).
+pub const MAX_DELTA_BYTES: usize = 8 * 1024 * 1024;
+
+impl Ready {
+    /// Exports the overlay's changes as a tar (after the sandbox ended).
+    pub async fn export(&self) -> Result<Vec<u8>, String> {
+        let Some(upper) = &self.upper else {
+            return Err("not an overlay workspace".into());
+        };
+        // The overlay keeps its metadata in user.* xattrs in a user
+        // namespace (a rootless daemon's zygote), else in trusted.*.
+        let userxattr = matches!(upper, Upper::Dir(_));
+        let dir = match upper {
+            Upper::Detached(fd) => rustix::fs::openat(
+                fd,
+                "upper",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ),
+            Upper::Dir(d) => rustix::fs::open(
+                d.join("upper"),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ),
+        }
+        .map_err(|e| format!("open the upper layer: {e}"))?;
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            forkd_workspace::export_tar_from(&dir, &mut out, userxattr)
+                .map_err(|e| e.to_string())?;
+            if out.len() > MAX_DELTA_BYTES {
+                return Err(format!(
+                    "the delta is {} bytes, more than the {} a result can carry",
+                    out.len(),
+                    MAX_DELTA_BYTES
+                ));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}

@@ -1,0 +1,747 @@
+//! Workspaces through a real daemon: every mode, direct and overlay, delta
+//! export and apply, escapes attempted from inside the sandbox (each must
+//! fail while the bystander paths keep working), refusals, and no mounts
+//! left behind. Probes report `ok:<value>`, an errno name, or `exc:...`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use forkd_ipc::{WorkspaceMode, WorkspaceRequest};
+
+const PRELUDE: &str = r#"
+import ctypes, errno, json, mmap, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def op(f):
+    try:
+        return "ok:" + repr(f())[:200]
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "exc:" + type(e).__name__
+    except BaseException as e:
+        return "exc:%s: %s" % (type(e).__name__, str(e)[:200])
+def sc(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    return errno.errorcode.get(ctypes.get_errno(), "?") if r == -1 else "ok:%d" % r
+def read(p):
+    with open(p) as f:
+        return f.read()
+def write(p, s="x"):
+    with open(p, "w") as f:
+        return f.write(s)
+W = "/workspace"
+R = {}
+"#;
+
+/// A project tree on the host: `src/` code, `out/` output, `secrets/`,
+/// `.env`, `docs/` (view), plus symlinks planted by the "host".
+struct Tree {
+    _dir: tempfile::TempDir,
+    /// The directory allowed as a workspace root (holds `proj` and `outside`).
+    base: PathBuf,
+    proj: PathBuf,
+    outside: PathBuf,
+}
+
+fn tree() -> Tree {
+    let dir = tempfile::Builder::new()
+        .prefix("forkd-ws-")
+        .tempdir()
+        .unwrap();
+    let base = fs::canonicalize(dir.path()).unwrap();
+    let proj = base.join("proj");
+    let outside = base.join("outside");
+    for d in ["src/pkg", "out/keep", "secrets/deep", "docs"] {
+        fs::create_dir_all(proj.join(d)).unwrap();
+    }
+    fs::create_dir_all(&outside).unwrap();
+    for (f, c) in [
+        ("src/a.py", "print('a')"),
+        ("src/pkg/m.py", "M"),
+        ("out/old.txt", "old"),
+        ("out/keep/k.txt", "k"),
+        ("secrets/key", "SECRET-KEY"),
+        ("secrets/deep/x", "SECRET-X"),
+        (".env", "TOKEN=SECRET-ENV"),
+        ("docs/d.md", "VIEW-CONTENT"),
+        ("docs/README", "readable"),
+    ] {
+        fs::write(proj.join(f), c).unwrap();
+    }
+    fs::write(outside.join("canary"), "OUTSIDE").unwrap();
+    // Host symlinks: absolute out of the workspace, relative out of it,
+    // and from a read area into a none one.
+    symlink(outside.join("canary"), proj.join("src/abs_out")).unwrap();
+    symlink("../../outside/canary", proj.join("src/rel_out")).unwrap();
+    symlink("../secrets/key", proj.join("src/to_secret")).unwrap();
+    symlink(proj.join("secrets/key"), proj.join("src/abs_secret")).unwrap();
+    Tree {
+        _dir: dir,
+        base,
+        proj,
+        outside,
+    }
+}
+
+fn rules() -> Vec<String> {
+    [
+        "secrets=none",
+        "**/*.env=none",
+        "out=write",
+        "docs=view",
+        "docs/README=read",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn ws(path: &Path, mode: WorkspaceMode) -> WorkspaceRequest {
+    WorkspaceRequest {
+        path: Some(path.display().to_string()),
+        rules: rules(),
+        mode,
+        ..Default::default()
+    }
+}
+
+async fn start(base: &Path) -> TestDaemon {
+    let base = base.to_path_buf();
+    TestDaemon::start(move |c| {
+        c.workspace_roots = vec![base];
+        for z in &mut c.zygotes {
+            z.warm_pool = 2;
+        }
+    })
+    .await
+}
+
+async fn probe(
+    d: &TestDaemon,
+    w: WorkspaceRequest,
+    body: &str,
+) -> (BTreeMap<String, String>, forkd_ipc::SpawnResult) {
+    let mut r = req(&format!("{PRELUDE}{body}\nprint(json.dumps(R))\n"));
+    r.workspace = Some(w);
+    let res = d.spawn(&r).await.expect("probe spawn");
+    assert_eq!(
+        (res.exit_code, res.killed_by),
+        (Some(0), None),
+        "probe failed; stdout: {} stderr: {}",
+        res.stdout_lossy(),
+        res.stderr_lossy()
+    );
+    assert!(
+        !res.warm,
+        "a workspace request must not take a pre-isolated warm child"
+    );
+    let out = res.stdout_lossy();
+    let line = out.lines().last().unwrap_or("{}");
+    (serde_json::from_str(line).expect("probe JSON"), res)
+}
+
+fn expect(table: &mut Table, got: &BTreeMap<String, String>, cases: &[(&str, &[&str])]) {
+    for (name, want) in cases {
+        let g = got.get(*name).map(String::as_str).unwrap_or("<missing>");
+        table.check(name, g, want);
+    }
+}
+
+/// Every mode in direct mode, and the escapes that must fail there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_modes_and_escapes() {
+    let t = tree();
+    let d = start(&t.base).await;
+    let body = r#"
+R["list_root"] = op(lambda: sorted(os.listdir(W)))
+R["none_open"] = op(lambda: read(W + "/secrets/key"))
+R["none_stat"] = op(lambda: os.stat(W + "/secrets"))
+R["none_deep"] = op(lambda: read(W + "/secrets/deep/x"))
+R["none_glob"] = op(lambda: read(W + "/.env"))
+R["read_file"] = op(lambda: read(W + "/src/a.py"))
+R["read_write"] = op(lambda: write(W + "/src/a.py"))
+R["read_create"] = op(lambda: write(W + "/src/new.py"))
+R["read_unlink"] = op(lambda: os.unlink(W + "/src/a.py"))
+R["view_list"] = op(lambda: sorted(os.listdir(W + "/docs")))
+R["view_stat"] = op(lambda: os.stat(W + "/docs/d.md").st_size)
+R["view_open"] = op(lambda: read(W + "/docs/d.md"))
+R["view_readme"] = op(lambda: read(W + "/docs/README"))
+R["view_write"] = op(lambda: write(W + "/docs/d.md"))
+def via_opath():
+    fd = os.open(W + "/docs/d.md", os.O_PATH)
+    return read("/proc/self/fd/%d" % fd)
+R["view_proc_fd"] = op(via_opath)
+def view_sendfile():
+    fd = os.open(W + "/docs/d.md", os.O_PATH)
+    out = os.open("/tmp/sf", os.O_WRONLY | os.O_CREAT)
+    return os.sendfile(out, fd, 0, 100)
+R["view_sendfile"] = op(view_sendfile)
+def view_mmap():
+    fd = os.open(W + "/docs/d.md", os.O_PATH)
+    return mmap.mmap(fd, 12, prot=mmap.PROT_READ)[:]
+R["view_mmap"] = op(view_mmap)
+R["write_create"] = op(lambda: write(W + "/out/new.txt", "new"))
+R["write_mkdir"] = op(lambda: os.makedirs(W + "/out/sub/dir"))
+R["write_delete"] = op(lambda: os.unlink(W + "/out/old.txt"))
+R["dotdot"] = op(lambda: read(W + "/src/../../" + "etc/shadow"))
+R["dotdot_none"] = op(lambda: read(W + "/src/../secrets/key"))
+R["abs_symlink_out"] = op(lambda: read(W + "/src/abs_out"))
+R["rel_symlink_out"] = op(lambda: read(W + "/src/rel_out"))
+R["symlink_read_to_none"] = op(lambda: read(W + "/src/to_secret"))
+R["abs_symlink_to_none"] = op(lambda: read(W + "/src/abs_secret"))
+R["own_symlink_to_none"] = op(lambda: (os.symlink("../secrets/key", W + "/out/lnk"), read(W + "/out/lnk")))
+R["hardlink_read_into_write"] = op(lambda: os.link(W + "/src/a.py", W + "/out/a_link"))
+R["hardlink_view_into_write"] = op(lambda: os.link(W + "/docs/d.md", W + "/out/d_link"))
+R["rename_write_to_read"] = op(lambda: os.rename(W + "/out/keep/k.txt", W + "/src/k.txt"))
+R["rename_read_to_write"] = op(lambda: os.rename(W + "/src/a.py", W + "/out/a.py"))
+R["rename_view_to_write"] = op(lambda: os.rename(W + "/docs/d.md", W + "/out/d.md"))
+R["proc_root"] = op(lambda: read("/proc/self/root/workspace/secrets/key"))
+R["proc_1_root"] = op(lambda: read("/proc/1/root/workspace/.env"))
+R["mknod_whiteout"] = op(lambda: os.mknod(W + "/out/wh", 0o600 | 0o020000, 0))
+buf = ctypes.create_string_buffer(128 + 8)
+ctypes.memmove(buf, (128).to_bytes(4, "little"), 4)
+mid = ctypes.c_int(0)
+R["name_to_handle_at"] = sc(303, -100, (W + "/docs/d.md").encode(), buf, ctypes.byref(mid), 0)
+R["open_by_handle_at"] = sc(304, os.open(W, os.O_RDONLY), buf, 0)
+R["remount_rw"] = sc(165, None, (W + "/src").encode(), None, 0x20 | 0x1000, None)
+R["umount_workspace"] = sc(166, (W + "/src").encode(), 2)
+"#;
+    let (got, _) = probe(&d, ws(&t.proj, WorkspaceMode::Direct), body).await;
+    let mut table = Table::new();
+    expect(
+        &mut table,
+        &got,
+        &[
+            ("list_root", &["ok:['docs', 'out', 'src']"]),
+            ("none_open", &["ENOENT"]),
+            ("none_stat", &["ENOENT"]),
+            ("none_deep", &["ENOENT"]),
+            ("none_glob", &["ENOENT"]),
+            ("read_file", &["ok:\"print('a')\""]),
+            ("read_write", &["EROFS"]),
+            ("read_create", &["EROFS"]),
+            ("read_unlink", &["EROFS"]),
+            ("view_list", &["ok:['README', 'd.md']"]),
+            ("view_stat", &["ok:12"]),
+            ("view_open", &["EACCES"]),
+            ("view_readme", &["ok:'readable'"]),
+            ("view_write", &["EROFS", "EACCES"]),
+            ("view_proc_fd", &["EACCES"]),
+            ("view_sendfile", &["EBADF"]),
+            ("view_mmap", &["EBADF"]),
+            ("write_create", &["ok:3"]),
+            ("write_mkdir", &["ok:None"]),
+            ("write_delete", &["ok:None"]),
+            ("dotdot", &["ENOENT"]),
+            ("dotdot_none", &["ENOENT"]),
+            ("abs_symlink_out", &["ENOENT"]),
+            ("rel_symlink_out", &["ENOENT"]),
+            ("symlink_read_to_none", &["ENOENT"]),
+            ("abs_symlink_to_none", &["ENOENT"]),
+            ("own_symlink_to_none", &["ENOENT"]),
+            ("hardlink_read_into_write", &["EXDEV"]),
+            ("hardlink_view_into_write", &["EXDEV"]),
+            ("rename_write_to_read", &["EXDEV", "EROFS"]),
+            ("rename_read_to_write", &["EXDEV", "EROFS"]),
+            ("rename_view_to_write", &["EXDEV", "EROFS"]),
+            ("proc_root", &["ENOENT"]),
+            ("proc_1_root", &["ENOENT"]),
+            ("mknod_whiteout", &["EACCES", "EPERM"]),
+            ("name_to_handle_at", &["EPERM", "EACCES", "ok:0"]),
+            ("open_by_handle_at", &["EPERM"]),
+            ("remount_rw", &["EPERM"]),
+            ("umount_workspace", &["EPERM"]),
+        ],
+    );
+    table.assert_all("direct workspace");
+    // Bystanders: the write area's changes reached the host, nothing else moved.
+    assert_eq!(
+        fs::read_to_string(t.proj.join("out/new.txt")).unwrap(),
+        "new"
+    );
+    assert!(!t.proj.join("out/old.txt").exists());
+    assert!(t.proj.join("out/sub/dir").is_dir());
+    assert_eq!(
+        fs::read_to_string(t.proj.join("src/a.py")).unwrap(),
+        "print('a')"
+    );
+    assert_eq!(
+        fs::read_to_string(t.proj.join("docs/d.md")).unwrap(),
+        "VIEW-CONTENT"
+    );
+    assert_eq!(
+        fs::read_to_string(t.outside.join("canary")).unwrap(),
+        "OUTSIDE"
+    );
+    assert!(!t.proj.join("out/wh").exists());
+    // The sandbox next door, without a workspace, still works (warm).
+    let r = d
+        .run("import os\ntry:\n    print(os.listdir('/workspace'))\nexcept OSError as e:\n    print(e.errno)")
+        .await;
+    assert_eq!(
+        r.stdout_lossy(),
+        "13\n",
+        "without a workspace: an empty, unreadable mount point"
+    );
+    assert!(r.warm);
+    d.finish().await;
+}
+
+/// Overlay mode: the host never changes, the delta records writes,
+/// deletions and replaced directories, and applies to a copy; whiteouts
+/// and opaque markers cannot be forged from inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_delta_export_and_apply() {
+    let t = tree();
+    let d = start(&t.base).await;
+    let mut w = ws(&t.proj, WorkspaceMode::Overlay);
+    w.rules.push("src=write".into());
+    w.rules.push("src/pkg/m.py=read".into());
+    w.export_delta = true;
+    let body = r#"
+import shutil
+R["write"] = op(lambda: write(W + "/out/new.txt", "new"))
+R["delete"] = op(lambda: os.unlink(W + "/out/old.txt"))
+R["replace_dir"] = op(lambda: (shutil.rmtree(W + "/out/keep"), os.mkdir(W + "/out/keep"), write(W + "/out/keep/fresh", "f")))
+R["src_edit"] = op(lambda: write(W + "/src/a.py", "print('b')"))
+R["read_island"] = op(lambda: write(W + "/src/pkg/m.py"))
+R["none_still_hidden"] = op(lambda: read(W + "/secrets/key"))
+R["mknod_whiteout"] = op(lambda: os.mknod(W + "/out/wh", 0o600 | 0o020000, 0))
+R["opaque_xattr"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y"))
+R["user_opaque_xattr"] = op(lambda: os.setxattr(W + "/out", "user.overlay.opaque", b"y"))
+R["docs_write"] = op(lambda: write(W + "/docs/new"))
+R["seen"] = op(lambda: sorted(os.listdir(W + "/out")))
+"#;
+    let (got, res) = probe(&d, w.clone(), body).await;
+    let mut table = Table::new();
+    expect(
+        &mut table,
+        &got,
+        &[
+            ("write", &["ok:3"]),
+            ("delete", &["ok:None"]),
+            ("replace_dir", &["ok:(None, None, 1)"]),
+            ("src_edit", &["ok:10"]),
+            ("read_island", &["EROFS"]),
+            ("none_still_hidden", &["ENOENT"]),
+            ("mknod_whiteout", &["EACCES", "EPERM"]),
+            ("opaque_xattr", &["EPERM", "EOPNOTSUPP"]),
+            // On a root daemon's overlay (trusted.* metadata) a user.*
+            // xattr is the sandbox's data; the export must not believe it.
+            ("user_opaque_xattr", &["EPERM", "EOPNOTSUPP", "ok:None"]),
+            ("docs_write", &["EROFS"]),
+            ("seen", &["ok:['keep', 'new.txt']"]),
+        ],
+    );
+    table.assert_all("overlay workspace");
+    // The host is untouched.
+    assert_eq!(
+        fs::read_to_string(t.proj.join("out/old.txt")).unwrap(),
+        "old"
+    );
+    assert!(!t.proj.join("out/new.txt").exists());
+    assert_eq!(
+        fs::read_to_string(t.proj.join("src/a.py")).unwrap(),
+        "print('a')"
+    );
+    assert!(res.workspace_error.is_none(), "{:?}", res.workspace_error);
+    let tar = res.workspace_delta.expect("delta exported");
+    let names: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "out/.wh..wh..opq"),
+        "a forged opaque marker: {names:?}"
+    );
+    for want in [
+        "out/new.txt",
+        "out/.wh.old.txt",
+        "out/keep/.wh..wh..opq",
+        "out/keep/fresh",
+        "src/a.py",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("secrets") || n.contains("wh") && n.ends_with("/wh")),
+        "{names:?}"
+    );
+    // Apply to a copy, with the same rules: the copy now matches what the
+    // sandbox saw.
+    let copy = t.base.join("copy");
+    copy_tree(&t.proj, &copy);
+    let rules = forkd_workspace::Rules::parse(&w.rules, forkd_workspace::Mode::Read).unwrap();
+    forkd_workspace::apply_tar(&tar[..], &copy, Some(&rules)).unwrap();
+    assert_eq!(fs::read_to_string(copy.join("out/new.txt")).unwrap(), "new");
+    assert!(!copy.join("out/old.txt").exists());
+    assert!(!copy.join("out/keep/k.txt").exists());
+    assert_eq!(
+        fs::read_to_string(copy.join("out/keep/fresh")).unwrap(),
+        "f"
+    );
+    assert_eq!(
+        fs::read_to_string(copy.join("src/a.py")).unwrap(),
+        "print('b')"
+    );
+    assert_eq!(
+        fs::read_to_string(copy.join("secrets/key")).unwrap(),
+        "SECRET-KEY"
+    );
+    // With narrower rules (src read) the same delta is refused.
+    let narrow =
+        forkd_workspace::Rules::parse(&["out=write"], forkd_workspace::Mode::Read).unwrap();
+    assert!(forkd_workspace::apply_tar(&tar[..], &copy, Some(&narrow)).is_err());
+
+    // A file the sandbox names like a whiteout is refused at export, not
+    // turned into a deletion of `out/keep`.
+    let mut w2 = ws(&t.proj, WorkspaceMode::Overlay);
+    w2.export_delta = true;
+    let (_, res) = probe(&d, w2, r#"R["x"] = op(lambda: write(W + "/out/.wh.keep"))"#).await;
+    assert!(res.workspace_delta.is_none());
+    let e = res.workspace_error.expect("refused");
+    assert!(e.contains(".wh.keep"), "{e}");
+
+    // The overlay's upper layer is bounded by the scratch size.
+    let mut r = req(&format!(
+        "{PRELUDE}R['big'] = op(lambda: write(W + '/out/big', 'x' * (24 << 20)))\nprint(json.dumps(R))\n"
+    ));
+    r.limits.scratch_bytes = Some(8 << 20);
+    r.workspace = Some(ws(&t.proj, WorkspaceMode::Overlay));
+    let res = d.spawn(&r).await.unwrap();
+    assert!(
+        res.stdout_lossy().contains("ENOSPC"),
+        "{}",
+        res.stdout_lossy()
+    );
+    d.finish().await;
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A host symlink swapped in for a planned directory while requests are
+/// being set up (TOCTOU): each sandbox either fails setup with a clear
+/// error or sees the real directory; never the symlink's target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_symlink_swapped_during_setup() {
+    let t = tree();
+    let d = start(&t.base).await;
+    let real = t.proj.join("out");
+    let decoy = t.base.join("decoy");
+    symlink(&t.outside, &decoy).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, real, decoy) = (stop.clone(), real.clone(), decoy.clone());
+        std::thread::spawn(move || {
+            let (a, b) = (
+                std::ffi::CString::new(real.as_os_str().as_encoded_bytes()).unwrap(),
+                std::ffi::CString::new(decoy.as_os_str().as_encoded_bytes()).unwrap(),
+            );
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: renameat2 with valid NUL-terminated paths.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_renameat2,
+                        libc::AT_FDCWD,
+                        a.as_ptr(),
+                        libc::AT_FDCWD,
+                        b.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+                swaps += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            swaps
+        })
+    };
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..30 {
+        let mut r = req(
+            "import os\ntry:\n    open('/workspace/out/marker', 'w').write('m')\n    print(sorted(os.listdir('/workspace/out')))\nexcept OSError as e:\n    print('err', e.errno)\n",
+        );
+        r.workspace = Some(ws(&t.proj, WorkspaceMode::Direct));
+        match d.spawn(&r).await {
+            Ok(res) => {
+                ok += 1;
+                let out = res.stdout_lossy();
+                assert!(
+                    !out.contains("canary"),
+                    "the sandbox saw the decoy's target: {out}"
+                );
+            }
+            Err(e) => {
+                refused += 1;
+                let reply = server_error(e);
+                assert!(
+                    reply.message.contains("workspace") || reply.message.contains("symlink"),
+                    "unclear refusal: {}",
+                    reply.message
+                );
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(swaps > 10, "the swapper ran");
+    assert!(
+        !t.outside.join("marker").exists(),
+        "a sandbox wrote through the swapped-in symlink"
+    );
+    eprintln!("swapped {swaps} times: {ok} sandboxes ran on the real directory, {refused} refused");
+    d.finish().await;
+}
+
+/// Files the host creates while the sandbox runs inside a hidden
+/// directory stay hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_created_later_under_none_stay_hidden() {
+    let t = tree();
+    let d = start(&t.base).await;
+    let mut r = req(&format!(
+        "{PRELUDE}
+write('/tmp/ready')
+deadline = time.time() + 10
+while not os.path.exists('/tmp/go') and time.time() < deadline:
+    time.sleep(0.01)
+R['late'] = op(lambda: read(W + '/secrets/late'))
+R['late_list'] = op(lambda: os.path.exists(W + '/secrets'))
+print(json.dumps(R))
+"
+    ));
+    r.workspace = Some(ws(&t.proj, WorkspaceMode::Direct));
+    let client = d.client().await;
+    let task = tokio::spawn(async move { client.spawn(&r).await });
+    let pids = d
+        .wait_for_scratch_file("ready", Duration::from_secs(20))
+        .await;
+    fs::write(t.proj.join("secrets/late"), "LATE").unwrap();
+    for (pid, _) in &pids {
+        fs::write(format!("/proc/{pid}/root/tmp/go"), "").unwrap();
+    }
+    let res = task.await.unwrap().unwrap();
+    let out = res.stdout_lossy();
+    assert!(out.contains(r#""late": "ENOENT""#), "{out}");
+    assert!(out.contains(r#""late_list": "ok:False""#), "{out}");
+    d.finish().await;
+}
+
+/// Disallowed host paths are refused with messages that say what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_for_disallowed_paths() {
+    let t = tree();
+    let private = t.base.join("private");
+    fs::create_dir(&private).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(&t.base, fs::Permissions::from_mode(0o755)).unwrap();
+    let base = t.base.clone();
+    let named = t.proj.clone();
+    let d = TestDaemon::start(move |c| {
+        c.workspace_roots = vec![base.join("proj"), base.join("private")];
+        c.allowed_uids = Some(vec![0, 65534]);
+        c.workspaces.insert(
+            "repo".into(),
+            forkd::workspace::NamedWorkspace {
+                path: named,
+                rules: vec!["secrets=none".into(), "out=write".into()],
+                default_mode: "read".into(),
+                allowed_uids: Some(vec![0]),
+            },
+        );
+    })
+    .await;
+    let spawn_err = |w: WorkspaceRequest| {
+        let d = &d;
+        async move {
+            let mut r = req("print(1)");
+            r.workspace = Some(w);
+            server_error(d.spawn(&r).await.expect_err("refused"))
+        }
+    };
+    let path_req = |p: &Path| WorkspaceRequest {
+        path: Some(p.display().to_string()),
+        ..Default::default()
+    };
+    let e = spawn_err(path_req(&t.outside)).await;
+    assert_eq!(e.code, forkd_ipc::ErrorCode::PermissionDenied);
+    assert!(e.message.contains("workspace_roots"), "{}", e.message);
+    let e = spawn_err(path_req(Path::new("/etc"))).await;
+    assert!(
+        e.message.contains("outside the directories"),
+        "{}",
+        e.message
+    );
+    symlink(&t.proj, t.base.join("proj-link")).unwrap();
+    let e = spawn_err(path_req(&t.base.join("proj-link"))).await;
+    assert_eq!(e.code, forkd_ipc::ErrorCode::InvalidRequest);
+    assert!(e.message.contains("symlink"), "{}", e.message);
+    let e = spawn_err(WorkspaceRequest {
+        name: Some("nope".into()),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        e.message
+            .contains("no workspace named `nope`; configured: repo"),
+        "{}",
+        e.message
+    );
+    let e = spawn_err(WorkspaceRequest {
+        path: Some(t.proj.display().to_string()),
+        mount_point: Some("/etc".into()),
+        ..Default::default()
+    })
+    .await;
+    assert!(e.message.contains("mount_point"), "{}", e.message);
+    let e = spawn_err(WorkspaceRequest {
+        path: Some(t.proj.display().to_string()),
+        rules: vec![".env=none".into()],
+        default_mode: Some("write".into()),
+        ..Default::default()
+    })
+    .await;
+    assert!(e.message.contains("overlay mode"), "{}", e.message);
+
+    // A named workspace's rules are a ceiling the request cannot lift.
+    let mut r = req(&format!(
+        "{PRELUDE}R['s'] = op(lambda: read(W + '/secrets/key'))\nR['w'] = op(lambda: write(W + '/src/x'))\nprint(json.dumps(R))\n"
+    ));
+    r.workspace = Some(WorkspaceRequest {
+        name: Some("repo".into()),
+        rules: vec!["secrets=write".into(), "src=write".into()],
+        ..Default::default()
+    });
+    let res = d.spawn(&r).await.unwrap();
+    assert!(
+        res.stdout_lossy().contains(r#""s": "ENOENT""#),
+        "{}",
+        res.stdout_lossy()
+    );
+    assert!(
+        res.stdout_lossy().contains(r#""w": "EROFS""#),
+        "{}",
+        res.stdout_lossy()
+    );
+
+    // Another uid: a directory it cannot read, and a named workspace it
+    // is not allowed to use (checked with its own credentials).
+    let run_as_nobody = |args: Vec<String>| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    use std::os::unix::process::CommandExt;
+    // The socket's directory must be reachable for uid 65534.
+    if let Some(dir) = d.socket.parent() {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, err) = run_as_nobody(vec![
+        "--workspace".into(),
+        private.display().to_string(),
+        "-c".into(),
+        "print(1)".into(),
+    ]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("uid 65534 cannot read"), "{err}");
+    let (code, err) = run_as_nobody(vec![
+        "--workspace-name".into(),
+        "repo".into(),
+        "-c".into(),
+        "print(1)".into(),
+    ]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("may not use workspace `repo`"), "{err}");
+    // ... while root may.
+    let (code, err) = (
+        d.spawn(&{
+            let mut r = req("print(1)");
+            r.workspace = Some(path_req(&private));
+            r
+        })
+        .await
+        .map(|r| r.exit_code),
+        "",
+    );
+    assert_eq!(code.unwrap(), Some(0), "{err}");
+    d.finish().await;
+}
+
+/// Many spawns with workspaces (both modes) leave no mounts, upper layers
+/// or processes behind (the harness compares the host's mountinfo).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_mounts_left_after_many_spawns() {
+    let t = tree();
+    let d = start(&t.base).await;
+    let client = d.client().await;
+    let n = std::env::var("FORKD_WS_SPAWNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let client = client.clone();
+        let mut r = req("import os; print(len(os.listdir('/workspace')))");
+        let mut w = ws(
+            &t.proj,
+            if i % 2 == 0 {
+                WorkspaceMode::Direct
+            } else {
+                WorkspaceMode::Overlay
+            },
+        );
+        w.export_delta = i % 4 == 1;
+        r.workspace = Some(w);
+        tasks.push(tokio::spawn(async move { client.spawn(&r).await }));
+        if tasks.len() >= 8 {
+            for t in tasks.drain(..) {
+                let res = t.await.unwrap().unwrap();
+                assert_eq!(res.stdout_lossy(), "3\n");
+            }
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().stdout_lossy(), "3\n");
+    }
+    drop(client);
+    let socket_dir = d.socket.parent().unwrap().to_path_buf();
+    // Upper layers are removed shortly after each result.
+    assert!(
+        wait_until(Duration::from_secs(10), || fs::read_dir(
+            socket_dir.join("workspaces")
+        )
+        .map(|r| r.count() == 0)
+        .unwrap_or(true))
+        .await,
+        "overlay upper layers left behind"
+    );
+    d.finish().await;
+}
