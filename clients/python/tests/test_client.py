@@ -91,6 +91,8 @@ class DaemonTest(unittest.TestCase):
     tmp: tempfile.TemporaryDirectory
     proc: Optional[subprocess.Popen] = None
     sock_path: str = ""
+    #: Daemon configuration (TOML; ``{tmp}`` is the class's temporary directory).
+    config_text: Optional[str] = None
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -109,8 +111,14 @@ class DaemonTest(unittest.TestCase):
         env = dict(os.environ)
         env.pop("FORKD_SOCKET", None)
         cls.log = open(cls.log_path, "wb")
+        extra: List[str] = []
+        if cls.config_text is not None:
+            config_path = os.path.join(cls.tmp.name, "forkd.toml")
+            with open(config_path, "w") as f:
+                f.write(cls.config_text.replace("{tmp}", cls.tmp.name))
+            extra = ["--config", config_path]
         cls.proc = subprocess.Popen(
-            [DAEMON, "--python", PYTHON, "--preload", "numpy", "--socket", cls.sock_path],
+            [DAEMON, "--python", PYTHON, "--preload", "numpy", "--socket", cls.sock_path, *extra],
             stdout=cls.log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -351,6 +359,69 @@ class AsyncClientTest(DaemonTest):
                 await fk.close()
 
         asyncio.run(main())
+
+
+class WorkspaceTest(DaemonTest):
+    """``workspace=`` through a real daemon allowing ad-hoc paths below {tmp}/ws."""
+
+    config_text = 'workspace_roots = ["{tmp}/ws"]\n'
+
+    def setUp(self) -> None:
+        self.root = os.path.join(self.tmp.name, "ws", f"p{time.monotonic_ns()}")
+        os.makedirs(os.path.join(self.root, "out"))
+        os.makedirs(os.path.join(self.root, "secrets"))
+        with open(os.path.join(self.root, "secrets", "key"), "w") as f:
+            f.write("KEY")
+        with open(os.path.join(self.root, "out", "old"), "w") as f:
+            f.write("old")
+
+    def test_overlay_with_delta(self) -> None:
+        ws = forkd.Workspace(
+            path=self.root, rules=["secrets=none", "out=write"], overlay=True, export_delta=True
+        )
+        code = (
+            "import os\n"
+            "print(sorted(os.listdir('/workspace')))\n"
+            "open('/workspace/out/new', 'w').write('n')\n"
+            "os.remove('/workspace/out/old')\n"
+        )
+        with Forkd(self.sock_path, timeout=30) as fk:
+            r = fk.run(code, workspace=ws, timeout=20)
+        self.assertEqual(r.exit_code, 0, r.stderr_text)
+        self.assertEqual(r.text, "['out']\n")
+        self.assertIsNone(r.workspace_error)
+        import io
+        import tarfile
+
+        names = tarfile.open(fileobj=io.BytesIO(r.workspace_delta)).getnames()
+        self.assertIn("out/new", names)
+        self.assertIn("out/.wh.old", names)
+        self.assertTrue(os.path.exists(os.path.join(self.root, "out", "old")), "the host did not change")
+
+    def test_async_direct_and_refusal(self) -> None:
+        async def go() -> None:
+            async with AsyncForkd(self.sock_path, timeout=30) as fk:
+                r = await fk.run(
+                    "open('/workspace/out/x', 'w').write('x')",
+                    workspace=forkd.Workspace(path=self.root, rules=["out=write"]),
+                )
+                self.assertEqual(r.exit_code, 0, r.stderr_text)
+                with self.assertRaises(RequestRefused) as cm:
+                    await fk.run("1", workspace=forkd.Workspace(path="/etc"))
+                self.assertIn("workspace_roots", str(cm.exception))
+
+        asyncio.run(go())
+        with open(os.path.join(self.root, "out", "x")) as f:
+            self.assertEqual(f.read(), "x")
+
+    def test_bad_workspace_arguments(self) -> None:
+        with Forkd(self.sock_path) as fk:
+            with self.assertRaises(ValueError):
+                fk.run("1", workspace=forkd.Workspace(path="/x", rules=["a=maybe"]))
+            with self.assertRaises(ValueError):
+                fk.run("1", workspace=forkd.Workspace(path="/x", export_delta=True))
+            with self.assertRaises(ValueError):
+                fk.run("1", workspace=forkd.Workspace())
 
 
 class NoDaemonTest(unittest.TestCase):

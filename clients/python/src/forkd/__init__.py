@@ -16,6 +16,7 @@ from ._protocol import (
     Execution,
     Timings,
     Usage,
+    Workspace,
     default_socket_path,
     parse_size,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Execution",
     "Timings",
     "Usage",
+    "Workspace",
     "default_socket_path",
     "parse_size",
     "PROTOCOL_VERSION",

@@ -76,6 +76,62 @@ class Usage:
     peak_memory_bytes: int = 0
 
 
+_WORKSPACE_MODES = ("none", "view", "read", "write")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A host directory mounted into the sandbox with per-path modes.
+
+    Give ``path`` (an absolute host directory beneath the daemon's
+    ``workspace_roots``) or ``name`` (a workspace the daemon's operator
+    configured). ``rules`` are ordered ``"GLOB=MODE"`` strings (modes
+    ``none``, ``view``, ``read``, ``write``; most specific match wins, ties go
+    to the later rule); ``default`` is the mode of unmatched paths.
+    ``overlay=True`` keeps the host directory unchanged (copy-on-write);
+    with ``export_delta=True`` the changes come back as a tar in
+    :attr:`Execution.workspace_delta`.
+
+    >>> Workspace(path="/srv/repo", rules=["secrets/**=none", "out/**=write"])  # doctest: +SKIP
+    """
+
+    path: Optional[str] = None
+    name: Optional[str] = None
+    rules: Sequence[str] = ()
+    default: Optional[str] = None
+    overlay: bool = False
+    mount_point: Optional[str] = None
+    export_delta: bool = False
+
+    def to_wire(self) -> Dict[str, Any]:
+        if (self.path is None) == (self.name is None):
+            raise ValueError("Workspace needs exactly one of path and name")
+        if isinstance(self.rules, str):
+            raise TypeError("rules must be a sequence of 'GLOB=MODE' strings, not a string")
+        for r in self.rules:
+            glob, sep, mode = str(r).rpartition("=")
+            if not sep or not glob or mode not in _WORKSPACE_MODES:
+                raise ValueError(f"rule {r!r} is not GLOB=MODE with MODE one of {', '.join(_WORKSPACE_MODES)}")
+        if self.default is not None and self.default not in _WORKSPACE_MODES:
+            raise ValueError(f"default {self.default!r} is not one of {', '.join(_WORKSPACE_MODES)}")
+        if self.export_delta and not self.overlay:
+            raise ValueError("export_delta needs overlay=True (a direct workspace writes into the host)")
+        w: Dict[str, Any] = {"mode": "overlay" if self.overlay else "direct"}
+        if self.path is not None:
+            w["path"] = os.fspath(self.path)
+        if self.name is not None:
+            w["name"] = self.name
+        if self.rules:
+            w["rules"] = [str(r) for r in self.rules]
+        if self.default is not None:
+            w["default_mode"] = self.default
+        if self.mount_point is not None:
+            w["mount_point"] = self.mount_point
+        if self.export_delta:
+            w["export_delta"] = True
+        return w
+
+
 @dataclass(frozen=True)
 class Execution:
     """Outcome of one sandbox run (a ``result`` reply).
@@ -98,6 +154,10 @@ class Execution:
     warm: bool = False
     sandbox: int = 0
     zygote: str = ""
+    #: The overlay workspace's changes as a tar (``export_delta=True``).
+    workspace_delta: Optional[bytes] = None
+    #: Why the delta could not be exported, if it could not.
+    workspace_error: Optional[str] = None
 
     @property
     def text(self) -> str:
@@ -266,6 +326,7 @@ def build_spawn(
     output_limit: Optional[Union[int, str]] = None,
     zygote: Optional[str] = None,
     policy: Optional[str] = None,
+    workspace: Optional[Workspace] = None,
 ) -> Dict[str, Any]:
     """A ``spawn`` request object. ``timeout`` is seconds; ``memory`` and
     ``output_limit`` are bytes or size strings like ``"256M"``."""
@@ -306,6 +367,10 @@ def build_spawn(
     req["limits"] = limits
     if policy is not None:
         req["policy"] = policy
+    if workspace is not None:
+        if not isinstance(workspace, Workspace):
+            raise TypeError("workspace must be a forkd.Workspace")
+        req["workspace"] = workspace.to_wire()
     return req
 
 
@@ -372,6 +437,14 @@ def parse_result(obj: Mapping[str, Any]) -> Execution:
         warm=bool(obj.get("warm", False)),
         sandbox=_int(obj, "sandbox"),
         zygote=str(obj.get("zygote", "")),
+        workspace_delta=(
+            _unb64(obj["workspace_delta"], "workspace_delta")
+            if obj.get("workspace_delta") is not None
+            else None
+        ),
+        workspace_error=(
+            str(obj["workspace_error"]) if obj.get("workspace_error") is not None else None
+        ),
     )
 
 
