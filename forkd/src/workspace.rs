@@ -303,6 +303,51 @@ fn requester_can_access(path: &Path, who: Requester, write: bool) -> std::io::Re
 
 static NEXT: AtomicU64 = AtomicU64::new(1);
 
+/// Plans most recently made, with the directory stamps that prove them
+/// current: a request for the same directory and rules reuses the plan after
+/// re-checking only the directories it listed (a `stat` each) instead of
+/// walking the tree again.
+type PlanCache = std::sync::Mutex<Vec<(String, MountPlan, forkd_workspace::Stamps)>>;
+static PLANS: PlanCache = std::sync::Mutex::new(Vec::new());
+const PLAN_CACHE_SIZE: usize = 32;
+
+fn cached_plan(checked: &Checked) -> Result<MountPlan, ErrorReply> {
+    let key = format!(
+        "{}\0{:?}\0{:?}\0{}",
+        checked.host.display(),
+        checked.rules,
+        checked.kind,
+        checked.mount_point
+    );
+    let hit = PLANS.lock().ok().and_then(|c| {
+        c.iter()
+            .find(|(k, ..)| *k == key)
+            .map(|(_, p, s)| (p.clone(), s.clone()))
+    });
+    if let Some((plan, stamps)) = hit {
+        if stamps.still_valid() {
+            return Ok(plan);
+        }
+    }
+    let (plan, stamps) = forkd_workspace::plan_stamped(
+        &checked.host,
+        &checked.rules,
+        checked.kind,
+        &checked.mount_point,
+    )
+    .map_err(|e| invalid(format!("workspace: {e}")))?;
+    if let Ok(mut c) = PLANS.lock() {
+        c.retain(|(k, ..)| *k != key);
+        if !stamps.racy() {
+            if c.len() >= PLAN_CACHE_SIZE {
+                c.remove(0);
+            }
+            c.push((key, plan.clone(), stamps));
+        }
+    }
+    Ok(plan)
+}
+
 /// A workspace ready for a child: its plan, and for overlay mode the upper
 /// layer, released when this is dropped.
 pub struct Ready {
@@ -361,13 +406,7 @@ pub async fn prepare(
             .join("workspaces")
     });
     tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
-        let mut plan = forkd_workspace::plan(
-            &checked.host,
-            &checked.rules,
-            checked.kind,
-            &checked.mount_point,
-        )
-        .map_err(|e| invalid(format!("workspace: {e}")))?;
+        let mut plan = cached_plan(&checked)?;
         let upper = if checked.kind == Kind::Overlay {
             let upper = make_upper(&base, scratch_bytes).map_err(|e| ErrorReply {
                 code: ErrorCode::SpawnFailed,

@@ -541,6 +541,35 @@ print(json.dumps(R))
     let out = res.stdout_lossy();
     assert!(out.contains(r#""late": "ENOENT""#), "{out}");
     assert!(out.contains(r#""late_list": "ok:False""#), "{out}");
+
+    // Between requests, plans are reused while the directories they listed
+    // are unchanged; a new matching name must invalidate that.
+    std::thread::sleep(Duration::from_millis(2100)); // older than a timestamp race
+    let probe_env = |name: &'static str| {
+        let d = &d;
+        let w = ws(&t.proj, WorkspaceMode::Direct);
+        async move {
+            let (got, _) = probe(
+                d,
+                w,
+                &format!("R['e'] = op(lambda: read(W + '/src/{name}'))"),
+            )
+            .await;
+            got["e"].clone()
+        }
+    };
+    assert_eq!(probe_env("a.py").await, "ok:\"print('a')\"");
+    assert_eq!(
+        probe_env("a.py").await,
+        "ok:\"print('a')\"",
+        "from the cached plan"
+    );
+    fs::write(t.proj.join("src/new.env"), "SECRET").unwrap();
+    assert_eq!(
+        probe_env("new.env").await,
+        "ENOENT",
+        "a cached plan missed a new `none` name"
+    );
     d.finish().await;
 }
 
@@ -638,6 +667,22 @@ async fn refusals_for_disallowed_paths() {
     );
     assert!(
         res.stdout_lossy().contains(r#""w": "EROFS""#),
+        "{}",
+        res.stdout_lossy()
+    );
+
+    // ... also when the request has no rules of its own (the walk must
+    // follow the ceiling's rules).
+    let mut r = req(&format!(
+        "{PRELUDE}R['s'] = op(lambda: read(W + '/secrets/key'))\nprint(json.dumps(R))\n"
+    ));
+    r.workspace = Some(WorkspaceRequest {
+        name: Some("repo".into()),
+        ..Default::default()
+    });
+    let res = d.spawn(&r).await.unwrap();
+    assert!(
+        res.stdout_lossy().contains(r#""s": "ENOENT""#),
         "{}",
         res.stdout_lossy()
     );

@@ -13,7 +13,9 @@ pub mod plan;
 pub mod rules;
 
 pub use delta::{apply_tar, export_tar, export_tar_from, unpack_tree, DeltaError, DeltaStats};
-pub use plan::{plan, Access, Bind, Grant, Kind, MountPlan, PlanError, MAX_PLAN_ITEMS};
+pub use plan::{
+    plan, plan_stamped, Access, Bind, Grant, Kind, MountPlan, PlanError, Stamps, MAX_PLAN_ITEMS,
+};
 pub use rules::{Mode, Reason, Rule, RuleError, Rules};
 
 /// Where a workspace appears in the sandbox unless the request says otherwise.

@@ -189,6 +189,7 @@ struct Walker<'a> {
     hidden: Vec<String>,
     binds: Vec<Bind>,
     visited: u64,
+    stamps: Vec<Stamp>,
 }
 
 /// What a subtree holds, for the landlock grants.
@@ -196,6 +197,20 @@ struct Summary {
     view: bool,
     readable: bool,
     grants: Vec<Grant>,
+    /// A readable regular file: granted on its own only if its directory
+    /// mixes view and readable entries (its path is made only then).
+    file: bool,
+}
+
+impl Summary {
+    fn empty() -> Summary {
+        Summary {
+            view: false,
+            readable: false,
+            grants: Vec::new(),
+            file: false,
+        }
+    }
 }
 
 fn join(comps: &[Vec<u8>]) -> Result<String, PlanError> {
@@ -216,9 +231,10 @@ fn join(comps: &[Vec<u8>]) -> Result<String, PlanError> {
     Ok(s)
 }
 
-use crate::rules::Keys as Key;
+use crate::rules::{Cands, Keys as Key};
 
 impl Walker<'_> {
+    #[allow(clippy::too_many_arguments)]
     fn dir(
         &mut self,
         fd: &OwnedFd,
@@ -226,40 +242,51 @@ impl Walker<'_> {
         key: Key,
         mode: Mode,
         write_area: &str,
+        cands: &Cands,
+        st: &rustix::fs::Stat,
     ) -> Result<Summary, PlanError> {
         let mut sum = Summary {
             view: mode == Mode::View,
             readable: mode >= Mode::Read,
-            grants: Vec::new(),
+            ..Summary::empty()
         };
-        let borrowed: Vec<&[u8]> = comps.iter().map(|c| c.as_slice()).collect();
-        let descend = self.rules.may_match_below(&borrowed);
-        drop(borrowed);
-        if descend {
-            let here = join(comps)?;
-            let walk_err = |e: rustix::io::Errno| PlanError::Walk {
-                path: if here.is_empty() {
-                    ".".into()
-                } else {
-                    here.clone()
-                },
+        let below = {
+            let borrowed: Vec<&[u8]> = comps.iter().map(|c| c.as_slice()).collect();
+            self.rules.cands_below(cands, &borrowed)
+        };
+        // Readable files of this directory, granted one by one if it is mixed.
+        let mut files: Vec<Vec<u8>> = Vec::new();
+        if !below.is_empty() {
+            self.stamps.push(Stamp {
+                path: join(comps)?,
+                ino: st.st_ino,
+                mtime: (st.st_mtime, st.st_mtime_nsec as i64),
+            });
+            let walk_err = |e: rustix::io::Errno, comps: &[Vec<u8>]| PlanError::Walk {
+                path: join(comps)
+                    .ok()
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or_else(|| ".".into()),
                 source: e.into(),
             };
-            let dir = Dir::read_from(fd).map_err(walk_err)?;
+            let dir = Dir::read_from(fd).map_err(|e| walk_err(e, comps))?;
             for entry in dir {
-                let entry = entry.map_err(walk_err)?;
+                let entry = entry.map_err(|e| walk_err(e, comps))?;
                 let name = entry.file_name().to_bytes();
                 if name == b"." || name == b".." {
                     continue;
                 }
                 self.visited += 1;
                 comps.push(name.to_vec());
-                let r = self.entry(fd, comps, entry.file_type(), key, mode, write_area);
-                comps.pop();
+                let r = self.entry(fd, comps, entry.file_type(), key, mode, write_area, &below);
+                let name = comps.pop().unwrap_or_default();
                 let s = r?;
                 sum.view |= s.view;
                 sum.readable |= s.readable;
                 sum.grants.extend(s.grants);
+                if s.file {
+                    files.push(name);
+                }
             }
         }
         let path = join(comps)?;
@@ -274,20 +301,31 @@ impl Walker<'_> {
                 access: Access::List,
             }]
         } else {
-            let mut g = vec![Grant {
+            let mut g = Vec::with_capacity(1 + files.len() + sum.grants.len());
+            for name in files {
+                comps.push(name);
+                let file = join(comps);
+                comps.pop();
+                g.push(Grant {
+                    path: file?,
+                    access: Access::File,
+                });
+            }
+            g.push(Grant {
                 path,
                 access: if mode == Mode::Write {
                     Access::ListWrite
                 } else {
                     Access::List
                 },
-            }];
+            });
             g.append(&mut sum.grants);
             g
         };
         Ok(sum)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn entry(
         &mut self,
         parent: &OwnedFd,
@@ -296,18 +334,15 @@ impl Walker<'_> {
         parent_key: Key,
         parent_mode: Mode,
         write_area: &str,
+        cands: &Cands,
     ) -> Result<Summary, PlanError> {
-        let borrowed: Vec<&[u8]> = comps.iter().map(|c| c.as_slice()).collect();
-        let key = self.rules.step(parent_key, &borrowed);
-        drop(borrowed);
-        let mode = self.rules.mode_at(key);
-        let path = join(comps)?;
-        let none = Summary {
-            view: false,
-            readable: false,
-            grants: Vec::new(),
+        let key = {
+            let borrowed: Vec<&[u8]> = comps.iter().map(|c| c.as_slice()).collect();
+            self.rules.step_in(parent_key, &borrowed, cands)
         };
+        let mode = self.rules.mode_at(key);
         if mode == Mode::None {
+            let path = join(comps)?;
             if self.kind == Kind::Direct && parent_mode == Mode::Write {
                 return Err(PlanError::NoneInsideWrite {
                     path,
@@ -319,7 +354,7 @@ impl Walker<'_> {
                 });
             }
             self.hidden.push(path);
-            return Ok(none);
+            return Ok(Summary::empty());
         }
         let name = comps.last().cloned().unwrap_or_default();
         let ftype = if ftype == FileType::Unknown {
@@ -329,7 +364,7 @@ impl Walker<'_> {
                 rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
             )
             .map_err(|e| PlanError::Walk {
-                path: path.clone(),
+                path: join(comps).unwrap_or_default(),
                 source: e.into(),
             })?;
             FileType::from_raw_mode(st.st_mode)
@@ -341,40 +376,47 @@ impl Walker<'_> {
             FileType::Directory => {
                 let fd = match open_beneath(
                     parent,
-                    std::str::from_utf8(&name).unwrap_or(""),
+                    std::str::from_utf8(&name)
+                        .map_err(|_| PlanError::NotUtf8(join(comps).unwrap_or_default()))?,
                     OFlags::RDONLY | OFlags::DIRECTORY,
                 ) {
                     Ok(fd) => fd,
                     // Another file system mounted here on the host: the base
                     // mount does not cross into it, so there is nothing to plan.
-                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Ok(none),
-                    Err(e) => return Err(PlanError::Walk { path, source: e }),
+                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Ok(Summary::empty()),
+                    Err(e) => {
+                        return Err(PlanError::Walk {
+                            path: join(comps)?,
+                            source: e,
+                        })
+                    }
                 };
                 let st = rustix::fs::fstat(&fd).map_err(|e| PlanError::Walk {
-                    path: path.clone(),
+                    path: join(comps).unwrap_or_default(),
                     source: e.into(),
                 })?;
                 if st.st_dev != self.root_dev {
-                    return Ok(none);
+                    return Ok(Summary::empty());
                 }
+                let mut area = None;
                 if flips {
+                    let path = join(comps)?;
                     self.binds.push(Bind {
                         path: path.clone(),
                         write: mode == Mode::Write,
                         from_host: self.kind == Kind::Direct && mode == Mode::Write,
                     });
+                    if mode == Mode::Write {
+                        area = Some(path);
+                    }
                 }
-                let area = if mode == Mode::Write && flips {
-                    path.clone()
-                } else {
-                    write_area.to_string()
-                };
-                self.dir(&fd, comps, key, mode, &area)
+                let area = area.unwrap_or_else(|| write_area.to_string());
+                self.dir(&fd, comps, key, mode, &area, cands, &st)
             }
             FileType::RegularFile => {
                 if flips {
                     self.binds.push(Bind {
-                        path: path.clone(),
+                        path: join(comps)?,
                         write: mode == Mode::Write,
                         from_host: self.kind == Kind::Direct && mode == Mode::Write,
                     });
@@ -382,20 +424,14 @@ impl Walker<'_> {
                 Ok(Summary {
                     view: mode == Mode::View,
                     readable: mode >= Mode::Read,
-                    grants: if mode >= Mode::Read {
-                        vec![Grant {
-                            path,
-                            access: Access::File,
-                        }]
-                    } else {
-                        Vec::new()
-                    },
+                    grants: Vec::new(),
+                    file: mode >= Mode::Read,
                 })
             }
             // Symlinks, sockets, fifos, devices: only `none` applies to them
             // (a symlink is resolved to its target, which has its own mode;
             // device nodes are useless on nodev mounts).
-            _ => Ok(none),
+            _ => Ok(Summary::empty()),
         }
     }
 }
@@ -407,6 +443,79 @@ pub fn plan(
     kind: Kind,
     mount_point: &str,
 ) -> Result<MountPlan, PlanError> {
+    plan_stamped(host_root, rules, kind, mount_point).map(|(p, _)| p)
+}
+
+/// One directory the walk listed: what it was when planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    path: String,
+    ino: u64,
+    mtime: (i64, i64),
+}
+
+/// The directories a plan was computed from. A plan depends only on the
+/// names in the directories it listed (a mode never depends on content), and
+/// creating, removing or renaming a name changes its directory's mtime: so a
+/// plan whose stamps all still hold is the plan a new walk would make.
+#[derive(Debug, Clone)]
+pub struct Stamps {
+    root: PathBuf,
+    dirs: Vec<Stamp>,
+}
+
+impl Stamps {
+    /// Re-checks every listed directory (`fstatat` without following
+    /// symlinks, beneath the root opened without symlinks).
+    pub fn still_valid(&self) -> bool {
+        let Ok(root) = open_root(&self.root) else {
+            return false;
+        };
+        self.dirs.iter().all(|d| {
+            let st = if d.path.is_empty() {
+                rustix::fs::fstat(&root)
+            } else {
+                rustix::fs::statat(
+                    &root,
+                    d.path.as_str(),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+            };
+            st.is_ok_and(|st| {
+                FileType::from_raw_mode(st.st_mode) == FileType::Directory
+                    && st.st_ino == d.ino
+                    && (st.st_mtime, st.st_mtime_nsec as i64) == d.mtime
+            })
+        })
+    }
+
+    /// A directory changed too recently for its mtime to be trusted (two
+    /// changes within one timestamp tick look like one): do not cache.
+    pub fn racy(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(i64::MAX);
+        self.dirs.iter().any(|d| now - d.mtime.0 < 2)
+    }
+
+    /// Directories whose stamps a check reads.
+    pub fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+}
+
+/// [`plan`], with the [`Stamps`] that say when it is still valid.
+pub fn plan_stamped(
+    host_root: &Path,
+    rules: &Rules,
+    kind: Kind,
+    mount_point: &str,
+) -> Result<(MountPlan, Stamps), PlanError> {
     let root = open_root(host_root)?;
     let st = rustix::fs::fstat(&root).map_err(|e| PlanError::Root {
         path: host_root.to_path_buf(),
@@ -424,9 +533,18 @@ pub fn plan(
         hidden: Vec::new(),
         binds: Vec::new(),
         visited: 0,
+        stamps: Vec::new(),
     };
     let area = "";
-    let sum = w.dir(&root, &mut Vec::new(), key, root_mode, area)?;
+    let sum = w.dir(
+        &root,
+        &mut Vec::new(),
+        key,
+        root_mode,
+        area,
+        &rules.all_cands(),
+        &st,
+    )?;
     let mut binds = w.binds;
     if kind == Kind::Direct && !w.hidden.is_empty() && root_mode == Mode::Write {
         // The base is then the read-only masked overlay; the writable root
@@ -460,7 +578,23 @@ pub fn plan(
             max: MAX_PLAN_ITEMS,
         });
     }
-    Ok(plan)
+    let mut dirs = w.stamps;
+    if dirs.first().is_none_or(|d| !d.path.is_empty()) {
+        // The root is always checked: its identity is in the plan.
+        dirs.insert(
+            0,
+            Stamp {
+                path: String::new(),
+                ino: st.st_ino,
+                mtime: (st.st_mtime, st.st_mtime_nsec as i64),
+            },
+        );
+    }
+    let stamps = Stamps {
+        root: host_root.to_path_buf(),
+        dirs,
+    };
+    Ok((plan, stamps))
 }
 
 #[cfg(test)]
@@ -652,6 +786,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, PlanError::Relative { .. }));
+    }
+
+    #[test]
+    fn stamps_notice_new_names_in_listed_directories() {
+        let d = tree();
+        let rules = Rules::parse(&["**/*.key=none"], Mode::Read).unwrap();
+        let (p, stamps) = plan_stamped(d.path(), &rules, Kind::Overlay, "/w").unwrap();
+        assert!(stamps.still_valid());
+        assert!(stamps.racy(), "just made: too fresh to cache");
+        assert!(p.hidden.is_empty());
+        // A new matching file: the stamps no longer hold, and a new plan hides it.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(d.path().join("docs/sub/new.key"), "k").unwrap();
+        assert!(!stamps.still_valid());
+        let (p, _) = plan_stamped(d.path(), &rules, Kind::Overlay, "/w").unwrap();
+        assert_eq!(p.hidden, vec!["docs/sub/new.key"]);
+        // A directory swapped for a symlink is a change too.
+        let (_, stamps) = plan_stamped(d.path(), &rules, Kind::Overlay, "/w").unwrap();
+        fs::rename(d.path().join("docs/sub"), d.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("moved"), d.path().join("docs/sub")).unwrap();
+        assert!(!stamps.still_valid());
     }
 
     #[test]

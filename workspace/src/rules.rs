@@ -419,9 +419,19 @@ impl Rules {
 
     /// The best rule matching exactly `comps` (as anchor), if any.
     pub(crate) fn best_exact(&self, comps: &[&[u8]]) -> Option<Key> {
+        self.best_exact_in(comps, 0..self.rules.len())
+    }
+
+    /// [`Self::best_exact`] among the rules numbered `among`.
+    fn best_exact_in(
+        &self,
+        comps: &[&[u8]],
+        among: impl IntoIterator<Item = usize>,
+    ) -> Option<Key> {
         let depth = comps.len();
         let mut best: Option<Key> = None;
-        for (index, rule) in self.rules.iter().enumerate() {
+        for index in among {
+            let rule = &self.rules[index];
             if rule.matches(comps) {
                 let key = (depth, rule.literal_parts, index);
                 if best.is_none_or(|b| key > b) {
@@ -501,8 +511,69 @@ impl Rules {
 
     /// Whether some rule could match a path strictly beneath `comps` (a
     /// directory): lets a walk skip subtrees no rule reaches.
+    #[cfg(test)]
     pub(crate) fn may_match_below(&self, comps: &[&[u8]]) -> bool {
-        self.rules.iter().any(|r| prefix_may_match(&r.parts, comps))
+        !self.cands_below(&self.all_cands(), comps).is_empty()
+    }
+
+    /// Every rule (and ceiling rule) as a candidate.
+    pub(crate) fn all_cands(&self) -> Cands {
+        Cands {
+            own: (0..self.rules.len()).collect(),
+            ceiling: self
+                .ceiling
+                .as_ref()
+                .map(|c| (0..c.rules.len()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Of the candidates `c` of a directory's parent, those that could match
+    /// some path strictly beneath the directory `comps`: a walk evaluates
+    /// only these for its entries, and skips a directory that has none.
+    pub(crate) fn cands_below(&self, c: &Cands, comps: &[&[u8]]) -> Cands {
+        let keep = |rules: &Rules, idx: &[usize]| -> Vec<usize> {
+            idx.iter()
+                .copied()
+                .filter(|&i| prefix_may_match(&rules.rules[i].parts, comps))
+                .collect()
+        };
+        Cands {
+            own: keep(self, &c.own),
+            ceiling: self
+                .ceiling
+                .as_ref()
+                .map(|ceil| keep(ceil, &c.ceiling))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// [`Self::step`] evaluating only the candidates `c` (from
+    /// [`Self::cands_below`] of the entry's directory).
+    pub(crate) fn step_in(&self, parent: Keys, comps: &[&[u8]], c: &Cands) -> Keys {
+        Keys {
+            own: parent
+                .own
+                .max(self.best_exact_in(comps, c.own.iter().copied())),
+            ceiling: self.ceiling.as_ref().and_then(|ceil| {
+                parent
+                    .ceiling
+                    .max(ceil.best_exact_in(comps, c.ceiling.iter().copied()))
+            }),
+        }
+    }
+}
+
+/// Rule numbers still able to match below a directory (own and ceiling).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cands {
+    own: Vec<usize>,
+    ceiling: Vec<usize>,
+}
+
+impl Cands {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.own.is_empty() && self.ceiling.is_empty()
     }
 }
 
@@ -685,6 +756,10 @@ mod tests {
         assert!(r.may_write());
         let ro = rules(&["**=write"], Mode::Write).with_ceiling(rules(&[], Mode::Read));
         assert!(!ro.may_write());
+        // A walk must reach what only the ceiling names.
+        let r = rules(&[], Mode::Read).with_ceiling(rules(&["secrets/key=none"], Mode::Read));
+        assert!(r.may_match_below(&components("secrets").unwrap()));
+        assert!(r.may_match_below(&[]));
     }
 
     #[test]
