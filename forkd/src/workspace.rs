@@ -310,6 +310,8 @@ static NEXT: AtomicU64 = AtomicU64::new(1);
 type PlanCache = std::sync::Mutex<Vec<(String, MountPlan, forkd_workspace::Stamps)>>;
 static PLANS: PlanCache = std::sync::Mutex::new(Vec::new());
 const PLAN_CACHE_SIZE: usize = 32;
+/// Largest plan (as JSON) sent to a zygote.
+const MAX_PLAN_BYTES: usize = 128 * 1024;
 
 fn cached_plan(checked: &Checked) -> Result<MountPlan, ErrorReply> {
     let key = format!(
@@ -336,6 +338,20 @@ fn cached_plan(checked: &Checked) -> Result<MountPlan, ErrorReply> {
         &checked.mount_point,
     )
     .map_err(|e| invalid(format!("workspace: {e}")))?;
+    // The plan reaches the zygote inside one SOCK_SEQPACKET message, which
+    // the default socket buffer (net.core.wmem_default, 208 KiB) bounds.
+    let size = serde_json::to_vec(&plan)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_PLAN_BYTES {
+        return Err(invalid(format!(
+            "workspace: the rules split {} into {} mounts, whiteouts and landlock grants ({} KiB planned, at most {} KiB); use fewer or broader rules (each `view` directory grants every readable entry beside it separately)",
+            checked.host.display(),
+            plan.items(),
+            size / 1024,
+            MAX_PLAN_BYTES / 1024
+        )));
+    }
     if let Ok(mut c) = PLANS.lock() {
         c.retain(|(k, ..)| *k != key);
         if !stamps.racy() {

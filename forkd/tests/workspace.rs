@@ -725,6 +725,27 @@ async fn refusals_for_disallowed_paths() {
     ]);
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("may not use workspace `repo`"), "{err}");
+    // A plan too large for one zygote message is refused with a hint.
+    fs::create_dir(private.join("v")).unwrap();
+    for i in 0..4000 {
+        fs::write(
+            private.join(format!("a-file-with-a-longish-name-{i:05}.txt")),
+            "",
+        )
+        .unwrap();
+    }
+    let e = spawn_err(WorkspaceRequest {
+        path: Some(private.display().to_string()),
+        rules: vec!["v=view".into()],
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        e.message.contains("fewer or broader rules"),
+        "{}",
+        e.message
+    );
+
     // ... while root may.
     let (code, err) = (
         d.spawn(&{
