@@ -238,8 +238,12 @@ async fn read_status(
         log.started.get_or_insert_with(Instant::now);
         let room = CAP.saturating_sub(log.data.len());
         log.data.extend_from_slice(&buf[..n.min(room)]);
-        if let (Some(code), Some(tx)) = (finished_code(&log.data), finished.take_if(|_| true)) {
-            let _ = tx.send(code);
+        // Take the sender only once the report is complete: taking it on an
+        // earlier read (the `S` alone) left nobody to tell when `X` came.
+        if let Some(code) = finished_code(&log.data) {
+            if let Some(tx) = finished.take() {
+                let _ = tx.send(code);
+            }
         }
         if room == 0 {
             return;
@@ -660,6 +664,33 @@ mod tests {
             None,
             "no report before the program started"
         );
+    }
+
+    /// The early reply must fire when `X` arrives in a later read than `S`
+    /// (the usual case: `S` is written when the program starts, `X` when it
+    /// ends), while the child still holds the pipe open.
+    #[tokio::test]
+    async fn finished_fires_when_the_exit_report_arrives_in_a_later_read() {
+        let (r, mut w) = nix::unistd::pipe()
+            .map(|(r, w)| (r, std::fs::File::from(w)))
+            .expect("pipe");
+        let log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reader = tokio::spawn(read_status(receiver(r).expect("register"), log.clone(), tx));
+        use std::io::Write;
+        w.write_all(b"S").expect("write S");
+        // Let the reader consume `S` on its own before `X` is written.
+        while log.lock().expect("log").data.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        w.write_all(b"X\x05").expect("write X");
+        let code = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("the exit report was not forwarded while the pipe stayed open")
+            .expect("the sender was dropped before the exit report arrived");
+        assert_eq!(code, 5);
+        drop(w);
+        reader.await.expect("reader");
     }
 
     #[test]
