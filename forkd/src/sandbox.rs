@@ -18,6 +18,7 @@ use forkd_ipc::{
     Usage,
 };
 use forkd_pool::{ChildPlan, Exited, PoolError, PrepareError, ZygoteError};
+use forkd_zygote::wire::{StatusDecoder, StatusReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
@@ -115,35 +116,38 @@ fn prepare_error(e: PrepareError) -> ErrorReply {
     }
 }
 
-/// The job as the child reads it from fd 0: a 4-byte big-endian length, then
-/// the JSON (the program's stdin follows on the same pipe).
-pub fn job_frame(req: &SpawnRequest) -> Vec<u8> {
-    let json = serde_json::to_vec(&job_payload(req)).unwrap_or_default();
-    let mut frame = Vec::with_capacity(4 + json.len());
-    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&json);
-    frame
+/// The job frame the child reads from fd 0 (see [`forkd_zygote::wire::Job`]).
+pub fn job_frame(req: &SpawnRequest) -> Result<Vec<u8>, forkd_zygote::wire::JobError> {
+    job_for(req).frame()
 }
 
-fn job_payload(req: &SpawnRequest) -> serde_json::Value {
+/// The request as the child's job: the base environment with the request's
+/// laid over it, inline files base64-encoded.
+pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
+    use forkd_zygote::wire::{Job, JobFile, JobProgram};
     let b64 = base64::engine::general_purpose::STANDARD;
-    let mut env = serde_json::Map::new();
-    for (k, v) in base_env() {
-        env.insert(k.into(), v.into());
-    }
-    for (k, v) in &req.env {
-        env.insert(k.clone(), v.clone().into());
-    }
-    let program = match &req.program {
-        Program::Code(code) => serde_json::json!({ "code": code }),
-        Program::Script(path) => serde_json::json!({ "script": path }),
-    };
-    let files: Vec<_> = req
-        .files
-        .iter()
-        .map(|f| serde_json::json!({ "path": f.path, "content": b64.encode(&f.content), "mode": f.mode }))
+    let mut env: std::collections::BTreeMap<String, String> = base_env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    serde_json::json!({ "program": program, "argv": req.argv, "env": env, "files": files })
+    env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Job {
+        program: match &req.program {
+            Program::Code(code) => JobProgram::Code(code.clone()),
+            Program::Script(path) => JobProgram::Script(path.clone()),
+        },
+        argv: req.argv.clone(),
+        env,
+        files: req
+            .files
+            .iter()
+            .map(|f| JobFile {
+                path: f.path.clone(),
+                content: b64.encode(&f.content),
+                mode: f.mode,
+            })
+            .collect(),
+    }
 }
 
 /// Bounded capture of stdout and stderr, sharing one byte budget.
@@ -209,62 +213,49 @@ async fn collect_output(
     out
 }
 
-/// What the child reported on its status pipe so far (see `forkd_zygote.py`):
-/// one-byte tags `E<message>` (setup failed), `S` (the program starts),
-/// `K<signal>` (the program, pid 1 of its namespace, died of a signal it
-/// sent itself) and `X<code>` (the program finished; stdout/stderr closed).
+/// What the child reported on its status pipe so far (decoded by
+/// [`StatusDecoder`]), and when its first report arrived.
 #[derive(Debug, Default)]
 struct StatusLog {
-    data: Vec<u8>,
+    decoder: StatusDecoder,
     started: Option<Instant>,
 }
 
 /// Reads the status pipe to EOF into `log`, firing `finished` with the exit
-/// code as soon as an `X` report arrives.
+/// code as soon as the child's `Finished` report is complete.
 async fn read_status(
     mut status: pipe::Receiver,
     log: Arc<std::sync::Mutex<StatusLog>>,
     finished: tokio::sync::oneshot::Sender<u8>,
 ) {
-    const CAP: usize = 64 * 1024;
     let mut finished = Some(finished);
     let mut buf = [0u8; 4096];
     loop {
         let n = match status.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                if let Ok(mut log) = log.lock() {
+                    log.decoder.end();
+                }
+                return;
+            }
             Ok(n) => n,
         };
         let Ok(mut log) = log.lock() else { return };
         log.started.get_or_insert_with(Instant::now);
-        let room = CAP.saturating_sub(log.data.len());
-        log.data.extend_from_slice(&buf[..n.min(room)]);
-        // Take the sender only once the report is complete: taking it on an
-        // earlier read (the `S` alone) left nobody to tell when `X` came.
-        if let Some(code) = finished_code(&log.data) {
-            if let Some(tx) = finished.take() {
-                let _ = tx.send(code);
+        for report in log.decoder.feed(&buf[..n]) {
+            if let StatusReport::Finished(code) = report {
+                // Taken only now: the `S` before it arrives in an earlier read.
+                if let Some(tx) = finished.take() {
+                    let _ = tx.send(code);
+                }
             }
         }
-        if room == 0 {
-            return;
+        if let Some(e) = log.decoder.error() {
+            // Only this sandbox's own result can be affected; its exit is
+            // then judged from the kernel's wait status alone.
+            tracing::debug!("sandbox status stream: {e}");
         }
     }
-}
-
-/// The exit code of an `X` report following `S`, if one arrived.
-fn finished_code(data: &[u8]) -> Option<u8> {
-    if data.first() != Some(&b'S') {
-        return None;
-    }
-    let mut i = 1;
-    while i + 1 < data.len() {
-        match data[i] {
-            b'X' => return Some(data[i + 1]),
-            b'K' => i += 2,
-            _ => i += 1,
-        }
-    }
-    None
 }
 
 /// The status pipe's reports, interpreted.
@@ -277,29 +268,16 @@ enum Status {
     Started(Option<i32>),
 }
 
-fn parse_status(data: &[u8]) -> Status {
-    match data.first() {
+fn status_of(decoder: &StatusDecoder) -> Status {
+    if let Some(message) = decoder.setup_failure() {
+        return Status::SetupFailed(message);
+    }
+    if decoder.started() {
+        return Status::Started(decoder.self_signal().map(i32::from));
+    }
+    match decoder.error() {
+        Some(e) => Status::SetupFailed(format!("unexpected status report: {e}")),
         None => Status::DiedInSetup,
-        Some(b'E') => Status::SetupFailed(String::from_utf8_lossy(&data[1..]).into_owned()),
-        Some(b'S') => {
-            let mut signal = None;
-            let mut i = 1;
-            while i + 1 < data.len() {
-                match data[i] {
-                    b'K' => {
-                        signal = Some(i32::from(data[i + 1]));
-                        i += 2;
-                    }
-                    b'X' => i += 2,
-                    _ => i += 1,
-                }
-            }
-            Status::Started(signal)
-        }
-        Some(_) => Status::SetupFailed(format!(
-            "unexpected status report {:?}",
-            String::from_utf8_lossy(&data[..data.len().min(80)])
-        )),
     }
 }
 
@@ -408,7 +386,7 @@ impl Daemon {
         let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
         drop(child);
 
-        let job = job_frame(&req);
+        let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
         let stdin = req.stdin;
         let stdin_task = tokio::spawn(async move {
             let mut tx = job_tx;
@@ -512,7 +490,7 @@ impl Daemon {
             let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await;
         }
         let (status, t_started) = match status_log.lock() {
-            Ok(log) => (parse_status(&log.data), log.started),
+            Ok(log) => (status_of(&log.decoder), log.started),
             Err(_) => return Err(error(ErrorCode::Internal, "status log poisoned")),
         };
         if let Status::SetupFailed(msg) = &status {
@@ -639,31 +617,22 @@ mod tests {
         assert_eq!(decode_wait_status(libc::SIGKILL), (None, Some(9)));
     }
 
+    fn status(stream: &[u8]) -> Status {
+        let mut d = StatusDecoder::new();
+        d.feed(stream);
+        d.end();
+        status_of(&d)
+    }
+
     #[test]
-    fn status_reports_are_parsed() {
-        assert_eq!(parse_status(b""), Status::DiedInSetup);
-        assert_eq!(parse_status(b"Eboom"), Status::SetupFailed("boom".into()));
-        assert_eq!(parse_status(b"S"), Status::Started(None));
-        assert_eq!(parse_status(b"SK\x06"), Status::Started(Some(6)));
-        assert!(matches!(parse_status(b"x"), Status::SetupFailed(_)));
-        assert_eq!(parse_status(b"SX\x07"), Status::Started(None));
-        assert_eq!(finished_code(b"SX\x07"), Some(7));
-        assert_eq!(
-            finished_code(b"SK\x58X\x00"),
-            Some(0),
-            "a K's byte is not a tag"
-        );
-        assert_eq!(finished_code(b"S"), None);
-        assert_eq!(
-            finished_code(b"SX"),
-            None,
-            "the code byte has not arrived yet"
-        );
-        assert_eq!(
-            finished_code(b"EX\x01"),
-            None,
-            "no report before the program started"
-        );
+    fn status_reports_are_interpreted() {
+        assert_eq!(status(b""), Status::DiedInSetup);
+        assert_eq!(status(b"Eboom"), Status::SetupFailed("boom".into()));
+        assert_eq!(status(b"S"), Status::Started(None));
+        assert_eq!(status(b"SK\x06"), Status::Started(Some(6)));
+        assert!(matches!(status(b"x"), Status::SetupFailed(_)));
+        assert_eq!(status(b"SX\x07"), Status::Started(None));
+        assert_eq!(status(b"SK\x58X\x00"), Status::Started(Some(0x58)));
     }
 
     /// The early reply must fire when `X` arrives in a later read than `S`
@@ -680,7 +649,7 @@ mod tests {
         use std::io::Write;
         w.write_all(b"S").expect("write S");
         // Let the reader consume `S` on its own before `X` is written.
-        while log.lock().expect("log").data.is_empty() {
+        while log.lock().expect("log").decoder.is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         w.write_all(b"X\x05").expect("write X");
@@ -698,9 +667,9 @@ mod tests {
         let mut req = SpawnRequest::default();
         req.env.insert("HOME".into(), "/tmp/home".into());
         req.env.insert("X".into(), "1".into());
-        let job = job_payload(&req);
-        assert_eq!(job["env"]["HOME"], "/tmp/home");
-        assert_eq!(job["env"]["X"], "1");
-        assert_eq!(job["env"]["LANG"], "C.UTF-8");
+        let job = job_for(&req);
+        assert_eq!(job.env["HOME"], "/tmp/home");
+        assert_eq!(job.env["X"], "1");
+        assert_eq!(job.env["LANG"], "C.UTF-8");
     }
 }

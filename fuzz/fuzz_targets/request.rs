@@ -128,7 +128,7 @@ fuzz_target!(|body: &[u8]| {
             assert!(f.mode.is_none_or(|m| m & !0o777 == 0));
         }
         // The job the child would read: a length prefix, then JSON.
-        let job = forkd::sandbox::job_frame(spawn);
+        let job = forkd::sandbox::job_frame(spawn).expect("a request within the frame limit encodes");
         let len = u32::from_be_bytes(job[..4].try_into().unwrap()) as usize;
         assert_eq!(len, job.len() - 4);
         serde_json::from_slice::<serde_json::Value>(&job[4..]).expect("the job is JSON");
