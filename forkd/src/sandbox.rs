@@ -23,8 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 
-use crate::config::{resolve, Resolved};
-use crate::daemon::Daemon;
+use crate::admission::Resolved;
+use crate::state::{stopping, State};
 use forkd_pool::kill_pidfd;
 
 /// How long a killed sandbox may take to be reported before the request fails.
@@ -281,226 +281,221 @@ fn status_of(decoder: &StatusDecoder) -> Status {
     }
 }
 
-impl Daemon {
-    /// Runs one sandbox. Every failure is an [`ErrorReply`] that says what to do.
-    /// `client_gone` turns true when the requesting connection closes: the
-    /// sandbox is then killed, since its result could not be delivered.
-    pub async fn run_sandbox(
-        self: &Arc<Self>,
-        req: SpawnRequest,
-        mut client_gone: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<SpawnResult, ErrorReply> {
-        let t0 = Instant::now();
-        let Resolved {
-            zygote: zygote_name,
-            policy,
-            limits,
-        } = resolve(
-            &self.config,
-            &req,
-            &self.policies,
-            self.cgroups.limits_enforced(),
-        )?;
-        let mut shutdown = self.shutdown_signal();
-        if *shutdown.borrow() {
-            return Err(error(
-                ErrorCode::ShuttingDown,
-                "forkd is shutting down; retry on another daemon",
-            ));
-        }
-        let _slot = tokio::select! {
-            permit = self.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down"))?,
-            _ = crate::daemon::stopping(&mut shutdown) => return Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
-        };
-        let plan = plan_for(policy, &limits);
-
-        // A warm child if one fits (its cgroup limits can still change);
-        // otherwise fork one now.
-        let warm_child = self
-            .warm
-            .get(&zygote_name)
-            .filter(|pool| same_isolation(pool.plan(), &plan))
-            .and_then(|pool| pool.take());
-        let warm = warm_child.is_some();
-        let mut child = match warm_child {
-            Some(child) => {
-                if child.plan.cgroup != plan.cgroup {
-                    if let Some(cg) = child.cgroup.get() {
-                        cg.set_limits(&plan.cgroup).map_err(|e| {
-                            error(
-                                ErrorCode::SpawnFailed,
-                                format!("cannot set the sandbox's limits: {e}"),
-                            )
-                        })?;
-                    }
-                }
-                child
-            }
-            None => {
-                // A zygote handed out just before it was recycled may drain
-                // and exit before our fork order reaches it: that is ours
-                // to retry on its replacement, not the client's.
-                let mut retried = false;
-                loop {
-                    let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
-                    let id = self.next_sandbox_id();
-                    match forkd_pool::prepare(
-                        &zygote,
-                        &self.cgroups,
-                        self.netns.as_ref().as_ref(),
-                        id,
-                        plan.clone(),
-                    )
-                    .await
-                    {
-                        Ok(child) => break child,
-                        Err(_) if !retried && zygote.is_draining() => {
-                            retried = true;
-                        }
-                        Err(e) => return Err(prepare_error(e)),
-                    }
-                }
-            }
-        };
-        let id = child.sandbox;
-        // From here the request owns the child: its timeout starts now.
-        let t_forked = if warm { t0 } else { Instant::now() };
-        let t_handoff = Instant::now();
-        let (Some(job_w), Some(stdout_r), Some(stderr_r), Some(status_r)) = (
-            child.job.take(),
-            child.stdout.take(),
-            child.stderr.take(),
-            child.status.take(),
-        ) else {
-            return Err(error(
-                ErrorCode::Internal,
-                "a prepared child lacks its pipes",
-            ));
-        };
-        let stdout_rx = receiver(stdout_r)?;
-        let stderr_rx = receiver(stderr_r)?;
-        let status_rx = receiver(status_r)?;
-        let job_tx = sender(job_w)?;
-        let cleanup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
-        let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
-        let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
-        drop(child);
-
-        let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
-        let stdin = req.stdin;
-        let stdin_task = tokio::spawn(async move {
-            let mut tx = job_tx;
-            // The job, then the program's stdin; EPIPE when the program never
-            // reads its stdin is fine.
-            if tx.write_all(&job).await.is_ok() {
-                let _ = tx.write_all(&stdin).await;
-            }
-        });
-        let exceeded = Arc::new(Notify::new());
-        let exceeded_flag = Arc::new(AtomicBool::new(false));
-        let output_task = tokio::spawn(collect_output(
-            stdout_rx,
-            stderr_rx,
-            limits.output_bytes,
-            exceeded.clone(),
-            exceeded_flag.clone(),
+/// Runs one admitted sandbox. Every failure is an [`ErrorReply`] that says
+/// what to do. `client_gone` turns true when the requesting connection
+/// closes: the sandbox is then killed, since its result could not be delivered.
+pub async fn run_sandbox(
+    state: &State,
+    admitted: Resolved,
+    req: SpawnRequest,
+    mut client_gone: tokio::sync::watch::Receiver<bool>,
+) -> Result<SpawnResult, ErrorReply> {
+    let t0 = Instant::now();
+    let Resolved {
+        zygote: zygote_name,
+        policy,
+        limits,
+    } = admitted;
+    let mut shutdown = state.shutdown_signal();
+    if *shutdown.borrow() {
+        return Err(error(
+            ErrorCode::ShuttingDown,
+            "forkd is shutting down; retry on another daemon",
         ));
-        let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
-        let (finished_tx, mut finished_rx) = tokio::sync::oneshot::channel();
-        let status_task = tokio::spawn(read_status(status_rx, status_log.clone(), finished_tx));
-        // Set when the program reported its exit code itself: the reply then
-        // goes out without waiting for the kernel to tear the process down.
-        let mut reported_exit: Option<u8> = None;
-        let mut watch_finish = true;
-        // The client went away: kill, clean up, reply to nobody.
-        let mut abandoned = false;
+    }
+    let _slot = tokio::select! {
+        permit = state.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down"))?,
+        _ = stopping(&mut shutdown) => return Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
+    };
+    let plan = plan_for(policy, &limits);
 
-        let deadline =
-            tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
-        let mut exited_rx = exited;
-        let mut killed_by: Option<KilledBy> = None;
-        let exit: Result<Exited, ErrorReply> = loop {
-            tokio::select! {
-                r = &mut exited_rx => {
-                    break match r {
-                        Ok(Ok(e)) => Ok(e),
-                        Ok(Err(z)) => Err(zygote_error(z)),
-                        Err(_) => Err(error(ErrorCode::ZygoteUnavailable, "zygote vanished before reporting the sandbox's exit; retry")),
-                    };
-                }
-                code = &mut finished_rx, if killed_by.is_none() && watch_finish => {
-                    match code {
-                        Ok(code) => {
-                            reported_exit = Some(code);
-                            break Ok(Exited {
-                                status: i32::from(code) << 8,
-                                utime_us: 0,
-                                stime_us: 0,
-                                maxrss_kb: 0,
-                            });
-                        }
-                        // The status pipe closed without a report: wait for the zygote.
-                        Err(_) => watch_finish = false,
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline), if killed_by.is_none() => {
-                    killed_by = Some(KilledBy::Timeout);
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = exceeded.notified(), if killed_by.is_none() => {
-                    killed_by = Some(KilledBy::OutputLimit);
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = crate::daemon::stopping(&mut shutdown), if killed_by.is_none() => {
-                    killed_by = Some(KilledBy::Shutdown);
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = crate::daemon::stopping(&mut client_gone), if !abandoned => {
-                    abandoned = true;
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
-                    break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
+    // A warm child if one fits (its cgroup limits can still change);
+    // otherwise fork one now.
+    let warm_child = state
+        .warm
+        .get(&zygote_name)
+        .filter(|pool| same_isolation(pool.plan(), &plan))
+        .and_then(|pool| pool.take());
+    let warm = warm_child.is_some();
+    let mut child = match warm_child {
+        Some(child) => {
+            if child.plan.cgroup != plan.cgroup {
+                if let Some(cg) = child.cgroup.get() {
+                    cg.set_limits(&plan.cgroup).map_err(|e| {
+                        error(
+                            ErrorCode::SpawnFailed,
+                            format!("cannot set the sandbox's limits: {e}"),
+                        )
+                    })?;
                 }
             }
-        };
-        let t_exit = Instant::now();
-        stdin_task.abort();
-        if abandoned {
+            child
+        }
+        None => {
+            // A zygote handed out just before it was recycled may drain
+            // and exit before our fork order reaches it: that is ours
+            // to retry on its replacement, not the client's.
+            let mut retried = false;
+            loop {
+                let zygote = state.pool.get(&zygote_name).await.map_err(pool_error)?;
+                let id = state.next_sandbox_id();
+                match forkd_pool::prepare(
+                    &zygote,
+                    &state.cgroups,
+                    state.netns.as_ref().as_ref(),
+                    id,
+                    plan.clone(),
+                )
+                .await
+                {
+                    Ok(child) => break child,
+                    Err(_) if !retried && zygote.is_draining() => {
+                        retried = true;
+                    }
+                    Err(e) => return Err(prepare_error(e)),
+                }
+            }
+        }
+    };
+    let id = child.sandbox;
+    // From here the request owns the child: its timeout starts now.
+    let t_forked = if warm { t0 } else { Instant::now() };
+    let t_handoff = Instant::now();
+    let (Some(job_w), Some(stdout_r), Some(stderr_r), Some(status_r)) = (
+        child.job.take(),
+        child.stdout.take(),
+        child.stderr.take(),
+        child.status.take(),
+    ) else {
+        return Err(error(
+            ErrorCode::Internal,
+            "a prepared child lacks its pipes",
+        ));
+    };
+    let stdout_rx = receiver(stdout_r)?;
+    let stderr_rx = receiver(stderr_r)?;
+    let status_rx = receiver(status_r)?;
+    let job_tx = sender(job_w)?;
+    let cleanup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
+    let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
+    let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
+    drop(child);
+
+    let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+    let stdin = req.stdin;
+    let stdin_task = tokio::spawn(async move {
+        let mut tx = job_tx;
+        // The job, then the program's stdin; EPIPE when the program never
+        // reads its stdin is fine.
+        if tx.write_all(&job).await.is_ok() {
+            let _ = tx.write_all(&stdin).await;
+        }
+    });
+    let exceeded = Arc::new(Notify::new());
+    let exceeded_flag = Arc::new(AtomicBool::new(false));
+    let output_task = tokio::spawn(collect_output(
+        stdout_rx,
+        stderr_rx,
+        limits.output_bytes,
+        exceeded.clone(),
+        exceeded_flag.clone(),
+    ));
+    let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
+    let (finished_tx, mut finished_rx) = tokio::sync::oneshot::channel();
+    let status_task = tokio::spawn(read_status(status_rx, status_log.clone(), finished_tx));
+    // Set when the program reported its exit code itself: the reply then
+    // goes out without waiting for the kernel to tear the process down.
+    let mut reported_exit: Option<u8> = None;
+    let mut watch_finish = true;
+    // The client went away: kill, clean up, reply to nobody.
+    let mut abandoned = false;
+
+    let deadline =
+        tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
+    let mut exited_rx = exited;
+    let mut killed_by: Option<KilledBy> = None;
+    let exit: Result<Exited, ErrorReply> = loop {
+        tokio::select! {
+            r = &mut exited_rx => {
+                break match r {
+                    Ok(Ok(e)) => Ok(e),
+                    Ok(Err(z)) => Err(zygote_error(z)),
+                    Err(_) => Err(error(ErrorCode::ZygoteUnavailable, "zygote vanished before reporting the sandbox's exit; retry")),
+                };
+            }
+            code = &mut finished_rx, if killed_by.is_none() && watch_finish => {
+                match code {
+                    Ok(code) => {
+                        reported_exit = Some(code);
+                        break Ok(Exited {
+                            status: i32::from(code) << 8,
+                            utime_us: 0,
+                            stime_us: 0,
+                            maxrss_kb: 0,
+                        });
+                    }
+                    // The status pipe closed without a report: wait for the zygote.
+                    Err(_) => watch_finish = false,
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if killed_by.is_none() => {
+                killed_by = Some(KilledBy::Timeout);
+                kill_pidfd(pidfd.as_fd());
+            }
+            _ = exceeded.notified(), if killed_by.is_none() => {
+                killed_by = Some(KilledBy::OutputLimit);
+                kill_pidfd(pidfd.as_fd());
+            }
+            _ = stopping(&mut shutdown), if killed_by.is_none() => {
+                killed_by = Some(KilledBy::Shutdown);
+                kill_pidfd(pidfd.as_fd());
+            }
+            _ = stopping(&mut client_gone), if !abandoned => {
+                abandoned = true;
+                kill_pidfd(pidfd.as_fd());
+            }
+            _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
+                break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
+            }
+        }
+    };
+    let t_exit = Instant::now();
+    stdin_task.abort();
+    if abandoned {
+        kill_pidfd(pidfd.as_fd());
+        output_task.abort();
+        status_task.abort();
+        return Err(error(
+            ErrorCode::Internal,
+            "the client disconnected; the sandbox was killed",
+        ));
+    }
+    let exit = match exit {
+        Ok(e) => e,
+        Err(e) => {
+            // The zygote died or lost track: make sure nothing survives.
             kill_pidfd(pidfd.as_fd());
             output_task.abort();
             status_task.abort();
-            return Err(error(
-                ErrorCode::Internal,
-                "the client disconnected; the sandbox was killed",
-            ));
+            return Err(e);
         }
-        let exit = match exit {
-            Ok(e) => e,
-            Err(e) => {
-                // The zygote died or lost track: make sure nothing survives.
-                kill_pidfd(pidfd.as_fd());
-                output_task.abort();
-                status_task.abort();
-                return Err(e);
-            }
-        };
-        if reported_exit.is_none() {
-            // The process is gone, so its status pipe is at EOF (or about to be).
-            let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await;
-        }
-        let (status, t_started) = match status_log.lock() {
-            Ok(log) => (status_of(&log.decoder), log.started),
-            Err(_) => return Err(error(ErrorCode::Internal, "status log poisoned")),
-        };
-        if let Status::SetupFailed(msg) = &status {
-            output_task.abort();
-            return Err(error(
-                ErrorCode::SpawnFailed,
-                format!("the sandbox could not be set up: {msg}"),
-            ));
-        }
-        let output = match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, output_task).await {
+    };
+    if reported_exit.is_none() {
+        // The process is gone, so its status pipe is at EOF (or about to be).
+        let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await;
+    }
+    let (status, t_started) = match status_log.lock() {
+        Ok(log) => (status_of(&log.decoder), log.started),
+        Err(_) => return Err(error(ErrorCode::Internal, "status log poisoned")),
+    };
+    if let Status::SetupFailed(msg) = &status {
+        output_task.abort();
+        return Err(error(
+            ErrorCode::SpawnFailed,
+            format!("the sandbox could not be set up: {msg}"),
+        ));
+    }
+    let output = match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, output_task).await {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return Err(internal("output task", e)),
             Err(_) => return Err(error(
@@ -508,80 +503,79 @@ impl Daemon {
                 "the sandbox's output pipes stayed open after it exited; this is a forkd bug, please report it",
             )),
         };
-        if exceeded_flag.load(Ordering::Acquire) && killed_by.is_none() {
-            // The flood ended the program before the kill order was taken.
-            killed_by = Some(KilledBy::OutputLimit);
-        }
+    if exceeded_flag.load(Ordering::Acquire) && killed_by.is_none() {
+        // The flood ended the program before the kill order was taken.
+        killed_by = Some(KilledBy::OutputLimit);
+    }
 
-        let stats = cleanup
-            .get()
-            .and_then(|cg| {
-                cg.stats()
-                    .map_err(|e| tracing::warn!(sandbox = id, "cgroup stats: {e}"))
-                    .ok()
-            })
-            .unwrap_or_default();
-        let (mut exit_code, mut signal) = decode_wait_status(exit.status);
-        match status {
-            // Trusted only when the exit matches what the reporter does.
-            Status::Started(Some(sig)) if exit_code == Some(128 + sig) => {
-                exit_code = None;
-                signal = Some(sig);
-            }
-            Status::DiedInSetup if killed_by.is_none() && stats.oom_kills == 0 => {
-                return Err(error(
+    let stats = cleanup
+        .get()
+        .and_then(|cg| {
+            cg.stats()
+                .map_err(|e| tracing::warn!(sandbox = id, "cgroup stats: {e}"))
+                .ok()
+        })
+        .unwrap_or_default();
+    let (mut exit_code, mut signal) = decode_wait_status(exit.status);
+    match status {
+        // Trusted only when the exit matches what the reporter does.
+        Status::Started(Some(sig)) if exit_code == Some(128 + sig) => {
+            exit_code = None;
+            signal = Some(sig);
+        }
+        Status::DiedInSetup if killed_by.is_none() && stats.oom_kills == 0 => {
+            return Err(error(
                     ErrorCode::SpawnFailed,
                     format!(
                         "the sandbox died while being set up (exit code {exit_code:?}, signal {signal:?}); the daemon's log may say more"
                     ),
                 ));
-            }
-            _ => {}
         }
-        if killed_by.is_none() {
-            killed_by = if stats.oom_kills > 0 {
-                Some(KilledBy::Oom)
-            } else if stats.pids_limit_hits > 0 && exit_code != Some(0) {
-                Some(KilledBy::Pids)
-            } else if signal.is_some() {
-                Some(KilledBy::Signal)
-            } else {
-                None
-            };
-        }
-        let isolated = t_started.unwrap_or(t_exit).min(t_exit).max(t_forked);
-        let result = SpawnResult {
-            sandbox: id,
-            zygote: zygote_name,
-            exit_code,
-            signal,
-            killed_by,
-            stdout: output.stdout,
-            stderr: output.stderr,
-            stdout_truncated: output.stdout_truncated,
-            stderr_truncated: output.stderr_truncated,
-            timings: Timings {
-                total_us: micros(t0.elapsed()),
-                fork_us: micros(t_forked - t0),
-                isolated_us: micros(isolated - t0),
-                run_us: micros(t_exit.saturating_duration_since(isolated)),
-            },
-            usage: Usage {
-                cpu_user_us: stats.cpu_user_us.unwrap_or(exit.utime_us),
-                cpu_system_us: stats.cpu_system_us.unwrap_or(exit.stime_us),
-                peak_memory_bytes: stats.memory_peak_bytes.unwrap_or(exit.maxrss_kb * 1024),
-            },
-            limits,
-            warm,
-        };
-        if reported_exit.is_some() {
-            // The program is done; its init is exiting. Make sure whatever it
-            // left running (or a program that only claimed to finish) goes too.
-            kill_pidfd(pidfd.as_fd());
-        }
-        drop(cleanup); // removal happens on a blocking thread, after the reply is built
-        Ok(result)
+        _ => {}
     }
+    if killed_by.is_none() {
+        killed_by = if stats.oom_kills > 0 {
+            Some(KilledBy::Oom)
+        } else if stats.pids_limit_hits > 0 && exit_code != Some(0) {
+            Some(KilledBy::Pids)
+        } else if signal.is_some() {
+            Some(KilledBy::Signal)
+        } else {
+            None
+        };
+    }
+    let isolated = t_started.unwrap_or(t_exit).min(t_exit).max(t_forked);
+    let result = SpawnResult {
+        sandbox: id,
+        zygote: zygote_name,
+        exit_code,
+        signal,
+        killed_by,
+        stdout: output.stdout,
+        stderr: output.stderr,
+        stdout_truncated: output.stdout_truncated,
+        stderr_truncated: output.stderr_truncated,
+        timings: Timings {
+            total_us: micros(t0.elapsed()),
+            fork_us: micros(t_forked - t0),
+            isolated_us: micros(isolated - t0),
+            run_us: micros(t_exit.saturating_duration_since(isolated)),
+        },
+        usage: Usage {
+            cpu_user_us: stats.cpu_user_us.unwrap_or(exit.utime_us),
+            cpu_system_us: stats.cpu_system_us.unwrap_or(exit.stime_us),
+            peak_memory_bytes: stats.memory_peak_bytes.unwrap_or(exit.maxrss_kb * 1024),
+        },
+        limits,
+        warm,
+    };
+    if reported_exit.is_some() {
+        // The program is done; its init is exiting. Make sure whatever it
+        // left running (or a program that only claimed to finish) goes too.
+        kill_pidfd(pidfd.as_fd());
+    }
+    drop(cleanup); // removal happens on a blocking thread, after the reply is built
+    Ok(result)
 }
 
 fn micros(d: Duration) -> u64 {
