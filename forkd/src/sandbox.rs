@@ -284,6 +284,11 @@ fn status_of(decoder: &StatusDecoder) -> Status {
 /// Runs one admitted sandbox. Every failure is an [`ErrorReply`] that says
 /// what to do. `client_gone` turns true when the requesting connection
 /// closes: the sandbox is then killed, since its result could not be delivered.
+///
+/// The steps: encode the job (nothing is taken before the request is known
+/// to fit) → a concurrency slot → a child (warm, or forked now) → hand-off
+/// (job and stdin in, output and status out) → watch until it exits, is
+/// killed or reports → the result.
 pub async fn run_sandbox(
     state: &State,
     admitted: Resolved,
@@ -296,71 +301,121 @@ pub async fn run_sandbox(
         policy,
         limits,
     } = admitted;
+    let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
     let mut shutdown = state.shutdown_signal();
+    let _slot = acquire_slot(state, &mut shutdown).await?;
+    let plan = plan_for(policy, &limits);
+    let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
+    let id = child.sandbox;
+    // From here the request owns the child: its timeout starts now.
+    let t_forked = if warm { t0 } else { Instant::now() };
+    let t_handoff = Instant::now();
+    let mut live = hand_off(child, job, req.stdin, limits.output_bytes)?;
+    let deadline =
+        tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
+    let watched = watch(&mut live, deadline, &mut shutdown, &mut client_gone).await;
+    let t_exit = Instant::now();
+    let ended = collect(live, watched).await?;
+    let result = report(ended, id, zygote_name, limits, warm, (t0, t_forked, t_exit))?;
+    Ok(result)
+}
+
+/// A concurrency slot, unless the daemon is shutting down.
+async fn acquire_slot<'a>(
+    state: &'a State,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::sync::SemaphorePermit<'a>, ErrorReply> {
     if *shutdown.borrow() {
         return Err(error(
             ErrorCode::ShuttingDown,
             "forkd is shutting down; retry on another daemon",
         ));
     }
-    let _slot = tokio::select! {
-        permit = state.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down"))?,
-        _ = stopping(&mut shutdown) => return Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
-    };
-    let plan = plan_for(policy, &limits);
+    tokio::select! {
+        permit = state.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down")),
+        _ = stopping(shutdown) => Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
+    }
+}
 
-    // A warm child if one fits (its cgroup limits can still change);
-    // otherwise fork one now.
+/// A warm child if one fits (its cgroup limits can still change), otherwise
+/// one forked now; `true` when it came from the warm pool.
+async fn obtain_child(
+    state: &State,
+    zygote_name: &str,
+    plan: &ChildPlan,
+) -> Result<(forkd_pool::ReadyChild, bool), ErrorReply> {
     let warm_child = state
         .warm
-        .get(&zygote_name)
-        .filter(|pool| same_isolation(pool.plan(), &plan))
+        .get(zygote_name)
+        .filter(|pool| same_isolation(pool.plan(), plan))
         .and_then(|pool| pool.take());
-    let warm = warm_child.is_some();
-    let mut child = match warm_child {
-        Some(child) => {
-            if child.plan.cgroup != plan.cgroup {
-                if let Some(cg) = child.cgroup.get() {
-                    cg.set_limits(&plan.cgroup).map_err(|e| {
-                        error(
-                            ErrorCode::SpawnFailed,
-                            format!("cannot set the sandbox's limits: {e}"),
-                        )
-                    })?;
-                }
-            }
-            child
-        }
-        None => {
-            // A zygote handed out just before it was recycled may drain
-            // and exit before our fork order reaches it: that is ours
-            // to retry on its replacement, not the client's.
-            let mut retried = false;
-            loop {
-                let zygote = state.pool.get(&zygote_name).await.map_err(pool_error)?;
-                let id = state.next_sandbox_id();
-                match forkd_pool::prepare(
-                    &zygote,
-                    &state.cgroups,
-                    state.netns.as_ref().as_ref(),
-                    id,
-                    plan.clone(),
-                )
-                .await
-                {
-                    Ok(child) => break child,
-                    Err(_) if !retried && zygote.is_draining() => {
-                        retried = true;
-                    }
-                    Err(e) => return Err(prepare_error(e)),
-                }
+    if let Some(child) = warm_child {
+        if child.plan.cgroup != plan.cgroup {
+            if let Some(cg) = child.cgroup.get() {
+                cg.set_limits(&plan.cgroup).map_err(|e| {
+                    error(
+                        ErrorCode::SpawnFailed,
+                        format!("cannot set the sandbox's limits: {e}"),
+                    )
+                })?;
             }
         }
-    };
-    let id = child.sandbox;
-    // From here the request owns the child: its timeout starts now.
-    let t_forked = if warm { t0 } else { Instant::now() };
-    let t_handoff = Instant::now();
+        return Ok((child, true));
+    }
+    // A zygote handed out just before it was recycled may drain and exit
+    // before our fork order reaches it: that is ours to retry on its
+    // replacement, not the client's.
+    let mut retried = false;
+    loop {
+        let zygote = state.pool.get(zygote_name).await.map_err(pool_error)?;
+        let id = state.next_sandbox_id();
+        match forkd_pool::prepare(
+            &zygote,
+            &state.cgroups,
+            state.netns.as_ref().as_ref(),
+            id,
+            plan.clone(),
+        )
+        .await
+        {
+            Ok(child) => return Ok((child, false)),
+            Err(_) if !retried && zygote.is_draining() => retried = true,
+            Err(e) => return Err(prepare_error(e)),
+        }
+    }
+}
+
+/// A child after the hand-off: its tasks and the handles to stop it.
+struct Live {
+    pidfd: OwnedFd,
+    exited: tokio::sync::oneshot::Receiver<Result<Exited, ZygoteError>>,
+    cleanup: forkd_pool::CgroupCleanup,
+    stdin_task: Option<tokio::task::JoinHandle<()>>,
+    output_task: tokio::task::JoinHandle<Output>,
+    exceeded: Arc<Notify>,
+    exceeded_flag: Arc<AtomicBool>,
+    status_task: tokio::task::JoinHandle<()>,
+    status_log: Arc<std::sync::Mutex<StatusLog>>,
+    finished: tokio::sync::oneshot::Receiver<u8>,
+}
+
+impl Live {
+    /// Kills the sandbox's init (its pid namespace goes with it) and stops
+    /// reading from it.
+    fn abandon(&self) {
+        kill_pidfd(self.pidfd.as_fd());
+        self.output_task.abort();
+        self.status_task.abort();
+    }
+}
+
+/// Gives the child its job and stdin, and starts reading its output and status.
+fn hand_off(
+    mut child: forkd_pool::ReadyChild,
+    job: Vec<u8>,
+    stdin: Vec<u8>,
+    output_bytes: u64,
+) -> Result<Live, ErrorReply> {
     let (Some(job_w), Some(stdout_r), Some(stderr_r), Some(status_r)) = (
         child.job.take(),
         child.stdout.take(),
@@ -375,55 +430,112 @@ pub async fn run_sandbox(
     let stdout_rx = receiver(stdout_r)?;
     let stderr_rx = receiver(stderr_r)?;
     let status_rx = receiver(status_r)?;
-    let job_tx = sender(job_w)?;
     let cleanup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
     let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
     let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
     drop(child);
 
-    let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
-    let stdin = req.stdin;
-    let stdin_task = tokio::spawn(async move {
-        let mut tx = job_tx;
-        // The job, then the program's stdin; EPIPE when the program never
-        // reads its stdin is fine.
-        if tx.write_all(&job).await.is_ok() {
-            let _ = tx.write_all(&stdin).await;
-        }
-    });
+    let stdin_task = send_job(job_w, job, stdin)?;
     let exceeded = Arc::new(Notify::new());
     let exceeded_flag = Arc::new(AtomicBool::new(false));
     let output_task = tokio::spawn(collect_output(
         stdout_rx,
         stderr_rx,
-        limits.output_bytes,
+        output_bytes,
         exceeded.clone(),
         exceeded_flag.clone(),
     ));
     let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
-    let (finished_tx, mut finished_rx) = tokio::sync::oneshot::channel();
+    let (finished_tx, finished) = tokio::sync::oneshot::channel();
     let status_task = tokio::spawn(read_status(status_rx, status_log.clone(), finished_tx));
-    // Set when the program reported its exit code itself: the reply then
-    // goes out without waiting for the kernel to tear the process down.
+    Ok(Live {
+        pidfd,
+        exited,
+        cleanup,
+        stdin_task,
+        output_task,
+        exceeded,
+        exceeded_flag,
+        status_task,
+        status_log,
+        finished,
+    })
+}
+
+/// Writes the job, then the program's stdin, into the job pipe. What fits
+/// into the pipe now (the usual small job with little stdin) is written
+/// here with plain non-blocking writes, without registering the pipe or
+/// starting a task; only a remainder goes through one. EPIPE (the program
+/// never reads its stdin, or is gone) ends the writing quietly.
+fn send_job(
+    fd: OwnedFd,
+    job: Vec<u8>,
+    stdin: Vec<u8>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ErrorReply> {
+    crate::sys::set_nonblocking(&fd).map_err(|e| internal("job pipe", e))?;
+    let mut written = 0;
+    for part in [&job[..], &stdin[..]] {
+        let mut at = 0;
+        while at < part.len() {
+            match nix::unistd::write(&fd, &part[at..]) {
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(_) => return Ok(None),
+            }
+        }
+        written += at;
+        if at < part.len() {
+            break;
+        }
+    }
+    if written == job.len() + stdin.len() {
+        return Ok(None); // dropping `fd` closes the pipe: the program sees EOF
+    }
+    let mut tx = sender(fd)?;
+    Ok(Some(tokio::spawn(async move {
+        if written < job.len() && tx.write_all(&job[written..]).await.is_err() {
+            return;
+        }
+        let _ = tx
+            .write_all(&stdin[written.saturating_sub(job.len())..])
+            .await;
+    })))
+}
+
+/// How watching a live sandbox ended.
+struct Watched {
+    exit: Result<Exited, ErrorReply>,
+    killed_by: Option<KilledBy>,
+    /// Set when the program reported its exit code itself: the reply then
+    /// goes out without waiting for the kernel to tear the process down.
+    reported_exit: Option<u8>,
+    /// The client went away: kill, clean up, reply to nobody.
+    abandoned: bool,
+}
+
+/// Waits for the sandbox's exit (or its own exit report), killing it on
+/// timeout, output flood, shutdown or a vanished client.
+async fn watch(
+    live: &mut Live,
+    deadline: tokio::time::Instant,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    client_gone: &mut tokio::sync::watch::Receiver<bool>,
+) -> Watched {
     let mut reported_exit: Option<u8> = None;
     let mut watch_finish = true;
-    // The client went away: kill, clean up, reply to nobody.
     let mut abandoned = false;
-
-    let deadline =
-        tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
-    let mut exited_rx = exited;
     let mut killed_by: Option<KilledBy> = None;
     let exit: Result<Exited, ErrorReply> = loop {
         tokio::select! {
-            r = &mut exited_rx => {
+            r = &mut live.exited => {
                 break match r {
                     Ok(Ok(e)) => Ok(e),
                     Ok(Err(z)) => Err(zygote_error(z)),
                     Err(_) => Err(error(ErrorCode::ZygoteUnavailable, "zygote vanished before reporting the sandbox's exit; retry")),
                 };
             }
-            code = &mut finished_rx, if killed_by.is_none() && watch_finish => {
+            code = &mut live.finished, if killed_by.is_none() && watch_finish => {
                 match code {
                     Ok(code) => {
                         reported_exit = Some(code);
@@ -440,31 +552,58 @@ pub async fn run_sandbox(
             }
             _ = tokio::time::sleep_until(deadline), if killed_by.is_none() => {
                 killed_by = Some(KilledBy::Timeout);
-                kill_pidfd(pidfd.as_fd());
+                kill_pidfd(live.pidfd.as_fd());
             }
-            _ = exceeded.notified(), if killed_by.is_none() => {
+            _ = live.exceeded.notified(), if killed_by.is_none() => {
                 killed_by = Some(KilledBy::OutputLimit);
-                kill_pidfd(pidfd.as_fd());
+                kill_pidfd(live.pidfd.as_fd());
             }
-            _ = stopping(&mut shutdown), if killed_by.is_none() => {
+            _ = stopping(shutdown), if killed_by.is_none() => {
                 killed_by = Some(KilledBy::Shutdown);
-                kill_pidfd(pidfd.as_fd());
+                kill_pidfd(live.pidfd.as_fd());
             }
-            _ = stopping(&mut client_gone), if !abandoned => {
+            _ = stopping(client_gone), if !abandoned => {
                 abandoned = true;
-                kill_pidfd(pidfd.as_fd());
+                kill_pidfd(live.pidfd.as_fd());
             }
             _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
                 break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
             }
         }
     };
-    let t_exit = Instant::now();
-    stdin_task.abort();
+    Watched {
+        exit,
+        killed_by,
+        reported_exit,
+        abandoned,
+    }
+}
+
+/// A sandbox that ended, with everything read from it.
+struct Ended {
+    exit: Exited,
+    killed_by: Option<KilledBy>,
+    status: Status,
+    t_started: Option<Instant>,
+    output: Output,
+    pidfd: OwnedFd,
+    reported_exit: Option<u8>,
+    cleanup: forkd_pool::CgroupCleanup,
+}
+
+/// Stops the hand-off's tasks and gathers the status and output.
+async fn collect(live: Live, watched: Watched) -> Result<Ended, ErrorReply> {
+    if let Some(task) = &live.stdin_task {
+        task.abort();
+    }
+    let Watched {
+        exit,
+        mut killed_by,
+        reported_exit,
+        abandoned,
+    } = watched;
     if abandoned {
-        kill_pidfd(pidfd.as_fd());
-        output_task.abort();
-        status_task.abort();
+        live.abandon();
         return Err(error(
             ErrorCode::Internal,
             "the client disconnected; the sandbox was killed",
@@ -474,12 +613,19 @@ pub async fn run_sandbox(
         Ok(e) => e,
         Err(e) => {
             // The zygote died or lost track: make sure nothing survives.
-            kill_pidfd(pidfd.as_fd());
-            output_task.abort();
-            status_task.abort();
+            live.abandon();
             return Err(e);
         }
     };
+    let Live {
+        pidfd,
+        cleanup,
+        output_task,
+        exceeded_flag,
+        status_task,
+        status_log,
+        ..
+    } = live;
     if reported_exit.is_none() {
         // The process is gone, so its status pipe is at EOF (or about to be).
         let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await;
@@ -496,18 +642,50 @@ pub async fn run_sandbox(
         ));
     }
     let output = match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, output_task).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(internal("output task", e)),
-            Err(_) => return Err(error(
-                ErrorCode::Internal,
-                "the sandbox's output pipes stayed open after it exited; this is a forkd bug, please report it",
-            )),
-        };
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(internal("output task", e)),
+        Err(_) => return Err(error(
+            ErrorCode::Internal,
+            "the sandbox's output pipes stayed open after it exited; this is a forkd bug, please report it",
+        )),
+    };
     if exceeded_flag.load(Ordering::Acquire) && killed_by.is_none() {
         // The flood ended the program before the kill order was taken.
         killed_by = Some(KilledBy::OutputLimit);
     }
+    Ok(Ended {
+        exit,
+        killed_by,
+        status,
+        t_started,
+        output,
+        pidfd,
+        reported_exit,
+        cleanup,
+    })
+}
 
+/// The result of an ended sandbox: exit status (believing the child's own
+/// reports only where the kernel's wait status agrees), why it was killed,
+/// timings and resource use.
+fn report(
+    ended: Ended,
+    id: u64,
+    zygote_name: String,
+    limits: AppliedLimits,
+    warm: bool,
+    (t0, t_forked, t_exit): (Instant, Instant, Instant),
+) -> Result<SpawnResult, ErrorReply> {
+    let Ended {
+        exit,
+        mut killed_by,
+        status,
+        t_started,
+        output,
+        pidfd,
+        reported_exit,
+        cleanup,
+    } = ended;
     let stats = cleanup
         .get()
         .and_then(|cg| {
@@ -525,11 +703,11 @@ pub async fn run_sandbox(
         }
         Status::DiedInSetup if killed_by.is_none() && stats.oom_kills == 0 => {
             return Err(error(
-                    ErrorCode::SpawnFailed,
-                    format!(
-                        "the sandbox died while being set up (exit code {exit_code:?}, signal {signal:?}); the daemon's log may say more"
-                    ),
-                ));
+                ErrorCode::SpawnFailed,
+                format!(
+                    "the sandbox died while being set up (exit code {exit_code:?}, signal {signal:?}); the daemon's log may say more"
+                ),
+            ));
         }
         _ => {}
     }
@@ -654,6 +832,31 @@ mod tests {
         assert_eq!(code, 5);
         drop(w);
         reader.await.expect("reader");
+    }
+
+    /// A small job goes in without a task; a large stdin beyond the pipe's
+    /// buffer goes through one; either way the reader gets every byte, in
+    /// order, then EOF.
+    #[tokio::test]
+    async fn the_job_and_stdin_arrive_whole_whatever_their_size() {
+        for (stdin_len, needs_task) in [(10usize, false), (3 << 20, true)] {
+            let (r, w) = nix::unistd::pipe().expect("pipe");
+            let job = b"JOBFRAME".to_vec();
+            let stdin: Vec<u8> = (0..stdin_len).map(|i| (i % 251) as u8).collect();
+            let reader = std::thread::spawn(move || {
+                let mut all = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut all).expect("read");
+                all
+            });
+            let task = send_job(w, job.clone(), stdin.clone()).expect("send");
+            assert_eq!(task.is_some(), needs_task, "stdin of {stdin_len} bytes");
+            if let Some(t) = task {
+                t.await.expect("writer");
+            }
+            let got = reader.join().expect("reader");
+            assert_eq!(got.len(), job.len() + stdin.len());
+            assert!(got.starts_with(&job) && got[job.len()..] == stdin[..]);
+        }
     }
 
     #[test]
