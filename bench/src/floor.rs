@@ -58,7 +58,7 @@ impl Floor {
                 isolate: false,
                 workspace: None,
             },
-            job: forkd::sandbox::job_frame(&request()),
+            job: forkd::sandbox::job_frame(&request()).expect("the benchmark job encodes"),
             next_id: AtomicU64::new(1),
         }))
     }

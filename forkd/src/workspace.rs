@@ -41,6 +41,35 @@ fn default_mode() -> String {
     "read".into()
 }
 
+/// The workspace part of the configuration, copied into admission.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    workspaces: std::collections::BTreeMap<String, NamedWorkspace>,
+    roots: Vec<PathBuf>,
+    /// Where a rootless daemon keeps overlay upper layers.
+    dir: PathBuf,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Policy {
+        let dir = config.workspace_dir.clone().unwrap_or_else(|| {
+            let socket = config
+                .socket
+                .clone()
+                .unwrap_or_else(forkd_ipc::client::default_socket_path);
+            socket
+                .parent()
+                .unwrap_or(Path::new("/tmp"))
+                .join("workspaces")
+        });
+        Policy {
+            workspaces: config.workspaces.clone(),
+            roots: config.workspace_roots.clone(),
+            dir,
+        }
+    }
+}
+
 /// Checks the workspace part of a configuration.
 pub fn validate(config: &Config) -> Result<(), ConfigError> {
     for (name, ws) in &config.workspaces {
@@ -100,7 +129,7 @@ struct Checked {
 }
 
 fn check(
-    config: &Config,
+    config: &Policy,
     req: &WorkspaceRequest,
     who: Option<Requester>,
 ) -> Result<Checked, ErrorReply> {
@@ -183,7 +212,7 @@ fn check(
 }
 
 fn check_ad_hoc(
-    config: &Config,
+    config: &Policy,
     path: &Path,
     who: Option<Requester>,
     kind: Kind,
@@ -195,7 +224,7 @@ fn check_ad_hoc(
             path.display()
         )));
     }
-    if config.workspace_roots.is_empty() {
+    if config.roots.is_empty() {
         return Err(refused(format!(
             "this forkd allows no ad-hoc workspace paths (`{}`): use a workspace the operator configured by name, or ask the operator to add a parent directory to workspace_roots",
             path.display()
@@ -215,7 +244,7 @@ fn check_ad_hoc(
         )));
     }
     let inside = config
-        .workspace_roots
+        .roots
         .iter()
         .any(|root| std::fs::canonicalize(root).is_ok_and(|r| real.starts_with(r)));
     if !inside {
@@ -223,7 +252,7 @@ fn check_ad_hoc(
             "workspace.path `{}` is outside the directories this forkd allows ({}); ask the operator to add it to workspace_roots",
             path.display(),
             config
-                .workspace_roots
+                .roots
                 .iter()
                 .map(|r| r.display().to_string())
                 .collect::<Vec<_>>()
@@ -408,19 +437,13 @@ impl Upper {
 
 /// Checks, plans and (overlay) makes the upper layer, on a blocking thread.
 pub async fn prepare(
-    config: &Config,
-    socket: &Path,
+    config: &Policy,
     req: &WorkspaceRequest,
     who: Option<Requester>,
     scratch_bytes: u64,
 ) -> Result<Ready, ErrorReply> {
     let checked = check(config, req, who)?;
-    let base = config.workspace_dir.clone().unwrap_or_else(|| {
-        socket
-            .parent()
-            .unwrap_or(Path::new("/tmp"))
-            .join("workspaces")
-    });
+    let base = config.dir.clone();
     tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
         let mut plan = cached_plan(&checked)?;
         let upper = if checked.kind == Kind::Overlay {

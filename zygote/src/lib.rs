@@ -15,6 +15,7 @@ pub mod spec;
 pub mod sys;
 pub mod template;
 pub mod userns;
+pub mod wire;
 pub mod workspace;
 
 /// The Python half of the zygote, embedded so the daemon can start it with
