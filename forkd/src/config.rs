@@ -87,8 +87,8 @@ pub struct Config {
     pub workspaces: BTreeMap<String, crate::workspace::NamedWorkspace>,
     /// Ad-hoc workspace paths are allowed only beneath these (default: none).
     pub workspace_roots: Vec<PathBuf>,
-    /// Where overlay workspaces keep their upper layers; default
-    /// `workspaces/` beside the socket.
+    /// Where a rootless daemon's overlay workspaces keep their upper layers;
+    /// default `workspaces/` beside the configured (or default) socket.
     pub workspace_dir: Option<PathBuf>,
 }
 
