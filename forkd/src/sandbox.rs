@@ -304,6 +304,7 @@ pub async fn run_sandbox(
     let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
     let mut shutdown = state.shutdown_signal();
     let _slot = acquire_slot(state, &mut shutdown).await?;
+    let _in_flight = state.load.enter();
     let plan = plan_for(policy, &limits);
     let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
     let id = child.sandbox;
