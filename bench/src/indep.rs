@@ -291,6 +291,20 @@ impl IndepFloor {
         self.taken();
         let outcome = run_blocking(ends, &self.job);
         self.after_spawn()?;
+        outcome.map(|o| (o.done, o.verified()))
+    }
+
+    /// Runs `code` in a floor child (sequentially, blocking): for tests of
+    /// the floor's isolation.
+    #[cfg(test)]
+    pub fn run_code(&self, code: &str) -> Result<Output> {
+        let mut job = (code.len() as u32).to_be_bytes().to_vec();
+        job.extend_from_slice(code.as_bytes());
+        self.before_take()?;
+        let ends = self.ready.take_blocking()?;
+        self.taken();
+        let outcome = run_blocking(ends, &job);
+        self.after_spawn()?;
         outcome
     }
 
@@ -445,7 +459,23 @@ fn exit_code(status: &[u8]) -> Result<u8> {
     }
 }
 
-fn run_blocking(ends: Ends, job: &[u8]) -> Result<(Instant, bool)> {
+/// What a floor child returned.
+pub struct Output {
+    pub done: Instant,
+    pub stdout: Vec<u8>,
+    /// Read so the child never blocks on a full pipe; shown by tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub stderr: Vec<u8>,
+    pub code: u8,
+}
+
+impl Output {
+    fn verified(&self) -> bool {
+        self.code == 0 && self.stdout == EXPECTED.as_bytes()
+    }
+}
+
+fn run_blocking(ends: Ends, job: &[u8]) -> Result<Output> {
     let Ends {
         job: job_w,
         stdout,
@@ -490,7 +520,12 @@ fn run_blocking(ends: Ends, job: &[u8]) -> Result<(Instant, bool)> {
         }
     }
     let code = exit_code(&st)?;
-    Ok((Instant::now(), code == 0 && out == EXPECTED.as_bytes()))
+    Ok(Output {
+        done: Instant::now(),
+        stdout: out,
+        stderr: err,
+        code,
+    })
 }
 
 async fn run_async(ends: Ends, job: &[u8]) -> Result<(Instant, bool)> {
@@ -523,4 +558,232 @@ async fn run_async(ends: Ends, job: &[u8]) -> Result<(Instant, bool)> {
     b?;
     let code = exit_code(&st?)?;
     Ok((Instant::now(), code == 0 && out == EXPECTED.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The interpreter for the floor's tests: `$FORKD_TEST_PYTHON`, else the
+    /// workspace's `.venv/bin/python` (never skips: missing fails).
+    fn python() -> PathBuf {
+        let p = std::env::var_os("FORKD_TEST_PYTHON")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+        assert!(
+            p.exists(),
+            "test interpreter {} missing: run scripts/venv.sh",
+            p.display()
+        );
+        p
+    }
+
+    /// (memory limit, pids limit, cpu quota µs) of the floor's cgroup that
+    /// holds a process right now, read from the host (v1 or v2).
+    fn running_child_limits(server: i32) -> Option<(u64, u64, Option<u64>)> {
+        let read = |p: PathBuf| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let base = |h: &str| {
+            let root = Path::new("/sys/fs/cgroup");
+            let root = if v2 { root.to_path_buf() } else { root.join(h) };
+            root.join("forkd-bench-floor").join(format!("f{server}"))
+        };
+        let dir = std::fs::read_dir(base("memory"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| read(p.join("cgroup.procs")).is_some_and(|s| !s.is_empty()))?;
+        let name = dir.file_name()?.to_owned();
+        if v2 {
+            let cpu = read(dir.join("cpu.max"))?;
+            return Some((
+                read(dir.join("memory.max"))?.parse().ok()?,
+                read(dir.join("pids.max"))?.parse().ok()?,
+                cpu.split(' ').next()?.parse().ok(),
+            ));
+        }
+        // The same child must be in the pids and cpu hierarchies' cgroups.
+        for h in ["pids", "cpu", "cpuacct"] {
+            read(base(h).join(&name).join("cgroup.procs")).filter(|s| !s.is_empty())?;
+        }
+        Some((
+            read(dir.join("memory.limit_in_bytes"))?.parse().ok()?,
+            read(base("pids").join(&name).join("pids.max"))?
+                .parse()
+                .ok()?,
+            read(base("cpu").join(&name).join("cpu.cfs_quota_us"))?
+                .parse()
+                .ok(),
+        ))
+    }
+
+    /// Attempts the escapes the floor's isolation must stop, from inside a
+    /// real floor child, and reports what it could do.
+    const PROBE: &str = r#"
+import ctypes, errno, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(f):
+    try:
+        f()
+        return "allowed"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+def sysret(r):
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
+def write(path):
+    with open(path, "w") as f:
+        f.write("x")
+def connect():
+    s = socket.create_connection(("127.0.0.1", int(sys.argv_port)), timeout=1)
+    s.close()
+out = {
+    "pid": os.getpid(),
+    "hostname": socket.gethostname(),
+    "cap_eff": status["CapEff"].strip(), "cap_bnd": status["CapBnd"].strip(),
+    "no_new_privs": status["NoNewPrivs"].strip(), "seccomp": status["Seccomp"].strip(),
+    "shadow": attempt(lambda: open("/etc/shadow").read()),
+    "write_usr": attempt(lambda: write("/usr/forkd-floor-probe")),
+    "write_tmp": attempt(lambda: write("/tmp/probe")),
+    "mount": attempt(lambda: sysret(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))),
+    "unshare_net": attempt(lambda: sysret(libc.unshare(0x40000000))),
+    "interfaces": sorted(n for _, n in socket.if_nameindex()),
+    "connect_host": attempt(connect),
+    "home": attempt(lambda: os.listdir("/root")),
+    "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+}
+print(repr(out))
+"#;
+
+    /// The floor exposes what forkd's shipped default policy exposes: when
+    /// that policy changes, the floor (bench/floor/src/policy.rs) must follow,
+    /// or its figures stop being a floor for the same isolation.
+    #[test]
+    fn floor_policy_matches_forkds_default_policy() {
+        use forkd_bench_floor::policy as floor;
+        let forkd = forkd_zygote::Policy::default_policy();
+        let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let hint = "forkd's policy/default.toml changed: update bench/floor/src/policy.rs to match";
+        assert_eq!(forkd.filesystem.read_only, strs(floor::READ_ONLY), "{hint}");
+        assert_eq!(forkd.filesystem.etc, strs(floor::ETC), "{hint}");
+        assert_eq!(
+            forkd.filesystem.devices_rw,
+            strs(floor::DEVICES_RW),
+            "{hint}"
+        );
+        assert_eq!(
+            forkd.filesystem.devices_ro,
+            strs(floor::DEVICES_RO),
+            "{hint}"
+        );
+        let deny: Vec<String> = floor::DENY.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(forkd.seccomp.deny, deny, "{hint}");
+        assert!(forkd.seccomp.deny_clone_namespaces, "{hint}");
+        let (ours, theirs) = (
+            floor::seccomp().unwrap().len(),
+            forkd.compile_seccomp().unwrap().len(),
+        );
+        assert!(
+            ours.abs_diff(theirs) <= theirs / 10,
+            "filter sizes {ours} vs forkd {theirs}"
+        );
+    }
+
+    #[test]
+    fn floor_children_are_isolated_and_the_snippet_still_runs() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let floor = IndepFloor::start(&python(), &["numpy".into()]).unwrap();
+        assert!(floor.info.seccomp_instructions > 100, "{:?}", floor.info);
+        // A listener in the host's network namespace the sandbox must not
+        // reach.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let probe = format!("import sys; sys.argv_port = {port}\n{PROBE}");
+        let out = floor.run_code(&probe).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.code,
+            0,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for want in [
+            "'pid': 1,",
+            "'hostname': 'sandbox'",
+            "'cap_eff': '0000000000000000'",
+            "'cap_bnd': '0000000000000000'",
+            "'no_new_privs': '1'",
+            "'seccomp': '2'",
+            "'shadow': 'ENOENT'",
+            "'write_tmp': 'allowed'",
+            "'mount': 'EPERM'",
+            "'unshare_net': 'EPERM'",
+            "'interfaces': ['lo']",
+            "'connect_host': 'ECONNREFUSED'",
+            "'processes': [1]",
+        ] {
+            assert!(text.contains(want), "{want} not in {text}");
+        }
+        // Absent from the root, or (when the interpreter lives under /root)
+        // a bare mount point that landlock does not grant.
+        assert!(
+            text.contains("'home': 'ENOENT'") || text.contains("'home': 'EACCES'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("'write_usr': 'EROFS'") || text.contains("'write_usr': 'EACCES'"),
+            "{text}"
+        );
+        assert!(
+            listener.accept().is_err(),
+            "the sandbox reached the host's loopback"
+        );
+
+        // Its cgroup, seen from the host while a child runs: forkd's default
+        // limits, and the child in it.
+        let sleeper = {
+            let floor = floor.clone();
+            std::thread::spawn(move || {
+                floor.run_code("import time; time.sleep(1.5); print('done')")
+            })
+        };
+        std::thread::sleep(Duration::from_millis(700));
+        let checked = running_child_limits(floor.server_pid);
+        let done = sleeper.join().unwrap().unwrap();
+        assert_eq!(done.stdout, b"done\n");
+        let limits = checked.expect("the running child's cgroup");
+        assert_eq!(
+            limits,
+            (512 << 20, 64, Some(100_000)),
+            "memory, pids, cpu quota"
+        );
+
+        // A bystander spawn still returns the verified snippet output.
+        let (_, ok) = floor.spawn_blocking().unwrap();
+        assert!(ok);
+        rt.block_on(async {
+            let (_, ok) = floor.burst(5).await.unwrap();
+            assert_eq!(ok, 5);
+        });
+        floor.stop();
+        // Nothing of the server is left behind.
+        for h in ["memory", "pids", "cpu", "cpuacct", ""] {
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join("forkd-bench-floor")
+                .join(format!("f{}", floor.server_pid));
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
+    }
 }

@@ -229,6 +229,10 @@ impl Cgroups {
                 }
             }
             std::fs::remove_dir(&h.base).map_err(io_at(&h.base))?;
+            // The shared parent too, unless another server still uses it.
+            if let Some(parent) = h.base.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
         Ok(())
     }
