@@ -2,12 +2,15 @@
 //! statistics and the rule are in the library's `perfcheck` module).
 //!
 //! One embedded daemon with two zygotes (`pooled`: warm pool of `burst`
-//! children; `nopool`: forked on demand) and one floor zygote are started
-//! once. Each round then measures, back to back, the floor and the forkd
-//! figure it normalises: floor single → warm single; floor burst → pooled
-//! burst → no-pool burst → sustained; the pool is refilled and the machine
-//! left to settle before each forkd figure, so one scenario's refill does not
-//! land in another's measurement.
+//! children; `nopool`: forked on demand), two independent floor servers
+//! (bench/floor: pool of `burst`; none) and the no-isolation reference
+//! zygote are started once. Each round then measures, back to back, each
+//! forkd figure right after the floor figure it is divided by: floor single
+//! → (no-isolation single) → warm single; floor burst, pool → (no-isolation
+//! burst) → pooled burst; floor burst, no pool → no-pool burst; floor
+//! sustained → sustained. Pools are refilled and the machine left to settle
+//! before each figure, so one scenario's refill does not land in another's
+//! measurement.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,7 @@ use forkd_bench::perfcheck::{self, HostFacts, Record, Round, Rule, Settings};
 use forkd_ipc::{AsyncClient, SpawnRequest};
 
 use crate::floor::Floor;
+use crate::indep::IndepFloor;
 use crate::{burst, request, single, sustained, uss, wait_zygote_pool_full};
 
 const POOLED: &str = "pooled";
@@ -94,6 +98,9 @@ pub struct CompareArgs {
 /// What runs during a check: the floor zygote and an embedded daemon.
 struct Bench {
     floor: Arc<Floor>,
+    /// The independent floor with a warm pool of `burst`, and without one.
+    indep_pool: Arc<IndepFloor>,
+    indep_nopool: Arc<IndepFloor>,
     running: forkd::Running,
     client: AsyncClient,
     dir: PathBuf,
@@ -103,6 +110,9 @@ struct Bench {
 
 impl Bench {
     async fn start(args: &CheckArgs, settings: Settings) -> Result<Bench> {
+        let indep_pool = IndepFloor::start(&args.python, &args.preload)?;
+        let indep_nopool = IndepFloor::start(&args.python, &args.preload)?;
+        indep_pool.set_pool(settings.burst).await?;
         let floor = Floor::start(&args.python, &args.preload).await?;
         let zygote = |name: &str, warm_pool: usize| forkd::config::ZygoteSection {
             name: name.into(),
@@ -139,6 +149,8 @@ impl Bench {
         };
         Ok(Bench {
             floor,
+            indep_pool,
+            indep_nopool,
             running,
             client,
             dir,
@@ -154,19 +166,24 @@ impl Bench {
         }
     }
 
-    /// Pool full again and the refill's last children settled.
-    async fn settle(&self) {
+    /// Pools full again and the refills' last children settled.
+    async fn settle(&self) -> Result<()> {
+        self.indep_pool.wait_full().await?;
         wait_zygote_pool_full(&self.running.daemon, POOLED, self.settings.burst).await;
+        Ok(())
     }
 
     /// Spawns whose figures are thrown away: first forks of fresh zygotes
     /// fault in pages every later fork shares.
     async fn warm_up(&self) -> Result<()> {
-        self.settle().await;
+        self.settle().await?;
+        self.indep_pool.single(20).await?;
+        self.indep_nopool.single(20).await?;
         self.floor.single(20).await?;
         single(&self.client, 20, &Self::request(POOLED)).await;
         single(&self.client, 20, &Self::request(NOPOOL)).await;
         self.floor.burst(self.settings.burst).await?;
+        self.indep_nopool.burst(self.settings.burst).await?;
         burst(&self.client, self.settings.burst, &Self::request(NOPOOL)).await;
         Ok(())
     }
@@ -179,22 +196,35 @@ impl Bench {
             }
             Ok(())
         };
-        self.settle().await;
+        self.settle().await?;
         let neighbour_cores = neighbour_cores(std::time::Duration::from_millis(300)).await;
         let idle_child_uss_bytes = self.idle_child_uss();
+        let indep_single = self.indep_pool.single(s.single_spawns).await?;
+        verify("floor single", indep_single.ok, indep_single.count)?;
         let floor_single = self.floor.single(s.single_spawns).await?;
-        verify("floor single", floor_single.ok, floor_single.count)?;
+        verify("no-isolation single", floor_single.ok, floor_single.count)?;
         let warm_single = single(&self.client, s.single_spawns, &Self::request(POOLED)).await;
         verify("warm single", warm_single.ok, warm_single.count)?;
-        self.settle().await;
+        self.settle().await?;
+        let (indep_burst_pool, ok) = self.indep_pool.burst(s.burst).await?;
+        verify("floor burst, pool", ok, s.burst as u64)?;
+        self.settle().await?;
         let (floor_burst, ok) = self.floor.burst(s.burst).await?;
-        verify("floor burst", ok, s.burst as u64)?;
+        verify("no-isolation burst", ok, s.burst as u64)?;
         let (burst_pool, ok) = burst(&self.client, s.burst, &Self::request(POOLED)).await;
         verify("burst, pool", ok, s.burst as u64)?;
-        self.settle().await;
+        self.settle().await?;
+        let (indep_burst_nopool, ok) = self.indep_nopool.burst(s.burst).await?;
+        verify("floor burst, no pool", ok, s.burst as u64)?;
         let (burst_nopool, ok) = burst(&self.client, s.burst, &Self::request(NOPOOL)).await;
         verify("burst, no pool", ok, s.burst as u64)?;
-        self.settle().await;
+        self.settle().await?;
+        let (indep_rate, _, failed) = self
+            .indep_pool
+            .sustained(s.sustained_secs, s.sustained_concurrency)
+            .await?;
+        verify("floor sustained", 0, failed)?;
+        self.settle().await?;
         let (rate, _, failed) =
             sustained(&self.client, s.sustained_secs, s.sustained_concurrency).await;
         verify("sustained", 0, failed)?;
@@ -207,6 +237,10 @@ impl Bench {
             sustained_per_sec: rate,
             idle_child_uss_bytes,
             neighbour_cores,
+            indep_single_p50_us: Some(indep_single.p50_us as f64),
+            indep_burst_pool_wall_us: Some(indep_burst_pool as f64),
+            indep_burst_nopool_wall_us: Some(indep_burst_nopool as f64),
+            indep_sustained_per_sec: Some(indep_rate),
         })
     }
 
@@ -222,13 +256,15 @@ impl Bench {
         for i in 0..rounds {
             let t = Instant::now();
             let r = self.round().await?;
+            let of = |a: f64, b: Option<f64>| b.map_or(f64::NAN, |b| a / b);
             eprintln!(
-                "forkd-bench check: {label}round {}/{rounds} ({:.1} s): single {:.3}, burst pool {:.3}, burst no pool {:.3} × floor; others' load {} cores",
+                "forkd-bench check: {label}round {}/{rounds} ({:.1} s): single {:.3}, burst pool {:.3}, burst no pool {:.3}, sustained {:.3} × floor; others' load {} cores",
                 i + 1,
                 t.elapsed().as_secs_f64(),
-                r.warm_single_p50_us / r.floor_single_p50_us,
-                r.burst_pool_wall_us / r.floor_burst_wall_us,
-                r.burst_nopool_wall_us / r.floor_burst_wall_us,
+                of(r.warm_single_p50_us, r.indep_single_p50_us),
+                of(r.burst_pool_wall_us, r.indep_burst_pool_wall_us),
+                of(r.burst_nopool_wall_us, r.indep_burst_nopool_wall_us),
+                r.indep_sustained_per_sec.map_or(f64::NAN, |f| f / r.sustained_per_sec),
                 r.neighbour_cores.map(|c| format!("{c:.2}")).unwrap_or_else(|| "?".into()),
             );
             out.push(r);
@@ -255,6 +291,8 @@ impl Bench {
         drop(self.client);
         self.running.shutdown().await;
         self.floor.drain().await;
+        self.indep_pool.stop();
+        self.indep_nopool.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -53,7 +53,7 @@ fn recorded_runs_are_usable() {
             let values = run
                 .rounds
                 .iter()
-                .filter_map(|r| m.value(r, &run.settings))
+                .filter_map(|r| m.value(r, &run.settings, run.reference()))
                 .count();
             assert_eq!(values, run.rounds.len(), "{name}: {m:?}");
         }
