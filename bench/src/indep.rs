@@ -30,6 +30,8 @@ use crate::{histogram, Latency, EXPECTED, SNIPPET};
 
 /// One child's pipe ends, as the server handed them over.
 struct Ends {
+    /// The child's pid in the server's (the host's) pid namespace.
+    pid: i32,
     job: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -218,6 +220,12 @@ impl IndepFloor {
         }))
     }
 
+    /// Pids of the children parked in the pool right now.
+    pub fn parked_pids(&self) -> Vec<i32> {
+        let q = self.ready.queue.lock().expect("queue");
+        q.iter().map(|e| e.pid).collect()
+    }
+
     fn request(&self, n: usize) -> Result<()> {
         if n == 0 {
             return Ok(());
@@ -338,6 +346,13 @@ impl IndepFloor {
     /// `n` concurrent spawns: (wall µs first request → last verified
     /// result, verified count).
     pub async fn burst(self: &Arc<Self>, n: usize) -> Result<(u64, u64)> {
+        let (wall, ok, _) = self.burst_timed(n).await?;
+        Ok((wall, ok))
+    }
+
+    /// As [`IndepFloor::burst`], with each spawn's latency from the burst's
+    /// start (µs).
+    pub async fn burst_timed(self: &Arc<Self>, n: usize) -> Result<(u64, u64, Vec<u64>)> {
         let t = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..n {
@@ -345,12 +360,14 @@ impl IndepFloor {
             set.spawn(async move { me.spawn().await });
         }
         let (mut ok, mut last) = (0, t);
+        let mut latencies = Vec::with_capacity(n);
         while let Some(r) = set.join_next().await {
             let (done, good) = r??;
             last = last.max(done);
+            latencies.push((done - t).as_micros() as u64);
             ok += u64::from(good);
         }
-        Ok(((last - t).as_micros() as u64, ok))
+        Ok(((last - t).as_micros() as u64, ok, latencies))
     }
 
     /// Spawns per second over `secs` at `concurrency`: (rate, ok, failed).
@@ -423,7 +440,9 @@ fn receive(sock: OwnedFd, ready: &Ready, parked: &AtomicUsize, requested: &Atomi
             Ok(Some((13, fds))) if buf[0] == b'C' && fds.len() == 4 => {
                 let mut fds = fds.into_iter();
                 let mut next = || fds.next().expect("four descriptors");
+                let pid = i32::from_le_bytes([buf[9], buf[10], buf[11], buf[12]]);
                 let ends = Ends {
+                    pid,
                     job: next(),
                     stdout: next(),
                     stderr: next(),
@@ -477,6 +496,7 @@ impl Output {
 
 fn run_blocking(ends: Ends, job: &[u8]) -> Result<Output> {
     let Ends {
+        pid: _,
         job: job_w,
         stdout,
         stderr,

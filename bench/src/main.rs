@@ -121,6 +121,9 @@ struct Burst {
     floor_ok: u64,
     /// Median of the per-round ratios forkd ÷ floor.
     ratio_to_floor: f64,
+    /// Per-sandbox latency from the burst's start, p99 (median over rounds).
+    p99_us: u64,
+    floor_p99_us: u64,
 }
 
 fn median_u64(v: &[u64]) -> u64 {
@@ -154,6 +157,8 @@ struct Mode {
     running_child_uss_bytes: Option<u64>,
     /// The independent floor with the same pool size (0: forked on demand).
     floor_single: Latency,
+    /// Median USS of the floor's parked children.
+    floor_idle_child_uss_bytes: Option<u64>,
     floor_sustained_per_sec: f64,
     floor_sustained_failed: u64,
     /// CPU per spawn split by process (single phase, sequential): forkd and
@@ -258,19 +263,41 @@ async fn single(client: &AsyncClient, n: usize, req: &SpawnRequest) -> Latency {
 }
 
 async fn burst(client: &AsyncClient, n: usize, req: &SpawnRequest) -> (u64, u64) {
+    let (wall, ok, _) = burst_timed(client, n, req).await;
+    (wall, ok)
+}
+
+/// A burst of `n` concurrent spawns: (wall µs, verified, each spawn's
+/// latency from the burst's start in µs).
+async fn burst_timed(client: &AsyncClient, n: usize, req: &SpawnRequest) -> (u64, u64, Vec<u64>) {
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
         let (c, req) = (client.clone(), req.clone());
-        set.spawn(async move { c.spawn(&req).await });
+        set.spawn(async move {
+            let r = c.spawn(&req).await;
+            (r, Instant::now())
+        });
     }
     let mut ok = 0;
+    let mut latencies = Vec::with_capacity(n);
     while let Some(r) = set.join_next().await {
-        if matches!(r, Ok(Ok(res)) if res.stdout == EXPECTED.as_bytes()) {
-            ok += 1;
+        if let Ok((r, done)) = r {
+            latencies.push((done - t).as_micros() as u64);
+            if matches!(r, Ok(res) if res.stdout == EXPECTED.as_bytes()) {
+                ok += 1;
+            }
         }
     }
-    (t.elapsed().as_micros() as u64, ok)
+    (t.elapsed().as_micros() as u64, ok, latencies)
+}
+
+/// The 99th percentile (nearest rank) of `v`, 0 when empty.
+fn p99(v: &[u64]) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let rank = (s.len() * 99).div_ceil(100);
+    s.get(rank.saturating_sub(1)).copied().unwrap_or(0)
 }
 
 async fn sustained(client: &AsyncClient, secs: f64, concurrency: usize) -> (f64, u64, u64) {
@@ -391,6 +418,9 @@ async fn run_mode(
             mode.idle_child_uss_bytes = Some(sorted[sorted.len() / 2]);
         }
     }
+    let mut sizes: Vec<u64> = indep.parked_pids().into_iter().filter_map(uss).collect();
+    sizes.sort_unstable();
+    mode.floor_idle_child_uss_bytes = sizes.get(sizes.len() / 2).copied();
     let split = hostcpu::SplitMeter::start(Some(indep.server_pid), floor_children.clone());
     mode.floor_single = indep.single(n_single).await?;
     mode.floor_single_cpu = split.per_spawn(mode.floor_single.count);
@@ -402,15 +432,18 @@ async fn run_mode(
     mode.single_cpu = split.per_spawn(mode.single.count);
     for &n in &args.bursts {
         let (mut walls, mut floor_walls, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut p99s, mut floor_p99s) = (Vec::new(), Vec::new());
         let (mut ok, mut floor_ok) = (0, 0);
         for _ in 0..args.rounds {
             both_full().await?;
-            let (floor_wall, o) = indep.burst(n).await?;
+            let (floor_wall, o, lat) = indep.burst_timed(n).await?;
             floor_walls.push(floor_wall);
+            floor_p99s.push(p99(&lat));
             floor_ok += o;
             both_full().await?;
-            let (wall, o) = burst(&client, n, &request()).await;
+            let (wall, o, lat) = burst_timed(&client, n, &request()).await;
             walls.push(wall);
+            p99s.push(p99(&lat));
             ok += o;
             ratios.push(wall as f64 / floor_wall.max(1) as f64);
         }
@@ -424,6 +457,8 @@ async fn run_mode(
             floor_walls_us: floor_walls,
             floor_ok,
             ratio_to_floor: median_f64(&ratios),
+            p99_us: median_u64(&p99s),
+            floor_p99_us: median_u64(&floor_p99s),
         });
     }
     both_full().await?;
@@ -516,11 +551,13 @@ fn print_table(r: &Report) {
         );
         for b in &m.bursts {
             println!(
-                "burst N={:<5} median wall {:>10} = {:.2}× floor (median of per-round ratios); floor {:>10}  ({} / {} of {} ok; rounds {:?} / floor {:?} µs)",
+                "burst N={:<5} median wall {:>10} = {:.2}× floor (median of per-round ratios); floor {:>10}; per-sandbox p99 {} (floor {})  ({} / {} of {} ok; rounds {:?} / floor {:?} µs)",
                 b.n,
                 ms(b.median_wall_us),
                 b.ratio_to_floor,
                 ms(b.floor_median_wall_us),
+                ms(b.p99_us),
+                ms(b.floor_p99_us),
                 b.ok,
                 b.floor_ok,
                 b.attempted,
@@ -560,7 +597,12 @@ fn print_table(r: &Report) {
             split_line("floor sustained", m.floor_sustained_cpu, "server")
         );
         if let Some(uss) = m.idle_child_uss_bytes {
-            println!("idle pooled child USS (median): {:.2} MB", uss as f64 / 1e6);
+            println!(
+                "idle pooled child USS (median): {:.2} MB (floor's {})",
+                uss as f64 / 1e6,
+                m.floor_idle_child_uss_bytes
+                    .map_or("–".into(), |b| format!("{:.2} MB", b as f64 / 1e6))
+            );
         }
         if let Some(uss) = m.running_child_uss_bytes {
             println!(
