@@ -806,4 +806,48 @@ print(repr(out))
             assert!(!dir.exists(), "{} left behind", dir.display());
         }
     }
+
+    /// A server killed outright leaves its cgroups behind (its children die
+    /// with it, by their parent-death signal); the next server removes them.
+    #[test]
+    fn a_killed_servers_cgroups_are_removed_by_the_next_one() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let a = IndepFloor::start(&python(), &[]).unwrap();
+        rt.block_on(a.set_pool(3)).unwrap();
+        let dir =
+            Path::new("/sys/fs/cgroup/pids/forkd-bench-floor").join(format!("f{}", a.server_pid));
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let dir = if v2 {
+            Path::new("/sys/fs/cgroup/forkd-bench-floor").join(format!("f{}", a.server_pid))
+        } else {
+            dir
+        };
+        assert!(dir.exists(), "{}", dir.display());
+        sys::kill(a.server_pid, libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !a.parked_pids().iter().all(|p| {
+            !Path::new("/proc")
+                .join(p.to_string())
+                .join("cgroup")
+                .exists()
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "parked children outlived their server"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a.stop();
+        assert!(dir.exists(), "a killed server cannot clean up");
+        let b = IndepFloor::start(&python(), &[]).unwrap();
+        assert!(
+            !dir.exists(),
+            "{} left behind after the next start",
+            dir.display()
+        );
+        b.stop();
+    }
 }

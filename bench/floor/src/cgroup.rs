@@ -73,6 +73,34 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(path, value).map_err(io_at(path))
 }
 
+/// Removes what a server that died without cleaning up (SIGKILL) left in
+/// `parent`: `f<pid>` directories of processes that no longer exist, with
+/// their children's directories (those children died with their server,
+/// by their parent-death signal). Best effort: a directory still busy stays
+/// for the next start.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix('f')) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        if let Ok(children) = std::fs::read_dir(e.path()) {
+            for c in children.flatten() {
+                if c.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(c.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(e.path());
+    }
+}
+
 fn mkdir(path: &Path) -> Result<(), CgroupError> {
     match std::fs::create_dir(path) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(io_at(path)(e)),
@@ -93,6 +121,7 @@ impl Cgroups {
             enable(root)?;
             let parent = root.join("forkd-bench-floor");
             mkdir(&parent)?;
+            remove_stale(&parent);
             enable(&parent)?;
             let base = parent.join(instance);
             mkdir(&base)?;
@@ -115,6 +144,7 @@ impl Cgroups {
                 Some(h) => h,
                 None => {
                     mkdir(&mount.join("forkd-bench-floor"))?;
+                    remove_stale(&mount.join("forkd-bench-floor"));
                     mkdir(&base)?;
                     hiers.push(Hier {
                         base,
