@@ -373,7 +373,7 @@ async fn running_uss(daemon: &forkd::state::State, client: &AsyncClient) -> Opti
 
 /// The zygote's pid and where its sandboxes' CPU time adds up, for the
 /// CPU split.
-async fn zygote_and_children(daemon: &forkd::daemon::Daemon) -> (Option<i32>, Option<PathBuf>) {
+async fn zygote_and_children(daemon: &forkd::state::State) -> (Option<i32>, Option<PathBuf>) {
     let pid = daemon
         .pool
         .get("default")
