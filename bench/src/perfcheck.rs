@@ -91,7 +91,7 @@ impl Reference {
     pub fn describe(self) -> &'static str {
         match self {
             Reference::IndependentFloor => "the independent floor (bench/floor: minimal fork server, same isolation, no forkd code)",
-            Reference::NoIsolation => "the no-isolation reference (forkd's zygote without isolation) — a record predates the independent floor; take a new baseline to compare against the floor",
+            Reference::NoIsolation => "the no-isolation reference (forkd's zygote without isolation) — a record lacks the independent floor's figures (it predates the floor, or the floor could not start on its host); take a new baseline to compare against the floor",
         }
     }
 }
@@ -950,7 +950,7 @@ mod tests {
         let cmp = compare(&old, &shared_slowdown, &Rule::default()).unwrap();
         assert_eq!(cmp.reference, Reference::NoIsolation);
         assert!(cmp.regressions().is_empty(), "{:#?}", cmp.rows);
-        assert!(render(&cmp, &old, &shared_slowdown).contains("predates the independent floor"));
+        assert!(render(&cmp, &old, &shared_slowdown).contains("lacks the independent floor"));
     }
 
     #[test]
