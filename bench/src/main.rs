@@ -279,17 +279,20 @@ async fn burst_timed(client: &AsyncClient, n: usize, req: &SpawnRequest) -> (u64
             (r, Instant::now())
         });
     }
-    let mut ok = 0;
+    let (mut ok, mut last) = (0, t);
     let mut latencies = Vec::with_capacity(n);
     while let Some(r) = set.join_next().await {
         if let Ok((r, done)) = r {
+            // The wall ends at the last result, as the floor's does (not
+            // when this loop has joined every task).
+            last = last.max(done);
             latencies.push((done - t).as_micros() as u64);
             if matches!(r, Ok(res) if res.stdout == EXPECTED.as_bytes()) {
                 ok += 1;
             }
         }
     }
-    (t.elapsed().as_micros() as u64, ok, latencies)
+    ((last - t).as_micros() as u64, ok, latencies)
 }
 
 /// The 99th percentile (nearest rank) of `v`, 0 when empty.
