@@ -201,4 +201,66 @@ mod tests {
         );
         assert_eq!(meter.per_spawn_ms(0), None);
     }
+
+    /// This thread's own CPU time (CLOCK_THREAD_CPUTIME_ID), in seconds.
+    fn thread_cpu_secs() -> f64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    }
+
+    /// 300 ms of this thread's CPU (however long that takes on a loaded
+    /// host) must show as about 0.3 s of this process's CPU: the unit and
+    /// the fields counted after the command name.
+    #[test]
+    fn process_cpu_counts_own_work() {
+        let me = std::process::id() as i32;
+        let before = process_cpu_secs(me).expect("/proc/self/stat readable");
+        let start = thread_cpu_secs();
+        let mut x = 0u64;
+        while thread_cpu_secs() - start < 0.3 {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = process_cpu_secs(me).unwrap() - before;
+        // Other tests may run in this process at the same time: the lower
+        // bound is certain (less a tick of rounding), the upper generous.
+        assert!(
+            (0.28..5.0).contains(&used),
+            "0.3 s of CPU read as {used:.3} s"
+        );
+        assert_eq!(process_cpu_secs(-1), None);
+    }
+
+    /// Both accounting formats, and v1's cpu hierarchy (whose cpu.stat has
+    /// no usage) is not mistaken for cpuacct.
+    #[test]
+    fn cgroup_cpu_files_of_both_versions() {
+        let dir = std::env::temp_dir().join(format!("forkd-bench-hostcpu-{}", std::process::id()));
+        let (cpu, cpuacct, v2) = (dir.join("cpu"), dir.join("cpuacct"), dir.join("v2"));
+        for d in [&cpu, &cpuacct, &v2] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(
+            cpu.join("cpu.stat"),
+            "nr_periods 5\nnr_throttled 0\nthrottled_time 0\n",
+        )
+        .unwrap();
+        std::fs::write(cpuacct.join("cpuacct.usage"), "1500000000\n").unwrap();
+        std::fs::write(
+            v2.join("cpu.stat"),
+            "usage_usec 2500000\nuser_usec 2000000\n",
+        )
+        .unwrap();
+        let v1_file = cgroup_cpu_file(&[cpu.as_path(), cpuacct.as_path()]).unwrap();
+        assert_eq!(v1_file, cpuacct.join("cpuacct.usage"));
+        assert_eq!(cgroup_cpu_secs(&v1_file), Some(1.5));
+        assert_eq!(cgroup_cpu_file(&[cpu.as_path()]), None);
+        let v2_file = cgroup_cpu_file(&[v2.as_path()]).unwrap();
+        assert_eq!(cgroup_cpu_secs(&v2_file), Some(2.5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
