@@ -90,6 +90,19 @@ fn expect_cgroup_v2_if_asked(cgroups: &forkd_cgroup::Manager) {
     }
 }
 
+/// True, after printing why, when this test cannot run here because the
+/// process is not root: the caller returns at once. Root tests start with
+/// `if skip_unless_root("...") { return; }`, so an unprivileged
+/// `cargo test` reports them as skipped instead of failing or passing silently.
+pub fn skip_unless_root(needs: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return false;
+    }
+    eprintln!("skipped: needs root ({needs})");
+    true
+}
+
 fn require_root() {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
