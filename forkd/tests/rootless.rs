@@ -22,6 +22,27 @@ const MIB: u64 = 1024 * 1024;
 /// Both tests run daemons as the same user and count its processes.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// True, after printing why, when not root (this test creates a user and
+/// runs forkd as it): the caller returns at once.
+fn skip_unless_root(needs: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return false;
+    }
+    skipped(&format!("needs root ({needs})"));
+    true
+}
+
+/// Prints `skipped: <why>` past the test harness's capture (which hides
+/// `eprintln!` of passing tests), so a skip never looks like a pass.
+fn skipped(why: &str) {
+    // One write: stderr is unbuffered and the harness prints meanwhile.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("skipped: {why}\n").as_bytes(),
+    );
+}
+
 fn user_ids() -> (u32, u32) {
     let lookup = || {
         let out = Command::new("id").args(["-u", USER]).output().ok()?;
@@ -84,6 +105,9 @@ fn wait_for_socket(path: &Path, daemon: &mut std::process::Child) {
 
 #[test]
 fn unprivileged_daemon_isolates_with_a_user_namespace() {
+    if skip_unless_root("creates a user and runs forkd as it") {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (uid, gid) = user_ids();
     assert!(
@@ -397,6 +421,9 @@ impl Drop for Delegation {
 
 #[test]
 fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
+    if skip_unless_root("creates a user and runs forkd as it") {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let expect_v2 = std::env::var_os("FORKD_TEST_EXPECT_CGROUP_V2").is_some();
     let Some(mount) = cgroup2_mount() else {
@@ -404,7 +431,7 @@ fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
             !expect_v2,
             "FORKD_TEST_EXPECT_CGROUP_V2 is set but no cgroup2 is mounted"
         );
-        eprintln!("SKIPPED: no cgroup2 mount to delegate from");
+        skipped("no cgroup2 mount to delegate from");
         return;
     };
     let (uid, gid) = user_ids();

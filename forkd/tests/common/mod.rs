@@ -99,8 +99,19 @@ pub fn skip_unless_root(needs: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return false;
     }
-    eprintln!("skipped: needs root ({needs})");
+    skipped(&format!("needs root ({needs})"));
     true
+}
+
+/// Prints `skipped: <why>` where it is seen: straight to stderr, past the
+/// test harness's capture (which hides `eprintln!` of passing tests), so a
+/// skip never looks like a pass.
+pub fn skipped(why: &str) {
+    // One write: stderr is unbuffered and the harness prints meanwhile.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("skipped: {why}\n").as_bytes(),
+    );
 }
 
 fn require_root() {
