@@ -6,7 +6,7 @@
 //! v1 tests run when a v1 `memory` hierarchy is mounted (this dev VM);
 //! v2 tests use the first cgroup2 mount (`/sys/fs/cgroup/unified` here), and
 //! the v2 limit tests need a cgroup2 root with the memory, cpu and pids
-//! controllers (a pure v2 host such as the guest of scripts/cgroup-v2-vm.sh).
+//! controllers (a pure v2 host such as the guest of tests/vm/cgroup-v2-vm.sh).
 //! Without root, or where a flavour is missing, its tests print
 //! `skipped: <reason>` and pass, unless
 //! `FORKD_TEST_EXPECT_CGROUP_V2` is set (that guest): then a missing v2
@@ -31,7 +31,7 @@ static LOCK: Mutex<()> = Mutex::new(());
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// A case run on v1 when this host has v1 controllers and on v2 when a
-/// cgroup2 root with controllers exists (the guest of scripts/cgroup-v2-vm.sh).
+/// cgroup2 root with controllers exists (the guest of tests/vm/cgroup-v2-vm.sh).
 macro_rules! both_modes {
     ($case:ident, $v1:ident, $v2:ident) => {
         #[test]
@@ -154,7 +154,7 @@ fn v2_with_controllers() -> Option<PathBuf> {
             !expected,
             "FORKD_TEST_EXPECT_CGROUP_V2 is set but no cgroup2 root has memory, cpu and pids"
         );
-        skipped("needs a cgroup2 root with the memory, cpu and pids controllers (a pure v2 host such as the guest of scripts/cgroup-v2-vm.sh)");
+        skipped("needs a cgroup2 root with the memory, cpu and pids controllers (a pure v2 host such as the guest of tests/vm/cgroup-v2-vm.sh)");
         return None;
     }
     if !root_or_skip() {

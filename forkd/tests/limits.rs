@@ -168,7 +168,7 @@ async fn busy_loop_and_its_child_die_at_the_timeout() {
     let code = "import os\npid = os.fork()\nif pid == 0:\n    while True: pass\nprint('child', pid, flush=True)\nwhile True: pass";
     let mut r = req(code);
     // Long enough for the host-side scan below to see both processes even
-    // under emulation (scripts/cgroup-v2-vm.sh runs this in a TCG guest).
+    // under emulation (tests/vm/cgroup-v2-vm.sh runs this in a TCG guest).
     r.timeout_ms = Some(2_000);
     let client = d.client().await;
     let task = tokio::spawn(async move { client.spawn(&r).await });

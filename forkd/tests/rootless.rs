@@ -4,7 +4,7 @@
 //! cgroup the daemon warns once at start-up and every result reports the
 //! limits as not enforced (warm-pool and on-demand children alike); with a
 //! delegated cgroup v2 subtree that has the memory, cpu and pids controllers
-//! (a pure cgroup v2 host, such as the guest of scripts/cgroup-v2-vm.sh),
+//! (a pure cgroup v2 host, such as the guest of tests/vm/cgroup-v2-vm.sh),
 //! they are enforced.
 
 use std::os::unix::fs::PermissionsExt;
@@ -582,7 +582,7 @@ fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
             mount.display()
         );
         println!(
-            "{} has none of {CONTROLLERS:?} to delegate (cgroup v1 host): checked that limits are reported as not enforced; scripts/cgroup-v2-vm.sh checks enforcement",
+            "{} has none of {CONTROLLERS:?} to delegate (cgroup v1 host): checked that limits are reported as not enforced; tests/vm/cgroup-v2-vm.sh checks enforcement",
             mount.display()
         );
     }

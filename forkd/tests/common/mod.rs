@@ -77,7 +77,7 @@ pub fn python() -> PathBuf {
 }
 
 /// With `FORKD_TEST_EXPECT_CGROUP_V2` set (the cgroup v2 guest of
-/// scripts/cgroup-v2-vm.sh), a daemon that did not get cgroup v2 with every
+/// tests/vm/cgroup-v2-vm.sh), a daemon that did not get cgroup v2 with every
 /// limit enforced fails the test instead of quietly testing something else.
 fn expect_cgroup_v2_if_asked(cgroups: &forkd_cgroup::Manager) {
     if std::env::var_os("FORKD_TEST_EXPECT_CGROUP_V2").is_some() {
