@@ -308,6 +308,7 @@ pub async fn run_sandbox(
     let plan = plan_for(policy, &limits);
     let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
     let id = child.sandbox;
+    let landlock = landlock_status(&child);
     // From here the request owns the child: its timeout starts now.
     let t_forked = if warm { t0 } else { Instant::now() };
     let t_handoff = Instant::now();
@@ -317,7 +318,8 @@ pub async fn run_sandbox(
     let watched = watch(&mut live, deadline, &mut shutdown, &mut client_gone).await;
     let t_exit = Instant::now();
     let ended = collect(live, watched).await?;
-    let result = report(ended, id, zygote_name, limits, warm, (t0, t_forked, t_exit))?;
+    let mut result = report(ended, id, zygote_name, limits, warm, (t0, t_forked, t_exit))?;
+    result.landlock = landlock;
     Ok(result)
 }
 
@@ -747,6 +749,8 @@ fn report(
         },
         limits,
         warm,
+        // The zygote's measurement, not the run's: set by run_sandbox.
+        landlock: None,
     };
     if reported_exit.is_some() {
         // The program is done; its init is exiting. Make sure whatever it
@@ -755,6 +759,23 @@ fn report(
     }
     drop(cleanup); // removal happens on a blocking thread, after the reply is built
     Ok(result)
+}
+
+/// The landlock status the child's zygote measured for its policy at start-up.
+fn landlock_status(child: &forkd_pool::ReadyChild) -> Option<forkd_ipc::LandlockStatus> {
+    use forkd_ipc::LandlockStatus as Wire;
+    use forkd_zygote::spec::LandlockStatus as Measured;
+    let status = child
+        .zygote
+        .info()
+        .native
+        .landlock
+        .get(&child.plan.policy)?;
+    Some(match status {
+        Measured::FullyEnforced => Wire::FullyEnforced,
+        Measured::PartiallyEnforced => Wire::PartiallyEnforced,
+        Measured::NotEnforced => Wire::NotEnforced,
+    })
 }
 
 fn micros(d: Duration) -> u64 {
