@@ -320,11 +320,13 @@ pub async fn run_sandbox_with(
     let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
     let mut shutdown = state.shutdown_signal();
     let _slot = acquire_slot(state, &mut shutdown).await?;
+    let _in_flight = state.load.enter();
     let mut plan = plan_for(policy, &limits);
     plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     let export_delta = req.workspace.as_ref().is_some_and(|w| w.export_delta);
     let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
     let id = child.sandbox;
+    let landlock = landlock_status(&child);
     // From here the request owns the child: its timeout starts now.
     let t_forked = if warm { t0 } else { Instant::now() };
     let t_handoff = Instant::now();
@@ -335,6 +337,7 @@ pub async fn run_sandbox_with(
     let t_exit = Instant::now();
     let ended = collect(live, watched).await?;
     let mut result = report(ended, id, zygote_name, limits, warm, (t0, t_forked, t_exit))?;
+    result.landlock = landlock;
     if let (Some(ws), true) = (&workspace, export_delta) {
         match ws.export().await {
             Ok(tar) => result.workspace_delta = Some(tar),
@@ -772,6 +775,8 @@ fn report(
         },
         limits,
         warm,
+        // The zygote's measurement, not the run's: set by run_sandbox.
+        landlock: None,
         workspace_delta: None,
         workspace_error: None,
     };
@@ -782,6 +787,23 @@ fn report(
     }
     drop(cleanup); // removal happens on a blocking thread, after the reply is built
     Ok(result)
+}
+
+/// The landlock status the child's zygote measured for its policy at start-up.
+fn landlock_status(child: &forkd_pool::ReadyChild) -> Option<forkd_ipc::LandlockStatus> {
+    use forkd_ipc::LandlockStatus as Wire;
+    use forkd_zygote::spec::LandlockStatus as Measured;
+    let status = child
+        .zygote
+        .info()
+        .native
+        .landlock
+        .get(&child.plan.policy)?;
+    Some(match status {
+        Measured::FullyEnforced => Wire::FullyEnforced,
+        Measured::PartiallyEnforced => Wire::PartiallyEnforced,
+        Measured::NotEnforced => Wire::NotEnforced,
+    })
 }
 
 fn micros(d: Duration) -> u64 {

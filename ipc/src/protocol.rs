@@ -306,6 +306,10 @@ pub struct SpawnResult {
     /// ran the program; false when one was forked for it.
     #[serde(default)]
     pub warm: bool,
+    /// What the kernel enforced of the sandbox's landlock ruleset; `None`
+    /// from a daemon that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock: Option<LandlockStatus>,
     /// The overlay workspace's changes (a tar; deletions as `.wh.NAME`
     /// entries), when the request asked for `export_delta`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
@@ -313,6 +317,20 @@ pub struct SpawnResult {
     /// Why the delta could not be exported (the program's result stands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace_error: Option<String>,
+}
+
+/// What the kernel enforces of a sandbox's landlock ruleset (the policy key
+/// `landlock` decides whether less than all of it is acceptable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LandlockStatus {
+    /// Every requested filesystem right and scope.
+    FullyEnforced,
+    /// Part of them: the kernel has an older landlock ABI.
+    PartiallyEnforced,
+    /// None: the kernel has no landlock; the mount namespace alone confines
+    /// the filesystem.
+    NotEnforced,
 }
 
 impl SpawnResult {
