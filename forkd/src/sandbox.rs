@@ -591,6 +591,7 @@ impl Daemon {
             },
             limits,
             warm,
+            network: None,
         };
         if reported_exit.is_some() {
             // The program is done; its init is exiting. Make sure whatever it

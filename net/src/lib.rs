@@ -8,7 +8,10 @@
 
 pub mod bound;
 pub mod dns;
+pub mod egress;
 pub mod spec;
+pub mod sys;
 
 pub use bound::{AdmitError, Allowlist, Bound, Refusal};
+pub use egress::{Config, Egress, EgressError, Enforcer};
 pub use spec::{Cidr, PortRange, Rule, SpecError, Target};
