@@ -84,6 +84,8 @@ pub struct Config {
     /// Also record each request's code, argv, env, stdin and output, and error
     /// messages, in the audit log. Off by default: those are the users' data.
     pub audit_payloads: bool,
+    /// Egress bound and resolver settings (requests with `allow_net`).
+    pub network: crate::network::NetworkSection,
 }
 
 /// How log lines are written.
@@ -158,6 +160,7 @@ impl Default for Config {
             metrics_allow_remote: false,
             audit_log: None,
             audit_payloads: false,
+            network: crate::network::NetworkSection::default(),
         }
     }
 }
@@ -400,6 +403,7 @@ impl Config {
             ));
         }
         self.metrics()?;
+        self.network.validate()?;
         if let Some(path) = &self.audit_log {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid(format!(

@@ -61,6 +61,8 @@ pub struct Daemon {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The audit log, when `audit_log` is configured.
     pub audit: Option<crate::audit::AuditLog>,
+    /// Egress for requests with `allow_net`.
+    pub network: crate::network::Network,
 }
 
 impl Daemon {
@@ -302,6 +304,7 @@ pub async fn start_with(
 ) -> Result<Running, StartError> {
     config.validate()?;
     let policies = config.load_policies()?;
+    let network = crate::network::Network::start(&config.network, sys::euid() == 0)?;
     let configured = socket_path(socket, &config);
     let socket = match &activated {
         Some(a) => {
@@ -473,6 +476,7 @@ pub async fn start_with(
         owns_socket_file,
         metrics,
         audit,
+        network,
     });
     tracing::info!(socket = %daemon.socket.display(), "forkd listening");
     let metrics_addr = metrics_listener

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod metrics;
 pub mod metrics_http;
+pub mod network;
 pub mod sandbox;
 pub mod server;
 mod sys;

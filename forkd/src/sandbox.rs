@@ -319,6 +319,8 @@ impl Daemon {
             &self.policies,
             self.cgroups.limits_enforced(),
         )?;
+        // `None` (no allowlist) costs nothing further: no network, as always.
+        let allow = self.network.admit(&req.allow_net)?;
         let mut shutdown = self.shutdown_signal();
         if *shutdown.borrow() {
             return Err(error(
@@ -403,6 +405,17 @@ impl Daemon {
         let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
         let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
         drop(child);
+        // Open the allowlist before the job (and so the program) goes in.
+        let egress = match allow {
+            Some(allow) => match self.network.attach(pidfd.as_fd(), allow).await {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    kill_pidfd(pidfd.as_fd());
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
 
         let job = job_frame(&req);
         let stdin = req.stdin;
@@ -591,7 +604,7 @@ impl Daemon {
             },
             limits,
             warm,
-            network: None,
+            network: egress.map(|e| Box::new(e.finish())),
         };
         if reported_exit.is_some() {
             // The program is done; its init is exiting. Make sure whatever it

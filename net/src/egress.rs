@@ -352,16 +352,19 @@ impl State {
     /// The verdict on a connection to `ip:port`: the name it was resolved
     /// for (if any), or why not.
     fn verdict(&self, ip: IpAddr, port: u16) -> Result<Option<String>, Refusal> {
-        match self.allow.check_address(ip, port) {
-            Ok(()) => return Ok(None),
+        let by_rule = match self.allow.check_address(ip, port) {
+            Ok(()) => true,
             Err(r @ Refusal::Denied(_)) => return Err(r),
-            Err(_) => {}
-        }
+            Err(_) => false,
+        };
         let answered = self.answered.lock().map_err(|_| Refusal::NotAllowed)?;
         match answered.get(&ip) {
             Some(a) if a.until > Instant::now() && a.ports.iter().any(|p| p.contains(port)) => {
                 Ok(Some(a.name.clone()))
             }
+            // The name is only for the log when an address rule allows it.
+            Some(a) if by_rule => Ok(Some(a.name.clone())),
+            _ if by_rule => Ok(None),
             _ => Err(Refusal::NotAllowed),
         }
     }

@@ -1,0 +1,224 @@
+//! Network egress end to end: real sandboxes with `allow_net`, real servers
+//! and a DNS server on test hosts in network namespaces these tests create
+//! (veth pairs, 198.18.0.0/15). No traffic goes anywhere else.
+
+mod common;
+#[path = "../../net/tests/testbed/mod.rs"]
+mod testbed;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use forkd_ipc::ErrorCode;
+use testbed::TestHost;
+
+/// One test at a time: each checks the host for leaks (mounts included),
+/// and another test's test host would show up there.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What the sandbox program observes; one JSON object on stdout.
+const PROBE: &str = r#"
+import json, os, socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+out = {}
+def attempt(f):
+    try:
+        return "ok:" + str(f())
+    except OSError as e:
+        return type(e).__name__ + ":" + str(e.errno)
+def talk(a):
+    s = socket.create_connection((a, port), timeout=5)
+    s.sendall(b"hi")
+    data = s.recv(100).decode()
+    s.close()
+    return data
+# By name: forkd's resolver (glibc falls back to 127.0.0.1 without a
+# resolv.conf).
+out["name"] = attempt(lambda: talk(socket.getaddrinfo("pkg.test", port, type=socket.SOCK_STREAM)[0][4][0]))
+out["addr"] = attempt(lambda: talk(addr))
+out["port"] = attempt(lambda: socket.create_connection((addr, port + 1), timeout=5).close())
+out["host"] = attempt(lambda: socket.create_connection(("198.18.255.1", port), timeout=5).close())
+out["unlisted"] = attempt(lambda: socket.getaddrinfo("other.test", port))
+out["rebind"] = attempt(lambda: socket.getaddrinfo("rebind.test", port))
+out["meta"] = attempt(lambda: socket.create_connection(("169.254.169.254", 80), timeout=5).close())
+print(json.dumps(out))
+"#;
+
+fn probe(addr: std::net::Ipv4Addr, allow: Vec<String>) -> forkd_ipc::SpawnRequest {
+    let mut r = req(PROBE);
+    r.argv = vec![addr.to_string(), "8080".into()];
+    r.allow_net = allow;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else() {
+    let _serial = SERIAL.lock().await;
+    let host = TestHost::create();
+    host.echo(8080, "a");
+    host.echo(8081, "b");
+    let names: HashMap<String, _> = [
+        ("pkg.test", host.addr),
+        ("other.test", host.addr),
+        ("rebind.test", [10, 0, 0, 1].into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let dns = host.dns(names, 60);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let a2 = audit.clone();
+    let d = TestDaemon::start(move |c| {
+        c.network.resolvers = Some(vec![dns.to_string()]);
+        c.audit_log = Some(a2);
+    })
+    .await;
+
+    let allow = vec![
+        "pkg.test:8080".to_string(),
+        "rebind.test:8080".to_string(),
+        format!("{}:8080", host.addr),
+    ];
+    let r = d.spawn(&probe(host.addr, allow.clone())).await.unwrap();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "{out} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["name"], "ok:a: hi", "{v}");
+    assert_eq!(v["addr"], "ok:a: hi", "{v}");
+    assert_eq!(v["port"], "ConnectionRefusedError:111", "{v}");
+    assert_eq!(v["host"], "OSError:101", "no route: {v}");
+    assert!(
+        v["unlisted"].as_str().unwrap().starts_with("gaierror"),
+        "{v}"
+    );
+    assert!(v["rebind"].as_str().unwrap().starts_with("gaierror"), "{v}");
+    assert_eq!(v["meta"], "OSError:101", "{v}");
+    let net = r.network.as_ref().expect("a network report");
+    assert_eq!(net.connections_allowed, 2);
+    assert_eq!((net.bytes_out, net.bytes_in), (4, 10));
+    assert!(net.dns_refused >= 2, "{net:?}");
+    assert!(net
+        .log
+        .iter()
+        .any(|e| e.kind == "connect" && e.host.as_deref() == Some("pkg.test")));
+    assert!(net
+        .log
+        .iter()
+        .any(|e| e.kind == "dns" && e.destination == "rebind.test"));
+
+    // A bystander without an allowlist: no network at all, no report.
+    let plain = d.spawn(&probe(host.addr, vec![])).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(v["addr"], "OSError:101", "{v}");
+    assert!(
+        v["name"].as_str().unwrap().starts_with("gaierror") || v["name"] == "OSError:101",
+        "{v}"
+    );
+    assert!(plain.network.is_none());
+
+    // The audit record carries the allowlist and the counters.
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&audit)
+            .is_ok_and(|s| s.lines().count() == 2))
+        .await
+    );
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&audit)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["requested"]["allow_net"][0], "pkg.test:8080");
+    assert_eq!(first["network"]["bytes_in"], 10);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_allowlists_are_refused_at_admission_naming_the_rule() {
+    let _serial = SERIAL.lock().await;
+    let d = TestDaemon::start(|_| {}).await;
+    let ask = |allow: &[&str]| {
+        let mut r = req("print(1)");
+        r.allow_net = allow.iter().map(|s| s.to_string()).collect();
+        r
+    };
+    let cases: &[(&[&str], ErrorCode, &str)] = &[
+        (
+            &["169.254.169.254:80"],
+            ErrorCode::LimitExceedsPolicy,
+            "169.254.0.0/16",
+        ),
+        (
+            &["[fd00:ec2::254]:80"],
+            ErrorCode::LimitExceedsPolicy,
+            "fd00:ec2::254/128",
+        ),
+        (&["*"], ErrorCode::LimitExceedsPolicy, "allow_wildcards"),
+        (
+            &["0.0.0.0/0:443"],
+            ErrorCode::LimitExceedsPolicy,
+            "allow_wildcards",
+        ),
+        (&["pkg.test:99999"], ErrorCode::InvalidRequest, "1-65535"),
+        (&["pkg..test:80"], ErrorCode::InvalidRequest, "empty label"),
+        (&["10.0.0.1/8"], ErrorCode::InvalidRequest, "10.0.0.0/8"),
+        (&["pkg.test"], ErrorCode::InvalidRequest, "name the ports"),
+    ];
+    for (allow, code, says) in cases {
+        let e = server_error(d.spawn(&ask(allow)).await.unwrap_err());
+        assert_eq!(e.code, *code, "{allow:?}: {}", e.message);
+        assert!(e.message.contains(says), "{allow:?}: {}", e.message);
+    }
+    let many: Vec<String> = (0..65).map(|i| format!("h{i}.test:443")).collect();
+    let mut r = req("print(1)");
+    r.allow_net = many;
+    let e = server_error(d.spawn(&r).await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::InvalidRequest, "{}", e.message);
+    // The daemon still serves.
+    assert_eq!(d.run("print(2)").await.stdout, b"2\n");
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sandboxes_with_network_leave_nothing_behind() {
+    let _serial = SERIAL.lock().await;
+    let n: usize = std::env::var("FORKD_EGRESS_SPAWNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let host = TestHost::create();
+    host.echo(8080, "a");
+    let links_before = std::fs::read_dir("/sys/class/net").unwrap().count();
+    let d = TestDaemon::start(|_| {}).await;
+    let code = "import socket,sys\ns=socket.create_connection((sys.argv[1],8080),timeout=5)\ns.sendall(b'x')\nprint(s.recv(10).decode())";
+    let mut r = req(code);
+    r.argv = vec![host.addr.to_string()];
+    r.allow_net = vec![format!("{}:8080", host.addr)];
+    let mut bytes = 0;
+    for i in 0..n {
+        let res = d.spawn(&r).await.unwrap();
+        assert_eq!(
+            res.stdout,
+            b"a: x\n",
+            "spawn {i}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        bytes += res.network.unwrap().bytes_in;
+    }
+    assert_eq!(bytes, 4 * n as u64);
+    // No interface was made for any sandbox (and none is left).
+    assert_eq!(
+        std::fs::read_dir("/sys/class/net").unwrap().count(),
+        links_before
+    );
+    d.finish().await;
+}
