@@ -98,6 +98,9 @@ class Execution:
     warm: bool = False
     sandbox: int = 0
     zygote: str = ""
+    #: Egress counters and connection log (``bytes_out``, ``bytes_in``,
+    #: ``connections_allowed``, ``log``...) when the request had ``allow_net``.
+    network: Optional[Dict[str, Any]] = None
 
     @property
     def text(self) -> str:
@@ -266,6 +269,7 @@ def build_spawn(
     output_limit: Optional[Union[int, str]] = None,
     zygote: Optional[str] = None,
     policy: Optional[str] = None,
+    allow_net: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """A ``spawn`` request object. ``timeout`` is seconds; ``memory`` and
     ``output_limit`` are bytes or size strings like ``"256M"``."""
@@ -306,6 +310,10 @@ def build_spawn(
     req["limits"] = limits
     if policy is not None:
         req["policy"] = policy
+    if allow_net:
+        if isinstance(allow_net, str):
+            raise TypeError("allow_net must be a sequence of specs, not a string")
+        req["allow_net"] = [str(s) for s in allow_net]
     return req
 
 
@@ -372,6 +380,7 @@ def parse_result(obj: Mapping[str, Any]) -> Execution:
         warm=bool(obj.get("warm", False)),
         sandbox=_int(obj, "sandbox"),
         zygote=str(obj.get("zygote", "")),
+        network=dict(obj["network"]) if isinstance(obj.get("network"), dict) else None,
     )
 
 
