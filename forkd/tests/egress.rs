@@ -222,3 +222,95 @@ async fn many_sandboxes_with_network_leave_nothing_behind() {
     );
     d.finish().await;
 }
+
+/// The index pip would use, from pip's own configuration (PIP_INDEX_URL,
+/// `pip config`, else pip's built-in default), and pip's CA bundle setting:
+/// (hosts to allowlist, cert path). Never spelled out in this repository.
+fn pip_index() -> Option<(Vec<String>, Option<String>)> {
+    let py = python();
+    let script = r#"
+import os, sys, urllib.parse
+from pip._internal.configuration import Configuration
+from pip._internal.models.index import PyPI
+c = Configuration(isolated=False); c.load()
+vals = dict(c.items())
+def get(k):
+    for key in (":env:." + k, "global." + k, "install." + k):
+        if key in vals: return vals[key]
+    return None
+index = os.environ.get("PIP_INDEX_URL") or get("index-url") or PyPI.simple_url
+hosts = [urllib.parse.urlsplit(index).hostname]
+if index == PyPI.simple_url:
+    hosts.append(PyPI.file_storage_domain)
+print(" ".join(hosts)); print(os.environ.get("PIP_CERT") or get("cert") or "")
+"#;
+    let out = std::process::Command::new(&py)
+        .args(["-c", script])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    let mut lines = text.lines();
+    let hosts: Vec<String> = lines.next()?.split_whitespace().map(String::from).collect();
+    let cert = lines.next().filter(|c| !c.is_empty()).map(String::from);
+    Some((hosts, cert))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pip_installs_a_package_with_only_the_index_hosts_allowed() {
+    let _serial = SERIAL.lock().await;
+    let Some((hosts, cert)) = pip_index() else {
+        eprintln!("skipped: no pip in the test interpreter");
+        return;
+    };
+    // The machine must reach the index at all (the only test that sends
+    // traffic beyond test hosts, to the index pip itself is configured with).
+    let reachable = hosts.iter().all(|h| {
+        std::process::Command::new("getent")
+            .args(["hosts", h])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !reachable {
+        eprintln!("skipped: the package index ({hosts:?}) does not resolve on this machine");
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let mut r = req(concat!(
+        "import subprocess, sys\n",
+        "p = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-cache-dir', '--quiet',\n",
+        "    '--target', '/tmp/pkgs', 'tabulate'], capture_output=True, text=True)\n",
+        "print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)\n",
+        "sys.path.insert(0, '/tmp/pkgs')\n",
+        "import tabulate\n",
+        "print(tabulate.tabulate([[1, 2]]))\n",
+    ));
+    r.timeout_ms = Some(170_000);
+    r.allow_net = hosts.iter().map(|h| format!("{h}:443")).collect();
+    r.env
+        .insert("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into());
+    if let Some(c) = cert {
+        r.env.insert("PIP_CERT".into(), c);
+    }
+    let res = d.spawn(&r).await.unwrap();
+    let net = res.network.clone().unwrap();
+    assert_eq!(
+        res.exit_code,
+        Some(0),
+        "{}\n{net:#?}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(String::from_utf8_lossy(&res.stdout).contains("1  2"));
+    assert!(
+        net.connections_allowed >= 1 && net.bytes_in > 10_000,
+        "{net:?}"
+    );
+    assert!(net
+        .log
+        .iter()
+        .filter(|e| e.kind == "connect")
+        .all(|e| e.port == Some(443) && e.allowed));
+    d.finish().await;
+}
