@@ -47,7 +47,8 @@ pub fn ns_id(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
-/// Brings `lo` up in the calling thread's network namespace (idempotent).
+/// Brings `lo` up in the calling thread's network namespace (idempotent;
+/// only a check when it is up already).
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: a datagram socket used only for the interface ioctls below.
     let s =
@@ -62,6 +63,11 @@ pub fn loopback_up() -> io::Result<()> {
     // SAFETY: SIOCGIFFLAGS fills the flags of the named interface into `req`.
     check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
     // SAFETY: the flags member is the one SIOCGIFFLAGS set.
+    if unsafe { req.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0 {
+        // Already up (a stocked namespace): changing nothing is free.
+        return Ok(());
+    }
+    // SAFETY: as above.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads `req`.
     check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) }).map(drop)

@@ -198,3 +198,74 @@ async fn names_resolve_only_when_allowed_and_never_to_private_or_metadata_addres
     let conn = report.log.iter().find(|e| e.kind == "connect").unwrap();
     assert_eq!(conn.host.as_deref(), Some("ok.test"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_destinations_are_enforced_like_ipv4() {
+    need_root!();
+    let host = TestHost::create();
+    host.echo6(8080, "six");
+    let enforcer = Enforcer::start(config(vec![])).unwrap();
+    let child = NetnsChild::start();
+    let allow = admit(&[format!("[{}]:8080", host.addr6)]);
+    let egress = enforcer.attach(child.pidfd.as_fd(), allow).await.unwrap();
+    let a = IpAddr::V6(host.addr6);
+    let mut other = host.addr6.segments();
+    other[7] = 3;
+    let o = IpAddr::V6(other.into());
+    let (echoed, port, host_kind) = tokio::task::spawn_blocking(move || {
+        child.run(move || {
+            let echoed = connect((a, 8080).into())
+                .and_then(|mut s| exchange(&mut s, b"hi"))
+                .unwrap();
+            let port = connect((a, 8081).into()).map(drop).unwrap_err().kind();
+            let host = connect((o, 8080).into()).map(drop).unwrap_err().kind();
+            (echoed, port, host)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(echoed, b"six: hi");
+    assert_eq!(port, ErrorKind::ConnectionRefused);
+    assert_eq!(host_kind, ErrorKind::NetworkUnreachable);
+    let report = egress.finish();
+    assert_eq!(report.connections_allowed, 1);
+    assert_eq!(report.log[0].destination, host.addr6.to_string());
+}
+
+/// The setup cost alone (not run by default: `cargo test --release -p
+/// forkd-net --test egress -- --ignored --nocapture`): attach to a fresh
+/// namespace N times, timing each attach and its finish. Noisy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn attach_cost() {
+    need_root!();
+    let enforcer = Enforcer::start(config(vec![])).unwrap();
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let child = NetnsChild::start();
+        // Wait until it has its own namespace (as a warm child has).
+        child.run(|| ());
+        // And let its `ip` finish (lo up), so only the attach is measured.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let allow = admit(&["198.18.0.1:443".into(), "pkg.test:443".into()]);
+        let t = std::time::Instant::now();
+        let egress = enforcer.attach(child.pidfd.as_fd(), allow).await.unwrap();
+        let attached = t.elapsed();
+        let t = std::time::Instant::now();
+        drop(egress.finish());
+        times.push((
+            attached.as_secs_f64() * 1e6,
+            t.elapsed().as_secs_f64() * 1e6,
+        ));
+    }
+    let mut a: Vec<f64> = times.iter().map(|t| t.0).collect();
+    let mut f: Vec<f64> = times.iter().map(|t| t.1).collect();
+    a.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    f.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    println!(
+        "attach p50 {:.0} µs p90 {:.0} µs; finish p50 {:.0} µs",
+        a[a.len() / 2],
+        a[a.len() * 9 / 10],
+        f[f.len() / 2]
+    );
+}

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,12 +38,14 @@ pub fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The test host: `addr` inside namespace `ns`, `gateway` on the host side.
+/// The test host: `addr` (and `addr6`, from the documentation range
+/// 2001:db8::/32) inside namespace `ns`, `gateway` on the host side.
 pub struct TestHost {
     pub ns: String,
     pub veth: String,
     pub addr: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    pub addr6: Ipv6Addr,
 }
 
 fn setns(fd: &OwnedFd) {
@@ -91,11 +93,31 @@ impl TestHost {
         ]);
         ip(&["-n", &ns, "link", "set", &peer, "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let net6 = format!("2001:db8:{:x}:{:x}", slot >> 8, slot & 0xff);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{net6}::1/64"),
+            "dev",
+            &veth,
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{net6}::2/64"),
+            "dev",
+            &peer,
+            "nodad",
+        ]);
         TestHost {
             ns,
             veth,
             addr,
             gateway,
+            addr6: format!("{net6}::2").parse().unwrap(),
         }
     }
 
@@ -132,6 +154,25 @@ impl TestHost {
                         }
                     }
                 });
+            }
+        });
+        rx.recv().unwrap();
+    }
+
+    /// An echo server on the IPv6 address.
+    pub fn echo6(&self, port: u16, tag: &'static str) {
+        let addr = SocketAddr::new(IpAddr::V6(self.addr6), port);
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.spawn(move || {
+            let l = TcpListener::bind(addr).expect("bind echo6");
+            tx.send(()).unwrap();
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                if let Ok(n) = s.read(&mut buf) {
+                    let mut out = format!("{tag}: ").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    let _ = s.write_all(&out);
+                }
             }
         });
         rx.recv().unwrap();
@@ -228,7 +269,8 @@ pub struct NetnsChild {
 impl NetnsChild {
     pub fn start() -> NetnsChild {
         let child = Command::new("unshare")
-            .args(["--net", "sleep", "600"])
+            // `lo` up, as in a sandbox's namespace.
+            .args(["--net", "sh", "-c", "ip link set lo up && exec sleep 600"])
             .spawn()
             .expect("spawn unshare");
         // SAFETY: pidfd_open with a pid we own and no flags.
