@@ -13,9 +13,21 @@ use common::*;
 use forkd_ipc::ErrorCode;
 use testbed::TestHost;
 
-/// One test at a time: each checks the host for leaks (mounts included),
-/// and another test's test host would show up there.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// One test at a time, each with a runtime of its own made after taking the
+/// lock: every test checks the process and host for leaks (fds, mounts), and
+/// another test's runtime or test host would show up there.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial<F: std::future::Future<Output = ()>>(test: F) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(test);
+    drop(rt);
+}
 
 /// What the sandbox program observes; one JSON object on stdout.
 const PROBE: &str = r#"
@@ -52,9 +64,12 @@ fn probe(addr: std::net::Ipv4Addr, allow: Vec<String>) -> forkd_ipc::SpawnReques
     r
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else() {
-    let _serial = SERIAL.lock().await;
+#[test]
+fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else() {
+    serial(a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else_());
+}
+
+async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else_() {
     let host = TestHost::create();
     host.echo(8080, "a");
     host.echo(8081, "b");
@@ -142,9 +157,12 @@ async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else() 
     d.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_allowlists_are_refused_at_admission_naming_the_rule() {
-    let _serial = SERIAL.lock().await;
+#[test]
+fn bad_allowlists_are_refused_at_admission_naming_the_rule() {
+    serial(bad_allowlists_are_refused_at_admission_naming_the_rule_());
+}
+
+async fn bad_allowlists_are_refused_at_admission_naming_the_rule_() {
     let d = TestDaemon::start(|_| {}).await;
     let ask = |allow: &[&str]| {
         let mut r = req("print(1)");
@@ -162,6 +180,13 @@ async fn bad_allowlists_are_refused_at_admission_naming_the_rule() {
             ErrorCode::LimitExceedsPolicy,
             "fd00:ec2::254/128",
         ),
+        // The proxy connects from the host's namespace: its loopback stays closed.
+        (
+            &["127.0.0.1:22"],
+            ErrorCode::LimitExceedsPolicy,
+            "127.0.0.0/8",
+        ),
+        (&["[::1]:22"], ErrorCode::LimitExceedsPolicy, "::1/128"),
         (&["*"], ErrorCode::LimitExceedsPolicy, "allow_wildcards"),
         (
             &["0.0.0.0/0:443"],
@@ -188,9 +213,12 @@ async fn bad_allowlists_are_refused_at_admission_naming_the_rule() {
     d.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_sandboxes_with_network_leave_nothing_behind() {
-    let _serial = SERIAL.lock().await;
+#[test]
+fn many_sandboxes_with_network_leave_nothing_behind() {
+    serial(many_sandboxes_with_network_leave_nothing_behind_());
+}
+
+async fn many_sandboxes_with_network_leave_nothing_behind_() {
     let n: usize = std::env::var("FORKD_EGRESS_SPAWNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -258,9 +286,12 @@ print(" ".join(hosts)); print(os.environ.get("PIP_CERT") or get("cert") or "")
     Some((hosts, cert))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pip_installs_a_package_with_only_the_index_hosts_allowed() {
-    let _serial = SERIAL.lock().await;
+#[test]
+fn pip_installs_a_package_with_only_the_index_hosts_allowed() {
+    serial(pip_installs_a_package_with_only_the_index_hosts_allowed_());
+}
+
+async fn pip_installs_a_package_with_only_the_index_hosts_allowed_() {
     let Some((hosts, cert)) = pip_index() else {
         eprintln!("skipped: no pip in the test interpreter");
         return;

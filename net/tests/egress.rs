@@ -269,3 +269,55 @@ async fn attach_cost() {
         f[f.len() / 2]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_address_is_reachable_only_for_its_ttl() {
+    need_root!();
+    let host = TestHost::create();
+    host.echo(8080, "a");
+    // TTL 1 s is clamped up to the resolver's minimum.
+    let dns = host.dns(
+        [("brief.test".to_string(), host.addr)]
+            .into_iter()
+            .collect(),
+        1,
+    );
+    let enforcer = Enforcer::start(config(vec![dns])).unwrap();
+    let child = NetnsChild::start();
+    let egress = enforcer
+        .attach(child.pidfd.as_fd(), admit(&["brief.test:8080".into()]))
+        .await
+        .unwrap();
+    let a = IpAddr::V4(host.addr);
+    let (ttl_ok, fresh, stale) = tokio::task::spawn_blocking(move || {
+        child.run(move || {
+            let (code, addrs) = lookup(([127, 0, 0, 1], 53).into(), "brief.test.");
+            let fresh = connect((a, 8080).into())
+                .and_then(|mut s| exchange(&mut s, b"1"))
+                .map(|b| b.len());
+            std::thread::sleep(Duration::from_secs(u64::from(forkd_net::dns::MIN_TTL) + 1));
+            let stale = connect((a, 8080).into())
+                .and_then(|mut s| exchange(&mut s, b"2"))
+                .map(|b| b.len());
+            (
+                code == ResponseCode::NoError && addrs == vec![host.addr],
+                fresh,
+                stale,
+            )
+        })
+    })
+    .await
+    .unwrap();
+    assert!(ttl_ok);
+    assert_eq!(fresh.unwrap(), 4);
+    match stale {
+        Ok(0) => {}
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("{n} bytes through an expired answer"),
+    }
+    let report = egress.finish();
+    assert_eq!(
+        (report.connections_allowed, report.connections_denied),
+        (1, 1)
+    );
+}
