@@ -128,6 +128,16 @@ async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else_()
         .iter()
         .any(|e| e.kind == "dns" && e.destination == "rebind.test"));
 
+    // And in the metrics.
+    let text = d.daemon.metrics.render(&d.daemon);
+    for line in [
+        r#"forkd_egress_bytes_total{kind="in"} 10"#,
+        r#"forkd_egress_bytes_total{kind="out"} 4"#,
+        r#"forkd_egress_connections_total{kind="allowed"} 2"#,
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+
     // A bystander without an allowlist: no network at all, no report.
     let plain = d.spawn(&probe(host.addr, vec![])).await.unwrap();
     let v: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
