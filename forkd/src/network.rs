@@ -35,6 +35,8 @@ pub struct NetworkSection {
     pub resolvers: Option<Vec<String>>,
     /// Longest wait for a destination to accept a proxied connection.
     pub connect_timeout_ms: u64,
+    /// Most proxied connections open at once per sandbox; more are reset.
+    pub max_connections: usize,
 }
 
 impl Default for NetworkSection {
@@ -51,6 +53,7 @@ impl Default for NetworkSection {
             max_ports: d.max_ports,
             resolvers: None,
             connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            max_connections: d.max_connections,
         }
     }
 }
@@ -86,6 +89,11 @@ impl NetworkSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.bound()?;
         self.resolvers()?;
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "[network] max_connections must be at least 1".into(),
+            ));
+        }
         if self.max_ports == 0 || self.max_ports > 1024 {
             return Err(ConfigError::Invalid(
                 "[network] max_ports must be in 1-1024".into(),
@@ -117,6 +125,7 @@ impl Network {
                 resolvers: section.resolvers()?,
                 connect_timeout: Duration::from_millis(section.connect_timeout_ms),
                 max_ports: section.max_ports,
+                max_connections: section.max_connections,
                 ..forkd_net::Config::default()
             })
             .map_err(|e| format!("forkd could not start its egress thread: {e}"))

@@ -193,6 +193,8 @@ pub enum Refusal {
     Rebinding,
     /// No rule allows it.
     NotAllowed,
+    /// An address of the daemon's own host (its services are not egress).
+    HostAddress,
 }
 
 impl std::fmt::Display for Refusal {
@@ -201,6 +203,7 @@ impl std::fmt::Display for Refusal {
             Refusal::Denied(c) => write!(f, "denied by the operator's rule {c}"),
             Refusal::Rebinding => f.write_str("a private address behind a name (rebinding)"),
             Refusal::NotAllowed => f.write_str("not on the allowlist"),
+            Refusal::HostAddress => f.write_str("an address of forkd's own host"),
         }
     }
 }

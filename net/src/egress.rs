@@ -65,6 +65,9 @@ pub struct Config {
     pub max_log: usize,
     /// Most addresses the resolver may open for one sandbox.
     pub max_addresses: usize,
+    /// Most proxied connections open at once per sandbox (each holds two
+    /// 64 KiB buffers in the daemon); more are reset.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             max_ports: 64,
             max_log: 256,
             max_addresses: 1024,
+            max_connections: 128,
         }
     }
 }
@@ -100,6 +104,35 @@ pub const DNS_PORT: u16 = 53;
 const ENTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// In-flight DNS queries per sandbox; more are dropped (the stub retries).
 const DNS_INFLIGHT: usize = 64;
+/// How long the list of the host's own addresses is trusted.
+const HOST_ADDRESSES_TTL: Duration = Duration::from_secs(5);
+
+/// The daemon's own addresses (its namespace's interfaces), refreshed every
+/// few seconds: a proxied connection to one would reach the host's services.
+struct HostAddresses {
+    cached: Mutex<(Instant, Vec<IpAddr>)>,
+}
+
+impl HostAddresses {
+    fn new() -> HostAddresses {
+        HostAddresses {
+            cached: Mutex::new((Instant::now(), sys::local_addresses().unwrap_or_default())),
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let Ok(mut c) = self.cached.lock() else {
+            return true; // poisoned: refuse rather than guess
+        };
+        if c.0.elapsed() > HOST_ADDRESSES_TTL {
+            // Runs on a tokio worker, i.e. in the daemon's namespace.
+            if let Ok(list) = sys::local_addresses() {
+                *c = (Instant::now(), list);
+            }
+        }
+        c.1.iter().any(|a| canonical(*a) == ip)
+    }
+}
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +164,7 @@ struct SetupJob {
 pub struct Enforcer {
     jobs: Mutex<mpsc::Sender<SetupJob>>,
     config: Arc<Config>,
+    host: Arc<HostAddresses>,
 }
 
 impl Enforcer {
@@ -157,6 +191,7 @@ impl Enforcer {
         Ok(Enforcer {
             jobs: Mutex::new(tx),
             config: Arc::new(config),
+            host: Arc::new(HostAddresses::new()),
         })
     }
 
@@ -202,7 +237,8 @@ impl Enforcer {
             .await
             .map_err(|_| EgressError::ThreadGone)?
             .map_err(EgressError::Setup)?;
-        Egress::run(allow, self.config.clone(), opened).map_err(EgressError::Setup)
+        Egress::run(allow, self.config.clone(), self.host.clone(), opened)
+            .map_err(EgressError::Setup)
     }
 }
 
@@ -319,6 +355,8 @@ struct Counters {
 struct State {
     allow: Allowlist,
     config: Arc<Config>,
+    host: Arc<HostAddresses>,
+    conn_slots: Arc<Semaphore>,
     networks: Vec<Cidr>,
     routes: Mutex<RouteSocket>,
     answered: Mutex<HashMap<IpAddr, Answered>>,
@@ -352,6 +390,9 @@ impl State {
     /// The verdict on a connection to `ip:port`: the name it was resolved
     /// for (if any), or why not.
     fn verdict(&self, ip: IpAddr, port: u16) -> Result<Option<String>, Refusal> {
+        if self.host.contains(ip) {
+            return Err(Refusal::HostAddress);
+        }
         let by_rule = match self.allow.check_address(ip, port) {
             Ok(()) => true,
             Err(r @ Refusal::Denied(_)) => return Err(r),
@@ -427,11 +468,18 @@ impl Drop for Egress {
 }
 
 impl Egress {
-    fn run(allow: Allowlist, config: Arc<Config>, opened: Opened) -> io::Result<Egress> {
+    fn run(
+        allow: Allowlist,
+        config: Arc<Config>,
+        host: Arc<HostAddresses>,
+        opened: Opened,
+    ) -> io::Result<Egress> {
         let state = Arc::new(State {
             networks: allow.networks(),
             allow,
+            conn_slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
+            host,
             routes: Mutex::new(opened.routes),
             answered: Mutex::new(HashMap::new()),
             bytes_out: AtomicU64::new(0),
@@ -528,6 +576,16 @@ async fn proxy(state: Arc<State>, inside: TcpStream) {
         }
     };
     event.host = host;
+    let Ok(_slot) = state.conn_slots.clone().try_acquire_owned() else {
+        state.denied.fetch_add(1, Ordering::Relaxed);
+        event.reason = Some(format!(
+            "more than {} connections open at once",
+            state.config.max_connections
+        ));
+        state.record(event, None);
+        reset(&inside);
+        return;
+    };
     let target = SocketAddr::new(ip, port);
     let outside = match tokio::time::timeout(
         state.config.connect_timeout,

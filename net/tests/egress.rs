@@ -321,3 +321,48 @@ async fn an_answered_address_is_reachable_only_for_its_ttl() {
         (1, 1)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_own_addresses_stay_closed_even_when_allowed() {
+    need_root!();
+    let host = TestHost::create();
+    // A service of "forkd's host": listening in this (the daemon's)
+    // namespace on the host end of the veth.
+    let service = std::net::TcpListener::bind((host.gateway, 0)).unwrap();
+    let port = service.local_addr().unwrap().port();
+    service.set_nonblocking(true).unwrap();
+    let enforcer = Enforcer::start(config(vec![])).unwrap();
+    let child = NetnsChild::start();
+    let egress = enforcer
+        .attach(
+            child.pidfd.as_fd(),
+            admit(&[format!("{}:{port}", host.gateway)]),
+        )
+        .await
+        .unwrap();
+    let g = IpAddr::V4(host.gateway);
+    let got = tokio::task::spawn_blocking(move || {
+        child.run(move || {
+            connect((g, port).into())
+                .and_then(|mut s| exchange(&mut s, b"x"))
+                .map(|b| b.len())
+        })
+    })
+    .await
+    .unwrap();
+    match got {
+        Ok(0) => {}
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("{n} bytes from the host's own service"),
+    }
+    assert!(
+        service.accept().is_err(),
+        "the host's service saw a connection"
+    );
+    let report = egress.finish();
+    assert_eq!(report.connections_denied, 1);
+    assert_eq!(
+        report.log[0].reason.as_deref(),
+        Some("an address of forkd's own host")
+    );
+}
