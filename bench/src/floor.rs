@@ -57,7 +57,7 @@ impl Floor {
                 cgroup: forkd_cgroup::Limits::default(),
                 isolate: false,
             },
-            job: forkd::sandbox::job_frame(&request()),
+            job: forkd::sandbox::job_frame(&request()).expect("the benchmark job encodes"),
             next_id: AtomicU64::new(1),
         }))
     }

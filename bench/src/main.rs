@@ -150,7 +150,7 @@ fn request() -> SpawnRequest {
     }
 }
 
-fn host_facts(daemon: &forkd::daemon::Daemon, python: &str) -> serde_json::Value {
+fn host_facts(daemon: &forkd::state::State, python: &str) -> serde_json::Value {
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .unwrap_or_default()
@@ -178,11 +178,11 @@ fn config(args: &Args, warm_pool: usize) -> forkd::Config {
     config
 }
 
-async fn wait_pool_full(daemon: &forkd::daemon::Daemon, want: usize) {
+async fn wait_pool_full(daemon: &forkd::state::State, want: usize) {
     wait_zygote_pool_full(daemon, "default", want).await;
 }
 
-async fn wait_zygote_pool_full(daemon: &forkd::daemon::Daemon, zygote: &str, want: usize) {
+async fn wait_zygote_pool_full(daemon: &forkd::state::State, zygote: &str, want: usize) {
     let Some(pool) = daemon.warm.get(zygote) else {
         return;
     };
@@ -264,7 +264,7 @@ fn uss(pid: i32) -> Option<u64> {
 
 /// Median USS of 10 sandboxes running the snippet and then sleeping: their
 /// pids come from the sandbox cgroups (parked warm children excluded).
-async fn running_uss(daemon: &forkd::daemon::Daemon, client: &AsyncClient) -> Option<u64> {
+async fn running_uss(daemon: &forkd::state::State, client: &AsyncClient) -> Option<u64> {
     let parked: std::collections::BTreeSet<i32> =
         daemon.warm.values().flat_map(|p| p.child_pids()).collect();
     let mut set = tokio::task::JoinSet::new();

@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use forkd_ipc::{AppliedLimits, ErrorCode, ErrorReply, InlineFile, SpawnRequest};
+use forkd_ipc::AppliedLimits;
 use serde::Deserialize;
 
-const MIB: u64 = 1024 * 1024;
+pub(crate) const MIB: u64 = 1024 * 1024;
 /// Name of the zygote an empty configuration gets.
 const DEFAULT_ZYGOTE_NAME: &str = "default";
 
@@ -452,215 +451,6 @@ impl Config {
         }
         Ok(set)
     }
-
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.shutdown_grace_ms)
-    }
-}
-
-/// A request after validation against the configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Resolved {
-    pub zygote: String,
-    pub policy: String,
-    pub limits: AppliedLimits,
-}
-
-fn invalid(message: String) -> ErrorReply {
-    ErrorReply {
-        code: ErrorCode::InvalidRequest,
-        message,
-    }
-}
-
-/// Validates a request and fills in defaults. Limits above the configured
-/// maximum are refused, never clamped.
-pub fn resolve(
-    config: &Config,
-    req: &SpawnRequest,
-    known_policies: &BTreeMap<String, forkd_zygote::Policy>,
-    cgroup_enforced: bool,
-) -> Result<Resolved, ErrorReply> {
-    let zygote = req
-        .zygote
-        .clone()
-        .unwrap_or_else(|| config.default_zygote.clone());
-    if !config.has_zygote(&zygote) {
-        return Err(ErrorReply {
-            code: ErrorCode::UnknownZygote,
-            message: format!(
-                "no zygote named `{zygote}`; configured: {}",
-                config
-                    .zygote_sections()
-                    .iter()
-                    .map(|z| z.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        });
-    }
-    let policy = req
-        .policy
-        .clone()
-        .unwrap_or_else(|| config.default_policy.clone());
-    if !known_policies.contains_key(&policy) {
-        return Err(ErrorReply {
-            code: ErrorCode::UnknownPolicy,
-            message: format!(
-                "no policy named `{policy}`; configured: {}",
-                known_policies
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        });
-    }
-
-    let d = &config.limits.default;
-    let m = &config.limits.max;
-    let l = &req.limits;
-    let pick_u = |name: &str, asked: Option<u64>, default: u64, max: u64, min: u64| {
-        let v = asked.unwrap_or(default);
-        if v < min {
-            return Err(invalid(format!(
-                "limits.{name} = {v} is below the minimum {min}"
-            )));
-        }
-        if v > max {
-            return Err(ErrorReply {
-                code: ErrorCode::LimitExceedsPolicy,
-                message: format!(
-                    "limits.{name} = {v} exceeds this daemon's maximum {max}; ask for less or raise limits.max.{name} in the daemon's config"
-                ),
-            });
-        }
-        Ok(v)
-    };
-    let timeout_ms = {
-        let v = req.timeout_ms.unwrap_or(d.timeout_ms);
-        if v == 0 {
-            return Err(invalid("timeout_ms must be at least 1".into()));
-        }
-        pick_u("timeout_ms", Some(v), d.timeout_ms, m.timeout_ms, 1)?
-    };
-    let cpus = l.cpus.unwrap_or(d.cpus);
-    if !cpus.is_finite() || cpus < 0.01 {
-        return Err(invalid(format!(
-            "limits.cpus = {cpus} must be a number of at least 0.01"
-        )));
-    }
-    if cpus > m.cpus {
-        return Err(ErrorReply {
-            code: ErrorCode::LimitExceedsPolicy,
-            message: format!(
-                "limits.cpus = {cpus} exceeds this daemon's maximum {}; ask for less or raise limits.max.cpus",
-                m.cpus
-            ),
-        });
-    }
-    let limits = AppliedLimits {
-        timeout_ms,
-        memory_bytes: pick_u(
-            "memory_bytes",
-            l.memory_bytes,
-            d.memory_bytes,
-            m.memory_bytes,
-            8 * MIB,
-        )?,
-        cpus,
-        pids: pick_u("pids", l.pids, d.pids, m.pids, 1)?,
-        output_bytes: pick_u(
-            "output_bytes",
-            l.output_bytes,
-            d.output_bytes,
-            m.output_bytes,
-            1,
-        )?,
-        scratch_bytes: pick_u(
-            "scratch_bytes",
-            l.scratch_bytes,
-            d.scratch_bytes,
-            m.scratch_bytes,
-            4096,
-        )?,
-        open_files: pick_u("open_files", l.open_files, d.open_files, m.open_files, 16)?,
-        file_size_bytes: pick_u(
-            "file_size_bytes",
-            l.file_size_bytes,
-            d.file_size_bytes,
-            m.file_size_bytes,
-            1,
-        )?,
-        cgroup_enforced,
-    };
-
-    validate_files(&req.files, limits.scratch_bytes)?;
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(invalid(format!(
-                "environment variable {k:?} is invalid: names must be non-empty without '=' or NUL, values without NUL"
-            )));
-        }
-    }
-    if req.argv.iter().any(|a| a.contains('\0')) {
-        return Err(invalid("argv entries must not contain NUL bytes".into()));
-    }
-    if let forkd_ipc::Program::Script(path) = &req.program {
-        if path.is_empty() || path.contains('\0') {
-            return Err(invalid(format!(
-                "script path {path:?} must be non-empty without NUL bytes (relative paths are inside the scratch directory)"
-            )));
-        }
-    }
-    Ok(Resolved {
-        zygote,
-        policy,
-        limits,
-    })
-}
-
-fn validate_files(files: &[InlineFile], scratch_bytes: u64) -> Result<(), ErrorReply> {
-    let mut total: u64 = 0;
-    let mut seen = std::collections::BTreeSet::new();
-    for f in files {
-        let p = Path::new(&f.path);
-        let ok = !f.path.is_empty()
-            && !f.path.contains('\0')
-            && p.is_relative()
-            // components() silently drops interior `.` (`a/./b`), so check
-            // the raw segments too.
-            && !f.path.split('/').any(|seg| seg == ".")
-            && p.components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-        if !ok {
-            return Err(invalid(format!(
-                "file path {:?} must be relative to the scratch directory, without `..` or `.`",
-                f.path
-            )));
-        }
-        if !seen.insert(f.path.clone()) {
-            return Err(invalid(format!("file path {:?} appears twice", f.path)));
-        }
-        if let Some(mode) = f.mode {
-            if mode & !0o777 != 0 {
-                return Err(invalid(format!(
-                    "file {:?}: mode {mode:#o} may only hold permission bits (no setuid/setgid/sticky)",
-                    f.path
-                )));
-            }
-        }
-        total += f.content.len() as u64;
-    }
-    if total > scratch_bytes {
-        return Err(ErrorReply {
-            code: ErrorCode::LimitExceedsPolicy,
-            message: format!(
-                "inline files total {total} bytes, more than the scratch directory's {scratch_bytes} bytes; raise limits.scratch_bytes"
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Command-line overrides for the default zygote (`--python`, `--preload`).
@@ -685,7 +475,17 @@ pub fn apply_overrides(config: &mut Config, python: Option<PathBuf>, preload: Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use forkd_ipc::{Limits, Program};
+    use crate::admission::{Admission, Resolved};
+    use forkd_ipc::{ErrorCode, ErrorReply, InlineFile, Limits, Program, SpawnRequest};
+
+    fn resolve(
+        c: &Config,
+        r: &SpawnRequest,
+        p: &BTreeMap<String, forkd_zygote::Policy>,
+        enforced: bool,
+    ) -> Result<Resolved, ErrorReply> {
+        Admission::new(c, p, enforced).resolve(r)
+    }
 
     fn policies() -> BTreeMap<String, forkd_zygote::Policy> {
         Config::default().load_policies().unwrap()

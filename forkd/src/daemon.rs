@@ -1,165 +1,42 @@
-//! Daemon start-up and shutdown: configuration, cgroups, zygotes, the socket.
+//! The composition root: builds the daemon's parts from its settings, wires
+//! them together, and takes them down again in order.
+//!
+//! Start-up runs in steps, each undoing what the earlier ones made when it
+//! fails: settings → zygote configurations (no side effects) → cgroups →
+//! zygotes → metrics listener and audit log → socket → warm pools → serving.
+//! Nothing else in the crate imports this module: handlers get narrow parts
+//! ([`crate::state::State`], [`crate::admission::Admission`], metrics, audit).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_pool::{Makers, NetnsStock, PoolPolicy, Recycle, Supervisor, WarmPool, ZygoteConfig};
+use forkd_pool::{Makers, NetnsStock, Recycle, Supervisor, WarmPool, ZygoteConfig};
 use tokio::net::UnixListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
+use crate::admission::Admission;
+use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::state::State;
 use crate::sys;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(
-        "another forkd is already serving {0}; stop it first or pick another socket with --socket"
-    )]
-    AlreadyServed(PathBuf),
-    #[error("cannot use socket {path}: {source}")]
-    Socket {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cgroups: {0}\n(run as root on a host with cgroup v1 or v2 controllers, delegate a cgroup v2 subtree and set cgroup.v2_root, or set cgroup.mode = \"disabled\" to run without memory/cpu/pids limits)")]
-    Cgroup(forkd_cgroup::Error),
-    #[error("cannot find forkd's native zygote library {name}; looked in: {tried}. Build the whole workspace (`cargo build --release`) or set zygote_library in the config / FORKD_ZYGOTE_LIB")]
-    Library { name: &'static str, tried: String },
-    #[error("interpreter `{0}` for zygote `{1}` was not found (a bare name is looked up on PATH); set `python` to an existing interpreter, e.g. a venv's bin/python")]
-    Python(PathBuf, String),
-    #[error("{0}")]
-    Zygote(String),
-    #[error(transparent)]
-    Metrics(#[from] crate::metrics_http::MetricsListenError),
-    #[error(transparent)]
-    Audit(#[from] crate::audit::AuditOpenError),
-}
-
-/// The running daemon's shared state.
-pub struct Daemon {
-    pub config: Config,
-    pub policies: BTreeMap<String, forkd_zygote::Policy>,
-    pub pool: Arc<Supervisor>,
-    pub cgroups: Arc<forkd_cgroup::Manager>,
-    pub(crate) slots: Semaphore,
-    pub(crate) netns: Arc<Option<NetnsStock>>,
-    /// Warm pools by zygote name.
-    pub warm: std::collections::HashMap<String, WarmPool>,
-    next_id: Arc<AtomicU64>,
-    next_connection: AtomicU64,
-    shutdown: watch::Sender<bool>,
-    socket: PathBuf,
-    /// False when systemd bound the socket (socket activation): the file is
-    /// then its to keep, for the next activation.
-    owns_socket_file: bool,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// The audit log, when `audit_log` is configured.
-    pub audit: Option<crate::audit::AuditLog>,
-    /// Egress for requests with `allow_net`.
-    pub network: crate::network::Network,
-}
-
-impl Daemon {
-    pub fn next_sandbox_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub(crate) fn next_connection(&self) -> u64 {
-        self.next_connection.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
-    pub fn socket_path(&self) -> &Path {
-        &self.socket
-    }
-
-    /// Sandboxes running right now.
-    pub fn running(&self) -> usize {
-        self.config.max_concurrent - self.slots.available_permits()
-    }
-}
-
-/// Resolves once shutdown has begun.
-pub async fn stopping(rx: &mut watch::Receiver<bool>) {
-    // The guard wait_for returns must not live across an await point.
-    let _ = rx.wait_for(|s| *s).await.map(|_| ());
-}
-
-/// Socket path by precedence: explicit, config, `FORKD_SOCKET`, default.
-pub fn socket_path(explicit: Option<&Path>, config: &Config) -> PathBuf {
-    explicit
-        .map(Path::to_path_buf)
-        .or_else(|| config.socket.clone())
-        .unwrap_or_else(forkd_ipc::client::default_socket_path)
-}
-
-/// Locates `libforkd_zygote.so`: `explicit`, else `FORKD_ZYGOTE_LIB`, else
-/// next to the executable (and its parent, for test binaries).
-pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, StartError> {
-    let name = forkd_zygote::LIBRARY_FILE_NAME;
-    let mut candidates = Vec::new();
-    if let Some(p) = explicit {
-        candidates.push(p.to_path_buf());
-    } else if let Some(p) = std::env::var_os("FORKD_ZYGOTE_LIB") {
-        candidates.push(PathBuf::from(p));
-    } else if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join(name));
-            // Test binaries live in target/<profile>/deps.
-            candidates.push(dir.join("..").join(name));
-            candidates.push(dir.join("../lib/forkd").join(name));
-        }
-    }
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-        .ok_or_else(|| StartError::Library {
-            name,
-            tried: candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
-}
-
-/// Resolves a zygote's interpreter: a path as given (made absolute, symlinks
-/// kept), or a bare name on PATH.
-pub fn find_python(python: &Path, zygote: &str) -> Result<PathBuf, StartError> {
-    if python.components().count() > 1 {
-        // Absolute but not canonical: a venv's python is a symlink whose
-        // location is what selects the venv.
-        return match std::path::absolute(python) {
-            Ok(p) if p.exists() => Ok(p),
-            _ => Err(StartError::Python(python.to_path_buf(), zygote.into())),
-        };
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(python))
-        .find(|p| p.is_file())
-        .ok_or_else(|| StartError::Python(python.to_path_buf(), zygote.into()))
-}
+pub use crate::locate::{find_library, find_python, socket_path};
+pub use crate::start_error::StartError;
 
 /// Everything [`start`] checks before it starts anything: the configuration's
 /// rules, the policies, the native library and every zygote's interpreter
 /// (what `forkd --check-config` runs).
 pub fn preflight(config: &Config) -> Result<(), StartError> {
-    config.validate()?;
-    config.load_policies()?;
-    find_library(config.zygote_library.as_deref())?;
-    for z in config.zygote_sections() {
-        find_python(&z.python, &z.name)?;
+    let settings = Settings::new(config.clone())?;
+    find_library(settings.config.zygote_library.as_deref())?;
+    for z in &settings.zygotes {
+        find_python(&z.section.python, &z.section.name)?;
     }
     Ok(())
 }
@@ -218,7 +95,15 @@ fn adopt_activated(
 
 /// A started daemon: serving until [`Running::shutdown`].
 pub struct Running {
-    pub daemon: Arc<Daemon>,
+    /// What runs sandboxes (zygotes, warm pools, cgroups).
+    pub daemon: Arc<State>,
+    settings: Arc<Settings>,
+    shutdown: watch::Sender<bool>,
+    socket: PathBuf,
+    /// False when systemd bound the socket (socket activation): the file is
+    /// then its to keep, for the next activation.
+    owns_socket_file: bool,
+    audit: Option<Arc<AuditLog>>,
     server: tokio::task::JoinHandle<()>,
     metrics_server: Option<tokio::task::JoinHandle<()>>,
     metrics_addr: Option<std::net::SocketAddr>,
@@ -226,7 +111,11 @@ pub struct Running {
 
 impl Running {
     pub fn socket_path(&self) -> &Path {
-        self.daemon.socket_path()
+        &self.socket
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The metrics endpoint's TCP address, when it listens on TCP (the
@@ -241,9 +130,8 @@ impl Running {
     pub async fn shutdown(self) {
         let d = &self.daemon;
         tracing::info!(running = d.running(), "shutting down");
-        let _ = d.shutdown.send(true);
-        let grace = d.config.shutdown_grace();
-        let deadline = tokio::time::Instant::now() + grace;
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
         while d.running() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -278,10 +166,10 @@ impl Running {
             }
         })
         .await;
-        if d.owns_socket_file {
-            let _ = std::fs::remove_file(&d.socket);
+        if self.owns_socket_file {
+            let _ = std::fs::remove_file(&self.socket);
         }
-        if let Some(audit) = &d.audit {
+        if let Some(audit) = &self.audit {
             // Last, so that every request finished above has queued its record.
             audit.close().await;
         }
@@ -295,62 +183,48 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
     start_with(config, socket, None).await
 }
 
-/// [`start`], serving the socket systemd passed when `activated` is given
-/// (see [`crate::systemd`]) instead of binding one.
-pub async fn start_with(
-    config: Config,
-    socket: Option<&Path>,
-    activated: Option<crate::systemd::Activated>,
-) -> Result<Running, StartError> {
-    config.validate()?;
-    let policies = config.load_policies()?;
-    let network = crate::network::Network::start(&config.network, sys::euid() == 0)?;
-    let configured = socket_path(socket, &config);
-    let socket = match &activated {
-        Some(a) => {
-            if (socket.is_some() || config.socket.is_some()) && configured != a.path {
-                tracing::warn!(configured = %configured.display(), activated = %a.path.display(), "socket-activated: serving systemd's socket, not the configured path");
-            }
-            a.path.clone()
-        }
-        None => configured,
-    };
-
-    // Everything that can fail without side effects first, so that a bad
-    // library or interpreter path leaves no cgroups behind.
-    let library = find_library(config.zygote_library.as_deref())?;
+/// The zygotes' launch configurations (no side effects: a bad library or
+/// interpreter path fails here, before anything exists).
+fn zygote_configs(settings: &Settings) -> Result<Vec<(ZygoteConfig, Recycle)>, StartError> {
+    let library = find_library(settings.config.zygote_library.as_deref())?;
     let init = forkd_zygote::InitConfig {
-        policies: policies.clone(),
+        policies: settings.policies.clone(),
         interpreter_paths: Vec::new(),
-        hostname: config.hostname.clone(),
+        hostname: settings.config.hostname.clone(),
     };
-    let mut zygotes = Vec::new();
-    for z in config.zygote_sections() {
-        let python = find_python(&z.python, &z.name)?;
-        zygotes.push((
-            ZygoteConfig {
-                name: z.name.clone(),
-                python,
-                preload: z.preload.clone(),
-                env: z.env.clone(),
-                library: library.clone(),
-                init: init.clone(),
-                start_timeout: Duration::from_secs(z.start_timeout_secs),
-                rootless: sys::euid() != 0,
-            },
-            Recycle {
-                max_forks: z.max_forks,
-                max_age: z.max_age_secs.map(Duration::from_secs),
-            },
-        ));
-    }
-    let cgroups = match forkd_cgroup::Manager::new(&config.cgroup) {
+    settings
+        .zygotes
+        .iter()
+        .map(|z| {
+            let python = find_python(&z.section.python, &z.section.name)?;
+            Ok((
+                ZygoteConfig {
+                    name: z.section.name.clone(),
+                    python,
+                    preload: z.section.preload.clone(),
+                    env: z.section.env.clone(),
+                    library: library.clone(),
+                    init: init.clone(),
+                    start_timeout: z.start_timeout,
+                    rootless: sys::euid() != 0,
+                },
+                z.recycle,
+            ))
+        })
+        .collect()
+}
+
+/// The cgroup manager, with stale sandbox cgroups of a dead daemon removed.
+/// An unprivileged daemon without a usable cgroup runs without limits (and
+/// every result says so).
+fn cgroup_manager(config: &forkd_cgroup::Config) -> Result<forkd_cgroup::Manager, StartError> {
+    let cgroups = match forkd_cgroup::Manager::new(config) {
         Ok(m) => m,
-        Err(e) if sys::euid() != 0 && config.cgroup.mode == forkd_cgroup::ModeChoice::Auto => {
+        Err(e) if sys::euid() != 0 && config.mode == forkd_cgroup::ModeChoice::Auto => {
             tracing::warn!("no usable cgroup for an unprivileged daemon ({e}); memory, cpu and pids limits are NOT enforced and every result says so (cgroup_enforced: false)");
             let disabled = forkd_cgroup::Config {
                 mode: forkd_cgroup::ModeChoice::Disabled,
-                ..config.cgroup.clone()
+                ..config.clone()
             };
             forkd_cgroup::Manager::new(&disabled).map_err(StartError::Cgroup)?
         }
@@ -364,73 +238,137 @@ pub async fn start_with(
         ),
         Err(e) => tracing::warn!("cleaning up stale cgroups: {e}"),
     }
-    let cgroups = Arc::new(cgroups);
     tracing::info!(mode = ?cgroups.mode(), enforced = cgroups.limits_enforced(), "cgroups ready");
+    Ok(cgroups)
+}
 
-    let pool = Supervisor::start(zygotes);
-    if let Err(e) = pool.wait_ready().await {
-        pool.shutdown(Duration::from_secs(1)).await;
-        let _ = cgroups.shutdown();
-        return Err(StartError::Zygote(e.to_string()));
-    }
-
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let bound = async {
-        let metrics_listener = match config.metrics()? {
-            Some(listen) => Some(crate::metrics_http::Listener::bind(&listen).await?),
-            None => None,
-        };
-        let audit = match &config.audit_log {
-            Some(path) => Some(crate::audit::AuditLog::open(
-                path,
-                config.audit_payloads,
-                metrics.clone(),
-            )?),
-            None => None,
-        };
-        Ok::<_, StartError>((metrics_listener, audit))
-    }
-    .await;
-    let (metrics_listener, audit) = match bound {
-        Ok(b) => b,
-        Err(e) => {
-            pool.shutdown(Duration::from_secs(1)).await;
-            let _ = cgroups.shutdown();
-            return Err(e);
-        }
+/// The metrics listener and the audit log, when configured.
+async fn open_outputs(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<(Option<crate::metrics_http::Listener>, Option<Arc<AuditLog>>), StartError> {
+    let metrics_listener = match &settings.metrics_listen {
+        Some(listen) => Some(crate::metrics_http::Listener::bind(listen).await?),
+        None => None,
     };
+    let audit = match &settings.config.audit_log {
+        Some(path) => Some(Arc::new(AuditLog::open(
+            path,
+            settings.config.audit_payloads,
+            metrics.clone(),
+        )?)),
+        None => None,
+    };
+    Ok((metrics_listener, audit))
+}
 
+/// The socket to serve: systemd's when activated, else one we bind.
+fn listen(
+    socket: &Path,
+    activated: Option<crate::systemd::Activated>,
+) -> Result<UnixListener, StartError> {
     let owns_socket_file = activated.is_none();
     let claimed = match activated {
         Some(a) => adopt_activated(a),
-        None => claim_socket(&socket),
+        None => claim_socket(socket),
     };
     // Registering the socket with tokio (epoll) can fail too: undo the same.
-    let listener = claimed.and_then(|l| {
+    claimed.and_then(|l| {
         UnixListener::from_std(l).map_err(|source| {
             if owns_socket_file {
-                let _ = std::fs::remove_file(&socket);
+                let _ = std::fs::remove_file(socket);
             }
             StartError::Socket {
-                path: socket.clone(),
+                path: socket.to_path_buf(),
                 source,
             }
         })
-    });
-    let listener = match listener {
-        Ok(l) => l,
+    })
+}
+
+/// One warm pool per zygote that asks for one, filled with children isolated
+/// for the default policy and limits.
+fn warm_pools(
+    settings: &Settings,
+    admission: &Admission,
+    makers: &Makers,
+) -> HashMap<String, WarmPool> {
+    let plan = crate::sandbox::plan_for(
+        settings.config.default_policy.clone(),
+        &admission.default_limits(),
+    );
+    settings
+        .zygotes
+        .iter()
+        .filter_map(|z| {
+            let policy = z.warm?;
+            let name = z.section.name.clone();
+            let pool = WarmPool::start(&name, plan.clone(), policy, makers.clone());
+            Some((name, pool))
+        })
+        .collect()
+}
+
+/// [`start`], serving the socket systemd passed when `activated` is given
+/// (see [`crate::systemd`]) instead of binding one.
+pub async fn start_with(
+    config: Config,
+    socket: Option<&Path>,
+    activated: Option<crate::systemd::Activated>,
+) -> Result<Running, StartError> {
+    let settings = Arc::new(Settings::new(config)?);
+    let configured = socket_path(socket, &settings.config);
+    let socket = match &activated {
+        Some(a) => {
+            if (socket.is_some() || settings.config.socket.is_some()) && configured != a.path {
+                tracing::warn!(configured = %configured.display(), activated = %a.path.display(), "socket-activated: serving systemd's socket, not the configured path");
+            }
+            a.path.clone()
+        }
+        None => configured,
+    };
+
+    let network = crate::network::Network::start(&settings.config.network, sys::euid() == 0)?;
+    let zygotes = zygote_configs(&settings)?;
+    let cgroups = Arc::new(cgroup_manager(&settings.config.cgroup)?);
+    let pool = Supervisor::start(zygotes);
+    // From here on a failure must stop the zygotes and remove the cgroups.
+    let undo = |pool: Supervisor, cgroups: Arc<forkd_cgroup::Manager>| async move {
+        pool.shutdown(Duration::from_secs(1)).await;
+        let _ = cgroups.shutdown();
+    };
+    if let Err(e) = pool.wait_ready().await {
+        undo(pool, cgroups).await;
+        return Err(StartError::Zygote(e.to_string()));
+    }
+    let metrics = Arc::new(Metrics::new());
+    let (metrics_listener, audit) = match open_outputs(&settings, &metrics).await {
+        Ok(outputs) => outputs,
         Err(e) => {
-            pool.shutdown(Duration::from_secs(1)).await;
-            let _ = cgroups.shutdown();
+            undo(pool, cgroups).await;
             return Err(e);
         }
     };
-    let (shutdown, _) = watch::channel(false);
+    let owns_socket_file = activated.is_none();
+    let listener = match listen(&socket, activated) {
+        Ok(l) => l,
+        Err(e) => {
+            undo(pool, cgroups).await;
+            return Err(e);
+        }
+    };
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
     let netns = Arc::new(if sys::euid() == 0 {
-        NetnsStock::start(config.netns_stock)
+        NetnsStock::start(settings.config.netns_stock)
     } else {
         None
     });
+    let admission = Arc::new(Admission::new(
+        &settings.config,
+        &settings.policies,
+        cgroups.limits_enforced(),
+    ));
     let pool = Arc::new(pool);
     let next_id = Arc::new(AtomicU64::new(1));
     let makers = Makers {
@@ -439,64 +377,53 @@ pub async fn start_with(
         netns: netns.clone(),
         ids: next_id.clone(),
     };
-    let mut warm = std::collections::HashMap::new();
-    for z in config
-        .zygote_sections()
-        .iter()
-        .filter(|z| z.warm_pool_bounds().1 > 0)
-    {
-        let defaults = config.limits.default.applied(cgroups.limits_enforced());
-        let plan = crate::sandbox::plan_for(config.default_policy.clone(), &defaults);
-        let (min, max) = z.warm_pool_bounds();
-        let policy = PoolPolicy {
-            target: z.warm_pool,
-            min,
-            max,
-            shrink_after: Duration::from_secs(z.warm_shrink_after_secs),
-            refill_concurrency: z.warm_refill_concurrency,
-            max_idle: z.warm_max_idle_secs.map(Duration::from_secs),
-        };
-        warm.insert(
-            z.name.clone(),
-            WarmPool::start(&z.name, plan, policy, makers.clone()),
-        );
-    }
-    let daemon = Arc::new(Daemon {
-        slots: Semaphore::new(config.max_concurrent),
-        netns,
-        warm,
-        config,
-        policies,
+    let warm = warm_pools(&settings, &admission, &makers);
+    let state = Arc::new(State::new(
         pool,
         cgroups,
+        warm,
+        netns,
+        settings.max_concurrent,
         next_id,
-        next_connection: AtomicU64::new(1),
-        shutdown,
-        socket,
-        owns_socket_file,
-        metrics,
-        audit,
+        shutdown_rx.clone(),
         network,
-    });
-    tracing::info!(socket = %daemon.socket.display(), "forkd listening");
+    ));
+    tracing::info!(socket = %socket.display(), "forkd listening");
+
     let metrics_addr = metrics_listener
         .as_ref()
         .and_then(crate::metrics_http::Listener::local_addr);
-    if let Ok(Some(listen)) = daemon.config.metrics() {
+    if let Some(listen) = &settings.metrics_listen {
         let shown = match metrics_addr {
             Some(a) => format!("http://{a}/metrics"),
             None => listen.to_string(),
         };
         tracing::info!(endpoint = %shown, "serving metrics");
     }
-    let metrics_server =
-        metrics_listener.map(|l| tokio::spawn(crate::metrics_http::serve(daemon.clone(), l)));
-    if let Some(path) = &daemon.config.audit_log {
-        tracing::info!(path = %path.display(), payloads = daemon.config.audit_payloads, "audit log open");
+    let metrics_server = metrics_listener.map(|l| {
+        let (state, metrics) = (state.clone(), metrics.clone());
+        let render: crate::metrics_http::Render =
+            Arc::new(move || metrics.render(state.snapshot()));
+        tokio::spawn(crate::metrics_http::serve(render, l, shutdown_rx.clone()))
+    });
+    if let Some(path) = &settings.config.audit_log {
+        tracing::info!(path = %path.display(), payloads = settings.config.audit_payloads, "audit log open");
     }
-    let server = tokio::spawn(crate::server::serve(daemon.clone(), listener));
+    let server = Arc::new(crate::server::Server::new(
+        state.clone(),
+        admission,
+        metrics,
+        audit.clone(),
+        settings.frames,
+    ));
+    let server = tokio::spawn(crate::server::serve(server, listener, shutdown_rx));
     Ok(Running {
-        daemon,
+        daemon: state,
+        settings,
+        shutdown,
+        socket,
+        owns_socket_file,
+        audit,
         server,
         metrics_server,
         metrics_addr,

@@ -497,7 +497,7 @@ fn cgroups(config: &Config) -> Check {
 // ---------------------------------------------------------------------------
 
 fn library(config: &Config) -> Check {
-    match crate::daemon::find_library(config.zygote_library.as_deref()) {
+    match crate::locate::find_library(config.zygote_library.as_deref()) {
         Ok(p) => Check::pass("zygote library", p.display().to_string()),
         Err(e) => Check::fail(
             "zygote library",
@@ -526,7 +526,7 @@ print(json.dumps({"python": sys.version.split()[0], "executable": sys.executable
 
 fn zygote_checks(z: &crate::config::ZygoteSection) -> Vec<Check> {
     let label = format!("python [{}]", z.name);
-    let python = match crate::daemon::find_python(&z.python, &z.name) {
+    let python = match crate::locate::find_python(&z.python, &z.name) {
         Ok(p) => p,
         Err(e) => {
             return vec![Check::fail(

@@ -1,20 +1,27 @@
 //! The forkd daemon.
 //!
-//! [`daemon`] starts and stops it (configuration, cgroups, zygotes, socket),
-//! [`server`] speaks the protocol on the socket, and [`sandbox`] turns one
-//! request into one isolated child and its result. The daemon is a
+//! [`daemon`] is the composition root: it builds the parts from the validated
+//! [`settings`], wires them and stops them. [`server`] speaks the protocol on
+//! the socket, [`admission`] checks peers and requests and fills in defaults,
+//! and [`sandbox`] turns one admitted request into one isolated child and its
+//! result, using what [`state`] holds (zygotes, warm pools, cgroups). The daemon is a
 //! multi-threaded tokio program and never forks: zygotes do
 //! (see the `forkd-zygote` and `forkd-pool` crates).
 
+pub mod admission;
 pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod locate;
 pub mod metrics;
 pub mod metrics_http;
 pub mod network;
 pub mod sandbox;
 pub mod server;
+pub mod settings;
+pub mod start_error;
+pub mod state;
 mod sys;
 pub mod systemd;
 

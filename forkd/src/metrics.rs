@@ -9,8 +9,6 @@
 //! Request metrics are recorded as requests complete; pool, zygote and load
 //! figures are read from the daemon's own counters at scrape time.
 
-use std::sync::atomic::Ordering;
-
 use forkd_ipc::{ErrorCode, KilledBy, SpawnResult};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -20,8 +18,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-
-use crate::daemon::Daemon;
 
 /// Histogram buckets for request latencies, seconds: a warm spawn takes
 /// about a millisecond, timeouts run to minutes.
@@ -275,10 +271,10 @@ impl Metrics {
     }
 
     /// The OpenMetrics text of every metric.
-    pub fn render(&self, daemon: &Daemon) -> String {
+    pub fn render(&self, snapshot: Snapshot) -> String {
         let mut out = String::new();
         let mut live = Registry::default();
-        live.register_collector(Box::new(Snapshot::take(daemon)));
+        live.register_collector(Box::new(snapshot));
         // Writing into a String cannot fail; an encoder error would be a bug
         // in a metric name, and the partial text is still served.
         let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
@@ -290,63 +286,33 @@ impl Metrics {
 
 /// Pool, zygote and load figures copied from the daemon at scrape time.
 #[derive(Debug)]
-struct Snapshot {
-    running: u64,
-    max_concurrent: u64,
-    zygotes: Vec<ZygoteSnapshot>,
+pub struct Snapshot {
+    pub running: u64,
+    pub max_concurrent: u64,
+    pub zygotes: Vec<ZygoteSnapshot>,
 }
 
 #[derive(Debug)]
-struct ZygoteSnapshot {
-    name: String,
-    up: bool,
-    starts: u64,
-    start_failures: u64,
-    deaths: u64,
-    recycles: u64,
-    /// (ready, target, hits, misses, refills, discarded, shrunk) when it has a warm pool.
-    pool: Option<[u64; 7]>,
+pub struct ZygoteSnapshot {
+    pub name: String,
+    pub up: bool,
+    pub starts: u64,
+    pub start_failures: u64,
+    pub deaths: u64,
+    pub recycles: u64,
+    /// When it has a warm pool.
+    pub pool: Option<WarmSnapshot>,
 }
 
-impl Snapshot {
-    fn take(daemon: &Daemon) -> Snapshot {
-        let mut names: Vec<&str> = daemon.pool.names().collect();
-        names.sort_unstable();
-        let zygotes = names
-            .into_iter()
-            .map(|name| {
-                let stats = daemon.pool.stats(name);
-                let get = |f: fn(&forkd_pool::ZygoteStats) -> &std::sync::atomic::AtomicU64| {
-                    stats.map_or(0, |s| f(s).load(Ordering::Relaxed))
-                };
-                ZygoteSnapshot {
-                    name: name.to_string(),
-                    up: daemon.pool.is_ready(name),
-                    starts: get(|s| &s.starts),
-                    start_failures: get(|s| &s.start_failures),
-                    deaths: get(|s| &s.deaths),
-                    recycles: get(|s| &s.recycles),
-                    pool: daemon.warm.get(name).map(|p| {
-                        let s = p.stats();
-                        [
-                            p.ready() as u64,
-                            p.target() as u64,
-                            s.hits.load(Ordering::Relaxed),
-                            s.misses.load(Ordering::Relaxed),
-                            s.refills.load(Ordering::Relaxed),
-                            s.discarded.load(Ordering::Relaxed),
-                            s.shrunk.load(Ordering::Relaxed),
-                        ]
-                    }),
-                }
-            })
-            .collect();
-        Snapshot {
-            running: daemon.running() as u64,
-            max_concurrent: daemon.config.max_concurrent as u64,
-            zygotes,
-        }
-    }
+#[derive(Debug, Clone, Copy)]
+pub struct WarmSnapshot {
+    pub ready: u64,
+    pub target: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub refills: u64,
+    pub discarded: u64,
+    pub shrunk: u64,
 }
 
 /// Encodes one metric with a value per zygote (`None`: no series for it).
@@ -432,49 +398,49 @@ impl Collector for Snapshot {
             "forkd_warm_pool_ready",
             "Warm children parked and ready now.",
             MetricType::Gauge,
-            gauge(|s| s.pool.map(|p| p[0])),
+            gauge(|s| s.pool.map(|p| p.ready)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_target",
             "Warm children the pool aims to keep ready now (adapts between warm_pool_min and warm_pool_max).",
             MetricType::Gauge,
-            gauge(|s| s.pool.map(|p| p[1])),
+            gauge(|s| s.pool.map(|p| p.target)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_hits",
             "Requests served by a warm child.",
             MetricType::Counter,
-            counter(|s| s.pool.map(|p| p[2])),
+            counter(|s| s.pool.map(|p| p.hits)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_misses",
             "Requests that found the warm pool empty and were forked on demand.",
             MetricType::Counter,
-            counter(|s| s.pool.map(|p| p[3])),
+            counter(|s| s.pool.map(|p| p.misses)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_refills",
             "Warm children prepared by the refill task.",
             MetricType::Counter,
-            counter(|s| s.pool.map(|p| p[4])),
+            counter(|s| s.pool.map(|p| p.refills)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_discarded",
             "Warm children thrown away unused (their zygote died or was recycled, or they idled too long).",
             MetricType::Counter,
-            counter(|s| s.pool.map(|p| p[5])),
+            counter(|s| s.pool.map(|p| p.discarded)),
         )?;
         per_zygote(
             &mut encoder,
             "forkd_warm_pool_shrunk",
             "Parked warm children killed because the pool shrank.",
             MetricType::Counter,
-            counter(|s| s.pool.map(|p| p[6])),
+            counter(|s| s.pool.map(|p| p.shrunk)),
         )?;
         let info =
             prometheus_client::metrics::info::Info::new([("version", env!("CARGO_PKG_VERSION"))]);

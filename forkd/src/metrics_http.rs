@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::MetricsListen;
-use crate::daemon::Daemon;
 
 /// A request head larger than this is refused (scrapers send a few hundred bytes).
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -83,8 +82,14 @@ impl Listener {
 }
 
 /// Serves scrapes until shutdown begins; removes a Unix socket file on the way out.
-pub async fn serve(daemon: Arc<Daemon>, listener: Listener) {
-    let mut shutdown = daemon.shutdown_signal();
+/// What a scrape answers with: the OpenMetrics text at that moment.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+pub async fn serve(
+    render: Render,
+    listener: Listener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SCRAPES));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -92,13 +97,13 @@ pub async fn serve(daemon: Arc<Daemon>, listener: Listener) {
         };
         let accepted = tokio::select! {
             a = accept(&listener) => a,
-            _ = crate::daemon::stopping(&mut shutdown) => break,
+            _ = crate::state::stopping(&mut shutdown) => break,
         };
         match accepted {
             Ok(stream) => {
-                let daemon = daemon.clone();
+                let render = render.clone();
                 tokio::spawn(async move {
-                    answer(&daemon, stream).await;
+                    answer(&*render, stream).await;
                     drop(permit);
                 });
             }
@@ -148,12 +153,12 @@ async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> Option<Vec<u8>> {
 }
 
 /// (status line, content type, body) for a request line.
-fn route(request_line: &str, daemon: &Daemon) -> (&'static str, &'static str, String) {
+fn route(request_line: &str, render: &dyn Fn() -> String) -> (&'static str, &'static str, String) {
     let mut parts = request_line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", CONTENT_TYPE, daemon.metrics.render(daemon)),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", CONTENT_TYPE, render()),
         (_, "/metrics") => (
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",
@@ -167,7 +172,7 @@ fn route(request_line: &str, daemon: &Daemon) -> (&'static str, &'static str, St
     }
 }
 
-async fn answer(daemon: &Daemon, mut stream: Box<dyn Stream>) {
+async fn answer(render: &(dyn Fn() -> String + Send + Sync), mut stream: Box<dyn Stream>) {
     let Some(head) = read_head(&mut stream).await else {
         return;
     };
@@ -175,7 +180,7 @@ async fn answer(daemon: &Daemon, mut stream: Box<dyn Stream>) {
     let request_line = text.lines().next().unwrap_or("");
     let (status, content_type, body) =
         if request_line.ends_with(" HTTP/1.1") || request_line.ends_with(" HTTP/1.0") {
-            route(request_line, daemon)
+            route(request_line, render)
         } else {
             (
                 "400 Bad Request",

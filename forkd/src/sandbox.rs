@@ -18,12 +18,13 @@ use forkd_ipc::{
     Usage,
 };
 use forkd_pool::{ChildPlan, Exited, PoolError, PrepareError, ZygoteError};
+use forkd_zygote::wire::{StatusDecoder, StatusReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 
-use crate::config::{resolve, Resolved};
-use crate::daemon::Daemon;
+use crate::admission::Resolved;
+use crate::state::{stopping, State};
 use forkd_pool::kill_pidfd;
 
 /// How long a killed sandbox may take to be reported before the request fails.
@@ -115,35 +116,38 @@ fn prepare_error(e: PrepareError) -> ErrorReply {
     }
 }
 
-/// The job as the child reads it from fd 0: a 4-byte big-endian length, then
-/// the JSON (the program's stdin follows on the same pipe).
-pub fn job_frame(req: &SpawnRequest) -> Vec<u8> {
-    let json = serde_json::to_vec(&job_payload(req)).unwrap_or_default();
-    let mut frame = Vec::with_capacity(4 + json.len());
-    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&json);
-    frame
+/// The job frame the child reads from fd 0 (see [`forkd_zygote::wire::Job`]).
+pub fn job_frame(req: &SpawnRequest) -> Result<Vec<u8>, forkd_zygote::wire::JobError> {
+    job_for(req).frame()
 }
 
-fn job_payload(req: &SpawnRequest) -> serde_json::Value {
+/// The request as the child's job: the base environment with the request's
+/// laid over it, inline files base64-encoded.
+pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
+    use forkd_zygote::wire::{Job, JobFile, JobProgram};
     let b64 = base64::engine::general_purpose::STANDARD;
-    let mut env = serde_json::Map::new();
-    for (k, v) in base_env() {
-        env.insert(k.into(), v.into());
-    }
-    for (k, v) in &req.env {
-        env.insert(k.clone(), v.clone().into());
-    }
-    let program = match &req.program {
-        Program::Code(code) => serde_json::json!({ "code": code }),
-        Program::Script(path) => serde_json::json!({ "script": path }),
-    };
-    let files: Vec<_> = req
-        .files
-        .iter()
-        .map(|f| serde_json::json!({ "path": f.path, "content": b64.encode(&f.content), "mode": f.mode }))
+    let mut env: std::collections::BTreeMap<String, String> = base_env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    serde_json::json!({ "program": program, "argv": req.argv, "env": env, "files": files })
+    env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Job {
+        program: match &req.program {
+            Program::Code(code) => JobProgram::Code(code.clone()),
+            Program::Script(path) => JobProgram::Script(path.clone()),
+        },
+        argv: req.argv.clone(),
+        env,
+        files: req
+            .files
+            .iter()
+            .map(|f| JobFile {
+                path: f.path.clone(),
+                content: b64.encode(&f.content),
+                mode: f.mode,
+            })
+            .collect(),
+    }
 }
 
 /// Bounded capture of stdout and stderr, sharing one byte budget.
@@ -209,58 +213,49 @@ async fn collect_output(
     out
 }
 
-/// What the child reported on its status pipe so far (see `forkd_zygote.py`):
-/// one-byte tags `E<message>` (setup failed), `S` (the program starts),
-/// `K<signal>` (the program, pid 1 of its namespace, died of a signal it
-/// sent itself) and `X<code>` (the program finished; stdout/stderr closed).
+/// What the child reported on its status pipe so far (decoded by
+/// [`StatusDecoder`]), and when its first report arrived.
 #[derive(Debug, Default)]
 struct StatusLog {
-    data: Vec<u8>,
+    decoder: StatusDecoder,
     started: Option<Instant>,
 }
 
 /// Reads the status pipe to EOF into `log`, firing `finished` with the exit
-/// code as soon as an `X` report arrives.
+/// code as soon as the child's `Finished` report is complete.
 async fn read_status(
     mut status: pipe::Receiver,
     log: Arc<std::sync::Mutex<StatusLog>>,
     finished: tokio::sync::oneshot::Sender<u8>,
 ) {
-    const CAP: usize = 64 * 1024;
     let mut finished = Some(finished);
     let mut buf = [0u8; 4096];
     loop {
         let n = match status.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                if let Ok(mut log) = log.lock() {
+                    log.decoder.end();
+                }
+                return;
+            }
             Ok(n) => n,
         };
         let Ok(mut log) = log.lock() else { return };
         log.started.get_or_insert_with(Instant::now);
-        let room = CAP.saturating_sub(log.data.len());
-        log.data.extend_from_slice(&buf[..n.min(room)]);
-        if let (Some(code), Some(tx)) = (finished_code(&log.data), finished.take_if(|_| true)) {
-            let _ = tx.send(code);
+        for report in log.decoder.feed(&buf[..n]) {
+            if let StatusReport::Finished(code) = report {
+                // Taken only now: the `S` before it arrives in an earlier read.
+                if let Some(tx) = finished.take() {
+                    let _ = tx.send(code);
+                }
+            }
         }
-        if room == 0 {
-            return;
-        }
-    }
-}
-
-/// The exit code of an `X` report following `S`, if one arrived.
-fn finished_code(data: &[u8]) -> Option<u8> {
-    if data.first() != Some(&b'S') {
-        return None;
-    }
-    let mut i = 1;
-    while i + 1 < data.len() {
-        match data[i] {
-            b'X' => return Some(data[i + 1]),
-            b'K' => i += 2,
-            _ => i += 1,
+        if let Some(e) = log.decoder.error() {
+            // Only this sandbox's own result can be affected; its exit is
+            // then judged from the kernel's wait status alone.
+            tracing::debug!("sandbox status stream: {e}");
         }
     }
-    None
 }
 
 /// The status pipe's reports, interpreted.
@@ -273,347 +268,502 @@ enum Status {
     Started(Option<i32>),
 }
 
-fn parse_status(data: &[u8]) -> Status {
-    match data.first() {
+fn status_of(decoder: &StatusDecoder) -> Status {
+    if let Some(message) = decoder.setup_failure() {
+        return Status::SetupFailed(message);
+    }
+    if decoder.started() {
+        return Status::Started(decoder.self_signal().map(i32::from));
+    }
+    match decoder.error() {
+        Some(e) => Status::SetupFailed(format!("unexpected status report: {e}")),
         None => Status::DiedInSetup,
-        Some(b'E') => Status::SetupFailed(String::from_utf8_lossy(&data[1..]).into_owned()),
-        Some(b'S') => {
-            let mut signal = None;
-            let mut i = 1;
-            while i + 1 < data.len() {
-                match data[i] {
-                    b'K' => {
-                        signal = Some(i32::from(data[i + 1]));
-                        i += 2;
-                    }
-                    b'X' => i += 2,
-                    _ => i += 1,
-                }
-            }
-            Status::Started(signal)
-        }
-        Some(_) => Status::SetupFailed(format!(
-            "unexpected status report {:?}",
-            String::from_utf8_lossy(&data[..data.len().min(80)])
-        )),
     }
 }
 
-impl Daemon {
-    /// Runs one sandbox. Every failure is an [`ErrorReply`] that says what to do.
-    /// `client_gone` turns true when the requesting connection closes: the
-    /// sandbox is then killed, since its result could not be delivered.
-    pub async fn run_sandbox(
-        self: &Arc<Self>,
-        req: SpawnRequest,
-        mut client_gone: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<SpawnResult, ErrorReply> {
-        let t0 = Instant::now();
-        let Resolved {
-            zygote: zygote_name,
-            policy,
-            limits,
-        } = resolve(
-            &self.config,
-            &req,
-            &self.policies,
-            self.cgroups.limits_enforced(),
-        )?;
-        // `None` (no allowlist) costs nothing further: no network, as always.
-        let allow = self.network.admit(&req.allow_net)?;
-        let mut shutdown = self.shutdown_signal();
-        if *shutdown.borrow() {
-            return Err(error(
-                ErrorCode::ShuttingDown,
-                "forkd is shutting down; retry on another daemon",
-            ));
-        }
-        let _slot = tokio::select! {
-            permit = self.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down"))?,
-            _ = crate::daemon::stopping(&mut shutdown) => return Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
-        };
-        let plan = plan_for(policy, &limits);
+/// Runs one admitted sandbox. Every failure is an [`ErrorReply`] that says
+/// what to do. `client_gone` turns true when the requesting connection
+/// closes: the sandbox is then killed, since its result could not be delivered.
+///
+/// The steps: encode the job (nothing is taken before the request is known
+/// to fit) → a concurrency slot → a child (warm, or forked now) → hand-off
+/// (job and stdin in, output and status out) → watch until it exits, is
+/// killed or reports → the result.
+pub async fn run_sandbox(
+    state: &State,
+    admitted: Resolved,
+    req: SpawnRequest,
+    mut client_gone: tokio::sync::watch::Receiver<bool>,
+) -> Result<SpawnResult, ErrorReply> {
+    let t0 = Instant::now();
+    let Resolved {
+        zygote: zygote_name,
+        policy,
+        limits,
+    } = admitted;
+    let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+    // `None` (no allowlist) costs nothing further: no network, as always.
+    let allow = state.network.admit(&req.allow_net)?;
+    let mut shutdown = state.shutdown_signal();
+    let _slot = acquire_slot(state, &mut shutdown).await?;
+    let plan = plan_for(policy, &limits);
+    let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
+    // Open the allowlist before the job (and so the program) goes in; on
+    // failure the unused child is killed when dropped.
+    let egress = match allow {
+        Some(allow) => Some(state.network.attach(child.pidfd.as_fd(), allow).await?),
+        None => None,
+    };
+    let id = child.sandbox;
+    // From here the request owns the child: its timeout starts now.
+    let t_forked = if warm { t0 } else { Instant::now() };
+    let t_handoff = Instant::now();
+    let mut live = hand_off(child, job, req.stdin, limits.output_bytes)?;
+    let deadline =
+        tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
+    let watched = watch(&mut live, deadline, &mut shutdown, &mut client_gone).await;
+    let t_exit = Instant::now();
+    let ended = collect(live, watched).await?;
+    let mut result = report(ended, id, zygote_name, limits, warm, (t0, t_forked, t_exit))?;
+    result.network = egress.map(|e| Box::new(e.finish()));
+    Ok(result)
+}
 
-        // A warm child if one fits (its cgroup limits can still change);
-        // otherwise fork one now.
-        let warm_child = self
-            .warm
-            .get(&zygote_name)
-            .filter(|pool| same_isolation(pool.plan(), &plan))
-            .and_then(|pool| pool.take());
-        let warm = warm_child.is_some();
-        let mut child = match warm_child {
-            Some(child) => {
-                if child.plan.cgroup != plan.cgroup {
-                    if let Some(cg) = child.cgroup.get() {
-                        cg.set_limits(&plan.cgroup).map_err(|e| {
-                            error(
-                                ErrorCode::SpawnFailed,
-                                format!("cannot set the sandbox's limits: {e}"),
-                            )
-                        })?;
-                    }
-                }
-                child
-            }
-            None => {
-                // A zygote handed out just before it was recycled may drain
-                // and exit before our fork order reaches it: that is ours
-                // to retry on its replacement, not the client's.
-                let mut retried = false;
-                loop {
-                    let zygote = self.pool.get(&zygote_name).await.map_err(pool_error)?;
-                    let id = self.next_sandbox_id();
-                    match forkd_pool::prepare(
-                        &zygote,
-                        &self.cgroups,
-                        self.netns.as_ref().as_ref(),
-                        id,
-                        plan.clone(),
-                    )
-                    .await
-                    {
-                        Ok(child) => break child,
-                        Err(_) if !retried && zygote.is_draining() => {
-                            retried = true;
-                        }
-                        Err(e) => return Err(prepare_error(e)),
-                    }
-                }
-            }
-        };
-        let id = child.sandbox;
-        // From here the request owns the child: its timeout starts now.
-        let t_forked = if warm { t0 } else { Instant::now() };
-        let t_handoff = Instant::now();
-        let (Some(job_w), Some(stdout_r), Some(stderr_r), Some(status_r)) = (
-            child.job.take(),
-            child.stdout.take(),
-            child.stderr.take(),
-            child.status.take(),
-        ) else {
-            return Err(error(
-                ErrorCode::Internal,
-                "a prepared child lacks its pipes",
-            ));
-        };
-        let stdout_rx = receiver(stdout_r)?;
-        let stderr_rx = receiver(stderr_r)?;
-        let status_rx = receiver(status_r)?;
-        let job_tx = sender(job_w)?;
-        let cleanup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
-        let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
-        let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
-        drop(child);
-        // Open the allowlist before the job (and so the program) goes in.
-        let egress = match allow {
-            Some(allow) => match self.network.attach(pidfd.as_fd(), allow).await {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    kill_pidfd(pidfd.as_fd());
-                    return Err(e);
-                }
-            },
-            None => None,
-        };
-
-        let job = job_frame(&req);
-        let stdin = req.stdin;
-        let stdin_task = tokio::spawn(async move {
-            let mut tx = job_tx;
-            // The job, then the program's stdin; EPIPE when the program never
-            // reads its stdin is fine.
-            if tx.write_all(&job).await.is_ok() {
-                let _ = tx.write_all(&stdin).await;
-            }
-        });
-        let exceeded = Arc::new(Notify::new());
-        let exceeded_flag = Arc::new(AtomicBool::new(false));
-        let output_task = tokio::spawn(collect_output(
-            stdout_rx,
-            stderr_rx,
-            limits.output_bytes,
-            exceeded.clone(),
-            exceeded_flag.clone(),
+/// A concurrency slot, unless the daemon is shutting down.
+async fn acquire_slot<'a>(
+    state: &'a State,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::sync::SemaphorePermit<'a>, ErrorReply> {
+    if *shutdown.borrow() {
+        return Err(error(
+            ErrorCode::ShuttingDown,
+            "forkd is shutting down; retry on another daemon",
         ));
-        let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
-        let (finished_tx, mut finished_rx) = tokio::sync::oneshot::channel();
-        let status_task = tokio::spawn(read_status(status_rx, status_log.clone(), finished_tx));
-        // Set when the program reported its exit code itself: the reply then
-        // goes out without waiting for the kernel to tear the process down.
-        let mut reported_exit: Option<u8> = None;
-        let mut watch_finish = true;
-        // The client went away: kill, clean up, reply to nobody.
-        let mut abandoned = false;
+    }
+    tokio::select! {
+        permit = state.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down")),
+        _ = stopping(shutdown) => Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
+    }
+}
 
-        let deadline =
-            tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
-        let mut exited_rx = exited;
-        let mut killed_by: Option<KilledBy> = None;
-        let exit: Result<Exited, ErrorReply> = loop {
-            tokio::select! {
-                r = &mut exited_rx => {
-                    break match r {
-                        Ok(Ok(e)) => Ok(e),
-                        Ok(Err(z)) => Err(zygote_error(z)),
-                        Err(_) => Err(error(ErrorCode::ZygoteUnavailable, "zygote vanished before reporting the sandbox's exit; retry")),
-                    };
-                }
-                code = &mut finished_rx, if killed_by.is_none() && watch_finish => {
-                    match code {
-                        Ok(code) => {
-                            reported_exit = Some(code);
-                            break Ok(Exited {
-                                status: i32::from(code) << 8,
-                                utime_us: 0,
-                                stime_us: 0,
-                                maxrss_kb: 0,
-                            });
-                        }
-                        // The status pipe closed without a report: wait for the zygote.
-                        Err(_) => watch_finish = false,
+/// A warm child if one fits (its cgroup limits can still change), otherwise
+/// one forked now; `true` when it came from the warm pool.
+async fn obtain_child(
+    state: &State,
+    zygote_name: &str,
+    plan: &ChildPlan,
+) -> Result<(forkd_pool::ReadyChild, bool), ErrorReply> {
+    let warm_child = state
+        .warm
+        .get(zygote_name)
+        .filter(|pool| same_isolation(pool.plan(), plan))
+        .and_then(|pool| pool.take());
+    if let Some(child) = warm_child {
+        if child.plan.cgroup != plan.cgroup {
+            if let Some(cg) = child.cgroup.get() {
+                cg.set_limits(&plan.cgroup).map_err(|e| {
+                    error(
+                        ErrorCode::SpawnFailed,
+                        format!("cannot set the sandbox's limits: {e}"),
+                    )
+                })?;
+            }
+        }
+        return Ok((child, true));
+    }
+    // A zygote handed out just before it was recycled may drain and exit
+    // before our fork order reaches it: that is ours to retry on its
+    // replacement, not the client's.
+    let mut retried = false;
+    loop {
+        let zygote = state.pool.get(zygote_name).await.map_err(pool_error)?;
+        let id = state.next_sandbox_id();
+        match forkd_pool::prepare(
+            &zygote,
+            &state.cgroups,
+            state.netns.as_ref().as_ref(),
+            id,
+            plan.clone(),
+        )
+        .await
+        {
+            Ok(child) => return Ok((child, false)),
+            Err(_) if !retried && zygote.is_draining() => retried = true,
+            Err(e) => return Err(prepare_error(e)),
+        }
+    }
+}
+
+/// A child after the hand-off: its tasks and the handles to stop it.
+struct Live {
+    pidfd: OwnedFd,
+    exited: tokio::sync::oneshot::Receiver<Result<Exited, ZygoteError>>,
+    cleanup: forkd_pool::CgroupCleanup,
+    stdin_task: Option<tokio::task::JoinHandle<()>>,
+    output_task: tokio::task::JoinHandle<Output>,
+    exceeded: Arc<Notify>,
+    exceeded_flag: Arc<AtomicBool>,
+    status_task: tokio::task::JoinHandle<()>,
+    status_log: Arc<std::sync::Mutex<StatusLog>>,
+    finished: tokio::sync::oneshot::Receiver<u8>,
+}
+
+impl Live {
+    /// Kills the sandbox's init (its pid namespace goes with it) and stops
+    /// reading from it.
+    fn abandon(&self) {
+        kill_pidfd(self.pidfd.as_fd());
+        self.output_task.abort();
+        self.status_task.abort();
+    }
+}
+
+/// Gives the child its job and stdin, and starts reading its output and status.
+fn hand_off(
+    mut child: forkd_pool::ReadyChild,
+    job: Vec<u8>,
+    stdin: Vec<u8>,
+    output_bytes: u64,
+) -> Result<Live, ErrorReply> {
+    let (Some(job_w), Some(stdout_r), Some(stderr_r), Some(status_r)) = (
+        child.job.take(),
+        child.stdout.take(),
+        child.stderr.take(),
+        child.status.take(),
+    ) else {
+        return Err(error(
+            ErrorCode::Internal,
+            "a prepared child lacks its pipes",
+        ));
+    };
+    let stdout_rx = receiver(stdout_r)?;
+    let stderr_rx = receiver(stderr_r)?;
+    let status_rx = receiver(status_r)?;
+    let cleanup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
+    let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
+    let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
+    drop(child);
+
+    let stdin_task = send_job(job_w, job, stdin)?;
+    let exceeded = Arc::new(Notify::new());
+    let exceeded_flag = Arc::new(AtomicBool::new(false));
+    let output_task = tokio::spawn(collect_output(
+        stdout_rx,
+        stderr_rx,
+        output_bytes,
+        exceeded.clone(),
+        exceeded_flag.clone(),
+    ));
+    let status_log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
+    let (finished_tx, finished) = tokio::sync::oneshot::channel();
+    let status_task = tokio::spawn(read_status(status_rx, status_log.clone(), finished_tx));
+    Ok(Live {
+        pidfd,
+        exited,
+        cleanup,
+        stdin_task,
+        output_task,
+        exceeded,
+        exceeded_flag,
+        status_task,
+        status_log,
+        finished,
+    })
+}
+
+/// Writes the job, then the program's stdin, into the job pipe. What fits
+/// into the pipe now (the usual small job with little stdin) is written
+/// here with plain non-blocking writes, without registering the pipe or
+/// starting a task; only a remainder goes through one. EPIPE (the program
+/// never reads its stdin, or is gone) ends the writing quietly.
+fn send_job(
+    fd: OwnedFd,
+    job: Vec<u8>,
+    stdin: Vec<u8>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ErrorReply> {
+    crate::sys::set_nonblocking(&fd).map_err(|e| internal("job pipe", e))?;
+    let mut written = 0;
+    for part in [&job[..], &stdin[..]] {
+        let mut at = 0;
+        while at < part.len() {
+            match nix::unistd::write(&fd, &part[at..]) {
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(_) => return Ok(None),
+            }
+        }
+        written += at;
+        if at < part.len() {
+            break;
+        }
+    }
+    if written == job.len() + stdin.len() {
+        return Ok(None); // dropping `fd` closes the pipe: the program sees EOF
+    }
+    let mut tx = sender(fd)?;
+    Ok(Some(tokio::spawn(async move {
+        if written < job.len() && tx.write_all(&job[written..]).await.is_err() {
+            return;
+        }
+        let _ = tx
+            .write_all(&stdin[written.saturating_sub(job.len())..])
+            .await;
+    })))
+}
+
+/// How watching a live sandbox ended.
+struct Watched {
+    exit: Result<Exited, ErrorReply>,
+    killed_by: Option<KilledBy>,
+    /// Set when the program reported its exit code itself: the reply then
+    /// goes out without waiting for the kernel to tear the process down.
+    reported_exit: Option<u8>,
+    /// The client went away: kill, clean up, reply to nobody.
+    abandoned: bool,
+}
+
+/// Waits for the sandbox's exit (or its own exit report), killing it on
+/// timeout, output flood, shutdown or a vanished client.
+async fn watch(
+    live: &mut Live,
+    deadline: tokio::time::Instant,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    client_gone: &mut tokio::sync::watch::Receiver<bool>,
+) -> Watched {
+    let mut reported_exit: Option<u8> = None;
+    let mut watch_finish = true;
+    let mut abandoned = false;
+    let mut killed_by: Option<KilledBy> = None;
+    let exit: Result<Exited, ErrorReply> = loop {
+        tokio::select! {
+            r = &mut live.exited => {
+                break match r {
+                    Ok(Ok(e)) => Ok(e),
+                    Ok(Err(z)) => Err(zygote_error(z)),
+                    Err(_) => Err(error(ErrorCode::ZygoteUnavailable, "zygote vanished before reporting the sandbox's exit; retry")),
+                };
+            }
+            code = &mut live.finished, if killed_by.is_none() && watch_finish => {
+                match code {
+                    Ok(code) => {
+                        reported_exit = Some(code);
+                        break Ok(Exited {
+                            status: i32::from(code) << 8,
+                            utime_us: 0,
+                            stime_us: 0,
+                            maxrss_kb: 0,
+                        });
                     }
-                }
-                _ = tokio::time::sleep_until(deadline), if killed_by.is_none() => {
-                    killed_by = Some(KilledBy::Timeout);
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = exceeded.notified(), if killed_by.is_none() => {
-                    killed_by = Some(KilledBy::OutputLimit);
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = crate::daemon::stopping(&mut shutdown), if killed_by.is_none() => {
-                    killed_by = Some(KilledBy::Shutdown);
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = crate::daemon::stopping(&mut client_gone), if !abandoned => {
-                    abandoned = true;
-                    kill_pidfd(pidfd.as_fd());
-                }
-                _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
-                    break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
+                    // The status pipe closed without a report: wait for the zygote.
+                    Err(_) => watch_finish = false,
                 }
             }
-        };
-        let t_exit = Instant::now();
-        stdin_task.abort();
-        if abandoned {
-            kill_pidfd(pidfd.as_fd());
-            output_task.abort();
-            status_task.abort();
-            return Err(error(
-                ErrorCode::Internal,
-                "the client disconnected; the sandbox was killed",
-            ));
-        }
-        let exit = match exit {
-            Ok(e) => e,
-            Err(e) => {
-                // The zygote died or lost track: make sure nothing survives.
-                kill_pidfd(pidfd.as_fd());
-                output_task.abort();
-                status_task.abort();
-                return Err(e);
+            _ = tokio::time::sleep_until(deadline), if killed_by.is_none() => {
+                killed_by = Some(KilledBy::Timeout);
+                kill_pidfd(live.pidfd.as_fd());
             }
-        };
-        if reported_exit.is_none() {
-            // The process is gone, so its status pipe is at EOF (or about to be).
-            let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await;
+            _ = live.exceeded.notified(), if killed_by.is_none() => {
+                killed_by = Some(KilledBy::OutputLimit);
+                kill_pidfd(live.pidfd.as_fd());
+            }
+            _ = stopping(shutdown), if killed_by.is_none() => {
+                killed_by = Some(KilledBy::Shutdown);
+                kill_pidfd(live.pidfd.as_fd());
+            }
+            _ = stopping(client_gone), if !abandoned => {
+                abandoned = true;
+                kill_pidfd(live.pidfd.as_fd());
+            }
+            _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
+                break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
+            }
         }
-        let (status, t_started) = match status_log.lock() {
-            Ok(log) => (parse_status(&log.data), log.started),
-            Err(_) => return Err(error(ErrorCode::Internal, "status log poisoned")),
-        };
-        if let Status::SetupFailed(msg) = &status {
-            output_task.abort();
+    };
+    Watched {
+        exit,
+        killed_by,
+        reported_exit,
+        abandoned,
+    }
+}
+
+/// A sandbox that ended, with everything read from it.
+struct Ended {
+    exit: Exited,
+    killed_by: Option<KilledBy>,
+    status: Status,
+    t_started: Option<Instant>,
+    output: Output,
+    pidfd: OwnedFd,
+    reported_exit: Option<u8>,
+    cleanup: forkd_pool::CgroupCleanup,
+}
+
+/// Stops the hand-off's tasks and gathers the status and output.
+async fn collect(live: Live, watched: Watched) -> Result<Ended, ErrorReply> {
+    if let Some(task) = &live.stdin_task {
+        task.abort();
+    }
+    let Watched {
+        exit,
+        mut killed_by,
+        reported_exit,
+        abandoned,
+    } = watched;
+    if abandoned {
+        live.abandon();
+        return Err(error(
+            ErrorCode::Internal,
+            "the client disconnected; the sandbox was killed",
+        ));
+    }
+    let exit = match exit {
+        Ok(e) => e,
+        Err(e) => {
+            // The zygote died or lost track: make sure nothing survives.
+            live.abandon();
+            return Err(e);
+        }
+    };
+    let Live {
+        pidfd,
+        cleanup,
+        output_task,
+        exceeded_flag,
+        status_task,
+        status_log,
+        ..
+    } = live;
+    if reported_exit.is_none() {
+        // The process is gone, so its status pipe is at EOF (or about to be).
+        let _ = tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, status_task).await;
+    }
+    let (status, t_started) = match status_log.lock() {
+        Ok(log) => (status_of(&log.decoder), log.started),
+        Err(_) => return Err(error(ErrorCode::Internal, "status log poisoned")),
+    };
+    if let Status::SetupFailed(msg) = &status {
+        output_task.abort();
+        return Err(error(
+            ErrorCode::SpawnFailed,
+            format!("the sandbox could not be set up: {msg}"),
+        ));
+    }
+    let output = match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, output_task).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(internal("output task", e)),
+        Err(_) => return Err(error(
+            ErrorCode::Internal,
+            "the sandbox's output pipes stayed open after it exited; this is a forkd bug, please report it",
+        )),
+    };
+    if exceeded_flag.load(Ordering::Acquire) && killed_by.is_none() {
+        // The flood ended the program before the kill order was taken.
+        killed_by = Some(KilledBy::OutputLimit);
+    }
+    Ok(Ended {
+        exit,
+        killed_by,
+        status,
+        t_started,
+        output,
+        pidfd,
+        reported_exit,
+        cleanup,
+    })
+}
+
+/// The result of an ended sandbox: exit status (believing the child's own
+/// reports only where the kernel's wait status agrees), why it was killed,
+/// timings and resource use.
+fn report(
+    ended: Ended,
+    id: u64,
+    zygote_name: String,
+    limits: AppliedLimits,
+    warm: bool,
+    (t0, t_forked, t_exit): (Instant, Instant, Instant),
+) -> Result<SpawnResult, ErrorReply> {
+    let Ended {
+        exit,
+        mut killed_by,
+        status,
+        t_started,
+        output,
+        pidfd,
+        reported_exit,
+        cleanup,
+    } = ended;
+    let stats = cleanup
+        .get()
+        .and_then(|cg| {
+            cg.stats()
+                .map_err(|e| tracing::warn!(sandbox = id, "cgroup stats: {e}"))
+                .ok()
+        })
+        .unwrap_or_default();
+    let (mut exit_code, mut signal) = decode_wait_status(exit.status);
+    match status {
+        // Trusted only when the exit matches what the reporter does.
+        Status::Started(Some(sig)) if exit_code == Some(128 + sig) => {
+            exit_code = None;
+            signal = Some(sig);
+        }
+        Status::DiedInSetup if killed_by.is_none() && stats.oom_kills == 0 => {
             return Err(error(
                 ErrorCode::SpawnFailed,
-                format!("the sandbox could not be set up: {msg}"),
+                format!(
+                    "the sandbox died while being set up (exit code {exit_code:?}, signal {signal:?}); the daemon's log may say more"
+                ),
             ));
         }
-        let output = match tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, output_task).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(internal("output task", e)),
-            Err(_) => return Err(error(
-                ErrorCode::Internal,
-                "the sandbox's output pipes stayed open after it exited; this is a forkd bug, please report it",
-            )),
-        };
-        if exceeded_flag.load(Ordering::Acquire) && killed_by.is_none() {
-            // The flood ended the program before the kill order was taken.
-            killed_by = Some(KilledBy::OutputLimit);
-        }
-
-        let stats = cleanup
-            .get()
-            .and_then(|cg| {
-                cg.stats()
-                    .map_err(|e| tracing::warn!(sandbox = id, "cgroup stats: {e}"))
-                    .ok()
-            })
-            .unwrap_or_default();
-        let (mut exit_code, mut signal) = decode_wait_status(exit.status);
-        match status {
-            // Trusted only when the exit matches what the reporter does.
-            Status::Started(Some(sig)) if exit_code == Some(128 + sig) => {
-                exit_code = None;
-                signal = Some(sig);
-            }
-            Status::DiedInSetup if killed_by.is_none() && stats.oom_kills == 0 => {
-                return Err(error(
-                    ErrorCode::SpawnFailed,
-                    format!(
-                        "the sandbox died while being set up (exit code {exit_code:?}, signal {signal:?}); the daemon's log may say more"
-                    ),
-                ));
-            }
-            _ => {}
-        }
-        if killed_by.is_none() {
-            killed_by = if stats.oom_kills > 0 {
-                Some(KilledBy::Oom)
-            } else if stats.pids_limit_hits > 0 && exit_code != Some(0) {
-                Some(KilledBy::Pids)
-            } else if signal.is_some() {
-                Some(KilledBy::Signal)
-            } else {
-                None
-            };
-        }
-        let isolated = t_started.unwrap_or(t_exit).min(t_exit).max(t_forked);
-        let result = SpawnResult {
-            sandbox: id,
-            zygote: zygote_name,
-            exit_code,
-            signal,
-            killed_by,
-            stdout: output.stdout,
-            stderr: output.stderr,
-            stdout_truncated: output.stdout_truncated,
-            stderr_truncated: output.stderr_truncated,
-            timings: Timings {
-                total_us: micros(t0.elapsed()),
-                fork_us: micros(t_forked - t0),
-                isolated_us: micros(isolated - t0),
-                run_us: micros(t_exit.saturating_duration_since(isolated)),
-            },
-            usage: Usage {
-                cpu_user_us: stats.cpu_user_us.unwrap_or(exit.utime_us),
-                cpu_system_us: stats.cpu_system_us.unwrap_or(exit.stime_us),
-                peak_memory_bytes: stats.memory_peak_bytes.unwrap_or(exit.maxrss_kb * 1024),
-            },
-            limits,
-            warm,
-            network: egress.map(|e| Box::new(e.finish())),
-        };
-        if reported_exit.is_some() {
-            // The program is done; its init is exiting. Make sure whatever it
-            // left running (or a program that only claimed to finish) goes too.
-            kill_pidfd(pidfd.as_fd());
-        }
-        drop(cleanup); // removal happens on a blocking thread, after the reply is built
-        Ok(result)
+        _ => {}
     }
+    if killed_by.is_none() {
+        killed_by = if stats.oom_kills > 0 {
+            Some(KilledBy::Oom)
+        } else if stats.pids_limit_hits > 0 && exit_code != Some(0) {
+            Some(KilledBy::Pids)
+        } else if signal.is_some() {
+            Some(KilledBy::Signal)
+        } else {
+            None
+        };
+    }
+    let isolated = t_started.unwrap_or(t_exit).min(t_exit).max(t_forked);
+    let result = SpawnResult {
+        sandbox: id,
+        zygote: zygote_name,
+        exit_code,
+        signal,
+        killed_by,
+        stdout: output.stdout,
+        stderr: output.stderr,
+        stdout_truncated: output.stdout_truncated,
+        stderr_truncated: output.stderr_truncated,
+        timings: Timings {
+            total_us: micros(t0.elapsed()),
+            fork_us: micros(t_forked - t0),
+            isolated_us: micros(isolated - t0),
+            run_us: micros(t_exit.saturating_duration_since(isolated)),
+        },
+        usage: Usage {
+            cpu_user_us: stats.cpu_user_us.unwrap_or(exit.utime_us),
+            cpu_system_us: stats.cpu_system_us.unwrap_or(exit.stime_us),
+            peak_memory_bytes: stats.memory_peak_bytes.unwrap_or(exit.maxrss_kb * 1024),
+        },
+        limits,
+        warm,
+        network: None,
+    };
+    if reported_exit.is_some() {
+        // The program is done; its init is exiting. Make sure whatever it
+        // left running (or a program that only claimed to finish) goes too.
+        kill_pidfd(pidfd.as_fd());
+    }
+    drop(cleanup); // removal happens on a blocking thread, after the reply is built
+    Ok(result)
 }
 
 fn micros(d: Duration) -> u64 {
@@ -649,31 +799,74 @@ mod tests {
         assert_eq!(decode_wait_status(libc::SIGKILL), (None, Some(9)));
     }
 
+    fn status(stream: &[u8]) -> Status {
+        let mut d = StatusDecoder::new();
+        d.feed(stream);
+        d.end();
+        status_of(&d)
+    }
+
     #[test]
-    fn status_reports_are_parsed() {
-        assert_eq!(parse_status(b""), Status::DiedInSetup);
-        assert_eq!(parse_status(b"Eboom"), Status::SetupFailed("boom".into()));
-        assert_eq!(parse_status(b"S"), Status::Started(None));
-        assert_eq!(parse_status(b"SK\x06"), Status::Started(Some(6)));
-        assert!(matches!(parse_status(b"x"), Status::SetupFailed(_)));
-        assert_eq!(parse_status(b"SX\x07"), Status::Started(None));
-        assert_eq!(finished_code(b"SX\x07"), Some(7));
-        assert_eq!(
-            finished_code(b"SK\x58X\x00"),
-            Some(0),
-            "a K's byte is not a tag"
-        );
-        assert_eq!(finished_code(b"S"), None);
-        assert_eq!(
-            finished_code(b"SX"),
-            None,
-            "the code byte has not arrived yet"
-        );
-        assert_eq!(
-            finished_code(b"EX\x01"),
-            None,
-            "no report before the program started"
-        );
+    fn status_reports_are_interpreted() {
+        assert_eq!(status(b""), Status::DiedInSetup);
+        assert_eq!(status(b"Eboom"), Status::SetupFailed("boom".into()));
+        assert_eq!(status(b"S"), Status::Started(None));
+        assert_eq!(status(b"SK\x06"), Status::Started(Some(6)));
+        assert!(matches!(status(b"x"), Status::SetupFailed(_)));
+        assert_eq!(status(b"SX\x07"), Status::Started(None));
+        assert_eq!(status(b"SK\x58X\x00"), Status::Started(Some(0x58)));
+    }
+
+    /// The early reply must fire when `X` arrives in a later read than `S`
+    /// (the usual case: `S` is written when the program starts, `X` when it
+    /// ends), while the child still holds the pipe open.
+    #[tokio::test]
+    async fn finished_fires_when_the_exit_report_arrives_in_a_later_read() {
+        let (r, mut w) = nix::unistd::pipe()
+            .map(|(r, w)| (r, std::fs::File::from(w)))
+            .expect("pipe");
+        let log = Arc::new(std::sync::Mutex::new(StatusLog::default()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reader = tokio::spawn(read_status(receiver(r).expect("register"), log.clone(), tx));
+        use std::io::Write;
+        w.write_all(b"S").expect("write S");
+        // Let the reader consume `S` on its own before `X` is written.
+        while log.lock().expect("log").decoder.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        w.write_all(b"X\x05").expect("write X");
+        let code = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("the exit report was not forwarded while the pipe stayed open")
+            .expect("the sender was dropped before the exit report arrived");
+        assert_eq!(code, 5);
+        drop(w);
+        reader.await.expect("reader");
+    }
+
+    /// A small job goes in without a task; a large stdin beyond the pipe's
+    /// buffer goes through one; either way the reader gets every byte, in
+    /// order, then EOF.
+    #[tokio::test]
+    async fn the_job_and_stdin_arrive_whole_whatever_their_size() {
+        for (stdin_len, needs_task) in [(10usize, false), (3 << 20, true)] {
+            let (r, w) = nix::unistd::pipe().expect("pipe");
+            let job = b"JOBFRAME".to_vec();
+            let stdin: Vec<u8> = (0..stdin_len).map(|i| (i % 251) as u8).collect();
+            let reader = std::thread::spawn(move || {
+                let mut all = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut all).expect("read");
+                all
+            });
+            let task = send_job(w, job.clone(), stdin.clone()).expect("send");
+            assert_eq!(task.is_some(), needs_task, "stdin of {stdin_len} bytes");
+            if let Some(t) = task {
+                t.await.expect("writer");
+            }
+            let got = reader.join().expect("reader");
+            assert_eq!(got.len(), job.len() + stdin.len());
+            assert!(got.starts_with(&job) && got[job.len()..] == stdin[..]);
+        }
     }
 
     #[test]
@@ -681,9 +874,9 @@ mod tests {
         let mut req = SpawnRequest::default();
         req.env.insert("HOME".into(), "/tmp/home".into());
         req.env.insert("X".into(), "1".into());
-        let job = job_payload(&req);
-        assert_eq!(job["env"]["HOME"], "/tmp/home");
-        assert_eq!(job["env"]["X"], "1");
-        assert_eq!(job["env"]["LANG"], "C.UTF-8");
+        let job = job_for(&req);
+        assert_eq!(job.env["HOME"], "/tmp/home");
+        assert_eq!(job.env["X"], "1");
+        assert_eq!(job.env["LANG"], "C.UTF-8");
     }
 }

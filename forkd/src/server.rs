@@ -1,5 +1,6 @@
 //! The Unix-socket server: peer checks, framing, pipelined requests.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +12,13 @@ use forkd_ipc::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::daemon::Daemon;
+use crate::admission::Admission;
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
+use crate::settings::FrameLimits;
+use crate::state::{stopping, State};
 
 /// Replies queued per connection before its reader waits for the writer.
 const REPLY_QUEUE: usize = 256;
@@ -24,13 +29,46 @@ const REPLY_QUEUE: usize = 256;
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 const REFUSAL_DISCARD_BYTES: usize = 1 << 20;
 
-pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
-    let mut shutdown = daemon.shutdown_signal();
+/// What the socket's handlers need: admission for peers and requests, the
+/// sandbox runner's state, and where outcomes are recorded.
+pub struct Server {
+    pub state: Arc<State>,
+    pub admission: Arc<Admission>,
+    pub metrics: Arc<Metrics>,
+    pub audit: Option<Arc<AuditLog>>,
+    pub frames: FrameLimits,
+    next_connection: AtomicU64,
+}
+
+impl Server {
+    pub fn new(
+        state: Arc<State>,
+        admission: Arc<Admission>,
+        metrics: Arc<Metrics>,
+        audit: Option<Arc<AuditLog>>,
+        frames: FrameLimits,
+    ) -> Server {
+        Server {
+            state,
+            admission,
+            metrics,
+            audit,
+            frames,
+            next_connection: AtomicU64::new(1),
+        }
+    }
+}
+
+pub async fn serve(
+    server: Arc<Server>,
+    listener: UnixListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(connection(daemon.clone(), stream));
+                    tokio::spawn(connection(server.clone(), stream));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -38,7 +76,7 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = crate::daemon::stopping(&mut shutdown) => break,
+            _ = stopping(&mut shutdown) => break,
         }
     }
 }
@@ -54,30 +92,39 @@ fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Respo
     }
 }
 
-/// Runs one spawn request: the sandbox, its reply, its metrics and its audit record.
+/// Runs one spawn request: admission, the sandbox, its reply, its metrics
+/// and its audit record.
 async fn spawn_request(
-    daemon: Arc<Daemon>,
+    server: Arc<Server>,
     tx: mpsc::Sender<Response>,
-    gone: tokio::sync::watch::Receiver<bool>,
+    gone: watch::Receiver<bool>,
     spawn: forkd_ipc::SpawnRequest,
     peer: crate::audit::Peer,
     connection: u64,
     id: u64,
 ) {
     let started = std::time::Instant::now();
-    let asked = (spawn.zygote.clone(), spawn.policy.clone());
-    let pending = daemon
+    let pending = server
         .audit
         .as_ref()
         .map(|audit| crate::audit::Record::request(peer, connection, id, &spawn, audit.payloads));
-    let outcome = daemon.run_sandbox(spawn, gone).await;
+    let asked = (spawn.zygote.clone(), spawn.policy.clone());
+    let outcome = match server.admission.resolve(&spawn) {
+        Ok(resolved) => crate::sandbox::run_sandbox(&server.state, resolved, spawn, gone).await,
+        Err(e) => Err(e),
+    };
     let elapsed = started.elapsed();
-    let names = (outcome.is_err() || pending.is_some()).then(|| configured_names(&daemon, asked));
+    // Only errors and audit records need the names: a plain success skips them.
+    let names = (outcome.is_err() || pending.is_some()).then(|| {
+        server
+            .admission
+            .configured_names(asked.0.as_deref(), asked.1.as_deref())
+    });
     match &outcome {
-        Ok(result) => daemon.metrics.record_result(result, elapsed),
+        Ok(result) => server.metrics.record_result(result, elapsed),
         Err(e) => {
             let zygote = names.as_ref().and_then(|n| n.0.as_deref());
-            daemon
+            server
                 .metrics
                 .record_error(zygote.unwrap_or(crate::metrics::NO_ZYGOTE), e.code)
         }
@@ -86,7 +133,7 @@ async fn spawn_request(
     // send), so a record cannot miss the audit log's close at shutdown;
     // otherwise after the reply: the audit never delays it.
     let mut late = None;
-    if let (Some(audit), Some(record)) = (&daemon.audit, pending) {
+    if let (Some(audit), Some(record)) = (&server.audit, pending) {
         let (zygote, policy) = names.unwrap_or_default();
         late = audit
             .try_record(Box::new(record.complete(zygote, policy, &outcome, elapsed)))
@@ -103,23 +150,9 @@ async fn spawn_request(
             body,
         })
         .await;
-    if let (Some(audit), Some(record)) = (&daemon.audit, late) {
+    if let (Some(audit), Some(record)) = (&server.audit, late) {
         audit.record(record).await;
     }
-}
-
-/// The configured zygote and policy a request resolves to (`None` for a
-/// name that is not configured: such text never reaches a metric label).
-fn configured_names(
-    daemon: &Daemon,
-    (zygote, policy): (Option<String>, Option<String>),
-) -> (Option<String>, Option<String>) {
-    let zygote = zygote.unwrap_or_else(|| daemon.config.default_zygote.clone());
-    let policy = policy.unwrap_or_else(|| daemon.config.default_policy.clone());
-    (
-        daemon.config.has_zygote(&zygote).then_some(zygote),
-        daemon.policies.contains_key(&policy).then_some(policy),
-    )
 }
 
 /// Turns one frame body into a request this daemon speaks, or the error
@@ -156,17 +189,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, (u64, ErrorReply)> {
     Ok(request)
 }
 
-fn peer_allowed(daemon: &Daemon, uid: u32, gid: u32) -> bool {
-    let own = crate::sys::euid();
-    let uids = daemon
-        .config
-        .allowed_uids
-        .clone()
-        .unwrap_or_else(|| vec![own, 0]);
-    uids.contains(&uid) || daemon.config.allowed_gids.contains(&gid)
-}
-
-async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
+async fn connection(server: Arc<Server>, stream: UnixStream) {
     let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -175,16 +198,16 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         }
     };
     let (mut reader, mut writer) = stream.into_split();
-    let connection = daemon.next_connection();
+    let connection = server.next_connection.fetch_add(1, Ordering::Relaxed);
     let peer = crate::audit::Peer {
         uid: cred.uid(),
         gid: cred.gid(),
         pid: cred.pid(),
     };
-    let allowed = peer_allowed(&daemon, cred.uid(), cred.gid());
-    daemon.metrics.record_connection(allowed);
+    let allowed = server.admission.peer_allowed(cred.uid(), cred.gid());
+    server.metrics.record_connection(allowed);
     if !allowed {
-        if let Some(audit) = &daemon.audit {
+        if let Some(audit) = &server.audit {
             audit
                 .record(Box::new(crate::audit::Record::refused(peer, connection)))
                 .await;
@@ -242,8 +265,8 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     });
 
     let (client_gone, _) = tokio::sync::watch::channel(false);
-    let max = daemon.config.max_frame_bytes;
-    let frame_timeout = Duration::from_millis(daemon.config.frame_timeout_ms);
+    let max = server.frames.max_bytes;
+    let frame_timeout = server.frames.timeout;
     loop {
         let bytes = match read_frame_bytes_async_within(&mut reader, max, frame_timeout).await {
             Ok(b) => b,
@@ -303,10 +326,10 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
                 }
             }
             RequestBody::Spawn(spawn) => {
-                let daemon = daemon.clone();
+                let server = server.clone();
                 let tx = tx.clone();
                 let gone = client_gone.subscribe();
-                tokio::spawn(spawn_request(daemon, tx, gone, spawn, peer, connection, id));
+                tokio::spawn(spawn_request(server, tx, gone, spawn, peer, connection, id));
             }
         }
     }

@@ -88,6 +88,7 @@ async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else_()
     let d = TestDaemon::start(move |c| {
         c.network.resolvers = Some(vec![dns.to_string()]);
         c.audit_log = Some(a2);
+        c.metrics_listen = Some("127.0.0.1:0".into());
     })
     .await;
 
@@ -129,13 +130,17 @@ async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else_()
         .any(|e| e.kind == "dns" && e.destination == "rebind.test"));
 
     // And in the metrics.
-    let text = d.daemon.metrics.render(&d.daemon);
-    for line in [
-        r#"forkd_egress_bytes_total{kind="in"} 10"#,
-        r#"forkd_egress_bytes_total{kind="out"} 4"#,
-        r#"forkd_egress_connections_total{kind="allowed"} 2"#,
+    let text = common::scrape::scrape(d.metrics_addr().unwrap()).await;
+    for (name, kind, value) in [
+        ("forkd_egress_bytes_total", "in", 10.0),
+        ("forkd_egress_bytes_total", "out", 4.0),
+        ("forkd_egress_connections_total", "allowed", 2.0),
     ] {
-        assert!(text.contains(line), "{line} missing from\n{text}");
+        assert_eq!(
+            common::scrape::sample(&text, name, &[("kind", kind)]),
+            Some(value),
+            "{name} {kind} in\n{text}"
+        );
     }
 
     // A bystander without an allowlist: no network at all, no report.

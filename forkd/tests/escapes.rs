@@ -649,7 +649,7 @@ R["write at RLIMIT_FSIZE"] = op(lambda: os.write(big, b"x"))
 
     // Asking the daemon for more than its configured maximum is refused,
     // never clamped.
-    let max = &d.daemon.config.limits.max;
+    let max = &d.settings().config.limits.max;
     let mut cases: Vec<(&str, SpawnRequest)> = Vec::new();
     let mut r = req("print(1)");
     r.limits.memory_bytes = Some(max.memory_bytes + 1);

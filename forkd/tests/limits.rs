@@ -123,7 +123,7 @@ except BlockingIOError as e:
     assert_eq!(res.killed_by, Some(KilledBy::Pids));
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
     assert!(
-        !d.daemon.config.limits.default.pids.eq(&16),
+        !d.settings().config.limits.default.pids.eq(&16),
         "the default must differ for this test to mean anything"
     );
 

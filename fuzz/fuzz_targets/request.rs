@@ -2,7 +2,7 @@
 //!
 //! Runs exactly the daemon's code: `forkd::server::parse_request` (JSON →
 //! request, version check, error reply) and, for spawn requests,
-//! `forkd::config::resolve` (defaults, limits against the maximum, paths,
+//! `forkd::admission::Admission::resolve` (defaults, limits against the maximum, paths,
 //! env, argv) and `forkd::sandbox::job_frame` (what the child is sent).
 //! Checked: nothing panics; every refusal is a typed reply that encodes; an
 //! accepted request's limits lie between the minimums and the configured
@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use forkd::config::{resolve, Config, ZygoteSection};
+use forkd::admission::Admission;
+use forkd::config::{Config, ZygoteSection};
 use forkd_ipc::frame::{encode_frame, peek_request_id};
 use forkd_ipc::{ErrorCode, RequestBody, Response, ResponseBody, PROTOCOL_VERSION};
 use libfuzzer_sys::fuzz_target;
@@ -70,7 +71,7 @@ fuzz_target!(|body: &[u8]| {
         return;
     };
     for enforced in [true, false] {
-        let resolved = match resolve(config, spawn, policies, enforced) {
+        let resolved = match Admission::new(config, policies, enforced).resolve(spawn) {
             Ok(r) => r,
             Err(e) => {
                 assert!(
@@ -128,7 +129,7 @@ fuzz_target!(|body: &[u8]| {
             assert!(f.mode.is_none_or(|m| m & !0o777 == 0));
         }
         // The job the child would read: a length prefix, then JSON.
-        let job = forkd::sandbox::job_frame(spawn);
+        let job = forkd::sandbox::job_frame(spawn).expect("a request within the frame limit encodes");
         let len = u32::from_be_bytes(job[..4].try_into().unwrap()) as usize;
         assert_eq!(len, job.len() - 4);
         serde_json::from_slice::<serde_json::Value>(&job[4..]).expect("the job is JSON");

@@ -1,4 +1,4 @@
-//! The two descriptor tricks the daemon needs for starting a zygote.
+//! The descriptor tricks the daemon needs for starting a zygote.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -30,4 +30,30 @@ pub fn pass_fd_as(cmd: &mut tokio::process::Command, fd: RawFd, target: RawFd) {
             Ok(())
         });
     }
+}
+
+/// A memory file holding `data`, sealed against any change, so the zygote
+/// reads exactly the script this daemon was built with (nothing on disk to
+/// swap). Close-on-exec: [`pass_fd_as`] hands it on explicitly.
+pub fn sealed_memfd(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    let fd = memfd_create(
+        &cname,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, data)?;
+    let fd = OwnedFd::from(file);
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SEAL
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_WRITE,
+        ),
+    )?;
+    Ok(fd)
 }

@@ -16,19 +16,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forkd_zygote::wire::{FromZygote, ToZygote, MAX_CONTROL_MESSAGE, WIRE_VERSION};
 use forkd_zygote::InitConfig;
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
 };
-use serde::Deserialize;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{oneshot, watch};
 
 /// Largest message either side sends; spawn orders are a few hundred bytes,
 /// the init message carries the policies.
-const MAX_MESSAGE: usize = 1 << 20;
+const MAX_MESSAGE: usize = MAX_CONTROL_MESSAGE;
+
+/// The descriptor the zygote's script is read from (a sealed memfd): the
+/// command line then reads `python /dev/fd/4 forkd-zygote NAME` instead of
+/// carrying the whole source as a `-c` argument.
+const SCRIPT_FD: RawFd = 4;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ZygoteError {
@@ -71,17 +76,7 @@ pub struct ZygoteConfig {
     pub rootless: bool,
 }
 
-/// What the zygote reported when it became ready.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ReadyInfo {
-    pub pid: u32,
-    pub python: String,
-    pub executable: String,
-    pub threads: u32,
-    pub preloaded: Vec<String>,
-    pub init_ms: f64,
-    pub native: forkd_zygote::InitInfo,
-}
+pub use forkd_zygote::wire::{Exited, ReadyInfo};
 
 /// The descriptors a child receives, in the order the zygote expects them.
 pub struct SpawnFds {
@@ -106,41 +101,6 @@ pub struct Forked {
     pub pidfd: OwnedFd,
     /// Resolves when the zygote has reaped the process.
     pub exited: oneshot::Receiver<Result<Exited, ZygoteError>>,
-}
-
-/// The zygote's report of a reaped sandbox.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Exited {
-    /// Raw wait status.
-    pub status: i32,
-    pub utime_us: u64,
-    pub stime_us: u64,
-    pub maxrss_kb: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Message {
-    Importing {
-        module: String,
-    },
-    Ready(ReadyInfo),
-    Fatal {
-        error: String,
-    },
-    Forked {
-        id: u64,
-        pid: i32,
-    },
-    Exited {
-        id: u64,
-        #[serde(flatten)]
-        exited: Exited,
-    },
-    SpawnError {
-        id: u64,
-        error: String,
-    },
 }
 
 #[derive(Default)]
@@ -198,9 +158,15 @@ impl Zygote {
             let k = k.to_string_lossy();
             k == "HOME" || k.starts_with("PYENV")
         });
+        let script =
+            crate::sys::sealed_memfd("forkd_zygote.py", forkd_zygote::ZYGOTE_PY.as_bytes())
+                .map_err(|e| start_err(format!("cannot hold the zygote script in memory: {e}")))?;
         let mut cmd = tokio::process::Command::new(&cfg.python);
-        cmd.arg("-c")
-            .arg(forkd_zygote::ZYGOTE_PY)
+        // -P (3.11+) would keep /dev/fd off sys.path; the script removes it
+        // itself so that older interpreters work too.
+        cmd.arg(format!("/dev/fd/{SCRIPT_FD}"))
+            .arg("forkd-zygote")
+            .arg(&cfg.name)
             .env_clear()
             .envs(passthrough)
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -216,8 +182,10 @@ impl Zygote {
             // which then shuts the zygote down in order.
             .process_group(0);
         crate::sys::pass_fd_as(&mut cmd, theirs.as_raw_fd(), 3);
+        crate::sys::pass_fd_as(&mut cmd, script.as_raw_fd(), SCRIPT_FD);
         let mut child = cmd.spawn().map_err(|e| start_err(e.to_string()))?;
         drop(theirs);
+        drop(script);
         // The process we started; a rootless zygote reports pid 1 of its own
         // pid namespace as its pid, so kills must use this one.
         let process_id = child.id().unwrap_or(0);
@@ -245,14 +213,14 @@ impl Zygote {
             death: Mutex::new(None),
         });
 
-        let init = serde_json::json!({
-            "op": "init",
-            "lib": cfg.library,
-            "config": cfg.init,
-            "preload": cfg.preload,
-            "rootless": cfg.rootless,
-        });
-        send(&shared, init.to_string().as_bytes(), &[])
+        let init = ToZygote::Init {
+            wire: WIRE_VERSION,
+            lib: cfg.library.clone(),
+            config: cfg.init.clone(),
+            preload: cfg.preload.clone(),
+            rootless: cfg.rootless,
+        };
+        send(&shared, &init.encode(), &[])
             .await
             .map_err(|e| start_err(format!("send init: {e}")))?;
 
@@ -284,12 +252,12 @@ impl Zygote {
                 }
                 Ok(Ok((msg, fds))) => {
                     drop(fds);
-                    match serde_json::from_slice::<Message>(msg) {
-                        Ok(Message::Importing { module }) => {
+                    match FromZygote::decode(msg) {
+                        Ok(FromZygote::Importing { module }) => {
                             stage = format!("importing preload module `{module}`");
                         }
-                        Ok(Message::Ready(info)) => break info,
-                        Ok(Message::Fatal { error }) => {
+                        Ok(FromZygote::Ready(info)) => break info,
+                        Ok(FromZygote::Fatal { error }) => {
                             let _ = child.wait().await;
                             return Err(ZygoteError::Fatal {
                                 name: cfg.name.clone(),
@@ -398,7 +366,11 @@ impl Zygote {
             self.forget(id);
             return Err(self.died_error());
         }
-        let msg = serde_json::json!({ "op": "spawn", "id": id, "spec": spec }).to_string();
+        let msg = ToZygote::Spawn {
+            id,
+            spec: spec.to_owned(),
+        }
+        .encode();
         let mut raw = vec![
             fds.job.as_raw_fd(),
             fds.stdout.as_raw_fd(),
@@ -406,7 +378,7 @@ impl Zygote {
             fds.status.as_raw_fd(),
         ];
         raw.extend(fds.netns.as_ref().map(|fd| fd.as_raw_fd()));
-        if let Err(e) = send(&self.shared, msg.as_bytes(), &raw).await {
+        if let Err(e) = send(&self.shared, &msg, &raw).await {
             self.forget(id);
             return Err(ZygoteError::Channel {
                 name: self.shared.name.clone(),
@@ -437,7 +409,7 @@ impl Zygote {
     /// no new orders after this.
     pub async fn drain(&self) {
         self.shared.draining.store(true, Ordering::Release);
-        let _ = send(&self.shared, br#"{"op":"drain"}"#, &[]).await;
+        let _ = send(&self.shared, &ToZygote::Drain.encode(), &[]).await;
     }
 
     /// Kills the zygote process (its sandboxes die with it: parent-death signal).
@@ -484,8 +456,8 @@ async fn read_loop(
 ) {
     let reason = loop {
         match recv(&shared, &mut buf).await {
-            Ok((msg, mut fds)) => match serde_json::from_slice::<Message>(msg) {
-                Ok(Message::Forked { id, pid }) => {
+            Ok((msg, mut fds)) => match FromZygote::decode(msg) {
+                Ok(FromZygote::Forked { id, pid }) => {
                     let entry = shared
                         .pending
                         .lock()
@@ -495,13 +467,13 @@ async fn read_loop(
                         let _ = tx.send(Ok((pid, pidfd)));
                     }
                 }
-                Ok(Message::Exited { id, exited }) => {
+                Ok(FromZygote::Exited { id, exited }) => {
                     let entry = shared.pending.lock().ok().and_then(|mut p| p.remove(&id));
                     if let Some(tx) = entry.and_then(|e| e.exited) {
                         let _ = tx.send(Ok(exited));
                     }
                 }
-                Ok(Message::SpawnError { id, error }) => {
+                Ok(FromZygote::SpawnError { id, error }) => {
                     let entry = shared.pending.lock().ok().and_then(|mut p| p.remove(&id));
                     if let Some(tx) = entry.and_then(|e| e.forked) {
                         let _ = tx.send(Err(ZygoteError::Spawn {
@@ -510,8 +482,8 @@ async fn read_loop(
                         }));
                     }
                 }
-                Ok(Message::Fatal { error }) => break format!("fatal: {error}"),
-                Ok(Message::Importing { .. } | Message::Ready(_)) => {}
+                Ok(FromZygote::Fatal { error }) => break format!("fatal: {error}"),
+                Ok(FromZygote::Importing { .. } | FromZygote::Ready(_)) => {}
                 Err(e) => {
                     tracing::warn!(zygote = %shared.name, "unreadable zygote message: {e}");
                 }

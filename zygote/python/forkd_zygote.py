@@ -1,10 +1,12 @@
 """forkd zygote: a single-threaded Python that has imported its preload
 modules and forks one isolated child per sandbox.
 
-The daemon starts it as `python -c <this file>` with a SOCK_SEQPACKET socket
-on fd 3 and talks JSON over it (see pool/src/zygote.rs for the other side):
+The daemon starts it as `python /dev/fd/4 forkd-zygote NAME` (this file in a
+sealed memfd) with a SOCK_SEQPACKET socket on fd 3 and talks JSON over it. The
+messages are typed and versioned in zygote/src/wire.rs (WIRE_VERSION below
+must match it); pool/src/zygote.rs is the other side:
 
-  daemon -> zygote  {"op": "init", "lib": PATH, "config": {...}, "preload": [...]}
+  daemon -> zygote  {"op": "init", "wire": V, "lib": PATH, "config": {...}, "preload": [...]}
                     {"op": "spawn", "id": N, "spec": "<ChildSpec JSON>"}
                         + fds [job, stdout, stderr, status(, netns)]
                     {"op": "drain"}   finish running children, then exit
@@ -26,6 +28,19 @@ also reseeds `random`).
 """
 
 import os
+import sys
+
+# The daemon runs this file as `python /dev/fd/4 forkd-zygote NAME` from a
+# sealed memfd. Python put the script's resolved directory ("/") first on
+# sys.path, where it would be bound into every sandbox as an interpreter
+# path: make that entry what `python -c` puts there ("", which children
+# replace with their script's directory), and close the script's descriptor.
+if sys.argv and sys.argv[0].startswith("/dev/fd/"):
+    sys.path[0] = ""
+    try:
+        os.close(int(sys.argv[0][len("/dev/fd/"):]))
+    except (ValueError, OSError):
+        pass
 
 # BLAS/OpenMP pools must not start threads: a process with threads cannot be
 # forked safely. Set before anything can import numpy.
@@ -49,7 +64,6 @@ import json
 import select
 import signal
 import socket
-import sys
 import time
 import traceback
 import types
@@ -57,6 +71,9 @@ import types
 # Every module the child path uses is imported here, in the zygote: an import
 # inside a sandbox costs milliseconds of path searching per child.
 
+# The wire's shapes and version are defined in zygote/src/wire.rs; this file
+# mirrors them (a Rust test checks these lines against it).
+WIRE_VERSION = 2
 CONTROL_FD = 3
 # In a child: the status pipe, moved onto fd 3 (replacing the control socket,
 # which the child must not keep). It carries one-byte tagged reports:
@@ -64,6 +81,10 @@ CONTROL_FD = 3
 #   K<signo>    the program died of a signal it sent itself (see forkd_report_signals)
 #   X<code>     the program finished with this exit code (stdout/stderr closed)
 STATUS_FD = 3
+TAG_SETUP_FAILED = b"E"
+TAG_STARTED = b"S"
+TAG_SELF_SIGNAL = b"K"
+TAG_FINISHED = b"X"
 MAX_MESSAGE = 1 << 20
 ERR_CAP = 4096
 
@@ -114,6 +135,12 @@ class Zygote:
         msg = json.loads(data)
         if msg.get("op") != "init":
             fatal(self.sock, f"expected init message, got {msg.get('op')!r}")
+        if msg.get("wire") != WIRE_VERSION:
+            fatal(
+                self.sock,
+                f"this zygote speaks wire version {WIRE_VERSION}, the daemon {msg.get('wire')!r}: "
+                "the daemon and its zygote script come from different forkd builds; reinstall forkd",
+            )
         try:
             lib = ctypes.CDLL(msg["lib"])
         except OSError as e:
@@ -349,7 +376,7 @@ def read_exact(fd, n):
 
 def setup_failed(message):
     try:
-        os.write(STATUS_FD, b"E" + message.encode(errors="replace")[:65536])
+        os.write(STATUS_FD, TAG_SETUP_FAILED + message.encode(errors="replace")[:65536])
     finally:
         os._exit(126)
 
@@ -408,7 +435,7 @@ def run_job(job, lib):
             setup_failed(f"installing signal reporters failed: {os.strerror(errno)}")
         # Programs it execs must not inherit the report channel.
         os.set_inheritable(STATUS_FD, False)
-        os.write(STATUS_FD, b"S")
+        os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
 
@@ -446,7 +473,7 @@ def run_job(job, lib):
     try:
         os.close(1)
         os.close(2)
-        os.write(STATUS_FD, b"X" + bytes([code & 0xFF]))
+        os.write(STATUS_FD, TAG_FINISHED + bytes([code & 0xFF]))
     except OSError:
         pass
     os._exit(code)

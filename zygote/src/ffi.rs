@@ -237,7 +237,8 @@ static REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::n
 
 extern "C" fn report_signal_and_exit(sig: libc::c_int) {
     let fd = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
-    let msg = [b'K', sig as u8];
+    // A fixed array, not StatusReport::encode: a signal handler must not allocate.
+    let msg = [crate::wire::TAG_SELF_SIGNAL, sig as u8];
     // SAFETY: write and _exit are async-signal-safe; msg lives on this stack.
     unsafe {
         if fd >= 0 {

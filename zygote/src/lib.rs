@@ -15,6 +15,7 @@ pub mod spec;
 pub mod sys;
 pub mod template;
 pub mod userns;
+pub mod wire;
 
 /// The Python half of the zygote, embedded so the daemon can start it with
 /// `python -c` and never depends on a file next to the binary.

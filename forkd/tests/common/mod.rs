@@ -586,7 +586,7 @@ pub fn test_config(instance: &str) -> forkd::Config {
 /// A daemon started for one test. Use [`TestDaemon::finish`] at the end.
 pub struct TestDaemon {
     running: Option<forkd::Running>,
-    pub daemon: Arc<forkd::daemon::Daemon>,
+    pub daemon: Arc<forkd::state::State>,
     pub socket: PathBuf,
     pub instance: String,
     tracker: Option<Tracker>,
@@ -677,6 +677,14 @@ impl TestDaemon {
                 },
             )),
         }
+    }
+
+    /// The daemon's validated configuration.
+    pub fn settings(&self) -> &forkd::settings::Settings {
+        self.running
+            .as_ref()
+            .expect("the daemon is running")
+            .settings()
     }
 
     /// The metrics endpoint's TCP address (when `metrics_listen` is TCP).

@@ -1,0 +1,116 @@
+//! What the running daemon holds to run sandboxes: zygotes, warm pools,
+//! cgroups, network namespaces, the concurrency slots and the shutdown
+//! signal. Built by the composition root ([`crate::daemon`]); the sandbox
+//! runner works on it, and nothing here knows about sockets, metrics or audit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use forkd_pool::{NetnsStock, Supervisor, WarmPool};
+use tokio::sync::{watch, Semaphore};
+
+pub struct State {
+    pub pool: Arc<Supervisor>,
+    pub cgroups: Arc<forkd_cgroup::Manager>,
+    /// Warm pools by zygote name.
+    pub warm: HashMap<String, WarmPool>,
+    pub(crate) netns: Arc<Option<NetnsStock>>,
+    pub(crate) slots: Semaphore,
+    max_concurrent: usize,
+    next_id: Arc<AtomicU64>,
+    shutdown: watch::Receiver<bool>,
+    /// Egress for requests with `allow_net`.
+    pub network: crate::network::Network,
+}
+
+impl State {
+    // The composition root hands over each part once.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        pool: Arc<Supervisor>,
+        cgroups: Arc<forkd_cgroup::Manager>,
+        warm: HashMap<String, WarmPool>,
+        netns: Arc<Option<NetnsStock>>,
+        max_concurrent: usize,
+        next_id: Arc<AtomicU64>,
+        shutdown: watch::Receiver<bool>,
+        network: crate::network::Network,
+    ) -> State {
+        State {
+            pool,
+            cgroups,
+            warm,
+            netns,
+            slots: Semaphore::new(max_concurrent),
+            max_concurrent,
+            next_id,
+            shutdown,
+            network,
+        }
+    }
+
+    pub fn next_sandbox_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
+    /// Sandboxes running right now.
+    pub fn running(&self) -> usize {
+        self.max_concurrent - self.slots.available_permits()
+    }
+
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+    }
+
+    /// Pool, zygote and load figures for a metrics scrape.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        use crate::metrics::{Snapshot, WarmSnapshot, ZygoteSnapshot};
+        let mut names: Vec<&str> = self.pool.names().collect();
+        names.sort_unstable();
+        let zygotes = names
+            .into_iter()
+            .map(|name| {
+                let stats = self.pool.stats(name);
+                let get = |f: fn(&forkd_pool::ZygoteStats) -> &AtomicU64| {
+                    stats.map_or(0, |s| f(s).load(Ordering::Relaxed))
+                };
+                ZygoteSnapshot {
+                    name: name.to_string(),
+                    up: self.pool.is_ready(name),
+                    starts: get(|s| &s.starts),
+                    start_failures: get(|s| &s.start_failures),
+                    deaths: get(|s| &s.deaths),
+                    recycles: get(|s| &s.recycles),
+                    pool: self.warm.get(name).map(|p| {
+                        let s = p.stats();
+                        WarmSnapshot {
+                            ready: p.ready() as u64,
+                            target: p.target() as u64,
+                            hits: s.hits.load(Ordering::Relaxed),
+                            misses: s.misses.load(Ordering::Relaxed),
+                            refills: s.refills.load(Ordering::Relaxed),
+                            discarded: s.discarded.load(Ordering::Relaxed),
+                            shrunk: s.shrunk.load(Ordering::Relaxed),
+                        }
+                    }),
+                }
+            })
+            .collect();
+        Snapshot {
+            running: self.running() as u64,
+            max_concurrent: self.max_concurrent as u64,
+            zygotes,
+        }
+    }
+}
+
+/// Resolves once shutdown has begun.
+pub async fn stopping(rx: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns must not live across an await point.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
