@@ -11,7 +11,7 @@
     in
     {
       packages = forAllSystems (system: pkgs: {
-        forkd = pkgs.callPackage ./nix/package.nix { };
+        forkd = pkgs.callPackage ./packaging/nix/package.nix { };
         default = self.packages.${system}.forkd;
         # A zygote interpreter with numpy (the default zygote preloads it).
         python = pkgs.python3.withPackages (ps: [ ps.numpy ]);
@@ -43,10 +43,10 @@
       });
 
       overlays.default = final: _prev: {
-        forkd = final.callPackage ./nix/package.nix { };
+        forkd = final.callPackage ./packaging/nix/package.nix { };
       };
 
-      nixosModules.forkd = import ./nix/module.nix self;
+      nixosModules.forkd = import ./packaging/nix/module.nix self;
       nixosModules.default = self.nixosModules.forkd;
     };
 }

@@ -7,8 +7,10 @@
 #   scripts/perf-ab.sh BASE_BENCH HEAD_BENCH [SUMMARY_FILE]
 #
 # BASE_BENCH / HEAD_BENCH: release forkd-bench binaries (each with its
-# libforkd_zygote.so beside it). Records base, then head, and judges head with
-# head's rule (`forkd-bench compare`). A suspected regression is re-measured
+# libforkd_zygote.so beside it, and libforkd_bench_floor.so in deps/ when the
+# build has the independent floor; a base without it is compared on the
+# no-isolation ratios, which both records carry). Records base, then head,
+# and judges head with head's rule (`forkd-bench compare`). A suspected regression is re-measured
 # in the opposite order (head, then base) and fails the job only if it
 # repeats. Needs root; the zygotes use .venv/bin/python (scripts/venv.sh).
 set -euo pipefail

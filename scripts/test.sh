@@ -23,7 +23,7 @@ cargo run --quiet -p forkd-bench --bin forkd-bench -- --quick --python "$FORKD_T
 # manifests against the API schemas in strict mode, a misspelt copy that must
 # be rejected, the shipped forkd.toml files through `forkd --check-config`.
 # Installs its validator (PyPI kubernetes-validate) into target/deploy-venv.
-timeout 900 deploy/validate.sh || status=$?
+timeout 900 packaging/validate.sh || status=$?
 # compare-all (compare/) must not rot: its quick mode against real forkd daemons and cold python
 # (no Docker needed). It exits non-zero unless every sandbox's output is verified; bounded by timeout.
 timeout 120 compare/compare-all --quick --backends forkd,forkd-nopool,python --python "$FORKD_TEST_PYTHON" \
@@ -31,12 +31,12 @@ timeout 120 compare/compare-all --quick --backends forkd,forkd-nopool,python --p
 # cgroup v2 limits for real. This machine's cgroups are v1 hybrid, so a
 # Debian guest (qemu, software emulation) with a pure cgroup2 hierarchy runs
 # the limits, rootless and cgroup tests: a few minutes, more on the first run,
-# which builds the cached guest image (scripts/cgroup-v2-vm.sh). Its
+# which builds the cached guest image (tests/vm/cgroup-v2-vm.sh). Its
 # `test result:` lines go into the log and count below. Exit 77 means the
 # machine cannot run a guest at all (or FORKD_VM=off): said loudly, not a
 # failure; a guest that fails or does not report fails the suite.
 vm_status=0
-scripts/cgroup-v2-vm.sh 2>&1 | tee -a "$log" || vm_status=$?
+tests/vm/cgroup-v2-vm.sh 2>&1 | tee -a "$log" || vm_status=$?
 if [ "$vm_status" != 0 ] && [ "$vm_status" != 77 ]; then
     status=$vm_status
 fi

@@ -2,12 +2,16 @@
 //! statistics and the rule are in the library's `perfcheck` module).
 //!
 //! One embedded daemon with two zygotes (`pooled`: warm pool of `burst`
-//! children; `nopool`: forked on demand) and one floor zygote are started
-//! once. Each round then measures, back to back, the floor and the forkd
-//! figure it normalises: floor single → warm single; floor burst → pooled
-//! burst → no-pool burst → sustained; the pool is refilled and the machine
-//! left to settle before each forkd figure, so one scenario's refill does not
-//! land in another's measurement.
+//! children; `nopool`: forked on demand), two independent floor servers
+//! (bench/floor: pool of `burst`; none) and the no-isolation reference
+//! zygote are started once. Each round then measures, back to back, each
+//! forkd figure right after the floor figure it is divided by: floor single
+//! → (no-isolation single) → warm single; floor burst, pool → (no-isolation
+//! burst) → pooled burst; floor burst, no pool → no-pool burst; floor
+//! sustained → sustained. (The no-isolation figures keep their place right
+//! before forkd's, as in records taken before the floor existed.) Pools are refilled and the machine left to settle
+//! before each figure, so one scenario's refill does not land in another's
+//! measurement.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,10 +20,11 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use forkd_bench::perfcheck::{self, HostFacts, Record, Round, Rule, Settings};
+use forkd_bench::perfcheck::{self, HostFacts, Metric, Record, Reference, Round, Rule, Settings};
 use forkd_ipc::{AsyncClient, SpawnRequest};
 
 use crate::floor::Floor;
+use crate::indep::IndepFloor;
 use crate::{burst, request, single, sustained, uss, wait_zygote_pool_full};
 
 const POOLED: &str = "pooled";
@@ -91,9 +96,28 @@ pub struct CompareArgs {
     ignore_host: bool,
 }
 
+/// The independent floor with a warm pool of `burst`, and without one.
+struct Indep {
+    pool: Arc<IndepFloor>,
+    nopool: Arc<IndepFloor>,
+}
+
+impl Indep {
+    async fn start(args: &CheckArgs, burst: usize) -> Result<Indep> {
+        let pool = IndepFloor::start(&args.python, &args.preload)?;
+        let nopool = IndepFloor::start(&args.python, &args.preload)?;
+        pool.set_pool(burst).await?;
+        Ok(Indep { pool, nopool })
+    }
+}
+
 /// What runs during a check: the floor zygote and an embedded daemon.
 struct Bench {
     floor: Arc<Floor>,
+    /// The independent floor with a warm pool of `burst`, and without one.
+    /// `None` when the floor could not start on this host (the run is then
+    /// judged on the no-isolation reference, loudly).
+    indep: Option<Indep>,
     running: forkd::Running,
     client: AsyncClient,
     dir: PathBuf,
@@ -103,6 +127,19 @@ struct Bench {
 
 impl Bench {
     async fn start(args: &CheckArgs, settings: Settings) -> Result<Bench> {
+        // A floor that cannot run here (e.g. a cgroup setup it does not
+        // handle) is not a regression: the check carries on with the
+        // no-isolation reference every record has, and says so.
+        let indep = match Indep::start(args, settings.burst).await {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!(
+                    "forkd-bench check: WARNING: the independent floor could not start ({e:#}); \
+                     this run records no floor figures and is compared on the no-isolation reference"
+                );
+                None
+            }
+        };
         let floor = Floor::start(&args.python, &args.preload).await?;
         let zygote = |name: &str, warm_pool: usize| forkd::config::ZygoteSection {
             name: name.into(),
@@ -139,6 +176,7 @@ impl Bench {
         };
         Ok(Bench {
             floor,
+            indep,
             running,
             client,
             dir,
@@ -154,19 +192,31 @@ impl Bench {
         }
     }
 
-    /// Pool full again and the refill's last children settled.
-    async fn settle(&self) {
+    /// Pools full again and the refills' last children settled.
+    async fn settle(&self) -> Result<()> {
+        if let Some(i) = &self.indep {
+            i.pool.wait_full().await?;
+        }
         wait_zygote_pool_full(&self.running.daemon, POOLED, self.settings.burst).await;
+        Ok(())
     }
 
     /// Spawns whose figures are thrown away: first forks of fresh zygotes
     /// fault in pages every later fork shares.
     async fn warm_up(&self) -> Result<()> {
-        self.settle().await;
+        self.settle().await?;
+        if let Some(i) = &self.indep {
+            i.pool.single(20).await?;
+            i.nopool.single(20).await?;
+        }
         self.floor.single(20).await?;
         single(&self.client, 20, &Self::request(POOLED)).await;
         single(&self.client, 20, &Self::request(NOPOOL)).await;
         self.floor.burst(self.settings.burst).await?;
+        if let Some(i) = &self.indep {
+            i.pool.burst(self.settings.burst).await?;
+            i.nopool.burst(self.settings.burst).await?;
+        }
         burst(&self.client, self.settings.burst, &Self::request(NOPOOL)).await;
         Ok(())
     }
@@ -179,22 +229,55 @@ impl Bench {
             }
             Ok(())
         };
-        self.settle().await;
+        self.settle().await?;
         let neighbour_cores = neighbour_cores(std::time::Duration::from_millis(300)).await;
         let idle_child_uss_bytes = self.idle_child_uss();
+        let indep = self.indep.as_ref();
+        let indep_single = match indep {
+            Some(i) => Some(i.pool.single(s.single_spawns).await?),
+            None => None,
+        };
+        if let Some(l) = &indep_single {
+            verify("floor single", l.ok, l.count)?;
+        }
         let floor_single = self.floor.single(s.single_spawns).await?;
-        verify("floor single", floor_single.ok, floor_single.count)?;
+        verify("no-isolation single", floor_single.ok, floor_single.count)?;
         let warm_single = single(&self.client, s.single_spawns, &Self::request(POOLED)).await;
         verify("warm single", warm_single.ok, warm_single.count)?;
-        self.settle().await;
+        self.settle().await?;
+        let mut indep_burst_pool = None;
+        if let Some(i) = indep {
+            let (wall, ok) = i.pool.burst(s.burst).await?;
+            verify("floor burst, pool", ok, s.burst as u64)?;
+            indep_burst_pool = Some(wall as f64);
+            self.settle().await?;
+        }
         let (floor_burst, ok) = self.floor.burst(s.burst).await?;
-        verify("floor burst", ok, s.burst as u64)?;
+        verify("no-isolation burst", ok, s.burst as u64)?;
         let (burst_pool, ok) = burst(&self.client, s.burst, &Self::request(POOLED)).await;
         verify("burst, pool", ok, s.burst as u64)?;
-        self.settle().await;
+        self.settle().await?;
+        let mut indep_burst_nopool = None;
+        if let Some(i) = indep {
+            let (wall, ok) = i.nopool.burst(s.burst).await?;
+            verify("floor burst, no pool", ok, s.burst as u64)?;
+            indep_burst_nopool = Some(wall as f64);
+            // Its children's teardown must not land in forkd's burst.
+            self.settle().await?;
+        }
         let (burst_nopool, ok) = burst(&self.client, s.burst, &Self::request(NOPOOL)).await;
         verify("burst, no pool", ok, s.burst as u64)?;
-        self.settle().await;
+        self.settle().await?;
+        let mut indep_rate = None;
+        if let Some(i) = indep {
+            let (rate, _, failed) = i
+                .pool
+                .sustained(s.sustained_secs, s.sustained_concurrency)
+                .await?;
+            verify("floor sustained", 0, failed)?;
+            indep_rate = Some(rate);
+            self.settle().await?;
+        }
         let (rate, _, failed) =
             sustained(&self.client, s.sustained_secs, s.sustained_concurrency).await;
         verify("sustained", 0, failed)?;
@@ -207,6 +290,10 @@ impl Bench {
             sustained_per_sec: rate,
             idle_child_uss_bytes,
             neighbour_cores,
+            indep_single_p50_us: indep_single.map(|l| l.p50_us as f64),
+            indep_burst_pool_wall_us: indep_burst_pool,
+            indep_burst_nopool_wall_us: indep_burst_nopool,
+            indep_sustained_per_sec: indep_rate,
         })
     }
 
@@ -222,13 +309,22 @@ impl Bench {
         for i in 0..rounds {
             let t = Instant::now();
             let r = self.round().await?;
+            // The values the rule will judge, with the reference they use.
+            let reference = if self.indep.is_some() {
+                Reference::IndependentFloor
+            } else {
+                Reference::NoIsolation
+            };
+            let v = |m: Metric| m.value(&r, &self.settings, reference).unwrap_or(f64::NAN);
             eprintln!(
-                "forkd-bench check: {label}round {}/{rounds} ({:.1} s): single {:.3}, burst pool {:.3}, burst no pool {:.3} × floor; others' load {} cores",
+                "forkd-bench check: {label}round {}/{rounds} ({:.1} s): single {:.3}, burst pool {:.3}, burst no pool {:.3}, sustained {:.3} × {}; others' load {} cores",
                 i + 1,
                 t.elapsed().as_secs_f64(),
-                r.warm_single_p50_us / r.floor_single_p50_us,
-                r.burst_pool_wall_us / r.floor_burst_wall_us,
-                r.burst_nopool_wall_us / r.floor_burst_wall_us,
+                v(Metric::SingleWarm),
+                v(Metric::BurstPool),
+                v(Metric::BurstNoPool),
+                v(Metric::Sustained),
+                if self.indep.is_some() { "floor" } else { "no-isolation reference" },
                 r.neighbour_cores.map(|c| format!("{c:.2}")).unwrap_or_else(|| "?".into()),
             );
             out.push(r);
@@ -255,6 +351,10 @@ impl Bench {
         drop(self.client);
         self.running.shutdown().await;
         self.floor.drain().await;
+        if let Some(i) = &self.indep {
+            i.pool.stop();
+            i.nopool.stop();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,16 +1,22 @@
 //! `forkd-bench`: measures a real forkd daemon through the client library.
 //!
-//! Every figure is taken in one run next to the **floor reference**: the same
-//! interpreter and preload list in a zygote of the same kind, forking the same
-//! snippet with no isolation at all (no namespaces, cgroup, landlock or
-//! seccomp; the bench drives that zygote directly, the daemon cannot be asked
-//! for it). A spawn counts only if it printed the expected output.
+//! Every figure is taken in one run next to the **independent floor**
+//! (`indep`, `bench/floor/`): a minimal fork server written for the bench,
+//! sharing no code with forkd, that applies the same isolation steps, keeps a
+//! warm pool and is driven in-process over pipes; each forkd figure is
+//! reported as a ratio to the floor's figure for the same scenario, measured
+//! right before it. The older **no-isolation reference** (`floor`: forkd's
+//! own zygote forking the snippet with no isolation, driven through forkd's
+//! pool code) is kept as a second line. A spawn counts only if it printed
+//! the expected output.
 
 mod check;
 mod floor;
 mod hostcpu;
+mod indep;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -108,6 +114,28 @@ struct Burst {
     median_wall_us: u64,
     ok: u64,
     attempted: u64,
+    /// The independent floor's burst of the same size, each round measured
+    /// right before forkd's.
+    floor_walls_us: Vec<u64>,
+    floor_median_wall_us: u64,
+    floor_ok: u64,
+    /// Median of the per-round ratios forkd ÷ floor.
+    ratio_to_floor: f64,
+    /// Per-sandbox latency from the burst's start, p99 (median over rounds).
+    p99_us: u64,
+    floor_p99_us: u64,
+}
+
+fn median_u64(v: &[u64]) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s.get(s.len() / 2).copied().unwrap_or(0)
+}
+
+fn median_f64(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[derive(Debug, Serialize, Default, Clone)]
@@ -127,11 +155,37 @@ struct Mode {
     sustained_cpu_ms_per_spawn: Option<f64>,
     /// Median USS of children running a sleeping numpy program.
     running_child_uss_bytes: Option<u64>,
+    /// The independent floor with the same pool size (0: forked on demand).
+    floor_single: Latency,
+    /// Median USS of the floor's parked children.
+    floor_idle_child_uss_bytes: Option<u64>,
+    floor_sustained_per_sec: f64,
+    floor_sustained_failed: u64,
+    /// CPU per spawn split by process (single phase, sequential): forkd and
+    /// the independent floor.
+    single_cpu: Option<hostcpu::Split>,
+    floor_single_cpu: Option<hostcpu::Split>,
+    /// The same over the sustained phase.
+    sustained_cpu: Option<hostcpu::Split>,
+    floor_sustained_cpu: Option<hostcpu::Split>,
+}
+
+/// What the independent floor applies, for the record.
+#[derive(Debug, Serialize, Default)]
+struct FloorSetup {
+    seccomp_instructions: usize,
+    /// forkd's default policy's filter, for comparison.
+    forkd_seccomp_instructions: usize,
+    cgroup_mode: String,
+    landlock_abi: i64,
+    bound_paths: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     host: serde_json::Value,
+    independent_floor: FloorSetup,
+    /// The no-isolation reference (forkd's zygote without isolation).
     floor: Latency,
     /// Host CPU per floor spawn (sequential), in ms.
     floor_cpu_ms_per_spawn: Option<f64>,
@@ -209,19 +263,44 @@ async fn single(client: &AsyncClient, n: usize, req: &SpawnRequest) -> Latency {
 }
 
 async fn burst(client: &AsyncClient, n: usize, req: &SpawnRequest) -> (u64, u64) {
+    let (wall, ok, _) = burst_timed(client, n, req).await;
+    (wall, ok)
+}
+
+/// A burst of `n` concurrent spawns: (wall µs, verified, each spawn's
+/// latency from the burst's start in µs).
+async fn burst_timed(client: &AsyncClient, n: usize, req: &SpawnRequest) -> (u64, u64, Vec<u64>) {
     let t = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
         let (c, req) = (client.clone(), req.clone());
-        set.spawn(async move { c.spawn(&req).await });
+        set.spawn(async move {
+            let r = c.spawn(&req).await;
+            (r, Instant::now())
+        });
     }
-    let mut ok = 0;
+    let (mut ok, mut last) = (0, t);
+    let mut latencies = Vec::with_capacity(n);
     while let Some(r) = set.join_next().await {
-        if matches!(r, Ok(Ok(res)) if res.stdout == EXPECTED.as_bytes()) {
-            ok += 1;
+        if let Ok((r, done)) = r {
+            // The wall ends at the last result, as the floor's does (not
+            // when this loop has joined every task).
+            last = last.max(done);
+            latencies.push((done - t).as_micros() as u64);
+            if matches!(r, Ok(res) if res.stdout == EXPECTED.as_bytes()) {
+                ok += 1;
+            }
         }
     }
-    (t.elapsed().as_micros() as u64, ok)
+    ((last - t).as_micros() as u64, ok, latencies)
+}
+
+/// The 99th percentile (nearest rank) of `v`, 0 when empty.
+fn p99(v: &[u64]) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let rank = (s.len() * 99).div_ceil(100);
+    s.get(rank.saturating_sub(1)).copied().unwrap_or(0)
 }
 
 async fn sustained(client: &AsyncClient, secs: f64, concurrency: usize) -> (f64, u64, u64) {
@@ -295,11 +374,24 @@ async fn running_uss(daemon: &forkd::state::State, client: &AsyncClient) -> Opti
     sizes.get(sizes.len() / 2).copied()
 }
 
+/// The zygote's pid and where its sandboxes' CPU time adds up, for the
+/// CPU split.
+async fn zygote_and_children(daemon: &forkd::state::State) -> (Option<i32>, Option<PathBuf>) {
+    let pid = daemon
+        .pool
+        .get("default")
+        .await
+        .ok()
+        .map(|z| z.process_id() as i32);
+    (pid, hostcpu::cgroup_cpu_file(&daemon.cgroups.base_dirs()))
+}
+
 async fn run_mode(
     args: &Args,
     name: &str,
     warm_pool: usize,
     n_single: usize,
+    indep: &Arc<indep::IndepFloor>,
 ) -> Result<(Mode, serde_json::Value)> {
     let dir = std::env::temp_dir().join(format!("forkd-bench-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -312,7 +404,15 @@ async fn run_mode(
         warm_pool,
         ..Mode::default()
     };
-    wait_pool_full(&running.daemon, warm_pool).await;
+    indep.set_pool(warm_pool).await?;
+    let (zygote_pid, children_file) = zygote_and_children(&running.daemon).await;
+    let floor_children = indep.info.cpu_usage_file.clone();
+    let both_full = || async {
+        indep.wait_full().await?;
+        wait_pool_full(&running.daemon, warm_pool).await;
+        anyhow::Ok(())
+    };
+    both_full().await?;
     if let Some(pool) = running.daemon.warm.get("default") {
         let sizes: Vec<u64> = pool.child_pids().into_iter().filter_map(uss).collect();
         if !sizes.is_empty() {
@@ -321,32 +421,63 @@ async fn run_mode(
             mode.idle_child_uss_bytes = Some(sorted[sorted.len() / 2]);
         }
     }
+    let mut sizes: Vec<u64> = indep.parked_pids().into_iter().filter_map(uss).collect();
+    sizes.sort_unstable();
+    mode.floor_idle_child_uss_bytes = sizes.get(sizes.len() / 2).copied();
+    let split = hostcpu::SplitMeter::start(Some(indep.server_pid), floor_children.clone());
+    mode.floor_single = indep.single(n_single).await?;
+    mode.floor_single_cpu = split.per_spawn(mode.floor_single.count);
+    both_full().await?;
     let meter = hostcpu::Meter::start();
+    let split = hostcpu::SplitMeter::start(zygote_pid, children_file.clone());
     mode.single = single(&client, n_single, &request()).await;
     mode.single_cpu_ms_per_spawn = meter.per_spawn_ms(mode.single.count);
+    mode.single_cpu = split.per_spawn(mode.single.count);
     for &n in &args.bursts {
-        let mut walls = Vec::new();
-        let mut ok = 0;
+        let (mut walls, mut floor_walls, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut p99s, mut floor_p99s) = (Vec::new(), Vec::new());
+        let (mut ok, mut floor_ok) = (0, 0);
         for _ in 0..args.rounds {
-            wait_pool_full(&running.daemon, warm_pool).await;
-            let (wall, o) = burst(&client, n, &request()).await;
+            both_full().await?;
+            let (floor_wall, o, lat) = indep.burst_timed(n).await?;
+            floor_walls.push(floor_wall);
+            floor_p99s.push(p99(&lat));
+            floor_ok += o;
+            both_full().await?;
+            let (wall, o, lat) = burst_timed(&client, n, &request()).await;
             walls.push(wall);
+            p99s.push(p99(&lat));
             ok += o;
+            ratios.push(wall as f64 / floor_wall.max(1) as f64);
         }
-        let mut sorted = walls.clone();
-        sorted.sort_unstable();
         mode.bursts.push(Burst {
             n,
-            median_wall_us: sorted[sorted.len() / 2],
+            median_wall_us: median_u64(&walls),
             walls_us: walls,
             ok,
             attempted: (n * args.rounds) as u64,
+            floor_median_wall_us: median_u64(&floor_walls),
+            floor_walls_us: floor_walls,
+            floor_ok,
+            ratio_to_floor: median_f64(&ratios),
+            p99_us: median_u64(&p99s),
+            floor_p99_us: median_u64(&floor_p99s),
         });
     }
-    wait_pool_full(&running.daemon, warm_pool).await;
+    both_full().await?;
+    let split = hostcpu::SplitMeter::start(Some(indep.server_pid), floor_children);
+    let (rate, ok, failed) = indep
+        .sustained(args.sustained_secs, args.concurrency)
+        .await?;
+    mode.floor_sustained_per_sec = rate;
+    mode.floor_sustained_failed = failed;
+    mode.floor_sustained_cpu = split.per_spawn(ok + failed);
+    both_full().await?;
     let meter = hostcpu::Meter::start();
+    let split = hostcpu::SplitMeter::start(zygote_pid, children_file);
     let (rate, ok, failed) = sustained(&client, args.sustained_secs, args.concurrency).await;
     mode.sustained_cpu_ms_per_spawn = meter.per_spawn_ms(ok + failed);
+    mode.sustained_cpu = split.per_spawn(ok + failed);
     mode.sustained_per_sec = rate;
     mode.sustained_ok = ok;
     mode.sustained_failed = failed;
@@ -361,10 +492,29 @@ fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
+fn split_line(label: &str, s: Option<hostcpu::Split>, zygote: &str) -> String {
+    match s {
+        Some(s) => format!(
+            "{label}: {:.2} ms = this process {:.2} + {zygote} {:.2} + sandboxes {:.2} + rest of host {:.2}",
+            s.total_ms, s.bench_process_ms, s.zygote_ms, s.children_ms, s.rest_ms
+        ),
+        None => format!("{label}: unreadable"),
+    }
+}
+
 fn print_table(r: &Report) {
     println!("forkd-bench — host: {}", r.host);
+    let f = &r.independent_floor;
     println!(
-        "floor (same zygote, fork + snippet, no isolation): p50 {}  p90 {}  p99 {}  ({} of {} ok)",
+        "independent floor (bench/floor: minimal fork server, same isolation, no forkd code): seccomp {} BPF instructions (forkd {}), cgroup {}, landlock ABI {}, {} bound paths",
+        f.seccomp_instructions,
+        f.forkd_seccomp_instructions,
+        f.cgroup_mode,
+        f.landlock_abi,
+        f.bound_paths.len()
+    );
+    println!(
+        "no-isolation reference (forkd's zygote, fork + snippet, no isolation): p50 {}  p90 {}  p99 {}  ({} of {} ok)",
         ms(r.floor.p50_us),
         ms(r.floor.p90_us),
         ms(r.floor.p99_us),
@@ -373,37 +523,61 @@ fn print_table(r: &Report) {
     );
     let cpu = |ms: Option<f64>| ms.map_or("unreadable".to_string(), |v| format!("{v:.2} ms"));
     println!(
-        "host CPU per spawn (all processes, /proc/stat): floor {} (sequential)",
+        "host CPU per spawn (all processes, /proc/stat): no-isolation reference {} (sequential)",
         cpu(r.floor_cpu_ms_per_spawn)
     );
     for m in &r.modes {
-        println!("\n## {} (warm pool {})", m.name, m.warm_pool);
         println!(
-            "single spawn: p50 {}  p90 {}  p99 {}  max {}  ({} of {} ok)  = {:.2}× floor p50",
+            "\n## {} (warm pool {}; the floor's pool the same)",
+            m.name, m.warm_pool
+        );
+        println!(
+            "single spawn: p50 {}  p90 {}  p99 {}  max {}  ({} of {} ok)  = {:.2}× floor p50, {:.2}× floor p99; {:.2}× no-isolation reference p50",
             ms(m.single.p50_us),
             ms(m.single.p90_us),
             ms(m.single.p99_us),
             ms(m.single.max_us),
             m.single.ok,
             m.single.count,
+            m.single.p50_us as f64 / m.floor_single.p50_us.max(1) as f64,
+            m.single.p99_us as f64 / m.floor_single.p99_us.max(1) as f64,
             m.single.p50_us as f64 / r.floor.p50_us.max(1) as f64
+        );
+        println!(
+            "  floor single: p50 {}  p90 {}  p99 {}  max {}  ({} of {} ok)",
+            ms(m.floor_single.p50_us),
+            ms(m.floor_single.p90_us),
+            ms(m.floor_single.p99_us),
+            ms(m.floor_single.max_us),
+            m.floor_single.ok,
+            m.floor_single.count
         );
         for b in &m.bursts {
             println!(
-                "burst N={:<5} median wall {:>10}  ({} of {} ok; rounds {:?} µs)",
+                "burst N={:<5} median wall {:>10} = {:.2}× floor (median of per-round ratios); floor {:>10}; per-sandbox p99 {} (floor {})  ({} / {} of {} ok; rounds {:?} / floor {:?} µs)",
                 b.n,
                 ms(b.median_wall_us),
+                b.ratio_to_floor,
+                ms(b.floor_median_wall_us),
+                ms(b.p99_us),
+                ms(b.floor_p99_us),
                 b.ok,
+                b.floor_ok,
                 b.attempted,
-                b.walls_us
+                b.walls_us,
+                b.floor_walls_us
             );
         }
         println!(
-            "sustained: {:.0} spawns/s ({} ok, {} failed)",
-            m.sustained_per_sec, m.sustained_ok, m.sustained_failed
+            "sustained: {:.0} spawns/s ({} ok, {} failed) = {:.2}× floor's {:.0}/s",
+            m.sustained_per_sec,
+            m.sustained_ok,
+            m.sustained_failed,
+            m.sustained_per_sec / m.floor_sustained_per_sec.max(1e-9),
+            m.floor_sustained_per_sec
         );
         let ratio = match (m.single_cpu_ms_per_spawn, r.floor_cpu_ms_per_spawn) {
-            (Some(a), Some(f)) if f > 0.0 => format!(" = {:.2}× floor", a / f),
+            (Some(a), Some(f)) if f > 0.0 => format!(" = {:.2}× no-isolation reference", a / f),
             _ => String::new(),
         };
         println!(
@@ -411,8 +585,27 @@ fn print_table(r: &Report) {
             cpu(m.single_cpu_ms_per_spawn),
             cpu(m.sustained_cpu_ms_per_spawn)
         );
+        println!("CPU per spawn by process (ms; this process is daemon + client for forkd, the driver for the floor):");
+        println!("  {}", split_line("forkd single", m.single_cpu, "zygote"));
+        println!(
+            "  {}",
+            split_line("floor single", m.floor_single_cpu, "server")
+        );
+        println!(
+            "  {}",
+            split_line("forkd sustained", m.sustained_cpu, "zygote")
+        );
+        println!(
+            "  {}",
+            split_line("floor sustained", m.floor_sustained_cpu, "server")
+        );
         if let Some(uss) = m.idle_child_uss_bytes {
-            println!("idle pooled child USS (median): {:.2} MB", uss as f64 / 1e6);
+            println!(
+                "idle pooled child USS (median): {:.2} MB (floor's {})",
+                uss as f64 / 1e6,
+                m.floor_idle_child_uss_bytes
+                    .map_or("–".into(), |b| format!("{:.2} MB", b as f64 / 1e6))
+            );
         }
         if let Some(uss) = m.running_child_uss_bytes {
             println!(
@@ -457,15 +650,28 @@ async fn bench(mut args: Args) -> Result<()> {
     let pool = args
         .pool
         .unwrap_or_else(|| args.bursts.iter().copied().max().unwrap_or(16));
+    let indep = indep::IndepFloor::start(&args.python, &args.preload)?;
+    let independent_floor = FloorSetup {
+        seccomp_instructions: indep.info.seccomp_instructions,
+        forkd_seccomp_instructions: forkd_zygote::Policy::default_policy()
+            .compile_seccomp()
+            .map(|p| p.len())
+            .unwrap_or(0),
+        cgroup_mode: indep.info.cgroup_mode.clone(),
+        landlock_abi: indep.info.landlock_abi,
+        bound_paths: indep.info.bound.clone(),
+    };
     let floor_zygote = floor::Floor::start(&args.python, &args.preload).await?;
     let meter = hostcpu::Meter::start();
     let floor = floor_zygote.single(args.single).await?;
     let floor_cpu_ms_per_spawn = meter.per_spawn_ms(floor.count);
     floor_zygote.drain().await;
-    let (on, host) = run_mode(&args, "warm pool", pool, args.single).await?;
-    let (off, _) = run_mode(&args, "no pool", 0, args.single).await?;
+    let (on, host) = run_mode(&args, "warm pool", pool, args.single, &indep).await?;
+    let (off, _) = run_mode(&args, "no pool", 0, args.single, &indep).await?;
+    indep.stop();
     let report = Report {
         host,
+        independent_floor,
         floor,
         floor_cpu_ms_per_spawn,
         modes: vec![on, off],
@@ -474,10 +680,14 @@ async fn bench(mut args: Args) -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
-    let failures = report
-        .modes
-        .iter()
-        .any(|m| m.single.ok != m.single.count || m.bursts.iter().any(|b| b.ok != b.attempted));
+    let failures = report.modes.iter().any(|m| {
+        m.single.ok != m.single.count
+            || m.floor_single.ok != m.floor_single.count
+            || m.floor_sustained_failed > 0
+            || m.bursts
+                .iter()
+                .any(|b| b.ok != b.attempted || b.floor_ok != b.attempted)
+    });
     if failures || report.floor.ok != report.floor.count {
         bail!("some spawns did not return the expected output");
     }

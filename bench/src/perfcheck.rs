@@ -4,9 +4,15 @@
 //! be tested on recorded files.
 //!
 //! **Timed metrics are ratios measured in the same round**: each forkd figure
-//! is divided by the no-isolation floor measured next to it (same zygote kind
-//! forking the same snippet), so a machine that is slower today, or busy with
-//! a neighbour, moves numerator and denominator together.
+//! is divided by the **independent floor**'s figure for the same scenario,
+//! measured right before it (bench/floor: a minimal fork server with the
+//! same isolation and a warm pool, sharing no code with forkd), so a machine
+//! that is slower today, or busy with a neighbour, moves numerator and
+//! denominator together, and a slowdown in code forkd shares with its
+//! reference cannot cancel out. Records taken before the independent floor
+//! existed carry only the older **no-isolation reference** (forkd's own
+//! zygote forking without isolation); a comparison involving one falls back
+//! to that reference for both sides and says so ([`Reference`]).
 //!
 //! **The rule** (see [`Rule`]): a timed metric regresses when the median of
 //! this run's per-round ratios is more than [`Rule::min_effect`] above the
@@ -46,6 +52,48 @@ pub struct Round {
     /// at the start of the round (see `Rule::busy_cores`).
     #[serde(default)]
     pub neighbour_cores: Option<f64>,
+    /// Independent floor, warm pool of `burst`: p50 of sequential spawns.
+    #[serde(default)]
+    pub indep_single_p50_us: Option<f64>,
+    /// Independent floor, warm pool of `burst`: wall of `burst` concurrent
+    /// spawns.
+    #[serde(default)]
+    pub indep_burst_pool_wall_us: Option<f64>,
+    /// Independent floor without a pool: wall of `burst` concurrent spawns.
+    #[serde(default)]
+    pub indep_burst_nopool_wall_us: Option<f64>,
+    /// Independent floor, warm pool: verified spawns per second at
+    /// `concurrency`.
+    #[serde(default)]
+    pub indep_sustained_per_sec: Option<f64>,
+}
+
+impl Round {
+    fn has_independent_floor(&self) -> bool {
+        self.indep_single_p50_us.is_some()
+            && self.indep_burst_pool_wall_us.is_some()
+            && self.indep_burst_nopool_wall_us.is_some()
+            && self.indep_sustained_per_sec.is_some()
+    }
+}
+
+/// What the timed figures are divided by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reference {
+    /// The independent floor's figure for the same scenario.
+    IndependentFloor,
+    /// The no-isolation reference (forkd's zygote without isolation): only
+    /// when a record predates the independent floor.
+    NoIsolation,
+}
+
+impl Reference {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reference::IndependentFloor => "the independent floor (bench/floor: minimal fork server, same isolation, no forkd code)",
+            Reference::NoIsolation => "the no-isolation reference (forkd's zygote without isolation) — a record lacks the independent floor's figures (it predates the floor, or the floor could not start on its host); take a new baseline to compare against the floor",
+        }
+    }
 }
 
 /// What the run was measured on. Ratios travel between machines far better
@@ -136,6 +184,23 @@ impl Record {
             source,
         })
     }
+
+    /// The reference every round of this record can be divided by.
+    pub fn reference(&self) -> Reference {
+        if !self.rounds.is_empty() && self.rounds.iter().all(Round::has_independent_floor) {
+            Reference::IndependentFloor
+        } else {
+            Reference::NoIsolation
+        }
+    }
+}
+
+/// The reference two records can share.
+pub fn common_reference(a: &Record, b: &Record) -> Reference {
+    match (a.reference(), b.reference()) {
+        (Reference::IndependentFloor, Reference::IndependentFloor) => Reference::IndependentFloor,
+        _ => Reference::NoIsolation,
+    }
 }
 
 /// The figures the check compares.
@@ -168,12 +233,18 @@ impl Metric {
     }
 
     /// What the per-round value is.
-    pub fn measure(self) -> &'static str {
-        match self {
-            Metric::SingleWarm => "÷ floor single p50",
-            Metric::BurstPool | Metric::BurstNoPool => "÷ floor burst wall",
-            Metric::Sustained => "floor burst rate ÷ forkd rate",
-            Metric::IdleChildUss => "MB",
+    pub fn measure(self, reference: Reference) -> &'static str {
+        match (self, reference) {
+            (Metric::SingleWarm, Reference::IndependentFloor) => "÷ floor single p50",
+            (Metric::BurstPool, Reference::IndependentFloor) => "÷ floor burst wall, pool",
+            (Metric::BurstNoPool, Reference::IndependentFloor) => "÷ floor burst wall, no pool",
+            (Metric::Sustained, Reference::IndependentFloor) => "floor rate ÷ forkd rate",
+            (Metric::SingleWarm, Reference::NoIsolation) => "÷ no-isolation single p50",
+            (Metric::BurstPool | Metric::BurstNoPool, Reference::NoIsolation) => {
+                "÷ no-isolation burst wall"
+            }
+            (Metric::Sustained, Reference::NoIsolation) => "no-isolation burst rate ÷ forkd rate",
+            (Metric::IdleChildUss, _) => "MB",
         }
     }
 
@@ -184,8 +255,23 @@ impl Metric {
     }
 
     /// The metric's value in one round; higher is worse for every metric.
-    pub fn value(self, round: &Round, settings: &Settings) -> Option<f64> {
+    pub fn value(self, round: &Round, settings: &Settings, reference: Reference) -> Option<f64> {
         let ratio = |a: f64, b: f64| (a > 0.0 && b > 0.0).then(|| a / b);
+        if reference == Reference::IndependentFloor {
+            return match self {
+                Metric::SingleWarm => ratio(round.warm_single_p50_us, round.indep_single_p50_us?),
+                Metric::BurstPool => {
+                    ratio(round.burst_pool_wall_us, round.indep_burst_pool_wall_us?)
+                }
+                Metric::BurstNoPool => ratio(
+                    round.burst_nopool_wall_us,
+                    round.indep_burst_nopool_wall_us?,
+                ),
+                // Throughput as a cost, higher is worse like the others.
+                Metric::Sustained => ratio(round.indep_sustained_per_sec?, round.sustained_per_sec),
+                Metric::IdleChildUss => round.idle_child_uss_bytes.map(|b| b / 1e6),
+            };
+        }
         match self {
             Metric::SingleWarm => ratio(round.warm_single_p50_us, round.floor_single_p50_us),
             Metric::BurstPool => ratio(round.burst_pool_wall_us, round.floor_burst_wall_us),
@@ -201,11 +287,11 @@ impl Metric {
         }
     }
 
-    fn values(self, record: &Record) -> Vec<f64> {
+    fn values(self, record: &Record, reference: Reference) -> Vec<f64> {
         record
             .rounds
             .iter()
-            .filter_map(|r| self.value(r, &record.settings))
+            .filter_map(|r| self.value(r, &record.settings, reference))
             .collect()
     }
 }
@@ -342,6 +428,8 @@ pub fn compare_hosts(baseline: &HostFacts, current: &HostFacts) -> HostDiff {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
     pub rows: Vec<Row>,
+    /// What the timed figures were divided by (on both sides).
+    pub reference: Reference,
     pub hosts: HostDiff,
     pub rule: Rule,
     /// Median neighbour load (cores) of the baseline and of the judged run.
@@ -409,8 +497,10 @@ pub fn compare(baseline: &Record, current: &Record, rule: &Rule) -> Result<Compa
         let v: Vec<f64> = r.rounds.iter().filter_map(|r| r.neighbour_cores).collect();
         stats::median(&v)
     };
+    let reference = common_reference(baseline, current);
     let mut cmp = Comparison {
         rows: Vec::new(),
+        reference,
         hosts: compare_hosts(&baseline.host, &current.host),
         rule: rule.clone(),
         neighbour_cores: (neighbours(baseline), neighbours(current)),
@@ -421,8 +511,8 @@ pub fn compare(baseline: &Record, current: &Record, rule: &Rule) -> Result<Compa
         .map(|&metric| {
             let mut row = compare_metric(
                 metric,
-                &metric.values(baseline),
-                &metric.values(current),
+                &metric.values(baseline, reference),
+                &metric.values(current, reference),
                 rule,
             );
             // Memory does not depend on others' load; timing does.
@@ -482,7 +572,12 @@ type RawFigure = (&'static str, fn(&Round) -> f64, f64, &'static str);
 
 /// Median of a raw figure over a record's rounds, for the context table.
 fn raw_median(record: &Record, field: fn(&Round) -> f64) -> Option<f64> {
-    let values: Vec<f64> = record.rounds.iter().map(field).collect();
+    let values: Vec<f64> = record
+        .rounds
+        .iter()
+        .map(field)
+        .filter(|v| v.is_finite())
+        .collect();
     stats::median(&values)
 }
 
@@ -543,6 +638,11 @@ pub fn render(cmp: &Comparison, baseline: &Record, current: &Record) -> String {
             (false, false) => "",
         }
     );
+    let _ = writeln!(
+        out,
+        "- timed figures divided by {}",
+        cmp.reference.describe()
+    );
     let _ = writeln!(out, "- rule: {}\n", cmp.rule.describe());
     let _ = writeln!(
         out,
@@ -569,7 +669,7 @@ pub fn render(cmp: &Comparison, baseline: &Record, current: &Record) -> String {
             out,
             "| {} | {} | {} | {} | {} | {} | {} |",
             row.metric.name(),
-            row.metric.measure(),
+            row.metric.measure(cmp.reference),
             fmt_value(row.baseline_median),
             fmt_value(row.current_median),
             change,
@@ -577,9 +677,43 @@ pub fn render(cmp: &Comparison, baseline: &Record, current: &Record) -> String {
             row.verdict.label()
         );
     }
-    let fields: [RawFigure; 6] = [
-        ("floor single p50", |r| r.floor_single_p50_us, 1e3, "ms"),
-        ("floor burst wall", |r| r.floor_burst_wall_us, 1e3, "ms"),
+    let fields: [RawFigure; 10] = [
+        (
+            "floor single p50",
+            |r| r.indep_single_p50_us.unwrap_or(f64::NAN),
+            1e3,
+            "ms",
+        ),
+        (
+            "floor burst wall, pool",
+            |r| r.indep_burst_pool_wall_us.unwrap_or(f64::NAN),
+            1e3,
+            "ms",
+        ),
+        (
+            "floor burst wall, no pool",
+            |r| r.indep_burst_nopool_wall_us.unwrap_or(f64::NAN),
+            1e3,
+            "ms",
+        ),
+        (
+            "floor sustained",
+            |r| r.indep_sustained_per_sec.unwrap_or(f64::NAN),
+            1.0,
+            "/s",
+        ),
+        (
+            "no-isolation single p50",
+            |r| r.floor_single_p50_us,
+            1e3,
+            "ms",
+        ),
+        (
+            "no-isolation burst wall",
+            |r| r.floor_burst_wall_us,
+            1e3,
+            "ms",
+        ),
         ("warm single p50", |r| r.warm_single_p50_us, 1e3, "ms"),
         ("burst wall, pool", |r| r.burst_pool_wall_us, 1e3, "ms"),
         ("burst wall, no pool", |r| r.burst_nopool_wall_us, 1e3, "ms"),
@@ -612,6 +746,10 @@ mod tests {
             sustained_per_sec: 330.0 / k,
             idle_child_uss_bytes: Some(840_000.0),
             neighbour_cores: Some(0.05),
+            indep_single_p50_us: Some(2700.0 * k),
+            indep_burst_pool_wall_us: Some(250_000.0 * k),
+            indep_burst_nopool_wall_us: Some(250_000.0 * k),
+            indep_sustained_per_sec: Some(400.0 / k),
         }
     }
 
@@ -785,6 +923,34 @@ mod tests {
             compare(&empty, &base, &Rule::default()),
             Err(CheckError::NoRounds { which: "baseline" })
         ));
+    }
+
+    /// A slowdown in code forkd shares with the no-isolation reference (its
+    /// zygote) moves both and cancels in that ratio; the independent floor
+    /// shares nothing and sees it. A record without the floor falls back to
+    /// the no-isolation reference for both sides, and says so.
+    #[test]
+    fn the_independent_floor_sees_what_the_shared_reference_hides() {
+        let base = record(noisy_rounds());
+        assert_eq!(base.reference(), Reference::IndependentFloor);
+        let mut shared_slowdown = base.clone();
+        for r in &mut shared_slowdown.rounds {
+            r.warm_single_p50_us *= 1.5;
+            r.floor_single_p50_us *= 1.5;
+        }
+        let cmp = compare(&base, &shared_slowdown, &Rule::default()).unwrap();
+        assert_eq!(cmp.reference, Reference::IndependentFloor);
+        assert_eq!(cmp.regressions(), vec![Metric::SingleWarm]);
+
+        let mut old = base.clone();
+        for r in &mut old.rounds {
+            r.indep_single_p50_us = None;
+        }
+        assert_eq!(old.reference(), Reference::NoIsolation);
+        let cmp = compare(&old, &shared_slowdown, &Rule::default()).unwrap();
+        assert_eq!(cmp.reference, Reference::NoIsolation);
+        assert!(cmp.regressions().is_empty(), "{:#?}", cmp.rows);
+        assert!(render(&cmp, &old, &shared_slowdown).contains("lacks the independent floor"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use forkd_bench::perfcheck::{compare, Metric, Record, Rule, Verdict};
+use forkd_bench::perfcheck::{compare, Metric, Record, Reference, Rule, Verdict};
 
 fn testdata(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,7 +53,7 @@ fn recorded_runs_are_usable() {
             let values = run
                 .rounds
                 .iter()
-                .filter_map(|r| m.value(r, &run.settings))
+                .filter_map(|r| m.value(r, &run.settings, run.reference()))
                 .count();
             assert_eq!(values, run.rounds.len(), "{name}: {m:?}");
         }
@@ -203,4 +203,52 @@ fn quiet_runs_of_the_same_code_pass_against_themselves_and_the_baseline() {
             cmp.rows
         );
     }
+}
+
+/// A run recorded with the independent floor (2026-12-04, VM saturated by
+/// others' builds): against itself its ratios are to the floor; against the
+/// committed baseline, which predates the floor, both sides fall back to the
+/// no-isolation reference that every record carries (what CI does until the
+/// baseline is retaken), and a slowdown is still judged, as inconclusive on
+/// this busy host.
+#[test]
+fn a_run_with_the_independent_floor_against_an_older_baseline() {
+    let run = Record::load(&testdata("busy-floor-1.json")).unwrap();
+    assert_eq!(run.reference(), Reference::IndependentFloor);
+    for m in Metric::ALL {
+        let n = run
+            .rounds
+            .iter()
+            .filter_map(|r| m.value(r, &run.settings, Reference::IndependentFloor))
+            .count();
+        assert_eq!(n, run.rounds.len(), "{m:?}");
+    }
+    let cmp = compare(&run, &run, &Rule::default()).unwrap();
+    assert_eq!(cmp.reference, Reference::IndependentFloor);
+    assert!(
+        cmp.rows.iter().all(|r| r.verdict == Verdict::Ok),
+        "{:#?}",
+        cmp.rows
+    );
+
+    let baseline = Record::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("baseline.json"))
+        .expect("bench/baseline.json");
+    let cmp = compare(&baseline, &run, &Rule::default()).unwrap();
+    assert_eq!(cmp.reference, Reference::NoIsolation);
+    assert!(cmp.regressions().is_empty(), "{:#?}", cmp.rows);
+
+    let slow = slowed(&run, Metric::BurstNoPool, 1.5);
+    let cmp = compare(&run, &slow, &Rule::default()).unwrap();
+    assert_eq!(
+        cmp.rows[2].verdict,
+        Verdict::Inconclusive,
+        "{:#?}",
+        cmp.rows
+    );
+    let unguarded = Rule {
+        busy_cores: f64::INFINITY,
+        ..Rule::default()
+    };
+    let cmp = compare(&run, &slow, &unguarded).unwrap();
+    assert_eq!(cmp.regressions(), vec![Metric::BurstNoPool]);
 }

@@ -16,12 +16,21 @@
 //!   co-mounted hierarchies (`cpu,cpuacct`) get a single directory.
 //! * **Disabled**: no cgroups; sandboxes have no files and limits are not
 //!   enforced ([`Manager::limits_enforced`] is false).
+//!
+//! Layout: what differs between the kernel interfaces lives behind one
+//! private trait (`flavour::Flavour`: setup, limit files, counters) with one
+//! module per flavour (`v1.rs`, `v2.rs`, and `flavour::Off` for disabled);
+//! this file holds the version-independent API and `sys.rs` the shared
+//! directory, kill and removal helpers.
 
 #![deny(missing_docs)]
 
 mod error;
+mod flavour;
 mod parse;
 mod sys;
+mod v1;
+mod v2;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -31,9 +40,10 @@ use serde::Deserialize;
 use tracing::{debug, info, warn};
 
 pub use error::Error;
+use flavour::{Ctl, Flavour, Hier};
 
-const MOUNTINFO: &str = "/proc/self/mountinfo";
-const DEFAULT_V2_ROOT: &str = "/sys/fs/cgroup";
+pub(crate) const MOUNTINFO: &str = "/proc/self/mountinfo";
+pub(crate) const DEFAULT_V2_ROOT: &str = "/sys/fs/cgroup";
 /// CFS period used for the `cpus` limit, in microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
 const MIN_QUOTA_US: u64 = 1_000;
@@ -79,6 +89,17 @@ pub enum Mode {
     /// No usable cgroup: sandboxes are created without files and limits are
     /// reported as not enforced.
     Disabled,
+}
+
+impl Mode {
+    /// The implementation behind this mode.
+    fn flavour(self) -> &'static dyn Flavour {
+        match self {
+            Mode::V1 => &v1::V1,
+            Mode::V2 => &v2::V2,
+            Mode::Disabled => &flavour::Off,
+        }
+    }
 }
 
 /// Requested mode, as written in the daemon configuration.
@@ -175,44 +196,6 @@ pub struct Stats {
     pub populated: bool,
 }
 
-/// Which controllers a hierarchy directory carries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Ctl {
-    memory: bool,
-    cpu: bool,
-    cpuacct: bool,
-    pids: bool,
-}
-
-impl Ctl {
-    fn set(&mut self, name: &str) {
-        match name {
-            "memory" => self.memory = true,
-            "cpu" => self.cpu = true,
-            "cpuacct" => self.cpuacct = true,
-            "pids" => self.pids = true,
-            _ => {}
-        }
-    }
-    fn has(&self, name: &str) -> bool {
-        match name {
-            "memory" => self.memory,
-            "cpu" => self.cpu,
-            "cpuacct" => self.cpuacct,
-            "pids" => self.pids,
-            _ => false,
-        }
-    }
-}
-
-/// One hierarchy (v1 mount or the v2 root) with this instance's base dir.
-#[derive(Debug, Clone)]
-struct Hier {
-    parent: PathBuf,
-    base: PathBuf,
-    ctl: Ctl,
-}
-
 /// Creates and tears down sandbox cgroups. `Send + Sync`; holds no mutable
 /// state. Dropping it removes nothing: call [`Manager::shutdown`].
 #[derive(Debug)]
@@ -244,14 +227,10 @@ impl Manager {
             source,
         })?;
         let mounts = parse::parse_mountinfo(&text);
-        let top_is_cgroup2 = mounts
-            .iter()
-            .rev()
-            .find(|m| m.mount_point == Path::new(DEFAULT_V2_ROOT))
-            .is_some_and(|m| m.fstype == "cgroup2");
+        let top_is_cgroup2 = v2::top_is_cgroup2(&mounts);
         let v1_all = ["memory", "cpu", "pids"]
             .iter()
-            .all(|c| v1_mount(&mounts, c).is_some());
+            .all(|c| v1::mount(&mounts, c).is_some());
 
         let mode = match cfg.mode {
             ModeChoice::Auto if cfg.v2_root.is_some() || top_is_cgroup2 => Mode::V2,
@@ -266,10 +245,7 @@ impl Manager {
         };
 
         let mut created = Vec::new();
-        let res = match mode {
-            Mode::V2 => setup_v2(cfg, &mounts, top_is_cgroup2, &mut created),
-            _ => setup_v1(cfg, &mounts, &mut created),
-        };
+        let res = mode.flavour().setup(cfg, &mounts, &mut created);
         let (hiers, origin) = match res {
             Ok(v) => v,
             Err(e) => {
@@ -354,7 +330,7 @@ impl Manager {
                 sb.dirs.push(dir.clone());
                 sb.ctls.push(h.ctl);
                 sb.procs.push(dir.join("cgroup.procs"));
-                apply_limits(self.mode, &dir, h.ctl, &plan)?;
+                self.mode.flavour().apply_limits(&dir, h.ctl, &plan)?;
             }
             Ok(())
         })();
@@ -460,172 +436,11 @@ fn stale_pid(name: &str) -> Option<i32> {
     digits.parse().ok().filter(|p| *p > 0)
 }
 
-/// First `cgroup` (v1) mount carrying `controller` in its super options.
-fn v1_mount<'a>(mounts: &'a [parse::MountInfo], controller: &str) -> Option<&'a parse::MountInfo> {
-    mounts
-        .iter()
-        .find(|m| m.fstype == "cgroup" && m.super_opts.iter().any(|o| o == controller))
-}
-
-/// Creates `<mount>/<parent>/<instance>` in a hierarchy, recording new dirs in
-/// `created`; an existing instance dir is purged of leftover sandboxes.
-fn make_base(
-    mount: &Path,
-    cfg: &Config,
-    created: &mut Vec<PathBuf>,
-) -> Result<(PathBuf, PathBuf), Error> {
-    let parent = mount.join(&cfg.parent);
-    sys::mkdir(&parent)?;
-    let base = parent.join(&cfg.instance);
-    if sys::mkdir(&base)? {
-        created.push(base.clone());
-    } else {
-        warn!(base = %base.display(), "instance cgroup already exists; removing leftover sandboxes");
-        sys::kill_tree(std::slice::from_ref(&base))?;
-        for sub in sys::subdirs(&base)? {
-            sys::remove_tree(&sub)?;
-        }
-    }
-    Ok((parent, base))
-}
-
-fn setup_v1(
-    cfg: &Config,
-    mounts: &[parse::MountInfo],
-    created: &mut Vec<PathBuf>,
-) -> Result<(Vec<Hier>, PathBuf), Error> {
-    // Group controllers by mount point so co-mounted ones share a directory.
-    let mut found: Vec<(PathBuf, Ctl)> = Vec::new();
-    for c in ["memory", "cpu", "cpuacct", "pids"] {
-        match v1_mount(mounts, c) {
-            Some(m) => match found.iter_mut().find(|(p, _)| *p == m.mount_point) {
-                Some((_, ctl)) => ctl.set(c),
-                None => {
-                    let mut ctl = Ctl::default();
-                    ctl.set(c);
-                    found.push((m.mount_point.clone(), ctl));
-                }
-            },
-            None if c == "cpuacct" => {}
-            None if cfg.allow_missing_controllers => {
-                warn!("cgroup v1 `{c}` is not mounted: that limit cannot be enforced")
-            }
-            None => return Err(Error::V1NotMounted { controller: c }),
-        }
-    }
-    if found.is_empty() {
-        return Err(Error::V1NotMounted {
-            controller: "memory",
-        });
-    }
-    let mut hiers = Vec::new();
-    for (mount, ctl) in found {
-        let (parent, base) = make_base(&mount, cfg, created)?;
-        hiers.push(Hier { parent, base, ctl });
-    }
-    Ok((hiers, MOUNTINFO.into()))
-}
-
-fn setup_v2(
-    cfg: &Config,
-    mounts: &[parse::MountInfo],
-    top_is_cgroup2: bool,
-    created: &mut Vec<PathBuf>,
-) -> Result<(Vec<Hier>, PathBuf), Error> {
-    let root = match &cfg.v2_root {
-        Some(r) => {
-            let canon = fs::canonicalize(r).map_err(|e| Error::io("resolve v2_root", r, e))?;
-            // The innermost (last, on ties) mount containing the path is the visible one.
-            let m = mounts
-                .iter()
-                .filter(|m| canon.starts_with(&m.mount_point))
-                .max_by_key(|m| m.mount_point.components().count());
-            match m {
-                Some(m) if m.fstype == "cgroup2" => canon,
-                Some(m) => {
-                    return Err(Error::NotCgroup2 {
-                        path: r.clone(),
-                        detail: format!(
-                            "it is on a {} mount at {}",
-                            m.fstype,
-                            m.mount_point.display()
-                        ),
-                    })
-                }
-                None => {
-                    return Err(Error::NotCgroup2 {
-                        path: r.clone(),
-                        detail: "no mount contains it".into(),
-                    })
-                }
-            }
-        }
-        None if top_is_cgroup2 => PathBuf::from(DEFAULT_V2_ROOT),
-        None => match mounts.iter().find(|m| m.fstype == "cgroup2") {
-            Some(m) => m.mount_point.clone(),
-            None => {
-                return Err(Error::NotCgroup2 {
-                    path: DEFAULT_V2_ROOT.into(),
-                    detail: "no cgroup2 filesystem is mounted".into(),
-                })
-            }
-        },
-    };
-    let controllers_file = root.join("cgroup.controllers");
-    let avail = fs::read_to_string(&controllers_file)
-        .map_err(|e| Error::io("read", &controllers_file, e))?;
-    let mut ctl = Ctl {
-        cpuacct: true, // cpu.stat usage is core in v2, no controller needed
-        ..Ctl::default()
-    };
-    let mut enable = Vec::new();
-    for c in ["memory", "cpu", "pids"] {
-        if parse::has_word(&avail, c) {
-            ctl.set(c);
-            enable.push(c);
-        } else if cfg.allow_missing_controllers {
-            warn!(
-                "cgroup v2 controller `{c}` not in {}: that limit cannot be enforced",
-                controllers_file.display()
-            );
-        } else {
-            return Err(Error::ControllerUnavailable {
-                controller: c,
-                path: controllers_file,
-            });
-        }
-    }
-    enable_controllers(&root, &enable)?;
-    let parent = root.join(&cfg.parent);
-    sys::mkdir(&parent)?;
-    enable_controllers(&parent, &enable)?;
-    let (parent, base) = make_base(&root, cfg, created)?;
-    enable_controllers(&base, &enable)?;
-    Ok((vec![Hier { parent, base, ctl }], controllers_file))
-}
-
-/// Writes `+<controller>` into `dir/cgroup.subtree_control` for each
-/// controller not yet enabled there.
-fn enable_controllers(dir: &Path, controllers: &[&str]) -> Result<(), Error> {
-    let file = dir.join("cgroup.subtree_control");
-    let current = sys::read_opt(&file)?.unwrap_or_default();
-    for c in controllers {
-        if !parse::has_word(&current, c) {
-            fs::OpenOptions::new()
-                .write(true)
-                .open(&file)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, format!("+{c}").as_bytes()))
-                .map_err(|e| Error::io("enable controller in", &file, e))?;
-        }
-    }
-    Ok(())
-}
-
 /// Validated limit values.
-struct Plan {
-    memory: Option<u64>,
-    cpu_quota: Option<u64>,
-    pids: Option<u64>,
+pub(crate) struct Plan {
+    pub(crate) memory: Option<u64>,
+    pub(crate) cpu_quota: Option<u64>,
+    pub(crate) pids: Option<u64>,
 }
 
 impl Plan {
@@ -660,38 +475,6 @@ impl Plan {
             pids: l.pids,
         })
     }
-}
-
-/// Writes the limits for one hierarchy directory.
-fn apply_limits(mode: Mode, dir: &Path, ctl: Ctl, plan: &Plan) -> Result<(), Error> {
-    let exists = |f: &str| dir.join(f).exists();
-    if let (Some(m), true) = (plan.memory, ctl.memory) {
-        let m = m.to_string();
-        if mode == Mode::V1 {
-            // limit first: memsw must always be >= limit.
-            sys::write(&dir.join("memory.limit_in_bytes"), &m)?;
-            if exists("memory.memsw.limit_in_bytes") {
-                sys::write(&dir.join("memory.memsw.limit_in_bytes"), &m)?;
-            }
-        } else {
-            sys::write(&dir.join("memory.max"), &m)?;
-            if exists("memory.swap.max") {
-                sys::write(&dir.join("memory.swap.max"), "0")?;
-            }
-        }
-    }
-    if let (Some(q), true) = (plan.cpu_quota, ctl.cpu) {
-        if mode == Mode::V1 {
-            sys::write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-            sys::write(&dir.join("cpu.cfs_quota_us"), &q.to_string())?;
-        } else {
-            sys::write(&dir.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
-        }
-    }
-    if let (Some(p), true) = (plan.pids, ctl.pids) {
-        sys::write(&dir.join("pids.max"), &p.to_string())?;
-    }
-    Ok(())
 }
 
 /// Sandbox, parent and instance names: one safe path component.
@@ -744,19 +527,10 @@ impl SandboxCgroup {
     /// direction of the change.
     pub fn set_limits(&self, limits: &Limits) -> Result<(), Error> {
         let plan = Plan::new(limits)?;
-        for (dir, ctl) in self.dirs.iter().zip(&self.ctls) {
-            if let (Some(m), true, Mode::V1) = (plan.memory, ctl.memory, self.mode) {
-                let memsw = dir.join("memory.memsw.limit_in_bytes");
-                let raising = sys::read_opt(&memsw)?
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .is_some_and(|current| m > current);
-                if raising {
-                    sys::write(&memsw, &m.to_string())?;
-                }
-            }
-            apply_limits(self.mode, dir, *ctl, &plan)?;
-        }
-        Ok(())
+        self.dirs
+            .iter()
+            .zip(&self.ctls)
+            .try_for_each(|(dir, ctl)| self.mode.flavour().set_limits(dir, *ctl, &plan))
     }
 
     /// The v2 directory (for `clone3(CLONE_INTO_CGROUP)`); `None` unless v2.
@@ -780,43 +554,7 @@ impl SandboxCgroup {
 
     /// Reads the sandbox's counters.
     pub fn stats(&self) -> Result<Stats, Error> {
-        let mut s = Stats::default();
-        for (dir, ctl) in self.dirs.iter().zip(&self.ctls) {
-            let keyed = |f: &str, k: &str| -> Result<Option<u64>, Error> {
-                Ok(sys::read_opt(&dir.join(f))?.and_then(|t| parse::keyed_u64(&t, k)))
-            };
-            let single = |f: &str| -> Result<Option<u64>, Error> {
-                Ok(sys::read_opt(&dir.join(f))?.and_then(|t| parse::single_u64(&t)))
-            };
-            if ctl.pids {
-                s.pids_limit_hits = keyed("pids.events", "max")?.unwrap_or(0);
-            }
-            if self.mode == Mode::V1 {
-                if ctl.memory {
-                    s.oom_kills = keyed("memory.oom_control", "oom_kill")?.unwrap_or(0);
-                    s.memory_peak_bytes = single("memory.max_usage_in_bytes")?;
-                    s.memory_limit_hits = single("memory.failcnt")?.unwrap_or(0)
-                        + single("memory.memsw.failcnt")?.unwrap_or(0);
-                }
-                if ctl.cpuacct {
-                    s.cpu_user_us = single("cpuacct.usage_user")?.map(|ns| ns / 1000);
-                    s.cpu_system_us = single("cpuacct.usage_sys")?.map(|ns| ns / 1000);
-                }
-            } else {
-                if ctl.memory {
-                    s.oom_kills = keyed("memory.events", "oom_kill")?.unwrap_or(0);
-                    s.memory_limit_hits = keyed("memory.events", "max")?.unwrap_or(0);
-                    s.memory_peak_bytes = single("memory.peak")?;
-                }
-                s.cpu_user_us = keyed("cpu.stat", "user_usec")?;
-                s.cpu_system_us = keyed("cpu.stat", "system_usec")?;
-                s.populated = keyed("cgroup.events", "populated")? == Some(1);
-            }
-        }
-        if self.mode == Mode::V1 {
-            s.populated = sys::tree_populated(&self.dirs)?;
-        }
-        Ok(s)
+        self.mode.flavour().stats(&self.dirs, &self.ctls)
     }
 
     /// Kills every process in the sandbox: v2 writes `1` to `cgroup.kill`

@@ -6,8 +6,9 @@
 //! v1 tests run when a v1 `memory` hierarchy is mounted (this dev VM);
 //! v2 tests use the first cgroup2 mount (`/sys/fs/cgroup/unified` here), and
 //! the v2 limit tests need a cgroup2 root with the memory, cpu and pids
-//! controllers (a pure v2 host such as the guest of scripts/cgroup-v2-vm.sh).
-//! Where a flavour is missing its tests print SKIPPED and pass, unless
+//! controllers (a pure v2 host such as the guest of tests/vm/cgroup-v2-vm.sh).
+//! Without root, or where a flavour is missing, its tests print
+//! `skipped: <reason>` and pass, unless
 //! `FORKD_TEST_EXPECT_CGROUP_V2` is set (that guest): then a missing v2
 //! controller fails them.
 
@@ -30,7 +31,7 @@ static LOCK: Mutex<()> = Mutex::new(());
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// A case run on v1 when this host has v1 controllers and on v2 when a
-/// cgroup2 root with controllers exists (the guest of scripts/cgroup-v2-vm.sh).
+/// cgroup2 root with controllers exists (the guest of tests/vm/cgroup-v2-vm.sh).
 macro_rules! both_modes {
     ($case:ident, $v1:ident, $v2:ident) => {
         #[test]
@@ -88,21 +89,45 @@ fn is_root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
+/// Prints `skipped: <why>` past the test harness's capture (which hides
+/// `eprintln!` of passing tests), so a skip never looks like a pass.
+fn skipped(why: &str) {
+    // One write: stderr is unbuffered and the harness prints meanwhile.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("skipped: {why}\n").as_bytes(),
+    );
+}
+
+/// True when root; otherwise prints why the test is skipped.
+fn root_or_skip() -> bool {
+    let root = is_root();
+    if !root {
+        skipped("needs root (creates and writes cgroups)");
+    }
+    root
+}
+
 fn have_v1() -> bool {
-    let ok = is_root()
-        && ["memory", "cpu", "pids"]
-            .iter()
-            .all(|c| v1_mount(c).is_some());
+    if !root_or_skip() {
+        return false;
+    }
+    let ok = ["memory", "cpu", "pids"]
+        .iter()
+        .all(|c| v1_mount(c).is_some());
     if !ok {
-        eprintln!("SKIPPED: needs root and cgroup v1 memory/cpu/pids hierarchies");
+        skipped("needs cgroup v1 memory, cpu and pids hierarchies");
     }
     ok
 }
 
 fn have_v2() -> bool {
-    let ok = is_root() && first_cgroup2().is_some();
+    if !root_or_skip() {
+        return false;
+    }
+    let ok = first_cgroup2().is_some();
     if !ok {
-        eprintln!("SKIPPED: needs root and a cgroup2 mount");
+        skipped("needs a cgroup2 mount");
     }
     ok
 }
@@ -120,17 +145,20 @@ fn v2_with_controllers() -> Option<PathBuf> {
         .or_else(first_cgroup2);
     let usable = root.filter(|r| {
         let avail = fs::read_to_string(r.join("cgroup.controllers")).unwrap_or_default();
-        is_root()
-            && ["memory", "cpu", "pids"]
-                .iter()
-                .all(|c| avail.split_whitespace().any(|w| w == *c))
+        ["memory", "cpu", "pids"]
+            .iter()
+            .all(|c| avail.split_whitespace().any(|w| w == *c))
     });
     if usable.is_none() {
         assert!(
             !expected,
             "FORKD_TEST_EXPECT_CGROUP_V2 is set but no cgroup2 root has memory, cpu and pids"
         );
-        eprintln!("SKIPPED: needs root and a cgroup2 root with memory, cpu and pids controllers");
+        skipped("needs a cgroup2 root with the memory, cpu and pids controllers (a pure v2 host such as the guest of tests/vm/cgroup-v2-vm.sh)");
+        return None;
+    }
+    if !root_or_skip() {
+        return None;
     }
     usable
 }
@@ -936,8 +964,11 @@ fn v2_set_limits_changes_a_live_cgroup() {
 
 #[test]
 fn cleanup_stale_kills_and_removes_dead_instances() {
-    if !is_root() || (first_cgroup2().is_none() && v1_mount("memory").is_none()) {
-        eprintln!("SKIPPED: needs root and cgroups");
+    if !root_or_skip() {
+        return;
+    }
+    if first_cgroup2().is_none() && v1_mount("memory").is_none() {
+        skipped("needs a cgroup2 mount or a cgroup v1 memory hierarchy");
         return;
     }
     let mut g = Guard::new();
@@ -976,7 +1007,7 @@ fn cleanup_stale_kills_and_removes_dead_instances() {
 
 #[test]
 fn auto_mode_matches_the_host() {
-    if !is_root() {
+    if !root_or_skip() {
         return;
     }
     let top_is_v2 = mounts()

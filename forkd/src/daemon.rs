@@ -369,22 +369,18 @@ pub async fn start_with(
         &settings.policies,
         cgroups.limits_enforced(),
     ));
-    let pool = Arc::new(pool);
-    let next_id = Arc::new(AtomicU64::new(1));
     let makers = Makers {
-        supervisor: pool.clone(),
-        cgroups: cgroups.clone(),
-        netns: netns.clone(),
-        ids: next_id.clone(),
+        supervisor: Arc::new(pool),
+        cgroups,
+        netns,
+        ids: Arc::new(AtomicU64::new(1)),
+        load: Arc::new(forkd_pool::Load::default()),
     };
     let warm = warm_pools(&settings, &admission, &makers);
     let state = Arc::new(State::new(
-        pool,
-        cgroups,
+        &makers,
         warm,
-        netns,
         settings.max_concurrent,
-        next_id,
         shutdown_rx.clone(),
         network,
     ));

@@ -306,6 +306,7 @@ pub async fn run_sandbox(
     let allow = state.network.admit(&req.allow_net)?;
     let mut shutdown = state.shutdown_signal();
     let _slot = acquire_slot(state, &mut shutdown).await?;
+    let _in_flight = state.load.enter();
     let plan = plan_for(policy, &limits);
     let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
     // Open the allowlist before the job (and so the program) goes in; on
@@ -315,6 +316,7 @@ pub async fn run_sandbox(
         None => None,
     };
     let id = child.sandbox;
+    let landlock = landlock_status(&child);
     // From here the request owns the child: its timeout starts now.
     let t_forked = if warm { t0 } else { Instant::now() };
     let t_handoff = Instant::now();
@@ -325,6 +327,7 @@ pub async fn run_sandbox(
     let t_exit = Instant::now();
     let ended = collect(live, watched).await?;
     let mut result = report(ended, id, zygote_name, limits, warm, (t0, t_forked, t_exit))?;
+    result.landlock = landlock;
     result.network = egress.map(|e| Box::new(e.finish()));
     Ok(result)
 }
@@ -755,6 +758,8 @@ fn report(
         },
         limits,
         warm,
+        // The zygote's measurement, not the run's: set by run_sandbox.
+        landlock: None,
         network: None,
     };
     if reported_exit.is_some() {
@@ -764,6 +769,23 @@ fn report(
     }
     drop(cleanup); // removal happens on a blocking thread, after the reply is built
     Ok(result)
+}
+
+/// The landlock status the child's zygote measured for its policy at start-up.
+fn landlock_status(child: &forkd_pool::ReadyChild) -> Option<forkd_ipc::LandlockStatus> {
+    use forkd_ipc::LandlockStatus as Wire;
+    use forkd_zygote::spec::LandlockStatus as Measured;
+    let status = child
+        .zygote
+        .info()
+        .native
+        .landlock
+        .get(&child.plan.policy)?;
+    Some(match status {
+        Measured::FullyEnforced => Wire::FullyEnforced,
+        Measured::PartiallyEnforced => Wire::PartiallyEnforced,
+        Measured::NotEnforced => Wire::NotEnforced,
+    })
 }
 
 fn micros(d: Duration) -> u64 {

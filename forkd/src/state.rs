@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use forkd_pool::{NetnsStock, Supervisor, WarmPool};
+use forkd_pool::{Load, Makers, NetnsStock, Supervisor, WarmPool};
 use tokio::sync::{watch, Semaphore};
 
 pub struct State {
@@ -19,32 +19,31 @@ pub struct State {
     pub(crate) slots: Semaphore,
     max_concurrent: usize,
     next_id: Arc<AtomicU64>,
+    /// Requests in flight, for the warm pools' refill timing.
+    pub(crate) load: Arc<Load>,
     shutdown: watch::Receiver<bool>,
     /// Egress for requests with `allow_net`.
     pub network: crate::network::Network,
 }
 
 impl State {
-    // The composition root hands over each part once.
-    #[allow(clippy::too_many_arguments)]
+    /// The state around the parts the warm pools were made with.
     pub(crate) fn new(
-        pool: Arc<Supervisor>,
-        cgroups: Arc<forkd_cgroup::Manager>,
+        makers: &Makers,
         warm: HashMap<String, WarmPool>,
-        netns: Arc<Option<NetnsStock>>,
         max_concurrent: usize,
-        next_id: Arc<AtomicU64>,
         shutdown: watch::Receiver<bool>,
         network: crate::network::Network,
     ) -> State {
         State {
-            pool,
-            cgroups,
+            pool: makers.supervisor.clone(),
+            cgroups: makers.cgroups.clone(),
             warm,
-            netns,
+            netns: makers.netns.clone(),
             slots: Semaphore::new(max_concurrent),
             max_concurrent,
-            next_id,
+            next_id: makers.ids.clone(),
+            load: makers.load.clone(),
             shutdown,
             network,
         }

@@ -73,6 +73,9 @@ fn check(table: &BTreeMap<String, String>, expected: &[(&str, &[&str])]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_privileges_network_and_the_daemon_socket() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let daemon_pid = std::process::id();
     let zygote_pid = d.zygote_pid().await;
@@ -165,6 +168,9 @@ R["chmod setuid in scratch"] = op(lambda: (open("/tmp/s", "w").close(), os.chmod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_exhaustion_is_contained() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let attempts = r#"
 def fill():
@@ -221,6 +227,9 @@ R["huge argv to exec"] = op(lambda: os.execv("/bin/true", ["true"] + ["a" * 1310
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_cannot_reach_each_other() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let client = d.client().await;
     // A: an abstract unix socket, a SysV shared-memory segment, a file in

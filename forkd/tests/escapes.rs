@@ -80,6 +80,9 @@ impl Drop for Secret {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filesystem_writes_and_reads_outside_scratch_fail() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let secret = Secret(format!("/root/forkd-it-secret-{}", std::process::id()).into());
     std::fs::File::create(&secret.0)
@@ -234,6 +237,9 @@ R["pivot_root"] = sc(155, b"/tmp", b"/tmp")
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_is_a_private_loopback() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -323,6 +329,9 @@ R["unix abstract socket"] = op(lambda: socket.socket(socket.AF_UNIX).connect("\0
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dangerous_syscalls_are_denied_and_fork_and_threads_work() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let body = r#"
 import threading, concurrent.futures
@@ -413,6 +422,9 @@ R["subprocess"] = op(lambda: __import__("subprocess").run(["/bin/echo", "hi"], c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_capabilities_and_pid_view() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let host_pid = std::process::id();
     let body = r#"
@@ -483,6 +495,9 @@ R["cgroup view"] = op(lambda: open("/proc/self/cgroup").read().strip().splitline
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_sandbox_scratch_is_invisible() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     // Sandbox A writes a secret into its scratch and stays alive.
     let mut a = req(
@@ -576,6 +591,9 @@ R["walk for 'secret'"] = op(walk)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_cannot_be_raised() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let body = r#"
 import resource

@@ -17,6 +17,9 @@ const ZYGOTE_DEATH_CODES: [ErrorCode; 2] = [ErrorCode::ZygoteUnavailable, ErrorC
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zygote_killed_during_a_burst_of_fifty() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     const BURST: usize = 50;
     let d = TestDaemon::start(|_| {}).await;
     let zygote = d.zygote_pid().await;
@@ -90,6 +93,9 @@ async fn zygote_killed_during_a_burst_of_fifty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_scratch_is_reported_and_the_next_sandbox_gets_a_fresh_one() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let fill = r#"
 import errno, os
@@ -335,6 +341,9 @@ fn host_cgroups_writable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_cgroups_at_start_refuse_to_run_without_limits() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let mut d = start_in_mount_ns(true);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -360,6 +369,9 @@ async fn read_only_cgroups_at_start_refuse_to_run_without_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cgroups_turning_read_only_fail_requests_with_a_typed_error_then_recover() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let mut d = start_in_mount_ns(false);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
@@ -416,6 +428,9 @@ async fn cgroups_turning_read_only_fail_requests_with_a_typed_error_then_recover
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_zygote_library_fails_start_without_leaving_cgroups() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let (err, attempt) = match TestDaemon::try_start(None, |c| {
         c.zygote_library = Some("/nonexistent/libforkd_zygote.so".into());
     })

@@ -17,6 +17,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leak_checks_fire_on_a_live_daemon_and_pass_after_shutdown() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
 
     // Exercise the paths that own descriptors and processes: a normal run,

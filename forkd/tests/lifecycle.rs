@@ -10,6 +10,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_daemon_on_a_served_socket_is_refused() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let (err, attempt) = match TestDaemon::try_start(Some(d.socket.clone()), |_| {}).await {
         Ok(_) => panic!("a second daemon started on a socket that is being served"),
@@ -36,6 +39,9 @@ async fn second_daemon_on_a_served_socket_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_socket_is_replaced_and_other_files_are_not_touched() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
 
     // A leftover socket with no listener (a daemon that died).
@@ -88,6 +94,9 @@ async fn stale_socket_is_replaced_and_other_files_are_not_touched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_kills_running_sandboxes_and_replies() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let client = d.client().await;
     let c = client.clone();
@@ -140,6 +149,9 @@ async fn shutdown_kills_running_sandboxes_and_replies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preload_import_error_fails_start_naming_module_and_interpreter() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let (err, attempt) = match TestDaemon::try_start(None, |c| {
         c.zygotes[0].preload = vec!["numpy".into(), "forkd_no_such_module".into()];
     })
@@ -162,6 +174,9 @@ async fn preload_import_error_fails_start_naming_module_and_interpreter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preload_crash_or_hang_fails_start_with_the_reason() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("forkd_it_segv.py"),
@@ -218,6 +233,9 @@ async fn preload_crash_or_hang_fails_start_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_zygote_fails_its_requests_and_is_restarted() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let zygote = d.zygote_pid().await;
     let zygote_start = proc_stat(zygote).expect("zygote alive").2;
@@ -295,6 +313,9 @@ async fn killed_zygote_fails_its_requests_and_is_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zygote_is_recycled_after_max_forks() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.zygotes[0].max_forks = Some(3)).await;
     let first = d.zygote_pid().await;
     // The replacement starts in the background while the worn zygote keeps
@@ -325,6 +346,9 @@ async fn zygote_is_recycled_after_max_forks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_refuses_requests_waiting_for_a_slot() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.max_concurrent = 1).await;
     let client = d.client().await;
     let (c1, c2) = (client.clone(), client.clone());
@@ -372,6 +396,9 @@ fn pids_in_cgroups_named(needle: &str) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_daemon_leaks_nothing_after_a_restart() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("forkd.sock");
     let parent = format!("forkd-it-k9-{}", std::process::id());

@@ -8,6 +8,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bomb_is_oom_killed() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     // 512 MiB of touched memory (bytes objects are filled, not lazily mapped).
     let mut r = req("chunks = []\nfor i in range(512):\n    chunks.append(b'\\x01' * (1 << 20))\nprint('survived', len(chunks))");
@@ -68,6 +71,9 @@ print("child", os.waitstatus_to_exitcode(status))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_bomb_is_contained_by_the_pids_limit() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     // No warm pool: the host-side process census below counts every
     // process of this daemon, and parked children would be in it.
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 0).await;
@@ -153,13 +159,16 @@ except BlockingIOError:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_loop_and_its_child_die_at_the_timeout() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     // No warm pool: the host-side process census below counts every
     // process of this daemon, and parked children would be in it.
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 0).await;
     let code = "import os\npid = os.fork()\nif pid == 0:\n    while True: pass\nprint('child', pid, flush=True)\nwhile True: pass";
     let mut r = req(code);
     // Long enough for the host-side scan below to see both processes even
-    // under emulation (scripts/cgroup-v2-vm.sh runs this in a TCG guest).
+    // under emulation (tests/vm/cgroup-v2-vm.sh runs this in a TCG guest).
     r.timeout_ms = Some(2_000);
     let client = d.client().await;
     let task = tokio::spawn(async move { client.spawn(&r).await });
@@ -224,6 +233,9 @@ const PY_PATTERN: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_is_bounded_and_large_output_is_intact() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
 
     // 10 MB of stdout under a 1 MiB limit: exactly the limit is kept.
@@ -318,6 +330,9 @@ async fn output_is_bounded_and_large_output_is_intact() {
 /// open-files limit must not make isolation fail while many sandboxes run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_open_files_limit_with_many_sandboxes_running() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let client = d.client().await;
     let mut sleepers = tokio::task::JoinSet::new();

@@ -18,6 +18,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_outcomes_kills_pool_misses_and_zygote_restarts() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| {
         c.metrics_listen = Some("127.0.0.1:0".into());
         c.zygotes[0].warm_pool = 2;
@@ -183,6 +186,9 @@ async fn futures_join(client: &AsyncClient, r: &SpawnRequest, n: usize) -> Vec<S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_loopback_metrics_address_is_refused() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let Err((e, stopped)) = TestDaemon::try_start(None, |c| {
         c.metrics_listen = Some("0.0.0.0:0".into());
     })
@@ -219,6 +225,9 @@ fn secret_request() -> SpawnRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_has_one_line_per_request_with_the_peer_and_no_payload() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     // The directory does not exist yet: the daemon creates it.
     let path = dir.path().join("log/audit.jsonl");
@@ -319,6 +328,9 @@ async fn audit_log_has_one_line_per_request_with_the_peer_and_no_payload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_payloads_are_recorded_only_when_asked() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     let p = path.clone();

@@ -18,6 +18,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_parse_and_metrics_serve_on_a_unix_socket() {
+    if skip_unless_root("starts forkd, which creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("forkd.sock");
     let metrics = dir.path().join("metrics.sock");
@@ -148,6 +151,9 @@ fn zygote_toml(python: &str, preload: &str) -> String {
 
 #[test]
 fn doctor_passes_the_core_checks_on_this_machine() {
+    if skip_unless_root("starts forkd, which creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let toml = zygote_toml(&python().display().to_string(), "\"numpy\"");
     let (code, report) = doctor(dir.path(), &toml);
@@ -191,6 +197,9 @@ fn doctor_passes_the_core_checks_on_this_machine() {
 
 #[test]
 fn doctor_fails_with_a_fix_for_a_missing_interpreter_or_preload() {
+    if skip_unless_root("starts forkd, which creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (code, report) = doctor(
         dir.path(),
@@ -234,6 +243,9 @@ fn doctor_fails_with_a_fix_for_a_missing_interpreter_or_preload() {
 
 #[test]
 fn check_config_validates_what_a_start_needs() {
+    if skip_unless_root("starts forkd, which creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let check = |toml: &str| {
         let config = dir.path().join("forkd.toml");

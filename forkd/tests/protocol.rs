@@ -124,6 +124,9 @@ fn garbage(seed: u64, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_hostile_frames() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
 
     // A well-behaved client that must not notice anything of what follows.
@@ -321,6 +324,9 @@ async fn malformed_and_hostile_frames() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorised_peer_gets_permission_denied_then_close() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| {
         // No warm pool: the sandbox-id counter below proves nothing ran.
         c.zygotes[0].warm_pool = 0;
@@ -383,6 +389,9 @@ async fn unauthorised_peer_gets_permission_denied_then_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorised_peer_async_client_sees_permission_denied() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| {
         c.allowed_uids = Some(vec![4242]);
         c.allowed_gids = Vec::new();
@@ -406,6 +415,9 @@ async fn unauthorised_peer_async_client_sees_permission_denied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_frames_are_cut_off_but_idle_connections_stay() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| {
         c.frame_timeout_ms = 300;
         c.zygotes[0].warm_pool = 0;
@@ -445,6 +457,9 @@ async fn stalled_frames_are_cut_off_but_idle_connections_stay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_mid_request_has_its_sandbox_killed() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 0).await;
     let mut raw = Raw::connect(&d.socket).await;
     raw.send_json(&json!({
@@ -480,6 +495,9 @@ async fn a_client_that_disconnects_mid_request_has_its_sandbox_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_connections() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 0).await;
     let mut clients = Vec::with_capacity(1000);
     for _ in 0..1000 {

@@ -4,7 +4,7 @@
 //! cgroup the daemon warns once at start-up and every result reports the
 //! limits as not enforced (warm-pool and on-demand children alike); with a
 //! delegated cgroup v2 subtree that has the memory, cpu and pids controllers
-//! (a pure cgroup v2 host, such as the guest of scripts/cgroup-v2-vm.sh),
+//! (a pure cgroup v2 host, such as the guest of tests/vm/cgroup-v2-vm.sh),
 //! they are enforced.
 
 use std::os::unix::fs::PermissionsExt;
@@ -21,6 +21,27 @@ const MIB: u64 = 1024 * 1024;
 
 /// Both tests run daemons as the same user and count its processes.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// True, after printing why, when not root (this test creates a user and
+/// runs forkd as it): the caller returns at once.
+fn skip_unless_root(needs: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return false;
+    }
+    skipped(&format!("needs root ({needs})"));
+    true
+}
+
+/// Prints `skipped: <why>` past the test harness's capture (which hides
+/// `eprintln!` of passing tests), so a skip never looks like a pass.
+fn skipped(why: &str) {
+    // One write: stderr is unbuffered and the harness prints meanwhile.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("skipped: {why}\n").as_bytes(),
+    );
+}
 
 fn user_ids() -> (u32, u32) {
     let lookup = || {
@@ -84,6 +105,9 @@ fn wait_for_socket(path: &Path, daemon: &mut std::process::Child) {
 
 #[test]
 fn unprivileged_daemon_isolates_with_a_user_namespace() {
+    if skip_unless_root("creates a user and runs forkd as it") {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (uid, gid) = user_ids();
     assert!(
@@ -397,6 +421,9 @@ impl Drop for Delegation {
 
 #[test]
 fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
+    if skip_unless_root("creates a user and runs forkd as it") {
+        return;
+    }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let expect_v2 = std::env::var_os("FORKD_TEST_EXPECT_CGROUP_V2").is_some();
     let Some(mount) = cgroup2_mount() else {
@@ -404,7 +431,7 @@ fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
             !expect_v2,
             "FORKD_TEST_EXPECT_CGROUP_V2 is set but no cgroup2 is mounted"
         );
-        eprintln!("SKIPPED: no cgroup2 mount to delegate from");
+        skipped("no cgroup2 mount to delegate from");
         return;
     };
     let (uid, gid) = user_ids();
@@ -555,7 +582,7 @@ fn unprivileged_daemon_in_a_delegated_cgroup_v2_subtree() {
             mount.display()
         );
         println!(
-            "{} has none of {CONTROLLERS:?} to delegate (cgroup v1 host): checked that limits are reported as not enforced; scripts/cgroup-v2-vm.sh checks enforcement",
+            "{} has none of {CONTROLLERS:?} to delegate (cgroup v1 host): checked that limits are reported as not enforced; tests/vm/cgroup-v2-vm.sh checks enforcement",
             mount.display()
         );
     }

@@ -12,6 +12,9 @@ const NUMPY_ZEROS: &str = "import numpy; print(numpy.zeros(5).tolist())";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numpy_snippet_runs_with_consistent_result_fields() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let r = d.run(NUMPY_ZEROS).await;
     println!("{r:#?}");
@@ -55,6 +58,9 @@ async fn numpy_snippet_runs_with_consistent_result_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_argv_and_env() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
 
     // stdin: arbitrary bytes, echoed back reversed.
@@ -155,6 +161,9 @@ async fn python_sha256(d: &TestDaemon, data: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inline_files_modules_and_scripts() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let blob: Vec<u8> = (0..=255u8).collect();
     let files = vec![
@@ -271,6 +280,9 @@ print(json.dumps(out))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_exceptions_and_signals() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
 
     let r = d.run("import sys; sys.exit(7)").await;
@@ -320,6 +332,9 @@ async fn exit_codes_exceptions_and_signals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_sent_signals_are_reported() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     // The program is pid 1 of its namespace, where the kernel drops signals
     // it sends itself while their action is the default; forkd's reporter
     // turns them into the death the program meant (abort() would otherwise
@@ -351,6 +366,9 @@ async fn self_sent_signals_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_pipelined_spawns_with_distinct_randomness() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let client = d.client().await;
     let code = "import numpy, random\nprint(numpy.zeros(5).tolist())\nprint(repr(random.random()))\nprint(repr(numpy.random.rand()))";
@@ -414,6 +432,9 @@ async fn hundred_concurrent_pipelined_spawns_with_distinct_randomness() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_failures_and_the_concurrency_limit() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.max_concurrent = 2).await;
 
     // An inline file that cannot be written (its parent is a file): the
@@ -469,6 +490,9 @@ async fn setup_failures_and_the_concurrency_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interpreter_paths_under_tmp_stay_importable() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     // A sys.path entry under /tmp (a venv or checkout there, as in CI) lies
     // beneath the per-child scratch tmpfs; the child must still import from it
     // lazily, read-only.

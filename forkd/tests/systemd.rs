@@ -136,6 +136,9 @@ fn terminate(mut daemon: Child) {
 
 #[test]
 fn serves_the_passed_socket_keeps_it_from_sandboxes_and_leaves_it_for_the_next_activation() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("forkd.sock");
     let instance = format!("act{}", std::process::id());
@@ -227,6 +230,9 @@ fn serves_the_passed_socket_keeps_it_from_sandboxes_and_leaves_it_for_the_next_a
 
 #[test]
 fn more_than_one_passed_socket_is_refused_with_a_fix() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let listener = UnixListener::bind(dir.path().join("forkd.sock")).unwrap();
     let config = write_config(dir.path(), &format!("act2x{}", std::process::id()));
@@ -239,6 +245,9 @@ fn more_than_one_passed_socket_is_refused_with_a_fix() {
 
 #[test]
 fn a_passed_descriptor_that_is_not_a_listening_unix_socket_is_refused() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &format!("actfile{}", std::process::id()));
     let file = std::fs::File::open(&config).unwrap();

@@ -39,6 +39,9 @@ print(socket.gethostname(), field("CapEff"), field("CapBnd"), field("NoNewPrivs"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_children_serve_requests_like_on_demand_ones() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = POOL).await;
     pool_full(&d).await;
 
@@ -76,6 +79,9 @@ async fn warm_children_serve_requests_like_on_demand_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_limits_are_applied_to_a_warm_child() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = POOL).await;
     pool_full(&d).await;
     // The pool's children have the default 512 MiB; this request asks for 48 MiB.
@@ -123,6 +129,9 @@ async fn request_limits_are_applied_to_a_warm_child() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_timeouts_count_from_the_hand_off_and_stdin_flows() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = POOL).await;
     pool_full(&d).await;
     // Parked for a while already: the 400 ms must start at the request.
@@ -163,6 +172,9 @@ async fn warm_timeouts_count_from_the_hand_off_and_stdin_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_refills_and_survives_a_zygote_crash() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = POOL).await;
     pool_full(&d).await;
     let client = d.client().await;
@@ -216,6 +228,9 @@ fn proc_alive(pid: i32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_warm_children_are_replaced() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| {
         c.zygotes[0].warm_pool = POOL;
         c.zygotes[0].warm_max_idle_secs = Some(1);
@@ -250,6 +265,9 @@ async fn idle_warm_children_are_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_pool_grows_on_misses_and_shrinks_when_idle() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|c| {
         let z = &mut c.zygotes[0];
         z.warm_pool = 2;

@@ -261,10 +261,28 @@ pub struct SpawnResult {
     /// ran the program; false when one was forked for it.
     #[serde(default)]
     pub warm: bool,
+    /// What the kernel enforced of the sandbox's landlock ruleset; `None`
+    /// from a daemon that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock: Option<LandlockStatus>,
     /// What the sandbox did on the network; only when the request had an
     /// allowlist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Box<NetworkReport>>,
+}
+
+/// What the kernel enforces of a sandbox's landlock ruleset (the policy key
+/// `landlock` decides whether less than all of it is acceptable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LandlockStatus {
+    /// Every requested filesystem right and scope.
+    FullyEnforced,
+    /// Part of them: the kernel has an older landlock ABI.
+    PartiallyEnforced,
+    /// None: the kernel has no landlock; the mount namespace alone confines
+    /// the filesystem.
+    NotEnforced,
 }
 
 /// Per-sandbox egress counters and log (requests with `allow_net`).

@@ -71,6 +71,7 @@ fn result_for(id: u64, stdout: &[u8]) -> SpawnResult {
         usage: Usage::default(),
         limits: AppliedLimits::default(),
         warm: false,
+        landlock: None,
         network: None,
     }
 }

@@ -75,6 +75,7 @@ fn sample_result() -> SpawnResult {
             cgroup_enforced: true,
         },
         warm: true,
+        landlock: Some(LandlockStatus::FullyEnforced),
         network: None,
     }
 }
@@ -171,7 +172,7 @@ fn allowlist_and_network_report_exact_json() {
     let text = serde_json::to_string(&result).unwrap();
     assert!(
         text.ends_with(concat!(
-            r#""warm":true,"network":{"bytes_out":10,"bytes_in":20,"connections_allowed":1,"#,
+            r#""landlock":"fully_enforced","network":{"bytes_out":10,"bytes_in":20,"connections_allowed":1,"#,
             r#""connections_denied":1,"dns_queries":2,"dns_refused":1,"log":[{"kind":"connect","#,
             r#""destination":"198.18.0.1","port":80,"allowed":true,"bytes_out":10,"bytes_in":20}],"#,
             r#""log_truncated":false}}"#
@@ -197,10 +198,30 @@ fn result_exact_json() {
         r#""usage":{"cpu_user_us":2100,"cpu_system_us":800,"peak_memory_bytes":9437184},"#,
         r#""limits":{"timeout_ms":5000,"memory_bytes":268435456,"cpus":1.5,"pids":32,"#,
         r#""output_bytes":1048576,"scratch_bytes":67108864,"open_files":256,"#,
-        r#""file_size_bytes":16777216,"cgroup_enforced":true},"warm":true}"#
+        r#""file_size_bytes":16777216,"cgroup_enforced":true},"warm":true,"#,
+        r#""landlock":"fully_enforced"}"#
     );
     assert_eq!(serde_json::to_string(&resp).unwrap(), expected);
     round_trip(&resp);
+    // A daemon that does not report landlock leaves the field out, and a
+    // client reads its absence as "unknown".
+    let older = expected.replace(r#","landlock":"fully_enforced""#, "");
+    let parsed: Response = serde_json::from_str(&older).unwrap();
+    let ResponseBody::Result(r) = parsed.body else {
+        panic!("not a result: {older}")
+    };
+    assert_eq!(r.landlock, None);
+    for (text, status) in [
+        ("partially_enforced", LandlockStatus::PartiallyEnforced),
+        ("not_enforced", LandlockStatus::NotEnforced),
+    ] {
+        let json = format!("\"{text}\"");
+        assert_eq!(serde_json::to_string(&status).unwrap(), json);
+        assert_eq!(
+            serde_json::from_str::<LandlockStatus>(&json).unwrap(),
+            status
+        );
+    }
 }
 
 #[test]

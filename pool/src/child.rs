@@ -123,13 +123,37 @@ impl Drop for CgroupCleanup {
     }
 }
 
-/// Forks and isolates one child for `plan`.
+/// Forks and isolates one child for `plan`, for a request waiting now.
 pub async fn prepare(
     zygote: &Zygote,
     cgroups: &Arc<Manager>,
     netns: Option<&NetnsStock>,
     sandbox: u64,
     plan: ChildPlan,
+) -> Result<ReadyChild, PrepareError> {
+    prepare_child(zygote, cgroups, netns, sandbox, plan, false).await
+}
+
+/// [`prepare`] for a child parked in the warm pool: it pre-touches the
+/// memory a job writes while it waits, so a request does not pay for
+/// those copy-on-write faults.
+pub async fn prepare_parked(
+    zygote: &Zygote,
+    cgroups: &Arc<Manager>,
+    netns: Option<&NetnsStock>,
+    sandbox: u64,
+    plan: ChildPlan,
+) -> Result<ReadyChild, PrepareError> {
+    prepare_child(zygote, cgroups, netns, sandbox, plan, true).await
+}
+
+async fn prepare_child(
+    zygote: &Zygote,
+    cgroups: &Arc<Manager>,
+    netns: Option<&NetnsStock>,
+    sandbox: u64,
+    plan: ChildPlan,
+    parked: bool,
 ) -> Result<ReadyChild, PrepareError> {
     let limits = plan.cgroup;
     let manager = cgroups.clone();
@@ -173,6 +197,7 @@ pub async fn prepare(
                 status: status_w,
                 netns: netns.and_then(NetnsStock::take),
             },
+            parked,
         )
         .await
         .map_err(PrepareError::Zygote)?;

@@ -22,9 +22,11 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
-pub use child::{kill_pidfd, prepare, CgroupCleanup, ChildPlan, PrepareError, ReadyChild};
+pub use child::{
+    kill_pidfd, prepare, prepare_parked, CgroupCleanup, ChildPlan, PrepareError, ReadyChild,
+};
 pub use netns::NetnsStock;
-pub use warm::{Makers, PoolPolicy, PoolStats, WarmPool};
+pub use warm::{InFlight, Load, Makers, PoolPolicy, PoolStats, WarmPool};
 pub use zygote::{Exited, Forked, ReadyInfo, SpawnFds, Zygote, ZygoteConfig, ZygoteError};
 
 /// When a zygote is replaced by a fresh one.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use forkd_cgroup::Manager;
 use tokio::sync::Notify;
 
-use crate::child::{prepare, ChildPlan, ReadyChild};
+use crate::child::{prepare_parked, ChildPlan, ReadyChild};
 use crate::netns::NetnsStock;
 use crate::Supervisor;
 
@@ -111,6 +111,44 @@ impl Inner {
 const QUIET_BEFORE_REFILL: Duration = Duration::from_millis(3);
 
 /// Sources a refill task needs; shared with the daemon's on-demand path.
+/// Requests in flight, counted by the daemon around each request. On two
+/// cores a refill competes with the requests it is meant to serve, so the
+/// pool refills between them (or at once when it runs low).
+#[derive(Debug, Default)]
+pub struct Load {
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one request in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Load>);
+
+impl Load {
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A refill waits while requests are in flight unless the pool has fallen
+/// below this fraction of its target.
+const REFILL_WHILE_BUSY_BELOW: usize = 4; // a quarter
+/// Longest a refill is deferred in one go (then the state is looked at again).
+const BUSY_RECHECK: Duration = Duration::from_millis(20);
+
 #[derive(Clone)]
 pub struct Makers {
     pub supervisor: Arc<Supervisor>,
@@ -118,6 +156,7 @@ pub struct Makers {
     pub netns: Arc<Option<NetnsStock>>,
     /// Sandbox ids, shared with on-demand children so they never collide.
     pub ids: Arc<AtomicU64>,
+    pub load: Arc<Load>,
 }
 
 pub struct WarmPool {
@@ -285,6 +324,15 @@ async fn refill(inner: Arc<Inner>, makers: Makers) {
         }
         // Yield to a burst in progress (bounded: an empty pool refills anyway
         // after a few rounds).
+        // Defer while requests run, unless the pool runs low: the refill's
+        // forks would take the CPU from the requests being served.
+        let ready_now = inner.ready.lock().map(|r| r.len()).unwrap_or(0);
+        let target = inner.target.load(Ordering::Relaxed);
+        if makers.load.in_flight() > 0 && ready_now * REFILL_WHILE_BUSY_BELOW >= target {
+            let idle = makers.load.idle.notified();
+            let _ = tokio::time::timeout(BUSY_RECHECK, idle).await;
+            continue;
+        }
         for _ in 0..20 {
             let now = inner.epoch.elapsed().as_micros() as u64;
             let since = now.saturating_sub(inner.last_take_us.load(Ordering::Relaxed));
@@ -308,7 +356,7 @@ async fn refill(inner: Arc<Inner>, makers: Makers) {
             let id = makers.ids.fetch_add(1, Ordering::Relaxed);
             let (zygote, makers, plan) = (zygote.clone(), makers.clone(), inner.plan.clone());
             made.spawn(async move {
-                prepare(
+                prepare_parked(
                     &zygote,
                     &makers.cgroups,
                     makers.netns.as_ref().as_ref(),

@@ -345,7 +345,14 @@ impl Zygote {
 
     /// Orders one child. `spec` is the [`forkd_zygote::ChildSpec`] as JSON.
     /// Returns once the child exists; its exit arrives on [`Forked::exited`].
-    pub async fn spawn(&self, id: u64, spec: &str, fds: SpawnFds) -> Result<Forked, ZygoteError> {
+    /// `parked`: the child waits in the warm pool (and pre-touches memory meanwhile).
+    pub async fn spawn(
+        &self,
+        id: u64,
+        spec: &str,
+        fds: SpawnFds,
+        parked: bool,
+    ) -> Result<Forked, ZygoteError> {
         if !self.is_alive() {
             return Err(self.died_error());
         }
@@ -369,6 +376,7 @@ impl Zygote {
         let msg = ToZygote::Spawn {
             id,
             spec: spec.to_owned(),
+            parked,
         }
         .encode();
         let mut raw = vec![

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the guest image for scripts/cgroup-v2-vm.sh into OUT (a new
+# Builds the guest image for tests/vm/cgroup-v2-vm.sh into OUT (a new
 # directory): `vmlinuz` (Debian's kernel, extracted from its .deb; nothing is
 # installed on the host) and `rootfs.cpio` (a debootstrap tree with python3 and
 # python3-numpy, packed as an initramfs: the whole guest runs from RAM, so the

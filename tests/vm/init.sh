@@ -1,5 +1,5 @@
 #!/bin/sh
-# pid 1 of the cgroup v2 test guest (scripts/cgroup-v2-vm.sh). Mounts a pure
+# pid 1 of the cgroup v2 test guest (tests/vm/cgroup-v2-vm.sh). Mounts a pure
 # cgroup2 hierarchy, runs the compiled test binaries listed in
 # /forkd-vm.tests (one per line: path, then an optional test name filter),
 # prints a verdict line the host parses, and powers off.

@@ -82,7 +82,15 @@ fn init(config: &[u8]) -> Result<State, String> {
                 .map(|p| p.display().to_string())
                 .collect(),
         );
-        policies.insert(name, Prepared { template, seccomp });
+        let prepared = Prepared {
+            template,
+            seccomp,
+            landlock: policy.landlock,
+        };
+        let status = crate::isolate::probe_landlock(&prepared)
+            .map_err(|e| format!("policy `{name}`: {e}"))?;
+        info.landlock.insert(name.clone(), status);
+        policies.insert(name, prepared);
     }
     let own_pid_ns = sys::open(c"/proc/self/ns/pid", libc::O_RDONLY, 0)
         .map_err(|e| format!("open own pid namespace: {e}"))?;

@@ -7,16 +7,18 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use landlock::{
-    Access, AccessFs, BitFlags, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope, ABI,
+    Access, AccessFs, BitFlags, Compatible, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, Scope, ABI,
 };
 use seccompiler::BpfProgram;
 
-use crate::spec::ChildSpec;
+use crate::policy::LandlockLevel;
+use crate::spec::{ChildSpec, LandlockStatus};
 use crate::sys;
 use crate::template::Template;
 
 /// Landlock ABI whose rights we request; newer kernels are used at this level,
-/// older ones degrade gracefully (the landlock crate's best-effort mode).
+/// older ones degrade as the policy's `landlock` key says ([`LandlockLevel`]).
 pub const LANDLOCK_ABI: ABI = ABI::V6;
 
 /// First descriptor closed before user code: 0-2 are stdio, 3 the status pipe
@@ -27,6 +29,7 @@ pub const FIRST_CLOSED_FD: u32 = 4;
 pub struct Prepared {
     pub template: Template,
     pub seccomp: BpfProgram,
+    pub landlock: LandlockLevel,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +187,9 @@ fn rebind(path: &std::path::Path, fd: &std::os::fd::OwnedFd) -> io::Result<()> {
     sys::mount(Some(&src), &sys::cstring(path)?, None, libc::MS_BIND, None)
 }
 
-fn apply_landlock(policy: &Prepared) -> Result<(), IsolateError> {
+/// Restricts the calling process with the policy's landlock ruleset, at the
+/// policy's compatibility level; returns what the kernel enforces.
+fn apply_landlock(policy: &Prepared) -> Result<LandlockStatus, IsolateError> {
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
     let read_dir = AccessFs::from_read(abi);
@@ -219,6 +224,7 @@ fn apply_landlock(policy: &Prepared) -> Result<(), IsolateError> {
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
 
     let mut ruleset = Ruleset::default()
+        .set_compatibility(policy.landlock.compat_level())
         .handle_access(all)
         .map_err(landlock_err("landlock ruleset"))?
         .scope(Scope::from_all(abi))
@@ -230,11 +236,59 @@ fn apply_landlock(policy: &Prepared) -> Result<(), IsolateError> {
             .add_rule(PathBeneath::new(fd, access))
             .map_err(landlock_err("landlock rule"))?;
     }
-    // Without landlock the status says NotEnforced and the mount namespace
-    // alone confines the filesystem; the zygote reports the kernel's ABI at
-    // start-up and the daemon logs that degradation once, keeping this path quiet.
-    ruleset
+    // Best effort without landlock: NotEnforced, and the mount namespace alone
+    // confines the filesystem. The zygote measures this status once at init
+    // (probe_landlock) and the daemon reports it, keeping this path quiet.
+    let status = ruleset
         .restrict_self()
         .map_err(landlock_err("landlock restrict_self"))?;
-    Ok(())
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => LandlockStatus::FullyEnforced,
+        RulesetStatus::PartiallyEnforced => LandlockStatus::PartiallyEnforced,
+        RulesetStatus::NotEnforced => LandlockStatus::NotEnforced,
+    })
+}
+
+/// Measures what the kernel enforces of `policy`'s landlock ruleset: a
+/// throwaway child applies it exactly as a sandbox does and exits with the
+/// status. Run once per policy at zygote init, while single-threaded. A
+/// `required` policy on a kernel lacking part of the ruleset fails here, with
+/// the reason, instead of at every spawn.
+pub fn probe_landlock(policy: &Prepared) -> Result<LandlockStatus, String> {
+    const FAILED: libc::c_int = 100;
+    // SAFETY: called from forkd_init, which has checked that the process is
+    // single-threaded; the child only builds the ruleset and _exits.
+    let pid = match unsafe { sys::fork() }.map_err(|e| format!("fork landlock probe: {e}"))? {
+        sys::Fork::Child => {
+            let code = match apply_landlock(policy) {
+                Ok(LandlockStatus::FullyEnforced) => 0,
+                Ok(LandlockStatus::PartiallyEnforced) => 1,
+                Ok(LandlockStatus::NotEnforced) => 2,
+                Err(e) => {
+                    // stderr is the zygote's, which the daemon logs.
+                    eprintln!("forkd landlock probe: {e}");
+                    FAILED
+                }
+            };
+            sys::exit_now(code)
+        }
+        sys::Fork::Parent(pid) => pid,
+    };
+    let status = sys::waitpid(pid).map_err(|e| format!("wait for landlock probe: {e}"))?;
+    match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
+        Some(0) => Ok(LandlockStatus::FullyEnforced),
+        Some(1) => Ok(LandlockStatus::PartiallyEnforced),
+        Some(2) => Ok(LandlockStatus::NotEnforced),
+        _ if policy.landlock == LandlockLevel::Required
+            && ABI::from(sys::landlock_abi()) < LANDLOCK_ABI =>
+        {
+            Err(format!(
+            "the policy sets landlock = \"required\" but this kernel cannot enforce its whole landlock ruleset (ABI {LANDLOCK_ABI:?} rights and scopes; kernel offers ABI {}): run Linux 6.12+ with landlock in the lsm= boot parameter, or set landlock = \"best_effort\"",
+            sys::landlock_abi()
+        ))
+        }
+        _ => Err(format!(
+            "applying the landlock ruleset failed in a probe child (wait status {status:#x}); the zygote's stderr says why"
+        )),
+    }
 }

@@ -27,8 +27,36 @@ pub enum PolicyError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// What a kernel lacking part of the landlock ruleset means.
+    #[serde(default)]
+    pub landlock: LandlockLevel,
     pub filesystem: FilesystemPolicy,
     pub seccomp: SeccompPolicy,
+}
+
+/// Policy key `landlock`: how the landlock ruleset degrades on a kernel that
+/// lacks part of it (rust-landlock's [`landlock::CompatLevel`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LandlockLevel {
+    /// Enforce what the kernel supports, down to nothing on a kernel without
+    /// landlock (the mount namespace then confines the filesystem alone).
+    /// The status each spawn result reports says which it was.
+    #[default]
+    BestEffort,
+    /// Every requested right and scope must be enforced: a kernel that lacks
+    /// one fails the zygote's start (and any child's isolation) instead.
+    Required,
+}
+
+impl LandlockLevel {
+    /// The rust-landlock compatibility level this stands for.
+    pub fn compat_level(self) -> landlock::CompatLevel {
+        match self {
+            LandlockLevel::BestEffort => landlock::CompatLevel::BestEffort,
+            LandlockLevel::Required => landlock::CompatLevel::HardRequirement,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,6 +317,29 @@ mod tests {
             Policy::from_toml(&dev),
             Err(PolicyError::BadDevice(_))
         ));
+    }
+
+    #[test]
+    fn landlock_level_key() {
+        assert_eq!(Policy::default_policy().landlock, LandlockLevel::BestEffort);
+        let required =
+            DEFAULT_POLICY_TOML.replace("landlock = \"best_effort\"", "landlock = \"required\"");
+        let p = Policy::from_toml(&required).unwrap();
+        assert_eq!(p.landlock, LandlockLevel::Required);
+        assert_eq!(
+            p.landlock.compat_level(),
+            landlock::CompatLevel::HardRequirement
+        );
+        // Absent: best effort (policies written before the key existed).
+        let absent = DEFAULT_POLICY_TOML.replace("landlock = \"best_effort\"", "");
+        assert_eq!(
+            Policy::from_toml(&absent).unwrap().landlock,
+            LandlockLevel::BestEffort
+        );
+        let typo =
+            DEFAULT_POLICY_TOML.replace("landlock = \"best_effort\"", "landlock = \"strict\"");
+        let e = Policy::from_toml(&typo).unwrap_err().to_string();
+        assert!(e.contains("best_effort") && e.contains("required"), "{e}");
     }
 
     #[test]

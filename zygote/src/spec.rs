@@ -53,8 +53,26 @@ pub struct InitInfo {
     /// Landlock ABI the kernel offers (0: none; the sandbox then relies on the
     /// mount namespace alone for filesystem confinement).
     pub landlock_abi: i32,
+    /// Per policy: what the kernel enforces of its landlock ruleset, measured
+    /// at init by applying it in a throwaway child (every sandbox of this
+    /// zygote gets the same kernel and ruleset, hence the same status).
+    #[serde(default)]
+    pub landlock: BTreeMap<String, LandlockStatus>,
     /// Instruction count of each policy's seccomp filter.
     pub seccomp_instructions: BTreeMap<String, usize>,
     /// Host paths bound read-only into each policy's root.
     pub bound_paths: BTreeMap<String, Vec<String>>,
+}
+
+/// What the kernel enforces of a policy's landlock ruleset (rust-landlock's
+/// `RulesetStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LandlockStatus {
+    /// Every requested right and scope.
+    FullyEnforced,
+    /// Part of them (an older landlock ABI; best-effort policies only).
+    PartiallyEnforced,
+    /// None (no landlock in the kernel; best-effort policies only).
+    NotEnforced,
 }

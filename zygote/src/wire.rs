@@ -54,8 +54,15 @@ pub enum ToZygote {
     },
     /// Fork one child with `spec` (a [`crate::ChildSpec`] as JSON, passed
     /// unchanged to the native library). Carries the child's fds: job,
-    /// stdout, stderr, status and optionally a network namespace.
-    Spawn { id: u64, spec: String },
+    /// stdout, stderr, status and optionally a network namespace. A
+    /// `parked` child (for the warm pool) pre-touches the memory a job
+    /// writes while it waits.
+    Spawn {
+        id: u64,
+        spec: String,
+        #[serde(default)]
+        parked: bool,
+    },
     /// Finish running children, then exit.
     Drain,
 }
@@ -480,11 +487,13 @@ mod tests {
         let spawn = ToZygote::Spawn {
             id: 7,
             spec: "{}".into(),
+            parked: true,
         };
         let v: serde_json::Value = serde_json::from_slice(&spawn.encode()).expect("json");
         assert_eq!(v["op"], "spawn");
         assert_eq!(v["id"], 7);
         assert_eq!(v["spec"], "{}");
+        assert_eq!(v["parked"], true);
         assert_eq!(&ToZygote::Drain.encode(), br#"{"op":"drain"}"#);
         assert_eq!(
             FromZygote::decode(

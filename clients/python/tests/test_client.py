@@ -179,6 +179,7 @@ class SyncClientTest(DaemonTest):
         self.assertEqual(r.limits["timeout_ms"], 30000)
         self.assertGreater(r.sandbox, 0)
         self.assertNotEqual(r.zygote, "")
+        self.assertIn(r.landlock, ("fully_enforced", "partially_enforced", "not_enforced"))
         self.assertGreater(r.timings.total_us, 0)
         self.assertGreaterEqual(r.timings.total_us, r.timings.run_us)
 

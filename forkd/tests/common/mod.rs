@@ -77,7 +77,7 @@ pub fn python() -> PathBuf {
 }
 
 /// With `FORKD_TEST_EXPECT_CGROUP_V2` set (the cgroup v2 guest of
-/// scripts/cgroup-v2-vm.sh), a daemon that did not get cgroup v2 with every
+/// tests/vm/cgroup-v2-vm.sh), a daemon that did not get cgroup v2 with every
 /// limit enforced fails the test instead of quietly testing something else.
 fn expect_cgroup_v2_if_asked(cgroups: &forkd_cgroup::Manager) {
     if std::env::var_os("FORKD_TEST_EXPECT_CGROUP_V2").is_some() {
@@ -88,6 +88,30 @@ fn expect_cgroup_v2_if_asked(cgroups: &forkd_cgroup::Manager) {
             cgroups.limits_enforced()
         );
     }
+}
+
+/// True, after printing why, when this test cannot run here because the
+/// process is not root: the caller returns at once. Root tests start with
+/// `if skip_unless_root("...") { return; }`, so an unprivileged
+/// `cargo test` reports them as skipped instead of failing or passing silently.
+pub fn skip_unless_root(needs: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return false;
+    }
+    skipped(&format!("needs root ({needs})"));
+    true
+}
+
+/// Prints `skipped: <why>` where it is seen: straight to stderr, past the
+/// test harness's capture (which hides `eprintln!` of passing tests), so a
+/// skip never looks like a pass.
+pub fn skipped(why: &str) {
+    // One write: stderr is unbuffered and the harness prints meanwhile.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("skipped: {why}\n").as_bytes(),
+    );
 }
 
 fn require_root() {

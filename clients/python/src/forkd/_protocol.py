@@ -96,6 +96,8 @@ class Execution:
     usage: Usage = field(default_factory=Usage)
     limits: Dict[str, Any] = field(default_factory=dict)
     warm: bool = False
+    landlock: Optional[str] = None
+    """``"fully_enforced"``, ``"partially_enforced"``, ``"not_enforced"``; ``None`` if not reported."""
     sandbox: int = 0
     zygote: str = ""
     #: Egress counters and connection log (``bytes_out``, ``bytes_in``,
@@ -350,6 +352,13 @@ def _opt_int(obj: Mapping[str, Any], key: str) -> Optional[int]:
     return v
 
 
+def _opt_str(obj: Mapping[str, Any], key: str) -> Optional[str]:
+    v = obj.get(key)
+    if v is not None and not isinstance(v, str):
+        raise ProtocolError(f"result field {key} is not a string or null")
+    return v
+
+
 def parse_result(obj: Mapping[str, Any]) -> Execution:
     """An :class:`Execution` from a ``result`` response (unknown fields ignored)."""
     t = obj.get("timings") or {}
@@ -378,6 +387,7 @@ def parse_result(obj: Mapping[str, Any]) -> Execution:
         ),
         limits=dict(obj.get("limits") or {}),
         warm=bool(obj.get("warm", False)),
+        landlock=_opt_str(obj, "landlock"),
         sandbox=_int(obj, "sandbox"),
         zygote=str(obj.get("zygote", "")),
         network=dict(obj["network"]) if isinstance(obj.get("network"), dict) else None,

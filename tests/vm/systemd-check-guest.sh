@@ -1,5 +1,5 @@
 #!/bin/bash
-# Runs inside the guest booted by test-in-vm.sh (systemd is PID 1, forkd and
+# Runs inside the guest booted by systemd-vm.sh (systemd is PID 1, forkd and
 # its packaging are installed at the packaged paths). Prints VMCHECK lines to
 # the console and powers the guest off.
 set -u

@@ -10,29 +10,29 @@
 }:
 
 let
-  workspace = lib.importTOML ../Cargo.toml;
+  workspace = lib.importTOML ../../Cargo.toml;
 in
 rustPlatform.buildRustPackage {
   pname = "forkd";
   inherit (workspace.workspace.package) version;
 
   src = lib.fileset.toSource {
-    root = ./..;
+    root = ../..;
     fileset = lib.fileset.unions [
-      ../Cargo.toml
-      ../Cargo.lock
-      ../forkd
-      ../zygote
-      ../pool
-      ../cgroup
-      ../ipc
-      ../bench
-      ../compare
-      ../policy
-      ../packaging
+      ../../Cargo.toml
+      ../../Cargo.lock
+      ../../forkd
+      ../../zygote
+      ../../pool
+      ../../cgroup
+      ../../ipc
+      ../../bench
+      ../../compare
+      ../../policy
+      ../../packaging
     ];
   };
-  cargoLock.lockFile = ../Cargo.lock;
+  cargoLock.lockFile = ../../Cargo.lock;
 
   cargoBuildFlags = [ "-p" "forkd" "-p" "forkd-zygote" "-p" "forkd-bench" ];
   # The test suite starts real daemons: it needs root, namespaces and cgroups,

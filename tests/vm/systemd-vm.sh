@@ -14,7 +14,7 @@
 # $WORK/result.txt. Not part of scripts/test.sh: it takes several minutes
 # (the guest runs under software emulation, TCG: KVM hangs in nested VMs).
 #
-# Usage, as root from anywhere: packaging/systemd/test-in-vm.sh [WORK_DIR]
+# Usage, as root from anywhere: tests/vm/systemd-vm.sh [WORK_DIR]
 # FORKD_VM_PROBES=0 skips the option-by-option part (about 15 minutes).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -35,7 +35,7 @@ mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/
 if [ -z "$mirror" ]; then
     mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
 fi
-[ -n "$mirror" ] || { echo "test-in-vm.sh: no apt mirror found in /etc/apt" >&2; exit 2; }
+[ -n "$mirror" ] || { echo "systemd-vm.sh: no apt mirror found in /etc/apt" >&2; exit 2; }
 
 # Guest root file system, made once: systemd, Debian's python3 with numpy.
 if [ ! -x "$work/root/lib/systemd/systemd" ]; then
@@ -74,7 +74,7 @@ install -D -m 0644 "$repo/packaging/systemd/forkd.conf" "$overlay/usr/lib/tmpfil
 # The packaged config, with the cgroup v2 line enabled (the guest is v2).
 mkdir -p "$overlay/etc/forkd"
 sed 's|^# v2_root = |v2_root = |' "$repo/packaging/forkd.toml" >"$overlay/etc/forkd/forkd.toml"
-install -D -m 0755 "$repo/packaging/systemd/vm-check-guest.sh" "$overlay/usr/local/sbin/forkd-vm-check"
+install -D -m 0755 "$repo/tests/vm/systemd-check-guest.sh" "$overlay/usr/local/sbin/forkd-vm-check"
 mkdir -p "$overlay/etc/systemd/system/multi-user.target.wants"
 cat >"$overlay/etc/systemd/system/forkd-vm-check.service" <<'EOF'
 [Unit]
@@ -110,7 +110,7 @@ chmod 0755 "$overlay/init"
 (cd "$overlay" && find . | cpio --quiet -o -H newc >"$work/overlay.cpio")
 cat "$work/base.cpio" "$work/overlay.cpio" >"$work/initrd.cpio"
 
-echo "test-in-vm.sh: booting the guest (TCG; several minutes)..."
+echo "systemd-vm.sh: booting the guest (TCG; several minutes)..."
 timeout 1800 qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nographic -no-reboot \
     -kernel "$vmlinuz" -initrd "$work/initrd.cpio" \
     -append "console=ttyS0 rdinit=/init panic=-1 quiet systemd.show_status=0 forkd.probes=${FORKD_VM_PROBES:-1}" \
@@ -118,7 +118,7 @@ timeout 1800 qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -nographic -n
 grep -a '^VMCHECK' "$work/console.log" | tr -d '\r' >"$work/result.txt" || true
 cat "$work/result.txt"
 if ! grep -q '^VMCHECK done' "$work/result.txt"; then
-    echo "test-in-vm.sh: the check did not finish; see $work/console.log" >&2
+    echo "systemd-vm.sh: the check did not finish; see $work/console.log" >&2
     exit 1
 fi
 ! grep -q '^VMCHECK FAIL' "$work/result.txt"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Offline checks of the deployment files (no cluster is needed):
-#  1. deploy/kubernetes/*.yaml against the Kubernetes API's JSON schemas, in
+#  1. packaging/kubernetes/*.yaml against the Kubernetes API's JSON schemas, in
 #     strict mode (unknown fields are errors), for the oldest and newest
 #     Kubernetes versions checked here; kubernetes-validate (PyPI) ships the
 #     schemas, so nothing is fetched at validation time.
@@ -23,19 +23,19 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 for version in 1.29.0 1.37.0; do
-    timeout 120 "$venv/bin/kubernetes-validate" --strict --quiet -k "$version" deploy/kubernetes/*.yaml
-    echo "deploy/validate.sh: deploy/kubernetes/*.yaml valid (strict) for Kubernetes $version"
+    timeout 120 "$venv/bin/kubernetes-validate" --strict --quiet -k "$version" packaging/kubernetes/*.yaml
+    echo "packaging/validate.sh: packaging/kubernetes/*.yaml valid (strict) for Kubernetes $version"
 done
 
-sed 's/terminationGracePeriodSeconds:/terminationGracePeriodSecs:/' deploy/kubernetes/daemonset.yaml >"$tmp/misspelt.yaml"
+sed 's/terminationGracePeriodSeconds:/terminationGracePeriodSecs:/' packaging/kubernetes/daemonset.yaml >"$tmp/misspelt.yaml"
 if timeout 120 "$venv/bin/kubernetes-validate" --strict --quiet "$tmp/misspelt.yaml" >"$tmp/out" 2>&1; then
-    echo "deploy/validate.sh: the validator accepted a misspelt field; it checks nothing" >&2
+    echo "packaging/validate.sh: the validator accepted a misspelt field; it checks nothing" >&2
     exit 1
 fi
 grep -q terminationGracePeriodSecs "$tmp/out" || { cat "$tmp/out" >&2; exit 1; }
-echo "deploy/validate.sh: a misspelt field is rejected"
+echo "packaging/validate.sh: a misspelt field is rejected"
 
-"$venv/bin/python" - deploy/kubernetes/daemonset.yaml "$tmp/configmap-forkd.toml" <<'PY'
+"$venv/bin/python" - packaging/kubernetes/daemonset.yaml "$tmp/configmap-forkd.toml" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "ConfigMap"]
 assert len(docs) == 1, "daemonset.yaml must hold exactly one ConfigMap"
@@ -44,5 +44,5 @@ PY
 cargo build --quiet -p forkd -p forkd-zygote # --check-config also looks for the zygote library
 for config in "$tmp/configmap-forkd.toml" packaging/forkd.toml; do
     target/debug/forkd --check-config --config "$config" >/dev/null
-    echo "deploy/validate.sh: $config accepted by forkd --check-config"
+    echo "packaging/validate.sh: $config accepted by forkd --check-config"
 done

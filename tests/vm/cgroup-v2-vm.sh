@@ -26,7 +26,7 @@
 # FORKD_VM_TIMEOUT (seconds the guest may run, default 900), FORKD_VM_MEMORY
 # (default 3G), FORKD_VM_ACCEL (default tcg; kvm where it works).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 CACHE=${FORKD_VM_CACHE:-/var/cache/forkd-vm}
 TIMEOUT=${FORKD_VM_TIMEOUT:-900}

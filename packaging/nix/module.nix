@@ -19,8 +19,8 @@ let
   # prefixes into a sandbox. On NixOS the interpreter's libraries (glibc,
   # openblas, ...) are other /nix/store paths, so the store is bound
   # read-only too. It is world-readable on NixOS anyway; keep secrets out of it.
-  defaultPolicy = lib.recursiveUpdate (lib.importTOML ../policy/default.toml) {
-    filesystem.read_only = (lib.importTOML ../policy/default.toml).filesystem.read_only
+  defaultPolicy = lib.recursiveUpdate (lib.importTOML ../../policy/default.toml) {
+    filesystem.read_only = (lib.importTOML ../../policy/default.toml).filesystem.read_only
       ++ [ "/nix/store" "/run/current-system/sw" ];
   };
 
