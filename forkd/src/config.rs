@@ -90,6 +90,8 @@ pub struct Config {
     /// Where a rootless daemon's overlay workspaces keep their upper layers;
     /// default `workspaces/` beside the configured (or default) socket.
     pub workspace_dir: Option<PathBuf>,
+    /// Egress bound and resolver settings (requests with `allow_net`).
+    pub network: crate::network::NetworkSection,
 }
 
 /// How log lines are written.
@@ -167,6 +169,7 @@ impl Default for Config {
             workspaces: BTreeMap::new(),
             workspace_roots: Vec::new(),
             workspace_dir: None,
+            network: crate::network::NetworkSection::default(),
         }
     }
 }
@@ -410,6 +413,7 @@ impl Config {
             ));
         }
         self.metrics()?;
+        self.network.validate()?;
         if let Some(path) = &self.audit_log {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid(format!(

@@ -318,6 +318,8 @@ pub async fn run_sandbox_with(
         limits,
     } = admitted;
     let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+    // `None` (no allowlist) costs nothing further: no network, as always.
+    let allow = state.network.admit(&req.allow_net)?;
     let mut shutdown = state.shutdown_signal();
     let _slot = acquire_slot(state, &mut shutdown).await?;
     let _in_flight = state.load.enter();
@@ -325,6 +327,12 @@ pub async fn run_sandbox_with(
     plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     let export_delta = req.workspace.as_ref().is_some_and(|w| w.export_delta);
     let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
+    // Open the allowlist before the job (and so the program) goes in; on
+    // failure the unused child is killed when dropped.
+    let egress = match allow {
+        Some(allow) => Some(state.network.attach(child.pidfd.as_fd(), allow).await?),
+        None => None,
+    };
     let id = child.sandbox;
     let landlock = landlock_status(&child);
     // From here the request owns the child: its timeout starts now.
@@ -346,6 +354,7 @@ pub async fn run_sandbox_with(
             }
         }
     }
+    result.network = egress.map(|e| Box::new(e.finish()));
     Ok(result)
 }
 
@@ -779,6 +788,7 @@ fn report(
         landlock: None,
         workspace_delta: None,
         workspace_error: None,
+        network: None,
     };
     if reported_exit.is_some() {
         // The program is done; its init is exiting. Make sure whatever it

@@ -74,6 +74,7 @@ fn result_for(id: u64, stdout: &[u8]) -> SpawnResult {
         landlock: None,
         workspace_delta: None,
         workspace_error: None,
+        network: None,
     }
 }
 

@@ -47,6 +47,10 @@ struct Args {
     /// Isolation policy name.
     #[arg(long)]
     policy: Option<String>,
+    /// Let the sandbox reach a destination: HOST[:PORT], *.DOMAIN[:PORT] or
+    /// CIDR[:PORT], ports as N or LO-HI (repeatable; without it: no network).
+    #[arg(long = "allow-net", value_name = "SPEC")]
+    allow_net: Vec<String>,
     /// Environment variable for the program (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -305,6 +309,7 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         },
         policy: args.policy.clone(),
         workspace: build_workspace(args)?,
+        allow_net: args.allow_net.clone(),
     })
 }
 
