@@ -589,7 +589,7 @@ async fn refusals_for_disallowed_paths() {
         c.allowed_uids = Some(vec![0, 65534]);
         c.workspaces.insert(
             "repo".into(),
-            forkd::workspace::NamedWorkspace {
+            forkd::config::NamedWorkspace {
                 path: named,
                 rules: vec!["secrets=none".into(), "out=write".into()],
                 default_mode: "read".into(),
