@@ -727,7 +727,7 @@ fn report(
     let stats = cleanup
         .get()
         .and_then(|cg| {
-            cg.stats()
+            cg.counters()
                 .map_err(|e| tracing::warn!(sandbox = id, "cgroup stats: {e}"))
                 .ok()
         })
