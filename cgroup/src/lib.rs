@@ -462,6 +462,10 @@ impl Plan {
                         "cpus = {c} must be a finite number between 0.01 and 10000000; fix the configured value or leave it unset"
                     )));
                 }
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "a finite quota checked above, in microseconds: whole units intended"
+                )]
                 Some(q as u64)
             }
         };

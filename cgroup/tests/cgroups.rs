@@ -12,6 +12,12 @@
 //! `FORKD_TEST_EXPECT_CGROUP_V2` is set (that guest): then a missing v2
 //! controller fails them.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;

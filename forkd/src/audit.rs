@@ -447,7 +447,12 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    #[allow(clippy::cast_possible_truncation, reason = "day 1-31 by construction")]
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "month 1-12 by construction"
+    )]
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)

@@ -755,7 +755,7 @@ impl Default for NetworkSection {
             max_rules: forkd_net::bound::DEFAULT_MAX_RULES,
             max_ports: d.max_ports,
             resolvers: None,
-            connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            connect_timeout_ms: u64::try_from(d.connect_timeout.as_millis()).unwrap_or(u64::MAX),
             max_connections: d.max_connections,
         }
     }

@@ -2,6 +2,12 @@
 //! and a DNS server on test hosts in network namespaces these tests create
 //! (veth pairs, 198.18.0.0/15). No traffic goes anywhere else.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 #[path = "../../net/tests/testbed/mod.rs"]
 mod testbed;
@@ -66,6 +72,9 @@ fn probe(addr: std::net::Ipv4Addr, allow: Vec<String>) -> forkd_ipc::SpawnReques
 
 #[test]
 fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     serial(a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else_());
 }
 
@@ -174,6 +183,9 @@ async fn a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else_()
 
 #[test]
 fn bad_allowlists_are_refused_at_admission_naming_the_rule() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     serial(bad_allowlists_are_refused_at_admission_naming_the_rule_());
 }
 
@@ -230,6 +242,9 @@ async fn bad_allowlists_are_refused_at_admission_naming_the_rule_() {
 
 #[test]
 fn many_sandboxes_with_network_leave_nothing_behind() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     serial(many_sandboxes_with_network_leave_nothing_behind_());
 }
 
@@ -303,6 +318,9 @@ print(" ".join(hosts)); print(os.environ.get("PIP_CERT") or get("cert") or "")
 
 #[test]
 fn pip_installs_a_package_with_only_the_index_hosts_allowed() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     serial(pip_installs_a_package_with_only_the_index_hosts_allowed_());
 }
 

@@ -4,6 +4,12 @@
 //! ≤ +0.5 ms p50 over one without, with a warm pool; ≥ 1 Gbit/s through the
 //! proxy) are judged by reading them. Noisy on shared machines.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 #[path = "../../net/tests/testbed/mod.rs"]
 mod testbed;

@@ -1,6 +1,12 @@
 //! Wire-shape tests for the message types. The exact-string assertions are
 //! deliberate: any change to the JSON a peer sees must fail here first.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 use std::collections::BTreeMap;
 
 use forkd_ipc::frame::{peek_request_id, read_frame, write_frame};

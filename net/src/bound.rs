@@ -78,7 +78,10 @@ impl Default for Bound {
                 target: Target::Any,
                 ports: PortRange::ANY,
             }],
-            deny: DEFAULT_DENY.iter().map(|s| s.parse().unwrap()).collect(),
+            deny: DEFAULT_DENY
+                .iter()
+                .map(|s| s.parse().expect("DEFAULT_DENY entries parse (unit-tested)"))
+                .collect(),
             allow_wildcards: false,
             max_rules: DEFAULT_MAX_RULES,
         }

@@ -782,7 +782,8 @@ fn random_id() -> u16 {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        return (t ^ (t >> 16)) as u16;
+        let [lo, hi, ..] = (t ^ (t >> 16)).to_le_bytes();
+        return u16::from_le_bytes([lo, hi]);
     }
     u16::from_ne_bytes(b)
 }
@@ -833,7 +834,9 @@ async fn ask_one(server: SocketAddr, name: &Name, rtype: RecordType) -> io::Resu
     }
     tokio::time::timeout(UPSTREAM_TIMEOUT, async {
         let mut s = TcpStream::connect(server).await?;
-        s.write_u16(q.len() as u16).await?;
+        let len =
+            u16::try_from(q.len()).map_err(|_| std::io::Error::other("DNS query over 64 KiB"))?;
+        s.write_u16(len).await?;
         s.write_all(&q).await?;
         let len = s.read_u16().await?;
         let mut b = vec![0u8; usize::from(len)];

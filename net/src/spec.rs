@@ -239,8 +239,8 @@ fn parse_port_range(spec: &str, s: &str) -> Result<PortRange, SpecError> {
         if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
-        match p.parse::<u32>() {
-            Ok(n @ 1..=65535) => Ok(n as u16),
+        match p.parse::<u16>() {
+            Ok(n @ 1..=65535) => Ok(n),
             _ => Err(bad()),
         }
     };

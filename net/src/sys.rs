@@ -63,12 +63,16 @@ pub fn loopback_up() -> io::Result<()> {
     // SAFETY: SIOCGIFFLAGS fills the flags of the named interface into `req`.
     check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
     // SAFETY: the flags member is the one SIOCGIFFLAGS set.
+    #[allow(clippy::cast_possible_truncation, reason = "IFF_UP (1) fits a c_short")]
     if unsafe { req.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0 {
         // Already up (a stocked namespace): changing nothing is free.
         return Ok(());
     }
     // SAFETY: as above.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    #[allow(clippy::cast_possible_truncation, reason = "IFF_UP (1) fits a c_short")]
+    unsafe {
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short
+    };
     // SAFETY: SIOCSIFFLAGS reads `req`.
     check(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) }).map(drop)
 }
@@ -156,6 +160,10 @@ impl RouteSocket {
         self.request(libc::RTM_DELROUTE, 0, net)
     }
 
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "netlink constants and a route message of a few dozen bytes fit their fields"
+    )]
     fn request(&self, kind: u16, flags: libc::c_int, net: &Cidr) -> io::Result<()> {
         let (family, addr): (u8, Vec<u8>) = match net.addr() {
             IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),

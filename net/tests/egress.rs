@@ -3,6 +3,12 @@
 //! tests cover), test hosts in namespaces of their own on 198.18.0.0/15.
 //! Root only; skipped (with a note) otherwise.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod testbed;
 
 use std::collections::HashMap;

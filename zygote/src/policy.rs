@@ -191,9 +191,25 @@ impl Policy {
     }
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 /// Bit that marks x32 system calls on x86_64: a deny list keyed on x86_64
 /// numbers would not see them, so they are refused outright.
@@ -222,6 +238,10 @@ fn prefix_x32_only() -> BpfProgram {
 
 fn prefix_enosys_clone3() -> BpfProgram {
     let mut p = prefix_x32_only();
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "syscall numbers are 32-bit in seccomp_data"
+    )]
     p.push(insn(BPF_JEQ_K, 0, 1, libc::SYS_clone3 as u32));
     p.push(ret_errno(libc::ENOSYS));
     p
@@ -231,6 +251,10 @@ fn prefix_enosys_clone3() -> BpfProgram {
 pub type PolicySet = BTreeMap<String, Policy>;
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test values are small constants"
+)]
 mod tests {
     use super::*;
 

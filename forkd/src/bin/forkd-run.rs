@@ -251,6 +251,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
     if !n.is_finite() || n <= 0.0 {
         return Err(format!("`{s}` must be positive"));
     }
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "a positive finite size; float-to-int casts saturate, whole bytes intended"
+    )]
     Ok((n * mult as f64) as u64)
 }
 
@@ -284,6 +288,10 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         env.insert(k.clone(), v.clone());
     }
     let timeout_ms = match args.timeout {
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "positive finite seconds; float-to-int casts saturate"
+        )]
         Some(t) if t.is_finite() && t > 0.0 => Some((t * 1000.0).ceil() as u64),
         Some(t) => {
             return Err(format!(
@@ -537,7 +545,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
                 continue;
             }
         };
-        let _ = latency.record(elapsed.as_micros().max(1) as u64);
+        let _ = latency.record(u64::try_from(elapsed.as_micros().max(1)).unwrap_or(u64::MAX));
         match r {
             Ok(result) => {
                 let out = result.stdout_lossy();

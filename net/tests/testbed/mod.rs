@@ -290,6 +290,7 @@ impl NetnsChild {
             let id = |fd: &OwnedFd| {
                 // SAFETY: zeroed stat is valid; fstat on a valid fd.
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fstat writes into the stat we own; fd is open.
                 unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
                 (st.st_dev, st.st_ino)
             };
