@@ -242,8 +242,11 @@ impl Default for ZygoteSection {
     }
 }
 
+/// `[limits.default]` and `[limits.max]`: a section that sets some keys
+/// keeps the built-in values for the others; byte sizes may be written
+/// `"512M"`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(try_from = "RawLimits")]
 pub struct LimitsSection {
     /// Applied when a request leaves a limit unset.
     pub default: LimitValues,
@@ -278,8 +281,58 @@ impl Default for LimitsSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawLimits {
+    default: PartialLimits,
+    max: PartialLimits,
+}
+
+/// One limits table as written: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PartialLimits {
+    timeout_ms: Option<u64>,
+    #[serde(deserialize_with = "crate::size::deserialize_opt")]
+    memory_bytes: Option<u64>,
+    cpus: Option<f64>,
+    pids: Option<u64>,
+    #[serde(deserialize_with = "crate::size::deserialize_opt")]
+    output_bytes: Option<u64>,
+    #[serde(deserialize_with = "crate::size::deserialize_opt")]
+    scratch_bytes: Option<u64>,
+    open_files: Option<u64>,
+    #[serde(deserialize_with = "crate::size::deserialize_opt")]
+    file_size_bytes: Option<u64>,
+}
+
+impl PartialLimits {
+    fn over(self, base: LimitValues) -> LimitValues {
+        LimitValues {
+            timeout_ms: self.timeout_ms.unwrap_or(base.timeout_ms),
+            memory_bytes: self.memory_bytes.unwrap_or(base.memory_bytes),
+            cpus: self.cpus.unwrap_or(base.cpus),
+            pids: self.pids.unwrap_or(base.pids),
+            output_bytes: self.output_bytes.unwrap_or(base.output_bytes),
+            scratch_bytes: self.scratch_bytes.unwrap_or(base.scratch_bytes),
+            open_files: self.open_files.unwrap_or(base.open_files),
+            file_size_bytes: self.file_size_bytes.unwrap_or(base.file_size_bytes),
+        }
+    }
+}
+
+impl TryFrom<RawLimits> for LimitsSection {
+    type Error = std::convert::Infallible;
+    fn try_from(raw: RawLimits) -> Result<Self, Self::Error> {
+        let base = LimitsSection::default();
+        Ok(LimitsSection {
+            default: raw.default.over(base.default),
+            max: raw.max.over(base.max),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimitValues {
     pub timeout_ms: u64,
     pub memory_bytes: u64,
@@ -511,6 +564,27 @@ mod tests {
             program: Program::Code("print(1)".into()),
             ..SpawnRequest::default()
         }
+    }
+
+    #[test]
+    fn a_partial_limits_section_keeps_the_other_defaults_and_takes_sizes() {
+        let c = Config::from_toml(
+            "[limits.default]\nmemory_bytes = \"256M\"\n[limits.max]\nscratch_bytes = \"2G\"\ntimeout_ms = 900000\n",
+        )
+        .expect("a partial section parses");
+        c.validate().expect("and validates");
+        let (d, m, base) = (c.limits.default, c.limits.max, LimitsSection::default());
+        assert_eq!(d.memory_bytes, 256 * MIB);
+        assert_eq!(d.pids, base.default.pids, "unset keys keep the defaults");
+        assert_eq!(m.scratch_bytes, 2048 * MIB);
+        assert_eq!(m.timeout_ms, 900_000);
+        assert_eq!(
+            m.memory_bytes, base.max.memory_bytes,
+            "max keeps max's own defaults"
+        );
+        let e = Config::from_toml("[limits.default]\nmemory_bytes = \"lots\"\n").unwrap_err();
+        assert!(e.to_string().contains("512M"), "{e}");
+        assert!(Config::from_toml("[limits.default]\nmemroy_bytes = 1\n").is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod network;
 pub mod sandbox;
 pub mod server;
 pub mod settings;
+pub mod size;
 pub mod start_error;
 pub mod state;
 mod sys;

@@ -284,3 +284,26 @@ fn check_config_validates_what_a_start_needs() {
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("not a loopback address"), "{text}");
 }
+
+/// Options that only mean something for a private daemon are refused
+/// without `--embedded` (usage error, exit 2), never silently ignored; no
+/// daemon or root is needed to see it.
+#[test]
+fn embedded_only_options_require_embedded() {
+    for args in [
+        &["--python", "/usr/bin/python3"][..],
+        &["--preload", "numpy"],
+        &["--warm-pool", "4"],
+        &["--config", "/dev/null"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(args)
+            .args(["-c", "print(1)"])
+            .env("FORKD_SOCKET", "/nonexistent/forkd.sock")
+            .output()
+            .expect("run forkd-run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--embedded"), "{args:?}: {stderr}");
+    }
+}

@@ -30,7 +30,7 @@ struct Args {
     #[arg(long)]
     timeout: Option<f64>,
     /// Memory limit, e.g. 256M or 1G.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = forkd::size::parse_size)]
     memory: Option<u64>,
     /// Process/thread limit.
     #[arg(long)]
@@ -39,7 +39,7 @@ struct Args {
     #[arg(long)]
     cpus: Option<f64>,
     /// Output limit (stdout+stderr), e.g. 1M.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = forkd::size::parse_size)]
     output_limit: Option<u64>,
     /// Zygote to fork from.
     #[arg(long)]
@@ -73,17 +73,17 @@ struct Args {
     #[arg(long)]
     embedded: bool,
     /// With --embedded: the zygote's interpreter (e.g. .venv/bin/python).
-    #[arg(long)]
+    #[arg(long, requires = "embedded")]
     python: Option<PathBuf>,
     /// With --embedded: comma-separated preload modules (default numpy).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', requires = "embedded")]
     preload: Option<Vec<String>>,
     /// With --embedded: daemon config file.
-    #[arg(long)]
+    #[arg(long, requires = "embedded")]
     config: Option<PathBuf>,
     /// With --embedded: warm children to keep ready (waits until they are
     /// before running).
-    #[arg(long)]
+    #[arg(long, requires = "embedded")]
     warm_pool: Option<usize>,
     /// Mount this host directory at /workspace (see docs/workspaces.md).
     #[arg(long, conflicts_with = "workspace_name")]
@@ -235,27 +235,6 @@ fn write_delta(out: &std::path::Path, tar: &[u8]) -> Result<(), String> {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size like 512M or 2G"))?;
-    if !n.is_finite() || n <= 0.0 {
-        return Err(format!("`{s}` must be positive"));
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        reason = "a positive finite size; float-to-int casts saturate, whole bytes intended"
-    )]
-    Ok((n * mult as f64) as u64)
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
