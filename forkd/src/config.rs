@@ -246,7 +246,7 @@ impl Default for ZygoteSection {
 /// keeps the built-in values for the others; byte sizes may be written
 /// `"512M"`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(try_from = "RawLimits")]
+#[serde(from = "RawLimits")]
 pub struct LimitsSection {
     /// Applied when a request leaves a limit unset.
     pub default: LimitValues,
@@ -321,14 +321,13 @@ impl PartialLimits {
     }
 }
 
-impl TryFrom<RawLimits> for LimitsSection {
-    type Error = std::convert::Infallible;
-    fn try_from(raw: RawLimits) -> Result<Self, Self::Error> {
+impl From<RawLimits> for LimitsSection {
+    fn from(raw: RawLimits) -> Self {
         let base = LimitsSection::default();
-        Ok(LimitsSection {
+        LimitsSection {
             default: raw.default.over(base.default),
             max: raw.max.over(base.max),
-        })
+        }
     }
 }
 
