@@ -159,54 +159,85 @@ fn grow(buf: &mut Vec<u8>, len: usize) {
     buf.resize(target, 0);
 }
 
-/// Reads the 4-byte header; clean EOF before its first byte is
-/// [`FrameError::Closed`], EOF inside it [`FrameError::Truncated`].
-fn read_header<R: Read + ?Sized>(r: &mut R) -> Result<[u8; HEADER_LEN], FrameError> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match r.read(&mut header[got..]) {
-            Ok(0) if got == 0 => return Err(FrameError::Closed),
-            Ok(0) => {
-                return Err(FrameError::Truncated {
-                    expected: HEADER_LEN,
-                    got,
-                })
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(header)
+/// The frame reader's state, without I/O: the one implementation behind
+/// the blocking and the async readers. Each step, the reader reads into
+/// [`Self::space`] and reports the count with [`Self::advance`], which says
+/// when the frame is complete (or why it cannot be).
+#[derive(Debug)]
+struct FrameDecoder {
+    max: usize,
+    header: [u8; HEADER_LEN],
+    got_header: usize,
+    /// The body's announced length, once the header is complete and checked.
+    len: Option<usize>,
+    body: Vec<u8>,
+    filled: usize,
 }
 
-/// Reads exactly `len` body bytes into `buf` (which must start empty). On
-/// error `buf` holds what arrived. Separate from [`read_frame_bytes`] so tests
-/// can inspect the buffer after a truncated read.
-fn read_body<R: Read + ?Sized>(r: &mut R, len: usize, buf: &mut Vec<u8>) -> Result<(), FrameError> {
-    let mut filled = 0;
-    let result = loop {
-        if filled == len {
-            break Ok(());
+impl FrameDecoder {
+    fn new(max: usize) -> Self {
+        FrameDecoder {
+            max,
+            header: [0; HEADER_LEN],
+            got_header: 0,
+            len: None,
+            body: Vec::new(),
+            filled: 0,
         }
-        if filled == buf.len() {
-            grow(buf, len);
-        }
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => {
-                break Err(FrameError::Truncated {
-                    expected: len,
-                    got: filled,
-                })
+    }
+
+    /// Whether any byte of the frame has arrived.
+    fn begun(&self) -> bool {
+        self.got_header > 0
+    }
+
+    /// Where the next read goes: the rest of the header, or the body's
+    /// buffer (grown as bytes arrive, never to the announced size at once).
+    fn space(&mut self) -> &mut [u8] {
+        match self.len {
+            None => &mut self.header[self.got_header..],
+            Some(len) => {
+                if self.filled == self.body.len() {
+                    grow(&mut self.body, len);
+                }
+                &mut self.body[self.filled..]
             }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e.into()),
         }
-    };
-    buf.truncate(filled);
-    result
+    }
+
+    /// Accounts `n` bytes read into [`Self::space`] (0: end of stream).
+    /// `Ok(Some(body))` once the frame is complete.
+    fn advance(&mut self, n: usize) -> Result<Option<Vec<u8>>, FrameError> {
+        match self.len {
+            None if n == 0 && self.got_header == 0 => Err(FrameError::Closed),
+            None if n == 0 => Err(FrameError::Truncated {
+                expected: HEADER_LEN,
+                got: self.got_header,
+            }),
+            None => {
+                self.got_header += n;
+                if self.got_header < HEADER_LEN {
+                    return Ok(None);
+                }
+                let len = check_len(self.header, self.max)?;
+                self.len = Some(len);
+                Ok(None)
+            }
+            Some(len) if n == 0 => Err(FrameError::Truncated {
+                expected: len,
+                got: self.filled,
+            }),
+            Some(len) => {
+                self.filled += n;
+                if self.filled < len {
+                    return Ok(None);
+                }
+                let mut body = std::mem::take(&mut self.body);
+                body.truncate(len);
+                Ok(Some(body))
+            }
+        }
+    }
 }
 
 /// Reads one frame's body (without parsing it).
@@ -218,10 +249,18 @@ fn read_body<R: Read + ?Sized>(r: &mut R, len: usize, buf: &mut Vec<u8>) -> Resu
 /// over `max` (checked before allocating; the body is left unread, so the
 /// stream is out of sync and the connection must be closed).
 pub fn read_frame_bytes<R: Read + ?Sized>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
-    let len = check_len(read_header(r)?, max)?;
-    let mut buf = Vec::new();
-    read_body(r, len, &mut buf)?;
-    Ok(buf)
+    let mut frame = FrameDecoder::new(max);
+    loop {
+        match r.read(frame.space()) {
+            Ok(n) => {
+                if let Some(body) = frame.advance(n)? {
+                    return Ok(body);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Reads one frame (limit [`MAX_FRAME_BYTES`]) and parses it as `T`.
@@ -234,68 +273,30 @@ where
     Ok(serde_json::from_slice(&bytes)?)
 }
 
-async fn read_header_async<R>(r: &mut R) -> Result<[u8; HEADER_LEN], FrameError>
-where
-    R: AsyncRead + Unpin + ?Sized,
-{
-    let mut header = [0u8; HEADER_LEN];
-    fill_header_async(r, &mut header, 0).await?;
-    Ok(header)
-}
-
-/// Reads the rest of a header of which `got` bytes are already in `header`.
-async fn fill_header_async<R>(
+/// Drives `frame` to completion from an async reader; `stop_when_begun`
+/// returns `Ok(None)` as soon as the first byte has arrived.
+async fn read_async<R>(
     r: &mut R,
-    header: &mut [u8; HEADER_LEN],
-    mut got: usize,
-) -> Result<(), FrameError>
+    frame: &mut FrameDecoder,
+    stop_when_begun: bool,
+) -> Result<Option<Vec<u8>>, FrameError>
 where
     R: AsyncRead + Unpin + ?Sized,
 {
-    while got < HEADER_LEN {
-        match r.read(&mut header[got..]).await {
-            Ok(0) if got == 0 => return Err(FrameError::Closed),
-            Ok(0) => {
-                return Err(FrameError::Truncated {
-                    expected: HEADER_LEN,
-                    got,
-                })
+    loop {
+        if stop_when_begun && frame.begun() {
+            return Ok(None);
+        }
+        match r.read(frame.space()).await {
+            Ok(n) => {
+                if let Some(body) = frame.advance(n)? {
+                    return Ok(Some(body));
+                }
             }
-            Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
-}
-
-async fn read_body_async<R>(r: &mut R, len: usize, buf: &mut Vec<u8>) -> Result<(), FrameError>
-where
-    R: AsyncRead + Unpin + ?Sized,
-{
-    // Same algorithm as `read_body`; see there.
-    let mut filled = 0;
-    let result = loop {
-        if filled == len {
-            break Ok(());
-        }
-        if filled == buf.len() {
-            grow(buf, len);
-        }
-        match r.read(&mut buf[filled..]).await {
-            Ok(0) => {
-                break Err(FrameError::Truncated {
-                    expected: len,
-                    got: filled,
-                })
-            }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e.into()),
-        }
-    };
-    buf.truncate(filled);
-    result
 }
 
 /// Async counterpart of [`read_frame_bytes`], with the same errors and the
@@ -308,10 +309,11 @@ pub async fn read_frame_bytes_async<R>(r: &mut R, max: usize) -> Result<Vec<u8>,
 where
     R: AsyncRead + Unpin + ?Sized,
 {
-    let len = check_len(read_header_async(r).await?, max)?;
-    let mut buf = Vec::new();
-    read_body_async(r, len, &mut buf).await?;
-    Ok(buf)
+    let mut frame = FrameDecoder::new(max);
+    match read_async(r, &mut frame, false).await? {
+        Some(body) => Ok(body),
+        None => Err(FrameError::Closed), // unreachable: only a stop returns None
+    }
 }
 
 /// Like [`read_frame_bytes_async`], but once a frame has begun (its first
@@ -327,26 +329,16 @@ pub async fn read_frame_bytes_async_within<R>(
 where
     R: AsyncRead + Unpin + ?Sized,
 {
-    let mut first = [0u8; 1];
-    loop {
-        match r.read(&mut first).await {
-            Ok(0) => return Err(FrameError::Closed),
-            Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
+    let mut frame = FrameDecoder::new(max);
+    if let Some(body) = read_async(r, &mut frame, true).await? {
+        return Ok(body);
     }
-    let rest_of_frame = async {
-        let mut header = [first[0], 0, 0, 0];
-        fill_header_async(r, &mut header, 1).await?;
-        let len = check_len(header, max)?;
-        let mut buf = Vec::new();
-        read_body_async(r, len, &mut buf).await?;
-        Ok(buf)
-    };
-    tokio::time::timeout(rest, rest_of_frame)
-        .await
-        .unwrap_or(Err(FrameError::Stalled { after: rest }))
+    match tokio::time::timeout(rest, read_async(r, &mut frame, false)).await {
+        Ok(Ok(Some(body))) => Ok(body),
+        Ok(Ok(None)) => Err(FrameError::Closed), // unreachable: no stop asked
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(FrameError::Stalled { after: rest }),
+    }
 }
 
 /// Async counterpart of [`read_frame`].
@@ -641,13 +633,26 @@ mod tests {
         // Announces the maximum, sends ten bytes, then EOF: Truncated, and
         // the body buffer never grew beyond one read window.
         let body = b"0123456789";
-        let mut buf = Vec::new();
-        let err = read_body(&mut &body[..], MAX_FRAME_BYTES, &mut buf).unwrap_err();
+        let mut frame = FrameDecoder::new(MAX_FRAME_BYTES);
+        let mut stream = [&header(MAX_FRAME_BYTES as u32)[..], &body[..]].concat();
+        let err = loop {
+            let n = Read::read(&mut &stream[..], frame.space()).expect("read");
+            stream.drain(..n);
+            match frame.advance(n) {
+                Ok(None) => continue,
+                Ok(Some(_)) => panic!("a frame from ten bytes"),
+                Err(e) => break e,
+            }
+        };
         assert!(matches!(
             err,
             FrameError::Truncated { expected, got: 10 } if expected == MAX_FRAME_BYTES
         ));
-        assert!(buf.capacity() <= CHUNK, "capacity {}", buf.capacity());
+        assert!(
+            frame.body.capacity() <= CHUNK,
+            "capacity {}",
+            frame.body.capacity()
+        );
 
         // Same through the public entry point.
         let mut wire = header(MAX_FRAME_BYTES as u32);
