@@ -65,6 +65,10 @@ pub struct Config {
     /// Network namespaces kept made ahead of requests (0: each child makes
     /// its own). Only a root daemon can make them.
     pub netns_stock: usize,
+    /// A root daemon runs each sandbox as its own uid (= gid) from
+    /// `sandbox_uid_base .. +sandbox_uid_count`; no host account may use them.
+    pub sandbox_uid_base: u32,
+    pub sandbox_uid_count: u32,
     /// Once a client frame has begun, the rest must arrive within this many
     /// milliseconds or the connection is closed (slow or stalled clients).
     pub frame_timeout_ms: u64,
@@ -158,6 +162,8 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             max_frame_bytes: forkd_ipc::MAX_FRAME_BYTES,
             netns_stock: 32,
+            sandbox_uid_base: forkd_pool::uids::DEFAULT_BASE,
+            sandbox_uid_count: forkd_pool::uids::DEFAULT_COUNT,
             frame_timeout_ms: 30_000,
             log_format: LogFormat::Text,
             metrics_listen: None,
@@ -409,6 +415,8 @@ impl Config {
                 "max_concurrent must be at least 1".into(),
             ));
         }
+        forkd_pool::uids::UidRange::new(self.sandbox_uid_base, self.sandbox_uid_count)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.metrics()?;
         if let Some(path) = &self.audit_log {
             if !path.is_absolute() {

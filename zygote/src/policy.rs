@@ -18,6 +18,8 @@ pub enum PolicyError {
     BadPath(String),
     #[error("policy /etc entry `{0}` must be a plain name or relative path without `..`")]
     BadEtcEntry(String),
+    #[error("policy proc_masked entry `{0}` must be a relative path under /proc such as `keys`")]
+    BadProcEntry(String),
     #[error("policy device `{0}` must be a plain device name such as `null`")]
     BadDevice(String),
     #[error("compiling the seccomp filter failed: {0}")]
@@ -74,6 +76,11 @@ pub struct FilesystemPolicy {
     /// Device nodes readable only.
     #[serde(default)]
     pub devices_ro: Vec<String>,
+    /// Files of /proc covered with /dev/null in every sandbox (host
+    /// information a sandbox does not need). Names absent from the running
+    /// kernel are skipped.
+    #[serde(default)]
+    pub proc_masked: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +193,14 @@ impl Policy {
         {
             if d.is_empty() || d.contains('/') || d == "." || d == ".." {
                 return Err(PolicyError::BadDevice(d.clone()));
+            }
+        }
+        for f in &self.filesystem.proc_masked {
+            if f.is_empty()
+                || f.starts_with('/')
+                || f.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+            {
+                return Err(PolicyError::BadProcEntry(f.clone()));
             }
         }
         // Compiling checks every syscall name.
