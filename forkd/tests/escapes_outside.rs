@@ -227,15 +227,15 @@ async fn host_information_in_proc_is_masked() {
         "kallsyms",
         "cmdline",
         "locks",
-        "timer_list",
-        "slabinfo",
         "modules",
         "interrupts",
-        "vmallocinfo",
-        "zoneinfo",
+        "softirqs",
+        "diskstats",
     ];
+    // Root-only: closed by the sandbox's own uid, no mask needed.
+    let root_only = ["kcore", "kmsg", "slabinfo", "timer_list", "vmallocinfo"];
     let mut code = String::new();
-    for f in masked {
+    for f in masked.iter().chain(&root_only) {
         code.push_str(&format!(
             "R[{f:?}] = op(lambda: len(open('/proc/{f}', 'rb').read()))\n"
         ));
@@ -254,6 +254,11 @@ R["own status (kept)"] = op(lambda: "Pid:\t1" in open("/proc/self/status").read(
     let mut expected: Vec<(&str, &[&str])> = masked
         .iter()
         .map(|f| (*f, &["ok:0", "errno:ENOENT"][..]))
+        .chain(
+            root_only
+                .iter()
+                .map(|f| (*f, &["errno:EACCES", "errno:ENOENT"][..])),
+        )
         .collect();
     // Masked with /dev/null, and landlock grants /proc read-only; ENOENT
     // where the kernel has no magic SysRq.

@@ -119,9 +119,9 @@ pub struct Template {
 /// Mount points each child covers with a fresh tmpfs.
 pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
 
-/// Empty mount point where each child mounts its one scratch tmpfs, binds
-/// its `tmp` and `shm` directories to /tmp and /dev/shm, and detaches it
-/// again: one size limit then covers both.
+/// Empty mount point where each child mounts its one scratch tmpfs and binds
+/// its `tmp` and `shm` directories to /tmp and /dev/shm: one size limit
+/// then covers both.
 pub const SCRATCH_STAGE: &str = "/dev/.scratch";
 
 /// Plans the root's entries: (path inside the root, entry), parents first.
