@@ -227,10 +227,7 @@ async fn host_information_in_proc_is_masked() {
         "kallsyms",
         "cmdline",
         "locks",
-        "modules",
-        "interrupts",
-        "softirqs",
-        "diskstats",
+        "sched_debug",
     ];
     // Root-only: closed by the sandbox's own uid, no mask needed.
     let root_only = ["kcore", "kmsg", "slabinfo", "timer_list", "vmallocinfo"];
