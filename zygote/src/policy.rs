@@ -319,4 +319,31 @@ mod tests {
         let e = Policy::from_toml(&typo).unwrap_err().to_string();
         assert!(e.contains("best_effort") && e.contains("required"), "{e}");
     }
+
+    #[test]
+    fn seccomp_rule_mistakes_are_named() {
+        let both = DEFAULT_POLICY_TOML.replace("\"mount\",", "\"mount\", \"read\",");
+        match Policy::from_toml(&both) {
+            Err(PolicyError::Seccomp(msg)) => assert!(msg.contains("`read`"), "{msg}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let family = DEFAULT_POLICY_TOML.replace("\"AF_INET6\"]", "\"AF_INET6\", \"AF_NOPE\"]");
+        match Policy::from_toml(&family) {
+            Err(PolicyError::Seccomp(msg)) => assert!(msg.contains("AF_NOPE"), "{msg}"),
+            other => panic!("expected an unknown family, got {other:?}"),
+        }
+        let netlink = DEFAULT_POLICY_TOML.replace(
+            "netlink_protocols = [\"NETLINK_ROUTE\"]",
+            "netlink_protocols = [\"NETLINK_KOBJECT_UEVENT\"]",
+        );
+        match Policy::from_toml(&netlink) {
+            Err(PolicyError::Seccomp(msg)) => assert!(msg.contains("only NETLINK_ROUTE"), "{msg}"),
+            other => panic!("expected a refused protocol, got {other:?}"),
+        }
+        let proc_entry = DEFAULT_POLICY_TOML.replace("\"keys\",", "\"../keys\",");
+        assert!(matches!(
+            Policy::from_toml(&proc_entry),
+            Err(PolicyError::BadProcEntry(_))
+        ));
+    }
 }
