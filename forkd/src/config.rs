@@ -417,6 +417,21 @@ impl Config {
         }
         forkd_pool::uids::UidRange::new(self.sandbox_uid_base, self.sandbox_uid_count)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // Every running and every warm child holds an id; twice that leaves
+        // room for children of a recycled zygote that are still ending.
+        let holders = self.max_concurrent as u64
+            + self
+                .zygote_sections()
+                .iter()
+                .map(|z| z.warm_pool_bounds().1 as u64)
+                .sum::<u64>();
+        if u64::from(self.sandbox_uid_count) < 2 * holders {
+            return Err(ConfigError::Invalid(format!(
+                "sandbox_uid_count {} is too small: max_concurrent plus the warm pools hold {holders} ids at once; give at least {}",
+                self.sandbox_uid_count,
+                2 * holders
+            )));
+        }
         self.metrics()?;
         if let Some(path) = &self.audit_log {
             if !path.is_absolute() {
@@ -712,5 +727,18 @@ mod tests {
             resolve(&c, &r, &policies(), true).unwrap_err().code,
             ErrorCode::InvalidRequest
         );
+    }
+
+    #[test]
+    fn sandbox_uid_range_is_checked() {
+        Config::default().validate().unwrap();
+        let c = Config::from_toml("sandbox_uid_base = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c =
+            Config::from_toml("sandbox_uid_base = 4294967290\nsandbox_uid_count = 100").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("max_concurrent = 256\nsandbox_uid_count = 100").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("sandbox_uid_count"), "{e}");
     }
 }
