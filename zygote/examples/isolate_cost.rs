@@ -20,6 +20,7 @@ fn prepared(policy: &Policy, mask: bool) -> Prepared {
     Prepared {
         template: template::build(&policy.filesystem, &paths).expect("template"),
         seccomp: policy.compile_seccomp().expect("seccomp"),
+        landlock: policy.landlock,
         proc_masked: if mask {
             policy
                 .filesystem
@@ -98,6 +99,7 @@ fn main() {
         open_files: 256,
         file_size_bytes: 64 << 20,
         isolate: true,
+        workspace: None,
         uid,
     };
     let variants: [(&str, ChildSpec, &Prepared); 3] = [
