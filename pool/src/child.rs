@@ -170,9 +170,11 @@ async fn prepare_child(
 
     // A root daemon runs each sandbox as its own unprivileged uid. A rootless
     // one cannot (its zygote's user namespace maps one id): its sandboxes
-    // keep that id.
+    // keep that id. Neither can a sandbox with a workspace yet: its writable
+    // areas belong to host users, and writing them as another uid would need
+    // an idmapped mount (TODO); it keeps the capability-less uid 0.
     // SAFETY: geteuid cannot fail.
-    let uid = if plan.isolate && unsafe { libc::geteuid() } == 0 {
+    let uid = if plan.isolate && plan.workspace.is_none() && unsafe { libc::geteuid() } == 0 {
         Some(crate::uids::global().lease().map_err(PrepareError::Uid)?)
     } else {
         None
