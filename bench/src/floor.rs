@@ -92,7 +92,7 @@ impl Floor {
         for _ in 0..n {
             let t = Instant::now();
             let (done, good) = self.spawn().await?;
-            let _ = h.record((done - t).as_micros().max(1) as u64);
+            let _ = h.record(forkd_bench::stats::micros(done - t).max(1));
             ok += u64::from(good);
         }
         Ok(Latency::from(&h, ok))
@@ -113,7 +113,7 @@ impl Floor {
             last = last.max(done);
             ok += u64::from(good);
         }
-        Ok(((last - t).as_micros() as u64, ok))
+        Ok((forkd_bench::stats::micros(last - t), ok))
     }
 
     pub async fn drain(&self) {

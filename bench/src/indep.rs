@@ -204,7 +204,10 @@ impl IndepFloor {
                 .name("floor-recv".into())
                 .spawn(move || receive(rx, &ready, &parked, &requested))?;
         }
-        let mut job = (SNIPPET.len() as u32).to_be_bytes().to_vec();
+        let mut job = u32::try_from(SNIPPET.len())
+            .expect("a short snippet")
+            .to_be_bytes()
+            .to_vec();
         job.extend_from_slice(SNIPPET.as_bytes());
         Ok(Arc::new(IndepFloor {
             control: ours,
@@ -232,7 +235,7 @@ impl IndepFloor {
         }
         self.requested.fetch_add(n, Ordering::SeqCst);
         let mut msg = vec![b'F'];
-        msg.extend_from_slice(&(n as u32).to_le_bytes());
+        msg.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
         sys::send_message(self.control.as_fd(), &msg).context("asking the floor server to fork")
     }
 
@@ -306,7 +309,10 @@ impl IndepFloor {
     /// the floor's isolation.
     #[cfg(test)]
     pub fn run_code(&self, code: &str) -> Result<Output> {
-        let mut job = (code.len() as u32).to_be_bytes().to_vec();
+        let mut job = u32::try_from(code.len())
+            .context("the benchmark code is over 4 GiB")?
+            .to_be_bytes()
+            .to_vec();
         job.extend_from_slice(code.as_bytes());
         self.before_take()?;
         let ends = self.ready.take_blocking()?;
@@ -335,7 +341,7 @@ impl IndepFloor {
             for _ in 0..n {
                 let t = Instant::now();
                 let (done, good) = me.spawn_blocking()?;
-                let _ = h.record((done - t).as_micros().max(1) as u64);
+                let _ = h.record(forkd_bench::stats::micros(done - t).max(1));
                 ok += u64::from(good);
             }
             Ok(Latency::from(&h, ok))
@@ -364,10 +370,10 @@ impl IndepFloor {
         while let Some(r) = set.join_next().await {
             let (done, good) = r??;
             last = last.max(done);
-            latencies.push((done - t).as_micros() as u64);
+            latencies.push(forkd_bench::stats::micros(done - t));
             ok += u64::from(good);
         }
-        Ok(((last - t).as_micros() as u64, ok, latencies))
+        Ok((forkd_bench::stats::micros(last - t), ok, latencies))
     }
 
     /// Spawns per second over `secs` at `concurrency`: (rate, ok, failed).
@@ -584,6 +590,20 @@ async fn run_async(ends: Ends, job: &[u8]) -> Result<(Instant, bool)> {
 mod tests {
     use super::*;
 
+    /// True (after saying so on stderr, past the harness's capture) when not
+    /// root: the floor's children need namespaces and cgroups.
+    fn skip_unless_root() -> bool {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return false;
+        }
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(
+            b"skipped: needs root (the floor forks isolated children: namespaces and cgroups)\n",
+        );
+        true
+    }
+
     /// The interpreter for the floor's tests: `$FORKD_TEST_PYTHON`, else the
     /// workspace's `.venv/bin/python` (never skips: missing fails).
     fn python() -> PathBuf {
@@ -728,6 +748,9 @@ print(repr(out))
 
     #[test]
     fn floor_children_are_isolated_and_the_snippet_still_runs() {
+        if skip_unless_root() {
+            return;
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -821,6 +844,9 @@ print(repr(out))
     /// with it, by their parent-death signal); the next server removes them.
     #[test]
     fn a_killed_servers_cgroups_are_removed_by_the_next_one() {
+        if skip_unless_root() {
+            return;
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -254,7 +254,7 @@ async fn single(client: &AsyncClient, n: usize, req: &SpawnRequest) -> Latency {
     for _ in 0..n {
         let t = Instant::now();
         let r = client.spawn(req).await;
-        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+        let _ = h.record(forkd_bench::stats::micros(t.elapsed()).max(1));
         if matches!(&r, Ok(res) if res.stdout == EXPECTED.as_bytes()) {
             ok += 1;
         }
@@ -286,13 +286,13 @@ async fn burst_timed(client: &AsyncClient, n: usize, req: &SpawnRequest) -> (u64
             // The wall ends at the last result, as the floor's does (not
             // when this loop has joined every task).
             last = last.max(done);
-            latencies.push((done - t).as_micros() as u64);
+            latencies.push(forkd_bench::stats::micros(done - t));
             if matches!(r, Ok(res) if res.stdout == EXPECTED.as_bytes()) {
                 ok += 1;
             }
         }
     }
-    ((last - t).as_micros() as u64, ok, latencies)
+    (forkd_bench::stats::micros(last - t), ok, latencies)
 }
 
 /// The 99th percentile (nearest rank) of `v`, 0 when empty.

@@ -4,6 +4,11 @@
 //! Pure functions only (no clock, no I/O), so the decision rule is unit-tested
 //! on fixed numbers.
 
+/// A duration in whole microseconds, saturating (a latency sample).
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// Median of `values` (mean of the two middle values for an even count);
 /// `None` when empty or when a value is NaN.
 pub fn median(values: &[f64]) -> Option<f64> {
@@ -88,7 +93,7 @@ pub fn permutation_p_value(
 /// Fisher–Yates shuffle.
 fn shuffle(values: &mut [f64], rng: &mut SplitMix64) {
     for i in (1..values.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
+        let j = usize::try_from(rng.below(i as u64 + 1)).unwrap_or(i); // below(i + 1) <= i
         values.swap(i, j);
     }
 }

@@ -2,6 +2,12 @@
 //! (`bench/testdata/*.json`, written by `forkd-bench check --out`): no
 //! timing happens here, only recorded figures.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -34,8 +34,12 @@ pub(crate) trait Flavour: Sync {
         self.apply_limits(dir, ctl, plan)
     }
 
-    /// Reads the counters of a sandbox's directories (one per hierarchy).
+    /// Reads the counters of a sandbox's directories (one per hierarchy),
+    /// without `populated`.
     fn stats(&self, dirs: &[PathBuf], ctls: &[Ctl]) -> Result<Stats, Error>;
+
+    /// Whether any process is still in the sandbox's directories.
+    fn populated(&self, dirs: &[PathBuf]) -> Result<bool, Error>;
 }
 
 /// Which controllers a hierarchy directory carries.
@@ -95,6 +99,9 @@ impl Flavour for Off {
     }
     fn stats(&self, _: &[PathBuf], _: &[Ctl]) -> Result<Stats, Error> {
         Ok(Stats::default())
+    }
+    fn populated(&self, _: &[PathBuf]) -> Result<bool, Error> {
+        Ok(false)
     }
 }
 

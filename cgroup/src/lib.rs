@@ -193,7 +193,8 @@ pub struct Stats {
     /// System CPU time in µs (v1 `cpuacct.usage_sys`, v2 `cpu.stat` `system_usec`).
     pub cpu_system_us: Option<u64>,
     /// Whether any process is still in the cgroup (v2 `cgroup.events`; v1:
-    /// any pid in `cgroup.procs` of the sandbox directories or below).
+    /// any pid in `cgroup.procs` of the sandbox directories or below). Not
+    /// read by [`SandboxCgroup::counters`].
     pub populated: bool,
 }
 
@@ -462,6 +463,10 @@ impl Plan {
                         "cpus = {c} must be a finite number between 0.01 and 10000000; fix the configured value or leave it unset"
                     )));
                 }
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "a finite quota checked above, in microseconds: whole units intended"
+                )]
                 Some(q as u64)
             }
         };
@@ -553,8 +558,18 @@ impl SandboxCgroup {
             .try_for_each(|f| sys::write(f, &pid.to_string()))
     }
 
-    /// Reads the sandbox's counters.
+    /// Reads the sandbox's counters and whether anything still runs in it.
     pub fn stats(&self) -> Result<Stats, Error> {
+        let flavour = self.mode.flavour();
+        let mut stats = flavour.stats(&self.dirs, &self.ctls)?;
+        stats.populated = flavour.populated(&self.dirs)?;
+        Ok(stats)
+    }
+
+    /// [`Self::stats`] without `populated` (left `false`): what a result
+    /// reports, without walking the tree for live processes (on v1 a read
+    /// of every `cgroup.procs`) on the reply's path.
+    pub fn counters(&self) -> Result<Stats, Error> {
         self.mode.flavour().stats(&self.dirs, &self.ctls)
     }
 

@@ -112,8 +112,11 @@ impl Flavour for V1 {
                 s.cpu_system_us = single(dir, "cpuacct.usage_sys")?.map(|ns| ns / 1000);
             }
         }
-        // v1 has no `cgroup.events`: look for any pid in the tree.
-        s.populated = sys::tree_populated(dirs)?;
         Ok(s)
+    }
+
+    fn populated(&self, dirs: &[PathBuf]) -> Result<bool, Error> {
+        // v1 has no `cgroup.events`: look for any pid in the tree.
+        sys::tree_populated(dirs)
     }
 }

@@ -133,9 +133,17 @@ impl Flavour for V2 {
             }
             s.cpu_user_us = keyed(dir, "cpu.stat", "user_usec")?;
             s.cpu_system_us = keyed(dir, "cpu.stat", "system_usec")?;
-            s.populated = keyed(dir, "cgroup.events", "populated")? == Some(1);
         }
         Ok(s)
+    }
+
+    fn populated(&self, dirs: &[PathBuf]) -> Result<bool, Error> {
+        for dir in dirs {
+            if keyed(dir, "cgroup.events", "populated")? == Some(1) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 

@@ -12,6 +12,12 @@
 //! `FORKD_TEST_EXPECT_CGROUP_V2` is set (that guest): then a missing v2
 //! controller fails them.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -445,6 +451,17 @@ fn v1_limits_attach_stats_remove() {
     }
     let st = sb.stats().unwrap();
     assert!(st.populated);
+    // The result's counters skip the populated walk, and only that.
+    let counters = sb.counters().unwrap();
+    assert!(!counters.populated);
+    assert_eq!(
+        (
+            counters.oom_kills,
+            counters.pids_limit_hits,
+            counters.memory_limit_hits
+        ),
+        (st.oom_kills, st.pids_limit_hits, st.memory_limit_hits)
+    );
     assert_eq!(
         (st.oom_kills, st.pids_limit_hits, st.memory_limit_hits),
         (0, 0, 0)
@@ -902,6 +919,17 @@ fn v2_limits_attach_stats_remove() {
     assert_eq!(read_pids(&dir.join("cgroup.procs")), vec![pid]);
     let st = sb.stats().unwrap();
     assert!(st.populated);
+    // The result's counters skip the populated walk, and only that.
+    let counters = sb.counters().unwrap();
+    assert!(!counters.populated);
+    assert_eq!(
+        (
+            counters.oom_kills,
+            counters.pids_limit_hits,
+            counters.memory_limit_hits
+        ),
+        (st.oom_kills, st.pids_limit_hits, st.memory_limit_hits)
+    );
     assert_eq!(
         (st.oom_kills, st.pids_limit_hits, st.memory_limit_hits),
         (0, 0, 0)

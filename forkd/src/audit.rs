@@ -61,6 +61,9 @@ pub struct Requested {
     pub files: usize,
     pub argv: usize,
     pub env: usize,
+    /// The network allowlist asked for (destinations, not payload).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_net: Vec<String>,
 }
 
 /// The user data of a request and its result, recorded only with `audit_payloads`.
@@ -125,6 +128,9 @@ pub struct Record {
     pub duration_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payloads: Option<Payloads>,
+    /// Egress counters and connection log (requests with `allow_net`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<Box<forkd_ipc::NetworkReport>>,
 }
 
 impl Record {
@@ -151,6 +157,7 @@ impl Record {
             stderr_bytes: None,
             duration_ms: None,
             payloads: None,
+            network: None,
         }
     }
 
@@ -180,6 +187,7 @@ impl Record {
             files: req.files.len(),
             argv: req.argv.len(),
             env: req.env.len(),
+            allow_net: req.allow_net.clone(),
         };
         let b64 = base64::engine::general_purpose::STANDARD;
         let payloads = with_payloads.then(|| Payloads {
@@ -217,6 +225,7 @@ impl Record {
             stderr_bytes: None,
             duration_ms: None,
             payloads,
+            network: None,
         }
     }
 
@@ -257,6 +266,7 @@ impl Record {
                     .killed_by
                     .map(|k| crate::metrics::killed_by_label(Some(k)));
                 self.warm = Some(r.warm);
+                self.network = r.network.clone();
                 self.stdout_bytes = Some(r.stdout.len());
                 self.stderr_bytes = Some(r.stderr.len());
                 if let Some(p) = self.payloads.as_mut() {
@@ -437,7 +447,12 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    #[allow(clippy::cast_possible_truncation, reason = "day 1-31 by construction")]
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "month 1-12 by construction"
+    )]
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)

@@ -1,8 +1,12 @@
-//! Daemon configuration (TOML) and the resolution of a request's limits
-//! against it.
+//! Daemon configuration (TOML): its shape, defaults and cross-field checks.
+//! Admission ([`crate::admission`]) applies it to requests.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+
+use forkd_net::Bound;
+use forkd_workspace::{Mode, Rules};
 
 use forkd_ipc::AppliedLimits;
 use serde::Deserialize;
@@ -88,12 +92,14 @@ pub struct Config {
     /// messages, in the audit log. Off by default: those are the users' data.
     pub audit_payloads: bool,
     /// Workspaces requests may mount by name (docs/workspaces.md).
-    pub workspaces: BTreeMap<String, crate::workspace::NamedWorkspace>,
+    pub workspaces: BTreeMap<String, NamedWorkspace>,
     /// Ad-hoc workspace paths are allowed only beneath these (default: none).
     pub workspace_roots: Vec<PathBuf>,
     /// Where a rootless daemon's overlay workspaces keep their upper layers;
     /// default `workspaces/` beside the configured (or default) socket.
     pub workspace_dir: Option<PathBuf>,
+    /// Egress bound and resolver settings (requests with `allow_net`).
+    pub network: NetworkSection,
 }
 
 /// How log lines are written.
@@ -173,6 +179,7 @@ impl Default for Config {
             workspaces: BTreeMap::new(),
             workspace_roots: Vec::new(),
             workspace_dir: None,
+            network: NetworkSection::default(),
         }
     }
 }
@@ -343,7 +350,7 @@ impl Config {
 
     /// Checks cross-field rules that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::workspace::validate(self)?;
+        validate_workspaces(self)?;
         let zygotes = self.zygote_sections();
         let mut names = std::collections::BTreeSet::new();
         for z in &zygotes {
@@ -433,6 +440,7 @@ impl Config {
             )));
         }
         self.metrics()?;
+        self.network.validate()?;
         if let Some(path) = &self.audit_log {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid(format!(
@@ -741,4 +749,143 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("sandbox_uid_count"), "{e}");
     }
+}
+
+// --- sections of the configuration that other modules interpret ---
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Specs requests may ask for (a request's entry must lie inside one);
+    /// default `["*"]`: any destination outside `deny`.
+    pub allow: Vec<String>,
+    /// Networks no request reaches; default link-local, cloud metadata,
+    /// loopback, multicast ([`forkd_net::bound::DEFAULT_DENY`]).
+    pub deny: Vec<String>,
+    /// Whether a request may ask for `*`, `0.0.0.0/0` or `::/0` (still
+    /// bounded by `deny`).
+    pub allow_wildcards: bool,
+    /// Most `allow_net` entries per request.
+    pub max_rules: usize,
+    /// Most distinct ports per request (one listener each in the sandbox).
+    pub max_ports: usize,
+    /// Resolvers the sandbox resolver asks (`IP` or `IP:PORT`); default the
+    /// host's /etc/resolv.conf.
+    pub resolvers: Option<Vec<String>>,
+    /// Longest wait for a destination to accept a proxied connection.
+    pub connect_timeout_ms: u64,
+    /// Most proxied connections open at once per sandbox; more are reset.
+    pub max_connections: usize,
+}
+
+impl Default for NetworkSection {
+    fn default() -> NetworkSection {
+        let d = forkd_net::Config::default();
+        NetworkSection {
+            allow: vec!["*".into()],
+            deny: forkd_net::bound::DEFAULT_DENY
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            allow_wildcards: false,
+            max_rules: forkd_net::bound::DEFAULT_MAX_RULES,
+            max_ports: d.max_ports,
+            resolvers: None,
+            connect_timeout_ms: u64::try_from(d.connect_timeout.as_millis()).unwrap_or(u64::MAX),
+            max_connections: d.max_connections,
+        }
+    }
+}
+
+impl NetworkSection {
+    pub fn bound(&self) -> Result<Bound, ConfigError> {
+        Bound::new(
+            &self.allow,
+            &self.deny,
+            self.allow_wildcards,
+            self.max_rules,
+        )
+        .map_err(|e| ConfigError::Invalid(format!("[network]: {e}")))
+    }
+
+    pub fn resolvers(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        let Some(list) = &self.resolvers else {
+            return Ok(forkd_net::egress::system_resolvers());
+        };
+        list.iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| {
+                        ConfigError::Invalid(format!(
+                            "[network] resolvers: `{s}` is not IP or IP:PORT"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.bound()?;
+        self.resolvers()?;
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "[network] max_connections must be at least 1".into(),
+            ));
+        }
+        if self.max_ports == 0 || self.max_ports > 1024 {
+            return Err(ConfigError::Invalid(
+                "[network] max_ports must be in 1-1024".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A workspace the operator registers: `[workspaces.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedWorkspace {
+    /// Absolute host path.
+    pub path: PathBuf,
+    /// `GLOB=MODE` rules; a request's own rules can only narrow them.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Mode of paths no rule matches (default `read`).
+    #[serde(default = "default_mode")]
+    pub default_mode: String,
+    /// uids that may use it; default: every peer allowed to connect.
+    #[serde(default)]
+    pub allowed_uids: Option<Vec<u32>>,
+}
+
+fn default_mode() -> String {
+    "read".into()
+}
+
+/// Checks the workspace part of a configuration.
+fn validate_workspaces(config: &Config) -> Result<(), ConfigError> {
+    for (name, ws) in &config.workspaces {
+        if !ws.path.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "workspaces.{name}.path `{}` must be absolute",
+                ws.path.display()
+            )));
+        }
+        let mode: Mode = ws
+            .default_mode
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("workspaces.{name}.default_mode: {e}")))?;
+        Rules::parse(&ws.rules, mode)
+            .map_err(|e| ConfigError::Invalid(format!("workspaces.{name}.rules: {e}")))?;
+    }
+    for root in &config.workspace_roots {
+        if !root.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "workspace_roots entry `{}` must be absolute",
+                root.display()
+            )));
+        }
+    }
+    Ok(())
 }

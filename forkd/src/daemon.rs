@@ -333,6 +333,7 @@ pub async fn start_with(
         None => configured,
     };
 
+    let network = crate::network::Network::start(&settings.config.network, sys::euid() == 0)?;
     let zygotes = zygote_configs(&settings)?;
     let cgroups = Arc::new(cgroup_manager(&settings.config.cgroup)?);
     let pool = Supervisor::start(zygotes);
@@ -386,6 +387,7 @@ pub async fn start_with(
         warm,
         settings.max_concurrent,
         shutdown_rx.clone(),
+        network,
     ));
     tracing::info!(socket = %socket.display(), "forkd listening");
 

@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod locate;
 pub mod metrics;
 pub mod metrics_http;
+pub mod network;
 pub mod sandbox;
 pub mod server;
 pub mod settings;

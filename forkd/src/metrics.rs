@@ -50,6 +50,13 @@ struct LatencyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabels {
+    /// `out`/`in` (bytes), `allowed`/`denied` (connections),
+    /// `answered`/`refused` (DNS).
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     result: &'static str,
 }
@@ -67,6 +74,9 @@ pub struct Metrics {
     start: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     connections: Family<ConnectionLabels, Counter>,
     audit_errors: Counter,
+    egress_bytes: Family<EgressLabels, Counter>,
+    egress_connections: Family<EgressLabels, Counter>,
+    egress_dns: Family<EgressLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -161,8 +171,29 @@ impl Metrics {
             "Audit log writes that failed (see the daemon's log)",
             audit_errors.clone(),
         );
+        let egress_bytes = Family::<EgressLabels, Counter>::default();
+        registry.register(
+            "forkd_egress_bytes",
+            "Bytes through sandboxes' allowed connections (allow_net), by direction (out, in)",
+            egress_bytes.clone(),
+        );
+        let egress_connections = Family::<EgressLabels, Counter>::default();
+        registry.register(
+            "forkd_egress_connections",
+            "Sandbox connections through the egress proxy, by verdict (allowed, denied)",
+            egress_connections.clone(),
+        );
+        let egress_dns = Family::<EgressLabels, Counter>::default();
+        registry.register(
+            "forkd_egress_dns_queries",
+            "Queries to sandboxes' resolvers, by answer (answered, refused)",
+            egress_dns.clone(),
+        );
         Metrics {
             registry,
+            egress_bytes,
+            egress_connections,
+            egress_dns,
             spawns,
             errors,
             duration,
@@ -192,6 +223,21 @@ impl Metrics {
         self.start
             .get_or_create(&latency)
             .observe(result.timings.isolated_us as f64 / 1e6);
+        if let Some(n) = &result.network {
+            let add = |f: &Family<EgressLabels, Counter>, kind, v: u64| {
+                f.get_or_create(&EgressLabels { kind }).inc_by(v);
+            };
+            add(&self.egress_bytes, "out", n.bytes_out);
+            add(&self.egress_bytes, "in", n.bytes_in);
+            add(&self.egress_connections, "allowed", n.connections_allowed);
+            add(&self.egress_connections, "denied", n.connections_denied);
+            add(
+                &self.egress_dns,
+                "answered",
+                n.dns_queries.saturating_sub(n.dns_refused),
+            );
+            add(&self.egress_dns, "refused", n.dns_refused);
+        }
     }
 
     /// Records a request answered with an error; `zygote` must be a

@@ -183,8 +183,8 @@ async fn collect_output(
         let (which, n) = {
             let [a, b] = &mut streams;
             tokio::select! {
-                r = async { a.as_mut().unwrap().read(&mut buf).await }, if a.is_some() => (0, r),
-                r = async { b.as_mut().unwrap().read(&mut buf2).await }, if b.is_some() => (1, r),
+                r = read_some(a, &mut buf), if a.is_some() => (0, r),
+                r = read_some(b, &mut buf2), if b.is_some() => (1, r),
             }
         };
         let n = match n {
@@ -195,7 +195,7 @@ async fn collect_output(
             Ok(n) => n,
         };
         let data = if which == 0 { &buf[..n] } else { &buf2[..n] };
-        let room = limit.saturating_sub(used) as usize;
+        let room = usize::try_from(limit.saturating_sub(used)).unwrap_or(usize::MAX);
         let keep = n.min(room);
         let (dst, truncated) = if which == 0 {
             (&mut out.stdout, &mut out.stdout_truncated)
@@ -214,6 +214,14 @@ async fn collect_output(
         }
     }
     out
+}
+
+/// Reads from `stream` if it is still open (a closed one reads as EOF).
+async fn read_some(stream: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match stream {
+        Some(s) => s.read(buf).await,
+        None => Ok(0),
+    }
 }
 
 /// What the child reported on its status pipe so far (decoded by
@@ -318,6 +326,8 @@ pub async fn run_sandbox_with(
         limits,
     } = admitted;
     let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+    // `None` (no allowlist) costs nothing further: no network, as always.
+    let allow = state.network.admit(&req.allow_net)?;
     let mut shutdown = state.shutdown_signal();
     let _slot = acquire_slot(state, &mut shutdown).await?;
     let _in_flight = state.load.enter();
@@ -325,6 +335,12 @@ pub async fn run_sandbox_with(
     plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     let export_delta = req.workspace.as_ref().is_some_and(|w| w.export_delta);
     let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
+    // Open the allowlist before the job (and so the program) goes in; on
+    // failure the unused child is killed when dropped.
+    let egress = match allow {
+        Some(allow) => Some(state.network.attach(child.pidfd.as_fd(), allow).await?),
+        None => None,
+    };
     let id = child.sandbox;
     let landlock = landlock_status(&child);
     // From here the request owns the child: its timeout starts now.
@@ -346,6 +362,7 @@ pub async fn run_sandbox_with(
             }
         }
     }
+    result.network = egress.map(|e| Box::new(e.finish()));
     Ok(result)
 }
 
@@ -718,7 +735,7 @@ fn report(
     let stats = cleanup
         .get()
         .and_then(|cg| {
-            cg.stats()
+            cg.counters()
                 .map_err(|e| tracing::warn!(sandbox = id, "cgroup stats: {e}"))
                 .ok()
         })
@@ -779,6 +796,7 @@ fn report(
         landlock: None,
         workspace_delta: None,
         workspace_error: None,
+        network: None,
     };
     if reported_exit.is_some() {
         // The program is done; its init is exiting. Make sure whatever it
@@ -807,7 +825,7 @@ fn landlock_status(child: &forkd_pool::ReadyChild) -> Option<forkd_ipc::Landlock
 }
 
 fn micros(d: Duration) -> u64 {
-    d.as_micros().min(u64::MAX as u128) as u64
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
@@ -892,7 +910,9 @@ mod tests {
         for (stdin_len, needs_task) in [(10usize, false), (3 << 20, true)] {
             let (r, w) = nix::unistd::pipe().expect("pipe");
             let job = b"JOBFRAME".to_vec();
-            let stdin: Vec<u8> = (0..stdin_len).map(|i| (i % 251) as u8).collect();
+            let stdin: Vec<u8> = (0..stdin_len)
+                .map(|i| u8::try_from(i % 251).expect("< 251"))
+                .collect();
             let reader = std::thread::spawn(move || {
                 let mut all = Vec::new();
                 std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut all).expect("read");

@@ -22,6 +22,8 @@ pub struct State {
     /// Requests in flight, for the warm pools' refill timing.
     pub(crate) load: Arc<Load>,
     shutdown: watch::Receiver<bool>,
+    /// Egress for requests with `allow_net`.
+    pub network: crate::network::Network,
 }
 
 impl State {
@@ -31,6 +33,7 @@ impl State {
         warm: HashMap<String, WarmPool>,
         max_concurrent: usize,
         shutdown: watch::Receiver<bool>,
+        network: crate::network::Network,
     ) -> State {
         State {
             pool: makers.supervisor.clone(),
@@ -42,6 +45,7 @@ impl State {
             next_id: makers.ids.clone(),
             load: makers.load.clone(),
             shutdown,
+            network,
         }
     }
 

@@ -16,30 +16,8 @@ use rustix::mount::{
     fsconfig_create, fsconfig_set_string, fsmount, fsopen, FsMountFlags, FsOpenFlags,
     MountAttrFlags,
 };
-use serde::Deserialize;
 
-use crate::config::{Config, ConfigError};
-
-/// A workspace the operator registers: `[workspaces.NAME]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NamedWorkspace {
-    /// Absolute host path.
-    pub path: PathBuf,
-    /// `GLOB=MODE` rules; a request's own rules can only narrow them.
-    #[serde(default)]
-    pub rules: Vec<String>,
-    /// Mode of paths no rule matches (default `read`).
-    #[serde(default = "default_mode")]
-    pub default_mode: String,
-    /// uids that may use it; default: every peer allowed to connect.
-    #[serde(default)]
-    pub allowed_uids: Option<Vec<u32>>,
-}
-
-fn default_mode() -> String {
-    "read".into()
-}
+use crate::config::{Config, NamedWorkspace};
 
 /// The workspace part of the configuration, copied into admission.
 #[derive(Debug, Clone, Default)]
@@ -68,33 +46,6 @@ impl Policy {
             dir,
         }
     }
-}
-
-/// Checks the workspace part of a configuration.
-pub fn validate(config: &Config) -> Result<(), ConfigError> {
-    for (name, ws) in &config.workspaces {
-        if !ws.path.is_absolute() {
-            return Err(ConfigError::Invalid(format!(
-                "workspaces.{name}.path `{}` must be absolute",
-                ws.path.display()
-            )));
-        }
-        let mode: Mode = ws
-            .default_mode
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("workspaces.{name}.default_mode: {e}")))?;
-        Rules::parse(&ws.rules, mode)
-            .map_err(|e| ConfigError::Invalid(format!("workspaces.{name}.rules: {e}")))?;
-    }
-    for root in &config.workspace_roots {
-        if !root.is_absolute() {
-            return Err(ConfigError::Invalid(format!(
-                "workspace_roots entry `{}` must be absolute",
-                root.display()
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn refused(message: String) -> ErrorReply {

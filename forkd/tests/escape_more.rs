@@ -2,6 +2,12 @@
 //! outcome) it got: processes, privilege, network, resources, cross-sandbox
 //! and the daemon's own socket. (The first set is in `escapes.rs`.)
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -3,6 +3,12 @@
 //! the test compares that with the one outcome isolation must produce and
 //! prints a table (`cargo test --test escapes -- --nocapture`).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -2,6 +2,12 @@
 //! attempted from inside a real sandbox, asserting the failure, with a
 //! bystander sandbox that keeps working while the attempt runs.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -2,6 +2,12 @@
 //! (at start and while serving), a full scratch tmpfs. Each ends with the
 //! leak checks (processes, cgroups, socket).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::os::unix::process::CommandExt;

@@ -1,6 +1,12 @@
 //! The policy key `landlock` (rust-landlock's compatibility level) and the
 //! landlock status every spawn result reports, against a real daemon.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use common::*;

@@ -7,6 +7,12 @@
 //! is still up (cgroups, zygote process, descriptors) and against a real
 //! mount (mount table).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::ffi::CString;

@@ -1,6 +1,12 @@
 //! Daemon lifecycle (socket claiming, shutdown) and zygote supervision
 //! (failed start-up, crash and restart, recycling).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

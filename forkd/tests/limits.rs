@@ -1,5 +1,11 @@
 //! Resource limits: memory, pids, wall-clock time, output.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,12 @@
 //! a separate test process, because their child processes carry no leak-check
 //! marker and would be reported by the leak checks of tests running alongside).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

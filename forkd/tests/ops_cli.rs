@@ -2,6 +2,12 @@
 //! socket, `forkd doctor`. Their processes are not in-process test daemons,
 //! so each test checks its own leftovers.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

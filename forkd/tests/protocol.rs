@@ -1,6 +1,12 @@
 //! The wire protocol against a real daemon, over raw Unix sockets: malformed
 //! and hostile frames, pipelining, peer checks.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::io;

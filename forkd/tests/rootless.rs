@@ -7,6 +7,12 @@
 //! (a pure cgroup v2 host, such as the guest of tests/vm/cgroup-v2-vm.sh),
 //! they are enforced.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

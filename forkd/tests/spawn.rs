@@ -1,6 +1,12 @@
 //! Running programs: output, result fields, request features, exit statuses,
 //! concurrency.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::collections::BTreeSet;

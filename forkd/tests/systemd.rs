@@ -5,6 +5,12 @@
 //! reports READY=1 and STOPPING=1, and leaves the file for the next
 //! activation.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::os::fd::{AsRawFd, RawFd};

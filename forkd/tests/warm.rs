@@ -1,6 +1,12 @@
 //! The warm pool: children forked and isolated before the request must serve
 //! it exactly like on-demand ones, with the request's own limits.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::time::Duration;

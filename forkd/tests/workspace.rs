@@ -3,6 +3,12 @@
 //! fail while the bystander paths keep working), refusals, and no mounts
 //! left behind. Probes report `ok:<value>`, an errno name, or `exc:...`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -156,6 +162,9 @@ fn expect(table: &mut Table, got: &BTreeMap<String, String>, cases: &[(&str, &[&
 /// Every mode in direct mode, and the escapes that must fail there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_modes_and_escapes() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let t = tree();
     let d = start(&t.base).await;
     let body = r#"
@@ -298,6 +307,9 @@ R["umount_workspace"] = sc(166, (W + "/src").encode(), 2)
 /// and opaque markers cannot be forged from inside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlay_delta_export_and_apply() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let t = tree();
     let d = start(&t.base).await;
     let mut w = ws(&t.proj, WorkspaceMode::Overlay);
@@ -441,6 +453,9 @@ fn copy_tree(from: &Path, to: &Path) {
 /// error or sees the real directory; never the symlink's target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_symlink_swapped_during_setup() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let t = tree();
     let d = start(&t.base).await;
     let real = t.proj.join("out");
@@ -514,6 +529,9 @@ async fn host_symlink_swapped_during_setup() {
 /// directory stay hidden.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_files_created_later_under_none_stay_hidden() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let t = tree();
     let d = start(&t.base).await;
     let mut r = req(&format!(
@@ -576,6 +594,9 @@ print(json.dumps(R))
 /// Disallowed host paths are refused with messages that say what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_for_disallowed_paths() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let t = tree();
     let private = t.base.join("private");
     fs::create_dir(&private).unwrap();
@@ -589,7 +610,7 @@ async fn refusals_for_disallowed_paths() {
         c.allowed_uids = Some(vec![0, 65534]);
         c.workspaces.insert(
             "repo".into(),
-            forkd::workspace::NamedWorkspace {
+            forkd::config::NamedWorkspace {
                 path: named,
                 rules: vec!["secrets=none".into(), "out=write".into()],
                 default_mode: "read".into(),
@@ -765,6 +786,9 @@ async fn refusals_for_disallowed_paths() {
 /// or processes behind (the harness compares the host's mountinfo).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_mounts_left_after_many_spawns() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let t = tree();
     let d = start(&t.base).await;
     let client = d.client().await;

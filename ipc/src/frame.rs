@@ -385,6 +385,10 @@ pub fn peek_request_version(bytes: &[u8]) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test values are small constants"
+)]
 mod tests {
     use super::*;
     use crate::protocol::{Request, RequestBody, PROTOCOL_VERSION};

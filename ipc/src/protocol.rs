@@ -109,6 +109,11 @@ pub struct SpawnRequest {
     /// Isolation policy by name; `None` means the daemon's default policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// Network destinations the sandbox may reach (`HOST[:PORT]`,
+    /// `*.DOMAIN[:PORT]`, `CIDR[:PORT]`, ports as `N` or `LO-HI`); empty means
+    /// no network at all, as without the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_net: Vec<String>,
     /// A host directory mounted into the sandbox with per-path modes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceRequest>,
@@ -317,6 +322,10 @@ pub struct SpawnResult {
     /// Why the delta could not be exported (the program's result stands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace_error: Option<String>,
+    /// What the sandbox did on the network; only when the request had an
+    /// allowlist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Box<NetworkReport>>,
 }
 
 /// What the kernel enforces of a sandbox's landlock ruleset (the policy key
@@ -331,6 +340,55 @@ pub enum LandlockStatus {
     /// None: the kernel has no landlock; the mount namespace alone confines
     /// the filesystem.
     NotEnforced,
+}
+
+/// Per-sandbox egress counters and log (requests with `allow_net`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkReport {
+    /// Bytes the sandbox sent through allowed connections.
+    pub bytes_out: u64,
+    /// Bytes it received through them.
+    pub bytes_in: u64,
+    /// Connections proxied to their destination.
+    pub connections_allowed: u64,
+    /// Connections refused (not allowed, or the destination failed).
+    pub connections_denied: u64,
+    /// Queries the sandbox's resolver received.
+    pub dns_queries: u64,
+    /// Queries answered with no address (name not allowed, rebinding, upstream failure).
+    pub dns_refused: u64,
+    /// Connections and refused lookups, oldest first, at most the daemon's cap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<NetEvent>,
+    /// True when events were left out of `log` past the cap.
+    #[serde(default)]
+    pub log_truncated: bool,
+}
+
+/// One connection attempt or refused DNS lookup.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetEvent {
+    /// `connect` or `dns`.
+    pub kind: String,
+    /// Address (connect) or queried name (dns).
+    pub destination: String,
+    /// Destination port (connect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The allowlisted name the address was resolved for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Whether it went through.
+    pub allowed: bool,
+    /// Why it was refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Bytes sent to the destination (connect).
+    #[serde(default)]
+    pub bytes_out: u64,
+    /// Bytes received from it (connect).
+    #[serde(default)]
+    pub bytes_in: u64,
 }
 
 impl SpawnResult {

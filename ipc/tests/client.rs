@@ -1,6 +1,12 @@
 //! Client tests against small fake daemons on real Unix sockets in a
 //! temporary directory.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -74,6 +80,7 @@ fn result_for(id: u64, stdout: &[u8]) -> SpawnResult {
         landlock: None,
         workspace_delta: None,
         workspace_error: None,
+        network: None,
     }
 }
 

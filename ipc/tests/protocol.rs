@@ -1,6 +1,12 @@
 //! Wire-shape tests for the message types. The exact-string assertions are
 //! deliberate: any change to the JSON a peer sees must fail here first.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
 use std::collections::BTreeMap;
 
 use forkd_ipc::frame::{peek_request_id, read_frame, write_frame};
@@ -38,6 +44,7 @@ fn sample_spawn() -> SpawnRequest {
         },
         policy: Some("default".into()),
         workspace: None,
+        allow_net: vec![],
     }
 }
 
@@ -78,6 +85,7 @@ fn sample_result() -> SpawnResult {
         landlock: Some(LandlockStatus::FullyEnforced),
         workspace_delta: None,
         workspace_error: None,
+        network: None,
     }
 }
 
@@ -137,6 +145,50 @@ fn minimal_spawn_request_exact_json() {
         serde_json::from_str(r#"{"v":1,"id":2,"op":"spawn","program":{"script":"/opt/job.py"}}"#)
             .unwrap();
     assert_eq!(parsed, req);
+}
+
+#[test]
+fn allowlist_and_network_report_exact_json() {
+    let mut spawn = sample_spawn();
+    spawn.allow_net = vec!["pkg.example:443".into(), "198.18.0.0/15:80-81".into()];
+    let text = serde_json::to_string(&spawn).unwrap();
+    assert!(
+        text.ends_with(
+            r#""policy":"default","allow_net":["pkg.example:443","198.18.0.0/15:80-81"]}"#
+        ),
+        "{text}"
+    );
+    round_trip(&spawn);
+    let mut result = sample_result();
+    result.network = Some(Box::new(NetworkReport {
+        bytes_out: 10,
+        bytes_in: 20,
+        connections_allowed: 1,
+        connections_denied: 1,
+        dns_queries: 2,
+        dns_refused: 1,
+        log: vec![NetEvent {
+            kind: "connect".into(),
+            destination: "198.18.0.1".into(),
+            port: Some(80),
+            allowed: true,
+            bytes_out: 10,
+            bytes_in: 20,
+            ..NetEvent::default()
+        }],
+        log_truncated: false,
+    }));
+    let text = serde_json::to_string(&result).unwrap();
+    assert!(
+        text.ends_with(concat!(
+            r#""landlock":"fully_enforced","network":{"bytes_out":10,"bytes_in":20,"connections_allowed":1,"#,
+            r#""connections_denied":1,"dns_queries":2,"dns_refused":1,"log":[{"kind":"connect","#,
+            r#""destination":"198.18.0.1","port":80,"allowed":true,"bytes_out":10,"bytes_in":20}],"#,
+            r#""log_truncated":false}}"#
+        )),
+        "{text}"
+    );
+    round_trip(&result);
 }
 
 #[test]

@@ -143,6 +143,11 @@ impl Drop for InFlight {
     }
 }
 
+/// Microseconds since `epoch`, saturating.
+fn micros_since(epoch: std::time::Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 /// A refill waits while requests are in flight unless the pool has fallen
 /// below this fraction of its target.
 const REFILL_WHILE_BUSY_BELOW: usize = 4; // a quarter
@@ -247,7 +252,7 @@ impl WarmPool {
             self.inner.window_misses.fetch_add(1, Ordering::Relaxed);
             self.inner.grow();
         }
-        let now = self.inner.epoch.elapsed().as_micros() as u64;
+        let now = micros_since(self.inner.epoch);
         self.inner.last_take_us.store(now, Ordering::Relaxed);
         self.inner.wake.notify_one();
         let counter = if taken.is_some() {
@@ -334,9 +339,9 @@ async fn refill(inner: Arc<Inner>, makers: Makers) {
             continue;
         }
         for _ in 0..20 {
-            let now = inner.epoch.elapsed().as_micros() as u64;
+            let now = micros_since(inner.epoch);
             let since = now.saturating_sub(inner.last_take_us.load(Ordering::Relaxed));
-            if since >= QUIET_BEFORE_REFILL.as_micros() as u64 {
+            if u128::from(since) >= QUIET_BEFORE_REFILL.as_micros() {
                 break;
             }
             tokio::time::sleep(QUIET_BEFORE_REFILL).await;

@@ -1,4 +1,10 @@
 //! Times a delta export: `export_time UPPER_DIR` (median of 20 runs).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
 fn main() {
     let dir = std::env::args().nth(1).expect("UPPER_DIR");
     let mut times = Vec::new();

@@ -1,5 +1,11 @@
 //! Times planning a workspace: `plan_time DIR RULES_FILE [direct|overlay]`
 //! (one `GLOB=MODE` per line). Prints the plan's size and the median of 20 runs.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (dir, rules_file) = (&args[1], &args[2]);

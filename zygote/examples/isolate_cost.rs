@@ -8,6 +8,12 @@
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "a benchmark example: a panic is its failure report; nanosecond counts fit"
+)]
+
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::time::Instant;

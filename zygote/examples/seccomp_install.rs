@@ -5,6 +5,12 @@
 //!
 //!   cargo run --release -p forkd-zygote --example seccomp_install [N]
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "a benchmark example: a panic is its failure report; nanosecond counts fit"
+)]
+
 use std::time::Instant;
 
 use forkd_zygote::sys;

@@ -254,6 +254,10 @@ static REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::n
 extern "C" fn report_signal_and_exit(sig: libc::c_int) {
     let fd = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
     // A fixed array, not StatusReport::encode: a signal handler must not allocate.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "signal numbers are below 65"
+    )]
     let msg = [crate::wire::TAG_SELF_SIGNAL, sig as u8];
     // SAFETY: write and _exit are async-signal-safe; msg lives on this stack.
     unsafe {

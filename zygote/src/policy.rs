@@ -217,6 +217,10 @@ impl Policy {
 pub type PolicySet = BTreeMap<String, Policy>;
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test values are small constants"
+)]
 mod tests {
     use super::*;
 

@@ -14,12 +14,40 @@ use seccompiler::{sock_filter, BpfProgram};
 use crate::policy::{PolicyError, SeccompPolicy};
 use crate::syscalls;
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "BPF opcodes are 16-bit by definition"
+)]
 const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 
 /// Offsets in `struct seccomp_data`.
@@ -51,6 +79,12 @@ enum Leaf {
     Clone,
     Ioctl,
     Fcntl,
+}
+
+/// A forward jump offset. Offsets stay small: argument lists are bounded in
+/// [`compile`] and the tree uses `ja` beyond 255.
+fn jump(n: usize) -> u8 {
+    u8::try_from(n).unwrap_or(u8::MAX)
 }
 
 fn insn(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
@@ -114,14 +148,14 @@ fn leaf_code(leaf: Leaf, rules: &Rules) -> Vec<sock_filter> {
             let allow_at = n + netlink + 1;
             let mut p = vec![insn(BPF_LD_W_ABS, 0, 0, off_arg_lo(0))];
             for (i, f) in rules.families.iter().enumerate() {
-                p.push(insn(BPF_JEQ_K, (allow_at - i - 1) as u8, 0, *f));
+                p.push(insn(BPF_JEQ_K, jump(allow_at - i - 1), 0, *f));
             }
             if m > 0 {
                 p.push(insn(BPF_JEQ_K, 1, 0, libc::AF_NETLINK as u32));
                 p.push(ret_errno(libc::EPERM));
                 p.push(insn(BPF_LD_W_ABS, 0, 0, off_arg_lo(2)));
                 for (j, proto) in rules.netlink_protocols.iter().enumerate() {
-                    p.push(insn(BPF_JEQ_K, (m - j) as u8, 0, *proto));
+                    p.push(insn(BPF_JEQ_K, jump(m - j), 0, *proto));
                 }
             }
             p.push(ret_errno(libc::EPERM));
@@ -136,7 +170,7 @@ fn leaf_code(leaf: Leaf, rules: &Rules) -> Vec<sock_filter> {
                 insn(BPF_AND_K, 0, 0, 0xff00),
             ];
             for (i, t) in rules.ioctl_types.iter().enumerate() {
-                p.push(insn(BPF_JEQ_K, (n - i) as u8, 0, t << 8));
+                p.push(insn(BPF_JEQ_K, jump(n - i), 0, t << 8));
             }
             p.push(ret_errno(libc::ENOTTY));
             p.push(ret_allow());
@@ -153,7 +187,7 @@ fn leaf_code(leaf: Leaf, rules: &Rules) -> Vec<sock_filter> {
             let mut p = vec![insn(BPF_LD_W_ABS, 0, 0, off_arg_lo(1))];
             let n = rules.fcntl_deny.len();
             for (i, c) in rules.fcntl_deny.iter().enumerate() {
-                p.push(insn(BPF_JEQ_K, (n - i) as u8, 0, *c));
+                p.push(insn(BPF_JEQ_K, jump(n - i), 0, *c));
             }
             p.push(ret_allow());
             p.push(ret_errno(libc::EPERM));
@@ -176,7 +210,12 @@ fn tree(runs: &[(u32, Leaf)], rules: &Rules) -> Vec<sock_filter> {
         Ok(skip) => p.push(insn(BPF_JGE_K, skip, 0, runs[mid].0)),
         Err(_) => {
             p.push(insn(BPF_JGE_K, 0, 1, runs[mid].0));
-            p.push(insn(BPF_JA, 0, 0, left.len() as u32));
+            p.push(insn(
+                BPF_JA,
+                0,
+                0,
+                u32::try_from(left.len()).unwrap_or(u32::MAX),
+            ));
         }
     }
     p.extend(left);
@@ -267,7 +306,7 @@ pub fn compile(policy: &SeccompPolicy) -> Result<BpfProgram, PolicyError> {
         .enumerate()
     {
         if runs.last().map(|(_, l)| *l) != Some(leaf) {
-            runs.push((nr as u32, leaf));
+            runs.push((u32::try_from(nr).unwrap_or(u32::MAX), leaf));
         }
     }
     let mut program = vec![
@@ -306,11 +345,13 @@ pub fn evaluate(program: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> 
             OFF_ARCH => arch,
             o if (16..64).contains(&o) => {
                 let a = args[((o - 16) / 8) as usize];
-                if (o - 16) % 8 == 0 {
-                    a as u32
-                } else {
-                    (a >> 32) as u32
-                }
+                let half = if (o - 16) % 8 == 0 { a } else { a >> 32 };
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "a 32-bit load reads one half of the argument"
+                )]
+                let word = half as u32;
+                word
             }
             _ => panic!("load from offset {off}"),
         }
@@ -338,6 +379,10 @@ pub fn evaluate(program: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> 
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a panic is the failure report"
+)]
 mod tests {
     use super::*;
     use crate::policy::Policy;

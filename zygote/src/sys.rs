@@ -247,6 +247,11 @@ pub fn loopback_up() -> io::Result<()> {
     }
     // SAFETY: socket() returned a fresh descriptor.
     let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "IFF_UP | IFF_RUNNING (0x41) fits a c_short"
+    )]
+    const UP_RUNNING: libc::c_short = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
@@ -256,7 +261,7 @@ pub fn loopback_up() -> io::Result<()> {
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
     // SAFETY: the union's flags member is the one SIOCGIFFLAGS filled in.
     unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.ifr_ifru.ifru_flags |= UP_RUNNING;
     }
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })
@@ -340,7 +345,7 @@ pub fn landlock_abi() -> i32 {
             LANDLOCK_CREATE_RULESET_VERSION,
         )
     };
-    abi.max(0) as i32
+    i32::try_from(abi.max(0)).unwrap_or(i32::MAX)
 }
 
 /// Installs a compiled seccomp filter on the calling thread (needs

@@ -120,7 +120,7 @@ pub struct SeccompError(String);
 
 fn insn(code: u32, jt: u8, jf: u8, k: u32) -> seccompiler::sock_filter {
     seccompiler::sock_filter {
-        code: code as u16,
+        code: u16::try_from(code).unwrap_or(u16::MAX), // BPF opcodes are 16-bit; an invalid one fails to load
         jt,
         jf,
         k,
@@ -172,7 +172,7 @@ pub fn seccomp() -> Result<BpfProgram, SeccompError> {
             libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
             0,
             1,
-            libc::SYS_clone3 as u32,
+            u32::try_from(libc::SYS_clone3).unwrap_or(u32::MAX),
         ),
         insn(libc::BPF_RET | libc::BPF_K, 0, 0, enosys),
     ];

@@ -161,7 +161,12 @@ pub fn loopback_up() -> io::Result<()> {
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
         *dst = *src as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "IFF_UP | IFF_RUNNING (0x41) fits a c_short"
+    )]
+    const UP_RUNNING: libc::c_short = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    req.ifr_ifru.ifru_flags = UP_RUNNING;
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })
 }
@@ -219,6 +224,7 @@ pub fn recv_with_fds(
     max_fds: usize,
 ) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     // SAFETY: CMSG_SPACE is a pure size computation.
+    #[allow(clippy::cast_possible_truncation, reason = "a handful of descriptors")]
     let space = unsafe { libc::CMSG_SPACE((max_fds * std::mem::size_of::<RawFd>()) as u32) };
     let mut cbuf = vec![0u64; (space as usize).div_ceil(8)];
     let mut iov = libc::iovec {

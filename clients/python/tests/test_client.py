@@ -274,6 +274,25 @@ class SyncClientTest(DaemonTest):
         # The connection stays usable after an error reply.
         self.assertEqual(fk.run("print(2)", timeout=30).stdout, b"2\n")
 
+    def test_allow_net(self) -> None:
+        fk = self.client()
+        # Metadata addresses stay closed: refused at admission, naming the rule.
+        with self.assertRaises(LimitExceedsPolicy) as cm:
+            fk.run("print(1)", allow_net=["169.254.169.254:80"], timeout=30)
+        self.assertIn("169.254.0.0/16", cm.exception.message)
+        with self.assertRaises(InvalidRequest):
+            fk.run("print(1)", allow_net=["pkg.example:99999"], timeout=30)
+        with self.assertRaises(TypeError):
+            fk.run("print(1)", allow_net="pkg.example:443", timeout=30)  # type: ignore[arg-type]
+        # An allowlist the program does not use: a report with zero counters
+        # (no traffic is sent anywhere).
+        r = fk.run("print(1)", allow_net=["198.18.0.1:80"], timeout=30)
+        self.assertEqual(r.stdout, b"1\n")
+        assert r.network is not None
+        self.assertEqual(r.network["connections_allowed"], 0)
+        self.assertEqual(r.network["bytes_out"], 0)
+        self.assertIsNone(fk.run("print(1)", timeout=30).network)
+
     def test_invalid_request(self) -> None:
         with self.assertRaises(InvalidRequest) as cm:
             self.client().run("print(1)", files={"../escape": b"x"}, timeout=30)

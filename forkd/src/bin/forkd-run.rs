@@ -47,6 +47,10 @@ struct Args {
     /// Isolation policy name.
     #[arg(long)]
     policy: Option<String>,
+    /// Let the sandbox reach a destination: HOST[:PORT], *.DOMAIN[:PORT] or
+    /// CIDR[:PORT], ports as N or LO-HI (repeatable; without it: no network).
+    #[arg(long = "allow-net", value_name = "SPEC")]
+    allow_net: Vec<String>,
     /// Environment variable for the program (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -247,6 +251,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
     if !n.is_finite() || n <= 0.0 {
         return Err(format!("`{s}` must be positive"));
     }
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "a positive finite size; float-to-int casts saturate, whole bytes intended"
+    )]
     Ok((n * mult as f64) as u64)
 }
 
@@ -280,6 +288,10 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         env.insert(k.clone(), v.clone());
     }
     let timeout_ms = match args.timeout {
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "positive finite seconds; float-to-int casts saturate"
+        )]
         Some(t) if t.is_finite() && t > 0.0 => Some((t * 1000.0).ceil() as u64),
         Some(t) => {
             return Err(format!(
@@ -305,6 +317,7 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         },
         policy: args.policy.clone(),
         workspace: build_workspace(args)?,
+        allow_net: args.allow_net.clone(),
     })
 }
 
@@ -532,7 +545,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
                 continue;
             }
         };
-        let _ = latency.record(elapsed.as_micros().max(1) as u64);
+        let _ = latency.record(u64::try_from(elapsed.as_micros().max(1)).unwrap_or(u64::MAX));
         match r {
             Ok(result) => {
                 let out = result.stdout_lossy();

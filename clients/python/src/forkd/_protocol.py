@@ -160,6 +160,9 @@ class Execution:
     workspace_delta: Optional[bytes] = None
     #: Why the delta could not be exported, if it could not.
     workspace_error: Optional[str] = None
+    #: Egress counters and connection log (``bytes_out``, ``bytes_in``,
+    #: ``connections_allowed``, ``log``...) when the request had ``allow_net``.
+    network: Optional[Dict[str, Any]] = None
 
     @property
     def text(self) -> str:
@@ -329,6 +332,7 @@ def build_spawn(
     zygote: Optional[str] = None,
     policy: Optional[str] = None,
     workspace: Optional[Workspace] = None,
+    allow_net: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """A ``spawn`` request object. ``timeout`` is seconds; ``memory`` and
     ``output_limit`` are bytes or size strings like ``"256M"``."""
@@ -373,6 +377,10 @@ def build_spawn(
         if not isinstance(workspace, Workspace):
             raise TypeError("workspace must be a forkd.Workspace")
         req["workspace"] = workspace.to_wire()
+    if allow_net:
+        if isinstance(allow_net, str):
+            raise TypeError("allow_net must be a sequence of specs, not a string")
+        req["allow_net"] = [str(s) for s in allow_net]
     return req
 
 
@@ -455,6 +463,7 @@ def parse_result(obj: Mapping[str, Any]) -> Execution:
         workspace_error=(
             str(obj["workspace_error"]) if obj.get("workspace_error") is not None else None
         ),
+        network=dict(obj["network"]) if isinstance(obj.get("network"), dict) else None,
     )
 
 

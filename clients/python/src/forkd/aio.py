@@ -234,12 +234,13 @@ class AsyncForkd:
         zygote: Optional[str] = None,
         policy: Optional[str] = None,
         workspace: Optional[P.Workspace] = None,
+        allow_net: Optional[Sequence[str]] = None,
     ) -> Execution:
         """Runs ``code`` in a fresh sandbox; arguments as :meth:`forkd.Forkd.run`."""
         kwargs = dict(
             code=code, argv=argv, stdin=stdin, env=env, files=files, timeout=timeout,
             memory=memory, cpus=cpus, pids=pids, output_limit=output_limit,
-            zygote=zygote, policy=policy, workspace=workspace,
+            zygote=zygote, policy=policy, workspace=workspace, allow_net=allow_net,
         )
         P.build_spawn(0, **kwargs)  # type: ignore[arg-type]  # validate first
         conn = await self._connection()

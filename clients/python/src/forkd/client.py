@@ -216,6 +216,7 @@ class Forkd:
         zygote: Optional[str] = None,
         policy: Optional[str] = None,
         workspace: Optional[P.Workspace] = None,
+        allow_net: Optional[Sequence[str]] = None,
     ) -> Execution:
         """Runs Python source ``code`` in a fresh sandbox and returns its
         :class:`~forkd.Execution`.
@@ -235,6 +236,10 @@ class Forkd:
             zygote: zygote name (daemon's default if None).
             policy: isolation policy name (daemon's default if None).
             workspace: a :class:`~forkd.Workspace` to mount (see docs/workspaces.md).
+            allow_net: destinations the sandbox may reach, e.g.
+                ``["pypi.example:443", "198.18.0.0/15:8000-8010"]``
+                (``HOST[:PORT]``, ``*.DOMAIN[:PORT]``, ``CIDR[:PORT]``);
+                none: no network. The result's ``network`` has the counters.
 
         Raises:
             RequestRefused (and subclasses such as LimitExceedsPolicy) when
@@ -244,7 +249,7 @@ class Forkd:
         kwargs = dict(
             code=code, argv=argv, stdin=stdin, env=env, files=files, timeout=timeout,
             memory=memory, cpus=cpus, pids=pids, output_limit=output_limit,
-            zygote=zygote, policy=policy, workspace=workspace,
+            zygote=zygote, policy=policy, workspace=workspace, allow_net=allow_net,
         )
         # Validate before touching the connection.
         P.build_spawn(0, **kwargs)  # type: ignore[arg-type]

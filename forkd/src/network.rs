@@ -1,0 +1,84 @@
+//! `[network]`: the operator's bound on egress and the daemon's handle on
+//! the egress machinery ([`forkd_net`]).
+//!
+//! A request without `allow_net` never reaches this module beyond one
+//! `is_empty` check: its sandbox keeps an empty network namespace, as before.
+
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use forkd_ipc::{ErrorCode, ErrorReply};
+use forkd_net::{AdmitError, Allowlist, Bound, Egress, EgressError, Enforcer};
+
+use crate::config::{ConfigError, NetworkSection};
+
+/// The daemon's egress state.
+pub struct Network {
+    bound: Bound,
+    enforcer: Result<Enforcer, String>,
+}
+
+fn refused(code: ErrorCode, e: impl std::fmt::Display) -> ErrorReply {
+    ErrorReply {
+        code,
+        message: e.to_string(),
+    }
+}
+
+impl Network {
+    /// Compiles the bound and, as root, starts the setup thread.
+    pub fn start(section: &NetworkSection, root: bool) -> Result<Network, ConfigError> {
+        let bound = section.bound()?;
+        let enforcer = if root {
+            Enforcer::start(forkd_net::Config {
+                resolvers: section.resolvers()?,
+                connect_timeout: Duration::from_millis(section.connect_timeout_ms),
+                max_ports: section.max_ports,
+                max_connections: section.max_connections,
+                ..forkd_net::Config::default()
+            })
+            .map_err(|e| format!("forkd could not start its egress thread: {e}"))
+        } else {
+            Err("network egress (allow_net) needs a root daemon: a rootless daemon cannot enter its sandboxes' network namespaces; run forkd as root or drop allow_net".into())
+        };
+        Ok(Network { bound, enforcer })
+    }
+
+    /// Checks a request's allowlist at admission: `None` when it has none.
+    /// Nothing is sent anywhere; a refusal names the rule.
+    pub fn admit(&self, specs: &[String]) -> Result<Option<Allowlist>, ErrorReply> {
+        if specs.is_empty() {
+            return Ok(None);
+        }
+        let allow = self.bound.admit(specs).map_err(|e| match e {
+            AdmitError::Spec(_) | AdmitError::TooMany { .. } => {
+                refused(ErrorCode::InvalidRequest, e)
+            }
+            _ => refused(ErrorCode::LimitExceedsPolicy, e),
+        })?;
+        let enforcer = self
+            .enforcer
+            .as_ref()
+            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        enforcer
+            .check(&allow)
+            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        Ok(Some(allow))
+    }
+
+    /// Opens the sandbox behind `pidfd` to its allowlist (before its program runs).
+    pub async fn attach(
+        &self,
+        pidfd: BorrowedFd<'_>,
+        allow: Allowlist,
+    ) -> Result<Egress, ErrorReply> {
+        let enforcer = self
+            .enforcer
+            .as_ref()
+            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        enforcer.attach(pidfd, allow).await.map_err(|e| match e {
+            EgressError::TooManyPorts { .. } => refused(ErrorCode::InvalidRequest, e),
+            _ => refused(ErrorCode::SpawnFailed, e),
+        })
+    }
+}
