@@ -27,6 +27,7 @@
 
 mod error;
 mod flavour;
+pub mod kmem;
 mod parse;
 mod sys;
 mod v1;

@@ -59,14 +59,15 @@ impl Flavour for V1 {
     }
 
     fn apply_limits(&self, dir: &Path, ctl: Ctl, plan: &Plan) -> Result<(), Error> {
-        if let (Some(m), true) = (plan.memory, ctl.memory) {
-            let m = m.to_string();
+        if let (Some(bytes), true) = (plan.memory, ctl.memory) {
+            let m = bytes.to_string();
             // limit first: memsw must always be >= limit.
             sys::write(&dir.join("memory.limit_in_bytes"), &m)?;
             let memsw = dir.join("memory.memsw.limit_in_bytes");
             if memsw.exists() {
                 sys::write(&memsw, &m)?;
             }
+            crate::kmem::set_v1_tcp_limit(dir, bytes)?;
         }
         if let (Some(q), true) = (plan.cpu_quota, ctl.cpu) {
             sys::write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;

@@ -69,6 +69,10 @@ pub struct Config {
     /// Network namespaces kept made ahead of requests (0: each child makes
     /// its own). Only a root daemon can make them.
     pub netns_stock: usize,
+    /// A root daemon runs each sandbox as its own uid (= gid) from
+    /// `sandbox_uid_base .. +sandbox_uid_count`; no host account may use them.
+    pub sandbox_uid_base: u32,
+    pub sandbox_uid_count: u32,
     /// Once a client frame has begun, the rest must arrive within this many
     /// milliseconds or the connection is closed (slow or stalled clients).
     pub frame_timeout_ms: u64,
@@ -164,6 +168,8 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             max_frame_bytes: forkd_ipc::MAX_FRAME_BYTES,
             netns_stock: 32,
+            sandbox_uid_base: forkd_pool::uids::DEFAULT_BASE,
+            sandbox_uid_count: forkd_pool::uids::DEFAULT_COUNT,
             frame_timeout_ms: 30_000,
             log_format: LogFormat::Text,
             metrics_listen: None,
@@ -467,6 +473,23 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "max_concurrent must be at least 1".into(),
             ));
+        }
+        forkd_pool::uids::UidRange::new(self.sandbox_uid_base, self.sandbox_uid_count)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // Every running and every warm child holds an id; twice that leaves
+        // room for children of a recycled zygote that are still ending.
+        let holders = self.max_concurrent as u64
+            + self
+                .zygote_sections()
+                .iter()
+                .map(|z| z.warm_pool_bounds().1 as u64)
+                .sum::<u64>();
+        if u64::from(self.sandbox_uid_count) < 2 * holders {
+            return Err(ConfigError::Invalid(format!(
+                "sandbox_uid_count {} is too small: max_concurrent plus the warm pools hold {holders} ids at once; give at least {}",
+                self.sandbox_uid_count,
+                2 * holders
+            )));
         }
         self.metrics()?;
         self.network.validate()?;
@@ -785,6 +808,19 @@ mod tests {
             resolve(&c, &r, &policies(), true).unwrap_err().code,
             ErrorCode::InvalidRequest
         );
+    }
+
+    #[test]
+    fn sandbox_uid_range_is_checked() {
+        Config::default().validate().unwrap();
+        let c = Config::from_toml("sandbox_uid_base = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c =
+            Config::from_toml("sandbox_uid_base = 4294967290\nsandbox_uid_count = 100").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::from_toml("max_concurrent = 256\nsandbox_uid_count = 100").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("sandbox_uid_count"), "{e}");
     }
 }
 

@@ -317,6 +317,11 @@ pub async fn start_with(
     activated: Option<crate::systemd::Activated>,
 ) -> Result<Running, StartError> {
     let settings = Arc::new(Settings::new(config)?);
+    // Validated above; the first daemon of the process sets the range.
+    let _ = forkd_pool::uids::configure(
+        settings.config.sandbox_uid_base,
+        settings.config.sandbox_uid_count,
+    );
     let configured = socket_path(socket, &settings.config);
     let socket = match &activated {
         Some(a) => {

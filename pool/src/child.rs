@@ -40,6 +40,8 @@ pub enum PrepareError {
     Io(std::io::Error),
     #[error(transparent)]
     Zygote(ZygoteError),
+    #[error(transparent)]
+    Uid(crate::uids::UidError),
 }
 
 /// A forked, isolated child waiting for its job.
@@ -166,6 +168,17 @@ async fn prepare_child(
             .map_err(PrepareError::Cgroup)?;
     let cgroup = CgroupCleanup(Some(cgroup));
 
+    // A root daemon runs each sandbox as its own unprivileged uid. A rootless
+    // one cannot (its zygote's user namespace maps one id): its sandboxes
+    // keep that id. Neither can a sandbox with a workspace yet: its writable
+    // areas belong to host users, and writing them as another uid would need
+    // an idmapped mount (TODO); it keeps the capability-less uid 0.
+    // SAFETY: geteuid cannot fail.
+    let uid = if plan.isolate && plan.workspace.is_none() && unsafe { libc::geteuid() } == 0 {
+        Some(crate::uids::global().lease().map_err(PrepareError::Uid)?)
+    } else {
+        None
+    };
     let (job_r, job_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
     let (stdout_r, stdout_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
     let (stderr_r, stderr_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
@@ -186,11 +199,12 @@ async fn prepare_child(
         file_size_bytes: plan.file_size_bytes,
         isolate: plan.isolate,
         workspace: plan.workspace.clone(),
+        uid: uid.as_ref().map(crate::uids::Lease::id),
     };
     let spec =
         serde_json::to_string(&spec).map_err(|e| PrepareError::Io(std::io::Error::other(e)))?;
     let forked = zygote
-        .spawn(
+        .spawn_leased(
             sandbox,
             &spec,
             SpawnFds {
@@ -201,6 +215,7 @@ async fn prepare_child(
                 netns: netns.and_then(NetnsStock::take),
             },
             parked,
+            uid,
         )
         .await
         .map_err(PrepareError::Zygote)?;

@@ -12,6 +12,7 @@ pub mod child;
 pub mod netns;
 pub mod reaper;
 pub mod sys;
+pub mod uids;
 pub mod warm;
 pub mod zygote;
 

@@ -107,6 +107,8 @@ pub struct Forked {
 struct Pending {
     forked: Option<oneshot::Sender<Result<(i32, OwnedFd), ZygoteError>>>,
     exited: Option<oneshot::Sender<Result<Exited, ZygoteError>>>,
+    /// The sandbox's user id, held until its init is reaped (see [`crate::uids`]).
+    _uid: Option<crate::uids::Lease>,
 }
 
 struct Shared {
@@ -353,6 +355,18 @@ impl Zygote {
         fds: SpawnFds,
         parked: bool,
     ) -> Result<Forked, ZygoteError> {
+        self.spawn_leased(id, spec, fds, parked, None).await
+    }
+
+    /// [`Zygote::spawn`], holding `uid` until the child's init is reaped.
+    pub async fn spawn_leased(
+        &self,
+        id: u64,
+        spec: &str,
+        fds: SpawnFds,
+        parked: bool,
+        uid: Option<crate::uids::Lease>,
+    ) -> Result<Forked, ZygoteError> {
         if !self.is_alive() {
             return Err(self.died_error());
         }
@@ -365,6 +379,7 @@ impl Zygote {
                 Pending {
                     forked: Some(forked_tx),
                     exited: Some(exited_tx),
+                    _uid: uid,
                 },
             );
         }

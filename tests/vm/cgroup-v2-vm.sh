@@ -139,6 +139,7 @@ GUEST_TESTS=(
     "rootless"
     "warm request_limits_are_applied_to_a_warm_child"
     "leaks"
+    "escapes_outside"
     "cgroups"
 )
 TESTS=()

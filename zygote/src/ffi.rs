@@ -82,10 +82,18 @@ fn init(config: &[u8]) -> Result<State, String> {
                 .map(|p| p.display().to_string())
                 .collect(),
         );
+        let proc_masked = policy
+            .filesystem
+            .proc_masked
+            .iter()
+            .map(|f| std::ffi::CString::new(format!("/proc/{f}")))
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("policy `{name}`: a proc_masked entry contains a NUL byte"))?;
         let prepared = Prepared {
             template,
             seccomp,
             landlock: policy.landlock,
+            proc_masked,
         };
         let status = crate::isolate::probe_landlock(&prepared)
             .map_err(|e| format!("policy `{name}`: {e}"))?;

@@ -25,11 +25,56 @@ pub const LANDLOCK_ABI: ABI = ABI::V6;
 /// the Python side closes once the program starts.
 pub const FIRST_CLOSED_FD: u32 = 4;
 
+/// RLIMIT_MEMLOCK of a sandbox (the kernel's default since 5.16).
+pub const MEMLOCK_BYTES: u64 = 8 << 20;
+/// RLIMIT_MSGQUEUE of a sandbox (the kernel's default).
+pub const MSGQUEUE_BYTES: u64 = 819_200;
+/// RLIMIT_SIGPENDING of a sandbox.
+pub const SIGPENDING: u64 = 1024;
+
 /// A policy made ready in the zygote.
 pub struct Prepared {
     pub template: Template,
     pub seccomp: BpfProgram,
     pub landlock: LandlockLevel,
+    /// /proc files covered with /dev/null in every child (absolute, as C strings).
+    pub proc_masked: Vec<CString>,
+}
+
+/// One tmpfs for /tmp and /dev/shm together (one `scratch_bytes` budget),
+/// owned by the sandbox's uid when it has one.
+fn mount_scratch(spec: &ChildSpec) -> Result<(), IsolateError> {
+    let owner = spec
+        .uid
+        .map(|id| format!(",uid={id},gid={id}"))
+        .unwrap_or_default();
+    let mode = if spec.uid.is_some() { 0o700 } else { 0o1777 };
+    let opts = CString::new(format!(
+        "size={},nr_inodes=65536,mode={mode:o}{owner}",
+        spec.scratch_bytes
+    ))
+    .map_err(|_| at("scratch options")(io::ErrorKind::InvalidInput.into()))?;
+    sys::mount(
+        Some(c"tmpfs"),
+        c"/dev/.scratch",
+        Some(c"tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&opts),
+    )
+    .map_err(at("mount scratch tmpfs"))?;
+    for (dir, target) in [
+        (c"/dev/.scratch/tmp", c"/tmp"),
+        (c"/dev/.scratch/shm", c"/dev/shm"),
+    ] {
+        sys::mkdir_owned(dir, mode, spec.uid).map_err(at("make a scratch directory"))?;
+        sys::mount(Some(dir), target, None, libc::MS_BIND, None)
+            .map_err(at("bind a scratch directory"))?;
+    }
+    // The stage stays mounted: an unmount waits for an expedited RCU grace
+    // period, which serialises concurrent spawns (seconds under a burst).
+    // /dev/.scratch/{tmp,shm} are the same directories as /tmp and /dev/shm
+    // and landlock grants nothing else in it.
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,28 +137,7 @@ pub fn isolate_child(
     // keep a handle on each to bind it again on top.
     let shadowed = reopen_shadowed(&policy.template.shadowed)?;
 
-    let tmpfs = c"tmpfs";
-    let scratch_opts = CString::new(format!(
-        "size={},nr_inodes=65536,mode=0777",
-        spec.scratch_bytes
-    ))
-    .map_err(|_| at("scratch options")(io::ErrorKind::InvalidInput.into()))?;
-    sys::mount(
-        Some(tmpfs),
-        c"/tmp",
-        Some(tmpfs),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some(&scratch_opts),
-    )
-    .map_err(at("mount scratch tmpfs"))?;
-    sys::mount(
-        Some(tmpfs),
-        c"/dev/shm",
-        Some(tmpfs),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some(&scratch_opts),
-    )
-    .map_err(at("mount /dev/shm"))?;
+    mount_scratch(spec)?;
     sys::mount(
         Some(c"proc"),
         c"/proc",
@@ -122,6 +146,13 @@ pub fn isolate_child(
         None,
     )
     .map_err(at("mount /proc"))?;
+    for file in &policy.proc_masked {
+        match sys::mount(Some(c"/dev/null"), file, None, libc::MS_BIND, None) {
+            // Not in this kernel: nothing to hide.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => r.map_err(at("mask a /proc file"))?,
+        }
+    }
     for (path, fd) in &shadowed {
         rebind(path, fd).map_err(at("bind an interpreter path under /tmp"))?;
     }
@@ -140,6 +171,11 @@ pub fn isolate_child(
     }
 
     sys::setrlimit(libc::RLIMIT_CORE, 0).map_err(at("RLIMIT_CORE"))?;
+    // Budgets the kernel keeps per user (and the sandbox's uid is its own),
+    // set here rather than inherited from the daemon.
+    sys::setrlimit(libc::RLIMIT_MEMLOCK, MEMLOCK_BYTES).map_err(at("RLIMIT_MEMLOCK"))?;
+    sys::setrlimit(libc::RLIMIT_MSGQUEUE, MSGQUEUE_BYTES).map_err(at("RLIMIT_MSGQUEUE"))?;
+    sys::setrlimit(libc::RLIMIT_SIGPENDING, SIGPENDING).map_err(at("RLIMIT_SIGPENDING"))?;
     sys::setrlimit(libc::RLIMIT_FSIZE, spec.file_size_bytes).map_err(at("RLIMIT_FSIZE"))?;
 
     // Capabilities: bounding set (needs CAP_SETPCAP, so first), securebits,
@@ -153,6 +189,13 @@ pub fn isolate_child(
         }
     }
     sys::lock_securebits().map_err(at("lock securebits"))?;
+    if let Some(uid) = spec.uid {
+        // Own unprivileged ids: per-user kernel budgets are this sandbox's
+        // alone and owner checks fail on host objects. (NO_SETUID_FIXUP is
+        // locked, so capabilities survive this; they are cleared next.)
+        sys::become_user(uid, uid).map_err(at("switch to the sandbox's uid"))?;
+        sys::set_dumpable().map_err(at("set dumpable"))?;
+    }
     sys::clear_ambient_caps().map_err(at("clear ambient capabilities"))?;
     sys::clear_capabilities().map_err(at("drop capabilities"))?;
     sys::set_no_new_privs().map_err(at("set no_new_privs"))?;

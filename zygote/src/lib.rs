@@ -11,8 +11,10 @@
 pub mod ffi;
 pub mod isolate;
 pub mod policy;
+pub mod seccomp;
 pub mod spec;
 pub mod sys;
+pub mod syscalls;
 pub mod template;
 pub mod userns;
 pub mod wire;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{sock_filter, BpfProgram};
+use seccompiler::BpfProgram;
 use serde::{Deserialize, Serialize};
 
 /// The policy shipped with forkd (`policy/default.toml`).
@@ -18,6 +18,8 @@ pub enum PolicyError {
     BadPath(String),
     #[error("policy /etc entry `{0}` must be a plain name or relative path without `..`")]
     BadEtcEntry(String),
+    #[error("policy proc_masked entry `{0}` must be a relative path under /proc such as `keys`")]
+    BadProcEntry(String),
     #[error("policy device `{0}` must be a plain device name such as `null`")]
     BadDevice(String),
     #[error("compiling the seccomp filter failed: {0}")]
@@ -74,17 +76,86 @@ pub struct FilesystemPolicy {
     /// Device nodes readable only.
     #[serde(default)]
     pub devices_ro: Vec<String>,
+    /// Files of /proc covered with /dev/null in every sandbox (host
+    /// information a sandbox does not need). Names absent from the running
+    /// kernel are skipped.
+    #[serde(default)]
+    pub proc_masked: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SeccompPolicy {
-    /// System calls that fail with EPERM.
+    /// System calls that fail with EPERM (the classic privileged interfaces).
     #[serde(default)]
     pub deny: Vec<String>,
-    /// Deny clone() with namespace flags and make clone3() fail with ENOSYS.
+    /// Groups of allowed system calls, each with its reason. Everything not
+    /// allowed or denied fails with ENOSYS.
+    #[serde(default)]
+    pub allow: Vec<AllowGroup>,
+    /// Argument filters of allowed calls.
+    #[serde(default)]
+    pub rules: ArgRules,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowGroup {
+    /// Why a sandbox needs these calls (one line; documentation only).
+    pub why: String,
+    pub syscalls: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArgRules {
+    /// socket() address families allowed (`AF_UNIX`, ...); others fail with EPERM.
+    #[serde(default = "default_families")]
+    pub socket_families: Vec<String>,
+    /// AF_NETLINK protocols allowed (only `NETLINK_ROUTE` is accepted: the
+    /// sandbox's own interfaces and routes); empty: no netlink at all.
+    #[serde(default = "default_netlink")]
+    pub netlink_protocols: Vec<String>,
+    /// ioctl() request type bytes (bits 8-15 of the request) allowed; others
+    /// fail with ENOTTY.
+    #[serde(default = "default_ioctl_types")]
+    pub ioctl_types: Vec<u8>,
+    /// fcntl() commands that fail with EPERM.
+    #[serde(default = "default_fcntl_deny")]
+    pub fcntl_deny: Vec<String>,
+    /// Deny clone() with namespace flags (EPERM).
     #[serde(default = "yes")]
     pub deny_clone_namespaces: bool,
+}
+
+impl Default for ArgRules {
+    fn default() -> Self {
+        ArgRules {
+            socket_families: default_families(),
+            netlink_protocols: default_netlink(),
+            ioctl_types: default_ioctl_types(),
+            fcntl_deny: default_fcntl_deny(),
+            deny_clone_namespaces: true,
+        }
+    }
+}
+
+fn default_families() -> Vec<String> {
+    ["AF_UNIX", "AF_INET", "AF_INET6"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn default_netlink() -> Vec<String> {
+    vec!["NETLINK_ROUTE".into()]
+}
+
+fn default_ioctl_types() -> Vec<u8> {
+    vec![0x54, 0x89]
+}
+
+fn default_fcntl_deny() -> Vec<String> {
+    ["F_SETLEASE", "F_NOTIFY"].map(String::from).to_vec()
 }
 
 fn yes() -> bool {
@@ -124,127 +195,22 @@ impl Policy {
                 return Err(PolicyError::BadDevice(d.clone()));
             }
         }
+        for f in &self.filesystem.proc_masked {
+            if f.is_empty()
+                || f.starts_with('/')
+                || f.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+            {
+                return Err(PolicyError::BadProcEntry(f.clone()));
+            }
+        }
         // Compiling checks every syscall name.
         self.compile_seccomp().map(|_| ())
     }
 
-    /// Compiles the seccomp part to a BPF program for the running architecture.
-    ///
-    /// Layout: a short hand-written prefix (x32 system calls and clone3 → ENOSYS),
-    /// then seccompiler's filter (architecture check, then the deny list with
-    /// EPERM). The prefix's jumps are local, so appending seccompiler's program
-    /// unchanged keeps its own relative jumps valid.
+    /// Compiles the seccomp part to a BPF program (see [`crate::seccomp`]).
     pub fn compile_seccomp(&self) -> Result<BpfProgram, PolicyError> {
-        const CLONE_NS_FLAGS: [u64; 7] = [
-            libc::CLONE_NEWNS as u64,
-            libc::CLONE_NEWUTS as u64,
-            libc::CLONE_NEWIPC as u64,
-            libc::CLONE_NEWUSER as u64,
-            libc::CLONE_NEWPID as u64,
-            libc::CLONE_NEWNET as u64,
-            libc::CLONE_NEWCGROUP as u64,
-        ];
-        let mut filter = Vec::new();
-        for name in &self.seccomp.deny {
-            filter.push(serde_json::json!({ "syscall": name }));
-        }
-        if self.seccomp.deny_clone_namespaces {
-            for flag in CLONE_NS_FLAGS {
-                filter.push(serde_json::json!({
-                    "syscall": "clone",
-                    "args": [{ "index": 0, "type": "qword", "op": { "masked_eq": flag }, "val": flag }],
-                }));
-            }
-        }
-        let json = serde_json::json!({
-            "forkd": {
-                "mismatch_action": "allow",
-                "match_action": { "errno": libc::EPERM },
-                "filter": filter,
-            }
-        });
-        let arch = std::env::consts::ARCH
-            .try_into()
-            .map_err(|e| PolicyError::Seccomp(format!("unsupported architecture: {e:?}")))?;
-        let mut map = seccompiler::compile_from_json(json.to_string().as_bytes(), arch).map_err(
-            |e| match &e {
-                seccompiler::Error::JsonFrontend(inner) => {
-                    let msg = inner.to_string();
-                    match self.seccomp.deny.iter().find(|n| msg.contains(n.as_str())) {
-                        Some(name) => PolicyError::UnknownSyscall(name.clone()),
-                        None => PolicyError::Seccomp(msg),
-                    }
-                }
-                _ => PolicyError::Seccomp(e.to_string()),
-            },
-        )?;
-        let body = map
-            .remove("forkd")
-            .ok_or_else(|| PolicyError::Seccomp("compiled filter missing".into()))?;
-        let mut program = if self.seccomp.deny_clone_namespaces {
-            prefix_enosys_clone3()
-        } else {
-            prefix_x32_only()
-        };
-        program.extend(body);
-        Ok(program)
+        crate::seccomp::compile(&self.seccomp)
     }
-}
-
-#[allow(
-    clippy::cast_possible_truncation,
-    reason = "BPF opcodes are 16-bit by definition"
-)]
-const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-#[allow(
-    clippy::cast_possible_truncation,
-    reason = "BPF opcodes are 16-bit by definition"
-)]
-const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-#[allow(
-    clippy::cast_possible_truncation,
-    reason = "BPF opcodes are 16-bit by definition"
-)]
-const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-#[allow(
-    clippy::cast_possible_truncation,
-    reason = "BPF opcodes are 16-bit by definition"
-)]
-const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-/// Bit that marks x32 system calls on x86_64: a deny list keyed on x86_64
-/// numbers would not see them, so they are refused outright.
-const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-
-fn insn(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
-    sock_filter { code, jt, jf, k }
-}
-
-fn ret_errno(errno: i32) -> sock_filter {
-    insn(
-        BPF_RET_K,
-        0,
-        0,
-        libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA),
-    )
-}
-
-fn prefix_x32_only() -> BpfProgram {
-    vec![
-        insn(BPF_LD_W_ABS, 0, 0, 0), // seccomp_data.nr
-        insn(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
-        ret_errno(libc::ENOSYS),
-    ]
-}
-
-fn prefix_enosys_clone3() -> BpfProgram {
-    let mut p = prefix_x32_only();
-    #[allow(
-        clippy::cast_possible_truncation,
-        reason = "syscall numbers are 32-bit in seccomp_data"
-    )]
-    p.push(insn(BPF_JEQ_K, 0, 1, libc::SYS_clone3 as u32));
-    p.push(ret_errno(libc::ENOSYS));
-    p
 }
 
 /// Named policies, as a daemon configures them.
@@ -294,15 +260,7 @@ mod tests {
                 "{required} not denied"
             );
         }
-        assert!(p.seccomp.deny_clone_namespaces);
-    }
-
-    #[test]
-    fn default_filter_stays_small() {
-        // Install cost grows with length (600 instructions cost 0.3 ms here).
-        // seccompiler emits ~5 instructions per denied call: 345 today.
-        let prog = Policy::default_policy().compile_seccomp().unwrap();
-        assert!(prog.len() < 400, "filter has {} instructions", prog.len());
+        assert!(p.seccomp.rules.deny_clone_namespaces);
     }
 
     #[test]
@@ -367,12 +325,29 @@ mod tests {
     }
 
     #[test]
-    fn prefix_jumps_land_on_the_returns() {
-        let p = prefix_enosys_clone3();
-        // JGE x32: true → next (ret ENOSYS), false → skip it.
-        assert_eq!((p[1].jt, p[1].jf), (0, 1));
-        assert_eq!(p[2].k, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
-        assert_eq!(p[3].k, libc::SYS_clone3 as u32);
-        assert_eq!(p[4].k, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
+    fn seccomp_rule_mistakes_are_named() {
+        let both = DEFAULT_POLICY_TOML.replace("\"mount\",", "\"mount\", \"read\",");
+        match Policy::from_toml(&both) {
+            Err(PolicyError::Seccomp(msg)) => assert!(msg.contains("`read`"), "{msg}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let family = DEFAULT_POLICY_TOML.replace("\"AF_INET6\"]", "\"AF_INET6\", \"AF_NOPE\"]");
+        match Policy::from_toml(&family) {
+            Err(PolicyError::Seccomp(msg)) => assert!(msg.contains("AF_NOPE"), "{msg}"),
+            other => panic!("expected an unknown family, got {other:?}"),
+        }
+        let netlink = DEFAULT_POLICY_TOML.replace(
+            "netlink_protocols = [\"NETLINK_ROUTE\"]",
+            "netlink_protocols = [\"NETLINK_KOBJECT_UEVENT\"]",
+        );
+        match Policy::from_toml(&netlink) {
+            Err(PolicyError::Seccomp(msg)) => assert!(msg.contains("only NETLINK_ROUTE"), "{msg}"),
+            other => panic!("expected a refused protocol, got {other:?}"),
+        }
+        let proc_entry = DEFAULT_POLICY_TOML.replace("\"keys\",", "\"../keys\",");
+        assert!(matches!(
+            Policy::from_toml(&proc_entry),
+            Err(PolicyError::BadProcEntry(_))
+        ));
     }
 }

@@ -44,6 +44,10 @@ pub struct ChildSpec {
     /// A workspace to mount (planned by the daemon; see `workspace.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<forkd_workspace::MountPlan>,
+    /// Unprivileged uid (and gid) the sandbox runs as; None keeps the
+    /// zygote's (a rootless zygote's user namespace maps only that one).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 fn yes() -> bool {

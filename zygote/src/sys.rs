@@ -119,6 +119,37 @@ pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Becomes `uid`/`gid` (real, effective, saved, fs) with no supplementary
+/// groups. Needs CAP_SETUID and CAP_SETGID; groups first, as they need root.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups with size 0 reads no memory; the others take integers.
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setresgid(gid, gid, gid))?;
+        check(libc::setresuid(uid, uid, uid))
+    }
+}
+
+/// Marks the process dumpable again (a uid change clears it), so its own
+/// /proc/<pid> files belong to its uid like any other process's.
+pub fn set_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })
+}
+
+/// mkdir with an explicit mode (not reduced by the umask: chmod follows).
+pub fn mkdir_owned(path: &CStr, mode: libc::mode_t, owner: Option<u32>) -> io::Result<()> {
+    // SAFETY: path is a NUL-terminated string that outlives the calls.
+    unsafe {
+        check(libc::mkdir(path.as_ptr(), mode))?;
+        check(libc::chmod(path.as_ptr(), mode))?;
+        if let Some(id) = owner {
+            check(libc::chown(path.as_ptr(), id, id))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn set_no_new_privs() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })

@@ -27,6 +27,46 @@ pub enum TemplateError {
     },
     #[error("the sandbox root helper failed: {0}")]
     Helper(String),
+    #[error("bound path {path} is a {kind}, which a sandbox could use to reach a host process: remove it, or keep it out of the interpreter's prefixes, sys.path and the policy's /etc entries")]
+    SpecialFile { path: PathBuf, kind: &'static str },
+}
+
+/// The first socket or FIFO at or below `root` (symlinks are not followed;
+/// the directory entry's type is used, so the walk costs no stat per file).
+/// Device nodes do not matter: binds are nodev.
+fn find_special(root: &Path) -> Option<(PathBuf, &'static str)> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = |t: std::fs::FileType| {
+        if t.is_socket() {
+            Some("socket")
+        } else if t.is_fifo() {
+            Some("FIFO")
+        } else {
+            None
+        }
+    };
+    if let Some(k) = std::fs::symlink_metadata(root)
+        .ok()
+        .and_then(|m| kind(m.file_type()))
+    {
+        return Some((root.to_path_buf(), k));
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if let Some(k) = kind(t) {
+                return Some((e.path(), k));
+            }
+            if t.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    None
 }
 
 fn step(step: impl Into<String>) -> impl FnOnce(io::Error) -> TemplateError {
@@ -78,6 +118,11 @@ pub struct Template {
 
 /// Mount points each child covers with a fresh tmpfs.
 pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
+
+/// Empty mount point where each child mounts its one scratch tmpfs and binds
+/// its `tmp` and `shm` directories to /tmp and /dev/shm: one size limit
+/// then covers both.
+pub const SCRATCH_STAGE: &str = "/dev/.scratch";
 
 /// Plans the root's entries: (path inside the root, entry), parents first.
 fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, Entry)> {
@@ -157,7 +202,7 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
         }
     }
     // /workspace: the default mount point of a request's workspace.
-    for dir in ["/proc", "/tmp", "/dev/shm", "/workspace"] {
+    for dir in ["/proc", "/tmp", "/dev/shm", "/workspace", SCRATCH_STAGE] {
         out.push((PathBuf::from(dir), Entry::Dir));
     }
     for (name, target) in [
@@ -186,6 +231,21 @@ pub fn build(
     interpreter_paths: &[String],
 ) -> Result<Template, TemplateError> {
     let entries = plan(fs, interpreter_paths);
+    // Interpreter trees (a venv, a pyenv prefix, sys.path entries) and /etc
+    // entries must hold no sockets or FIFOs: a sandbox could connect to or
+    // read them. The policy's system trees (/usr, /lib, ...) are package-managed
+    // and not walked (that would cost ~0.3 s of CPU per zygote start); their
+    // sockets, if any, are closed to the sandbox's own uid by their modes.
+    for (_, entry) in &entries {
+        if let Entry::Bind { host, .. } = entry {
+            if fs.read_only.iter().any(|r| Path::new(r) == host) {
+                continue;
+            }
+            if let Some((path, kind)) = find_special(host) {
+                return Err(TemplateError::SpecialFile { path, kind });
+            }
+        }
+    }
 
     // Landlock rules are made from descriptors opened here, on the host: a
     // bind mount shares its source's inode, so they cover the sandbox's view.
@@ -398,6 +458,7 @@ mod tests {
             etc: vec!["passwd".into(), "no-such-entry".into()],
             devices_rw: vec!["null".into()],
             devices_ro: vec![],
+            proc_masked: vec![],
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
