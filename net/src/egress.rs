@@ -638,11 +638,16 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
+        // Counted before the write: once written, the sandbox may read the
+        // bytes, exit and have its result (with these counters) built before
+        // this task runs again. A failed write takes its count back.
         conn.fetch_add(n as u64, Ordering::Relaxed);
         total.fetch_add(n as u64, Ordering::Relaxed);
+        if to.write_all(&buf[..n]).await.is_err() {
+            conn.fetch_sub(n as u64, Ordering::Relaxed);
+            total.fetch_sub(n as u64, Ordering::Relaxed);
+            break;
+        }
     }
     let _ = to.shutdown().await;
 }

@@ -274,6 +274,18 @@ fn isolate(s: &State, id: u64) -> Result<(), FloorError> {
             | libc::CLONE_NEWCGROUP,
     )
     .map_err(at("unshare namespaces"))?;
+    // Binds the tmpfs below will cover: a handle on each, to bind it again on top.
+    let shadowed = s
+        .root
+        .shadowed
+        .iter()
+        .map(|p| {
+            let c = sys::cstring(p).map_err(at("interpreter path"))?;
+            let fd =
+                sys::open(&c, libc::O_PATH).map_err(at("open an interpreter path under /tmp"))?;
+            Ok((p, c, fd))
+        })
+        .collect::<Result<Vec<_>, FloorError>>()?;
     let scratch = std::ffi::CString::new(format!("size={SCRATCH_BYTES},nr_inodes=65536,mode=0777"))
         .expect("no NUL");
     let tmpfs = Some(c"tmpfs");
@@ -301,6 +313,31 @@ fn isolate(s: &State, id: u64) -> Result<(), FloorError> {
         None,
     )
     .map_err(at("mount /proc"))?;
+    for (path, c, fd) in &shadowed {
+        let dir = std::fs::metadata(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(fd)
+        ))
+        .map_err(at("stat an interpreter path under /tmp"))?
+        .is_dir();
+        if dir {
+            std::fs::create_dir_all(path)
+        } else {
+            path.parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::File::create(path).map(drop))
+        }
+        .map_err(at("recreate an interpreter path under /tmp"))?;
+        let src = std::ffi::CString::new(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(fd)
+        ))
+        .map_err(|_| at("descriptor path")(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // A bind keeps the source mount's flags: read-only, nosuid, nodev.
+        sys::mount(Some(&src), c, None, libc::MS_BIND, None)
+            .map_err(at("bind an interpreter path under /tmp"))?;
+    }
+    drop(shadowed);
     sys::chdir(c"/tmp").map_err(at("chdir /tmp"))?;
     sys::sethostname(HOSTNAME.as_bytes()).map_err(at("sethostname"))?;
     sys::loopback_up().map_err(at("bring lo up"))?;

@@ -21,8 +21,6 @@ pub enum RootError {
     },
     #[error("the floor's root helper failed: {0}")]
     Helper(String),
-    #[error("interpreter path {0} lies under /tmp or /dev/shm, which each sandbox covers with its own tmpfs: the floor does not support that; use an interpreter elsewhere")]
-    Shadowed(PathBuf),
 }
 
 fn step(what: impl Into<String>) -> impl FnOnce(io::Error) -> RootError {
@@ -53,6 +51,15 @@ pub struct Root {
     pub mount_ns: OwnedFd,
     pub grants: Grants,
     pub bound: Vec<PathBuf>,
+    /// Bound paths under /tmp or /dev/shm (a venv in a checkout under
+    /// /tmp): each child's own tmpfs covers them, so it binds them again on
+    /// top, as forkd does.
+    pub shadowed: Vec<PathBuf>,
+}
+
+/// Whether a per-child tmpfs covers `path`.
+fn under_per_child_tmpfs(path: &Path) -> bool {
+    path.starts_with("/tmp") || path.starts_with("/dev/shm")
 }
 
 fn entries(interpreter_paths: &[PathBuf]) -> Result<Vec<(PathBuf, Kind)>, RootError> {
@@ -88,9 +95,6 @@ fn entries(interpreter_paths: &[PathBuf]) -> Result<Vec<(PathBuf, Kind)>, RootEr
     }
     extra.sort_by_key(|p| p.as_os_str().len());
     for p in extra {
-        if p.starts_with("/tmp") || p.starts_with("/dev/shm") {
-            return Err(RootError::Shadowed(p));
-        }
         if p.parent().is_some() && std::fs::metadata(&p).is_ok() {
             // Through symlinks too: a bind of the spelled path.
             let dir = std::fs::metadata(&p).map(|m| m.is_dir()).unwrap_or(false);
@@ -183,10 +187,16 @@ pub fn build(interpreter_paths: &[PathBuf]) -> Result<Root, RootError> {
     };
     drop(hold_w);
     let _ = sys::waitpid(pid);
+    let shadowed = bound
+        .iter()
+        .filter(|p| under_per_child_tmpfs(p))
+        .cloned()
+        .collect();
     Ok(Root {
         mount_ns: ns?,
         grants,
         bound,
+        shadowed,
     })
 }
 
