@@ -28,6 +28,9 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn spawn_with_an_allowlist_costs_little_over_one_without() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let n: usize = std::env::var("FORKD_BENCH_N")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -83,6 +86,9 @@ async fn spawn_with_an_allowlist_costs_little_over_one_without() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn throughput_through_the_proxy() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let mib: u64 = std::env::var("FORKD_BENCH_MIB")
         .ok()
         .and_then(|s| s.parse().ok())

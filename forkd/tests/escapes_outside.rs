@@ -97,6 +97,9 @@ fn with_pythonpath(dir: &Path) -> impl FnOnce(&mut forkd::Config) + '_ {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_sandbox_runs_as_its_own_unprivileged_uid() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let fixture = fixture_dir("uid");
     let secret = fixture.join("root-only");
     std::fs::write(&secret, "host secret").unwrap();
@@ -156,6 +159,9 @@ time.sleep(1.0)  # overlap with the other sandbox
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_kernel_budgets_do_not_reach_other_sandboxes() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     // A takes its whole unprivileged pipe-buffer budget (pipe-user-pages-soft,
     // counted per user), then holds it. (POSIX message queues, the other
@@ -229,6 +235,9 @@ R["bystander pipe holds 1 MiB"] = op(lambda: (os.set_blocking(w, False), os.writ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_information_in_proc_is_masked() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let masked = [
         "keys",
@@ -287,6 +296,9 @@ R["own status (kept)"] = op(lambda: "Pid:\t1" in open("/proc/self/status").read(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_families_and_calls_outside_the_allow_list_fail() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let fixture = fixture_dir("lease");
     let owned = fixture.join("shared-file");
     std::fs::write(&owned, "shared").unwrap();
@@ -372,6 +384,9 @@ R["isatty on a pipe (allowed call)"] = op(lambda: os.isatty(1))
 /// names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bound_trees_with_sockets_or_fifos_refuse_to_start() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     for kind in ["socket", "FIFO"] {
         let fixture = fixture_dir(&format!("special-{kind}"));
         let nested = fixture.join("pkg");
@@ -416,6 +431,9 @@ fn v1_memory_dir(pid: i32) -> Option<PathBuf> {
 /// 224 MiB in loopback buffers outside its 64 MiB limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_buffers_are_charged_to_the_sandbox() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
     let d = TestDaemon::start(|_| {}).await;
     let v1 = d.daemon.cgroups.mode() == forkd_cgroup::Mode::V1;
     let mut hog = probe(
