@@ -195,6 +195,9 @@ pub fn isolate_child(
         // locked, so capabilities survive this; they are cleared next.)
         sys::become_user(uid, uid).map_err(at("switch to the sandbox's uid"))?;
         sys::set_dumpable().map_err(at("set dumpable"))?;
+        // A credential change clears the parent-death signal: without it
+        // again, a sandbox would outlive its zygote (and a killed daemon).
+        sys::set_parent_death_signal(libc::SIGKILL).map_err(at("set parent-death signal again"))?;
     }
     sys::clear_ambient_caps().map_err(at("clear ambient capabilities"))?;
     sys::clear_capabilities().map_err(at("drop capabilities"))?;
