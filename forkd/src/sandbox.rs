@@ -518,7 +518,7 @@ fn send_job(
     job: Vec<u8>,
     stdin: Vec<u8>,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, ErrorReply> {
-    crate::sys::set_nonblocking(&fd).map_err(|e| internal("job pipe", e))?;
+    forkd_pool::set_nonblocking(&fd).map_err(|e| internal("job pipe", e))?;
     let mut written = 0;
     for part in [&job[..], &stdin[..]] {
         let mut at = 0;

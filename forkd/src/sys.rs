@@ -17,12 +17,3 @@ pub fn query_personality() -> std::io::Result<libc::c_int> {
         Ok(ret)
     }
 }
-
-/// Puts a descriptor into non-blocking mode.
-pub fn set_nonblocking(fd: &std::os::fd::OwnedFd) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    use std::os::fd::AsRawFd;
-    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    Ok(())
-}

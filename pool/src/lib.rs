@@ -27,6 +27,7 @@ pub use child::{
     kill_pidfd, prepare, prepare_parked, CgroupCleanup, ChildPlan, PrepareError, ReadyChild,
 };
 pub use netns::NetnsStock;
+pub use sys::set_nonblocking;
 pub use warm::{InFlight, Load, Makers, PoolPolicy, PoolStats, WarmPool};
 pub use zygote::{Exited, Forked, ReadyInfo, SpawnFds, Zygote, ZygoteConfig, ZygoteError};
 
