@@ -297,6 +297,7 @@ pub async fn run_code(
         return Err(invalid("timeout_ms must be at least 1"));
     }
     let req = session.next_req();
+    let ooms = session.oom_kills();
     let mut rx = session.request(&ToExecutor::Cell { req, code: rc.code }, req, &[])?;
     session.count_cell();
     let started = Instant::now();
@@ -343,6 +344,14 @@ pub async fn run_code(
     }
     if cancelled {
         return Err(cancelled_error());
+    }
+    if let Some(e) = &mut result.error {
+        if e.name == "KernelDied" && session.oom_kills() > ooms {
+            e.value = format!(
+                "the interpreter was killed by the out-of-memory killer: the session may use {} MiB (limits.memory_bytes). Its state (variables, imports) is lost; a fresh interpreter runs the next cells",
+                session.limits.memory_bytes >> 20
+            );
+        }
     }
     result.timed_out = timed_out;
     result.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
