@@ -375,11 +375,18 @@ async fn commands_run_in_the_sandbox_with_exit_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ttl_idle_pause_and_ownership() {
+async fn ttl_idle_pause_and_metrics() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
-    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let a2 = audit.clone();
+    let d = TestDaemon::start(move |c| {
+        c.metrics_listen = Some("127.0.0.1:0".into());
+        c.audit_log = Some(a2);
+    })
+    .await;
     let c = d.client().await;
     let short = c
         .session_create(&SessionCreate {
@@ -415,6 +422,44 @@ async fn ttl_idle_pause_and_ownership() {
     let info = c.session_info(&idle.session).await.unwrap();
     assert_eq!(info.ended_by, Some(SessionEnd::Idle), "{info:?}");
     assert_eq!(c.session_list(BTreeMap::new()).await.unwrap().len(), 1);
+
+    let text = common::scrape::scrape(d.metrics_addr().unwrap()).await;
+    let metric = |name: &str, labels: &[(&str, &str)]| common::scrape::sample(&text, name, labels);
+    assert_eq!(
+        metric("forkd_sessions_ended_total", &[("ended_by", "ttl")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric("forkd_sessions_ended_total", &[("ended_by", "idle")]),
+        Some(1.0)
+    );
+    assert_eq!(metric("forkd_sessions_created_total", &[]), Some(3.0));
+    assert_eq!(metric("forkd_sessions_live", &[]), Some(1.0));
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || lines().iter().any(|l| l
+            ["event"]
+            == "session_ended"
+            && l["outcome"] == "ttl"
+            && l["session"] == short.session.as_str()))
+        .await,
+        "{:?}",
+        lines()
+    );
+    assert_eq!(
+        lines()
+            .iter()
+            .filter(|l| l["event"] == "session_created")
+            .count(),
+        3
+    );
 
     // set_ttl
     let info = c.session_set_ttl(&kept.session, 60_000).await.unwrap();

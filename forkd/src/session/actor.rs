@@ -166,7 +166,7 @@ fn retire(sessions: &Sessions, session: &Session) {
         .and_then(|cg| cg.counters().ok())
         .unwrap_or_default();
     let usage = session.usage_from(cgroup.as_ref().and_then(|c| c.get()));
-    {
+    let ended_by = {
         let mut life = lock(&session.life);
         life.state = SessionState::Ended;
         let ended_by = *life.ended_by.get_or_insert(SessionEnd::Died);
@@ -175,14 +175,15 @@ fn retire(sessions: &Sessions, session: &Session) {
         }
         life.final_usage = Some(usage);
         tracing::info!(session = %session.id, ?ended_by, killed_by = ?life.killed_by, cells = life.cells, "session ended");
-    }
+        ended_by
+    };
     // Thawed before removal: a frozen cgroup cannot empty.
     if let Some(f) = lock(&session.freezer).take() {
         let _ = f.thaw();
     }
     lock(&session.pidfd).take();
     drop(cgroup); // removed by the reaper, off this task
-    sessions.retire(&session.id);
+    sessions.retire(session, ended_by);
     let _ = session.ended.send(true);
 }
 

@@ -165,6 +165,7 @@ pub async fn create(
     let session = Arc::new(Session {
         id: super::new_id(),
         owner,
+        peer,
         zygote: resolved.zygote,
         labels: req.labels,
         limits: resolved.limits,
@@ -670,6 +671,7 @@ pub async fn serve(
             }
             B::RunCode(rc) => {
                 let s = sessions.usable(&rc.session, uid)?;
+                sessions.count_cell();
                 ResponseBody::Cell(run_code(s, rc, &out, cancel).await?)
             }
             B::Interrupt(r) => {
