@@ -170,6 +170,10 @@ async fn interrupt_timeout_and_cancel_keep_the_session() {
     c.interrupt(&s).await.unwrap();
     let r = stream.cell().await.unwrap();
     assert_eq!(r.error.as_ref().unwrap().name, "KeyboardInterrupt", "{r:?}");
+    assert!(!r.timed_out, "stopped by the interrupt, not the cell's timeout: {r:?}");
+    let tb = &r.error.as_ref().unwrap().traceback;
+    assert!(tb.contains("<cell-") && tb.contains("time.sleep"), "{tb}");
+    assert!(!tb.contains("/dev/fd") && !tb.contains("_on_sigint"), "{tb}");
     assert_eq!(
         c.run_code(&cell(&s, "kept")).await.unwrap().text.as_deref(),
         Some("'yes'")
@@ -329,7 +333,7 @@ async fn commands_run_in_the_sandbox_with_exit_codes() {
     let r = c.command(&cmd("echo $$; pwd; echo $FOO")).await.unwrap();
     let out = String::from_utf8(r.stdout).unwrap();
     let lines: Vec<_> = out.lines().collect();
-    assert_eq!(lines[1], "/tmp");
+    assert_eq!(lines[1], "/home/user", "E2B's working directory");
     let mut with_env = cmd("echo $FOO; pwd");
     with_env.env = BTreeMap::from([("FOO".into(), "bar".into())]);
     with_env.cwd = Some("/".into());
@@ -341,6 +345,9 @@ async fn commands_run_in_the_sandbox_with_exit_codes() {
         .unwrap();
     let r = c.command(&cmd("cat note.txt")).await.unwrap();
     assert_eq!(r.stdout, b"from python");
+    // /home/user is the scratch (/tmp) under E2B's name, and HOME.
+    let r = c.command(&cmd("echo $HOME; touch /home/user/h && ls /tmp/h")).await.unwrap();
+    assert_eq!(r.stdout, b"/home/user\n/tmp/h\n", "{}", String::from_utf8_lossy(&r.stderr));
     // python is there.
     let r = c.command(&cmd("python3 -c 'print(6*7)'")).await.unwrap();
     assert_eq!(

@@ -42,6 +42,11 @@ if sys.argv and sys.argv[0].startswith("/dev/fd/"):
     except (ValueError, OSError):
         pass
 
+# This script's own name as its frames carry it ("/dev/fd/4"): traceback
+# code must never try to read source lines from it (in a child that path
+# is whatever descriptor 4 has become, e.g. a pipe a read would block on).
+_SCRIPT = sys.argv[0] if sys.argv else "<forkd>"
+
 # BLAS/OpenMP pools must not start threads: a process with threads cannot be
 # forked safely. Set before anything can import numpy.
 for _var in (
@@ -79,6 +84,10 @@ import types
 
 # Every module the child path uses is imported here, in the zygote: an import
 # inside a sandbox costs milliseconds of path searching per child.
+
+# No source lines for this script's frames (see _SCRIPT): an entry without
+# an mtime is never checked against the file.
+linecache.cache[_SCRIPT] = (1, None, ["\n"], _SCRIPT)
 
 # The wire's shapes and version are defined in zygote/src/wire.rs; this file
 # mirrors them (a Rust test checks these lines against it).
@@ -864,7 +873,10 @@ class Executor:
         for fd in (out_w, err_w, cell_r, res_w):
             os.close(fd)
         streams = {out_r: Stream(out_r, "stdout"), err_r: Stream(err_r, "stderr")}
-        self.kernel = {"pid": pid, "cell_w": cell_w, "res_r": res_r, "streams": streams}
+        drain = select.poll()
+        for fd in streams:
+            drain.register(fd, select.POLLIN)
+        self.kernel = {"pid": pid, "cell_w": cell_w, "res_r": res_r, "streams": streams, "drain": drain}
         self.kernel_buf = bytearray()
         for fd in streams:
             self.watch(fd, self.on_kernel_output)
@@ -874,14 +886,19 @@ class Executor:
         if self.kernel is None or fd not in self.kernel["streams"]:
             return
         if not self.forward(self.kernel["streams"][fd], self.cell):
+            self.kernel["drain"].unregister(fd)
             self.unwatch(fd)
             self.kernel["streams"].pop(fd, None)
 
     def drain_kernel_output(self):
-        if self.kernel is None:
+        if self.kernel is None or not self.kernel["streams"]:
             return
-        for fd, stream in list(self.kernel["streams"].items()):
-            if not self.forward(stream, self.cell):
+        # One poll instead of a read (and its EAGAIN) per pipe.
+        ready = self.kernel["drain"].poll(0)
+        for fd, _ in ready:
+            stream = self.kernel["streams"].get(fd)
+            if stream is not None and not self.forward(stream, self.cell):
+                self.kernel["drain"].unregister(fd)
                 self.unwatch(fd)
                 del self.kernel["streams"][fd]
 
@@ -970,7 +987,8 @@ class Executor:
         self.next_cell()
 
     def interrupt(self, req):
-        if self.cell is not None and self.cell.req == req:
+        """Interrupts cell `req` (0: whichever cell runs now)."""
+        if self.cell is not None and req in (0, self.cell.req):
             if self.cell.interrupted_at is None:
                 self.cell.interrupted_at = time.monotonic()
                 if self.kernel is not None:
@@ -1248,13 +1266,23 @@ def open_figures():
 
 
 def user_traceback(exc, filename):
-    """The traceback from the cell's own frames on (none of the kernel's)."""
+    """The traceback of the cell's own frames: from the first of the cell's
+    on, without forkd's (before it: the kernel; after it: the SIGINT
+    handler that raised KeyboardInterrupt)."""
+    frames = []
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename or frames:
+            frames.append(tb)
         tb = tb.tb_next
-    if tb is None:
+    while frames and frames[-1].tb_frame.f_code.co_filename == _SCRIPT:
+        frames.pop()
+    if not frames:
         return "".join(traceback.format_exception_only(type(exc), exc))
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    summary = traceback.StackSummary.extract((t.tb_frame, t.tb_lineno) for t in frames)
+    return "Traceback (most recent call last):\n" + "".join(summary.format()) + "".join(
+        traceback.format_exception_only(type(exc), exc)
+    )
 
 
 class Display:
@@ -1289,9 +1317,11 @@ def kernel_main(cwd):
     display = Display()
     builtins.display = display
     ns = main.__dict__
+    # SIGINT raises KeyboardInterrupt only while a cell runs: a flag, not a
+    # handler swapped around every cell (two syscalls per cell).
+    signal.signal(signal.SIGINT, _on_sigint)
     while True:
         try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             header = kernel_read(3, 4)
             if header is None:
                 os._exit(0)
@@ -1305,43 +1335,61 @@ def kernel_main(cwd):
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         outcome = {"op": "done", "req": req, "text": None, "results": [], "error": None}
         try:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _cell_running[0] = True
             try:
                 run_cell(code, filename, ns, outcome)
             finally:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                _cell_running[0] = False
         except BaseException as e:
             if outcome["error"] is None:
                 outcome["error"] = {"name": type(e).__name__, "value": str(e), "traceback": user_traceback(e, filename)}
+        # A cell may have replaced the handler (or ignored SIGINT).
+        if signal.getsignal(signal.SIGINT) is not _on_sigint:
+            signal.signal(signal.SIGINT, _on_sigint)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except BaseException:
                 pass
-        try:
-            outcome["results"].extend(open_figures())
-        except BaseException:
-            pass
+        if "matplotlib.pyplot" in sys.modules:
+            try:
+                outcome["results"].extend(open_figures())
+            except BaseException:
+                pass
         kernel_send(outcome)
+
+
+_cell_running = [False]
+
+
+def _on_sigint(signum, frame):
+    if _cell_running[0]:
+        raise KeyboardInterrupt
 
 
 def run_cell(code, filename, ns, outcome):
     try:
-        tree = ast.parse(code, filename, "exec")
-        last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
-        exec(compile(tree, filename, "exec"), ns)
-        if last is not None:
-            value = eval(compile(last, filename, "eval"), ns)
-            if value is not None:
-                ns["_"] = value
-                data = represent(value)
-                outcome["results"].append({"data": data, "main": True})
-                outcome["text"] = data["text/plain"]
+        try:
+            # The common agent cell, one expression: one compile.
+            compiled = compile(code, filename, "eval")
+        except SyntaxError:
+            compiled = None
+        if compiled is not None:
+            value = eval(compiled, ns)
+        else:
+            last = None
+            tree = ast.parse(code, filename, "exec")
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = ast.Expression(tree.body.pop().value)
+            exec(compile(tree, filename, "exec"), ns)
+            value = None if last is None else eval(compile(last, filename, "eval"), ns)
+        if value is not None:
+            ns["_"] = value
+            data = represent(value)
+            outcome["results"].append({"data": data, "main": True})
+            outcome["text"] = data["text/plain"]
     except BaseException as e:
         outcome["error"] = {"name": type(e).__name__, "value": str(e), "traceback": user_traceback(e, filename)}
-
 
 
 def main():

@@ -205,6 +205,15 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     for dir in ["/proc", "/tmp", "/dev/shm", "/workspace", SCRATCH_STAGE] {
         out.push((PathBuf::from(dir), Entry::Dir));
     }
+    // E2B-style home: the scratch under the name agent code expects (a
+    // symlink in the shared template costs nothing per child; a bind
+    // would cost a mount each).
+    out.push((
+        PathBuf::from("/home/user"),
+        Entry::Symlink {
+            target: PathBuf::from("/tmp"),
+        },
+    ));
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),

@@ -25,8 +25,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `session_kill` waits for the session's processes to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// The working directory of a session's interpreter and commands: its
-/// scratch (writable, private, counted in `scratch_bytes`).
-pub const SESSION_CWD: &str = "/tmp";
+/// scratch (writable, private, counted in `scratch_bytes`), by the name
+/// E2B users expect (`/home/user` is a symlink to `/tmp` in every sandbox).
+pub const SESSION_CWD: &str = "/home/user";
 
 /// Where a streamed request's events go: the connection's reply queue,
 /// under the request's id and version.
@@ -92,6 +93,11 @@ pub async fn create(
     };
     let resolved = sessions.admission.resolve(&spawn_like)?;
     let mut job = job_for(&spawn_like);
+    for (k, v) in [("HOME", SESSION_CWD), ("PWD", SESSION_CWD)] {
+        if !req.env.contains_key(k) {
+            job.env.insert(k.into(), v.into());
+        }
+    }
     job.session = Some(SessionJob {
         output_bytes: resolved.limits.output_bytes,
         cwd: SESSION_CWD.into(),
