@@ -961,7 +961,8 @@ class Executor:
         self.next_cell()
 
     def interrupt(self, req):
-        if self.cell is not None and self.cell.req == req:
+        # req 0 (the `interrupt` request): whichever cell runs now.
+        if self.cell is not None and (req == 0 or self.cell.req == req):
             if self.cell.interrupted_at is None:
                 self.cell.interrupted_at = time.monotonic()
                 if self.kernel is not None:
