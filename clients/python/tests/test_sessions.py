@@ -32,6 +32,8 @@ from forkd.errors import (  # noqa: E402
     SessionPaused,
 )
 
+#: Every call's reply wait (the tests never hang on a wedged daemon).
+CALL_BOUND = 120.0
 LOOP = "import time\nprint('go', flush=True)\nwhile True: time.sleep(0.01)"
 
 
@@ -49,7 +51,7 @@ class SyncSessionTest(DaemonTest):
         return s
 
     def test_state_rich_results_and_errors(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk)
         r = s.run_code("x = 41")
         self.assertEqual(r.execution_count, 1)
@@ -96,7 +98,7 @@ class SyncSessionTest(DaemonTest):
         self.assertGreater(info.usage["memory_bytes"], 0)
 
     def test_streaming_callbacks_come_in_order_while_the_cell_runs(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk)
         events: List[Tuple[str, Any, float]] = []
         # Within a stream the order is the cell's; across stdout, stderr and
@@ -147,7 +149,7 @@ class SyncSessionTest(DaemonTest):
         self.assertEqual("".join(got), "ü€")
 
     def test_interrupt_from_another_thread_then_continue(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk)
         s.run_code("kept = 'yes'")
         started = threading.Event()
@@ -167,7 +169,7 @@ class SyncSessionTest(DaemonTest):
         self.assertEqual(s.run_code("kept").text, "'yes'")
 
     def test_a_callback_that_raises_cancels_the_cell(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk)
         s.run_code("kept = 1")
 
@@ -180,7 +182,7 @@ class SyncSessionTest(DaemonTest):
         self.assertEqual(s.run_code("kept + 1", timeout=20).text, "2")
 
     def test_files_100_mib_round_trip_and_errors(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk, limits={"scratch": "400M", "file_size": "200M", "memory": "1G"})
         big = os.urandom(100 << 20)
         with self.assertRaises(FileNotFound):
@@ -228,7 +230,7 @@ class SyncSessionTest(DaemonTest):
             s.files.stat("data")
 
     def test_commands_exit_codes_streaming_and_background_kill(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk)
         r = s.commands.run("echo out; echo err >&2; exit 3", timeout=20)
         self.assertEqual((r.exit_code, r.stdout, r.stderr), (3, "out\n", "err\n"))
@@ -253,15 +255,16 @@ class SyncSessionTest(DaemonTest):
         r = h.wait()
         self.assertLess(time.monotonic() - t0, 20)
         self.assertEqual(r.signal, 9)
-        self.assertEqual(r.stdout, "started\n")
-        # A background command that ends by itself.
-        h = s.commands.run("sleep 0.2; exit 5", background=True)
+        # A background command that ends by itself, its output streamed.
+        seen: List[str] = []
+        h = s.commands.run("echo hi; sleep 0.2; exit 5", background=True, on_stdout=seen.append)
         assert isinstance(h, forkd.CommandHandle)
-        self.assertEqual(h.wait().exit_code, 5)
+        r = h.wait()
+        self.assertEqual((r.exit_code, r.stdout, "".join(seen)), (5, "hi\n", "hi\n"))
         self.assertEqual(s.commands.run("exec /nonexistent").exit_code, 127)
 
     def test_pause_resume_ttl_and_listing(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk, labels={"job": "pause"})
         short = self.session(fk, ttl=0.5, labels={"job": "short"})
         s.run_code("n = 1")
@@ -285,10 +288,10 @@ class SyncSessionTest(DaemonTest):
         self.assertNotIn(short.id, [i.id for i in fk.sessions()])
 
     def test_context_manager_kills_and_attach(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         with fk.session() as s:
             sid = s.id
-            other = Forkd(self.sock_path)
+            other = Forkd(self.sock_path, timeout=CALL_BOUND)
             self.addCleanup(other.close)
             again = other.attach(sid)
             again.run_code("v = 3")
@@ -305,7 +308,7 @@ class SyncSessionTest(DaemonTest):
         self.assertEqual(fk.run("print(6 * 7)", timeout=20).text, "42\n")
 
     def test_arguments_are_validated_before_sending(self) -> None:
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = forkd.Session(fk, "not-sent")
         cases = [
             ("timeout", lambda: s.run_code("1", timeout=-1)),
@@ -338,7 +341,7 @@ class SyncSessionTest(DaemonTest):
     def test_cell_round_trip_figure(self) -> None:
         """Prints the median round trip of `x + 1` over 200 cells (a
         figure for the report, not a speed assertion)."""
-        fk = self.client()
+        fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk)
         s.run_code("x = 1")
         times = []
@@ -357,7 +360,7 @@ class SyncSessionTest(DaemonTest):
 class AsyncSessionTest(DaemonTest):
     def test_cancel_one_cell_leaves_a_concurrent_cell_on_the_connection_alone(self) -> None:
         async def main() -> None:
-            async with AsyncForkd(self.sock_path) as fk:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as fk:
                 a = await fk.session()
                 b = await fk.session()
                 conn = fk._conn
@@ -399,7 +402,7 @@ class AsyncSessionTest(DaemonTest):
 
     def test_async_context_manager_files_commands_and_callbacks(self) -> None:
         async def main() -> None:
-            async with AsyncForkd(self.sock_path) as fk:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as fk:
                 async with fk.session(ttl=120) as s:
                     sid = s.id
                     seen: List[str] = []
@@ -417,7 +420,10 @@ class AsyncSessionTest(DaemonTest):
                     h = await s.commands.run("echo s; sleep 30", background=True)
                     await h.kill()
                     r = await asyncio.wait_for(h.wait(), 20)
-                    self.assertEqual((r.signal, r.stdout), (9, "s\n"))
+                    self.assertEqual(r.signal, 9)
+                    h = await s.commands.run("echo s; exit 4", background=True)
+                    r = await asyncio.wait_for(h.wait(), 20)
+                    self.assertEqual((r.exit_code, r.stdout), (4, "s\n"))
                     self.assertEqual([i.id for i in await fk.sessions()], [sid])
                 with self.assertRaises(SessionEnded):
                     await fk.attach(sid)

@@ -3,13 +3,12 @@ validation, request fields and result types. No I/O happens here."""
 
 from __future__ import annotations
 
-import base64
 import codecs
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from ._protocol import SESSION_PROTOCOL_VERSION, _unb64, parse_size
+from ._protocol import SESSION_PROTOCOL_VERSION, B64Payload, _unb64, parse_size
 from .errors import InvalidArgument, ProtocolError
 
 __all__ = [
@@ -170,10 +169,6 @@ def create_fields(
     return f
 
 
-def b64(data: Union[bytes, memoryview]) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def iter_write_chunks(session: str, path: str, data: memoryview, mode: Optional[int]):
     """``file_write`` fields for each chunk: the first creates or truncates,
     the rest append (an empty file is one empty chunk)."""
@@ -181,7 +176,7 @@ def iter_write_chunks(session: str, path: str, data: memoryview, mode: Optional[
     off = 0
     while True:
         chunk = data[off : off + MAX_FILE_CHUNK]
-        f: Dict[str, Any] = {"session": session, "path": path, "data": b64(chunk)}
+        f: Dict[str, Any] = {"session": session, "path": path, "data": B64Payload(chunk)}
         if off:
             f["append"] = True
         if mode is not None and not off:
