@@ -215,6 +215,9 @@ class SyncSessionTest(DaemonTest):
         self.assertEqual(s.files.read("empty"), b"")
         s.files.write("exact", b"z" * (8 << 20))  # exactly one chunk
         self.assertEqual(s.files.stat("exact").size, 8 << 20)
+        self.assertEqual(s.files.read("exact"), b"z" * (8 << 20))
+        s.files.write("odd", b"q" * ((16 << 20) + 5))  # reads pipeline past a chunk boundary
+        self.assertEqual(s.files.read("odd"), b"q" * ((16 << 20) + 5))
         self.assertEqual(s.run_code("open('note.txt').read()").text, "'héllo'")
 
         with self.assertRaises(FileNotFound) as cm:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import socket as _socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
 from . import _protocol as P
 from ._protocol import Execution, FilesArg
-from ._session_wire import NON_FINAL_KINDS, SessionInfo, check_str, create_fields, expect_kind, str_map
+from ._session_wire import MAX_FILE_CHUNK, NON_FINAL_KINDS, SessionInfo, check_str, create_fields, expect_kind, str_map
 from ._session_wire import request as v2_request
 from .errors import (
     ConnectionLost,
@@ -66,6 +67,10 @@ class _Conn:
     def __init__(self, path: str) -> None:
         self.sock = connect_unix(path)
         self.next_id = 1
+        # Pipelined requests (file reads) whose final responses are due,
+        # and those that arrived while another was awaited.
+        self.awaiting: Set[int] = set()
+        self.stash: Dict[int, Dict[str, Any]] = {}
 
     def close(self) -> None:
         try:
@@ -101,17 +106,25 @@ class _Conn:
         self.sock.sendall(frame)
 
     def next_for(self, request: Dict[str, Any], deadline: float) -> Dict[str, Any]:
-        """The next response (event or final) to ``request``."""
-        while True:
-            resp = self.read_response(deadline, request["v"])
-            if resp["id"] == request["id"]:
-                return resp
-            if resp["id"] == 0 and resp.get("kind") == "error":
+        """The next response (event or final) to ``request``. Final
+        responses to the ids in ``awaiting`` (pipelined requests) that come
+        first are kept for their own ``next_for``."""
+        rid = request["id"]
+        resp = self.stash.pop(rid, None)
+        while resp is None:
+            got = self.read_response(deadline, None)
+            if got["id"] == rid:
+                resp = got
+            elif got["id"] == 0 and got.get("kind") == "error":
                 # Unmatchable error (malformed frame, permission denied):
                 # it is about us, and the stream may be unusable.
-                raise P.error_of(resp)
-            # A reply to some other id (a cancelled request's late answer)
-            # is ignored, as the protocol allows.
+                raise P.error_of(got)
+            elif got["id"] in self.awaiting:
+                self.stash[got["id"]] = got
+            # else: a reply to some other id (a cancelled request's late
+            # answer) is ignored, as the protocol allows.
+        P.check_version(resp, request["v"])
+        return resp
 
     def call(
         self,
@@ -191,10 +204,25 @@ class Forkd:
         """Sends ``build(id)`` and returns its final response. With ``side``,
         a call made while another thread holds the connection (a cell
         running) goes over a connection of its own instead of waiting."""
+
+        def exchange(conn: _Conn) -> Dict[str, Any]:
+            request = build(conn.next_id)
+            conn.next_id += 1
+            wait = P.reply_wait(request, self.timeout)
+            try:
+                return conn.call(request, wait, on_event)
+            except _socket.timeout:
+                raise Timeout(f"no reply from forkd on {self.socket_path} within {wait:g} s") from None
+
+        return self._use(exchange, side)
+
+    def _use(self, fn: Callable[[_Conn], Any], side: bool) -> Any:
+        """``fn(connection)`` on the client's connection (or, with ``side``
+        while it is busy, on a connection of its own)."""
         if side and not self._lock.acquire(blocking=False):
             conn = _Conn(self.socket_path)
             try:
-                return self._exchange(conn, build, on_event, shared=False)
+                return self._guard(conn, fn, shared=False)
             finally:
                 conn.close()
         if not side:
@@ -202,32 +230,23 @@ class Forkd:
         try:
             if self._conn is None:
                 self._conn = _Conn(self.socket_path)
-            return self._exchange(self._conn, build, on_event, shared=True)
+            return self._guard(self._conn, fn, shared=True)
         finally:
             self._lock.release()
 
-    def _exchange(
-        self,
-        conn: _Conn,
-        build: Callable[[int], Dict[str, Any]],
-        on_event: Optional[Callable[[Dict[str, Any]], None]],
-        shared: bool,
-    ) -> Dict[str, Any]:
-        request = build(conn.next_id)
-        conn.next_id += 1
-        wait = P.reply_wait(request, self.timeout)
+    def _guard(self, conn: _Conn, fn: Callable[[_Conn], Any], shared: bool) -> Any:
         # Anything but a complete exchange (a timeout, a broken stream, a
         # callback that raised, Ctrl-C) leaves unread frames behind: the
         # connection is dropped, which also makes the daemon cancel a
         # streaming request still running on it.
         usable = False
         try:
-            resp = conn.call(request, wait, on_event)
+            result = fn(conn)
             usable = True
-            return resp
+            return result
         except _socket.timeout:
-            raise Timeout(f"no reply from forkd on {self.socket_path} within {wait:g} s") from None
-        except (ProtocolError, ConnectionLost):
+            raise Timeout(f"no reply from forkd on {self.socket_path} in time") from None
+        except (ProtocolError, ConnectionLost, Timeout):
             raise
         except OSError as e:
             raise ConnectionLost(f"connection to forkd on {self.socket_path} failed: {e}") from None
@@ -237,6 +256,61 @@ class Forkd:
         finally:
             if not usable and shared:
                 self._drop()
+
+    def _read_file(self, fields: Mapping[str, Any], depth: int = 2) -> bytes:
+        """A whole file through ``file_read`` requests of ``MAX_FILE_CHUNK``
+        bytes, ``depth`` of them in flight at once (the daemon reads the
+        next chunk while this thread decodes one). A chunk shorter than
+        asked (the file changed) ends the pipelining; the rest is read one
+        request at a time."""
+
+        def go(conn: _Conn) -> bytes:
+            def send(offset: int) -> Dict[str, Any]:
+                r = v2_request(conn.next_id, "file_read", dict(fields, offset=offset, length=MAX_FILE_CHUNK))
+                conn.next_id += 1
+                conn.awaiting.add(r["id"])
+                conn.send(r, time.monotonic() + P.reply_wait(r, self.timeout))
+                return r
+
+            def receive(r: Dict[str, Any]) -> Dict[str, Any]:
+                try:
+                    return conn.next_for(r, time.monotonic() + P.reply_wait(r, self.timeout))
+                finally:
+                    conn.awaiting.discard(r["id"])
+
+            chunks: List[bytes] = []
+            end = 0  # contiguous bytes so far
+            resp = receive(send(0))
+            inflight: Deque[Dict[str, Any]] = collections.deque()
+            pipelined = True
+            while True:
+                if resp.get("kind") == "error":
+                    for r in inflight:  # leave the connection clean
+                        receive(r)
+                    raise P.error_of(resp)
+                expect_kind(resp, "file_data", "file_read")
+                if resp.get("offset") == end:
+                    data = P._unb64(resp.get("data", ""), "data")
+                    chunks.append(data)
+                    end += len(data)
+                    if len(data) < MAX_FILE_CHUNK and not resp.get("eof"):
+                        pipelined = False
+                    if resp.get("eof") or not data:
+                        for r in inflight:
+                            receive(r)
+                        return b"".join(chunks)
+                size = resp.get("size")
+                size = size if isinstance(size, int) else 0
+                planned = (inflight[-1]["offset"] + MAX_FILE_CHUNK) if inflight else end
+                while pipelined and len(inflight) < depth and planned < size:
+                    inflight.append(send(planned))
+                    planned += MAX_FILE_CHUNK
+                if inflight:
+                    resp = receive(inflight.popleft())
+                else:
+                    resp = receive(send(end))
+
+        return self._use(go, side=True)
 
     def _v2(
         self,

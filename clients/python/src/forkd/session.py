@@ -213,17 +213,7 @@ class Files:
         """The contents of ``path``: bytes, or text (UTF-8) with
         ``format="text"``. Raises FileNotFound, FileError."""
         text = _read_format(format)
-        p = _path(path)
-        chunks: List[bytes] = []
-        offset = 0
-        while True:
-            resp = self._s._client._v2("file_read", {"session": self._s.id, "path": p, "offset": offset, "length": MAX_FILE_CHUNK})
-            data, eof = _file_data(resp)
-            chunks.append(data)
-            offset += len(data)
-            if eof or not data:
-                break
-        out = b"".join(chunks)
+        out = self._s._client._read_file({"session": self._s.id, "path": _path(path)})
         return out.decode("utf-8", errors="replace") if text else out
 
     def list(self, path: str = ".") -> List[FileEntry]:
