@@ -416,8 +416,13 @@ class AsyncSessionTest(DaemonTest):
                     r = await s.run_code("print('hi')\n3", on_stdout=on_out)
                     self.assertEqual((r.text, seen), ("3", ["hi\n"]))
                     await s.files.write("a.txt", "A" * (9 << 20))  # two chunks
-                    self.assertEqual(len(await s.files.read("a.txt")), 9 << 20)
-                    self.assertEqual([e.name for e in await s.files.list(".")], ["a.txt"])
+                    self.assertEqual(await s.files.read("a.txt", format="text"), "A" * (9 << 20))
+                    blob = os.urandom(1 << 20) * 20 + b"tail"  # reads pipeline over 3 chunks
+                    await s.files.write("b.bin", blob)
+                    self.assertTrue(await s.files.read("b.bin") == blob)
+                    with self.assertRaises(FileNotFound):
+                        await s.files.read("missing.bin")
+                    self.assertEqual([e.name for e in await s.files.list(".")], ["a.txt", "b.bin"])
                     r = await s.commands.run("wc -c < a.txt")
                     self.assertEqual(r.stdout.strip(), str(9 << 20))
                     h = await s.commands.run("echo s; sleep 30", background=True)

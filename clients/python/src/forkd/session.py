@@ -9,6 +9,7 @@ files, and shell commands run beside it. Leaving its ``with`` block kills it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import socket as _socket
 import time
@@ -60,6 +61,9 @@ __all__ = [
 ]
 
 Calls = List[Tuple[Callable[[Any], Any], Any]]
+
+#: ``file_read`` requests an async read keeps in flight.
+_READ_DEPTH = 2
 
 
 def _read_format(format: Any) -> bool:
@@ -507,20 +511,43 @@ class AsyncFiles:
             await self._s._client._v2("file_write", fields)
 
     async def read(self, path: str, format: str = "bytes") -> Union[bytes, str]:
-        """The contents of ``path``; as :meth:`Files.read`."""
+        """The contents of ``path``; as :meth:`Files.read` (two chunk
+        requests in flight at once)."""
         text = _read_format(format)
-        p = _path(path)
+        base = {"session": self._s.id, "path": _path(path)}
+        client = self._s._client
+
+        async def one(offset: int) -> Dict[str, Any]:
+            return await client._v2("file_read", dict(base, offset=offset, length=MAX_FILE_CHUNK))
+
         chunks: List[bytes] = []
-        offset = 0
-        while True:
-            resp = await self._s._client._v2(
-                "file_read", {"session": self._s.id, "path": p, "offset": offset, "length": MAX_FILE_CHUNK}
-            )
-            data, eof = _file_data(resp)
-            chunks.append(data)
-            offset += len(data)
-            if eof or not data:
-                break
+        end = 0
+        inflight: "collections.deque[Tuple[int, asyncio.Future[Dict[str, Any]]]]" = collections.deque()
+        pipelined = True
+        try:
+            resp = await one(0)
+            while True:
+                expect_kind(resp, "file_data", "file_read")
+                if resp.get("offset") == end:
+                    data, eof = _file_data(resp)
+                    chunks.append(data)
+                    end += len(data)
+                    if len(data) < MAX_FILE_CHUNK and not eof:
+                        pipelined = False  # the file changed: one at a time
+                    if eof or not data:
+                        break
+                size = resp.get("size")
+                size = size if isinstance(size, int) else 0
+                planned = inflight[-1][0] + MAX_FILE_CHUNK if inflight else end
+                while pipelined and len(inflight) < _READ_DEPTH and planned < size:
+                    inflight.append((planned, asyncio.ensure_future(one(planned))))
+                    planned += MAX_FILE_CHUNK
+                resp = await inflight.popleft()[1] if inflight else await one(end)
+        finally:
+            for _, task in inflight:
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*(t for _, t in inflight), return_exceptions=True)
         out = b"".join(chunks)
         return out.decode("utf-8", errors="replace") if text else out
 
