@@ -236,6 +236,7 @@ class SessionInfo:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "SessionInfo":
+        """Parses a ``session`` response (or a ``session_list`` entry) (unknown fields ignored)."""
         sid = obj.get("session")
         if not isinstance(sid, str):
             raise ProtocolError("session reply without a string `session` id")
@@ -279,6 +280,7 @@ class DisplayResult(Dict[str, str]):
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "DisplayResult":
+        """Parses a ``display`` event or a result entry (unknown fields ignored)."""
         data = obj.get("data")
         if not isinstance(data, dict):
             raise ProtocolError("display data without a `data` object")
@@ -338,6 +340,7 @@ class CellResult:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "CellResult":
+        """Parses a ``cell`` response (unknown fields ignored)."""
         err = obj.get("error")
         text = obj.get("text")
         return cls(
@@ -389,6 +392,7 @@ class CommandResult:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "CommandResult":
+        """Parses a ``command`` response (unknown fields ignored)."""
         ec, sig = obj.get("exit_code"), obj.get("signal")
         return cls(
             exit_code=ec if isinstance(ec, int) else None,
@@ -416,6 +420,7 @@ class FileEntry:
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "FileEntry":
+        """Parses a ``file_stat`` response or a ``files`` entry (unknown fields ignored)."""
         return cls(
             name=str(obj.get("name", "")),
             path=str(obj.get("path", "")),
