@@ -619,6 +619,8 @@ class AsyncCommands:
         if not background:
             return await whole()
         task = asyncio.ensure_future(whole())
+        # A handle nobody waits on must not log "exception never retrieved".
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
