@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
+import tempfile
 import statistics
 import threading
 import time
 import unittest
 from typing import Any, List, Tuple
 
-from test_client import DaemonTest  # noqa: F401  (also puts src/ on sys.path)
+from test_client import DaemonTest, FakeServer, read_one_frame  # noqa: F401  (also puts src/ on sys.path)
 
 import forkd  # noqa: E402
 from forkd import AsyncForkd, Forkd  # noqa: E402
@@ -26,6 +29,7 @@ from forkd.errors import (  # noqa: E402
     FileError,
     FileNotFound,
     ForkdError,
+    ProtocolError,
     InvalidArgument,
     SessionEnded,
     SessionNotFound,
@@ -444,6 +448,46 @@ class AsyncSessionTest(DaemonTest):
                 await s2.kill()
 
         asyncio.run(main())
+
+
+class VersionTest(unittest.TestCase):
+    """Replies of the wrong version, from a real socket server that answers
+    with fixed frames."""
+
+    def serve(self, body: bytes) -> str:
+        tmp = tempfile.TemporaryDirectory(prefix="forkd-pyversion-")
+        self.addCleanup(tmp.cleanup)
+
+        def answer(conn: socket.socket) -> None:
+            read_one_frame(conn)
+            conn.sendall(struct.pack(">I", len(body)) + body)
+
+        server = FakeServer(tmp.name, answer)
+        self.addCleanup(server.close)
+        return server.path
+
+    def test_a_version_1_error_answers_a_version_2_request(self) -> None:
+        # The daemon sends errors it cannot attribute to a request's version as v 1.
+        path = self.serve(b'{"v":1,"id":1,"kind":"error","code":"unknown_session","message":"no session x"}')
+        fk = Forkd(path, timeout=10)
+        self.addCleanup(fk.close)
+        with self.assertRaises(SessionNotFound) as cm:
+            fk.attach("x")
+        self.assertEqual(cm.exception.message, "no session x")
+
+        async def main() -> None:
+            async with AsyncForkd(path, timeout=10) as afk:
+                with self.assertRaises(SessionNotFound):
+                    await afk.attach("x")
+
+        asyncio.run(main())
+
+    def test_a_version_1_session_reply_is_a_protocol_error(self) -> None:
+        path = self.serve(b'{"v":1,"id":1,"kind":"session","session":"x","zygote":"z","state":"running"}')
+        fk = Forkd(path, timeout=10)
+        self.addCleanup(fk.close)
+        with self.assertRaises(ProtocolError):
+            fk.attach("x")
 
 
 if __name__ == "__main__":
