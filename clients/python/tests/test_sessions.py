@@ -26,6 +26,7 @@ from test_client import DaemonTest, FakeServer, read_one_frame  # noqa: F401  (a
 import forkd  # noqa: E402
 from forkd import AsyncForkd, Forkd  # noqa: E402
 from forkd.errors import (  # noqa: E402
+    Cancelled,
     FileError,
     FileNotFound,
     ForkdError,
@@ -404,6 +405,24 @@ class AsyncSessionTest(DaemonTest):
                 finally:
                     await a.kill()
                     await b.kill()
+
+        asyncio.run(main())
+
+    def test_a_cancel_request_ends_its_target_with_cancelled(self) -> None:
+        async def main() -> None:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as fk:
+                async with fk.session() as s:
+                    conn = await fk._connection()
+                    started = asyncio.Event()
+                    rid = conn.next_id  # the id the cell's request takes
+                    cell = asyncio.ensure_future(s.run_code(LOOP, on_stdout=lambda _t: started.set()))
+                    await asyncio.wait_for(started.wait(), 30)
+                    conn._cancel_soon(rid)  # what cancelling another task would send
+                    with self.assertRaises(Cancelled) as cm:
+                        await asyncio.wait_for(cell, 30)
+                    self.assertEqual(cm.exception.code, "cancelled")
+                    self.assertTrue(cm.exception.message)
+                    self.assertEqual((await s.run_code("3 * 3")).text, "9")
 
         asyncio.run(main())
 
