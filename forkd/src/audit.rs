@@ -131,9 +131,42 @@ pub struct Record {
     /// Egress counters and connection log (requests with `allow_net`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<Box<forkd_ipc::NetworkReport>>,
+    /// The session (`session_created`, `session_ended`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Cells a session ran (`session_ended`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cells: Option<u64>,
 }
 
 impl Record {
+    /// A session's start or end: `event` is `session_created` or
+    /// `session_ended`; `outcome` is `ok` or why it ended (`killed`, `ttl`,
+    /// `idle`, `died`, `shutdown`).
+    pub fn session(
+        event: &'static str,
+        peer: Peer,
+        info: &forkd_ipc::SessionInfo,
+        outcome: &'static str,
+    ) -> Record {
+        let mut r = Record::refused(peer, 0);
+        r.event = event;
+        r.error = None;
+        r.outcome = outcome;
+        r.zygote = Some(info.zygote.clone());
+        r.limits = Some(info.limits.clone());
+        r.warm = Some(info.warm);
+        r.session = Some(info.session.clone());
+        if event == "session_ended" {
+            r.cells = Some(info.cells);
+            r.duration_ms = Some(info.age_ms as f64);
+            r.killed_by = info
+                .killed_by
+                .map(|k| crate::metrics::killed_by_label(Some(k)));
+        }
+        r
+    }
+
     /// A refused connection.
     pub fn refused(peer: Peer, connection: u64) -> Record {
         Record {
@@ -158,6 +191,8 @@ impl Record {
             duration_ms: None,
             payloads: None,
             network: None,
+            session: None,
+            cells: None,
         }
     }
 
@@ -226,6 +261,8 @@ impl Record {
             duration_ms: None,
             payloads,
             network: None,
+            session: None,
+            cells: None,
         }
     }
 

@@ -401,20 +401,24 @@ pub async fn start_with(
         };
         tracing::info!(endpoint = %shown, "serving metrics");
     }
+    let sessions = Arc::new(crate::session::Sessions::new(
+        state.clone(),
+        admission.clone(),
+        settings.config.sessions.clone(),
+        audit.clone(),
+    ));
     let metrics_server = metrics_listener.map(|l| {
-        let (state, metrics) = (state.clone(), metrics.clone());
-        let render: crate::metrics_http::Render =
-            Arc::new(move || metrics.render(state.snapshot()));
+        let (state, metrics, sessions) = (state.clone(), metrics.clone(), sessions.clone());
+        let render: crate::metrics_http::Render = Arc::new(move || {
+            let mut snapshot = state.snapshot();
+            snapshot.sessions = sessions.snapshot();
+            metrics.render(snapshot)
+        });
         tokio::spawn(crate::metrics_http::serve(render, l, shutdown_rx.clone()))
     });
     if let Some(path) = &settings.config.audit_log {
         tracing::info!(path = %path.display(), payloads = settings.config.audit_payloads, "audit log open");
     }
-    let sessions = Arc::new(crate::session::Sessions::new(
-        state.clone(),
-        admission.clone(),
-        settings.config.sessions.clone(),
-    ));
     let server = Arc::new(crate::server::Server::new(
         state.clone(),
         admission,

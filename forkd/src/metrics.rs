@@ -296,6 +296,17 @@ pub struct Snapshot {
     pub running: u64,
     pub max_concurrent: u64,
     pub zygotes: Vec<ZygoteSnapshot>,
+    pub sessions: SessionSnapshot,
+}
+
+/// Session figures for a scrape (filled in by the composition root).
+#[derive(Debug, Default, Clone)]
+pub struct SessionSnapshot {
+    pub live: u64,
+    pub created: u64,
+    pub cells: u64,
+    /// Ended sessions by why (`killed`, `ttl`, `idle`, `died`, `shutdown`).
+    pub ended: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug)]
@@ -355,6 +366,36 @@ impl Collector for Snapshot {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(self.sessions.live as i64).encode(encoder.encode_descriptor(
+            "forkd_sessions_live",
+            "Sessions alive right now (running or paused).",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(self.sessions.created).encode(encoder.encode_descriptor(
+            "forkd_sessions_created",
+            "Sessions created.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(self.sessions.cells).encode(encoder.encode_descriptor(
+            "forkd_session_cells",
+            "Cells run in sessions.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "forkd_sessions_ended",
+                "Sessions ended, by why (killed, ttl, idle, died, shutdown).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (why, n) in &self.sessions.ended {
+                let labels = [("ended_by", *why)];
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+            }
+        }
         let z = &self.zygotes;
         let gauge = |f: fn(&ZygoteSnapshot) -> Option<u64>| {
             z.iter()

@@ -104,6 +104,7 @@ impl State {
             running: self.running() as u64,
             max_concurrent: self.max_concurrent as u64,
             zygotes,
+            sessions: crate::metrics::SessionSnapshot::default(),
         }
     }
 }

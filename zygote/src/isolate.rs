@@ -6,12 +6,10 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use landlock::{
-    Access, AccessFs, BitFlags, Compatible, PathBeneath, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, Scope, ABI,
-};
+use landlock::{Access, AccessFs, BitFlags, ABI};
 use seccompiler::BpfProgram;
 
+use crate::kernel::{Kernel, LandlockRule, LinuxKernel};
 use crate::policy::LandlockLevel;
 use crate::spec::{ChildSpec, LandlockStatus};
 use crate::sys;
@@ -43,7 +41,7 @@ pub struct Prepared {
 
 /// One tmpfs for /tmp and /dev/shm together (one `scratch_bytes` budget),
 /// owned by the sandbox's uid when it has one.
-fn mount_scratch(spec: &ChildSpec) -> Result<(), IsolateError> {
+fn mount_scratch<K: Kernel>(k: &K, spec: &ChildSpec) -> Result<(), IsolateError> {
     let owner = spec
         .uid
         .map(|id| format!(",uid={id},gid={id}"))
@@ -54,7 +52,7 @@ fn mount_scratch(spec: &ChildSpec) -> Result<(), IsolateError> {
         spec.scratch_bytes
     ))
     .map_err(|_| at("scratch options")(io::ErrorKind::InvalidInput.into()))?;
-    sys::mount(
+    k.mount(
         Some(c"tmpfs"),
         c"/dev/.scratch",
         Some(c"tmpfs"),
@@ -66,8 +64,9 @@ fn mount_scratch(spec: &ChildSpec) -> Result<(), IsolateError> {
         (c"/dev/.scratch/tmp", c"/tmp"),
         (c"/dev/.scratch/shm", c"/dev/shm"),
     ] {
-        sys::mkdir_owned(dir, mode, spec.uid).map_err(at("make a scratch directory"))?;
-        sys::mount(Some(dir), target, None, libc::MS_BIND, None)
+        k.mkdir_owned(dir, mode, spec.uid)
+            .map_err(at("make a scratch directory"))?;
+        k.mount(Some(dir), target, None, libc::MS_BIND, None)
             .map_err(at("bind a scratch directory"))?;
     }
     // The stage stays mounted: an unmount waits for an expedited RCU grace
@@ -85,15 +84,19 @@ pub struct IsolateError {
     source: io::Error,
 }
 
-fn at(step: &'static str) -> impl FnOnce(io::Error) -> IsolateError {
-    move |source| IsolateError { step, source }
+impl IsolateError {
+    /// The step of the sequence that failed.
+    pub fn step(&self) -> &'static str {
+        self.step
+    }
+    /// The kernel's error (errno) or the reason.
+    pub fn io_error(&self) -> &io::Error {
+        &self.source
+    }
 }
 
-fn landlock_err<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> IsolateError {
-    move |e| IsolateError {
-        step,
-        source: io::Error::other(e.to_string()),
-    }
+fn at(step: &'static str) -> impl FnOnce(io::Error) -> IsolateError {
+    move |source| IsolateError { step, source }
 }
 
 /// Isolates the calling process (a just-forked child, pid 1 of a new pid
@@ -106,39 +109,55 @@ pub fn isolate_child(
     last_cap: u32,
     netns: Option<BorrowedFd<'_>>,
 ) -> Result<(), IsolateError> {
+    isolate_with(&LinuxKernel, spec, policy, hostname, last_cap, netns)
+}
+
+/// The isolation sequence, performed through `k` (the unit tests below run it
+/// against a recording [`Kernel`]). Every kernel error stops it at once and
+/// names the step.
+pub fn isolate_with<K: Kernel>(
+    k: &K,
+    spec: &ChildSpec,
+    policy: &Prepared,
+    hostname: &str,
+    last_cap: u32,
+    netns: Option<BorrowedFd<'_>>,
+) -> Result<(), IsolateError> {
     // Die with the zygote: a sandbox never outlives the process that reports it.
-    sys::set_parent_death_signal(libc::SIGKILL).map_err(at("set parent-death signal"))?;
+    k.set_parent_death_signal(libc::SIGKILL)
+        .map_err(at("set parent-death signal"))?;
 
     // Join the cgroup while the host's cgroupfs is still visible.
     for procs in &spec.cgroup_procs {
-        std::fs::write(procs, b"0").map_err(at("join cgroup"))?;
+        k.join_cgroup(procs).map_err(at("join cgroup"))?;
     }
 
     // Workspace mounts are made while the host is still visible (see workspace.rs).
     let workspace = match &spec.workspace {
-        Some(plan) => Some(crate::workspace::prepare(plan).map_err(workspace_err)?),
+        Some(plan) => Some(k.prepare_workspace(plan).map_err(at("workspace"))?),
         None => None,
     };
 
-    sys::setns(policy.template.mount_ns.as_fd(), libc::CLONE_NEWNS)
+    k.setns(policy.template.mount_ns.as_fd(), libc::CLONE_NEWNS)
         .map_err(at("enter the sandbox root"))?;
     // A network namespace made ahead of time (lo already up) saves most of
     // the isolation cost; without one the child makes its own.
     let mut fresh =
         libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
     match netns {
-        Some(fd) => sys::setns(fd, libc::CLONE_NEWNET)
+        Some(fd) => k
+            .setns(fd, libc::CLONE_NEWNET)
             .map_err(at("enter the prepared network namespace"))?,
         None => fresh |= libc::CLONE_NEWNET,
     }
-    sys::unshare(fresh).map_err(at("unshare namespaces"))?;
+    k.unshare(fresh).map_err(at("unshare namespaces"))?;
 
     // Binds the fresh tmpfs mounts below would hide (a venv under /tmp):
     // keep a handle on each to bind it again on top.
-    let shadowed = reopen_shadowed(&policy.template.shadowed)?;
+    let shadowed = reopen_shadowed(k, &policy.template.shadowed)?;
 
-    mount_scratch(spec)?;
-    sys::mount(
+    mount_scratch(k, spec)?;
+    k.mount(
         Some(c"proc"),
         c"/proc",
         Some(c"proc"),
@@ -147,116 +166,116 @@ pub fn isolate_child(
     )
     .map_err(at("mount /proc"))?;
     for file in &policy.proc_masked {
-        match sys::mount(Some(c"/dev/null"), file, None, libc::MS_BIND, None) {
+        match k.mount(Some(c"/dev/null"), file, None, libc::MS_BIND, None) {
             // Not in this kernel: nothing to hide.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             r => r.map_err(at("mask a /proc file"))?,
         }
     }
     for (path, fd) in &shadowed {
-        rebind(path, fd).map_err(at("bind an interpreter path under /tmp"))?;
+        rebind(k, path, fd).map_err(at("bind an interpreter path under /tmp"))?;
     }
     drop(shadowed);
     let workspace_rules = match workspace {
-        Some(ws) => ws
-            .attach(LANDLOCK_ABI, sys::landlock_abi())
-            .map_err(workspace_err)?,
+        Some(ws) => k
+            .attach_workspace(ws, LANDLOCK_ABI)
+            .map_err(at("workspace"))?,
         None => Vec::new(),
     };
-    sys::chdir(c"/tmp").map_err(at("chdir to scratch"))?;
+    k.chdir(c"/tmp").map_err(at("chdir to scratch"))?;
 
-    sys::sethostname(hostname.as_bytes()).map_err(at("set hostname"))?;
+    k.sethostname(hostname.as_bytes())
+        .map_err(at("set hostname"))?;
     if netns.is_none() {
-        sys::loopback_up().map_err(at("bring loopback up"))?;
+        k.loopback_up().map_err(at("bring loopback up"))?;
     }
 
-    sys::setrlimit(libc::RLIMIT_CORE, 0).map_err(at("RLIMIT_CORE"))?;
+    k.setrlimit(libc::RLIMIT_CORE, 0)
+        .map_err(at("RLIMIT_CORE"))?;
     // Budgets the kernel keeps per user (and the sandbox's uid is its own),
     // set here rather than inherited from the daemon.
-    sys::setrlimit(libc::RLIMIT_MEMLOCK, MEMLOCK_BYTES).map_err(at("RLIMIT_MEMLOCK"))?;
-    sys::setrlimit(libc::RLIMIT_MSGQUEUE, MSGQUEUE_BYTES).map_err(at("RLIMIT_MSGQUEUE"))?;
-    sys::setrlimit(libc::RLIMIT_SIGPENDING, SIGPENDING).map_err(at("RLIMIT_SIGPENDING"))?;
-    sys::setrlimit(libc::RLIMIT_FSIZE, spec.file_size_bytes).map_err(at("RLIMIT_FSIZE"))?;
+    k.setrlimit(libc::RLIMIT_MEMLOCK, MEMLOCK_BYTES)
+        .map_err(at("RLIMIT_MEMLOCK"))?;
+    k.setrlimit(libc::RLIMIT_MSGQUEUE, MSGQUEUE_BYTES)
+        .map_err(at("RLIMIT_MSGQUEUE"))?;
+    k.setrlimit(libc::RLIMIT_SIGPENDING, SIGPENDING)
+        .map_err(at("RLIMIT_SIGPENDING"))?;
+    k.setrlimit(libc::RLIMIT_FSIZE, spec.file_size_bytes)
+        .map_err(at("RLIMIT_FSIZE"))?;
 
     // Capabilities: bounding set (needs CAP_SETPCAP, so first), securebits,
     // ambient, then the process's own sets.
     for cap in 0..=last_cap {
-        match sys::drop_bounding_cap(cap) {
+        match k.drop_bounding_cap(cap) {
             Ok(()) => {}
             // A capability number this kernel does not know.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
             Err(e) => return Err(at("drop bounding capability")(e)),
         }
     }
-    sys::lock_securebits().map_err(at("lock securebits"))?;
+    k.lock_securebits().map_err(at("lock securebits"))?;
     if let Some(uid) = spec.uid {
         // Own unprivileged ids: per-user kernel budgets are this sandbox's
         // alone and owner checks fail on host objects. (NO_SETUID_FIXUP is
         // locked, so capabilities survive this; they are cleared next.)
-        sys::become_user(uid, uid).map_err(at("switch to the sandbox's uid"))?;
-        sys::set_dumpable().map_err(at("set dumpable"))?;
+        k.become_user(uid, uid)
+            .map_err(at("switch to the sandbox's uid"))?;
+        k.set_dumpable().map_err(at("set dumpable"))?;
         // A credential change clears the parent-death signal: without it
         // again, a sandbox would outlive its zygote (and a killed daemon).
-        sys::set_parent_death_signal(libc::SIGKILL).map_err(at("set parent-death signal again"))?;
+        k.set_parent_death_signal(libc::SIGKILL)
+            .map_err(at("set parent-death signal again"))?;
     }
-    sys::clear_ambient_caps().map_err(at("clear ambient capabilities"))?;
-    sys::clear_capabilities().map_err(at("drop capabilities"))?;
-    sys::set_no_new_privs().map_err(at("set no_new_privs"))?;
+    k.clear_ambient_caps()
+        .map_err(at("clear ambient capabilities"))?;
+    k.clear_capabilities().map_err(at("drop capabilities"))?;
+    k.set_no_new_privs().map_err(at("set no_new_privs"))?;
 
-    apply_landlock(policy, &workspace_rules)?;
+    apply_landlock(k, policy, &workspace_rules)?;
     drop(workspace_rules); // before close_range below closes their descriptors
 
-    sys::close_range(FIRST_CLOSED_FD, u32::MAX).map_err(at("close inherited descriptors"))?;
+    k.close_range(FIRST_CLOSED_FD, u32::MAX)
+        .map_err(at("close inherited descriptors"))?;
     // Only now: until the close above, this process holds the zygote's
     // descriptors (a pidfd per running sibling), which can exceed the limit.
-    sys::setrlimit(libc::RLIMIT_NOFILE, spec.open_files).map_err(at("RLIMIT_NOFILE"))?;
-    seccompiler::apply_filter(&policy.seccomp)
-        .map_err(|e| at("install seccomp filter")(io::Error::other(e.to_string())))?;
+    k.setrlimit(libc::RLIMIT_NOFILE, spec.open_files)
+        .map_err(at("RLIMIT_NOFILE"))?;
+    k.apply_seccomp(&policy.seccomp)
+        .map_err(at("install seccomp filter"))?;
     Ok(())
 }
 
-fn reopen_shadowed(
+fn reopen_shadowed<K: Kernel>(
+    k: &K,
     paths: &[std::path::PathBuf],
 ) -> Result<Vec<(std::path::PathBuf, std::os::fd::OwnedFd)>, IsolateError> {
     paths
         .iter()
         .map(|p| {
             let c = sys::cstring(p).map_err(at("interpreter path"))?;
-            let fd = sys::open(&c, libc::O_PATH, 0)
+            let fd = k
+                .open(&c, libc::O_PATH, 0)
                 .map_err(at("open an interpreter path under /tmp"))?;
             Ok((p.clone(), fd))
         })
         .collect()
 }
 
-fn rebind(path: &std::path::Path, fd: &std::os::fd::OwnedFd) -> io::Result<()> {
+fn rebind<K: Kernel>(k: &K, path: &std::path::Path, fd: &std::os::fd::OwnedFd) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let is_dir = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.is_dir();
-    if is_dir {
-        std::fs::create_dir_all(path)?;
-    } else {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::File::create(path)?;
-    }
+    let is_dir = k.is_dir(fd.as_fd())?;
+    k.make_mount_point(path, is_dir)?;
     let src = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // A bind keeps the source mount's flags: read-only, nosuid, nodev.
-    sys::mount(Some(&src), &sys::cstring(path)?, None, libc::MS_BIND, None)
-}
-
-fn workspace_err(e: crate::workspace::WorkspaceError) -> IsolateError {
-    IsolateError {
-        step: "workspace",
-        source: io::Error::other(e.to_string()),
-    }
+    k.mount(Some(&src), &sys::cstring(path)?, None, libc::MS_BIND, None)
 }
 
 /// Restricts the calling process with the policy's landlock ruleset (and a
 /// workspace's grants), at the policy's compatibility level; returns what the
 /// kernel enforces.
-fn apply_landlock(
+fn apply_landlock<K: Kernel>(
+    k: &K,
     policy: &Prepared,
     workspace: &[(std::os::fd::OwnedFd, BitFlags<AccessFs>)],
 ) -> Result<LandlockStatus, IsolateError> {
@@ -267,14 +286,12 @@ fn apply_landlock(
     let rw_file = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
     let paths = &policy.template.landlock;
 
-    let scratch =
-        sys::open(c"/tmp", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(at("open scratch"))?;
-    let shm =
-        sys::open(c"/dev/shm", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(at("open /dev/shm"))?;
-    let proc_fd =
-        sys::open(c"/proc", libc::O_PATH | libc::O_DIRECTORY, 0).map_err(at("open /proc"))?;
+    let dir = libc::O_PATH | libc::O_DIRECTORY;
+    let scratch = k.open(c"/tmp", dir, 0).map_err(at("open scratch"))?;
+    let shm = k.open(c"/dev/shm", dir, 0).map_err(at("open /dev/shm"))?;
+    let proc_fd = k.open(c"/proc", dir, 0).map_err(at("open /proc"))?;
 
-    let mut rules: Vec<(BorrowedFd<'_>, BitFlags<AccessFs>)> = Vec::new();
+    let mut rules: Vec<LandlockRule<'_>> = Vec::new();
     rules.extend(paths.read_exec_dirs.iter().map(|fd| (fd.as_fd(), read_dir)));
     rules.extend(
         paths
@@ -294,30 +311,8 @@ fn apply_landlock(
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
     rules.extend(workspace.iter().map(|(fd, access)| (fd.as_fd(), *access)));
 
-    let mut ruleset = Ruleset::default()
-        .set_compatibility(policy.landlock.compat_level())
-        .handle_access(all)
-        .map_err(landlock_err("landlock ruleset"))?
-        .scope(Scope::from_all(abi))
-        .map_err(landlock_err("landlock scope"))?
-        .create()
-        .map_err(landlock_err("landlock create"))?;
-    for (fd, access) in rules {
-        ruleset = ruleset
-            .add_rule(PathBeneath::new(fd, access))
-            .map_err(landlock_err("landlock rule"))?;
-    }
-    // Best effort without landlock: NotEnforced, and the mount namespace alone
-    // confines the filesystem. The zygote measures this status once at init
-    // (probe_landlock) and the daemon reports it, keeping this path quiet.
-    let status = ruleset
-        .restrict_self()
-        .map_err(landlock_err("landlock restrict_self"))?;
-    Ok(match status.ruleset {
-        RulesetStatus::FullyEnforced => LandlockStatus::FullyEnforced,
-        RulesetStatus::PartiallyEnforced => LandlockStatus::PartiallyEnforced,
-        RulesetStatus::NotEnforced => LandlockStatus::NotEnforced,
-    })
+    k.restrict_landlock(abi, policy.landlock.compat_level(), &rules)
+        .map_err(at("landlock"))
 }
 
 /// Measures what the kernel enforces of `policy`'s landlock ruleset: a
@@ -331,7 +326,7 @@ pub fn probe_landlock(policy: &Prepared) -> Result<LandlockStatus, String> {
     // single-threaded; the child only builds the ruleset and _exits.
     let pid = match unsafe { sys::fork() }.map_err(|e| format!("fork landlock probe: {e}"))? {
         sys::Fork::Child => {
-            let code = match apply_landlock(policy, &[]) {
+            let code = match apply_landlock(&LinuxKernel, policy, &[]) {
                 Ok(LandlockStatus::FullyEnforced) => 0,
                 Ok(LandlockStatus::PartiallyEnforced) => 1,
                 Ok(LandlockStatus::NotEnforced) => 2,
@@ -361,5 +356,479 @@ pub fn probe_landlock(policy: &Prepared) -> Result<LandlockStatus, String> {
         _ => Err(format!(
             "applying the landlock ruleset failed in a probe child (wait status {status:#x}); the zygote's stderr says why"
         )),
+    }
+}
+
+/// The sequence's order and error handling, run against a recording kernel:
+/// no root needed, and nothing happens to the test process.
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::kernel::recorder::Recorder;
+    use crate::template::LandlockPaths;
+    use crate::Policy;
+
+    const UID: u32 = 1000;
+    const SCRATCH: u64 = 64 << 20;
+    const FSIZE: u64 = 1 << 30;
+    const NOFILE: u64 = 256;
+    /// Capabilities 0 and 1 only, to keep the log short.
+    const LAST_CAP: u32 = 1;
+    const CGROUP: &str = "/sys/fs/cgroup/forkd/sandbox-1/cgroup.procs";
+
+    fn stand_in() -> std::os::fd::OwnedFd {
+        sys::open(c"/dev/null", libc::O_PATH, 0).expect("open /dev/null")
+    }
+
+    /// The default policy, made ready as the zygote does, on stand-in
+    /// descriptors; one interpreter path (a venv) lies under /tmp.
+    fn prepared() -> Prepared {
+        let policy = Policy::default_policy();
+        Prepared {
+            template: Template {
+                mount_ns: stand_in(),
+                landlock: LandlockPaths {
+                    read_exec_dirs: vec![stand_in()],
+                    ..LandlockPaths::default()
+                },
+                bound: Vec::new(),
+                shadowed: vec![PathBuf::from("/tmp/venv")],
+            },
+            seccomp: policy.compile_seccomp().expect("default policy compiles"),
+            landlock: policy.landlock,
+            proc_masked: vec![c"/proc/keys".to_owned()],
+        }
+    }
+
+    fn spec(uid: Option<u32>) -> ChildSpec {
+        ChildSpec {
+            policy: "default".into(),
+            cgroup_procs: vec![CGROUP.into()],
+            scratch_bytes: SCRATCH,
+            open_files: NOFILE,
+            file_size_bytes: FSIZE,
+            isolate: true,
+            workspace: None,
+            uid,
+        }
+    }
+
+    fn run(
+        k: &Recorder,
+        spec: &ChildSpec,
+        netns: Option<BorrowedFd<'_>>,
+    ) -> Result<(), IsolateError> {
+        isolate_with(k, spec, &prepared(), "sandbox", LAST_CAP, netns)
+    }
+
+    /// Every call of a sandbox with its own uid and a fresh network namespace,
+    /// in order, with the step an error in it is reported as.
+    fn expected(policy: &Prepared) -> Vec<(String, &'static str)> {
+        let scratch_opts = format!("size={SCRATCH},nr_inodes=65536,mode=700,uid={UID},gid={UID}");
+        let calls: Vec<(String, &'static str)> = vec![
+            ("pdeathsig(9)".into(), "set parent-death signal"),
+            (format!("join_cgroup({CGROUP})"), "join cgroup"),
+            ("setns(NEWNS)".into(), "enter the sandbox root"),
+            (
+                "unshare(NEWNS|NEWIPC|NEWUTS|NEWCGROUP|NEWNET)".into(),
+                "unshare namespaces",
+            ),
+            (
+                "open(/tmp/venv, O_PATH)".into(),
+                "open an interpreter path under /tmp",
+            ),
+            (
+                format!("mount(tmpfs, /dev/.scratch, tmpfs, NOSUID|NODEV, {scratch_opts})"),
+                "mount scratch tmpfs",
+            ),
+            (
+                format!("mkdir(/dev/.scratch/tmp, 700, Some({UID}))"),
+                "make a scratch directory",
+            ),
+            (
+                "mount(/dev/.scratch/tmp, /tmp, -, BIND, -)".into(),
+                "bind a scratch directory",
+            ),
+            (
+                format!("mkdir(/dev/.scratch/shm, 700, Some({UID}))"),
+                "make a scratch directory",
+            ),
+            (
+                "mount(/dev/.scratch/shm, /dev/shm, -, BIND, -)".into(),
+                "bind a scratch directory",
+            ),
+            (
+                "mount(proc, /proc, proc, RDONLY|NOSUID|NODEV|NOEXEC, -)".into(),
+                "mount /proc",
+            ),
+            (
+                "mount(/dev/null, /proc/keys, -, BIND, -)".into(),
+                "mask a /proc file",
+            ),
+            ("is_dir()".into(), "bind an interpreter path under /tmp"),
+            (
+                "make_mount_point(/tmp/venv, dir=true)".into(),
+                "bind an interpreter path under /tmp",
+            ),
+            (
+                "mount(/proc/self/fd/N, /tmp/venv, -, BIND, -)".into(),
+                "bind an interpreter path under /tmp",
+            ),
+            ("chdir(/tmp)".into(), "chdir to scratch"),
+            ("sethostname(sandbox)".into(), "set hostname"),
+            ("loopback_up()".into(), "bring loopback up"),
+            ("setrlimit(CORE, 0)".into(), "RLIMIT_CORE"),
+            (
+                format!("setrlimit(MEMLOCK, {MEMLOCK_BYTES})"),
+                "RLIMIT_MEMLOCK",
+            ),
+            (
+                format!("setrlimit(MSGQUEUE, {MSGQUEUE_BYTES})"),
+                "RLIMIT_MSGQUEUE",
+            ),
+            (
+                format!("setrlimit(SIGPENDING, {SIGPENDING})"),
+                "RLIMIT_SIGPENDING",
+            ),
+            (format!("setrlimit(FSIZE, {FSIZE})"), "RLIMIT_FSIZE"),
+            ("drop_bounding_cap(0)".into(), "drop bounding capability"),
+            ("drop_bounding_cap(1)".into(), "drop bounding capability"),
+            ("lock_securebits()".into(), "lock securebits"),
+            (
+                format!("become_user({UID}, {UID})"),
+                "switch to the sandbox's uid",
+            ),
+            ("set_dumpable()".into(), "set dumpable"),
+            ("pdeathsig(9)".into(), "set parent-death signal again"),
+            ("clear_ambient_caps()".into(), "clear ambient capabilities"),
+            ("clear_capabilities()".into(), "drop capabilities"),
+            ("no_new_privs()".into(), "set no_new_privs"),
+            ("open(/tmp, O_PATH|O_DIRECTORY)".into(), "open scratch"),
+            ("open(/dev/shm, O_PATH|O_DIRECTORY)".into(), "open /dev/shm"),
+            ("open(/proc, O_PATH|O_DIRECTORY)".into(), "open /proc"),
+            // The template's one directory, /tmp, /dev/shm and /proc.
+            (
+                "restrict_landlock(V6, BestEffort, 4 rules)".into(),
+                "landlock",
+            ),
+            (
+                "close_range(4, 0xffffffff)".into(),
+                "close inherited descriptors",
+            ),
+            (format!("setrlimit(NOFILE, {NOFILE})"), "RLIMIT_NOFILE"),
+            (
+                format!("seccomp({} instructions)", policy.seccomp.len()),
+                "install seccomp filter",
+            ),
+        ];
+        calls
+    }
+
+    /// Position of the first call rendered as `prefix...`.
+    fn first(log: &[String], prefix: &str) -> usize {
+        log.iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no call `{prefix}...` in {log:#?}"))
+    }
+
+    /// Position of the last call rendered as `prefix...`.
+    fn last(log: &[String], prefix: &str) -> usize {
+        log.iter()
+            .rposition(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no call `{prefix}...` in {log:#?}"))
+    }
+
+    #[track_caller]
+    fn before(log: &[String], earlier: &str, later: &str, why: &str) {
+        assert!(
+            last(log, earlier) < first(log, later),
+            "`{earlier}` must come before `{later}` ({why}); calls: {log:#?}"
+        );
+    }
+
+    #[test]
+    fn the_sequence_makes_exactly_these_calls_in_this_order() {
+        let k = Recorder::new();
+        run(&k, &spec(Some(UID)), None).expect("nothing fails");
+        let want: Vec<String> = expected(&prepared()).into_iter().map(|(c, _)| c).collect();
+        assert_eq!(k.rendered(), want);
+    }
+
+    /// Each ordering the sequence depends on, with the reason: these say which
+    /// constraint a reordering breaks.
+    #[test]
+    fn each_step_runs_after_what_it_needs() {
+        let k = Recorder::new();
+        run(&k, &spec(Some(UID)), None).expect("nothing fails");
+        let log = k.rendered();
+        let b = |earlier, later, why| before(&log, earlier, later, why);
+        b(
+            "join_cgroup",
+            "setns(NEWNS)",
+            "the host's cgroupfs is visible only before",
+        );
+        b(
+            "join_cgroup",
+            "unshare",
+            "a cgroup namespace is rooted at the cgroup joined before it",
+        );
+        b(
+            "setns(NEWNS)",
+            "unshare",
+            "the fresh mount namespace copies the sandbox's root",
+        );
+        b(
+            "unshare",
+            "mount",
+            "mounts must land in the child's own mount namespace",
+        );
+        b(
+            "unshare",
+            "sethostname",
+            "the hostname is the child's own UTS namespace's",
+        );
+        b(
+            "unshare",
+            "loopback_up",
+            "the loopback is the child's own network namespace's",
+        );
+        b(
+            "open(/tmp/venv",
+            "mount(tmpfs",
+            "the scratch tmpfs hides the interpreter path",
+        );
+        b(
+            "mount(tmpfs",
+            "chdir(/tmp)",
+            "the working directory is the child's scratch",
+        );
+        b(
+            "setrlimit(FSIZE",
+            "clear_capabilities",
+            "setting limits may need CAP_SYS_RESOURCE",
+        );
+        b(
+            "drop_bounding_cap",
+            "clear_capabilities",
+            "dropping the bounding set needs CAP_SETPCAP",
+        );
+        b(
+            "lock_securebits",
+            "become_user",
+            "NO_SETUID_FIXUP keeps capabilities across the uid change",
+        );
+        b(
+            "become_user",
+            "clear_capabilities",
+            "changing ids needs CAP_SETUID and CAP_SETGID",
+        );
+        assert_eq!(
+            first(&log, "pdeathsig"),
+            0,
+            "die with the zygote from the start"
+        );
+        assert!(
+            last(&log, "pdeathsig") > first(&log, "become_user"),
+            "a credential change clears the parent-death signal: it is set again after; {log:#?}"
+        );
+        b(
+            "clear_ambient_caps",
+            "clear_capabilities",
+            "the ambient set is cleared with the others",
+        );
+        b(
+            "no_new_privs",
+            "restrict_landlock",
+            "landlock without CAP_SYS_ADMIN needs no_new_privs",
+        );
+        b(
+            "no_new_privs",
+            "seccomp",
+            "a filter without CAP_SYS_ADMIN needs no_new_privs",
+        );
+        b(
+            "open(/proc, ",
+            "close_range",
+            "landlock's descriptors are opened before the close",
+        );
+        b(
+            "restrict_landlock",
+            "seccomp",
+            "the filter may deny the landlock calls",
+        );
+        b(
+            "close_range",
+            "seccomp",
+            "the zygote's descriptors are closed before user code",
+        );
+        b(
+            "close_range",
+            "setrlimit(NOFILE",
+            "the inherited descriptors may exceed the limit",
+        );
+        assert_eq!(
+            last(&log, "seccomp"),
+            log.len() - 1,
+            "seccomp is the last call: {log:#?}"
+        );
+    }
+
+    #[test]
+    fn a_prepared_network_namespace_is_entered_not_made() {
+        // And the interpreter path under /tmp is a file, not a directory.
+        let k = Recorder::new().dirs(false);
+        let netns = stand_in();
+        run(&k, &spec(None), Some(netns.as_fd())).expect("nothing fails");
+        let log = k.rendered();
+        before(
+            &log,
+            "setns(NEWNS)",
+            "setns(NEWNET)",
+            "the sandbox root first",
+        );
+        before(
+            &log,
+            "setns(NEWNET)",
+            "unshare",
+            "the rest is unshared after",
+        );
+        assert!(
+            log.contains(&"unshare(NEWNS|NEWIPC|NEWUTS|NEWCGROUP)".to_owned()),
+            "{log:#?}"
+        );
+        assert!(
+            !log.iter().any(|c| c.starts_with("loopback_up")),
+            "lo is already up: {log:#?}"
+        );
+        // Without a uid of its own the sandbox neither switches ids nor
+        // needs the parent-death signal again.
+        assert!(!log
+            .iter()
+            .any(|c| c.starts_with("become_user") || c.starts_with("set_dumpable")));
+        assert_eq!(log.iter().filter(|c| c.starts_with("pdeathsig")).count(), 1);
+        assert!(log.contains(&"make_mount_point(/tmp/venv, dir=false)".to_owned()));
+    }
+
+    #[test]
+    fn a_workspace_is_cloned_on_the_host_and_mounted_inside() {
+        let k = Recorder::new();
+        let mut spec = spec(Some(UID));
+        spec.workspace = Some(forkd_workspace::MountPlan {
+            host_root: PathBuf::from("/srv/project"),
+            root_dev: 0,
+            root_ino: 0,
+            mount_point: forkd_workspace::DEFAULT_MOUNT_POINT.into(),
+            kind: forkd_workspace::Kind::Direct,
+            upper: None,
+            root_mode: forkd_workspace::Mode::Write,
+            hidden: Vec::new(),
+            binds: Vec::new(),
+            grants: Vec::new(),
+            visited: 0,
+        });
+        run(&k, &spec, None).expect("nothing fails");
+        let log = k.rendered();
+        before(
+            &log,
+            "join_cgroup",
+            "prepare_workspace(/srv/project)",
+            "as in the plain sequence",
+        );
+        before(
+            &log,
+            "prepare_workspace",
+            "setns(NEWNS)",
+            "the host is visible only before",
+        );
+        before(
+            &log,
+            "mount(proc",
+            "attach_workspace",
+            "it mounts into the child's namespace",
+        );
+        before(
+            &log,
+            "attach_workspace",
+            "restrict_landlock",
+            "its rules join the ruleset",
+        );
+        before(
+            &log,
+            "attach_workspace",
+            "close_range",
+            "its rules hold descriptors",
+        );
+    }
+
+    /// A failure at any call stops the sequence at that call (nothing after it
+    /// runs) and the error names the step and carries the errno.
+    #[test]
+    fn a_failure_at_any_step_stops_the_sequence_there() {
+        let policy = prepared();
+        let steps = expected(&policy);
+        for (index, (call, step)) in steps.iter().enumerate() {
+            // A different errno per step, so a stale one cannot pass.
+            let errno = [libc::EPERM, libc::EACCES, libc::EBUSY, libc::ENOMEM][index % 4];
+            let k = Recorder::fail_at(index, errno);
+            let err = run(&k, &spec(Some(UID)), None)
+                .expect_err(&format!("a failing `{call}` must fail the sequence"));
+            let ran = k.rendered();
+            assert_eq!(
+                ran.last(),
+                Some(call),
+                "the failing call is the last one made"
+            );
+            assert_eq!(
+                ran.len(),
+                index + 1,
+                "nothing runs after a failed `{call}`: {ran:#?}"
+            );
+            assert_eq!(err.step(), *step, "step named for a failed `{call}`");
+            assert_eq!(
+                err.io_error().raw_os_error(),
+                Some(errno),
+                "errno of a failed `{call}`"
+            );
+            let message = err.to_string();
+            let strerror = io::Error::from_raw_os_error(errno).to_string();
+            assert!(
+                message.starts_with(step) && message.contains(&strerror),
+                "the message names the step and the errno: {message}"
+            );
+        }
+    }
+
+    /// The two errors the sequence tolerates, and only with their errno.
+    #[test]
+    fn only_an_absent_proc_file_and_an_unknown_capability_are_tolerated() {
+        // A /proc file this kernel lacks has nothing to hide.
+        let k = Recorder::fail_first("mount(/dev/null, /proc/keys", libc::ENOENT);
+        run(&k, &spec(None), None).expect("ENOENT masking /proc/keys is tolerated");
+        assert!(k
+            .rendered()
+            .last()
+            .is_some_and(|c| c.starts_with("seccomp")));
+        // A capability number this kernel does not know.
+        let k = Recorder::fail_every("drop_bounding_cap", libc::EINVAL);
+        run(&k, &spec(None), None).expect("EINVAL dropping a capability is tolerated");
+        assert!(k
+            .rendered()
+            .last()
+            .is_some_and(|c| c.starts_with("seccomp")));
+        // Any other errno there is an error.
+        let k = Recorder::fail_first("mount(/dev/null, /proc/keys", libc::EPERM);
+        let err = run(&k, &spec(None), None).expect_err("EPERM masking /proc is an error");
+        assert_eq!(
+            (err.step(), err.io_error().raw_os_error()),
+            ("mask a /proc file", Some(libc::EPERM))
+        );
+        let k = Recorder::fail_every("drop_bounding_cap", libc::EPERM);
+        let err = run(&k, &spec(None), None).expect_err("EPERM dropping a capability is an error");
+        assert_eq!(
+            (err.step(), err.io_error().raw_os_error()),
+            ("drop bounding capability", Some(libc::EPERM))
+        );
     }
 }

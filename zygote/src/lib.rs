@@ -6,10 +6,12 @@
 //! [`policy`] compiles the isolation policy once, [`template`] builds the
 //! sandbox's minimal root once, and [`isolate`] applies everything to each
 //! child in a few hundred microseconds. [`ffi`] is the C ABI; [`sys`] holds the
-//! raw system calls.
+//! raw system calls, and [`kernel`] is the seam through which the isolation
+//! sequence makes them (so its order is unit-tested without root).
 
 pub mod ffi;
 pub mod isolate;
+pub mod kernel;
 pub mod policy;
 pub mod seccomp;
 pub mod spec;

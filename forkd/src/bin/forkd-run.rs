@@ -305,6 +305,12 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|a| a == "workspace") {
         return workspace_cmd(argv[1..].to_vec());
     }
+    if argv.get(1).is_some_and(|a| a == "session") {
+        return forkd::cli_session::session_main(argv[1..].to_vec());
+    }
+    if argv.get(1).is_some_and(|a| a == "repl") {
+        return forkd::cli_session::repl_main(argv[1..].to_vec());
+    }
     let args = Args::parse();
     let req = match build_request(&args) {
         Ok(r) => r,

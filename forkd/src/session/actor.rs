@@ -28,6 +28,14 @@ pub(super) struct Channels {
     pub err_r: pipe::Receiver,
     pub exited: oneshot::Receiver<Result<Exited, ZygoteError>>,
     pub from_handlers: mpsc::UnboundedReceiver<ActorMsg>,
+    pub keep: KeepAlive,
+}
+
+/// What lives as long as the session: its egress (proxy, resolver) and its
+/// workspace (an overlay's upper layer).
+pub(super) struct KeepAlive {
+    pub egress: Option<forkd_net::Egress>,
+    pub workspace: Option<crate::workspace::Ready>,
 }
 
 /// When the session's TTL or idle timeout next needs a look.
@@ -69,6 +77,7 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         err_r,
         mut exited,
         mut from_handlers,
+        keep,
     } = ch;
     // Requests are written by their own task, so a request the executor is
     // slow to read never stops this one from reading its replies.
@@ -136,6 +145,11 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         }
     }
     retire(&sessions, &session);
+    if let Some(egress) = keep.egress {
+        let report = egress.finish();
+        tracing::debug!(session = %session.id, bytes_out = report.bytes_out, bytes_in = report.bytes_in, "session egress closed");
+    }
+    drop(keep.workspace);
     // Requests still waiting see their channel close: "session ended".
     drop(pending);
     writer.abort();
@@ -152,7 +166,7 @@ fn retire(sessions: &Sessions, session: &Session) {
         .and_then(|cg| cg.counters().ok())
         .unwrap_or_default();
     let usage = session.usage_from(cgroup.as_ref().and_then(|c| c.get()));
-    {
+    let ended_by = {
         let mut life = lock(&session.life);
         life.state = SessionState::Ended;
         let ended_by = *life.ended_by.get_or_insert(SessionEnd::Died);
@@ -161,14 +175,15 @@ fn retire(sessions: &Sessions, session: &Session) {
         }
         life.final_usage = Some(usage);
         tracing::info!(session = %session.id, ?ended_by, killed_by = ?life.killed_by, cells = life.cells, "session ended");
-    }
+        ended_by
+    };
     // Thawed before removal: a frozen cgroup cannot empty.
     if let Some(f) = lock(&session.freezer).take() {
         let _ = f.thaw();
     }
     lock(&session.pidfd).take();
     drop(cgroup); // removed by the reaper, off this task
-    sessions.retire(&session.id);
+    sessions.retire(session, ended_by);
     let _ = session.ended.send(true);
 }
 

@@ -63,6 +63,8 @@ struct Life {
 pub struct Session {
     pub id: String,
     pub owner: u32,
+    /// The creating peer (for the audit log).
+    pub peer: crate::audit::Peer,
     pub zygote: String,
     pub labels: BTreeMap<String, String>,
     pub limits: AppliedLimits,
@@ -259,6 +261,15 @@ impl Session {
         Ok(())
     }
 
+    /// OOM kills in the session's cgroup so far.
+    pub fn oom_kills(&self) -> u64 {
+        lock(&self.cgroup)
+            .as_ref()
+            .and_then(|c| c.get())
+            .and_then(|cg| cg.counters().ok())
+            .map_or(0, |s| s.oom_kills)
+    }
+
     fn usage_now(&self) -> SessionUsage {
         let cg = lock(&self.cgroup);
         self.usage_from(cg.as_ref().and_then(|c| c.get()))
@@ -325,6 +336,29 @@ pub struct Sessions {
     pub(crate) admission: Arc<Admission>,
     pub(crate) cfg: SessionsSection,
     table: Mutex<Table>,
+    counts: Counts,
+    audit: Option<Arc<crate::audit::AuditLog>>,
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Default)]
+struct Counts {
+    created: AtomicU64,
+    cells: AtomicU64,
+    /// By [`SessionEnd`], in [`END_LABELS`] order.
+    ended: [AtomicU64; 5],
+}
+
+const END_LABELS: [&str; 5] = ["killed", "ttl", "idle", "died", "shutdown"];
+
+fn end_index(e: SessionEnd) -> usize {
+    match e {
+        SessionEnd::Killed => 0,
+        SessionEnd::Ttl => 1,
+        SessionEnd::Idle => 2,
+        SessionEnd::Died => 3,
+        SessionEnd::Shutdown => 4,
+    }
 }
 
 #[derive(Default)]
@@ -335,13 +369,54 @@ struct Table {
 }
 
 impl Sessions {
-    pub fn new(state: Arc<State>, admission: Arc<Admission>, cfg: SessionsSection) -> Sessions {
+    pub fn new(
+        state: Arc<State>,
+        admission: Arc<Admission>,
+        cfg: SessionsSection,
+        audit: Option<Arc<crate::audit::AuditLog>>,
+    ) -> Sessions {
         Sessions {
             state,
             admission,
             cfg,
             table: Mutex::new(Table::default()),
+            counts: Counts::default(),
+            audit,
         }
+    }
+
+    /// Writes an audit record of `session` (off the request's path).
+    fn audit(&self, event: &'static str, session: &Session, outcome: &'static str) {
+        if let Some(audit) = &self.audit {
+            let record = Box::new(crate::audit::Record::session(
+                event,
+                session.peer,
+                &session.info(),
+                outcome,
+            ));
+            if let Err(record) = audit.try_record(record) {
+                let audit = audit.clone();
+                tokio::spawn(async move { audit.record(record).await });
+            }
+        }
+    }
+
+    /// The session figures for a metrics scrape.
+    pub fn snapshot(&self) -> crate::metrics::SessionSnapshot {
+        crate::metrics::SessionSnapshot {
+            live: self.live() as u64,
+            created: self.counts.created.load(Ordering::Relaxed),
+            cells: self.counts.cells.load(Ordering::Relaxed),
+            ended: END_LABELS
+                .iter()
+                .zip(&self.counts.ended)
+                .map(|(l, n)| (*l, n.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn count_cell(&self) {
+        self.counts.cells.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The session `id` as `uid` may see it, live or recently ended.
@@ -412,11 +487,16 @@ impl Sessions {
     }
 
     fn insert(&self, session: Arc<Session>) {
+        self.counts.created.fetch_add(1, Ordering::Relaxed);
+        self.audit("session_created", &session, "ok");
         lock(&self.table).live.insert(session.id.clone(), session);
     }
 
     /// Moves an ended session to the remembered ones.
-    fn retire(&self, id: &str) {
+    fn retire(&self, session: &Session, why: SessionEnd) {
+        self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
+        self.audit("session_ended", session, END_LABELS[end_index(why)]);
+        let id = session.id.as_str();
         let mut table = lock(&self.table);
         if let Some(s) = table.live.remove(id) {
             table.ended.push_back(s);
