@@ -469,6 +469,42 @@ class AsyncSessionTest(DaemonTest):
         asyncio.run(main())
 
 
+class SessionWorkspaceTest(DaemonTest):
+    """A session with a workspace below {tmp}/ws: its rules hold for cells
+    and for the file calls alike, for the session's whole life."""
+
+    config_text = 'workspace_roots = ["{tmp}/ws"]\n'
+
+    def test_workspace_rules_hold_for_cells_and_file_calls(self) -> None:
+        root = os.path.join(self.tmp.name, "ws", "repo")
+        os.makedirs(os.path.join(root, "out"))
+        os.makedirs(os.path.join(root, "secrets"))
+        with open(os.path.join(root, "secrets", "key"), "w") as f:
+            f.write("KEY")
+        ws = forkd.Workspace(path=root, rules=["secrets=none", "out=write"])
+        fk = self.client(timeout=CALL_BOUND)
+        with self.assertRaises(InvalidArgument) as cm:
+            fk.session(workspace=forkd.Workspace(path=root, overlay=True, export_delta=True))
+        self.assertEqual(cm.exception.param, "workspace")
+        with fk.session(workspace=ws) as s:
+            r = s.run_code("open('/workspace/out/x', 'w').write('from the cell')")
+            self.assertIsNone(r.error, r.error)
+            r = s.run_code("open('/workspace/out/x').read()")
+            self.assertEqual(r.text, "'from the cell'")
+            r = s.run_code("open('/workspace/secrets/key').read()")
+            self.assertIsNotNone(r.error, "a cell read a path its rules hide")
+            with self.assertRaises((FileError, FileNotFound)):
+                s.files.read("/workspace/secrets/key")
+            s.files.write("/workspace/out/y", b"from the client")
+            with self.assertRaises((FileError, FileNotFound)):
+                s.files.write("/workspace/z", b"outside the writable rule")
+        with open(os.path.join(root, "out", "x")) as f:
+            self.assertEqual(f.read(), "from the cell")
+        with open(os.path.join(root, "out", "y"), "rb") as f:
+            self.assertEqual(f.read(), b"from the client")
+        self.assertFalse(os.path.exists(os.path.join(root, "z")))
+
+
 class VersionTest(unittest.TestCase):
     """Replies of the wrong version, from a real socket server that answers
     with fixed frames."""

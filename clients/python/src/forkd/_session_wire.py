@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from ._protocol import SESSION_PROTOCOL_VERSION, B64Payload, _unb64, parse_size
+from ._protocol import SESSION_PROTOCOL_VERSION, B64Payload, Workspace, _unb64, parse_size
 from .errors import InvalidArgument, ProtocolError
 
 __all__ = [
@@ -146,6 +146,8 @@ def create_fields(
     idle_timeout: Any = None,
     labels: Any = None,
     policy: Any = None,
+    workspace: Any = None,
+    allow_net: Any = None,
 ) -> Dict[str, Any]:
     """Validated ``session_create`` fields."""
     f: Dict[str, Any] = {}
@@ -166,6 +168,20 @@ def create_fields(
     lb = str_map("labels", labels)
     if lb:
         f["labels"] = lb
+    if workspace is not None:
+        if not isinstance(workspace, Workspace):
+            raise InvalidArgument("workspace", f"must be a forkd.Workspace, got {type(workspace).__name__}")
+        if workspace.export_delta:
+            raise InvalidArgument("workspace", "export_delta is not available on sessions; use run() for it")
+        try:
+            f["workspace"] = workspace.to_wire()
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument("workspace", str(e)) from None
+    if allow_net is not None:
+        if isinstance(allow_net, str) or not all(isinstance(a, str) for a in allow_net):
+            raise InvalidArgument("allow_net", "must be a sequence of strings like 'host:443'")
+        if allow_net:
+            f["allow_net"] = list(allow_net)
     return f
 
 

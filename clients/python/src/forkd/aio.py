@@ -357,6 +357,8 @@ class AsyncForkd:
         idle_timeout: Optional[float] = None,
         labels: Optional[Mapping[str, str]] = None,
         policy: Optional[str] = None,
+        workspace: Optional[P.Workspace] = None,
+        allow_net: Optional[Sequence[str]] = None,
     ) -> SessionCreation:
         """Starts a session (arguments as :meth:`forkd.Forkd.session`).
         ``await`` the result for an :class:`~forkd.AsyncSession`, or use it
@@ -366,7 +368,7 @@ class AsyncForkd:
                 async with fk.session(ttl=600) as s:
                     r = await s.run_code("1 + 1")
         """
-        fields = create_fields(zygote, env, limits, ttl, idle_timeout, labels, policy)
+        fields = create_fields(zygote, env, limits, ttl, idle_timeout, labels, policy, workspace, allow_net)
 
         async def create() -> AsyncSession:
             resp = await self._v2("session_create", fields)

@@ -456,6 +456,8 @@ class Forkd:
         idle_timeout: Optional[float] = None,
         labels: Optional[Mapping[str, str]] = None,
         policy: Optional[str] = None,
+        workspace: Optional[P.Workspace] = None,
+        allow_net: Optional[Sequence[str]] = None,
     ) -> "Session":
         """Starts a session: a sandbox that keeps its Python interpreter,
         files and processes between calls. Use it as a context manager
@@ -472,6 +474,9 @@ class Forkd:
             idle_timeout: killed after this many seconds without a request.
             labels: free-form ``{str: str}``, for :meth:`sessions` filters.
             policy: isolation policy name.
+            workspace: a :class:`~forkd.Workspace` mounted for the session's
+                life (``export_delta`` is not available on sessions).
+            allow_net: destinations the session may reach, as for :meth:`run`.
 
         Raises:
             InvalidArgument before sending; RequestRefused subclasses
@@ -483,7 +488,7 @@ class Forkd:
                 s.run_code("x = 41")
                 print(s.run_code("x + 1").text)   # 42
         """
-        fields = create_fields(zygote, env, limits, ttl, idle_timeout, labels, policy)
+        fields = create_fields(zygote, env, limits, ttl, idle_timeout, labels, policy, workspace, allow_net)
         info = SessionInfo.from_wire(expect_kind(self._v2("session_create", fields), "session", "session_create"))
         return Session(self, info.id)
 
