@@ -13,6 +13,7 @@ Standard library only. See :class:`Forkd` (blocking), :class:`AsyncForkd`
 from ._protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    SESSION_PROTOCOL_VERSION,
     Execution,
     Timings,
     Usage,
@@ -20,20 +21,43 @@ from ._protocol import (
     default_socket_path,
     parse_size,
 )
+from ._session_wire import (
+    MAX_FILE_CHUNK,
+    CellError,
+    CellResult,
+    CommandResult,
+    DisplayResult,
+    FileEntry,
+    SessionInfo,
+)
 from .aio import AsyncForkd
 from .client import Forkd
 from .errors import (
+    Cancelled,
     ConnectionLost,
     DaemonNotRunning,
+    FileError,
+    FileNotFound,
     ForkdError,
+    InvalidArgument,
     InvalidRequest,
     LimitExceedsPolicy,
     PermissionDenied,
     ProtocolError,
     RequestRefused,
+    SessionEnded,
+    SessionNotFound,
+    SessionPaused,
     ShuttingDown,
     Timeout,
     ZygoteUnavailable,
+)
+
+from .session import (
+    AsyncCommandHandle,
+    AsyncSession,
+    CommandHandle,
+    Session,
 )
 
 __version__ = "0.1.0"
@@ -60,5 +84,24 @@ __all__ = [
     "ProtocolError",
     "Timeout",
     "ConnectionLost",
+    "Session",
+    "AsyncSession",
+    "CommandHandle",
+    "AsyncCommandHandle",
+    "SessionInfo",
+    "CellResult",
+    "CellError",
+    "DisplayResult",
+    "CommandResult",
+    "FileEntry",
+    "MAX_FILE_CHUNK",
+    "SESSION_PROTOCOL_VERSION",
+    "InvalidArgument",
+    "SessionNotFound",
+    "SessionEnded",
+    "SessionPaused",
+    "FileNotFound",
+    "FileError",
+    "Cancelled",
     "__version__",
 ]

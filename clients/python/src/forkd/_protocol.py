@@ -15,6 +15,7 @@ from .errors import ProtocolError, RequestRefused, error_from_reply
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "SESSION_PROTOCOL_VERSION",
     "MAX_FRAME_BYTES",
     "REPLY_GRACE",
     "DEFAULT_SPAWN_WAIT",
@@ -34,7 +35,12 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-"""Protocol version spoken by this client."""
+"""Protocol version of one-shot requests (``spawn``, ``ping``)."""
+
+SESSION_PROTOCOL_VERSION = 2
+"""Protocol version of session requests (``session_create``, ``run_code``, ...)."""
+
+SPOKEN_VERSIONS = (PROTOCOL_VERSION, SESSION_PROTOCOL_VERSION)
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 """Largest frame body either side may send (16 MiB)."""
@@ -233,11 +239,31 @@ def parse_size(value: Union[int, str]) -> int:
     return int(n * mult)
 
 
+class B64Payload:
+    """Bytes to send as a request's top-level ``data`` field (base64):
+    :func:`encode_frame` writes them straight into the frame instead of
+    running a multi-megabyte string through ``json.dumps``."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: Union[bytes, memoryview]) -> None:
+        self.view = view
+
+
 def encode_frame(obj: Mapping[str, Any]) -> bytes:
     """One frame: 4-byte big-endian length, then the compact JSON body.
     Raises ``ValueError`` when the body is over ``MAX_FRAME_BYTES`` (send
     less stdin or smaller files)."""
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    payload = obj.get("data")
+    if isinstance(payload, B64Payload):
+        # Base64 needs no JSON escaping: splice it in after the other fields.
+        head = json.dumps(
+            {k: v for k, v in obj.items() if k != "data"}, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+        b = binascii.b2a_base64(payload.view, newline=False)
+        body = b"".join((head[:-1], b',"data":"' if len(head) > 2 else b'"data":"', b, b'"}'))
+    else:
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if len(body) > MAX_FRAME_BYTES:
         raise ValueError(
             f"request frame is {len(body)} bytes, above the protocol's limit of "
@@ -254,24 +280,41 @@ def frame_length(header: bytes) -> int:
     return n
 
 
-def decode_body(body: bytes) -> Dict[str, Any]:
-    """A response object from a frame body; checks it is a JSON object of
-    protocol version 1 with an integer ``id`` and a string ``kind``."""
+def decode_body(body: bytes, expect: Optional[int] = PROTOCOL_VERSION) -> Dict[str, Any]:
+    """A response object from a frame body; checks it is a JSON object with
+    an integer ``id`` and a string ``kind``, of protocol version ``expect``
+    (errors may also be version 1: the daemon sends errors it cannot
+    attribute to a request as version 1). ``expect=None`` accepts every
+    version this client speaks (1 and 2); see :func:`check_version`."""
     try:
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"daemon sent a frame that is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("daemon sent a frame that is not a JSON object")
-    v = obj.get("v")
-    if v != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"daemon speaks protocol version {v!r}, this client speaks "
-            f"{PROTOCOL_VERSION}: use a matching client"
-        )
     if not isinstance(obj.get("id"), int) or not isinstance(obj.get("kind"), str):
         raise ProtocolError("daemon sent a response without an integer id and a kind")
+    if expect is None:
+        if obj.get("v") not in SPOKEN_VERSIONS:
+            raise ProtocolError(
+                f"daemon speaks protocol version {obj.get('v')!r}, this client speaks "
+                f"{' and '.join(map(str, SPOKEN_VERSIONS))}: use a matching client"
+            )
+    else:
+        check_version(obj, expect)
     return obj
+
+
+def check_version(obj: Mapping[str, Any], expect: int) -> None:
+    """``ProtocolError`` unless the response ``obj`` is of version ``expect``
+    (or an error of version 1)."""
+    v = obj.get("v")
+    if v == expect or (v == PROTOCOL_VERSION and obj.get("kind") == "error"):
+        return
+    raise ProtocolError(
+        f"daemon speaks protocol version {v!r}, this client speaks "
+        f"{expect}: use a matching client"
+    )
 
 
 def _b64(data: Union[bytes, bytearray, memoryview, str]) -> str:

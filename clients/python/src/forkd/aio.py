@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from . import _protocol as P
 from ._protocol import Execution, FilesArg
+from ._session_wire import NON_FINAL_KINDS, SessionInfo, check_str, create_fields, expect_kind, str_map
+from ._session_wire import request as v2_request
+from .session import AsyncSession, SessionCreation
 from .client import CONNECT_TIMEOUT
 from .errors import (
     ConnectionLost,
@@ -18,6 +21,7 @@ from .errors import (
     ForkdError,
     PermissionDenied,
     ProtocolError,
+    SessionEnded,
     Timeout,
 )
 
@@ -33,7 +37,9 @@ class _AsyncConn:
         self.reader = reader
         self.writer = writer
         self.next_id = 1
-        self.pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}
+        # id -> (queue of responses and errors, protocol version of the request)
+        self.pending: Dict[int, Tuple["asyncio.Queue[Any]", int]] = {}
+        self.cancels: Set["asyncio.Future[None]"] = set()
         self.write_lock = asyncio.Lock()
         self.dead: Optional[ForkdError] = None
         self.task = asyncio.ensure_future(self._read_loop())
@@ -65,9 +71,8 @@ class _AsyncConn:
         if self.dead is None:
             self.dead = exc
         pending, self.pending = self.pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        for queue, _ in pending.values():
+            queue.put_nowait(exc)
 
     async def _read_loop(self) -> None:
         # Reads between frames are unbounded in time (an idle connection is
@@ -84,7 +89,7 @@ class _AsyncConn:
                     body = await self.reader.readexactly(n)
                 except asyncio.IncompleteReadError:
                     raise ConnectionLost("the forkd daemon closed the connection (inside a frame)") from None
-                resp = P.decode_body(body)
+                resp = P.decode_body(body, None)
                 rid = resp["id"]
                 if rid == 0:
                     # Cannot be matched: fail everything in flight with it.
@@ -96,10 +101,17 @@ class _AsyncConn:
                             )
                         continue
                     raise ProtocolError("daemon sent a non-error response with id 0")
-                fut = self.pending.pop(rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(resp)
-                # else: a late reply to a request that timed out: discarded.
+                entry = self.pending.get(rid)
+                if entry is not None:
+                    queue, v = entry
+                    try:
+                        P.check_version(resp, v)
+                    except ProtocolError as e:
+                        queue.put_nowait(e)
+                        continue
+                    queue.put_nowait(resp)
+                # else: a late reply to a request that timed out or was
+                # cancelled (or the `done` of a cancel): discarded.
         except ForkdError as e:
             self._fail_all(e)
         except (OSError, asyncio.CancelledError) as e:
@@ -109,7 +121,16 @@ class _AsyncConn:
         finally:
             self.writer.close()
 
-    async def call(self, build: Callable[[int], Dict[str, Any]], client_timeout: Optional[float]) -> Dict[str, Any]:
+    async def call(
+        self,
+        build: Callable[[int], Dict[str, Any]],
+        client_timeout: Optional[float],
+        on_event: Optional[Callable[[Dict[str, Any]], Awaitable[None]]] = None,
+    ) -> Dict[str, Any]:
+        """Sends ``build(id)`` and returns its final response; streamed
+        events before it are awaited through ``on_event``. When the caller
+        is cancelled or times out before the final response, a version-2
+        request is cancelled in the daemon (``cancel {target}``)."""
         if self.dead is not None:
             raise self.dead
         rid = self.next_id
@@ -117,30 +138,65 @@ class _AsyncConn:
         request = build(rid)
         frame = P.encode_frame(request)
         wait = P.reply_wait(request, client_timeout)
-        loop = asyncio.get_running_loop()
-        fut: "asyncio.Future[Dict[str, Any]]" = loop.create_future()
-        self.pending[rid] = fut
-        try:
-            async def send_and_wait() -> Dict[str, Any]:
-                async with self.write_lock:
-                    if self.dead is not None:
-                        raise self.dead
-                    self.writer.write(frame)
-                    try:
-                        await self.writer.drain()
-                    except OSError as e:
-                        err = ConnectionLost(f"connection to forkd on {self.path} failed: {e}")
-                        self._fail_all(err)
-                        raise err from None
-                return await fut
+        queue: "asyncio.Queue[Any]" = asyncio.Queue()
+        self.pending[rid] = (queue, request["v"])
+        finished = False
 
+        async def send_and_wait() -> Dict[str, Any]:
+            nonlocal finished
+            async with self.write_lock:
+                if self.dead is not None:
+                    raise self.dead
+                self.writer.write(frame)
+                try:
+                    await self.writer.drain()
+                except OSError as e:
+                    err = ConnectionLost(f"connection to forkd on {self.path} failed: {e}")
+                    self._fail_all(err)
+                    raise err from None
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item["kind"] in NON_FINAL_KINDS:
+                    if on_event is not None:
+                        await on_event(item)
+                    continue
+                finished = True
+                return item
+
+        try:
             return await asyncio.wait_for(send_and_wait(), wait)
         except asyncio.TimeoutError:
             raise Timeout(f"no reply from forkd on {self.path} within {wait:g} s") from None
         finally:
             self.pending.pop(rid, None)
-            if fut.done() and not fut.cancelled():
-                fut.exception()  # mark retrieved: the caller got an error already
+            if not finished and request["v"] >= P.SESSION_PROTOCOL_VERSION:
+                self._cancel_soon(rid)
+
+    def _cancel_soon(self, target: int) -> None:
+        """Sends ``cancel {target}`` from a task of its own (the caller may
+        be unwinding a cancellation); its ``done`` reply is discarded."""
+        if self.dead is not None:
+            return
+        rid = self.next_id
+        self.next_id += 1
+        frame = P.encode_frame(v2_request(rid, "cancel", {"target": target}))
+
+        async def send() -> None:
+            async with self.write_lock:
+                if self.dead is not None:
+                    return
+                self.writer.write(frame)
+                try:
+                    await self.writer.drain()
+                except OSError as e:
+                    self._fail_all(ConnectionLost(f"connection to forkd on {self.path} failed: {e}"))
+
+        task = asyncio.ensure_future(send())
+        self.cancels.add(task)
+        task.add_done_callback(self.cancels.discard)
 
     async def close(self) -> None:
         self._fail_all(ConnectionLost("the client closed the connection"))
@@ -275,3 +331,63 @@ class AsyncForkd:
                 return await self.run(code, **kwargs)
 
         return list(await asyncio.gather(*(one(c) for c in codes), return_exceptions=return_exceptions))
+
+    # -- sessions (protocol version 2) -------------------------------------
+
+    async def _v2(
+        self,
+        op: str,
+        fields: Mapping[str, Any],
+        on_event: Optional[Callable[[Dict[str, Any]], Awaitable[None]]] = None,
+    ) -> Dict[str, Any]:
+        """A version-2 request's final response; an error reply raises."""
+        conn = await self._connection()
+        resp = await conn.call(lambda i: v2_request(i, op, fields), self.timeout, on_event)
+        if resp.get("kind") == "error":
+            raise P.error_of(resp)
+        return resp
+
+    def session(
+        self,
+        *,
+        zygote: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        limits: Optional[Mapping[str, Any]] = None,
+        ttl: Optional[float] = None,
+        idle_timeout: Optional[float] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        policy: Optional[str] = None,
+        workspace: Optional[P.Workspace] = None,
+        allow_net: Optional[Sequence[str]] = None,
+    ) -> SessionCreation:
+        """Starts a session (arguments as :meth:`forkd.Forkd.session`).
+        ``await`` the result for an :class:`~forkd.AsyncSession`, or use it
+        in ``async with`` (the session is killed when the block is left)::
+
+            async with AsyncForkd() as fk:
+                async with fk.session(ttl=600) as s:
+                    r = await s.run_code("1 + 1")
+        """
+        fields = create_fields(zygote, env, limits, ttl, idle_timeout, labels, policy, workspace, allow_net)
+
+        async def create() -> AsyncSession:
+            resp = await self._v2("session_create", fields)
+            info = SessionInfo.from_wire(expect_kind(resp, "session", "session_create"))
+            return AsyncSession(self, info.id)
+
+        return SessionCreation(create)
+
+    async def sessions(self, labels: Optional[Mapping[str, str]] = None) -> List[SessionInfo]:
+        """The caller's live sessions, oldest first (filtered by ``labels``)."""
+        lb = str_map("labels", labels)
+        resp = expect_kind(await self._v2("session_list", {"labels": lb} if lb else {}), "sessions", "session_list")
+        return [SessionInfo.from_wire(s) for s in resp.get("sessions") or []]
+
+    async def attach(self, session_id: str) -> AsyncSession:
+        """An :class:`~forkd.AsyncSession` for an existing session id.
+        Raises SessionNotFound or SessionEnded when it cannot be used."""
+        s = AsyncSession(self, check_str("session_id", session_id))
+        info = await s.info()
+        if info.state == "ended":
+            raise SessionEnded("session_ended", f"session {info.id} has ended ({info.ended_by})")
+        return s

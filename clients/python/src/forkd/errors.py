@@ -30,6 +30,13 @@ __all__ = [
     "ProtocolError",
     "Timeout",
     "ConnectionLost",
+    "InvalidArgument",
+    "SessionNotFound",
+    "SessionEnded",
+    "SessionPaused",
+    "FileNotFound",
+    "FileError",
+    "Cancelled",
     "error_from_reply",
 ]
 
@@ -119,6 +126,44 @@ class InternalError(RequestRefused):
     """``internal``: the daemon failed for an internal reason."""
 
 
+class SessionNotFound(RequestRefused):
+    """``unknown_session``: no session with this id is visible to the caller
+    (it never existed, was forgotten after ending, or belongs to another uid)."""
+
+
+class SessionEnded(RequestRefused):
+    """``session_ended``: the session was killed, expired or died; the
+    message says why. Create a new session."""
+
+
+class SessionPaused(RequestRefused):
+    """``session_paused``: the session is paused; call ``resume()`` first."""
+
+
+class FileNotFound(RequestRefused):
+    """``not_found``: a file or directory does not exist in the sandbox."""
+
+
+class FileError(RequestRefused):
+    """``file_error``: a file operation failed inside the sandbox
+    (permission, not a directory, scratch full, ...); the message names the cause."""
+
+
+class Cancelled(RequestRefused):
+    """``cancelled``: the request was cancelled (its cell interrupted, its
+    command killed) by a ``cancel`` request."""
+
+
+class InvalidArgument(ForkdError, ValueError, TypeError):
+    """An argument of a client call has the wrong type or value; raised
+    before anything is sent. ``param`` names the argument. Also a
+    ``ValueError`` and a ``TypeError``, so older ``except`` clauses still match."""
+
+    def __init__(self, param: str, message: str) -> None:
+        self.param = param
+        super().__init__(f"{param}: {message}")
+
+
 class ProtocolError(ForkdError):
     """The daemon sent something this client cannot understand (bad frame,
     wrong protocol version, unexpected reply kind)."""
@@ -146,6 +191,12 @@ _BY_CODE: Dict[str, Type[RequestRefused]] = {
     "shutting_down": ShuttingDown,
     "permission_denied": PermissionDenied,
     "internal": InternalError,
+    "unknown_session": SessionNotFound,
+    "session_ended": SessionEnded,
+    "session_paused": SessionPaused,
+    "not_found": FileNotFound,
+    "file_error": FileError,
+    "cancelled": Cancelled,
 }
 
 
