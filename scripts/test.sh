@@ -17,6 +17,8 @@ cargo test --workspace --no-fail-fast --quiet 2>&1 | tee "$log" || status=$?
 # The benchmark harness must not rot: a quick run against a real daemon
 # (correctness only: it fails if any spawn returns the wrong output).
 cargo run --quiet -p forkd-bench --bin forkd-bench -- --quick --python "$FORKD_TEST_PYTHON" || status=$?
+# The session figures' scenarios (create, cells, streaming, idle sessions, files) must not rot.
+cargo run --quiet -p forkd-bench --bin forkd-bench -- sessions --quick --python "$FORKD_TEST_PYTHON" || status=$?
 # Python client (clients/python): unittest against a real daemon.
 "$FORKD_TEST_PYTHON" -m unittest discover -s clients/python/tests -v 2>&1 | tee -a "$log" || status=$?
 # Deployment files, offline (no cluster, no systemd needed): the Kubernetes
