@@ -170,10 +170,16 @@ async fn interrupt_timeout_and_cancel_keep_the_session() {
     c.interrupt(&s).await.unwrap();
     let r = stream.cell().await.unwrap();
     assert_eq!(r.error.as_ref().unwrap().name, "KeyboardInterrupt", "{r:?}");
-    assert!(!r.timed_out, "stopped by the interrupt, not the cell's timeout: {r:?}");
+    assert!(
+        !r.timed_out,
+        "stopped by the interrupt, not the cell's timeout: {r:?}"
+    );
     let tb = &r.error.as_ref().unwrap().traceback;
     assert!(tb.contains("<cell-") && tb.contains("time.sleep"), "{tb}");
-    assert!(!tb.contains("/dev/fd") && !tb.contains("_on_sigint"), "{tb}");
+    assert!(
+        !tb.contains("/dev/fd") && !tb.contains("_on_sigint"),
+        "{tb}"
+    );
     assert_eq!(
         c.run_code(&cell(&s, "kept")).await.unwrap().text.as_deref(),
         Some("'yes'")
@@ -346,8 +352,16 @@ async fn commands_run_in_the_sandbox_with_exit_codes() {
     let r = c.command(&cmd("cat note.txt")).await.unwrap();
     assert_eq!(r.stdout, b"from python");
     // /home/user is the scratch (/tmp) under E2B's name, and HOME.
-    let r = c.command(&cmd("echo $HOME; touch /home/user/h && ls /tmp/h")).await.unwrap();
-    assert_eq!(r.stdout, b"/home/user\n/tmp/h\n", "{}", String::from_utf8_lossy(&r.stderr));
+    let r = c
+        .command(&cmd("echo $HOME; touch /home/user/h && ls /tmp/h"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.stdout,
+        b"/home/user\n/tmp/h\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     // python is there.
     let r = c.command(&cmd("python3 -c 'print(6*7)'")).await.unwrap();
     assert_eq!(
@@ -734,6 +748,49 @@ async fn create_kill_cycles_leave_nothing_behind() {
         let info = c.session_kill(&s).await.unwrap();
         assert_eq!(info.state, SessionState::Ended);
     }
+    assert!(c.session_list(BTreeMap::new()).await.unwrap().is_empty());
+    drop(c);
+    d.finish().await;
+}
+
+/// `forkd-run repl` with cells on stdin behaves like `python -i`: each
+/// trailing expression's value is printed, a block ends at a blank line or
+/// the next unindented line, an error goes to stderr and the next cell runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forkd_run_repl_reads_cells_from_stdin() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let socket = d.socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .arg("repl")
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"x = 20\ndef f(n):\n    return n * 2\n\nf(x) + 2\nfor i in range(2):\n    print(i)\n1 / 0\nd = {'a': (1,\n  2)}\nd['a']\n")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout, "42\n0\n1\n(1, 2)\n", "stderr: {stderr}");
+    assert!(stderr.contains("ZeroDivisionError"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "a cell raised");
+    // The repl's own session is gone.
+    let c = d.client().await;
     assert!(c.session_list(BTreeMap::new()).await.unwrap().is_empty());
     drop(c);
     d.finish().await;
