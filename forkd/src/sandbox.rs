@@ -651,8 +651,10 @@ async fn collect(live: Live, watched: Watched) -> Result<Ended, ErrorReply> {
     } = watched;
     if abandoned {
         live.abandon();
+        // Nobody receives this reply; the metrics count it as a cancel,
+        // not as an internal error.
         return Err(error(
-            ErrorCode::Internal,
+            ErrorCode::Cancelled,
             "the client disconnected; the sandbox was killed",
         ));
     }

@@ -467,7 +467,11 @@ async fn a_client_that_disconnects_mid_request_has_its_sandbox_killed() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
-    let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 0).await;
+    let d = TestDaemon::start(|c| {
+        c.zygotes[0].warm_pool = 0;
+        c.metrics_listen = Some("127.0.0.1:0".into());
+    })
+    .await;
     let mut raw = Raw::connect(&d.socket).await;
     raw.send_json(&json!({
         "v": 1, "id": 1, "op": "spawn",
@@ -497,6 +501,13 @@ async fn a_client_that_disconnects_mid_request_has_its_sandbox_killed() {
         "the request still holds a slot"
     );
     println!("sandbox gone {:?} after its client", t.elapsed());
+    // A cancel, not an internal error.
+    let text = common::scrape::scrape(d.metrics_addr().unwrap()).await;
+    assert!(
+        text.contains(r#"forkd_spawn_errors_total{zygote="default",code="cancelled"} 1"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"code="internal""#), "{text}");
     d.finish().await;
 }
 
