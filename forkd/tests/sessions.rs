@@ -486,32 +486,6 @@ async fn ttl_idle_pause_and_metrics() {
     let info = c.session_set_ttl(&kept.session, 60_000).await.unwrap();
     assert!(info.ttl_left_ms > 50_000 && info.ttl_left_ms <= 60_000);
 
-    // pause: no CPU while paused; resume carries on.
-    c.run_code(&cell(&kept.session, "import threading, time\ncount = [0]\ndef spin():\n    while True:\n        count[0] += 1\n        time.sleep(0.001)\nthreading.Thread(target=spin, daemon=True).start()"))
-        .await
-        .unwrap();
-    let paused = c.session_pause(&kept.session).await.unwrap();
-    assert_eq!(paused.state, SessionState::Paused);
-    let cpu0 = c.session_info(&kept.session).await.unwrap().usage;
-    let e = server_error(c.run_code(&cell(&kept.session, "1")).await.unwrap_err());
-    assert_eq!(e.code, ErrorCode::SessionPaused);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu1 = c.session_info(&kept.session).await.unwrap().usage;
-    assert_eq!(
-        cpu0.cpu_user_us + cpu0.cpu_system_us,
-        cpu1.cpu_user_us + cpu1.cpu_system_us,
-        "a paused session used CPU"
-    );
-    c.session_resume(&kept.session).await.unwrap();
-    let r = c
-        .run_code(&cell(
-            &kept.session,
-            "n = count[0]; time.sleep(0.2); count[0] > n",
-        ))
-        .await
-        .unwrap();
-    assert_eq!(r.text.as_deref(), Some("True"), "{r:?}");
-
     drop(c);
     d.finish().await;
 }
@@ -792,6 +766,47 @@ async fn forkd_run_repl_reads_cells_from_stdin() {
     // The repl's own session is gone.
     let c = d.client().await;
     assert!(c.session_list(BTreeMap::new()).await.unwrap().is_empty());
+    drop(c);
+    d.finish().await;
+}
+
+/// Pause freezes every process of the session (cgroup v1 freezer or v2
+/// cgroup.freeze: the v2 guest runs this too); resume carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_stops_cpu_and_resume_continues() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let kept = c.session_create(&SessionCreate::default()).await.unwrap();
+    // pause: no CPU while paused; resume carries on.
+    c.run_code(&cell(&kept.session, "import threading, time\ncount = [0]\ndef spin():\n    while True:\n        count[0] += 1\n        time.sleep(0.001)\nthreading.Thread(target=spin, daemon=True).start()"))
+        .await
+        .unwrap();
+    let paused = c.session_pause(&kept.session).await.unwrap();
+    assert_eq!(paused.state, SessionState::Paused);
+    let cpu0 = c.session_info(&kept.session).await.unwrap().usage;
+    let e = server_error(c.run_code(&cell(&kept.session, "1")).await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::SessionPaused);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu1 = c.session_info(&kept.session).await.unwrap().usage;
+    assert_eq!(
+        cpu0.cpu_user_us + cpu0.cpu_system_us,
+        cpu1.cpu_user_us + cpu1.cpu_system_us,
+        "a paused session used CPU"
+    );
+    c.session_resume(&kept.session).await.unwrap();
+    let r = c
+        .run_code(&cell(
+            &kept.session,
+            "n = count[0]; time.sleep(0.2); count[0] > n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.text.as_deref(), Some("True"), "{r:?}");
+
+    c.session_kill(&kept.session).await.unwrap();
     drop(c);
     d.finish().await;
 }

@@ -141,6 +141,7 @@ GUEST_TESTS=(
     "leaks"
     "escapes_outside"
     "cgroups"
+    "sessions pause_stops_cpu_and_resume_continues"
 )
 TESTS=()
 test_list=
