@@ -30,6 +30,10 @@ also reseeds `random`).
 import os
 import sys
 
+# What the interpreter read at start-up (PYTHON*, TZ): a sandbox's request
+# env is compared with it to decide what still has to be applied or refused.
+STARTUP_ENV = {k: v for k, v in os.environ.items() if k.startswith("PYTHON") or k == "TZ"}
+
 # The daemon runs this file as `python /dev/fd/4 forkd-zygote NAME` from a
 # sealed memfd. Python put the script's resolved directory ("/") first on
 # sys.path, where it would be bound into every sandbox as an interpreter
@@ -60,8 +64,10 @@ import builtins
 import ctypes
 import gc
 import importlib
+import importlib.machinery
 import io
 import json
+import runpy
 import select
 import signal
 import socket
@@ -437,6 +443,211 @@ def prefault():
         pass
 
 
+# -- behaving as `python script.py` ------------------------------------------
+# Pieces a program's runner needs (run_job here; a session executor too).
+
+# Start-up variables the interpreter read once, when the zygote started, and
+# that a forked child cannot take on: a request that sets one to a value other
+# than the zygote's is refused (configure it in the zygote's env instead).
+STARTUP_ONLY_ENV = (
+    "PYTHONHASHSEED", "PYTHONOPTIMIZE", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE",
+    "PYTHONUSERBASE", "PYTHONPLATLIBDIR", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONWARNINGS",
+    "PYTHONDEVMODE", "PYTHONFAULTHANDLER", "PYTHONTRACEMALLOC", "PYTHONMALLOC",
+    "PYTHONMALLOCSTATS", "PYTHONVERBOSE", "PYTHONDEBUG", "PYTHONINSPECT", "PYTHONCOERCECLOCALE",
+    "PYTHONINTMAXSTRDIGITS", "PYTHONNODEBUGRANGES", "PYTHONPYCACHEPREFIX",
+    "PYTHONWARNDEFAULTENCODING", "PYTHONPROFILEIMPORTTIME", "PYTHONEXECUTABLE", "PYTHONCASEOK",
+    "PYTHONPERFSUPPORT",
+)
+
+
+class StartupEnvError(Exception):
+    """A request's environment asks for something only interpreter start-up can do."""
+
+
+def reset_signal_dispositions():
+    """Gives the program the signal dispositions of a `python` started from a
+    shell (SIGINT raises KeyboardInterrupt, SIGPIPE and SIGXFSZ ignored,
+    everything else default, nothing blocked), whatever the daemon inherited
+    (`nohup`, a `cmd &` shell, a service manager). Only differing entries are
+    touched: in the usual case this costs no system call but one sigprocmask."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if sig == signal.SIGINT:
+            want = signal.default_int_handler
+        elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            want = signal.SIG_IGN
+        else:
+            want = signal.SIG_DFL
+        try:
+            if signal.getsignal(sig) is not want:
+                signal.signal(sig, want)
+        except (OSError, ValueError, RuntimeError):
+            pass  # reserved by libc (32, 33): not settable, never inherited
+    if signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _unset(value):
+    # Python treats an empty PYTHON* variable as unset.
+    return value is None or value == ""
+
+
+def _std_stream(fd, name, errors):
+    raw = io.FileIO(fd, "w", closefd=False)
+    raw.name = name
+    stream = io.TextIOWrapper(raw, encoding=sys.stdout.encoding, errors=errors, newline="\n",
+                              write_through=True)
+    stream.mode = "w"
+    return stream
+
+
+def apply_startup_env(env):
+    """Applies what `python` reads from the environment at start-up, as if
+    `env` had been set before the interpreter started: PYTHONPATH (sys.path
+    after sys.path[0]), TZ (time.tzset), PYTHONUNBUFFERED, PYTHONDONTWRITEBYTECODE.
+    Raises StartupEnvError for a start-up-only variable whose value differs
+    from the zygote's (it could not take effect)."""
+    for name in STARTUP_ONLY_ENV:
+        want, have = env.get(name), STARTUP_ENV.get(name)
+        if name == "PYTHONHASHSEED":
+            # "random" and unset both mean a random secret (the zygote's).
+            want = None if want == "random" else want
+            have = None if have == "random" else have
+        if _unset(want) or want == have:
+            continue
+        raise StartupEnvError(
+            f"{name}={want} cannot take effect in a sandbox: Python reads it only at interpreter "
+            f"start-up, and sandboxes are forked from a running zygote started with "
+            f"{name}={'(unset)' if _unset(have) else have}; set it in the zygote's env in the "
+            f"daemon configuration ([[zygote]] env = {{ {name} = \"{want}\" }}) and send the request "
+            f"to that zygote"
+        )
+    pythonpath = env.get("PYTHONPATH")
+    if not _unset(pythonpath):
+        # As getpath + site.removeduppaths: absolute, first occurrence wins.
+        entries = [os.path.abspath(p) for p in pythonpath.split(os.pathsep)] + sys.path[1:]
+        seen = set()
+        sys.path[1:] = [p for p in entries if not (p in seen or seen.add(p))]
+    if env.get("TZ") != STARTUP_ENV.get("TZ"):
+        # The C library read TZ in the zygote; os.environ is already env.
+        time.tzset()
+    sys.dont_write_bytecode = not _unset(env.get("PYTHONDONTWRITEBYTECODE"))
+    if not _unset(env.get("PYTHONUNBUFFERED")):
+        # As `python -u`: no buffer under either text stream.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        sys.stdout = sys.__stdout__ = _std_stream(1, "<stdout>", sys.stdout.errors)
+        sys.stderr = sys.__stderr__ = _std_stream(2, "<stderr>", "backslashreplace")
+
+
+def prepare_main(program, argv):
+    """A fresh `__main__` with what `python -c`, `python FILE` or `python -m`
+    put in it, sys.argv and sys.path[0] set the same way. Returns the module."""
+    script, module = program.get("script"), program.get("module")
+    main = types.ModuleType("__main__")
+    d = main.__dict__
+    if script is not None:
+        sys.argv = [script] + list(argv)
+        path = os.path.abspath(script)
+        sys.path[0] = os.path.dirname(os.path.realpath(script))
+        d["__loader__"] = importlib.machinery.SourceFileLoader("__main__", path)
+    else:
+        sys.argv = ["-m" if module is not None else "-c"] + list(argv)
+        sys.path[0] = os.getcwd() if module is not None else ""
+        d["__loader__"] = importlib.machinery.BuiltinImporter
+    d["__annotations__"] = {}
+    d["__builtins__"] = builtins
+    if script is not None:
+        d["__file__"] = path
+        d["__cached__"] = None
+    sys.modules["__main__"] = main
+    return main
+
+
+def run_main(program, main):
+    """Runs the program in `main` as python would; returns (exit code, the
+    uncaught exception or None) after reporting that exception."""
+    try:
+        script, module = program.get("script"), program.get("module")
+        if module is not None:
+            # What `python -m` itself calls (its frames show in tracebacks there too).
+            runpy._run_module_as_main(module, alter_argv=True)
+        else:
+            if script is not None:
+                with open(script, "rb") as f:
+                    source = f.read()
+                compiled = compile(source, main.__file__, "exec")
+            else:
+                compiled = compile(program.get("code", ""), "<string>", "exec")
+            exec(compiled, main.__dict__)
+    except SystemExit as e:
+        return exit_code_of(e), None
+    except BaseException as e:
+        report_uncaught(e)
+        return 1, e
+    return 0, None
+
+
+def strip_runner_frames(exc):
+    """Drops forkd's own frames from the head of exc's traceback, so the
+    user's code starts it (a SyntaxError from compile() is left with none,
+    and prints without a "Traceback" header, as python does)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code in _RUNNER_CODES:
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+    return tb
+
+
+def format_user_traceback(exc):
+    """The text python would print for exc uncaught (the default hook's)."""
+    tb = strip_runner_frames(exc)
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def report_uncaught(exc):
+    """Reports an uncaught exception as the interpreter does: sys.last_*
+    set, then sys.excepthook (the user's, if they set one)."""
+    tb = strip_runner_frames(exc)
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    if sys.version_info >= (3, 12):
+        sys.last_exc = exc
+    hook = getattr(sys, "excepthook", None)
+    try:
+        if hook is None:
+            print("sys.excepthook is missing", file=sys.stderr)
+            sys.__excepthook__(type(exc), exc, tb)
+        else:
+            hook(type(exc), exc, tb)
+    except BaseException as hook_exc:
+        try:
+            print("Error in sys.excepthook:", file=sys.stderr)
+            sys.__excepthook__(type(hook_exc), hook_exc, hook_exc.__traceback__)
+            print("\nOriginal exception was:", file=sys.stderr)
+            sys.__excepthook__(type(exc), exc, tb)
+        except BaseException:
+            pass
+
+
+def finalize_like_python():
+    """What Py_FinalizeEx does before the process ends, in its order: join
+    non-daemon threads (threading._shutdown), then run atexit functions."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        try:
+            threading._shutdown()
+        except BaseException as e:
+            report_uncaught(e)
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+
+
 def run_job(job, lib):
     """Runs the user's program in this (isolated) process; never returns."""
     try:
@@ -445,19 +656,20 @@ def run_job(job, lib):
         np_random = sys.modules.get("numpy.random")
         if np_random is not None and not _reseeded:
             np_random.seed()
+        env = job.get("env", {})
         os.environ.clear()
-        os.environ.update(job.get("env", {}))
+        os.environ.update(env)
         try:
             write_inline_files(job.get("files", []))
         except OSError as e:
             setup_failed(f"writing inline file {e.filename!r} into the scratch directory failed: {e.strerror}")
         program = job["program"]
-        script = program.get("script")
-        sys.argv = [script if script is not None else "-c"] + list(job.get("argv", []))
-        sys.path[0] = os.path.dirname(script) if script else ""
-        main = types.ModuleType("__main__")
-        main.__dict__["__builtins__"] = builtins
-        sys.modules["__main__"] = main
+        main = prepare_main(program, job.get("argv", []))
+        try:
+            apply_startup_env(env)
+        except StartupEnvError as e:
+            setup_failed(str(e))
+        reset_signal_dispositions()
         errno = lib.forkd_report_signals(STATUS_FD)
         if errno != 0:
             setup_failed(f"installing signal reporters failed: {os.strerror(errno)}")
@@ -467,34 +679,24 @@ def run_job(job, lib):
     except BaseException:
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
 
-    code = 0
-    try:
-        if script is not None:
-            main.__file__ = script
-            with open(script, "rb") as f:
-                source = f.read()
-            compiled = compile(source, script, "exec")
-        else:
-            compiled = compile(program.get("code", ""), "<string>", "exec")
-        exec(compiled, main.__dict__)
-    except SystemExit as e:
-        code = exit_code_of(e)
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
-        code = 1
-    try:
-        atexit._run_exitfuncs()
-    except BaseException:
-        pass
+    code, uncaught = run_main(program, main)
+    finalize_like_python()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            # As Py_FinalizeEx: a stream the program closed is left alone.
+            if stream is not None and not stream.closed:
+                stream.flush()
         except BaseException:
             if code == 0:
                 code = 120
+    if isinstance(uncaught, KeyboardInterrupt):
+        # As python: end by SIGINT itself (the shell sees 130). This process
+        # is pid 1 of its namespace, where a self-sent default signal is
+        # dropped, so the reporter installed for SIG_DFL tells the daemon.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        lib.forkd_report_signals(STATUS_FD)
+        os.kill(os.getpid(), signal.SIGINT)
+        os._exit(128 + signal.SIGINT)
     # Report before the kernel tears this process down: with stdout/stderr
     # closed and the exit code sent, the daemon can answer while this
     # process's memory and namespaces are still being freed.
@@ -513,6 +715,9 @@ def run_job(job, lib):
     except OSError:
         pass
     os._exit(code)
+
+
+_RUNNER_CODES = frozenset((run_job.__code__, run_main.__code__))
 
 
 def main():

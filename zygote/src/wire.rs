@@ -140,6 +140,8 @@ pub enum JobProgram {
     Code(String),
     /// A path inside the sandbox, run as `python PATH` would.
     Script(String),
+    /// A module name, run as `python -m MODULE` would.
+    Module(String),
 }
 
 /// A file written into the sandbox's scratch before the program starts.

@@ -19,9 +19,13 @@ use hdrhistogram::Histogram;
 )]
 struct Args {
     /// Python code to run (like `python -c`).
-    #[arg(short = 'c', long = "code", conflicts_with = "script")]
+    #[arg(short = 'c', long = "code", conflicts_with = "module")]
     code: Option<String>,
-    /// Script to run (read here and sent to the sandbox), followed by its arguments.
+    /// Module to run as `__main__` (like `python -m`), followed by its arguments.
+    #[arg(short = 'm', long = "module")]
+    module: Option<String>,
+    /// Script to run (sent into the sandbox's working directory), followed
+    /// by its arguments; with -c or -m, the program's first argument.
     script: Option<PathBuf>,
     /// Arguments for the program (sys.argv[1:]).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -243,16 +247,78 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not NAME=VALUE"))
 }
 
-fn build_request(args: &Args) -> Result<SpawnRequest, String> {
-    let (program, argv) = match (&args.code, &args.script) {
-        (Some(code), _) => (Program::Code(code.clone()), args.args.clone()),
-        (None, Some(path)) => {
-            let code = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            (Program::Code(code), args.args.clone())
-        }
-        (None, None) => return Err("give code with -c CODE or a script path".into()),
+/// The local script sent as a file of the sandbox's working directory, at
+/// the same relative path when it is one without `..` (so `__file__` and
+/// `sys.argv[0]` read as with `python PATH`), else under its file name. Sent
+/// as bytes: a non-UTF-8 source with a coding cookie compiles as in Python.
+fn script_file(path: &std::path::Path) -> Result<(forkd_ipc::InlineFile, String), String> {
+    let content =
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let relative = path.is_relative()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        });
+    let inside: PathBuf = if relative {
+        path.components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .collect()
+    } else {
+        PathBuf::from(
+            path.file_name()
+                .ok_or_else(|| format!("{} is not a file", path.display()))?,
+        )
     };
+    let inside = inside
+        .to_str()
+        .ok_or_else(|| format!("script path {} is not UTF-8", path.display()))?
+        .to_string();
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+    };
+    Ok((
+        forkd_ipc::InlineFile {
+            path: inside.clone(),
+            content,
+            mode,
+        },
+        // `python ./x.py` shows `./x.py`; keep what was typed when it is inside.
+        if relative {
+            path.display().to_string()
+        } else {
+            inside
+        },
+    ))
+}
+
+fn build_request(args: &Args) -> Result<SpawnRequest, String> {
+    // With -c or -m, clap puts a first argument in `script`: it is argv.
+    let mut argv: Vec<String> = Vec::new();
+    let mut files = Vec::new();
+    let program = match (&args.code, &args.module, &args.script) {
+        (Some(code), _, first) => {
+            argv.extend(first.iter().map(|p| p.display().to_string()));
+            Program::Code(code.clone())
+        }
+        (None, Some(module), first) => {
+            argv.extend(first.iter().map(|p| p.display().to_string()));
+            Program::Module(module.clone())
+        }
+        (None, None, Some(path)) => {
+            let (file, inside) = script_file(path)?;
+            files.push(file);
+            Program::Script(inside)
+        }
+        (None, None, None) => {
+            return Err("give code with -c CODE, a module with -m MODULE or a script path".into())
+        }
+    };
+    argv.extend(args.args.iter().cloned());
     let stdin = if std::io::stdin().is_terminal() {
         Vec::new()
     } else {
@@ -285,7 +351,7 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         argv,
         stdin,
         env,
-        files: Vec::new(),
+        files,
         timeout_ms,
         limits: Limits {
             memory_bytes: args.memory,

@@ -320,6 +320,7 @@ def build_spawn(
     *,
     code: Optional[str] = None,
     script: Optional[str] = None,
+    module: Optional[str] = None,
     argv: Sequence[str] = (),
     stdin: Union[bytes, str] = b"",
     env: Optional[Mapping[str, str]] = None,
@@ -336,15 +337,19 @@ def build_spawn(
 ) -> Dict[str, Any]:
     """A ``spawn`` request object. ``timeout`` is seconds; ``memory`` and
     ``output_limit`` are bytes or size strings like ``"256M"``."""
-    if (code is None) == (script is None):
-        raise ValueError("exactly one of code and script must be given")
+    if sum(x is not None for x in (code, script, module)) != 1:
+        raise ValueError("exactly one of code, script and module must be given")
     if isinstance(argv, str):
         raise TypeError("argv must be a sequence of strings, not a string")
     req: Dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "id": request_id,
         "op": "spawn",
-        "program": {"code": code} if code is not None else {"script": script},
+        "program": (
+            {"code": code} if code is not None
+            else {"script": script} if script is not None
+            else {"module": module}
+        ),
     }
     if zygote is not None:
         req["zygote"] = zygote
