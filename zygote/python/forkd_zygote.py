@@ -493,11 +493,13 @@ def _unset(value):
     return value is None or value == ""
 
 
-def _std_stream(fd, name, errors):
+def _std_stream(fd, name, errors, unbuffered):
+    # As CPython's create_stdio (no terminal: stdout is never line-buffered).
     raw = io.FileIO(fd, "w", closefd=False)
     raw.name = name
-    stream = io.TextIOWrapper(raw, encoding=sys.stdout.encoding, errors=errors, newline="\n",
-                              write_through=True)
+    buf = raw if unbuffered else io.BufferedWriter(raw)
+    stream = io.TextIOWrapper(buf, encoding=sys.stdout.encoding, errors=errors, newline="\n",
+                              line_buffering=not unbuffered and fd == 2, write_through=unbuffered)
     stream.mode = "w"
     return stream
 
@@ -533,15 +535,17 @@ def apply_startup_env(env):
         # The C library read TZ in the zygote; os.environ is already env.
         time.tzset()
     sys.dont_write_bytecode = not _unset(env.get("PYTHONDONTWRITEBYTECODE"))
-    if not _unset(env.get("PYTHONUNBUFFERED")):
-        # As `python -u`: no buffer under either text stream.
+    unbuffered = not _unset(env.get("PYTHONUNBUFFERED"))
+    if unbuffered != (not _unset(STARTUP_ENV.get("PYTHONUNBUFFERED"))):
+        # The zygote built its streams the other way (`python -u` has no
+        # buffer under either text stream).
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError, AttributeError):
                 pass
-        sys.stdout = sys.__stdout__ = _std_stream(1, "<stdout>", sys.stdout.errors)
-        sys.stderr = sys.__stderr__ = _std_stream(2, "<stderr>", "backslashreplace")
+        sys.stdout = sys.__stdout__ = _std_stream(1, "<stdout>", sys.stdout.errors, unbuffered)
+        sys.stderr = sys.__stderr__ = _std_stream(2, "<stderr>", "backslashreplace", unbuffered)
 
 
 def prepare_main(program, argv):
@@ -587,9 +591,13 @@ def run_main(program, main):
     except SystemExit as e:
         return exit_code_of(e), None
     except BaseException as e:
-        report_uncaught(e)
-        return 1, e
-    return 0, None
+        uncaught = e
+    else:
+        return 0, None
+    # Outside the except block: an exception the hook raises must not
+    # chain onto this one (the interpreter's hook call has no context).
+    report_uncaught(uncaught)
+    return 1, uncaught
 
 
 def strip_runner_frames(exc):
@@ -626,7 +634,7 @@ def report_uncaught(exc):
     except BaseException as hook_exc:
         try:
             print("Error in sys.excepthook:", file=sys.stderr)
-            sys.__excepthook__(type(hook_exc), hook_exc, hook_exc.__traceback__)
+            sys.__excepthook__(type(hook_exc), hook_exc, strip_runner_frames(hook_exc))
             print("\nOriginal exception was:", file=sys.stderr)
             sys.__excepthook__(type(exc), exc, tb)
         except BaseException:
@@ -717,7 +725,7 @@ def run_job(job, lib):
     os._exit(code)
 
 
-_RUNNER_CODES = frozenset((run_job.__code__, run_main.__code__))
+_RUNNER_CODES = frozenset((run_job.__code__, run_main.__code__, report_uncaught.__code__))
 
 
 def main():

@@ -366,12 +366,61 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
     })
 }
 
+/// As with python, everything after `-c CODE` or `-m MODULE` is the
+/// program's argv, options included (`forkd-run -m json.tool --sort-keys`).
+/// Returns forkd-run's own arguments and, when split, the program's.
+fn split_program_argv(
+    argv: Vec<std::ffi::OsString>,
+) -> (Vec<std::ffi::OsString>, Option<Vec<String>>) {
+    use clap::CommandFactory;
+    let cmd = Args::command();
+    let mut with_value: Vec<String> = Vec::new();
+    for a in cmd.get_arguments() {
+        if a.get_action().takes_values() {
+            with_value.extend(a.get_long().map(|l| format!("--{l}")));
+            with_value.extend(a.get_short().map(|s| format!("-{s}")));
+        }
+    }
+    let mut i = 1;
+    while i < argv.len() {
+        let arg = argv[i].to_string_lossy();
+        let end = match arg.as_ref() {
+            "--" => break,
+            "-c" | "--code" | "-m" | "--module" => i + 2,
+            a if a.starts_with("--code=") || a.starts_with("--module=") => i + 1,
+            a if (a.starts_with("-c") || a.starts_with("-m")) && !a.starts_with("--") => i + 1,
+            a if with_value.iter().any(|w| w == a) => {
+                i += 2;
+                continue;
+            }
+            a if a.starts_with('-') => {
+                i += 1;
+                continue;
+            }
+            _ => break, // the script: clap's trailing arguments take the rest
+        };
+        if end > argv.len() {
+            break; // let clap report the missing value
+        }
+        let tail = argv[end..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return (argv[..end].to_vec(), Some(tail));
+    }
+    (argv, None)
+}
+
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == "workspace") {
         return workspace_cmd(argv[1..].to_vec());
     }
-    let args = Args::parse();
+    let (head, tail) = split_program_argv(argv);
+    let mut args = Args::parse_from(head);
+    if let Some(tail) = tail {
+        args.args = tail;
+    }
     let req = match build_request(&args) {
         Ok(r) => r,
         Err(e) => {
