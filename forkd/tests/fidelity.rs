@@ -338,30 +338,39 @@ async fn scripts_code_and_modules_run_as_python_runs_them() {
     ]
     .concat();
     let script = format!("{MAIN_PROBE}def f():\n    raise ValueError('in script')\nf()\n");
-    let scripts: [(&str, &str, Vec<u8>); 2] = [
+    let script = script.into_bytes();
+    let scripts: [(&str, &str, Vec<(&str, Vec<u8>)>); 4] = [
         (
             "script: argv, __file__, sys.path[0], traceback",
             "sub/prog.py",
-            script.into_bytes(),
+            vec![("sub/prog.py", script.clone())],
+        ),
+        (
+            "script: a path through . and ..",
+            "./sub/../prog.py",
+            vec![("prog.py", script), ("sub/keep", vec![])],
         ),
         (
             "script: Latin-1 source with a coding cookie",
             "latin.py",
-            latin1,
+            vec![("latin.py", latin1)],
         ),
+        ("script: missing", "missing.py", vec![]),
     ];
-    for (name, path, content) in scripts {
+    for (name, path, files) in scripts {
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path().canonicalize().unwrap();
-        std::fs::create_dir_all(dir.join(path).parent().unwrap()).unwrap();
-        std::fs::write(dir.join(path), &content).unwrap();
-        let want = outside(&dir, &[path, "x", "y"], &[], b"");
         let mut r = request(Program::Script(path.into()), &["x", "y"], &[]);
-        r.files = vec![InlineFile {
-            path: path.into(),
-            content,
-            mode: None,
-        }];
+        for (file, content) in files {
+            std::fs::create_dir_all(dir.join(file).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(file), &content).unwrap();
+            r.files.push(InlineFile {
+                path: file.into(),
+                content,
+                mode: None,
+            });
+        }
+        let want = outside(&dir, &[path, "x", "y"], &[], b"");
         let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
         t.verdict(name, &format!("{got:?}"), &format!("{want:?}"), got == want);
     }

@@ -556,7 +556,8 @@ def prepare_main(program, argv):
     d = main.__dict__
     if script is not None:
         sys.argv = [script] + list(argv)
-        path = os.path.abspath(script)
+        # Absolute as python makes it, but not normalized (`/w/./a/../x.py`).
+        path = os.path.join(os.getcwd(), script)
         sys.path[0] = os.path.dirname(os.path.realpath(script))
         d["__loader__"] = importlib.machinery.SourceFileLoader("__main__", path)
     else:
@@ -582,8 +583,13 @@ def run_main(program, main):
             runpy._run_module_as_main(module, alter_argv=True)
         else:
             if script is not None:
-                with open(script, "rb") as f:
-                    source = f.read()
+                try:
+                    with open(script, "rb") as f:
+                        source = f.read()
+                except OSError as e:
+                    print(f"{sys.executable}: can't open file {main.__file__!r}: "
+                          f"[Errno {e.errno}] {e.strerror}", file=sys.stderr)
+                    return 2, None
                 compiled = compile(source, main.__file__, "exec")
             else:
                 compiled = compile(program.get("code", ""), "<string>", "exec")
