@@ -339,7 +339,8 @@ async fn scripts_code_and_modules_run_as_python_runs_them() {
     .concat();
     let script = format!("{MAIN_PROBE}def f():\n    raise ValueError('in script')\nf()\n");
     let script = script.into_bytes();
-    let scripts: [(&str, &str, Vec<(&str, Vec<u8>)>); 4] = [
+    type Files = Vec<(&'static str, Vec<u8>)>;
+    let scripts: [(&str, &str, Files); 4] = [
         (
             "script: argv, __file__, sys.path[0], traceback",
             "sub/prog.py",

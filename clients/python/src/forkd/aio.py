@@ -255,6 +255,17 @@ class AsyncForkd:
             code = f.read()
         return await self.run(code, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
 
+    async def run_module(self, module: str, *args: str, **kwargs: Any) -> Execution:
+        """Runs ``module`` as ``python -m module args...``; arguments as
+        :meth:`forkd.Forkd.run_module`."""
+        kwargs["argv"] = tuple(args) + tuple(kwargs.pop("argv", ()))
+        P.build_spawn(0, module=module, **kwargs)  # validate first
+        conn = await self._connection()
+        resp = await conn.call(lambda i: P.build_spawn(i, module=module, **kwargs), self.timeout)
+        result = P.interpret("spawn", resp)
+        assert isinstance(result, Execution)
+        return result
+
     async def map(
         self,
         codes: Iterable[str],

@@ -265,6 +265,18 @@ class Forkd:
             code = f.read()
         return self.run(code, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
 
+    def run_module(self, module: str, *args: str, **kwargs: Any) -> Execution:
+        """Runs ``module`` as ``python -m module args...`` would (importable in
+        the sandbox: the zygote's packages, or files sent with ``files``, as
+        the working directory is ``sys.path[0]``); other keyword arguments
+        are :meth:`run`'s."""
+        kwargs["argv"] = tuple(args) + tuple(kwargs.pop("argv", ()))
+        P.build_spawn(0, module=module, **kwargs)
+        resp = self._call(lambda i: P.build_spawn(i, module=module, **kwargs))
+        result = P.interpret("spawn", resp)
+        assert isinstance(result, Execution)
+        return result
+
     def map(
         self,
         codes: Iterable[str],
