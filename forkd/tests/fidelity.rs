@@ -589,3 +589,53 @@ async fn startup_environment_is_applied_as_python_would_or_refused() {
     d.finish().await;
     t.assert_all("start-up environment: sandbox vs plain python");
 }
+
+// ---------------------------------------------------------------------------
+// 5. Messages
+// ---------------------------------------------------------------------------
+
+/// An interpreter that is not Python is named as such (whether it exits
+/// before or after the daemon's first message), and `forkd-run --embedded`
+/// reports the failure to start as forkd's own (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interpreter_that_is_not_python_is_named_as_such() {
+    if skip_unless_root("starts daemons") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("not-python");
+    std::fs::write(&script, "#!/bin/sh\necho 'I am a shell script'\nexit 0\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (python, status) in [
+        ("/bin/true".to_string(), "exit code 0"),
+        ("/bin/false".to_string(), "exit code 1"),
+        (script.display().to_string(), "exit code 0"),
+    ] {
+        let want = format!(
+            "zygote `default` failed to start: `{python}` exited ({status}) without running forkd's zygote script: it does not look like a Python 3 interpreter (anything it printed is logged as `zygote stderr`); set `python` (--python) to one, e.g. a venv's bin/python"
+        );
+        let p = python.clone();
+        let (err, attempt) =
+            match TestDaemon::try_start(None, |c| c.zygotes[0].python = p.into()).await {
+                Ok(_) => panic!("a daemon started with {python} as its interpreter"),
+                Err(e) => e,
+            };
+        assert_eq!(err.to_string(), want);
+        attempt.assert_no_leaks().await;
+
+        let _session = external_session();
+        let run = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(["--embedded", "--python", &python, "-c", "print(1)"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(3), "{run:?}");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(
+            stderr.lines().last(),
+            Some(format!("forkd-run: cannot start the embedded daemon: {want}").as_str()),
+            "{stderr}"
+        );
+    }
+}

@@ -440,7 +440,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("forkd-run: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(3);
         }
     };
     runtime.block_on(run(args, req))
@@ -476,7 +476,7 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("forkd-run: cannot create a private socket directory: {e}");
-                return ExitCode::FAILURE;
+                return ExitCode::from(3);
             }
         };
         let path = dir.join("forkd.sock");
@@ -501,7 +501,7 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
             Err(e) => {
                 eprintln!("forkd-run: cannot start the embedded daemon: {e}");
                 let _ = std::fs::remove_dir_all(&dir);
-                return ExitCode::FAILURE;
+                return ExitCode::from(3);
             }
         }
         socket_dir = Some(dir);
