@@ -289,6 +289,14 @@ async fn uncaught_exceptions_hooks_and_exit_match_python() {
             "threads joined after an uncaught exception",
             "import atexit, threading, time\natexit.register(lambda: print('atexit'))\nthreading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()\nraise SystemExit(4)\n",
         ),
+        (
+            "__main__'s objects finalized at exit",
+            "import sys, atexit\natexit.register(lambda: print('atexit'))\nf = open(sys.stdout.fileno(), 'w', closefd=False)\nf.write('unflushed file\\n')\nclass A:\n    def __del__(self): print('del A', flush=True)\na = A()\nb = [A()]\nb.append(b)\n",
+        ),
+        (
+            "finalized after an uncaught exception",
+            "class A:\n    def __del__(self): print('del A')\na = A()\ndef f(): raise ValueError('x')\nf()\n",
+        ),
         ("sys.exit(message)", "import sys\nsys.exit('bye')\n"),
         ("sys.exit(3)", "import sys\nsys.exit(3)\n"),
         ("exit code above 255", "import sys\nsys.exit(257)\n"),

@@ -648,8 +648,9 @@ def report_uncaught(exc):
 
 
 def finalize_like_python():
-    """What Py_FinalizeEx does before the process ends, in its order: join
-    non-daemon threads (threading._shutdown), then run atexit functions."""
+    """What Py_FinalizeEx does first, in its order: join non-daemon threads
+    (threading._shutdown), then run atexit functions (clear_main_module is
+    the next step)."""
     threading = sys.modules.get("threading")
     if threading is not None:
         try:
@@ -660,6 +661,42 @@ def finalize_like_python():
         atexit._run_exitfuncs()
     except BaseException:
         pass
+
+
+def clear_main_module():
+    """As Py_FinalizeEx's module teardown, for `__main__` (the rest of the
+    process is the zygote's and dies with it): after flushing stdout and
+    stderr, the module's globals are cleared as _PyModule_ClearDict does
+    (names with one leading underscore first, never __builtins__), then
+    cycles are collected, so `__del__` methods run and files the program
+    left open are flushed. Clearing before collecting releases each global
+    by reference count, in order: a text file is then closed before the
+    buffer under it (a collection could finalize them in either order and
+    lose the text layer's pending data)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    main = sys.modules.pop("__main__", None)
+    if main is not None:
+        d = main.__dict__
+        del main
+        for first in (True, False):
+            for key in list(d):
+                if key == "__builtins__" or not isinstance(key, str):
+                    continue
+                if first != (key.startswith("_") and not key.startswith("__")):
+                    continue
+                try:
+                    d[key] = None
+                except BaseException:
+                    pass
+        del d
+    gc.collect()
 
 
 def run_job(job, lib):
@@ -694,7 +731,13 @@ def run_job(job, lib):
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
 
     code, uncaught = run_main(program, main)
+    interrupted = isinstance(uncaught, KeyboardInterrupt)
+    del uncaught, main
     finalize_like_python()
+    try:
+        clear_main_module()
+    except BaseException:
+        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             # As Py_FinalizeEx: a stream the program closed is left alone.
@@ -703,7 +746,7 @@ def run_job(job, lib):
         except BaseException:
             if code == 0:
                 code = 120
-    if isinstance(uncaught, KeyboardInterrupt):
+    if interrupted:
         # As python: end by SIGINT itself (the shell sees 130). This process
         # is pid 1 of its namespace, where a self-sent default signal is
         # dropped, so the reporter installed for SIG_DFL tells the daemon.
