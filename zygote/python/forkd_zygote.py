@@ -58,6 +58,7 @@ for _var in (
 ):
     os.environ[_var] = "1"
 
+import _signal
 import atexit
 import base64
 import builtins
@@ -460,8 +461,30 @@ STARTUP_ONLY_ENV = (
 )
 
 
+_STARTUP_ONLY = frozenset(STARTUP_ONLY_ENV)
+
+
 class StartupEnvError(Exception):
     """A request's environment asks for something only interpreter start-up can do."""
+
+
+def _python_dispositions():
+    # Plain ints, used with _signal: the signal module's wrappers build enum
+    # members in Python for every call.
+    out = []
+    for sig in map(int, signal.valid_signals()):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if sig == signal.SIGINT:
+            out.append((sig, signal.default_int_handler))
+        elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            out.append((sig, int(signal.SIG_IGN)))
+        else:
+            out.append((sig, int(signal.SIG_DFL)))
+    return tuple(out)
+
+
+PYTHON_DISPOSITIONS = _python_dispositions()
 
 
 def reset_signal_dispositions():
@@ -470,22 +493,15 @@ def reset_signal_dispositions():
     everything else default, nothing blocked), whatever the daemon inherited
     (`nohup`, a `cmd &` shell, a service manager). Only differing entries are
     touched: in the usual case this costs no system call but one sigprocmask."""
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        if sig == signal.SIGINT:
-            want = signal.default_int_handler
-        elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            want = signal.SIG_IGN
-        else:
-            want = signal.SIG_DFL
-        try:
-            if signal.getsignal(sig) is not want:
-                signal.signal(sig, want)
-        except (OSError, ValueError, RuntimeError):
-            pass  # reserved by libc (32, 33): not settable, never inherited
-    if signal.pthread_sigmask(signal.SIG_BLOCK, ()):
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    getsignal = _signal.getsignal
+    for sig, want in PYTHON_DISPOSITIONS:
+        if getsignal(sig) != want:
+            try:
+                _signal.signal(sig, want)
+            except (OSError, ValueError, RuntimeError):
+                pass
+    if _signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        _signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def _unset(value):
@@ -510,8 +526,8 @@ def apply_startup_env(env):
     after sys.path[0]), TZ (time.tzset), PYTHONUNBUFFERED, PYTHONDONTWRITEBYTECODE.
     Raises StartupEnvError for a start-up-only variable whose value differs
     from the zygote's (it could not take effect)."""
-    for name in STARTUP_ONLY_ENV:
-        want, have = env.get(name), STARTUP_ENV.get(name)
+    for name in sorted(_STARTUP_ONLY.intersection(env)):
+        want, have = env[name], STARTUP_ENV.get(name)
         if name == "PYTHONHASHSEED":
             # "random" and unset both mean a random secret (the zygote's).
             want = None if want == "random" else want
