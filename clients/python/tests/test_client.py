@@ -319,11 +319,12 @@ class SyncClientTest(DaemonTest):
         self.assertEqual(r.stdout, b"x" * 1000)
 
     def test_run_script(self) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-            f.write("import sys\nprint('args', sys.argv[1:])\n")
+        with tempfile.NamedTemporaryFile("wb", suffix=".py", delete=False) as f:
+            f.write(b"# coding: latin-1\nimport os, sys\nprint('args', sys.argv, __file__ == os.path.join(os.getcwd(), sys.argv[0]), '\xe9')\n")
         self.addCleanup(os.unlink, f.name)
-        r = self.client().run_script(f.name, "a", "b c", timeout=30)
-        self.assertEqual(r.stdout, b"args ['a', 'b c']\n")
+        r = self.client().run_script(f.name, "a", "b c", timeout=30, files={"x": "y"})
+        name = os.path.basename(f.name)
+        self.assertEqual(r.stdout, f"args {[name, 'a', 'b c']!r} True \xe9\n".encode(), r.stderr)
 
     def test_map_30_in_input_order(self) -> None:
         codes = [f"import time; time.sleep({(30 - i) % 5} * 0.03); print({i} * {i})" for i in range(30)]

@@ -9,7 +9,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ProtocolError, RequestRefused, error_from_reply
 
@@ -313,6 +313,17 @@ def _files(files: Optional[FilesArg]) -> list:
             entry["mode"] = int(mode)
         out.append(entry)
     return out
+
+
+def script_files(path: Any, files: Optional[FilesArg]) -> Tuple[str, List[Any]]:
+    """The local script ``path`` as a file of the sandbox's working directory
+    (under its file name, sent as bytes so a coding cookie works) added to
+    ``files``; returns the name to run and the files."""
+    with open(path, "rb") as f:
+        data = f.read()
+    name = os.path.basename(os.fspath(path))
+    items = list(files.items()) if isinstance(files, Mapping) else list(files or ())
+    return name, items + [(name, data)]
 
 
 def build_spawn(
