@@ -8,6 +8,12 @@ use std::time::Duration;
 /// Errors returned by this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Pausing needs a freezer: v2, or a v1 `freezer` hierarchy.
+    #[error("this host has no cgroup freezer for sandboxes (cgroup v1 without a mounted `freezer` hierarchy, or cgroups disabled): mount it (mount -t cgroup -o freezer cgroup /sys/fs/cgroup/freezer) or run on cgroup v2 to pause sessions")]
+    NoFreezer,
+    /// Processes did not freeze in time.
+    #[error("the sandbox's processes did not freeze within 5 s (a process stuck in the kernel?); try again")]
+    FreezeTimeout,
     /// `/proc/self/mountinfo` could not be read.
     #[error("cannot read {}: {source}; forkd needs /proc mounted to find the cgroup mounts", path.display())]
     Mountinfo {

@@ -27,6 +27,7 @@
 
 mod error;
 mod flavour;
+mod freezer;
 pub mod kmem;
 mod parse;
 mod sys;
@@ -42,6 +43,7 @@ use tracing::{debug, info, warn};
 
 pub use error::Error;
 use flavour::{Ctl, Flavour, Hier};
+pub use freezer::Freezer;
 
 pub(crate) const MOUNTINFO: &str = "/proc/self/mountinfo";
 pub(crate) const DEFAULT_V2_ROOT: &str = "/sys/fs/cgroup";

@@ -100,6 +100,8 @@ pub struct Config {
     pub workspace_dir: Option<PathBuf>,
     /// Egress bound and resolver settings (requests with `allow_net`).
     pub network: NetworkSection,
+    /// Session lifetimes and bounds.
+    pub sessions: SessionsSection,
 }
 
 /// How log lines are written.
@@ -180,6 +182,7 @@ impl Default for Config {
             workspace_roots: Vec::new(),
             workspace_dir: None,
             network: NetworkSection::default(),
+            sessions: SessionsSection::default(),
         }
     }
 }
@@ -825,6 +828,41 @@ mod tests {
 }
 
 // --- sections of the configuration that other modules interpret ---
+
+/// `[sessions]`: how many sessions may live at once and for how long.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsSection {
+    /// Most sessions alive at once (all peers together).
+    pub max: usize,
+    /// Most sessions one peer uid may hold at once.
+    pub max_per_uid: usize,
+    /// Lifetime of a session that asks for none, milliseconds.
+    pub default_ttl_ms: u64,
+    /// Longest lifetime a request may ask for, milliseconds.
+    pub max_ttl_ms: u64,
+    /// Idle timeout of a session that asks for none (`None`: none).
+    pub default_idle_timeout_ms: Option<u64>,
+    /// How long an interrupted cell may take to stop before its interpreter
+    /// is replaced (losing its state), milliseconds.
+    pub interrupt_grace_ms: u64,
+    /// Ended sessions remembered for `session_info` (why they ended).
+    pub remember_ended: usize,
+}
+
+impl Default for SessionsSection {
+    fn default() -> SessionsSection {
+        SessionsSection {
+            max: 1024,
+            max_per_uid: 1024,
+            default_ttl_ms: 300_000,
+            max_ttl_ms: 86_400_000,
+            default_idle_timeout_ms: None,
+            interrupt_grace_ms: 2_000,
+            remember_ended: 1024,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

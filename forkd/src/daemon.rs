@@ -422,12 +422,18 @@ pub async fn start_with(
     if let Some(path) = &settings.config.audit_log {
         tracing::info!(path = %path.display(), payloads = settings.config.audit_payloads, "audit log open");
     }
+    let sessions = Arc::new(crate::session::Sessions::new(
+        state.clone(),
+        admission.clone(),
+        settings.config.sessions.clone(),
+    ));
     let server = Arc::new(crate::server::Server::new(
         state.clone(),
         admission,
         metrics,
         audit.clone(),
         settings.frames,
+        sessions,
     ));
     let server = tokio::spawn(crate::server::serve(server, listener, shutdown_rx));
     Ok(Running {

@@ -19,6 +19,7 @@ pub mod metrics_http;
 pub mod network;
 pub mod sandbox;
 pub mod server;
+pub mod session;
 pub mod settings;
 pub mod size;
 pub mod start_error;

@@ -123,6 +123,12 @@ pub fn error_code_label(code: ErrorCode) -> &'static str {
         ErrorCode::SpawnFailed => "spawn_failed",
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Internal => "internal",
+        ErrorCode::UnknownSession => "unknown_session",
+        ErrorCode::SessionEnded => "session_ended",
+        ErrorCode::SessionPaused => "session_paused",
+        ErrorCode::NotFound => "not_found",
+        ErrorCode::FileError => "file_error",
+        ErrorCode::Cancelled => "cancelled",
     }
 }
 

@@ -32,14 +32,14 @@ const KILL_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after the init's exit the output pipes may stay open.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
     ErrorReply {
         code,
         message: message.into(),
     }
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> ErrorReply {
+pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> ErrorReply {
     error(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
@@ -151,6 +151,7 @@ pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
                 mode: f.mode,
             })
             .collect(),
+        session: None,
     }
 }
 
@@ -386,7 +387,7 @@ async fn acquire_slot<'a>(
 
 /// A warm child if one fits (its cgroup limits can still change), otherwise
 /// one forked now; `true` when it came from the warm pool.
-async fn obtain_child(
+pub(crate) async fn obtain_child(
     state: &State,
     zygote_name: &str,
     plan: &ChildPlan,
@@ -809,7 +810,7 @@ fn report(
 }
 
 /// The landlock status the child's zygote measured for its policy at start-up.
-fn landlock_status(child: &forkd_pool::ReadyChild) -> Option<forkd_ipc::LandlockStatus> {
+pub(crate) fn landlock_status(child: &forkd_pool::ReadyChild) -> Option<forkd_ipc::LandlockStatus> {
     use forkd_ipc::LandlockStatus as Wire;
     use forkd_zygote::spec::LandlockStatus as Measured;
     let status = child
@@ -829,7 +830,7 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
+pub(crate) fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
     if libc::WIFEXITED(status) {
         (Some(libc::WEXITSTATUS(status)), None)
     } else if libc::WIFSIGNALED(status) {
@@ -839,11 +840,11 @@ fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
     }
 }
 
-fn receiver(fd: OwnedFd) -> Result<pipe::Receiver, ErrorReply> {
+pub(crate) fn receiver(fd: OwnedFd) -> Result<pipe::Receiver, ErrorReply> {
     pipe::Receiver::from_owned_fd(fd).map_err(|e| internal("register pipe", e))
 }
 
-fn sender(fd: OwnedFd) -> Result<pipe::Sender, ErrorReply> {
+pub(crate) fn sender(fd: OwnedFd) -> Result<pipe::Sender, ErrorReply> {
     pipe::Sender::from_owned_fd(fd).map_err(|e| internal("register pipe", e))
 }
 

@@ -8,7 +8,8 @@ use forkd_ipc::frame::{
     encode_frame, peek_request_id, peek_request_version, read_frame_bytes_async_within, FrameError,
 };
 use forkd_ipc::{
-    ErrorCode, ErrorReply, Request, RequestBody, Response, ResponseBody, PROTOCOL_VERSION,
+    ErrorCode, ErrorReply, Request, RequestBody, Response, ResponseBody, OLDEST_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -37,6 +38,7 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     pub audit: Option<Arc<AuditLog>>,
     pub frames: FrameLimits,
+    pub sessions: Arc<crate::session::Sessions>,
     next_connection: AtomicU64,
 }
 
@@ -47,6 +49,7 @@ impl Server {
         metrics: Arc<Metrics>,
         audit: Option<Arc<AuditLog>>,
         frames: FrameLimits,
+        sessions: Arc<crate::session::Sessions>,
     ) -> Server {
         Server {
             state,
@@ -54,6 +57,7 @@ impl Server {
             metrics,
             audit,
             frames,
+            sessions,
             next_connection: AtomicU64::new(1),
         }
     }
@@ -81,9 +85,12 @@ pub async fn serve(
     }
 }
 
+/// An error no request version can be attributed to (a refused peer, a
+/// frame that is not a request): sent as version 1, which every client
+/// reads (the error shape is the same in every version).
 fn error_response(id: u64, code: ErrorCode, message: impl Into<String>) -> Response {
     Response {
-        v: PROTOCOL_VERSION,
+        v: OLDEST_PROTOCOL_VERSION,
         id,
         body: ResponseBody::Error(ErrorReply {
             code,
@@ -101,7 +108,7 @@ async fn spawn_request(
     spawn: forkd_ipc::SpawnRequest,
     peer: crate::audit::Peer,
     connection: u64,
-    id: u64,
+    (v, id): (u32, u64),
 ) {
     let started = std::time::Instant::now();
     let pending = server
@@ -172,13 +179,7 @@ async fn spawn_request(
         Ok(result) => ResponseBody::Result(result),
         Err(e) => ResponseBody::Error(e),
     };
-    let _ = tx
-        .send(Response {
-            v: PROTOCOL_VERSION,
-            id,
-            body,
-        })
-        .await;
+    let _ = tx.send(Response { v, id, body }).await;
     if let (Some(audit), Some(record)) = (&server.audit, late) {
         audit.record(record).await;
     }
@@ -190,18 +191,22 @@ async fn spawn_request(
 /// can be read, else 0). Pure, so that the fuzz target (fuzz/) exercises
 /// exactly what the daemon runs.
 pub fn parse_request(bytes: &[u8]) -> Result<Request, (u64, ErrorReply)> {
-    let unsupported = |v| ErrorReply {
+    let unsupported = |v| {
+        ErrorReply {
         code: ErrorCode::UnsupportedVersion,
         message: format!(
-            "protocol version {v} is not supported; this daemon speaks {PROTOCOL_VERSION}"
+            "protocol version {v} is not supported; this daemon speaks {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
         ),
+    }
     };
+    let spoken =
+        |v: u64| (u64::from(OLDEST_PROTOCOL_VERSION)..=u64::from(PROTOCOL_VERSION)).contains(&v);
     let request = match serde_json::from_slice::<Request>(bytes) {
         Ok(r) => r,
         Err(e) => {
             let id = peek_request_id(bytes);
             return Err(match peek_request_version(bytes) {
-                Some(v) if v != u64::from(PROTOCOL_VERSION) => (id, unsupported(v)),
+                Some(v) if !spoken(v) => (id, unsupported(v)),
                 _ => (
                     id,
                     ErrorReply {
@@ -212,10 +217,34 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, (u64, ErrorReply)> {
             });
         }
     };
-    if request.v != PROTOCOL_VERSION {
+    if !spoken(u64::from(request.v)) {
         return Err((request.id, unsupported(u64::from(request.v))));
     }
+    if request.v < request.body.since_version() {
+        return Err((
+            request.id,
+            ErrorReply {
+                code: ErrorCode::UnsupportedVersion,
+                message: format!(
+                    "`{}` needs protocol version {}; the request says {}",
+                    request.body.op(),
+                    request.body.since_version(),
+                    request.v
+                ),
+            },
+        ));
+    }
     Ok(request)
+}
+
+/// The version an error reply to `bytes` carries: the request's own when
+/// this daemon speaks it (an old client gets replies it can read), else 1
+/// (see [`error_response`]).
+fn reply_version(bytes: &[u8]) -> u32 {
+    peek_request_version(bytes)
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|v| (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(v))
+        .unwrap_or(OLDEST_PROTOCOL_VERSION)
 }
 
 async fn connection(server: Arc<Server>, stream: UnixStream) {
@@ -294,6 +323,7 @@ async fn connection(server: Arc<Server>, stream: UnixStream) {
     });
 
     let (client_gone, _) = tokio::sync::watch::channel(false);
+    let cancels = crate::session::ops::Cancels::default();
     let max = server.frames.max_bytes;
     let frame_timeout = server.frames.timeout;
     loop {
@@ -330,7 +360,7 @@ async fn connection(server: Arc<Server>, stream: UnixStream) {
             Ok(r) => r,
             Err((id, e)) => {
                 let reply = Response {
-                    v: PROTOCOL_VERSION,
+                    v: reply_version(&bytes),
                     id,
                     body: ResponseBody::Error(e),
                 };
@@ -340,11 +370,11 @@ async fn connection(server: Arc<Server>, stream: UnixStream) {
                 continue;
             }
         };
-        let id = request.id;
+        let (v, id) = (request.v, request.id);
         match request.body {
             RequestBody::Ping => {
                 let reply = Response {
-                    v: PROTOCOL_VERSION,
+                    v,
                     id,
                     body: ResponseBody::Pong {
                         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -358,9 +388,50 @@ async fn connection(server: Arc<Server>, stream: UnixStream) {
                 let server = server.clone();
                 let tx = tx.clone();
                 let gone = client_gone.subscribe();
-                tokio::spawn(spawn_request(server, tx, gone, spawn, peer, connection, id));
+                tokio::spawn(spawn_request(
+                    server,
+                    tx,
+                    gone,
+                    spawn,
+                    peer,
+                    connection,
+                    (v, id),
+                ));
+            }
+            RequestBody::Cancel(c) => {
+                if let Some(cancel) = crate::session::ops::lock_cancels(&cancels).get(&c.target) {
+                    let _ = cancel.send(true);
+                }
+                let reply = Response {
+                    v,
+                    id,
+                    body: ResponseBody::Done {},
+                };
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            body => {
+                let cancel = crate::session::ops::register_cancel(&cancels, id);
+                let replier = crate::session::ops::Replier {
+                    tx: tx.clone(),
+                    v,
+                    id,
+                };
+                tokio::spawn(crate::session::ops::serve(
+                    server.sessions.clone(),
+                    body,
+                    peer.uid,
+                    replier,
+                    cancel,
+                    cancels.clone(),
+                ));
             }
         }
+    }
+    // Streamed session requests of this connection stop too.
+    for (_, cancel) in crate::session::ops::lock_cancels(&cancels).drain() {
+        let _ = cancel.send(true);
     }
     // The client closed (or broke) its side: nobody can receive the replies
     // of its sandboxes still running, so they are killed and cleaned up.

@@ -164,8 +164,9 @@ async fn malformed_and_hostile_frames() {
             16,
         ),
         ("unknown field beside ping", br#"{"v":1,"id":7,"op":"ping","extra":true}"#.to_vec(), "malformed_frame", 7),
-        ("wrong v", br#"{"v":2,"id":8,"op":"ping"}"#.to_vec(), "unsupported_version", 8),
-        ("wrong v, unknown shape", br#"{"v":2,"id":9,"op":"teleport","x":1}"#.to_vec(), "unsupported_version", 9),
+        ("wrong v", br#"{"v":3,"id":8,"op":"ping"}"#.to_vec(), "unsupported_version", 8),
+        ("wrong v, unknown shape", br#"{"v":3,"id":9,"op":"teleport","x":1}"#.to_vec(), "unsupported_version", 9),
+        ("a version-2 operation asked in version 1", br#"{"v":1,"id":12,"op":"session_list"}"#.to_vec(), "unsupported_version", 12),
         (
             "invalid base64 stdin",
             json!({"v":1,"id":10,"op":"spawn","program":spawn1,"stdin":"***"}).to_string().into_bytes(),

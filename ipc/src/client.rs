@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::frame::{encode_frame, read_frame_bytes, read_frame_bytes_async, FrameError};
 use crate::protocol::{
-    ErrorReply, Response, ResponseBody, SpawnRequest, SpawnResult, MAX_FRAME_BYTES,
+    ErrorReply, RequestBody, Response, ResponseBody, SpawnRequest, SpawnResult, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
 
@@ -174,11 +174,30 @@ struct RequestRef<'a> {
     body: BodyRef<'a>,
 }
 
-#[derive(Clone, Copy, Serialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum BodyRef<'a> {
+#[derive(Clone, Copy)]
+pub(crate) enum BodyRef<'a> {
     Spawn(&'a SpawnRequest),
     Ping,
+    /// Any other request (the session operations), borrowed whole.
+    Any(&'a RequestBody),
+}
+
+/// The wire shape of the borrowed version-1 bodies.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum V1Ref<'a> {
+    Spawn(&'a SpawnRequest),
+    Ping,
+}
+
+impl Serialize for BodyRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BodyRef::Spawn(r) => V1Ref::Spawn(r).serialize(s),
+            BodyRef::Ping => V1Ref::Ping.serialize(s),
+            BodyRef::Any(b) => b.serialize(s),
+        }
+    }
 }
 
 impl BodyRef<'_> {
@@ -186,6 +205,7 @@ impl BodyRef<'_> {
         match self {
             BodyRef::Spawn(_) => "spawn",
             BodyRef::Ping => "ping",
+            BodyRef::Any(b) => b.op(),
         }
     }
 }
@@ -200,6 +220,15 @@ fn decode_response(bytes: &[u8]) -> Result<Response, (u64, ClientError)> {
     };
     match serde_json::from_slice::<Response>(bytes) {
         Ok(resp) if resp.v == PROTOCOL_VERSION => Ok(resp),
+        // Errors have one shape in every version; a daemon sends those it
+        // cannot attribute to a request (a refused peer, a frame that is not
+        // a request) as version 1.
+        Ok(resp)
+            if resp.v >= crate::protocol::OLDEST_PROTOCOL_VERSION
+                && matches!(resp.body, ResponseBody::Error(_)) =>
+        {
+            Ok(resp)
+        }
         Ok(resp) => Err((resp.id, version_error(u64::from(resp.v)))),
         Err(e) => {
             // A daemon of another version may use shapes we cannot parse;
@@ -220,9 +249,7 @@ fn expect_result(resp: Response) -> Result<SpawnResult, ClientError> {
     match resp.body {
         ResponseBody::Result(r) => Ok(r),
         ResponseBody::Error(e) => Err(ClientError::Server(e)),
-        ResponseBody::Pong { .. } => Err(ClientError::UnexpectedReply(
-            "`pong` in reply to a spawn request".into(),
-        )),
+        other => Err(unexpected("spawn", &other)),
     }
 }
 
@@ -230,10 +257,17 @@ fn expect_pong(resp: Response) -> Result<String, ClientError> {
     match resp.body {
         ResponseBody::Pong { daemon_version } => Ok(daemon_version),
         ResponseBody::Error(e) => Err(ClientError::Server(e)),
-        ResponseBody::Result(_) => Err(ClientError::UnexpectedReply(
-            "`result` in reply to a ping request".into(),
-        )),
+        other => Err(unexpected("ping", &other)),
     }
+}
+
+/// A reply of the wrong kind for `op`.
+pub(crate) fn unexpected(op: &str, body: &ResponseBody) -> ClientError {
+    let kind = serde_json::to_value(body)
+        .ok()
+        .and_then(|v| v.get("kind")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "?".into());
+    ClientError::UnexpectedReply(format!("`{kind}` in reply to a {op} request"))
 }
 
 fn connect_error(path: &Path, e: io::Error) -> ClientError {
@@ -340,7 +374,23 @@ impl Client {
         expect_result(self.call(BodyRef::Spawn(req), wait)?)
     }
 
+    /// The wait set with [`Self::with_timeout`], if any.
+    pub(crate) fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     fn call(&mut self, body: BodyRef<'_>, wait: Duration) -> Result<Response, ClientError> {
+        self.call_streaming(body, wait, &mut |_| {})
+    }
+
+    /// Sends one request and reads its responses: the non-final ones go to
+    /// `on_event`, the final one is returned. `wait` bounds the whole call.
+    pub(crate) fn call_streaming(
+        &mut self,
+        body: BodyRef<'_>,
+        wait: Duration,
+        on_event: &mut dyn FnMut(ResponseBody),
+    ) -> Result<Response, ClientError> {
         if self.broken {
             return Err(ClientError::Broken);
         }
@@ -353,7 +403,7 @@ impl Client {
             id,
             body,
         })?;
-        let result = self.exchange(id, body, &frame, wait);
+        let result = self.exchange(id, body, &frame, wait, on_event);
         if let Err(e) = &result {
             if !matches!(e, ClientError::Server(_)) {
                 // Whatever is left on the stream (half a frame, a late reply)
@@ -371,6 +421,7 @@ impl Client {
         body: BodyRef<'_>,
         frame: &[u8],
         wait: Duration,
+        on_event: &mut dyn FnMut(ResponseBody),
     ) -> Result<Response, ClientError> {
         let mut io = DeadlineIo {
             stream: &self.stream,
@@ -378,17 +429,23 @@ impl Client {
             deadline: Instant::now().checked_add(wait),
         };
         io.write_all(frame).map_err(|e| io_error(e, wait))?;
-        let bytes = read_frame_bytes(&mut io, MAX_FRAME_BYTES).map_err(|e| frame_error(e, wait))?;
-        let resp = decode_response(&bytes).map_err(|(_, e)| e)?;
-        match (&resp.id, &resp.body) {
-            (got, _) if *got == id => Ok(resp),
-            // The daemon could not parse our request far enough to echo its
-            // id; with one request in flight the error is still ours.
-            (0, ResponseBody::Error(_)) => Ok(resp),
-            (got, _) => Err(ClientError::UnexpectedReply(format!(
-                "reply for request id {got} while waiting for {} request id {id}",
-                body.name()
-            ))),
+        loop {
+            let bytes =
+                read_frame_bytes(&mut io, MAX_FRAME_BYTES).map_err(|e| frame_error(e, wait))?;
+            let resp = decode_response(&bytes).map_err(|(_, e)| e)?;
+            match (&resp.id, &resp.body) {
+                (got, b) if *got == id && !b.is_final() => on_event(resp.body),
+                (got, _) if *got == id => return Ok(resp),
+                // The daemon could not parse our request far enough to echo its
+                // id; with one request in flight the error is still ours.
+                (0, ResponseBody::Error(_)) => return Ok(resp),
+                (got, _) => {
+                    return Err(ClientError::UnexpectedReply(format!(
+                        "reply for request id {got} while waiting for {} request id {id}",
+                        body.name()
+                    )))
+                }
+            }
         }
     }
 }
@@ -513,9 +570,29 @@ fn replicate(e: &ClientError) -> ClientError {
     }
 }
 
+/// Where a pending call's replies go: one reply, or a stream of them
+/// (non-final events, then the final reply).
+enum Route {
+    Once(oneshot::Sender<Reply>),
+    Stream(mpsc::UnboundedSender<Reply>),
+}
+
+impl Route {
+    fn send(self, reply: Reply) {
+        match self {
+            Route::Once(tx) => {
+                let _ = tx.send(reply);
+            }
+            Route::Stream(tx) => {
+                let _ = tx.send(reply);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
-    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    pending: HashMap<u64, Route>,
     /// Set once, when the connection dies; new calls then fail at once.
     closed: Option<CloseReason>,
     /// The last error reply that named no request (id 0).
@@ -536,12 +613,12 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn register(&self, id: u64, tx: oneshot::Sender<Reply>) -> Result<(), ClientError> {
+    fn register(&self, id: u64, route: Route) -> Result<(), ClientError> {
         let mut st = self.lock();
         if let Some(reason) = &st.closed {
             return Err(reason.to_error());
         }
-        st.pending.insert(id, tx);
+        st.pending.insert(id, route);
         Ok(())
     }
 
@@ -562,17 +639,25 @@ impl Shared {
 
     /// Hands a reply to its caller; dropped if the caller gave up already.
     fn deliver(&self, id: u64, reply: Reply) {
-        let tx = self.lock().pending.remove(&id);
-        if let Some(tx) = tx {
-            let _ = tx.send(reply);
+        let mut st = self.lock();
+        if let (Some(Route::Stream(tx)), Ok(resp)) = (st.pending.get(&id), &reply) {
+            if !resp.body.is_final() {
+                let _ = tx.send(reply);
+                return;
+            }
+        }
+        let route = st.pending.remove(&id);
+        drop(st);
+        if let Some(route) = route {
+            route.send(reply);
         }
     }
 
     /// Fails every pending call (the connection itself stays up).
     fn fail_all(&self, make: impl Fn() -> ClientError) {
         let drained: Vec<_> = self.lock().pending.drain().collect();
-        for (_, tx) in drained {
-            let _ = tx.send(Err(make()));
+        for (_, route) in drained {
+            route.send(Err(make()));
         }
     }
 
@@ -589,8 +674,8 @@ impl Shared {
             let reason = st.closed.get_or_insert(reason).clone();
             (reason, st.pending.drain().collect())
         };
-        for (_, tx) in drained {
-            let _ = tx.send(Err(reason.to_error()));
+        for (_, route) in drained {
+            route.send(Err(reason.to_error()));
         }
     }
 
@@ -664,6 +749,58 @@ async fn writer_loop(
         if let Err(e) = wr.write_all(&frame).await {
             shared.close(CloseReason::from_io(&e));
             return;
+        }
+    }
+}
+
+/// The replies of one streamed request ([`AsyncClient`]): events, then the
+/// final response. Dropped before the final response, it unregisters and
+/// asks the daemon to cancel the request.
+pub(crate) struct ReplyStream {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    inner: Arc<Inner>,
+    done: bool,
+}
+
+impl ReplyStream {
+    /// The next response; the final one ends the stream (`None` after it).
+    pub(crate) async fn next(&mut self) -> Option<Reply> {
+        if self.done {
+            return None;
+        }
+        let reply = match self.rx.recv().await {
+            Some(r) => r,
+            None => Err(self.inner.shared.closed_error()),
+        };
+        if !matches!(&reply, Ok(r) if !r.body.is_final()) {
+            self.done = true;
+        }
+        Some(reply)
+    }
+
+    /// The request's id on the connection (for `cancel`).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for ReplyStream {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.inner.shared.unregister(self.id);
+        let cancel = RequestBody::Cancel(crate::session::Cancel { target: self.id });
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(frame) = encode_frame(&RequestRef {
+            v: PROTOCOL_VERSION,
+            id,
+            body: BodyRef::Any(&cancel),
+        }) {
+            // Best effort: a full queue or a dead connection means the
+            // daemon cancels it anyway when the connection closes.
+            let _ = self.inner.frames.try_send(frame);
         }
     }
 }
@@ -772,6 +909,46 @@ impl AsyncClient {
         expect_result(self.call(BodyRef::Spawn(req), wait).await?)
     }
 
+    /// Sends one request whose replies are streamed: events, then the
+    /// final response. Dropping the stream before its end cancels the
+    /// request in the daemon.
+    pub(crate) async fn call_stream(&self, body: BodyRef<'_>) -> Result<ReplyStream, ClientError> {
+        let inner = &*self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&RequestRef {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        inner.shared.register(id, Route::Stream(tx))?;
+        let stream = ReplyStream {
+            id,
+            rx,
+            inner: Arc::clone(&self.inner),
+            done: false,
+        };
+        inner
+            .frames
+            .send(frame)
+            .await
+            .map_err(|_| inner.shared.closed_error())?;
+        Ok(stream)
+    }
+
+    /// The wait set with [`Self::with_timeout`], if any.
+    pub(crate) fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    pub(crate) async fn call_body(
+        &self,
+        body: BodyRef<'_>,
+        wait: Duration,
+    ) -> Result<Response, ClientError> {
+        self.call(body, wait).await
+    }
+
     async fn call(&self, body: BodyRef<'_>, wait: Duration) -> Result<Response, ClientError> {
         let inner = &*self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -783,7 +960,7 @@ impl AsyncClient {
         let (tx, rx) = oneshot::channel();
         // Registered before the frame is queued, so the reply can never
         // arrive ahead of its routing entry.
-        inner.shared.register(id, tx)?;
+        inner.shared.register(id, Route::Once(tx))?;
         let _guard = PendingGuard {
             shared: &inner.shared,
             id,
@@ -908,17 +1085,17 @@ mod tests {
 
     #[test]
     fn decode_checks_version() {
-        let ok = br#"{"v":1,"id":4,"kind":"pong","daemon_version":"0.1.0"}"#;
+        let ok = br#"{"v":2,"id":4,"kind":"pong","daemon_version":"0.1.0"}"#;
         assert_eq!(decode_response(ok).unwrap().id, 4);
 
-        let newer = br#"{"v":2,"id":4,"kind":"pong","daemon_version":"9"}"#;
+        let older = br#"{"v":1,"id":4,"kind":"pong","daemon_version":"9"}"#;
         assert!(matches!(
-            decode_response(newer),
+            decode_response(older),
             Err((
                 4,
                 ClientError::Version {
-                    daemon: 2,
-                    client: 1
+                    daemon: 1,
+                    client: 2
                 }
             ))
         ));
@@ -930,11 +1107,11 @@ mod tests {
                 5,
                 ClientError::Version {
                     daemon: 3,
-                    client: 1
+                    client: 2
                 }
             ))
         ));
-        let garbage = br#"{"v":1,"id":6,"kind":"hologram"}"#;
+        let garbage = br#"{"v":2,"id":6,"kind":"hologram"}"#;
         assert!(matches!(
             decode_response(garbage),
             Err((6, ClientError::Frame(FrameError::Json(_))))

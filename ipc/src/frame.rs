@@ -425,7 +425,7 @@ mod tests {
         let mut wire = Vec::new();
         write_frame(&mut wire, &ping(7)).unwrap();
         write_frame(&mut wire, &ping(8)).unwrap();
-        let body = br#"{"v":1,"id":7,"op":"ping"}"#;
+        let body = br#"{"v":2,"id":7,"op":"ping"}"#;
         assert_eq!(&wire[..4], &(body.len() as u32).to_be_bytes());
         assert_eq!(&wire[4..4 + body.len()], body);
 

@@ -10,6 +10,10 @@
 pub mod client;
 pub mod frame;
 pub mod protocol;
+pub mod session;
+mod session_client;
 
 pub use client::{AsyncClient, Client, ClientError};
 pub use protocol::*;
+pub use session::*;
+pub use session_client::{Event, RequestStream};

@@ -10,9 +10,19 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::session::{
+    Cancel, CellResult, Command, CommandKill, CommandResult, DisplayData, FileData, FileEntry,
+    FilePath, FileRead, FileWrite, RunCode, SessionCreate, SessionInfo, SessionList, SessionRef,
+    SetTtl, Stream,
+};
+
 /// Version spoken by this crate. A request with another `v` gets
 /// [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest version a daemon still answers: version-1 requests (`spawn`,
+/// `ping`) get version-1 replies.
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
 
 /// Hard upper bound on one frame's JSON payload, in bytes, for both directions.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
@@ -42,6 +52,80 @@ pub enum RequestBody {
     Spawn(SpawnRequest),
     /// Liveness check; answered with [`ResponseBody::Pong`].
     Ping,
+    /// Start a session (version 2); answered with [`ResponseBody::Session`].
+    SessionCreate(SessionCreate),
+    /// The caller's sessions; answered with [`ResponseBody::Sessions`].
+    SessionList(SessionList),
+    /// One session's state and usage.
+    SessionInfo(SessionRef),
+    /// End a session.
+    SessionKill(SessionRef),
+    /// Freeze a session's processes.
+    SessionPause(SessionRef),
+    /// Thaw a paused session.
+    SessionResume(SessionRef),
+    /// Set a session's remaining lifetime.
+    SessionSetTtl(SetTtl),
+    /// Run a cell; streams [`ResponseBody::Output`] and
+    /// [`ResponseBody::Display`], then answers [`ResponseBody::Cell`].
+    RunCode(RunCode),
+    /// SIGINT to the session's running cell (`KeyboardInterrupt`).
+    Interrupt(SessionRef),
+    /// Stop another request of this connection.
+    Cancel(Cancel),
+    /// Run a shell command; streams [`ResponseBody::CommandStarted`] and
+    /// output, then answers [`ResponseBody::Command`].
+    Command(Command),
+    /// Kill a running command.
+    CommandKill(CommandKill),
+    /// Write a file chunk; answered with [`ResponseBody::Done`].
+    FileWrite(FileWrite),
+    /// Read a file chunk; answered with [`ResponseBody::FileData`].
+    FileRead(FileRead),
+    /// List a directory; answered with [`ResponseBody::Files`].
+    FileList(FilePath),
+    /// Remove a file or a directory tree.
+    FileRemove(FilePath),
+    /// Make a directory (and its parents).
+    FileMakeDir(FilePath),
+    /// Stat a path; answered with [`ResponseBody::FileStat`].
+    FileStat(FilePath),
+}
+
+impl RequestBody {
+    /// The protocol version that introduced this operation.
+    pub fn since_version(&self) -> u32 {
+        match self {
+            RequestBody::Spawn(_) | RequestBody::Ping => 1,
+            _ => 2,
+        }
+    }
+
+    /// The operation's name on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            RequestBody::Spawn(_) => "spawn",
+            RequestBody::Ping => "ping",
+            RequestBody::SessionCreate(_) => "session_create",
+            RequestBody::SessionList(_) => "session_list",
+            RequestBody::SessionInfo(_) => "session_info",
+            RequestBody::SessionKill(_) => "session_kill",
+            RequestBody::SessionPause(_) => "session_pause",
+            RequestBody::SessionResume(_) => "session_resume",
+            RequestBody::SessionSetTtl(_) => "session_set_ttl",
+            RequestBody::RunCode(_) => "run_code",
+            RequestBody::Interrupt(_) => "interrupt",
+            RequestBody::Cancel(_) => "cancel",
+            RequestBody::Command(_) => "command",
+            RequestBody::CommandKill(_) => "command_kill",
+            RequestBody::FileWrite(_) => "file_write",
+            RequestBody::FileRead(_) => "file_read",
+            RequestBody::FileList(_) => "file_list",
+            RequestBody::FileRemove(_) => "file_remove",
+            RequestBody::FileMakeDir(_) => "file_make_dir",
+            RequestBody::FileStat(_) => "file_stat",
+        }
+    }
 }
 
 /// Deserialization-only mirror of [`RequestBody`]. It exists because a unit
@@ -53,6 +137,10 @@ mod wire {
     use serde::Deserialize;
 
     use super::{RequestBody, SpawnRequest};
+    use crate::session::{
+        Cancel, Command, CommandKill, FilePath, FileRead, FileWrite, RunCode, SessionCreate,
+        SessionList, SessionRef, SetTtl,
+    };
 
     #[derive(Deserialize)]
     #[serde(tag = "op", rename_all = "snake_case")]
@@ -60,6 +148,24 @@ mod wire {
     pub(super) enum RequestBodyWire {
         Spawn(SpawnRequest),
         Ping(NoFields),
+        SessionCreate(SessionCreate),
+        SessionList(SessionList),
+        SessionInfo(SessionRef),
+        SessionKill(SessionRef),
+        SessionPause(SessionRef),
+        SessionResume(SessionRef),
+        SessionSetTtl(SetTtl),
+        RunCode(RunCode),
+        Interrupt(SessionRef),
+        Cancel(Cancel),
+        Command(Command),
+        CommandKill(CommandKill),
+        FileWrite(FileWrite),
+        FileRead(FileRead),
+        FileList(FilePath),
+        FileRemove(FilePath),
+        FileMakeDir(FilePath),
+        FileStat(FilePath),
     }
 
     #[derive(Deserialize)]
@@ -71,6 +177,24 @@ mod wire {
             match w {
                 RequestBodyWire::Spawn(s) => RequestBody::Spawn(s),
                 RequestBodyWire::Ping(NoFields {}) => RequestBody::Ping,
+                RequestBodyWire::SessionCreate(r) => RequestBody::SessionCreate(r),
+                RequestBodyWire::SessionList(r) => RequestBody::SessionList(r),
+                RequestBodyWire::SessionInfo(r) => RequestBody::SessionInfo(r),
+                RequestBodyWire::SessionKill(r) => RequestBody::SessionKill(r),
+                RequestBodyWire::SessionPause(r) => RequestBody::SessionPause(r),
+                RequestBodyWire::SessionResume(r) => RequestBody::SessionResume(r),
+                RequestBodyWire::SessionSetTtl(r) => RequestBody::SessionSetTtl(r),
+                RequestBodyWire::RunCode(r) => RequestBody::RunCode(r),
+                RequestBodyWire::Interrupt(r) => RequestBody::Interrupt(r),
+                RequestBodyWire::Cancel(r) => RequestBody::Cancel(r),
+                RequestBodyWire::Command(r) => RequestBody::Command(r),
+                RequestBodyWire::CommandKill(r) => RequestBody::CommandKill(r),
+                RequestBodyWire::FileWrite(r) => RequestBody::FileWrite(r),
+                RequestBodyWire::FileRead(r) => RequestBody::FileRead(r),
+                RequestBodyWire::FileList(r) => RequestBody::FileList(r),
+                RequestBodyWire::FileRemove(r) => RequestBody::FileRemove(r),
+                RequestBodyWire::FileMakeDir(r) => RequestBody::FileMakeDir(r),
+                RequestBodyWire::FileStat(r) => RequestBody::FileStat(r),
             }
         }
     }
@@ -254,6 +378,58 @@ pub enum ResponseBody {
         /// The daemon's version string (its crate version).
         daemon_version: String,
     },
+    /// A session's state (answers the `session_*` requests but
+    /// `session_list`).
+    Session(SessionInfo),
+    /// Answers `session_list`.
+    Sessions {
+        /// The sessions, oldest first.
+        sessions: Vec<SessionInfo>,
+    },
+    /// Not final: a chunk of a cell's or command's output, as written.
+    Output {
+        /// Which stream.
+        stream: Stream,
+        /// The bytes (base64 on the wire).
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// Not final: a rich value a cell displayed (`display()`, a figure).
+    Display(DisplayData),
+    /// Not final: the command runs with this pid (for `command_kill`).
+    CommandStarted {
+        /// Its pid inside the sandbox.
+        pid: u32,
+    },
+    /// Answers `run_code`.
+    Cell(CellResult),
+    /// Answers `command`.
+    Command(CommandResult),
+    /// Answers `file_read`.
+    FileData(FileData),
+    /// Answers `file_list`.
+    Files {
+        /// The directory's entries, sorted by name.
+        entries: Vec<FileEntry>,
+    },
+    /// Answers `file_stat`.
+    FileStat(FileEntry),
+    /// Answers requests that return nothing (`interrupt`, `cancel`,
+    /// `command_kill`, `file_write`, `file_remove`, `file_make_dir`).
+    Done {},
+}
+
+impl ResponseBody {
+    /// False for the streamed events that precede a request's final
+    /// response (`output`, `display`, `command_started`).
+    pub fn is_final(&self) -> bool {
+        !matches!(
+            self,
+            ResponseBody::Output { .. }
+                | ResponseBody::Display(_)
+                | ResponseBody::CommandStarted { .. }
+        )
+    }
 }
 
 /// Why a sandbox run ended abnormally: a limit the daemon enforced, the
@@ -509,6 +685,19 @@ pub enum ErrorCode {
     PermissionDenied,
     /// The daemon could not complete the request for an internal reason.
     Internal,
+    /// No session with this id is visible to the caller (version 2).
+    UnknownSession,
+    /// The session has ended; the message says why (version 2).
+    SessionEnded,
+    /// The session is paused; resume it first (version 2).
+    SessionPaused,
+    /// A file or directory does not exist in the sandbox (version 2).
+    NotFound,
+    /// A file operation failed inside the sandbox (permission, not a
+    /// directory, out of space, ...); the message names the cause (version 2).
+    FileError,
+    /// The request was cancelled (by `cancel`, version 2).
+    Cancelled,
 }
 
 impl std::fmt::Display for ErrorCode {

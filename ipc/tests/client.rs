@@ -108,6 +108,13 @@ fn answer(req: &Request) -> Response {
                 daemon_version: "test-1".into(),
             },
         ),
+        other => reply(
+            req.id,
+            ResponseBody::Error(forkd_ipc::ErrorReply {
+                code: forkd_ipc::ErrorCode::InvalidRequest,
+                message: format!("this test server does not serve {}", other.op()),
+            }),
+        ),
     }
 }
 
@@ -254,13 +261,13 @@ fn blocking_version_mismatch() {
     let (tmp, server) = blocking_server(|mut conn| {
         let req: Request = read_frame(&mut conn).unwrap();
         let mut resp = answer(&req);
-        resp.v = 2;
+        resp.v = PROTOCOL_VERSION + 1;
         write_frame(&mut conn, &resp).unwrap();
     });
     let mut client = Client::connect(tmp.path()).unwrap();
     match client.ping() {
         Err(ClientError::Version { daemon, client }) => {
-            assert_eq!((daemon, client), (2, PROTOCOL_VERSION));
+            assert_eq!((daemon, client), (PROTOCOL_VERSION + 1, PROTOCOL_VERSION));
         }
         other => panic!("expected Version, got {other:?}"),
     }

@@ -107,7 +107,7 @@ where
 #[test]
 fn spawn_request_exact_json() {
     let req = Request {
-        v: PROTOCOL_VERSION,
+        v: 1, // a version-1 request: its shape is unchanged in version 2
         id: 1,
         body: RequestBody::Spawn(sample_spawn()),
     };
@@ -128,7 +128,7 @@ fn spawn_request_exact_json() {
 fn minimal_spawn_request_exact_json() {
     // Unset optionals are omitted; `limits` is always present.
     let req = Request {
-        v: PROTOCOL_VERSION,
+        v: 1, // a version-1 request: its shape is unchanged in version 2
         id: 2,
         body: RequestBody::Spawn(SpawnRequest {
             program: Program::Script("/opt/job.py".into()),
@@ -194,7 +194,7 @@ fn allowlist_and_network_report_exact_json() {
 #[test]
 fn result_exact_json() {
     let resp = Response {
-        v: PROTOCOL_VERSION,
+        v: 1, // a version-1 request: its shape is unchanged in version 2
         id: 1,
         body: ResponseBody::Result(sample_result()),
     };

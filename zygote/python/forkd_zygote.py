@@ -59,19 +59,27 @@ for _var in (
     os.environ[_var] = "1"
 
 import _signal
+import ast
 import atexit
 import base64
 import builtins
+import collections
 import ctypes
+import errno as errno_codes
+import fcntl
 import gc
 import importlib
 import importlib.machinery
 import io
 import json
+import linecache
 import runpy
 import select
+import shutil
 import signal
 import socket
+import stat as stat_mode
+import subprocess
 import time
 import traceback
 import types
@@ -81,7 +89,7 @@ import types
 
 # The wire's shapes and version are defined in zygote/src/wire.rs; this file
 # mirrors them (a Rust test checks these lines against it).
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 CONTROL_FD = 3
 # In a child: the status pipe, moved onto fd 3 (replacing the control socket,
 # which the child must not keep). It carries one-byte tagged reports:
@@ -361,6 +369,8 @@ class Zygote:
             job = json.loads(body)
         except BaseException:
             setup_failed("reading the job failed:\n" + traceback.format_exc())
+        if job.get("session") is not None:
+            run_session(job)
         run_job(job, self.lib)
 
 
@@ -791,6 +801,816 @@ def run_job(job, lib):
 
 
 _RUNNER_CODES = frozenset((run_job.__code__, run_main.__code__, report_uncaught.__code__))
+
+
+# -- sessions ---------------------------------------------------------------
+#
+# A session child's pid 1 is the executor (Executor below): it never runs user
+# code. It reads ToExecutor frames (zygote/src/wire.rs) from fd 0, after the
+# job, and writes FromExecutor frames to fd 1; fd 2 takes its own diagnostics.
+# It forks the interpreter ("kernel") that runs the cells, with fresh pipes
+# only: the kernel holds no descriptor of the daemon's channels, and since
+# the executor is non-dumpable the sandbox's uid cannot open /proc/1/fd or
+# /proc/1/mem (ptrace and pidfd_getfd are refused by seccomp). File
+# operations and commands are carried out by the executor itself, inside the
+# same sandbox (same landlock, seccomp, mounts and uid), so a path reaches
+# exactly what the sandbox's own code could reach.
+#
+# executor <-> kernel (private to this file): 4-byte big-endian length +
+# JSON, on the kernel's fds 3 (cells in) and 4 (displays and results out).
+
+EXEC_HEADER_MAX = 12 << 20
+EXEC_PAYLOAD_MAX = 8 << 20
+KERNEL_MESSAGE_MAX = 12 << 20
+OUTPUT_CHUNK = 64 << 10
+PR_SET_DUMPABLE = 4
+_libc = None
+
+
+def exec_frame(header, payload=b""):
+    data = json.dumps(header).encode()
+    return len(data).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + data + payload
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except InterruptedError:
+            continue
+
+
+def set_dumpable(flag):
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(PR_SET_DUMPABLE, 1 if flag else 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+
+
+def run_session(job):
+    """Becomes the session's executor; never returns."""
+    try:
+        np_random = sys.modules.get("numpy.random")
+        if np_random is not None and not _reseeded:
+            np_random.seed()
+        os.environ.clear()
+        os.environ.update(job.get("env", {}))
+        cfg = job["session"]
+        os.makedirs(cfg["cwd"], exist_ok=True)
+        os.chdir(cfg["cwd"])
+        # pid 1 of the sandbox: nothing in it may interrupt the executor.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        set_dumpable(False)
+        os.set_inheritable(STATUS_FD, False)
+        # fd 1 carries frames: a stray print must not corrupt it.
+        sys.stdout = sys.stderr
+        executor = Executor(cfg)
+        os.write(STATUS_FD, TAG_STARTED)
+    except BaseException:
+        setup_failed("session setup failed:\n" + traceback.format_exc())
+    try:
+        executor.serve()
+    except BaseException:
+        try:
+            traceback.print_exc()
+        finally:
+            os._exit(70)
+    os._exit(0)
+
+
+def move_fds(targets):
+    """dup2s (source, target) pairs without one clobbering another's source,
+    then closes every other descriptor from len(targets) up."""
+    high = [fcntl.fcntl(src, fcntl.F_DUPFD, len(targets)) for src, _ in targets]
+    for fd, (_, target) in zip(high, targets):
+        os.dup2(fd, target)
+    os.closerange(len(targets), 1 << 20)
+
+
+def file_error(req, e, path=None):
+    name = e.filename if e.filename is not None else (path or "")
+    if isinstance(e, FileNotFoundError):
+        return {"op": "failed", "req": req, "code": "not_found", "message": f"{name}: no such file or directory"}
+    if e.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
+        what = "the session's scratch space is full (limits.scratch_bytes)"
+    elif e.errno == errno_codes.EFBIG:
+        what = "the file is larger than limits.file_size_bytes allows"
+    else:
+        what = e.strerror or str(e)
+    return {"op": "failed", "req": req, "code": "file_error", "message": f"{name}: {what}"}
+
+
+def entry_of(path, name=None):
+    st = os.lstat(path)
+    if stat_mode.S_ISDIR(st.st_mode):
+        kind = "dir"
+    elif stat_mode.S_ISREG(st.st_mode):
+        kind = "file"
+    elif stat_mode.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    return {
+        "name": name if name is not None else os.path.basename(path.rstrip("/")) or "/",
+        "path": os.path.abspath(path),
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat_mode.S_IMODE(st.st_mode),
+        "modified_ms": int(st.st_mtime * 1000),
+    }
+
+
+class Stream:
+    """One output pipe of the kernel or of a command."""
+
+    def __init__(self, fd, name):
+        self.fd = fd
+        self.name = name
+        os.set_blocking(fd, False)
+
+
+class Running:
+    """A cell or command whose output is being forwarded."""
+
+    def __init__(self, req):
+        self.req = req
+        self.used = 0
+        self.truncated = {"stdout": False, "stderr": False}
+        self.interrupted_at = None
+
+
+class Executor:
+    def __init__(self, cfg):
+        self.cap = int(cfg["output_bytes"])
+        self.grace = int(cfg["interrupt_grace_ms"]) / 1000
+        self.cwd = cfg["cwd"]
+        self.poller = select.poll()
+        self.handlers = {}
+        self.inbuf = bytearray()
+        self.queue = collections.deque()
+        self.cell = None  # Running for the cell in the kernel
+        self.kernel = None  # dict: pid, cell_w, res_r, streams
+        self.kernel_buf = bytearray()
+        self.execution_count = 0
+        self.commands = {}  # pid -> (Running, Popen, [Stream])
+        self.devnull = os.open("/dev/null", os.O_RDWR)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.wake_r = wake_r
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.watch(0, self.on_daemon)
+        self.watch(wake_r, self.on_wake)
+
+    def watch(self, fd, handler):
+        self.handlers[fd] = handler
+        self.poller.register(fd, select.POLLIN)
+
+    def unwatch(self, fd):
+        """Stops watching fd and closes it (only if it was watched: a
+        descriptor number must never be closed twice)."""
+        if self.handlers.pop(fd, None) is None:
+            return
+        self.poller.unregister(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def send(self, header, payload=b""):
+        write_all(1, exec_frame(header, payload))
+
+    # -- the loop ----------------------------------------------------------
+
+    def serve(self):
+        self.start_kernel()
+        while True:
+            timeout = None
+            if self.escalation_pending():
+                left = self.cell.interrupted_at + self.grace - time.monotonic()
+                timeout = max(0, int(left * 1000) + 1)
+            try:
+                events = self.poller.poll(timeout)
+            except InterruptedError:
+                events = []
+            for fd, _ in events:
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler(fd)
+            if self.escalation_pending() and time.monotonic() >= self.cell.interrupted_at + self.grace:
+                # The cell ignored SIGINT: the interpreter goes, its state with it.
+                self.kill_kernel()
+
+    def escalation_pending(self):
+        """An interrupted cell is running in a kernel not yet killed."""
+        return (
+            self.cell is not None
+            and self.cell.interrupted_at is not None
+            and self.kernel is not None
+            and not self.kernel.get("killed")
+        )
+
+    def on_daemon(self, fd):
+        try:
+            data = os.read(fd, 1 << 20)
+        except InterruptedError:
+            return
+        if not data:
+            # The daemon closed the session: end everything.
+            self.kill_kernel()
+            for pid in list(self.commands):
+                self.kill_group(pid)
+            os._exit(0)
+        self.inbuf += data
+        while len(self.inbuf) >= 8:
+            hlen = int.from_bytes(self.inbuf[0:4], "big")
+            plen = int.from_bytes(self.inbuf[4:8], "big")
+            if hlen > EXEC_HEADER_MAX or plen > EXEC_PAYLOAD_MAX:
+                raise RuntimeError(f"daemon frame of {hlen}+{plen} bytes")
+            if len(self.inbuf) < 8 + hlen + plen:
+                return
+            msg = json.loads(bytes(self.inbuf[8:8 + hlen]))
+            payload = bytes(self.inbuf[8 + hlen:8 + hlen + plen])
+            del self.inbuf[:8 + hlen + plen]
+            self.dispatch(msg, payload)
+
+    def dispatch(self, msg, payload):
+        op = msg["op"]
+        req = msg["req"]
+        if op == "cell":
+            self.queue.append((req, msg["code"]))
+            self.next_cell()
+        elif op == "interrupt":
+            self.interrupt(req)
+        elif op == "command":
+            self.start_command(req, msg)
+        elif op == "kill_command":
+            pid = msg["pid"]
+            if pid in self.commands:
+                self.kill_group(pid)
+                self.send({"op": "done", "req": req})
+            else:
+                self.send({"op": "failed", "req": req, "code": "not_found", "message": f"no running command with pid {pid}"})
+        else:
+            reply = self.file_op(op, req, msg, payload)
+            if reply is not None:  # a read sends its own, with the data
+                self.send(reply)
+
+    def on_wake(self, fd):
+        try:
+            while os.read(fd, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.kernel is not None and pid == self.kernel["pid"]:
+                self.kernel_died(status)
+            elif pid in self.commands:
+                self.command_done(pid, status)
+
+    # -- output --------------------------------------------------------------
+
+    def forward(self, stream, running):
+        """Reads what the pipe holds; forwards it within the output budget.
+        Returns False at EOF."""
+        while True:
+            try:
+                data = os.read(stream.fd, OUTPUT_CHUNK)
+            except BlockingIOError:
+                return True
+            except InterruptedError:
+                continue
+            if not data:
+                return False
+            if running is None:
+                continue  # output between cells belongs to no request
+            room = max(0, self.cap - running.used)
+            if len(data) > room:
+                data = data[:room]
+                if not running.truncated[stream.name]:
+                    running.truncated[stream.name] = True
+                    self.over_budget(running)
+            running.used += len(data)
+            if data:
+                self.send({"op": "output", "req": running.req, "stream": stream.name}, data)
+
+    def over_budget(self, running):
+        if running is self.cell:
+            self.interrupt(running.req)
+        else:
+            for pid, (r, _, _) in self.commands.items():
+                if r is running:
+                    self.kill_group(pid)
+                    break
+
+    # -- the kernel ------------------------------------------------------------
+
+    def start_kernel(self):
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        cell_r, cell_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                move_fds([(self.devnull, 0), (out_w, 1), (err_w, 2), (cell_r, 3), (res_w, 4)])
+                kernel_main(self.cwd)
+            except BaseException:
+                try:
+                    traceback.print_exc()
+                finally:
+                    os._exit(70)
+            os._exit(0)
+        for fd in (out_w, err_w, cell_r, res_w):
+            os.close(fd)
+        streams = {out_r: Stream(out_r, "stdout"), err_r: Stream(err_r, "stderr")}
+        self.kernel = {"pid": pid, "cell_w": cell_w, "res_r": res_r, "streams": streams}
+        self.kernel_buf = bytearray()
+        for fd in streams:
+            self.watch(fd, self.on_kernel_output)
+        self.watch(res_r, self.on_kernel_result)
+
+    def on_kernel_output(self, fd):
+        if self.kernel is None or fd not in self.kernel["streams"]:
+            return
+        if not self.forward(self.kernel["streams"][fd], self.cell):
+            self.unwatch(fd)
+            self.kernel["streams"].pop(fd, None)
+
+    def drain_kernel_output(self):
+        if self.kernel is None:
+            return
+        for fd, stream in list(self.kernel["streams"].items()):
+            if not self.forward(stream, self.cell):
+                self.unwatch(fd)
+                del self.kernel["streams"][fd]
+
+    def on_kernel_result(self, fd):
+        try:
+            data = os.read(fd, 1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self.unwatch(fd)
+            if self.kernel is not None:
+                self.kernel["res_r"] = None
+            return
+        self.kernel_buf += data
+        while len(self.kernel_buf) >= 4:
+            n = int.from_bytes(self.kernel_buf[:4], "big")
+            if n > KERNEL_MESSAGE_MAX:
+                self.kill_kernel(reason="sent an oversized message")
+                return
+            if len(self.kernel_buf) < 4 + n:
+                return
+            raw = bytes(self.kernel_buf[4:4 + n])
+            del self.kernel_buf[:4 + n]
+            if not self.on_kernel_message(raw):
+                return
+
+    def on_kernel_message(self, raw):
+        """A message the interpreter sent about its cell: checked, because
+        user code runs there and can write this pipe."""
+        cell = self.cell
+        try:
+            msg = json.loads(raw)
+            if cell is None or msg.get("req") != cell.req:
+                if isinstance(msg, dict) and msg.get("op") == "display":
+                    return True  # display() between cells (a thread): nobody to show it to
+                raise ValueError("a message for no running cell")
+            if msg["op"] == "display":
+                display = {"data": {str(k): str(v) for k, v in msg["data"].items()}, "main": False}
+                self.send({"op": "display", "req": cell.req, "display": display})
+                return True
+            if msg["op"] != "done":
+                raise ValueError(f"unknown message {msg['op']!r}")
+            results = [
+                {"data": {str(k): str(v) for k, v in r["data"].items()}, "main": bool(r.get("main"))}
+                for r in msg.get("results", [])
+            ]
+            error = msg.get("error")
+            if error is not None:
+                error = {k: str(error.get(k, "")) for k in ("name", "value", "traceback")}
+            text = msg.get("text")
+            self.cell_done(text if isinstance(text, str) else None, results, error)
+            return True
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            self.kill_kernel(reason=f"broke its channel to the executor ({e})")
+            return False
+
+    def next_cell(self):
+        if self.cell is not None or not self.queue or self.kernel is None:
+            return
+        req, code = self.queue.popleft()
+        self.execution_count += 1
+        self.cell = Running(req)
+        data = json.dumps({"req": req, "code": code, "count": self.execution_count}).encode()
+        try:
+            write_all(self.kernel["cell_w"], len(data).to_bytes(4, "big") + data)
+        except OSError:
+            self.kill_kernel(reason="stopped reading its cells")
+
+    def cell_done(self, text, results, error):
+        # Everything the cell printed is in the pipes by now (the kernel
+        # flushed before reporting): forward it before the result.
+        self.drain_kernel_output()
+        cell, self.cell = self.cell, None
+        self.send(
+            {
+                "op": "cell_done",
+                "req": cell.req,
+                "execution_count": self.execution_count,
+                "text": text,
+                "results": results,
+                "error": error,
+                "stdout_truncated": cell.truncated["stdout"],
+                "stderr_truncated": cell.truncated["stderr"],
+            }
+        )
+        self.next_cell()
+
+    def interrupt(self, req):
+        if self.cell is not None and self.cell.req == req:
+            if self.cell.interrupted_at is None:
+                self.cell.interrupted_at = time.monotonic()
+                if self.kernel is not None:
+                    try:
+                        os.kill(self.kernel["pid"], signal.SIGINT)
+                    except ProcessLookupError:
+                        pass
+            return
+        for i, (queued, _) in enumerate(self.queue):
+            if queued == req:
+                del self.queue[i]
+                self.send(
+                    {
+                        "op": "cell_done", "req": req, "execution_count": self.execution_count,
+                        "text": None, "results": [],
+                        "error": {"name": "KeyboardInterrupt", "value": "interrupted before it started", "traceback": ""},
+                        "stdout_truncated": False, "stderr_truncated": False,
+                    }
+                )
+                return
+
+    def kill_kernel(self, reason=None):
+        if self.kernel is None:
+            return
+        if reason is not None:
+            self.kernel["reason"] = reason
+        # Reaped (and, when restart, replaced) in kernel_died on SIGCHLD.
+        self.kernel["killed"] = True
+        try:
+            os.kill(self.kernel["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def kernel_died(self, status):
+        kernel, self.kernel = self.kernel, None
+        self.drain_streams_of(kernel)
+        for fd in list(kernel["streams"]) + [kernel["res_r"]]:
+            if fd is not None:
+                self.unwatch(fd)
+        os.close(kernel["cell_w"])
+        if os.WIFSIGNALED(status):
+            how = f"was killed by signal {os.WTERMSIG(status)}"
+        else:
+            how = f"exited with status {os.WEXITSTATUS(status)}"
+        reason = kernel.get("reason")
+        if reason is not None:
+            how = f"{reason}; it was killed"
+        elif self.cell is not None and self.cell.interrupted_at is not None:
+            how = f"did not stop within {self.grace:g} s of the interrupt; it was killed"
+        self.start_kernel()
+        if self.cell is not None:
+            self.cell_done(
+                None,
+                [],
+                {
+                    "name": "KernelDied",
+                    "value": f"the interpreter {how}. Its state (variables, imports) is lost; "
+                    "a fresh interpreter runs the next cells",
+                    "traceback": "",
+                },
+            )
+        else:
+            self.next_cell()
+
+    def drain_streams_of(self, kernel):
+        for fd, stream in list(kernel["streams"].items()):
+            self.forward(stream, self.cell)
+
+    # -- commands ----------------------------------------------------------
+
+    def start_command(self, req, msg):
+        env = dict(os.environ)
+        env.update(msg.get("env") or {})
+        cwd = msg.get("cwd") or self.cwd
+        try:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", msg["cmd"]],
+                cwd=cwd,
+                env=env,
+                stdin=self.devnull,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            self.send(file_error(req, e))
+            return
+        running = Running(req)
+        streams = [Stream(proc.stdout.fileno(), "stdout"), Stream(proc.stderr.fileno(), "stderr")]
+        self.commands[proc.pid] = (running, proc, streams)
+        for st in streams:
+            self.watch(st.fd, self.on_command_output)
+        self.send({"op": "command_started", "req": req, "pid": proc.pid})
+
+    def on_command_output(self, fd):
+        for pid, (running, proc, streams) in self.commands.items():
+            for st in streams:
+                if st.fd == fd:
+                    if not self.forward(st, running):
+                        self.poller.unregister(fd)
+                        del self.handlers[fd]
+                        streams.remove(st)
+                    return
+
+    def command_done(self, pid, status):
+        running, proc, streams = self.commands.pop(pid)
+        for st in streams:
+            self.forward(st, running)
+            self.handlers.pop(st.fd, None)
+            try:
+                self.poller.unregister(st.fd)
+            except KeyError:
+                pass
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        for f in (proc.stdout, proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        signaled = os.WIFSIGNALED(status)
+        self.send(
+            {
+                "op": "command_done",
+                "req": running.req,
+                "exit_code": None if signaled else os.WEXITSTATUS(status),
+                "signal": os.WTERMSIG(status) if signaled else None,
+                "stdout_truncated": running.truncated["stdout"],
+                "stderr_truncated": running.truncated["stderr"],
+            }
+        )
+
+    def kill_group(self, pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # -- files -------------------------------------------------------------
+
+    def file_op(self, op, req, msg, payload):
+        path = msg.get("path", "")
+        if not path:
+            return {"op": "failed", "req": req, "code": "invalid", "message": "empty path"}
+        try:
+            if op == "write":
+                flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+                flags |= os.O_APPEND if msg.get("append") else os.O_TRUNC
+                mode = msg.get("mode")
+                fd = os.open(path, flags, 0o644 if mode is None else mode)
+                try:
+                    write_all(fd, payload)
+                finally:
+                    os.close(fd)
+                return {"op": "done", "req": req}
+            if op == "read":
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    st = os.fstat(fd)
+                    if stat_mode.S_ISDIR(st.st_mode):
+                        return {"op": "failed", "req": req, "code": "file_error", "message": f"{path}: is a directory; list it instead"}
+                    offset = int(msg.get("offset", 0))
+                    data = os.pread(fd, min(int(msg["length"]), EXEC_PAYLOAD_MAX), offset)
+                finally:
+                    os.close(fd)
+                eof = len(data) == 0 or offset + len(data) >= st.st_size
+                self.send({"op": "data", "req": req, "offset": offset, "size": st.st_size, "eof": eof}, data)
+                return None
+            if op == "list":
+                with os.scandir(path) as it:
+                    entries = sorted(
+                        (entry_of(e.path, e.name) for e in it), key=lambda e: e["name"]
+                    )
+                return {"op": "entries", "req": req, "entries": entries}
+            if op == "remove":
+                st = os.lstat(path)
+                if stat_mode.S_ISDIR(st.st_mode):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                return {"op": "done", "req": req}
+            if op == "make_dir":
+                os.makedirs(path, exist_ok=True)
+                return {"op": "done", "req": req}
+            if op == "stat":
+                return {"op": "stat", "req": req, "entry": entry_of(path)}
+        except OSError as e:
+            return file_error(req, e, path)
+        return {"op": "failed", "req": req, "code": "invalid", "message": f"unknown operation {op!r}"}
+
+
+# -- the kernel: runs the cells ------------------------------------------------
+
+def kernel_read(fd, n):
+    chunks, left = [], n
+    while left:
+        try:
+            chunk = os.read(fd, min(left, 1 << 20))
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def kernel_send(msg):
+    data = json.dumps(msg).encode()
+    write_all(4, len(data).to_bytes(4, "big") + data)
+
+
+REPR_METHODS = (
+    ("_repr_html_", "text/html"),
+    ("_repr_markdown_", "text/markdown"),
+    ("_repr_svg_", "image/svg+xml"),
+    ("_repr_png_", "image/png"),
+    ("_repr_jpeg_", "image/jpeg"),
+    ("_repr_latex_", "text/latex"),
+    ("_repr_json_", "application/json"),
+)
+REPR_MAX = 8 << 20
+
+
+def represent(value):
+    """MIME type -> data for a value, as Jupyter shows it."""
+    data = {"text/plain": repr(value)}
+    for method, mime in REPR_METHODS:
+        fn = getattr(value, method, None)
+        if not callable(fn) or isinstance(value, type):
+            continue
+        try:
+            out = fn()
+        except Exception:
+            continue
+        if isinstance(out, tuple):
+            out = out[0]
+        if out is None:
+            continue
+        if isinstance(out, (bytes, bytearray)):
+            out = base64.b64encode(out).decode()
+        elif mime == "application/json":
+            out = json.dumps(out)
+        else:
+            out = str(out)
+        if len(out) <= REPR_MAX:
+            data[mime] = out
+    figure = figure_png(value)
+    if figure is not None:
+        data["image/png"] = figure
+    return data
+
+
+def figure_png(value):
+    mpl_figure = sys.modules.get("matplotlib.figure")
+    if mpl_figure is None or not isinstance(value, mpl_figure.Figure):
+        return None
+    buf = io.BytesIO()
+    value.savefig(buf, format="png", bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def open_figures():
+    """Figures left open by a cell, as PNG displays; closes them."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    out = []
+    for num in plt.get_fignums():
+        fig = plt.figure(num)
+        png = figure_png(fig)
+        if png is not None:
+            out.append({"data": {"text/plain": repr(fig), "image/png": png}, "main": False})
+    plt.close("all")
+    return out
+
+
+def user_traceback(exc, filename):
+    """The traceback from the cell's own frames on (none of the kernel's)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    if tb is None:
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class Display:
+    """`display(obj)` inside a cell sends obj's representations at once."""
+
+    def __init__(self):
+        self.req = None
+
+    def __call__(self, *objs):
+        for obj in objs:
+            kernel_send({"op": "display", "req": self.req, "data": represent(obj)})
+
+
+def kernel_main(cwd):
+    """The interpreter of a session: runs cells in one __main__ until its
+    executor closes fd 3."""
+    set_dumpable(True)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+    sys.argv = [""]
+    sys.path[0] = ""
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    display = Display()
+    builtins.display = display
+    ns = main.__dict__
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            header = kernel_read(3, 4)
+            if header is None:
+                os._exit(0)
+            msg = json.loads(kernel_read(3, int.from_bytes(header, "big")))
+        except KeyboardInterrupt:
+            continue
+        req = msg["req"]
+        display.req = req
+        filename = f"<cell-{msg['count']}>"
+        code = msg["code"]
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        outcome = {"op": "done", "req": req, "text": None, "results": [], "error": None}
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                run_cell(code, filename, ns, outcome)
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except BaseException as e:
+            if outcome["error"] is None:
+                outcome["error"] = {"name": type(e).__name__, "value": str(e), "traceback": user_traceback(e, filename)}
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        try:
+            outcome["results"].extend(open_figures())
+        except BaseException:
+            pass
+        kernel_send(outcome)
+
+
+def run_cell(code, filename, ns, outcome):
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, filename, "exec"), ns)
+        if last is not None:
+            value = eval(compile(last, filename, "eval"), ns)
+            if value is not None:
+                ns["_"] = value
+                data = represent(value)
+                outcome["results"].append({"data": data, "main": True})
+                outcome["text"] = data["text/plain"]
+    except BaseException as e:
+        outcome["error"] = {"name": type(e).__name__, "value": str(e), "traceback": user_traceback(e, filename)}
+
 
 
 def main():

@@ -9,6 +9,8 @@
 //! | control socket | zygote → daemon | same | [`FromZygote`] |
 //! | job pipe (child fd 0) | daemon → child | 4-byte big-endian length + JSON, then the program's stdin | [`Job`] |
 //! | status pipe (child fd 3) | child → daemon | one-byte tags, see [`StatusReport`] | [`StatusReport`], decoded by [`StatusDecoder`] |
+//! | session requests (job pipe, after the job) | daemon → session executor | [`exec_frame`]: lengths, JSON, raw payload | [`ToExecutor`] |
+//! | session replies (child fd 1) | session executor → daemon | same | [`FromExecutor`], decoded by [`ExecDecoder`] |
 //!
 //! The Python half (`python/forkd_zygote.py`) mirrors these shapes; its
 //! `WIRE_VERSION` must equal [`WIRE_VERSION`] (checked at init: a zygote
@@ -21,6 +23,15 @@
 //! report is a claim about that child alone: the decoder bounds what it keeps,
 //! a malformed stream is a [`StatusError`], and the daemon believes a report
 //! only where the kernel's wait status agrees (see `forkd::sandbox`).
+//!
+//! A session child's pid 1 is the executor: it runs no user code, makes
+//! itself non-dumpable (so `/proc/1/fd` and `/proc/1/mem` are closed to the
+//! sandbox's uid; ptrace and pidfd_getfd are refused by seccomp anyway) and
+//! forks the interpreter that runs the cells with fresh pipes, so user code
+//! holds no descriptor of the daemon's channels and cannot forge
+//! [`FromExecutor`] messages. What the interpreter tells the executor about
+//! its own cells (a channel private to `forkd_zygote.py`) is a claim about
+//! that session alone.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,7 +42,7 @@ use crate::spec::{InitConfig, InitInfo};
 
 /// Version of the daemon–zygote–child wire. Bump on any incompatible change
 /// to a type in this module (and to `WIRE_VERSION` in `forkd_zygote.py`).
-pub const WIRE_VERSION: u32 = 2;
+pub const WIRE_VERSION: u32 = 3;
 
 /// Largest control message either side sends (the zygote reads with this cap).
 pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -161,6 +172,285 @@ pub struct Job {
     /// The program's whole environment (the child clears its own first).
     pub env: BTreeMap<String, String>,
     pub files: Vec<JobFile>,
+    /// Set for a session: the child becomes its executor instead of running
+    /// `program`, and reads [`ToExecutor`] frames from the job pipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionJob>,
+}
+
+/// How a session child runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionJob {
+    /// Output kept per cell or command (stdout plus stderr); beyond it the
+    /// rest is dropped and the cell interrupted (the command killed).
+    pub output_bytes: u64,
+    /// Working directory of the interpreter and of commands.
+    pub cwd: String,
+    /// How long an interrupted cell may take to stop before the interpreter
+    /// is killed and replaced (its state is then lost).
+    pub interrupt_grace_ms: u64,
+}
+
+/// Largest JSON part of an executor frame.
+pub const MAX_EXEC_HEADER: usize = 12 << 20;
+/// Largest payload of an executor frame (one file chunk, one output chunk).
+pub const MAX_EXEC_PAYLOAD: usize = 8 << 20;
+
+/// Daemon → session executor. `req` is the daemon's id for the request;
+/// every reply carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToExecutor {
+    /// Run a cell (queued behind a running one).
+    Cell {
+        req: u64,
+        code: String,
+    },
+    /// Interrupt cell `req` (SIGINT if running, dropped if queued).
+    Interrupt {
+        req: u64,
+    },
+    /// Run `/bin/sh -c cmd`.
+    Command {
+        req: u64,
+        cmd: String,
+        cwd: Option<String>,
+        env: BTreeMap<String, String>,
+    },
+    /// SIGKILL to the process group of the command with this pid.
+    KillCommand {
+        req: u64,
+        pid: u32,
+    },
+    /// Write the payload to `path` (create or truncate, or append).
+    Write {
+        req: u64,
+        path: String,
+        append: bool,
+        mode: Option<u32>,
+    },
+    /// Read up to `length` bytes at `offset`.
+    Read {
+        req: u64,
+        path: String,
+        offset: u64,
+        length: u64,
+    },
+    List {
+        req: u64,
+        path: String,
+    },
+    Remove {
+        req: u64,
+        path: String,
+    },
+    MakeDir {
+        req: u64,
+        path: String,
+    },
+    Stat {
+        req: u64,
+        path: String,
+    },
+}
+
+/// One directory entry, as the executor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEntry {
+    pub name: String,
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub modified_ms: u64,
+}
+
+/// A cell's exception.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecError {
+    pub name: String,
+    pub value: String,
+    pub traceback: String,
+}
+
+/// A rich value (MIME type → data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecDisplay {
+    pub data: BTreeMap<String, String>,
+    #[serde(default)]
+    pub main: bool,
+}
+
+/// Session executor → daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FromExecutor {
+    /// Output of cell or command `req`; the payload is the bytes.
+    Output {
+        req: u64,
+        stream: ExecStream,
+    },
+    /// A value cell `req` displayed.
+    Display {
+        req: u64,
+        display: ExecDisplay,
+    },
+    /// Cell `req` ended.
+    CellDone {
+        req: u64,
+        execution_count: u64,
+        text: Option<String>,
+        results: Vec<ExecDisplay>,
+        error: Option<ExecError>,
+        stdout_truncated: bool,
+        stderr_truncated: bool,
+    },
+    /// Command `req` runs as `pid`.
+    CommandStarted {
+        req: u64,
+        pid: u32,
+    },
+    /// Command `req` ended.
+    CommandDone {
+        req: u64,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        stdout_truncated: bool,
+        stderr_truncated: bool,
+    },
+    /// File bytes (the payload) for read `req`.
+    Data {
+        req: u64,
+        offset: u64,
+        size: u64,
+        eof: bool,
+    },
+    Entries {
+        req: u64,
+        entries: Vec<ExecEntry>,
+    },
+    Stat {
+        req: u64,
+        entry: ExecEntry,
+    },
+    /// Request `req` succeeded with nothing to return.
+    Done {
+        req: u64,
+    },
+    /// Request `req` failed: `code` is `not_found`, `file_error` or
+    /// `invalid`.
+    Failed {
+        req: u64,
+        code: String,
+        message: String,
+    },
+}
+
+impl FromExecutor {
+    /// The request this message answers.
+    pub fn req(&self) -> u64 {
+        match self {
+            FromExecutor::Output { req, .. }
+            | FromExecutor::Display { req, .. }
+            | FromExecutor::CellDone { req, .. }
+            | FromExecutor::CommandStarted { req, .. }
+            | FromExecutor::CommandDone { req, .. }
+            | FromExecutor::Data { req, .. }
+            | FromExecutor::Entries { req, .. }
+            | FromExecutor::Stat { req, .. }
+            | FromExecutor::Done { req }
+            | FromExecutor::Failed { req, .. } => *req,
+        }
+    }
+
+    /// Whether this is the last message for its request.
+    pub fn is_final(&self) -> bool {
+        !matches!(
+            self,
+            FromExecutor::Output { .. }
+                | FromExecutor::Display { .. }
+                | FromExecutor::CommandStarted { .. }
+        )
+    }
+}
+
+/// stdout or stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecStream {
+    Stdout,
+    Stderr,
+}
+
+/// An executor frame: 4-byte big-endian JSON length, 4-byte big-endian
+/// payload length, the JSON, the payload (file data and output travel raw,
+/// not base64).
+pub fn exec_frame(header: &impl Serialize, payload: &[u8]) -> Result<Vec<u8>, JobError> {
+    let json = serde_json::to_vec(header)?;
+    if json.len() > MAX_EXEC_HEADER || payload.len() > MAX_EXEC_PAYLOAD {
+        return Err(JobError::TooLarge(json.len() + payload.len()));
+    }
+    let mut frame = Vec::with_capacity(8 + json.len() + payload.len());
+    // Both fit u32: bounded just above.
+    frame.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    frame.extend_from_slice(&json);
+    frame.extend_from_slice(payload);
+    Ok(frame)
+}
+
+/// An executor stream that breaks the framing: the session is killed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecDecodeError {
+    #[error("executor frame of {header} + {payload} bytes is over the limit")]
+    TooLarge { header: usize, payload: usize },
+    #[error("executor message is not valid: {0}")]
+    Json(String),
+}
+
+/// Decodes [`FromExecutor`] frames incrementally (sans I/O): feed reads of
+/// any size, take complete messages with their payloads.
+#[derive(Debug, Default)]
+pub struct ExecDecoder {
+    buf: Vec<u8>,
+}
+
+impl ExecDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes; returns every message they complete, in order.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<(FromExecutor, Vec<u8>)>, ExecDecodeError> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        let mut at = 0;
+        loop {
+            let rest = &self.buf[at..];
+            if rest.len() < 8 {
+                break;
+            }
+            let header = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let payload = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+            if header > MAX_EXEC_HEADER || payload > MAX_EXEC_PAYLOAD {
+                return Err(ExecDecodeError::TooLarge { header, payload });
+            }
+            if rest.len() < 8 + header + payload {
+                break;
+            }
+            let msg: FromExecutor = serde_json::from_slice(&rest[8..8 + header])
+                .map_err(|e| ExecDecodeError::Json(e.to_string()))?;
+            out.push((msg, rest[8 + header..8 + header + payload].to_vec()));
+            at += 8 + header + payload;
+        }
+        self.buf.drain(..at);
+        Ok(out)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -471,6 +761,7 @@ mod tests {
             argv: vec!["a".into()],
             env: BTreeMap::from([("K".into(), "V".into())]),
             files: vec![],
+            session: None,
         };
         let frame = job.frame().expect("frame");
         let len = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
@@ -518,6 +809,73 @@ mod tests {
             }
         );
         assert!(FromZygote::decode(br#"{"op":"forged"}"#).is_err());
+    }
+
+    #[test]
+    fn executor_frames_decode_in_any_split() {
+        let a = exec_frame(
+            &FromExecutor::Output {
+                req: 3,
+                stream: ExecStream::Stdout,
+            },
+            b"hello\n",
+        )
+        .expect("frame");
+        let b = exec_frame(&FromExecutor::Done { req: 4 }, b"").expect("frame");
+        let stream = [a, b].concat();
+        for split in 0..=stream.len() {
+            let mut d = ExecDecoder::new();
+            let mut got = d.feed(&stream[..split]).expect("first part");
+            got.extend(d.feed(&stream[split..]).expect("second part"));
+            assert_eq!(got.len(), 2, "split at {split}");
+            assert_eq!(got[0].1, b"hello\n");
+            assert_eq!(got[0].0.req(), 3);
+            assert!(!got[0].0.is_final());
+            assert_eq!(got[1].0, FromExecutor::Done { req: 4 });
+        }
+    }
+
+    #[test]
+    fn executor_frames_over_the_limits_are_errors() {
+        let mut d = ExecDecoder::new();
+        let mut frame = (u32::try_from(MAX_EXEC_HEADER).expect("fits") + 1)
+            .to_be_bytes()
+            .to_vec();
+        frame.extend_from_slice(&0u32.to_be_bytes());
+        assert!(matches!(
+            d.feed(&frame),
+            Err(ExecDecodeError::TooLarge { .. })
+        ));
+        let mut d = ExecDecoder::new();
+        let frame = [&2u32.to_be_bytes()[..], &0u32.to_be_bytes()[..], b"{}"].concat();
+        assert!(matches!(d.feed(&frame), Err(ExecDecodeError::Json(_))));
+        assert!(exec_frame(
+            &FromExecutor::Done { req: 1 },
+            &vec![0; MAX_EXEC_PAYLOAD + 1]
+        )
+        .is_err());
+    }
+
+    /// The shapes the Python executor reads and writes.
+    #[test]
+    fn executor_messages_have_the_python_shapes() {
+        let cell = serde_json::to_value(ToExecutor::Cell {
+            req: 1,
+            code: "1+1".into(),
+        })
+        .expect("json");
+        assert_eq!(
+            cell,
+            serde_json::json!({"op": "cell", "req": 1, "code": "1+1"})
+        );
+        let done: FromExecutor = serde_json::from_value(serde_json::json!({
+            "op": "cell_done", "req": 1, "execution_count": 1, "text": "2",
+            "results": [{"data": {"text/plain": "2"}, "main": true}], "error": null,
+            "stdout_truncated": false, "stderr_truncated": false
+        }))
+        .expect("cell_done");
+        assert_eq!(done.req(), 1);
+        assert!(done.is_final());
     }
 
     /// The Python half declares the same version (it refuses a daemon that

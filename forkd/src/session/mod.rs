@@ -1,0 +1,452 @@
+//! Sessions: sandboxes that stay alive between requests.
+//!
+//! A session is forked and isolated exactly like a one-shot sandbox (and may
+//! come from the warm pool); its job tells the child to become an executor
+//! (`forkd_zygote.py`, `run_session`) that runs cells in an interpreter it
+//! forks, moves files and runs commands. One task per session
+//! ([`actor`]) owns the child's channels: it writes [`ToExecutor`] frames,
+//! routes [`FromExecutor`] replies to the waiting requests by id, enforces
+//! the TTL and idle timeout, and cleans up when the child dies. Request
+//! handlers ([`ops`]) talk to it through [`Session::request`].
+//!
+//! A session belongs to the uid that created it (`SO_PEERCRED`); other
+//! uids get `unknown_session`, as for an id that never existed (root sees
+//! every session).
+
+mod actor;
+pub mod ops;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use forkd_ipc::{
+    AppliedLimits, ErrorCode, ErrorReply, KilledBy, SessionEnd, SessionInfo, SessionState,
+    SessionUsage,
+};
+use forkd_zygote::wire::{FromExecutor, ToExecutor};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::admission::Admission;
+use crate::config::SessionsSection;
+use crate::sandbox::error;
+use crate::state::State;
+
+/// A reply from the executor with its payload.
+pub type ExecReply = (FromExecutor, Vec<u8>);
+
+/// What the request handlers tell a session's actor.
+enum ActorMsg {
+    /// Send `frame` and route the replies for `req` to `replies`.
+    Request {
+        req: u64,
+        frame: Vec<u8>,
+        replies: Option<mpsc::UnboundedSender<ExecReply>>,
+    },
+}
+
+/// What changes over a session's life.
+struct Life {
+    state: SessionState,
+    ended_by: Option<SessionEnd>,
+    killed_by: Option<KilledBy>,
+    deadline: Instant,
+    last_used: Instant,
+    cells: u64,
+    /// Usage read when the session ended (its cgroup is gone after that).
+    final_usage: Option<SessionUsage>,
+}
+
+/// One live (or just ended) session.
+pub struct Session {
+    pub id: String,
+    pub owner: u32,
+    pub zygote: String,
+    pub labels: BTreeMap<String, String>,
+    pub limits: AppliedLimits,
+    pub warm: bool,
+    created: Instant,
+    idle_timeout: Option<Duration>,
+    pidfd: Mutex<Option<OwnedFd>>,
+    cgroup: Mutex<Option<forkd_pool::CgroupCleanup>>,
+    freezer: Mutex<Option<forkd_cgroup::Freezer>>,
+    next_req: AtomicU64,
+    to_actor: mpsc::UnboundedSender<ActorMsg>,
+    life: Mutex<Life>,
+    /// Wakes the actor when the deadline or state changed.
+    changed: Notify,
+    /// Turns true once the session's processes are gone and it is retired.
+    ended: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Session {
+    /// A new id for a request to the executor.
+    pub fn next_req(&self) -> u64 {
+        self.next_req.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends `msg` (with `payload`) to the executor; its replies arrive on
+    /// the returned channel, which closes when the session ends.
+    pub fn request(
+        &self,
+        msg: &ToExecutor,
+        req: u64,
+        payload: &[u8],
+    ) -> Result<mpsc::UnboundedReceiver<ExecReply>, ErrorReply> {
+        let frame = forkd_zygote::wire::exec_frame(msg, payload)
+            .map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.to_actor
+            .send(ActorMsg::Request {
+                req,
+                frame,
+                replies: Some(tx),
+            })
+            .map_err(|_| self.ended_error())?;
+        Ok(rx)
+    }
+
+    /// Sends `msg`, which has no reply (an interrupt, a kill order); lost
+    /// quietly if the session has ended.
+    pub fn send(&self, msg: &ToExecutor) {
+        if let Ok(frame) = forkd_zygote::wire::exec_frame(msg, &[]) {
+            let _ = self.to_actor.send(ActorMsg::Request {
+                req: 0,
+                frame,
+                replies: None,
+            });
+        }
+    }
+
+    /// Marks a request: the idle timer starts again.
+    pub fn touch(&self) {
+        lock(&self.life).last_used = Instant::now();
+    }
+
+    pub fn count_cell(&self) {
+        lock(&self.life).cells += 1;
+    }
+
+    pub fn state(&self) -> SessionState {
+        lock(&self.life).state
+    }
+
+    /// Running and not paused, or the error that says why not.
+    pub fn usable(&self) -> Result<(), ErrorReply> {
+        match self.state() {
+            SessionState::Running => Ok(()),
+            SessionState::Paused => Err(error(
+                ErrorCode::SessionPaused,
+                format!(
+                    "session {} is paused; resume it (session_resume) first",
+                    self.id
+                ),
+            )),
+            SessionState::Ended => Err(self.ended_error()),
+        }
+    }
+
+    /// The error for a request to this session once it ended.
+    pub fn ended_error(&self) -> ErrorReply {
+        let life = lock(&self.life);
+        let why = match (life.ended_by, life.killed_by) {
+            (_, Some(KilledBy::Oom)) => {
+                "it ran out of memory (raise limits.memory_bytes)".to_string()
+            }
+            (Some(SessionEnd::Killed), _) => "it was killed".to_string(),
+            (Some(SessionEnd::Ttl), _) => {
+                "its TTL expired (set a longer ttl_ms, or session_set_ttl)".to_string()
+            }
+            (Some(SessionEnd::Idle), _) => {
+                "it was idle longer than its idle_timeout_ms".to_string()
+            }
+            (Some(SessionEnd::Shutdown), _) => "the daemon shut down".to_string(),
+            (Some(SessionEnd::Died), _) | (None, _) => {
+                "its processes died (the daemon's log may say more)".to_string()
+            }
+        };
+        error(
+            ErrorCode::SessionEnded,
+            format!("session {} has ended: {why}; create a new one", self.id),
+        )
+    }
+
+    /// Ends the session for `why` (the first reason given stands).
+    pub fn kill(&self, why: SessionEnd) {
+        {
+            let mut life = lock(&self.life);
+            if life.state == SessionState::Ended {
+                return;
+            }
+            life.ended_by.get_or_insert(why);
+        }
+        // A frozen process only dies once thawed.
+        if let Some(f) = lock(&self.freezer).as_ref() {
+            let _ = f.thaw();
+        }
+        if let Some(fd) = lock(&self.pidfd).as_ref() {
+            forkd_pool::kill_pidfd(fd.as_fd());
+        }
+    }
+
+    /// Sets the remaining lifetime.
+    pub fn set_ttl(&self, ttl: Duration) {
+        lock(&self.life).deadline = Instant::now() + ttl;
+        self.changed.notify_one();
+    }
+
+    /// Freezes (`true`) or thaws the session's processes.
+    pub fn pause(&self, paused: bool) -> Result<(), ErrorReply> {
+        let mut life = lock(&self.life);
+        match (life.state, paused) {
+            (SessionState::Ended, _) => {
+                drop(life);
+                return Err(self.ended_error());
+            }
+            (SessionState::Paused, true) | (SessionState::Running, false) => return Ok(()),
+            _ => {}
+        }
+        let mut freezer = lock(&self.freezer);
+        if freezer.is_none() {
+            let made = lock(&self.cgroup)
+                .as_ref()
+                .and_then(|c| c.get().map(|cg| cg.freezer()))
+                .transpose()
+                .map_err(|e| error(ErrorCode::Internal, format!("cannot freeze: {e}")))?;
+            match made {
+                Some(f) => *freezer = Some(f),
+                None => {
+                    return Err(error(
+                        ErrorCode::InvalidRequest,
+                        "this daemon has no cgroup to freeze sessions with (rootless without a delegated cgroup); pause is unavailable",
+                    ))
+                }
+            }
+        }
+        let f = freezer
+            .as_ref()
+            .ok_or_else(|| error(ErrorCode::Internal, "freezer"))?;
+        let r = if paused { f.freeze() } else { f.thaw() };
+        r.map_err(|e| {
+            error(
+                ErrorCode::Internal,
+                format!(
+                    "cannot {} session {}: {e}",
+                    if paused { "pause" } else { "resume" },
+                    self.id
+                ),
+            )
+        })?;
+        life.state = if paused {
+            SessionState::Paused
+        } else {
+            SessionState::Running
+        };
+        // The idle clock does not run while paused.
+        life.last_used = Instant::now();
+        drop(life);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    fn usage_now(&self) -> SessionUsage {
+        let cg = lock(&self.cgroup);
+        self.usage_from(cg.as_ref().and_then(|c| c.get()))
+    }
+
+    /// Usage read from the session's cgroup (zero without one).
+    fn usage_from(&self, cg: Option<&forkd_cgroup::SandboxCgroup>) -> SessionUsage {
+        let Some(cg) = cg else {
+            return SessionUsage::default();
+        };
+        let stats = cg.counters().unwrap_or_default();
+        let (memory, pids) = cg.usage_now();
+        SessionUsage {
+            memory_bytes: memory.unwrap_or(0),
+            peak_memory_bytes: stats.memory_peak_bytes.unwrap_or(0),
+            cpu_user_us: stats.cpu_user_us.unwrap_or(0),
+            cpu_system_us: stats.cpu_system_us.unwrap_or(0),
+            pids: pids.unwrap_or(0),
+        }
+    }
+
+    /// The session as `session_info` shows it.
+    pub fn info(&self) -> SessionInfo {
+        let (state, ended_by, killed_by, deadline, cells, final_usage) = {
+            let l = lock(&self.life);
+            (
+                l.state,
+                l.ended_by,
+                l.killed_by,
+                l.deadline,
+                l.cells,
+                l.final_usage.clone(),
+            )
+        };
+        let usage = match final_usage {
+            Some(u) => u,
+            None => self.usage_now(),
+        };
+        SessionInfo {
+            session: self.id.clone(),
+            zygote: self.zygote.clone(),
+            state,
+            ended_by,
+            killed_by,
+            labels: self.labels.clone(),
+            age_ms: millis(self.created.elapsed()),
+            ttl_left_ms: if state == SessionState::Ended {
+                0
+            } else {
+                millis(deadline.saturating_duration_since(Instant::now()))
+            },
+            idle_timeout_ms: self.idle_timeout.map(millis),
+            cells,
+            usage,
+            limits: self.limits.clone(),
+            warm: self.warm,
+        }
+    }
+}
+
+/// Every session of the daemon, by id.
+pub struct Sessions {
+    pub(crate) state: Arc<State>,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) cfg: SessionsSection,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    live: HashMap<String, Arc<Session>>,
+    /// Recently ended sessions, oldest first (for `session_info`).
+    ended: VecDeque<Arc<Session>>,
+}
+
+impl Sessions {
+    pub fn new(state: Arc<State>, admission: Arc<Admission>, cfg: SessionsSection) -> Sessions {
+        Sessions {
+            state,
+            admission,
+            cfg,
+            table: Mutex::new(Table::default()),
+        }
+    }
+
+    /// The session `id` as `uid` may see it, live or recently ended.
+    pub fn get(&self, id: &str, uid: u32) -> Result<Arc<Session>, ErrorReply> {
+        let table = lock(&self.table);
+        let found = table
+            .live
+            .get(id)
+            .cloned()
+            .or_else(|| table.ended.iter().find(|s| s.id == id).cloned());
+        match found {
+            Some(s) if uid == 0 || s.owner == uid => Ok(s),
+            _ => Err(error(
+                ErrorCode::UnknownSession,
+                format!("no session {id:?} is visible to uid {uid}; list yours with session_list"),
+            )),
+        }
+    }
+
+    /// A live session `id` of `uid`'s that takes requests now.
+    pub fn usable(&self, id: &str, uid: u32) -> Result<Arc<Session>, ErrorReply> {
+        let s = self.get(id, uid)?;
+        s.usable()?;
+        s.touch();
+        Ok(s)
+    }
+
+    /// The live sessions `uid` may see carrying every label in `labels`.
+    pub fn list(&self, uid: u32, labels: &BTreeMap<String, String>) -> Vec<SessionInfo> {
+        let mut sessions: Vec<Arc<Session>> = lock(&self.table)
+            .live
+            .values()
+            .filter(|s| uid == 0 || s.owner == uid)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .cloned()
+            .collect();
+        sessions.sort_by_key(|s| s.created);
+        sessions.iter().map(|s| s.info()).collect()
+    }
+
+    /// Sessions alive now.
+    pub fn live(&self) -> usize {
+        lock(&self.table).live.len()
+    }
+
+    /// Room for one more session of `uid`'s, or the error that says why not.
+    fn admit(&self, uid: u32) -> Result<(), ErrorReply> {
+        let table = lock(&self.table);
+        if table.live.len() >= self.cfg.max {
+            return Err(error(
+                ErrorCode::LimitExceedsPolicy,
+                format!(
+                    "this daemon already runs its maximum of {} sessions ([sessions] max); kill some first",
+                    self.cfg.max
+                ),
+            ));
+        }
+        let own = table.live.values().filter(|s| s.owner == uid).count();
+        if own >= self.cfg.max_per_uid {
+            return Err(error(
+                ErrorCode::LimitExceedsPolicy,
+                format!(
+                    "uid {uid} already holds {own} sessions, the maximum ([sessions] max_per_uid); kill some first"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn insert(&self, session: Arc<Session>) {
+        lock(&self.table).live.insert(session.id.clone(), session);
+    }
+
+    /// Moves an ended session to the remembered ones.
+    fn retire(&self, id: &str) {
+        let mut table = lock(&self.table);
+        if let Some(s) = table.live.remove(id) {
+            table.ended.push_back(s);
+            while table.ended.len() > self.cfg.remember_ended {
+                table.ended.pop_front();
+            }
+        }
+    }
+
+    /// Kills every live session (daemon shutdown).
+    pub fn kill_all(&self, why: SessionEnd) {
+        let live: Vec<Arc<Session>> = lock(&self.table).live.values().cloned().collect();
+        for s in live {
+            s.kill(why);
+        }
+    }
+}
+
+/// A fresh, unguessable session id.
+fn new_id() -> String {
+    let mut bytes = [0u8; 12];
+    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
+        // getrandom(2) cannot fail for a 12-byte request once the pool is
+        // initialised; fall back to the clock rather than refuse.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        bytes.copy_from_slice(&t.to_le_bytes()[..12]);
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("s-{hex}")
+}

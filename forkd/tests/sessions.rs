@@ -1,0 +1,451 @@
+//! Sessions against a real daemon and kernel: state between cells, rich
+//! results, streaming, interrupts, cancels, files, commands, pause, TTL and
+//! idle expiry, ownership, and cleanup.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use forkd_ipc::{
+    AsyncClient, Command, ErrorCode, Event, RunCode, SessionCreate, SessionEnd, SessionState,
+    Stream,
+};
+
+fn cell(session: &str, code: &str) -> RunCode {
+    RunCode {
+        session: session.into(),
+        code: code.into(),
+        timeout_ms: Some(30_000),
+    }
+}
+
+async fn create(c: &AsyncClient) -> String {
+    c.session_create(&SessionCreate::default())
+        .await
+        .expect("session_create")
+        .session
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_persists_between_cells_and_results_are_rich() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+
+    let r = c.run_code(&cell(&s, "x = 41")).await.unwrap();
+    assert_eq!(r.execution_count, 1);
+    assert!(r.text.is_none() && r.error.is_none(), "{r:?}");
+    let r = c.run_code(&cell(&s, "print('side'); x + 1")).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("42"), "{r:?}");
+    assert_eq!(r.stdout, b"side\n");
+    assert_eq!(r.execution_count, 2);
+    let main: Vec<_> = r.results.iter().filter(|d| d.main).collect();
+    assert_eq!(main.len(), 1);
+    assert_eq!(main[0].data["text/plain"], "42");
+
+    // numpy (preloaded) and an object with a rich representation.
+    let r = c
+        .run_code(&cell(
+            &s,
+            "import numpy as np\nclass H:\n    def _repr_html_(self): return '<b>hi</b>'\n    def __repr__(self): return 'H()'\nH()",
+        ))
+        .await
+        .unwrap();
+    let data = &r.results[0].data;
+    assert_eq!(data["text/html"], "<b>hi</b>");
+    assert_eq!(data["text/plain"], "H()");
+    let r = c.run_code(&cell(&s, "np.arange(4).sum()")).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("np.int64(6)"));
+
+    // An exception: structured, with only the user's frames.
+    let r = c
+        .run_code(&cell(&s, "def f():\n    return 1 / 0\nf()"))
+        .await
+        .unwrap();
+    let e = r.error.expect("an error");
+    assert_eq!(e.name, "ZeroDivisionError");
+    assert_eq!(e.value, "division by zero");
+    assert!(e.traceback.contains("return 1 / 0"), "{}", e.traceback);
+    assert!(!e.traceback.contains("forkd"), "{}", e.traceback);
+    assert!(!e.traceback.contains("run_cell"), "{}", e.traceback);
+    let r = c.run_code(&cell(&s, "x")).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("41"), "state survives an error");
+
+    // A syntax error reads as Python's.
+    let r = c.run_code(&cell(&s, "1 +")).await.unwrap();
+    assert_eq!(r.error.unwrap().name, "SyntaxError");
+
+    // display() sends a value at once, and it is in the results too.
+    let r = c.run_code(&cell(&s, "display(1, 'a')")).await.unwrap();
+    let shown: Vec<_> = r
+        .results
+        .iter()
+        .map(|d| d.data["text/plain"].clone())
+        .collect();
+    assert_eq!(shown, vec!["1", "'a'"]);
+
+    let info = c.session_info(&s).await.unwrap();
+    assert_eq!(info.state, SessionState::Running);
+    assert_eq!(info.cells, 8);
+    assert!(info.usage.memory_bytes > 0, "{info:?}");
+    assert!(info.usage.pids >= 2, "executor and interpreter: {info:?}");
+    let info = c.session_kill(&s).await.unwrap();
+    assert_eq!(info.state, SessionState::Ended);
+    assert_eq!(info.ended_by, Some(SessionEnd::Killed));
+    let e = server_error(c.run_code(&cell(&s, "1")).await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::SessionEnded, "{e:?}");
+    drop(c);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_streams_while_the_cell_runs() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    let code = "import time, sys\nprint('first')\ntime.sleep(1.5)\nprint('err', file=sys.stderr)\nprint('last')";
+    let mut stream = c.run_code_stream(&cell(&s, code)).await.unwrap();
+    let t0 = Instant::now();
+    let first = stream.next_event().await.unwrap().expect("an event");
+    assert_eq!(
+        first,
+        Event::Output {
+            stream: Stream::Stdout,
+            data: b"first\n".to_vec()
+        }
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "the first line arrived only after {:?}, with the cell still sleeping",
+        t0.elapsed()
+    );
+    let mut rest = Vec::new();
+    while let Some(e) = stream.next_event().await.unwrap() {
+        rest.push(e);
+    }
+    assert!(rest.contains(&Event::Output {
+        stream: Stream::Stderr,
+        data: b"err\n".to_vec()
+    }));
+    let r = stream.cell().await.unwrap();
+    assert_eq!(r.stdout, b"first\nlast\n");
+    assert_eq!(r.stderr, b"err\n");
+    drop(c);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupt_timeout_and_cancel_keep_the_session() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    c.run_code(&cell(&s, "kept = 'yes'")).await.unwrap();
+
+    // interrupt: KeyboardInterrupt in the cell, state kept.
+    let mut stream = c
+        .run_code_stream(&cell(
+            &s,
+            "import time\nprint('go', flush=True)\nwhile True: time.sleep(0.01)",
+        ))
+        .await
+        .unwrap();
+    stream.next_event().await.unwrap();
+    c.interrupt(&s).await.unwrap();
+    let r = stream.cell().await.unwrap();
+    assert_eq!(r.error.as_ref().unwrap().name, "KeyboardInterrupt", "{r:?}");
+    assert_eq!(
+        c.run_code(&cell(&s, "kept")).await.unwrap().text.as_deref(),
+        Some("'yes'")
+    );
+
+    // A cell timeout interrupts the cell only.
+    let mut rc = cell(&s, "while True: pass");
+    rc.timeout_ms = Some(300);
+    let r = c.run_code(&rc).await.unwrap();
+    assert!(r.timed_out);
+    assert_eq!(r.error.unwrap().name, "KeyboardInterrupt");
+    assert_eq!(
+        c.run_code(&cell(&s, "kept")).await.unwrap().text.as_deref(),
+        Some("'yes'")
+    );
+
+    // A cell that ignores SIGINT: the interpreter is replaced, state lost.
+    let mut rc = cell(
+        &s,
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
+    );
+    rc.timeout_ms = Some(300);
+    let r = c.run_code(&rc).await.unwrap();
+    assert!(r.timed_out);
+    assert_eq!(r.error.as_ref().unwrap().name, "KernelDied", "{r:?}");
+    let r = c.run_code(&cell(&s, "kept")).await.unwrap();
+    assert_eq!(r.error.unwrap().name, "NameError", "a fresh interpreter");
+    assert_eq!(
+        c.run_code(&cell(&s, "1 + 1"))
+            .await
+            .unwrap()
+            .text
+            .as_deref(),
+        Some("2")
+    );
+
+    // Dropping a stream cancels its cell; a request beside it on the same
+    // connection is unaffected.
+    c.run_code(&cell(&s, "kept = 'again'")).await.unwrap();
+    let stream = c
+        .run_code_stream(&cell(&s, "import time\nwhile True: time.sleep(0.01)"))
+        .await
+        .unwrap();
+    let other = create(&c).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stream);
+    let beside = c.run_code(&cell(&other, "6 * 7")).await.unwrap();
+    assert_eq!(beside.text.as_deref(), Some("42"));
+    let r = c.run_code(&cell(&s, "kept")).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("'again'"), "{r:?}");
+    drop(c);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_move_both_ways_and_errors_are_clear() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| {
+        c.limits.default.scratch_bytes = 512 << 20;
+        c.limits.default.file_size_bytes = 1 << 30;
+        c.limits.default.memory_bytes = 1 << 30;
+    })
+    .await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    let big: Vec<u8> = (0..(100usize << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    c.write_file(&s, "data/big.bin", &big, None)
+        .await
+        .expect_err("the parent directory does not exist yet");
+    c.make_dir(&s, "data").await.unwrap();
+    let t0 = Instant::now();
+    c.write_file(&s, "data/big.bin", &big, None).await.unwrap();
+    let wrote = t0.elapsed();
+    let r = c
+        .run_code(&cell(&s, "import os; os.path.getsize('data/big.bin')"))
+        .await
+        .unwrap();
+    assert_eq!(r.text.as_deref(), Some(&*format!("{}", big.len())));
+    let t0 = Instant::now();
+    let back = c.read_file(&s, "data/big.bin").await.unwrap();
+    let read = t0.elapsed();
+    assert!(back == big, "100 MiB round trip differs");
+    eprintln!("100 MiB: write {wrote:?}, read {read:?}");
+
+    let listing = c.list_files(&s, "data").await.unwrap();
+    assert_eq!(listing.len(), 1);
+    assert_eq!(listing[0].name, "big.bin");
+    assert_eq!(listing[0].kind, "file");
+    assert_eq!(listing[0].size, big.len() as u64);
+    let st = c.stat_file(&s, "/tmp/data").await.unwrap();
+    assert_eq!(st.kind, "dir");
+
+    let e = server_error(c.read_file(&s, "nope.txt").await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::NotFound, "{e:?}");
+    // What the sandbox cannot see or write, the file calls cannot either.
+    let e = server_error(c.write_file(&s, "/etc/evil", b"x", None).await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::FileError, "{e:?}");
+    let e = server_error(c.read_file(&s, "/etc/shadow").await.unwrap_err());
+    assert!(
+        matches!(e.code, ErrorCode::FileError | ErrorCode::NotFound),
+        "{e:?}"
+    );
+    // A symlink out of the scratch resolves inside the sandbox's view.
+    c.run_code(&cell(
+        &s,
+        "import os; os.symlink('/proc/1/environ', 'link')",
+    ))
+    .await
+    .unwrap();
+    let e = server_error(c.read_file(&s, "link").await.unwrap_err());
+    assert!(
+        matches!(e.code, ErrorCode::FileError | ErrorCode::NotFound),
+        "{e:?}"
+    );
+    // Over the scratch quota.
+    let e = server_error(
+        c.write_file(&s, "huge.bin", &vec![0u8; 8 << 20], None)
+            .await
+            .and(
+                c.write_file(&s, "huge2.bin", &vec![1u8; 600 << 20], None)
+                    .await,
+            )
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, ErrorCode::FileError, "{e:?}");
+    assert!(e.message.contains("scratch"), "{}", e.message);
+    c.remove_file(&s, "data").await.unwrap();
+    let e = server_error(c.stat_file(&s, "data").await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::NotFound);
+    drop(c);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_run_in_the_sandbox_with_exit_codes() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    let cmd = |line: &str| Command {
+        session: s.clone(),
+        cmd: line.into(),
+        timeout_ms: Some(20_000),
+        ..Command::default()
+    };
+    let r = c
+        .command(&cmd("echo out; echo err >&2; exit 3"))
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, Some(3));
+    assert_eq!(r.stdout, b"out\n");
+    assert_eq!(r.stderr, b"err\n");
+    let r = c.command(&cmd("echo $$; pwd; echo $FOO")).await.unwrap();
+    let out = String::from_utf8(r.stdout).unwrap();
+    let lines: Vec<_> = out.lines().collect();
+    assert_eq!(lines[1], "/tmp");
+    let mut with_env = cmd("echo $FOO; pwd");
+    with_env.env = BTreeMap::from([("FOO".into(), "bar".into())]);
+    with_env.cwd = Some("/".into());
+    let r = c.command(&with_env).await.unwrap();
+    assert_eq!(r.stdout, b"bar\n/\n");
+    // The interpreter and the commands share the scratch.
+    c.run_code(&cell(&s, "open('note.txt', 'w').write('from python')"))
+        .await
+        .unwrap();
+    let r = c.command(&cmd("cat note.txt")).await.unwrap();
+    assert_eq!(r.stdout, b"from python");
+    // python is there.
+    let r = c.command(&cmd("python3 -c 'print(6*7)'")).await.unwrap();
+    assert_eq!(
+        r.stdout,
+        b"42\n",
+        "{:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // Timeout kills the command's whole group.
+    let mut slow = cmd("sleep 30 & sleep 30");
+    slow.timeout_ms = Some(300);
+    let r = c.command(&slow).await.unwrap();
+    assert!(r.timed_out);
+    assert_eq!(r.signal, Some(9));
+    // A background command, killed by pid.
+    let mut stream = c
+        .command_stream(&cmd("echo started; sleep 30"))
+        .await
+        .unwrap();
+    let pid = match stream.next_event().await.unwrap() {
+        Some(Event::CommandStarted { pid }) => pid,
+        other => panic!("{other:?}"),
+    };
+    c.command_kill(&s, pid).await.unwrap();
+    let r = stream.command().await.unwrap();
+    assert_eq!(r.signal, Some(9));
+    assert_eq!(r.stdout, b"started\n");
+    let r = c.command(&cmd("exec /nonexistent")).await.unwrap();
+    assert_eq!(r.exit_code, Some(127));
+    drop(c);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_idle_pause_and_ownership() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let short = c
+        .session_create(&SessionCreate {
+            ttl_ms: Some(500),
+            labels: BTreeMap::from([("job".into(), "a".into())]),
+            ..SessionCreate::default()
+        })
+        .await
+        .unwrap();
+    let idle = c
+        .session_create(&SessionCreate {
+            idle_timeout_ms: Some(400),
+            ..SessionCreate::default()
+        })
+        .await
+        .unwrap();
+    let kept = c
+        .session_create(&SessionCreate {
+            labels: BTreeMap::from([("job".into(), "b".into())]),
+            ..SessionCreate::default()
+        })
+        .await
+        .unwrap();
+    let listed = c
+        .session_list(BTreeMap::from([("job".into(), "b".into())]))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].session, kept.session);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let info = c.session_info(&short.session).await.unwrap();
+    assert_eq!(info.ended_by, Some(SessionEnd::Ttl), "{info:?}");
+    let info = c.session_info(&idle.session).await.unwrap();
+    assert_eq!(info.ended_by, Some(SessionEnd::Idle), "{info:?}");
+    assert_eq!(c.session_list(BTreeMap::new()).await.unwrap().len(), 1);
+
+    // set_ttl
+    let info = c.session_set_ttl(&kept.session, 60_000).await.unwrap();
+    assert!(info.ttl_left_ms > 50_000 && info.ttl_left_ms <= 60_000);
+
+    // pause: no CPU while paused; resume carries on.
+    c.run_code(&cell(&kept.session, "import threading, time\ncount = [0]\ndef spin():\n    while True:\n        count[0] += 1\n        time.sleep(0.001)\nthreading.Thread(target=spin, daemon=True).start()"))
+        .await
+        .unwrap();
+    let paused = c.session_pause(&kept.session).await.unwrap();
+    assert_eq!(paused.state, SessionState::Paused);
+    let cpu0 = c.session_info(&kept.session).await.unwrap().usage;
+    let e = server_error(c.run_code(&cell(&kept.session, "1")).await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::SessionPaused);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu1 = c.session_info(&kept.session).await.unwrap().usage;
+    assert_eq!(
+        cpu0.cpu_user_us + cpu0.cpu_system_us,
+        cpu1.cpu_user_us + cpu1.cpu_system_us,
+        "a paused session used CPU"
+    );
+    c.session_resume(&kept.session).await.unwrap();
+    let r = c
+        .run_code(&cell(
+            &kept.session,
+            "n = count[0]; time.sleep(0.2); count[0] > n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.text.as_deref(), Some("True"), "{r:?}");
+
+    drop(c);
+    d.finish().await;
+}
