@@ -197,6 +197,9 @@ class Zygote:
                 "a preload module started a thread pool that the *_NUM_THREADS=1 variables "
                 "did not stop, and forking would copy a broken process",
             )
+        # Children get python's dispositions, whatever the daemon inherited
+        # (done once here: forked children inherit them).
+        reset_signal_dispositions()
         # Objects created so far are never collected in children: freezing them
         # keeps the collector from touching (and copying) the zygote's pages.
         gc.freeze()
@@ -498,11 +501,12 @@ PYTHON_DISPOSITIONS = _python_dispositions()
 
 
 def reset_signal_dispositions():
-    """Gives the program the signal dispositions of a `python` started from a
-    shell (SIGINT raises KeyboardInterrupt, SIGPIPE and SIGXFSZ ignored,
-    everything else default, nothing blocked), whatever the daemon inherited
-    (`nohup`, a `cmd &` shell, a service manager). Only differing entries are
-    touched: in the usual case this costs no system call but one sigprocmask."""
+    """Sets the signal dispositions of a `python` started from a shell
+    (SIGINT raises KeyboardInterrupt, SIGPIPE and SIGXFSZ ignored, everything
+    else default, nothing blocked), whatever the daemon inherited (`nohup`, a
+    `cmd &` shell, a service manager). The zygote calls it once, before it
+    forks; a child that changed them (a session's executor) calls it again
+    before user code. Only differing entries are touched."""
     getsignal = _signal.getsignal
     for sig, want in PYTHON_DISPOSITIONS:
         if getsignal(sig) != want:
@@ -678,7 +682,9 @@ def finalize_like_python():
     (threading._shutdown), then run atexit functions (clear_main_module is
     the next step)."""
     threading = sys.modules.get("threading")
-    if threading is not None:
+    # Only when there is something to do: the call writes to objects of the
+    # zygote's (copy-on-write faults in every child).
+    if threading is not None and (threading._shutdown_locks or threading._threading_atexits):
         try:
             threading._shutdown()
         except BaseException as e:
@@ -722,7 +728,26 @@ def clear_main_module():
                 except BaseException:
                     pass
         del d
-    gc.collect()
+    # A full collection also empties the interpreter's free lists (zygote
+    # pages: copy-on-write faults), so it is made only when the program ran
+    # long enough for its objects to reach the oldest generation.
+    if gc.get_stats()[1]["collections"] != _young_collections_at_start:
+        gc.collect()
+    else:
+        gc.collect(1)
+
+
+_young_collections_at_start = 0
+
+
+def mark_program_start():
+    """Called as the program starts: what the zygote left tracked is moved
+    out of the collector's way (gc.freeze splices lists: no object is
+    touched), and clear_main_module can tell whether the program's objects
+    may have reached the oldest generation."""
+    global _young_collections_at_start
+    gc.freeze()
+    _young_collections_at_start = gc.get_stats()[1]["collections"]
 
 
 def run_job(job, lib):
@@ -746,12 +771,12 @@ def run_job(job, lib):
             apply_startup_env(env)
         except StartupEnvError as e:
             setup_failed(str(e))
-        reset_signal_dispositions()
         errno = lib.forkd_report_signals(STATUS_FD)
         if errno != 0:
             setup_failed(f"installing signal reporters failed: {os.strerror(errno)}")
         # Programs it execs must not inherit the report channel.
         os.set_inheritable(STATUS_FD, False)
+        mark_program_start()
         os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
