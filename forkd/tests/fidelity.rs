@@ -288,6 +288,10 @@ async fn uncaught_exceptions_hooks_and_exit_match_python() {
             "finalized after an uncaught exception",
             "class A:\n    def __del__(self): print('del A')\na = A()\ndef f(): raise ValueError('x')\nf()\n",
         ),
+        (
+            "a cycle that reached the oldest generation is finalized",
+            "import gc\nclass A:\n    def __del__(self): print('del A')\nb = [A()]\nb.append(b)\nkeep = [[] for _ in range(200000)]\nprint(gc.get_stats()[2]['collections'] > 0 or gc.get_stats()[1]['collections'] > 0)\n",
+        ),
         ("sys.exit(message)", "import sys\nsys.exit('bye')\n"),
         ("sys.exit(3)", "import sys\nsys.exit(3)\n"),
         ("exit code above 255", "import sys\nsys.exit(257)\n"),
