@@ -14,6 +14,7 @@ mod check;
 mod floor;
 mod hostcpu;
 mod indep;
+mod sessions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +49,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Compare two recorded check runs (`check --out`) without measuring.
     Compare(check::CompareArgs),
+    /// Session figures: create, cell round trip, streaming, idle memory, files.
+    Sessions(sessions::SessionArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -628,6 +631,7 @@ fn main() -> std::process::ExitCode {
             .map(|()| std::process::ExitCode::SUCCESS),
         Some(Command::Check(args)) => runtime.block_on(check::run(args)),
         Some(Command::Compare(args)) => check::compare_files(args),
+        Some(Command::Sessions(args)) => runtime.block_on(sessions::run(args)),
     };
     match outcome {
         Ok(code) => code,

@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod cli_session;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

@@ -421,7 +421,7 @@ async fn connection(server: Arc<Server>, stream: UnixStream) {
                 tokio::spawn(crate::session::ops::serve(
                     server.sessions.clone(),
                     body,
-                    peer.uid,
+                    peer,
                     replier,
                     cancel,
                     cancels.clone(),

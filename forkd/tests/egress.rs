@@ -378,3 +378,55 @@ async fn pip_installs_a_package_with_only_the_index_hosts_allowed_() {
         .all(|e| e.port == Some(443) && e.allowed));
     d.finish().await;
 }
+
+#[test]
+fn a_session_keeps_its_allowlist_across_cells_and_commands() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    serial(a_session_keeps_its_allowlist_across_cells_and_commands_());
+}
+
+async fn a_session_keeps_its_allowlist_across_cells_and_commands_() {
+    let host = TestHost::create();
+    host.echo(8080, "a");
+    let names: HashMap<String, _> = [("pkg.test".to_string(), host.addr)].into_iter().collect();
+    let dns = host.dns(names, 60);
+    let d = TestDaemon::start(move |c| c.network.resolvers = Some(vec![dns.to_string()])).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate {
+            allow_net: vec!["pkg.test:8080".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session;
+    let talk = "import socket\ns = socket.create_connection(('pkg.test', 8080), timeout=5)\ns.sendall(b'hi')\nreply = s.recv(100).decode()\ns.close()\nreply";
+    for _ in 0..2 {
+        let r = c
+            .run_code(&forkd_ipc::RunCode {
+                session: s.clone(),
+                code: talk.into(),
+                timeout_ms: Some(20_000),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.text.as_deref(), Some("'a: hi'"), "{r:?}");
+    }
+    let r = c
+        .run_code(&forkd_ipc::RunCode {
+            session: s.clone(),
+            code: format!(
+                "import socket\ntry:\n    socket.create_connection(('{}', 8081), timeout=5)\n    got = 'reached'\nexcept OSError as e:\n    got = type(e).__name__\ngot",
+                host.addr
+            ),
+            timeout_ms: Some(20_000),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.text.as_deref(), Some("'ConnectionRefusedError'"), "{r:?}");
+    c.session_kill(&s).await.unwrap();
+    drop(c);
+    d.finish().await;
+}

@@ -449,3 +449,240 @@ async fn ttl_idle_pause_and_ownership() {
     drop(c);
     d.finish().await;
 }
+
+/// A session belongs to its creator: another uid sees none of it and cannot
+/// run, read or kill in it (root can).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_uid_cannot_see_or_touch_a_session() {
+    if skip_unless_root("starts a daemon and runs a client as another uid") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.allowed_uids = Some(vec![0, 65534])).await;
+    let c = d.client().await;
+    let mine = create(&c).await;
+    c.run_code(&cell(&mine, "secret = 'root only'"))
+        .await
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.socket.parent().unwrap(), PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&d.socket, PermissionsExt::from_mode(0o666)).unwrap();
+    let as_nobody = |args: Vec<String>| {
+        let socket = d.socket.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::process::CommandExt;
+            std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+                .arg("session")
+                .arg("--socket")
+                .arg(&socket)
+                .args(args)
+                .uid(65534)
+                .gid(65534)
+                .current_dir("/")
+                .output()
+                .unwrap()
+        })
+    };
+    let ls = as_nobody(vec!["ls".into()]).await.unwrap();
+    assert!(ls.status.success(), "{ls:?}");
+    assert!(
+        !String::from_utf8_lossy(&ls.stdout).contains(&mine),
+        "{ls:?}"
+    );
+    for args in [
+        vec![
+            "exec".to_string(),
+            mine.clone(),
+            "-c".into(),
+            "secret".into(),
+        ],
+        vec!["info".into(), mine.clone()],
+        vec![
+            "get".into(),
+            mine.clone(),
+            "/etc/hostname".into(),
+            "-".into(),
+        ],
+        vec!["kill".into(), mine.clone()],
+    ] {
+        let out = as_nobody(args.clone()).await.unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("unknown_session"), "{args:?}: {err}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("root only"));
+    }
+    // Its own session works, and is invisible to root's list filter by
+    // label but visible to root.
+    let theirs = as_nobody(vec!["create".into(), "--label".into(), "who=nobody".into()])
+        .await
+        .unwrap();
+    assert!(theirs.status.success(), "{theirs:?}");
+    let theirs = String::from_utf8_lossy(&theirs.stdout).trim().to_string();
+    let all = c.session_list(BTreeMap::new()).await.unwrap();
+    assert!(
+        all.iter().any(|s| s.session == theirs),
+        "root sees every session"
+    );
+    assert_eq!(
+        c.session_info(&mine).await.unwrap().state,
+        SessionState::Running,
+        "the bystander session is untouched"
+    );
+    c.session_kill(&theirs).await.unwrap();
+    drop(c);
+    d.finish().await;
+}
+
+/// What user code can do to its own session: none of it reaches the
+/// daemon, the executor's channels, or a bystander session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_cells_cannot_forge_or_break_the_executor() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| {
+        c.limits.default.output_bytes = 1 << 20;
+        c.limits.default.memory_bytes = 256 << 20;
+    })
+    .await;
+    let c = d.client().await;
+    let bystander = create(&c).await;
+    c.run_code(&cell(&bystander, "state = 7")).await.unwrap();
+    let s = create(&c).await;
+
+    // Forge a reply on the executor's channel to the daemon: its fds are
+    // not the interpreter's, and /proc/1 is closed to it.
+    let r = c
+        .run_code(&cell(
+            &s,
+            "import os, struct, json\nout = []\nfor fd in range(3, 64):\n    try:\n        os.fstat(fd); out.append(fd)\n    except OSError: pass\nfor path in ['/proc/1/fd/1', '/proc/1/fd/0', '/proc/1/mem']:\n    try:\n        open(path, 'wb'); out.append(path)\n    except OSError as e: out.append(type(e).__name__)\nout",
+        ))
+        .await
+        .unwrap();
+    let text = r.text.clone().unwrap_or_default();
+    assert!(
+        !text.contains("/proc/1"),
+        "the executor's fds were opened: {text}"
+    );
+    // Write a well-formed forged frame wherever the cell can: stdout, the
+    // cell channel's fds 3 and 4.
+    let forged = r#"import json, os
+h = json.dumps({"op": "cell_done", "req": 999, "execution_count": 1, "text": "forged", "results": [], "error": None, "stdout_truncated": False, "stderr_truncated": False}).encode()
+frame = len(h).to_bytes(4, 'big') + (0).to_bytes(4, 'big') + h
+os.write(1, frame)
+try:
+    os.write(4, len(h).to_bytes(4, 'big') + h)
+except OSError:
+    pass
+'real'"#;
+    let r = c.run_code(&cell(&s, forged)).await.unwrap();
+    assert_ne!(r.text.as_deref(), Some("forged"), "{r:?}");
+    // Its own channel was broken: the interpreter was replaced, the session lives.
+    let r = c.run_code(&cell(&s, "'after'")).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("'after'"), "{r:?}");
+
+    // Signals to the executor (pid 1) do nothing.
+    let r = c
+        .run_code(&cell(&s, "import os, signal\nfor sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL, signal.SIGSTOP):\n    os.kill(1, sig)\n'alive'"))
+        .await
+        .unwrap();
+    assert_eq!(r.text.as_deref(), Some("'alive'"), "{r:?}");
+
+    // An output flood is cut at the limit and interrupts the cell only.
+    let r = c
+        .run_code(&cell(&s, "while True: print('x' * 1000)"))
+        .await
+        .unwrap();
+    assert!(r.stdout_truncated, "{:?}", r.error);
+    assert!(r.stdout.len() <= 1 << 20);
+    // Memory beyond the limit: the interpreter is OOM-killed and replaced.
+    let r = c
+        .run_code(&cell(
+            &s,
+            "b = bytearray(512 << 20); b[::4096] = b'x' * len(b[::4096])",
+        ))
+        .await
+        .unwrap();
+    let e = r.error.expect("an error");
+    assert!(
+        e.name == "MemoryError" || (e.name == "KernelDied" && e.value.contains("out-of-memory")),
+        "{e:?}"
+    );
+    // The interpreter exits: replaced.
+    let r = c
+        .run_code(&cell(&s, "import os; os._exit(3)"))
+        .await
+        .unwrap();
+    assert_eq!(r.error.unwrap().name, "KernelDied");
+    // A fork bomb hits the pids limit, not the daemon.
+    let r = c
+        .run_code(&cell(&s, "import os\nfor _ in range(10000):\n    try:\n        os.fork() or os._exit(0)\n    except OSError:\n        break\n'done'"))
+        .await
+        .unwrap();
+    assert!(r.error.is_none() || r.error.unwrap().name == "KernelDied");
+    assert_eq!(
+        c.run_code(&cell(&s, "1 + 1"))
+            .await
+            .unwrap()
+            .text
+            .as_deref(),
+        Some("2")
+    );
+    // The bystander never noticed.
+    let r = c.run_code(&cell(&bystander, "state")).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("7"));
+    drop(c);
+    d.finish().await;
+}
+
+/// Sessions end with the daemon: a waiting cell gets an error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_sessions_and_answers_waiting_cells() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    let waiting = {
+        let c = c.clone();
+        let s = s.clone();
+        tokio::spawn(async move { c.run_code(&cell(&s, "import time; time.sleep(60)")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = tokio::spawn(d.shutdown());
+    let r = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiting cell was answered")
+        .unwrap();
+    let e = server_error(r.unwrap_err());
+    assert_eq!(e.code, ErrorCode::SessionEnded, "{e:?}");
+    assert!(e.message.contains("shut down"), "{}", e.message);
+    drop(c);
+    stopped.await.unwrap().assert_no_leaks().await;
+}
+
+/// Many sessions created and killed leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_kill_cycles_leave_nothing_behind() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.zygotes[0].warm_pool = 4).await;
+    let c = d.client().await;
+    let cycles = std::env::var("FORKD_SESSION_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    for i in 0..cycles {
+        let s = create(&c).await;
+        if i % 10 == 0 {
+            c.run_code(&cell(&s, "1")).await.unwrap();
+            c.session_pause(&s).await.unwrap();
+        }
+        let info = c.session_kill(&s).await.unwrap();
+        assert_eq!(info.state, SessionState::Ended);
+    }
+    assert!(c.session_list(BTreeMap::new()).await.unwrap().is_empty());
+    drop(c);
+    d.finish().await;
+}

@@ -835,3 +835,68 @@ async fn no_mounts_left_after_many_spawns() {
     );
     d.finish().await;
 }
+
+/// A session keeps its workspace across cells, commands and file calls;
+/// the rules hold for all of them; an overlay never reaches the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_its_workspace_and_its_rules() {
+    if skip_unless_root("starts a daemon that mounts workspaces") {
+        return;
+    }
+    let t = tree();
+    let d = start(&t.base).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate {
+            workspace: Some(ws(&t.proj, WorkspaceMode::Overlay)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session;
+    let cell = |code: &str| forkd_ipc::RunCode {
+        session: s.clone(),
+        code: code.into(),
+        timeout_ms: Some(20_000),
+    };
+    let r = c
+        .run_code(&cell("open('/workspace/out/new.txt', 'w').write('n')\nsorted(os.listdir('/workspace')) if (os := __import__('os')) else 0"))
+        .await
+        .unwrap();
+    let listing = r.text.unwrap_or_default();
+    assert!(
+        listing.contains("'src'") && !listing.contains("secrets"),
+        "{listing}"
+    );
+    let r = c
+        .run_code(&cell("open('/workspace/out/new.txt').read()"))
+        .await
+        .unwrap();
+    assert_eq!(r.text.as_deref(), Some("'n'"), "{r:?}");
+    let e = server_error(c.read_file(&s, "/workspace/secrets/key").await.unwrap_err());
+    assert_eq!(e.code, forkd_ipc::ErrorCode::NotFound, "{e:?}");
+    let e = server_error(
+        c.write_file(&s, "/workspace/src/a.py", b"x", None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, forkd_ipc::ErrorCode::FileError, "{e:?}");
+    let out = c
+        .command(&forkd_ipc::Command {
+            session: s.clone(),
+            cmd: "cat /workspace/src/a.py; cat /workspace/secrets/key".into(),
+            timeout_ms: Some(20_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"print('a')");
+    assert_ne!(out.exit_code, Some(0));
+    c.session_kill(&s).await.unwrap();
+    assert!(
+        !t.proj.join("out/new.txt").exists(),
+        "an overlay reached the host"
+    );
+    drop(c);
+    d.finish().await;
+}

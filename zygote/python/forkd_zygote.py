@@ -874,6 +874,14 @@ def set_dumpable(flag):
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
 
 
+def interpreter_bin_first(env):
+    """Puts the zygote interpreter's directory (a venv's bin: its python,
+    pip and scripts) first on PATH, as activating the venv would."""
+    bin_dir = os.path.dirname(sys.executable)
+    parts = [p for p in env.get("PATH", "").split(":") if p and p != bin_dir]
+    env["PATH"] = ":".join([bin_dir] + parts)
+
+
 def run_session(job):
     """Becomes the session's executor; never returns."""
     try:
@@ -882,6 +890,7 @@ def run_session(job):
             np_random.seed()
         os.environ.clear()
         os.environ.update(job.get("env", {}))
+        interpreter_bin_first(os.environ)
         cfg = job["session"]
         os.makedirs(cfg["cwd"], exist_ok=True)
         os.chdir(cfg["cwd"])

@@ -416,6 +416,12 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|a| a == "workspace") {
         return workspace_cmd(argv[1..].to_vec());
     }
+    if argv.get(1).is_some_and(|a| a == "session") {
+        return forkd::cli_session::session_main(argv[1..].to_vec());
+    }
+    if argv.get(1).is_some_and(|a| a == "repl") {
+        return forkd::cli_session::repl_main(argv[1..].to_vec());
+    }
     let (head, tail) = split_program_argv(argv);
     let mut args = Args::parse_from(head);
     if let Some(tail) = tail {

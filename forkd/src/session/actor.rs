@@ -28,6 +28,14 @@ pub(super) struct Channels {
     pub err_r: pipe::Receiver,
     pub exited: oneshot::Receiver<Result<Exited, ZygoteError>>,
     pub from_handlers: mpsc::UnboundedReceiver<ActorMsg>,
+    pub keep: KeepAlive,
+}
+
+/// What lives as long as the session: its egress (proxy, resolver) and its
+/// workspace (an overlay's upper layer).
+pub(super) struct KeepAlive {
+    pub egress: Option<forkd_net::Egress>,
+    pub workspace: Option<crate::workspace::Ready>,
 }
 
 /// When the session's TTL or idle timeout next needs a look.
@@ -69,6 +77,7 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         err_r,
         mut exited,
         mut from_handlers,
+        keep,
     } = ch;
     // Requests are written by their own task, so a request the executor is
     // slow to read never stops this one from reading its replies.
@@ -136,6 +145,11 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         }
     }
     retire(&sessions, &session);
+    if let Some(egress) = keep.egress {
+        let report = egress.finish();
+        tracing::debug!(session = %session.id, bytes_out = report.bytes_out, bytes_in = report.bytes_in, "session egress closed");
+    }
+    drop(keep.workspace);
     // Requests still waiting see their channel close: "session ended".
     drop(pending);
     writer.abort();

@@ -259,6 +259,15 @@ impl Session {
         Ok(())
     }
 
+    /// OOM kills in the session's cgroup so far.
+    pub fn oom_kills(&self) -> u64 {
+        lock(&self.cgroup)
+            .as_ref()
+            .and_then(|c| c.get())
+            .and_then(|cg| cg.counters().ok())
+            .map_or(0, |s| s.oom_kills)
+    }
+
     fn usage_now(&self) -> SessionUsage {
         let cg = lock(&self.cgroup);
         self.usage_from(cg.as_ref().and_then(|c| c.get()))

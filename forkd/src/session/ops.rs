@@ -1,7 +1,7 @@
 //! The session requests: create, then cells, commands, files and the
 //! lifecycle operations on a live session.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,14 +61,10 @@ fn cancelled_error() -> ErrorReply {
 pub async fn create(
     sessions: &Arc<Sessions>,
     req: SessionCreate,
-    owner: u32,
+    peer: crate::audit::Peer,
 ) -> Result<SessionInfo, ErrorReply> {
     let cfg = &sessions.cfg;
-    if !req.allow_net.is_empty() || req.workspace.is_some() {
-        return Err(invalid(
-            "allow_net and workspace are not available on sessions yet; use spawn for them",
-        ));
-    }
+    let owner = peer.uid;
     let ttl_ms = req.ttl_ms.unwrap_or(cfg.default_ttl_ms);
     if ttl_ms == 0 {
         return Err(invalid("ttl_ms must be at least 1"));
@@ -103,8 +99,36 @@ pub async fn create(
     });
     let frame = job.frame().map_err(|e| invalid(e.to_string()))?;
     let state = &sessions.state;
-    let plan = plan_for(resolved.policy.clone(), &resolved.limits);
+    // `None` (no allowlist) costs nothing: no network, as for spawn.
+    let allow = state.network.admit(&req.allow_net)?;
+    let workspace = match &req.workspace {
+        Some(w) => {
+            let who = crate::workspace::Requester {
+                uid: peer.uid,
+                gid: peer.gid,
+                pid: peer.pid,
+            };
+            Some(
+                crate::workspace::prepare(
+                    &sessions.admission.workspaces,
+                    w,
+                    Some(who),
+                    resolved.limits.scratch_bytes,
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    let mut plan = plan_for(resolved.policy.clone(), &resolved.limits);
+    plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     let (mut child, warm) = obtain_child(state, &resolved.zygote, &plan).await?;
+    // Open the allowlist before the executor (and so any user code) runs;
+    // on failure the unused child is killed when dropped.
+    let egress = match allow {
+        Some(allow) => Some(state.network.attach(child.pidfd.as_fd(), allow).await?),
+        None => None,
+    };
     let (Some(job_w), Some(out_r), Some(err_r), Some(status_r)) = (
         child.job.take(),
         child.stdout.take(),
@@ -176,6 +200,7 @@ pub async fn create(
             err_r,
             exited,
             from_handlers,
+            keep: actor::KeepAlive { egress, workspace },
         },
     ));
     guard.disarm();
@@ -297,6 +322,7 @@ pub async fn run_code(
         return Err(invalid("timeout_ms must be at least 1"));
     }
     let req = session.next_req();
+    let ooms = session.oom_kills();
     let mut rx = session.request(&ToExecutor::Cell { req, code: rc.code }, req, &[])?;
     session.count_cell();
     let started = Instant::now();
@@ -343,6 +369,14 @@ pub async fn run_code(
     }
     if cancelled {
         return Err(cancelled_error());
+    }
+    if let Some(e) = &mut result.error {
+        if e.name == "KernelDied" && session.oom_kills() > ooms {
+            e.value = format!(
+                "the interpreter was killed by the out-of-memory killer: the session may use {} MiB (limits.memory_bytes). Its state (variables, imports) is lost; a fresh interpreter runs the next cells",
+                session.limits.memory_bytes >> 20
+            );
+        }
     }
     result.timed_out = timed_out;
     result.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -603,16 +637,17 @@ pub fn register_cancel(cancels: &Cancels, id: u64) -> watch::Receiver<bool> {
 pub async fn serve(
     sessions: Arc<Sessions>,
     body: forkd_ipc::RequestBody,
-    uid: u32,
+    peer: crate::audit::Peer,
     out: Replier,
     cancel: watch::Receiver<bool>,
     cancels: Cancels,
 ) {
     use forkd_ipc::RequestBody as B;
     let id = out.id;
+    let uid = peer.uid;
     let outcome: Result<ResponseBody, ErrorReply> = async {
         Ok(match body {
-            B::SessionCreate(c) => ResponseBody::Session(create(&sessions, c, uid).await?),
+            B::SessionCreate(c) => ResponseBody::Session(create(&sessions, c, peer).await?),
             B::SessionList(l) => ResponseBody::Sessions {
                 sessions: sessions.list(uid, &l.labels),
             },
