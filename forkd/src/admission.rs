@@ -235,6 +235,13 @@ fn resolve_limits(
             )));
         }
     }
+    if let forkd_ipc::Program::Module(name) = &req.program {
+        if name.is_empty() || name.contains('\0') {
+            return Err(invalid(format!(
+                "module name {name:?} must be non-empty without NUL bytes (as for `python -m json.tool`)"
+            )));
+        }
+    }
     Ok(limits)
 }
 

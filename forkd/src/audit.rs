@@ -73,6 +73,8 @@ pub struct Payloads {
     pub code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub script: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
     pub argv: Vec<String>,
     pub env: std::collections::BTreeMap<String, String>,
     pub stdin_b64: String,
@@ -208,6 +210,7 @@ impl Record {
         let (program, code_bytes) = match &req.program {
             Program::Code(c) => ("code", c.len()),
             Program::Script(_) => ("script", 0),
+            Program::Module(_) => ("module", 0),
         };
         let requested = Requested {
             // Names as the client wrote them are free text: kept below only
@@ -228,11 +231,15 @@ impl Record {
         let payloads = with_payloads.then(|| Payloads {
             code: match &req.program {
                 Program::Code(c) => Some(c.clone()),
-                Program::Script(_) => None,
+                _ => None,
             },
             script: match &req.program {
                 Program::Script(s) => Some(s.clone()),
-                Program::Code(_) => None,
+                _ => None,
+            },
+            module: match &req.program {
+                Program::Module(m) => Some(m.clone()),
+                _ => None,
             },
             argv: req.argv.clone(),
             env: req.env.clone(),

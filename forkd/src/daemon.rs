@@ -49,6 +49,18 @@ fn claim_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, StartEr
     };
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
+            // Only the default socket's directory is made: a mistyped
+            // --socket must not leave a directory tree behind.
+            if path != forkd_ipc::client::builtin_socket_path() {
+                return Err(sock_err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "its directory {} does not exist; create it, or check the socket path for a typo (forkd creates only the directory of its default socket, {})",
+                        dir.display(),
+                        forkd_ipc::client::builtin_socket_path().display()
+                    ),
+                )));
+            }
             std::fs::create_dir_all(dir).map_err(sock_err)?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
                 .map_err(sock_err)?;

@@ -138,6 +138,7 @@ pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
         program: match &req.program {
             Program::Code(code) => JobProgram::Code(code.clone()),
             Program::Script(path) => JobProgram::Script(path.clone()),
+            Program::Module(name) => JobProgram::Module(name.clone()),
         },
         argv: req.argv.clone(),
         env,

@@ -67,19 +67,24 @@ async fn stale_socket_is_replaced_and_other_files_are_not_touched() {
     d.finish().await; // also asserts the socket file is gone
     assert!(!path.exists());
 
-    // A socket in a directory that does not exist yet: created, 0755.
+    // A socket in a directory that does not exist (a mistyped --socket):
+    // refused, saying so, and no directory is created (only the default
+    // socket's own directory is made).
     let nested = dir.path().join("run/forkd/forkd.sock");
-    let d = match TestDaemon::try_start(Some(nested.clone()), |_| {}).await {
-        Ok(d) => d,
-        Err((e, _)) => panic!("{e}"),
+    let (err, attempt) = match TestDaemon::try_start(Some(nested.clone()), |_| {}).await {
+        Ok(_) => panic!("the daemon created directories for a mistyped socket path"),
+        Err(e) => e,
     };
-    let mode = std::fs::metadata(nested.parent().unwrap())
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o7777, 0o755);
-    d.finish().await;
-    assert!(!nested.exists());
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot use socket {}: its directory {} does not exist; create it, or check the socket path for a typo (forkd creates only the directory of its default socket, /run/forkd/forkd.sock)",
+            nested.display(),
+            nested.parent().unwrap().display()
+        )
+    );
+    assert!(!dir.path().join("run").exists(), "a directory was created");
+    attempt.assert_no_leaks().await;
 
     // Something that is not a socket is never deleted.
     let file = dir.path().join("precious.txt");

@@ -237,7 +237,7 @@ print(json.dumps(out))
     r.files = vec![
         InlineFile {
             path: "scripts/main.py".into(),
-            content: b"import sys, helper\nprint(sys.argv, helper.NAME, __name__, __file__)\n"
+            content: b"import os, sys, helper\nprint(sys.argv, helper.NAME, __name__, __file__ == os.getcwd() + '/scripts/main.py')\n"
                 .to_vec(),
             mode: None,
         },
@@ -250,22 +250,23 @@ print(json.dumps(out))
     let res = d.spawn(&r).await.unwrap();
     assert_eq!(
         res.stdout_lossy(),
-        "['scripts/main.py', 'x'] helper __main__ scripts/main.py\n",
+        "['scripts/main.py', 'x'] helper __main__ True\n",
         "stderr: {}",
         res.stderr_lossy()
     );
 
-    // A script path that does not exist is the program's failure (exit 1
-    // with a traceback), not a setup error.
+    // A script path that does not exist is the program's failure (exit 2
+    // and python's message), not a setup error.
     let r = SpawnRequest {
         program: Program::Script("missing.py".into()),
         timeout_ms: Some(20_000),
         ..SpawnRequest::default()
     };
     let res = d.spawn(&r).await.unwrap();
-    assert_eq!(res.exit_code, Some(1));
+    assert_eq!(res.exit_code, Some(2));
     assert!(
-        res.stderr_lossy().contains("FileNotFoundError"),
+        res.stderr_lossy()
+            .ends_with("/missing.py': [Errno 2] No such file or directory\n"),
         "{}",
         res.stderr_lossy()
     );

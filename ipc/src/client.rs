@@ -132,6 +132,15 @@ pub fn default_socket_path() -> PathBuf {
     )
 }
 
+/// The default socket path when `$FORKD_SOCKET` is not set: the only path
+/// whose directory the daemon creates itself.
+pub fn builtin_socket_path() -> PathBuf {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no
+    // memory of ours.
+    let euid = unsafe { libc::geteuid() };
+    socket_path_from(None, euid, std::env::var_os("XDG_RUNTIME_DIR"))
+}
+
 /// [`default_socket_path`] without the process environment, for tests.
 fn socket_path_from(explicit: Option<OsString>, euid: u32, xdg: Option<OsString>) -> PathBuf {
     if let Some(p) = explicit.filter(|p| !p.is_empty()) {

@@ -297,6 +297,8 @@ pub enum Program {
     Code(String),
     /// Path of a script inside the sandbox (`{"script": "/opt/job.py"}`).
     Script(String),
+    /// A module run as `python -m` runs it (`{"module": "json.tool"}`).
+    Module(String),
 }
 
 // `program` has no serde default (a spawn without a program is malformed);

@@ -332,6 +332,7 @@ fn program_variants_round_trip() {
     for program in [
         Program::Code("print('é')".into()),
         Program::Script("/srv/x.py".into()),
+        Program::Module("json.tool".into()),
     ] {
         round_trip(&Request {
             v: 1,

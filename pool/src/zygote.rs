@@ -222,14 +222,28 @@ impl Zygote {
             preload: cfg.preload.clone(),
             rootless: cfg.rootless,
         };
-        send(&shared, &init.encode(), &[])
-            .await
-            .map_err(|e| start_err(format!("send init: {e}")))?;
+        if let Err(e) = send(&shared, &init.encode(), &[]).await {
+            // Gone before reading init: it ran nothing of ours.
+            let status = tokio::time::timeout(Duration::from_secs(2), child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok);
+            if let Some(error) = not_python(&cfg.python, status) {
+                return Err(ZygoteError::Fatal {
+                    name: cfg.name.clone(),
+                    error,
+                });
+            }
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(start_err(format!("send init: {e}")));
+        }
 
         // Start-up handshake: read messages until ready / fatal / death.
         let mut stage = "loading the native library and building the sandbox root".to_string();
         let deadline = tokio::time::Instant::now() + cfg.start_timeout;
         let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut heard = false;
         let info = loop {
             let next = tokio::time::timeout_at(deadline, recv(&shared, &mut buf));
             match next.await {
@@ -244,6 +258,12 @@ impl Zygote {
                 }
                 Ok(Err(e)) => {
                     let status = child.wait().await.ok();
+                    if let Some(error) = not_python(&cfg.python, status).filter(|_| !heard) {
+                        return Err(ZygoteError::Fatal {
+                            name: cfg.name.clone(),
+                            error,
+                        });
+                    }
                     return Err(ZygoteError::Fatal {
                         name: cfg.name.clone(),
                         error: format!(
@@ -254,6 +274,7 @@ impl Zygote {
                 }
                 Ok(Ok((msg, fds))) => {
                     drop(fds);
+                    heard = true;
                     match FromZygote::decode(msg) {
                         Ok(FromZygote::Importing { module }) => {
                             stage = format!("importing preload module `{module}`");
@@ -451,6 +472,21 @@ impl Zygote {
     pub fn running(&self) -> usize {
         self.shared.pending.lock().map(|p| p.len()).unwrap_or(0)
     }
+}
+
+/// Our script reports every start-up failure on the socket before exiting:
+/// a plain exit before any message means the interpreter never ran it.
+fn not_python(
+    python: &std::path::Path,
+    status: Option<std::process::ExitStatus>,
+) -> Option<String> {
+    status.filter(|s| s.code().is_some()).map(|s| {
+        format!(
+            "`{}` exited ({}) without running forkd's zygote script: it does not look like a Python 3 interpreter (anything it printed is logged as `zygote stderr`); set `python` (--python) to one, e.g. a venv's bin/python",
+            python.display(),
+            describe_status(Some(s))
+        )
+    })
 }
 
 fn describe_status(status: Option<std::process::ExitStatus>) -> String {

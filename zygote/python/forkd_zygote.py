@@ -30,6 +30,10 @@ also reseeds `random`).
 import os
 import sys
 
+# What the interpreter read at start-up (PYTHON*, TZ): a sandbox's request
+# env is compared with it to decide what still has to be applied or refused.
+STARTUP_ENV = {k: v for k, v in os.environ.items() if k.startswith("PYTHON") or k == "TZ"}
+
 # The daemon runs this file as `python /dev/fd/4 forkd-zygote NAME` from a
 # sealed memfd. Python put the script's resolved directory ("/") first on
 # sys.path, where it would be bound into every sandbox as an interpreter
@@ -59,6 +63,7 @@ for _var in (
 ):
     os.environ[_var] = "1"
 
+import _signal
 import ast
 import atexit
 import base64
@@ -69,9 +74,11 @@ import errno as errno_codes
 import fcntl
 import gc
 import importlib
+import importlib.machinery
 import io
 import json
 import linecache
+import runpy
 import select
 import shutil
 import signal
@@ -199,6 +206,9 @@ class Zygote:
                 "a preload module started a thread pool that the *_NUM_THREADS=1 variables "
                 "did not stop, and forking would copy a broken process",
             )
+        # Children get python's dispositions, whatever the daemon inherited
+        # (done once here: forked children inherit them).
+        reset_signal_dispositions()
         # Objects created so far are never collected in children: freezing them
         # keeps the collector from touching (and copying) the zygote's pages.
         gc.freeze()
@@ -456,6 +466,299 @@ def prefault():
         pass
 
 
+# -- behaving as `python script.py` ------------------------------------------
+# Pieces a program's runner needs (run_job here; a session executor too).
+
+# Start-up variables the interpreter read once, when the zygote started, and
+# that a forked child cannot take on: a request that sets one to a value other
+# than the zygote's is refused (configure it in the zygote's env instead).
+STARTUP_ONLY_ENV = (
+    "PYTHONHASHSEED", "PYTHONOPTIMIZE", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE",
+    "PYTHONUSERBASE", "PYTHONPLATLIBDIR", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONWARNINGS",
+    "PYTHONDEVMODE", "PYTHONFAULTHANDLER", "PYTHONTRACEMALLOC", "PYTHONMALLOC",
+    "PYTHONMALLOCSTATS", "PYTHONVERBOSE", "PYTHONDEBUG", "PYTHONINSPECT", "PYTHONCOERCECLOCALE",
+    "PYTHONINTMAXSTRDIGITS", "PYTHONNODEBUGRANGES", "PYTHONPYCACHEPREFIX",
+    "PYTHONWARNDEFAULTENCODING", "PYTHONPROFILEIMPORTTIME", "PYTHONEXECUTABLE", "PYTHONCASEOK",
+    "PYTHONPERFSUPPORT",
+)
+
+
+_STARTUP_ONLY = frozenset(STARTUP_ONLY_ENV)
+
+
+class StartupEnvError(Exception):
+    """A request's environment asks for something only interpreter start-up can do."""
+
+
+def _python_dispositions():
+    # Plain ints, used with _signal: the signal module's wrappers build enum
+    # members in Python for every call.
+    out = []
+    for sig in map(int, signal.valid_signals()):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if sig == signal.SIGINT:
+            out.append((sig, signal.default_int_handler))
+        elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            out.append((sig, int(signal.SIG_IGN)))
+        else:
+            out.append((sig, int(signal.SIG_DFL)))
+    return tuple(out)
+
+
+PYTHON_DISPOSITIONS = _python_dispositions()
+
+
+def reset_signal_dispositions():
+    """Sets the signal dispositions of a `python` started from a shell
+    (SIGINT raises KeyboardInterrupt, SIGPIPE and SIGXFSZ ignored, everything
+    else default, nothing blocked), whatever the daemon inherited (`nohup`, a
+    `cmd &` shell, a service manager). The zygote calls it once, before it
+    forks; a child that changed them (a session's executor) calls it again
+    before user code. Only differing entries are touched."""
+    getsignal = _signal.getsignal
+    for sig, want in PYTHON_DISPOSITIONS:
+        if getsignal(sig) != want:
+            try:
+                _signal.signal(sig, want)
+            except (OSError, ValueError, RuntimeError):
+                pass
+    if _signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        _signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _unset(value):
+    # Python treats an empty PYTHON* variable as unset.
+    return value is None or value == ""
+
+
+def _std_stream(fd, name, errors, unbuffered):
+    # As CPython's create_stdio (no terminal: stdout is never line-buffered).
+    raw = io.FileIO(fd, "w", closefd=False)
+    raw.name = name
+    buf = raw if unbuffered else io.BufferedWriter(raw)
+    stream = io.TextIOWrapper(buf, encoding=sys.stdout.encoding, errors=errors, newline="\n",
+                              line_buffering=not unbuffered and fd == 2, write_through=unbuffered)
+    stream.mode = "w"
+    return stream
+
+
+def apply_startup_env(env):
+    """Applies what `python` reads from the environment at start-up, as if
+    `env` had been set before the interpreter started: PYTHONPATH (sys.path
+    after sys.path[0]), TZ (time.tzset), PYTHONUNBUFFERED, PYTHONDONTWRITEBYTECODE.
+    Raises StartupEnvError for a start-up-only variable whose value differs
+    from the zygote's (it could not take effect)."""
+    for name in sorted(_STARTUP_ONLY.intersection(env)):
+        want, have = env[name], STARTUP_ENV.get(name)
+        if name == "PYTHONHASHSEED":
+            # "random" and unset both mean a random secret (the zygote's).
+            want = None if want == "random" else want
+            have = None if have == "random" else have
+        if _unset(want) or want == have:
+            continue
+        raise StartupEnvError(
+            f"{name}={want} cannot take effect in a sandbox: Python reads it only at interpreter "
+            f"start-up, and sandboxes are forked from a running zygote started with "
+            f"{name}={'(unset)' if _unset(have) else have}; set it in the zygote's env in the "
+            f"daemon configuration ([[zygote]] env = {{ {name} = \"{want}\" }}) and send the request "
+            f"to that zygote"
+        )
+    pythonpath = env.get("PYTHONPATH")
+    if not _unset(pythonpath):
+        # As getpath + site.removeduppaths: absolute, first occurrence wins.
+        entries = [os.path.abspath(p) for p in pythonpath.split(os.pathsep)] + sys.path[1:]
+        seen = set()
+        sys.path[1:] = [p for p in entries if not (p in seen or seen.add(p))]
+    if env.get("TZ") != STARTUP_ENV.get("TZ"):
+        # The C library read TZ in the zygote; os.environ is already env.
+        time.tzset()
+    sys.dont_write_bytecode = not _unset(env.get("PYTHONDONTWRITEBYTECODE"))
+    unbuffered = not _unset(env.get("PYTHONUNBUFFERED"))
+    if unbuffered != (not _unset(STARTUP_ENV.get("PYTHONUNBUFFERED"))):
+        # The zygote built its streams the other way (`python -u` has no
+        # buffer under either text stream).
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        sys.stdout = sys.__stdout__ = _std_stream(1, "<stdout>", sys.stdout.errors, unbuffered)
+        sys.stderr = sys.__stderr__ = _std_stream(2, "<stderr>", "backslashreplace", unbuffered)
+
+
+def prepare_main(program, argv):
+    """A fresh `__main__` with what `python -c`, `python FILE` or `python -m`
+    put in it, sys.argv and sys.path[0] set the same way. Returns the module."""
+    script, module = program.get("script"), program.get("module")
+    main = types.ModuleType("__main__")
+    d = main.__dict__
+    if script is not None:
+        sys.argv = [script] + list(argv)
+        # Absolute as python makes it, but not normalized (`/w/./a/../x.py`).
+        path = os.path.join(os.getcwd(), script)
+        sys.path[0] = os.path.dirname(os.path.realpath(script))
+        d["__loader__"] = importlib.machinery.SourceFileLoader("__main__", path)
+    else:
+        sys.argv = ["-m" if module is not None else "-c"] + list(argv)
+        sys.path[0] = os.getcwd() if module is not None else ""
+        d["__loader__"] = importlib.machinery.BuiltinImporter
+    d["__annotations__"] = {}
+    d["__builtins__"] = builtins
+    if script is not None:
+        d["__file__"] = path
+        d["__cached__"] = None
+    sys.modules["__main__"] = main
+    return main
+
+
+def run_main(program, main):
+    """Runs the program in `main` as python would; returns (exit code, the
+    uncaught exception or None) after reporting that exception."""
+    try:
+        script, module = program.get("script"), program.get("module")
+        if module is not None:
+            # What `python -m` itself calls (its frames show in tracebacks there too).
+            runpy._run_module_as_main(module, alter_argv=True)
+        else:
+            if script is not None:
+                try:
+                    with open(script, "rb") as f:
+                        source = f.read()
+                except OSError as e:
+                    print(f"{sys.executable}: can't open file {main.__file__!r}: "
+                          f"[Errno {e.errno}] {e.strerror}", file=sys.stderr)
+                    return 2, None
+                compiled = compile(source, main.__file__, "exec")
+            else:
+                compiled = compile(program.get("code", ""), "<string>", "exec")
+            exec(compiled, main.__dict__)
+    except SystemExit as e:
+        return exit_code_of(e), None
+    except BaseException as e:
+        uncaught = e
+    else:
+        return 0, None
+    # Outside the except block: an exception the hook raises must not
+    # chain onto this one (the interpreter's hook call has no context).
+    report_uncaught(uncaught)
+    return 1, uncaught
+
+
+def strip_runner_frames(exc):
+    """Drops forkd's own frames from the head of exc's traceback, so the
+    user's code starts it (a SyntaxError from compile() is left with none,
+    and prints without a "Traceback" header, as python does)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code in _RUNNER_CODES:
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+    return tb
+
+
+def format_user_traceback(exc):
+    """The text python would print for exc uncaught (the default hook's)."""
+    tb = strip_runner_frames(exc)
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def report_uncaught(exc):
+    """Reports an uncaught exception as the interpreter does: sys.last_*
+    set, then sys.excepthook (the user's, if they set one)."""
+    tb = strip_runner_frames(exc)
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    if sys.version_info >= (3, 12):
+        sys.last_exc = exc
+    hook = getattr(sys, "excepthook", None)
+    try:
+        if hook is None:
+            print("sys.excepthook is missing", file=sys.stderr)
+            sys.__excepthook__(type(exc), exc, tb)
+        else:
+            hook(type(exc), exc, tb)
+    except BaseException as hook_exc:
+        try:
+            print("Error in sys.excepthook:", file=sys.stderr)
+            sys.__excepthook__(type(hook_exc), hook_exc, strip_runner_frames(hook_exc))
+            print("\nOriginal exception was:", file=sys.stderr)
+            sys.__excepthook__(type(exc), exc, tb)
+        except BaseException:
+            pass
+
+
+def finalize_like_python():
+    """What Py_FinalizeEx does first, in its order: join non-daemon threads
+    (threading._shutdown), then run atexit functions (clear_main_module is
+    the next step)."""
+    threading = sys.modules.get("threading")
+    # Only when there is something to do: the call writes to objects of the
+    # zygote's (copy-on-write faults in every child).
+    if threading is not None and (threading._shutdown_locks or threading._threading_atexits):
+        try:
+            threading._shutdown()
+        except BaseException as e:
+            report_uncaught(e)
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+
+
+def clear_main_module():
+    """As Py_FinalizeEx's module teardown, for `__main__` (the rest of the
+    process is the zygote's and dies with it): after flushing stdout and
+    stderr, the module's globals are cleared as _PyModule_ClearDict does
+    (names with one leading underscore first, never __builtins__), then
+    cycles are collected, so `__del__` methods run and files the program
+    left open are flushed. Clearing before collecting releases each global
+    by reference count, in order: a text file is then closed before the
+    buffer under it (a collection could finalize them in either order and
+    lose the text layer's pending data)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    main = sys.modules.pop("__main__", None)
+    if main is not None:
+        d = main.__dict__
+        del main
+        for first in (True, False):
+            for key in list(d):
+                if key == "__builtins__" or not isinstance(key, str):
+                    continue
+                if first != (key.startswith("_") and not key.startswith("__")):
+                    continue
+                try:
+                    d[key] = None
+                except BaseException:
+                    pass
+        del d
+    # A full collection also empties the interpreter's free lists (zygote
+    # pages: copy-on-write faults), so it is made only when the program ran
+    # long enough for its objects to reach the oldest generation.
+    if gc.get_stats()[1]["collections"] != _young_collections_at_start:
+        gc.collect()
+    else:
+        gc.collect(1)
+
+
+_young_collections_at_start = 0
+
+
+def mark_program_start():
+    """Called as the program starts: what the zygote left tracked is moved
+    out of the collector's way (gc.freeze splices lists: no object is
+    touched), and clear_main_module can tell whether the program's objects
+    may have reached the oldest generation."""
+    global _young_collections_at_start
+    gc.freeze()
+    _young_collections_at_start = gc.get_stats()[1]["collections"]
+
+
 def run_job(job, lib):
     """Runs the user's program in this (isolated) process; never returns."""
     try:
@@ -464,56 +767,53 @@ def run_job(job, lib):
         np_random = sys.modules.get("numpy.random")
         if np_random is not None and not _reseeded:
             np_random.seed()
+        env = job.get("env", {})
         os.environ.clear()
-        os.environ.update(job.get("env", {}))
+        os.environ.update(env)
         try:
             write_inline_files(job.get("files", []))
         except OSError as e:
             setup_failed(f"writing inline file {e.filename!r} into the scratch directory failed: {e.strerror}")
         program = job["program"]
-        script = program.get("script")
-        sys.argv = [script if script is not None else "-c"] + list(job.get("argv", []))
-        sys.path[0] = os.path.dirname(script) if script else ""
-        main = types.ModuleType("__main__")
-        main.__dict__["__builtins__"] = builtins
-        sys.modules["__main__"] = main
+        main = prepare_main(program, job.get("argv", []))
+        try:
+            apply_startup_env(env)
+        except StartupEnvError as e:
+            setup_failed(str(e))
         errno = lib.forkd_report_signals(STATUS_FD)
         if errno != 0:
             setup_failed(f"installing signal reporters failed: {os.strerror(errno)}")
         # Programs it execs must not inherit the report channel.
         os.set_inheritable(STATUS_FD, False)
+        mark_program_start()
         os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
 
-    code = 0
+    code, uncaught = run_main(program, main)
+    interrupted = isinstance(uncaught, KeyboardInterrupt)
+    del uncaught, main
+    finalize_like_python()
     try:
-        if script is not None:
-            main.__file__ = script
-            with open(script, "rb") as f:
-                source = f.read()
-            compiled = compile(source, script, "exec")
-        else:
-            compiled = compile(program.get("code", ""), "<string>", "exec")
-        exec(compiled, main.__dict__)
-    except SystemExit as e:
-        code = exit_code_of(e)
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
-        code = 1
-    try:
-        atexit._run_exitfuncs()
+        clear_main_module()
     except BaseException:
         pass
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            # As Py_FinalizeEx: a stream the program closed is left alone.
+            if stream is not None and not stream.closed:
+                stream.flush()
         except BaseException:
             if code == 0:
                 code = 120
+    if interrupted:
+        # As python: end by SIGINT itself (the shell sees 130). This process
+        # is pid 1 of its namespace, where a self-sent default signal is
+        # dropped, so the reporter installed for SIG_DFL tells the daemon.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        lib.forkd_report_signals(STATUS_FD)
+        os.kill(os.getpid(), signal.SIGINT)
+        os._exit(128 + signal.SIGINT)
     # Report before the kernel tears this process down: with stdout/stderr
     # closed and the exit code sent, the daemon can answer while this
     # process's memory and namespaces are still being freed.
@@ -532,6 +832,9 @@ def run_job(job, lib):
     except OSError:
         pass
     os._exit(code)
+
+
+_RUNNER_CODES = frozenset((run_job.__code__, run_main.__code__, report_uncaught.__code__))
 
 
 # -- sessions ---------------------------------------------------------------

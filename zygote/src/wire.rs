@@ -151,6 +151,8 @@ pub enum JobProgram {
     Code(String),
     /// A path inside the sandbox, run as `python PATH` would.
     Script(String),
+    /// A module name, run as `python -m MODULE` would.
+    Module(String),
 }
 
 /// A file written into the sandbox's scratch before the program starts.
@@ -767,6 +769,11 @@ mod tests {
         let back: Job = serde_json::from_slice(&frame[4..]).expect("json");
         assert_eq!(back, job);
         let v: serde_json::Value = serde_json::from_slice(&frame[4..]).expect("json");
+        // The module variant's shape, as forkd_zygote.py reads it.
+        assert_eq!(
+            serde_json::to_value(JobProgram::Module("json.tool".into())).expect("json"),
+            serde_json::json!({"module": "json.tool"})
+        );
         assert_eq!(
             v["program"]["code"], "print(1)",
             "the shape forkd_zygote.py reads"

@@ -229,6 +229,20 @@ class SyncClientTest(DaemonTest):
                               files={"a.txt": "A", "b.bin": b"B"}, timeout=30)
         self.assertEqual(r.stdout, b"AB\n")
 
+    def test_run_module_as_python_m(self) -> None:
+        data = b'{"b": 1, "a": 2}'
+        r = self.client().run_module("json.tool", "--sort-keys", stdin=data, timeout=30)
+        outside = subprocess.run(
+            [PYTHON, "-m", "json.tool", "--sort-keys"], input=data, capture_output=True, env={}
+        )
+        self.assertEqual((r.stdout, r.stderr, r.exit_code), (outside.stdout, outside.stderr, 0))
+        r = self.client().run_module(
+            "mymod", "a", files={"mymod.py": "import sys; print(sys.argv[1:], __name__)"}, timeout=30
+        )
+        self.assertEqual(r.stdout, b"['a'] __main__\n", r.stderr)
+        with self.assertRaises(ValueError):
+            self.client().run_module("json.tool", code="print(1)")
+
     def test_exit_code(self) -> None:
         r = self.client().run("import sys; print('bye'); sys.exit(7)", timeout=30)
         self.assertEqual((r.exit_code, r.signal, r.killed_by), (7, None, None))
@@ -305,11 +319,12 @@ class SyncClientTest(DaemonTest):
         self.assertEqual(r.stdout, b"x" * 1000)
 
     def test_run_script(self) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-            f.write("import sys\nprint('args', sys.argv[1:])\n")
+        with tempfile.NamedTemporaryFile("wb", suffix=".py", delete=False) as f:
+            f.write(b"# coding: latin-1\nimport os, sys\nprint('args', sys.argv, __file__ == os.path.join(os.getcwd(), sys.argv[0]), '\xe9')\n")
         self.addCleanup(os.unlink, f.name)
-        r = self.client().run_script(f.name, "a", "b c", timeout=30)
-        self.assertEqual(r.stdout, b"args ['a', 'b c']\n")
+        r = self.client().run_script(f.name, "a", "b c", timeout=30, files={"x": "y"})
+        name = os.path.basename(f.name)
+        self.assertEqual(r.stdout, f"args {[name, 'a', 'b c']!r} True \xe9\n".encode(), r.stderr)
 
     def test_map_30_in_input_order(self) -> None:
         codes = [f"import time; time.sleep({(30 - i) % 5} * 0.03); print({i} * {i})" for i in range(30)]
@@ -373,6 +388,9 @@ class AsyncClientTest(DaemonTest):
                     await fk.run("print(1)", memory="100G")
                 r = await fk.run("import sys; sys.exit(3)", timeout=30)
                 self.assertEqual(r.exit_code, 3)
+                r = await fk.run_module("platform", "--terse", timeout=30)
+                self.assertEqual(r.stdout, subprocess.run([PYTHON, "-m", "platform", "--terse"],
+                                                          capture_output=True, env={}).stdout)
                 r = await fk.run("import time; time.sleep(30)", timeout=0.5)
                 self.assertEqual(r.killed_by, "timeout")
             finally:

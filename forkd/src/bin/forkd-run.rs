@@ -19,9 +19,13 @@ use hdrhistogram::Histogram;
 )]
 struct Args {
     /// Python code to run (like `python -c`).
-    #[arg(short = 'c', long = "code", conflicts_with = "script")]
+    #[arg(short = 'c', long = "code", conflicts_with = "module")]
     code: Option<String>,
-    /// Script to run (read here and sent to the sandbox), followed by its arguments.
+    /// Module to run as `__main__` (like `python -m`), followed by its arguments.
+    #[arg(short = 'm', long = "module")]
+    module: Option<String>,
+    /// Script to run (sent into the sandbox's working directory), followed
+    /// by its arguments; with -c or -m, the program's first argument.
     script: Option<PathBuf>,
     /// Arguments for the program (sys.argv[1:]).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -243,16 +247,78 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not NAME=VALUE"))
 }
 
-fn build_request(args: &Args) -> Result<SpawnRequest, String> {
-    let (program, argv) = match (&args.code, &args.script) {
-        (Some(code), _) => (Program::Code(code.clone()), args.args.clone()),
-        (None, Some(path)) => {
-            let code = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            (Program::Code(code), args.args.clone())
-        }
-        (None, None) => return Err("give code with -c CODE or a script path".into()),
+/// The local script sent as a file of the sandbox's working directory, at
+/// the same relative path when it is one without `..` (so `__file__` and
+/// `sys.argv[0]` read as with `python PATH`), else under its file name. Sent
+/// as bytes: a non-UTF-8 source with a coding cookie compiles as in Python.
+fn script_file(path: &std::path::Path) -> Result<(forkd_ipc::InlineFile, String), String> {
+    let content =
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let relative = path.is_relative()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        });
+    let inside: PathBuf = if relative {
+        path.components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .collect()
+    } else {
+        PathBuf::from(
+            path.file_name()
+                .ok_or_else(|| format!("{} is not a file", path.display()))?,
+        )
     };
+    let inside = inside
+        .to_str()
+        .ok_or_else(|| format!("script path {} is not UTF-8", path.display()))?
+        .to_string();
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+    };
+    Ok((
+        forkd_ipc::InlineFile {
+            path: inside.clone(),
+            content,
+            mode,
+        },
+        // `python ./x.py` shows `./x.py`; keep what was typed when it is inside.
+        if relative {
+            path.display().to_string()
+        } else {
+            inside
+        },
+    ))
+}
+
+fn build_request(args: &Args) -> Result<SpawnRequest, String> {
+    // With -c or -m, clap puts a first argument in `script`: it is argv.
+    let mut argv: Vec<String> = Vec::new();
+    let mut files = Vec::new();
+    let program = match (&args.code, &args.module, &args.script) {
+        (Some(code), _, first) => {
+            argv.extend(first.iter().map(|p| p.display().to_string()));
+            Program::Code(code.clone())
+        }
+        (None, Some(module), first) => {
+            argv.extend(first.iter().map(|p| p.display().to_string()));
+            Program::Module(module.clone())
+        }
+        (None, None, Some(path)) => {
+            let (file, inside) = script_file(path)?;
+            files.push(file);
+            Program::Script(inside)
+        }
+        (None, None, None) => {
+            return Err("give code with -c CODE, a module with -m MODULE or a script path".into())
+        }
+    };
+    argv.extend(args.args.iter().cloned());
     let stdin = if std::io::stdin().is_terminal() {
         Vec::new()
     } else {
@@ -285,7 +351,7 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         argv,
         stdin,
         env,
-        files: Vec::new(),
+        files,
         timeout_ms,
         limits: Limits {
             memory_bytes: args.memory,
@@ -300,6 +366,51 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
     })
 }
 
+/// As with python, everything after `-c CODE` or `-m MODULE` is the
+/// program's argv, options included (`forkd-run -m json.tool --sort-keys`).
+/// Returns forkd-run's own arguments and, when split, the program's.
+fn split_program_argv(
+    argv: Vec<std::ffi::OsString>,
+) -> (Vec<std::ffi::OsString>, Option<Vec<String>>) {
+    use clap::CommandFactory;
+    let cmd = Args::command();
+    let mut with_value: Vec<String> = Vec::new();
+    for a in cmd.get_arguments() {
+        if a.get_action().takes_values() {
+            with_value.extend(a.get_long().map(|l| format!("--{l}")));
+            with_value.extend(a.get_short().map(|s| format!("-{s}")));
+        }
+    }
+    let mut i = 1;
+    while i < argv.len() {
+        let arg = argv[i].to_string_lossy();
+        let end = match arg.as_ref() {
+            "--" => break,
+            "-c" | "--code" | "-m" | "--module" => i + 2,
+            a if a.starts_with("--code=") || a.starts_with("--module=") => i + 1,
+            a if (a.starts_with("-c") || a.starts_with("-m")) && !a.starts_with("--") => i + 1,
+            a if with_value.iter().any(|w| w == a) => {
+                i += 2;
+                continue;
+            }
+            a if a.starts_with('-') => {
+                i += 1;
+                continue;
+            }
+            _ => break, // the script: clap's trailing arguments take the rest
+        };
+        if end > argv.len() {
+            break; // let clap report the missing value
+        }
+        let tail = argv[end..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return (argv[..end].to_vec(), Some(tail));
+    }
+    (argv, None)
+}
+
 fn main() -> ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == "workspace") {
@@ -311,7 +422,11 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|a| a == "repl") {
         return forkd::cli_session::repl_main(argv[1..].to_vec());
     }
-    let args = Args::parse();
+    let (head, tail) = split_program_argv(argv);
+    let mut args = Args::parse_from(head);
+    if let Some(tail) = tail {
+        args.args = tail;
+    }
     let req = match build_request(&args) {
         Ok(r) => r,
         Err(e) => {
@@ -331,7 +446,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("forkd-run: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(3);
         }
     };
     runtime.block_on(run(args, req))
@@ -367,7 +482,7 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("forkd-run: cannot create a private socket directory: {e}");
-                return ExitCode::FAILURE;
+                return ExitCode::from(3);
             }
         };
         let path = dir.join("forkd.sock");
@@ -392,7 +507,7 @@ async fn run(args: Args, req: SpawnRequest) -> ExitCode {
             Err(e) => {
                 eprintln!("forkd-run: cannot start the embedded daemon: {e}");
                 let _ = std::fs::remove_dir_all(&dir);
-                return ExitCode::FAILURE;
+                return ExitCode::from(3);
             }
         }
         socket_dir = Some(dir);

@@ -9,7 +9,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ProtocolError, RequestRefused, error_from_reply
 
@@ -358,11 +358,23 @@ def _files(files: Optional[FilesArg]) -> list:
     return out
 
 
+def script_files(path: Any, files: Optional[FilesArg]) -> Tuple[str, List[Any]]:
+    """The local script ``path`` as a file of the sandbox's working directory
+    (under its file name, sent as bytes so a coding cookie works) added to
+    ``files``; returns the name to run and the files."""
+    with open(path, "rb") as f:
+        data = f.read()
+    name = os.path.basename(os.fspath(path))
+    items = list(files.items()) if isinstance(files, Mapping) else list(files or ())
+    return name, items + [(name, data)]
+
+
 def build_spawn(
     request_id: int,
     *,
     code: Optional[str] = None,
     script: Optional[str] = None,
+    module: Optional[str] = None,
     argv: Sequence[str] = (),
     stdin: Union[bytes, str] = b"",
     env: Optional[Mapping[str, str]] = None,
@@ -379,15 +391,19 @@ def build_spawn(
 ) -> Dict[str, Any]:
     """A ``spawn`` request object. ``timeout`` is seconds; ``memory`` and
     ``output_limit`` are bytes or size strings like ``"256M"``."""
-    if (code is None) == (script is None):
-        raise ValueError("exactly one of code and script must be given")
+    if sum(x is not None for x in (code, script, module)) != 1:
+        raise ValueError("exactly one of code, script and module must be given")
     if isinstance(argv, str):
         raise TypeError("argv must be a sequence of strings, not a string")
     req: Dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "id": request_id,
         "op": "spawn",
-        "program": {"code": code} if code is not None else {"script": script},
+        "program": (
+            {"code": code} if code is not None
+            else {"script": script} if script is not None
+            else {"module": module}
+        ),
     }
     if zygote is not None:
         req["zygote"] = zygote

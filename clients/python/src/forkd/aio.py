@@ -306,10 +306,23 @@ class AsyncForkd:
         return result
 
     async def run_script(self, path: Union[str, "os.PathLike[str]"], *args: str, **kwargs: Any) -> Execution:
-        """Reads the local file ``path`` and runs it with ``args`` as ``sys.argv[1:]``."""
-        with open(path, "r", encoding="utf-8") as f:
-            code = f.read()
-        return await self.run(code, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
+        """Runs the local file ``path`` as ``python NAME args...``; arguments
+        as :meth:`forkd.Forkd.run_script`."""
+        name, files = P.script_files(path, kwargs.pop("files", None))
+        return await self._spawn(script=name, files=files, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
+
+    async def _spawn(self, **kwargs: Any) -> Execution:
+        P.build_spawn(0, **kwargs)  # validate first
+        conn = await self._connection()
+        resp = await conn.call(lambda i: P.build_spawn(i, **kwargs), self.timeout)
+        result = P.interpret("spawn", resp)
+        assert isinstance(result, Execution)
+        return result
+
+    async def run_module(self, module: str, *args: str, **kwargs: Any) -> Execution:
+        """Runs ``module`` as ``python -m module args...``; arguments as
+        :meth:`forkd.Forkd.run_module`."""
+        return await self._spawn(module=module, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
 
     async def map(
         self,

@@ -395,11 +395,26 @@ class Forkd:
         return result
 
     def run_script(self, path: Union[str, "os.PathLike[str]"], *args: str, **kwargs: Any) -> Execution:
-        """Reads the local file ``path`` and runs it as code with ``args`` as
-        ``sys.argv[1:]``; other keyword arguments are :meth:`run`'s."""
-        with open(path, "r", encoding="utf-8") as f:
-            code = f.read()
-        return self.run(code, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
+        """Sends the local file ``path`` into the sandbox's working directory
+        (under its file name) and runs it as ``python NAME args...`` would
+        (``__file__``, ``sys.argv[0]``, coding cookies); other keyword
+        arguments are :meth:`run`'s."""
+        name, files = P.script_files(path, kwargs.pop("files", None))
+        return self._spawn(script=name, files=files, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
+
+    def _spawn(self, **kwargs: Any) -> Execution:
+        P.build_spawn(0, **kwargs)  # validate before touching the connection
+        resp = self._call(lambda i: P.build_spawn(i, **kwargs))
+        result = P.interpret("spawn", resp)
+        assert isinstance(result, Execution)
+        return result
+
+    def run_module(self, module: str, *args: str, **kwargs: Any) -> Execution:
+        """Runs ``module`` as ``python -m module args...`` would (importable in
+        the sandbox: the zygote's packages, or files sent with ``files``, as
+        the working directory is ``sys.path[0]``); other keyword arguments
+        are :meth:`run`'s."""
+        return self._spawn(module=module, argv=tuple(args) + tuple(kwargs.pop("argv", ())), **kwargs)
 
     def map(
         self,

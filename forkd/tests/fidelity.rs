@@ -1,0 +1,644 @@
+//! Code inside a sandbox behaves as `python script.py`: each case runs the
+//! same program in a real sandbox and with plain `python` outside (same
+//! interpreter, same environment), and compares stdout, stderr and how the
+//! process ended. Where isolation forbids equality (start-up-only variables)
+//! the exact refusal is checked.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "test code: a panic is the failure report, and casts are of small test values"
+)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use forkd_ipc::{ErrorCode, InlineFile, Program, SpawnRequest, SpawnResult};
+
+/// How a run ended and what it printed, with each side's working directory
+/// replaced by `<CWD>` (the only intended difference).
+#[derive(Debug, PartialEq)]
+struct Run {
+    stdout: String,
+    stderr: String,
+    status: String,
+}
+
+fn normalize(s: &[u8], cwd: &str) -> String {
+    String::from_utf8_lossy(s).replace(cwd, "<CWD>")
+}
+
+/// `python ARGS` in `dir` with exactly `env` (as a request's env replaces the zygote's).
+fn outside(dir: &Path, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run {
+    let mut child = Command::new(python())
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let status = match (out.status.code(), out.status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => unreachable!(),
+    };
+    let cwd = dir.to_str().unwrap();
+    Run {
+        stdout: normalize(&out.stdout, cwd),
+        stderr: normalize(&out.stderr, cwd),
+        status,
+    }
+}
+
+fn from_result(r: &SpawnResult, cwd: &str) -> Run {
+    let status = match (r.exit_code, r.signal) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => format!("neither ({:?})", r.killed_by),
+    };
+    Run {
+        stdout: normalize(&r.stdout, cwd),
+        stderr: normalize(&r.stderr, cwd),
+        status,
+    }
+}
+
+fn request(program: Program, argv: &[&str], env: &[(&str, &str)]) -> SpawnRequest {
+    SpawnRequest {
+        program,
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        timeout_ms: Some(20_000),
+        ..SpawnRequest::default()
+    }
+}
+
+/// The sandbox's working directory (the default scratch).
+async fn sandbox_cwd(d: &TestDaemon) -> String {
+    let r = d.run("import os; print(os.getcwd())").await;
+    assert_eq!(r.exit_code, Some(0), "{}", r.stderr_lossy());
+    r.stdout_lossy().trim().to_string()
+}
+
+/// Runs `code` as `python -c CODE ARGV` inside and outside and records the comparison.
+async fn compare_code(
+    t: &mut Table,
+    d: &TestDaemon,
+    cwd: &str,
+    name: &str,
+    code: &str,
+    argv: &[&str],
+    env: &[(&str, &str)],
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let mut args = vec!["-c", code];
+    args.extend_from_slice(argv);
+    let want = outside(&dir, &args, env, b"");
+    let r = d
+        .spawn(&request(Program::Code(code.into()), argv, env))
+        .await
+        .unwrap();
+    let got = from_result(&r, cwd);
+    t.verdict(name, &format!("{got:?}"), &format!("{want:?}"), got == want);
+}
+
+// ---------------------------------------------------------------------------
+// 1. Signals
+// ---------------------------------------------------------------------------
+
+const SIGNAL_PROBE: &str = "import signal\nfor s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):\n    print(s.name, signal.getsignal(s))\nprint('blocked', sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n";
+
+/// A `forkd` started by a wrapper that ignores SIGINT, SIGHUP, SIGQUIT and
+/// SIGUSR1 before exec (as `nohup` or a `cmd &` shell do): its sandboxes still
+/// see python's defaults, and an unhandled KeyboardInterrupt ends them by SIGINT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_are_pythons_defaults_even_under_a_daemon_that_ignores_them() {
+    if skip_unless_root("starts forkd, which creates namespaces and cgroups") {
+        return;
+    }
+    let _session = external_session();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("forkd.sock");
+    let parent = format!("forkd-it-fidelity-{}", std::process::id());
+    let config = dir.path().join("forkd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cgroup]\nparent = \"{parent}\"\n\n[[zygote]]\nname = \"default\"\npython = \"{}\"\npreload = [\"json\"]\nwarm_pool = 1\n",
+            python().display()
+        ),
+    )
+    .unwrap();
+    // `trap '' SIG` sets SIG_IGN, which exec keeps: the daemon and its
+    // zygotes start with these ignored.
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("trap '' INT HUP QUIT USR1; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_forkd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "forkd exited early");
+        assert!(Instant::now() < deadline, "forkd did not open its socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The premise: the daemon runs with these ignored (it installs its own
+    // SIGINT handler once its zygotes run, which inherited SIGINT ignored
+    // too), and the zygote, started by it, resets them itself.
+    let ignored = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1] {
+        assert!(
+            ignored & (1u64 << (sig - 1)) != 0,
+            "signal {sig}: daemon SigIgn {ignored:x}"
+        );
+    }
+
+    let mut t = Table::new();
+    let client = forkd_ipc::AsyncClient::connect(&socket).await.unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str); 3] = [
+        ("dispositions", SIGNAL_PROBE),
+        (
+            "SIGINT raises KeyboardInterrupt, which ends by SIGINT",
+            "import signal\nprint('before', flush=True)\nsignal.raise_signal(signal.SIGINT)\nprint('survived')\n",
+        ),
+        (
+            "SIGTERM ends by SIGTERM",
+            "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nimport time; time.sleep(5)\nprint('survived')\n",
+        ),
+    ];
+    for (name, code) in cases {
+        let want = outside(out_dir.path(), &["-c", code], &[], b"");
+        let r = client.spawn(&req(code)).await.unwrap();
+        let got = from_result(&r, "<none>");
+        t.verdict(name, &format!("{got:?}"), &format!("{want:?}"), got == want);
+    }
+
+    // forkd-run mirrors it as a shell does: 128 + SIGINT.
+    let run = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["-c", "raise KeyboardInterrupt"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    t.check(
+        "forkd-run exit status after KeyboardInterrupt",
+        &run.status.code().unwrap().to_string(),
+        &["130"],
+    );
+    t.check(
+        "its stderr",
+        &String::from_utf8_lossy(&run.stderr),
+        &["Traceback (most recent call last):\n  File \"<string>\", line 1, in <module>\nKeyboardInterrupt\nforkd-run: sandbox killed by signal\n"],
+    );
+    drop(client);
+
+    // SAFETY: kill with the pid of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "forkd exit: {status:?}");
+    for mount in cgroup_mounts() {
+        let d = mount.join(&parent);
+        let _ = std::fs::remove_dir(&d);
+        assert!(
+            !d.exists(),
+            "the test's cgroup parent {} stayed",
+            d.display()
+        );
+    }
+    t.assert_all("signals inside (forkd started with SIGINT, SIGHUP, SIGQUIT, SIGUSR1 ignored) vs plain python");
+}
+
+// ---------------------------------------------------------------------------
+// 2. Uncaught exceptions, hooks, exit
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncaught_exceptions_hooks_and_exit_match_python() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    let cases: &[(&str, &str)] = &[
+        ("plain", "print('hi')"),
+        ("nested frames", "def f():\n    1/0\ndef g():\n    f()\ng()\n"),
+        ("syntax error", "x = (\n"),
+        ("indentation error", "if True:\npass\n"),
+        ("chained", "try:\n    {}['k']\nexcept KeyError as e:\n    raise ValueError('v') from e\n"),
+        (
+            "user excepthook",
+            "import sys\ndef hook(t, v, tb):\n    print('hook', t.__name__, v, tb.tb_frame.f_code.co_name, tb.tb_next.tb_frame.f_code.co_name)\nsys.excepthook = hook\ndef f(): raise RuntimeError('boom')\nf()\n",
+        ),
+        (
+            "excepthook that raises",
+            "import sys\ndef hook(t, v, tb): raise TypeError('in hook')\nsys.excepthook = hook\nraise RuntimeError('boom')\n",
+        ),
+        (
+            "sys.last_* set",
+            "import sys, atexit\natexit.register(lambda: print(sys.last_type.__name__, sys.last_value, sys.last_traceback.tb_frame.f_code.co_name))\nraise OSError(5, 'x')\n",
+        ),
+        (
+            "unraisablehook",
+            "import sys\nsys.unraisablehook = lambda u: print('unraisable', type(u.exc_value).__name__, u.exc_value)\nclass A:\n    def __del__(self): raise ValueError('in del')\na = A()\ndel a\nprint('after')\n",
+        ),
+        (
+            "non-daemon threads joined before atexit",
+            "import atexit, threading, time\natexit.register(lambda: print('atexit'))\ndef w():\n    time.sleep(0.3)\n    print('thread done', flush=True)\nthreading.Thread(target=w).start()\nprint('main done')\n",
+        ),
+        (
+            "threads joined after an uncaught exception",
+            "import atexit, threading, time\natexit.register(lambda: print('atexit'))\nthreading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()\nraise SystemExit(4)\n",
+        ),
+        (
+            "__main__'s objects finalized at exit",
+            "import sys, atexit\natexit.register(lambda: print('atexit'))\nf = open(sys.stdout.fileno(), 'w', closefd=False)\nf.write('unflushed file\\n')\nclass A:\n    def __del__(self): print('del A', flush=True)\na = A()\nb = [A()]\nb.append(b)\n",
+        ),
+        (
+            "finalized after an uncaught exception",
+            "class A:\n    def __del__(self): print('del A')\na = A()\ndef f(): raise ValueError('x')\nf()\n",
+        ),
+        (
+            "a cycle that reached the oldest generation is finalized",
+            "import gc\nclass A:\n    def __del__(self): print('del A')\nb = [A()]\nb.append(b)\nkeep = [[] for _ in range(200000)]\nprint(gc.get_stats()[2]['collections'] > 0 or gc.get_stats()[1]['collections'] > 0)\n",
+        ),
+        ("sys.exit(message)", "import sys\nsys.exit('bye')\n"),
+        ("sys.exit(3)", "import sys\nsys.exit(3)\n"),
+        ("exit code above 255", "import sys\nsys.exit(257)\n"),
+        (
+            "KeyboardInterrupt",
+            "import atexit\natexit.register(lambda: print('atexit'))\ndef f(): raise KeyboardInterrupt\nf()\n",
+        ),
+    ];
+    for (name, code) in cases {
+        compare_code(&mut t, &d, &cwd, name, code, &[], &[]).await;
+    }
+    d.finish().await;
+    t.assert_all("uncaught exceptions and exit: sandbox vs plain python");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Scripts, -c, -m
+// ---------------------------------------------------------------------------
+
+const MAIN_PROBE: &str = "import sys, os\nprint(sys.argv)\nprint({k: type(v).__name__ for k, v in globals().items()})\nprint(globals().get('__file__'), repr(sys.path[0]), os.path.realpath(sys.path[0]) == os.getcwd() if sys.path[0] else None)\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_code_and_modules_run_as_python_runs_them() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+
+    compare_code(
+        &mut t,
+        &d,
+        &cwd,
+        "-c: argv and __main__",
+        MAIN_PROBE,
+        &["a", "-b"],
+        &[],
+    )
+    .await;
+
+    // A script in a subdirectory, with a traceback through its path, and one
+    // in Latin-1 with a coding cookie.
+    let latin1: Vec<u8> = [
+        b"# -*- coding: latin-1 -*-\n".as_slice(),
+        b"s = '\xe9t\xe9'\nprint(s, len(s), ascii(s))\n",
+    ]
+    .concat();
+    let script = format!("{MAIN_PROBE}def f():\n    raise ValueError('in script')\nf()\n");
+    let script = script.into_bytes();
+    type Files = Vec<(&'static str, Vec<u8>)>;
+    let scripts: [(&str, &str, Files); 4] = [
+        (
+            "script: argv, __file__, sys.path[0], traceback",
+            "sub/prog.py",
+            vec![("sub/prog.py", script.clone())],
+        ),
+        (
+            "script: a path through . and ..",
+            "./sub/../prog.py",
+            vec![("prog.py", script), ("sub/keep", vec![])],
+        ),
+        (
+            "script: Latin-1 source with a coding cookie",
+            "latin.py",
+            vec![("latin.py", latin1)],
+        ),
+        ("script: missing", "missing.py", vec![]),
+    ];
+    for (name, path, files) in scripts {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let mut r = request(Program::Script(path.into()), &["x", "y"], &[]);
+        for (file, content) in files {
+            std::fs::create_dir_all(dir.join(file).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(file), &content).unwrap();
+            r.files.push(InlineFile {
+                path: file.into(),
+                content,
+                mode: None,
+            });
+        }
+        let want = outside(&dir, &[path, "x", "y"], &[], b"");
+        let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+        t.verdict(name, &format!("{got:?}"), &format!("{want:?}"), got == want);
+    }
+
+    // Modules: a stdlib one with stdin and arguments, a missing one, and one
+    // of the working directory that raises (runpy's frames show, as with -m).
+    let mymod =
+        b"import sys\nprint(sys.argv[1:], __name__, __file__)\nraise ValueError('in module')\n"
+            .to_vec();
+    let modules: [(&str, &str, &[&str], &[u8]); 3] = [
+        (
+            "-m json.tool --sort-keys",
+            "json.tool",
+            &["--sort-keys"],
+            b"{\"b\": 1, \"a\": [1, 2]}",
+        ),
+        ("-m a missing module", "no_such_module_here", &[], b""),
+        ("-m a local module that raises", "mymod", &["q"], b""),
+    ];
+    for (name, module, argv, stdin) in modules {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        std::fs::write(dir.join("mymod.py"), &mymod).unwrap();
+        let mut args = vec!["-m", module];
+        args.extend_from_slice(argv);
+        let want = outside(&dir, &args, &[], stdin);
+        let mut r = request(Program::Module(module.into()), argv, &[]);
+        r.stdin = stdin.to_vec();
+        r.files = vec![InlineFile {
+            path: "mymod.py".into(),
+            content: mymod.clone(),
+            mode: None,
+        }];
+        let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+        t.verdict(name, &format!("{got:?}"), &format!("{want:?}"), got == want);
+    }
+
+    // forkd-run: `-c CODE a b`, `-m`, and a local script sent as a file.
+    let cli = |args: &[&str], dir: &Path, stdin: &[u8]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        Run {
+            stdout: normalize(&out.stdout, &cwd),
+            stderr: normalize(&out.stderr, &cwd),
+            status: format!("exit {}", out.status.code().unwrap()),
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let got = cli(&["-c", "import sys; print(sys.argv)", "a", "b"], &dir, b"");
+    t.check(
+        "forkd-run -c CODE a b",
+        &got.stdout,
+        &["['-c', 'a', 'b']\n"],
+    );
+    let got = cli(
+        &["-m", "json.tool", "--sort-keys"],
+        &dir,
+        b"{\"b\": 1, \"a\": 2}",
+    );
+    let want = outside(
+        &dir,
+        &["-m", "json.tool", "--sort-keys"],
+        &[],
+        b"{\"b\": 1, \"a\": 2}",
+    );
+    t.verdict(
+        "forkd-run -m json.tool --sort-keys",
+        &format!("{got:?}"),
+        &format!("{want:?}"),
+        got == want,
+    );
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    std::fs::write(
+        dir.join("sub/s.py"),
+        b"# coding: latin-1\nimport sys, os\nprint(sys.argv, os.path.relpath(__file__), '\xe9')\n",
+    )
+    .unwrap();
+    let got = cli(&["sub/s.py", "x"], &dir, b"");
+    let mut want = outside(&dir, &["sub/s.py", "x"], &[], b"");
+    want.stdout = want.stdout.replace(dir.to_str().unwrap(), "<CWD>");
+    t.verdict(
+        "forkd-run sub/s.py x",
+        &format!("{got:?}"),
+        &format!("{want:?}"),
+        got == want,
+    );
+
+    // An empty module name is refused before anything runs.
+    let e = server_error(
+        d.spawn(&request(Program::Module(String::new()), &[], &[]))
+            .await
+            .unwrap_err(),
+    );
+    t.check(
+        "empty module name",
+        &format!("{:?}: {}", e.code, e.message),
+        &["InvalidRequest: module name \"\" must be non-empty without NUL bytes (as for `python -m json.tool`)"],
+    );
+    d.finish().await;
+    t.assert_all("scripts, -c and -m: sandbox vs plain python");
+}
+
+// ---------------------------------------------------------------------------
+// 4. Environment read at start-up
+// ---------------------------------------------------------------------------
+
+const ENV_PROBE: &str = "import os, sys, time\nprint([p.replace(os.getcwd(), '<cwd>') for p in sys.path])\nprint(time.tzname, time.localtime(0).tm_hour)\nprint(type(sys.stdout.buffer).__name__, sys.stdout.write_through, sys.stdout.line_buffering, type(sys.stderr.buffer).__name__, sys.stderr.write_through, sys.stderr.line_buffering)\nprint(sys.dont_write_bytecode, sys.flags.hash_randomization, hash('forkd') if not sys.flags.hash_randomization else None)\nprint('out', end='')\nprint('err', end='', file=sys.stderr)\nos.write(1, b'|raw')\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_environment_is_applied_as_python_would_or_refused() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|c| {
+        let mut seeded = c.zygotes[0].clone();
+        seeded.name = "seeded".into();
+        seeded.preload = vec![];
+        seeded.env.insert("PYTHONHASHSEED".into(), "7".into());
+        c.zygotes.push(seeded);
+    })
+    .await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    let envs: &[(&str, &[(&str, &str)])] = &[
+        ("no start-up variables", &[]),
+        (
+            "PYTHONPATH with empty, relative and absolute entries",
+            &[("PYTHONPATH", ":rel:/abs/dir::rel")],
+        ),
+        ("TZ", &[("TZ", "Asia/Tokyo")]),
+        ("TZ as a POSIX rule", &[("TZ", "XYZ-5")]),
+        ("PYTHONUNBUFFERED", &[("PYTHONUNBUFFERED", "1")]),
+        (
+            "PYTHONDONTWRITEBYTECODE",
+            &[("PYTHONDONTWRITEBYTECODE", "1")],
+        ),
+        ("PYTHONHASHSEED=random", &[("PYTHONHASHSEED", "random")]),
+        ("empty PYTHONOPTIMIZE is unset", &[("PYTHONOPTIMIZE", "")]),
+    ];
+    for (name, env) in envs {
+        compare_code(&mut t, &d, &cwd, name, ENV_PROBE, &[], env).await;
+    }
+
+    // A zygote started with PYTHONHASHSEED=7 honours a request asking for 7.
+    let dir = tempfile::tempdir().unwrap();
+    let want = outside(
+        dir.path(),
+        &["-c", ENV_PROBE],
+        &[("PYTHONHASHSEED", "7")],
+        b"",
+    );
+    let mut r = request(
+        Program::Code(ENV_PROBE.into()),
+        &[],
+        &[("PYTHONHASHSEED", "7")],
+    );
+    r.zygote = Some("seeded".into());
+    let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+    t.verdict(
+        "PYTHONHASHSEED=7 on a zygote started with it",
+        &format!("{got:?}"),
+        &format!("{want:?}"),
+        got == want,
+    );
+
+    // What a forked interpreter cannot take on is refused, saying where to set it.
+    let refusals: [(&str, &str, &str); 3] = [
+        ("PYTHONHASHSEED", "5", "(unset)"),
+        ("PYTHONOPTIMIZE", "2", "(unset)"),
+        ("PYTHONIOENCODING", "latin-1", "(unset)"),
+    ];
+    for (var, value, zygote_value) in refusals {
+        let e = server_error(
+            d.spawn(&request(
+                Program::Code("print(1)".into()),
+                &[],
+                &[(var, value)],
+            ))
+            .await
+            .unwrap_err(),
+        );
+        let want = format!(
+            "SpawnFailed: the sandbox could not be set up: {var}={value} cannot take effect in a sandbox: Python reads it only at interpreter start-up, and sandboxes are forked from a running zygote started with {var}={zygote_value}; set it in the zygote's env in the daemon configuration ([[zygote]] env = {{ {var} = \"{value}\" }}) and send the request to that zygote"
+        );
+        t.check(
+            &format!("{var}={value} refused"),
+            &format!("{:?}: {}", e.code, e.message),
+            &[&want],
+        );
+        assert_eq!(e.code, ErrorCode::SpawnFailed);
+    }
+    let mut r = request(
+        Program::Code("print(1)".into()),
+        &[],
+        &[("PYTHONHASHSEED", "8")],
+    );
+    r.zygote = Some("seeded".into());
+    let e = server_error(d.spawn(&r).await.unwrap_err());
+    t.check(
+        "PYTHONHASHSEED=8 on a zygote started with 7",
+        &e.message,
+        &["the sandbox could not be set up: PYTHONHASHSEED=8 cannot take effect in a sandbox: Python reads it only at interpreter start-up, and sandboxes are forked from a running zygote started with PYTHONHASHSEED=7; set it in the zygote's env in the daemon configuration ([[zygote]] env = { PYTHONHASHSEED = \"8\" }) and send the request to that zygote"],
+    );
+    d.finish().await;
+    t.assert_all("start-up environment: sandbox vs plain python");
+}
+
+// ---------------------------------------------------------------------------
+// 5. Messages
+// ---------------------------------------------------------------------------
+
+/// An interpreter that is not Python is named as such (whether it exits
+/// before or after the daemon's first message), and `forkd-run --embedded`
+/// reports the failure to start as forkd's own (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interpreter_that_is_not_python_is_named_as_such() {
+    if skip_unless_root("starts daemons") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("not-python");
+    std::fs::write(&script, "#!/bin/sh\necho 'I am a shell script'\nexit 0\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (python, status) in [
+        ("/bin/true".to_string(), "exit code 0"),
+        ("/bin/false".to_string(), "exit code 1"),
+        (script.display().to_string(), "exit code 0"),
+    ] {
+        let want = format!(
+            "zygote `default` failed to start: `{python}` exited ({status}) without running forkd's zygote script: it does not look like a Python 3 interpreter (anything it printed is logged as `zygote stderr`); set `python` (--python) to one, e.g. a venv's bin/python"
+        );
+        let p = python.clone();
+        let (err, attempt) =
+            match TestDaemon::try_start(None, |c| c.zygotes[0].python = p.into()).await {
+                Ok(_) => panic!("a daemon started with {python} as its interpreter"),
+                Err(e) => e,
+            };
+        assert_eq!(err.to_string(), want);
+        attempt.assert_no_leaks().await;
+
+        let _session = external_session();
+        let run = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(["--embedded", "--python", &python, "-c", "print(1)"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(3), "{run:?}");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(
+            stderr.lines().last(),
+            Some(format!("forkd-run: cannot start the embedded daemon: {want}").as_str()),
+            "{stderr}"
+        );
+    }
+}
