@@ -175,7 +175,12 @@ async fn interrupt_timeout_and_cancel_keep_the_session() {
         "stopped by the interrupt, not the cell's timeout: {r:?}"
     );
     let tb = &r.error.as_ref().unwrap().traceback;
-    assert!(tb.contains("<cell-") && tb.contains("time.sleep"), "{tb}");
+    // Where the interrupt lands depends on timing (the print's return, or
+    // the sleep); either way the frames are the cell's.
+    assert!(
+        tb.contains("<cell-") && tb.contains("KeyboardInterrupt"),
+        "{tb}"
+    );
     assert!(
         !tb.contains("/dev/fd") && !tb.contains("_on_sigint"),
         "{tb}"
@@ -385,6 +390,14 @@ async fn commands_run_in_the_sandbox_with_exit_codes() {
         Some(Event::CommandStarted { pid }) => pid,
         other => panic!("{other:?}"),
     };
+    // Killed once it has said something (else the kill may come first).
+    assert_eq!(
+        stream.next_event().await.unwrap(),
+        Some(Event::Output {
+            stream: Stream::Stdout,
+            data: b"started\n".to_vec()
+        })
+    );
     c.command_kill(&s, pid).await.unwrap();
     let r = stream.command().await.unwrap();
     assert_eq!(r.signal, Some(9));
