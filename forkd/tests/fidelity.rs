@@ -30,13 +30,38 @@ struct Run {
     status: String,
 }
 
+/// The interpreter's prefix first (a checkout may live under /tmp, the
+/// sandbox's working directory, and its venv path must not read as
+/// `<CWD>/...`), then the working directory.
 fn normalize(s: &[u8], cwd: &str) -> String {
-    String::from_utf8_lossy(s).replace(cwd, "<CWD>")
+    let venv = python()
+        .parent()
+        .and_then(|bin| bin.parent())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    String::from_utf8_lossy(s)
+        .replace(&venv, "<VENV>")
+        .replace(cwd, "<CWD>")
 }
 
 /// `python ARGS` in `dir` with exactly `env` (as a request's env replaces the zygote's).
 fn outside(dir: &Path, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Run {
-    let mut child = Command::new(python())
+    let mut command = Command::new(python());
+    // Plain python as started from a terminal: default signal dispositions
+    // even when this test runs under nohup or with signals ignored.
+    // SAFETY: between fork and exec only async-signal-safe calls (signal(2)).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(args)
         .current_dir(dir)
         .env_clear()
@@ -492,7 +517,7 @@ async fn scripts_code_and_modules_run_as_python_runs_them() {
 // 4. Environment read at start-up
 // ---------------------------------------------------------------------------
 
-const ENV_PROBE: &str = "import os, sys, time\nprint([p.replace(os.getcwd(), '<cwd>') for p in sys.path])\nprint(time.tzname, time.localtime(0).tm_hour)\nprint(type(sys.stdout.buffer).__name__, sys.stdout.write_through, sys.stdout.line_buffering, type(sys.stderr.buffer).__name__, sys.stderr.write_through, sys.stderr.line_buffering)\nprint(sys.dont_write_bytecode, sys.flags.hash_randomization, hash('forkd') if not sys.flags.hash_randomization else None)\nprint('out', end='')\nprint('err', end='', file=sys.stderr)\nos.write(1, b'|raw')\n";
+const ENV_PROBE: &str = "import os, sys, time\nc = os.getcwd()\nprint([('<cwd>' + p[len(c):]) if (p == c or p.startswith(c + '/')) and not p.startswith(sys.prefix) else p for p in sys.path])\nprint(time.tzname, time.localtime(0).tm_hour)\nprint(type(sys.stdout.buffer).__name__, sys.stdout.write_through, sys.stdout.line_buffering, type(sys.stderr.buffer).__name__, sys.stderr.write_through, sys.stderr.line_buffering)\nprint(sys.dont_write_bytecode, sys.flags.hash_randomization, hash('forkd') if not sys.flags.hash_randomization else None)\nprint('out', end='')\nprint('err', end='', file=sys.stderr)\nos.write(1, b'|raw')\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_environment_is_applied_as_python_would_or_refused() {
