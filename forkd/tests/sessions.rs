@@ -823,3 +823,50 @@ async fn pause_stops_cpu_and_resume_continues() {
     drop(c);
     d.finish().await;
 }
+
+/// The blocking client's session calls: events reach the callback before
+/// the final result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blocking_client_streams_and_moves_files() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let socket = d.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = forkd_ipc::Client::connect(&socket).unwrap();
+        let s = c.session_create(&SessionCreate::default()).unwrap().session;
+        let mut events = Vec::new();
+        let r = c
+            .run_code(&cell(&s, "print('a')\nx = 6\nx * 7"), |e| events.push(e))
+            .unwrap();
+        assert_eq!(r.text.as_deref(), Some("42"));
+        assert_eq!(
+            events,
+            vec![Event::Output {
+                stream: Stream::Stdout,
+                data: b"a\n".to_vec()
+            }]
+        );
+        let mut started = false;
+        let r = c
+            .command(
+                &Command {
+                    session: s.clone(),
+                    cmd: "exit 5".into(),
+                    timeout_ms: Some(20_000),
+                    ..Command::default()
+                },
+                |e| started |= matches!(e, Event::CommandStarted { .. }),
+            )
+            .unwrap();
+        assert!(started);
+        assert_eq!(r.exit_code, Some(5));
+        c.write_file(&s, "f.txt", b"blocking", None).unwrap();
+        assert_eq!(c.read_file(&s, "f.txt").unwrap(), b"blocking");
+        c.session_kill(&s).unwrap();
+    })
+    .await
+    .unwrap();
+    d.finish().await;
+}

@@ -193,20 +193,30 @@ impl Client {
         expect_session("session_set_ttl", resp)
     }
 
+    /// A streamed request: `on_event` sees its events, the final reply is
+    /// returned.
+    fn streamed(
+        &mut self,
+        body: &RequestBody,
+        timeout_ms: Option<u64>,
+        mut on_event: impl FnMut(Event),
+    ) -> Result<Response, ClientError> {
+        let wait = self.wait_or(cell_wait(timeout_ms));
+        self.call_streaming(BodyRef::Any(body), wait, &mut |b| {
+            if let Some(e) = Event::from_body(b) {
+                on_event(e)
+            }
+        })
+    }
+
     /// Runs a cell; `on_event` sees its output and displays as they come.
     pub fn run_code(
         &mut self,
         req: &RunCode,
-        mut on_event: impl FnMut(Event),
+        on_event: impl FnMut(Event),
     ) -> Result<CellResult, ClientError> {
-        let wait = self.wait_or(cell_wait(req.timeout_ms));
         let body = RequestBody::RunCode(req.clone());
-        let resp = self.call_streaming(BodyRef::Any(&body), wait, &mut |b| {
-            if let Some(e) = Event::from_body(b) {
-                on_event(e)
-            }
-        })?;
-        expect_cell(resp)
+        expect_cell(self.streamed(&body, req.timeout_ms, on_event)?)
     }
 
     /// Interrupts the session's running cell.
@@ -219,16 +229,10 @@ impl Client {
     pub fn command(
         &mut self,
         req: &Command,
-        mut on_event: impl FnMut(Event),
+        on_event: impl FnMut(Event),
     ) -> Result<CommandResult, ClientError> {
-        let wait = self.wait_or(cell_wait(req.timeout_ms));
         let body = RequestBody::Command(req.clone());
-        let resp = self.call_streaming(BodyRef::Any(&body), wait, &mut |b| {
-            if let Some(e) = Event::from_body(b) {
-                on_event(e)
-            }
-        })?;
-        expect_command(resp)
+        expect_command(self.streamed(&body, req.timeout_ms, on_event)?)
     }
 
     /// Kills a running command.
@@ -454,17 +458,32 @@ impl AsyncClient {
         expect_session("session_set_ttl", resp)
     }
 
-    /// Starts a cell; read its events and result from the stream.
-    pub async fn run_code_stream(&self, req: &RunCode) -> Result<RequestStream, ClientError> {
-        let wait = self.wait_or(cell_wait(req.timeout_ms));
-        let body = RequestBody::RunCode(req.clone());
+    /// A streamed request: its events, then its result, within `timeout_ms`
+    /// plus the grace (or the client's own wait).
+    async fn stream(
+        &self,
+        body: RequestBody,
+        timeout_ms: Option<u64>,
+        op: &'static str,
+    ) -> Result<RequestStream, ClientError> {
+        let wait = self.wait_or(cell_wait(timeout_ms));
         let inner = self.call_stream(BodyRef::Any(&body)).await?;
         Ok(RequestStream {
             inner,
             wait: tokio::time::Instant::now() + wait,
-            op: "run_code",
+            op,
             last: None,
         })
+    }
+
+    /// Starts a cell; read its events and result from the stream.
+    pub async fn run_code_stream(&self, req: &RunCode) -> Result<RequestStream, ClientError> {
+        self.stream(
+            RequestBody::RunCode(req.clone()),
+            req.timeout_ms,
+            "run_code",
+        )
+        .await
     }
 
     /// Runs a cell to its end.
@@ -482,15 +501,8 @@ impl AsyncClient {
 
     /// Starts a shell command; read its events and result from the stream.
     pub async fn command_stream(&self, req: &Command) -> Result<RequestStream, ClientError> {
-        let wait = self.wait_or(cell_wait(req.timeout_ms));
-        let body = RequestBody::Command(req.clone());
-        let inner = self.call_stream(BodyRef::Any(&body)).await?;
-        Ok(RequestStream {
-            inner,
-            wait: tokio::time::Instant::now() + wait,
-            op: "command",
-            last: None,
-        })
+        self.stream(RequestBody::Command(req.clone()), req.timeout_ms, "command")
+            .await
     }
 
     /// Runs a shell command to its end.

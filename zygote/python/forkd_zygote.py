@@ -1488,20 +1488,6 @@ class Executor:
 
 # -- the kernel: runs the cells ------------------------------------------------
 
-def kernel_read(fd, n):
-    chunks, left = [], n
-    while left:
-        try:
-            chunk = os.read(fd, min(left, 1 << 20))
-        except InterruptedError:
-            continue
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def kernel_send(msg):
     data = json.dumps(msg).encode()
     write_all(4, len(data).to_bytes(4, "big") + data)
@@ -1629,10 +1615,10 @@ def kernel_main(cwd):
     signal.signal(signal.SIGINT, _on_sigint)
     while True:
         try:
-            header = kernel_read(3, 4)
+            header = read_exact(3, 4)
             if header is None:
                 os._exit(0)
-            msg = json.loads(kernel_read(3, int.from_bytes(header, "big")))
+            msg = json.loads(read_exact(3, int.from_bytes(header, "big")))
         except KeyboardInterrupt:
             continue
         req = msg["req"]
