@@ -1543,14 +1543,17 @@ def figure_png(value):
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def open_figures():
-    """Figures left open by a cell, as PNG displays; closes them."""
+def open_figures(shown=None):
+    """Figures left open by a cell, as PNG displays (except `shown`, the
+    cell's value, already its main result); closes them."""
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is None:
         return []
     out = []
     for num in plt.get_fignums():
         fig = plt.figure(num)
+        if fig is shown:
+            continue
         png = figure_png(fig)
         if png is not None:
             out.append({"data": {"text/plain": repr(fig), "image/png": png}, "main": False})
@@ -1646,7 +1649,7 @@ def kernel_main(cwd):
                 pass
         if "matplotlib.pyplot" in sys.modules:
             try:
-                outcome["results"].extend(open_figures())
+                outcome["results"].extend(open_figures(ns.get("_")))
             except BaseException:
                 pass
         kernel_send(outcome)

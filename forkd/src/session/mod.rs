@@ -347,6 +347,9 @@ struct Counts {
     cells: AtomicU64,
     /// By [`SessionEnd`], in [`END_LABELS`] order.
     ended: [AtomicU64; 5],
+    /// Session requests answered, by (operation, outcome): `ok` or the
+    /// error code. A few dozen keys at most; one short lock per request.
+    requests: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 const END_LABELS: [&str; 5] = ["killed", "ttl", "idle", "died", "shutdown"];
@@ -412,7 +415,18 @@ impl Sessions {
                 .zip(&self.counts.ended)
                 .map(|(l, n)| (*l, n.load(Ordering::Relaxed)))
                 .collect(),
+            requests: lock(&self.counts.requests)
+                .iter()
+                .map(|(&(op, outcome), &n)| (op, outcome, n))
+                .collect(),
         }
+    }
+
+    /// Counts one answered session request.
+    pub(crate) fn count_request(&self, op: &'static str, outcome: &'static str) {
+        *lock(&self.counts.requests)
+            .entry((op, outcome))
+            .or_default() += 1;
     }
 
     pub(crate) fn count_cell(&self) {

@@ -652,6 +652,7 @@ pub async fn serve(
     use forkd_ipc::RequestBody as B;
     let id = out.id;
     let uid = peer.uid;
+    let op = body.op();
     let outcome: Result<ResponseBody, ErrorReply> = async {
         Ok(match body {
             B::SessionCreate(c) => ResponseBody::Session(create(&sessions, c, peer).await?),
@@ -720,6 +721,11 @@ pub async fn serve(
     }
     .await;
     lock_cancels(&cancels).remove(&id);
+    let label = match &outcome {
+        Ok(_) => "ok",
+        Err(e) => crate::metrics::error_code_label(e.code),
+    };
+    sessions.count_request(op, label);
     if let Err(e) = &outcome {
         tracing::debug!(request = id, code = %e.code, "session request failed: {}", e.message);
     }
