@@ -66,6 +66,26 @@ impl Network {
         Ok(Some(allow))
     }
 
+    /// Replaces the allowlist of a running sandbox whose egress is `egress`.
+    pub async fn update(
+        &self,
+        egress: &Egress,
+        pidfd: BorrowedFd<'_>,
+        allow: Allowlist,
+    ) -> Result<(), ErrorReply> {
+        let enforcer = self
+            .enforcer
+            .as_ref()
+            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        enforcer
+            .update(egress, pidfd, allow)
+            .await
+            .map_err(|e| match e {
+                EgressError::TooManyPorts { .. } => refused(ErrorCode::InvalidRequest, e),
+                _ => refused(ErrorCode::Internal, e),
+            })
+    }
+
     /// Opens the sandbox behind `pidfd` to its allowlist (before its program runs).
     pub async fn attach(
         &self,

@@ -31,10 +31,9 @@ pub(super) struct Channels {
     pub keep: KeepAlive,
 }
 
-/// What lives as long as the session: its egress (proxy, resolver) and its
-/// workspace (an overlay's upper layer).
+/// What lives as long as the session besides its egress (which the session
+/// holds, to change it): its workspace (an overlay's upper layer).
 pub(super) struct KeepAlive {
-    pub egress: Option<forkd_net::Egress>,
     pub workspace: Option<crate::workspace::Ready>,
 }
 
@@ -145,7 +144,7 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         }
     }
     retire(&sessions, &session);
-    if let Some(egress) = keep.egress {
+    if let Some(egress) = session.egress.lock().await.take() {
         let report = egress.finish();
         tracing::debug!(session = %session.id, bytes_out = report.bytes_out, bytes_in = report.bytes_in, "session egress closed");
     }

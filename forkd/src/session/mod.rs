@@ -77,6 +77,11 @@ pub struct Session {
     next_req: AtomicU64,
     /// The cgroup's OOM-kill count when last looked at (after a death).
     oom_kills_seen: AtomicU64,
+    /// Its egress (proxy, resolver), when it has an allowlist; a tokio lock:
+    /// changing the list awaits the egress thread.
+    egress: tokio::sync::Mutex<Option<forkd_net::Egress>>,
+    /// Its allowlist as asked (for `info`).
+    allow_net: Mutex<Vec<String>>,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -130,6 +135,13 @@ impl Session {
                 replies: None,
             });
         }
+    }
+
+    /// A descriptor of the session's pid 1 (`None` once it is retired).
+    pub fn pidfd(&self) -> Option<OwnedFd> {
+        lock(&self.pidfd)
+            .as_ref()
+            .and_then(|fd| fd.try_clone().ok())
     }
 
     /// Marks a request: the idle timer starts again.
@@ -332,6 +344,7 @@ impl Session {
                 millis(deadline.saturating_duration_since(Instant::now()))
             },
             idle_timeout_ms: self.idle_timeout.map(millis),
+            allow_net: lock(&self.allow_net).clone(),
             cells,
             usage,
             limits: self.limits.clone(),

@@ -183,6 +183,8 @@ pub async fn create(
         freezer: Mutex::new(None),
         next_req: std::sync::atomic::AtomicU64::new(1),
         oom_kills_seen: std::sync::atomic::AtomicU64::new(0),
+        egress: tokio::sync::Mutex::new(egress),
+        allow_net: Mutex::new(req.allow_net.clone()),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -208,7 +210,7 @@ pub async fn create(
             err_r,
             exited,
             from_handlers,
-            keep: actor::KeepAlive { egress, workspace },
+            keep: actor::KeepAlive { workspace },
         },
     ));
     guard.disarm();
@@ -628,6 +630,36 @@ pub fn set_ttl(
     Ok(session.info())
 }
 
+/// Replaces a session's network allowlist within the operator's bound.
+/// Without one before, its egress starts now; an empty list stops it
+/// (connections still open are cut).
+pub async fn set_network(
+    sessions: &Sessions,
+    session: &Session,
+    allow_net: Vec<String>,
+) -> Result<SessionInfo, ErrorReply> {
+    if session.state() == SessionState::Ended {
+        return Err(session.ended_error());
+    }
+    let network = &sessions.state.network;
+    let allow = network.admit(&allow_net)?;
+    let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
+    let mut egress = session.egress.lock().await;
+    match (egress.as_ref(), allow) {
+        (Some(running), Some(allow)) => network.update(running, pidfd.as_fd(), allow).await?,
+        (None, Some(allow)) => *egress = Some(network.attach(pidfd.as_fd(), allow).await?),
+        (Some(_), None) => {
+            if let Some(stopped) = egress.take() {
+                stopped.finish();
+            }
+        }
+        (None, None) => {}
+    }
+    *super::lock(&session.allow_net) = allow_net;
+    drop(egress);
+    Ok(session.info())
+}
+
 /// The cancel switches of one connection's requests, by request id.
 pub type Cancels = Arc<Mutex<std::collections::HashMap<u64, watch::Sender<bool>>>>;
 
@@ -679,6 +711,10 @@ pub async fn serve(
             B::SessionSetTtl(t) => {
                 let s = sessions.get(&t.session, uid)?;
                 ResponseBody::Session(set_ttl(&sessions, &s, t.ttl_ms)?)
+            }
+            B::SessionSetNetwork(n) => {
+                let s = sessions.get(&n.session, uid)?;
+                ResponseBody::Session(set_network(&sessions, &s, n.allow_net).await?)
             }
             B::RunCode(rc) => {
                 let s = sessions.usable(&rc.session, uid)?;
