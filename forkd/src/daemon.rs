@@ -418,6 +418,7 @@ pub async fn start_with(
         admission.clone(),
         settings.config.sessions.clone(),
         audit.clone(),
+        metrics.clone(),
     ));
     let metrics_server = metrics_listener.map(|l| {
         let (state, metrics, sessions) = (state.clone(), metrics.clone(), sessions.clone());

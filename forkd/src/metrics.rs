@@ -231,6 +231,13 @@ impl Metrics {
             .get_or_create(&latency)
             .observe(result.timings.isolated_us as f64 / 1e6);
         if let Some(n) = &result.network {
+            self.record_network(n);
+        }
+    }
+
+    /// Adds a sandbox's or session's egress counters.
+    pub fn record_network(&self, n: &forkd_ipc::NetworkReport) {
+        {
             let add = |f: &Family<EgressLabels, Counter>, kind, v: u64| {
                 f.get_or_create(&EgressLabels { kind }).inc_by(v);
             };

@@ -361,6 +361,9 @@ pub struct Sessions {
     table: Mutex<Table>,
     counts: Counts,
     audit: Option<Arc<crate::audit::AuditLog>>,
+    /// For the egress counters of sessions (spawns record theirs with their
+    /// result).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Counters for the metrics endpoint.
@@ -400,6 +403,7 @@ impl Sessions {
         admission: Arc<Admission>,
         cfg: SessionsSection,
         audit: Option<Arc<crate::audit::AuditLog>>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Sessions {
         Sessions {
             state,
@@ -408,18 +412,26 @@ impl Sessions {
             table: Mutex::new(Table::default()),
             counts: Counts::default(),
             audit,
+            metrics,
         }
     }
 
     /// Writes an audit record of `session` (off the request's path).
-    fn audit(&self, event: &'static str, session: &Session, outcome: &'static str) {
+    fn audit(
+        &self,
+        event: &'static str,
+        session: &Session,
+        outcome: &'static str,
+        network: Option<forkd_ipc::NetworkReport>,
+    ) {
         if let Some(audit) = &self.audit {
-            let record = Box::new(crate::audit::Record::session(
+            let mut record = Box::new(crate::audit::Record::session(
                 event,
                 session.peer,
                 &session.info(),
                 outcome,
             ));
+            record.network = network.map(Box::new);
             if let Err(record) = audit.try_record(record) {
                 let audit = audit.clone();
                 tokio::spawn(async move { audit.record(record).await });
@@ -525,14 +537,24 @@ impl Sessions {
 
     fn insert(&self, session: Arc<Session>) {
         self.counts.created.fetch_add(1, Ordering::Relaxed);
-        self.audit("session_created", &session, "ok");
+        self.audit("session_created", &session, "ok", None);
         lock(&self.table).live.insert(session.id.clone(), session);
     }
 
     /// Moves an ended session to the remembered ones.
-    fn retire(&self, session: &Session, why: SessionEnd) {
+    fn retire(
+        &self,
+        session: &Session,
+        why: SessionEnd,
+        network: Option<forkd_ipc::NetworkReport>,
+    ) {
         self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
-        self.audit("session_ended", session, END_LABELS[end_index(why)]);
+        self.audit(
+            "session_ended",
+            session,
+            END_LABELS[end_index(why)],
+            network,
+        );
         let id = session.id.as_str();
         let mut table = lock(&self.table);
         if let Some(s) = table.live.remove(id) {

@@ -645,18 +645,19 @@ pub async fn set_network(
     let allow = network.admit(&allow_net)?;
     let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
     let mut egress = session.egress.lock().await;
+    let mut stopped = None;
     match (egress.as_ref(), allow) {
         (Some(running), Some(allow)) => network.update(running, pidfd.as_fd(), allow).await?,
         (None, Some(allow)) => *egress = Some(network.attach(pidfd.as_fd(), allow).await?),
-        (Some(_), None) => {
-            if let Some(stopped) = egress.take() {
-                stopped.finish();
-            }
-        }
+        (Some(_), None) => stopped = egress.take().map(forkd_net::Egress::finish),
         (None, None) => {}
     }
     *super::lock(&session.allow_net) = allow_net;
     drop(egress);
+    if let Some(report) = &stopped {
+        sessions.metrics.record_network(report);
+    }
+    sessions.audit("session_network_changed", session, "ok", stopped);
     Ok(session.info())
 }
 
