@@ -1,0 +1,456 @@
+//! The MCP server: one tool per forkd operation, over one multiplexed
+//! connection to the daemon.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use base64::Engine as _;
+use forkd_ipc::{AsyncClient, ClientError, Command, RunCode, SessionCreate};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::model::{CallToolResult, Implementation, JsonObject, ServerCapabilities, ServerConfig};
+use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler};
+
+use crate::args::{self, schema};
+use crate::render::{self, tool_error};
+
+/// Label every session created through MCP carries (value: the server's pid).
+pub const LABEL: &str = "forkd.mcp";
+
+type ToolResult = Result<CallToolResult, ErrorData>;
+
+/// Returns the tool error of a failed argument parse.
+macro_rules! parse_or_fail {
+    ($tool:literal, $args:expr) => {
+        match args::parse($tool, $args) {
+            Ok(a) => a,
+            Err(msg) => return Ok(tool_error(msg)),
+        }
+    };
+}
+
+/// What a failed daemon call tells the model: the daemon's own message
+/// (it says what to do), or how to start a daemon that is not there.
+fn daemon_error(socket: &Path, e: &ClientError) -> CallToolResult {
+    match e {
+        ClientError::Connect { source, .. } => tool_error(format!(
+            "the forkd daemon is not running (nothing listens on {}: {source}): start it with \
+             `sudo forkd` (or `forkd --socket PATH`) and give this MCP server the same path \
+             with `forkd mcp --socket PATH` or FORKD_SOCKET; then retry",
+            socket.display()
+        )),
+        ClientError::Server(reply) => {
+            tool_error(format!("forkd refused: {} ({})", reply.message, reply.code))
+        }
+        other => tool_error(format!("forkd call failed: {other}")),
+    }
+}
+
+/// Sessions this server created and must kill when it exits.
+#[derive(Debug, Default)]
+pub struct Owned(Mutex<BTreeSet<String>>);
+
+impl Owned {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn insert(&self, id: &str) {
+        self.lock().insert(id.to_owned());
+    }
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+    fn contains(&self, id: &str) -> bool {
+        self.lock().contains(id)
+    }
+    /// Takes every id (for the kill at exit).
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lock()).into_iter().collect()
+    }
+}
+
+/// The connection to the daemon, made on first use and again after it broke.
+#[derive(Debug)]
+pub struct Daemon {
+    socket: PathBuf,
+    client: tokio::sync::Mutex<Option<AsyncClient>>,
+}
+
+impl Daemon {
+    /// A daemon at `socket` (not connected yet).
+    pub fn new(socket: PathBuf) -> Daemon {
+        Daemon {
+            socket,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A live client, connecting when there is none or the last one died.
+    pub async fn client(&self) -> Result<AsyncClient, ClientError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = AsyncClient::connect(&self.socket).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+/// Kills a one-shot session even when its call is dropped mid-way (the
+/// client cancelled it).
+struct OneShot {
+    client: AsyncClient,
+    id: String,
+    done: bool,
+}
+
+impl Drop for OneShot {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (client, id) = (self.client.clone(), std::mem::take(&mut self.id));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = client.session_kill(&id).await;
+            });
+        }
+    }
+}
+
+/// forkd's MCP server.
+#[derive(Debug, Clone)]
+pub struct ForkdMcp {
+    daemon: Arc<Daemon>,
+    owned: Arc<Owned>,
+    tool_router: ToolRouter<ForkdMcp>,
+}
+
+impl ForkdMcp {
+    /// A server for the daemon at `socket`.
+    pub fn new(socket: PathBuf) -> ForkdMcp {
+        ForkdMcp {
+            daemon: Arc::new(Daemon::new(socket)),
+            owned: Arc::new(Owned::default()),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// The sessions to kill at exit (shared with the running server).
+    pub fn owned(&self) -> Arc<Owned> {
+        Arc::clone(&self.owned)
+    }
+
+    /// The daemon connection (shared with the running server).
+    pub fn daemon(&self) -> Arc<Daemon> {
+        Arc::clone(&self.daemon)
+    }
+
+    fn labels(extra: BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut labels = extra;
+        labels.insert(LABEL.into(), std::process::id().to_string());
+        labels
+    }
+
+    async fn connect(&self) -> Result<AsyncClient, CallToolResult> {
+        self.daemon
+            .client()
+            .await
+            .map_err(|e| daemon_error(self.daemon.socket(), &e))
+    }
+
+    fn fail(&self, e: &ClientError) -> ToolResult {
+        Ok(daemon_error(self.daemon.socket(), e))
+    }
+}
+
+#[tool_router]
+impl ForkdMcp {
+    #[tool(
+        description = "Run Python code in a forkd sandbox (numpy and the zygote's other modules are \
+            preloaded). Without session_id it runs once in a fresh, isolated sandbox that is \
+            destroyed afterwards; with session_id it runs in that session, whose variables, \
+            imports and files persist between calls. Returns stdout, stderr (marked [stderr]), \
+            displayed values and the trailing expression's value as text, and figures/PNG \
+            displays as images. An exception or timeout is reported as an error result carrying \
+            the traceback.",
+        input_schema = schema::<args::RunCodeArgs>()
+    )]
+    async fn run_code(&self, raw: JsonObject) -> ToolResult {
+        let a: args::RunCodeArgs = parse_or_fail!("run_code", raw);
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        if let Some(session) = a.session_id {
+            return match client
+                .run_code(&RunCode {
+                    session,
+                    code: a.code,
+                    timeout_ms: a.timeout_ms,
+                })
+                .await
+            {
+                Ok(r) => Ok(render::cell(&r)),
+                Err(e) => self.fail(&e),
+            };
+        }
+        // One-shot: a session of its own, killed right after (same
+        // isolation as a spawn, plus values and figures as results).
+        let mut labels = Self::labels(BTreeMap::new());
+        labels.insert("forkd.mcp.one_shot".into(), "true".into());
+        let info = match client
+            .session_create(&SessionCreate {
+                labels,
+                ttl_ms: a.timeout_ms.map(|t| t.saturating_add(60_000)),
+                ..SessionCreate::default()
+            })
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => return self.fail(&e),
+        };
+        let mut guard = OneShot {
+            client: client.clone(),
+            id: info.session.clone(),
+            done: false,
+        };
+        let result = client
+            .run_code(&RunCode {
+                session: info.session.clone(),
+                code: a.code,
+                timeout_ms: a.timeout_ms,
+            })
+            .await;
+        let _ = client.session_kill(&info.session).await;
+        guard.done = true;
+        match result {
+            Ok(r) => Ok(render::cell(&r)),
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    #[tool(
+        description = "Start a forkd session: an isolated sandbox that keeps a Python interpreter \
+            (state kept between run_code calls), files and a shell. Returns its session_id. \
+            Sessions created here are killed when this MCP server exits (its client \
+            disconnects), unless keep=true; every session also ends at its TTL (ttl_ms, default \
+            the daemon's, 5 min out of the box) or when killed with session_kill.",
+        input_schema = schema::<args::SessionCreateArgs>()
+    )]
+    async fn session_create(&self, raw: JsonObject) -> ToolResult {
+        let a: args::SessionCreateArgs = parse_or_fail!("session_create", raw);
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        let req = SessionCreate {
+            zygote: a.zygote,
+            ttl_ms: a.ttl_ms,
+            idle_timeout_ms: a.idle_timeout_ms,
+            labels: Self::labels(a.labels),
+            ..SessionCreate::default()
+        };
+        match client.session_create(&req).await {
+            Ok(info) => {
+                if !a.keep {
+                    self.owned.insert(&info.session);
+                }
+                Ok(render::json(&render::session_json(&info, Some(!a.keep))))
+            }
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    #[tool(
+        description = "List the forkd sessions visible to this user (optionally only those \
+            carrying every given label), with state, age, TTL left, cells run, memory, and \
+            whether this MCP server will kill them when it exits.",
+        input_schema = schema::<args::SessionListArgs>()
+    )]
+    async fn session_list(&self, raw: JsonObject) -> ToolResult {
+        let a: args::SessionListArgs = parse_or_fail!("session_list", raw);
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        match client.session_list(a.labels).await {
+            Ok(list) => {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|s| render::session_json(s, Some(self.owned.contains(&s.session))))
+                    .collect();
+                Ok(render::json(&rows))
+            }
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    #[tool(
+        description = "Kill a forkd session (its processes, files and state are gone).",
+        input_schema = schema::<args::SessionKillArgs>()
+    )]
+    async fn session_kill(&self, raw: JsonObject) -> ToolResult {
+        let a: args::SessionKillArgs = parse_or_fail!("session_kill", raw);
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        match client.session_kill(&a.session_id).await {
+            Ok(info) => {
+                self.owned.remove(&a.session_id);
+                Ok(render::json(&render::session_json(&info, None)))
+            }
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    #[tool(
+        description = "Run a shell command (/bin/sh -c) in a session's sandbox. Returns the exit \
+            code, then stdout and stderr (marked [stderr]); a non-zero exit, a signal or a \
+            timeout is an error result.",
+        input_schema = schema::<args::RunCommandArgs>()
+    )]
+    async fn run_command(&self, raw: JsonObject) -> ToolResult {
+        let a: args::RunCommandArgs = parse_or_fail!("run_command", raw);
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        let req = Command {
+            session: a.session_id,
+            cmd: a.command,
+            cwd: a.cwd,
+            timeout_ms: a.timeout_ms,
+            ..Command::default()
+        };
+        match client.command(&req).await {
+            Ok(r) => Ok(render::command(&r)),
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    #[tool(
+        description = "Write a file in a session's sandbox (created or replaced): text in \
+            content, or bytes in content_base64.",
+        input_schema = schema::<args::WriteFileArgs>()
+    )]
+    async fn write_file(&self, raw: JsonObject) -> ToolResult {
+        let a: args::WriteFileArgs = parse_or_fail!("write_file", raw);
+        let data = match (a.content, a.content_base64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => match base64::engine::general_purpose::STANDARD.decode(b64.trim())
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    return Ok(tool_error(format!(
+                        "invalid arguments for write_file: content_base64 is not base64 ({e})"
+                    )))
+                }
+            },
+            _ => {
+                return Ok(tool_error(
+                    "invalid arguments for write_file: give exactly one of content (text) and \
+                     content_base64 (bytes)",
+                ))
+            }
+        };
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        match client.write_file(&a.session_id, &a.path, &data, None).await {
+            Ok(()) => Ok(CallToolResult::success(vec![
+                rmcp::model::ContentBlock::text(format!(
+                    "wrote {} bytes to {}",
+                    data.len(),
+                    a.path
+                )),
+            ])),
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    #[tool(
+        description = "Read a file from a session's sandbox: text as text, PNG/JPEG/GIF as an \
+            image, other binary files as base64 text.",
+        input_schema = schema::<args::ReadFileArgs>()
+    )]
+    async fn read_file(&self, raw: JsonObject) -> ToolResult {
+        let a: args::ReadFileArgs = parse_or_fail!("read_file", raw);
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        match client.read_file(&a.session_id, &a.path).await {
+            Ok(data) => Ok(render::file(&a.path, &data)),
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    #[tool(
+        description = "List a directory in a session's sandbox (default: its working directory, \
+            /tmp), as JSON entries with name, path, type, size, mode and modified_ms.",
+        input_schema = schema::<args::ListFilesArgs>()
+    )]
+    async fn list_files(&self, raw: JsonObject) -> ToolResult {
+        let a: args::ListFilesArgs = parse_or_fail!("list_files", raw);
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(r) => return Ok(r),
+        };
+        let path = a.path.unwrap_or_else(|| ".".into());
+        match client.list_files(&a.session_id, &path).await {
+            Ok(entries) => Ok(render::entries(&entries)),
+            Err(e) => self.fail(&e),
+        }
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for ForkdMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(
+                Implementation::new("forkd", env!("CARGO_PKG_VERSION"))
+                    .with_title("forkd sandboxes"),
+            )
+            .with_instructions(
+                "Runs Python and shell commands in isolated forkd sandboxes. Use run_code \
+                 without a session for one-off code; create a session to keep state, files and \
+                 a shell between calls. Sessions created here are killed when this server exits \
+                 unless created with keep=true.",
+            )
+    }
+}
+
+/// Kills `ids` (at exit), waiting at most `within` in all; returns how many
+/// the daemon confirmed.
+pub async fn kill_all(daemon: &Daemon, ids: Vec<String>, within: Duration) -> usize {
+    if ids.is_empty() {
+        return 0;
+    }
+    let work = async {
+        let Ok(client) = daemon.client().await else {
+            return 0;
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for id in ids {
+            let client = client.clone();
+            set.spawn(async move { client.session_kill(&id).await.is_ok() });
+        }
+        let mut killed = 0;
+        while let Some(r) = set.join_next().await {
+            killed += usize::from(r.unwrap_or(false));
+        }
+        killed
+    };
+    tokio::time::timeout(within, work).await.unwrap_or(0)
+}

@@ -1,0 +1,204 @@
+"""Drives `forkd mcp` with the official MCP Python SDK (PyPI `mcp`), as an
+MCP client application would: stdio transport, initialize, list_tools,
+call_tool. Run by forkd/tests/mcp.rs against a real daemon.
+
+usage: client.py FORKD_BIN SOCKET          the full scenario
+       client.py FORKD_BIN SOCKET --down   SOCKET has no daemon behind it
+
+Prints one JSON object on its last stdout line (what the Rust side checks
+afterwards: the session ids and the steps that passed); exits non-zero with
+the failed check's message otherwise.
+"""
+
+import asyncio
+import base64
+import json
+import sys
+
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+TOOLS = {
+    "run_code", "session_create", "session_list", "session_kill",
+    "run_command", "write_file", "read_file", "list_files",
+}
+# A 1x1 PNG.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+steps = []
+
+
+def check(cond, what, detail=None):
+    if not cond:
+        raise AssertionError(f"{what}: {detail!r}")
+
+
+def texts(res):
+    return [c.text for c in res.content if c.type == "text"]
+
+
+def images(res):
+    return [c for c in res.content if c.type == "image"]
+
+
+async def call(s, tool, args, expect_error=False):
+    res = await s.call_tool(tool, args)
+    check(bool(res.is_error) == expect_error,
+          f"{tool}({args}) is_error should be {expect_error}", texts(res))
+    return res
+
+
+async def scenario(s):
+    init = await s.initialize()
+    check(init.server_info.name == "forkd", "server name", init.server_info)
+    steps.append(f"initialize: protocol {init.protocol_version}, server {init.server_info.name}")
+
+    tools = {t.name: t for t in (await s.list_tools()).tools}
+    check(set(tools) == TOOLS, "tool names", sorted(tools))
+    for t in tools.values():
+        check(t.input_schema.get("type") == "object", f"{t.name} schema type", t.input_schema)
+        check(t.description, f"{t.name} description", t)
+    rc = tools["run_code"].input_schema
+    check(rc["required"] == ["code"], "run_code required", rc)
+    check(set(rc["properties"]) == {"code", "session_id", "timeout_ms"}, "run_code props", rc)
+    check("killed when this MCP server exits" in tools["session_create"].description,
+          "session lifetime in session_create's description", tools["session_create"].description)
+    steps.append(f"list_tools: {len(tools)} tools with object schemas")
+
+    # One-shot: output, value, and a PNG display as image content.
+    res = await call(s, "run_code", {"code": "print('hello'); 6 * 7"})
+    check(texts(res) == ["hello\n", "42"], "one-shot texts", texts(res))
+    png_b64 = base64.b64encode(PNG).decode()
+    res = await call(s, "run_code", {"code": (
+        "import base64\n"
+        "class Dot:\n"
+        f"    def _repr_png_(self): return base64.b64decode('{png_b64}')\n"
+        "Dot()")})
+    imgs = images(res)
+    check(len(imgs) == 1 and imgs[0].mime_type == "image/png", "one-shot image", res.content)
+    check(base64.b64decode(imgs[0].data) == PNG, "image bytes", imgs[0].data[:40])
+    steps.append("run_code one-shot: stdout + value 42; PNG display as image content")
+    # A one-shot exception: a tool result with the traceback.
+    res = await call(s, "run_code", {"code": "def f():\n    raise ValueError('bad')\nf()"},
+                     expect_error=True)
+    tb = "\n".join(texts(res))
+    check("Traceback" in tb and "ValueError: bad" in tb and "raise ValueError" in tb,
+          "one-shot traceback", tb)
+    steps.append("run_code one-shot exception: isError with traceback")
+
+    # A session: state between cells.
+    res = await call(s, "session_create", {"labels": {"test": "mcp"}})
+    info = json.loads(texts(res)[0])
+    sid = info["session_id"]
+    check(info["state"] == "running" and info["killed_when_mcp_server_exits"] is True,
+          "session info", info)
+    res = await call(s, "run_code", {"code": "x = 41", "session_id": sid})
+    res = await call(s, "run_code", {"code": "x + 1", "session_id": sid})
+    check(texts(res) == ["42"], "x + 1", texts(res))
+    steps.append("session_create, run_code x = 41 then x + 1 -> 42")
+
+    res = await call(s, "run_command", {"command": "echo hi", "session_id": sid})
+    check(texts(res) == ["exit code 0", "hi\n"], "echo hi", texts(res))
+    res = await call(s, "run_command", {"command": "echo oops >&2; exit 3", "session_id": sid},
+                     expect_error=True)
+    check(texts(res) == ["exit code 3", "[stderr]\noops\n"], "exit 3", texts(res))
+    steps.append("run_command: echo hi -> exit code 0 + hi; exit 3 -> isError")
+
+    await call(s, "write_file", {"session_id": sid, "path": "notes.txt", "content": "héllo mcp\n"})
+    res = await call(s, "read_file", {"session_id": sid, "path": "/tmp/notes.txt"})
+    check(texts(res) == ["héllo mcp\n"], "text round trip", texts(res))
+    await call(s, "write_file", {"session_id": sid, "path": "dot.png",
+                                 "content_base64": base64.b64encode(PNG).decode()})
+    res = await call(s, "read_file", {"session_id": sid, "path": "dot.png"})
+    imgs = images(res)
+    check(len(imgs) == 1 and base64.b64decode(imgs[0].data) == PNG, "png round trip", res.content)
+    # The code sees what the tools wrote.
+    res = await call(s, "run_code", {"session_id": sid,
+                                     "code": "open('/tmp/notes.txt', encoding='utf-8').read()"})
+    check(texts(res) == ["'héllo mcp\\n'"], "file seen by code", texts(res))
+    res = await call(s, "read_file", {"session_id": sid, "path": "missing.txt"}, expect_error=True)
+    check("not_found" in texts(res)[0], "missing file", texts(res))
+    steps.append("write_file/read_file: text and PNG round trips; missing file -> isError")
+
+    res = await call(s, "list_files", {"session_id": sid})
+    entries = {e["name"]: e for e in json.loads(texts(res)[0])}
+    check("notes.txt" in entries and entries["notes.txt"]["type"] == "file"
+          and entries["notes.txt"]["size"] == len("héllo mcp\n".encode()), "listing", entries)
+    check("dot.png" in entries, "listing png", entries)
+    steps.append("list_files: notes.txt and dot.png with sizes")
+
+    # An exception in the session: a tool result; the session lives on.
+    res = await call(s, "run_code", {"code": "1 / 0", "session_id": sid}, expect_error=True)
+    tb = "\n".join(texts(res))
+    check("ZeroDivisionError: division by zero" in tb and "Traceback" in tb, "traceback", tb)
+    res = await call(s, "run_code", {"code": "x", "session_id": sid})
+    check(texts(res) == ["41"], "state after exception", texts(res))
+    res = await call(s, "run_code", {"code": "import time; time.sleep(30)", "session_id": sid,
+                                     "timeout_ms": 300}, expect_error=True)
+    check(any("timeout" in t for t in texts(res)), "timeout note", texts(res))
+    steps.append("session exception -> isError with traceback; timeout -> isError; state kept")
+
+    # Bad arguments: tool errors that say what is wrong.
+    res = await call(s, "run_code", {}, expect_error=True)
+    check("missing field `code`" in texts(res)[0], "missing code", texts(res))
+    res = await call(s, "run_code", {"code": 5}, expect_error=True)
+    check("invalid type: integer `5`, expected a string" in texts(res)[0], "wrong type", texts(res))
+    res = await call(s, "write_file", {"session_id": sid, "path": "a"}, expect_error=True)
+    check("exactly one of content" in texts(res)[0], "write_file without content", texts(res))
+    res = await call(s, "session_kill", {"session_id": "s-0000"}, expect_error=True)
+    check("unknown_session" in texts(res)[0], "unknown session", texts(res))
+    steps.append("bad arguments (missing code, wrong type, no content, unknown session) -> isError")
+
+    # Sessions to check after exit: one kept, one left to the exit kill.
+    kept = json.loads(texts(await call(s, "session_create", {"keep": True}))[0])["session_id"]
+    left = json.loads(texts(await call(s, "session_create", {}))[0])["session_id"]
+    listing = json.loads(texts(await call(s, "session_list", {}))[0])
+    flags = {r["session_id"]: r["killed_when_mcp_server_exits"] for r in listing}
+    check(flags.get(sid) is True and flags.get(left) is True and flags.get(kept) is False,
+          "session_list flags", flags)
+    only = json.loads(texts(await call(s, "session_list", {"labels": {"test": "mcp"}}))[0])
+    check([r["session_id"] for r in only] == [sid], "label filter", only)
+    steps.append("session_list: ownership flags and label filter")
+
+    res = await call(s, "session_kill", {"session_id": sid})
+    check(json.loads(texts(res)[0])["state"] == "ended", "killed", texts(res))
+    res = await call(s, "run_code", {"code": "x", "session_id": sid}, expect_error=True)
+    check("session_ended" in texts(res)[0] or "unknown_session" in texts(res)[0],
+          "killed session", texts(res))
+    steps.append("session_kill; the killed session refuses run_code (isError)")
+    return {"kept": kept, "left_open": left, "killed": sid}
+
+
+async def down(s):
+    await s.initialize()
+    res = await call(s, "run_code", {"code": "1"}, expect_error=True)
+    msg = texts(res)[0]
+    check("not running" in msg and "forkd --socket" in msg, "daemon-down message", msg)
+    steps.append("daemon down: run_code -> isError saying how to start forkd")
+    return {}
+
+
+async def main():
+    forkd, socket = sys.argv[1], sys.argv[2]
+    params = StdioServerParameters(command=forkd, args=["mcp", "--socket", socket])
+    async with stdio_client(params) as (r, w):
+        async with ClientSession(r, w) as s:
+            out = await (down(s) if "--down" in sys.argv else scenario(s))
+    out["steps"] = steps
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except Exception as e:  # the steps that passed, then the failure (out of anyio's groups)
+        def leaves(e):
+            for x in getattr(e, "exceptions", None) or []:
+                yield from leaves(x)
+            if not getattr(e, "exceptions", None):
+                yield e
+        print("passed before the failure:", *steps, sep="\n  ", file=sys.stderr)
+        for x in leaves(e):
+            print(f"FAILED: {type(x).__name__}: {x}", file=sys.stderr)
+        sys.exit(1)
