@@ -29,6 +29,11 @@ const MCP_CLIENT: &str = "mcp==2.3.0";
 
 /// A python with `mcp` importable, or why there is none.
 fn mcp_python() -> Result<PathBuf, String> {
+    // The tests of this file run in parallel: one installs, the others wait.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-client-venv");
     let py = venv.join("bin/python");
     let ready = |py: &Path| {
@@ -151,8 +156,72 @@ async fn the_mcp_python_sdk_drives_forkd_mcp() {
     assert_eq!(info.state, SessionState::Running, "{info:?}");
     assert!(info.labels["forkd.mcp"].parse::<u32>().is_ok(), "{info:?}");
     c.session_kill(kept).await.unwrap();
+
+    // SIGTERM ends the server as a closed stdin does.
+    let (py2, socket) = (py.clone(), d.socket.clone());
+    let report = tokio::task::spawn_blocking(move || run_client(&py2, &socket, &["--sigterm"]))
+        .await
+        .unwrap();
+    let info = c
+        .session_info(report["session"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(info.ended_by, Some(SessionEnd::Killed), "{info:?}");
     let r = d.run("print(6 * 7)").await;
     assert_eq!(r.stdout_lossy(), "42\n");
     drop(c);
     d.finish().await;
+}
+
+/// Waits (up to a minute) for the client script's flag file.
+async fn wait_flag(dir: &Path, n: u32) {
+    let path = dir.join(format!("flag.{n}"));
+    for _ in 0..1200 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the MCP client never wrote {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forkd_mcp_outlives_a_daemon_restart() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let py = match tokio::task::spawn_blocking(mcp_python).await.unwrap() {
+        Ok(py) => py,
+        Err(why) if std::env::var_os("FORKD_TEST_REQUIRE_MCP_CLIENT").is_some() => {
+            panic!("the MCP Python client is required here: {why}")
+        }
+        Err(why) => {
+            skipped(&format!("the MCP Python client is not available: {why}"));
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("forkd.sock");
+    let d1 = match TestDaemon::try_start(Some(socket.clone()), |_| {}).await {
+        Ok(d) => d,
+        Err((e, _)) => panic!("start: {e}"),
+    };
+    let (flags, sock) = (dir.path().to_owned(), socket.clone());
+    let client = tokio::task::spawn_blocking(move || {
+        run_client(&py, &sock, &["--restart", flags.to_str().unwrap()])
+    });
+    wait_flag(dir.path(), 1).await;
+    // Leak checks once the MCP server (a child of this process) is gone.
+    let d1 = d1.shutdown().await;
+    std::fs::write(dir.path().join("flag.2"), "").unwrap();
+    wait_flag(dir.path(), 3).await;
+    let d2 = match TestDaemon::try_start(Some(socket.clone()), |_| {}).await {
+        Ok(d) => d,
+        Err((e, _)) => panic!("restart: {e}"),
+    };
+    std::fs::write(dir.path().join("flag.4"), "").unwrap();
+    let report = client.await.unwrap();
+    assert_eq!(report["steps"].as_array().unwrap().len(), 1, "{report}");
+    d2.finish().await;
+    d1.assert_no_leaks().await;
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
-use forkd_ipc::{AsyncClient, ClientError, Command, RunCode, SessionCreate};
+use forkd_ipc::{AsyncClient, ClientError, Command, ErrorCode, RunCode, SessionCreate};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{CallToolResult, Implementation, JsonObject, ServerCapabilities, ServerConfig};
 use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler};
@@ -17,6 +17,9 @@ use crate::render::{self, tool_error};
 
 /// Label every session created through MCP carries (value: the server's pid).
 pub const LABEL: &str = "forkd.mcp";
+
+/// Largest file read_file returns.
+pub const MAX_READ_BYTES: u64 = 8 << 20;
 
 type ToolResult = Result<CallToolResult, ErrorData>;
 
@@ -89,6 +92,19 @@ impl Daemon {
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Drops the connection after an error that says it will not serve
+    /// again (the next call reconnects: a restarted daemon is found).
+    pub async fn forget_if_dead(&self, e: &ClientError) {
+        let dead = match e {
+            ClientError::Server(reply) => reply.code == ErrorCode::ShuttingDown,
+            ClientError::Connect { .. } | ClientError::PermissionDenied { .. } => false,
+            _ => true,
+        };
+        if dead {
+            *self.client.lock().await = None;
+        }
     }
 
     /// A live client, connecting when there is none or the last one died.
@@ -166,7 +182,8 @@ impl ForkdMcp {
             .map_err(|e| daemon_error(self.daemon.socket(), &e))
     }
 
-    fn fail(&self, e: &ClientError) -> ToolResult {
+    async fn fail(&self, e: &ClientError) -> ToolResult {
+        self.daemon.forget_if_dead(e).await;
         Ok(daemon_error(self.daemon.socket(), e))
     }
 }
@@ -199,7 +216,7 @@ impl ForkdMcp {
                 .await
             {
                 Ok(r) => Ok(render::cell(&r)),
-                Err(e) => self.fail(&e),
+                Err(e) => self.fail(&e).await,
             };
         }
         // One-shot: a session of its own, killed right after (same
@@ -215,7 +232,7 @@ impl ForkdMcp {
             .await
         {
             Ok(i) => i,
-            Err(e) => return self.fail(&e),
+            Err(e) => return self.fail(&e).await,
         };
         let mut guard = OneShot {
             client: client.clone(),
@@ -233,7 +250,7 @@ impl ForkdMcp {
         guard.done = true;
         match result {
             Ok(r) => Ok(render::cell(&r)),
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 
@@ -265,7 +282,7 @@ impl ForkdMcp {
                 }
                 Ok(render::json(&render::session_json(&info, Some(!a.keep))))
             }
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 
@@ -289,7 +306,7 @@ impl ForkdMcp {
                     .collect();
                 Ok(render::json(&rows))
             }
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 
@@ -308,7 +325,7 @@ impl ForkdMcp {
                 self.owned.remove(&a.session_id);
                 Ok(render::json(&render::session_json(&info, None)))
             }
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 
@@ -333,7 +350,7 @@ impl ForkdMcp {
         };
         match client.command(&req).await {
             Ok(r) => Ok(render::command(&r)),
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 
@@ -374,13 +391,13 @@ impl ForkdMcp {
                     a.path
                 )),
             ])),
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 
     #[tool(
-        description = "Read a file from a session's sandbox: text as text, PNG/JPEG/GIF as an \
-            image, other binary files as base64 text.",
+        description = "Read a file (at most 8 MiB) from a session's sandbox: text as text, \
+            PNG/JPEG/GIF as an image, other binary files as base64 text.",
         input_schema = schema::<args::ReadFileArgs>()
     )]
     async fn read_file(&self, raw: JsonObject) -> ToolResult {
@@ -389,9 +406,28 @@ impl ForkdMcp {
             Ok(c) => c,
             Err(r) => return Ok(r),
         };
+        // Bounded: the answer is one JSON line on stdout, and a model's
+        // context is smaller still.
+        match client.stat_file(&a.session_id, &a.path).await {
+            Ok(st) if st.kind != "file" => {
+                return Ok(tool_error(format!(
+                    "{} is a {}, not a file (list_files lists directories)",
+                    a.path, st.kind
+                )))
+            }
+            Ok(st) if st.size > MAX_READ_BYTES => {
+                return Ok(tool_error(format!(
+                    "{} has {} bytes, more than read_file returns ({MAX_READ_BYTES}): read a part \
+                     with run_command (head -c, tail -c, split) or summarize it with run_code",
+                    a.path, st.size
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return self.fail(&e).await,
+        }
         match client.read_file(&a.session_id, &a.path).await {
             Ok(data) => Ok(render::file(&a.path, &data)),
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 
@@ -409,7 +445,7 @@ impl ForkdMcp {
         let path = a.path.unwrap_or_else(|| ".".into());
         match client.list_files(&a.session_id, &path).await {
             Ok(entries) => Ok(render::entries(&entries)),
-            Err(e) => self.fail(&e),
+            Err(e) => self.fail(&e).await,
         }
     }
 }

@@ -4,6 +4,9 @@ call_tool. Run by forkd/tests/mcp.rs against a real daemon.
 
 usage: client.py FORKD_BIN SOCKET          the full scenario
        client.py FORKD_BIN SOCKET --down   SOCKET has no daemon behind it
+       client.py FORKD_BIN SOCKET --sigterm  SIGTERM to the server
+       client.py FORKD_BIN SOCKET --restart DIR   across a daemon restart
+                                             (steps agreed through files in DIR)
 
 Prints one JSON object on its last stdout line (what the Rust side checks
 afterwards: the session ids and the steps that passed); exits non-zero with
@@ -13,6 +16,8 @@ the failed check's message otherwise.
 import asyncio
 import base64
 import json
+import os
+import signal
 import sys
 
 from mcp import ClientSession, StdioServerParameters
@@ -119,13 +124,19 @@ async def scenario(s):
     check(texts(res) == ["'héllo mcp\\n'"], "file seen by code", texts(res))
     res = await call(s, "read_file", {"session_id": sid, "path": "missing.txt"}, expect_error=True)
     check("not_found" in texts(res)[0], "missing file", texts(res))
-    steps.append("write_file/read_file: text and PNG round trips; missing file -> isError")
+    res = await call(s, "read_file", {"session_id": sid, "path": "/tmp"}, expect_error=True)
+    check("is a dir" in texts(res)[0], "directory", texts(res))
+    await call(s, "run_command", {"command": "head -c 9000000 /dev/zero > big", "session_id": sid})
+    res = await call(s, "read_file", {"session_id": sid, "path": "big"}, expect_error=True)
+    check("9000000 bytes, more than read_file returns" in texts(res)[0], "big file", texts(res))
+    steps.append("write_file/read_file: text and PNG round trips; missing file, directory, "
+                 "9 MB file -> isError")
 
     res = await call(s, "list_files", {"session_id": sid})
     entries = {e["name"]: e for e in json.loads(texts(res)[0])}
     check("notes.txt" in entries and entries["notes.txt"]["type"] == "file"
           and entries["notes.txt"]["size"] == len("héllo mcp\n".encode()), "listing", entries)
-    check("dot.png" in entries, "listing png", entries)
+    check("dot.png" in entries and "big" in entries, "listing png", entries)
     steps.append("list_files: notes.txt and dot.png with sizes")
 
     # An exception in the session: a tool result; the session lives on.
@@ -179,12 +190,84 @@ async def down(s):
     return {}
 
 
+async def flag(dir, n, wait=False):
+    """Step n of the restart dance: written by us, or awaited from the test."""
+    path = os.path.join(dir, f"flag.{n}")
+    if not wait:
+        open(path, "w").close()
+        return
+    for _ in range(1200):
+        if os.path.exists(path):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the test never wrote {path}")
+
+
+async def restart(s, dir):
+    """One MCP server across a daemon restart: errors while it is gone, and
+    it reconnects by itself once it is back."""
+    await s.initialize()
+    res = await call(s, "run_code", {"code": "1 + 1"})
+    check(texts(res) == ["2"], "before the restart", texts(res))
+    await flag(dir, 1)
+    await flag(dir, 2, wait=True)  # the daemon is gone
+    res = await call(s, "run_code", {"code": "1 + 1"}, expect_error=True)
+    # A daemon stopping answers shutting_down on the connection it still
+    # holds; once it is gone nothing listens.
+    check("not running" in texts(res)[0] or "shutting_down" in texts(res)[0],
+          "while down", texts(res))
+    await flag(dir, 3)
+    await flag(dir, 4, wait=True)  # a new daemon on the same socket
+    res = await call(s, "run_code", {"code": "6 * 7"})
+    check(texts(res) == ["42"], "after the restart", texts(res))
+    steps.append("daemon restart: isError while down, reconnected by itself after")
+    return {}
+
+
+def server_pid():
+    """The pid of our `forkd mcp` child (the SDK does not expose it)."""
+    me = str(os.getpid())
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if comm == "forkd" and rest[1] == me:
+            return int(pid)
+    raise AssertionError("no forkd child found")
+
+
+async def sigterm(s):
+    """SIGTERM to the server ends it like a closed stdin: its sessions are killed."""
+    await s.initialize()
+    sid = json.loads(texts(await call(s, "session_create", {}))[0])["session_id"]
+    pid = server_pid()
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(400):
+        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("forkd mcp did not exit on SIGTERM")
+    steps.append("SIGTERM: forkd mcp exited")
+    return {"session": sid}
+
+
 async def main():
     forkd, socket = sys.argv[1], sys.argv[2]
     params = StdioServerParameters(command=forkd, args=["mcp", "--socket", socket])
     async with stdio_client(params) as (r, w):
         async with ClientSession(r, w) as s:
-            out = await (down(s) if "--down" in sys.argv else scenario(s))
+            if "--down" in sys.argv:
+                out = await down(s)
+            elif "--sigterm" in sys.argv:
+                out = await sigterm(s)
+            elif "--restart" in sys.argv:
+                out = await restart(s, sys.argv[sys.argv.index("--restart") + 1])
+            else:
+                out = await scenario(s)
     out["steps"] = steps
     print(json.dumps(out))
 
