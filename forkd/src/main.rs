@@ -55,7 +55,8 @@ enum Command {
     /// exits unless created with keep=true. See README "MCP server".
     Mcp {
         /// Socket of the daemon to use (default as for the daemon:
-        /// $FORKD_SOCKET, /run/forkd/forkd.sock as root).
+        /// $FORKD_SOCKET, else the `socket` of -c FILE, else
+        /// /run/forkd/forkd.sock as root).
         #[arg(long = "socket", env = "FORKD_SOCKET")]
         daemon_socket: Option<PathBuf>,
     },
@@ -79,10 +80,22 @@ fn main() -> ExitCode {
         };
     }
     if let Some(Command::Mcp { daemon_socket }) = &args.command {
-        return mcp(
-            daemon_socket.clone().or(args.socket.clone()),
-            &args.log_level,
-        );
+        // --socket or FORKD_SOCKET, then the config's socket (-c FILE), then the default.
+        let from_config = match &args.config {
+            Some(path) => match forkd::Config::load(path) {
+                Ok(c) => c.socket,
+                Err(e) => {
+                    eprintln!("forkd mcp: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => None,
+        };
+        let socket = daemon_socket
+            .clone()
+            .or(args.socket.clone())
+            .or(from_config);
+        return mcp(socket, &args.log_level);
     }
     let mut config = match &args.config {
         Some(path) => match forkd::Config::load(path) {
