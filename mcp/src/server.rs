@@ -119,23 +119,28 @@ impl Daemon {
     }
 }
 
-/// Kills a one-shot session even when its call is dropped mid-way (the
-/// client cancelled it).
+/// A one-shot session: killed in the background once its call ends (the
+/// reply does not wait for the teardown), or when the call is dropped
+/// mid-way (the client cancelled it). Until the kill is confirmed its id
+/// stays in [`Owned`], so the kill at exit covers a kill still in flight.
 struct OneShot {
     client: AsyncClient,
     id: String,
-    done: bool,
+    owned: Arc<Owned>,
 }
 
 impl Drop for OneShot {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let (client, id) = (self.client.clone(), std::mem::take(&mut self.id));
+        let (client, id, owned) = (
+            self.client.clone(),
+            std::mem::take(&mut self.id),
+            Arc::clone(&self.owned),
+        );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = client.session_kill(&id).await;
+                if client.session_kill(&id).await.is_ok() {
+                    owned.remove(&id);
+                }
             });
         }
     }
@@ -234,10 +239,11 @@ impl ForkdMcp {
             Ok(i) => i,
             Err(e) => return self.fail(&e).await,
         };
-        let mut guard = OneShot {
+        self.owned.insert(&info.session);
+        let _kill = OneShot {
             client: client.clone(),
             id: info.session.clone(),
-            done: false,
+            owned: Arc::clone(&self.owned),
         };
         let result = client
             .run_code(&RunCode {
@@ -246,8 +252,6 @@ impl ForkdMcp {
                 timeout_ms: a.timeout_ms,
             })
             .await;
-        let _ = client.session_kill(&info.session).await;
-        guard.done = true;
         match result {
             Ok(r) => Ok(render::cell(&r)),
             Err(e) => self.fail(&e).await,
