@@ -10,7 +10,8 @@ use base64::Engine as _;
 use forkd_ipc::{AsyncClient, ClientError, Command, ErrorCode, RunCode, SessionCreate};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{CallToolResult, Implementation, JsonObject, ServerCapabilities, ServerConfig};
-use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler};
+use rmcp::service::RequestContext;
+use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
 
 use crate::args::{self, schema};
 use crate::render::{self, tool_error};
@@ -48,6 +49,25 @@ fn daemon_error(socket: &Path, e: &ClientError) -> CallToolResult {
         }
         other => tool_error(format!("forkd call failed: {other}")),
     }
+}
+
+/// Runs `work` unless the client cancels the call first (MCP
+/// `notifications/cancelled`): then `work` is dropped, which cancels the
+/// daemon request (a cell is interrupted, a command killed).
+async fn cancellable<T>(
+    ctx: &RequestContext<RoleServer>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        r = work => Some(r),
+        () = ctx.ct.cancelled() => None,
+    }
+}
+
+/// The result of a cancelled call (the client has stopped waiting for it,
+/// but it is still a well-formed answer).
+fn cancelled(what: &str) -> CallToolResult {
+    tool_error(format!("cancelled by the client: {what}"))
 }
 
 /// Sessions this server created and must kill when it exits.
@@ -205,23 +225,24 @@ impl ForkdMcp {
             the traceback.",
         input_schema = schema::<args::RunCodeArgs>()
     )]
-    async fn run_code(&self, raw: JsonObject) -> ToolResult {
+    async fn run_code(&self, raw: JsonObject, ctx: RequestContext<RoleServer>) -> ToolResult {
         let a: args::RunCodeArgs = parse_or_fail!("run_code", raw);
         let client = match self.connect().await {
             Ok(c) => c,
             Err(r) => return Ok(r),
         };
         if let Some(session) = a.session_id {
-            return match client
-                .run_code(&RunCode {
-                    session,
-                    code: a.code,
-                    timeout_ms: a.timeout_ms,
-                })
-                .await
-            {
-                Ok(r) => Ok(render::cell(&r)),
-                Err(e) => self.fail(&e).await,
+            let req = RunCode {
+                session,
+                code: a.code,
+                timeout_ms: a.timeout_ms,
+            };
+            return match cancellable(&ctx, client.run_code(&req)).await {
+                Some(Ok(r)) => Ok(render::cell(&r)),
+                Some(Err(e)) => self.fail(&e).await,
+                None => Ok(cancelled(
+                    "the cell was interrupted; the session keeps its state",
+                )),
             };
         }
         // One-shot: a session of its own, killed right after (same
@@ -245,16 +266,15 @@ impl ForkdMcp {
             id: info.session.clone(),
             owned: Arc::clone(&self.owned),
         };
-        let result = client
-            .run_code(&RunCode {
-                session: info.session.clone(),
-                code: a.code,
-                timeout_ms: a.timeout_ms,
-            })
-            .await;
-        match result {
-            Ok(r) => Ok(render::cell(&r)),
-            Err(e) => self.fail(&e).await,
+        let req = RunCode {
+            session: info.session.clone(),
+            code: a.code,
+            timeout_ms: a.timeout_ms,
+        };
+        match cancellable(&ctx, client.run_code(&req)).await {
+            Some(Ok(r)) => Ok(render::cell(&r)),
+            Some(Err(e)) => self.fail(&e).await,
+            None => Ok(cancelled("the sandbox is discarded")),
         }
     }
 
@@ -339,7 +359,7 @@ impl ForkdMcp {
             timeout is an error result.",
         input_schema = schema::<args::RunCommandArgs>()
     )]
-    async fn run_command(&self, raw: JsonObject) -> ToolResult {
+    async fn run_command(&self, raw: JsonObject, ctx: RequestContext<RoleServer>) -> ToolResult {
         let a: args::RunCommandArgs = parse_or_fail!("run_command", raw);
         let client = match self.connect().await {
             Ok(c) => c,
@@ -352,9 +372,10 @@ impl ForkdMcp {
             timeout_ms: a.timeout_ms,
             ..Command::default()
         };
-        match client.command(&req).await {
-            Ok(r) => Ok(render::command(&r)),
-            Err(e) => self.fail(&e).await,
+        match cancellable(&ctx, client.command(&req)).await {
+            Some(Ok(r)) => Ok(render::command(&r)),
+            Some(Err(e)) => self.fail(&e).await,
+            None => Ok(cancelled("the command was killed")),
         }
     }
 

@@ -19,6 +19,9 @@ import json
 import os
 import signal
 import sys
+import time
+
+import anyio
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -148,7 +151,20 @@ async def scenario(s):
     res = await call(s, "run_code", {"code": "import time; time.sleep(30)", "session_id": sid,
                                      "timeout_ms": 300}, expect_error=True)
     check(any("timeout" in t for t in texts(res)), "timeout note", texts(res))
-    steps.append("session exception -> isError with traceback; timeout -> isError; state kept")
+    # A call the client cancels interrupts the cell (the next one does not
+    # wait 30 s for it) and the session keeps its state.
+    t0 = time.monotonic()
+    with anyio.move_on_after(1.0) as scope:
+        await s.call_tool("run_code", {"code": "import time; time.sleep(30); y = 1",
+                                       "session_id": sid})
+    check(scope.cancelled_caught, "the long cell should still run after 1 s")
+    res = await call(s, "run_code", {"code": "x", "session_id": sid})
+    elapsed = time.monotonic() - t0
+    check(texts(res) == ["41"] and elapsed < 15, "after a cancelled cell", (texts(res), elapsed))
+    res = await call(s, "run_code", {"code": "y", "session_id": sid}, expect_error=True)
+    check(any("NameError" in t for t in texts(res)), "the cancelled cell stopped", texts(res))
+    steps.append("session exception -> isError with traceback; timeout -> isError; a cancelled "
+                 f"call interrupts its cell (next cell after {elapsed:.1f} s); state kept")
 
     # Bad arguments: tool errors that say what is wrong.
     res = await call(s, "run_code", {}, expect_error=True)
