@@ -7,9 +7,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
-use forkd_ipc::{AsyncClient, ClientError, Command, ErrorCode, RunCode, SessionCreate};
+use forkd_ipc::{
+    AsyncClient, CellResult, ClientError, Command, CommandResult, ErrorCode, Event, RequestStream,
+    RunCode, SessionCreate, Stream,
+};
 use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::model::{CallToolResult, Implementation, JsonObject, ServerCapabilities, ServerConfig};
+use rmcp::model::{
+    CallToolResult, Implementation, JsonObject, ProgressNotificationParam, ServerCapabilities,
+    ServerConfig,
+};
 use rmcp::service::RequestContext;
 use rmcp::{tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
 
@@ -62,6 +68,56 @@ async fn cancellable<T>(
         r = work => Some(r),
         () = ctx.ct.cancelled() => None,
     }
+}
+
+/// Reads a cell's or command's events to its end; with a progress token
+/// in the call (the client asked for progress), each chunk of output is
+/// sent as it comes as a progress notification whose message is the text
+/// (stderr marked `[stderr]`).
+async fn stream_events(
+    ctx: &RequestContext<RoleServer>,
+    stream: &mut RequestStream,
+) -> Result<(), ClientError> {
+    let token = ctx.meta.get_progress_token();
+    let mut chunks: u32 = 0;
+    while let Some(event) = stream.next_event().await? {
+        let (Some(token), Event::Output { stream, data }) = (&token, event) else {
+            continue;
+        };
+        chunks = chunks.saturating_add(1);
+        let text = String::from_utf8_lossy(&data);
+        let message = match stream {
+            Stream::Stdout => text.into_owned(),
+            Stream::Stderr => format!("[stderr] {text}"),
+        };
+        let note =
+            ProgressNotificationParam::new(token.clone(), f64::from(chunks)).with_message(message);
+        // A client gone deaf does not stop the work; the result still says it all.
+        let _ = ctx.peer.notify_progress(note).await;
+    }
+    Ok(())
+}
+
+/// Runs a cell, streaming its output as progress (see [`stream_events`]).
+async fn run_cell(
+    client: &AsyncClient,
+    req: &RunCode,
+    ctx: &RequestContext<RoleServer>,
+) -> Result<CellResult, ClientError> {
+    let mut stream = client.run_code_stream(req).await?;
+    stream_events(ctx, &mut stream).await?;
+    stream.cell().await
+}
+
+/// Runs a command, streaming its output as progress.
+async fn run_shell(
+    client: &AsyncClient,
+    req: &Command,
+    ctx: &RequestContext<RoleServer>,
+) -> Result<CommandResult, ClientError> {
+    let mut stream = client.command_stream(req).await?;
+    stream_events(ctx, &mut stream).await?;
+    stream.command().await
 }
 
 /// The result of a cancelled call (the client has stopped waiting for it,
@@ -222,7 +278,8 @@ impl ForkdMcp {
             imports and files persist between calls. Returns stdout, stderr (marked [stderr]), \
             displayed values and the trailing expression's value as text, and figures/PNG \
             displays as images. An exception or timeout is reported as an error result carrying \
-            the traceback.",
+            the traceback. Output also streams as progress notifications when the call asks for \
+            progress; cancelling the call interrupts the code.",
         input_schema = schema::<args::RunCodeArgs>()
     )]
     async fn run_code(&self, raw: JsonObject, ctx: RequestContext<RoleServer>) -> ToolResult {
@@ -237,7 +294,7 @@ impl ForkdMcp {
                 code: a.code,
                 timeout_ms: a.timeout_ms,
             };
-            return match cancellable(&ctx, client.run_code(&req)).await {
+            return match cancellable(&ctx, run_cell(&client, &req, &ctx)).await {
                 Some(Ok(r)) => Ok(render::cell(&r)),
                 Some(Err(e)) => self.fail(&e).await,
                 None => Ok(cancelled(
@@ -271,7 +328,7 @@ impl ForkdMcp {
             code: a.code,
             timeout_ms: a.timeout_ms,
         };
-        match cancellable(&ctx, client.run_code(&req)).await {
+        match cancellable(&ctx, run_cell(&client, &req, &ctx)).await {
             Some(Ok(r)) => Ok(render::cell(&r)),
             Some(Err(e)) => self.fail(&e).await,
             None => Ok(cancelled("the sandbox is discarded")),
@@ -356,7 +413,8 @@ impl ForkdMcp {
     #[tool(
         description = "Run a shell command (/bin/sh -c) in a session's sandbox. Returns the exit \
             code, then stdout and stderr (marked [stderr]); a non-zero exit, a signal or a \
-            timeout is an error result.",
+            timeout is an error result. Output also streams as progress notifications when the \
+            call asks for progress; cancelling the call kills the command.",
         input_schema = schema::<args::RunCommandArgs>()
     )]
     async fn run_command(&self, raw: JsonObject, ctx: RequestContext<RoleServer>) -> ToolResult {
@@ -372,7 +430,7 @@ impl ForkdMcp {
             timeout_ms: a.timeout_ms,
             ..Command::default()
         };
-        match cancellable(&ctx, client.command(&req)).await {
+        match cancellable(&ctx, run_shell(&client, &req, &ctx)).await {
             Some(Ok(r)) => Ok(render::command(&r)),
             Some(Err(e)) => self.fail(&e).await,
             None => Ok(cancelled("the command was killed")),

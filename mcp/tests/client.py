@@ -106,6 +106,26 @@ async def scenario(s):
     check(texts(res) == ["42"], "x + 1", texts(res))
     steps.append("session_create, run_code x = 41 then x + 1 -> 42")
 
+    # With a progress callback, output streams as it is written.
+    got = []
+
+    async def on_progress(progress, total, message):
+        got.append((progress, message, time.monotonic()))
+
+    code = "import time\nprint('a', flush=True)\ntime.sleep(0.5)\nprint('b')"
+    res = await s.call_tool("run_code", {"code": code, "session_id": sid},
+                            progress_callback=on_progress)
+    done = time.monotonic()
+    check(not res.is_error and texts(res) == ["a\nb\n"], "streamed cell result", texts(res))
+    check([(p, m) for p, m, _ in got] == [(1, "a\n"), (2, "b\n")], "progress messages", got)
+    check(done - got[0][2] >= 0.4, "'a' came before the cell ended", (got, done))
+    got.clear()
+    res = await s.call_tool("run_command", {"command": "echo out; echo err >&2", "session_id": sid},
+                            progress_callback=on_progress)
+    check(sorted(m for _, m, _ in got) == ["[stderr] err\n", "out\n"], "command progress", got)
+    steps.append("progress callback: a cell's and a command's output streamed as progress "
+                 "notifications while they run")
+
     res = await call(s, "run_command", {"command": "echo hi", "session_id": sid})
     check(texts(res) == ["exit code 0", "hi\n"], "echo hi", texts(res))
     res = await call(s, "run_command", {"command": "echo oops >&2; exit 3", "session_id": sid},
