@@ -477,6 +477,11 @@ impl Config {
                 "max_concurrent must be at least 1".into(),
             ));
         }
+        if self.sessions.max_requests_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "[sessions] max_requests_per_connection must be at least 1".into(),
+            ));
+        }
         forkd_pool::uids::UidRange::new(self.sandbox_uid_base, self.sandbox_uid_count)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         // Every running and every warm child holds an id; twice that leaves
@@ -848,6 +853,9 @@ pub struct SessionsSection {
     pub interrupt_grace_ms: u64,
     /// Ended sessions remembered for `session_info` (why they ended).
     pub remember_ended: usize,
+    /// Session requests one connection may have in flight; more are
+    /// answered `busy` (a bound on what one client can make the daemon hold).
+    pub max_requests_per_connection: usize,
 }
 
 impl Default for SessionsSection {
@@ -860,6 +868,7 @@ impl Default for SessionsSection {
             default_idle_timeout_ms: None,
             interrupt_grace_ms: 2_000,
             remember_ended: 1024,
+            max_requests_per_connection: 1024,
         }
     }
 }

@@ -129,6 +129,7 @@ pub fn error_code_label(code: ErrorCode) -> &'static str {
         ErrorCode::NotFound => "not_found",
         ErrorCode::FileError => "file_error",
         ErrorCode::Cancelled => "cancelled",
+        ErrorCode::Busy => "busy",
     }
 }
 
@@ -307,6 +308,9 @@ pub struct SessionSnapshot {
     pub cells: u64,
     /// Ended sessions by why (`killed`, `ttl`, `idle`, `died`, `shutdown`).
     pub ended: Vec<(&'static str, u64)>,
+    /// Session requests answered: (operation, outcome, count); the outcome
+    /// is `ok` or the error code (`cancelled` for cancels).
+    pub requests: Vec<(&'static str, &'static str, u64)>,
 }
 
 #[derive(Debug)]
@@ -393,6 +397,18 @@ impl Collector for Snapshot {
             )?;
             for (why, n) in &self.sessions.ended {
                 let labels = [("ended_by", *why)];
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "forkd_session_requests",
+                "Session requests answered, by operation and outcome (ok, or the error code; cancels count as cancelled).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (op, outcome, n) in &self.sessions.requests {
+                let labels = [("op", *op), ("outcome", *outcome)];
                 ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
             }
         }

@@ -698,6 +698,10 @@ pub enum ErrorCode {
     FileError,
     /// The request was cancelled (by `cancel`, version 2).
     Cancelled,
+    /// The connection already has the most session requests in flight that
+    /// the daemon allows (`[sessions] max_requests_per_connection`); wait for
+    /// some to finish, or open another connection (version 2).
+    Busy,
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -75,6 +75,8 @@ pub struct Session {
     cgroup: Mutex<Option<forkd_pool::CgroupCleanup>>,
     freezer: Mutex<Option<forkd_cgroup::Freezer>>,
     next_req: AtomicU64,
+    /// The cgroup's OOM-kill count when last looked at (after a death).
+    oom_kills_seen: AtomicU64,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -262,7 +264,15 @@ impl Session {
     }
 
     /// OOM kills in the session's cgroup so far.
-    pub fn oom_kills(&self) -> u64 {
+    /// Whether the out-of-memory killer struck in the session's cgroup
+    /// since the last look. Read from the cgroup only when asked (after a
+    /// death), never per cell: the files cost ~100 us of path walks.
+    pub fn oom_since_last_look(&self) -> bool {
+        let now = self.oom_kills();
+        now > self.oom_kills_seen.swap(now, Ordering::Relaxed)
+    }
+
+    fn oom_kills(&self) -> u64 {
         lock(&self.cgroup)
             .as_ref()
             .and_then(|c| c.get())
@@ -347,6 +357,9 @@ struct Counts {
     cells: AtomicU64,
     /// By [`SessionEnd`], in [`END_LABELS`] order.
     ended: [AtomicU64; 5],
+    /// Session requests answered, by (operation, outcome): `ok` or the
+    /// error code. A few dozen keys at most; one short lock per request.
+    requests: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 const END_LABELS: [&str; 5] = ["killed", "ttl", "idle", "died", "shutdown"];
@@ -412,7 +425,18 @@ impl Sessions {
                 .zip(&self.counts.ended)
                 .map(|(l, n)| (*l, n.load(Ordering::Relaxed)))
                 .collect(),
+            requests: lock(&self.counts.requests)
+                .iter()
+                .map(|(&(op, outcome), &n)| (op, outcome, n))
+                .collect(),
         }
+    }
+
+    /// Counts one answered session request.
+    pub(crate) fn count_request(&self, op: &'static str, outcome: &'static str) {
+        *lock(&self.counts.requests)
+            .entry((op, outcome))
+            .or_default() += 1;
     }
 
     pub(crate) fn count_cell(&self) {

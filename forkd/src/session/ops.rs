@@ -182,6 +182,7 @@ pub async fn create(
         cgroup: Mutex::new(Some(cgroup)),
         freezer: Mutex::new(None),
         next_req: std::sync::atomic::AtomicU64::new(1),
+        oom_kills_seen: std::sync::atomic::AtomicU64::new(0),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -329,7 +330,6 @@ pub async fn run_code(
         return Err(invalid("timeout_ms must be at least 1"));
     }
     let req = session.next_req();
-    let ooms = session.oom_kills();
     let mut rx = session.request(&ToExecutor::Cell { req, code: rc.code }, req, &[])?;
     session.count_cell();
     let started = Instant::now();
@@ -378,7 +378,7 @@ pub async fn run_code(
         return Err(cancelled_error());
     }
     if let Some(e) = &mut result.error {
-        if e.name == "KernelDied" && session.oom_kills() > ooms {
+        if e.name == "KernelDied" && session.oom_since_last_look() {
             e.value = format!(
                 "the interpreter was killed by the out-of-memory killer: the session may use {} MiB (limits.memory_bytes). Its state (variables, imports) is lost; a fresh interpreter runs the next cells",
                 session.limits.memory_bytes >> 20
@@ -440,6 +440,10 @@ pub async fn command(
                 Some((FromExecutor::CommandDone { exit_code, signal, stdout_truncated, stderr_truncated, .. }, _)) => {
                     result.exit_code = exit_code;
                     result.signal = signal;
+                    if signal == Some(libc::SIGKILL) {
+                        // An OOM kill of a command is not the interpreter's.
+                        session.oom_since_last_look();
+                    }
                     result.stdout_truncated = stdout_truncated;
                     result.stderr_truncated = stderr_truncated;
                     break;
@@ -652,6 +656,7 @@ pub async fn serve(
     use forkd_ipc::RequestBody as B;
     let id = out.id;
     let uid = peer.uid;
+    let op = body.op();
     let outcome: Result<ResponseBody, ErrorReply> = async {
         Ok(match body {
             B::SessionCreate(c) => ResponseBody::Session(create(&sessions, c, peer).await?),
@@ -720,6 +725,11 @@ pub async fn serve(
     }
     .await;
     lock_cancels(&cancels).remove(&id);
+    let label = match &outcome {
+        Ok(_) => "ok",
+        Err(e) => crate::metrics::error_code_label(e.code),
+    };
+    sessions.count_request(op, label);
     if let Err(e) = &outcome {
         tracing::debug!(request = id, code = %e.code, "session request failed: {}", e.message);
     }
