@@ -132,8 +132,18 @@ async fn the_mcp_python_sdk_drives_forkd_mcp() {
         .unwrap();
     assert_eq!(report["steps"].as_array().unwrap().len(), 1);
 
+    // Figures too when the zygote's interpreter has matplotlib
+    // (scripts/venv.sh installs it).
+    let has_mpl = Command::new(python())
+        .args(["-c", "import matplotlib"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_mpl {
+        skipped("the matplotlib figure step: matplotlib is not installed in the test python");
+    }
+    let extra: &'static [&'static str] = if has_mpl { &["--matplotlib"] } else { &[] };
     let (py2, socket) = (py.clone(), d.socket.clone());
-    let report = tokio::task::spawn_blocking(move || run_client(&py2, &socket, &[]))
+    let report = tokio::task::spawn_blocking(move || run_client(&py2, &socket, extra))
         .await
         .unwrap();
     assert!(report["steps"].as_array().unwrap().len() >= 12, "{report}");

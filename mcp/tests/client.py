@@ -2,7 +2,8 @@
 MCP client application would: stdio transport, initialize, list_tools,
 call_tool. Run by forkd/tests/mcp.rs against a real daemon.
 
-usage: client.py FORKD_BIN SOCKET          the full scenario
+usage: client.py FORKD_BIN SOCKET [--matplotlib]   the full scenario
+                                             (--matplotlib: the zygote has it)
        client.py FORKD_BIN SOCKET --down   SOCKET has no daemon behind it
        client.py FORKD_BIN SOCKET --sigterm  SIGTERM to the server
        client.py FORKD_BIN SOCKET --restart DIR   across a daemon restart
@@ -87,6 +88,14 @@ async def scenario(s):
     check(len(imgs) == 1 and imgs[0].mime_type == "image/png", "one-shot image", res.content)
     check(base64.b64decode(imgs[0].data) == PNG, "image bytes", imgs[0].data[:40])
     steps.append("run_code one-shot: stdout + value 42; PNG display as image content")
+    if "--matplotlib" in sys.argv:
+        res = await call(s, "run_code", {"code": (
+            "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('mcp')\nNone")})
+        imgs = images(res)
+        check(len(imgs) == 1 and imgs[0].mime_type == "image/png"
+              and base64.b64decode(imgs[0].data).startswith(b"\x89PNG\r\n\x1a\n"),
+              "matplotlib figure as image content", res.content)
+        steps.append("run_code one-shot: a matplotlib figure left open -> one PNG image content")
     # A one-shot exception: a tool result with the traceback.
     res = await call(s, "run_code", {"code": "def f():\n    raise ValueError('bad')\nf()"},
                      expect_error=True)
