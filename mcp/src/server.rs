@@ -280,7 +280,8 @@ impl ForkdMcp {
             displays as images. An exception or timeout is reported as an error result carrying \
             the traceback. Output also streams as progress notifications when the call asks for \
             progress; cancelling the call interrupts the code.",
-        input_schema = schema::<args::RunCodeArgs>()
+        input_schema = schema::<args::RunCodeArgs>(),
+        annotations(title = "Run Python", read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn run_code(&self, raw: JsonObject, ctx: RequestContext<RoleServer>) -> ToolResult {
         let a: args::RunCodeArgs = parse_or_fail!("run_code", raw);
@@ -341,7 +342,8 @@ impl ForkdMcp {
             Sessions created here are killed when this MCP server exits (its client \
             disconnects), unless keep=true; every session also ends at its TTL (ttl_ms, default \
             the daemon's, 5 min out of the box) or when killed with session_kill.",
-        input_schema = schema::<args::SessionCreateArgs>()
+        input_schema = schema::<args::SessionCreateArgs>(),
+        annotations(title = "Create a session", read_only_hint = false, destructive_hint = false, open_world_hint = false)
     )]
     async fn session_create(&self, raw: JsonObject) -> ToolResult {
         let a: args::SessionCreateArgs = parse_or_fail!("session_create", raw);
@@ -371,7 +373,8 @@ impl ForkdMcp {
         description = "List the forkd sessions visible to this user (optionally only those \
             carrying every given label), with state, age, TTL left, cells run, memory, and \
             whether this MCP server will kill them when it exits.",
-        input_schema = schema::<args::SessionListArgs>()
+        input_schema = schema::<args::SessionListArgs>(),
+        annotations(title = "List sessions", read_only_hint = true, open_world_hint = false)
     )]
     async fn session_list(&self, raw: JsonObject) -> ToolResult {
         let a: args::SessionListArgs = parse_or_fail!("session_list", raw);
@@ -393,7 +396,8 @@ impl ForkdMcp {
 
     #[tool(
         description = "Kill a forkd session (its processes, files and state are gone).",
-        input_schema = schema::<args::SessionKillArgs>()
+        input_schema = schema::<args::SessionKillArgs>(),
+        annotations(title = "Kill a session", read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn session_kill(&self, raw: JsonObject) -> ToolResult {
         let a: args::SessionKillArgs = parse_or_fail!("session_kill", raw);
@@ -415,7 +419,8 @@ impl ForkdMcp {
             code, then stdout and stderr (marked [stderr]); a non-zero exit, a signal or a \
             timeout is an error result. Output also streams as progress notifications when the \
             call asks for progress; cancelling the call kills the command.",
-        input_schema = schema::<args::RunCommandArgs>()
+        input_schema = schema::<args::RunCommandArgs>(),
+        annotations(title = "Run a shell command", read_only_hint = false, destructive_hint = true, open_world_hint = false)
     )]
     async fn run_command(&self, raw: JsonObject, ctx: RequestContext<RoleServer>) -> ToolResult {
         let a: args::RunCommandArgs = parse_or_fail!("run_command", raw);
@@ -440,7 +445,8 @@ impl ForkdMcp {
     #[tool(
         description = "Write a file in a session's sandbox (created or replaced): text in \
             content, or bytes in content_base64.",
-        input_schema = schema::<args::WriteFileArgs>()
+        input_schema = schema::<args::WriteFileArgs>(),
+        annotations(title = "Write a file", read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn write_file(&self, raw: JsonObject) -> ToolResult {
         let a: args::WriteFileArgs = parse_or_fail!("write_file", raw);
@@ -481,7 +487,8 @@ impl ForkdMcp {
     #[tool(
         description = "Read a file (at most 8 MiB) from a session's sandbox: text as text, \
             PNG/JPEG/GIF as an image, other binary files as base64 text.",
-        input_schema = schema::<args::ReadFileArgs>()
+        input_schema = schema::<args::ReadFileArgs>(),
+        annotations(title = "Read a file", read_only_hint = true, open_world_hint = false)
     )]
     async fn read_file(&self, raw: JsonObject) -> ToolResult {
         let a: args::ReadFileArgs = parse_or_fail!("read_file", raw);
@@ -517,7 +524,8 @@ impl ForkdMcp {
     #[tool(
         description = "List a directory in a session's sandbox (default: its working directory, \
             /tmp), as JSON entries with name, path, type, size, mode and modified_ms.",
-        input_schema = schema::<args::ListFilesArgs>()
+        input_schema = schema::<args::ListFilesArgs>(),
+        annotations(title = "List a directory", read_only_hint = true, open_world_hint = false)
     )]
     async fn list_files(&self, raw: JsonObject) -> ToolResult {
         let a: args::ListFilesArgs = parse_or_fail!("list_files", raw);

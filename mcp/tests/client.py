@@ -73,7 +73,11 @@ async def scenario(s):
     check(set(rc["properties"]) == {"code", "session_id", "timeout_ms"}, "run_code props", rc)
     check("killed when this MCP server exits" in tools["session_create"].description,
           "session lifetime in session_create's description", tools["session_create"].description)
-    steps.append(f"list_tools: {len(tools)} tools with object schemas")
+    ro = {n for n, t in tools.items() if t.annotations and t.annotations.read_only_hint}
+    check(ro == {"session_list", "read_file", "list_files"}, "read-only hints", ro)
+    check(tools["session_kill"].annotations.destructive_hint is True, "destructive hint",
+          tools["session_kill"].annotations)
+    steps.append(f"list_tools: {len(tools)} tools with object schemas and annotations")
 
     # One-shot: output, value, and a PNG display as image content.
     res = await call(s, "run_code", {"code": "print('hello'); 6 * 7"})
