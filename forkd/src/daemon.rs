@@ -345,7 +345,11 @@ pub async fn start_with(
         None => configured,
     };
 
-    let network = crate::network::Network::start(&settings.config.network, sys::euid() == 0)?;
+    let network = crate::network::Network::start(
+        &settings.config.network,
+        &settings.config.zygotes,
+        sys::euid() == 0,
+    )?;
     let zygotes = zygote_configs(&settings)?;
     let cgroups = Arc::new(cgroup_manager(&settings.config.cgroup)?);
     let pool = Supervisor::start(zygotes);

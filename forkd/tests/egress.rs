@@ -241,6 +241,55 @@ async fn bad_allowlists_are_refused_at_admission_naming_the_rule_() {
 }
 
 #[test]
+fn a_zygote_narrows_the_network_bound_for_its_requests() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    serial(a_zygote_narrows_the_network_bound_for_its_requests_());
+}
+
+async fn a_zygote_narrows_the_network_bound_for_its_requests_() {
+    let d = TestDaemon::start(|c| {
+        let mut narrow = c.zygotes[0].clone();
+        narrow.name = "narrow".into();
+        narrow.warm_pool = 0;
+        narrow.network_allow = Some(vec!["198.18.0.0/15:8000-8099".into()]);
+        narrow.network_deny = vec!["198.18.7.0/24".into()];
+        c.zygotes.push(narrow);
+    })
+    .await;
+    let ask = |zygote: &str, allow: &str| {
+        let mut r = req("print(1)");
+        r.zygote = Some(zygote.into());
+        r.allow_net = vec![allow.into()];
+        r
+    };
+    // The zygote's own allow bound, named in the refusal.
+    let e = server_error(d.spawn(&ask("narrow", "pkg.test:443")).await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::LimitExceedsPolicy, "{}", e.message);
+    assert!(
+        e.message.contains("zygote `narrow` network_allow")
+            && e.message.contains("198.18.0.0/15:8000-8099"),
+        "{}",
+        e.message
+    );
+    // Its extra deny rule, and the daemon-wide one, both hold.
+    let e = server_error(
+        d.spawn(&ask("narrow", "198.18.7.9:8080"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.message.contains("198.18.7.0/24"), "{}", e.message);
+    // Inside its bound: admitted (nothing is sent: the program does not connect).
+    let r = d.spawn(&ask("narrow", "198.18.0.9:8080")).await.unwrap();
+    assert_eq!(r.stdout, b"1\n");
+    // The default zygote keeps the [network] bound.
+    let r = d.spawn(&ask("default", "pkg.test:443")).await.unwrap();
+    assert_eq!(r.stdout, b"1\n");
+    d.finish().await;
+}
+
+#[test]
 fn many_sandboxes_with_network_leave_nothing_behind() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;

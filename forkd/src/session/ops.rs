@@ -106,7 +106,7 @@ pub async fn create(
     let frame = job.frame().map_err(|e| invalid(e.to_string()))?;
     let state = &sessions.state;
     // `None` (no allowlist) costs nothing: no network, as for spawn.
-    let allow = state.network.admit(&req.allow_net)?;
+    let allow = state.network.admit(&req.allow_net, &resolved.zygote)?;
     let workspace = match &req.workspace {
         Some(w) => {
             let who = crate::workspace::Requester {
@@ -642,7 +642,7 @@ pub async fn set_network(
         return Err(session.ended_error());
     }
     let network = &sessions.state.network;
-    let allow = network.admit(&allow_net)?;
+    let allow = network.admit(&allow_net, &session.zygote)?;
     let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
     let mut egress = session.egress.lock().await;
     let mut stopped = None;
