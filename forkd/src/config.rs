@@ -935,6 +935,10 @@ pub struct NetworkSection {
     pub connect_timeout_ms: u64,
     /// Most proxied connections open at once per sandbox; more are reset.
     pub max_connections: usize,
+    /// Bytes per second one sandbox's connections may move in each
+    /// direction (`"10M"` accepted); unset: unlimited.
+    #[serde(deserialize_with = "crate::size::deserialize_opt")]
+    pub bandwidth: Option<u64>,
 }
 
 impl Default for NetworkSection {
@@ -952,6 +956,7 @@ impl Default for NetworkSection {
             resolvers: None,
             connect_timeout_ms: u64::try_from(d.connect_timeout.as_millis()).unwrap_or(u64::MAX),
             max_connections: d.max_connections,
+            bandwidth: None,
         }
     }
 }
@@ -1009,6 +1014,12 @@ impl NetworkSection {
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "[network] max_connections must be at least 1".into(),
+            ));
+        }
+        if self.bandwidth == Some(0) {
+            return Err(ConfigError::Invalid(
+                "[network] bandwidth must be at least 1 byte per second; leave it out for no limit"
+                    .into(),
             ));
         }
         if self.max_ports == 0 || self.max_ports > 1024 {

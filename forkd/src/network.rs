@@ -47,6 +47,7 @@ impl Network {
                 connect_timeout: Duration::from_millis(section.connect_timeout_ms),
                 max_ports: section.max_ports,
                 max_connections: section.max_connections,
+                bandwidth: section.bandwidth,
                 ..forkd_net::Config::default()
             })
             .map_err(|e| format!("forkd could not start its egress thread: {e}"))

@@ -599,3 +599,40 @@ async fn a_session_changes_its_allowlist_within_the_bound_() {
     drop(c);
     d.finish().await;
 }
+
+#[test]
+fn a_bandwidth_limit_slows_a_sandbox_down() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    serial(a_bandwidth_limit_slows_a_sandbox_down_());
+}
+
+/// `[network] bandwidth`: 3 MiB at 1 MiB/s takes about 3 s (the bucket
+/// lends a tenth of a second). Only the lower bound is asserted: load can
+/// make it slower, never faster.
+async fn a_bandwidth_limit_slows_a_sandbox_down_() {
+    let host = TestHost::create();
+    host.sink(9000);
+    let d = TestDaemon::start(|c| c.network.bandwidth = Some(1 << 20)).await;
+    let mut r = req(&format!(
+        "import socket, time\nt = time.monotonic()\ns = socket.create_connection(('{}', 9000), timeout=30)\ns.sendall(b'x' * (3 << 20))\ns.shutdown(socket.SHUT_WR)\ngot = s.recv(100).decode()\nprint(got, round(time.monotonic() - t, 2))",
+        host.addr
+    ));
+    r.allow_net = vec![format!("{}:9000", host.addr)];
+    r.timeout_ms = Some(60_000);
+    let res = d.spawn(&r).await.unwrap();
+    let out = String::from_utf8_lossy(&res.stdout).to_string();
+    let mut words = out.split_whitespace();
+    assert_eq!(
+        words.next(),
+        Some("3145728"),
+        "{out} {}",
+        res.stderr_lossy()
+    );
+    let secs: f64 = words.next().unwrap().parse().unwrap();
+    assert!(secs >= 2.5, "3 MiB at 1 MiB/s took {secs} s");
+    let net = res.network.expect("a network report");
+    assert_eq!(net.bytes_out, 3 << 20);
+    d.finish().await;
+}

@@ -73,6 +73,9 @@ pub struct Config {
     /// Most proxied connections open at once per sandbox (each holds two
     /// 64 KiB buffers in the daemon); more are reset.
     pub max_connections: usize,
+    /// Bytes per second one sandbox's connections may move, each direction
+    /// (all its connections together); `None`: unlimited.
+    pub bandwidth: Option<u64>,
 }
 
 impl Default for Config {
@@ -84,6 +87,7 @@ impl Default for Config {
             max_log: 256,
             max_addresses: 1024,
             max_connections: 128,
+            bandwidth: None,
         }
     }
 }
@@ -454,6 +458,54 @@ struct Counters {
     bytes: [AtomicU64; 2],
 }
 
+/// A token bucket: one sandbox's bandwidth in one direction, shared by its
+/// connections. Holds a tenth of a second's bytes (at least one buffer), so
+/// bursts stay short; a pump that overdraws it sleeps off the debt.
+struct Rate {
+    per_sec: f64,
+    capacity: f64,
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Rate {
+    fn new(per_sec: u64) -> Rate {
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a rate in bytes per second: f64 is exact far beyond any link"
+        )]
+        let per_sec = per_sec.max(1) as f64;
+        let capacity = (per_sec / 10.0).max(PUMP_BUFFER as f64);
+        Rate {
+            per_sec,
+            capacity,
+            bucket: Mutex::new((capacity, Instant::now())),
+        }
+    }
+
+    /// Takes `n` bytes' worth; waits while the bucket is in debt.
+    async fn take(&self, n: usize) {
+        let wait = {
+            let mut b = lock(&self.bucket);
+            let now = Instant::now();
+            let refill = now.duration_since(b.1).as_secs_f64() * self.per_sec;
+            #[allow(clippy::cast_precision_loss, reason = "n is at most one 64 KiB buffer")]
+            let tokens = (b.0 + refill).min(self.capacity) - n as f64;
+            *b = (tokens, now);
+            if tokens < 0.0 {
+                Duration::from_secs_f64(-tokens / self.per_sec)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Bytes one pump moves per read.
+const PUMP_BUFFER: usize = 64 * 1024;
+
 struct State {
     /// The rules in force (swapped whole by [`Enforcer::update`]).
     allow: RwLock<Arc<Allowlist>>,
@@ -472,6 +524,8 @@ struct State {
     dns_refused: AtomicU64,
     log: Mutex<Log>,
     dns_slots: Semaphore,
+    /// The bandwidth limit, out and in (`[network] bandwidth`).
+    rates: Option<[Rate; 2]>,
 }
 
 #[derive(Default)]
@@ -594,6 +648,7 @@ impl Egress {
         host: Arc<HostAddresses>,
         opened: Opened,
     ) -> io::Result<Egress> {
+        let rates = config.bandwidth.map(|b| [Rate::new(b), Rate::new(b)]);
         let state = Arc::new(State {
             networks: RwLock::new(allow.networks()),
             allow: RwLock::new(Arc::new(allow)),
@@ -610,6 +665,7 @@ impl Egress {
             dns_refused: AtomicU64::new(0),
             log: Mutex::new(Log::default()),
             dns_slots: Semaphore::new(DNS_INFLIGHT),
+            rates,
         });
         let mut tasks = Vec::new();
         for l in opened.listeners {
@@ -745,9 +801,13 @@ async fn proxy(state: Arc<State>, inside: TcpStream) {
     let _ = outside.set_nodelay(true);
     let (ir, iw) = inside.into_split();
     let (or, ow) = outside.into_split();
+    let (rate_out, rate_in) = match &state.rates {
+        Some([o, i]) => (Some(o), Some(i)),
+        None => (None, None),
+    };
     tokio::join!(
-        pump(ir, ow, &counters.bytes[0], &state.bytes_out),
-        pump(or, iw, &counters.bytes[1], &state.bytes_in),
+        pump(ir, ow, &counters.bytes[0], &state.bytes_out, rate_out),
+        pump(or, iw, &counters.bytes[1], &state.bytes_in, rate_in),
     );
 }
 
@@ -757,13 +817,17 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     conn: &AtomicU64,
     total: &AtomicU64,
+    rate: Option<&Rate>,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; PUMP_BUFFER];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(rate) = rate {
+            rate.take(n).await;
+        }
         // Counted before the write: once written, the sandbox may read the
         // bytes, exit and have its result (with these counters) built before
         // this task runs again. A failed write takes its count back.
