@@ -90,6 +90,9 @@ enum SessionCmd {
         /// Destinations: HOST[:PORTS], *.DOMAIN[:PORTS], CIDR[:PORTS].
         specs: Vec<String>,
     },
+    /// Save the session's overlay workspace changes so far as a tar ("-":
+    /// stdout).
+    Delta { id: String, out: PathBuf },
     /// End a session.
     Kill { id: String },
 }
@@ -385,22 +388,29 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
             }
         }
         SessionCmd::Get { id, remote, local } => match client.read_file(&id, &remote).await {
-            Ok(data) => {
-                let written = if local.as_os_str() == "-" {
-                    std::io::stdout().write_all(&data)
-                } else {
-                    std::fs::write(&local, &data)
-                };
-                match written {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("forkd-run: cannot write {}: {e}", local.display());
-                        ExitCode::FAILURE
-                    }
-                }
-            }
+            Ok(data) => save(&local, &data),
             Err(e) => fail(&e),
         },
+        SessionCmd::Delta { id, out } => match client.session_workspace_delta(&id).await {
+            Ok(tar) => save(&out, &tar),
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+/// Writes `data` to `local` ("-": stdout).
+fn save(local: &std::path::Path, data: &[u8]) -> ExitCode {
+    let written = if local.as_os_str() == "-" {
+        std::io::stdout().write_all(data)
+    } else {
+        std::fs::write(local, data)
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forkd-run: cannot write {}: {e}", local.display());
+            ExitCode::FAILURE
+        }
     }
 }
 

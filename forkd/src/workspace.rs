@@ -455,7 +455,13 @@ fn make_upper(base: &Path, scratch_bytes: u64) -> std::io::Result<Upper> {
 pub const MAX_DELTA_BYTES: usize = 8 * 1024 * 1024;
 
 impl Ready {
-    /// Exports the overlay's changes as a tar (after the sandbox ended).
+    /// Whether this workspace has an overlay (a delta to export).
+    pub fn plan_is_overlay(&self) -> bool {
+        self.upper.is_some()
+    }
+
+    /// Exports the overlay's changes as a tar (after the sandbox ended, or
+    /// from a live session).
     pub async fn export(&self) -> Result<Vec<u8>, String> {
         let Some(upper) = &self.upper else {
             return Err("not an overlay workspace".into());

@@ -892,11 +892,85 @@ async fn a_session_keeps_its_workspace_and_its_rules() {
         .unwrap();
     assert_eq!(out.stdout, b"print('a')");
     assert_ne!(out.exit_code, Some(0));
+    // The changes so far, while the session lives (and again after more).
+    let files = |tar: Vec<u8>| -> Vec<(String, Vec<u8>)> {
+        use std::io::Read;
+        let mut a = tar::Archive::new(&tar[..]);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().display().to_string();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (name, data)
+            })
+            .collect()
+    };
+    let delta = files(c.session_workspace_delta(&s).await.unwrap());
+    assert!(
+        delta.contains(&("out/new.txt".into(), b"n".to_vec())),
+        "{delta:?}"
+    );
+    c.run_code(&cell("import os; os.unlink('/workspace/out/old.txt')"))
+        .await
+        .unwrap();
+    let delta = files(c.session_workspace_delta(&s).await.unwrap());
+    let names: Vec<&str> = delta.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"out/.wh.old.txt") && names.contains(&"out/new.txt"),
+        "{names:?}"
+    );
+    // The same through forkd-run, to stdout.
+    let (socket, sid) = (d.socket.clone(), s.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(["session", "delta", "--socket"])
+            .arg(&socket)
+            .args([sid.as_str(), "-"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(files(out.stdout)
+        .iter()
+        .any(|(n, d)| n == "out/new.txt" && d == b"n"));
     c.session_kill(&s).await.unwrap();
+    let e = server_error(c.session_workspace_delta(&s).await.unwrap_err());
+    assert_eq!(e.code, forkd_ipc::ErrorCode::SessionEnded, "{e:?}");
     assert!(
         !t.proj.join("out/new.txt").exists(),
         "an overlay reached the host"
     );
+    // export_delta is spawn's; a session is told what to use instead.
+    let mut asks_export = ws(&t.proj, WorkspaceMode::Overlay);
+    asks_export.export_delta = true;
+    let e = server_error(
+        c.session_create(&forkd_ipc::SessionCreate {
+            workspace: Some(asks_export),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    assert!(e.message.contains("session_workspace_delta"), "{e:?}");
+    // No workspace, or a direct one: nothing to export, said so.
+    for workspace in [None, Some(ws(&t.proj, WorkspaceMode::Direct))] {
+        let s = c
+            .session_create(&forkd_ipc::SessionCreate {
+                workspace,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .session;
+        let e = server_error(c.session_workspace_delta(&s).await.unwrap_err());
+        assert_eq!(e.code, forkd_ipc::ErrorCode::InvalidRequest, "{e:?}");
+        assert!(e.message.contains("overlay"), "{e:?}");
+        c.session_kill(&s).await.unwrap();
+    }
     drop(c);
     d.finish().await;
 }

@@ -68,6 +68,9 @@ pub enum RequestBody {
     SessionSetTtl(SetTtl),
     /// Replace a session's network allowlist.
     SessionSetNetwork(SetNetwork),
+    /// An overlay workspace's changes so far, as a tar; answered with
+    /// [`ResponseBody::FileData`].
+    SessionWorkspaceDelta(SessionRef),
     /// Run a cell; streams [`ResponseBody::Output`] and
     /// [`ResponseBody::Display`], then answers [`ResponseBody::Cell`].
     RunCode(RunCode),
@@ -116,6 +119,7 @@ impl RequestBody {
             RequestBody::SessionResume(_) => "session_resume",
             RequestBody::SessionSetTtl(_) => "session_set_ttl",
             RequestBody::SessionSetNetwork(_) => "session_set_network",
+            RequestBody::SessionWorkspaceDelta(_) => "session_workspace_delta",
             RequestBody::RunCode(_) => "run_code",
             RequestBody::Interrupt(_) => "interrupt",
             RequestBody::Cancel(_) => "cancel",
@@ -159,6 +163,7 @@ mod wire {
         SessionResume(SessionRef),
         SessionSetTtl(SetTtl),
         SessionSetNetwork(SetNetwork),
+        SessionWorkspaceDelta(SessionRef),
         RunCode(RunCode),
         Interrupt(SessionRef),
         Cancel(Cancel),
@@ -189,6 +194,7 @@ mod wire {
                 RequestBodyWire::SessionResume(r) => RequestBody::SessionResume(r),
                 RequestBodyWire::SessionSetTtl(r) => RequestBody::SessionSetTtl(r),
                 RequestBodyWire::SessionSetNetwork(r) => RequestBody::SessionSetNetwork(r),
+                RequestBodyWire::SessionWorkspaceDelta(r) => RequestBody::SessionWorkspaceDelta(r),
                 RequestBodyWire::RunCode(r) => RequestBody::RunCode(r),
                 RequestBodyWire::Interrupt(r) => RequestBody::Interrupt(r),
                 RequestBodyWire::Cancel(r) => RequestBody::Cancel(r),

@@ -193,6 +193,13 @@ impl Client {
         expect_session("session_set_ttl", resp)
     }
 
+    /// The session's overlay workspace changes so far, as a tar (the format
+    /// of a spawn's `workspace_delta`).
+    pub fn session_workspace_delta(&mut self, id: &str) -> Result<Vec<u8>, ClientError> {
+        let resp = self.simple(&RequestBody::SessionWorkspaceDelta(session_ref(id)))?;
+        Ok(expect_data(resp)?.data)
+    }
+
     /// Replaces the session's network allowlist (`allow_net` syntax).
     pub fn session_set_network(
         &mut self,
@@ -469,6 +476,15 @@ impl AsyncClient {
             }))
             .await?;
         expect_session("session_set_ttl", resp)
+    }
+
+    /// The session's overlay workspace changes so far, as a tar (the format
+    /// of a spawn's `workspace_delta`).
+    pub async fn session_workspace_delta(&self, id: &str) -> Result<Vec<u8>, ClientError> {
+        let resp = self
+            .simple(&RequestBody::SessionWorkspaceDelta(session_ref(id)))
+            .await?;
+        Ok(expect_data(resp)?.data)
     }
 
     /// Replaces the session's network allowlist (`allow_net` syntax).

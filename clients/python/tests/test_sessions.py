@@ -529,6 +529,24 @@ class SessionWorkspaceTest(DaemonTest):
                 s.files.write("/workspace/z", b"outside the writable rule")
         with open(os.path.join(root, "out", "x")) as f:
             self.assertEqual(f.read(), "from the cell")
+        # An overlay's changes, exported while the session lives.
+        import io
+        import tarfile
+
+        with fk.session(workspace=forkd.Workspace(path=root, rules=["out=write"], overlay=True)) as s:
+            s.run_code("open('/workspace/out/o', 'w').write('overlay')")
+            tar = tarfile.open(fileobj=io.BytesIO(s.workspace_delta()))
+            member = tar.extractfile("out/o")
+            assert member is not None
+            self.assertEqual(member.read(), b"overlay")
+        self.assertFalse(os.path.exists(os.path.join(root, "out", "o")))
+
+        async def main() -> None:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as afk:
+                async with afk.session(workspace=forkd.Workspace(path=root, overlay=True)) as a:
+                    self.assertIsInstance(await a.workspace_delta(), bytes)
+
+        asyncio.run(main())
         with open(os.path.join(root, "out", "y"), "rb") as f:
             self.assertEqual(f.read(), b"from the client")
         self.assertFalse(os.path.exists(os.path.join(root, "z")))

@@ -28,13 +28,6 @@ pub(super) struct Channels {
     pub err_r: pipe::Receiver,
     pub exited: oneshot::Receiver<Result<Exited, ZygoteError>>,
     pub from_handlers: mpsc::UnboundedReceiver<ActorMsg>,
-    pub keep: KeepAlive,
-}
-
-/// What lives as long as the session besides its egress (which the session
-/// holds, to change it): its workspace (an overlay's upper layer).
-pub(super) struct KeepAlive {
-    pub workspace: Option<crate::workspace::Ready>,
 }
 
 /// When the session's TTL or idle timeout next needs a look.
@@ -76,7 +69,6 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         err_r,
         mut exited,
         mut from_handlers,
-        keep,
     } = ch;
     // Requests are written by their own task, so a request the executor is
     // slow to read never stops this one from reading its replies.
@@ -149,7 +141,8 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         report
     });
     retire(&sessions, &session, network);
-    drop(keep.workspace);
+    // An overlay's upper layer goes once no export holds it.
+    lock(&session.workspace).take();
     // Requests still waiting see their channel close: "session ended".
     drop(pending);
     writer.abort();

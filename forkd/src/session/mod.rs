@@ -82,6 +82,9 @@ pub struct Session {
     egress: tokio::sync::Mutex<Option<forkd_net::Egress>>,
     /// Its allowlist as asked (for `info`).
     allow_net: Mutex<Vec<String>>,
+    /// Its workspace (an overlay's upper layer lives as long as this);
+    /// taken when the session ends.
+    workspace: Mutex<Option<Arc<crate::workspace::Ready>>>,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.

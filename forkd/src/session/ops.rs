@@ -83,6 +83,9 @@ pub async fn create(
     if idle == Some(0) {
         return Err(invalid("idle_timeout_ms must be at least 1"));
     }
+    if req.workspace.as_ref().is_some_and(|w| w.export_delta) {
+        return Err(invalid("workspace.export_delta is for spawn; a session exports its overlay's changes at any time with session_workspace_delta"));
+    }
     sessions.admit(owner)?;
     let spawn_like = SpawnRequest {
         zygote: req.zygote.clone(),
@@ -185,6 +188,7 @@ pub async fn create(
         oom_kills_seen: std::sync::atomic::AtomicU64::new(0),
         egress: tokio::sync::Mutex::new(egress),
         allow_net: Mutex::new(req.allow_net.clone()),
+        workspace: Mutex::new(workspace.map(Arc::new)),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -210,7 +214,6 @@ pub async fn create(
             err_r,
             exited,
             from_handlers,
-            keep: actor::KeepAlive { workspace },
         },
     ));
     guard.disarm();
@@ -630,6 +633,31 @@ pub fn set_ttl(
     Ok(session.info())
 }
 
+/// A session's overlay workspace changes so far, as a tar. Taken while the
+/// session runs: a file being written meanwhile may be caught half-written
+/// (pause the session first for a consistent delta).
+pub async fn workspace_delta(session: &Session) -> Result<FileData, ErrorReply> {
+    if session.state() == SessionState::Ended {
+        return Err(session.ended_error());
+    }
+    let ready = super::lock(&session.workspace)
+        .clone()
+        .ok_or_else(|| invalid("this session has no workspace; create it with an overlay workspace to export its changes"))?;
+    let data = ready.export().await.map_err(|e| {
+        if ready.plan_is_overlay() {
+            error(ErrorCode::FileError, format!("exporting the workspace delta: {e}"))
+        } else {
+            invalid("the session's workspace is direct: its writes are in the host directory already, there is no delta (use mode overlay)")
+        }
+    })?;
+    Ok(FileData {
+        size: data.len() as u64,
+        data,
+        offset: 0,
+        eof: true,
+    })
+}
+
 /// Replaces a session's network allowlist within the operator's bound.
 /// Without one before, its egress starts now; an empty list stops it
 /// (connections still open are cut).
@@ -712,6 +740,10 @@ pub async fn serve(
             B::SessionSetTtl(t) => {
                 let s = sessions.get(&t.session, uid)?;
                 ResponseBody::Session(set_ttl(&sessions, &s, t.ttl_ms)?)
+            }
+            B::SessionWorkspaceDelta(r) => {
+                let s = sessions.get(&r.session, uid)?;
+                ResponseBody::FileData(workspace_delta(&s).await?)
             }
             B::SessionSetNetwork(n) => {
                 let s = sessions.get(&n.session, uid)?;

@@ -172,7 +172,9 @@ def create_fields(
         if not isinstance(workspace, Workspace):
             raise InvalidArgument("workspace", f"must be a forkd.Workspace, got {type(workspace).__name__}")
         if workspace.export_delta:
-            raise InvalidArgument("workspace", "export_delta is not available on sessions; use run() for it")
+            raise InvalidArgument(
+                "workspace", "export_delta is for run(); a session exports its overlay's changes with Session.workspace_delta()"
+            )
         try:
             f["workspace"] = workspace.to_wire()
         except (TypeError, ValueError) as e:

@@ -490,7 +490,7 @@ class Forkd:
             labels: free-form ``{str: str}``, for :meth:`sessions` filters.
             policy: isolation policy name.
             workspace: a :class:`~forkd.Workspace` mounted for the session's
-                life (``export_delta`` is not available on sessions).
+                life (an overlay's changes: :meth:`Session.workspace_delta`).
             allow_net: destinations the session may reach, as for :meth:`run`.
 
         Raises:

@@ -183,6 +183,16 @@ class Session:
         ms = seconds_ms("seconds", seconds)
         return self._info("session_set_ttl", {"session": self.id, "ttl_ms": ms})
 
+    def workspace_delta(self) -> bytes:
+        """The overlay workspace's changes so far, as a tar: new and changed
+        files, deletions as overlay whiteouts (``.wh.NAME``), the format of a
+        one-shot run's ``workspace_delta``. Taken while the session runs: a
+        file being written meanwhile may be caught half-written (pause the
+        session first for a consistent delta)."""
+        resp = self._client._v2("session_workspace_delta", self._ref())
+        expect_kind(resp, "file_data", "session_workspace_delta")
+        return _unb64(resp.get("data", ""), "data")
+
     def set_network(self, allow_net: Sequence[str]) -> SessionInfo:
         """Replaces the session's network allowlist (the ``allow_net`` syntax
         of :meth:`Forkd.session`, within the daemon's bound) for new
@@ -490,6 +500,12 @@ class AsyncSession:
         """Sets the remaining lifetime to ``seconds`` from now."""
         ms = seconds_ms("seconds", seconds)
         return await self._info("session_set_ttl", {"session": self.id, "ttl_ms": ms})
+
+    async def workspace_delta(self) -> bytes:
+        """The overlay workspace's changes so far; as :meth:`Session.workspace_delta`."""
+        resp = await self._client._v2("session_workspace_delta", {"session": self.id})
+        expect_kind(resp, "file_data", "session_workspace_delta")
+        return _unb64(resp.get("data", ""), "data")
 
     async def set_network(self, allow_net: Sequence[str]) -> SessionInfo:
         """Replaces the network allowlist; as :meth:`Session.set_network`."""
