@@ -494,6 +494,9 @@ pub(crate) async fn process(
             }
         }
         "List" => {
+            if let Err(e) = codec.decode::<pb::ListRequest>(&body) {
+                return e.into_response();
+            }
             let processes = gw
                 .procs_of(&sb.id)
                 .into_iter()
@@ -554,14 +557,17 @@ fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
     ApiError::new(status, message).into_response()
 }
 
-fn file_http_error(e: ClientError) -> Response {
-    let r = file_error(e);
-    let status = match r.code {
+fn file_status(code: Code) -> StatusCode {
+    match code {
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::Unavailable => StatusCode::BAD_GATEWAY,
         other => other.http(),
-    };
-    http_error(status, r.message)
+    }
+}
+
+fn file_http_error(e: ClientError) -> Response {
+    let r = file_error(e);
+    http_error(file_status(r.code), r.message)
 }
 
 pub(crate) async fn download(
@@ -599,9 +605,19 @@ async fn write_one(
     data: &[u8],
 ) -> Result<Value, Response> {
     let c = gw.daemon().await.map_err(IntoResponse::into_response)?;
-    c.write_file(sandbox, path, data, None)
-        .await
-        .map_err(file_http_error)?;
+    if let Err(e) = c.write_file(sandbox, path, data, None).await {
+        // envd makes missing parent directories; so do we, then retry once.
+        let parent = std::path::Path::new(path).parent().and_then(|p| p.to_str());
+        match (file_error(e), parent) {
+            (r, Some(dir)) if r.code == Code::NotFound && !dir.is_empty() => {
+                c.make_dir(sandbox, dir).await.map_err(file_http_error)?;
+                c.write_file(sandbox, path, data, None)
+                    .await
+                    .map_err(file_http_error)?;
+            }
+            (r, _) => return Err(http_error(file_status(r.code), r.message)),
+        }
+    }
     let e = c.stat_file(sandbox, path).await.map_err(file_http_error)?;
     Ok(json!({"name": e.name, "type": "file", "path": e.path}))
 }
