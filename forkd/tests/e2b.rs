@@ -1,0 +1,155 @@
+//! The E2B-compatible gateway driven by the unmodified E2B Python SDKs
+//! (`e2b` 2.63.0, `e2b-code-interpreter` 2.11.5) against a real daemon:
+//! `tests/e2b/sdk.py` creates sandboxes, runs code with state and
+//! streaming, reads errors and rich results, moves files, runs commands,
+//! checks two tenants against each other and sends bad input.
+//!
+//! The SDKs are installed into `target/e2b-venv` on first use (pip reads
+//! the machine's own index configuration); without them the test is
+//! skipped with the reason printed.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+const SDKS: [&str; 2] = ["e2b==2.63.0", "e2b-code-interpreter==2.11.5"];
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn has_sdks(python: &Path) -> bool {
+    std::process::Command::new(python)
+        .args([
+            "-c",
+            "from importlib.metadata import version as v\n\
+             assert v('e2b') == '2.63.0' and v('e2b-code-interpreter') == '2.11.5'",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A python with the pinned SDKs, or why there is none.
+fn sdk_python() -> Result<PathBuf, String> {
+    let venv = target_dir().join("e2b-venv");
+    let py = venv.join("bin/python");
+    if py.exists() && has_sdks(&py) {
+        return Ok(py);
+    }
+    let out = std::process::Command::new(python())
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv)
+        .output()
+        .map_err(|e| format!("cannot run python -m venv: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "python -m venv failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let out = std::process::Command::new(&py)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(SDKS)
+        .output()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !out.status.success() || !has_sdks(&py) {
+        return Err(format!(
+            "pip could not install {} (no package index reachable?): {}",
+            SDKS.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(py)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_e2b_sdks_drive_the_gateway() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let py = match tokio::task::spawn_blocking(sdk_python).await.unwrap() {
+        Ok(p) => p,
+        Err(why) => {
+            skipped(&format!("E2B SDKs unavailable: {why}"));
+            return;
+        }
+    };
+    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (key_a, key_b) = ("tenant-a-key-0123456789", "tenant-b-key-0123456789");
+    std::fs::write(
+        &keys,
+        format!("# two tenants\n{key_a} alice\n{key_b} bob\n"),
+    )
+    .unwrap();
+
+    let mut opts = forkd_gateway::Options::new(d.socket.clone());
+    opts.api_keys = Some(keys);
+    let gw = forkd_gateway::Gateway::new(opts).unwrap();
+    let listener = forkd_gateway::bind(&gw, "127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(forkd_gateway::serve(gw, listener, async {
+        let _ = stopped.await;
+    }));
+
+    let script = workspace_root().join("forkd/tests/e2b/sdk.py");
+    let mut cmd = tokio::process::Command::new(&py);
+    cmd.arg(&script)
+        .env("E2B_API_KEY", key_a)
+        .env("FORKD_E2B_KEY_B", key_b)
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .kill_on_drop(true);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("the SDK script finished within 5 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines().filter(|l| l.starts_with("SKIP")) {
+        skipped(line);
+    }
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the SDK script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The daemon is unaffected and nothing the gateway made is left.
+    let c = d.client().await;
+    assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
+    assert!(c.session_list(Default::default()).await.unwrap().is_empty());
+    drop(c);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    d.finish().await;
+}
