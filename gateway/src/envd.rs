@@ -334,7 +334,7 @@ async fn run_command(
     gw: Arc<Gateway>,
     sandbox: String,
     req: pb::StartRequest,
-    timeout_ms: Option<u64>,
+    timeout_ms: u64,
     tx: broadcast::Sender<Msg>,
 ) {
     let cfg = req.process.unwrap_or_default();
@@ -350,7 +350,7 @@ async fn run_command(
         cmd: shell_line(&cfg),
         cwd: cfg.cwd.clone().filter(|s| !s.is_empty()),
         env: cfg.envs.clone().into_iter().collect(),
-        timeout_ms,
+        timeout_ms: Some(timeout_ms),
     };
     let mut stream = match c.command_stream(&cmd).await {
         Ok(s) => s,
@@ -474,7 +474,9 @@ pub(crate) async fn process(
             let timeout_ms = headers
                 .get("connect-timeout-ms")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(gw.opts.max_run_ms);
             let (tx, rx) = broadcast::channel(1024);
             tokio::spawn(run_command(gw.clone(), sb.id.clone(), req, timeout_ms, tx));
             codec.stream(event_stream(codec, None, rx, ka))

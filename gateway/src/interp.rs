@@ -213,7 +213,7 @@ pub(crate) async fn execute(
         .run_code_stream(&RunCode {
             session: session.clone(),
             code: req.code,
-            timeout_ms: None,
+            timeout_ms: Some(gw.opts.max_run_ms),
         })
         .await?;
     let mut lines = Lines {

@@ -32,6 +32,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use forkd_ipc::{AsyncClient, SessionInfo, SessionState};
 
@@ -77,6 +78,10 @@ pub struct Options {
     pub max_body: usize,
     /// E2B template names that mean the daemon's default zygote.
     pub default_templates: Vec<String>,
+    /// Longest a cell or command may run when the client sets no deadline.
+    /// E2B bounds runs from the client side (its `timeout`); a client that
+    /// gives up disconnects, which interrupts the cell. Default: 1 hour.
+    pub max_run_ms: u64,
 }
 
 impl Options {
@@ -88,6 +93,7 @@ impl Options {
             max_upload: 64 << 20,
             max_body: 1 << 20,
             default_templates: vec!["base".into(), "code-interpreter-v1".into()],
+            max_run_ms: 3_600_000,
         }
     }
 }
@@ -369,6 +375,13 @@ pub async fn serve(
                 Ok(n) => tracing::info!(keys = n, "gateway: API keys reloaded"),
                 Err(e) => tracing::error!("gateway: API keys NOT reloaded (old keys stay): {e}"),
             }
+        }
+    });
+    // No Nagle: a response is written in pieces (head, then body chunks);
+    // with Nagle each later piece waits for the client's delayed ACK (40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("gateway: TCP_NODELAY not set: {e}");
         }
     });
     let r = axum::serve(listener, router(gw))
