@@ -144,6 +144,34 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // SIGHUP reloads the key file: a new key works, a removed one does not.
+    let key_c = "tenant-c-key-0123456789";
+    std::fs::write(
+        dir.path().join("keys"),
+        format!("{key_c} carol\n{key_b} bob\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own pid; serve() has a SIGHUP handler installed.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    let probe = format!(
+        "import httpx, time\n\
+         time.sleep(0.5)\n\
+         for k in ['{key_a}', '{key_c}']:\n    \
+             print(httpx.get('{url}/v2/sandboxes', headers={{'X-API-KEY': k}}).status_code)"
+    );
+    let out = tokio::process::Command::new(&py)
+        .args(["-c", &probe])
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "401\n200\n",
+        "after SIGHUP the old key is refused and the new one accepted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The daemon is unaffected and nothing the gateway made is left.
     let c = d.client().await;
     assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");

@@ -251,6 +251,32 @@ pub(crate) async fn info(
     Ok(Json(v))
 }
 
+/// One metrics sample, now: memory from the cgroup, CPU averaged over the
+/// sandbox's life (forkd keeps no history), disk as the scratch quota.
+pub(crate) async fn metrics(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let info = gw.owned(&tenant, &id, "sandbox").await?;
+    let now = time::now_ms();
+    let cpu_us = info.usage.cpu_user_us + info.usage.cpu_system_us;
+    let life_us = info.age_ms.max(1) * 1000;
+    let cpus = info.limits.cpus.max(0.01);
+    let pct = cpu_us as f64 / life_us as f64 * 100.0 / cpus;
+    Ok(Json(vec![json!({
+        "timestamp": time::rfc3339_ms(now),
+        "timestampUnix": now / 1000,
+        "cpuCount": listed(&info)["cpuCount"],
+        "cpuUsedPct": (pct * 100.0).round() / 100.0,
+        "memUsed": info.usage.memory_bytes,
+        "memTotal": info.limits.memory_bytes,
+        "memCache": 0,
+        "diskUsed": 0,
+        "diskTotal": info.limits.scratch_bytes,
+    })]))
+}
+
 impl Gateway {
     /// The live contexts of a sandbox.
     pub(crate) async fn contexts_of(

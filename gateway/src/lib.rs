@@ -335,6 +335,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/sandboxes", post(control::create).get(control::list))
         .route("/sandboxes/{id}", get(control::info).delete(control::kill))
         .route("/sandboxes/{id}/timeout", post(control::set_timeout))
+        .route("/sandboxes/{id}/metrics", get(control::metrics))
         .route("/sandboxes/{id}/pause", post(control::pause))
         .route("/sandboxes/{id}/resume", post(control::resume))
         .route("/sandboxes/{id}/connect", post(control::connect))

@@ -147,6 +147,11 @@ except CommandExitException as err:
     res = err
 check("killed command ends", res.exit_code != 0, repr(res))
 check("kill unknown pid is False", sb.commands.kill(999999) is False)
+h = sb.commands.run("for i in 1 2 3 4; do echo n$i; sleep 0.4; done", background=True)
+h.disconnect()
+time.sleep(0.5)
+r = sb.commands.connect(h.pid).wait()
+check("connect to a running command", r.exit_code == 0 and "n4" in r.stdout and "n1" not in r.stdout, repr(r))
 
 # Timeout and info.
 sb.set_timeout(120)
@@ -154,6 +159,9 @@ inf = sb.get_info()
 left = (inf.end_at - inf.started_at).total_seconds()
 check("set_timeout", 100 < left < 200, repr(inf))
 check("metadata in info", inf.metadata == {"suite": "e2b", "who": RUN}, repr(inf.metadata))
+
+m = sb.get_metrics()
+check("metrics", len(m) == 1 and m[0].mem_used > 0 and m[0].mem_total >= m[0].mem_used, repr(m))
 
 # Pause and resume (connect resumes).
 sb.pause()
