@@ -276,11 +276,8 @@ pub(crate) async fn execute(
                 "type": "error", "name": "ForkdError", "value": e.to_string(), "traceback": "",
             }))],
         };
-        for l in end {
-            if tx.send(l).await.is_err() {
-                return;
-            }
-        }
+        // One chunk: the end arrives in one write, not one per line.
+        let _ = tx.send(Bytes::from(end.concat())).await;
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))

@@ -80,6 +80,19 @@ if has_mpl:
 else:
     print("SKIP matplotlib PNG: matplotlib is not importable by the sandbox's python")
 
+# A client that gives up (SDK timeout) disconnects; that interrupts the cell
+# and the sandbox keeps its state.
+from e2b import TimeoutException  # noqa: E402
+
+t0 = time.monotonic()
+try:
+    sb.run_code("import time\nfor _ in range(600): time.sleep(0.1)", timeout=1)
+    raise AssertionError("no timeout")
+except TimeoutException:
+    pass
+ex = sb.run_code("x")
+check("disconnect interrupts the cell", ex.text == "41" and time.monotonic() - t0 < 15, repr(ex))
+
 # Other languages are refused clearly.
 try:
     sb.run_code("1", language="javascript")
