@@ -99,6 +99,9 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
     let mut opts = forkd_gateway::Options::new(d.socket.clone());
     opts.api_keys = Some(keys);
     let gw = forkd_gateway::Gateway::new(opts).unwrap();
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
+    let metrics = tokio::spawn(axum_serve_metrics(gw.clone(), metrics_listener));
     let listener = forkd_gateway::bind(&gw, "127.0.0.1:0".parse().unwrap(), false)
         .await
         .unwrap();
@@ -144,6 +147,17 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Requests are counted per route, status and (verified) tenant.
+    let text = fetch(&py, &metrics_url).await;
+    for want in [
+        r#"route="/execute",method="POST",status="200",tenant="alice""#,
+        r#"route="/v2/sandboxes",method="POST",status="201",tenant="bob""#,
+        r#"route="/v2/sandboxes",method="GET",status="401",tenant="-""#,
+        r#"route="/process.Process/{method}",method="POST",status="200",tenant="alice""#,
+    ] {
+        assert!(text.contains(want), "metrics lack {want}:\n{text}");
+    }
+
     // SIGHUP reloads the key file: a new key works, a removed one does not.
     let key_c = "tenant-c-key-0123456789";
     std::fs::write(
@@ -179,5 +193,35 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
     drop(c);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+    metrics.abort();
+    let _ = metrics.await;
     d.finish().await;
+}
+
+/// The gateway's metrics router on `listener` (as `forkd-gateway --metrics-listen`).
+async fn axum_serve_metrics(
+    gw: std::sync::Arc<forkd_gateway::Gateway>,
+    l: tokio::net::TcpListener,
+) {
+    let app = forkd_gateway::metrics_router(gw);
+    let _ = forkd_gateway::serve_router(l, app).await;
+}
+
+/// GET `url` with the SDK venv's httpx.
+async fn fetch(py: &Path, url: &str) -> String {
+    let out = tokio::process::Command::new(py)
+        .args([
+            "-c",
+            &format!("import httpx; print(httpx.get('{url}').text)"),
+        ])
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

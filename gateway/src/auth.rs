@@ -6,9 +6,11 @@
 //! as SHA-256 digests in constant time, against every entry, so neither the
 //! position nor the length of a near miss shows in the timing.
 //!
-//! A sandbox's access token is HMAC-SHA256(process secret, sandbox id): the
-//! gateway keeps no token table, a token names exactly one sandbox, and the
-//! only way to get one is `create`/`connect` with the owning tenant's key.
+//! A sandbox's access token is `TENANT.HMAC-SHA256(process secret, sandbox
+//! id, tenant)`: the gateway keeps no token table, a token names exactly one
+//! sandbox and its tenant (so metrics can count sandbox calls per tenant
+//! without a lookup), and the only way to get one is `create`/`connect` with
+//! the owning tenant's key.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -198,24 +200,29 @@ impl Tokens {
         Ok(Tokens { secret })
     }
 
-    fn mac(&self, sandbox: &str) -> HmacSha256 {
+    fn mac(&self, sandbox: &str, tenant: &str) -> String {
         // HMAC takes a key of any length: this cannot fail.
         let mut m = <HmacSha256 as Mac>::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
         m.update(b"forkd-gateway sandbox token\0");
         m.update(sandbox.as_bytes());
-        m
+        m.update(b"\0");
+        m.update(tenant.as_bytes());
+        hex(&m.finalize().into_bytes())
     }
 
-    /// The token of `sandbox`.
-    pub fn token(&self, sandbox: &str) -> String {
-        hex(&self.mac(sandbox).finalize().into_bytes())
+    /// The token of `tenant`'s `sandbox`.
+    pub fn token(&self, sandbox: &str, tenant: &str) -> String {
+        format!("{tenant}.{}", self.mac(sandbox, tenant))
     }
 
-    /// Whether `token` is `sandbox`'s (constant time).
-    pub fn check(&self, sandbox: &str, token: &str) -> bool {
-        let expected = self.token(sandbox);
-        expected.len() == token.len() && bool::from(expected.as_bytes().ct_eq(token.as_bytes()))
+    /// The tenant `token` was issued to for `sandbox`, if it is genuine
+    /// (constant-time comparison).
+    pub fn check(&self, sandbox: &str, token: &str) -> Option<String> {
+        let (tenant, mac) = token.rsplit_once('.')?;
+        let expected = self.mac(sandbox, tenant);
+        (expected.len() == mac.len() && bool::from(expected.as_bytes().ct_eq(mac.as_bytes())))
+            .then(|| tenant.to_owned())
     }
 }
 
@@ -244,15 +251,18 @@ mod tests {
     }
 
     #[test]
-    fn tokens_bind_one_sandbox() {
+    fn tokens_bind_one_sandbox_and_its_tenant() {
         let t = Tokens::new().unwrap();
-        let a = t.token("s-a");
-        assert!(t.check("s-a", &a));
-        assert!(!t.check("s-b", &a));
-        assert!(!t.check("s-a", ""));
+        let a = t.token("s-a", "alice");
+        assert_eq!(t.check("s-a", &a).as_deref(), Some("alice"));
+        assert_eq!(t.check("s-b", &a), None);
+        assert_eq!(t.check("s-a", ""), None);
+        let forged = a.replacen("alice", "bob", 1);
+        assert_eq!(t.check("s-a", &forged), None, "the tenant is under the MAC");
         let other = Tokens::new().unwrap();
-        assert!(
-            !other.check("s-a", &a),
+        assert_eq!(
+            other.check("s-a", &a),
+            None,
             "a restarted gateway has a new secret"
         );
     }

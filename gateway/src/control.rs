@@ -67,7 +67,8 @@ impl Gateway {
 
     /// What `create` and `connect` answer: the SDK's `Sandbox` model.
     pub(crate) fn sandbox_json(&self, info: &SessionInfo) -> Value {
-        let token = self.tokens.token(&info.session);
+        let tenant = info.labels.get(labels::TENANT).map_or("", String::as_str);
+        let token = self.tokens.token(&info.session, tenant);
         json!({
             "templateID": template_of(info),
             "sandboxID": info.session,
@@ -141,6 +142,13 @@ pub(crate) async fn create(
             ..Default::default()
         })
         .await?;
+    tracing::info!(
+        target: "forkd_gateway::audit",
+        tenant = info.labels.get(labels::TENANT).map(String::as_str),
+        sandbox = %info.session,
+        template = %req.template_id,
+        "sandbox created"
+    );
     Ok((StatusCode::CREATED, Json(gw.sandbox_json(&info))).into_response())
 }
 
@@ -246,7 +254,7 @@ pub(crate) async fn info(
 ) -> Result<Json<Value>, ApiError> {
     let info = gw.owned(&tenant, &id, "sandbox").await?;
     let mut v = listed(&info);
-    v["envdAccessToken"] = json!(gw.tokens.token(&info.session));
+    v["envdAccessToken"] = json!(gw.tokens.token(&info.session, &tenant));
     v["domain"] = Value::Null;
     Ok(Json(v))
 }
@@ -306,6 +314,7 @@ pub(crate) async fn kill(
         let _ = c.session_kill(&ctx.session).await;
     }
     c.session_kill(&id).await?;
+    tracing::info!(target: "forkd_gateway::audit", %tenant, sandbox = %id, "sandbox killed");
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -169,12 +169,14 @@ impl Lines {
 impl Gateway {
     /// The session a context id names in `sandbox` (the sandbox itself for
     /// none, `default`, `python` or its own id).
-    async fn context_session(&self, sandbox: &str, ctx: Option<&str>) -> Result<String, ApiError> {
+    async fn context_session(&self, sb: &Sandbox, ctx: Option<&str>) -> Result<String, ApiError> {
+        let sandbox = sb.id.as_str();
         let Some(ctx) = ctx.filter(|c| !["default", "python", sandbox].contains(c)) else {
             return Ok(sandbox.to_owned());
         };
         let c = self.daemon().await?;
         let l = BTreeMap::from([
+            (labels::TENANT.to_owned(), sb.tenant.clone()),
             (labels::KIND.to_owned(), "context".to_owned()),
             (labels::PARENT.to_owned(), sandbox.to_owned()),
             (labels::CONTEXT.to_owned(), ctx.to_owned()),
@@ -205,9 +207,7 @@ pub(crate) async fn execute(
             "env_vars per execution (pass envs to Sandbox.create instead)",
         ));
     }
-    let session = gw
-        .context_session(&sb.id, req.context_id.as_deref())
-        .await?;
+    let session = gw.context_session(&sb, req.context_id.as_deref()).await?;
     let c = gw.daemon().await?;
     let mut stream = c
         .run_code_stream(&RunCode {
@@ -384,14 +384,10 @@ pub(crate) async fn list_contexts(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    let parent = parent_info(&gw, &sb.id).await?;
-    let tenant = parent
-        .labels
-        .get(labels::TENANT)
-        .cloned()
-        .unwrap_or_default();
+    parent_info(&gw, &sb.id).await?;
+    let tenant = &sb.tenant;
     let mut out = vec![context_json(&sb.id, DEFAULT_CWD)];
-    for s in gw.contexts_of(&tenant, &sb.id).await? {
+    for s in gw.contexts_of(tenant, &sb.id).await? {
         if let Some(id) = s.labels.get(labels::CONTEXT) {
             let cwd = s
                 .labels
@@ -408,7 +404,7 @@ pub(crate) async fn remove_context(
     sb: Sandbox,
     Path(ctx): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let session = gw.context_session(&sb.id, Some(&ctx)).await?;
+    let session = gw.context_session(&sb, Some(&ctx)).await?;
     if session == sb.id {
         return Err(ApiError::bad_request(
             "the default context lives as long as its sandbox; kill the sandbox instead",
@@ -423,7 +419,7 @@ pub(crate) async fn restart_context(
     sb: Sandbox,
     Path(ctx): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let session = gw.context_session(&sb.id, Some(&ctx)).await?;
+    let session = gw.context_session(&sb, Some(&ctx)).await?;
     if session == sb.id {
         return Err(ApiError::unsupported(
             "restarting the default context (create a context with create_code_context and \

@@ -20,6 +20,7 @@ mod control;
 mod envd;
 pub mod error;
 mod interp;
+pub mod metrics;
 pub mod pb;
 pub mod time;
 
@@ -135,6 +136,7 @@ pub struct Gateway {
     daemon: tokio::sync::Mutex<Option<AsyncClient>>,
     /// Sandbox id → pid → running command.
     procs: Mutex<HashMap<String, HashMap<u32, Arc<Proc>>>>,
+    metrics: metrics::Metrics,
 }
 
 impl Gateway {
@@ -151,6 +153,7 @@ impl Gateway {
             tokens,
             daemon: tokio::sync::Mutex::new(None),
             procs: Mutex::new(HashMap::new()),
+            metrics: metrics::Metrics::default(),
         }))
     }
 
@@ -256,6 +259,8 @@ impl FromRequestParts<Arc<Gateway>> for Tenant {
 /// `E2B-Traffic-Access-Token`), or the owner's API key.
 pub(crate) struct Sandbox {
     pub id: String,
+    /// Its tenant (from the token's MAC or the owner's key).
+    pub tenant: String,
 }
 
 impl FromRequestParts<Arc<Gateway>> for Sandbox {
@@ -285,8 +290,11 @@ impl FromRequestParts<Arc<Gateway>> for Sandbox {
         }
         let token = header(h, "x-access-token").or_else(|| header(h, "e2b-traffic-access-token"));
         if let Some(t) = token {
-            if gw.tokens.check(id, t) {
-                return Ok(Sandbox { id: id.to_owned() });
+            if let Some(tenant) = gw.tokens.check(id, t) {
+                return Ok(Sandbox {
+                    id: id.to_owned(),
+                    tenant,
+                });
             }
             return Err(ApiError::unauthorized(
                 "invalid access token for this sandbox (tokens are per sandbox and per gateway \
@@ -296,7 +304,10 @@ impl FromRequestParts<Arc<Gateway>> for Sandbox {
         if let Some(key) = header(h, "x-api-key") {
             if let Some(tenant) = gw.keys.tenant(key) {
                 gw.owned(&tenant, id, "sandbox").await?;
-                return Ok(Sandbox { id: id.to_owned() });
+                return Ok(Sandbox {
+                    id: id.to_owned(),
+                    tenant,
+                });
             }
         }
         Err(ApiError::unauthorized(
@@ -355,6 +366,23 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(files)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(gw.opts.max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            gw.clone(),
+            metrics::track,
+        ))
+        .with_state(gw)
+}
+
+/// Serves any router on `listener` (e.g. [`metrics_router`]) until the task
+/// is dropped.
+pub async fn serve_router(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    axum::serve(listener, app).await
+}
+
+/// The metrics listener's routes (`GET /metrics`, Prometheus text format).
+pub fn metrics_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::serve_metrics))
         .with_state(gw)
 }
 

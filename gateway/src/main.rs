@@ -28,6 +28,10 @@ struct Args {
     /// Largest /files upload, bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_upload: usize,
+    /// Serve Prometheus metrics at GET /metrics on this address (loopback
+    /// unless --allow-remote).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Log level when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -72,6 +76,21 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if let Some(addr) = args.metrics_listen {
+            let ml = match forkd_gateway::bind(&gw, addr, args.allow_remote).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("forkd-gateway: metrics: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let app = forkd_gateway::metrics_router(gw.clone());
+            tokio::spawn(async move {
+                if let Err(e) = forkd_gateway::serve_router(ml, app).await {
+                    tracing::error!("metrics listener stopped: {e}");
+                }
+            });
+        }
         tracing::info!("forkd-gateway listening on http://{}", args.listen);
         let stop = async {
             let _ = tokio::signal::ctrl_c().await;
