@@ -2,7 +2,8 @@
 //! (`e2b` 2.63.0, `e2b-code-interpreter` 2.11.5) against a real daemon:
 //! `tests/e2b/sdk.py` creates sandboxes, runs code with state and
 //! streaming, reads errors and rich results, moves files, runs commands,
-//! checks two tenants against each other and sends bad input.
+//! checks two tenants against each other (with a quota of 2 sessions each)
+//! and sends bad input.
 //!
 //! The SDKs are installed into `target/e2b-venv` on first use (pip reads
 //! the machine's own index configuration); without them the test is
@@ -98,6 +99,7 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
 
     let mut opts = forkd_gateway::Options::new(d.socket.clone());
     opts.api_keys = Some(keys);
+    opts.max_sessions_per_tenant = Some(2);
     let gw = forkd_gateway::Gateway::new(opts).unwrap();
     let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());

@@ -125,13 +125,14 @@ pub(crate) async fn create(
         ));
     }
     let mut l = BTreeMap::from([
-        (labels::TENANT.to_owned(), tenant),
+        (labels::TENANT.to_owned(), tenant.clone()),
         (labels::KIND.to_owned(), "sandbox".to_owned()),
         (labels::TEMPLATE.to_owned(), req.template_id.clone()),
     ]);
     for (k, v) in req.metadata.unwrap_or_default() {
         l.insert(format!("{}{k}", labels::META), v);
     }
+    gw.admit(&tenant).await?;
     let c = gw.daemon().await?;
     let info = c
         .session_create(&SessionCreate {

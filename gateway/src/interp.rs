@@ -374,6 +374,7 @@ pub(crate) async fn create_context(
     let req = body(b)?;
     check_language(req.language.as_deref())?;
     let parent = parent_info(&gw, &sb.id).await?;
+    gw.admit(&sb.tenant).await?;
     let cwd = req.cwd.unwrap_or_else(|| DEFAULT_CWD.to_owned());
     let id = fresh_id()?;
     new_context(&gw, &parent, &id, &cwd).await?;

@@ -83,6 +83,9 @@ pub struct Options {
     /// E2B bounds runs from the client side (its `timeout`); a client that
     /// gives up disconnects, which interrupts the cell. Default: 1 hour.
     pub max_run_ms: u64,
+    /// Most sessions (sandboxes and their contexts) one tenant may hold at
+    /// once (`None`: only the daemon's own limits apply).
+    pub max_sessions_per_tenant: Option<usize>,
 }
 
 impl Options {
@@ -95,6 +98,7 @@ impl Options {
             max_body: 1 << 20,
             default_templates: vec!["base".into(), "code-interpreter-v1".into()],
             max_run_ms: 3_600_000,
+            max_sessions_per_tenant: None,
         }
     }
 }
@@ -194,6 +198,31 @@ impl Gateway {
             return Err(ApiError::sandbox_not_found(id));
         }
         Ok(info)
+    }
+
+    /// 429 when `tenant` already holds its quota of sessions.
+    pub(crate) async fn admit(&self, tenant: &str) -> Result<(), ApiError> {
+        let Some(max) = self.opts.max_sessions_per_tenant else {
+            return Ok(());
+        };
+        let c = self.daemon().await?;
+        let l = BTreeMap::from([(labels::TENANT.to_owned(), tenant.to_owned())]);
+        let held = c
+            .session_list(l)
+            .await?
+            .iter()
+            .filter(|s| s.state != SessionState::Ended)
+            .count();
+        if held >= max {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "tenant {tenant} holds {held} sandboxes and contexts, its maximum \
+                     (--max-sessions-per-tenant {max}); kill some first"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn procs_of(&self, sandbox: &str) -> Vec<(u32, Arc<Proc>)> {

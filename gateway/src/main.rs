@@ -28,6 +28,9 @@ struct Args {
     /// Largest /files upload, bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_upload: usize,
+    /// Most sandboxes (with their code contexts) one tenant may hold at once.
+    #[arg(long)]
+    max_sessions_per_tenant: Option<usize>,
     /// Serve Prometheus metrics at GET /metrics on this address (loopback
     /// unless --allow-remote).
     #[arg(long)]
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         );
         opts.api_keys = args.api_keys;
         opts.max_upload = args.max_upload;
+        opts.max_sessions_per_tenant = args.max_sessions_per_tenant;
         let gw = match forkd_gateway::Gateway::new(opts) {
             Ok(g) => g,
             Err(e) => {

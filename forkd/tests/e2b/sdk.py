@@ -1,5 +1,8 @@
 """Drives forkd's E2B gateway with the unmodified E2B Python SDKs.
 
+The gateway must run with a quota of 2 sessions per tenant
+(--max-sessions-per-tenant 2).
+
 Run by forkd/tests/e2b.rs with E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY
 (tenant A) set, and FORKD_E2B_KEY_B (tenant B). Every check asserts; the
 script prints one line per check and "ALL OK" at the end. A check that
@@ -11,7 +14,7 @@ import os
 import time
 
 import httpx
-from e2b import CommandExitException, NotFoundException, SandboxException
+from e2b import CommandExitException, NotFoundException, RateLimitException, SandboxException
 from e2b.exceptions import AuthenticationException
 from e2b_code_interpreter import Sandbox
 
@@ -208,6 +211,15 @@ except NotFoundException:
     check("tenant B cannot connect to A's sandbox", True)
 sb_b = Sandbox.create(api_key=KEY_B)
 check("tenant B works", sb_b.run_code("6 * 7").text == "42")
+# The gateway runs with a quota of 2 sessions per tenant: B's third is
+# refused with 429, and A (holding 2) is not affected by B's.
+sb_b2 = Sandbox.create(api_key=KEY_B)
+try:
+    Sandbox.create(api_key=KEY_B)
+    raise AssertionError("quota not enforced")
+except RateLimitException as err:
+    check("per-tenant quota", "maximum" in str(err), str(err))
+sb_b2.kill()
 # B's token does not open A's sandbox.
 r = httpx.post(
     URL + "/execute",
