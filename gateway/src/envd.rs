@@ -35,7 +35,7 @@ pub(crate) enum Msg {
 }
 
 /// A file error from the daemon as a Connect error (missing → not_found).
-fn file_error(e: ClientError) -> RpcError {
+pub(crate) fn file_error(e: ClientError) -> RpcError {
     if let ClientError::Server(r) = &e {
         let m = r.message.to_ascii_lowercase();
         if r.code == ErrorCode::NotFound || m.contains("no such file") || m.contains("not found") {
@@ -213,10 +213,27 @@ async fn fs_call(
                 entry: Some(entry(&e)),
             }))
         }
-        "WatchDir" | "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => Err(RpcError::new(
+        "CreateWatcher" => {
+            let r: pb::CreateWatcherRequest = codec.decode(body)?;
+            let watcher_id = gw.watchers.create(&c, id, &r).await?;
+            Ok(codec.unary(&pb::WatcherId { watcher_id }))
+        }
+        "GetWatcherEvents" => {
+            let r: pb::WatcherId = codec.decode(body)?;
+            let events = gw.watchers.events(&c, id, &r.watcher_id).await?;
+            Ok(codec.unary(&pb::GetWatcherEventsResponse { events }))
+        }
+        "RemoveWatcher" => {
+            let r: pb::WatcherId = codec.decode(body)?;
+            gw.watchers.remove(id, &r.watcher_id)?;
+            Ok(codec.unary(&pb::Empty {}))
+        }
+        "WatchDir" => Err(RpcError::new(
             Code::Unimplemented,
-            "watching directories is not supported by the forkd gateway (see docs/e2b.md)",
+            "the streaming WatchDir is not supported: use the watcher calls (the Python SDK's \
+             files.watch_dir does)",
         )),
+
         other => Err(RpcError::new(
             Code::Unimplemented,
             format!("filesystem.Filesystem/{other} does not exist"),

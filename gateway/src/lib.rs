@@ -23,6 +23,7 @@ mod interp;
 pub mod metrics;
 pub mod pb;
 pub mod time;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -141,6 +142,7 @@ pub struct Gateway {
     /// Sandbox id → pid → running command.
     procs: Mutex<HashMap<String, HashMap<u32, Arc<Proc>>>>,
     metrics: metrics::Metrics,
+    watchers: watch::Watchers,
 }
 
 impl Gateway {
@@ -158,6 +160,7 @@ impl Gateway {
             daemon: tokio::sync::Mutex::new(None),
             procs: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
+            watchers: watch::Watchers::default(),
         }))
     }
 

@@ -96,6 +96,15 @@ enum_json!(
     "SIGNAL_SIGKILL" = 9
 );
 enum_json!(
+    event_type_json,
+    "EVENT_TYPE_UNSPECIFIED" = 0,
+    "EVENT_TYPE_CREATE" = 1,
+    "EVENT_TYPE_WRITE" = 2,
+    "EVENT_TYPE_REMOVE" = 3,
+    "EVENT_TYPE_RENAME" = 4,
+    "EVENT_TYPE_CHMOD" = 5,
+);
+enum_json!(
     file_type_json,
     "FILE_TYPE_UNSPECIFIED" = 0,
     "FILE_TYPE_FILE" = 1,
@@ -413,6 +422,47 @@ pub struct EntryResponse {
 pub struct ListDirResponse {
     #[prost(message, repeated, tag = "1")]
     pub entries: Vec<EntryInfo>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CreateWatcherRequest {
+    #[prost(string, tag = "1")]
+    pub path: String,
+    #[prost(bool, tag = "2")]
+    pub recursive: bool,
+    #[prost(bool, tag = "3")]
+    pub include_entry: bool,
+    #[prost(bool, tag = "4")]
+    pub allow_network_mounts: bool,
+}
+
+/// `CreateWatcherResponse`, `GetWatcherEventsRequest`, `RemoveWatcherRequest`.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct WatcherId {
+    #[prost(string, tag = "1")]
+    pub watcher_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct FilesystemEvent {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(int32, tag = "2")]
+    #[serde(with = "event_type_json")]
+    pub r#type: i32,
+    #[prost(message, optional, tag = "3")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EntryInfo>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GetWatcherEventsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub events: Vec<FilesystemEvent>,
 }
 
 #[cfg(test)]

@@ -140,6 +140,21 @@ try:
 except NotFoundException as err:
     check("missing file is NotFound", True, str(err))
 
+# Watching a directory (polled by the gateway: differences between polls).
+sb.files.make_dir("/tmp/w")
+sb.files.write("/tmp/w/keep.txt", "1")
+sb.files.write("/tmp/w/gone.txt", "1")
+wh = sb.files.watch_dir("/tmp/w", recursive=True)
+sb.files.write("/tmp/w/new.txt", "x")
+sb.files.write("/tmp/w/keep.txt", "longer")
+sb.files.remove("/tmp/w/gone.txt")
+sb.files.write("/tmp/w/sub/deep.txt", "d")
+evs = sorted((e.name, e.type.name) for e in wh.get_new_events())
+check("watch_dir events", evs == [("gone.txt", "REMOVE"), ("keep.txt", "WRITE"), ("new.txt", "CREATE"),
+                                  ("sub", "CREATE"), ("sub/deep.txt", "CREATE")], repr(evs))
+check("watch_dir quiet", wh.get_new_events() == [])
+wh.stop()
+
 # Commands.
 out = []
 r = sb.commands.run("echo one; sleep 0.3; echo two; echo err >&2", on_stdout=out.append)
