@@ -315,6 +315,7 @@ pub(crate) async fn kill(
         let _ = c.session_kill(&ctx.session).await;
     }
     c.session_kill(&id).await?;
+    gw.watchers.forget(&id);
     tracing::info!(target: "forkd_gateway::audit", %tenant, sandbox = %id, "sandbox killed");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -192,6 +192,11 @@ impl Watchers {
         Ok(events)
     }
 
+    /// Drops every watcher of a killed sandbox.
+    pub fn forget(&self, sandbox: &str) {
+        self.lock().retain(|_, w| w.sandbox != sandbox);
+    }
+
     /// Stops a watcher.
     pub fn remove(&self, sandbox: &str, id: &str) -> Result<(), RpcError> {
         let mut all = self.lock();

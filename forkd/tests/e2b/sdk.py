@@ -292,4 +292,24 @@ sb.kill()
 check("kill", not sb.is_running())
 check("killed sandbox gone from list", sb.sandbox_id not in {s.sandbox_id for s in Sandbox.list().next_items()})
 check("kill again is False", Sandbox.kill(sb.sandbox_id) is False)
+# The async SDK speaks the same wire.
+import asyncio  # noqa: E402
+
+from e2b_code_interpreter import AsyncSandbox  # noqa: E402
+
+
+async def async_checks():
+    a = await AsyncSandbox.create()
+    await a.run_code("y = 1")
+    out = []
+    ex = await a.run_code("print('async'); y + 1", on_stdout=lambda m: out.append(m.line))
+    check("async run_code", ex.text == "2" and out == ["async\n"], repr((ex, out)))
+    await a.files.write("/tmp/as.txt", "A")
+    check("async files", await a.files.read("/tmp/as.txt") == "A")
+    r = await a.commands.run("echo hi")
+    check("async commands", r.exit_code == 0 and r.stdout == "hi\n", repr(r))
+    await a.kill()
+
+
+asyncio.run(async_checks())
 print("ALL OK")
