@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -737,11 +737,6 @@ pub(crate) async fn health(State(gw): State<Arc<Gateway>>, sb: Sandbox) -> Respo
             ),
         ),
     }
-}
-
-#[allow(dead_code, reason = "kept for handlers that answer raw bodies")]
-fn empty() -> Body {
-    Body::empty()
 }
 
 #[cfg(test)]
