@@ -125,6 +125,9 @@ pub(crate) async fn filesystem(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == "WatchDir" {
+        return watch_dir(gw, sb, &headers, &body).await;
+    }
     let codec = match Codec::of(&headers, false) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
@@ -228,17 +231,94 @@ async fn fs_call(
             gw.watchers.remove(id, &r.watcher_id)?;
             Ok(codec.unary(&pb::Empty {}))
         }
-        "WatchDir" => Err(RpcError::new(
-            Code::Unimplemented,
-            "the streaming WatchDir is not supported: use the watcher calls (the Python SDK's \
-             files.watch_dir does)",
-        )),
 
         other => Err(RpcError::new(
             Code::Unimplemented,
             format!("filesystem.Filesystem/{other} does not exist"),
         )),
     }
+}
+
+/// How often a streaming `WatchDir` polls the directory.
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// Removes a streaming watch's watcher when its stream goes away.
+struct WatchGuard {
+    gw: Arc<Gateway>,
+    sandbox: String,
+    id: String,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let _ = self.gw.watchers.remove(&self.sandbox, &self.id);
+    }
+}
+
+/// `WatchDir`: a server stream of the changes the watcher sees, polled.
+async fn watch_dir(gw: Arc<Gateway>, sb: Sandbox, headers: &HeaderMap, body: &[u8]) -> Response {
+    let codec = match Codec::of(headers, true) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let req: pb::CreateWatcherRequest = match codec.unenvelope(body) {
+        Ok(r) => r,
+        Err(e) => return codec.stream_error(e),
+    };
+    let c = match gw.daemon().await {
+        Ok(c) => c,
+        Err(e) => return codec.stream_error(e.into()),
+    };
+    let id = match gw.watchers.create(&c, &sb.id, &req).await {
+        Ok(id) => id,
+        Err(e) => return codec.stream_error(e),
+    };
+    let guard = WatchGuard {
+        gw: gw.clone(),
+        sandbox: sb.id.clone(),
+        id,
+    };
+    let ka = keepalive(headers).unwrap_or(Duration::from_secs(50));
+    let start = pb::WatchDirResponse {
+        event: Some(pb::WatchEvent::Start(pb::Empty {})),
+    };
+    let first = codec.envelope(&start);
+    let state = (guard, c, Some(first), tokio::time::Instant::now(), false);
+    let frames =
+        futures_util::stream::unfold(state, move |(g, c, first, mut last, done)| async move {
+            if done {
+                return None;
+            }
+            if let Some(f) = first {
+                return Some((Ok::<_, Infallible>(f), (g, c, None, last, false)));
+            }
+            loop {
+                tokio::time::sleep(WATCH_POLL).await;
+                match g.gw.watchers.events(&c, &g.sandbox, &g.id).await {
+                    Ok(events) if !events.is_empty() => {
+                        let mut out = Vec::new();
+                        for e in events {
+                            let m = pb::WatchDirResponse {
+                                event: Some(pb::WatchEvent::Filesystem(e)),
+                            };
+                            out.extend_from_slice(&codec.envelope(&m));
+                        }
+                        last = tokio::time::Instant::now();
+                        return Some((Ok(Bytes::from(out)), (g, c, None, last, false)));
+                    }
+                    Ok(_) if last.elapsed() >= ka => {
+                        let m = pb::WatchDirResponse {
+                            event: Some(pb::WatchEvent::Keepalive(pb::KeepAlive {})),
+                        };
+                        last = tokio::time::Instant::now();
+                        return Some((Ok(codec.envelope(&m)), (g, c, None, last, false)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Some((Ok(end_stream(Some(&e))), (g, c, None, last, true))),
+                }
+            }
+        });
+    codec.stream(frames)
 }
 
 /// Seconds between keep-alive events when the client asks for them.

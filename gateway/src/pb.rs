@@ -465,6 +465,25 @@ pub struct GetWatcherEventsResponse {
     pub events: Vec<FilesystemEvent>,
 }
 
+#[derive(Clone, PartialEq, prost::Oneof, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WatchEvent {
+    #[prost(message, tag = "1")]
+    Start(Empty),
+    #[prost(message, tag = "2")]
+    Filesystem(FilesystemEvent),
+    #[prost(message, tag = "3")]
+    Keepalive(KeepAlive),
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct WatchDirResponse {
+    #[prost(oneof = "WatchEvent", tags = "1, 2, 3")]
+    #[serde(flatten)]
+    pub event: Option<WatchEvent>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
