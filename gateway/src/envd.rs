@@ -299,7 +299,7 @@ async fn watch_dir(gw: Arc<Gateway>, sb: Sandbox, headers: &HeaderMap, body: &[u
                         let mut out = Vec::new();
                         for e in events {
                             let m = pb::WatchDirResponse {
-                                event: Some(pb::WatchEvent::Filesystem(e)),
+                                event: Some(pb::WatchEvent::Filesystem(Box::new(e))),
                             };
                             out.extend_from_slice(&codec.envelope(&m));
                         }

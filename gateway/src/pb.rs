@@ -470,8 +470,8 @@ pub struct GetWatcherEventsResponse {
 pub enum WatchEvent {
     #[prost(message, tag = "1")]
     Start(Empty),
-    #[prost(message, tag = "2")]
-    Filesystem(FilesystemEvent),
+    #[prost(message, boxed, tag = "2")]
+    Filesystem(Box<FilesystemEvent>),
     #[prost(message, tag = "3")]
     Keepalive(KeepAlive),
 }
