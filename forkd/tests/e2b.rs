@@ -3,7 +3,9 @@
 //! `tests/e2b/sdk.py` creates sandboxes, runs code with state and
 //! streaming, reads errors and rich results, moves files, runs commands,
 //! checks two tenants against each other (with a quota of 2 sessions each)
-//! and sends bad input.
+//! and sends bad input; `tests/e2b/sdk.mjs` does the core of it with the
+//! JS SDK (`@e2b/code-interpreter` 2.8.0, installed with npm into
+//! `target/e2b-js`).
 //!
 //! The SDKs are installed into `target/e2b-venv` on first use (pip reads
 //! the machine's own index configuration); without them the test is
@@ -226,4 +228,113 @@ async fn fetch(py: &Path, url: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const JS_SDK: &str = "@e2b/code-interpreter@2.8.0";
+
+/// A directory with the pinned JS SDK installed (and the test script), or
+/// why there is none.
+fn js_sdk_dir() -> Result<PathBuf, String> {
+    let node_ok = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !node_ok {
+        return Err("node is not installed".into());
+    }
+    let dir = target_dir().join("e2b-js");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    let pkg = dir.join("node_modules/@e2b/code-interpreter/package.json");
+    let installed =
+        std::fs::read_to_string(&pkg).is_ok_and(|p| p.contains("\"version\": \"2.8.0\""));
+    if !installed {
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"name": "forkd-e2b-js-test", "private": true, "type": "module"}"#,
+        )
+        .map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", JS_SDK])
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| format!("cannot run npm: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "npm could not install {JS_SDK} (no registry reachable?): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    // ESM resolves packages from the script's own directory.
+    std::fs::copy(
+        workspace_root().join("forkd/tests/e2b/sdk.mjs"),
+        dir.join("sdk.mjs"),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_e2b_js_sdk_drives_the_gateway() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let js = match tokio::task::spawn_blocking(js_sdk_dir).await.unwrap() {
+        Ok(d) => d,
+        Err(why) => {
+            skipped(&format!("E2B JS SDK unavailable: {why}"));
+            return;
+        }
+    };
+    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = "tenant-js-key-0123456789";
+    std::fs::write(dir.path().join("keys"), format!("{key} js\n")).unwrap();
+    let mut opts = forkd_gateway::Options::new(d.socket.clone());
+    opts.api_keys = Some(dir.path().join("keys"));
+    let gw = forkd_gateway::Gateway::new(opts).unwrap();
+    let listener = forkd_gateway::bind(&gw, "127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(forkd_gateway::serve(gw, listener, async {
+        let _ = stopped.await;
+    }));
+
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("sdk.mjs")
+        .current_dir(&js)
+        .env("E2B_API_KEY", key)
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .kill_on_drop(true);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("the JS SDK script finished within 3 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the JS SDK script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = d.client().await;
+    assert!(c.session_list(Default::default()).await.unwrap().is_empty());
+    drop(c);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    d.finish().await;
 }
