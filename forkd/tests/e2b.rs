@@ -102,6 +102,7 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
     let mut opts = forkd_gateway::Options::new(d.socket.clone());
     opts.api_keys = Some(keys);
     opts.max_sessions_per_tenant = Some(2);
+    opts.header_timeout = Duration::from_secs(2);
     let gw = forkd_gateway::Gateway::new(opts).unwrap();
     let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());

@@ -34,7 +34,6 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use forkd_ipc::{AsyncClient, SessionInfo, SessionState};
 
@@ -87,6 +86,8 @@ pub struct Options {
     /// Most sessions (sandboxes and their contexts) one tenant may hold at
     /// once (`None`: only the daemon's own limits apply).
     pub max_sessions_per_tenant: Option<usize>,
+    /// A request head must arrive within this (slowloris).
+    pub header_timeout: std::time::Duration,
 }
 
 impl Options {
@@ -100,6 +101,7 @@ impl Options {
             default_templates: vec!["base".into(), "code-interpreter-v1".into()],
             max_run_ms: 3_600_000,
             max_sessions_per_tenant: None,
+            header_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -419,12 +421,20 @@ pub fn metrics_router(gw: Arc<Gateway>) -> Router {
 }
 
 /// Serves on `listener` until `shutdown` resolves; reloads the key file on
-/// SIGHUP.
+/// SIGHUP. Connections are HTTP/1.1 (what the SDKs speak to a plain-HTTP
+/// URL) with `TCP_NODELAY` (a response goes out in pieces: head, then body
+/// chunks; with Nagle each later piece waits for the client's delayed ACK,
+/// 40 ms) and a deadline for the request head (a client that trickles its
+/// headers, slowloris, is cut off). On shutdown, open requests get
+/// [`SHUTDOWN_GRACE`] to finish.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
     let reload = gw.clone();
     let hup = tokio::spawn(async move {
         let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -438,19 +448,49 @@ pub async fn serve(
             }
         }
     });
-    // No Nagle: a response is written in pieces (head, then body chunks);
-    // with Nagle each later piece waits for the client's delayed ACK (40 ms).
-    let listener = listener.tap_io(|tcp| {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Some(gw.opts.header_timeout));
+    let app = router(gw);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off, keep serving.
+                    tracing::warn!("gateway: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("gateway: TCP_NODELAY not set: {e}");
         }
-    });
-    let r = axum::serve(listener, router(gw))
-        .with_graceful_shutdown(shutdown)
-        .await;
+        let svc = TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), svc));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("gateway: connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
     hup.abort();
-    r
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("gateway: requests still open after {SHUTDOWN_GRACE:?}; dropping them");
+    }
+    Ok(())
 }
+
+/// How long open requests may finish after shutdown is asked for.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Binds `addr` (loopback unless `allow_remote`), warning when a remote
 /// address has no keys.

@@ -1,7 +1,7 @@
 """Drives forkd's E2B gateway with the unmodified E2B Python SDKs.
 
 The gateway must run with a quota of 2 sessions per tenant
-(--max-sessions-per-tenant 2).
+(--max-sessions-per-tenant 2) and a 2 s deadline for request heads.
 
 Run by forkd/tests/e2b.rs with E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY
 (tenant A) set, and FORKD_E2B_KEY_B (tenant B). Every check asserts; the
@@ -284,6 +284,27 @@ r = httpx.post(URL + "/process.Process/Start", headers={**tok, "Content-Type": "
 check("bad envelope ends the stream with an error", b"invalid_argument" in r.content, repr(r.content))
 r = httpx.get(URL + "/health", headers={**tok, "E2b-Sandbox-Port": "8080"})
 check("other ports are closed", r.status_code == 502 and "no public ports" in r.json()["message"], r.text)
+# Slowloris: a head trickled slower than the deadline loses its connection.
+import socket  # noqa: E402
+import urllib.parse  # noqa: E402
+
+u = urllib.parse.urlparse(URL)
+slow = socket.create_connection((u.hostname, u.port))
+slow.sendall(b"GET /v2/sandboxes HTTP/1.1\r\nHost: x\r\n")
+slow.settimeout(10)
+t0 = time.monotonic()
+got = b""
+try:
+    while True:
+        chunk = slow.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+except socket.timeout:
+    pass
+held = time.monotonic() - t0
+slow.close()
+check("slow request head is cut off", held < 8 and (got == b"" or b" 408 " in got), repr((held, got)))
 check("daemon unaffected", sb.run_code("x + 1").text == "42")
 
 # Kill.
