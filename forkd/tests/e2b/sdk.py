@@ -307,8 +307,11 @@ slow.close()
 check("slow request head is cut off", held < 8 and (got == b"" or b" 408 " in got), repr((held, got)))
 check("daemon unaffected", sb.run_code("x + 1").text == "42")
 
-# Kill.
+# Kill (a context still open goes with its sandbox: the Rust side checks
+# that no session is left).
 other.kill()
+left_open = sb.create_code_context()
+sb.run_code("z = 1", context=left_open)
 sb.kill()
 check("kill", not sb.is_running())
 check("killed sandbox gone from list", sb.sandbox_id not in {s.sandbox_id for s in Sandbox.list().next_items()})
