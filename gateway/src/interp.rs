@@ -202,13 +202,14 @@ pub(crate) async fn execute(
 ) -> Result<Response, ApiError> {
     let req = body(b)?;
     check_language(req.language.as_deref())?;
-    if req.env_vars.as_ref().is_some_and(|e| !e.is_empty()) {
-        return Err(ApiError::unsupported(
-            "env_vars per execution (pass envs to Sandbox.create instead)",
-        ));
-    }
     let session = gw.context_session(&sb, req.context_id.as_deref()).await?;
     let c = gw.daemon().await?;
+    let envs = req.env_vars.clone().unwrap_or_default();
+    let restore = if envs.is_empty() {
+        None
+    } else {
+        Some(with_envs(&c, &session, &envs).await?)
+    };
     let mut stream = c
         .run_code_stream(&RunCode {
             session: session.clone(),
@@ -223,7 +224,13 @@ pub(crate) async fn execute(
     };
     // The first event decides the status: a daemon refusal (ended or paused
     // sandbox) is an HTTP error, not a 200 stream.
-    let first = match stream.next_event().await {
+    let first = stream.next_event().await;
+    if first.is_err() {
+        if let Some(code) = &restore {
+            run_quietly(&c, &session, code).await;
+        }
+    }
+    let first = match first {
         Ok(Some(ev)) => lines.of(ev),
         Ok(None) => None,
         Err(forkd_ipc::ClientError::Server(e))
@@ -244,40 +251,10 @@ pub(crate) async fn execute(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
-        if let Some(l) = first {
-            if tx.send(l).await.is_err() {
-                return; // client gone: dropping the stream interrupts the cell
-            }
+        pump(stream, first, lines, tx).await;
+        if let Some(code) = restore {
+            run_quietly(&c, &session, &code).await;
         }
-        loop {
-            match stream.next_event().await {
-                Ok(Some(ev)) => {
-                    if let Some(l) = lines.of(ev) {
-                        if tx.send(l).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx
-                        .send(line(&json!({
-                            "type": "error", "name": "ForkdError", "value": e.to_string(), "traceback": "",
-                        })))
-                        .await;
-                    return;
-                }
-            }
-        }
-        let displays = lines.displays;
-        let end = match stream.cell().await {
-            Ok(cell) => final_lines(&cell, displays),
-            Err(e) => vec![line(&json!({
-                "type": "error", "name": "ForkdError", "value": e.to_string(), "traceback": "",
-            }))],
-        };
-        // One chunk: the end arrives in one write, not one per line.
-        let _ = tx.send(Bytes::from(end.concat())).await;
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
@@ -287,6 +264,103 @@ pub(crate) async fn execute(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+/// Sends a cell's events and end to `tx` until the cell ends or the client
+/// goes (dropping `stream` then interrupts the cell).
+async fn pump(
+    mut stream: forkd_ipc::RequestStream,
+    first: Option<Bytes>,
+    mut lines: Lines,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) {
+    if let Some(l) = first {
+        if tx.send(l).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        match stream.next_event().await {
+            Ok(Some(ev)) => {
+                if let Some(l) = lines.of(ev) {
+                    if tx.send(l).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx
+                    .send(line(&json!({
+                        "type": "error", "name": "ForkdError", "value": e.to_string(), "traceback": "",
+                    })))
+                    .await;
+                return;
+            }
+        }
+    }
+    let displays = lines.displays;
+    let end = match stream.cell().await {
+        Ok(cell) => final_lines(&cell, displays),
+        Err(e) => vec![line(&json!({
+            "type": "error", "name": "ForkdError", "value": e.to_string(), "traceback": "",
+        }))],
+    };
+    // One chunk: the end arrives in one write, not one per line.
+    let _ = tx.send(Bytes::from(end.concat())).await;
+}
+
+/// Name of the interpreter global that holds the variables a cell's
+/// `env_vars` replaced.
+const SAVED_ENV: &str = "__forkd_e2b_saved_env";
+
+/// Sets `envs` in the interpreter for the next cell (E2B's per-execution
+/// `env_vars`) and returns the code that puts the old values back.
+async fn with_envs(
+    c: &forkd_ipc::AsyncClient,
+    session: &str,
+    envs: &BTreeMap<String, String>,
+) -> Result<String, ApiError> {
+    let map = json!(envs).to_string();
+    let setup = format!(
+        "import os as __forkd_os\n{SAVED_ENV} = {{k: __forkd_os.environ.get(k) for k in {map}}}\n\
+         __forkd_os.environ.update({map})\ndel __forkd_os"
+    );
+    let r = c
+        .run_code(&RunCode {
+            session: session.to_owned(),
+            code: setup,
+            timeout_ms: Some(10_000),
+        })
+        .await?;
+    if let Some(e) = r.error {
+        return Err(ApiError::bad_request(format!(
+            "cannot set env_vars: {}: {}",
+            e.name, e.value
+        )));
+    }
+    Ok(format!(
+        "import os as __forkd_os\nfor __forkd_k, __forkd_v in {SAVED_ENV}.items():\n    \
+         __forkd_os.environ.pop(__forkd_k, None) if __forkd_v is None \
+         else __forkd_os.environ.__setitem__(__forkd_k, __forkd_v)\n\
+         del __forkd_os, __forkd_k, __forkd_v, {SAVED_ENV}"
+    ))
+}
+
+/// Runs a helper cell, logging (not reporting) a failure.
+async fn run_quietly(c: &forkd_ipc::AsyncClient, session: &str, code: &str) {
+    let r = c
+        .run_code(&RunCode {
+            session: session.to_owned(),
+            code: code.to_owned(),
+            timeout_ms: Some(10_000),
+        })
+        .await;
+    match r {
+        Ok(cell) if cell.error.is_none() => {}
+        Ok(cell) => tracing::warn!("gateway: restoring env_vars failed: {:?}", cell.error),
+        Err(e) => tracing::warn!("gateway: restoring env_vars failed: {e}"),
+    }
 }
 
 fn context_json(id: &str, cwd: &str) -> Value {
@@ -324,7 +398,10 @@ async fn new_context(
         })
         .await?;
     if cwd != DEFAULT_CWD {
-        let code = format!("import os as _o\n_o.chdir({})\ndel _o", json!(cwd));
+        let code = format!(
+            "import os as __forkd_os\n__forkd_os.chdir({})\ndel __forkd_os",
+            json!(cwd)
+        );
         let r = c
             .run_code(&RunCode {
                 session: info.session.clone(),

@@ -55,6 +55,10 @@ check("logs collected", ex.logs.stdout == ["first\n", "second\n"] and ex.logs.st
 # The environment given at create.
 ex = sb.run_code("import os; os.environ['GREETING']")
 check("envs at create", ex.text == "'hello'", repr(ex))
+ex = sb.run_code("import os; (os.environ['GREETING'], os.environ['PER_RUN'])", envs={"GREETING": "temp", "PER_RUN": "1"})
+check("envs per run_code", ex.text == "('temp', '1')", repr(ex))
+ex = sb.run_code("(os.environ['GREETING'], os.environ.get('PER_RUN'))")
+check("per-run envs are restored", ex.text == "('hello', None)", repr(ex))
 
 # Errors are objects with name, value and traceback.
 errors = []
