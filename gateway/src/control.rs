@@ -142,7 +142,19 @@ pub(crate) async fn create(
             labels: l,
             ..Default::default()
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            forkd_ipc::ClientError::Server(r) if r.code == forkd_ipc::ErrorCode::UnknownZygote => {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "template {:?} not found: forkd templates are zygote names ({})",
+                        req.template_id, r.message
+                    ),
+                )
+            }
+            other => other.into(),
+        })?;
     tracing::info!(
         target: "forkd_gateway::audit",
         tenant = info.labels.get(labels::TENANT).map(String::as_str),

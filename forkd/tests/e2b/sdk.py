@@ -314,6 +314,11 @@ check("daemon unaffected", sb.run_code("x + 1").text == "42")
 # Kill (a context still open goes with its sandbox: the Rust side checks
 # that no session is left).
 other.kill()
+try:
+    Sandbox.create(template="no-such-zygote")
+    raise AssertionError("unknown template accepted")
+except SandboxException as err:
+    check("unknown template is a clear 404", "404" in str(err) and "no-such-zygote" in str(err), str(err))
 left_open = sb.create_code_context()
 sb.run_code("z = 1", context=left_open)
 sb.kill()
