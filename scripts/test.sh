@@ -9,6 +9,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 scripts/venv.sh
 export FORKD_TEST_PYTHON="$PWD/.venv/bin/python"
+# forkd/tests/mcp.rs pip-installs the MCP Python client; here its absence fails instead of skipping.
+export FORKD_TEST_REQUIRE_MCP_CLIENT=1
 cargo build --workspace --all-targets --quiet
 log=target/test-output.log
 status=0

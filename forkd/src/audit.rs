@@ -139,6 +139,10 @@ pub struct Record {
     /// Cells a session ran (`session_ended`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cells: Option<u64>,
+    /// A session's network allowlist in force (when it has one, and on
+    /// `session_network_changed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_net: Option<Vec<String>>,
 }
 
 impl Record {
@@ -159,6 +163,9 @@ impl Record {
         r.limits = Some(info.limits.clone());
         r.warm = Some(info.warm);
         r.session = Some(info.session.clone());
+        if !info.allow_net.is_empty() || event == "session_network_changed" {
+            r.allow_net = Some(info.allow_net.clone());
+        }
         if event == "session_ended" {
             r.cells = Some(info.cells);
             r.duration_ms = Some(info.age_ms as f64);
@@ -195,6 +202,7 @@ impl Record {
             network: None,
             session: None,
             cells: None,
+            allow_net: None,
         }
     }
 
@@ -270,6 +278,7 @@ impl Record {
             network: None,
             session: None,
             cells: None,
+            allow_net: None,
         }
     }
 

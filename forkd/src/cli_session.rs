@@ -83,6 +83,13 @@ enum SessionCmd {
         remote: String,
         local: PathBuf,
     },
+    /// Replace the session's network allowlist (SPEC as --allow-net; none:
+    /// no network for new connections). Prints the session as JSON.
+    Net {
+        id: String,
+        /// Destinations: HOST[:PORTS], *.DOMAIN[:PORTS], CIDR[:PORTS].
+        specs: Vec<String>,
+    },
     /// End a session.
     Kill { id: String },
 }
@@ -271,6 +278,13 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
             }
         }
         SessionCmd::Info { id } => match client.session_info(&id).await {
+            Ok(info) => {
+                print_json(&info);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        SessionCmd::Net { id, specs } => match client.session_set_network(&id, &specs).await {
             Ok(info) => {
                 print_json(&info);
                 ExitCode::SUCCESS

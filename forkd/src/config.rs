@@ -219,6 +219,12 @@ pub struct ZygoteSection {
     /// Warm children parked longer than this many seconds are replaced
     /// (unset: kept until used).
     pub warm_max_idle_secs: Option<u64>,
+    /// This zygote's own bound on `allow_net`, replacing `[network] allow`
+    /// for its requests (e.g. only the package index for an untrusted
+    /// tenant's zygote); unset: `[network] allow`.
+    pub network_allow: Option<Vec<String>>,
+    /// Networks closed to this zygote's requests on top of `[network] deny`.
+    pub network_deny: Vec<String>,
 }
 
 impl ZygoteSection {
@@ -247,6 +253,8 @@ impl Default for ZygoteSection {
             warm_shrink_after_secs: 60,
             warm_refill_concurrency: 2,
             warm_max_idle_secs: Some(600),
+            network_allow: None,
+            network_deny: Vec::new(),
         }
     }
 }
@@ -477,6 +485,11 @@ impl Config {
                 "max_concurrent must be at least 1".into(),
             ));
         }
+        if self.sessions.max_requests_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "[sessions] max_requests_per_connection must be at least 1".into(),
+            ));
+        }
         forkd_pool::uids::UidRange::new(self.sandbox_uid_base, self.sandbox_uid_count)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         // Every running and every warm child holds an id; twice that leaves
@@ -496,6 +509,9 @@ impl Config {
         }
         self.metrics()?;
         self.network.validate()?;
+        for z in &self.zygotes {
+            self.network.bound_for(z)?;
+        }
         if let Some(path) = &self.audit_log {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid(format!(
@@ -589,6 +605,34 @@ mod tests {
             program: Program::Code("print(1)".into()),
             ..SpawnRequest::default()
         }
+    }
+
+    #[test]
+    fn a_zygote_network_bound_is_checked_with_the_config() {
+        let bad = Config::from_toml(
+            "default_zygote = \"narrow\"\n[[zygote]]\nname = \"narrow\"\nnetwork_allow = [\"pkg..test:443\"]\n",
+        )
+        .unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("zygote `narrow` network_allow"), "{e}");
+        let good = Config::from_toml(
+            "[[zygote]]\nname = \"narrow\"\nnetwork_deny = [\"198.18.0.0/15\"]\n",
+        )
+        .unwrap();
+        let bound = good.network.bound_for(&good.zygotes[0]).unwrap().unwrap();
+        let e = bound
+            .admit(&["198.18.0.1:80".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("zygote `narrow`") && e.contains("198.18.0.0/15"),
+            "{e}"
+        );
+        assert!(good
+            .network
+            .bound_for(&ZygoteSection::default())
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -848,6 +892,9 @@ pub struct SessionsSection {
     pub interrupt_grace_ms: u64,
     /// Ended sessions remembered for `session_info` (why they ended).
     pub remember_ended: usize,
+    /// Session requests one connection may have in flight; more are
+    /// answered `busy` (a bound on what one client can make the daemon hold).
+    pub max_requests_per_connection: usize,
 }
 
 impl Default for SessionsSection {
@@ -860,6 +907,7 @@ impl Default for SessionsSection {
             default_idle_timeout_ms: None,
             interrupt_grace_ms: 2_000,
             remember_ended: 1024,
+            max_requests_per_connection: 1024,
         }
     }
 }
@@ -917,6 +965,25 @@ impl NetworkSection {
             self.max_rules,
         )
         .map_err(|e| ConfigError::Invalid(format!("[network]: {e}")))
+    }
+
+    /// The bound of zygote `z`'s requests when it narrows `[network]`
+    /// (`None`: the `[network]` bound applies as it is).
+    pub fn bound_for(&self, z: &ZygoteSection) -> Result<Option<Bound>, ConfigError> {
+        if z.network_allow.is_none() && z.network_deny.is_empty() {
+            return Ok(None);
+        }
+        let allow = z.network_allow.as_ref().unwrap_or(&self.allow);
+        let deny: Vec<String> = self.deny.iter().chain(&z.network_deny).cloned().collect();
+        Bound::new(allow, &deny, self.allow_wildcards, self.max_rules)
+            .map(|b| b.named(format!("zygote `{}` network_allow/network_deny", z.name)))
+            .map(Some)
+            .map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "zygote `{}` network_allow/network_deny: {e}",
+                    z.name
+                ))
+            })
     }
 
     pub fn resolvers(&self) -> Result<Vec<SocketAddr>, ConfigError> {

@@ -345,7 +345,11 @@ pub async fn start_with(
         None => configured,
     };
 
-    let network = crate::network::Network::start(&settings.config.network, sys::euid() == 0)?;
+    let network = crate::network::Network::start(
+        &settings.config.network,
+        &settings.config.zygotes,
+        sys::euid() == 0,
+    )?;
     let zygotes = zygote_configs(&settings)?;
     let cgroups = Arc::new(cgroup_manager(&settings.config.cgroup)?);
     let pool = Supervisor::start(zygotes);
@@ -418,6 +422,7 @@ pub async fn start_with(
         admission.clone(),
         settings.config.sessions.clone(),
         audit.clone(),
+        metrics.clone(),
     ));
     let metrics_server = metrics_listener.map(|l| {
         let (state, metrics, sessions) = (state.clone(), metrics.clone(), sessions.clone());

@@ -59,6 +59,17 @@ enum Command {
     /// landlock, seccomp, interpreters and preload imports, then one sandbox
     /// end to end. One PASS/WARN/FAIL line per check; exit status 1 if any failed.
     Doctor,
+    /// Serve MCP (Model Context Protocol) on stdin/stdout as a client of the
+    /// daemon's socket: tools to run Python (one-shot or in sessions), run
+    /// shell commands and move files. Sessions it creates are killed when it
+    /// exits unless created with keep=true. See README "MCP server".
+    Mcp {
+        /// Socket of the daemon to use (default as for the daemon:
+        /// $FORKD_SOCKET, else the `socket` of -c FILE, else
+        /// /run/forkd/forkd.sock as root).
+        #[arg(long = "socket", env = "FORKD_SOCKET")]
+        daemon_socket: Option<PathBuf>,
+    },
     /// One of the doctor's probes, run in a child process (internal).
     #[command(name = "__probe", hide = true)]
     Probe { what: String },
@@ -77,6 +88,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::Mcp { daemon_socket }) = &args.command {
+        // --socket or FORKD_SOCKET, then the config's socket (-c FILE), then the default.
+        let from_config = match &args.config {
+            Some(path) => match forkd::Config::load(path) {
+                Ok(c) => c.socket,
+                Err(e) => {
+                    eprintln!("forkd mcp: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => None,
+        };
+        let socket = daemon_socket
+            .clone()
+            .or(args.socket.clone())
+            .or(from_config);
+        return mcp(socket, &args.log_level);
     }
     let mut config = match &args.config {
         Some(path) => match forkd::Config::load(path) {
@@ -194,6 +223,41 @@ async fn start_gateway(
         }
     });
     Ok((stop, task))
+}
+
+/// `forkd mcp`: stdout carries the protocol, so logs go to stderr (the
+/// default "info" is lowered to "warn" to keep a client's log quiet).
+fn mcp(socket: Option<PathBuf>, log_level: &str) -> ExitCode {
+    forkd::init_logging(
+        if log_level == "info" {
+            "warn"
+        } else {
+            log_level
+        },
+        false,
+    );
+    let socket = socket.unwrap_or_else(forkd_ipc::client::default_socket_path);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("forkd mcp: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(forkd_mcp::serve_stdio(socket));
+    // A read of stdin may still be pending in a blocking thread: do not wait for it.
+    runtime.shutdown_background();
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forkd mcp: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -129,6 +129,7 @@ pub fn error_code_label(code: ErrorCode) -> &'static str {
         ErrorCode::NotFound => "not_found",
         ErrorCode::FileError => "file_error",
         ErrorCode::Cancelled => "cancelled",
+        ErrorCode::Busy => "busy",
     }
 }
 
@@ -230,6 +231,13 @@ impl Metrics {
             .get_or_create(&latency)
             .observe(result.timings.isolated_us as f64 / 1e6);
         if let Some(n) = &result.network {
+            self.record_network(n);
+        }
+    }
+
+    /// Adds a sandbox's or session's egress counters.
+    pub fn record_network(&self, n: &forkd_ipc::NetworkReport) {
+        {
             let add = |f: &Family<EgressLabels, Counter>, kind, v: u64| {
                 f.get_or_create(&EgressLabels { kind }).inc_by(v);
             };
@@ -307,6 +315,9 @@ pub struct SessionSnapshot {
     pub cells: u64,
     /// Ended sessions by why (`killed`, `ttl`, `idle`, `died`, `shutdown`).
     pub ended: Vec<(&'static str, u64)>,
+    /// Session requests answered: (operation, outcome, count); the outcome
+    /// is `ok` or the error code (`cancelled` for cancels).
+    pub requests: Vec<(&'static str, &'static str, u64)>,
 }
 
 #[derive(Debug)]
@@ -393,6 +404,18 @@ impl Collector for Snapshot {
             )?;
             for (why, n) in &self.sessions.ended {
                 let labels = [("ended_by", *why)];
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "forkd_session_requests",
+                "Session requests answered, by operation and outcome (ok, or the error code; cancels count as cancelled).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (op, outcome, n) in &self.sessions.requests {
+                let labels = [("op", *op), ("outcome", *outcome)];
                 ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
             }
         }

@@ -15,6 +15,8 @@ use crate::config::{ConfigError, NetworkSection};
 /// The daemon's egress state.
 pub struct Network {
     bound: Bound,
+    /// Zygotes with a bound of their own (`network_allow`/`network_deny`).
+    zygote_bounds: std::collections::HashMap<String, Bound>,
     enforcer: Result<Enforcer, String>,
 }
 
@@ -27,8 +29,18 @@ fn refused(code: ErrorCode, e: impl std::fmt::Display) -> ErrorReply {
 
 impl Network {
     /// Compiles the bound and, as root, starts the setup thread.
-    pub fn start(section: &NetworkSection, root: bool) -> Result<Network, ConfigError> {
+    pub fn start(
+        section: &NetworkSection,
+        zygotes: &[crate::config::ZygoteSection],
+        root: bool,
+    ) -> Result<Network, ConfigError> {
         let bound = section.bound()?;
+        let mut zygote_bounds = std::collections::HashMap::new();
+        for z in zygotes {
+            if let Some(b) = section.bound_for(z)? {
+                zygote_bounds.insert(z.name.clone(), b);
+            }
+        }
         let enforcer = if root {
             Enforcer::start(forkd_net::Config {
                 resolvers: section.resolvers()?,
@@ -41,16 +53,21 @@ impl Network {
         } else {
             Err("network egress (allow_net) needs a root daemon: a rootless daemon cannot enter its sandboxes' network namespaces; run forkd as root or drop allow_net".into())
         };
-        Ok(Network { bound, enforcer })
+        Ok(Network {
+            bound,
+            zygote_bounds,
+            enforcer,
+        })
     }
 
-    /// Checks a request's allowlist at admission: `None` when it has none.
-    /// Nothing is sent anywhere; a refusal names the rule.
-    pub fn admit(&self, specs: &[String]) -> Result<Option<Allowlist>, ErrorReply> {
+    /// Checks a request's allowlist for `zygote` at admission: `None` when
+    /// it has none. Nothing is sent anywhere; a refusal names the rule.
+    pub fn admit(&self, specs: &[String], zygote: &str) -> Result<Option<Allowlist>, ErrorReply> {
         if specs.is_empty() {
             return Ok(None);
         }
-        let allow = self.bound.admit(specs).map_err(|e| match e {
+        let bound = self.zygote_bounds.get(zygote).unwrap_or(&self.bound);
+        let allow = bound.admit(specs).map_err(|e| match e {
             AdmitError::Spec(_) | AdmitError::TooMany { .. } => {
                 refused(ErrorCode::InvalidRequest, e)
             }
@@ -64,6 +81,26 @@ impl Network {
             .check(&allow)
             .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
         Ok(Some(allow))
+    }
+
+    /// Replaces the allowlist of a running sandbox whose egress is `egress`.
+    pub async fn update(
+        &self,
+        egress: &Egress,
+        pidfd: BorrowedFd<'_>,
+        allow: Allowlist,
+    ) -> Result<(), ErrorReply> {
+        let enforcer = self
+            .enforcer
+            .as_ref()
+            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        enforcer
+            .update(egress, pidfd, allow)
+            .await
+            .map_err(|e| match e {
+                EgressError::TooManyPorts { .. } => refused(ErrorCode::InvalidRequest, e),
+                _ => refused(ErrorCode::Internal, e),
+            })
     }
 
     /// Opens the sandbox behind `pidfd` to its allowlist (before its program runs).

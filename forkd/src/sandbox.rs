@@ -329,7 +329,7 @@ pub async fn run_sandbox_with(
     } = admitted;
     let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
     // `None` (no allowlist) costs nothing further: no network, as always.
-    let allow = state.network.admit(&req.allow_net)?;
+    let allow = state.network.admit(&req.allow_net, &zygote_name)?;
     let mut shutdown = state.shutdown_signal();
     let _slot = acquire_slot(state, &mut shutdown).await?;
     let _in_flight = state.load.enter();

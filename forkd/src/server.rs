@@ -324,6 +324,11 @@ async fn connection(server: Arc<Server>, stream: UnixStream) {
 
     let (client_gone, _) = tokio::sync::watch::channel(false);
     let cancels = crate::session::ops::Cancels::default();
+    // Session requests hold a task each until they answer: bounded per
+    // connection, so one client cannot make the daemon hold without limit.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        server.sessions.cfg.max_requests_per_connection,
+    ));
     let max = server.frames.max_bytes;
     let frame_timeout = server.frames.timeout;
     loop {
@@ -412,20 +417,34 @@ async fn connection(server: Arc<Server>, stream: UnixStream) {
                 }
             }
             body => {
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    server.sessions.count_request(body.op(), "busy");
+                    let reply = error_response(
+                        id,
+                        ErrorCode::Busy,
+                        format!(
+                            "this connection already has {} session requests in flight ([sessions] max_requests_per_connection); wait for replies or open another connection",
+                            server.sessions.cfg.max_requests_per_connection
+                        ),
+                    );
+                    if tx.send(Response { v, ..reply }).await.is_err() {
+                        break;
+                    }
+                    continue;
+                };
                 let cancel = crate::session::ops::register_cancel(&cancels, id);
                 let replier = crate::session::ops::Replier {
                     tx: tx.clone(),
                     v,
                     id,
                 };
-                tokio::spawn(crate::session::ops::serve(
-                    server.sessions.clone(),
-                    body,
-                    peer,
-                    replier,
-                    cancel,
-                    cancels.clone(),
-                ));
+                let sessions = server.sessions.clone();
+                let cancels = cancels.clone();
+                tokio::spawn(async move {
+                    crate::session::ops::serve(sessions, body, peer, replier, cancel, cancels)
+                        .await;
+                    drop(permit);
+                });
             }
         }
     }

@@ -241,6 +241,55 @@ async fn bad_allowlists_are_refused_at_admission_naming_the_rule_() {
 }
 
 #[test]
+fn a_zygote_narrows_the_network_bound_for_its_requests() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    serial(a_zygote_narrows_the_network_bound_for_its_requests_());
+}
+
+async fn a_zygote_narrows_the_network_bound_for_its_requests_() {
+    let d = TestDaemon::start(|c| {
+        let mut narrow = c.zygotes[0].clone();
+        narrow.name = "narrow".into();
+        narrow.warm_pool = 0;
+        narrow.network_allow = Some(vec!["198.18.0.0/15:8000-8099".into()]);
+        narrow.network_deny = vec!["198.18.7.0/24".into()];
+        c.zygotes.push(narrow);
+    })
+    .await;
+    let ask = |zygote: &str, allow: &str| {
+        let mut r = req("print(1)");
+        r.zygote = Some(zygote.into());
+        r.allow_net = vec![allow.into()];
+        r
+    };
+    // The zygote's own allow bound, named in the refusal.
+    let e = server_error(d.spawn(&ask("narrow", "pkg.test:443")).await.unwrap_err());
+    assert_eq!(e.code, ErrorCode::LimitExceedsPolicy, "{}", e.message);
+    assert!(
+        e.message.contains("zygote `narrow` network_allow")
+            && e.message.contains("198.18.0.0/15:8000-8099"),
+        "{}",
+        e.message
+    );
+    // Its extra deny rule, and the daemon-wide one, both hold.
+    let e = server_error(
+        d.spawn(&ask("narrow", "198.18.7.9:8080"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.message.contains("198.18.7.0/24"), "{}", e.message);
+    // Inside its bound: admitted (nothing is sent: the program does not connect).
+    let r = d.spawn(&ask("narrow", "198.18.0.9:8080")).await.unwrap();
+    assert_eq!(r.stdout, b"1\n");
+    // The default zygote keeps the [network] bound.
+    let r = d.spawn(&ask("default", "pkg.test:443")).await.unwrap();
+    assert_eq!(r.stdout, b"1\n");
+    d.finish().await;
+}
+
+#[test]
 fn many_sandboxes_with_network_leave_nothing_behind() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
@@ -426,6 +475,126 @@ async fn a_session_keeps_its_allowlist_across_cells_and_commands_() {
         .await
         .unwrap();
     assert_eq!(r.text.as_deref(), Some("'ConnectionRefusedError'"), "{r:?}");
+    c.session_kill(&s).await.unwrap();
+    drop(c);
+    d.finish().await;
+}
+
+#[test]
+fn a_session_changes_its_allowlist_within_the_bound() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    serial(a_session_changes_its_allowlist_within_the_bound_());
+}
+
+async fn a_session_changes_its_allowlist_within_the_bound_() {
+    let host = TestHost::create();
+    host.echo(8080, "a");
+    host.echo(8081, "b");
+    let names: HashMap<String, _> = [("pkg.test".to_string(), host.addr)].into_iter().collect();
+    let dns = host.dns(names, 60);
+    let d = TestDaemon::start(move |c| c.network.resolvers = Some(vec![dns.to_string()])).await;
+    let c = d.client().await;
+    // No allowlist at creation: no network, as for spawn.
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate::default())
+        .await
+        .unwrap()
+        .session;
+    let cell = |code: String| forkd_ipc::RunCode {
+        session: s.clone(),
+        code,
+        timeout_ms: Some(20_000),
+    };
+    // One line per destination: the echo's reply, or the error's class.
+    let reach = |target: &str, port: u16| {
+        format!(
+            "import socket\ntry:\n    c = socket.create_connection(('{target}', {port}), timeout=5)\n    c.sendall(b'hi')\n    got = c.recv(100).decode()\n    c.close()\nexcept OSError as e:\n    got = type(e).__name__\ngot"
+        )
+    };
+    let addr = host.addr.to_string();
+    let text = |r: forkd_ipc::CellResult| r.text.unwrap_or_default();
+    assert_eq!(
+        text(c.run_code(&cell(reach(&addr, 8080))).await.unwrap()),
+        "'OSError'",
+        "no route without an allowlist"
+    );
+
+    // Opened by name.
+    let info = c
+        .session_set_network(&s, &["pkg.test:8080".into()])
+        .await
+        .unwrap();
+    assert_eq!(info.allow_net, vec!["pkg.test:8080".to_string()]);
+    assert_eq!(
+        text(c.run_code(&cell(reach("pkg.test", 8080))).await.unwrap()),
+        "'a: hi'"
+    );
+
+    // Replaced by an address on another port: the name and the old port close.
+    c.session_set_network(&s, &[format!("{addr}:8081")])
+        .await
+        .unwrap();
+    assert_eq!(
+        text(c.run_code(&cell(reach(&addr, 8081))).await.unwrap()),
+        "'b: hi'"
+    );
+    assert_eq!(
+        text(c.run_code(&cell(reach(&addr, 8080))).await.unwrap()),
+        "'ConnectionResetError'",
+        "a port the list dropped is refused by the proxy"
+    );
+    assert_eq!(
+        text(c.run_code(&cell(reach("pkg.test", 8081))).await.unwrap()),
+        "'gaierror'",
+        "a name the list dropped no longer resolves"
+    );
+
+    // Outside the operator's bound: refused naming the rule, the list in force stays.
+    let e = server_error(
+        c.session_set_network(&s, &["169.254.169.254:80".into()])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, forkd_ipc::ErrorCode::LimitExceedsPolicy, "{e:?}");
+    assert!(e.message.contains("169.254.0.0/16"), "{e:?}");
+    assert_eq!(
+        text(c.run_code(&cell(reach(&addr, 8081))).await.unwrap()),
+        "'b: hi'"
+    );
+
+    // The same from forkd-run.
+    let (socket, sid) = (d.socket.clone(), s.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(["session", "net", "--socket"])
+            .arg(&socket)
+            .args([sid.as_str(), "198.18.0.9:80", "pkg.test:8080"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["allow_net"],
+        serde_json::json!(["198.18.0.9:80", "pkg.test:8080"])
+    );
+    assert_eq!(
+        text(c.run_code(&cell(reach("pkg.test", 8080))).await.unwrap()),
+        "'a: hi'"
+    );
+
+    // Emptied: no new connection gets out.
+    let info = c.session_set_network(&s, &[]).await.unwrap();
+    assert!(info.allow_net.is_empty());
+    let closed = text(c.run_code(&cell(reach(&addr, 8081))).await.unwrap());
+    assert!(
+        closed == "'ConnectionRefusedError'" || closed == "'OSError'",
+        "{closed}"
+    );
     c.session_kill(&s).await.unwrap();
     drop(c);
     d.finish().await;

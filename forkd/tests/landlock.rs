@@ -15,13 +15,14 @@ use forkd_ipc::LandlockStatus;
 /// Landlock ABI whose rights and scopes forkd requests (`isolate::LANDLOCK_ABI`).
 const REQUESTED_ABI: i32 = 6;
 
-/// Listing `/` inside the sandbox: landlock grants no right on the root
-/// itself, so it must be refused whenever the ruleset is enforced.
-const LIST_ROOT: &str = r#"
-import os
+/// Writing `/dev/urandom` inside the sandbox: its mode (0666) allows it,
+/// landlock grants it read only, so it must be refused whenever the ruleset
+/// is enforced.
+const WRITE_URANDOM: &str = r#"
 try:
-    os.listdir("/")
-    print("listed")
+    with open("/dev/urandom", "wb") as f:
+        f.write(b"x")
+    print("written")
 except PermissionError:
     print("EACCES")
 "#;
@@ -45,7 +46,7 @@ async fn default_policy_reports_what_the_kernel_enforces() {
         return;
     }
     let d = TestDaemon::start(|_| {}).await;
-    let r = d.run(LIST_ROOT).await;
+    let r = d.run(WRITE_URANDOM).await;
     let abi = forkd_zygote::sys::landlock_abi();
     let expected = match abi {
         0 => LandlockStatus::NotEnforced,
@@ -86,7 +87,7 @@ async fn required_landlock_is_enforced_or_refuses_to_start() {
         return;
     }
     let d = TestDaemon::start(tweak).await;
-    let mut r = req(LIST_ROOT);
+    let mut r = req(WRITE_URANDOM);
     r.policy = Some("strict".into());
     let res = d.spawn(&r).await.expect("spawn with the strict policy");
     assert_eq!(res.landlock, Some(LandlockStatus::FullyEnforced));

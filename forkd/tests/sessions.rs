@@ -456,6 +456,8 @@ async fn ttl_idle_pause_and_metrics() {
     let info = c.session_info(&idle.session).await.unwrap();
     assert_eq!(info.ended_by, Some(SessionEnd::Idle), "{info:?}");
     assert_eq!(c.session_list(BTreeMap::new()).await.unwrap().len(), 1);
+    let gone = server_error(c.session_info("no-such-session").await.unwrap_err());
+    assert_eq!(gone.code, ErrorCode::UnknownSession);
 
     let text = common::scrape::scrape(d.metrics_addr().unwrap()).await;
     let metric = |name: &str, labels: &[(&str, &str)]| common::scrape::sample(&text, name, labels);
@@ -469,6 +471,16 @@ async fn ttl_idle_pause_and_metrics() {
         Some(1.0)
     );
     assert_eq!(metric("forkd_sessions_created_total", &[]), Some(3.0));
+    let requests = |op: &str, outcome: &str| {
+        metric(
+            "forkd_session_requests_total",
+            &[("op", op), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(requests("session_create", "ok"), Some(3.0), "{text}");
+    assert_eq!(requests("session_list", "ok"), Some(2.0));
+    assert_eq!(requests("session_info", "ok"), Some(2.0));
+    assert_eq!(requests("session_info", "unknown_session"), Some(1.0));
     assert_eq!(metric("forkd_sessions_live", &[]), Some(1.0));
     let lines = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&audit)
@@ -868,5 +880,104 @@ async fn the_blocking_client_streams_and_moves_files() {
     })
     .await
     .unwrap();
+    d.finish().await;
+}
+
+/// One connection may have only `max_requests_per_connection` session
+/// requests in flight: the next is answered `busy` at once (not queued, so an
+/// interrupt or cancel still gets through), and the bound frees as replies go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_has_a_bounded_number_of_requests_in_flight() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.sessions.max_requests_per_connection = 2).await;
+    let c = d.client().await;
+    let (a, b) = (create(&c).await, create(&c).await);
+    let slow = |s: &str| cell(s, "import time; time.sleep(1.5); 'slept'");
+    let (ra, rb) = (slow(&a), slow(&b));
+    let first = c.run_code(&ra);
+    let second = c.run_code(&rb);
+    let third = async {
+        // Sent while both cells hold the connection's two slots.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.session_info(&a).await
+    };
+    let (first, second, third) = tokio::join!(first, second, third);
+    assert_eq!(first.unwrap().text.as_deref(), Some("'slept'"));
+    assert_eq!(second.unwrap().text.as_deref(), Some("'slept'"));
+    let busy = server_error(third.unwrap_err());
+    assert_eq!(busy.code, ErrorCode::Busy, "{busy:?}");
+    assert!(
+        busy.message.contains("max_requests_per_connection"),
+        "{busy:?}"
+    );
+    // The slots are free again.
+    assert_eq!(c.session_info(&a).await.unwrap().session, a);
+    drop(c);
+    d.finish().await;
+}
+
+/// A matplotlib figure left open by a cell, or returned as its value, comes
+/// back as a PNG result without the user calling savefig (Jupyter's
+/// behaviour). Needs matplotlib in the test interpreter (scripts/venv.sh
+/// installs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matplotlib_figures_come_back_as_png() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let has_mpl = std::process::Command::new(python())
+        .args(["-c", "import matplotlib"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_mpl {
+        eprintln!(
+            "skipped: matplotlib is not installed in {} (scripts/venv.sh installs it)",
+            python().display()
+        );
+        return;
+    }
+    const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
+    let png = |d: &forkd_ipc::DisplayData| -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        let b64 = d.data.get("image/png")?;
+        base64::engine::general_purpose::STANDARD.decode(b64).ok()
+    };
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    let left_open = c
+        .run_code(&cell(
+            &s,
+            "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('left open')\nNone",
+        ))
+        .await
+        .unwrap();
+    assert!(left_open.error.is_none(), "{left_open:?}");
+    let pngs: Vec<Vec<u8>> = left_open.results.iter().filter_map(png).collect();
+    assert_eq!(pngs.len(), 1, "{:?}", left_open.results);
+    assert!(pngs[0].starts_with(PNG_MAGIC));
+    // Shown figures are closed: the next cell does not repeat them.
+    let next = c
+        .run_code(&cell(&s, "len(plt.get_fignums())"))
+        .await
+        .unwrap();
+    assert_eq!(next.text.as_deref(), Some("0"));
+    assert!(next.results.iter().all(|d| png(d).is_none()));
+    // A figure as the cell's value is its main result.
+    let value = c
+        .run_code(&cell(
+            &s,
+            "fig, ax = plt.subplots()\nax.bar([1, 2], [3, 4])\nfig",
+        ))
+        .await
+        .unwrap();
+    let main: Vec<_> = value.results.iter().filter(|d| d.main).collect();
+    assert_eq!(main.len(), 1, "{:?}", value.results);
+    assert!(png(main[0]).is_some_and(|p| p.starts_with(PNG_MAGIC)));
+    // ...and is not shown a second time as a figure left open.
+    assert_eq!(value.results.len(), 1, "{:?}", value.results);
+    drop(c);
     d.finish().await;
 }

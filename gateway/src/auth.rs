@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -202,7 +202,7 @@ impl Tokens {
 
     fn mac(&self, sandbox: &str, tenant: &str) -> String {
         // HMAC takes a key of any length: this cannot fail.
-        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.secret)
+        let mut m = <HmacSha256 as KeyInit>::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
         m.update(b"forkd-gateway sandbox token\0");
         m.update(sandbox.as_bytes());

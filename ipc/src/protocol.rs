@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::session::{
     Cancel, CellResult, Command, CommandKill, CommandResult, DisplayData, FileData, FileEntry,
     FilePath, FileRead, FileWrite, RunCode, SessionCreate, SessionInfo, SessionList, SessionRef,
-    SetTtl, Stream,
+    SetNetwork, SetTtl, Stream,
 };
 
 /// Version spoken by this crate. A request with another `v` gets
@@ -66,6 +66,8 @@ pub enum RequestBody {
     SessionResume(SessionRef),
     /// Set a session's remaining lifetime.
     SessionSetTtl(SetTtl),
+    /// Replace a session's network allowlist.
+    SessionSetNetwork(SetNetwork),
     /// Run a cell; streams [`ResponseBody::Output`] and
     /// [`ResponseBody::Display`], then answers [`ResponseBody::Cell`].
     RunCode(RunCode),
@@ -113,6 +115,7 @@ impl RequestBody {
             RequestBody::SessionPause(_) => "session_pause",
             RequestBody::SessionResume(_) => "session_resume",
             RequestBody::SessionSetTtl(_) => "session_set_ttl",
+            RequestBody::SessionSetNetwork(_) => "session_set_network",
             RequestBody::RunCode(_) => "run_code",
             RequestBody::Interrupt(_) => "interrupt",
             RequestBody::Cancel(_) => "cancel",
@@ -139,7 +142,7 @@ mod wire {
     use super::{RequestBody, SpawnRequest};
     use crate::session::{
         Cancel, Command, CommandKill, FilePath, FileRead, FileWrite, RunCode, SessionCreate,
-        SessionList, SessionRef, SetTtl,
+        SessionList, SessionRef, SetNetwork, SetTtl,
     };
 
     #[derive(Deserialize)]
@@ -155,6 +158,7 @@ mod wire {
         SessionPause(SessionRef),
         SessionResume(SessionRef),
         SessionSetTtl(SetTtl),
+        SessionSetNetwork(SetNetwork),
         RunCode(RunCode),
         Interrupt(SessionRef),
         Cancel(Cancel),
@@ -184,6 +188,7 @@ mod wire {
                 RequestBodyWire::SessionPause(r) => RequestBody::SessionPause(r),
                 RequestBodyWire::SessionResume(r) => RequestBody::SessionResume(r),
                 RequestBodyWire::SessionSetTtl(r) => RequestBody::SessionSetTtl(r),
+                RequestBodyWire::SessionSetNetwork(r) => RequestBody::SessionSetNetwork(r),
                 RequestBodyWire::RunCode(r) => RequestBody::RunCode(r),
                 RequestBodyWire::Interrupt(r) => RequestBody::Interrupt(r),
                 RequestBodyWire::Cancel(r) => RequestBody::Cancel(r),
@@ -698,6 +703,10 @@ pub enum ErrorCode {
     FileError,
     /// The request was cancelled (by `cancel`, version 2).
     Cancelled,
+    /// The connection already has the most session requests in flight that
+    /// the daemon allows (`[sessions] max_requests_per_connection`); wait for
+    /// some to finish, or open another connection (version 2).
+    Busy,
 }
 
 impl std::fmt::Display for ErrorCode {

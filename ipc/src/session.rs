@@ -80,6 +80,19 @@ pub struct SetTtl {
     pub ttl_ms: u64,
 }
 
+/// `session_set_network`: a new network allowlist (same syntax and bound
+/// as `allow_net` at create), replacing the old one for new connections
+/// and queries; open connections stay. An empty list closes the network to
+/// new connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetNetwork {
+    /// The session.
+    pub session: String,
+    /// Destinations, as `allow_net` of `session_create`.
+    pub allow_net: Vec<String>,
+}
+
 /// `run_code`: one cell in the session's `__main__`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -268,6 +281,9 @@ pub struct SessionInfo {
     /// True when a warm-pool child became this session.
     #[serde(default)]
     pub warm: bool,
+    /// Its network allowlist (empty: no network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_net: Vec<String>,
 }
 
 /// Which stream a chunk of output came from.

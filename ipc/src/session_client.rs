@@ -14,8 +14,8 @@ use crate::client::{
 use crate::protocol::{RequestBody, Response, ResponseBody};
 use crate::session::{
     CellResult, Command, CommandKill, CommandResult, DisplayData, FileData, FileEntry, FilePath,
-    FileRead, FileWrite, RunCode, SessionCreate, SessionInfo, SessionList, SessionRef, SetTtl,
-    Stream, MAX_FILE_CHUNK,
+    FileRead, FileWrite, RunCode, SessionCreate, SessionInfo, SessionList, SessionRef, SetNetwork,
+    SetTtl, Stream, MAX_FILE_CHUNK,
 };
 
 /// A streamed event of a cell or command, before its final result.
@@ -191,6 +191,19 @@ impl Client {
             ttl_ms,
         }))?;
         expect_session("session_set_ttl", resp)
+    }
+
+    /// Replaces the session's network allowlist (`allow_net` syntax).
+    pub fn session_set_network(
+        &mut self,
+        id: &str,
+        allow_net: &[String],
+    ) -> Result<SessionInfo, ClientError> {
+        let resp = self.simple(&RequestBody::SessionSetNetwork(SetNetwork {
+            session: id.to_owned(),
+            allow_net: allow_net.to_vec(),
+        }))?;
+        expect_session("session_set_network", resp)
     }
 
     /// A streamed request: `on_event` sees its events, the final reply is
@@ -456,6 +469,21 @@ impl AsyncClient {
             }))
             .await?;
         expect_session("session_set_ttl", resp)
+    }
+
+    /// Replaces the session's network allowlist (`allow_net` syntax).
+    pub async fn session_set_network(
+        &self,
+        id: &str,
+        allow_net: &[String],
+    ) -> Result<SessionInfo, ClientError> {
+        let resp = self
+            .simple(&RequestBody::SessionSetNetwork(SetNetwork {
+                session: id.to_owned(),
+                allow_net: allow_net.to_vec(),
+            }))
+            .await?;
+        expect_session("session_set_network", resp)
     }
 
     /// A streamed request: its events, then its result, within `timeout_ms`

@@ -56,10 +56,18 @@ pub enum AdmitError {
     TooMany { count: usize, max: usize },
     #[error("allow_net `{spec}` opens every destination; the operator's [network] allow_wildcards is off: name the hosts or networks instead")]
     Wildcard { spec: String },
-    #[error("allow_net `{spec}` is refused by the operator's [network] deny rule `{rule}`")]
-    Denied { spec: String, rule: String },
-    #[error("allow_net `{spec}` is outside the operator's [network] allow bound ({allowed})")]
-    OutsideBound { spec: String, allowed: String },
+    #[error("allow_net `{spec}` is refused by the operator's {bound} deny rule `{rule}`")]
+    Denied {
+        spec: String,
+        rule: String,
+        bound: String,
+    },
+    #[error("allow_net `{spec}` is outside the operator's {bound} allow bound ({allowed})")]
+    OutsideBound {
+        spec: String,
+        allowed: String,
+        bound: String,
+    },
 }
 
 /// The operator's bound, compiled once from `[network]`.
@@ -69,6 +77,9 @@ pub struct Bound {
     deny: Arc<[Cidr]>,
     allow_wildcards: bool,
     max_rules: usize,
+    /// Where the operator wrote it, for refusals (`[network]`, or a
+    /// zygote's `network_allow`/`network_deny`).
+    name: String,
 }
 
 impl Default for Bound {
@@ -84,6 +95,7 @@ impl Default for Bound {
                 .collect(),
             allow_wildcards: false,
             max_rules: DEFAULT_MAX_RULES,
+            name: "[network]".into(),
         }
     }
 }
@@ -108,7 +120,15 @@ impl Bound {
                 .into(),
             allow_wildcards,
             max_rules,
+            name: "[network]".into(),
         })
+    }
+
+    /// The same bound, named `name` in refusals.
+    #[must_use]
+    pub fn named(mut self, name: impl Into<String>) -> Bound {
+        self.name = name.into();
+        self
     }
 
     /// The deny rule that closes `ip`, if any.
@@ -159,11 +179,13 @@ impl Bound {
                     return Err(AdmitError::Denied {
                         spec: s.clone(),
                         rule: d.to_string(),
+                        bound: self.name.clone(),
                     });
                 }
             }
             if !self.within_allow(&rule) {
                 return Err(AdmitError::OutsideBound {
+                    bound: self.name.clone(),
                     spec: s.clone(),
                     allowed: self
                         .allow
@@ -351,7 +373,8 @@ mod tests {
                 e,
                 AdmitError::Denied {
                     spec: spec.into(),
-                    rule: rule.into()
+                    rule: rule.into(),
+                    bound: "[network]".into(),
                 }
             );
             assert!(e.to_string().contains(rule), "{e}");

@@ -28,13 +28,18 @@
 //!
 //! The namespace, its routes and sockets die with the sandbox; dropping
 //! [`Egress`] stops its tasks and closes the daemon's sockets.
+//!
+//! A session may change its allowlist ([`Enforcer::update`]): new ports get
+//! listeners and new networks routes, dropped networks lose theirs, and the
+//! rules every later connection and query is checked against are swapped.
+//! Connections already open stay open.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use forkd_ipc::{NetEvent, NetworkReport};
@@ -149,14 +154,16 @@ pub enum EgressError {
 struct Opened {
     routes: RouteSocket,
     listeners: Vec<std::net::TcpListener>,
-    dns_udp: std::net::UdpSocket,
-    dns_tcp: std::net::TcpListener,
+    /// The resolver's sockets (made once, by the first set-up).
+    dns: Option<(std::net::UdpSocket, std::net::TcpListener)>,
 }
 
 struct SetupJob {
     pidfd: OwnedFd,
     networks: Vec<Cidr>,
     ports: Vec<u16>,
+    /// Open the resolver's sockets too (false for an update).
+    resolver: bool,
     reply: oneshot::Sender<io::Result<Opened>>,
 }
 
@@ -216,16 +223,103 @@ impl Enforcer {
         pidfd: BorrowedFd<'_>,
         allow: Allowlist,
     ) -> Result<Egress, EgressError> {
-        let ports: Vec<u16> = self
-            .check(&allow)?
+        let ports = self.listened_ports(&allow)?;
+        let opened = self
+            .open(pidfd, allow.networks(), ports.clone(), true)
+            .await?;
+        Egress::run(allow, ports, self.config.clone(), self.host.clone(), opened)
+            .map_err(EgressError::Setup)
+    }
+
+    /// Replaces the allowlist of the running sandbox behind `pidfd`, whose
+    /// egress is `egress` (a session changing its list). New ports get
+    /// listeners and new networks routes before the rules are swapped;
+    /// names resolved before stay reachable while the new list allows them.
+    pub async fn update(
+        &self,
+        egress: &Egress,
+        pidfd: BorrowedFd<'_>,
+        allow: Allowlist,
+    ) -> Result<(), EgressError> {
+        let state = &egress.state;
+        let wanted = self.listened_ports(&allow)?;
+        let have = lock(&egress.ports).clone();
+        let new_ports: Vec<u16> = wanted.into_iter().filter(|p| !have.contains(p)).collect();
+        let networks = allow.networks();
+        let routed = state
+            .networks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let new_networks: Vec<Cidr> = networks
+            .iter()
+            .filter(|n| !routed.contains(n))
+            .copied()
+            .collect();
+        if !new_ports.is_empty() || !new_networks.is_empty() {
+            let opened = self
+                .open(pidfd, new_networks, new_ports.clone(), false)
+                .await?;
+            let mut tasks = lock(&egress.tasks);
+            for l in opened.listeners {
+                let l = TcpListener::from_std(l).map_err(EgressError::Setup)?;
+                tasks.push(tokio::spawn(accept_loop(state.clone(), l)));
+            }
+            lock(&egress.ports).extend(new_ports);
+        }
+        // Dropped networks lose their routes: connecting there fails at once
+        // again (addresses still answered for an allowed name get a host
+        // route back below).
+        {
+            let routes = lock(&state.routes);
+            for gone in routed.iter().filter(|n| !networks.contains(n)) {
+                routes.del_local(gone).map_err(EgressError::Setup)?;
+            }
+        }
+        *state
+            .networks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = networks.clone();
+        let mut answered = lock(&state.answered);
+        answered.retain(|_, a| {
+            a.ports = allow.name_ports(&a.name);
+            !a.ports.is_empty()
+        });
+        let routes = lock(&state.routes);
+        for ip in answered.keys() {
+            if !networks.iter().any(|n| n.contains(*ip)) {
+                routes
+                    .add_local(&Cidr::host(*ip))
+                    .map_err(EgressError::Setup)?;
+            }
+        }
+        *state.allow.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(allow);
+        Ok(())
+    }
+
+    /// The ports `allow` needs a listener on (the resolver has its own).
+    fn listened_ports(&self, allow: &Allowlist) -> Result<Vec<u16>, EgressError> {
+        Ok(self
+            .check(allow)?
             .into_iter()
             .filter(|p| *p != DNS_PORT)
-            .collect();
+            .collect())
+    }
+
+    /// Has the setup thread make routes and sockets inside the namespace.
+    async fn open(
+        &self,
+        pidfd: BorrowedFd<'_>,
+        networks: Vec<Cidr>,
+        ports: Vec<u16>,
+        resolver: bool,
+    ) -> Result<Opened, EgressError> {
         let (reply, rx) = oneshot::channel();
         let job = SetupJob {
             pidfd: pidfd.try_clone_to_owned().map_err(EgressError::Setup)?,
-            networks: allow.networks(),
+            networks,
             ports,
+            resolver,
             reply,
         };
         self.jobs
@@ -233,13 +327,14 @@ impl Enforcer {
             .map_err(|_| EgressError::ThreadGone)?
             .send(job)
             .map_err(|_| EgressError::ThreadGone)?;
-        let opened = rx
-            .await
+        rx.await
             .map_err(|_| EgressError::ThreadGone)?
-            .map_err(EgressError::Setup)?;
-        Egress::run(allow, self.config.clone(), self.host.clone(), opened)
             .map_err(EgressError::Setup)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs on the setup thread. The error's flag is true when the thread could
@@ -272,7 +367,7 @@ fn setup(
         }
         std::thread::sleep(Duration::from_micros(50));
     }
-    let made = open_inside(&job.networks, &job.ports);
+    let made = open_inside(&job.networks, &job.ports, job.resolver);
     match sys::setns_net(home) {
         Ok(()) => made.map_err(|e| (e, false)),
         Err(e) => Err((e, true)),
@@ -320,7 +415,7 @@ fn dns_udp() -> io::Result<std::net::UdpSocket> {
     make(true).or_else(|_| make(false)).map(Into::into)
 }
 
-fn open_inside(networks: &[Cidr], ports: &[u16]) -> io::Result<Opened> {
+fn open_inside(networks: &[Cidr], ports: &[u16], resolver: bool) -> io::Result<Opened> {
     let ctx =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     sys::loopback_up().map_err(ctx("bring lo up"))?;
@@ -333,11 +428,18 @@ fn open_inside(networks: &[Cidr], ports: &[u16]) -> io::Result<Opened> {
         .map(|p| listener(*p))
         .collect::<io::Result<Vec<_>>>()
         .map_err(ctx("listen on an allowed port"))?;
+    let dns = if resolver {
+        Some((
+            dns_udp().map_err(ctx("open the resolver's UDP socket"))?,
+            listener(DNS_PORT).map_err(ctx("open the resolver's TCP socket"))?,
+        ))
+    } else {
+        None
+    };
     Ok(Opened {
         routes,
         listeners,
-        dns_udp: dns_udp().map_err(ctx("open the resolver's UDP socket"))?,
-        dns_tcp: listener(DNS_PORT).map_err(ctx("open the resolver's TCP socket"))?,
+        dns,
     })
 }
 
@@ -353,11 +455,13 @@ struct Counters {
 }
 
 struct State {
-    allow: Allowlist,
+    /// The rules in force (swapped whole by [`Enforcer::update`]).
+    allow: RwLock<Arc<Allowlist>>,
     config: Arc<Config>,
     host: Arc<HostAddresses>,
     conn_slots: Arc<Semaphore>,
-    networks: Vec<Cidr>,
+    /// Networks with a local route.
+    networks: RwLock<Vec<Cidr>>,
     routes: Mutex<RouteSocket>,
     answered: Mutex<HashMap<IpAddr, Answered>>,
     bytes_out: AtomicU64,
@@ -377,6 +481,13 @@ struct Log {
 }
 
 impl State {
+    fn allow(&self) -> Arc<Allowlist> {
+        self.allow
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn record(&self, event: NetEvent, counters: Option<Arc<Counters>>) {
         if let Ok(mut log) = self.log.lock() {
             if log.events.len() < self.config.max_log {
@@ -393,7 +504,7 @@ impl State {
         if self.host.contains(ip) {
             return Err(Refusal::HostAddress);
         }
-        let by_rule = match self.allow.check_address(ip, port) {
+        let by_rule = match self.allow().check_address(ip, port) {
             Ok(()) => true,
             Err(r @ Refusal::Denied(_)) => return Err(r),
             Err(_) => false,
@@ -435,7 +546,13 @@ impl State {
         // answered addresses stay until the sandbox ends: removing one
         // would break connections still open to it; a new connection after
         // the TTL is refused by the proxy instead.
-        if !self.networks.iter().any(|n| n.contains(ip)) {
+        let routed = self
+            .networks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|n| n.contains(ip));
+        if !routed {
             self.routes
                 .lock()
                 .map_err(|_| io::Error::other("poisoned"))?
@@ -456,12 +573,14 @@ impl State {
 /// One sandbox's egress, running until dropped.
 pub struct Egress {
     state: Arc<State>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Ports with a listener inside the sandbox.
+    ports: Mutex<BTreeSet<u16>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Egress {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in lock(&self.tasks).iter() {
             t.abort();
         }
     }
@@ -470,13 +589,14 @@ impl Drop for Egress {
 impl Egress {
     fn run(
         allow: Allowlist,
+        ports: Vec<u16>,
         config: Arc<Config>,
         host: Arc<HostAddresses>,
         opened: Opened,
     ) -> io::Result<Egress> {
         let state = Arc::new(State {
-            networks: allow.networks(),
-            allow,
+            networks: RwLock::new(allow.networks()),
+            allow: RwLock::new(Arc::new(allow)),
             conn_slots: Arc::new(Semaphore::new(config.max_connections)),
             config,
             host,
@@ -496,16 +616,22 @@ impl Egress {
             let l = TcpListener::from_std(l)?;
             tasks.push(tokio::spawn(accept_loop(state.clone(), l)));
         }
-        let udp = UdpSocket::from_std(opened.dns_udp)?;
-        tasks.push(tokio::spawn(dns_udp_loop(state.clone(), Arc::new(udp))));
-        let tcp = TcpListener::from_std(opened.dns_tcp)?;
-        tasks.push(tokio::spawn(dns_tcp_loop(state.clone(), tcp)));
-        Ok(Egress { state, tasks })
+        if let Some((udp, tcp)) = opened.dns {
+            let udp = UdpSocket::from_std(udp)?;
+            tasks.push(tokio::spawn(dns_udp_loop(state.clone(), Arc::new(udp))));
+            let tcp = TcpListener::from_std(tcp)?;
+            tasks.push(tokio::spawn(dns_tcp_loop(state.clone(), tcp)));
+        }
+        Ok(Egress {
+            state,
+            ports: Mutex::new(ports.into_iter().collect()),
+            tasks: Mutex::new(tasks),
+        })
     }
 
     /// Stops the proxy (open connections are cut) and reports.
     pub fn finish(self) -> NetworkReport {
-        for t in &self.tasks {
+        for t in lock(&self.tasks).iter() {
             t.abort();
         }
         let s = &self.state;
@@ -727,7 +853,8 @@ async fn answer(state: &State, packet: &[u8]) -> Option<Vec<u8>> {
         .first()
         .map(|q| dns::plain(q.name()))
         .unwrap_or_default();
-    let (name, rtype, ports) = match dns::decide(&query, &state.allow) {
+    let allow = state.allow();
+    let (name, rtype, ports) = match dns::decide(&query, &allow) {
         Decision::Reply(ResponseCode::NXDomain) => {
             return Some(refuse(
                 qname,
@@ -752,7 +879,7 @@ async fn answer(state: &State, packet: &[u8]) -> Option<Vec<u8>> {
         let rcode = upstream.response_code();
         return Some(refuse(qname, rcode, format!("upstream answered {rcode}")));
     }
-    let filtered = dns::filter(&upstream, &name, rtype, &state.allow);
+    let filtered = dns::filter(&upstream, &name, rtype, &allow);
     let mut failed = None;
     for (ip, ttl) in &filtered.reachable {
         if let Err(e) = state.open(*ip, *ttl, &ports, &qname) {

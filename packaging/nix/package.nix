@@ -26,6 +26,7 @@ rustPlatform.buildRustPackage {
       ../../pool
       ../../cgroup
       ../../ipc
+      ../../mcp
       ../../bench
       ../../compare
       ../../policy

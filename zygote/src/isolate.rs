@@ -290,6 +290,10 @@ fn apply_landlock<K: Kernel>(
     let scratch = k.open(c"/tmp", dir, 0).map_err(at("open scratch"))?;
     let shm = k.open(c"/dev/shm", dir, 0).map_err(at("open /dev/shm"))?;
     let proc_fd = k.open(c"/proc", dir, 0).map_err(at("open /proc"))?;
+    // Listing directories is granted everywhere (`ls /` works as users
+    // expect): the root holds only what the template put there, and the
+    // workspace hides `none` paths with whiteouts, not with landlock.
+    let root = k.open(c"/", dir, 0).map_err(at("open /"))?;
 
     let mut rules: Vec<LandlockRule<'_>> = Vec::new();
     rules.extend(paths.read_exec_dirs.iter().map(|fd| (fd.as_fd(), read_dir)));
@@ -309,6 +313,7 @@ fn apply_landlock<K: Kernel>(
     rules.push((scratch.as_fd(), all));
     rules.push((shm.as_fd(), all));
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
+    rules.push((root.as_fd(), AccessFs::ReadDir.into()));
     rules.extend(workspace.iter().map(|(fd, access)| (fd.as_fd(), *access)));
 
     k.restrict_landlock(abi, policy.landlock.compat_level(), &rules)
@@ -508,9 +513,10 @@ mod tests {
             ("open(/tmp, O_PATH|O_DIRECTORY)".into(), "open scratch"),
             ("open(/dev/shm, O_PATH|O_DIRECTORY)".into(), "open /dev/shm"),
             ("open(/proc, O_PATH|O_DIRECTORY)".into(), "open /proc"),
+            ("open(/, O_PATH|O_DIRECTORY)".into(), "open /"),
             // The template's one directory, /tmp, /dev/shm and /proc.
             (
-                "restrict_landlock(V6, BestEffort, 4 rules)".into(),
+                "restrict_landlock(V6, BestEffort, 5 rules)".into(),
                 "landlock",
             ),
             (

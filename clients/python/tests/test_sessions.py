@@ -296,6 +296,30 @@ class SyncSessionTest(DaemonTest):
         self.assertTrue(cm.exception.message)
         self.assertNotIn(short.id, [i.id for i in fk.sessions()])
 
+    def test_set_network_within_the_bound(self) -> None:
+        fk = self.client(timeout=CALL_BOUND)
+        s = self.session(fk)
+        self.assertEqual(s.info().allow_net, [])
+        # An allowlist no cell uses: nothing is sent anywhere.
+        self.assertEqual(s.set_network(["198.18.0.1:80"]).allow_net, ["198.18.0.1:80"])
+        with self.assertRaises(forkd.LimitExceedsPolicy) as cm:
+            s.set_network(["169.254.169.254:80"])
+        self.assertIn("169.254.0.0/16", cm.exception.message)
+        self.assertEqual(s.info().allow_net, ["198.18.0.1:80"])  # unchanged
+        with self.assertRaises(InvalidArgument) as ia:
+            s.set_network("198.18.0.1:80")  # type: ignore[arg-type]
+        self.assertIn("allow_net", str(ia.exception))
+        self.assertEqual(s.set_network([]).allow_net, [])
+        self.assertEqual(s.run_code("1 + 1").text, "2")
+
+        async def main() -> None:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as afk:
+                a = await afk.attach(s.id)
+                info = await a.set_network(["198.18.0.2:443"])
+                self.assertEqual(info.allow_net, ["198.18.0.2:443"])
+
+        asyncio.run(main())
+
     def test_context_manager_kills_and_attach(self) -> None:
         fk = self.client(timeout=CALL_BOUND)
         with fk.session() as s:

@@ -31,10 +31,9 @@ pub(super) struct Channels {
     pub keep: KeepAlive,
 }
 
-/// What lives as long as the session: its egress (proxy, resolver) and its
-/// workspace (an overlay's upper layer).
+/// What lives as long as the session besides its egress (which the session
+/// holds, to change it): its workspace (an overlay's upper layer).
 pub(super) struct KeepAlive {
-    pub egress: Option<forkd_net::Egress>,
     pub workspace: Option<crate::workspace::Ready>,
 }
 
@@ -144,11 +143,12 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
             }
         }
     }
-    retire(&sessions, &session);
-    if let Some(egress) = keep.egress {
+    let network = session.egress.lock().await.take().map(|egress| {
         let report = egress.finish();
-        tracing::debug!(session = %session.id, bytes_out = report.bytes_out, bytes_in = report.bytes_in, "session egress closed");
-    }
+        sessions.metrics.record_network(&report);
+        report
+    });
+    retire(&sessions, &session, network);
     drop(keep.workspace);
     // Requests still waiting see their channel close: "session ended".
     drop(pending);
@@ -158,7 +158,7 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
 
 /// Records why the session ended and what it used, releases its cgroup,
 /// freezer and pidfd, and moves it to the remembered ones.
-fn retire(sessions: &Sessions, session: &Session) {
+fn retire(sessions: &Sessions, session: &Session, network: Option<forkd_ipc::NetworkReport>) {
     let cgroup = lock(&session.cgroup).take();
     let stats = cgroup
         .as_ref()
@@ -183,7 +183,7 @@ fn retire(sessions: &Sessions, session: &Session) {
     }
     lock(&session.pidfd).take();
     drop(cgroup); // removed by the reaper, off this task
-    sessions.retire(session, ended_by);
+    sessions.retire(session, ended_by, network);
     let _ = session.ended.send(true);
 }
 

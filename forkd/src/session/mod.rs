@@ -75,6 +75,13 @@ pub struct Session {
     cgroup: Mutex<Option<forkd_pool::CgroupCleanup>>,
     freezer: Mutex<Option<forkd_cgroup::Freezer>>,
     next_req: AtomicU64,
+    /// The cgroup's OOM-kill count when last looked at (after a death).
+    oom_kills_seen: AtomicU64,
+    /// Its egress (proxy, resolver), when it has an allowlist; a tokio lock:
+    /// changing the list awaits the egress thread.
+    egress: tokio::sync::Mutex<Option<forkd_net::Egress>>,
+    /// Its allowlist as asked (for `info`).
+    allow_net: Mutex<Vec<String>>,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -128,6 +135,13 @@ impl Session {
                 replies: None,
             });
         }
+    }
+
+    /// A descriptor of the session's pid 1 (`None` once it is retired).
+    pub fn pidfd(&self) -> Option<OwnedFd> {
+        lock(&self.pidfd)
+            .as_ref()
+            .and_then(|fd| fd.try_clone().ok())
     }
 
     /// Marks a request: the idle timer starts again.
@@ -262,7 +276,15 @@ impl Session {
     }
 
     /// OOM kills in the session's cgroup so far.
-    pub fn oom_kills(&self) -> u64 {
+    /// Whether the out-of-memory killer struck in the session's cgroup
+    /// since the last look. Read from the cgroup only when asked (after a
+    /// death), never per cell: the files cost ~100 us of path walks.
+    pub fn oom_since_last_look(&self) -> bool {
+        let now = self.oom_kills();
+        now > self.oom_kills_seen.swap(now, Ordering::Relaxed)
+    }
+
+    fn oom_kills(&self) -> u64 {
         lock(&self.cgroup)
             .as_ref()
             .and_then(|c| c.get())
@@ -322,6 +344,7 @@ impl Session {
                 millis(deadline.saturating_duration_since(Instant::now()))
             },
             idle_timeout_ms: self.idle_timeout.map(millis),
+            allow_net: lock(&self.allow_net).clone(),
             cells,
             usage,
             limits: self.limits.clone(),
@@ -338,6 +361,9 @@ pub struct Sessions {
     table: Mutex<Table>,
     counts: Counts,
     audit: Option<Arc<crate::audit::AuditLog>>,
+    /// For the egress counters of sessions (spawns record theirs with their
+    /// result).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Counters for the metrics endpoint.
@@ -347,6 +373,9 @@ struct Counts {
     cells: AtomicU64,
     /// By [`SessionEnd`], in [`END_LABELS`] order.
     ended: [AtomicU64; 5],
+    /// Session requests answered, by (operation, outcome): `ok` or the
+    /// error code. A few dozen keys at most; one short lock per request.
+    requests: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 const END_LABELS: [&str; 5] = ["killed", "ttl", "idle", "died", "shutdown"];
@@ -374,6 +403,7 @@ impl Sessions {
         admission: Arc<Admission>,
         cfg: SessionsSection,
         audit: Option<Arc<crate::audit::AuditLog>>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Sessions {
         Sessions {
             state,
@@ -382,18 +412,26 @@ impl Sessions {
             table: Mutex::new(Table::default()),
             counts: Counts::default(),
             audit,
+            metrics,
         }
     }
 
     /// Writes an audit record of `session` (off the request's path).
-    fn audit(&self, event: &'static str, session: &Session, outcome: &'static str) {
+    fn audit(
+        &self,
+        event: &'static str,
+        session: &Session,
+        outcome: &'static str,
+        network: Option<forkd_ipc::NetworkReport>,
+    ) {
         if let Some(audit) = &self.audit {
-            let record = Box::new(crate::audit::Record::session(
+            let mut record = Box::new(crate::audit::Record::session(
                 event,
                 session.peer,
                 &session.info(),
                 outcome,
             ));
+            record.network = network.map(Box::new);
             if let Err(record) = audit.try_record(record) {
                 let audit = audit.clone();
                 tokio::spawn(async move { audit.record(record).await });
@@ -412,7 +450,18 @@ impl Sessions {
                 .zip(&self.counts.ended)
                 .map(|(l, n)| (*l, n.load(Ordering::Relaxed)))
                 .collect(),
+            requests: lock(&self.counts.requests)
+                .iter()
+                .map(|(&(op, outcome), &n)| (op, outcome, n))
+                .collect(),
         }
+    }
+
+    /// Counts one answered session request.
+    pub(crate) fn count_request(&self, op: &'static str, outcome: &'static str) {
+        *lock(&self.counts.requests)
+            .entry((op, outcome))
+            .or_default() += 1;
     }
 
     pub(crate) fn count_cell(&self) {
@@ -488,14 +537,24 @@ impl Sessions {
 
     fn insert(&self, session: Arc<Session>) {
         self.counts.created.fetch_add(1, Ordering::Relaxed);
-        self.audit("session_created", &session, "ok");
+        self.audit("session_created", &session, "ok", None);
         lock(&self.table).live.insert(session.id.clone(), session);
     }
 
     /// Moves an ended session to the remembered ones.
-    fn retire(&self, session: &Session, why: SessionEnd) {
+    fn retire(
+        &self,
+        session: &Session,
+        why: SessionEnd,
+        network: Option<forkd_ipc::NetworkReport>,
+    ) {
         self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
-        self.audit("session_ended", session, END_LABELS[end_index(why)]);
+        self.audit(
+            "session_ended",
+            session,
+            END_LABELS[end_index(why)],
+            network,
+        );
         let id = session.id.as_str();
         let mut table = lock(&self.table);
         if let Some(s) = table.live.remove(id) {

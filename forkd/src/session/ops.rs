@@ -106,7 +106,7 @@ pub async fn create(
     let frame = job.frame().map_err(|e| invalid(e.to_string()))?;
     let state = &sessions.state;
     // `None` (no allowlist) costs nothing: no network, as for spawn.
-    let allow = state.network.admit(&req.allow_net)?;
+    let allow = state.network.admit(&req.allow_net, &resolved.zygote)?;
     let workspace = match &req.workspace {
         Some(w) => {
             let who = crate::workspace::Requester {
@@ -182,6 +182,9 @@ pub async fn create(
         cgroup: Mutex::new(Some(cgroup)),
         freezer: Mutex::new(None),
         next_req: std::sync::atomic::AtomicU64::new(1),
+        oom_kills_seen: std::sync::atomic::AtomicU64::new(0),
+        egress: tokio::sync::Mutex::new(egress),
+        allow_net: Mutex::new(req.allow_net.clone()),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -207,7 +210,7 @@ pub async fn create(
             err_r,
             exited,
             from_handlers,
-            keep: actor::KeepAlive { egress, workspace },
+            keep: actor::KeepAlive { workspace },
         },
     ));
     guard.disarm();
@@ -329,7 +332,6 @@ pub async fn run_code(
         return Err(invalid("timeout_ms must be at least 1"));
     }
     let req = session.next_req();
-    let ooms = session.oom_kills();
     let mut rx = session.request(&ToExecutor::Cell { req, code: rc.code }, req, &[])?;
     session.count_cell();
     let started = Instant::now();
@@ -378,7 +380,7 @@ pub async fn run_code(
         return Err(cancelled_error());
     }
     if let Some(e) = &mut result.error {
-        if e.name == "KernelDied" && session.oom_kills() > ooms {
+        if e.name == "KernelDied" && session.oom_since_last_look() {
             e.value = format!(
                 "the interpreter was killed by the out-of-memory killer: the session may use {} MiB (limits.memory_bytes). Its state (variables, imports) is lost; a fresh interpreter runs the next cells",
                 session.limits.memory_bytes >> 20
@@ -440,6 +442,10 @@ pub async fn command(
                 Some((FromExecutor::CommandDone { exit_code, signal, stdout_truncated, stderr_truncated, .. }, _)) => {
                     result.exit_code = exit_code;
                     result.signal = signal;
+                    if signal == Some(libc::SIGKILL) {
+                        // An OOM kill of a command is not the interpreter's.
+                        session.oom_since_last_look();
+                    }
                     result.stdout_truncated = stdout_truncated;
                     result.stderr_truncated = stderr_truncated;
                     break;
@@ -624,6 +630,37 @@ pub fn set_ttl(
     Ok(session.info())
 }
 
+/// Replaces a session's network allowlist within the operator's bound.
+/// Without one before, its egress starts now; an empty list stops it
+/// (connections still open are cut).
+pub async fn set_network(
+    sessions: &Sessions,
+    session: &Session,
+    allow_net: Vec<String>,
+) -> Result<SessionInfo, ErrorReply> {
+    if session.state() == SessionState::Ended {
+        return Err(session.ended_error());
+    }
+    let network = &sessions.state.network;
+    let allow = network.admit(&allow_net, &session.zygote)?;
+    let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
+    let mut egress = session.egress.lock().await;
+    let mut stopped = None;
+    match (egress.as_ref(), allow) {
+        (Some(running), Some(allow)) => network.update(running, pidfd.as_fd(), allow).await?,
+        (None, Some(allow)) => *egress = Some(network.attach(pidfd.as_fd(), allow).await?),
+        (Some(_), None) => stopped = egress.take().map(forkd_net::Egress::finish),
+        (None, None) => {}
+    }
+    *super::lock(&session.allow_net) = allow_net;
+    drop(egress);
+    if let Some(report) = &stopped {
+        sessions.metrics.record_network(report);
+    }
+    sessions.audit("session_network_changed", session, "ok", stopped);
+    Ok(session.info())
+}
+
 /// The cancel switches of one connection's requests, by request id.
 pub type Cancels = Arc<Mutex<std::collections::HashMap<u64, watch::Sender<bool>>>>;
 
@@ -652,6 +689,7 @@ pub async fn serve(
     use forkd_ipc::RequestBody as B;
     let id = out.id;
     let uid = peer.uid;
+    let op = body.op();
     let outcome: Result<ResponseBody, ErrorReply> = async {
         Ok(match body {
             B::SessionCreate(c) => ResponseBody::Session(create(&sessions, c, peer).await?),
@@ -674,6 +712,10 @@ pub async fn serve(
             B::SessionSetTtl(t) => {
                 let s = sessions.get(&t.session, uid)?;
                 ResponseBody::Session(set_ttl(&sessions, &s, t.ttl_ms)?)
+            }
+            B::SessionSetNetwork(n) => {
+                let s = sessions.get(&n.session, uid)?;
+                ResponseBody::Session(set_network(&sessions, &s, n.allow_net).await?)
             }
             B::RunCode(rc) => {
                 let s = sessions.usable(&rc.session, uid)?;
@@ -720,6 +762,11 @@ pub async fn serve(
     }
     .await;
     lock_cancels(&cancels).remove(&id);
+    let label = match &outcome {
+        Ok(_) => "ok",
+        Err(e) => crate::metrics::error_code_label(e.code),
+    };
+    sessions.count_request(op, label);
     if let Err(e) = &outcome {
         tracing::debug!(request = id, code = %e.code, "session request failed: {}", e.message);
     }

@@ -34,6 +34,7 @@ from .aio import AsyncForkd
 from .client import Forkd
 from .errors import (
     Cancelled,
+    Busy,
     ConnectionLost,
     DaemonNotRunning,
     FileError,
@@ -103,5 +104,6 @@ __all__ = [
     "FileNotFound",
     "FileError",
     "Cancelled",
+    "Busy",
     "__version__",
 ]

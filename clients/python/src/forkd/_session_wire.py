@@ -185,6 +185,13 @@ def create_fields(
     return f
 
 
+def set_network_fields(session: str, allow_net: Any) -> Dict[str, Any]:
+    """``session_set_network`` fields, checked."""
+    if isinstance(allow_net, (str, bytes)) or not all(isinstance(a, str) for a in allow_net):
+        raise InvalidArgument("allow_net", "must be a sequence of strings like 'host:443' (empty: no network)")
+    return {"session": session, "allow_net": list(allow_net)}
+
+
 def iter_write_chunks(session: str, path: str, data: memoryview, mode: Optional[int]):
     """``file_write`` fields for each chunk: the first creates or truncates,
     the rest append (an empty file is one empty chunk)."""
@@ -249,6 +256,8 @@ class SessionInfo:
     """``memory_bytes``, ``peak_memory_bytes``, ``cpu_user_us``, ``cpu_system_us``, ``pids``."""
     limits: Dict[str, Any] = field(default_factory=dict)
     warm: bool = False
+    allow_net: List[str] = field(default_factory=list)
+    """The network allowlist in force (empty: no network)."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "SessionInfo":
@@ -271,6 +280,7 @@ class SessionInfo:
             usage=dict(obj.get("usage") or {}),
             limits=dict(obj.get("limits") or {}),
             warm=bool(obj.get("warm", False)),
+            allow_net=[str(a) for a in (obj.get("allow_net") or [])],
         )
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "FileNotFound",
     "FileError",
     "Cancelled",
+    "Busy",
     "error_from_reply",
 ]
 
@@ -154,6 +155,11 @@ class Cancelled(RequestRefused):
     command killed) by a ``cancel`` request."""
 
 
+class Busy(RequestRefused):
+    """``busy``: the connection has the most session requests in flight the
+    daemon allows; wait for some to finish or use another connection."""
+
+
 class InvalidArgument(ForkdError, ValueError, TypeError):
     """An argument of a client call has the wrong type or value; raised
     before anything is sent. ``param`` names the argument. Also a
@@ -197,6 +203,7 @@ _BY_CODE: Dict[str, Type[RequestRefused]] = {
     "not_found": FileNotFound,
     "file_error": FileError,
     "cancelled": Cancelled,
+    "busy": Busy,
 }
 
 

@@ -13,7 +13,7 @@ import collections
 import inspect
 import socket as _socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _protocol as P
 from ._session_wire import (
@@ -34,6 +34,7 @@ from ._session_wire import (
     iter_write_chunks,
     run_code_fields,
     seconds_ms,
+    set_network_fields,
 )
 from ._session_wire import request as v2_request
 from .errors import (
@@ -181,6 +182,12 @@ class Session:
         """Sets the session's remaining lifetime to ``seconds`` from now."""
         ms = seconds_ms("seconds", seconds)
         return self._info("session_set_ttl", {"session": self.id, "ttl_ms": ms})
+
+    def set_network(self, allow_net: Sequence[str]) -> SessionInfo:
+        """Replaces the session's network allowlist (the ``allow_net`` syntax
+        of :meth:`Forkd.session`, within the daemon's bound) for new
+        connections; open ones stay. An empty list closes the network."""
+        return self._info("session_set_network", set_network_fields(self.id, allow_net))
 
     def info(self) -> SessionInfo:
         """The session's state, usage, limits and remaining TTL."""
@@ -483,6 +490,10 @@ class AsyncSession:
         """Sets the remaining lifetime to ``seconds`` from now."""
         ms = seconds_ms("seconds", seconds)
         return await self._info("session_set_ttl", {"session": self.id, "ttl_ms": ms})
+
+    async def set_network(self, allow_net: Sequence[str]) -> SessionInfo:
+        """Replaces the network allowlist; as :meth:`Session.set_network`."""
+        return await self._info("session_set_network", set_network_fields(self.id, allow_net))
 
     async def info(self) -> SessionInfo:
         """The session's state, usage, limits and remaining TTL."""
