@@ -41,6 +41,16 @@ struct Args {
     /// library exist) and exit.
     #[arg(long)]
     check_config: bool,
+    /// Also serve the E2B-compatible HTTP gateway on this address, as a client
+    /// of this daemon's socket (docs/e2b.md; `forkd-gateway` runs it alone).
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// The gateway's API key file: `KEY [TENANT]` per line, reloaded on SIGHUP.
+    #[arg(long, requires = "http")]
+    api_keys: Option<PathBuf>,
+    /// Let --http listen on a non-loopback address.
+    #[arg(long, requires = "http")]
+    http_allow_remote: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,12 +171,58 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let gateway = match &args.http {
+            Some(addr) => match start_gateway(&running, *addr, &args).await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    eprintln!("forkd: --http: {e}");
+                    running.shutdown().await;
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         forkd::systemd::notify("READY=1");
         wait_for_signal().await;
         forkd::systemd::notify("STOPPING=1");
+        if let Some((stop, task)) = gateway {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         running.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Starts the E2B gateway on `addr` against this daemon's socket; returns
+/// what stops it.
+async fn start_gateway(
+    running: &forkd::daemon::Running,
+    addr: std::net::SocketAddr,
+    args: &Args,
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    forkd_gateway::StartError,
+> {
+    let mut opts = forkd_gateway::Options::new(running.socket_path().to_owned());
+    opts.api_keys = args.api_keys.clone();
+    let gw = forkd_gateway::Gateway::new(opts)?;
+    let listener = forkd_gateway::bind(&gw, addr, args.http_allow_remote).await?;
+    tracing::info!("E2B gateway listening on http://{addr}");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(e) = forkd_gateway::serve(gw, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        {
+            tracing::error!("E2B gateway stopped: {e}");
+        }
+    });
+    Ok((stop, task))
 }
 
 /// `forkd mcp`: stdout carries the protocol, so logs go to stderr (the

@@ -1,0 +1,341 @@
+//! The E2B-compatible gateway driven by the unmodified E2B Python SDKs
+//! (`e2b` 2.63.0, `e2b-code-interpreter` 2.11.5) against a real daemon:
+//! `tests/e2b/sdk.py` creates sandboxes, runs code with state and
+//! streaming, reads errors and rich results, moves files, runs commands,
+//! checks two tenants against each other (with a quota of 2 sessions each)
+//! and sends bad input; `tests/e2b/sdk.mjs` does the core of it with the
+//! JS SDK (`@e2b/code-interpreter` 2.8.0, installed with npm into
+//! `target/e2b-js`).
+//!
+//! The SDKs are installed into `target/e2b-venv` on first use (pip reads
+//! the machine's own index configuration); without them the test is
+//! skipped with the reason printed.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+const SDKS: [&str; 2] = ["e2b==2.63.0", "e2b-code-interpreter==2.11.5"];
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn has_sdks(python: &Path) -> bool {
+    std::process::Command::new(python)
+        .args([
+            "-c",
+            "from importlib.metadata import version as v\n\
+             assert v('e2b') == '2.63.0' and v('e2b-code-interpreter') == '2.11.5'",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A python with the pinned SDKs, or why there is none.
+fn sdk_python() -> Result<PathBuf, String> {
+    let venv = target_dir().join("e2b-venv");
+    let py = venv.join("bin/python");
+    if py.exists() && has_sdks(&py) {
+        return Ok(py);
+    }
+    let out = std::process::Command::new(python())
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv)
+        .output()
+        .map_err(|e| format!("cannot run python -m venv: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "python -m venv failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let out = std::process::Command::new(&py)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(SDKS)
+        .output()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !out.status.success() || !has_sdks(&py) {
+        return Err(format!(
+            "pip could not install {} (no package index reachable?): {}",
+            SDKS.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(py)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_e2b_sdks_drive_the_gateway() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let py = match tokio::task::spawn_blocking(sdk_python).await.unwrap() {
+        Ok(p) => p,
+        Err(why) => {
+            skipped(&format!("E2B SDKs unavailable: {why}"));
+            return;
+        }
+    };
+    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (key_a, key_b) = ("tenant-a-key-0123456789", "tenant-b-key-0123456789");
+    std::fs::write(
+        &keys,
+        format!("# two tenants\n{key_a} alice\n{key_b} bob\n"),
+    )
+    .unwrap();
+
+    let mut opts = forkd_gateway::Options::new(d.socket.clone());
+    opts.api_keys = Some(keys);
+    opts.max_sessions_per_tenant = Some(2);
+    opts.header_timeout = Duration::from_secs(2);
+    let gw = forkd_gateway::Gateway::new(opts).unwrap();
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
+    let metrics = tokio::spawn(axum_serve_metrics(gw.clone(), metrics_listener));
+    let listener = forkd_gateway::bind(&gw, "127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(forkd_gateway::serve(gw, listener, async {
+        let _ = stopped.await;
+    }));
+
+    let script = workspace_root().join("forkd/tests/e2b/sdk.py");
+    let mut cmd = tokio::process::Command::new(&py);
+    cmd.arg(&script)
+        .env("E2B_API_KEY", key_a)
+        .env("FORKD_E2B_KEY_B", key_b)
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .kill_on_drop(true);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("the SDK script finished within 5 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines().filter(|l| l.starts_with("SKIP")) {
+        skipped(line);
+    }
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the SDK script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Requests are counted per route, status and (verified) tenant.
+    let text = fetch(&py, &metrics_url).await;
+    for want in [
+        r#"route="/execute",method="POST",status="200",tenant="alice""#,
+        r#"route="/v2/sandboxes",method="POST",status="201",tenant="bob""#,
+        r#"route="/v2/sandboxes",method="GET",status="401",tenant="-""#,
+        r#"route="/process.Process/{method}",method="POST",status="200",tenant="alice""#,
+    ] {
+        assert!(text.contains(want), "metrics lack {want}:\n{text}");
+    }
+
+    // SIGHUP reloads the key file: a new key works, a removed one does not.
+    let key_c = "tenant-c-key-0123456789";
+    std::fs::write(
+        dir.path().join("keys"),
+        format!("{key_c} carol\n{key_b} bob\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own pid; serve() has a SIGHUP handler installed.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    let probe = format!(
+        "import httpx, time\n\
+         time.sleep(0.5)\n\
+         for k in ['{key_a}', '{key_c}']:\n    \
+             print(httpx.get('{url}/v2/sandboxes', headers={{'X-API-KEY': k}}).status_code)"
+    );
+    let out = tokio::process::Command::new(&py)
+        .args(["-c", &probe])
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "401\n200\n",
+        "after SIGHUP the old key is refused and the new one accepted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The daemon is unaffected and nothing the gateway made is left.
+    let c = d.client().await;
+    assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
+    assert!(c.session_list(Default::default()).await.unwrap().is_empty());
+    drop(c);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    metrics.abort();
+    let _ = metrics.await;
+    d.finish().await;
+}
+
+/// The gateway's metrics router on `listener` (as `forkd-gateway --metrics-listen`).
+async fn axum_serve_metrics(
+    gw: std::sync::Arc<forkd_gateway::Gateway>,
+    l: tokio::net::TcpListener,
+) {
+    let app = forkd_gateway::metrics_router(gw);
+    let _ = forkd_gateway::serve_router(l, app).await;
+}
+
+/// GET `url` with the SDK venv's httpx.
+async fn fetch(py: &Path, url: &str) -> String {
+    let out = tokio::process::Command::new(py)
+        .args([
+            "-c",
+            &format!("import httpx; print(httpx.get('{url}').text)"),
+        ])
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const JS_SDK: &str = "@e2b/code-interpreter@2.8.0";
+
+/// A directory with the pinned JS SDK installed (and the test script), or
+/// why there is none.
+fn js_sdk_dir() -> Result<PathBuf, String> {
+    let node_ok = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !node_ok {
+        return Err("node is not installed".into());
+    }
+    let dir = target_dir().join("e2b-js");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    let pkg = dir.join("node_modules/@e2b/code-interpreter/package.json");
+    let installed =
+        std::fs::read_to_string(&pkg).is_ok_and(|p| p.contains("\"version\": \"2.8.0\""));
+    if !installed {
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"name": "forkd-e2b-js-test", "private": true, "type": "module"}"#,
+        )
+        .map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", JS_SDK])
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| format!("cannot run npm: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "npm could not install {JS_SDK} (no registry reachable?): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    // ESM resolves packages from the script's own directory.
+    std::fs::copy(
+        workspace_root().join("forkd/tests/e2b/sdk.mjs"),
+        dir.join("sdk.mjs"),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_e2b_js_sdk_drives_the_gateway() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let js = match tokio::task::spawn_blocking(js_sdk_dir).await.unwrap() {
+        Ok(d) => d,
+        Err(why) => {
+            skipped(&format!("E2B JS SDK unavailable: {why}"));
+            return;
+        }
+    };
+    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = "tenant-js-key-0123456789";
+    std::fs::write(dir.path().join("keys"), format!("{key} js\n")).unwrap();
+    let mut opts = forkd_gateway::Options::new(d.socket.clone());
+    opts.api_keys = Some(dir.path().join("keys"));
+    let gw = forkd_gateway::Gateway::new(opts).unwrap();
+    let listener = forkd_gateway::bind(&gw, "127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(forkd_gateway::serve(gw, listener, async {
+        let _ = stopped.await;
+    }));
+
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg("sdk.mjs")
+        .current_dir(&js)
+        .env("E2B_API_KEY", key)
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .kill_on_drop(true);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("the JS SDK script finished within 3 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the JS SDK script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = d.client().await;
+    assert!(c.session_list(Default::default()).await.unwrap().is_empty());
+    drop(c);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    d.finish().await;
+}

@@ -1,0 +1,437 @@
+//! The E2B control plane (REST, `X-API-KEY`): create, connect, list, info,
+//! kill, timeout, pause and resume. Bodies and answers follow the shapes of
+//! E2B's OpenAPI spec as `e2b` 2.63's generated client reads them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use forkd_ipc::{SessionCreate, SessionInfo, SessionState};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::{labels, metadata_of, time, Gateway, Tenant, ENVD_VERSION};
+
+/// E2B's default sandbox timeout, seconds.
+const DEFAULT_TIMEOUT_S: u64 = 300;
+
+/// A JSON body, or a 400 in E2B's shape saying what is wrong with it.
+pub(crate) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    match b {
+        Ok(Json(v)) => Ok(v),
+        Err(e) => Err(ApiError::new(
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+            format!("bad request body: {}", e.body_text()),
+        )),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub(crate) struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<u64>,
+    metadata: Option<BTreeMap<String, String>>,
+    env_vars: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct TimeoutBody {
+    timeout: Option<u64>,
+}
+
+fn secs_to_ms(s: u64) -> u64 {
+    s.saturating_mul(1000)
+}
+
+impl Gateway {
+    /// The zygote an E2B template name means.
+    fn zygote_for(&self, template: &str) -> Option<String> {
+        if template.is_empty() || self.opts.default_templates.iter().any(|t| t == template) {
+            None
+        } else {
+            Some(template.to_owned())
+        }
+    }
+
+    /// What `create` and `connect` answer: the SDK's `Sandbox` model.
+    pub(crate) fn sandbox_json(&self, info: &SessionInfo) -> Value {
+        let tenant = info.labels.get(labels::TENANT).map_or("", String::as_str);
+        let token = self.tokens.token(&info.session, tenant);
+        json!({
+            "templateID": template_of(info),
+            "sandboxID": info.session,
+            "clientID": "forkd",
+            "envdVersion": ENVD_VERSION,
+            "envdAccessToken": token,
+            "trafficAccessToken": token,
+            "domain": null,
+        })
+    }
+}
+
+fn template_of(info: &SessionInfo) -> String {
+    info.labels
+        .get(labels::TEMPLATE)
+        .cloned()
+        .unwrap_or_else(|| info.zygote.clone())
+}
+
+/// `ListedSandbox` / `SandboxDetail` fields.
+fn listed(info: &SessionInfo) -> Value {
+    let now = time::now_ms();
+    let started = now - i64::try_from(info.age_ms).unwrap_or(0);
+    let end = now + i64::try_from(info.ttl_left_ms).unwrap_or(0);
+    // Whole CPUs: the cgroup quota rounded up (at least one).
+    let cpus = (1..=1024u64)
+        .find(|n| *n as f64 >= info.limits.cpus)
+        .unwrap_or(1);
+    json!({
+        "templateID": template_of(info),
+        "alias": info.zygote,
+        "sandboxID": info.session,
+        "clientID": "forkd",
+        "startedAt": time::rfc3339_ms(started),
+        "endAt": time::rfc3339_ms(end),
+        "cpuCount": cpus,
+        "memoryMB": info.limits.memory_bytes >> 20,
+        "diskSizeMB": info.limits.scratch_bytes >> 20,
+        "state": if info.state == SessionState::Paused { "paused" } else { "running" },
+        "envdVersion": ENVD_VERSION,
+        "metadata": metadata_of(&info.labels),
+    })
+}
+
+pub(crate) async fn create(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    b: Result<Json<NewSandbox>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let req = body(b)?;
+    if req.template_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "templateID is required (an E2B template name; forkd maps it to a zygote)",
+        ));
+    }
+    let mut l = BTreeMap::from([
+        (labels::TENANT.to_owned(), tenant.clone()),
+        (labels::KIND.to_owned(), "sandbox".to_owned()),
+        (labels::TEMPLATE.to_owned(), req.template_id.clone()),
+    ]);
+    for (k, v) in req.metadata.unwrap_or_default() {
+        l.insert(format!("{}{k}", labels::META), v);
+    }
+    gw.admit(&tenant).await?;
+    let c = gw.daemon().await?;
+    let info = c
+        .session_create(&SessionCreate {
+            zygote: gw.zygote_for(&req.template_id),
+            env: req.env_vars.unwrap_or_default(),
+            ttl_ms: Some(secs_to_ms(req.timeout.unwrap_or(DEFAULT_TIMEOUT_S))),
+            labels: l,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| match e {
+            forkd_ipc::ClientError::Server(r) if r.code == forkd_ipc::ErrorCode::UnknownZygote => {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "template {:?} not found: forkd templates are zygote names ({})",
+                        req.template_id, r.message
+                    ),
+                )
+            }
+            other => other.into(),
+        })?;
+    tracing::info!(
+        target: "forkd_gateway::audit",
+        tenant = info.labels.get(labels::TENANT).map(String::as_str),
+        sandbox = %info.session,
+        template = %req.template_id,
+        "sandbox created"
+    );
+    Ok((StatusCode::CREATED, Json(gw.sandbox_json(&info))).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct ListQuery {
+    state: Option<String>,
+}
+
+/// Decodes `%XX` (and `+` as a space when `plus`).
+fn percent_decode(s: &str, plus: bool) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hexval = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hexval {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' if plus => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Pairs of a query string.
+fn query_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k, true), percent_decode(v, true))
+        })
+        .collect()
+}
+
+/// The metadata filter: the SDK sends `metadata=` + the URL-encoding of
+/// `k=v&...` whose keys and values are themselves percent-quoted.
+fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in query_pairs(raw.unwrap_or_default()) {
+        if k == "metadata" {
+            for (mk, mv) in query_pairs(&v) {
+                out.insert(
+                    format!("{}{}", labels::META, percent_decode(&mk, false)),
+                    percent_decode(&mv, false),
+                );
+            }
+        }
+    }
+    out
+}
+
+pub(crate) async fn list(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    RawQuery(raw): RawQuery,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let Ok(Query(q)) = q else {
+        return Err(ApiError::bad_request("malformed query string"));
+    };
+    let mut filter = metadata_filter(raw.as_deref());
+    filter.insert(labels::TENANT.into(), tenant);
+    filter.insert(labels::KIND.into(), "sandbox".into());
+    let states: Option<Vec<String>> = q
+        .state
+        .map(|s| s.split(',').map(|x| x.trim().to_owned()).collect());
+    let c = gw.daemon().await?;
+    let sessions = c.session_list(filter).await?;
+    let out = sessions
+        .iter()
+        .filter(|s| s.state != SessionState::Ended)
+        .filter(|s| {
+            let st = if s.state == SessionState::Paused {
+                "paused"
+            } else {
+                "running"
+            };
+            states.as_ref().map_or(true, |v| v.iter().any(|x| x == st))
+        })
+        .map(listed)
+        .collect();
+    Ok(Json(out))
+}
+
+pub(crate) async fn info(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let info = gw.owned(&tenant, &id, "sandbox").await?;
+    let mut v = listed(&info);
+    v["envdAccessToken"] = json!(gw.tokens.token(&info.session, &tenant));
+    v["domain"] = Value::Null;
+    Ok(Json(v))
+}
+
+/// One metrics sample, now: memory from the cgroup, CPU averaged over the
+/// sandbox's life (forkd keeps no history), disk as the scratch quota.
+pub(crate) async fn metrics(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let info = gw.owned(&tenant, &id, "sandbox").await?;
+    let now = time::now_ms();
+    let cpu_us = info.usage.cpu_user_us + info.usage.cpu_system_us;
+    let life_us = info.age_ms.max(1) * 1000;
+    let cpus = info.limits.cpus.max(0.01);
+    let pct = cpu_us as f64 / life_us as f64 * 100.0 / cpus;
+    Ok(Json(vec![json!({
+        "timestamp": time::rfc3339_ms(now),
+        "timestampUnix": now / 1000,
+        "cpuCount": listed(&info)["cpuCount"],
+        "cpuUsedPct": (pct * 100.0).round() / 100.0,
+        "memUsed": info.usage.memory_bytes,
+        "memTotal": info.limits.memory_bytes,
+        "memCache": 0,
+        "diskUsed": 0,
+        "diskTotal": info.limits.scratch_bytes,
+    })]))
+}
+
+impl Gateway {
+    /// The live contexts of a sandbox.
+    pub(crate) async fn contexts_of(
+        &self,
+        tenant: &str,
+        sandbox: &str,
+    ) -> Result<Vec<SessionInfo>, ApiError> {
+        let c = self.daemon().await?;
+        let l = BTreeMap::from([
+            (labels::TENANT.to_owned(), tenant.to_owned()),
+            (labels::KIND.to_owned(), "context".to_owned()),
+            (labels::PARENT.to_owned(), sandbox.to_owned()),
+        ]);
+        Ok(c.session_list(l).await?)
+    }
+}
+
+pub(crate) async fn kill(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    gw.owned(&tenant, &id, "sandbox").await?;
+    let c = gw.daemon().await?;
+    for ctx in gw.contexts_of(&tenant, &id).await? {
+        // Already ended is fine: the goal is that none is left.
+        let _ = c.session_kill(&ctx.session).await;
+    }
+    c.session_kill(&id).await?;
+    gw.watchers.forget(&id);
+    tracing::info!(target: "forkd_gateway::audit", %tenant, sandbox = %id, "sandbox killed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn set_timeout(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    b: Result<Json<TimeoutBody>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Some(timeout) = body(b)?.timeout else {
+        return Err(ApiError::bad_request("timeout (seconds) is required"));
+    };
+    gw.owned(&tenant, &id, "sandbox").await?;
+    let c = gw.daemon().await?;
+    c.session_set_ttl(&id, secs_to_ms(timeout)).await?;
+    for ctx in gw.contexts_of(&tenant, &id).await? {
+        let _ = c.session_set_ttl(&ctx.session, secs_to_ms(timeout)).await;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) async fn pause(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let info = gw.owned(&tenant, &id, "sandbox").await?;
+    if info.state == SessionState::Paused {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already paused"),
+        ));
+    }
+    gw.daemon().await?.session_pause(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Resumes if paused and applies a new timeout if given; 201 when it was
+/// resumed, 200 when it was running.
+async fn wake(
+    gw: &Gateway,
+    tenant: &str,
+    id: &str,
+    timeout: Option<u64>,
+    must_be_paused: bool,
+) -> Result<Response, ApiError> {
+    let info = gw.owned(tenant, id, "sandbox").await?;
+    let c = gw.daemon().await?;
+    let paused = info.state == SessionState::Paused;
+    if must_be_paused && !paused {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is not paused"),
+        ));
+    }
+    let mut info = if paused {
+        c.session_resume(id).await?
+    } else {
+        info
+    };
+    if let Some(t) = timeout {
+        info = c.session_set_ttl(id, secs_to_ms(t)).await?;
+    }
+    let status = if paused {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(gw.sandbox_json(&info))).into_response())
+}
+
+pub(crate) async fn connect(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    b: Result<Json<TimeoutBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let t = body(b)?.timeout;
+    wake(&gw, &tenant, &id, t, false).await
+}
+
+pub(crate) async fn resume(
+    State(gw): State<Arc<Gateway>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    b: Result<Json<TimeoutBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let t = body(b)?.timeout;
+    wake(&gw, &tenant, &id, t, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sdks_metadata_filter_decodes() {
+        // urlencode({quote("a b"): quote("x&y"), "k": "v"}) as the SDK builds it.
+        let raw = "metadata=a%2520b%3Dx%2526y%26k%3Dv&limit=10";
+        let f = metadata_filter(Some(raw));
+        assert_eq!(f.get("e2b.meta.a b").map(String::as_str), Some("x&y"));
+        assert_eq!(f.get("e2b.meta.k").map(String::as_str), Some("v"));
+        assert_eq!(f.len(), 2);
+        assert_eq!(percent_decode("%zz%4", false), "%zz%4");
+    }
+}
