@@ -7,11 +7,13 @@
 
 #![warn(missing_docs)]
 
+pub mod bytes;
 pub mod client;
 pub mod frame;
 pub mod protocol;
 pub mod session;
 mod session_client;
+pub mod terms;
 
 pub use client::{AsyncClient, Client, ClientError};
 pub use protocol::*;

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{b64, AppliedLimits, KilledBy, Limits, WorkspaceRequest};
+use crate::bytes::b64;
+use crate::terms::{AppliedLimits, KilledBy, Limits, WorkspaceRequest};
 
 /// `session_create`: start a session.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
