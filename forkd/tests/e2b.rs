@@ -82,6 +82,9 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
+    // Installing the SDKs runs pip with pipes to this process: other tests'
+    // fd checks must know they were not alone meanwhile.
+    let installing = external_session();
     let py = match tokio::task::spawn_blocking(sdk_python).await.unwrap() {
         Ok(p) => p,
         Err(why) => {
@@ -89,6 +92,7 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
             return;
         }
     };
+    drop(installing);
     let d = TestDaemon::start(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
@@ -280,6 +284,7 @@ async fn unmodified_e2b_js_sdk_drives_the_gateway() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
+    let installing = external_session();
     let js = match tokio::task::spawn_blocking(js_sdk_dir).await.unwrap() {
         Ok(d) => d,
         Err(why) => {
@@ -287,6 +292,7 @@ async fn unmodified_e2b_js_sdk_drives_the_gateway() {
             return;
         }
     };
+    drop(installing);
     let d = TestDaemon::start(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let key = "tenant-js-key-0123456789";

@@ -112,6 +112,9 @@ async fn the_mcp_python_sdk_drives_forkd_mcp() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
+    // Installing the client runs pip with pipes to this process: other
+    // tests' fd checks must know they were not alone meanwhile.
+    let installing = external_session();
     let py = match tokio::task::spawn_blocking(mcp_python).await.unwrap() {
         Ok(py) => py,
         Err(why) if std::env::var_os("FORKD_TEST_REQUIRE_MCP_CLIENT").is_some() => {
@@ -122,6 +125,7 @@ async fn the_mcp_python_sdk_drives_forkd_mcp() {
             return;
         }
     };
+    drop(installing);
     let d = TestDaemon::start(|_| {}).await;
 
     // No daemon behind the socket: tool errors that say how to start one.
@@ -200,6 +204,9 @@ async fn forkd_mcp_outlives_a_daemon_restart() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
+    // Installing the client runs pip with pipes to this process: other
+    // tests' fd checks must know they were not alone meanwhile.
+    let installing = external_session();
     let py = match tokio::task::spawn_blocking(mcp_python).await.unwrap() {
         Ok(py) => py,
         Err(why) if std::env::var_os("FORKD_TEST_REQUIRE_MCP_CLIENT").is_some() => {
@@ -210,6 +217,7 @@ async fn forkd_mcp_outlives_a_daemon_restart() {
             return;
         }
     };
+    drop(installing);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("forkd.sock");
     let d1 = match TestDaemon::try_start(Some(socket.clone()), |_| {}).await {
