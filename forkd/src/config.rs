@@ -102,6 +102,28 @@ pub struct Config {
     pub network: NetworkSection,
     /// Session lifetimes and bounds.
     pub sessions: SessionsSection,
+    /// The E2B-compatible HTTP gateway served from this process.
+    pub http: HttpSection,
+}
+
+/// `[http]`: the E2B gateway (`docs/e2b.md`) served by the daemon process
+/// when `listen` is set (`--http ADDR` overrides it; `forkd-gateway` runs
+/// the same gateway alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address to serve on; unset: no gateway.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `KEY [TENANT]` per line, reloaded on SIGHUP; unset: any key is one tenant.
+    pub api_keys: Option<PathBuf>,
+    /// May `listen` be a non-loopback address.
+    pub allow_remote: bool,
+    /// Most sandboxes (with their code contexts) one tenant may hold.
+    pub max_sessions_per_tenant: Option<usize>,
+    /// Most cells one tenant may run at once.
+    pub max_cells_per_tenant: Option<usize>,
+    /// Seconds a client may take to send a request head (default 30).
+    pub header_timeout_secs: Option<u64>,
 }
 
 /// How log lines are written.
@@ -183,6 +205,7 @@ impl Default for Config {
             workspace_dir: None,
             network: NetworkSection::default(),
             sessions: SessionsSection::default(),
+            http: HttpSection::default(),
         }
     }
 }
@@ -605,6 +628,21 @@ mod tests {
             program: Program::Code("print(1)".into()),
             ..SpawnRequest::default()
         }
+    }
+
+    #[test]
+    fn the_http_section_configures_the_gateway() {
+        let c = Config::from_toml(
+            "[http]\nlisten = \"127.0.0.1:3000\"\napi_keys = \"/etc/forkd/keys\"\nmax_cells_per_tenant = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.listen, Some("127.0.0.1:3000".parse().unwrap()));
+        assert_eq!(c.http.api_keys, Some(PathBuf::from("/etc/forkd/keys")));
+        assert_eq!(c.http.max_cells_per_tenant, Some(4));
+        assert!(!c.http.allow_remote);
+        assert!(Config::from_toml("[http]\nlisten = \"nowhere\"\n").is_err());
+        assert!(Config::from_toml("[http]\nlisen = \"127.0.0.1:1\"\n").is_err());
+        assert_eq!(Config::default().http.listen, None);
     }
 
     #[test]

@@ -43,6 +43,7 @@ struct Args {
     check_config: bool,
     /// Also serve the E2B-compatible HTTP gateway on this address, as a client
     /// of this daemon's socket (docs/e2b.md; `forkd-gateway` runs it alone).
+    /// Overrides `[http] listen` in the configuration.
     #[arg(long)]
     http: Option<std::net::SocketAddr>,
     /// The gateway's API key file: `KEY [TENANT]` per line, reloaded on SIGHUP.
@@ -163,6 +164,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let http = config.http.clone();
     runtime.block_on(async move {
         let running = match forkd::start_with(config, args.socket.as_deref(), activated).await {
             Ok(r) => r,
@@ -171,8 +173,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let gateway = match &args.http {
-            Some(addr) => match start_gateway(&running, *addr, &args).await {
+        let gateway = match args.http.or(http.listen) {
+            Some(addr) => match start_gateway(&running, addr, &args, &http).await {
                 Ok(g) => Some(g),
                 Err(e) => {
                     eprintln!("forkd: --http: {e}");
@@ -200,6 +202,7 @@ async fn start_gateway(
     running: &forkd::daemon::Running,
     addr: std::net::SocketAddr,
     args: &Args,
+    http: &forkd::config::HttpSection,
 ) -> Result<
     (
         tokio::sync::oneshot::Sender<()>,
@@ -208,9 +211,15 @@ async fn start_gateway(
     forkd_gateway::StartError,
 > {
     let mut opts = forkd_gateway::Options::new(running.socket_path().to_owned());
-    opts.api_keys = args.api_keys.clone();
+    opts.api_keys = args.api_keys.clone().or_else(|| http.api_keys.clone());
+    opts.max_sessions_per_tenant = http.max_sessions_per_tenant;
+    opts.max_cells_per_tenant = http.max_cells_per_tenant;
+    if let Some(secs) = http.header_timeout_secs {
+        opts.header_timeout = std::time::Duration::from_secs(secs.max(1));
+    }
     let gw = forkd_gateway::Gateway::new(opts)?;
-    let listener = forkd_gateway::bind(&gw, addr, args.http_allow_remote).await?;
+    let allow_remote = args.http_allow_remote || http.allow_remote;
+    let listener = forkd_gateway::bind(&gw, addr, allow_remote).await?;
     tracing::info!("E2B gateway listening on http://{addr}");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -202,6 +202,7 @@ pub(crate) async fn execute(
 ) -> Result<Response, ApiError> {
     let req = body(b)?;
     check_language(req.language.as_deref())?;
+    let slot = gw.cell_slot(&sb.tenant)?;
     let session = gw.context_session(&sb, req.context_id.as_deref()).await?;
     let c = gw.daemon().await?;
     let envs = req.env_vars.clone().unwrap_or_default();
@@ -255,6 +256,7 @@ pub(crate) async fn execute(
         if let Some(code) = restore {
             run_quietly(&c, &session, &code).await;
         }
+        drop(slot);
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))

@@ -86,6 +86,9 @@ pub struct Options {
     /// Most sessions (sandboxes and their contexts) one tenant may hold at
     /// once (`None`: only the daemon's own limits apply).
     pub max_sessions_per_tenant: Option<usize>,
+    /// Most cells one tenant may run at once, across its sandboxes (`None`:
+    /// no bound beyond the daemon's); more are answered 429.
+    pub max_cells_per_tenant: Option<usize>,
     /// A request head must arrive within this (slowloris).
     pub header_timeout: std::time::Duration,
 }
@@ -101,6 +104,7 @@ impl Options {
             default_templates: vec!["base".into(), "code-interpreter-v1".into()],
             max_run_ms: 3_600_000,
             max_sessions_per_tenant: None,
+            max_cells_per_tenant: None,
             header_timeout: std::time::Duration::from_secs(30),
         }
     }
@@ -145,6 +149,30 @@ pub struct Gateway {
     procs: Mutex<HashMap<String, HashMap<u32, Arc<Proc>>>>,
     metrics: metrics::Metrics,
     watchers: watch::Watchers,
+    /// Cells running now, by tenant (for `max_cells_per_tenant`).
+    cells: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One running cell of a tenant; its slot frees when this drops (the
+/// cell's stream ended, or its client went).
+pub(crate) struct CellSlot {
+    cells: Arc<Mutex<HashMap<String, usize>>>,
+    tenant: String,
+}
+
+impl Drop for CellSlot {
+    fn drop(&mut self) {
+        let mut cells = self
+            .cells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = cells.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                cells.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -163,6 +191,7 @@ impl Gateway {
             procs: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::default(),
             watchers: watch::Watchers::default(),
+            cells: Arc::new(Mutex::new(HashMap::new())),
         }))
     }
 
@@ -203,6 +232,32 @@ impl Gateway {
             return Err(ApiError::sandbox_not_found(id));
         }
         Ok(info)
+    }
+
+    /// A slot for one more running cell of `tenant`, or 429 when it runs its
+    /// quota already.
+    pub(crate) fn cell_slot(&self, tenant: &str) -> Result<CellSlot, ApiError> {
+        let mut cells = self
+            .cells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let running = cells.entry(tenant.to_owned()).or_default();
+        if let Some(max) = self.opts.max_cells_per_tenant {
+            if *running >= max {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "tenant {tenant} runs {running} cells, its maximum \
+                         (max_cells_per_tenant {max}); wait for one to finish"
+                    ),
+                ));
+            }
+        }
+        *running += 1;
+        Ok(CellSlot {
+            cells: self.cells.clone(),
+            tenant: tenant.to_owned(),
+        })
     }
 
     /// 429 when `tenant` already holds its quota of sessions.
@@ -515,4 +570,31 @@ pub async fn bind(
             what: format!("cannot listen on {addr}"),
             source,
         })
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_runs_at_most_its_quota_of_cells_and_a_finished_cell_frees_its_slot() {
+        let mut opts = Options::new(PathBuf::from("/nonexistent.sock"));
+        opts.max_cells_per_tenant = Some(2);
+        let gw = Gateway::new(opts).unwrap();
+        let a1 = gw.cell_slot("alice").unwrap();
+        let _a2 = gw.cell_slot("alice").unwrap();
+        let Err(refused) = gw.cell_slot("alice") else {
+            panic!("a third cell of alice was admitted");
+        };
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.message.contains("max_cells_per_tenant 2"));
+        // Another tenant is unaffected.
+        let _b = gw.cell_slot("bob").unwrap();
+        drop(a1);
+        let _a3 = gw.cell_slot("alice").unwrap();
+    }
 }

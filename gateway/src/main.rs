@@ -31,6 +31,9 @@ struct Args {
     /// Most sandboxes (with their code contexts) one tenant may hold at once.
     #[arg(long)]
     max_sessions_per_tenant: Option<usize>,
+    /// Most cells one tenant may run at once (more: 429).
+    #[arg(long)]
+    max_cells_per_tenant: Option<usize>,
     /// Seconds a client may take to send a request head (slowloris).
     #[arg(long, default_value_t = 30)]
     header_timeout_secs: u64,
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         opts.api_keys = args.api_keys;
         opts.max_upload = args.max_upload;
         opts.max_sessions_per_tenant = args.max_sessions_per_tenant;
+        opts.max_cells_per_tenant = args.max_cells_per_tenant;
         opts.header_timeout = std::time::Duration::from_secs(args.header_timeout_secs.max(1));
         let gw = match forkd_gateway::Gateway::new(opts) {
             Ok(g) => g,
