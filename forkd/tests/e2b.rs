@@ -82,17 +82,9 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
-    // Installing the SDKs runs pip with pipes to this process: other tests'
-    // fd checks must know they were not alone meanwhile.
-    let installing = external_session();
-    let py = match tokio::task::spawn_blocking(sdk_python).await.unwrap() {
-        Ok(p) => p,
-        Err(why) => {
-            skipped(&format!("E2B SDKs unavailable: {why}"));
-            return;
-        }
+    let Some(py) = install_or_skip("the E2B Python SDKs", None, sdk_python).await else {
+        return;
     };
-    drop(installing);
     let d = TestDaemon::start(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
@@ -284,15 +276,9 @@ async fn unmodified_e2b_js_sdk_drives_the_gateway() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
-    let installing = external_session();
-    let js = match tokio::task::spawn_blocking(js_sdk_dir).await.unwrap() {
-        Ok(d) => d,
-        Err(why) => {
-            skipped(&format!("E2B JS SDK unavailable: {why}"));
-            return;
-        }
+    let Some(js) = install_or_skip("the E2B JS SDK", None, js_sdk_dir).await else {
+        return;
     };
-    drop(installing);
     let d = TestDaemon::start(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let key = "tenant-js-key-0123456789";

@@ -112,20 +112,15 @@ async fn the_mcp_python_sdk_drives_forkd_mcp() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
-    // Installing the client runs pip with pipes to this process: other
-    // tests' fd checks must know they were not alone meanwhile.
-    let installing = external_session();
-    let py = match tokio::task::spawn_blocking(mcp_python).await.unwrap() {
-        Ok(py) => py,
-        Err(why) if std::env::var_os("FORKD_TEST_REQUIRE_MCP_CLIENT").is_some() => {
-            panic!("the MCP Python client is required here: {why}")
-        }
-        Err(why) => {
-            skipped(&format!("the MCP Python client is not available: {why}"));
-            return;
-        }
+    let Some(py) = install_or_skip(
+        "the MCP Python client",
+        Some("FORKD_TEST_REQUIRE_MCP_CLIENT"),
+        mcp_python,
+    )
+    .await
+    else {
+        return;
     };
-    drop(installing);
     let d = TestDaemon::start(|_| {}).await;
 
     // No daemon behind the socket: tool errors that say how to start one.
@@ -204,20 +199,15 @@ async fn forkd_mcp_outlives_a_daemon_restart() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
-    // Installing the client runs pip with pipes to this process: other
-    // tests' fd checks must know they were not alone meanwhile.
-    let installing = external_session();
-    let py = match tokio::task::spawn_blocking(mcp_python).await.unwrap() {
-        Ok(py) => py,
-        Err(why) if std::env::var_os("FORKD_TEST_REQUIRE_MCP_CLIENT").is_some() => {
-            panic!("the MCP Python client is required here: {why}")
-        }
-        Err(why) => {
-            skipped(&format!("the MCP Python client is not available: {why}"));
-            return;
-        }
+    let Some(py) = install_or_skip(
+        "the MCP Python client",
+        Some("FORKD_TEST_REQUIRE_MCP_CLIENT"),
+        mcp_python,
+    )
+    .await
+    else {
+        return;
     };
-    drop(installing);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("forkd.sock");
     let d1 = match TestDaemon::try_start(Some(socket.clone()), |_| {}).await {

@@ -179,6 +179,28 @@ pub fn external_session() -> ExternalSession {
     ExternalSession(Session::begin())
 }
 
+/// Installs a test's outside client (pip or npm, with pipes to this process,
+/// so it counts as a session for the other tests' exact fd checks). `None`
+/// (after a `skipped:` line naming `what`) when it cannot be had, unless the
+/// environment variable `required_by` is set: then that is a failure.
+pub async fn install_or_skip<T: Send + 'static>(
+    what: &str,
+    required_by: Option<&str>,
+    install: fn() -> Result<T, String>,
+) -> Option<T> {
+    let _installing = external_session();
+    match tokio::task::spawn_blocking(install).await.unwrap() {
+        Ok(t) => Some(t),
+        Err(why) if required_by.is_some_and(|v| std::env::var_os(v).is_some()) => {
+            panic!("{what} is required here: {why}")
+        }
+        Err(why) => {
+            skipped(&format!("{what} is not available: {why}"));
+            None
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // /proc scanning
 // ---------------------------------------------------------------------------
