@@ -494,7 +494,15 @@ async fn a_session_changes_its_allowlist_within_the_bound_() {
     host.echo(8081, "b");
     let names: HashMap<String, _> = [("pkg.test".to_string(), host.addr)].into_iter().collect();
     let dns = host.dns(names, 60);
-    let d = TestDaemon::start(move |c| c.network.resolvers = Some(vec![dns.to_string()])).await;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.jsonl");
+    let a2 = audit.clone();
+    let d = TestDaemon::start(move |c| {
+        c.network.resolvers = Some(vec![dns.to_string()]);
+        c.metrics_listen = Some("127.0.0.1:0".into());
+        c.audit_log = Some(a2);
+    })
+    .await;
     let c = d.client().await;
     // No allowlist at creation: no network, as for spawn.
     let s = c
@@ -596,6 +604,32 @@ async fn a_session_changes_its_allowlist_within_the_bound_() {
         "{closed}"
     );
     c.session_kill(&s).await.unwrap();
+    // A session's egress is counted and audited like a spawn's: each change
+    // of its list, and its traffic when its egress stops (here: emptied).
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || records().iter().any(|r| r
+            ["event"]
+            == "session_network_changed"
+            && r["allow_net"] == serde_json::json!([])
+            && r["network"]["bytes_out"].as_u64() > Some(0)))
+        .await,
+        "{:?}",
+        records()
+    );
+    assert!(records()
+        .iter()
+        .any(|r| r["event"] == "session_network_changed"
+            && r["allow_net"] == serde_json::json!(["pkg.test:8080"])));
+    let text = common::scrape::scrape(d.metrics_addr().unwrap()).await;
+    let out = common::scrape::sample(&text, "forkd_egress_bytes_total", &[("kind", "out")]);
+    assert!(out.is_some_and(|n| n > 0.0), "{text}");
     drop(c);
     d.finish().await;
 }
