@@ -61,6 +61,13 @@ impl Network {
         })
     }
 
+    /// The egress machinery, or why this daemon has none (rootless).
+    fn enforcer(&self) -> Result<&Enforcer, ErrorReply> {
+        self.enforcer
+            .as_ref()
+            .map_err(|e| refused(ErrorCode::InvalidRequest, e))
+    }
+
     /// Checks a request's allowlist for `zygote` at admission: `None` when
     /// it has none. Nothing is sent anywhere; a refusal names the rule.
     pub fn admit(&self, specs: &[String], zygote: &str) -> Result<Option<Allowlist>, ErrorReply> {
@@ -74,10 +81,7 @@ impl Network {
             }
             _ => refused(ErrorCode::LimitExceedsPolicy, e),
         })?;
-        let enforcer = self
-            .enforcer
-            .as_ref()
-            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        let enforcer = self.enforcer()?;
         enforcer
             .check(&allow)
             .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
@@ -91,10 +95,7 @@ impl Network {
         pidfd: BorrowedFd<'_>,
         allow: Allowlist,
     ) -> Result<(), ErrorReply> {
-        let enforcer = self
-            .enforcer
-            .as_ref()
-            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        let enforcer = self.enforcer()?;
         enforcer
             .update(egress, pidfd, allow)
             .await
@@ -110,10 +111,7 @@ impl Network {
         pidfd: BorrowedFd<'_>,
         allow: Allowlist,
     ) -> Result<Egress, ErrorReply> {
-        let enforcer = self
-            .enforcer
-            .as_ref()
-            .map_err(|e| refused(ErrorCode::InvalidRequest, e))?;
+        let enforcer = self.enforcer()?;
         enforcer.attach(pidfd, allow).await.map_err(|e| match e {
             EgressError::TooManyPorts { .. } => refused(ErrorCode::InvalidRequest, e),
             _ => refused(ErrorCode::SpawnFailed, e),
