@@ -57,6 +57,7 @@ impl Floor {
                 cgroup: forkd_cgroup::Limits::default(),
                 isolate: false,
                 workspace: None,
+                branch: None,
             },
             job: forkd::sandbox::job_frame(&request()).expect("the benchmark job encodes"),
             next_id: AtomicU64::new(1),

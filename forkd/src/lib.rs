@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod branch_copy;
 pub mod cli_session;
 pub mod config;
 pub mod daemon;
@@ -25,7 +26,7 @@ pub mod settings;
 pub mod size;
 pub mod start_error;
 pub mod state;
-mod sys;
+pub(crate) mod sys;
 pub mod systemd;
 pub mod workspace;
 

@@ -43,7 +43,7 @@ pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> ErrorReply {
     error(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
-fn pool_error(e: PoolError) -> ErrorReply {
+pub(crate) fn pool_error(e: PoolError) -> ErrorReply {
     match e {
         PoolError::Unknown(name) => error(
             ErrorCode::UnknownZygote,
@@ -93,6 +93,7 @@ pub(crate) fn plan_for(policy: String, limits: &AppliedLimits) -> ChildPlan {
             forkd_cgroup::Limits::default()
         },
         isolate: true,
+        branch: None,
         workspace: None,
     }
 }
@@ -109,7 +110,7 @@ fn same_isolation(pool: &ChildPlan, wanted: &ChildPlan) -> bool {
         && pool.file_size_bytes == wanted.file_size_bytes
 }
 
-fn prepare_error(e: PrepareError) -> ErrorReply {
+pub(crate) fn prepare_error(e: PrepareError) -> ErrorReply {
     match e {
         PrepareError::Zygote(z) => zygote_error(z),
         // The program did not run; the message names the cgroup file and

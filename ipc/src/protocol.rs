@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::bytes::{b64, b64_opt};
 use crate::session::{
     Cancel, CellResult, Command, CommandKill, CommandResult, DisplayData, FileData, FileEntry,
-    FilePath, FileRead, FileWrite, RunCode, SessionCreate, SessionInfo, SessionList, SessionRef,
-    SetNetwork, SetTtl, Stream,
+    FilePath, FileRead, FileWrite, RunCode, SessionBranch, SessionCreate, SessionInfo, SessionList,
+    SessionRef, SetNetwork, SetTtl, Stream,
 };
 pub use crate::terms::{AppliedLimits, KilledBy, Limits, WorkspaceMode, WorkspaceRequest};
 
@@ -70,6 +70,9 @@ pub enum RequestBody {
     SessionSetTtl(SetTtl),
     /// Replace a session's network allowlist.
     SessionSetNetwork(SetNetwork),
+    /// Copy a live session into new ones; answered with
+    /// [`ResponseBody::Sessions`].
+    SessionBranch(SessionBranch),
     /// An overlay workspace's changes so far, as a tar; answered with
     /// [`ResponseBody::FileData`].
     SessionWorkspaceDelta(SessionRef),
@@ -121,6 +124,7 @@ impl RequestBody {
             RequestBody::SessionResume(_) => "session_resume",
             RequestBody::SessionSetTtl(_) => "session_set_ttl",
             RequestBody::SessionSetNetwork(_) => "session_set_network",
+            RequestBody::SessionBranch(_) => "session_branch",
             RequestBody::SessionWorkspaceDelta(_) => "session_workspace_delta",
             RequestBody::RunCode(_) => "run_code",
             RequestBody::Interrupt(_) => "interrupt",
@@ -147,8 +151,8 @@ mod wire {
 
     use super::{RequestBody, SpawnRequest};
     use crate::session::{
-        Cancel, Command, CommandKill, FilePath, FileRead, FileWrite, RunCode, SessionCreate,
-        SessionList, SessionRef, SetNetwork, SetTtl,
+        Cancel, Command, CommandKill, FilePath, FileRead, FileWrite, RunCode, SessionBranch,
+        SessionCreate, SessionList, SessionRef, SetNetwork, SetTtl,
     };
 
     #[derive(Deserialize)]
@@ -165,6 +169,7 @@ mod wire {
         SessionResume(SessionRef),
         SessionSetTtl(SetTtl),
         SessionSetNetwork(SetNetwork),
+        SessionBranch(SessionBranch),
         SessionWorkspaceDelta(SessionRef),
         RunCode(RunCode),
         Interrupt(SessionRef),
@@ -196,6 +201,7 @@ mod wire {
                 RequestBodyWire::SessionResume(r) => RequestBody::SessionResume(r),
                 RequestBodyWire::SessionSetTtl(r) => RequestBody::SessionSetTtl(r),
                 RequestBodyWire::SessionSetNetwork(r) => RequestBody::SessionSetNetwork(r),
+                RequestBodyWire::SessionBranch(r) => RequestBody::SessionBranch(r),
                 RequestBodyWire::SessionWorkspaceDelta(r) => RequestBody::SessionWorkspaceDelta(r),
                 RequestBodyWire::RunCode(r) => RequestBody::RunCode(r),
                 RequestBodyWire::Interrupt(r) => RequestBody::Interrupt(r),

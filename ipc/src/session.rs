@@ -94,6 +94,36 @@ pub struct SetNetwork {
     pub allow_net: Vec<String>,
 }
 
+/// `session_branch`: `count` new sessions, each a copy of the session's
+/// interpreter (its variables, imports, arrays) and scratch at this instant,
+/// in namespaces and a cgroup of its own (docs/branch.md). A running cell is
+/// waited for. Answered with the new sessions (`sessions`), in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionBranch {
+    /// The session to copy.
+    pub session: String,
+    /// How many branches (at least 1, at most the daemon's
+    /// `[sessions] max_branches_per_request`).
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Keep the PRNG states (`random`, numpy's global generator) equal to
+    /// the parent's; by default each branch is reseeded.
+    #[serde(default)]
+    pub same_seed: bool,
+    /// Branch although the interpreter runs threads the user started (a
+    /// branch has only the thread that forked).
+    #[serde(default)]
+    pub force: bool,
+    /// Labels of the new sessions (default: the parent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// `run_code`: one cell in the session's `__main__`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,6 +315,9 @@ pub struct SessionInfo {
     /// Its network allowlist (empty: no network).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_net: Vec<String>,
+    /// The session this one was branched from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// Which stream a chunk of output came from.

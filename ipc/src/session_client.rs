@@ -14,8 +14,8 @@ use crate::client::{
 use crate::protocol::{RequestBody, Response, ResponseBody};
 use crate::session::{
     CellResult, Command, CommandKill, CommandResult, DisplayData, FileData, FileEntry, FilePath,
-    FileRead, FileWrite, RunCode, SessionCreate, SessionInfo, SessionList, SessionRef, SetNetwork,
-    SetTtl, Stream, MAX_FILE_CHUNK,
+    FileRead, FileWrite, RunCode, SessionBranch, SessionCreate, SessionInfo, SessionList,
+    SessionRef, SetNetwork, SetTtl, Stream, MAX_FILE_CHUNK,
 };
 
 /// A streamed event of a cell or command, before its final result.
@@ -211,6 +211,16 @@ impl Client {
             allow_net: allow_net.to_vec(),
         }))?;
         expect_session("session_set_network", resp)
+    }
+
+    /// `count` copies of the live session (its interpreter state and
+    /// scratch), each a new session in namespaces of its own; see
+    /// [`SessionBranch`] for `same_seed` and `force`.
+    pub fn session_branch(
+        &mut self,
+        branch: SessionBranch,
+    ) -> Result<Vec<SessionInfo>, ClientError> {
+        expect_sessions(self.simple(&RequestBody::SessionBranch(branch))?)
     }
 
     /// A streamed request: `on_event` sees its events, the final reply is
@@ -500,6 +510,16 @@ impl AsyncClient {
             }))
             .await?;
         expect_session("session_set_network", resp)
+    }
+
+    /// `count` copies of the live session (its interpreter state and
+    /// scratch), each a new session in namespaces of its own; see
+    /// [`SessionBranch`] for `same_seed` and `force`.
+    pub async fn session_branch(
+        &self,
+        branch: SessionBranch,
+    ) -> Result<Vec<SessionInfo>, ClientError> {
+        expect_sessions(self.simple(&RequestBody::SessionBranch(branch)).await?)
     }
 
     /// A streamed request: its events, then its result, within `timeout_ms`

@@ -30,6 +30,8 @@ pub struct ChildPlan {
     pub isolate: bool,
     /// A workspace mounted into the child (such children are never pooled).
     pub workspace: Option<forkd_zygote::workspace::MountPlan>,
+    /// A branch of a running session (never pooled).
+    pub branch: Option<forkd_zygote::spec::BranchOf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,19 @@ pub async fn prepare(
     prepare_child(zygote, cgroups, netns, sandbox, plan, false).await
 }
 
+/// [`prepare`] for a session branch's init (`plan.branch`): the zygote forks
+/// a root helper that makes the branch's namespaces (see
+/// `forkd_zygote::branch`); the returned pid and pidfd are that helper's,
+/// which lives exactly as long as the branch's init.
+pub async fn prepare_branch(
+    zygote: &Zygote,
+    cgroups: &Arc<Manager>,
+    sandbox: u64,
+    plan: ChildPlan,
+) -> Result<ReadyChild, PrepareError> {
+    prepare_child(zygote, cgroups, None, sandbox, plan, false).await
+}
+
 /// [`prepare`] for a child parked in the warm pool: it pre-touches the
 /// memory a job writes while it waits, so a request does not pay for
 /// those copy-on-write faults.
@@ -200,25 +215,35 @@ async fn prepare_child(
         isolate: plan.isolate,
         workspace: plan.workspace.clone(),
         uid: uid.as_ref().map(crate::uids::Lease::id),
+        // Every session may be branched, and sessions take children from
+        // the warm pool: every child without a workspace gets the grant.
+        branchable: plan.workspace.is_none(),
+        branch: plan.branch.clone(),
     };
     let spec =
         serde_json::to_string(&spec).map_err(|e| PrepareError::Io(std::io::Error::other(e)))?;
-    let forked = zygote
-        .spawn_leased(
-            sandbox,
-            &spec,
-            SpawnFds {
-                job: job_r,
-                stdout: stdout_w,
-                stderr: stderr_w,
-                status: status_w,
-                netns: netns.and_then(NetnsStock::take),
-            },
-            parked,
-            uid,
-        )
-        .await
-        .map_err(PrepareError::Zygote)?;
+    let fds = SpawnFds {
+        job: job_r,
+        stdout: stdout_w,
+        stderr: stderr_w,
+        status: status_w,
+        // A branch makes its network namespace inside its user namespace.
+        netns: if plan.branch.is_some() {
+            None
+        } else {
+            netns.and_then(NetnsStock::take)
+        },
+    };
+    let forked = match (plan.branch.is_some(), uid) {
+        (true, Some(uid)) => zygote.spawn_branch(sandbox, &spec, fds, uid).await,
+        (true, None) => {
+            return Err(PrepareError::Io(std::io::Error::other(
+                "a session branch needs a root daemon (its own uid)",
+            )))
+        }
+        (false, uid) => zygote.spawn_leased(sandbox, &spec, fds, parked, uid).await,
+    }
+    .map_err(PrepareError::Zygote)?;
     Ok(ReadyChild {
         sandbox,
         plan,

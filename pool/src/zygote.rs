@@ -388,6 +388,30 @@ impl Zygote {
         parked: bool,
         uid: Option<crate::uids::Lease>,
     ) -> Result<Forked, ZygoteError> {
+        let branch = false;
+        self.order(id, spec, fds, parked, branch, uid).await
+    }
+
+    /// Forks a session branch's init (see `ChildSpec::branch`).
+    pub async fn spawn_branch(
+        &self,
+        id: u64,
+        spec: &str,
+        fds: SpawnFds,
+        uid: crate::uids::Lease,
+    ) -> Result<Forked, ZygoteError> {
+        self.order(id, spec, fds, false, true, Some(uid)).await
+    }
+
+    async fn order(
+        &self,
+        id: u64,
+        spec: &str,
+        fds: SpawnFds,
+        parked: bool,
+        branch: bool,
+        uid: Option<crate::uids::Lease>,
+    ) -> Result<Forked, ZygoteError> {
         if !self.is_alive() {
             return Err(self.died_error());
         }
@@ -413,6 +437,7 @@ impl Zygote {
             id,
             spec: spec.to_owned(),
             parked,
+            branch,
         }
         .encode();
         let mut raw = vec![

@@ -107,6 +107,8 @@ fn main() {
         isolate: true,
         workspace: None,
         uid,
+        branchable: false,
+        branch: None,
     };
     let variants: [(&str, ChildSpec, &Prepared); 3] = [
         ("base", spec(None), &masked),

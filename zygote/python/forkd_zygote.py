@@ -97,7 +97,7 @@ linecache.cache[_SCRIPT] = (1, None, ["\n"], _SCRIPT)
 
 # The wire's shapes and version are defined in zygote/src/wire.rs; this file
 # mirrors them (a Rust test checks these lines against it).
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 CONTROL_FD = 3
 # In a child: the status pipe, moved onto fd 3 (replacing the control socket,
 # which the child must not keep). It carries one-byte tagged reports:
@@ -177,6 +177,8 @@ class Zygote:
         lib.forkd_info.restype = ctypes.c_int64
         lib.forkd_report_signals.argtypes = [ctypes.c_int]
         lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.forkd_branch_join.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+        lib.forkd_branch_seal.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         if msg.get("rootless"):
             self.become_namespace_root(lib)
         config = msg["config"]
@@ -186,6 +188,8 @@ class Zygote:
         if lib.forkd_init(raw, len(raw), self.err, ERR_CAP) != 0:
             fatal(self.sock, "zygote init failed: " + self.err.value.decode(errors="replace"))
         self.lib = lib
+        global _LIB
+        _LIB = lib
 
         for name in msg.get("preload", []):
             send(self.sock, {"op": "importing", "module": name})
@@ -304,7 +308,10 @@ class Zygote:
             send(self.sock, {"op": "spawn_error", "id": sid, "error": f"expected 4 or 5 fds, got {len(fds)}"})
             return
         spec = msg["spec"].encode()
-        errno = self.lib.forkd_pidns_enter_new()
+        # A branch's child makes its pid namespace itself (below the parent
+        # session's).
+        branch = bool(msg.get("branch"))
+        errno = 0 if branch else self.lib.forkd_pidns_enter_new()
         if errno != 0:
             for fd in fds:
                 os.close(fd)
@@ -317,7 +324,7 @@ class Zygote:
             error = f"fork: {e}"
         if pid == 0:
             self.child(spec, fds, bool(msg.get("parked")))  # never returns
-        errno = self.lib.forkd_pidns_restore()
+        errno = 0 if branch else self.lib.forkd_pidns_restore()
         for fd in fds:
             os.close(fd)
         if errno != 0:
@@ -383,6 +390,9 @@ class Zygote:
         if job.get("session") is not None:
             run_session(job)
         run_job(job, self.lib)
+
+
+_LIB = None  # libforkd_zygote, once init loaded it
 
 
 def signal_pidfd(pidfd):
@@ -914,7 +924,10 @@ def run_session(job):
         os.chdir(cfg["cwd"])
         # pid 1 of the sandbox: nothing in it may interrupt the executor.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        set_dumpable(False)
+        # (A branch's executor stays dumpable until the copy has joined: the
+        # kernel lets the copy enter its namespaces only then.)
+        if cfg.get("adopt") is None:
+            set_dumpable(False)
         os.set_inheritable(STATUS_FD, False)
         # fd 1 carries frames: a stray print must not corrupt it.
         sys.stdout = sys.stderr
@@ -991,10 +1004,13 @@ class Running:
         self.used = 0
         self.truncated = {"stdout": False, "stderr": False}
         self.interrupted_at = None
+        self.branch = False  # a branch request in the kernel, not a cell
 
 
 class Executor:
     def __init__(self, cfg):
+        self.adopt_dir = cfg.get("adopt")
+        self.adopt_req = None  # the daemon's adopt request, until the copy arrives
         self.cap = int(cfg["output_bytes"])
         self.grace = int(cfg["interrupt_grace_ms"]) / 1000
         self.cwd = cfg["cwd"]
@@ -1040,7 +1056,10 @@ class Executor:
     # -- the loop ----------------------------------------------------------
 
     def serve(self):
-        self.start_kernel()
+        if self.adopt_dir is not None:
+            self.await_copy()
+        else:
+            self.start_kernel()
         while True:
             timeout = None
             if self.escalation_pending():
@@ -1102,6 +1121,13 @@ class Executor:
             self.interrupt(req)
         elif op == "command":
             self.start_command(req, msg)
+        elif op == "branch":
+            self.queue.append((req, {"targets": msg["targets"], "same_seed": msg["same_seed"], "force": msg["force"]}))
+            self.next_cell()
+        elif op == "adopt":
+            self.adopt_req = req
+            if self.kernel is not None and self.kernel["pid"] is not None:
+                self.adopted()
         elif op == "kill_command":
             pid = msg["pid"]
             if pid in self.commands:
@@ -1169,6 +1195,61 @@ class Executor:
 
     # -- the kernel ------------------------------------------------------------
 
+    def await_copy(self):
+        """A branch's executor: makes the channels the copy of the parent's
+        interpreter opens (FIFOs in a directory of this branch's scratch) and
+        waits for its hello on them. The FIFOs are open read-write here, so
+        that none reports end-of-file before the copy has opened it; the
+        copy's end is learned from a pidfd instead."""
+        d = self.adopt_dir
+        os.mkdir(d, 0o700)
+        fds = {}
+        for name in ("out", "err", "cell", "res"):
+            os.mkfifo(f"{d}/{name}", 0o600)
+            fds[name] = os.open(f"{d}/{name}", os.O_RDWR | os.O_CLOEXEC)
+        streams = {fds["out"]: Stream(fds["out"], "stdout"), fds["err"]: Stream(fds["err"], "stderr")}
+        drain = select.poll()
+        for fd in streams:
+            drain.register(fd, select.POLLIN)
+        self.kernel = {
+            "pid": None, "cell_w": fds["cell"], "res_r": fds["res"], "streams": streams,
+            "drain": drain, "pidfd": None,
+        }
+        self.kernel_buf = bytearray()
+        os.set_blocking(fds["res"], False)
+        for fd in streams:
+            self.watch(fd, self.on_kernel_output)
+        self.watch(fds["res"], self.on_kernel_result)
+
+    def on_copy_hello(self, msg):
+        """The copy arrived: it names its pid (in this branch's pid namespace)."""
+        pid = msg.get("pid")
+        if not isinstance(pid, int) or pid <= 1 or pid == os.getpid() or self.kernel["pid"] is not None:
+            raise ValueError("a bad hello")
+        pidfd = os.pidfd_open(pid)
+        # The copy is in: this init takes the landlock and seccomp
+        # restrictions it had to leave off until the copy had joined.
+        err = ctypes.create_string_buffer(ERR_CAP)
+        if _LIB.forkd_branch_seal(err, ERR_CAP) != 0:
+            raise RuntimeError("sealing the branch failed: " + err.value.decode(errors="replace"))
+        set_dumpable(False)
+        self.kernel["pid"] = pid
+        self.kernel["pidfd"] = pidfd
+        self.watch(pidfd, self.on_copy_exit)
+        shutil.rmtree(self.adopt_dir, ignore_errors=True)
+        if self.adopt_req is not None:
+            self.adopted()
+        self.next_cell()
+
+    def adopted(self):
+        self.send({"op": "adopted", "req": self.adopt_req, "pid": self.kernel["pid"]})
+        self.adopt_req = None
+
+    def on_copy_exit(self, fd):
+        """The adopted interpreter (not our child: no wait status) ended."""
+        if self.kernel is not None and self.kernel.get("pidfd") == fd:
+            self.kernel_died(None)
+
     def start_kernel(self):
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -1191,7 +1272,7 @@ class Executor:
         drain = select.poll()
         for fd in streams:
             drain.register(fd, select.POLLIN)
-        self.kernel = {"pid": pid, "cell_w": cell_w, "res_r": res_r, "streams": streams, "drain": drain}
+        self.kernel = {"pid": pid, "cell_w": cell_w, "res_r": res_r, "streams": streams, "drain": drain, "pidfd": None}
         self.kernel_buf = bytearray()
         for fd in streams:
             self.watch(fd, self.on_kernel_output)
@@ -1247,6 +1328,12 @@ class Executor:
         cell = self.cell
         try:
             msg = json.loads(raw)
+            if self.kernel["pid"] is None:
+                try:
+                    self.on_copy_hello(msg)
+                except (ValueError, KeyError, TypeError, AttributeError, OSError):
+                    pass  # not the copy's hello: it still may come, or the daemon gives up
+                return True
             if cell is None or msg.get("req") != cell.req:
                 if isinstance(msg, dict) and msg.get("op") == "display":
                     return True  # display() between cells (a thread): nobody to show it to
@@ -1255,6 +1342,20 @@ class Executor:
                 display = {"data": {str(k): str(v) for k, v in msg["data"].items()}, "main": False}
                 self.send({"op": "display", "req": cell.req, "display": display})
                 return True
+            if msg["op"] == "branched" and cell.branch:
+                outcomes = [
+                    {"error": None if o.get("error") is None else str(o["error"])}
+                    for o in msg.get("outcomes", [])
+                ]
+                error = msg.get("error")
+                self.drain_kernel_output()
+                self.cell = None
+                self.send({"op": "branched", "req": cell.req, "outcomes": outcomes,
+                           "error": None if error is None else str(error)})
+                self.next_cell()
+                return True
+            if cell.branch:
+                raise ValueError("a cell result for a branch request")
             if msg["op"] != "done":
                 raise ValueError(f"unknown message {msg['op']!r}")
             results = [
@@ -1272,12 +1373,16 @@ class Executor:
             return False
 
     def next_cell(self):
-        if self.cell is not None or not self.queue or self.kernel is None:
+        if self.cell is not None or not self.queue or self.kernel is None or self.kernel["pid"] is None:
             return
         req, code = self.queue.popleft()
-        self.execution_count += 1
         self.cell = Running(req)
-        data = json.dumps({"req": req, "code": code, "count": self.execution_count}).encode()
+        if isinstance(code, dict):
+            self.cell.branch = True
+            data = json.dumps({"req": req, "branch": code}).encode()
+        else:
+            self.execution_count += 1
+            data = json.dumps({"req": req, "code": code, "count": self.execution_count}).encode()
         try:
             write_all(self.kernel["cell_w"], len(data).to_bytes(4, "big") + data)
         except OSError:
@@ -1345,7 +1450,11 @@ class Executor:
             if fd is not None:
                 self.unwatch(fd)
         os.close(kernel["cell_w"])
-        if os.WIFSIGNALED(status):
+        if kernel["pidfd"] is not None:
+            self.unwatch(kernel["pidfd"])
+        if status is None:
+            how = "ended"  # an adopted copy: not our child, no wait status
+        elif os.WIFSIGNALED(status):
             how = f"was killed by signal {os.WTERMSIG(status)}"
         else:
             how = f"exited with status {os.WEXITSTATUS(status)}"
@@ -1355,7 +1464,12 @@ class Executor:
         elif self.cell is not None and self.cell.interrupted_at is not None:
             how = f"did not stop within {self.grace:g} s of the interrupt; it was killed"
         self.start_kernel()
-        if self.cell is not None:
+        if self.cell is not None and self.cell.branch:
+            cell, self.cell = self.cell, None
+            self.send({"op": "branched", "req": cell.req, "outcomes": [],
+                       "error": f"the interpreter {how} while branching"})
+            self.next_cell()
+        elif self.cell is not None:
             self.cell_done(
                 None,
                 [],
@@ -1639,6 +1753,10 @@ def kernel_main(cwd):
         except KeyboardInterrupt:
             continue
         req = msg["req"]
+        if "branch" in msg:
+            # Here, or (in a copy) in the branch, whose cells come next.
+            kernel_branch(req, msg["branch"])
+            continue
         display.req = req
         filename = f"<cell-{msg['count']}>"
         code = msg["code"]
@@ -1670,6 +1788,130 @@ def kernel_main(cwd):
 
 
 _cell_running = [False]
+
+
+def kernel_branch(req, spec):
+    """Forks a copy of this interpreter into each target branch. Returns
+    True in a copy that arrived in its branch (its channels are the
+    branch's now); False here, after reporting to the executor."""
+    import threading
+
+    own = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if own and not spec.get("force"):
+        kernel_send({"op": "branched", "req": req, "outcomes": [], "error":
+                     f"the session runs threads of its own ({', '.join(own)}); a branch would not have them "
+                     "(fork copies only the calling thread): end them first, or branch with force"})
+        return False
+    outcomes = []
+    for target in spec["targets"]:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        same = bool(spec.get("same_seed"))
+        seeds = prng_states() if same else None
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(err_r)
+            try:
+                copy_into_branch(target, seeds, err_w)
+            except BaseException as e:
+                try:
+                    os.write(err_w, f"{type(e).__name__}: {e}".encode(errors="replace")[:4096])
+                finally:
+                    os._exit(1)
+            return True
+        os.close(err_w)
+        with open(err_r, "rb") as f:
+            why = f.read()
+        _, status = os.waitpid(pid, 0)
+        error = None
+        if status != 0 or why:
+            error = why.decode(errors="replace") or f"the copy ended with wait status {status}"
+        outcomes.append({"error": error})
+    kernel_send({"op": "branched", "req": req, "outcomes": outcomes, "error": None})
+    return False
+
+
+def prng_states():
+    """States to restore in a copy that keeps its parent's seeds."""
+    states = {}
+    rnd = sys.modules.get("random")
+    if rnd is not None:
+        states["random"] = rnd.getstate()
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        states["numpy"] = np_random.get_state()
+    return states
+
+
+def copy_into_branch(target, seeds, err_w):
+    """In a fork of the interpreter: moves into the branch, then swaps this
+    session's channels, files and seeds for the branch's."""
+    cwd = os.getcwd()
+    # Descriptors the user's code holds: files of the parent's scratch are
+    # reopened at the same path in the branch's copy of it; anything else
+    # (pipes, sockets, other files) belongs to the parent and is closed.
+    held = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 4 or fd == err_w:
+            continue
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            pos = os.lseek(fd, 0, os.SEEK_CUR) if stat_mode.S_ISREG(st.st_mode) else 0
+        except OSError:
+            continue
+        held[fd] = (path, stat_mode.S_ISREG(st.st_mode), flags, pos)
+    err = ctypes.create_string_buffer(ERR_CAP)
+    if _LIB.forkd_branch_join(target["ns"].encode(), err, ERR_CAP) != 0:
+        raise OSError(err.value.decode(errors="replace"))
+    # In the branch now: its mount namespace, uid, no capabilities.
+    d = target["dir"]
+    fifos = [os.open(f"{d}/{name}", flags) for name, flags in (
+        ("out", os.O_WRONLY), ("err", os.O_WRONLY), ("cell", os.O_RDONLY), ("res", os.O_WRONLY))]
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    for src, dst in zip([devnull] + fifos, range(5)):
+        os.dup2(src, dst)
+    for fd in [devnull] + fifos:
+        if fd > 4:
+            os.close(fd)
+    for fd, (path, regular, flags, pos) in held.items():
+        scratch = path.startswith(("/tmp/", "/dev/shm/"))
+        try:
+            if regular and scratch:
+                new = os.open(path, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+                os.lseek(new, pos, os.SEEK_SET)
+                os.dup2(new, fd, inheritable=os.get_inheritable(fd))
+                os.close(new)
+            else:
+                os.close(fd)
+        except OSError:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.close(err_w)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir("/tmp")
+    if seeds is None:
+        # os.fork reseeded `random` in the first copy; numpy's global
+        # generator is reseeded here (a Generator the user made is not).
+        np_random = sys.modules.get("numpy.random")
+        if np_random is not None:
+            np_random.seed()
+    else:
+        if "random" in seeds:
+            sys.modules["random"].setstate(seeds["random"])
+        if "numpy" in seeds:
+            sys.modules["numpy.random"].set_state(seeds["numpy"])
+    kernel_send({"op": "hello", "pid": os.getpid()})
 
 
 def _on_sigint(signum, frame):

@@ -23,6 +23,10 @@ struct State {
 
 static STATE: OnceLock<State> = OnceLock::new();
 
+/// In a branch's init between its isolation and its seal: its spec and the
+/// descriptors it inherited from the zygote (see `isolate::seal_branch`).
+static UNSEALED: OnceLock<(ChildSpec, Vec<std::os::fd::RawFd>)> = OnceLock::new();
+
 /// # Safety
 /// `ptr` must be valid for reads of `len` bytes (or `len` must be 0).
 unsafe fn input<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
@@ -185,6 +189,54 @@ pub extern "C" fn forkd_die_with_parent() -> i32 {
     }
 }
 
+/// In a fresh fork of a session's interpreter: joins the branch whose
+/// namespaces are shown in directory `dir` and returns 0 in a child that
+/// lives in it (the calling process exits); or an error, written to `err`,
+/// and -1.
+///
+/// # Safety
+/// `dir` must be a NUL-terminated string; `err` valid for `err_cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn forkd_branch_join(
+    dir: *const std::ffi::c_char,
+    err: *mut u8,
+    err_cap: usize,
+) -> i32 {
+    // SAFETY: guaranteed by the caller.
+    let dir = unsafe { std::ffi::CStr::from_ptr(dir) }.to_string_lossy();
+    match crate::branch::join(&dir) {
+        Ok(()) => 0,
+        // SAFETY: forwarded caller contract.
+        Err(e) => unsafe { fail(&e.to_string(), err, err_cap) },
+    }
+}
+
+/// In a branch's init, once the copy of the interpreter arrived: applies the
+/// rest of its isolation (landlock, seccomp) and closes what it inherited.
+///
+/// # Safety
+/// `err` must be valid for `err_cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn forkd_branch_seal(err: *mut u8, err_cap: usize) -> i32 {
+    let result = (|| -> Result<(), String> {
+        let state = STATE.get().ok_or("forkd_init has not run in this zygote")?;
+        let (spec, inherited) = UNSEALED
+            .get()
+            .ok_or("this process is not an unsealed branch init")?;
+        let policy = state
+            .policies
+            .get(&spec.policy)
+            .ok_or_else(|| format!("unknown policy `{}`", spec.policy))?;
+        crate::isolate::seal_branch(&crate::kernel::LinuxKernel, spec, policy, inherited)
+            .map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(()) => 0,
+        // SAFETY: forwarded caller contract.
+        Err(msg) => unsafe { fail(&msg, err, err_cap) },
+    }
+}
+
 /// Makes the next fork land in a new pid namespace (as its pid 1).
 #[no_mangle]
 pub extern "C" fn forkd_pidns_enter_new() -> i32 {
@@ -239,7 +291,13 @@ pub unsafe extern "C" fn forkd_child_isolate(
         let netns =
             (netns_fd >= 0).then(|| unsafe { std::os::fd::BorrowedFd::borrow_raw(netns_fd) });
         isolate_child(&spec, policy, &state.hostname, state.last_cap, netns)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if spec.branch.is_some() {
+            let inherited = sys::open_fds_from(crate::isolate::FIRST_CLOSED_FD)
+                .map_err(|e| format!("list descriptors: {e}"))?;
+            let _ = UNSEALED.set((spec, inherited));
+        }
+        Ok(())
     })();
     match result {
         Ok(()) => 0,

@@ -41,17 +41,13 @@ pub struct Prepared {
 
 /// One tmpfs for /tmp and /dev/shm together (one `scratch_bytes` budget),
 /// owned by the sandbox's uid when it has one.
-fn mount_scratch<K: Kernel>(k: &K, spec: &ChildSpec) -> Result<(), IsolateError> {
-    let owner = spec
-        .uid
+fn mount_scratch<K: Kernel>(k: &K, bytes: u64, uid: Option<u32>) -> Result<(), IsolateError> {
+    let owner = uid
         .map(|id| format!(",uid={id},gid={id}"))
         .unwrap_or_default();
-    let mode = if spec.uid.is_some() { 0o700 } else { 0o1777 };
-    let opts = CString::new(format!(
-        "size={},nr_inodes=65536,mode={mode:o}{owner}",
-        spec.scratch_bytes
-    ))
-    .map_err(|_| at("scratch options")(io::ErrorKind::InvalidInput.into()))?;
+    let mode = if uid.is_some() { 0o700 } else { 0o1777 };
+    let opts = CString::new(format!("size={bytes},nr_inodes=65536,mode={mode:o}{owner}"))
+        .map_err(|_| at("scratch options")(io::ErrorKind::InvalidInput.into()))?;
     k.mount(
         Some(c"tmpfs"),
         c"/dev/.scratch",
@@ -64,7 +60,7 @@ fn mount_scratch<K: Kernel>(k: &K, spec: &ChildSpec) -> Result<(), IsolateError>
         (c"/dev/.scratch/tmp", c"/tmp"),
         (c"/dev/.scratch/shm", c"/dev/shm"),
     ] {
-        k.mkdir_owned(dir, mode, spec.uid)
+        k.mkdir_owned(dir, mode, uid)
             .map_err(at("make a scratch directory"))?;
         k.mount(Some(dir), target, None, libc::MS_BIND, None)
             .map_err(at("bind a scratch directory"))?;
@@ -138,25 +134,45 @@ pub fn isolate_with<K: Kernel>(
         None => None,
     };
 
-    k.setns(policy.template.mount_ns.as_fd(), libc::CLONE_NEWNS)
-        .map_err(at("enter the sandbox root"))?;
-    // A network namespace made ahead of time (lo already up) saves most of
-    // the isolation cost; without one the child makes its own.
-    let mut fresh =
-        libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
-    match netns {
-        Some(fd) => k
-            .setns(fd, libc::CLONE_NEWNET)
-            .map_err(at("enter the prepared network namespace"))?,
-        None => fresh |= libc::CLONE_NEWNET,
+    // The uid the sandbox's files and processes have in its namespaces.
+    let mut uid = spec.uid;
+    let mut netns = netns;
+    match &spec.branch {
+        None => {
+            k.setns(policy.template.mount_ns.as_fd(), libc::CLONE_NEWNS)
+                .map_err(at("enter the sandbox root"))?;
+            // A network namespace made ahead of time (lo already up) saves
+            // most of the isolation cost; without one the child makes its own.
+            let mut fresh =
+                libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
+            match netns {
+                Some(fd) => k
+                    .setns(fd, libc::CLONE_NEWNET)
+                    .map_err(at("enter the prepared network namespace"))?,
+                None => fresh |= libc::CLONE_NEWNET,
+            }
+            k.unshare(fresh).map_err(at("unshare namespaces"))?;
+        }
+        Some(branch) => {
+            let branch_uid = spec.uid.ok_or_else(|| {
+                at("branch")(io::Error::other(
+                    "a branch needs its own uid (a root daemon)",
+                ))
+            })?;
+            // Returns in the branch's init: uid 0 of a user namespace that
+            // maps it to `branch_uid`, already switched to.
+            k.enter_branch(branch, branch_uid, policy.template.mount_ns.as_fd())
+                .map_err(at("make the branch's namespaces"))?;
+            uid = Some(0);
+            netns = None;
+        }
     }
-    k.unshare(fresh).map_err(at("unshare namespaces"))?;
 
     // Binds the fresh tmpfs mounts below would hide (a venv under /tmp):
     // keep a handle on each to bind it again on top.
     let shadowed = reopen_shadowed(k, &policy.template.shadowed)?;
 
-    mount_scratch(k, spec)?;
+    mount_scratch(k, spec.scratch_bytes, uid)?;
     k.mount(
         Some(c"proc"),
         c"/proc",
@@ -214,12 +230,16 @@ pub fn isolate_with<K: Kernel>(
         }
     }
     k.lock_securebits().map_err(at("lock securebits"))?;
-    if let Some(uid) = spec.uid {
+    if let Some(uid) = uid {
         // Own unprivileged ids: per-user kernel budgets are this sandbox's
         // alone and owner checks fail on host objects. (NO_SETUID_FIXUP is
-        // locked, so capabilities survive this; they are cleared next.)
-        k.become_user(uid, uid)
-            .map_err(at("switch to the sandbox's uid"))?;
+        // locked, so capabilities survive this; they are cleared next.) A
+        // branch's init already has its ids, and its user namespace denies
+        // setgroups.
+        if spec.branch.is_none() {
+            k.become_user(uid, uid)
+                .map_err(at("switch to the sandbox's uid"))?;
+        }
         k.set_dumpable().map_err(at("set dumpable"))?;
         // A credential change clears the parent-death signal: without it
         // again, a sandbox would outlive its zygote (and a killed daemon).
@@ -231,7 +251,15 @@ pub fn isolate_with<K: Kernel>(
     k.clear_capabilities().map_err(at("drop capabilities"))?;
     k.set_no_new_privs().map_err(at("set no_new_privs"))?;
 
-    apply_landlock(k, policy, &workspace_rules)?;
+    if spec.branch.is_some() {
+        // A branch's init is landlocked and filtered only once the copy of
+        // the parent's interpreter has joined it (`seal_branch`): landlock
+        // refuses a landlocked process ptrace-class access (which entering
+        // another process's namespaces is) to a process outside its domain.
+        // Until then it runs only the executor's code, without capabilities.
+        return Ok(());
+    }
+    apply_landlock(k, policy, &workspace_rules, spec)?;
     drop(workspace_rules); // before close_range below closes their descriptors
 
     k.close_range(FIRST_CLOSED_FD, u32::MAX)
@@ -243,6 +271,27 @@ pub fn isolate_with<K: Kernel>(
     k.apply_seccomp(&policy.seccomp)
         .map_err(at("install seccomp filter"))?;
     Ok(())
+}
+
+/// The rest of a branch init's isolation (see `isolate_with`), once the
+/// copy has arrived: landlock, the zygote's descriptors (`inherited`, which
+/// the landlock rules still needed) closed, the descriptor limit, seccomp.
+pub fn seal_branch<K: Kernel>(
+    k: &K,
+    spec: &ChildSpec,
+    policy: &Prepared,
+    inherited: &[std::os::fd::RawFd],
+) -> Result<(), IsolateError> {
+    apply_landlock(k, policy, &[], spec)?;
+    for fd in inherited {
+        // SAFETY: descriptors this process held before its executor ran;
+        // nothing in it uses them.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd) });
+    }
+    k.setrlimit(libc::RLIMIT_NOFILE, spec.open_files)
+        .map_err(at("RLIMIT_NOFILE"))?;
+    k.apply_seccomp(&policy.seccomp)
+        .map_err(at("install seccomp filter"))
 }
 
 fn reopen_shadowed<K: Kernel>(
@@ -278,6 +327,7 @@ fn apply_landlock<K: Kernel>(
     k: &K,
     policy: &Prepared,
     workspace: &[(std::os::fd::OwnedFd, BitFlags<AccessFs>)],
+    spec: &ChildSpec,
 ) -> Result<LandlockStatus, IsolateError> {
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
@@ -313,10 +363,22 @@ fn apply_landlock<K: Kernel>(
     rules.push((scratch.as_fd(), all));
     rules.push((shm.as_fd(), all));
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
-    rules.push((root.as_fd(), AccessFs::ReadDir.into()));
+    if spec.branchable || spec.branch.is_some() {
+        // The scratch grant where a branch's fresh scratch is covered too:
+        // landlock walks up through mount points but checks no rule on the
+        // directory a mount covers, so only the root is common to a session
+        // and its branches. Read-only mounts keep everything else
+        // read-only; device ioctls stay refused.
+        rules.push((root.as_fd(), all & !AccessFs::IoctlDev));
+    } else {
+        rules.push((root.as_fd(), AccessFs::ReadDir.into()));
+    }
     rules.extend(workspace.iter().map(|(fd, access)| (fd.as_fd(), *access)));
 
-    k.restrict_landlock(abi, policy.landlock.compat_level(), &rules)
+    // A branch's init runs its executor, which must be able to interrupt and
+    // kill an interpreter copied from the parent (another landlock domain).
+    let scope_signals = spec.branch.is_none();
+    k.restrict_landlock(abi, policy.landlock.compat_level(), &rules, scope_signals)
         .map_err(at("landlock"))
 }
 
@@ -331,7 +393,19 @@ pub fn probe_landlock(policy: &Prepared) -> Result<LandlockStatus, String> {
     // single-threaded; the child only builds the ruleset and _exits.
     let pid = match unsafe { sys::fork() }.map_err(|e| format!("fork landlock probe: {e}"))? {
         sys::Fork::Child => {
-            let code = match apply_landlock(&LinuxKernel, policy, &[]) {
+            let probe = ChildSpec {
+                policy: String::new(),
+                cgroup_procs: Vec::new(),
+                scratch_bytes: 0,
+                open_files: 0,
+                file_size_bytes: 0,
+                isolate: true,
+                workspace: None,
+                uid: None,
+                branchable: false,
+                branch: None,
+            };
+            let code = match apply_landlock(&LinuxKernel, policy, &[], &probe) {
                 Ok(LandlockStatus::FullyEnforced) => 0,
                 Ok(LandlockStatus::PartiallyEnforced) => 1,
                 Ok(LandlockStatus::NotEnforced) => 2,
@@ -417,6 +491,8 @@ mod tests {
             isolate: true,
             workspace: None,
             uid,
+            branchable: false,
+            branch: None,
         }
     }
 

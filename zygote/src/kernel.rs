@@ -57,6 +57,14 @@ pub trait Kernel {
     ) -> io::Result<Vec<(OwnedFd, BitFlags<AccessFs>)>>;
     fn setns(&self, fd: BorrowedFd<'_>, nstype: libc::c_int) -> io::Result<()>;
     fn unshare(&self, flags: libc::c_int) -> io::Result<()>;
+    /// Makes a session branch's namespaces and forks its init; returns in
+    /// that init only (see branch.rs).
+    fn enter_branch(
+        &self,
+        branch: &crate::spec::BranchOf,
+        branch_uid: u32,
+        template: BorrowedFd<'_>,
+    ) -> io::Result<()>;
     /// `open(2)`, always close-on-exec.
     fn open(&self, path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd>;
     fn mount(
@@ -95,12 +103,14 @@ pub trait Kernel {
     fn set_no_new_privs(&self) -> io::Result<()>;
     /// Creates a landlock ruleset handling every right of `abi`, adds `rules`
     /// and restricts the calling process, at compatibility `level`; returns
-    /// what the kernel enforces.
+    /// what the kernel enforces. Every scope of `abi` is set, signals only if
+    /// `scope_signals`.
     fn restrict_landlock(
         &self,
         abi: ABI,
         level: CompatLevel,
         rules: &[LandlockRule<'_>],
+        scope_signals: bool,
     ) -> io::Result<LandlockStatus>;
     /// Closes every descriptor in `first..=last`.
     fn close_range(&self, first: u32, last: u32) -> io::Result<()>;
@@ -151,6 +161,14 @@ impl Kernel for LinuxKernel {
     #[inline]
     fn unshare(&self, flags: libc::c_int) -> io::Result<()> {
         sys::unshare(flags)
+    }
+    fn enter_branch(
+        &self,
+        branch: &crate::spec::BranchOf,
+        branch_uid: u32,
+        template: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        crate::branch::make_shell(branch, branch_uid, template)
     }
     #[inline]
     fn open(&self, path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
@@ -235,12 +253,17 @@ impl Kernel for LinuxKernel {
         abi: ABI,
         level: CompatLevel,
         rules: &[LandlockRule<'_>],
+        scope_signals: bool,
     ) -> io::Result<LandlockStatus> {
+        let mut scopes = Scope::from_all(abi);
+        if !scope_signals {
+            scopes.remove(Scope::Signal);
+        }
         let mut ruleset = Ruleset::default()
             .set_compatibility(level)
             .handle_access(AccessFs::from_all(abi))
             .map_err(fail("handle access rights"))?
-            .scope(Scope::from_all(abi))
+            .scope(scopes)
             .map_err(fail("scope"))?
             .create()
             .map_err(fail("create the ruleset"))?;
@@ -417,6 +440,20 @@ pub(crate) mod recorder {
         fn unshare(&self, flags: libc::c_int) -> io::Result<()> {
             self.record("unshare", ns_name(flags))
         }
+        fn enter_branch(
+            &self,
+            branch: &crate::spec::BranchOf,
+            branch_uid: u32,
+            _template: BorrowedFd<'_>,
+        ) -> io::Result<()> {
+            self.record(
+                "enter_branch",
+                format!(
+                    "parent {} uid {}, branch uid {branch_uid}",
+                    branch.parent_pid, branch.parent_uid
+                ),
+            )
+        }
         fn open(
             &self,
             path: &CStr,
@@ -518,10 +555,16 @@ pub(crate) mod recorder {
             abi: ABI,
             level: CompatLevel,
             rules: &[LandlockRule<'_>],
+            scope_signals: bool,
         ) -> io::Result<LandlockStatus> {
+            let scope = if scope_signals {
+                ""
+            } else {
+                ", signals unscoped"
+            };
             self.record(
                 "restrict_landlock",
-                format!("{abi:?}, {level:?}, {} rules", rules.len()),
+                format!("{abi:?}, {level:?}, {} rules{scope}", rules.len()),
             )?;
             Ok(LandlockStatus::FullyEnforced)
         }

@@ -9,6 +9,7 @@
 //! raw system calls, and [`kernel`] is the seam through which the isolation
 //! sequence makes them (so its order is unit-tested without root).
 
+pub mod branch;
 pub mod ffi;
 pub mod isolate;
 pub mod kernel;

@@ -48,6 +48,28 @@ pub struct ChildSpec {
     /// zygote's (a rootless zygote's user namespace maps only that one).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// A session that may be branched: landlock grants its scratch rights
+    /// on the sandbox's root (read-only mounts keep the rest read-only), so
+    /// that a copy of its interpreter can use a branch's fresh scratch
+    /// (docs/branch.md). Never with a workspace (its landlock rules would be
+    /// widened).
+    #[serde(default)]
+    pub branchable: bool,
+    /// Make this child a branch of a running session: its namespaces are
+    /// made so that a copy of that session's interpreter can join them
+    /// (`uid` is then the branch's host uid, uid 0 inside).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<BranchOf>,
+}
+
+/// The session a branch is made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BranchOf {
+    /// Host pid of the parent session's init (its executor).
+    pub parent_pid: i32,
+    /// The parent session's uid: the owner of the branch's user namespace.
+    pub parent_uid: u32,
 }
 
 fn yes() -> bool {

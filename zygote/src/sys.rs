@@ -130,6 +130,77 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
     }
 }
 
+/// setresgid and setresuid to `gid`/`uid` without touching supplementary
+/// groups (inside a user namespace whose setgroups is denied).
+pub fn set_ids(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    unsafe {
+        check(libc::setresgid(gid, gid, gid))?;
+        check(libc::setresuid(uid, uid, uid))
+    }
+}
+
+/// Reads exactly `buf.len()` bytes (EOF first is an error).
+pub fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the slice is valid for writes of its remaining length.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+            )
+        };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            #[allow(clippy::cast_sign_loss, reason = "n > 0 here")]
+            n => done += n as usize,
+        }
+    }
+    Ok(())
+}
+
+/// Ends the process by `sig` (default action restored first), as the
+/// process it mirrors ended.
+pub fn die_by_signal(sig: libc::c_int) -> ! {
+    // SAFETY: signal/raise with integers; _exit never returns.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+        libc::_exit(128 + sig)
+    }
+}
+
+/// The open descriptors from `first` up (read from /proc/self/fd).
+pub fn open_fds_from(first: u32) -> io::Result<Vec<std::os::fd::RawFd>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        if let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<std::os::fd::RawFd>().ok())
+        {
+            if fd >= 0 && fd as u32 >= first {
+                fds.push(fd);
+            }
+        }
+    }
+    // The directory's own descriptor was listed too, and is closed now.
+    fds.retain(|fd| {
+        // SAFETY: F_GETFD on any number only reads its flags.
+        let flags = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
+        flags != -1
+    });
+    Ok(fds)
+}
+
 /// Marks the process dumpable again (a uid change clears it), so its own
 /// /proc/<pid> files belong to its uid like any other process's.
 pub fn set_dumpable() -> io::Result<()> {

@@ -42,7 +42,7 @@ use crate::spec::{InitConfig, InitInfo};
 
 /// Version of the daemon–zygote–child wire. Bump on any incompatible change
 /// to a type in this module (and to `WIRE_VERSION` in `forkd_zygote.py`).
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 
 /// Largest control message either side sends (the zygote reads with this cap).
 pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -73,6 +73,10 @@ pub enum ToZygote {
         spec: String,
         #[serde(default)]
         parked: bool,
+        /// The spec makes a session branch: the zygote forks without a new
+        /// pid namespace of its own (the child makes the branch's).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        branch: bool,
     },
     /// Finish running children, then exit.
     Drain,
@@ -189,6 +193,28 @@ pub struct SessionJob {
     /// How long an interrupted cell may take to stop before the interpreter
     /// is killed and replaced (its state is then lost).
     pub interrupt_grace_ms: u64,
+    /// A branch's executor: instead of starting an interpreter, it makes
+    /// the channels a copy of the parent's interpreter opens in this
+    /// directory (of its scratch) and adopts that copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt: Option<String>,
+}
+
+/// One branch a session's interpreter forks a copy into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchTarget {
+    /// Where the branch's namespace files are shown in the parent session's
+    /// mount namespace (`branch::exposed_dir`).
+    pub ns: String,
+    /// Where the branch's executor made the copy's channels.
+    pub dir: String,
+}
+
+/// What became of one [`BranchTarget`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchOutcome {
+    /// Why the copy did not reach the branch.
+    pub error: Option<String>,
 }
 
 /// Largest JSON part of an executor frame.
@@ -251,6 +277,19 @@ pub enum ToExecutor {
     Stat {
         req: u64,
         path: String,
+    },
+    /// Fork a copy of the interpreter into each target (queued behind a
+    /// running cell, like one). `same_seed` keeps the PRNG states; `force`
+    /// branches although the interpreter runs threads of its own.
+    Branch {
+        req: u64,
+        targets: Vec<BranchTarget>,
+        same_seed: bool,
+        force: bool,
+    },
+    /// (A branch's executor.) Answer once the copied interpreter arrived.
+    Adopt {
+        req: u64,
     },
 }
 
@@ -338,6 +377,18 @@ pub enum FromExecutor {
     Done {
         req: u64,
     },
+    /// Branch request `req` ended: one outcome per target, in order (or
+    /// `error` for all of them).
+    Branched {
+        req: u64,
+        outcomes: Vec<BranchOutcome>,
+        error: Option<String>,
+    },
+    /// The copied interpreter arrived; its pid in the branch.
+    Adopted {
+        req: u64,
+        pid: i32,
+    },
     /// Request `req` failed: `code` is `not_found`, `file_error` or
     /// `invalid`.
     Failed {
@@ -360,6 +411,8 @@ impl FromExecutor {
             | FromExecutor::Entries { req, .. }
             | FromExecutor::Stat { req, .. }
             | FromExecutor::Done { req }
+            | FromExecutor::Branched { req, .. }
+            | FromExecutor::Adopted { req, .. }
             | FromExecutor::Failed { req, .. } => *req,
         }
     }
@@ -786,6 +839,7 @@ mod tests {
             id: 7,
             spec: "{}".into(),
             parked: true,
+            branch: false,
         };
         let v: serde_json::Value = serde_json::from_slice(&spawn.encode()).expect("json");
         assert_eq!(v["op"], "spawn");

@@ -52,7 +52,6 @@ pub const DENY: &[(&str, libc::c_long)] = &[
     ("pivot_root", libc::SYS_pivot_root),
     ("chroot", libc::SYS_chroot),
     ("unshare", libc::SYS_unshare),
-    ("setns", libc::SYS_setns),
     ("fsopen", libc::SYS_fsopen),
     ("fsconfig", libc::SYS_fsconfig),
     ("fsmount", libc::SYS_fsmount),

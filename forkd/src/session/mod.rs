@@ -69,6 +69,15 @@ pub struct Session {
     pub labels: BTreeMap<String, String>,
     pub limits: AppliedLimits,
     pub warm: bool,
+    /// Host pid of its init (the executor): a branch's user namespace
+    /// joins its pid namespace.
+    pub(crate) pid: i32,
+    /// The isolation policy it runs under.
+    pub(crate) policy: String,
+    /// The job it was started with (a branch's executor gets the same).
+    pub(crate) job: forkd_zygote::wire::Job,
+    /// The session it was branched from.
+    pub parent: Option<String>,
     created: Instant,
     idle_timeout: Option<Duration>,
     pidfd: Mutex<Option<OwnedFd>>,
@@ -352,7 +361,26 @@ impl Session {
             usage,
             limits: self.limits.clone(),
             warm: self.warm,
+            parent: self.parent.clone(),
         }
+    }
+
+    /// Its egress allowlist as asked.
+    pub(crate) fn allow_net(&self) -> Vec<String> {
+        lock(&self.allow_net).clone()
+    }
+
+    /// Whether it has a workspace.
+    pub(crate) fn has_workspace(&self) -> bool {
+        lock(&self.workspace).is_some()
+    }
+
+    /// The `cgroup.procs` files of its cgroup.
+    pub(crate) fn cgroup_procs(&self) -> Vec<std::path::PathBuf> {
+        lock(&self.cgroup)
+            .as_ref()
+            .and_then(|c| c.get().map(|cg| cg.procs_files().to_vec()))
+            .unwrap_or_default()
     }
 }
 

@@ -105,8 +105,8 @@ pub async fn create(
         output_bytes: resolved.limits.output_bytes,
         cwd: SESSION_CWD.into(),
         interrupt_grace_ms: cfg.interrupt_grace_ms,
+        adopt: None,
     });
-    let frame = job.frame().map_err(|e| invalid(e.to_string()))?;
     let state = &sessions.state;
     // `None` (no allowlist) costs nothing: no network, as for spawn.
     let allow = state.network.admit(&req.allow_net, &resolved.zygote)?;
@@ -131,13 +131,64 @@ pub async fn create(
     };
     let mut plan = plan_for(resolved.policy.clone(), &resolved.limits);
     plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
-    let (mut child, warm) = obtain_child(state, &resolved.zygote, &plan).await?;
+    let (child, warm) = obtain_child(state, &resolved.zygote, &plan).await?;
     // Open the allowlist before the executor (and so any user code) runs;
     // on failure the unused child is killed when dropped.
     let egress = match allow {
         Some(allow) => Some(state.network.attach(child.pidfd.as_fd(), allow).await?),
         None => None,
     };
+    let session = start_session(
+        sessions,
+        child,
+        job,
+        NewSession {
+            owner,
+            peer,
+            zygote: resolved.zygote,
+            policy: resolved.policy,
+            labels: req.labels,
+            limits: resolved.limits,
+            warm,
+            idle_timeout: idle.map(Duration::from_millis),
+            ttl: Duration::from_millis(ttl_ms),
+            egress,
+            allow_net: req.allow_net.clone(),
+            workspace: workspace.map(Arc::new),
+            parent: None,
+        },
+    )
+    .await?;
+    tracing::debug!(session = %session.id, owner, warm, "session created");
+    Ok(session.info())
+}
+
+/// What a new session is, besides its child.
+struct NewSession {
+    owner: u32,
+    peer: crate::audit::Peer,
+    zygote: String,
+    policy: String,
+    labels: std::collections::BTreeMap<String, String>,
+    limits: forkd_ipc::AppliedLimits,
+    warm: bool,
+    idle_timeout: Option<Duration>,
+    ttl: Duration,
+    egress: Option<forkd_net::Egress>,
+    allow_net: Vec<String>,
+    workspace: Option<Arc<crate::workspace::Ready>>,
+    parent: Option<String>,
+}
+
+/// Hands `job` to an isolated child, waits for its executor to start, and
+/// registers it as a session with its own actor.
+async fn start_session(
+    sessions: &Arc<Sessions>,
+    mut child: forkd_pool::ReadyChild,
+    job: forkd_zygote::wire::Job,
+    new: NewSession,
+) -> Result<Arc<Session>, ErrorReply> {
+    let frame = job.frame().map_err(|e| invalid(e.to_string()))?;
     let (Some(job_w), Some(out_r), Some(err_r), Some(status_r)) = (
         child.job.take(),
         child.stdout.take(),
@@ -149,6 +200,7 @@ pub async fn create(
             "a prepared child lacks its pipes",
         ));
     };
+    let pid = child.pid;
     let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
     let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
     let cgroup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
@@ -173,28 +225,32 @@ pub async fn create(
     let (ended_tx, _) = watch::channel(false);
     let session = Arc::new(Session {
         id: super::new_id(),
-        owner,
-        peer,
-        zygote: resolved.zygote,
-        labels: req.labels,
-        limits: resolved.limits,
-        warm,
+        owner: new.owner,
+        peer: new.peer,
+        zygote: new.zygote,
+        labels: new.labels,
+        limits: new.limits,
+        warm: new.warm,
+        pid,
+        policy: new.policy,
+        job,
+        parent: new.parent,
         created: now,
-        idle_timeout: idle.map(Duration::from_millis),
+        idle_timeout: new.idle_timeout,
         pidfd: Mutex::new(Some(pidfd)),
         cgroup: Mutex::new(Some(cgroup)),
         freezer: Mutex::new(None),
         next_req: std::sync::atomic::AtomicU64::new(1),
         oom_kills_seen: std::sync::atomic::AtomicU64::new(0),
-        egress: tokio::sync::Mutex::new(egress),
-        allow_net: Mutex::new(req.allow_net.clone()),
-        workspace: Mutex::new(workspace.map(Arc::new)),
+        egress: tokio::sync::Mutex::new(new.egress),
+        allow_net: Mutex::new(new.allow_net),
+        workspace: Mutex::new(new.workspace),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
             ended_by: None,
             killed_by: None,
-            deadline: now + Duration::from_millis(ttl_ms),
+            deadline: now + new.ttl,
             last_used: now,
             cells: 0,
             final_usage: None,
@@ -217,8 +273,241 @@ pub async fn create(
         },
     ));
     guard.disarm();
-    tracing::debug!(session = %session.id, owner, warm, "session created");
-    Ok(session.info())
+    Ok(session)
+}
+
+/// Most branches one request may make.
+pub const MAX_BRANCHES: u32 = 64;
+/// How long a branch's executor may wait for the copy of the interpreter.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `session_branch`: `req.count` new sessions, each with a copy of the
+/// parent's interpreter and scratch, in namespaces and a cgroup of their
+/// own (docs/branch.md). All or nothing: a branch that fails takes the
+/// others of the request with it.
+pub async fn branch(
+    sessions: &Arc<Sessions>,
+    parent: Arc<Session>,
+    req: forkd_ipc::SessionBranch,
+    peer: crate::audit::Peer,
+) -> Result<Vec<SessionInfo>, ErrorReply> {
+    if req.count == 0 || req.count > MAX_BRANCHES {
+        return Err(invalid(format!(
+            "count must be between 1 and {MAX_BRANCHES}, not {}",
+            req.count
+        )));
+    }
+    parent.usable()?;
+    if parent.has_workspace() {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            "a session with a workspace cannot be branched yet (its landlock rules would have to be widened); create it without one to branch it",
+        ));
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            "branching needs a root daemon (each branch runs as its own uid in a user namespace the parent's uid owns); this daemon is rootless",
+        ));
+    }
+    let parent_uid = crate::branch_copy::uid_of(parent.pid).map_err(|e| {
+        error(
+            ErrorCode::SessionEnded,
+            format!("session {} is not running ({e})", parent.id),
+        )
+    })?;
+    let allow_net = parent.allow_net();
+    let remaining = lock_life_deadline(&parent);
+    let mut made: Vec<(Arc<Session>, String, String)> = Vec::new();
+    let result = async {
+        for _ in 0..req.count {
+            sessions.admit(parent.owner)?;
+            let (branch, ns, dir) = make_branch(
+                sessions, &parent, parent_uid, &req, &peer, &allow_net, remaining,
+            )
+            .await?;
+            made.push((branch, ns, dir));
+        }
+        // The parent's scratch, copied while its interpreter is idle (a
+        // background command may still write: its writes land in either).
+        for (branch, _, _) in &made {
+            copy_scratch(parent.pid, branch.pid).await?;
+        }
+        let targets = made
+            .iter()
+            .map(|(_, ns, dir)| forkd_zygote::wire::BranchTarget {
+                ns: ns.clone(),
+                dir: dir.clone(),
+            })
+            .collect();
+        let r = parent.next_req();
+        let msg = ToExecutor::Branch {
+            req: r,
+            targets,
+            same_seed: req.same_seed,
+            force: req.force,
+        };
+        let outcomes = match one(&parent, msg, r, &[]).await? {
+            (FromExecutor::Branched { error: Some(e), .. }, _) => {
+                return Err(error(ErrorCode::InvalidRequest, e))
+            }
+            (FromExecutor::Branched { outcomes, .. }, _) => outcomes,
+            _ => return Err(unexpected("session_branch")),
+        };
+        for ((branch, _, _), outcome) in made.iter().zip(&outcomes) {
+            if let Some(e) = &outcome.error {
+                return Err(error(
+                    ErrorCode::SpawnFailed,
+                    format!(
+                        "the copy of the interpreter did not reach branch {}: {e}",
+                        branch.id
+                    ),
+                ));
+            }
+            adopt(branch, &parent).await?;
+        }
+        if outcomes.len() != made.len() {
+            return Err(unexpected("session_branch"));
+        }
+        Ok::<_, ErrorReply>(())
+    }
+    .await;
+    if let Err(e) = result {
+        for (branch, _, _) in &made {
+            branch.kill(SessionEnd::Killed);
+        }
+        return Err(e);
+    }
+    for (branch, _, _) in &made {
+        tracing::info!(session = %branch.id, parent = %parent.id, "session branched");
+    }
+    Ok(made.iter().map(|(b, _, _)| b.info()).collect())
+}
+
+/// The parent's remaining lifetime (a branch gets the same).
+fn lock_life_deadline(parent: &Session) -> Duration {
+    let info = parent.info();
+    Duration::from_millis(info.ttl_left_ms.max(1))
+}
+
+/// One branch session whose executor waits for the copy: returns it, where
+/// its namespaces are shown to the parent, and where its channels are.
+async fn make_branch(
+    sessions: &Arc<Sessions>,
+    parent: &Arc<Session>,
+    parent_uid: u32,
+    req: &forkd_ipc::SessionBranch,
+    peer: &crate::audit::Peer,
+    allow_net: &[String],
+    ttl: Duration,
+) -> Result<(Arc<Session>, String, String), ErrorReply> {
+    let state = &sessions.state;
+    let mut plan = plan_for(parent.policy.clone(), &parent.limits);
+    plan.branch = Some(forkd_zygote::spec::BranchOf {
+        parent_pid: parent.pid,
+        parent_uid,
+    });
+    let zygote = state
+        .pool
+        .get(&parent.zygote)
+        .await
+        .map_err(crate::sandbox::pool_error)?;
+    let child = forkd_pool::prepare_branch(&zygote, &state.cgroups, state.next_sandbox_id(), plan)
+        .await
+        .map_err(crate::sandbox::prepare_error)?;
+    let egress = if allow_net.is_empty() {
+        None
+    } else {
+        let allow = state.network.admit(allow_net, &parent.zygote)?;
+        match allow {
+            Some(allow) => Some(state.network.attach(child.pidfd.as_fd(), allow).await?),
+            None => None,
+        }
+    };
+    let dir = format!("/tmp/.forkd-branch-{}", super::new_id());
+    let mut job = parent.job.clone();
+    if let Some(s) = job.session.as_mut() {
+        s.adopt = Some(dir.clone());
+    }
+    let helper = child.pid;
+    let session = start_session(
+        sessions,
+        child,
+        job,
+        NewSession {
+            owner: parent.owner,
+            peer: *peer,
+            zygote: parent.zygote.clone(),
+            policy: parent.policy.clone(),
+            labels: req.labels.clone().unwrap_or_else(|| parent.labels.clone()),
+            limits: parent.limits.clone(),
+            warm: false,
+            idle_timeout: parent.idle_timeout,
+            ttl,
+            egress,
+            allow_net: allow_net.to_vec(),
+            workspace: None,
+            parent: Some(parent.id.clone()),
+        },
+    )
+    .await?;
+    let ns = forkd_zygote::branch::exposed_dir(helper);
+    Ok((session, ns, dir))
+}
+
+/// Copies the parent's scratch (`/tmp` and `/dev/shm`) into the branch's.
+async fn copy_scratch(parent_pid: i32, helper: i32) -> Result<(), ErrorReply> {
+    let (init, _) =
+        crate::branch_copy::init_pids(helper).map_err(|e| internal("branch init", e))?;
+    tokio::task::spawn_blocking(move || crate::branch_copy::copy_scratch(parent_pid, init))
+        .await
+        .map_err(|e| internal("scratch copy", std::io::Error::other(e.to_string())))?
+        .map_err(|e| {
+            error(
+                ErrorCode::SpawnFailed,
+                format!("cannot copy the session's scratch into the branch: {e}"),
+            )
+        })
+}
+
+/// Waits for the branch's executor to adopt the copy, then moves the copy
+/// into the branch's cgroup and checks it from outside: the branch's
+/// namespaces, uid and cgroup, no capabilities.
+async fn adopt(branch: &Arc<Session>, parent: &Session) -> Result<(), ErrorReply> {
+    let r = branch.next_req();
+    let pid = match tokio::time::timeout(
+        ADOPT_TIMEOUT,
+        one(branch, ToExecutor::Adopt { req: r }, r, &[]),
+    )
+    .await
+    {
+        Ok(Ok((FromExecutor::Adopted { pid, .. }, _))) => pid,
+        Ok(Ok(_)) => return Err(unexpected("adopt")),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(error(
+                ErrorCode::SpawnFailed,
+                format!(
+                    "the copy of the interpreter did not arrive in branch {} within {} s",
+                    branch.id,
+                    ADOPT_TIMEOUT.as_secs()
+                ),
+            ))
+        }
+    };
+    let helper = branch.pid;
+    let procs = parent.cgroup_procs();
+    let to = branch.cgroup_procs();
+    tokio::task::spawn_blocking(move || crate::branch_copy::settle_copy(helper, pid, &procs, &to))
+        .await
+        .map_err(|e| internal("branch check", std::io::Error::other(e.to_string())))?
+        .map_err(|e| {
+            error(
+                ErrorCode::SpawnFailed,
+                format!("the copy of the interpreter failed its check: {e}"),
+            )
+        })
 }
 
 /// Kills a child that never became a session.
@@ -748,6 +1037,12 @@ pub async fn serve(
             B::SessionSetNetwork(n) => {
                 let s = sessions.get(&n.session, uid)?;
                 ResponseBody::Session(set_network(&sessions, &s, n.allow_net).await?)
+            }
+            B::SessionBranch(b) => {
+                let s = sessions.usable(&b.session, uid)?;
+                ResponseBody::Sessions {
+                    sessions: branch(&sessions, s, b, peer).await?,
+                }
             }
             B::RunCode(rc) => {
                 let s = sessions.usable(&rc.session, uid)?;
