@@ -1016,6 +1016,10 @@ class Executor:
         self.cwd = cfg["cwd"]
         self.poller = select.poll()
         self.handlers = {}
+        # Descriptors closed while a batch of poll events is handled: a later
+        # event of the batch may name the same number, reused by a new pipe
+        # (a replaced interpreter's), which must not be read on its behalf.
+        self.closed = set()
         self.inbuf = bytearray()
         self.daemon_read = SMALL_READ
         self.kernel_read = SMALL_READ
@@ -1044,6 +1048,7 @@ class Executor:
         descriptor number must never be closed twice)."""
         if self.handlers.pop(fd, None) is None:
             return
+        self.closed.add(fd)
         self.poller.unregister(fd)
         try:
             os.close(fd)
@@ -1069,9 +1074,10 @@ class Executor:
                 events = self.poller.poll(timeout)
             except InterruptedError:
                 events = []
+            self.closed.clear()
             for fd, _ in events:
                 handler = self.handlers.get(fd)
-                if handler is not None:
+                if handler is not None and fd not in self.closed:
                     handler(fd)
             if self.escalation_pending() and time.monotonic() >= self.cell.interrupted_at + self.grace:
                 # The cell ignored SIGINT: the interpreter goes, its state with it.
@@ -1255,6 +1261,8 @@ class Executor:
         err_r, err_w = os.pipe()
         cell_r, cell_w = os.pipe()
         res_r, res_w = os.pipe()
+        # Read only when poll says so, but never able to block the executor.
+        os.set_blocking(res_r, False)
         pid = os.fork()
         if pid == 0:
             try:
@@ -1304,6 +1312,14 @@ class Executor:
         except (BlockingIOError, InterruptedError):
             return
         self.kernel_read = read_size(len(data), self.kernel_read)
+        if self.kernel is not None and self.kernel.get("killed"):
+            # Killed for a reason: nothing more it says counts (its cell
+            # ends as KernelDied when it is reaped).
+            self.kernel_buf.clear()
+            if not data:
+                self.unwatch(fd)
+                self.kernel["res_r"] = None
+            return
         if not data:
             self.unwatch(fd)
             if self.kernel is not None:
@@ -1373,7 +1389,10 @@ class Executor:
             return False
 
     def next_cell(self):
-        if self.cell is not None or not self.queue or self.kernel is None or self.kernel["pid"] is None:
+        # A killed interpreter gets nothing more: the next cell waits for
+        # its replacement (kernel_died).
+        if (self.cell is not None or not self.queue or self.kernel is None
+                or self.kernel["pid"] is None or self.kernel.get("killed")):
             return
         req, code = self.queue.popleft()
         self.cell = Running(req)
@@ -1533,6 +1552,7 @@ class Executor:
         for st in streams:
             self.forward(st, running)
             self.handlers.pop(st.fd, None)
+            self.closed.add(st.fd)  # closed below, with the Popen's pipes
             try:
                 self.poller.unregister(st.fd)
             except KeyError:
