@@ -35,7 +35,7 @@ pub(crate) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> 
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, rename_all = "camelCase")]
 pub(crate) struct NewSandbox {
     #[serde(rename = "templateID")]
@@ -45,7 +45,7 @@ pub(crate) struct NewSandbox {
     env_vars: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub(crate) struct TimeoutBody {
     timeout: Option<u64>,
@@ -71,7 +71,7 @@ impl Gateway {
         let token = self.tokens.token(&info.session, tenant);
         json!({
             "templateID": template_of(info),
-            "sandboxID": info.session,
+            "sandboxID": self.peers.external_id(&info.session),
             "clientID": "forkd",
             "envdVersion": ENVD_VERSION,
             "envdAccessToken": token,
@@ -89,7 +89,7 @@ fn template_of(info: &SessionInfo) -> String {
 }
 
 /// `ListedSandbox` / `SandboxDetail` fields.
-fn listed(info: &SessionInfo) -> Value {
+fn listed(gw: &Gateway, info: &SessionInfo) -> Value {
     let now = time::now_ms();
     let started = now - i64::try_from(info.age_ms).unwrap_or(0);
     let end = now + i64::try_from(info.ttl_left_ms).unwrap_or(0);
@@ -100,7 +100,7 @@ fn listed(info: &SessionInfo) -> Value {
     json!({
         "templateID": template_of(info),
         "alias": info.zygote,
-        "sandboxID": info.session,
+        "sandboxID": gw.peers.external_id(&info.session),
         "clientID": "forkd",
         "startedAt": time::rfc3339_ms(started),
         "endAt": time::rfc3339_ms(end),
@@ -113,6 +113,13 @@ fn listed(info: &SessionInfo) -> Value {
     })
 }
 
+#[utoipa::path(post, path = "/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    request_body = NewSandbox,
+    responses(
+        (status = 201, description = "Created: E2B's `Sandbox` model (templateID, sandboxID, clientID, envdVersion, envdAccessToken, trafficAccessToken, domain)", body = Object),
+        (status = 400, description = "Malformed body or missing templateID", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No zygote for this template", body = crate::openapi::ErrorBody), (status = 429, description = "The tenant holds its quota of sandboxes", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn create(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -227,6 +234,15 @@ fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
     out
 }
 
+#[utoipa::path(get, path = "/v2/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    params(
+        ("metadata" = Option<String>, Query, description = "URL-encoded `k=v&k2=v2` metadata filter"),
+        ("state" = Option<String>, Query, description = "`running`, `paused` or both, comma separated")
+    ),
+    responses(
+        (status = 200, description = "This node's sandboxes of the tenant: E2B's `ListedSandbox` models", body = Vec<Object>),
+        (status = 400, description = "Malformed query", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn list(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -255,18 +271,23 @@ pub(crate) async fn list(
             };
             states.as_ref().map_or(true, |v| v.iter().any(|x| x == st))
         })
-        .map(listed)
+        .map(|s| listed(&gw, s))
         .collect();
     Ok(Json(out))
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 200, description = "E2B's `SandboxDetail` model", body = Object),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn info(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let info = gw.owned(&tenant, &id, "sandbox").await?;
-    let mut v = listed(&info);
+    let mut v = listed(&gw, &info);
     v["envdAccessToken"] = json!(gw.tokens.token(&info.session, &tenant));
     v["domain"] = Value::Null;
     Ok(Json(v))
@@ -274,6 +295,11 @@ pub(crate) async fn info(
 
 /// One metrics sample, now: memory from the cgroup, CPU averaged over the
 /// sandbox's life (forkd keeps no history), disk as the scratch quota.
+#[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 200, description = "One `SandboxMetric` sample, now", body = Vec<Object>),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn metrics(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -288,7 +314,7 @@ pub(crate) async fn metrics(
     Ok(Json(vec![json!({
         "timestamp": time::rfc3339_ms(now),
         "timestampUnix": now / 1000,
-        "cpuCount": listed(&info)["cpuCount"],
+        "cpuCount": listed(&gw, &info)["cpuCount"],
         "cpuUsedPct": (pct * 100.0).round() / 100.0,
         "memUsed": info.usage.memory_bytes,
         "memTotal": info.limits.memory_bytes,
@@ -315,6 +341,11 @@ impl Gateway {
     }
 }
 
+#[utoipa::path(delete, path = "/sandboxes/{id}", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 204, description = "Killed, with its code contexts"),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn kill(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -332,6 +363,12 @@ pub(crate) async fn kill(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/timeout", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 204, description = "The sandbox now ends `timeout` seconds from now"),
+        (status = 400, description = "Malformed body or no timeout", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn set_timeout(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -350,6 +387,11 @@ pub(crate) async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 204, description = "Paused (frozen; its timeout stops)"),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 409, description = "Already paused", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn pause(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -400,6 +442,13 @@ async fn wake(
     Ok((status, Json(gw.sandbox_json(&info))).into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 200, description = "Running already: E2B's `Sandbox` model with a fresh access token", body = Object),
+        (status = 201, description = "Was paused, resumed: E2B's `Sandbox` model", body = Object),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn connect(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -410,6 +459,12 @@ pub(crate) async fn connect(
     wake(&gw, &tenant, &id, t, false).await
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 201, description = "Resumed: E2B's `Sandbox` model", body = Object),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 409, description = "Not paused", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn resume(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -434,4 +489,59 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!(percent_decode("%zz%4", false), "%zz%4");
     }
+}
+
+/// `POST /v2/sandboxes`: [`create`] under the v2 path.
+#[utoipa::path(post, path = "/v2/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    request_body = NewSandbox,
+    responses(
+        (status = 201, description = "Created: E2B's `Sandbox` model", body = Object),
+        (status = 400, description = "Malformed body or missing templateID", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
+    ))]
+pub(crate) async fn create_v2(
+    gw: State<Arc<Gateway>>,
+    tenant: Tenant,
+    b: Result<Json<NewSandbox>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    create(gw, tenant, b).await
+}
+
+/// `GET /sandboxes`: [`list`] under the v1 path.
+#[utoipa::path(get, path = "/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    params(
+        ("metadata" = Option<String>, Query, description = "URL-encoded `k=v&k2=v2` metadata filter"),
+        ("state" = Option<String>, Query, description = "`running`, `paused` or both, comma separated")
+    ),
+    responses(
+        (status = 200, description = "This node's sandboxes of the tenant", body = Vec<Object>),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
+    ))]
+pub(crate) async fn list_v1(
+    gw: State<Arc<Gateway>>,
+    tenant: Tenant,
+    raw: RawQuery,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    list(gw, tenant, raw, q).await
+}
+
+/// `POST /v2/sandboxes/{id}/connect`: [`connect`] under the v2 path.
+#[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "control", security(("ApiKeyAuth" = [])),
+    params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 200, description = "Running already: E2B's `Sandbox` model", body = Object),
+        (status = 201, description = "Was paused, resumed", body = Object),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such sandbox of this tenant", body = crate::openapi::ErrorBody),
+        (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
+pub(crate) async fn connect_v2(
+    gw: State<Arc<Gateway>>,
+    tenant: Tenant,
+    id: Path<String>,
+    b: Result<Json<TimeoutBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    connect(gw, tenant, id, b).await
 }
