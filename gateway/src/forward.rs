@@ -88,8 +88,13 @@ pub fn node_name(raw: &str) -> Option<String> {
     ok.then_some(n)
 }
 
-/// This machine's host name as a node name (first label), or `node`.
+/// The node name when none is configured: `$FORKD_NODE` (e.g. a pod's IP
+/// from the Kubernetes downward API; dots become '-'), else this machine's
+/// host name (its first label), else `node`.
 pub fn default_node() -> String {
+    if let Some(n) = std::env::var("FORKD_NODE").ok().and_then(|n| node_name(&n)) {
+        return n;
+    }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .and_then(|h| h.trim().split('.').next().and_then(node_name))
