@@ -307,6 +307,8 @@ pub(crate) async fn forward(
     }
     let here = peers.node().unwrap_or("(unnamed)");
     if let Some(from) = req.headers().get(FORWARDED_HEADER) {
+        gw.metrics
+            .forward("loop", StatusCode::LOOP_DETECTED.as_u16());
         return ApiError::new(
             StatusCode::LOOP_DETECTED,
             format!(
@@ -318,6 +320,8 @@ pub(crate) async fn forward(
         .into_response();
     }
     let Some(base) = peers.url_of(node) else {
+        gw.metrics
+            .forward("unknown_node", StatusCode::BAD_GATEWAY.as_u16());
         return ApiError::new(
             StatusCode::BAD_GATEWAY,
             format!(
@@ -336,11 +340,13 @@ pub(crate) async fn forward(
     parts.uri = match format!("{base}{pq}").parse() {
         Ok(u) => u,
         Err(e) => {
+            gw.metrics
+                .forward("unreachable", StatusCode::BAD_GATEWAY.as_u16());
             return ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 format!("cannot forward to node {node} at {base}: {e}"),
             )
-            .into_response()
+            .into_response();
         }
     };
     strip_hop_by_hop(&mut parts.headers);
@@ -350,6 +356,7 @@ pub(crate) async fn forward(
     tracing::debug!(sandbox = %id, node, %base, "gateway: forwarding");
     match peers.client.request(Request::from_parts(parts, body)).await {
         Ok(resp) => {
+            gw.metrics.forward("forwarded", resp.status().as_u16());
             let (mut p, b) = resp.into_parts();
             strip_hop_by_hop(&mut p.headers);
             Response::from_parts(p, Body::new(b))
@@ -361,6 +368,8 @@ pub(crate) async fn forward(
                 "failed"
             };
             tracing::warn!(sandbox = %id, node, %base, "gateway: forward {what}: {}", chain(&e));
+            gw.metrics
+                .forward("unreachable", StatusCode::BAD_GATEWAY.as_u16());
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 format!(

@@ -17,6 +17,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends `GET path` with `headers`; (status, body as JSON).
 async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
+    let (status, body) = get_text(addr, path, headers).await;
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (status, json)
+}
+
+/// Sends `GET path` with `headers`; (status, body).
+async fn get_text(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -32,8 +39,7 @@ async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, se
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"));
-    (status, json)
+    (status, body.to_owned())
 }
 
 async fn gateway(
@@ -41,7 +47,10 @@ async fn gateway(
     node: &str,
     listener: tokio::net::TcpListener,
     peers: &[(&str, String)],
-) -> tokio::sync::oneshot::Sender<()> {
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::sync::Arc<forkd_gateway::Gateway>,
+) {
     // Each node's daemon socket is absent: a request served here gets 502
     // "daemon" from this node, after the key check.
     let mut opts = forkd_gateway::Options::new(dir.join(format!("{node}.sock")));
@@ -53,10 +62,10 @@ async fn gateway(
         .collect::<BTreeMap<_, _>>();
     let gw = forkd_gateway::Gateway::new(opts).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(forkd_gateway::serve(gw, listener, async {
+    tokio::spawn(forkd_gateway::serve(gw.clone(), listener, async {
         let _ = stopped.await;
     }));
-    stop
+    (stop, gw)
 }
 
 #[tokio::test]
@@ -70,14 +79,14 @@ async fn a_request_reaches_the_node_in_the_sandbox_id_and_bad_routes_fail_clearl
     let (a, b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
     let down_url = format!("http://{}", down.local_addr().unwrap());
     drop(down);
-    let _sa = gateway(
+    let (_sa, _) = gateway(
         dir.path(),
         "node-a",
         la,
         &[("node-b", format!("http://{b}"))],
     )
     .await;
-    let _sb = gateway(
+    let (_sb, gw_b) = gateway(
         dir.path(),
         "node-b",
         lb,
