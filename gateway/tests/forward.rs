@@ -166,4 +166,21 @@ async fn a_request_reaches_the_node_in_the_sandbox_id_and_bad_routes_fail_clearl
         body["message"].as_str().unwrap().contains("disagree"),
         "{body}"
     );
+
+    // B counted its forwards by outcome (A's 508 is A's).
+    let ml = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let maddr = ml.local_addr().unwrap();
+    tokio::spawn(forkd_gateway::serve_router(
+        ml,
+        forkd_gateway::metrics_router(gw_b),
+    ));
+    let (_, text) = get_text(maddr, "/metrics", &[]).await;
+    for want in [
+        r#"forkd_gateway_forwards_total{outcome="forwarded",status="401"} 1"#,
+        r#"forkd_gateway_forwards_total{outcome="forwarded",status="502"} 2"#,
+        r#"forkd_gateway_forwards_total{outcome="unknown_node",status="502"} 1"#,
+        r#"forkd_gateway_forwards_total{outcome="unreachable",status="502"} 1"#,
+    ] {
+        assert!(text.contains(want), "metrics lack {want}:\n{text}");
+    }
 }
