@@ -11,8 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use forkd_ipc::{SessionCreate, SessionInfo, SessionState};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::{labels, metadata_of, time, Gateway, Tenant, ENVD_VERSION};
@@ -66,19 +65,116 @@ impl Gateway {
     }
 
     /// What `create` and `connect` answer: the SDK's `Sandbox` model.
-    pub(crate) fn sandbox_json(&self, info: &SessionInfo) -> Value {
+    pub(crate) fn sandbox_json(&self, info: &SessionInfo) -> SandboxModel {
         let tenant = info.labels.get(labels::TENANT).map_or("", String::as_str);
         let token = self.tokens.token(&info.session, tenant);
-        json!({
-            "templateID": template_of(info),
-            "sandboxID": self.peers.external_id(&info.session),
-            "clientID": "forkd",
-            "envdVersion": ENVD_VERSION,
-            "envdAccessToken": token,
-            "trafficAccessToken": token,
-            "domain": null,
-        })
+        SandboxModel {
+            template_id: template_of(info),
+            sandbox_id: self.peers.external_id(&info.session),
+            client_id: CLIENT_ID.into(),
+            envd_version: ENVD_VERSION.into(),
+            envd_access_token: token.clone(),
+            traffic_access_token: token,
+            domain: None,
+        }
     }
+}
+
+/// The `clientID` of every sandbox.
+const CLIENT_ID: &str = "forkd";
+
+/// E2B's `Sandbox` model: what create, connect and resume answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SandboxModel {
+    /// The template it was created from.
+    #[serde(rename = "templateID")]
+    template_id: String,
+    /// Its id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name).
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    /// Always `forkd`.
+    #[serde(rename = "clientID")]
+    client_id: String,
+    /// The envd version whose features the gateway serves.
+    envd_version: String,
+    /// The sandbox's access token (send it as `X-Access-Token`).
+    envd_access_token: String,
+    /// The same token, for `E2B-Traffic-Access-Token`.
+    traffic_access_token: String,
+    /// Always null: sandboxes are reached through the gateway's address.
+    domain: Option<String>,
+}
+
+/// E2B's `ListedSandbox` model.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ListedSandbox {
+    /// The template it was created from.
+    #[serde(rename = "templateID")]
+    template_id: String,
+    /// The zygote that serves it.
+    alias: String,
+    /// Its id.
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    /// Always `forkd`.
+    #[serde(rename = "clientID")]
+    client_id: String,
+    /// RFC 3339.
+    started_at: String,
+    /// When its timeout ends it, RFC 3339.
+    end_at: String,
+    /// The cgroup CPU quota rounded up.
+    cpu_count: u64,
+    /// The memory limit.
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    /// The scratch quota.
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    /// `running` or `paused`.
+    state: String,
+    /// The envd version whose features the gateway serves.
+    envd_version: String,
+    /// The metadata given at create.
+    metadata: BTreeMap<String, String>,
+}
+
+/// E2B's `SandboxDetail` model: a listed sandbox with its access token.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SandboxDetail {
+    #[serde(flatten)]
+    listed: ListedSandbox,
+    /// The sandbox's access token.
+    envd_access_token: String,
+    /// Always null.
+    domain: Option<String>,
+}
+
+/// E2B's `SandboxMetric` model: one sample.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SandboxMetric {
+    /// RFC 3339.
+    timestamp: String,
+    /// Seconds since the epoch.
+    timestamp_unix: i64,
+    /// As in `ListedSandbox`.
+    cpu_count: u64,
+    /// CPU use averaged over the sandbox's life, percent of its quota.
+    cpu_used_pct: f64,
+    /// Memory in use now (its cgroup), bytes.
+    mem_used: u64,
+    /// The memory limit, bytes.
+    mem_total: u64,
+    /// Always 0.
+    mem_cache: u64,
+    /// Always 0 (not measured).
+    disk_used: u64,
+    /// The scratch quota, bytes.
+    disk_total: u64,
 }
 
 fn template_of(info: &SessionInfo) -> String {
@@ -89,7 +185,7 @@ fn template_of(info: &SessionInfo) -> String {
 }
 
 /// `ListedSandbox` / `SandboxDetail` fields.
-fn listed(gw: &Gateway, info: &SessionInfo) -> Value {
+fn listed(gw: &Gateway, info: &SessionInfo) -> ListedSandbox {
     let now = time::now_ms();
     let started = now - i64::try_from(info.age_ms).unwrap_or(0);
     let end = now + i64::try_from(info.ttl_left_ms).unwrap_or(0);
@@ -97,26 +193,31 @@ fn listed(gw: &Gateway, info: &SessionInfo) -> Value {
     let cpus = (1..=1024u64)
         .find(|n| *n as f64 >= info.limits.cpus)
         .unwrap_or(1);
-    json!({
-        "templateID": template_of(info),
-        "alias": info.zygote,
-        "sandboxID": gw.peers.external_id(&info.session),
-        "clientID": "forkd",
-        "startedAt": time::rfc3339_ms(started),
-        "endAt": time::rfc3339_ms(end),
-        "cpuCount": cpus,
-        "memoryMB": info.limits.memory_bytes >> 20,
-        "diskSizeMB": info.limits.scratch_bytes >> 20,
-        "state": if info.state == SessionState::Paused { "paused" } else { "running" },
-        "envdVersion": ENVD_VERSION,
-        "metadata": metadata_of(&info.labels),
-    })
+    ListedSandbox {
+        template_id: template_of(info),
+        alias: info.zygote.clone(),
+        sandbox_id: gw.peers.external_id(&info.session),
+        client_id: CLIENT_ID.into(),
+        started_at: time::rfc3339_ms(started),
+        end_at: time::rfc3339_ms(end),
+        cpu_count: cpus,
+        memory_mb: info.limits.memory_bytes >> 20,
+        disk_size_mb: info.limits.scratch_bytes >> 20,
+        state: if info.state == SessionState::Paused {
+            "paused"
+        } else {
+            "running"
+        }
+        .into(),
+        envd_version: ENVD_VERSION.into(),
+        metadata: metadata_of(&info.labels),
+    }
 }
 
 #[utoipa::path(post, path = "/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
     request_body = NewSandbox,
     responses(
-        (status = 201, description = "Created: E2B's `Sandbox` model (templateID, sandboxID, clientID, envdVersion, envdAccessToken, trafficAccessToken, domain)", body = Object),
+        (status = 201, description = "Created", body = SandboxModel),
         (status = 400, description = "Malformed body or missing templateID", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody),
         (status = 404, description = "No zygote for this template", body = crate::openapi::ErrorBody), (status = 429, description = "The tenant holds its quota of sandboxes", body = crate::openapi::ErrorBody)
     ))]
@@ -240,7 +341,7 @@ fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
         ("state" = Option<String>, Query, description = "`running`, `paused` or both, comma separated")
     ),
     responses(
-        (status = 200, description = "This node's sandboxes of the tenant: E2B's `ListedSandbox` models", body = Vec<Object>),
+        (status = 200, description = "This node's sandboxes of the tenant", body = Vec<ListedSandbox>),
         (status = 400, description = "Malformed query", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn list(
@@ -248,7 +349,7 @@ pub(crate) async fn list(
     Tenant(tenant): Tenant,
     RawQuery(raw): RawQuery,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<ListedSandbox>>, ApiError> {
     let Ok(Query(q)) = q else {
         return Err(ApiError::bad_request("malformed query string"));
     };
@@ -278,50 +379,51 @@ pub(crate) async fn list(
 
 #[utoipa::path(get, path = "/sandboxes/{id}", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
     responses(
-        (status = 200, description = "E2B's `SandboxDetail` model", body = Object),
+        (status = 200, description = "The sandbox", body = SandboxDetail),
         (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn info(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SandboxDetail>, ApiError> {
     let info = gw.owned(&tenant, &id, "sandbox").await?;
-    let mut v = listed(&gw, &info);
-    v["envdAccessToken"] = json!(gw.tokens.token(&info.session, &tenant));
-    v["domain"] = Value::Null;
-    Ok(Json(v))
+    Ok(Json(SandboxDetail {
+        listed: listed(&gw, &info),
+        envd_access_token: gw.tokens.token(&info.session, &tenant),
+        domain: None,
+    }))
 }
 
 /// One metrics sample, now: memory from the cgroup, CPU averaged over the
 /// sandbox's life (forkd keeps no history), disk as the scratch quota.
 #[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
     responses(
-        (status = 200, description = "One `SandboxMetric` sample, now", body = Vec<Object>),
+        (status = 200, description = "One sample, now", body = Vec<SandboxMetric>),
         (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn metrics(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<SandboxMetric>>, ApiError> {
     let info = gw.owned(&tenant, &id, "sandbox").await?;
     let now = time::now_ms();
     let cpu_us = info.usage.cpu_user_us + info.usage.cpu_system_us;
     let life_us = info.age_ms.max(1) * 1000;
     let cpus = info.limits.cpus.max(0.01);
     let pct = cpu_us as f64 / life_us as f64 * 100.0 / cpus;
-    Ok(Json(vec![json!({
-        "timestamp": time::rfc3339_ms(now),
-        "timestampUnix": now / 1000,
-        "cpuCount": listed(&gw, &info)["cpuCount"],
-        "cpuUsedPct": (pct * 100.0).round() / 100.0,
-        "memUsed": info.usage.memory_bytes,
-        "memTotal": info.limits.memory_bytes,
-        "memCache": 0,
-        "diskUsed": 0,
-        "diskTotal": info.limits.scratch_bytes,
-    })]))
+    Ok(Json(vec![SandboxMetric {
+        timestamp: time::rfc3339_ms(now),
+        timestamp_unix: now / 1000,
+        cpu_count: listed(&gw, &info).cpu_count,
+        cpu_used_pct: (pct * 100.0).round() / 100.0,
+        mem_used: info.usage.memory_bytes,
+        mem_total: info.limits.memory_bytes,
+        mem_cache: 0,
+        disk_used: 0,
+        disk_total: info.limits.scratch_bytes,
+    }]))
 }
 
 impl Gateway {
@@ -445,8 +547,8 @@ async fn wake(
 #[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
     request_body = TimeoutBody,
     responses(
-        (status = 200, description = "Running already: E2B's `Sandbox` model with a fresh access token", body = Object),
-        (status = 201, description = "Was paused, resumed: E2B's `Sandbox` model", body = Object),
+        (status = 200, description = "Running already", body = SandboxModel),
+        (status = 201, description = "Was paused, resumed", body = SandboxModel),
         (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn connect(
@@ -462,7 +564,7 @@ pub(crate) async fn connect(
 #[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
     request_body = TimeoutBody,
     responses(
-        (status = 201, description = "Resumed: E2B's `Sandbox` model", body = Object),
+        (status = 201, description = "Resumed", body = SandboxModel),
         (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 409, description = "Not paused", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn resume(
@@ -495,7 +597,7 @@ mod tests {
 #[utoipa::path(post, path = "/v2/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
     request_body = NewSandbox,
     responses(
-        (status = 201, description = "Created: E2B's `Sandbox` model", body = Object),
+        (status = 201, description = "Created", body = SandboxModel),
         (status = 400, description = "Malformed body or missing templateID", body = crate::openapi::ErrorBody),
         (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
     ))]
@@ -514,7 +616,7 @@ pub(crate) async fn create_v2(
         ("state" = Option<String>, Query, description = "`running`, `paused` or both, comma separated")
     ),
     responses(
-        (status = 200, description = "This node's sandboxes of the tenant", body = Vec<Object>),
+        (status = 200, description = "This node's sandboxes of the tenant", body = Vec<ListedSandbox>),
         (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn list_v1(
@@ -522,7 +624,7 @@ pub(crate) async fn list_v1(
     tenant: Tenant,
     raw: RawQuery,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<ListedSandbox>>, ApiError> {
     list(gw, tenant, raw, q).await
 }
 
@@ -531,8 +633,8 @@ pub(crate) async fn list_v1(
     params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
     request_body = TimeoutBody,
     responses(
-        (status = 200, description = "Running already: E2B's `Sandbox` model", body = Object),
-        (status = 201, description = "Was paused, resumed", body = Object),
+        (status = 200, description = "Running already", body = SandboxModel),
+        (status = 201, description = "Was paused, resumed", body = SandboxModel),
         (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody),
         (status = 404, description = "No such sandbox of this tenant", body = crate::openapi::ErrorBody),
         (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)

@@ -372,8 +372,23 @@ async fn run_quietly(c: &forkd_ipc::AsyncClient, session: &str, code: &str) {
     }
 }
 
-fn context_json(id: &str, cwd: &str) -> Value {
-    json!({"id": id, "language": "python", "cwd": cwd})
+/// A code context as the SDK reads it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct Context {
+    /// Its id (the sandbox's own id for the default context).
+    id: String,
+    /// Always `python`.
+    language: String,
+    /// Its working directory.
+    cwd: String,
+}
+
+fn context_json(id: &str, cwd: &str) -> Context {
+    Context {
+        id: id.to_owned(),
+        language: "python".to_owned(),
+        cwd: cwd.to_owned(),
+    }
 }
 
 /// The sandbox's working directory (the session's).
@@ -455,14 +470,14 @@ fn fresh_id() -> Result<String, ApiError> {
 #[utoipa::path(post, path = "/contexts", tag = "interpreter", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])), params(("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
     request_body = CreateContext,
     responses(
-        (status = 200, description = "The context: id, language, cwd", body = Object),
+        (status = 200, description = "The new context", body = Context),
         (status = 400, description = "Malformed body or a language other than Python", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn create_context(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
     b: Result<Json<CreateContext>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Context>, ApiError> {
     let req = body(b)?;
     check_language(req.language.as_deref())?;
     let parent = parent_info(&gw, &sb.id).await?;
@@ -475,13 +490,13 @@ pub(crate) async fn create_context(
 
 #[utoipa::path(get, path = "/contexts", tag = "interpreter", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])), params(("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
     responses(
-        (status = 200, description = "The sandbox's contexts: id, language, cwd", body = Vec<Object>),
+        (status = 200, description = "The sandbox's contexts, the default one first", body = Vec<Context>),
         (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
     ))]
 pub(crate) async fn list_contexts(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<Context>>, ApiError> {
     parent_info(&gw, &sb.id).await?;
     let tenant = &sb.tenant;
     let mut out = vec![context_json(&sb.id, DEFAULT_CWD)];
