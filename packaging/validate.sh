@@ -41,6 +41,35 @@ docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") 
 assert len(docs) == 1, "daemonset.yaml must hold exactly one ConfigMap"
 open(sys.argv[2], "w").write(docs[0]["data"]["forkd.toml"])
 PY
+# The multi-node wiring (docs/e2b.md, "Several nodes"): both Services select
+# the DaemonSet's pods, the peer Service is headless and [http] peer_url names
+# it, and each pod's node name is its IP.
+"$venv/bin/python" - packaging/kubernetes/daemonset.yaml "$tmp/configmap-forkd.toml" <<'PY'
+import sys, tomllib, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+ds = next(d for d in docs if d["kind"] == "DaemonSet")
+pod = ds["spec"]["template"]
+labels = pod["metadata"]["labels"]
+svcs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+assert set(svcs) == {"forkd-e2b", "forkd-gateway-peers"}, sorted(svcs)
+for name, svc in svcs.items():
+    sel = svc["spec"]["selector"]
+    assert all(labels.get(k) == v for k, v in sel.items()), f"Service {name} selects no forkd pod"
+    assert svc["metadata"]["namespace"] == ds["metadata"]["namespace"]
+assert svcs["forkd-gateway-peers"]["spec"].get("clusterIP") == "None", "the peer Service must be headless"
+http = tomllib.load(open(sys.argv[2], "rb"))["http"]
+ns = ds["metadata"]["namespace"]
+port = svcs["forkd-gateway-peers"]["spec"]["ports"][0]["port"]
+assert http["peer_url"] == f"http://{{node}}.forkd-gateway-peers.{ns}.svc.cluster.local:{port}", http["peer_url"]
+assert http["listen"].endswith(f":{port}")
+c = pod["spec"]["containers"][0]
+env = {e["name"]: e for e in c["env"]}
+assert env["FORKD_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+assert any(p["containerPort"] == port for p in c["ports"])
+mounts = {m["mountPath"] for m in c["volumeMounts"]}
+assert any(http["api_keys"].startswith(m + "/") for m in mounts), "api_keys is not on a mounted volume"
+PY
+echo "packaging/validate.sh: the gateway's Services, peer address and node name agree"
 cargo build --quiet -p forkd -p forkd-zygote # --check-config also looks for the zygote library
 for config in "$tmp/configmap-forkd.toml" packaging/forkd.toml; do
     target/debug/forkd --check-config --config "$config" >/dev/null

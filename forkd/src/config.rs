@@ -124,6 +124,12 @@ pub struct HttpSection {
     pub max_cells_per_tenant: Option<usize>,
     /// Seconds a client may take to send a request head (default 30).
     pub header_timeout_secs: Option<u64>,
+    /// This node's name in the sandbox ids handed out (default: host name).
+    pub node: Option<String>,
+    /// Other nodes' gateways, `NAME = "http://HOST:PORT"` (docs/e2b.md).
+    pub peers: std::collections::BTreeMap<String, String>,
+    /// Address of a node not in `peers`, with `{node}` in it.
+    pub peer_url: Option<String>,
 }
 
 /// How log lines are written.
@@ -643,6 +649,13 @@ mod tests {
         assert!(Config::from_toml("[http]\nlisten = \"nowhere\"\n").is_err());
         assert!(Config::from_toml("[http]\nlisen = \"127.0.0.1:1\"\n").is_err());
         assert_eq!(Config::default().http.listen, None);
+        let c = Config::from_toml(
+            "[http]\nnode = \"node-a\"\npeer_url = \"http://{node}.p:3000\"\n[http.peers]\nnode-b = \"http://10.0.0.2:3000\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.node.as_deref(), Some("node-a"));
+        assert_eq!(c.http.peers["node-b"], "http://10.0.0.2:3000");
+        assert_eq!(c.http.peer_url.as_deref(), Some("http://{node}.p:3000"));
     }
 
     #[test]

@@ -135,6 +135,13 @@ fn main() -> ExitCode {
     }
     forkd::init_logging(&args.log_level, json_logs);
     if args.check_config {
+        let h = &config.http;
+        if let Err(e) =
+            forkd_gateway::forward::Peers::new(h.node.as_deref(), &h.peers, h.peer_url.as_deref())
+        {
+            eprintln!("forkd: [http]: {e}");
+            return ExitCode::from(2);
+        }
         return match forkd::daemon::preflight(&config) {
             Ok(()) => {
                 println!("configuration OK");
@@ -217,6 +224,13 @@ async fn start_gateway(
     if let Some(secs) = http.header_timeout_secs {
         opts.header_timeout = std::time::Duration::from_secs(secs.max(1));
     }
+    opts.node = Some(
+        http.node
+            .clone()
+            .unwrap_or_else(forkd_gateway::forward::default_node),
+    );
+    opts.peers = http.peers.clone();
+    opts.peer_url = http.peer_url.clone();
     let gw = forkd_gateway::Gateway::new(opts)?;
     let allow_remote = args.http_allow_remote || http.allow_remote;
     let listener = forkd_gateway::bind(&gw, addr, allow_remote).await?;

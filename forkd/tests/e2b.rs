@@ -331,3 +331,108 @@ async fn unmodified_e2b_js_sdk_drives_the_gateway() {
     server.await.unwrap().unwrap();
     d.finish().await;
 }
+
+/// Two nodes on this machine, each a daemon with its gateway (node-a,
+/// node-b, peers of each other; B also knows node-c, where nothing
+/// listens): `tests/e2b/nodes.py` creates a sandbox on A and drives it
+/// through B with the unmodified SDK (code, streamed output, files, a
+/// streamed command, info, kill), and checks the errors for an unknown node,
+/// a node that is down and a second hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_forward_to_the_node_that_holds_the_sandbox() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
+    let Some(py) = install_or_skip("the E2B Python SDKs", None, sdk_python).await else {
+        return;
+    };
+    let (da, db) = (
+        TestDaemon::start(|_| {}).await,
+        TestDaemon::start(|_| {}).await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let key = "tenant-nodes-key-0123456789";
+    std::fs::write(&keys, format!("{key} alice\n")).unwrap();
+    // Ports first: each gateway names the other as its peer.
+    let la = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (url_a, url_b, url_down) = (
+        format!("http://{}", la.local_addr().unwrap()),
+        format!("http://{}", lb.local_addr().unwrap()),
+        format!("http://{}", down.local_addr().unwrap()),
+    );
+    drop(down); // node-c's gateway is down: nothing listens there.
+    let opts = |d: &TestDaemon, node: &str, peers: &[(&str, &str)]| {
+        let mut o = forkd_gateway::Options::new(d.socket.clone());
+        o.api_keys = Some(keys.clone());
+        o.node = Some(node.into());
+        o.peers = peers
+            .iter()
+            .map(|(n, u)| ((*n).to_owned(), (*u).to_owned()))
+            .collect();
+        o
+    };
+    let mut servers = Vec::new();
+    for (l, o) in [
+        (la, opts(&da, "node-a", &[("node-b", &url_b)])),
+        (
+            lb,
+            opts(&db, "node-b", &[("node-a", &url_a), ("node-c", &url_down)]),
+        ),
+    ] {
+        let gw = forkd_gateway::Gateway::new(o).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(forkd_gateway::serve(gw, l, async {
+            let _ = stopped.await;
+        }));
+        servers.push((stop, task));
+    }
+
+    let script = workspace_root().join("forkd/tests/e2b/nodes.py");
+    let mut cmd = tokio::process::Command::new(&py);
+    cmd.arg(&script)
+        .env("E2B_API_KEY", key)
+        .env("FORKD_URL_A", &url_a)
+        .env("FORKD_URL_B", &url_b)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("E2B_API_URL")
+        .env_remove("E2B_SANDBOX_URL")
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .kill_on_drop(true);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("the two-node script finished within 3 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the two-node script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Nothing is left on either node.
+    for d in [&da, &db] {
+        let c = d.client().await;
+        assert!(c.session_list(Default::default()).await.unwrap().is_empty());
+    }
+    for (stop, task) in servers {
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+    da.finish().await;
+    db.finish().await;
+}

@@ -11,8 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use forkd_ipc::{SessionCreate, SessionInfo, SessionState};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::{labels, metadata_of, time, Gateway, Tenant, ENVD_VERSION};
@@ -35,7 +34,7 @@ pub(crate) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> 
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, rename_all = "camelCase")]
 pub(crate) struct NewSandbox {
     #[serde(rename = "templateID")]
@@ -45,7 +44,7 @@ pub(crate) struct NewSandbox {
     env_vars: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub(crate) struct TimeoutBody {
     timeout: Option<u64>,
@@ -66,19 +65,116 @@ impl Gateway {
     }
 
     /// What `create` and `connect` answer: the SDK's `Sandbox` model.
-    pub(crate) fn sandbox_json(&self, info: &SessionInfo) -> Value {
+    pub(crate) fn sandbox_json(&self, info: &SessionInfo) -> SandboxModel {
         let tenant = info.labels.get(labels::TENANT).map_or("", String::as_str);
         let token = self.tokens.token(&info.session, tenant);
-        json!({
-            "templateID": template_of(info),
-            "sandboxID": info.session,
-            "clientID": "forkd",
-            "envdVersion": ENVD_VERSION,
-            "envdAccessToken": token,
-            "trafficAccessToken": token,
-            "domain": null,
-        })
+        SandboxModel {
+            template_id: template_of(info),
+            sandbox_id: self.peers.external_id(&info.session),
+            client_id: CLIENT_ID.into(),
+            envd_version: ENVD_VERSION.into(),
+            envd_access_token: token.clone(),
+            traffic_access_token: token,
+            domain: None,
+        }
     }
+}
+
+/// The `clientID` of every sandbox.
+const CLIENT_ID: &str = "forkd";
+
+/// E2B's `Sandbox` model: what create, connect and resume answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SandboxModel {
+    /// The template it was created from.
+    #[serde(rename = "templateID")]
+    template_id: String,
+    /// Its id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name).
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    /// Always `forkd`.
+    #[serde(rename = "clientID")]
+    client_id: String,
+    /// The envd version whose features the gateway serves.
+    envd_version: String,
+    /// The sandbox's access token (send it as `X-Access-Token`).
+    envd_access_token: String,
+    /// The same token, for `E2B-Traffic-Access-Token`.
+    traffic_access_token: String,
+    /// Always null: sandboxes are reached through the gateway's address.
+    domain: Option<String>,
+}
+
+/// E2B's `ListedSandbox` model.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ListedSandbox {
+    /// The template it was created from.
+    #[serde(rename = "templateID")]
+    template_id: String,
+    /// The zygote that serves it.
+    alias: String,
+    /// Its id.
+    #[serde(rename = "sandboxID")]
+    sandbox_id: String,
+    /// Always `forkd`.
+    #[serde(rename = "clientID")]
+    client_id: String,
+    /// RFC 3339.
+    started_at: String,
+    /// When its timeout ends it, RFC 3339.
+    end_at: String,
+    /// The cgroup CPU quota rounded up.
+    cpu_count: u64,
+    /// The memory limit.
+    #[serde(rename = "memoryMB")]
+    memory_mb: u64,
+    /// The scratch quota.
+    #[serde(rename = "diskSizeMB")]
+    disk_size_mb: u64,
+    /// `running` or `paused`.
+    state: String,
+    /// The envd version whose features the gateway serves.
+    envd_version: String,
+    /// The metadata given at create.
+    metadata: BTreeMap<String, String>,
+}
+
+/// E2B's `SandboxDetail` model: a listed sandbox with its access token.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SandboxDetail {
+    #[serde(flatten)]
+    listed: ListedSandbox,
+    /// The sandbox's access token.
+    envd_access_token: String,
+    /// Always null.
+    domain: Option<String>,
+}
+
+/// E2B's `SandboxMetric` model: one sample.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SandboxMetric {
+    /// RFC 3339.
+    timestamp: String,
+    /// Seconds since the epoch.
+    timestamp_unix: i64,
+    /// As in `ListedSandbox`.
+    cpu_count: u64,
+    /// CPU use averaged over the sandbox's life, percent of its quota.
+    cpu_used_pct: f64,
+    /// Memory in use now (its cgroup), bytes.
+    mem_used: u64,
+    /// The memory limit, bytes.
+    mem_total: u64,
+    /// Always 0.
+    mem_cache: u64,
+    /// Always 0 (not measured).
+    disk_used: u64,
+    /// The scratch quota, bytes.
+    disk_total: u64,
 }
 
 fn template_of(info: &SessionInfo) -> String {
@@ -89,7 +185,7 @@ fn template_of(info: &SessionInfo) -> String {
 }
 
 /// `ListedSandbox` / `SandboxDetail` fields.
-fn listed(info: &SessionInfo) -> Value {
+fn listed(gw: &Gateway, info: &SessionInfo) -> ListedSandbox {
     let now = time::now_ms();
     let started = now - i64::try_from(info.age_ms).unwrap_or(0);
     let end = now + i64::try_from(info.ttl_left_ms).unwrap_or(0);
@@ -97,22 +193,34 @@ fn listed(info: &SessionInfo) -> Value {
     let cpus = (1..=1024u64)
         .find(|n| *n as f64 >= info.limits.cpus)
         .unwrap_or(1);
-    json!({
-        "templateID": template_of(info),
-        "alias": info.zygote,
-        "sandboxID": info.session,
-        "clientID": "forkd",
-        "startedAt": time::rfc3339_ms(started),
-        "endAt": time::rfc3339_ms(end),
-        "cpuCount": cpus,
-        "memoryMB": info.limits.memory_bytes >> 20,
-        "diskSizeMB": info.limits.scratch_bytes >> 20,
-        "state": if info.state == SessionState::Paused { "paused" } else { "running" },
-        "envdVersion": ENVD_VERSION,
-        "metadata": metadata_of(&info.labels),
-    })
+    ListedSandbox {
+        template_id: template_of(info),
+        alias: info.zygote.clone(),
+        sandbox_id: gw.peers.external_id(&info.session),
+        client_id: CLIENT_ID.into(),
+        started_at: time::rfc3339_ms(started),
+        end_at: time::rfc3339_ms(end),
+        cpu_count: cpus,
+        memory_mb: info.limits.memory_bytes >> 20,
+        disk_size_mb: info.limits.scratch_bytes >> 20,
+        state: if info.state == SessionState::Paused {
+            "paused"
+        } else {
+            "running"
+        }
+        .into(),
+        envd_version: ENVD_VERSION.into(),
+        metadata: metadata_of(&info.labels),
+    }
 }
 
+#[utoipa::path(post, path = "/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    request_body = NewSandbox,
+    responses(
+        (status = 201, description = "Created", body = SandboxModel),
+        (status = 400, description = "Malformed body or missing templateID", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No zygote for this template", body = crate::openapi::ErrorBody), (status = 429, description = "The tenant holds its quota of sandboxes", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn create(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -227,12 +335,21 @@ fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
     out
 }
 
+#[utoipa::path(get, path = "/v2/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    params(
+        ("metadata" = Option<String>, Query, description = "URL-encoded `k=v&k2=v2` metadata filter"),
+        ("state" = Option<String>, Query, description = "`running`, `paused` or both, comma separated")
+    ),
+    responses(
+        (status = 200, description = "This node's sandboxes of the tenant", body = Vec<ListedSandbox>),
+        (status = 400, description = "Malformed query", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn list(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
     RawQuery(raw): RawQuery,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<ListedSandbox>>, ApiError> {
     let Ok(Query(q)) = q else {
         return Err(ApiError::bad_request("malformed query string"));
     };
@@ -255,47 +372,58 @@ pub(crate) async fn list(
             };
             states.as_ref().map_or(true, |v| v.iter().any(|x| x == st))
         })
-        .map(listed)
+        .map(|s| listed(&gw, s))
         .collect();
     Ok(Json(out))
 }
 
+#[utoipa::path(get, path = "/sandboxes/{id}", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 200, description = "The sandbox", body = SandboxDetail),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn info(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SandboxDetail>, ApiError> {
     let info = gw.owned(&tenant, &id, "sandbox").await?;
-    let mut v = listed(&info);
-    v["envdAccessToken"] = json!(gw.tokens.token(&info.session, &tenant));
-    v["domain"] = Value::Null;
-    Ok(Json(v))
+    Ok(Json(SandboxDetail {
+        listed: listed(&gw, &info),
+        envd_access_token: gw.tokens.token(&info.session, &tenant),
+        domain: None,
+    }))
 }
 
 /// One metrics sample, now: memory from the cgroup, CPU averaged over the
 /// sandbox's life (forkd keeps no history), disk as the scratch quota.
+#[utoipa::path(get, path = "/sandboxes/{id}/metrics", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 200, description = "One sample, now", body = Vec<SandboxMetric>),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn metrics(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<SandboxMetric>>, ApiError> {
     let info = gw.owned(&tenant, &id, "sandbox").await?;
     let now = time::now_ms();
     let cpu_us = info.usage.cpu_user_us + info.usage.cpu_system_us;
     let life_us = info.age_ms.max(1) * 1000;
     let cpus = info.limits.cpus.max(0.01);
     let pct = cpu_us as f64 / life_us as f64 * 100.0 / cpus;
-    Ok(Json(vec![json!({
-        "timestamp": time::rfc3339_ms(now),
-        "timestampUnix": now / 1000,
-        "cpuCount": listed(&info)["cpuCount"],
-        "cpuUsedPct": (pct * 100.0).round() / 100.0,
-        "memUsed": info.usage.memory_bytes,
-        "memTotal": info.limits.memory_bytes,
-        "memCache": 0,
-        "diskUsed": 0,
-        "diskTotal": info.limits.scratch_bytes,
-    })]))
+    Ok(Json(vec![SandboxMetric {
+        timestamp: time::rfc3339_ms(now),
+        timestamp_unix: now / 1000,
+        cpu_count: listed(&gw, &info).cpu_count,
+        cpu_used_pct: (pct * 100.0).round() / 100.0,
+        mem_used: info.usage.memory_bytes,
+        mem_total: info.limits.memory_bytes,
+        mem_cache: 0,
+        disk_used: 0,
+        disk_total: info.limits.scratch_bytes,
+    }]))
 }
 
 impl Gateway {
@@ -315,6 +443,11 @@ impl Gateway {
     }
 }
 
+#[utoipa::path(delete, path = "/sandboxes/{id}", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 204, description = "Killed, with its code contexts"),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn kill(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -332,6 +465,12 @@ pub(crate) async fn kill(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/timeout", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 204, description = "The sandbox now ends `timeout` seconds from now"),
+        (status = 400, description = "Malformed body or no timeout", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn set_timeout(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -350,6 +489,11 @@ pub(crate) async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    responses(
+        (status = 204, description = "Paused (frozen; its timeout stops)"),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 409, description = "Already paused", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn pause(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -400,6 +544,13 @@ async fn wake(
     Ok((status, Json(gw.sandbox_json(&info))).into_response())
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 200, description = "Running already", body = SandboxModel),
+        (status = 201, description = "Was paused, resumed", body = SandboxModel),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn connect(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -410,6 +561,12 @@ pub(crate) async fn connect(
     wake(&gw, &tenant, &id, t, false).await
 }
 
+#[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "control", security(("ApiKeyAuth" = [])), params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 201, description = "Resumed", body = SandboxModel),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody), (status = 404, description = "No such sandbox of this tenant (absent, ended or another tenant's)", body = crate::openapi::ErrorBody), (status = 409, description = "Not paused", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn resume(
     State(gw): State<Arc<Gateway>>,
     Tenant(tenant): Tenant,
@@ -434,4 +591,59 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!(percent_decode("%zz%4", false), "%zz%4");
     }
+}
+
+/// `POST /v2/sandboxes`: [`create`] under the v2 path.
+#[utoipa::path(post, path = "/v2/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    request_body = NewSandbox,
+    responses(
+        (status = 201, description = "Created", body = SandboxModel),
+        (status = 400, description = "Malformed body or missing templateID", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
+    ))]
+pub(crate) async fn create_v2(
+    gw: State<Arc<Gateway>>,
+    tenant: Tenant,
+    b: Result<Json<NewSandbox>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    create(gw, tenant, b).await
+}
+
+/// `GET /sandboxes`: [`list`] under the v1 path.
+#[utoipa::path(get, path = "/sandboxes", tag = "control", security(("ApiKeyAuth" = [])),
+    params(
+        ("metadata" = Option<String>, Query, description = "URL-encoded `k=v&k2=v2` metadata filter"),
+        ("state" = Option<String>, Query, description = "`running`, `paused` or both, comma separated")
+    ),
+    responses(
+        (status = 200, description = "This node's sandboxes of the tenant", body = Vec<ListedSandbox>),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody)
+    ))]
+pub(crate) async fn list_v1(
+    gw: State<Arc<Gateway>>,
+    tenant: Tenant,
+    raw: RawQuery,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<ListedSandbox>>, ApiError> {
+    list(gw, tenant, raw, q).await
+}
+
+/// `POST /v2/sandboxes/{id}/connect`: [`connect`] under the v2 path.
+#[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "control", security(("ApiKeyAuth" = [])),
+    params(("id" = String, Path, description = "The sandbox id (`s-HEX`, or `s-HEX--NODE` on a gateway with a node name)")),
+    request_body = TimeoutBody,
+    responses(
+        (status = 200, description = "Running already", body = SandboxModel),
+        (status = 201, description = "Was paused, resumed", body = SandboxModel),
+        (status = 401, description = "Missing or invalid X-API-Key", body = crate::openapi::ErrorBody),
+        (status = 404, description = "No such sandbox of this tenant", body = crate::openapi::ErrorBody),
+        (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
+pub(crate) async fn connect_v2(
+    gw: State<Arc<Gateway>>,
+    tenant: Tenant,
+    id: Path<String>,
+    b: Result<Json<TimeoutBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    connect(gw, tenant, id, b).await
 }

@@ -118,6 +118,18 @@ fn entry(e: &FileEntry) -> pb::EntryInfo {
 /// Deepest `ListDir` walked.
 const MAX_DEPTH: u32 = 16;
 
+#[utoipa::path(post, path = "/filesystem.Filesystem/{method}", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
+    params(("method" = crate::openapi::FilesystemMethod, Path, description = "The RPC"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    request_body(description = "One protobuf or JSON message (unary), or one enveloped message (WatchDir)", content(
+        (crate::openapi::Binary = "application/proto"), (Object = "application/json"),
+        (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"))),
+    responses(
+        (status = 200, description = "The answer, or for WatchDir a stream of enveloped events", content(
+            (crate::openapi::Binary = "application/proto"), (Object = "application/json"),
+            (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"))),
+        (status = "4XX", description = "A unary call's Connect error", body = crate::openapi::ConnectError),
+        (status = 502, description = "Another node's sandbox whose node is unknown or down", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn filesystem(
     State(gw): State<Arc<Gateway>>,
     Path(method): Path<String>,
@@ -536,6 +548,18 @@ fn selected(
     found.ok_or_else(|| RpcError::new(Code::NotFound, "no such running process in this sandbox"))
 }
 
+#[utoipa::path(post, path = "/process.Process/{method}", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
+    params(("method" = crate::openapi::ProcessMethod, Path, description = "The RPC"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    request_body(description = "One protobuf or JSON message (unary), or one enveloped message (server streams)", content(
+        (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"),
+        (crate::openapi::Binary = "application/proto"), (Object = "application/json"))),
+    responses(
+        (status = 200, description = "The answer, or for Start and Connect a stream of enveloped events ending in an end-of-stream message", content(
+            (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"),
+            (crate::openapi::Binary = "application/proto"), (Object = "application/json"))),
+        (status = "4XX", description = "A unary call's Connect error", body = crate::openapi::ConnectError),
+        (status = 502, description = "Another node's sandbox whose node is unknown or down", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn process(
     State(gw): State<Arc<Gateway>>,
     Path(method): Path<String>,
@@ -669,6 +693,12 @@ fn file_http_error(e: ClientError) -> Response {
     http_error(file_status(r.code), r.message)
 }
 
+#[utoipa::path(get, path = "/files", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
+    params(("path" = String, Query, description = "The file in the sandbox"), ("username" = Option<String>, Query, description = "Ignored: sandboxes have one user"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    responses(
+        (status = 200, description = "The file's bytes", content((crate::openapi::Binary = "application/octet-stream"))),
+        (status = 400, description = "No path, or a directory", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 404, description = "No such file", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn download(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
@@ -721,6 +751,14 @@ async fn write_one(
     Ok(json!({"name": e.name, "type": "file", "path": e.path}))
 }
 
+#[utoipa::path(post, path = "/files", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
+    params(("path" = Option<String>, Query, description = "Where to write (else each multipart part's file name)"), ("username" = Option<String>, Query, description = "Ignored: sandboxes have one user"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    request_body(description = "The file(s): multipart/form-data parts named `file`, or the raw bytes", content(
+        (crate::openapi::Binary = "multipart/form-data"), (crate::openapi::Binary = "application/octet-stream"))),
+    responses(
+        (status = 200, description = "`EntryInfo` list (name, type, path) of what was written", body = Vec<Object>),
+        (status = 400, description = "No path or a malformed body", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 413, description = "Larger than --max-upload", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn upload(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
@@ -800,6 +838,11 @@ pub(crate) async fn upload(
     Json(written).into_response()
 }
 
+#[utoipa::path(get, path = "/health", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])), params(("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    responses(
+        (status = 204, description = "The sandbox is alive"),
+        (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox has ended, or is on a node that is unknown or down", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn health(State(gw): State<Arc<Gateway>>, sb: Sandbox) -> Response {
     let alive = match gw.daemon().await {
         Ok(c) => c.session_info(&sb.id).await.ok().map(|i| i.state),

@@ -88,10 +88,10 @@ impl From<ClientError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "code": self.status.as_u16(),
-            "message": self.message,
-        });
+        let body = crate::openapi::ErrorBody {
+            code: self.status.as_u16(),
+            message: self.message,
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }

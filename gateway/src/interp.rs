@@ -23,7 +23,7 @@ use crate::control::body;
 use crate::error::ApiError;
 use crate::{labels, Gateway, Sandbox};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub(crate) struct ExecuteRequest {
     code: String,
@@ -32,7 +32,7 @@ pub(crate) struct ExecuteRequest {
     env_vars: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub(crate) struct CreateContext {
     language: Option<String>,
@@ -195,6 +195,13 @@ impl Gateway {
     }
 }
 
+#[utoipa::path(post, path = "/execute", tag = "interpreter", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])), params(("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    request_body = ExecuteRequest,
+    responses(
+        (status = 200, description = "NDJSON events as the cell runs: stdout, stderr, result (text, html, png, json, ...), error, number_of_executions, end_of_execution", content((String = "application/x-ndjson"))),
+        (status = 400, description = "Malformed body or a language other than Python", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 404, description = "No such context", body = crate::openapi::ErrorBody),
+        (status = 429, description = "The tenant runs its quota of cells", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn execute(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
@@ -365,8 +372,23 @@ async fn run_quietly(c: &forkd_ipc::AsyncClient, session: &str, code: &str) {
     }
 }
 
-fn context_json(id: &str, cwd: &str) -> Value {
-    json!({"id": id, "language": "python", "cwd": cwd})
+/// A code context as the SDK reads it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct Context {
+    /// Its id (the sandbox's own id for the default context).
+    id: String,
+    /// Always `python`.
+    language: String,
+    /// Its working directory.
+    cwd: String,
+}
+
+fn context_json(id: &str, cwd: &str) -> Context {
+    Context {
+        id: id.to_owned(),
+        language: "python".to_owned(),
+        cwd: cwd.to_owned(),
+    }
 }
 
 /// The sandbox's working directory (the session's).
@@ -445,11 +467,17 @@ fn fresh_id() -> Result<String, ApiError> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+#[utoipa::path(post, path = "/contexts", tag = "interpreter", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])), params(("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    request_body = CreateContext,
+    responses(
+        (status = 200, description = "The new context", body = Context),
+        (status = 400, description = "Malformed body or a language other than Python", body = crate::openapi::ErrorBody), (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn create_context(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
     b: Result<Json<CreateContext>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Context>, ApiError> {
     let req = body(b)?;
     check_language(req.language.as_deref())?;
     let parent = parent_info(&gw, &sb.id).await?;
@@ -460,10 +488,15 @@ pub(crate) async fn create_context(
     Ok(Json(context_json(&id, &cwd)))
 }
 
+#[utoipa::path(get, path = "/contexts", tag = "interpreter", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])), params(("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    responses(
+        (status = 200, description = "The sandbox's contexts, the default one first", body = Vec<Context>),
+        (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn list_contexts(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Vec<Context>>, ApiError> {
     parent_info(&gw, &sb.id).await?;
     let tenant = &sb.tenant;
     let mut out = vec![context_json(&sb.id, DEFAULT_CWD)];
@@ -479,6 +512,12 @@ pub(crate) async fn list_contexts(
     Ok(Json(out))
 }
 
+#[utoipa::path(delete, path = "/contexts/{id}", tag = "interpreter", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
+    params(("id" = String, Path, description = "The context id"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 404, description = "No such context", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn remove_context(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,
@@ -494,6 +533,12 @@ pub(crate) async fn remove_context(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/contexts/{id}/restart", tag = "interpreter", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
+    params(("id" = String, Path, description = "The context id"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
+    responses(
+        (status = 204, description = "Restarted: a fresh interpreter with the same id"),
+        (status = 401, description = "Missing or invalid access token or key", body = crate::openapi::ErrorBody), (status = 404, description = "No such context", body = crate::openapi::ErrorBody), (status = 502, description = "The sandbox is on another node that is unknown or did not answer", body = crate::openapi::ErrorBody)
+    ))]
 pub(crate) async fn restart_context(
     State(gw): State<Arc<Gateway>>,
     sb: Sandbox,

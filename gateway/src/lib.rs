@@ -19,8 +19,10 @@ pub mod connect;
 mod control;
 mod envd;
 pub mod error;
+pub mod forward;
 mod interp;
 pub mod metrics;
+pub mod openapi;
 pub mod pb;
 pub mod time;
 mod watch;
@@ -33,9 +35,12 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use axum::Router;
 use forkd_ipc::{AsyncClient, SessionInfo, SessionState};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{Keys, Tokens};
 use crate::error::ApiError;
@@ -91,6 +96,13 @@ pub struct Options {
     pub max_cells_per_tenant: Option<usize>,
     /// A request head must arrive within this (slowloris).
     pub header_timeout: std::time::Duration,
+    /// This node's name, carried in the sandbox ids handed out
+    /// (`SESSION--NODE`); `None`: ids are bare session ids.
+    pub node: Option<String>,
+    /// Other nodes' gateways by node name (`http://HOST:PORT`).
+    pub peers: BTreeMap<String, String>,
+    /// Address of a node not in `peers`, with `{node}` in it.
+    pub peer_url: Option<String>,
 }
 
 impl Options {
@@ -106,6 +118,9 @@ impl Options {
             max_sessions_per_tenant: None,
             max_cells_per_tenant: None,
             header_timeout: std::time::Duration::from_secs(30),
+            node: None,
+            peers: BTreeMap::new(),
+            peer_url: None,
         }
     }
 }
@@ -116,6 +131,9 @@ pub enum StartError {
     /// The key file is unusable.
     #[error(transparent)]
     Keys(#[from] auth::KeyFileError),
+    /// The node name or a peer is unusable.
+    #[error(transparent)]
+    Peers(#[from] forward::PeerConfigError),
     /// Binding or randomness failed.
     #[error("{what}: {source}")]
     Io {
@@ -151,6 +169,8 @@ pub struct Gateway {
     watchers: watch::Watchers,
     /// Cells running now, by tenant (for `max_cells_per_tenant`).
     cells: Arc<Mutex<HashMap<String, usize>>>,
+    /// The other nodes (see [`forward`]).
+    peers: forward::Peers,
 }
 
 /// One running cell of a tenant; its slot frees when this drops (the
@@ -179,6 +199,8 @@ impl Gateway {
     /// State for `opts` (reads the key file).
     pub fn new(opts: Options) -> Result<Arc<Gateway>, StartError> {
         let keys = Keys::open(opts.api_keys.as_deref())?;
+        let peers =
+            forward::Peers::new(opts.node.as_deref(), &opts.peers, opts.peer_url.as_deref())?;
         let tokens = Tokens::new().map_err(|source| StartError::Io {
             what: "cannot read random bytes for the token secret".into(),
             source,
@@ -192,7 +214,13 @@ impl Gateway {
             metrics: metrics::Metrics::default(),
             watchers: watch::Watchers::default(),
             cells: Arc::new(Mutex::new(HashMap::new())),
+            peers,
         }))
+    }
+
+    /// This gateway's node name (in the sandbox ids it hands out).
+    pub fn node(&self) -> Option<&str> {
+        self.peers.node()
     }
 
     /// The API keys (e.g. to reload them).
@@ -424,42 +452,59 @@ async fn not_found() -> ApiError {
     )
 }
 
-/// The gateway's routes.
-pub fn router(gw: Arc<Gateway>) -> Router {
-    let files = Router::new()
-        .route("/files", get(envd::download).post(envd::upload))
-        .layer(DefaultBodyLimit::max(gw.opts.max_upload));
-    Router::new()
+/// The documented routes: everything the gateway serves but the `/files`
+/// pair (which has its own body limit) and the fallback.
+fn api_routes() -> OpenApiRouter<Arc<Gateway>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         // Control plane (E2B REST API).
-        .route("/v2/sandboxes", post(control::create).get(control::list))
-        .route("/sandboxes", post(control::create).get(control::list))
-        .route("/sandboxes/{id}", get(control::info).delete(control::kill))
-        .route("/sandboxes/{id}/timeout", post(control::set_timeout))
-        .route("/sandboxes/{id}/metrics", get(control::metrics))
-        .route("/sandboxes/{id}/pause", post(control::pause))
-        .route("/sandboxes/{id}/resume", post(control::resume))
-        .route("/sandboxes/{id}/connect", post(control::connect))
-        .route("/v2/sandboxes/{id}/connect", post(control::connect))
-        // envd (port 49983): Connect RPCs, files, health.
-        .route("/process.Process/{method}", post(envd::process))
-        .route("/filesystem.Filesystem/{method}", post(envd::filesystem))
-        .route("/health", get(envd::health))
+        .routes(routes!(control::create_v2, control::list))
+        .routes(routes!(control::create, control::list_v1))
+        .routes(routes!(control::info, control::kill))
+        .routes(routes!(control::set_timeout))
+        .routes(routes!(control::metrics))
+        .routes(routes!(control::pause))
+        .routes(routes!(control::resume))
+        .routes(routes!(control::connect))
+        .routes(routes!(control::connect_v2))
+        // envd (port 49983): Connect RPCs, health.
+        .routes(routes!(envd::process))
+        .routes(routes!(envd::filesystem))
+        .routes(routes!(envd::health))
         // Code interpreter (port 49999).
-        .route("/execute", post(interp::execute))
-        .route(
-            "/contexts",
-            post(interp::create_context).get(interp::list_contexts),
-        )
-        .route("/contexts/{id}", delete(interp::remove_context))
-        .route("/contexts/{id}/restart", post(interp::restart_context))
-        .merge(files)
+        .routes(routes!(interp::execute))
+        .routes(routes!(interp::create_context, interp::list_contexts))
+        .routes(routes!(interp::remove_context))
+        .routes(routes!(interp::restart_context))
+        .routes(routes!(openapi::serve))
+}
+
+/// envd's file routes (uploads have their own, larger, body limit).
+fn file_routes() -> OpenApiRouter<Arc<Gateway>> {
+    OpenApiRouter::new().routes(routes!(envd::download, envd::upload))
+}
+
+/// Every route with its description: what [`openapi::document`] reads.
+pub(crate) fn api_router() -> OpenApiRouter<Arc<Gateway>> {
+    api_routes().merge(file_routes())
+}
+
+/// The gateway's routes, behind the forward to other nodes ([`forward`]).
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let files = file_routes().layer(DefaultBodyLimit::max(gw.opts.max_upload));
+    let (routes, _) = api_routes().merge(files).split_for_parts();
+    let local = routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(gw.opts.max_body))
         .layer(axum::middleware::from_fn_with_state(
             gw.clone(),
             metrics::track,
         ))
-        .with_state(gw)
+        .with_state(gw.clone());
+    // The forward looks at the request before routing: it rewrites a local
+    // sandbox id to the daemon's session id, which routing then sees.
+    Router::new()
+        .fallback_service(local)
+        .layer(axum::middleware::from_fn_with_state(gw, forward::forward))
 }
 
 /// Serves any router on `listener` (e.g. [`metrics_router`]) until the task

@@ -44,10 +44,29 @@ struct Args {
     /// Log level when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// This node's name, carried in the sandbox ids handed out
+    /// (`s-HEX--NODE`) so that other nodes' gateways forward requests for
+    /// them here (default: the host name; dots become '-').
+    #[arg(long, env = "FORKD_NODE")]
+    node: Option<String>,
+    /// Another node's gateway: NAME=http://HOST:PORT (repeatable).
+    #[arg(long = "peer", value_name = "NAME=URL")]
+    peers: Vec<String>,
+    /// Address of a node not given with --peer, with {node} in it (e.g.
+    /// http://{node}.forkd-gateway.forkd.svc.cluster.local:3000).
+    #[arg(long, env = "FORKD_PEER_URL")]
+    peer_url: Option<String>,
+    /// Print the OpenAPI document (gateway/openapi.json) and exit.
+    #[arg(long)]
+    print_openapi: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_openapi {
+        print!("{}", forkd_gateway::openapi::document_json());
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -74,6 +93,22 @@ fn main() -> ExitCode {
         opts.max_sessions_per_tenant = args.max_sessions_per_tenant;
         opts.max_cells_per_tenant = args.max_cells_per_tenant;
         opts.header_timeout = std::time::Duration::from_secs(args.header_timeout_secs.max(1));
+        opts.node = Some(
+            args.node
+                .unwrap_or_else(forkd_gateway::forward::default_node),
+        );
+        for p in &args.peers {
+            match forkd_gateway::forward::parse_peer(p) {
+                Ok((name, url)) => {
+                    opts.peers.insert(name, url);
+                }
+                Err(e) => {
+                    eprintln!("forkd-gateway: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        opts.peer_url = args.peer_url;
         let gw = match forkd_gateway::Gateway::new(opts) {
             Ok(g) => g,
             Err(e) => {
@@ -103,7 +138,11 @@ fn main() -> ExitCode {
                 }
             });
         }
-        tracing::info!("forkd-gateway listening on http://{}", args.listen);
+        tracing::info!(
+            node = gw.node().unwrap_or_default(),
+            "forkd-gateway listening on http://{}",
+            args.listen
+        );
         let stop = async {
             let _ = tokio::signal::ctrl_c().await;
         };

@@ -27,6 +27,15 @@ struct RequestLabels {
     tenant: String,
 }
 
+/// A forward's outcome (`forwarded`, `unknown_node`, `unreachable`,
+/// `loop`) and the status answered; not the node, which comes from the
+/// client's id and would make the label set unbounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ForwardLabels {
+    outcome: &'static str,
+    status: u16,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
@@ -45,6 +54,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    forwards: Family<ForwardLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,15 +74,29 @@ impl Default for Metrics {
             "Time from request to response head, by route",
             latency.clone(),
         );
+        let forwards = Family::<ForwardLabels, Counter>::default();
+        registry.register(
+            "forwards",
+            "Requests for another node's sandbox, by outcome and status answered",
+            forwards.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
+            forwards,
         }
     }
 }
 
 impl Metrics {
+    /// Counts one request for another node's sandbox.
+    pub(crate) fn forward(&self, outcome: &'static str, status: u16) {
+        self.forwards
+            .get_or_create(&ForwardLabels { outcome, status })
+            .inc();
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
