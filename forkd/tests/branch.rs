@@ -81,4 +81,143 @@ async fn a_branch_copies_state_and_scratch_then_diverges() {
     let r1 = text(&c, b1, "import random; random.random()").await;
     let r2 = text(&c, b2, "import random; random.random()").await;
     assert_ne!(r1, r2);
+    drop(c);
+    d.finish().await;
+}
+
+/// What a parent and a sibling look like from inside a branch: nothing of
+/// them is visible, signalable, or shared; the attempts leave both working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_cannot_reach_its_parent_or_siblings() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| {
+        c.limits.default.memory_bytes = 256 << 20;
+    })
+    .await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&SessionCreate::default())
+        .await
+        .unwrap()
+        .session;
+    let ns_of = "import os\nsorted((n, os.readlink(f'/proc/self/ns/{n}')) for n in ('mnt', 'net', 'pid', 'ipc', 'uts', 'user', 'cgroup'))";
+    text(&c, &s, "import socket\nsrv = socket.socket(socket.AF_UNIX); srv.bind('\\0forkd-parent'); srv.listen()\nkeep = 1\nNone").await;
+    let parent_ns = text(&c, &s, ns_of).await;
+    let parent_pids = text(
+        &c,
+        &s,
+        "sorted(int(p) for p in os.listdir('/proc') if p.isdigit())",
+    )
+    .await;
+    let branches = c.session_branch(branch_of(&s, 2)).await.unwrap();
+    let (b1, b2) = (&branches[0].session, &branches[1].session);
+    // Its own namespaces, every one.
+    let b1_ns = text(&c, b1, ns_of).await;
+    let b2_ns = text(&c, b2, ns_of).await;
+    for (a, b) in [(&b1_ns, &parent_ns), (&b1_ns, &b2_ns)] {
+        for part in a.trim_matches(['[', ']']).split("), (") {
+            assert!(
+                !b.contains(part.split(", ").nth(1).unwrap()),
+                "shared namespace {part} in {b}"
+            );
+        }
+    }
+    // Only its own processes, no capabilities, its own cgroup root.
+    let probe = text(
+        &c,
+        b1,
+        "import os, signal\npids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\ncaps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'CapBnd'))]\n(pids, caps, open('/proc/self/cgroup').read().split(':')[-1].strip())",
+    )
+    .await;
+    assert!(
+        probe.starts_with("([1, 2"),
+        "{probe} (parent saw {parent_pids})"
+    );
+    assert!(
+        probe.contains("['0000000000000000', '0000000000000000', '0000000000000000']"),
+        "{probe}"
+    );
+    assert!(probe.ends_with("'/')"), "{probe}");
+    // Signals reach nothing outside; the parent's abstract socket is in
+    // another network namespace; its scratch is not mounted here.
+    let escape = text(
+        &c,
+        b1,
+        "import os, socket, signal\nout = []\nfor pid in range(2, 4096):\n    if pid == os.getpid(): continue\n    try:\n        os.kill(pid, signal.SIGKILL); out.append(pid)\n    except OSError: pass\ntry:\n    c = socket.socket(socket.AF_UNIX); c.connect('\\0forkd-parent'); out.append('connected')\nexcept OSError as e: out.append(e.errno)\nimport glob\nout.append(glob.glob('/dev/.scratch/.forkd-ns-*'))\nout",
+    )
+    .await;
+    assert_eq!(escape, "[111, []]", "what the branch reached: {escape}");
+    // A memory bomb in one branch kills only its interpreter.
+    let r = c
+        .run_code(&cell(
+            b2,
+            "b = bytearray(400 << 20); b[::4096] = b'x' * len(b[::4096])",
+        ))
+        .await
+        .unwrap();
+    assert!(r.error.is_some(), "{r:?}");
+    assert_eq!(text(&c, &s, "keep").await, "1");
+    assert_eq!(text(&c, b1, "x = 5; x").await, "5");
+    assert_eq!(text(&c, b2, "2 + 2").await, "4");
+    drop(c);
+    d.finish().await;
+}
+
+/// Refusals with clear errors, and many branch/kill cycles that leave
+/// nothing behind (the daemon's leak check at the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_cycles_leave_nothing_behind() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&SessionCreate::default())
+        .await
+        .unwrap()
+        .session;
+    // A thread of the user's own: refused unless forced.
+    text(&c, &s, "import threading, time\nev = threading.Event()\nt = threading.Thread(target=ev.wait, name='worker'); t.start()\nNone").await;
+    let e = c
+        .session_branch(branch_of(&s, 1))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("worker") && e.contains("force"), "{e}");
+    let forced = c
+        .session_branch(SessionBranch {
+            force: true,
+            ..branch_of(&s, 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(text(&c, &forced[0].session, "t.is_alive()").await, "False");
+    text(&c, &s, "ev.set(); t.join()\nNone").await;
+    let e = c
+        .session_branch(branch_of(&s, 0))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("count"), "{e}");
+    // Paused: refused until resumed.
+    c.session_pause(&s).await.unwrap();
+    let e = c
+        .session_branch(branch_of(&s, 1))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("paused"), "{e}");
+    c.session_resume(&s).await.unwrap();
+    for _ in 0..20 {
+        let b = c.session_branch(branch_of(&s, 2)).await.unwrap();
+        for info in b {
+            c.session_kill(&info.session).await.unwrap();
+        }
+    }
+    assert_eq!(text(&c, &s, "'parent'").await, "'parent'");
+    drop(c);
+    d.finish().await;
 }

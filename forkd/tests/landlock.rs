@@ -15,16 +15,19 @@ use forkd_ipc::LandlockStatus;
 /// Landlock ABI whose rights and scopes forkd requests (`isolate::LANDLOCK_ABI`).
 const REQUESTED_ABI: i32 = 6;
 
-/// Writing `/dev/urandom` inside the sandbox: its mode (0666) allows it,
-/// landlock grants it read only, so it must be refused whenever the ruleset
-/// is enforced.
-const WRITE_URANDOM: &str = r#"
+/// A terminal ioctl (TCGETS) on `/dev/null` inside the sandbox: seccomp lets
+/// the terminal class through and the device answers ENOTTY, so only
+/// landlock (which grants no device ioctls) makes it EACCES.
+const DEVICE_IOCTL: &str = r#"
+import fcntl, termios
 try:
-    with open("/dev/urandom", "wb") as f:
-        f.write(b"x")
-    print("written")
+    with open("/dev/null", "rb") as f:
+        fcntl.ioctl(f, termios.TCGETS, bytes(64))
+    print("answered")
 except PermissionError:
     print("EACCES")
+except OSError as e:
+    print(e.strerror)
 "#;
 
 /// A policy file equal to the default one but with `landlock = "required"`.
@@ -46,7 +49,7 @@ async fn default_policy_reports_what_the_kernel_enforces() {
         return;
     }
     let d = TestDaemon::start(|_| {}).await;
-    let r = d.run(WRITE_URANDOM).await;
+    let r = d.run(DEVICE_IOCTL).await;
     let abi = forkd_zygote::sys::landlock_abi();
     let expected = match abi {
         0 => LandlockStatus::NotEnforced,
@@ -87,7 +90,7 @@ async fn required_landlock_is_enforced_or_refuses_to_start() {
         return;
     }
     let d = TestDaemon::start(tweak).await;
-    let mut r = req(WRITE_URANDOM);
+    let mut r = req(DEVICE_IOCTL);
     r.policy = Some("strict".into());
     let res = d.spawn(&r).await.expect("spawn with the strict policy");
     assert_eq!(res.landlock, Some(LandlockStatus::FullyEnforced));

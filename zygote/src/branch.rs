@@ -63,7 +63,7 @@ pub fn make_shell(branch: &BranchOf, branch_uid: u32, template: BorrowedFd<'_>) 
             let _ = sys::write_all(done_w.as_fd(), &[u8::from(ok)]);
             drop(done_w);
             if ok && sys::read_exact(born_r.as_fd(), &mut byte).is_ok() {
-                expose(me, branch.parent_pid, shown_w, keep_r);
+                expose(me, branch.parent_pid, branch.parent_uid, shown_w, keep_r);
             }
             sys::exit_now(0)
         }
@@ -141,13 +141,14 @@ pub fn make_shell(branch: &BranchOf, branch_uid: u32, template: BorrowedFd<'_>) 
     Ok(())
 }
 
-/// Where the namespaces of the branch made by helper `shell` (a host pid)
-/// appear in the parent session's mount namespace while the copy joins.
+/// Where the parent session's copy asks for the namespaces of the branch
+/// made by helper `shell` (a host pid): a directory of the parent's
+/// scratch stage holding one Unix socket, there while the copy joins.
 pub fn exposed_dir(shell: libc::pid_t) -> String {
     format!("/dev/.scratch/.forkd-ns-{shell}")
 }
 
-/// The namespace files a copy opens, in the order it enters them (the user
+/// The namespaces a copy receives, in the order it enters them (the user
 /// namespace first: it grants the rights the others need).
 pub const EXPOSED: [(&str, libc::c_int); 7] = [
     ("user", libc::CLONE_NEWUSER),
@@ -159,51 +160,47 @@ pub const EXPOSED: [(&str, libc::c_int); 7] = [
     ("pid", libc::CLONE_NEWPID),
 ];
 
-/// In the map writer (root, host namespaces): binds the branch init's
-/// namespace files into the parent session's mount namespace
-/// ([`exposed_dir`]), reports on `shown`, and removes them once `keep`
-/// reports end-of-file. A copy of the parent's interpreter cannot open
-/// them through /proc: landlock refuses a landlocked process that
-/// ptrace-class access to a process outside its domain.
-fn expose(shell: libc::pid_t, parent: i32, shown: OwnedFd, keep: OwnedFd) {
+/// In the map writer (root, host namespaces): listens on a Unix socket in
+/// the parent session's mount namespace ([`exposed_dir`]) and hands the
+/// branch init's namespace descriptors to the first of the parent's uid to
+/// connect (its copy); reports on `shown`; removes the socket once `keep`
+/// reports end-of-file. The copy cannot open them itself: landlock refuses
+/// a landlocked process ptrace-class access (which /proc's namespace files
+/// and pidfd setns need) to a process outside its domain, and the kernel
+/// refuses to bind a mount namespace file into an older mount namespace.
+fn expose(shell: libc::pid_t, parent: i32, parent_uid: u32, shown: OwnedFd, keep: OwnedFd) {
     let dir = exposed_dir(shell);
-    let made = (|| -> io::Result<Vec<String>> {
+    let sock = format!("{dir}/sock");
+    let made = (|| -> io::Result<(Vec<OwnedFd>, std::os::unix::net::UnixListener)> {
         // The shell's children: this writer, and the process whose child
         // is the init.
         // SAFETY: getpid cannot fail.
         let me = unsafe { libc::getpid() };
         let inner = child_other_than(shell, me)?;
         let init = child_other_than(inner, me)?;
-        // Detached copies of the namespace files, made while our /proc is
-        // the host's (the parent session's /proc does not show us).
         let mut files = Vec::new();
         for (name, _) in EXPOSED {
-            let tree = rustix::mount::open_tree(
-                rustix::fs::CWD,
-                format!("/proc/{init}/ns/{name}"),
-                rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
-                    | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
-            )?;
-            files.push((name, tree));
+            let path = sys::cstring(std::path::Path::new(&format!("/proc/{init}/ns/{name}")))?;
+            files.push(sys::open(&path, libc::O_RDONLY, 0).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("open the {name} namespace of {init}: {e}"),
+                )
+            })?);
         }
         let mnt = sys::cstring(std::path::Path::new(&format!("/proc/{parent}/ns/mnt")))?;
         let mnt = sys::open(&mnt, libc::O_RDONLY, 0)?;
-        sys::setns(mnt.as_fd(), libc::CLONE_NEWNS)?;
-        std::fs::create_dir(&dir)?;
-        let mut made = Vec::new();
-        for (name, tree) in &files {
-            let target = format!("{dir}/{name}");
-            std::fs::File::create(&target)?;
-            rustix::mount::move_mount(
-                tree,
-                "",
-                rustix::fs::CWD,
-                target.as_str(),
-                rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-            )?;
-            made.push(target);
-        }
-        Ok(made)
+        sys::setns(mnt.as_fd(), libc::CLONE_NEWNS)
+            .map_err(step("enter the parent's mount namespace"))?;
+        std::fs::create_dir(&dir).map_err(step("make the directory"))?;
+        let listener = std::os::unix::net::UnixListener::bind(&sock).map_err(step("listen"))?;
+        // Only the parent's uid may connect (root bound it).
+        std::os::unix::fs::chown(&sock, Some(parent_uid), Some(parent_uid))
+            .map_err(step("own the socket"))?;
+        std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(step("restrict the socket"))?;
+        listener.set_nonblocking(true).map_err(step("listen"))?;
+        Ok((files, listener))
     })();
     let report = match &made {
         Ok(_) => vec![1u8],
@@ -211,16 +208,61 @@ fn expose(shell: libc::pid_t, parent: i32, shown: OwnedFd, keep: OwnedFd) {
     };
     let _ = sys::write_all(shown.as_fd(), &report);
     drop(shown);
+    if let Ok((files, listener)) = made {
+        serve_copy(&files, &listener, &keep);
+    }
     let mut byte = [0u8; 1];
     // Returns at end-of-file: the init sealed itself, or died.
     let _ = sys::read_exact(keep.as_fd(), &mut byte);
-    for target in made.unwrap_or_default() {
-        if let Ok(c) = sys::cstring(std::path::Path::new(&target)) {
-            let _ = sys::umount2(&c, libc::MNT_DETACH);
-        }
-        let _ = std::fs::remove_file(&target);
-    }
+    let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_dir(&dir);
+}
+
+/// Hands `files` to the first connection on `listener`, or gives up when
+/// `keep` ends first.
+fn serve_copy(files: &[OwnedFd], listener: &std::os::unix::net::UnixListener, keep: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: keep.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfds for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return; // the init is sealed or gone: nobody joins any more
+        }
+        let Ok((conn, _)) = listener.accept() else {
+            continue;
+        };
+        let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(AsFd::as_fd).collect();
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(7))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        control.push(rustix::net::SendAncillaryMessage::ScmRights(&borrowed));
+        let sent = rustix::net::sendmsg(
+            &conn,
+            &[io::IoSlice::new(b"n")],
+            &mut control,
+            rustix::net::SendFlags::NOSIGNAL,
+        );
+        if sent.is_ok() {
+            return;
+        }
+    }
 }
 
 fn child_other_than(pid: libc::pid_t, not: libc::pid_t) -> io::Result<libc::pid_t> {
@@ -253,15 +295,32 @@ fn write_maps(pid: libc::pid_t, id: u32) -> io::Result<()> {
 /// child (pid 2 or later of the branch, its uid 0, no capabilities). The
 /// calling process exits once it has forked.
 pub fn join(dir: &str) -> io::Result<()> {
-    let mut files = Vec::new();
-    for (name, flag) in EXPOSED {
-        let path = sys::cstring(std::path::Path::new(&format!("{dir}/{name}")))?;
-        let fd = sys::open(&path, libc::O_RDONLY, 0).map_err(|e| {
-            io::Error::new(e.kind(), format!("open the branch's {name} namespace: {e}"))
-        })?;
-        files.push((name, flag, fd));
+    let conn = std::os::unix::net::UnixStream::connect(format!("{dir}/sock"))
+        .map_err(step("ask for the branch's namespaces"))?;
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(7))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    rustix::net::recvmsg(
+        &conn,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| step("receive the branch's namespaces")(e.into()))?;
+    let mut files: Vec<OwnedFd> = Vec::new();
+    for msg in control.drain() {
+        if let rustix::net::RecvAncillaryMessage::ScmRights(fds) = msg {
+            files.extend(fds);
+        }
     }
-    for (name, flag, fd) in &files {
+    if files.len() != EXPOSED.len() {
+        return Err(io::Error::other(format!(
+            "received {} namespace descriptors, not {}",
+            files.len(),
+            EXPOSED.len()
+        )));
+    }
+    for ((name, flag), fd) in EXPOSED.iter().zip(&files) {
         sys::setns(fd.as_fd(), *flag).map_err(|e| {
             io::Error::new(
                 e.kind(),

@@ -390,6 +390,52 @@ class SyncSessionTest(DaemonTest):
         )
 
 
+class BranchTest(DaemonTest):
+    """Live branches (docs/branch.md) through both clients."""
+
+    def test_branch_copies_state_and_diverges_sync_and_async(self) -> None:
+        if os.geteuid() != 0:
+            self.skipTest("branching needs a root daemon")
+        fk = self.client(timeout=CALL_BOUND)
+        s = fk.session(ttl=120)
+        self.addCleanup(s.kill)
+        s.run_code("import numpy as np, random\nx = 41\na = np.ones(10)\nrandom.seed(5); np.random.seed(5)")
+        s.files.write("note.txt", "parent")
+        kids = s.branch(2)
+        self.assertEqual(len(kids), 2)
+        for k in kids:
+            self.addCleanup(k.kill)
+            self.assertEqual(k.info().parent, s.id)
+            self.assertEqual(k.run_code("x + 1").text, "42")
+            self.assertEqual(k.files.read("note.txt", format="text"), "parent")
+        kids[0].run_code("x = 0")
+        self.assertEqual(s.run_code("x").text, "41")
+        self.assertEqual(kids[1].run_code("x").text, "41")
+        # Seeds: fresh by default, the parent's with same_seed.
+        fresh = [k.run_code("random.random()").text for k in kids]
+        self.assertNotEqual(fresh[0], fresh[1])
+        same = s.branch(2, same_seed=True)
+        for k in same:
+            self.addCleanup(k.kill)
+        self.assertEqual(
+            {k.run_code("(random.random(), float(np.random.random()))").text for k in same},
+            {s.run_code("(random.random(), float(np.random.random()))").text},
+        )
+        with self.assertRaises(InvalidArgument):
+            s.branch(0)
+
+        async def main() -> None:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as afk:
+                a = await afk.attach(s.id)
+                (b,) = await a.branch()
+                try:
+                    self.assertEqual((await b.run_code("x")).text, "41")
+                finally:
+                    await b.kill()
+
+        asyncio.run(main())
+
+
 class AsyncSessionTest(DaemonTest):
     def test_cancel_one_cell_leaves_a_concurrent_cell_on_the_connection_alone(self) -> None:
         async def main() -> None:

@@ -194,6 +194,16 @@ def set_network_fields(session: str, allow_net: Any) -> Dict[str, Any]:
     return {"session": session, "allow_net": list(allow_net)}
 
 
+def branch_fields(session: str, count: Any, same_seed: Any, force: Any, labels: Any) -> Dict[str, Any]:
+    """``session_branch`` fields, checked."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidArgument("count", "must be a positive integer")
+    f: Dict[str, Any] = {"session": session, "count": count, "same_seed": bool(same_seed), "force": bool(force)}
+    if labels is not None:
+        f["labels"] = str_map("labels", labels)
+    return f
+
+
 def iter_write_chunks(session: str, path: str, data: memoryview, mode: Optional[int]):
     """``file_write`` fields for each chunk: the first creates or truncates,
     the rest append (an empty file is one empty chunk)."""
@@ -260,6 +270,8 @@ class SessionInfo:
     warm: bool = False
     allow_net: List[str] = field(default_factory=list)
     """The network allowlist in force (empty: no network)."""
+    parent: Optional[str] = None
+    """The session this one was branched from."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "SessionInfo":
@@ -283,6 +295,7 @@ class SessionInfo:
             limits=dict(obj.get("limits") or {}),
             warm=bool(obj.get("warm", False)),
             allow_net=[str(a) for a in (obj.get("allow_net") or [])],
+            parent=obj.get("parent") if isinstance(obj.get("parent"), str) else None,
         )
 
 

@@ -35,6 +35,7 @@ from ._session_wire import (
     run_code_fields,
     seconds_ms,
     set_network_fields,
+    branch_fields,
 )
 from ._session_wire import request as v2_request
 from .errors import (
@@ -202,6 +203,24 @@ class Session:
     def info(self) -> SessionInfo:
         """The session's state, usage, limits and remaining TTL."""
         return self._info("session_info")
+
+    def branch(
+        self,
+        k: int = 1,
+        same_seed: bool = False,
+        force: bool = False,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> List["Session"]:
+        """``k`` copies of this live session, each a new :class:`Session`: its
+        interpreter (variables, imports, arrays) and scratch as they are now,
+        in namespaces and a cgroup of its own; this session carries on
+        unchanged. A running cell is waited for. Each copy is reseeded
+        (``random``, numpy's global generator) unless ``same_seed``; a session
+        running threads of its own is refused unless ``force`` (a copy has
+        only the thread that forked). See docs/branch.md."""
+        resp = self._client._v2("session_branch", branch_fields(self.id, k, same_seed, force, labels))
+        sessions = expect_kind(resp, "sessions", "session_branch").get("sessions") or []
+        return [Session(self._client, SessionInfo.from_wire(s).id) for s in sessions]
 
     def kill(self) -> SessionInfo:
         """Kills the session (its processes and files are gone); returns its
@@ -514,6 +533,18 @@ class AsyncSession:
     async def info(self) -> SessionInfo:
         """The session's state, usage, limits and remaining TTL."""
         return await self._info("session_info")
+
+    async def branch(
+        self,
+        k: int = 1,
+        same_seed: bool = False,
+        force: bool = False,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> List["AsyncSession"]:
+        """``k`` copies of this live session; as :meth:`Session.branch`."""
+        resp = await self._client._v2("session_branch", branch_fields(self.id, k, same_seed, force, labels))
+        sessions = expect_kind(resp, "sessions", "session_branch").get("sessions") or []
+        return [AsyncSession(self._client, SessionInfo.from_wire(s).id) for s in sessions]
 
     async def kill(self) -> SessionInfo:
         """Kills the session; returns its final state."""
