@@ -90,6 +90,25 @@ enum SessionCmd {
         /// Destinations: HOST[:PORTS], *.DOMAIN[:PORTS], CIDR[:PORTS].
         specs: Vec<String>,
     },
+    /// Copy a live session (its interpreter state and scratch) into new
+    /// sessions, each in namespaces of its own; prints their ids, one per
+    /// line (docs/branch.md).
+    Branch {
+        id: String,
+        /// How many copies.
+        #[arg(short = 'k', long, default_value_t = 1)]
+        count: u32,
+        /// Keep the parent's PRNG states (random, numpy's global generator).
+        #[arg(long)]
+        same_seed: bool,
+        /// Branch although the session runs threads of its own (a copy has
+        /// only the thread that forked).
+        #[arg(long)]
+        force: bool,
+        /// Print the new sessions as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Save the session's overlay workspace changes so far as a tar ("-":
     /// stdout).
     Delta { id: String, out: PathBuf },
@@ -290,6 +309,34 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
         SessionCmd::Net { id, specs } => match client.session_set_network(&id, &specs).await {
             Ok(info) => {
                 print_json(&info);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        SessionCmd::Branch {
+            id,
+            count,
+            same_seed,
+            force,
+            json,
+        } => match client
+            .session_branch(forkd_ipc::SessionBranch {
+                session: id,
+                count,
+                same_seed,
+                force,
+                labels: None,
+            })
+            .await
+        {
+            Ok(branches) => {
+                for b in &branches {
+                    if json {
+                        print_json(b);
+                    } else {
+                        println!("{}", b.session);
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),

@@ -319,20 +319,49 @@ pub async fn branch(
     })?;
     let allow_net = parent.allow_net();
     let remaining = lock_life_deadline(&parent);
+    for _ in 0..req.count {
+        sessions.admit(parent.owner)?;
+    }
+    // The branches are made side by side: each is a fork, a namespace set-up
+    // and a scratch copy that do not depend on the others.
     let mut made: Vec<(Arc<Session>, String, String)> = Vec::new();
-    let result = async {
-        for _ in 0..req.count {
-            sessions.admit(parent.owner)?;
-            let (branch, ns, dir) = make_branch(
-                sessions, &parent, parent_uid, &req, &peer, &allow_net, remaining,
+    let mut first_error = None;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..req.count {
+        let (sessions, parent, req, allow_net) = (
+            sessions.clone(),
+            parent.clone(),
+            req.clone(),
+            allow_net.clone(),
+        );
+        set.spawn(async move {
+            let r = make_branch(
+                &sessions, &parent, parent_uid, &req, &peer, &allow_net, remaining,
             )
-            .await?;
-            made.push((branch, ns, dir));
+            .await;
+            (i, r)
+        });
+    }
+    let mut slots: Vec<Option<(Arc<Session>, String, String)>> =
+        (0..req.count).map(|_| None).collect();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((i, Ok(b))) => slots[i as usize] = Some(b),
+            Ok((_, Err(e))) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(internal(
+                    "branch task",
+                    std::io::Error::other(e.to_string()),
+                ));
+            }
         }
-        // The parent's scratch, copied while its interpreter is idle (a
-        // background command may still write: its writes land in either).
-        for (branch, _, _) in &made {
-            copy_scratch(parent.pid, branch.pid).await?;
+    }
+    made.extend(slots.into_iter().flatten());
+    let result = async {
+        if let Some(e) = first_error {
+            return Err(e);
         }
         let targets = made
             .iter()
@@ -355,6 +384,9 @@ pub async fn branch(
             (FromExecutor::Branched { outcomes, .. }, _) => outcomes,
             _ => return Err(unexpected("session_branch")),
         };
+        if outcomes.len() != made.len() {
+            return Err(unexpected("session_branch"));
+        }
         for ((branch, _, _), outcome) in made.iter().zip(&outcomes) {
             if let Some(e) = &outcome.error {
                 return Err(error(
@@ -365,10 +397,14 @@ pub async fn branch(
                     ),
                 ));
             }
-            adopt(branch, &parent).await?;
         }
-        if outcomes.len() != made.len() {
-            return Err(unexpected("session_branch"));
+        let mut adopting = tokio::task::JoinSet::new();
+        for (branch, _, _) in &made {
+            let (branch, parent) = (branch.clone(), parent.clone());
+            adopting.spawn(async move { adopt(&branch, &parent).await });
+        }
+        while let Some(joined) = adopting.join_next().await {
+            joined.map_err(|e| internal("adopt task", std::io::Error::other(e.to_string())))??;
         }
         Ok::<_, ErrorReply>(())
     }
@@ -452,6 +488,12 @@ async fn make_branch(
         },
     )
     .await?;
+    // The parent's scratch, copied while its interpreter is idle (a
+    // background command may still write: its writes land in either).
+    if let Err(e) = copy_scratch(parent.pid, helper).await {
+        session.kill(SessionEnd::Died);
+        return Err(e);
+    }
     let ns = forkd_zygote::branch::exposed_dir(helper);
     Ok((session, ns, dir))
 }
