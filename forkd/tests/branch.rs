@@ -211,6 +211,13 @@ async fn refusals_and_cycles_leave_nothing_behind() {
         .to_string();
     assert!(e.contains("paused"), "{e}");
     c.session_resume(&s).await.unwrap();
+    // A branch of a branch: refused, naming the way out.
+    let e = c
+        .session_branch(branch_of(&forced[0].session, 1))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("itself a branch"), "{e}");
     for _ in 0..20 {
         let b = c.session_branch(branch_of(&s, 2)).await.unwrap();
         for info in b {

@@ -298,6 +298,12 @@ pub async fn branch(
         )));
     }
     parent.usable()?;
+    if let Some(grandparent) = &parent.parent {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session, or checkpoint by branching it before it changes", parent.id),
+        ));
+    }
     if parent.has_workspace() {
         return Err(error(
             ErrorCode::InvalidRequest,
