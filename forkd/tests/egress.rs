@@ -475,6 +475,38 @@ async fn a_session_keeps_its_allowlist_across_cells_and_commands_() {
         .await
         .unwrap();
     assert_eq!(r.text.as_deref(), Some("'ConnectionRefusedError'"), "{r:?}");
+    // A branch inherits the allowlist (its own egress, in its own network
+    // namespace), and changing the branch's leaves the parent's alone.
+    let b = c
+        .session_branch(forkd_ipc::SessionBranch {
+            session: s.clone(),
+            count: 1,
+            same_seed: false,
+            force: false,
+            labels: None,
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(b.allow_net, vec!["pkg.test:8080".to_string()]);
+    let run = |session: &str, code: &str| forkd_ipc::RunCode {
+        session: session.into(),
+        code: code.into(),
+        timeout_ms: Some(20_000),
+    };
+    let r = c.run_code(&run(&b.session, talk)).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("'a: hi'"), "{r:?}");
+    c.session_set_network(&b.session, &[]).await.unwrap();
+    let r = c
+        .run_code(&run(
+            &b.session,
+            "import socket\ntry:\n    socket.create_connection(('pkg.test', 8080), timeout=5)\n    got = 'reached'\nexcept OSError as e:\n    got = type(e).__name__\ngot",
+        ))
+        .await
+        .unwrap();
+    assert_ne!(r.text.as_deref(), Some("'reached'"), "{r:?}");
+    let r = c.run_code(&run(&s, talk)).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("'a: hi'"), "{r:?}");
     c.session_kill(&s).await.unwrap();
     drop(c);
     d.finish().await;
