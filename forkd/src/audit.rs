@@ -143,6 +143,9 @@ pub struct Record {
     /// `session_network_changed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_net: Option<Vec<String>>,
+    /// The session a branch was copied from (`session_branch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl Record {
@@ -163,6 +166,7 @@ impl Record {
         r.limits = Some(info.limits.clone());
         r.warm = Some(info.warm);
         r.session = Some(info.session.clone());
+        r.parent = info.parent.clone();
         if !info.allow_net.is_empty() || event == "session_network_changed" {
             r.allow_net = Some(info.allow_net.clone());
         }
@@ -203,6 +207,7 @@ impl Record {
             session: None,
             cells: None,
             allow_net: None,
+            parent: None,
         }
     }
 
@@ -279,6 +284,7 @@ impl Record {
             session: None,
             cells: None,
             allow_net: None,
+            parent: None,
         }
     }
 

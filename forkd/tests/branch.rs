@@ -172,7 +172,14 @@ async fn refusals_and_cycles_leave_nothing_behind() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
         return;
     }
-    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let a2 = audit.clone();
+    let d = TestDaemon::start(move |c| {
+        c.metrics_listen = Some("127.0.0.1:0".into());
+        c.audit_log = Some(a2);
+    })
+    .await;
     let c = d.client().await;
     let s = c
         .session_create(&SessionCreate::default())
@@ -225,6 +232,23 @@ async fn refusals_and_cycles_leave_nothing_behind() {
         }
     }
     assert_eq!(text(&c, &s, "'parent'").await, "'parent'");
+    // Counted and audited: each branch's creation names its parent.
+    let metrics = common::scrape::scrape(d.metrics_addr().unwrap()).await;
+    let ok = common::scrape::sample(
+        &metrics,
+        "forkd_session_requests_total",
+        &[("op", "session_branch"), ("outcome", "ok")],
+    );
+    assert_eq!(ok, Some(21.0), "{metrics}");
+    let created_from_s = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "session_created" && r["parent"] == s.as_str())
+        .count();
+    // 1 forced + 40 in cycles + the one refused for the thread (its session
+    // was made, then ended when the interpreter refused).
+    assert_eq!(created_from_s, 42);
     drop(c);
     d.finish().await;
 }
