@@ -129,8 +129,10 @@ started=$(date +%s)
 say "building forkd and the tests"
 cargo build --quiet --workspace --bins --lib
 json=$(cargo test --quiet --workspace --no-run --message-format=json)
-test_exe() { # the executable of integration test $1
-    grep -F '"kind":["test"]' <<<"$json" | grep -F "\"name\":\"$1\"" |
+test_exe() { # the executable of integration test $1 (the forkd crate's first)
+    local hits
+    hits=$(grep -F '"kind":["test"]' <<<"$json" | grep -F "\"name\":\"$1\"")
+    { grep -F '/forkd#' <<<"$hits" || echo "$hits"; } |
         grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -1
 }
 # What the guest runs: test binary, then an optional name filter.
@@ -142,6 +144,7 @@ GUEST_TESTS=(
     "escapes_outside"
     "cgroups"
     "sessions pause_stops_cpu_and_resume_continues"
+    "branch a_branch_copies_state_and_scratch_then_diverges"
 )
 TESTS=()
 test_list=
