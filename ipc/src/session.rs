@@ -109,11 +109,11 @@ pub struct SessionBranch {
     pub count: u32,
     /// Keep the PRNG states (`random`, numpy's global generator) equal to
     /// the parent's; by default each branch is reseeded.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub same_seed: bool,
     /// Branch although the interpreter runs threads the user started (a
     /// branch has only the thread that forked).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
     /// Labels of the new sessions (default: the parent's).
     #[serde(default, skip_serializing_if = "Option::is_none")]

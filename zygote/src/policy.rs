@@ -243,7 +243,8 @@ mod tests {
             "add_key",
             "request_key",
             "unshare",
-            "setns",
+            // (setns is allowed: a session's interpreter enters a branch's
+            // namespaces with it; see policy/default.toml.)
             "io_uring_setup",
             "userfaultfd",
             "open_by_handle_at",
