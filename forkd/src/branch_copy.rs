@@ -29,8 +29,8 @@ pub fn copy_scratch(parent: i32, branch: i32) -> io::Result<()> {
     let owner = uid_of(branch)?;
     let mut budget = MAX_COPY_BYTES;
     for dir in ["tmp", "shm"] {
-        let from = open_dir(&format!("/proc/{parent}/root/dev/.scratch/{dir}"))?;
-        let to = open_dir(&format!("/proc/{branch}/root/dev/.scratch/{dir}"))?;
+        let from = open_scratch(parent, dir)?;
+        let to = open_scratch(branch, dir)?;
         let dev = rustix::fs::fstat(&from)
             .map_err(errno("stat the scratch"))?
             .st_dev;
@@ -39,13 +39,31 @@ pub fn copy_scratch(parent: i32, branch: i32) -> io::Result<()> {
     Ok(())
 }
 
-fn open_dir(path: &str) -> io::Result<OwnedFd> {
-    rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+/// `/dev/.scratch/{dir}` of the sandbox whose init is `pid`. Only the
+/// `/proc/<pid>/root` magic link is followed: the stage is the sandbox's own
+/// tmpfs, where its code may have put symlinks (an absolute one would
+/// otherwise resolve against the daemon's root).
+fn open_scratch(pid: i32, dir: &str) -> io::Result<OwnedFd> {
+    let what = format!("/proc/{pid}/root/dev/.scratch/{dir}");
+    let fail = |e: rustix::io::Errno| {
+        io::Error::new(io::Error::from(e).kind(), format!("open {what}: {e}"))
+    };
+    let root = rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("open {path}: {e}")))
+    .map_err(fail)?;
+    rustix::fs::openat2(
+        &root,
+        format!("dev/.scratch/{dir}"),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        rustix::fs::ResolveFlags::BENEATH
+            | rustix::fs::ResolveFlags::NO_SYMLINKS
+            | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(fail)
 }
 
 /// The real uid of `pid`.

@@ -165,6 +165,42 @@ async fn a_branch_cannot_reach_its_parent_or_siblings() {
     d.finish().await;
 }
 
+/// The parent's code owns its scratch stage: swapping its `tmp` for a
+/// symlink to the host's `/etc` must not make the daemon copy host files
+/// into a branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_cannot_make_the_scratch_copy_read_host_files() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&SessionCreate::default())
+        .await
+        .unwrap()
+        .session;
+    let swapped = text(
+        &c,
+        &s,
+        "import os\ntry:\n    os.rename('/dev/.scratch/tmp', '/dev/.scratch/old')\n    os.symlink('/etc', '/dev/.scratch/tmp')\n    r = 'swapped'\nexcept OSError as e:\n    r = e.strerror\nr",
+    )
+    .await;
+    match c.session_branch(branch_of(&s, 1)).await {
+        Err(e) => assert!(e.to_string().contains("scratch"), "{e} ({swapped})"),
+        Ok(b) => {
+            let seen = text(&c, &b[0].session, "import os\nsorted(os.listdir('/tmp'))").await;
+            assert!(
+                !seen.contains("passwd") && !seen.contains("shadow"),
+                "host files copied: {seen} ({swapped})"
+            );
+        }
+    }
+    assert_eq!(text(&c, &s, "1 + 1").await, "2");
+    drop(c);
+    d.finish().await;
+}
+
 /// Refusals with clear errors, and many branch/kill cycles that leave
 /// nothing behind (the daemon's leak check at the end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
