@@ -128,8 +128,12 @@ fn copy_dir(
                 };
                 let dst = {
                     let _as = crate::sys::FsIds::enter(owner);
-                    rustix::fs::mkdirat(to, name, Mode::from_bits_truncate(0o700))
-                        .map_err(errno("make a directory"))?;
+                    // Already there: a mount point the branch's own set-up
+                    // made (an interpreter bound under /tmp); merged into.
+                    match rustix::fs::mkdirat(to, name, Mode::from_bits_truncate(0o700)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(errno("make a directory")(e)),
+                    }
                     rustix::fs::openat(
                         to,
                         name,
@@ -159,13 +163,17 @@ fn copy_dir(
                 }
                 let dst = {
                     let _as = crate::sys::FsIds::enter(owner);
-                    rustix::fs::openat(
+                    match rustix::fs::openat(
                         to,
                         name,
                         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | nofollow,
                         Mode::from_bits_truncate(0o600),
-                    )
-                    .map_err(errno("create a file"))?
+                    ) {
+                        Ok(fd) => fd,
+                        // The branch's own (a mount point): it stays.
+                        Err(rustix::io::Errno::EXIST) => continue,
+                        Err(e) => return Err(errno("create a file")(e)),
+                    }
                 };
                 let mut r = std::fs::File::from(src);
                 let mut w = std::fs::File::from(dst);
@@ -182,13 +190,17 @@ fn copy_dir(
                     Err(e) => return Err(errno("read a symlink")(e)),
                 };
                 let _as = crate::sys::FsIds::enter(owner);
-                rustix::fs::symlinkat(target.as_c_str(), to, name)
-                    .map_err(errno("make a symlink"))?;
+                match rustix::fs::symlinkat(target.as_c_str(), to, name) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(errno("make a symlink")(e)),
+                }
             }
             FileType::Fifo => {
                 let _as = crate::sys::FsIds::enter(owner);
-                rustix::fs::mknodat(to, name, FileType::Fifo, mode, 0)
-                    .map_err(errno("make a fifo"))?;
+                match rustix::fs::mknodat(to, name, FileType::Fifo, mode, 0) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(errno("make a fifo")(e)),
+                }
             }
             // Sockets and devices are not data: a branch has its own.
             _ => {}
