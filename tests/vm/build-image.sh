@@ -21,13 +21,15 @@ cp "$work"/kernel/boot/vmlinuz-* "$work/vmlinuz"
 cp "$work"/kernel/boot/config-* "$work/kernel-config"
 
 # The root filesystem. minbase already has util-linux (mount, setpriv) and
-# passwd (useradd) for the guest's init script.
-timeout 1200 debootstrap --variant=minbase --include=python3,python3-numpy \
+# passwd (useradd) for the guest's init script; iproute2 and the veth module
+# are for the egress tests' test hosts (a veth pair into a network namespace).
+timeout 1200 debootstrap --variant=minbase --include=python3,python3-numpy,iproute2 \
     "$suite" "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || {
     tail -30 "$work/debootstrap.log" >&2
     echo "build-image.sh: debootstrap $suite from $mirror failed (log above)" >&2
     exit 1
 }
+cp "$work"/kernel/lib/modules/*/kernel/drivers/net/veth.ko "$work/rootfs/lib/veth.ko"
 # Trim what the guest never reads: every megabyte is unpacked into its RAM.
 rm -rf "$work"/rootfs/usr/share/{doc,man,info,locale,lintian} \
     "$work"/rootfs/var/cache/apt/*.bin "$work"/rootfs/var/cache/apt/archives/*.deb \

@@ -145,6 +145,8 @@ GUEST_TESTS=(
     "cgroups"
     "sessions pause_stops_cpu_and_resume_continues"
     "branch a_branch_copies_state_and_scratch_then_diverges"
+    "egress a_session_keeps_its_allowlist_across_cells_and_commands"
+    "egress a_sandbox_reaches_its_allowlist_by_name_and_address_and_nothing_else"
 )
 TESTS=()
 test_list=
