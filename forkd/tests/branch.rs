@@ -31,6 +31,18 @@ async fn text(c: &AsyncClient, s: &str, code: &str) -> String {
     r.text.unwrap_or_default()
 }
 
+async fn create(c: &AsyncClient) -> String {
+    c.session_create(&SessionCreate::default())
+        .await
+        .unwrap()
+        .session
+}
+
+/// The error a refused branch request gets, as text.
+async fn refused(c: &AsyncClient, req: SessionBranch) -> String {
+    c.session_branch(req).await.unwrap_err().to_string()
+}
+
 fn branch_of(s: &str, count: u32) -> SessionBranch {
     SessionBranch {
         session: s.into(),
@@ -48,11 +60,7 @@ async fn a_branch_copies_state_and_scratch_then_diverges() {
     }
     let d = TestDaemon::start(|_| {}).await;
     let c = d.client().await;
-    let s = c
-        .session_create(&SessionCreate::default())
-        .await
-        .unwrap()
-        .session;
+    let s = create(&c).await;
     text(
         &c,
         &s,
@@ -97,11 +105,7 @@ async fn a_branch_cannot_reach_its_parent_or_siblings() {
     })
     .await;
     let c = d.client().await;
-    let s = c
-        .session_create(&SessionCreate::default())
-        .await
-        .unwrap()
-        .session;
+    let s = create(&c).await;
     let ns_of = "import os\nsorted((n, os.readlink(f'/proc/self/ns/{n}')) for n in ('mnt', 'net', 'pid', 'ipc', 'uts', 'user', 'cgroup'))";
     text(&c, &s, "import socket\nsrv = socket.socket(socket.AF_UNIX); srv.bind('\\0forkd-parent'); srv.listen()\nkeep = 1\nNone").await;
     let parent_ns = text(&c, &s, ns_of).await;
@@ -175,11 +179,7 @@ async fn a_parent_cannot_make_the_scratch_copy_read_host_files() {
     }
     let d = TestDaemon::start(|_| {}).await;
     let c = d.client().await;
-    let s = c
-        .session_create(&SessionCreate::default())
-        .await
-        .unwrap()
-        .session;
+    let s = create(&c).await;
     let swapped = text(
         &c,
         &s,
@@ -217,18 +217,10 @@ async fn refusals_and_cycles_leave_nothing_behind() {
     })
     .await;
     let c = d.client().await;
-    let s = c
-        .session_create(&SessionCreate::default())
-        .await
-        .unwrap()
-        .session;
+    let s = create(&c).await;
     // A thread of the user's own: refused unless forced.
     text(&c, &s, "import threading, time\nev = threading.Event()\nt = threading.Thread(target=ev.wait, name='worker'); t.start()\nNone").await;
-    let e = c
-        .session_branch(branch_of(&s, 1))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused(&c, branch_of(&s, 1)).await;
     assert!(e.contains("worker") && e.contains("force"), "{e}");
     let forced = c
         .session_branch(SessionBranch {
@@ -239,27 +231,15 @@ async fn refusals_and_cycles_leave_nothing_behind() {
         .unwrap();
     assert_eq!(text(&c, &forced[0].session, "t.is_alive()").await, "False");
     text(&c, &s, "ev.set(); t.join()\nNone").await;
-    let e = c
-        .session_branch(branch_of(&s, 0))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused(&c, branch_of(&s, 0)).await;
     assert!(e.contains("count"), "{e}");
     // Paused: refused until resumed.
     c.session_pause(&s).await.unwrap();
-    let e = c
-        .session_branch(branch_of(&s, 1))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused(&c, branch_of(&s, 1)).await;
     assert!(e.contains("paused"), "{e}");
     c.session_resume(&s).await.unwrap();
     // A branch of a branch: refused, naming the way out.
-    let e = c
-        .session_branch(branch_of(&forced[0].session, 1))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused(&c, branch_of(&forced[0].session, 1)).await;
     assert!(e.contains("itself a branch"), "{e}");
     for _ in 0..20 {
         let b = c.session_branch(branch_of(&s, 2)).await.unwrap();
