@@ -77,6 +77,45 @@ fn sdk_python() -> Result<PathBuf, String> {
     Ok(py)
 }
 
+/// `forkd/tests/e2b/NAME` under the SDKs' python, talking only to loopback
+/// (no proxy, no E2B domain or debug mode from the environment).
+fn sdk_script(py: &Path, name: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(py);
+    cmd.arg(workspace_root().join("forkd/tests/e2b").join(name))
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .kill_on_drop(true);
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Runs an SDK script within `limit`; it must succeed and print ALL OK.
+/// Returns its stdout.
+async fn run_to_all_ok(mut cmd: tokio::process::Command, limit: Duration) -> String {
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .expect("the SDK script finished in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the SDK script failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmodified_e2b_sdks_drive_the_gateway() {
     if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
@@ -112,41 +151,15 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
         let _ = stopped.await;
     }));
 
-    let script = workspace_root().join("forkd/tests/e2b/sdk.py");
-    let mut cmd = tokio::process::Command::new(&py);
-    cmd.arg(&script)
-        .env("E2B_API_KEY", key_a)
+    let mut cmd = sdk_script(&py, "sdk.py");
+    cmd.env("E2B_API_KEY", key_a)
         .env("FORKD_E2B_KEY_B", key_b)
         .env("E2B_API_URL", &url)
-        .env("E2B_SANDBOX_URL", &url)
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .kill_on_drop(true);
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(var);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
-        .await
-        .expect("the SDK script finished within 5 minutes")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .env("E2B_SANDBOX_URL", &url);
+    let stdout = run_to_all_ok(cmd, Duration::from_secs(300)).await;
     for line in stdout.lines().filter(|l| l.starts_with("SKIP")) {
         skipped(line);
     }
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "the SDK script failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     // Requests are counted per route, status and (verified) tenant.
     let text = fetch(&py, &metrics_url).await;
@@ -390,39 +403,13 @@ async fn two_gateways_forward_to_the_node_that_holds_the_sandbox() {
         servers.push((stop, task));
     }
 
-    let script = workspace_root().join("forkd/tests/e2b/nodes.py");
-    let mut cmd = tokio::process::Command::new(&py);
-    cmd.arg(&script)
-        .env("E2B_API_KEY", key)
+    let mut cmd = sdk_script(&py, "nodes.py");
+    cmd.env("E2B_API_KEY", key)
         .env("FORKD_URL_A", &url_a)
         .env("FORKD_URL_B", &url_b)
-        .env("NO_PROXY", "127.0.0.1,localhost")
         .env_remove("E2B_API_URL")
-        .env_remove("E2B_SANDBOX_URL")
-        .env_remove("E2B_DOMAIN")
-        .env_remove("E2B_DEBUG")
-        .kill_on_drop(true);
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(var);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-        .await
-        .expect("the two-node script finished within 3 minutes")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ALL OK"),
-        "the two-node script failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .env_remove("E2B_SANDBOX_URL");
+    run_to_all_ok(cmd, Duration::from_secs(180)).await;
 
     // Nothing is left on either node.
     for d in [&da, &db] {
