@@ -146,6 +146,10 @@ pub struct Record {
     /// The session a branch was copied from (`session_branch`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The checkpoint taken, restored or deleted (`session_checkpointed`,
+    /// `session_restored`, `session_checkpoint_deleted`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 impl Record {
@@ -208,6 +212,7 @@ impl Record {
             cells: None,
             allow_net: None,
             parent: None,
+            checkpoint: None,
         }
     }
 
@@ -285,6 +290,7 @@ impl Record {
             cells: None,
             allow_net: None,
             parent: None,
+            checkpoint: None,
         }
     }
 

@@ -109,6 +109,27 @@ enum SessionCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Keep a frozen copy of the session (interpreter and scratch) and print
+    /// its id; with --list, print the session's checkpoints; with --delete,
+    /// drop one.
+    Checkpoint {
+        id: String,
+        /// Checkpoint although the session runs threads of its own.
+        #[arg(long)]
+        force: bool,
+        /// List the session's checkpoints instead (id, age, scratch bytes,
+        /// restores).
+        #[arg(long, conflicts_with_all = ["delete", "force"])]
+        list: bool,
+        /// Drop this checkpoint instead.
+        #[arg(long, value_name = "CHECKPOINT", conflicts_with = "force")]
+        delete: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the session back in the state of one of its checkpoints.
+    Restore { id: String, checkpoint: String },
     /// Save the session's overlay workspace changes so far as a tar ("-":
     /// stdout).
     Delta { id: String, out: PathBuf },
@@ -341,6 +362,48 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        SessionCmd::Checkpoint {
+            id,
+            force,
+            list,
+            delete,
+            json,
+        } => {
+            let done = if list {
+                client.session_checkpoints(&id).await.map(|all| {
+                    for k in &all {
+                        if json {
+                            print_json(k);
+                        } else {
+                            println!(
+                                "{}\t{} ms\t{} B\t{} restores",
+                                k.checkpoint, k.age_ms, k.scratch_bytes, k.restores
+                            );
+                        }
+                    }
+                })
+            } else if let Some(ck) = delete {
+                client.session_checkpoint_delete(&id, &ck).await
+            } else {
+                client.session_checkpoint(&id, force).await.map(|k| {
+                    if json {
+                        print_json(&k);
+                    } else {
+                        println!("{}", k.checkpoint);
+                    }
+                })
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        SessionCmd::Restore { id, checkpoint } => {
+            match client.session_restore(&id, &checkpoint).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
         SessionCmd::Kill { id } => match client.session_kill(&id).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

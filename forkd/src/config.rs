@@ -946,6 +946,10 @@ pub struct SessionsSection {
     /// Session requests one connection may have in flight; more are
     /// answered `busy` (a bound on what one client can make the daemon hold).
     pub max_requests_per_connection: usize,
+    /// Most checkpoints one session may keep at once.
+    pub max_checkpoints_per_session: usize,
+    /// Most checkpoints one peer uid may keep at once, over all its sessions.
+    pub max_checkpoints_per_uid: usize,
 }
 
 impl Default for SessionsSection {
@@ -959,6 +963,8 @@ impl Default for SessionsSection {
             interrupt_grace_ms: 2_000,
             remember_ended: 1024,
             max_requests_per_connection: 1024,
+            max_checkpoints_per_session: 16,
+            max_checkpoints_per_uid: 64,
         }
     }
 }

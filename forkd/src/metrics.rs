@@ -130,6 +130,7 @@ pub fn error_code_label(code: ErrorCode) -> &'static str {
         ErrorCode::FileError => "file_error",
         ErrorCode::Cancelled => "cancelled",
         ErrorCode::Busy => "busy",
+        ErrorCode::UnknownCheckpoint => "unknown_checkpoint",
     }
 }
 

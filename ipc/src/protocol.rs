@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::bytes::{b64, b64_opt};
 use crate::session::{
-    Cancel, CellResult, Command, CommandKill, CommandResult, DisplayData, FileData, FileEntry,
-    FilePath, FileRead, FileWrite, RunCode, SessionBranch, SessionCreate, SessionInfo, SessionList,
-    SessionRef, SetNetwork, SetTtl, Stream,
+    Cancel, CellResult, CheckpointInfo, CheckpointRef, Command, CommandKill, CommandResult,
+    DisplayData, FileData, FileEntry, FilePath, FileRead, FileWrite, RunCode, SessionBranch,
+    SessionCheckpoint, SessionCreate, SessionInfo, SessionList, SessionRef, SetNetwork, SetTtl,
+    Stream,
 };
 pub use crate::terms::{AppliedLimits, KilledBy, Limits, WorkspaceMode, WorkspaceRequest};
 
@@ -73,6 +74,16 @@ pub enum RequestBody {
     /// Copy a live session into new ones; answered with
     /// [`ResponseBody::Sessions`].
     SessionBranch(SessionBranch),
+    /// Keep a frozen copy of a session; answered with
+    /// [`ResponseBody::Checkpoint`].
+    SessionCheckpoint(SessionCheckpoint),
+    /// Put a session back in the state of one of its checkpoints; answered
+    /// with [`ResponseBody::Session`].
+    SessionRestore(CheckpointRef),
+    /// A session's checkpoints; answered with [`ResponseBody::Checkpoints`].
+    SessionCheckpoints(SessionRef),
+    /// Drop a checkpoint; answered with [`ResponseBody::Done`].
+    SessionCheckpointDelete(CheckpointRef),
     /// An overlay workspace's changes so far, as a tar; answered with
     /// [`ResponseBody::FileData`].
     SessionWorkspaceDelta(SessionRef),
@@ -125,6 +136,10 @@ impl RequestBody {
             RequestBody::SessionSetTtl(_) => "session_set_ttl",
             RequestBody::SessionSetNetwork(_) => "session_set_network",
             RequestBody::SessionBranch(_) => "session_branch",
+            RequestBody::SessionCheckpoint(_) => "session_checkpoint",
+            RequestBody::SessionRestore(_) => "session_restore",
+            RequestBody::SessionCheckpoints(_) => "session_checkpoints",
+            RequestBody::SessionCheckpointDelete(_) => "session_checkpoint_delete",
             RequestBody::SessionWorkspaceDelta(_) => "session_workspace_delta",
             RequestBody::RunCode(_) => "run_code",
             RequestBody::Interrupt(_) => "interrupt",
@@ -151,8 +166,9 @@ mod wire {
 
     use super::{RequestBody, SpawnRequest};
     use crate::session::{
-        Cancel, Command, CommandKill, FilePath, FileRead, FileWrite, RunCode, SessionBranch,
-        SessionCreate, SessionList, SessionRef, SetNetwork, SetTtl,
+        Cancel, CheckpointRef, Command, CommandKill, FilePath, FileRead, FileWrite, RunCode,
+        SessionBranch, SessionCheckpoint, SessionCreate, SessionList, SessionRef, SetNetwork,
+        SetTtl,
     };
 
     #[derive(Deserialize)]
@@ -170,6 +186,10 @@ mod wire {
         SessionSetTtl(SetTtl),
         SessionSetNetwork(SetNetwork),
         SessionBranch(SessionBranch),
+        SessionCheckpoint(SessionCheckpoint),
+        SessionRestore(CheckpointRef),
+        SessionCheckpoints(SessionRef),
+        SessionCheckpointDelete(CheckpointRef),
         SessionWorkspaceDelta(SessionRef),
         RunCode(RunCode),
         Interrupt(SessionRef),
@@ -202,6 +222,12 @@ mod wire {
                 RequestBodyWire::SessionSetTtl(r) => RequestBody::SessionSetTtl(r),
                 RequestBodyWire::SessionSetNetwork(r) => RequestBody::SessionSetNetwork(r),
                 RequestBodyWire::SessionBranch(r) => RequestBody::SessionBranch(r),
+                RequestBodyWire::SessionCheckpoint(r) => RequestBody::SessionCheckpoint(r),
+                RequestBodyWire::SessionRestore(r) => RequestBody::SessionRestore(r),
+                RequestBodyWire::SessionCheckpoints(r) => RequestBody::SessionCheckpoints(r),
+                RequestBodyWire::SessionCheckpointDelete(r) => {
+                    RequestBody::SessionCheckpointDelete(r)
+                }
                 RequestBodyWire::SessionWorkspaceDelta(r) => RequestBody::SessionWorkspaceDelta(r),
                 RequestBodyWire::RunCode(r) => RequestBody::RunCode(r),
                 RequestBodyWire::Interrupt(r) => RequestBody::Interrupt(r),
@@ -360,6 +386,13 @@ pub enum ResponseBody {
     },
     /// Answers `file_stat`.
     FileStat(FileEntry),
+    /// Answers `session_checkpoint`.
+    Checkpoint(CheckpointInfo),
+    /// Answers `session_checkpoints`.
+    Checkpoints {
+        /// The session's checkpoints, oldest first.
+        checkpoints: Vec<CheckpointInfo>,
+    },
     /// Answers requests that return nothing (`interrupt`, `cancel`,
     /// `command_kill`, `file_write`, `file_remove`, `file_make_dir`).
     Done {},
@@ -601,6 +634,10 @@ pub enum ErrorCode {
     /// the daemon allows (`[sessions] max_requests_per_connection`); wait for
     /// some to finish, or open another connection (version 2).
     Busy,
+    /// The session has no checkpoint with this id, or the checkpoint was
+    /// lost (its frozen copy was killed from inside the session); list the
+    /// session's checkpoints (version 2).
+    UnknownCheckpoint,
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -124,6 +124,48 @@ fn one() -> u32 {
     1
 }
 
+/// `session_checkpoint`: keep a frozen copy of the session's interpreter and
+/// scratch at this instant, to `session_restore` later (docs/branch.md,
+/// "Checkpoint and restore"). A running cell is waited for. Answered with
+/// kind `checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCheckpoint {
+    /// The session to checkpoint.
+    pub session: String,
+    /// Checkpoint although the interpreter runs threads the user started
+    /// (the copy has only the thread that forked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+/// `session_restore` and `session_checkpoint_delete`: one checkpoint of a
+/// session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRef {
+    /// The session the checkpoint was taken of.
+    pub session: String,
+    /// The checkpoint's id (from `session_checkpoint`).
+    pub checkpoint: String,
+}
+
+/// One checkpoint (kind `checkpoint`, and in `checkpoints` lists).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Its id: name it in `session_restore`.
+    pub checkpoint: String,
+    /// The session it belongs to.
+    pub session: String,
+    /// Milliseconds since it was taken.
+    pub age_ms: u64,
+    /// Bytes of scratch (`/tmp`, `/dev/shm`) it holds.
+    pub scratch_bytes: u64,
+    /// Times it was restored.
+    #[serde(default)]
+    pub restores: u64,
+}
+
 /// `run_code`: one cell in the session's `__main__`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -318,6 +360,9 @@ pub struct SessionInfo {
     /// The session this one was branched from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Its checkpoints, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointInfo>,
 }
 
 /// Which stream a chunk of output came from.

@@ -13,9 +13,10 @@ use crate::client::{
 };
 use crate::protocol::{RequestBody, Response, ResponseBody};
 use crate::session::{
-    CellResult, Command, CommandKill, CommandResult, DisplayData, FileData, FileEntry, FilePath,
-    FileRead, FileWrite, RunCode, SessionBranch, SessionCreate, SessionInfo, SessionList,
-    SessionRef, SetNetwork, SetTtl, Stream, MAX_FILE_CHUNK,
+    CellResult, CheckpointInfo, CheckpointRef, Command, CommandKill, CommandResult, DisplayData,
+    FileData, FileEntry, FilePath, FileRead, FileWrite, RunCode, SessionBranch, SessionCheckpoint,
+    SessionCreate, SessionInfo, SessionList, SessionRef, SetNetwork, SetTtl, Stream,
+    MAX_FILE_CHUNK,
 };
 
 /// A streamed event of a cell or command, before its final result.
@@ -113,6 +114,29 @@ fn expect_stat(resp: Response) -> Result<FileEntry, ClientError> {
         ResponseBody::FileStat(e) => Ok(e),
         ResponseBody::Error(e) => Err(ClientError::Server(e)),
         other => Err(unexpected("file_stat", &other)),
+    }
+}
+
+fn expect_checkpoint(resp: Response) -> Result<CheckpointInfo, ClientError> {
+    match resp.body {
+        ResponseBody::Checkpoint(c) => Ok(c),
+        ResponseBody::Error(e) => Err(ClientError::Server(e)),
+        other => Err(unexpected("session_checkpoint", &other)),
+    }
+}
+
+fn expect_checkpoints(resp: Response) -> Result<Vec<CheckpointInfo>, ClientError> {
+    match resp.body {
+        ResponseBody::Checkpoints { checkpoints } => Ok(checkpoints),
+        ResponseBody::Error(e) => Err(ClientError::Server(e)),
+        other => Err(unexpected("session_checkpoints", &other)),
+    }
+}
+
+fn checkpoint_ref(id: &str, checkpoint: &str) -> CheckpointRef {
+    CheckpointRef {
+        session: id.to_owned(),
+        checkpoint: checkpoint.to_owned(),
     }
 }
 
@@ -221,6 +245,49 @@ impl Client {
         branch: SessionBranch,
     ) -> Result<Vec<SessionInfo>, ClientError> {
         expect_sessions(self.simple(&RequestBody::SessionBranch(branch))?)
+    }
+
+    /// Keeps a frozen copy of the session (interpreter and scratch) to
+    /// restore later; see [`SessionCheckpoint`].
+    pub fn session_checkpoint(
+        &mut self,
+        id: &str,
+        force: bool,
+    ) -> Result<CheckpointInfo, ClientError> {
+        expect_checkpoint(
+            self.simple(&RequestBody::SessionCheckpoint(SessionCheckpoint {
+                session: id.to_owned(),
+                force,
+            }))?,
+        )
+    }
+
+    /// Puts the session back in the state of `checkpoint` (same id; the
+    /// checkpoint stays, to be restored again).
+    pub fn session_restore(
+        &mut self,
+        id: &str,
+        checkpoint: &str,
+    ) -> Result<SessionInfo, ClientError> {
+        let resp = self.simple(&RequestBody::SessionRestore(checkpoint_ref(id, checkpoint)))?;
+        expect_session("session_restore", resp)
+    }
+
+    /// The session's checkpoints, oldest first.
+    pub fn session_checkpoints(&mut self, id: &str) -> Result<Vec<CheckpointInfo>, ClientError> {
+        expect_checkpoints(self.simple(&RequestBody::SessionCheckpoints(session_ref(id)))?)
+    }
+
+    /// Drops a checkpoint (its memory and scratch copy are freed).
+    pub fn session_checkpoint_delete(
+        &mut self,
+        id: &str,
+        checkpoint: &str,
+    ) -> Result<(), ClientError> {
+        let resp = self.simple(&RequestBody::SessionCheckpointDelete(checkpoint_ref(
+            id, checkpoint,
+        )))?;
+        expect_done("session_checkpoint_delete", resp)
     }
 
     /// A streamed request: `on_event` sees its events, the final reply is
@@ -520,6 +587,57 @@ impl AsyncClient {
         branch: SessionBranch,
     ) -> Result<Vec<SessionInfo>, ClientError> {
         expect_sessions(self.simple(&RequestBody::SessionBranch(branch)).await?)
+    }
+
+    /// Keeps a frozen copy of the session (interpreter and scratch) to
+    /// restore later; see [`SessionCheckpoint`].
+    pub async fn session_checkpoint(
+        &self,
+        id: &str,
+        force: bool,
+    ) -> Result<CheckpointInfo, ClientError> {
+        expect_checkpoint(
+            self.simple(&RequestBody::SessionCheckpoint(SessionCheckpoint {
+                session: id.to_owned(),
+                force,
+            }))
+            .await?,
+        )
+    }
+
+    /// Puts the session back in the state of `checkpoint` (same id; the
+    /// checkpoint stays, to be restored again).
+    pub async fn session_restore(
+        &self,
+        id: &str,
+        checkpoint: &str,
+    ) -> Result<SessionInfo, ClientError> {
+        let resp = self
+            .simple(&RequestBody::SessionRestore(checkpoint_ref(id, checkpoint)))
+            .await?;
+        expect_session("session_restore", resp)
+    }
+
+    /// The session's checkpoints, oldest first.
+    pub async fn session_checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, ClientError> {
+        expect_checkpoints(
+            self.simple(&RequestBody::SessionCheckpoints(session_ref(id)))
+                .await?,
+        )
+    }
+
+    /// Drops a checkpoint (its memory and scratch copy are freed).
+    pub async fn session_checkpoint_delete(
+        &self,
+        id: &str,
+        checkpoint: &str,
+    ) -> Result<(), ClientError> {
+        let resp = self
+            .simple(&RequestBody::SessionCheckpointDelete(checkpoint_ref(
+                id, checkpoint,
+            )))
+            .await?;
+        expect_done("session_checkpoint_delete", resp)
     }
 
     /// A streamed request: its events, then its result, within `timeout_ms`

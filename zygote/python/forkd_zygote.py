@@ -97,7 +97,7 @@ linecache.cache[_SCRIPT] = (1, None, ["\n"], _SCRIPT)
 
 # The wire's shapes and version are defined in zygote/src/wire.rs; this file
 # mirrors them (a Rust test checks these lines against it).
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 CONTROL_FD = 3
 # In a child: the status pipe, moved onto fd 3 (replacing the control socket,
 # which the child must not keep). It carries one-byte tagged reports:
@@ -1005,6 +1005,182 @@ class Running:
         self.truncated = {"stdout": False, "stderr": False}
         self.interrupted_at = None
         self.branch = False  # a branch request in the kernel, not a cell
+        self.checkpoint = None  # the id, for a checkpoint request in the kernel
+
+
+RESTORE_WAIT = 10.0  # seconds a woken checkpoint copy may take to say hello
+SCRATCH_ROOTS = ("/tmp", "/dev/shm")
+CHANNELS = ("out", "err", "cell", "res")
+
+
+def restore_dir(pid):
+    """Where the executor makes the channels of checkpoint copy `pid`."""
+    return f"/tmp/.forkd-restore-{pid}"
+
+
+def our_live_child(pid):
+    """True when pid is a living child of this process (a dead one is reaped)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
+
+
+def describe_status(status):
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def _owner_may(path, st, bits):
+    """Adds `bits` to the owner's mode of path when the owner (this uid)
+    lacks them (a file the user made unreadable); returns the old mode to put
+    back, or None."""
+    mode = stat_mode.S_IMODE(st.st_mode)
+    if mode & bits == bits or st.st_uid != os.geteuid():
+        return None
+    os.chmod(path, mode | bits, follow_symlinks=False)
+    return mode
+
+
+def copy_bytes(src, dst, count, offset):
+    """Copies count bytes of src at offset to dst's position (in the kernel)."""
+    while count > 0:
+        n = os.sendfile(dst, src, offset, min(count, 1 << 30))
+        if n == 0:
+            raise OSError(errno_codes.EIO, "the file shrank while being copied")
+        offset += n
+        count -= n
+
+
+class ScratchCopy:
+    """A checkpoint's copy of the scratch (/tmp, /dev/shm): the entries in
+    this executor's memory, the file contents in a memfd only it holds. Code
+    in the session cannot reach it (the executor is not dumpable: its
+    /proc/1/fd is closed to that code), and it is charged to the session's
+    memory cgroup. Nothing on another filesystem (a bind mount under /tmp)
+    is entered; the executor copies with exactly the rights the user's code
+    has, so the copy can hold nothing that code could not read."""
+
+    def __init__(self):
+        self.fd = os.memfd_create("forkd-checkpoint", os.MFD_CLOEXEC)
+        self.entries = []  # (root, rel, kind, mode, atime_ns, mtime_ns, offset, size, link)
+        self.size = 0
+
+    def close(self):
+        os.close(self.fd)
+
+    def take(self):
+        for root in SCRATCH_ROOTS:
+            self._walk(root, root, "", os.lstat(root).st_dev, {})
+
+    def _walk(self, root, path, rel, dev, inodes):
+        st_dir = os.lstat(path)
+        old = _owner_may(path, st_dir, 0o500)
+        try:
+            with os.scandir(path) as it:
+                names = sorted(e.name for e in it)
+        finally:
+            if old is not None:
+                os.chmod(path, old)
+        for name in names:
+            if not rel and name.startswith(".forkd-"):
+                continue  # forkd's own hand-over directories
+            full = f"{path}/{name}"
+            r = f"{rel}/{name}" if rel else name
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            if st.st_dev != dev:
+                continue  # a mount point (an interpreter bound under /tmp)
+            times = (st.st_atime_ns, st.st_mtime_ns)
+            mode = stat_mode.S_IMODE(st.st_mode)
+            if stat_mode.S_ISDIR(st.st_mode):
+                self.entries.append((root, r, "dir", mode, *times, 0, 0, None))
+                self._walk(root, full, r, dev, inodes)
+            elif stat_mode.S_ISREG(st.st_mode):
+                if st.st_nlink > 1 and st.st_ino in inodes:
+                    self.entries.append((root, r, "link", mode, *times, 0, 0, inodes[st.st_ino]))
+                    continue
+                inodes[st.st_ino] = (root, r)
+                old = _owner_may(full, st, 0o400)
+                try:
+                    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                finally:
+                    if old is not None:
+                        os.chmod(full, old)
+                try:
+                    size = os.fstat(fd).st_size
+                    copy_bytes(fd, self.fd, size, 0)
+                finally:
+                    os.close(fd)
+                self.entries.append((root, r, "file", mode, *times, self.size, size, None))
+                self.size += size
+            elif stat_mode.S_ISLNK(st.st_mode):
+                self.entries.append((root, r, "symlink", mode, *times, 0, 0, os.readlink(full)))
+            elif stat_mode.S_ISFIFO(st.st_mode):
+                self.entries.append((root, r, "fifo", mode, *times, 0, 0, None))
+            # sockets (nothing listens on them after a restore) are left out
+
+    def restore(self):
+        """Empties the scratch, then puts the copy back."""
+        for root in SCRATCH_ROOTS:
+            _wipe(root, os.lstat(root).st_dev)
+        dirs = []
+        for root, rel, kind, mode, atime, mtime, offset, size, link in self.entries:
+            full = f"{root}/{rel}"
+            if kind == "dir":
+                try:
+                    os.mkdir(full, 0o700)
+                except FileExistsError:
+                    pass  # holds a mount point, so it was kept
+                dirs.append((full, mode, atime, mtime))
+            elif kind == "file":
+                fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    copy_bytes(self.fd, fd, size, offset)
+                    os.fchmod(fd, mode)
+                    os.utime(fd, ns=(atime, mtime))
+                finally:
+                    os.close(fd)
+            elif kind == "link":
+                os.link(f"{link[0]}/{link[1]}", full)
+            elif kind == "symlink":
+                os.symlink(link, full)
+                os.utime(full, ns=(atime, mtime), follow_symlinks=False)
+            elif kind == "fifo":
+                os.mkfifo(full, mode)
+                os.utime(full, ns=(atime, mtime))
+        for full, mode, atime, mtime in reversed(dirs):
+            os.chmod(full, mode)
+            os.utime(full, ns=(atime, mtime))
+
+
+def _wipe(path, dev):
+    """Removes what path holds on its own filesystem (mount points and the
+    directories above them stay)."""
+    st = os.lstat(path)
+    _owner_may(path, st, 0o700)
+    with os.scandir(path) as it:
+        names = [e.name for e in it]
+    for name in names:
+        full = f"{path}/{name}"
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue
+        if st.st_dev != dev:
+            continue
+        if stat_mode.S_ISDIR(st.st_mode):
+            _wipe(full, dev)
+            try:
+                os.rmdir(full)
+            except OSError as e:
+                if e.errno not in (errno_codes.ENOTEMPTY, errno_codes.EBUSY):
+                    raise
+        else:
+            os.unlink(full)
 
 
 class Executor:
@@ -1029,6 +1205,9 @@ class Executor:
         self.kernel_buf = bytearray()
         self.execution_count = 0
         self.commands = {}  # pid -> (Running, Popen, [Stream])
+        # id -> {"pid": the frozen copy (our child), "scratch": ScratchCopy, "restores": n}
+        self.checkpoints = {}
+        self.restoring = None  # {"req", "id", "pid", "dir", "deadline"} while a copy wakes
         self.devnull = os.open("/dev/null", os.O_RDWR)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -1062,7 +1241,7 @@ class Executor:
 
     def serve(self):
         if self.adopt_dir is not None:
-            self.await_copy()
+            self.await_copy(self.adopt_dir)
         else:
             self.start_kernel()
         while True:
@@ -1070,6 +1249,9 @@ class Executor:
             if self.escalation_pending():
                 left = self.cell.interrupted_at + self.grace - time.monotonic()
                 timeout = max(0, int(left * 1000) + 1)
+            if self.restoring is not None:
+                left = max(0, int((self.restoring["deadline"] - time.monotonic()) * 1000) + 1)
+                timeout = left if timeout is None else min(timeout, left)
             try:
                 events = self.poller.poll(timeout)
             except InterruptedError:
@@ -1082,6 +1264,8 @@ class Executor:
             if self.escalation_pending() and time.monotonic() >= self.cell.interrupted_at + self.grace:
                 # The cell ignored SIGINT: the interpreter goes, its state with it.
                 self.kill_kernel()
+            if self.restoring is not None and time.monotonic() >= self.restoring["deadline"]:
+                self.restore_failed(f"its copy did not come back within {RESTORE_WAIT:g} s")
 
     def escalation_pending(self):
         """An interrupted cell is running in a kernel not yet killed."""
@@ -1130,6 +1314,14 @@ class Executor:
         elif op == "branch":
             self.queue.append((req, {"targets": msg["targets"], "same_seed": msg["same_seed"], "force": msg["force"]}))
             self.next_cell()
+        elif op == "checkpoint":
+            self.queue.append((req, {"checkpoint": msg["id"], "force": msg["force"]}))
+            self.next_cell()
+        elif op == "restore":
+            self.queue.append((req, {"restore": msg["id"]}))
+            self.next_cell()
+        elif op == "drop_checkpoint":
+            self.send(self.drop_checkpoint(req, msg["id"]))
         elif op == "adopt":
             self.adopt_req = req
             if self.kernel is not None and self.kernel["pid"] is not None:
@@ -1163,6 +1355,12 @@ class Executor:
                 self.kernel_died(status)
             elif pid in self.commands:
                 self.command_done(pid, status)
+            elif self.restoring is not None and pid == self.restoring["pid"]:
+                self.restore_failed(f"its copy ended ({describe_status(status)})")
+            else:
+                for ck in self.checkpoints.values():
+                    if ck["pid"] == pid:
+                        ck["pid"] = None  # lost: killed from inside the session
 
     # -- output --------------------------------------------------------------
 
@@ -1201,16 +1399,16 @@ class Executor:
 
     # -- the kernel ------------------------------------------------------------
 
-    def await_copy(self):
-        """A branch's executor: makes the channels the copy of the parent's
-        interpreter opens (FIFOs in a directory of this branch's scratch) and
-        waits for its hello on them. The FIFOs are open read-write here, so
-        that none reports end-of-file before the copy has opened it; the
-        copy's end is learned from a pidfd instead."""
-        d = self.adopt_dir
+    def await_copy(self, d):
+        """Makes the channels a copied interpreter opens (FIFOs in directory
+        d of the scratch) and waits for its hello on them: a branch's copy of
+        its parent's interpreter, or a checkpoint's copy being restored. The
+        FIFOs are open read-write here, so that none reports end-of-file
+        before the copy has opened it; the copy's end is learned from a pidfd
+        (a branch's copy: not our child) or a wait status."""
         os.mkdir(d, 0o700)
         fds = {}
-        for name in ("out", "err", "cell", "res"):
+        for name in CHANNELS:
             os.mkfifo(f"{d}/{name}", 0o600)
             fds[name] = os.open(f"{d}/{name}", os.O_RDWR | os.O_CLOEXEC)
         streams = {fds["out"]: Stream(fds["out"], "stdout"), fds["err"]: Stream(fds["err"], "stderr")}
@@ -1230,6 +1428,9 @@ class Executor:
     def on_copy_hello(self, msg):
         """The copy arrived: it names its pid (in this branch's pid namespace)."""
         pid = msg.get("pid")
+        if self.restoring is not None:
+            self.restored(pid, msg.get("again"))
+            return
         if not isinstance(pid, int) or pid <= 1 or pid == os.getpid() or self.kernel["pid"] is not None:
             raise ValueError("a bad hello")
         pidfd = os.pidfd_open(pid)
@@ -1370,8 +1571,14 @@ class Executor:
                            "error": None if error is None else str(error)})
                 self.next_cell()
                 return True
-            if cell.branch:
-                raise ValueError("a cell result for a branch request")
+            if msg["op"] == "checkpointed" and cell.checkpoint is not None:
+                self.drain_kernel_output()
+                self.cell = None
+                self.send(self.keep_checkpoint(cell.req, cell.checkpoint, msg))
+                self.next_cell()
+                return True
+            if cell.branch or cell.checkpoint is not None:
+                raise ValueError("a cell result for a branch or checkpoint request")
             if msg["op"] != "done":
                 raise ValueError(f"unknown message {msg['op']!r}")
             results = [
@@ -1395,8 +1602,14 @@ class Executor:
                 or self.kernel["pid"] is None or self.kernel.get("killed")):
             return
         req, code = self.queue.popleft()
+        if isinstance(code, dict) and "restore" in code:
+            self.begin_restore(req, code["restore"])
+            return
         self.cell = Running(req)
-        if isinstance(code, dict):
+        if isinstance(code, dict) and "checkpoint" in code:
+            self.cell.checkpoint = code["checkpoint"]
+            data = json.dumps({"req": req, "checkpoint": {"force": code["force"]}}).encode()
+        elif isinstance(code, dict):
             self.cell.branch = True
             data = json.dumps({"req": req, "branch": code}).encode()
         else:
@@ -1483,7 +1696,12 @@ class Executor:
         elif self.cell is not None and self.cell.interrupted_at is not None:
             how = f"did not stop within {self.grace:g} s of the interrupt; it was killed"
         self.start_kernel()
-        if self.cell is not None and self.cell.branch:
+        if self.cell is not None and self.cell.checkpoint is not None:
+            cell, self.cell = self.cell, None
+            self.send({"op": "failed", "req": cell.req, "code": "invalid",
+                       "message": f"the interpreter {how} while checkpointing; its state is lost"})
+            self.next_cell()
+        elif self.cell is not None and self.cell.branch:
             cell, self.cell = self.cell, None
             self.send({"op": "branched", "req": cell.req, "outcomes": [],
                        "error": f"the interpreter {how} while branching"})
@@ -1501,6 +1719,177 @@ class Executor:
             )
         else:
             self.next_cell()
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def keep_checkpoint(self, req, cid, msg):
+        """The kernel forked its frozen copy (our child, by a double fork):
+        keep it with a copy of the scratch taken now, before the next cell."""
+        error = msg.get("error")
+        if error is not None:
+            return {"op": "failed", "req": req, "code": "invalid", "message": str(error)}
+        pid = msg.get("pid")
+        if (not isinstance(pid, int) or pid <= 1 or pid in self.commands
+                or any(ck["pid"] == pid for ck in self.checkpoints.values())
+                or not our_live_child(pid)):
+            return {"op": "failed", "req": req, "code": "invalid",
+                    "message": "the interpreter's frozen copy did not arrive"}
+        scratch = None
+        try:
+            scratch = ScratchCopy()
+            scratch.take()
+        except OSError as e:
+            if scratch is not None:
+                scratch.close()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return {"op": "failed", "req": req, "code": "file_error",
+                    "message": f"cannot copy the scratch for the checkpoint: {e}"}
+        self.checkpoints[cid] = {"pid": pid, "scratch": scratch, "restores": 0}
+        return {"op": "checkpointed", "req": req, "scratch_bytes": scratch.size}
+
+    def drop_checkpoint(self, req, cid):
+        if self.restoring is not None and self.restoring["id"] == cid:
+            return {"op": "failed", "req": req, "code": "invalid",
+                    "message": f"checkpoint {cid} is being restored; delete it after the restore"}
+        ck = self.checkpoints.pop(cid, None)
+        if ck is None:
+            return {"op": "failed", "req": req, "code": "unknown_checkpoint",
+                    "message": f"the session has no checkpoint {cid}"}
+        self.forget(ck)
+        return {"op": "done", "req": req}
+
+    def forget(self, ck):
+        if ck["pid"] is not None:
+            try:
+                os.kill(ck["pid"], signal.SIGKILL)  # reaped in on_wake
+            except ProcessLookupError:
+                pass
+        ck["scratch"].close()
+
+    def begin_restore(self, req, cid):
+        """The session's interpreter, commands and every other process it
+        started end; its scratch becomes the checkpoint's; the checkpoint's
+        frozen copy wakes (forking a new frozen copy first, so that the
+        checkpoint can be restored again) and takes the channels."""
+        ck = self.checkpoints.get(cid)
+        if ck is None or ck["pid"] is None or not our_live_child(ck["pid"]):
+            if ck is not None:
+                ck["pid"] = None
+            self.send({"op": "failed", "req": req, "code": "unknown_checkpoint",
+                       "message": f"the session has no checkpoint {cid}" if ck is None else
+                       f"checkpoint {cid} was lost: its frozen copy was killed from inside the session; "
+                       "delete it and take a new one"})
+            self.next_cell()
+            return
+        self.discard_kernel()
+        for pid in list(self.commands):
+            self.kill_group(pid)
+        self.sweep_processes({c["pid"] for c in self.checkpoints.values()})
+        try:
+            ck["scratch"].restore()
+            d = restore_dir(ck["pid"])
+            self.await_copy(d)
+        except OSError as e:
+            self.start_kernel()
+            self.send({"op": "failed", "req": req, "code": "file_error",
+                       "message": f"cannot restore the scratch of checkpoint {cid}: {e}; "
+                       "the session goes on with a fresh interpreter"})
+            self.next_cell()
+            return
+        self.restoring = {"req": req, "id": cid, "pid": ck["pid"], "dir": d,
+                          "deadline": time.monotonic() + RESTORE_WAIT}
+        os.kill(ck["pid"], signal.SIGUSR1)
+
+    def restored(self, pid, again):
+        r, self.restoring = self.restoring, None
+        if pid != r["pid"]:
+            self.restoring = r
+            raise ValueError("a hello from another process")
+        ck = self.checkpoints[r["id"]]
+        # The copy that stays frozen for the next restore (a double fork
+        # made it our child); without it the checkpoint is spent.
+        ok = (isinstance(again, int) and again > 1 and again not in self.commands
+              and our_live_child(again))
+        ck["pid"] = again if ok else None
+        ck["restores"] += 1
+        self.kernel["pid"] = pid  # our child: its end comes as a wait status
+        shutil.rmtree(r["dir"], ignore_errors=True)
+        self.send({"op": "done", "req": r["req"]})
+        self.next_cell()
+
+    def restore_failed(self, why):
+        r, self.restoring = self.restoring, None
+        ck = self.checkpoints.get(r["id"])
+        if ck is not None:
+            if ck["pid"] is not None:
+                try:
+                    os.kill(ck["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            ck["pid"] = None
+        self.discard_kernel()
+        shutil.rmtree(r["dir"], ignore_errors=True)
+        self.start_kernel()
+        self.send({"op": "failed", "req": r["req"], "code": "unknown_checkpoint",
+                   "message": f"checkpoint {r['id']} was lost while restoring: {why}. The session goes on "
+                   "with the checkpoint's scratch and a fresh interpreter"})
+        self.next_cell()
+
+    def discard_kernel(self):
+        """Kills the interpreter and waits for its end (no replacement)."""
+        kernel, self.kernel = self.kernel, None
+        if kernel is None:
+            return
+        pid = kernel["pid"]
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if kernel["pidfd"] is not None:  # an adopted copy: not our child
+                select.select([kernel["pidfd"]], [], [], 5)
+            else:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+        for fd in list(kernel["streams"]) + [kernel["res_r"], kernel["pidfd"]]:
+            if fd is not None:
+                self.unwatch(fd)
+        os.close(kernel["cell_w"])
+        self.kernel_buf = bytearray()
+
+    def sweep_processes(self, keep):
+        """SIGKILL to every process of the session this executor may signal,
+        but itself and `keep`, until none is left (a dying one may fork no
+        more, a new one is found on the next pass)."""
+        me = os.getpid()
+        for _ in range(200):
+            found = False
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                pid = int(name)
+                if pid == me or pid in keep:
+                    continue
+                try:
+                    with open(f"/proc/{pid}/stat", "rb") as f:
+                        state = f.read().rsplit(b")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    continue
+                if state in (b"Z", b"X"):
+                    continue  # reaped in on_wake
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    found = True
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not found:
+                return
+            time.sleep(0.0005)
 
     def drain_streams_of(self, kernel):
         for fd, stream in list(kernel["streams"].items()):
@@ -1777,6 +2166,10 @@ def kernel_main(cwd):
             # Here, or (in a copy) in the branch, whose cells come next.
             kernel_branch(req, msg["branch"])
             continue
+        if "checkpoint" in msg:
+            # Here, or (in a restored copy) with the restored state.
+            kernel_checkpoint(req, msg["checkpoint"])
+            continue
         display.req = req
         filename = f"<cell-{msg['count']}>"
         code = msg["code"]
@@ -1814,9 +2207,7 @@ def kernel_branch(req, spec):
     """Forks a copy of this interpreter into each target branch. Returns
     True in a copy that arrived in its branch (its channels are the
     branch's now); False here, after reporting to the executor."""
-    import threading
-
-    own = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    own = own_threads()
     if own and not spec.get("force"):
         kernel_send({"op": "branched", "req": req, "outcomes": [], "error":
                      f"the session runs threads of its own ({', '.join(own)}); a branch would not have them "
@@ -1855,6 +2246,167 @@ def kernel_branch(req, spec):
     return False
 
 
+def own_threads():
+    """Names of the live non-daemon threads the user started."""
+    import threading
+
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+
+
+def fork_detached():
+    """Forks a copy that is not our child (a double fork: it is re-parented
+    to the executor, the pid namespace's init). Returns 0 in the copy, its
+    pid here (None when it could not be made)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            copy = os.fork()
+        except BaseException:
+            os._exit(1)
+        if copy != 0:
+            os.write(w, str(copy).encode())
+            os._exit(0)
+        os.close(w)
+        return 0
+    os.close(w)
+    with open(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return int(data) if data.isdigit() else None
+
+
+def kernel_checkpoint(req, spec):
+    """Forks the frozen copy of this interpreter a checkpoint keeps. Returns
+    in the copy too, once it is restored (its channels are the session's
+    then, and its cells come next)."""
+    own = own_threads()
+    if own and not spec.get("force"):
+        kernel_send({"op": "checkpointed", "req": req, "error":
+                     f"the session runs threads of its own ({', '.join(own)}); a checkpoint would not have them "
+                     "(fork copies only the calling thread): end them first, or checkpoint with force"})
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    seeds = prng_states()
+    held = held_descriptors(())
+    cwd = os.getcwd()
+    pid = fork_detached()
+    if pid == 0:
+        try:
+            frozen_copy(held, seeds, cwd)
+        except BaseException:
+            os._exit(1)
+        return
+    if pid is None:
+        kernel_send({"op": "checkpointed", "req": req, "error": "the interpreter could not fork its copy"})
+    else:
+        kernel_send({"op": "checkpointed", "req": req, "pid": pid})
+
+
+def frozen_copy(held, seeds, cwd):
+    """A checkpoint's copy: holds no descriptor, waits (using no CPU) for
+    SIGUSR1 with its channels ready, forks the copy that stays frozen for the
+    next restore, then becomes the session's interpreter."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in range(3):
+        os.dup2(devnull, fd)
+    # Nothing the interpreter held stays open while frozen (no connection or
+    # file kept alive by a checkpoint); files are reopened on restore.
+    os.closerange(3, 1 << 20)
+    while True:
+        d = restore_dir(os.getpid())
+        # A SIGUSR1 that comes between this look and the wait stays pending.
+        if all(os.path.exists(f"{d}/{name}") for name in CHANNELS):
+            again = fork_detached()
+            if again != 0:
+                break  # this one goes live; its copy (re-parented) stays frozen
+            continue
+        signal.sigwait({signal.SIGUSR1})
+    while signal.sigtimedwait({signal.SIGUSR1}, 0) is not None:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    take_channels(restore_dir(os.getpid()))
+    reopen_held(held, restoring=True)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir("/tmp")
+    set_prng_states(seeds)
+    signal.signal(signal.SIGINT, _on_sigint)
+    kernel_send({"op": "hello", "pid": os.getpid(), "again": again})
+
+
+def held_descriptors(skip):
+    """The descriptors the user's code holds (above the kernel's 0-4): path,
+    type, flags, offset, to reopen them in a copy."""
+    held = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 4 or fd in skip:
+            continue
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            pos = os.lseek(fd, 0, os.SEEK_CUR) if stat_mode.S_ISREG(st.st_mode) else 0
+        except OSError:
+            continue
+        held[fd] = (path, stat_mode.S_IFMT(st.st_mode), flags, pos, os.get_inheritable(fd))
+    return held
+
+
+def reopen_held(held, restoring):
+    """Reopens held descriptors at the same numbers: regular files of the
+    scratch (a branch: on its copy of the scratch), or (a restore) regular
+    files, directories and devices anywhere; others are closed."""
+    for fd, (path, kind, flags, pos, inheritable) in held.items():
+        if restoring:
+            wanted = kind in (stat_mode.S_IFREG, stat_mode.S_IFDIR, stat_mode.S_IFCHR)
+        else:
+            wanted = kind == stat_mode.S_IFREG and path.startswith(("/tmp/", "/dev/shm/"))
+        try:
+            if wanted:
+                new = os.open(path, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+                if kind == stat_mode.S_IFREG:
+                    os.lseek(new, pos, os.SEEK_SET)
+                if new != fd:
+                    os.dup2(new, fd, inheritable=inheritable)
+                    os.close(new)
+            else:
+                os.close(fd)
+        except OSError:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def take_channels(d):
+    """Moves stdio and the cell channels onto the FIFOs the executor made in d."""
+    fifos = [os.open(f"{d}/{name}", flags) for name, flags in (
+        ("out", os.O_WRONLY), ("err", os.O_WRONLY), ("cell", os.O_RDONLY), ("res", os.O_WRONLY))]
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    for src, dst in zip([devnull] + fifos, range(5)):
+        os.dup2(src, dst)
+    for fd in [devnull] + fifos:
+        if fd > 4:
+            os.close(fd)
+
+
+def set_prng_states(seeds):
+    if "random" in seeds:
+        sys.modules["random"].setstate(seeds["random"])
+    if "numpy" in seeds:
+        sys.modules["numpy.random"].set_state(seeds["numpy"])
+
+
 def prng_states():
     """States to restore in a copy that keeps its parent's seeds."""
     states = {}
@@ -1874,47 +2426,13 @@ def copy_into_branch(target, seeds, err_w):
     # Descriptors the user's code holds: files of the parent's scratch are
     # reopened at the same path in the branch's copy of it; anything else
     # (pipes, sockets, other files) belongs to the parent and is closed.
-    held = {}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 4 or fd == err_w:
-            continue
-        try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            st = os.fstat(fd)
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            pos = os.lseek(fd, 0, os.SEEK_CUR) if stat_mode.S_ISREG(st.st_mode) else 0
-        except OSError:
-            continue
-        held[fd] = (path, stat_mode.S_ISREG(st.st_mode), flags, pos)
+    held = held_descriptors({err_w})
     err = ctypes.create_string_buffer(ERR_CAP)
     if _LIB.forkd_branch_join(target["ns"].encode(), err, ERR_CAP) != 0:
         raise OSError(err.value.decode(errors="replace"))
     # In the branch now: its mount namespace, uid, no capabilities.
-    d = target["dir"]
-    fifos = [os.open(f"{d}/{name}", flags) for name, flags in (
-        ("out", os.O_WRONLY), ("err", os.O_WRONLY), ("cell", os.O_RDONLY), ("res", os.O_WRONLY))]
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    for src, dst in zip([devnull] + fifos, range(5)):
-        os.dup2(src, dst)
-    for fd in [devnull] + fifos:
-        if fd > 4:
-            os.close(fd)
-    for fd, (path, regular, flags, pos) in held.items():
-        scratch = path.startswith(("/tmp/", "/dev/shm/"))
-        try:
-            if regular and scratch:
-                new = os.open(path, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
-                os.lseek(new, pos, os.SEEK_SET)
-                os.dup2(new, fd, inheritable=os.get_inheritable(fd))
-                os.close(new)
-            else:
-                os.close(fd)
-        except OSError:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    take_channels(target["dir"])
+    reopen_held(held, restoring=False)
     os.close(err_w)
     try:
         os.chdir(cwd)
@@ -1927,10 +2445,7 @@ def copy_into_branch(target, seeds, err_w):
         if np_random is not None:
             np_random.seed()
     else:
-        if "random" in seeds:
-            sys.modules["random"].setstate(seeds["random"])
-        if "numpy" in seeds:
-            sys.modules["numpy.random"].set_state(seeds["numpy"])
+        set_prng_states(seeds)
     kernel_send({"op": "hello", "pid": os.getpid()})
 
 

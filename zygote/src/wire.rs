@@ -42,7 +42,7 @@ use crate::spec::{InitConfig, InitInfo};
 
 /// Version of the daemon–zygote–child wire. Bump on any incompatible change
 /// to a type in this module (and to `WIRE_VERSION` in `forkd_zygote.py`).
-pub const WIRE_VERSION: u32 = 4;
+pub const WIRE_VERSION: u32 = 5;
 
 /// Largest control message either side sends (the zygote reads with this cap).
 pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -291,6 +291,25 @@ pub enum ToExecutor {
     Adopt {
         req: u64,
     },
+    /// Keep a frozen copy of the interpreter and the scratch as checkpoint
+    /// `id` (queued behind a running cell, like one); answered
+    /// [`FromExecutor::Checkpointed`].
+    Checkpoint {
+        req: u64,
+        id: String,
+        force: bool,
+    },
+    /// Replace the interpreter, the session's other processes and the
+    /// scratch with checkpoint `id`'s (queued like a cell); answered `done`.
+    Restore {
+        req: u64,
+        id: String,
+    },
+    /// Drop checkpoint `id`; answered `done`.
+    DropCheckpoint {
+        req: u64,
+        id: String,
+    },
 }
 
 /// One directory entry, as the executor reports it.
@@ -389,8 +408,14 @@ pub enum FromExecutor {
         req: u64,
         pid: i32,
     },
-    /// Request `req` failed: `code` is `not_found`, `file_error` or
-    /// `invalid`.
+    /// Checkpoint request `req` is kept: its scratch copy holds
+    /// `scratch_bytes`.
+    Checkpointed {
+        req: u64,
+        scratch_bytes: u64,
+    },
+    /// Request `req` failed: `code` is `not_found`, `file_error`,
+    /// `invalid` or (checkpoints) `unknown_checkpoint`.
     Failed {
         req: u64,
         code: String,
@@ -413,6 +438,7 @@ impl FromExecutor {
             | FromExecutor::Done { req }
             | FromExecutor::Branched { req, .. }
             | FromExecutor::Adopted { req, .. }
+            | FromExecutor::Checkpointed { req, .. }
             | FromExecutor::Failed { req, .. } => *req,
         }
     }

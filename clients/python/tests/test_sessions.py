@@ -32,6 +32,7 @@ from forkd.errors import (  # noqa: E402
     FileNotFound,
     ForkdError,
     ProtocolError,
+    CheckpointNotFound,
     InvalidArgument,
     SessionEnded,
     SessionNotFound,
@@ -432,6 +433,48 @@ class BranchTest(DaemonTest):
                     self.assertEqual((await b.run_code("x")).text, "41")
                 finally:
                     await b.kill()
+
+        asyncio.run(main())
+
+
+class CheckpointTest(DaemonTest):
+    """Checkpoint and restore (docs/branch.md) through both clients."""
+
+    def test_restore_puts_back_state_and_files_sync_and_async(self) -> None:
+        fk = self.client(timeout=CALL_BOUND)
+        s = fk.session(ttl=120)
+        self.addCleanup(s.kill)
+        s.run_code("import numpy as np\nx = 41\na = np.ones(10)")
+        s.files.write("note.txt", "kept")
+        ck = s.checkpoint()
+        self.assertEqual([c.id for c in s.checkpoints()], [ck])
+        self.assertEqual(s.info().checkpoints[0].id, ck)
+        s.run_code("x = 0\na[:] = 5")
+        s.files.write("note.txt", "changed")
+        s.files.write("later.txt", "later")
+        info = s.restore(ck)
+        self.assertEqual(info.id, s.id)
+        self.assertEqual(s.run_code("x + 1, float(a.sum())").text, "(42, 10.0)")
+        self.assertEqual(s.files.read("note.txt", format="text"), "kept")
+        self.assertFalse(s.files.exists("later.txt"))
+        self.assertEqual(s.checkpoints()[0].restores, 1)
+        s.delete_checkpoint(ck)
+        with self.assertRaises(CheckpointNotFound):
+            s.restore(ck)
+        with self.assertRaises(InvalidArgument):
+            s.restore("")
+
+        async def main() -> None:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as afk:
+                a = await afk.attach(s.id)
+                await a.run_code("y = 'before'")
+                c = await a.checkpoint()
+                await a.run_code("y = 'after'")
+                await a.restore(c)
+                self.assertEqual((await a.run_code("y")).text, "'before'")
+                self.assertEqual([k.id for k in await a.checkpoints()], [c])
+                await a.delete_checkpoint(c)
+                self.assertEqual(await a.checkpoints(), [])
 
         asyncio.run(main())
 

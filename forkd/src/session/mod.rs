@@ -14,11 +14,12 @@
 //! every session).
 
 mod actor;
+pub mod checkpoint;
 pub mod ops;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,10 @@ pub struct Session {
     /// Its workspace (an overlay's upper layer lives as long as this);
     /// taken when the session ends.
     workspace: Mutex<Option<Arc<crate::workspace::Ready>>>,
+    /// Its checkpoints, oldest first (the frozen copies live in its executor).
+    checkpoints: Mutex<Vec<checkpoint::Record>>,
+    /// Checkpoints being taken (counted against the quotas already).
+    checkpoints_pending: AtomicUsize,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -362,6 +367,7 @@ impl Session {
             limits: self.limits.clone(),
             warm: self.warm,
             parent: self.parent.clone(),
+            checkpoints: self.checkpoint_infos(),
         }
     }
 
@@ -447,6 +453,44 @@ impl Sessions {
         }
     }
 
+    /// Room for one more checkpoint of `session` within the quotas
+    /// (`[sessions] max_checkpoints_per_session`, `max_checkpoints_per_uid`),
+    /// held until the returned slot is committed or dropped. Checked and
+    /// taken under the table's lock, so that concurrent requests cannot
+    /// overshoot.
+    pub(crate) fn reserve_checkpoint(
+        &self,
+        session: &Arc<Session>,
+    ) -> Result<checkpoint::Slot, ErrorReply> {
+        let table = lock(&self.table);
+        let per_session = self.cfg.max_checkpoints_per_session;
+        if session.checkpoint_count() >= per_session {
+            return Err(error(
+                ErrorCode::LimitExceedsPolicy,
+                format!(
+                    "session {} already keeps {per_session} checkpoints, the maximum ([sessions] max_checkpoints_per_session); delete some first",
+                    session.id
+                ),
+            ));
+        }
+        let own: usize = table
+            .live
+            .values()
+            .filter(|s| s.owner == session.owner)
+            .map(|s| s.checkpoint_count())
+            .sum();
+        if own >= self.cfg.max_checkpoints_per_uid {
+            return Err(error(
+                ErrorCode::LimitExceedsPolicy,
+                format!(
+                    "uid {} already keeps {own} checkpoints, the maximum ([sessions] max_checkpoints_per_uid); delete some first",
+                    session.owner
+                ),
+            ));
+        }
+        Ok(checkpoint::Slot::take(session.clone()))
+    }
+
     /// Writes an audit record of `session` (off the request's path).
     fn audit(
         &self,
@@ -454,6 +498,17 @@ impl Sessions {
         session: &Session,
         outcome: &'static str,
         network: Option<forkd_ipc::NetworkReport>,
+    ) {
+        self.audit_record(event, session, outcome, network, None)
+    }
+
+    fn audit_record(
+        &self,
+        event: &'static str,
+        session: &Session,
+        outcome: &'static str,
+        network: Option<forkd_ipc::NetworkReport>,
+        checkpoint: Option<String>,
     ) {
         if let Some(audit) = &self.audit {
             let mut record = Box::new(crate::audit::Record::session(
@@ -463,6 +518,7 @@ impl Sessions {
                 outcome,
             ));
             record.network = network.map(Box::new);
+            record.checkpoint = checkpoint;
             if let Err(record) = audit.try_record(record) {
                 let audit = audit.clone();
                 tokio::spawn(async move { audit.record(record).await });

@@ -50,7 +50,7 @@ impl Replier {
     }
 }
 
-fn invalid(message: impl Into<String>) -> ErrorReply {
+pub(super) fn invalid(message: impl Into<String>) -> ErrorReply {
     error(ErrorCode::InvalidRequest, message)
 }
 
@@ -245,6 +245,8 @@ async fn start_session(
         egress: tokio::sync::Mutex::new(new.egress),
         allow_net: Mutex::new(new.allow_net),
         workspace: Mutex::new(new.workspace),
+        checkpoints: Mutex::new(Vec::new()),
+        checkpoints_pending: std::sync::atomic::AtomicUsize::new(0),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -643,16 +645,17 @@ fn entry_of(e: ExecEntry) -> FileEntry {
 }
 
 /// The error a `failed` reply from the executor stands for.
-fn failed(code: &str, message: String) -> ErrorReply {
+pub(super) fn failed(code: &str, message: String) -> ErrorReply {
     let code = match code {
         "not_found" => ErrorCode::NotFound,
         "file_error" => ErrorCode::FileError,
+        "unknown_checkpoint" => ErrorCode::UnknownCheckpoint,
         _ => ErrorCode::InvalidRequest,
     };
     error(code, message)
 }
 
-fn unexpected(what: &str) -> ErrorReply {
+pub(super) fn unexpected(what: &str) -> ErrorReply {
     error(
         ErrorCode::Internal,
         format!("the session's executor answered a {what} with something else; this is a forkd bug, please report it"),
@@ -812,7 +815,7 @@ pub async fn command(
 }
 
 /// One request to the executor with one reply.
-async fn one(
+pub(super) async fn one(
     session: &Session,
     msg: ToExecutor,
     req: u64,
@@ -1091,6 +1094,24 @@ pub async fn serve(
                 ResponseBody::Sessions {
                     sessions: branch(&sessions, s, b, peer).await?,
                 }
+            }
+            B::SessionCheckpoint(c) => {
+                let s = sessions.usable(&c.session, uid)?;
+                ResponseBody::Checkpoint(super::checkpoint::take(&sessions, s, c.force).await?)
+            }
+            B::SessionRestore(r) => {
+                let s = sessions.usable(&r.session, uid)?;
+                ResponseBody::Session(
+                    super::checkpoint::restore(&sessions, s, &r.checkpoint).await?,
+                )
+            }
+            B::SessionCheckpoints(r) => ResponseBody::Checkpoints {
+                checkpoints: sessions.get(&r.session, uid)?.checkpoint_infos(),
+            },
+            B::SessionCheckpointDelete(r) => {
+                let s = sessions.usable(&r.session, uid)?;
+                super::checkpoint::delete(&sessions, s, &r.checkpoint).await?;
+                ResponseBody::Done {}
             }
             B::RunCode(rc) => {
                 let s = sessions.usable(&rc.session, uid)?;

@@ -25,6 +25,7 @@ from ._session_wire import (
     MAX_FILE_CHUNK,
     CellError,
     CellResult,
+    CheckpointInfo,
     CommandResult,
     DisplayResult,
     FileEntry,
@@ -35,6 +36,7 @@ from .client import Forkd
 from .errors import (
     Cancelled,
     Busy,
+    CheckpointNotFound,
     ConnectionLost,
     DaemonNotRunning,
     FileError,
@@ -105,5 +107,7 @@ __all__ = [
     "FileError",
     "Cancelled",
     "Busy",
+    "CheckpointNotFound",
+    "CheckpointInfo",
     "__version__",
 ]

@@ -15,6 +15,7 @@ __all__ = [
     "MAX_FILE_CHUNK",
     "NON_FINAL_KINDS",
     "SessionInfo",
+    "CheckpointInfo",
     "DisplayResult",
     "CellError",
     "CellResult",
@@ -244,6 +245,34 @@ def _u(obj: Mapping[str, Any], key: str) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint of a session (``Session.checkpoints()``)."""
+
+    id: str
+    """Its id (``checkpoint`` on the wire): pass it to ``Session.restore``."""
+    session: str
+    age_ms: int = 0
+    scratch_bytes: int = 0
+    """Bytes of the scratch copy it keeps (``/tmp``, ``/dev/shm``)."""
+    restores: int = 0
+    """Times it was restored."""
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> "CheckpointInfo":
+        cid = obj.get("checkpoint")
+        if not isinstance(cid, str):
+            raise ProtocolError("checkpoint reply without a string `checkpoint` id")
+        return cls(
+            id=cid,
+            session=str(obj.get("session", "")),
+            age_ms=_u(obj, "age_ms"),
+            scratch_bytes=_u(obj, "scratch_bytes"),
+            restores=_u(obj, "restores"),
+        )
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """A session's state, as ``session_create``, ``session_info`` and the
@@ -272,6 +301,8 @@ class SessionInfo:
     """The network allowlist in force (empty: no network)."""
     parent: Optional[str] = None
     """The session this one was branched from."""
+    checkpoints: List["CheckpointInfo"] = field(default_factory=list)
+    """Its checkpoints, oldest first."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "SessionInfo":
@@ -296,6 +327,7 @@ class SessionInfo:
             warm=bool(obj.get("warm", False)),
             allow_net=[str(a) for a in (obj.get("allow_net") or [])],
             parent=obj.get("parent") if isinstance(obj.get("parent"), str) else None,
+            checkpoints=[CheckpointInfo.from_wire(c) for c in (obj.get("checkpoints") or [])],
         )
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "FileError",
     "Cancelled",
     "Busy",
+    "CheckpointNotFound",
     "error_from_reply",
 ]
 
@@ -160,6 +161,12 @@ class Busy(RequestRefused):
     daemon allows; wait for some to finish or use another connection."""
 
 
+class CheckpointNotFound(RequestRefused):
+    """``unknown_checkpoint``: the session has no checkpoint with this id, or
+    it was lost (its frozen copy was killed from inside the session); the
+    message says which. ``Session.checkpoints()`` lists the ones kept."""
+
+
 class InvalidArgument(ForkdError, ValueError, TypeError):
     """An argument of a client call has the wrong type or value; raised
     before anything is sent. ``param`` names the argument. Also a
@@ -204,6 +211,7 @@ _BY_CODE: Dict[str, Type[RequestRefused]] = {
     "file_error": FileError,
     "cancelled": Cancelled,
     "busy": Busy,
+    "unknown_checkpoint": CheckpointNotFound,
 }
 
 

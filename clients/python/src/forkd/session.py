@@ -20,6 +20,7 @@ from ._session_wire import (
     MAX_FILE_CHUNK,
     NON_FINAL_KINDS,
     CellResult,
+    CheckpointInfo,
     CommandResult,
     FileEntry,
     SessionInfo,
@@ -221,6 +222,37 @@ class Session:
         resp = self._client._v2("session_branch", branch_fields(self.id, k, same_seed, force, labels))
         sessions = expect_kind(resp, "sessions", "session_branch").get("sessions") or []
         return [Session(self._client, SessionInfo.from_wire(s).id) for s in sessions]
+
+    def checkpoint(self, force: bool = False) -> str:
+        """Keeps a frozen copy of this session as it is now (its interpreter,
+        copy-on-write, and its scratch) and returns its id, for
+        :meth:`restore`. A running cell is waited for; a session running
+        threads of its own is refused unless ``force``. Each checkpoint counts
+        against the daemon's quotas and the session's memory limit, and dies
+        with the session. See docs/branch.md."""
+        fields = {"session": self.id, "force": bool(force)}
+        resp = self._client._v2("session_checkpoint", fields)
+        return CheckpointInfo.from_wire(expect_kind(resp, "checkpoint", "session_checkpoint")).id
+
+    def restore(self, checkpoint: str) -> SessionInfo:
+        """Puts this session back in the state of ``checkpoint`` (same session
+        id): its interpreter and scratch become the checkpoint's; processes
+        started since (commands, subprocesses) are killed. The checkpoint
+        stays, to be restored again. Raises CheckpointNotFound for an unknown
+        or lost checkpoint."""
+        check_str("checkpoint", checkpoint)
+        return self._info("session_restore", {"session": self.id, "checkpoint": checkpoint})
+
+    def checkpoints(self) -> List[CheckpointInfo]:
+        """This session's checkpoints, oldest first."""
+        resp = self._client._v2("session_checkpoints", self._ref())
+        items = expect_kind(resp, "checkpoints", "session_checkpoints").get("checkpoints") or []
+        return [CheckpointInfo.from_wire(c) for c in items]
+
+    def delete_checkpoint(self, checkpoint: str) -> None:
+        """Drops ``checkpoint``; its memory and scratch copy are freed."""
+        check_str("checkpoint", checkpoint)
+        self._client._v2("session_checkpoint_delete", {"session": self.id, "checkpoint": checkpoint})
 
     def kill(self) -> SessionInfo:
         """Kills the session (its processes and files are gone); returns its
@@ -545,6 +577,28 @@ class AsyncSession:
         resp = await self._client._v2("session_branch", branch_fields(self.id, k, same_seed, force, labels))
         sessions = expect_kind(resp, "sessions", "session_branch").get("sessions") or []
         return [AsyncSession(self._client, SessionInfo.from_wire(s).id) for s in sessions]
+
+    async def checkpoint(self, force: bool = False) -> str:
+        """Keeps a frozen copy of this session; as :meth:`Session.checkpoint`."""
+        fields = {"session": self.id, "force": bool(force)}
+        resp = await self._client._v2("session_checkpoint", fields)
+        return CheckpointInfo.from_wire(expect_kind(resp, "checkpoint", "session_checkpoint")).id
+
+    async def restore(self, checkpoint: str) -> SessionInfo:
+        """Puts this session back in a checkpoint's state; as :meth:`Session.restore`."""
+        check_str("checkpoint", checkpoint)
+        return await self._info("session_restore", {"session": self.id, "checkpoint": checkpoint})
+
+    async def checkpoints(self) -> List[CheckpointInfo]:
+        """This session's checkpoints, oldest first."""
+        resp = await self._client._v2("session_checkpoints", {"session": self.id})
+        items = expect_kind(resp, "checkpoints", "session_checkpoints").get("checkpoints") or []
+        return [CheckpointInfo.from_wire(c) for c in items]
+
+    async def delete_checkpoint(self, checkpoint: str) -> None:
+        """Drops ``checkpoint``; as :meth:`Session.delete_checkpoint`."""
+        check_str("checkpoint", checkpoint)
+        await self._client._v2("session_checkpoint_delete", {"session": self.id, "checkpoint": checkpoint})
 
     async def kill(self) -> SessionInfo:
         """Kills the session; returns its final state."""

@@ -1,0 +1,225 @@
+//! Checkpoint and restore of a session (docs/branch.md, "Checkpoint and
+//! restore").
+//!
+//! A checkpoint lives inside the session's own sandbox: its executor keeps a
+//! frozen fork of the interpreter (its child, waiting for a signal, holding
+//! no descriptor) and a copy of the scratch in a memfd only the executor
+//! holds. Restoring kills the session's processes, puts the scratch copy
+//! back and wakes the frozen copy, which first forks the copy that stays
+//! frozen for the next restore. Nothing crosses the sandbox: no namespace,
+//! uid or cgroup changes, so the isolation is the session's own. The daemon
+//! keeps the records (ids, quotas, audit) and routes the requests.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use forkd_ipc::{CheckpointInfo, ErrorCode, ErrorReply, SessionInfo};
+use forkd_zygote::wire::{FromExecutor, ToExecutor};
+
+use super::ops::{one, unexpected};
+use super::{lock, millis, Session, Sessions};
+use crate::sandbox::error;
+
+/// The daemon's record of one checkpoint.
+pub(crate) struct Record {
+    id: String,
+    created: Instant,
+    scratch_bytes: u64,
+    restores: u64,
+}
+
+/// A checkpoint counted against the quotas while it is being taken.
+pub(crate) struct Slot(Option<Arc<Session>>);
+
+impl Slot {
+    pub(super) fn take(session: Arc<Session>) -> Slot {
+        session.checkpoints_pending.fetch_add(1, Ordering::Relaxed);
+        Slot(Some(session))
+    }
+
+    /// The checkpoint exists: it is counted by its record from now on.
+    fn commit(mut self, id: String, scratch_bytes: u64) -> CheckpointInfo {
+        let session = self.0.take().expect("a slot is committed once");
+        let record = Record {
+            id,
+            created: Instant::now(),
+            scratch_bytes,
+            restores: 0,
+        };
+        let info = record.info(&session.id);
+        lock(&session.checkpoints).push(record);
+        session.checkpoints_pending.fetch_sub(1, Ordering::Relaxed);
+        info
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.take() {
+            session.checkpoints_pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Record {
+    fn info(&self, session: &str) -> CheckpointInfo {
+        CheckpointInfo {
+            checkpoint: self.id.clone(),
+            session: session.to_owned(),
+            age_ms: millis(self.created.elapsed()),
+            scratch_bytes: self.scratch_bytes,
+            restores: self.restores,
+        }
+    }
+}
+
+impl Session {
+    /// Checkpoints kept and being taken.
+    pub(super) fn checkpoint_count(&self) -> usize {
+        lock(&self.checkpoints).len() + self.checkpoints_pending.load(Ordering::Relaxed)
+    }
+
+    /// Its checkpoints, oldest first.
+    pub fn checkpoint_infos(&self) -> Vec<CheckpointInfo> {
+        lock(&self.checkpoints)
+            .iter()
+            .map(|r| r.info(&self.id))
+            .collect()
+    }
+
+    fn has_checkpoint(&self, id: &str) -> bool {
+        lock(&self.checkpoints).iter().any(|r| r.id == id)
+    }
+
+    fn forget_checkpoint(&self, id: &str) {
+        lock(&self.checkpoints).retain(|r| r.id != id);
+    }
+
+    fn unknown_checkpoint(&self, id: &str) -> ErrorReply {
+        error(
+            ErrorCode::UnknownCheckpoint,
+            format!(
+                "session {} has no checkpoint {id}; list them with session_checkpoints",
+                self.id
+            ),
+        )
+    }
+}
+
+/// `session_checkpoint`: a new checkpoint of `session`.
+pub async fn take(
+    sessions: &Arc<Sessions>,
+    session: Arc<Session>,
+    force: bool,
+) -> Result<CheckpointInfo, ErrorReply> {
+    if session.has_workspace() {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            "a session with a workspace cannot be checkpointed yet (a direct workspace's host files cannot be put back); create it without one to checkpoint it",
+        ));
+    }
+    let slot = sessions.reserve_checkpoint(&session)?;
+    let id = format!("ck-{}", &super::new_id()[2..]);
+    let req = session.next_req();
+    let msg = ToExecutor::Checkpoint {
+        req,
+        id: id.clone(),
+        force,
+    };
+    let scratch_bytes = match one(&session, msg, req, &[]).await? {
+        (FromExecutor::Checkpointed { scratch_bytes, .. }, _) => scratch_bytes,
+        _ => return Err(unexpected("session_checkpoint")),
+    };
+    session.touch();
+    let info = slot.commit(id.clone(), scratch_bytes);
+    sessions.audit_record("session_checkpointed", &session, "ok", None, Some(id));
+    Ok(info)
+}
+
+/// `session_restore`: `session` takes the state of its checkpoint `id`
+/// (the checkpoint stays, to be restored again).
+pub async fn restore(
+    sessions: &Arc<Sessions>,
+    session: Arc<Session>,
+    id: &str,
+) -> Result<SessionInfo, ErrorReply> {
+    if !session.has_checkpoint(id) {
+        return Err(session.unknown_checkpoint(id));
+    }
+    let req = session.next_req();
+    let msg = ToExecutor::Restore {
+        req,
+        id: id.to_owned(),
+    };
+    match one(&session, msg, req, &[]).await {
+        Ok((FromExecutor::Done { .. }, _)) => {}
+        Ok(_) => return Err(unexpected("session_restore")),
+        Err(e) => {
+            if e.code == ErrorCode::UnknownCheckpoint {
+                // Lost (its frozen copy was killed from inside): the record
+                // goes, and the executor frees the scratch copy.
+                drop_in_executor(&session, id).await.ok();
+                session.forget_checkpoint(id);
+                sessions.audit_record(
+                    "session_restored",
+                    &session,
+                    "checkpoint_lost",
+                    None,
+                    Some(id.to_owned()),
+                );
+            }
+            return Err(e);
+        }
+    }
+    session.touch();
+    if let Some(r) = lock(&session.checkpoints).iter_mut().find(|r| r.id == id) {
+        r.restores += 1;
+    }
+    sessions.audit_record(
+        "session_restored",
+        &session,
+        "ok",
+        None,
+        Some(id.to_owned()),
+    );
+    Ok(session.info())
+}
+
+/// `session_checkpoint_delete`.
+pub async fn delete(
+    sessions: &Arc<Sessions>,
+    session: Arc<Session>,
+    id: &str,
+) -> Result<(), ErrorReply> {
+    if !session.has_checkpoint(id) {
+        return Err(session.unknown_checkpoint(id));
+    }
+    match drop_in_executor(&session, id).await {
+        // Unknown there too: it was lost; the record goes either way.
+        Ok(()) => {}
+        Err(e) if e.code == ErrorCode::UnknownCheckpoint => {}
+        Err(e) => return Err(e),
+    }
+    session.forget_checkpoint(id);
+    sessions.audit_record(
+        "session_checkpoint_deleted",
+        &session,
+        "ok",
+        None,
+        Some(id.to_owned()),
+    );
+    Ok(())
+}
+
+async fn drop_in_executor(session: &Session, id: &str) -> Result<(), ErrorReply> {
+    let req = session.next_req();
+    let msg = ToExecutor::DropCheckpoint {
+        req,
+        id: id.to_owned(),
+    };
+    match one(session, msg, req, &[]).await? {
+        (FromExecutor::Done { .. }, _) => Ok(()),
+        _ => Err(unexpected("session_checkpoint_delete")),
+    }
+}

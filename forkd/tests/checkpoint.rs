@@ -1,0 +1,301 @@
+//! Checkpoint and restore of a session against a real daemon and kernel
+//! (docs/branch.md, "Checkpoint and restore"): what comes back (memory,
+//! modules, seeds, scratch, open files), what goes (processes started since),
+//! restoring twice, several checkpoints, loss, quotas, metrics and audit.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+mod common;
+
+use common::*;
+use forkd_ipc::{AsyncClient, ClientError, ErrorCode, RunCode, SessionCreate};
+
+fn cell(session: &str, code: &str) -> RunCode {
+    RunCode {
+        session: session.into(),
+        code: code.into(),
+        timeout_ms: Some(30_000),
+    }
+}
+
+async fn text(c: &AsyncClient, s: &str, code: &str) -> String {
+    let r = c.run_code(&cell(s, code)).await.unwrap();
+    assert!(
+        r.error.is_none(),
+        "{code}: {:?}\n{}",
+        r.error,
+        String::from_utf8_lossy(&r.stderr)
+    );
+    r.text.unwrap_or_default()
+}
+
+async fn create(c: &AsyncClient) -> String {
+    c.session_create(&SessionCreate::default())
+        .await
+        .unwrap()
+        .session
+}
+
+fn code_of(e: ClientError) -> (ErrorCode, String) {
+    match e {
+        ClientError::Server(e) => (e.code, e.message),
+        other => panic!("not a server error: {other}"),
+    }
+}
+
+/// The session's processes as its own code sees them (executor, interpreter,
+/// the frozen copies of its checkpoints, anything it started).
+const PROCESSES: &str = "len([p for p in os.listdir('/proc') if p.isdigit()])";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_puts_back_memory_modules_seeds_scratch_and_open_files() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(
+        &c,
+        &s,
+        "import os, sys, random, subprocess\nimport numpy as np\nnp.random.random()\nx = 41\na = np.arange(1_000_000)\n\
+         open('/tmp/f.txt', 'w').write('before')\nos.mkdir('/tmp/d'); open('/tmp/d/g', 'w').write('g')\n\
+         os.chmod('/tmp/d/g', 0o000)\nos.symlink('f.txt', '/tmp/l'); os.link('/tmp/f.txt', '/tmp/hard')\n\
+         open('/dev/shm/m', 'wb').write(b'\\0' * 3_000_000)\nfh = open('/tmp/f.txt'); fh.read(3)\nNone",
+    )
+    .await;
+    assert_eq!(text(&c, &s, "'wave' in sys.modules").await, "False");
+    let base = text(&c, &s, PROCESSES).await;
+    let ck = c.session_checkpoint(&s, false).await.unwrap();
+    assert_eq!(ck.session, s);
+    assert!(ck.scratch_bytes >= 3_000_006, "{ck:?}");
+    let info = c.session_info(&s).await.unwrap();
+    assert_eq!(info.checkpoints.len(), 1);
+    assert_eq!(info.checkpoints[0].checkpoint, ck.checkpoint);
+    // What the checkpointed state draws next, from both generators.
+    let draws = "(random.random(), float(np.random.random()))";
+    let first = text(&c, &s, draws).await;
+    // Change everything, and start a process that must not survive.
+    text(
+        &c,
+        &s,
+        "x = 0\ndel a\nimport wave\nopen('/tmp/f.txt', 'w').write('after')\nimport shutil\n\
+         os.chmod('/tmp/d/g', 0o600); shutil.rmtree('/tmp/d')\nos.unlink('/dev/shm/m')\n\
+         open('/tmp/new', 'w').write('new')\nsleeper = subprocess.Popen(['sleep', '1000'])\nNone",
+    )
+    .await;
+    let sleeper = text(&c, &s, "sleeper.pid").await;
+    for round in 0..2 {
+        let info = c.session_restore(&s, &ck.checkpoint).await.unwrap();
+        assert_eq!(info.session, s);
+        assert_eq!(info.checkpoints[0].restores, round + 1);
+        assert_eq!(text(&c, &s, "x + 1").await, "42");
+        assert_eq!(text(&c, &s, "int(a.sum())").await, "499999500000");
+        assert_eq!(text(&c, &s, "'wave' in sys.modules").await, "False");
+        assert_eq!(text(&c, &s, draws).await, first, "round {round}");
+        assert_eq!(text(&c, &s, "fh.read()").await, "'ore'");
+        assert_eq!(
+            text(&c, &s, "open('/tmp/f.txt').read(), os.readlink('/tmp/l'), os.stat('/tmp/hard').st_nlink, oct(os.stat('/tmp/d/g').st_mode & 0o777), os.path.getsize('/dev/shm/m'), os.path.exists('/tmp/new')").await,
+            "('before', 'f.txt', 2, '0o0', 3000000, False)"
+        );
+        let alive = format!("os.path.exists('/proc/{sleeper}')");
+        assert_eq!(text(&c, &s, &alive).await, "False");
+        // The interpreter, the executor and the frozen copy: nothing more.
+        assert_eq!(
+            text(&c, &s, PROCESSES).await,
+            base.parse::<u32>().map(|n| n + 1).unwrap().to_string()
+        );
+        text(
+            &c,
+            &s,
+            "x = 7\nopen('/tmp/f.txt', 'w').write('again')\nNone",
+        )
+        .await;
+    }
+    // A second checkpoint; each restores its own state.
+    let ck2 = c.session_checkpoint(&s, false).await.unwrap();
+    c.session_restore(&s, &ck.checkpoint).await.unwrap();
+    assert_eq!(text(&c, &s, "x").await, "41");
+    c.session_restore(&s, &ck2.checkpoint).await.unwrap();
+    assert_eq!(
+        text(&c, &s, "x, open('/tmp/f.txt').read()").await,
+        "(7, 'again')"
+    );
+    let listed = c.session_checkpoints(&s).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|k| k.checkpoint.as_str())
+            .collect::<Vec<_>>(),
+        [ck.checkpoint.as_str(), ck2.checkpoint.as_str()]
+    );
+    // Deleted: gone from the list and from the session's processes.
+    c.session_checkpoint_delete(&s, &ck.checkpoint)
+        .await
+        .unwrap();
+    let (code, message) = code_of(c.session_restore(&s, &ck.checkpoint).await.unwrap_err());
+    assert_eq!(code, ErrorCode::UnknownCheckpoint, "{message}");
+    assert_eq!(c.session_checkpoints(&s).await.unwrap().len(), 1);
+    assert_eq!(
+        text(
+            &c,
+            &s,
+            "import time; time.sleep(0.2)\nlen([p for p in os.listdir('/proc') if p.isdigit()])"
+        )
+        .await,
+        base.parse::<u32>().map(|n| n + 1).unwrap().to_string()
+    );
+    drop(c);
+    d.finish().await;
+}
+
+/// A checkpoint's copy lives in the session: code there can kill it. The
+/// restore then says so, the record goes, and the session carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_killed_from_inside_is_reported_lost() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(&c, &s, "x = 1").await;
+    let ck = c.session_checkpoint(&s, false).await.unwrap();
+    // Every process this code may signal (kill(-1) spares the caller).
+    text(&c, &s, "import os, signal\nos.kill(-1, signal.SIGKILL)").await;
+    let (code, message) = code_of(c.session_restore(&s, &ck.checkpoint).await.unwrap_err());
+    assert_eq!(code, ErrorCode::UnknownCheckpoint);
+    assert!(message.contains("lost"), "{message}");
+    assert!(c.session_checkpoints(&s).await.unwrap().is_empty());
+    assert_eq!(text(&c, &s, "1 + 1").await, "2");
+
+    // The same through forkd-run: take, list, restore, delete.
+    let run = |args: Vec<String>| {
+        let socket = d.socket.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+                .args(["session", &args[0], "--socket"])
+                .arg(&socket)
+                .args(&args[1..])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        })
+    };
+    let arg = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    text(&c, &s, "x = 'cli'").await;
+    let ck = run(arg(&["checkpoint", &s])).await.unwrap();
+    let ck = ck.trim();
+    assert!(ck.starts_with("ck-"), "{ck}");
+    text(&c, &s, "x = 'changed'").await;
+    run(arg(&["restore", &s, ck])).await.unwrap();
+    assert_eq!(text(&c, &s, "x").await, "'cli'");
+    let listed = run(arg(&["checkpoint", &s, "--list"])).await.unwrap();
+    assert!(
+        listed.starts_with(ck) && listed.contains("1 restores"),
+        "{listed}"
+    );
+    run(arg(&["checkpoint", &s, "--delete", ck])).await.unwrap();
+    assert_eq!(run(arg(&["checkpoint", &s, "--list"])).await.unwrap(), "");
+    drop(c);
+    d.finish().await;
+}
+
+/// Quotas per session and per uid, threads, a paused session, metrics and
+/// audit, and many cycles that leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_refusals_records_and_cycles() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let a2 = audit.clone();
+    let d = TestDaemon::start(move |c| {
+        c.metrics_listen = Some("127.0.0.1:0".into());
+        c.audit_log = Some(a2);
+        c.sessions.max_checkpoints_per_session = 2;
+        c.sessions.max_checkpoints_per_uid = 3;
+    })
+    .await;
+    let c = d.client().await;
+    let (s, t) = (create(&c).await, create(&c).await);
+    let one = c.session_checkpoint(&s, false).await.unwrap();
+    c.session_checkpoint(&s, false).await.unwrap();
+    let (code, message) = code_of(c.session_checkpoint(&s, false).await.unwrap_err());
+    assert_eq!(code, ErrorCode::LimitExceedsPolicy);
+    assert!(message.contains("max_checkpoints_per_session"), "{message}");
+    c.session_checkpoint(&t, false).await.unwrap();
+    let (_, message) = code_of(c.session_checkpoint(&t, false).await.unwrap_err());
+    assert!(message.contains("max_checkpoints_per_uid"), "{message}");
+    c.session_checkpoint_delete(&s, &one.checkpoint)
+        .await
+        .unwrap();
+    c.session_checkpoint(&t, false).await.unwrap();
+    // A thread of the user's own: refused unless forced.
+    c.session_kill(&t).await.unwrap();
+    text(&c, &s, "import threading\nev = threading.Event()\nth = threading.Thread(target=ev.wait, name='worker'); th.start()\nNone").await;
+    let listed = c.session_checkpoints(&s).await.unwrap();
+    c.session_checkpoint_delete(&s, &listed[0].checkpoint)
+        .await
+        .unwrap();
+    let (_, message) = code_of(c.session_checkpoint(&s, false).await.unwrap_err());
+    assert!(
+        message.contains("worker") && message.contains("force"),
+        "{message}"
+    );
+    let forced = c.session_checkpoint(&s, true).await.unwrap();
+    text(&c, &s, "ev.set(); th.join()\nNone").await;
+    c.session_restore(&s, &forced.checkpoint).await.unwrap();
+    assert_eq!(text(&c, &s, "th.is_alive()").await, "False");
+    // Paused: refused until resumed.
+    c.session_pause(&s).await.unwrap();
+    let (code, _) = code_of(c.session_restore(&s, &forced.checkpoint).await.unwrap_err());
+    assert_eq!(code, ErrorCode::SessionPaused);
+    c.session_resume(&s).await.unwrap();
+    for i in 0..30 {
+        let ck = c.session_checkpoint(&s, false).await.unwrap();
+        text(&c, &s, &format!("x = {i}")).await;
+        c.session_restore(&s, &ck.checkpoint).await.unwrap();
+        c.session_checkpoint_delete(&s, &ck.checkpoint)
+            .await
+            .unwrap();
+    }
+    assert_eq!(text(&c, &s, "'ok'").await, "'ok'");
+    let metrics = common::scrape::scrape(d.metrics_addr().unwrap()).await;
+    let count = |op: &str| {
+        common::scrape::sample(
+            &metrics,
+            "forkd_session_requests_total",
+            &[("op", op), ("outcome", "ok")],
+        )
+    };
+    assert_eq!(count("session_checkpoint"), Some(35.0), "{metrics}");
+    assert_eq!(count("session_restore"), Some(31.0), "{metrics}");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events = |event: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"] == event && r["session"] == s.as_str())
+            .count()
+    };
+    assert_eq!(events("session_checkpointed"), 33);
+    assert_eq!(events("session_restored"), 31);
+    assert_eq!(events("session_checkpoint_deleted"), 32);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "session_restored"
+                && r["checkpoint"] == forced.checkpoint.as_str())
+    );
+    drop(c);
+    d.finish().await;
+}
