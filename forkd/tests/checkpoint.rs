@@ -161,9 +161,17 @@ async fn a_checkpoint_killed_from_inside_is_reported_lost() {
     }
     let d = TestDaemon::start(|_| {}).await;
     let c = d.client().await;
-    let s = create(&c).await;
-    text(&c, &s, "x = 1").await;
+    let (s, bystander) = (create(&c).await, create(&c).await);
+    text(&c, &bystander, "y = 'kept'").await;
+    let bystanders_ck = c.session_checkpoint(&bystander, false).await.unwrap();
+    text(&c, &s, "x = 1\nopen('/tmp/f', 'w').write('f')\nNone").await;
     let ck = c.session_checkpoint(&s, false).await.unwrap();
+    // The scratch copies are the executor's (pid 1): its descriptors are
+    // closed to the session's code.
+    assert_eq!(
+        text(&c, &s, "import os\ntry:\n    os.listdir('/proc/1/fd')\nexcept OSError as e:\n    r = type(e).__name__\nr").await,
+        "'PermissionError'"
+    );
     // Every process this code may signal (kill(-1) spares the caller).
     text(&c, &s, "import os, signal\nos.kill(-1, signal.SIGKILL)").await;
     let (code, message) = code_of(c.session_restore(&s, &ck.checkpoint).await.unwrap_err());
@@ -171,6 +179,12 @@ async fn a_checkpoint_killed_from_inside_is_reported_lost() {
     assert!(message.contains("lost"), "{message}");
     assert!(c.session_checkpoints(&s).await.unwrap().is_empty());
     assert_eq!(text(&c, &s, "1 + 1").await, "2");
+    // Nothing of another session was touched.
+    text(&c, &bystander, "y = 'changed'").await;
+    c.session_restore(&bystander, &bystanders_ck.checkpoint)
+        .await
+        .unwrap();
+    assert_eq!(text(&c, &bystander, "y").await, "'kept'");
 
     // The same through forkd-run: take, list, restore, delete.
     let run = |args: Vec<String>| {
