@@ -932,6 +932,10 @@ def run_session(job):
         # fd 1 carries frames: a stray print must not corrupt it.
         sys.stdout = sys.stderr
         executor = Executor(cfg)
+        if executor.adopt_dir is not None:
+            # A branch's channels exist before anyone hears it started: the
+            # copy may arrive as soon as the daemon does.
+            executor.await_copy(executor.adopt_dir)
         os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
         setup_failed("session setup failed:\n" + traceback.format_exc())
@@ -1240,9 +1244,7 @@ class Executor:
     # -- the loop ----------------------------------------------------------
 
     def serve(self):
-        if self.adopt_dir is not None:
-            self.await_copy(self.adopt_dir)
-        else:
+        if self.adopt_dir is None:
             self.start_kernel()
         while True:
             timeout = None

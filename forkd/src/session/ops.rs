@@ -303,7 +303,7 @@ pub async fn branch(
     if let Some(grandparent) = &parent.parent {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session, or checkpoint by branching it before it changes", parent.id),
+            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session (a branch can checkpoint and restore itself)", parent.id),
         ));
     }
     if parent.has_workspace() {
