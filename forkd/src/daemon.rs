@@ -111,6 +111,7 @@ pub struct Running {
     pub daemon: Arc<State>,
     settings: Arc<Settings>,
     shutdown: watch::Sender<bool>,
+    draining: watch::Sender<bool>,
     socket: PathBuf,
     /// False when systemd bound the socket (socket activation): the file is
     /// then its to keep, for the next activation.
@@ -136,15 +137,44 @@ impl Running {
         self.metrics_addr
     }
 
-    /// Stops accepting, kills running sandboxes (reported as
-    /// `killed_by: shutdown`), waits up to the grace period for their replies,
-    /// stops the zygotes, removes every cgroup and the socket file.
+    /// Drains, then stops: [`Running::shutdown_with`] with nothing to cut
+    /// the drain short.
     pub async fn shutdown(self) {
+        self.shutdown_with(std::future::pending()).await
+    }
+
+    /// Stops accepting connections and new work (requests get
+    /// `shutting_down`), lets running sandboxes finish for up to the grace
+    /// period (`shutdown_grace_ms`; `force` ending cuts it short), then
+    /// kills what still runs, sessions included (reported as
+    /// `killed_by: shutdown`), waits briefly for their replies, stops the
+    /// zygotes, removes every cgroup and the socket file.
+    pub async fn shutdown_with(self, force: impl std::future::Future<Output = ()>) {
         let d = &self.daemon;
-        tracing::info!(running = d.running(), "shutting down");
-        let _ = self.shutdown.send(true);
+        tracing::info!(
+            running = d.running(),
+            grace_ms = self.settings.shutdown_grace.as_millis() as u64,
+            "shutting down: draining"
+        );
+        let _ = self.draining.send(true);
         let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
+        tokio::pin!(force);
         while d.running() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = &mut force => {
+                    tracing::info!("shutdown forced: not waiting for running sandboxes");
+                    break;
+                }
+            }
+        }
+        if d.running() > 0 {
+            tracing::info!(running = d.running(), "killing what still runs");
+        }
+        let _ = self.shutdown.send(true);
+        // The killed sandboxes' replies (a kill and a reap: milliseconds).
+        let replies = tokio::time::Instant::now() + Duration::from_secs(2);
+        while d.running() > 0 && tokio::time::Instant::now() < replies {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Let the connections flush the final replies.
@@ -380,6 +410,7 @@ pub async fn start_with(
     };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (draining, draining_rx) = watch::channel(false);
     let netns = Arc::new(if sys::euid() == 0 {
         NetnsStock::start(settings.config.netns_stock)
     } else {
@@ -403,6 +434,7 @@ pub async fn start_with(
         warm,
         settings.max_concurrent,
         shutdown_rx.clone(),
+        draining_rx.clone(),
         network,
     ));
     tracing::info!(socket = %socket.display(), "forkd listening");
@@ -444,11 +476,12 @@ pub async fn start_with(
         settings.frames,
         sessions,
     ));
-    let server = tokio::spawn(crate::server::serve(server, listener, shutdown_rx));
+    let server = tokio::spawn(crate::server::serve(server, listener, draining_rx));
     Ok(Running {
         daemon: state,
         settings,
         shutdown,
+        draining,
         socket,
         owns_socket_file,
         audit,

@@ -600,6 +600,9 @@ impl Sessions {
 
     /// Room for one more session of `uid`'s, or the error that says why not.
     fn admit(&self, uid: u32) -> Result<(), ErrorReply> {
+        if self.state.is_draining() {
+            return Err(crate::sandbox::shutting_down());
+        }
         let table = lock(&self.table);
         if table.live.len() >= self.cfg.max {
             return Err(error(
