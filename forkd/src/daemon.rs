@@ -153,7 +153,7 @@ impl Running {
         let d = &self.daemon;
         tracing::info!(
             running = d.running(),
-            grace_ms = self.settings.shutdown_grace.as_millis() as u64,
+            grace = ?self.settings.shutdown_grace,
             "shutting down: draining"
         );
         let _ = self.draining.send(true);
