@@ -303,3 +303,59 @@ async fn a_branch_checkpoints_and_restores() {
     drop(c);
     d.finish().await;
 }
+
+/// After a branch request the session keeps that many branch shells ready
+/// (`spare_branches` in its info); the next request uses them, and what it
+/// gets is a branch like any other: the state, its own namespaces and uid,
+/// labels and TTL of this request, and it answers; then they are made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spare_branches_are_made_ready_and_handed_out() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.sessions.spare_branches = 2).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(&c, &s, "x = 41\nopen('/tmp/f', 'w').write('parent')\nNone").await;
+    let ns_uid = "import os\n(os.readlink('/proc/self/ns/pid'), os.readlink('/proc/self/ns/mnt'), open('/proc/self/uid_map').read().split()[1])";
+    let wait_for_spares = |want: u32| {
+        let (c, s) = (c.clone(), s.clone());
+        async move {
+            for _ in 0..500 {
+                if c.session_info(&s).await.unwrap().spare_branches == want {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("the session never had {want} spare branches");
+        }
+    };
+    let first = c.session_branch(branch_of(&s, 3)).await.unwrap();
+    wait_for_spares(2).await;
+    // Spares are in no list and count against nothing until handed out.
+    assert_eq!(c.session_list(Default::default()).await.unwrap().len(), 4);
+    let mut labelled = branch_of(&s, 2);
+    labelled.labels = Some([("round".to_string(), "two".to_string())].into());
+    let second = c.session_branch(labelled).await.unwrap();
+    assert_eq!(c.session_info(&s).await.unwrap().spare_branches, 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for b in first.iter().chain(&second) {
+        assert_eq!(text(&c, &b.session, "x + 1").await, "42");
+        assert_eq!(
+            text(&c, &b.session, "open('/tmp/f').read()").await,
+            "'parent'"
+        );
+        assert!(
+            seen.insert(text(&c, &b.session, ns_uid).await),
+            "two branches share namespaces or a uid"
+        );
+    }
+    for b in &second {
+        assert_eq!(b.labels.get("round").map(String::as_str), Some("two"));
+        assert!(b.age_ms < 5_000 && b.ttl_left_ms > 0, "{b:?}");
+    }
+    wait_for_spares(2).await;
+    c.session_kill(&s).await.unwrap();
+    drop(c);
+    d.finish().await;
+}
