@@ -2284,18 +2284,21 @@ def kernel_branch(req, spec):
                      f"the session runs threads of its own ({', '.join(own)}); a branch would not have them "
                      "(fork copies only the calling thread): end them first, or branch with force"})
         return False
-    outcomes = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    seeds = prng_states() if spec.get("same_seed") else None
+    # Every copy is forked first, then waited for: they join their branches
+    # side by side.
+    copies = []
     for target in spec["targets"]:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        same = bool(spec.get("same_seed"))
-        seeds = prng_states() if same else None
         err_r, err_w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            for _, other in copies:
+                os.close(other)
             os.close(err_r)
             try:
                 copy_into_branch(target, seeds, err_w)
@@ -2306,6 +2309,9 @@ def kernel_branch(req, spec):
                     os._exit(1)
             return True
         os.close(err_w)
+        copies.append((pid, err_r))
+    outcomes = []
+    for pid, err_r in copies:
         with open(err_r, "rb") as f:
             why = f.read()
         _, status = os.waitpid(pid, 0)
