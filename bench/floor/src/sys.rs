@@ -347,3 +347,37 @@ pub unsafe fn dup_onto(fd: RawFd, target: RawFd) -> io::Result<()> {
     // SAFETY: forwarded caller contract; dup2 touches no memory.
     check(unsafe { libc::dup2(fd, target) })
 }
+
+/// A system call with integer arguments only: its result or the errno it
+/// failed with. For tests that ask the kernel what a filter answers.
+///
+/// # Safety
+/// The arguments must not make the kernel write to memory the caller does
+/// not own, and the call must not end or replace the process unexpectedly.
+pub unsafe fn raw_syscall(nr: libc::c_long, args: [libc::c_long; 6]) -> Result<libc::c_long, i32> {
+    // SAFETY: forwarded to the caller.
+    let r = unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]) };
+    if r == -1 {
+        Err(io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r)
+    }
+}
+
+/// Writes all of `data` to `fd` (no allocation).
+pub fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: reads `data`, which is alive.
+        let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        match usize::try_from(n) {
+            Ok(n) => data = &data[n..],
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
