@@ -11,6 +11,7 @@
 //! the expected output.
 
 mod check;
+mod coldembedded;
 mod floor;
 mod hostcpu;
 mod indep;
@@ -51,6 +52,9 @@ enum Command {
     Compare(check::CompareArgs),
     /// Session figures: create, cell round trip, streaming, idle memory, files.
     Sessions(sessions::SessionArgs),
+    /// `forkd-run --embedded --warm-pool N -n N` against N concurrent cold
+    /// `python -c` of the same snippet, alternating, several rounds.
+    ColdVsEmbedded(coldembedded::ColdArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -632,6 +636,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Check(args)) => runtime.block_on(check::run(args)),
         Some(Command::Compare(args)) => check::compare_files(args),
         Some(Command::Sessions(args)) => runtime.block_on(sessions::run(args)),
+        Some(Command::ColdVsEmbedded(args)) => runtime.block_on(coldembedded::run(args)),
     };
     match outcome {
         Ok(code) => code,
