@@ -127,12 +127,10 @@ impl FloorServer {
         for v in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
             cmd.env(v, "1");
         }
-        // SAFETY: between fork and exec only dup2 runs (async-signal-safe).
+        // SAFETY: between fork and exec only fcntl and dup2 run
+        // (async-signal-safe).
         unsafe {
-            cmd.pre_exec(move || {
-                sys::dup_onto(r, 3)?;
-                sys::dup_onto(w, 4)
-            });
+            cmd.pre_exec(move || sys::move_onto(&[(r, 3), (w, 4)]));
         }
         let mut child = cmd
             .spawn()
@@ -386,5 +384,64 @@ fn print(r: &Report) {
             s.forkd_ms.len(),
             busy.join("/")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `$FORKD_TEST_PYTHON`, else the workspace's `.venv/bin/python`.
+    fn python() -> PathBuf {
+        let p = std::env::var_os("FORKD_TEST_PYTHON")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+        assert!(p.exists(), "test interpreter {} missing", p.display());
+        p
+    }
+
+    /// The floor's copies hold the parent's state and each answers once;
+    /// a copy left waiting ends when the bench closes its request pipe.
+    #[test]
+    fn the_floors_copies_answer_from_the_parents_state() {
+        let mut floor = FloorServer::start(&python(), 8_000_000).unwrap();
+        for k in [1, 3, 1] {
+            floor.branch(k).unwrap();
+        }
+        let server = i32::try_from(floor.child.id()).unwrap();
+        // One copy that never gets its request.
+        writeln!(floor.stdin, "1").unwrap();
+        floor.stdin.flush().unwrap();
+        let mut line = String::new();
+        floor.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "forked\n");
+        // The copies that answered are gone (reaped by the kernel); the one
+        // still waiting for its request is left.
+        let children = || {
+            std::fs::read_to_string(format!("/proc/{server}/task/{server}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while children().len() != 1 {
+            assert!(Instant::now() < deadline, "children: {:?}", children());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let waiting = children();
+        drop(floor);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while waiting
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a waiting copy outlived the floor"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
