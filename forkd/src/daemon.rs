@@ -116,6 +116,10 @@ pub struct Running {
     /// False when systemd bound the socket (socket activation): the file is
     /// then its to keep, for the next activation.
     owns_socket_file: bool,
+    /// The bound socket file's (device, inode): at shutdown the path is
+    /// removed only while it is still this file (a daemon started during
+    /// the drain may have bound a new one there).
+    socket_file: Option<(u64, u64)>,
     audit: Option<Arc<AuditLog>>,
     server: tokio::task::JoinHandle<()>,
     metrics_server: Option<tokio::task::JoinHandle<()>>,
@@ -208,7 +212,7 @@ impl Running {
             }
         })
         .await;
-        if self.owns_socket_file {
+        if self.owns_socket_file && file_id(&self.socket) == self.socket_file {
             let _ = std::fs::remove_file(&self.socket);
         }
         if let Some(audit) = &self.audit {
@@ -302,6 +306,14 @@ async fn open_outputs(
         None => None,
     };
     Ok((metrics_listener, audit))
+}
+
+/// A path's (device, inode), not following a symlink.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The socket to serve: systemd's when activated, else one we bind.
@@ -408,6 +420,7 @@ pub async fn start_with(
             return Err(e);
         }
     };
+    let socket_file = file_id(&socket);
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (draining, draining_rx) = watch::channel(false);
@@ -484,6 +497,7 @@ pub async fn start_with(
         draining,
         socket,
         owns_socket_file,
+        socket_file,
         audit,
         server,
         metrics_server,

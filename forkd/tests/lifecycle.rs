@@ -598,3 +598,47 @@ async fn shutdown_drains_then_kills_and_a_second_signal_forces() {
     drop(client);
     stopped.assert_no_leaks().await;
 }
+
+/// A draining daemon has closed its socket: a new daemon may take the path
+/// meanwhile, and the old one, finishing, leaves the new one's socket alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_during_a_drain_keeps_its_socket() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
+    let old = TestDaemon::start(|c| c.shutdown_grace_ms = 30_000).await;
+    let client = old.client().await;
+    let c = client.clone();
+    let running = tokio::spawn(async move {
+        c.spawn(&req(
+            "import time\nopen('/tmp/started', 'w').close()\ntime.sleep(1.5)",
+        ))
+        .await
+    });
+    old.wait_for_scratch_file("started", Duration::from_secs(10))
+        .await;
+    let socket = old.socket.clone();
+    let draining = tokio::spawn(old.shutdown());
+    // The old one stops accepting at once; the new one takes the path.
+    let new = loop {
+        match TestDaemon::try_start(Some(socket.clone()), |_| {}).await {
+            Ok(d) => break d,
+            Err((forkd::StartError::AlreadyServed(_), attempt)) => {
+                attempt.assert_no_leaks().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err((e, _)) => panic!("{e:?}"),
+        }
+    };
+    running.await.unwrap().expect("drained");
+    // (The old daemon's tempdir holds the path: kept until the end.)
+    let stopped = draining.await.unwrap();
+    assert!(
+        socket.exists(),
+        "the old daemon removed the new one's socket"
+    );
+    assert_eq!(new.run("print('new')").await.stdout, b"new\n");
+    drop(client);
+    new.finish().await;
+    stopped.assert_no_leaks().await;
+}
