@@ -483,6 +483,25 @@ impl Sessions {
         }
     }
 
+    /// How many more spare branches `uid` may get: spares count against the
+    /// session limits (`[sessions] max`, `max_per_uid`) as sessions do, so
+    /// that keeping them ready can never hold more than the limits allow.
+    pub(crate) fn spare_room(&self, uid: u32) -> usize {
+        let table = lock(&self.table);
+        let held = |s: &Arc<Session>| 1 + lock(&s.spares).len();
+        let all: usize = table.live.values().map(held).sum();
+        let own: usize = table
+            .live
+            .values()
+            .filter(|s| s.owner == uid)
+            .map(held)
+            .sum();
+        self.cfg
+            .max
+            .saturating_sub(all)
+            .min(self.cfg.max_per_uid.saturating_sub(own))
+    }
+
     /// Room for one more checkpoint of `session` within the quotas
     /// (`[sessions] max_checkpoints_per_session`, `max_checkpoints_per_uid`),
     /// held until the returned slot is committed or dropped. Checked and

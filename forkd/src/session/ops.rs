@@ -589,7 +589,12 @@ async fn refill_spares(
     }
     let made = async {
         let parent_uid = crate::branch_copy::uid_of(parent.pid).ok()?;
-        let missing = want.saturating_sub(super::lock(&parent.spares).len());
+        // (Two statements: spare_room locks every session's spares, this
+        // one's included.)
+        let have = super::lock(&parent.spares).len();
+        let missing = want
+            .saturating_sub(have)
+            .min(sessions.spare_room(parent.owner));
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..missing {
             let (sessions, parent) = (sessions.clone(), parent.clone());
