@@ -229,6 +229,26 @@ impl Codec {
     }
 
     /// One data envelope.
+    /// The messages of a client stream (a body of envelopes, back to back).
+    pub fn unenvelope_all<T: prost::Message + Default + DeserializeOwned>(
+        self,
+        mut body: &[u8],
+    ) -> Result<Vec<T>, RpcError> {
+        let mut out = Vec::new();
+        while !body.is_empty() {
+            let len = match body {
+                [_, a, b, c, d, ..] => {
+                    usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).unwrap_or(usize::MAX)
+                }
+                _ => 0,
+            };
+            let end = len.saturating_add(5).min(body.len());
+            out.push(self.unenvelope(&body[..end])?);
+            body = &body[end..];
+        }
+        Ok(out)
+    }
+
     pub fn envelope<T: prost::Message + Serialize>(self, msg: &T) -> Bytes {
         frame(0, &self.encode(msg))
     }

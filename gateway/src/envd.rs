@@ -460,6 +460,8 @@ async fn run_command(
         cwd: cfg.cwd.clone().filter(|s| !s.is_empty()),
         env: cfg.envs.clone().into_iter().collect(),
         timeout_ms: Some(timeout_ms),
+        // envd's default when the field is absent (older SDKs) is on.
+        stdin: req.stdin.unwrap_or(true),
     };
     let mut stream = match c.command_stream(&cmd).await {
         Ok(s) => s,
@@ -548,6 +550,88 @@ fn selected(
     found.ok_or_else(|| RpcError::new(Code::NotFound, "no such running process in this sandbox"))
 }
 
+/// Sends `input` (stdin bytes) to the selected process of `sandbox`, then
+/// closes its stdin if `eof`.
+async fn send_input(
+    gw: &Gateway,
+    sandbox: &str,
+    sel: Option<pb::ProcessSelector>,
+    input: Option<pb::ProcessInput>,
+    eof: bool,
+) -> Result<(), RpcError> {
+    let (pid, _) = selected(gw, sandbox, sel)?;
+    let data = match input.and_then(|i| i.input) {
+        Some(pb::Input::Stdin(d)) => d,
+        Some(pb::Input::Pty(_)) => {
+            return Err(RpcError::new(
+                Code::Unimplemented,
+                "PTY input: forkd commands have no PTY (see docs/e2b.md)",
+            ))
+        }
+        None if eof => Vec::new(),
+        None => {
+            return Err(RpcError::new(
+                Code::InvalidArgument,
+                "input.stdin is required",
+            ))
+        }
+    };
+    let c = gw.daemon().await?;
+    c.command_input(sandbox, pid, &data, eof)
+        .await
+        .map_err(input_error)
+}
+
+/// `StreamInput` (a client stream): a start event naming the process, then
+/// data events in order. The body has been read whole (it is bounded like
+/// any RPC's), so the input reaches the command when the stream has ended.
+async fn stream_input(
+    gw: &Gateway,
+    sandbox: &str,
+    codec: Codec,
+    body: &[u8],
+) -> Result<(), RpcError> {
+    let msgs: Vec<pb::StreamInputRequest> = codec.unenvelope_all(body)?;
+    let mut events = msgs.into_iter().filter_map(|m| m.event);
+    let sel = match events.next() {
+        Some(pb::InputEvent::Start(s)) => s.process,
+        _ => {
+            return Err(RpcError::new(
+                Code::InvalidArgument,
+                "the input stream must begin with a start event naming the process",
+            ))
+        }
+    };
+    for ev in events {
+        match ev {
+            pb::InputEvent::Data(d) => send_input(gw, sandbox, sel.clone(), d.input, false).await?,
+            pb::InputEvent::Keepalive(_) => {}
+            pb::InputEvent::Start(_) => {
+                return Err(RpcError::new(
+                    Code::InvalidArgument,
+                    "the input stream has a second start event",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The daemon's answer to `command_input` as envd's: a process that ended
+/// (or never was) is not found; a stdin that is closed or was never asked
+/// for is a failed precondition.
+fn input_error(e: ClientError) -> RpcError {
+    match &e {
+        ClientError::Server(r) if r.code == ErrorCode::NotFound => {
+            RpcError::new(Code::NotFound, r.message.clone())
+        }
+        ClientError::Server(r) if r.code == ErrorCode::InvalidRequest => {
+            RpcError::new(Code::FailedPrecondition, r.message.clone())
+        }
+        _ => e.into(),
+    }
+}
+
 #[utoipa::path(post, path = "/process.Process/{method}", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
     params(("method" = crate::openapi::ProcessMethod, Path, description = "The RPC"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
     request_body(description = "One protobuf or JSON message (unary), or one enveloped message (server streams)", content(
@@ -567,7 +651,7 @@ pub(crate) async fn process(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let streaming = matches!(method.as_str(), "Start" | "Connect");
+    let streaming = matches!(method.as_str(), "Start" | "Connect" | "StreamInput");
     let codec = match Codec::of(&headers, streaming) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
@@ -653,12 +737,37 @@ pub(crate) async fn process(
                 Err(e) => e.into_response(),
             }
         }
-        "SendInput" | "StreamInput" | "CloseStdin" | "Update" => RpcError::new(
+        "SendInput" => {
+            let req: pb::SendInputRequest = match codec.decode(&body) {
+                Ok(r) => r,
+                Err(e) => return e.into_response(),
+            };
+            match send_input(&gw, &sb.id, req.process, req.input, false).await {
+                Ok(()) => codec.unary(&pb::Empty {}),
+                Err(e) => e.into_response(),
+            }
+        }
+        "CloseStdin" => {
+            let req: pb::ProcessRef = match codec.decode(&body) {
+                Ok(r) => r,
+                Err(e) => return e.into_response(),
+            };
+            match send_input(&gw, &sb.id, req.process, None, true).await {
+                Ok(()) => codec.unary(&pb::Empty {}),
+                Err(e) => e.into_response(),
+            }
+        }
+        "StreamInput" => match stream_input(&gw, &sb.id, codec, &body).await {
+            Ok(()) => {
+                let mut out = codec.envelope(&pb::Empty {}).to_vec();
+                out.extend_from_slice(&end_stream(None));
+                codec.stream(futures_util::stream::iter([Ok(Bytes::from(out))]))
+            }
+            Err(e) => codec.stream_error(e),
+        },
+        "Update" => RpcError::new(
             Code::Unimplemented,
-            format!(
-                "process.Process/{method}: forkd commands take no stdin and have no PTY \
-                 (see docs/e2b.md)"
-            ),
+            "process.Process/Update resizes a PTY: forkd commands have no PTY (see docs/e2b.md)",
         )
         .into_response(),
         other => RpcError::new(
