@@ -331,4 +331,45 @@ mod tests {
             .unwrap()
             .contains("not_found"));
     }
+
+    #[test]
+    fn a_client_stream_is_read_message_by_message() {
+        use pb::{InputEvent, StreamInputRequest};
+        let start = StreamInputRequest {
+            event: Some(InputEvent::Start(pb::ProcessRef {
+                process: Some(pb::ProcessSelector {
+                    selector: Some(pb::Selector::Pid(7)),
+                }),
+            })),
+        };
+        let data = StreamInputRequest {
+            event: Some(InputEvent::Data(pb::InputData {
+                input: Some(pb::ProcessInput {
+                    input: Some(pb::Input::Stdin(b"ab".to_vec())),
+                }),
+            })),
+        };
+        for codec in [Codec::Json, Codec::Proto] {
+            let mut body = codec.envelope(&start).to_vec();
+            body.extend_from_slice(&codec.envelope(&data));
+            let msgs: Vec<StreamInputRequest> = codec.unenvelope_all(&body).unwrap();
+            assert_eq!(msgs, vec![start.clone(), data.clone()]);
+            assert!(codec
+                .unenvelope_all::<StreamInputRequest>(&body[..body.len() - 1])
+                .is_err());
+            assert!(codec
+                .unenvelope_all::<StreamInputRequest>(&body[..3])
+                .is_err());
+        }
+        // What the E2B Python SDK sends (its own encoder's bytes).
+        let sdk = [0x12, 0x06, 0x12, 0x04, 0x0a, 0x02, b'a', b'b'];
+        assert_eq!(
+            Codec::Proto.decode::<StreamInputRequest>(&sdk).unwrap(),
+            data
+        );
+        let json: StreamInputRequest = Codec::Json
+            .decode(br#"{"data":{"input":{"stdin":"YWI="}}}"#)
+            .unwrap();
+        assert_eq!(json, data);
+    }
 }

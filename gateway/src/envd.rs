@@ -634,11 +634,11 @@ fn input_error(e: ClientError) -> RpcError {
 
 #[utoipa::path(post, path = "/process.Process/{method}", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
     params(("method" = crate::openapi::ProcessMethod, Path, description = "The RPC"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
-    request_body(description = "One protobuf or JSON message (unary), or one enveloped message (server streams)", content(
+    request_body(description = "One protobuf or JSON message (unary), one enveloped message (server streams), or enveloped messages back to back (StreamInput: a start event, then data events)", content(
         (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"),
         (crate::openapi::Binary = "application/proto"), (Object = "application/json"))),
     responses(
-        (status = 200, description = "The answer, or for Start and Connect a stream of enveloped events ending in an end-of-stream message", content(
+        (status = 200, description = "The answer, or for Start, Connect and StreamInput enveloped messages ending in an end-of-stream message", content(
             (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"),
             (crate::openapi::Binary = "application/proto"), (Object = "application/json"))),
         (status = "4XX", description = "A unary call's Connect error", body = crate::openapi::ConnectError),
