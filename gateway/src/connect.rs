@@ -229,24 +229,21 @@ impl Codec {
     }
 
     /// One data envelope.
-    /// The messages of a client stream (a body of envelopes, back to back).
-    pub fn unenvelope_all<T: prost::Message + Default + DeserializeOwned>(
-        self,
-        mut body: &[u8],
-    ) -> Result<Vec<T>, RpcError> {
-        let mut out = Vec::new();
-        while !body.is_empty() {
-            let len = match body {
-                [_, a, b, c, d, ..] => {
-                    usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).unwrap_or(usize::MAX)
-                }
-                _ => 0,
-            };
-            let end = len.saturating_add(5).min(body.len());
-            out.push(self.unenvelope(&body[..end])?);
-            body = &body[end..];
+    /// The length of the first envelope of `buf` when it is complete
+    /// (`None`: more bytes are needed), for reading a client stream as it
+    /// arrives; a message over [`MAX_MESSAGE`] is refused.
+    pub fn next_envelope(buf: &[u8]) -> Result<Option<usize>, RpcError> {
+        let [_, a, b, c, d, ..] = buf else {
+            return Ok(None);
+        };
+        let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).unwrap_or(usize::MAX);
+        if len > MAX_MESSAGE {
+            return Err(RpcError::new(
+                Code::ResourceExhausted,
+                format!("a message of {len} bytes is over the {MAX_MESSAGE}-byte limit"),
+            ));
         }
-        Ok(out)
+        Ok((buf.len() >= 5 + len).then_some(5 + len))
     }
 
     pub fn envelope<T: prost::Message + Serialize>(self, msg: &T) -> Bytes {
@@ -352,15 +349,23 @@ mod tests {
         for codec in [Codec::Json, Codec::Proto] {
             let mut body = codec.envelope(&start).to_vec();
             body.extend_from_slice(&codec.envelope(&data));
-            let msgs: Vec<StreamInputRequest> = codec.unenvelope_all(&body).unwrap();
+            // Byte by byte, as a slow client might send it.
+            let (mut buf, mut msgs) = (Vec::new(), Vec::<StreamInputRequest>::new());
+            for b in &body {
+                buf.push(*b);
+                if let Some(n) = Codec::next_envelope(&buf).unwrap() {
+                    msgs.push(codec.unenvelope(&buf[..n]).unwrap());
+                    buf.drain(..n);
+                }
+            }
+            assert!(buf.is_empty());
             assert_eq!(msgs, vec![start.clone(), data.clone()]);
-            assert!(codec
-                .unenvelope_all::<StreamInputRequest>(&body[..body.len() - 1])
-                .is_err());
-            assert!(codec
-                .unenvelope_all::<StreamInputRequest>(&body[..3])
-                .is_err());
         }
+        let huge = [0u8, 0x7f, 0xff, 0xff, 0xff];
+        assert_eq!(
+            Codec::next_envelope(&huge).unwrap_err().code,
+            Code::ResourceExhausted
+        );
         // What the E2B Python SDK sends (its own encoder's bytes).
         let sdk = [0x12, 0x06, 0x12, 0x04, 0x0a, 0x02, b'a', b'b'];
         assert_eq!(

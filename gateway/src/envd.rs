@@ -583,36 +583,64 @@ async fn send_input(
 }
 
 /// `StreamInput` (a client stream): a start event naming the process, then
-/// data events in order. The body has been read whole (it is bounded like
-/// any RPC's), so the input reaches the command when the stream has ended.
+/// data events, each passed on as it arrives (the body is read as a stream:
+/// each message is bounded, the stream is not).
 async fn stream_input(
     gw: &Gateway,
     sandbox: &str,
     codec: Codec,
-    body: &[u8],
+    body: axum::body::Body,
 ) -> Result<(), RpcError> {
-    let msgs: Vec<pb::StreamInputRequest> = codec.unenvelope_all(body)?;
-    let mut events = msgs.into_iter().filter_map(|m| m.event);
-    let sel = match events.next() {
-        Some(pb::InputEvent::Start(s)) => s.process,
-        _ => {
-            return Err(RpcError::new(
-                Code::InvalidArgument,
-                "the input stream must begin with a start event naming the process",
-            ))
-        }
-    };
-    for ev in events {
-        match ev {
-            pb::InputEvent::Data(d) => send_input(gw, sandbox, sel.clone(), d.input, false).await?,
-            pb::InputEvent::Keepalive(_) => {}
-            pb::InputEvent::Start(_) => {
-                return Err(RpcError::new(
-                    Code::InvalidArgument,
-                    "the input stream has a second start event",
-                ))
+    use futures_util::StreamExt;
+    let mut frames = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut sel: Option<Option<pb::ProcessSelector>> = None;
+    loop {
+        while let Some(n) = Codec::next_envelope(&buf)? {
+            let msg: pb::StreamInputRequest = codec.unenvelope(&buf[..n])?;
+            buf.drain(..n);
+            match (msg.event, &sel) {
+                (Some(pb::InputEvent::Start(s)), None) => sel = Some(s.process),
+                (Some(pb::InputEvent::Start(_)), Some(_)) => {
+                    return Err(RpcError::new(
+                        Code::InvalidArgument,
+                        "the input stream has a second start event",
+                    ))
+                }
+                (_, None) => {
+                    return Err(RpcError::new(
+                        Code::InvalidArgument,
+                        "the input stream must begin with a start event naming the process",
+                    ))
+                }
+                (Some(pb::InputEvent::Data(d)), Some(s)) => {
+                    send_input(gw, sandbox, s.clone(), d.input, false).await?;
+                }
+                (Some(pb::InputEvent::Keepalive(_)) | None, Some(_)) => {}
             }
         }
+        match frames.next().await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            Some(Err(e)) => {
+                return Err(RpcError::new(
+                    Code::Canceled,
+                    format!("the input stream broke off: {e}"),
+                ))
+            }
+            None => break,
+        }
+    }
+    if !buf.is_empty() {
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            "malformed envelope: the input stream ended inside a message",
+        ));
+    }
+    if sel.is_none() {
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            "the input stream must begin with a start event naming the process",
+        ));
     }
     Ok(())
 }
@@ -649,12 +677,36 @@ pub(crate) async fn process(
     Path(method): Path<String>,
     sb: Sandbox,
     headers: HeaderMap,
-    body: Bytes,
+    raw: axum::body::Body,
 ) -> Response {
     let streaming = matches!(method.as_str(), "Start" | "Connect" | "StreamInput");
     let codec = match Codec::of(&headers, streaming) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
+    };
+    if method == "StreamInput" {
+        return match stream_input(&gw, &sb.id, codec, raw).await {
+            Ok(()) => {
+                let mut out = codec.envelope(&pb::Empty {}).to_vec();
+                out.extend_from_slice(&end_stream(None));
+                codec.stream(futures_util::stream::iter([Ok(Bytes::from(out))]))
+            }
+            Err(e) => codec.stream_error(e),
+        };
+    }
+    // Every other call is one bounded message.
+    let body = match axum::body::to_bytes(raw, gw.opts.max_body).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body could not be read or is over {} bytes: {e}",
+                    gw.opts.max_body
+                ),
+            )
+            .into_response()
+        }
     };
     let ka = keepalive(&headers);
     match method.as_str() {
@@ -757,14 +809,6 @@ pub(crate) async fn process(
                 Err(e) => e.into_response(),
             }
         }
-        "StreamInput" => match stream_input(&gw, &sb.id, codec, &body).await {
-            Ok(()) => {
-                let mut out = codec.envelope(&pb::Empty {}).to_vec();
-                out.extend_from_slice(&end_stream(None));
-                codec.stream(futures_util::stream::iter([Ok(Bytes::from(out))]))
-            }
-            Err(e) => codec.stream_error(e),
-        },
         "Update" => RpcError::new(
             Code::Unimplemented,
             "process.Process/Update resizes a PTY: forkd commands have no PTY (see docs/e2b.md)",

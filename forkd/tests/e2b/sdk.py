@@ -203,11 +203,27 @@ try:
     raise AssertionError("input to an ended command passed")
 except NotFoundException as err:
     check("send_stdin to an ended command is not found", "no" in str(err), repr(err))
-h = sb.commands.run("wc -l", background=True, stdin=True)
-sb.commands.stream_input(h.pid, ["a\n", b"b\n", "c\n"])
+# stream_input passes each chunk on as it arrives: the second is sent only
+# once the first has reached the command (a gateway that waited for the
+# whole stream would never let it).
+h = sb.commands.run("cat > /tmp/in.txt", background=True, stdin=True)
+
+
+def chunks():
+    yield "a\n"
+    for _ in range(200):
+        if sb.files.read("/tmp/in.txt") == "a\n":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the first chunk did not reach the command while the stream was open")
+    yield b"b\n"
+
+
+sb.commands.stream_input(h.pid, chunks())
 sb.commands.close_stdin(h.pid)
 r = h.wait()
-check("stream_input", r.stdout.strip() == "3", repr(r.stdout))
+check("stream_input streams", r.exit_code == 0 and sb.files.read("/tmp/in.txt") == "a\nb\n", repr(r))
 h = sb.commands.run("cat; sleep 30", background=True)
 try:
     sb.commands.send_stdin(h.pid, "x")
