@@ -167,6 +167,34 @@ impl SplitMeter {
     }
 }
 
+/// Cores kept busy by everything else while this thread sleeps for
+/// `window` (call it when nothing of the bench runs: what burns CPU then
+/// belongs to other processes, plus leftover kernel cleanup of ours). The
+/// load average cannot say this: a burst of the bench's own processes
+/// stays in it for minutes.
+pub fn others_busy_cores(window: std::time::Duration) -> Option<f64> {
+    let jiffies = || {
+        let t = CpuTimes::now()?;
+        Some((t.busy + t.steal, t.busy + t.steal + t.idle))
+    };
+    let (busy0, total0) = jiffies()?;
+    std::thread::sleep(window);
+    let (busy1, total1) = jiffies()?;
+    let cpus = std::thread::available_parallelism().ok()?.get() as f64;
+    let total = total1.checked_sub(total0)?;
+    (total > 0).then(|| busy1.saturating_sub(busy0) as f64 / total as f64 * cpus)
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -723,27 +723,105 @@ print(repr(out))
             strs(floor::DEVICES_RO),
             "{hint}"
         );
-        // forkd's filter is an allow-list now (policy/default.toml); the
-        // floor's is still the deny list it mirrored. Every call the floor
-        // denies must be refused by forkd too (denied or simply not allowed).
-        // TODO(floor): mirror the allow-list; until then the floor pays for a
-        // longer filter than forkd (345 vs 228 instructions, ~100 us more to
-        // install), so floor ratios flatter forkd by that much.
-        let allowed: Vec<&String> = forkd
-            .seccomp
-            .allow
-            .iter()
-            .flat_map(|g| &g.syscalls)
-            .collect();
-        for (name, _) in floor::DENY {
-            assert!(
-                !allowed.iter().any(|a| a.as_str() == *name),
-                "{name}: denied by the floor, allowed by forkd; {hint}"
+        // The same calls allowed, denied (EPERM) and argument-checked.
+        use std::collections::BTreeSet;
+        let set = |v: &mut dyn Iterator<Item = String>| v.collect::<BTreeSet<String>>();
+        let floor_names =
+            |l: &[(&'static str, libc::c_long)]| set(&mut l.iter().map(|e| floor::name(e).into()));
+        let forkd_allow = set(&mut forkd.seccomp.allow.iter().flat_map(|g| g.syscalls.clone()));
+        let floor_allow = floor_names(floor::ALLOW);
+        assert_eq!(
+            forkd_allow.difference(&floor_allow).collect::<Vec<_>>(),
+            Vec::<&String>::new(),
+            "allowed by forkd, not by the floor; {hint}"
+        );
+        assert_eq!(
+            floor_allow.difference(&forkd_allow).collect::<Vec<_>>(),
+            Vec::<&String>::new(),
+            "allowed by the floor, not by forkd; {hint}"
+        );
+        assert_eq!(
+            set(&mut forkd.seccomp.deny.iter().cloned()),
+            floor_names(floor::DENY),
+            "EPERM list; {hint}"
+        );
+        // The argument rules, by name and value.
+        let rules = &forkd.seccomp.rules;
+        let names = |l: &[(&str, libc::c_int)]| strs(&l.iter().map(|e| e.0).collect::<Vec<_>>());
+        assert_eq!(
+            rules.socket_families,
+            names(floor::SOCKET_FAMILIES),
+            "{hint}"
+        );
+        assert_eq!(
+            rules.netlink_protocols,
+            names(floor::NETLINK_PROTOCOLS),
+            "{hint}"
+        );
+        assert_eq!(rules.ioctl_types, floor::IOCTL_TYPES, "{hint}");
+        assert_eq!(rules.fcntl_deny, names(floor::FCNTL_DENY), "{hint}");
+        assert!(rules.deny_clone_namespaces, "{hint}");
+
+        // Both programs answer every call the same way: every number (and
+        // other ABIs), and a sweep of the checked arguments. Run by forkd's
+        // reference interpreter, which knows the instructions both emit.
+        use forkd_zygote::seccomp::evaluate;
+        let (ours, theirs) = (floor::seccomp().unwrap(), forkd.compile_seccomp().unwrap());
+        const X86_64: u32 = 0xC000_003E;
+        let same = |nr: u32, arch: u32, args: [u64; 6]| {
+            let (a, b) = (
+                evaluate(&ours, nr, arch, args),
+                evaluate(&theirs, nr, arch, args),
+            );
+            assert_eq!(
+                a, b,
+                "nr {nr} arch {arch:#x} args {args:x?}: floor {a:#x}, forkd {b:#x}; {hint}"
+            );
+        };
+        for nr in (0..1024).chain([0x4000_0000, 0x4000_0027, u32::MAX]) {
+            same(nr, X86_64, [0; 6]);
+            same(nr, 0x4000_0003, [0; 6]); // i386
+        }
+        let nr = |n: libc::c_long| u32::try_from(n).unwrap();
+        for family in 0..64u64 {
+            for proto in 0..32u64 {
+                same(nr(libc::SYS_socket), X86_64, [family, 3, proto, 0, 0, 0]);
+            }
+            same(
+                nr(libc::SYS_socket),
+                X86_64,
+                [1 << 32 | family, 1, 0, 0, 0, 0],
             );
         }
-        assert!(forkd.seccomp.rules.deny_clone_namespaces, "{hint}");
-        assert!(floor::seccomp().unwrap().len() > 100);
-        assert!(forkd.compile_seccomp().unwrap().len() > 100);
+        for kind in 0..=0xffu64 {
+            for dir in [0u64, 0x4004_0000, 0x8008_0000, 0xc010_0000] {
+                same(
+                    nr(libc::SYS_ioctl),
+                    X86_64,
+                    [1, dir | kind << 8 | 0x13, 0, 0, 0, 0],
+                );
+            }
+        }
+        for cmd in 0..1100u64 {
+            same(nr(libc::SYS_fcntl), X86_64, [1, cmd, 0, 0, 0, 0]);
+        }
+        for bit in 0..64 {
+            same(
+                nr(libc::SYS_clone),
+                X86_64,
+                [1u64 << bit | 17, 0, 0, 0, 0, 0],
+            );
+        }
+        let ns = (libc::CLONE_NEWNET | libc::CLONE_NEWUSER) as u64;
+        same(nr(libc::SYS_clone), X86_64, [ns, 0, 0, 0, 0, 0]);
+        // Installing costs per instruction: the floor's must not be the
+        // cheaper of the two by much (or the ratios flatter forkd's).
+        assert!(
+            ours.len().abs_diff(theirs.len()) <= 16,
+            "floor {} vs forkd {} instructions",
+            ours.len(),
+            theirs.len()
+        );
     }
 
     #[test]
@@ -756,7 +834,13 @@ print(repr(out))
             .build()
             .unwrap();
         let floor = IndepFloor::start(&python(), &["numpy".into()]).unwrap();
-        assert!(floor.info.seccomp_instructions > 100, "{:?}", floor.info);
+        // The library the server loaded carries this build's filter.
+        assert_eq!(
+            floor.info.seccomp_instructions,
+            forkd_bench_floor::policy::seccomp().unwrap().len(),
+            "{:?}",
+            floor.info
+        );
         // A listener in the host's network namespace the sandbox must not
         // reach.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -10,7 +10,9 @@
 //! pool code) is kept as a second line. A spawn counts only if it printed
 //! the expected output.
 
+mod branch;
 mod check;
+mod coldembedded;
 mod floor;
 mod hostcpu;
 mod indep;
@@ -51,6 +53,12 @@ enum Command {
     Compare(check::CompareArgs),
     /// Session figures: create, cell round trip, streaming, idle memory, files.
     Sessions(sessions::SessionArgs),
+    /// Live branch of a session (k=1 with 50 and 500 MB arrays, k=16) next to
+    /// a plain Python os.fork floor.
+    Branch(branch::BranchArgs),
+    /// `forkd-run --embedded --warm-pool N -n N` against N concurrent cold
+    /// `python -c` of the same snippet, alternating, several rounds.
+    ColdVsEmbedded(coldembedded::ColdArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -632,6 +640,8 @@ fn main() -> std::process::ExitCode {
         Some(Command::Check(args)) => runtime.block_on(check::run(args)),
         Some(Command::Compare(args)) => check::compare_files(args),
         Some(Command::Sessions(args)) => runtime.block_on(sessions::run(args)),
+        Some(Command::Branch(args)) => runtime.block_on(branch::run(args)),
+        Some(Command::ColdVsEmbedded(args)) => runtime.block_on(coldembedded::run(args)),
     };
     match outcome {
         Ok(code) => code,

@@ -952,6 +952,10 @@ pub struct SessionsSection {
     pub max_checkpoints_per_session: usize,
     /// Most checkpoints one peer uid may keep at once, over all its sessions.
     pub max_checkpoints_per_uid: usize,
+    /// Branch shells kept ready for a session that branched (as many as its
+    /// last request asked, at most this many; 0: none). Each holds an
+    /// executor (~2 MB) and a uid until used or the session ends.
+    pub spare_branches: usize,
 }
 
 impl Default for SessionsSection {
@@ -967,6 +971,7 @@ impl Default for SessionsSection {
             max_requests_per_connection: 1024,
             max_checkpoints_per_session: 16,
             max_checkpoints_per_uid: 64,
+            spare_branches: 16,
         }
     }
 }

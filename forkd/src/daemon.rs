@@ -111,10 +111,15 @@ pub struct Running {
     pub daemon: Arc<State>,
     settings: Arc<Settings>,
     shutdown: watch::Sender<bool>,
+    draining: watch::Sender<bool>,
     socket: PathBuf,
     /// False when systemd bound the socket (socket activation): the file is
     /// then its to keep, for the next activation.
     owns_socket_file: bool,
+    /// The bound socket file's (device, inode): at shutdown the path is
+    /// removed only while it is still this file (a daemon started during
+    /// the drain may have bound a new one there).
+    socket_file: Option<(u64, u64)>,
     audit: Option<Arc<AuditLog>>,
     server: tokio::task::JoinHandle<()>,
     metrics_server: Option<tokio::task::JoinHandle<()>>,
@@ -136,15 +141,44 @@ impl Running {
         self.metrics_addr
     }
 
-    /// Stops accepting, kills running sandboxes (reported as
-    /// `killed_by: shutdown`), waits up to the grace period for their replies,
-    /// stops the zygotes, removes every cgroup and the socket file.
+    /// Drains, then stops: [`Running::shutdown_with`] with nothing to cut
+    /// the drain short.
     pub async fn shutdown(self) {
+        self.shutdown_with(std::future::pending()).await
+    }
+
+    /// Stops accepting connections and new work (requests get
+    /// `shutting_down`), lets running sandboxes finish for up to the grace
+    /// period (`shutdown_grace_ms`; `force` ending cuts it short), then
+    /// kills what still runs, sessions included (reported as
+    /// `killed_by: shutdown`), waits briefly for their replies, stops the
+    /// zygotes, removes every cgroup and the socket file.
+    pub async fn shutdown_with(self, force: impl std::future::Future<Output = ()>) {
         let d = &self.daemon;
-        tracing::info!(running = d.running(), "shutting down");
-        let _ = self.shutdown.send(true);
+        tracing::info!(
+            running = d.running(),
+            grace = ?self.settings.shutdown_grace,
+            "shutting down: draining"
+        );
+        let _ = self.draining.send(true);
         let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
+        tokio::pin!(force);
         while d.running() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = &mut force => {
+                    tracing::info!("shutdown forced: not waiting for running sandboxes");
+                    break;
+                }
+            }
+        }
+        if d.running() > 0 {
+            tracing::info!(running = d.running(), "killing what still runs");
+        }
+        let _ = self.shutdown.send(true);
+        // The killed sandboxes' replies (a kill and a reap: milliseconds).
+        let replies = tokio::time::Instant::now() + Duration::from_secs(2);
+        while d.running() > 0 && tokio::time::Instant::now() < replies {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Let the connections flush the final replies.
@@ -178,7 +212,7 @@ impl Running {
             }
         })
         .await;
-        if self.owns_socket_file {
+        if self.owns_socket_file && file_id(&self.socket) == self.socket_file {
             let _ = std::fs::remove_file(&self.socket);
         }
         if let Some(audit) = &self.audit {
@@ -272,6 +306,14 @@ async fn open_outputs(
         None => None,
     };
     Ok((metrics_listener, audit))
+}
+
+/// A path's (device, inode), not following a symlink.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The socket to serve: systemd's when activated, else one we bind.
@@ -378,8 +420,10 @@ pub async fn start_with(
             return Err(e);
         }
     };
+    let socket_file = file_id(&socket);
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (draining, draining_rx) = watch::channel(false);
     let netns = Arc::new(if sys::euid() == 0 {
         NetnsStock::start(settings.config.netns_stock)
     } else {
@@ -403,6 +447,7 @@ pub async fn start_with(
         warm,
         settings.max_concurrent,
         shutdown_rx.clone(),
+        draining_rx.clone(),
         network,
     ));
     tracing::info!(socket = %socket.display(), "forkd listening");
@@ -444,13 +489,15 @@ pub async fn start_with(
         settings.frames,
         sessions,
     ));
-    let server = tokio::spawn(crate::server::serve(server, listener, shutdown_rx));
+    let server = tokio::spawn(crate::server::serve(server, listener, draining_rx));
     Ok(Running {
         daemon: state,
         settings,
         shutdown,
+        draining,
         socket,
         owns_socket_file,
+        socket_file,
         audit,
         server,
         metrics_server,

@@ -198,7 +198,13 @@ fn main() -> ExitCode {
             let _ = stop.send(());
             let _ = task.await;
         }
-        running.shutdown().await;
+        // A second SIGTERM or SIGINT ends the drain at once.
+        running
+            .shutdown_with(async {
+                wait_for_signal().await;
+                tracing::info!("second signal: forcing shutdown");
+            })
+            .await;
         ExitCode::SUCCESS
     })
 }

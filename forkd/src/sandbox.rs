@@ -332,7 +332,7 @@ pub async fn run_sandbox_with(
     // `None` (no allowlist) costs nothing further: no network, as always.
     let allow = state.network.admit(&req.allow_net, &zygote_name)?;
     let mut shutdown = state.shutdown_signal();
-    let _slot = acquire_slot(state, &mut shutdown).await?;
+    let _slot = acquire_slot(state).await?;
     let _in_flight = state.load.enter();
     let mut plan = plan_for(policy, &limits);
     plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
@@ -369,21 +369,25 @@ pub async fn run_sandbox_with(
     Ok(result)
 }
 
-/// A concurrency slot, unless the daemon is shutting down.
-async fn acquire_slot<'a>(
-    state: &'a State,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::sync::SemaphorePermit<'a>, ErrorReply> {
-    if *shutdown.borrow() {
-        return Err(error(
-            ErrorCode::ShuttingDown,
-            "forkd is shutting down; retry on another daemon",
-        ));
+/// A concurrency slot, unless the daemon is shutting down (a draining
+/// daemon takes no new work, queued requests included).
+async fn acquire_slot(state: &State) -> Result<tokio::sync::SemaphorePermit<'_>, ErrorReply> {
+    let mut draining = state.draining_signal();
+    if *draining.borrow() {
+        return Err(shutting_down());
     }
     tokio::select! {
-        permit = state.slots.acquire() => permit.map_err(|_| error(ErrorCode::ShuttingDown, "forkd is shutting down")),
-        _ = stopping(shutdown) => Err(error(ErrorCode::ShuttingDown, "forkd is shutting down")),
+        permit = state.slots.acquire() => permit.map_err(|_| shutting_down()),
+        _ = stopping(&mut draining) => Err(shutting_down()),
     }
+}
+
+/// The refusal of new work once shutdown has begun.
+pub(crate) fn shutting_down() -> ErrorReply {
+    error(
+        ErrorCode::ShuttingDown,
+        "forkd is shutting down; retry on another daemon",
+    )
 }
 
 /// A warm child if one fits (its cgroup limits can still change), otherwise

@@ -22,6 +22,9 @@ pub struct State {
     /// Requests in flight, for the warm pools' refill timing.
     pub(crate) load: Arc<Load>,
     shutdown: watch::Receiver<bool>,
+    /// Turns true when shutdown begins: no new work is taken, running
+    /// sandboxes may finish (until `shutdown` turns true).
+    draining: watch::Receiver<bool>,
     /// Egress for requests with `allow_net`.
     pub network: crate::network::Network,
 }
@@ -33,6 +36,7 @@ impl State {
         warm: HashMap<String, WarmPool>,
         max_concurrent: usize,
         shutdown: watch::Receiver<bool>,
+        draining: watch::Receiver<bool>,
         network: crate::network::Network,
     ) -> State {
         State {
@@ -45,6 +49,7 @@ impl State {
             next_id: makers.ids.clone(),
             load: makers.load.clone(),
             shutdown,
+            draining,
             network,
         }
     }
@@ -53,8 +58,19 @@ impl State {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Turns true when running sandboxes and sessions are to be killed.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.clone()
+    }
+
+    /// Turns true when shutdown begins (no new work; running work may finish).
+    pub fn draining_signal(&self) -> watch::Receiver<bool> {
+        self.draining.clone()
+    }
+
+    /// Shutdown has begun: new sandboxes and sessions are refused.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
     }
 
     /// Sandboxes running right now.

@@ -241,7 +241,12 @@ async fn refusals_and_cycles_leave_nothing_behind() {
     // A branch of a branch: refused, naming the way out.
     let e = refused(&c, branch_of(&forced[0].session, 1)).await;
     assert!(e.contains("itself a branch"), "{e}");
-    for _ in 0..20 {
+    // 20 rounds of two in CI; FORKD_BRANCH_CYCLES=200 for the count.
+    let rounds: usize = std::env::var("FORKD_BRANCH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    for _ in 0..rounds {
         let b = c.session_branch(branch_of(&s, 2)).await.unwrap();
         for info in b {
             c.session_kill(&info.session).await.unwrap();
@@ -255,16 +260,102 @@ async fn refusals_and_cycles_leave_nothing_behind() {
         "forkd_session_requests_total",
         &[("op", "session_branch"), ("outcome", "ok")],
     );
-    assert_eq!(ok, Some(21.0), "{metrics}");
+    assert_eq!(ok, Some(rounds as f64 + 1.0), "{metrics}");
     let created_from_s = std::fs::read_to_string(&audit)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|r| r["event"] == "session_created" && r["parent"] == s.as_str())
         .count();
-    // 1 forced + 40 in cycles + the one refused for the thread (its session
+    // 1 forced + 2 per cycle + the one refused for the thread (its session
     // was made, then ended when the interpreter refused).
-    assert_eq!(created_from_s, 42);
+    assert_eq!(created_from_s, 2 + 2 * rounds);
+    drop(c);
+    d.finish().await;
+}
+
+/// A branch is a full session: it checkpoints and restores like any other
+/// (its interpreter is not its executor's child, the frozen copy is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_checkpoints_and_restores() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(&c, &s, "x = 41\nopen('/tmp/f', 'w').write('parent')\nNone").await;
+    let b = c.session_branch(branch_of(&s, 1)).await.unwrap();
+    let b = &b[0].session;
+    text(&c, b, "x = 42\nopen('/tmp/f', 'w').write('branch')\nNone").await;
+    let ck = c.session_checkpoint(b, false).await.unwrap();
+    text(&c, b, "x = 0\nopen('/tmp/f', 'w').write('changed')\nNone").await;
+    c.session_restore(b, &ck.checkpoint).await.unwrap();
+    assert_eq!(
+        text(&c, b, "x, open('/tmp/f').read()").await,
+        "(42, 'branch')"
+    );
+    assert_eq!(
+        text(&c, &s, "x, open('/tmp/f').read()").await,
+        "(41, 'parent')"
+    );
+    c.session_kill(b).await.unwrap();
+    drop(c);
+    d.finish().await;
+}
+
+/// After a branch request the session keeps that many branch shells ready
+/// (`spare_branches` in its info); the next request uses them, and what it
+/// gets is a branch like any other: the state, its own namespaces and uid,
+/// labels and TTL of this request, and it answers; then they are made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spare_branches_are_made_ready_and_handed_out() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.sessions.spare_branches = 2).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(&c, &s, "x = 41\nopen('/tmp/f', 'w').write('parent')\nNone").await;
+    let ns_uid = "import os\n(os.readlink('/proc/self/ns/pid'), os.readlink('/proc/self/ns/mnt'), open('/proc/self/uid_map').read().split()[1])";
+    let wait_for_spares = |want: u32| {
+        let (c, s) = (c.clone(), s.clone());
+        async move {
+            for _ in 0..500 {
+                if c.session_info(&s).await.unwrap().spare_branches == want {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("the session never had {want} spare branches");
+        }
+    };
+    let first = c.session_branch(branch_of(&s, 3)).await.unwrap();
+    wait_for_spares(2).await;
+    // Spares are in no list and count against nothing until handed out.
+    assert_eq!(c.session_list(Default::default()).await.unwrap().len(), 4);
+    let mut labelled = branch_of(&s, 2);
+    labelled.labels = Some([("round".to_string(), "two".to_string())].into());
+    let second = c.session_branch(labelled).await.unwrap();
+    assert_eq!(c.session_info(&s).await.unwrap().spare_branches, 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for b in first.iter().chain(&second) {
+        assert_eq!(text(&c, &b.session, "x + 1").await, "42");
+        assert_eq!(
+            text(&c, &b.session, "open('/tmp/f').read()").await,
+            "'parent'"
+        );
+        assert!(
+            seen.insert(text(&c, &b.session, ns_uid).await),
+            "two branches share namespaces or a uid"
+        );
+    }
+    for b in &second {
+        assert_eq!(b.labels.get("round").map(String::as_str), Some("two"));
+        assert!(b.age_ms < 5_000 && b.ttl_left_ms > 0, "{b:?}");
+    }
+    wait_for_spares(2).await;
+    c.session_kill(&s).await.unwrap();
     drop(c);
     d.finish().await;
 }

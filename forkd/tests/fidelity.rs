@@ -618,6 +618,79 @@ async fn startup_environment_is_applied_as_python_would_or_refused() {
     t.assert_all("start-up environment: sandbox vs plain python");
 }
 
+const BLAS_PROBE: &str = "import ctypes, numpy as np\npath = next(l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l and '.so' in l)\nlib = ctypes.CDLL(path)\nget = next(getattr(lib, n) for n in ('scipy_openblas_get_num_threads64_', 'scipy_openblas_get_num_threads', 'openblas_get_num_threads64_', 'openblas_get_num_threads') if hasattr(lib, n))\na = np.ones((300, 300))\nprint(get(), float((a @ a).sum()))\n";
+
+/// A request's BLAS thread variables give the thread count plain `python`
+/// started with them gets (the zygote loaded OpenBLAS at one thread), in
+/// one-shot sandboxes and in sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blas_thread_variables_take_effect_as_at_start_up() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    let envs: &[(&str, &[(&str, &str)])] = &[
+        (
+            "one thread (the default)",
+            &[("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1")],
+        ),
+        (
+            "OPENBLAS_NUM_THREADS=2",
+            &[("OPENBLAS_NUM_THREADS", "2"), ("OMP_NUM_THREADS", "1")],
+        ),
+        (
+            "more than the CPUs",
+            &[("OPENBLAS_NUM_THREADS", "64"), ("OMP_NUM_THREADS", "1")],
+        ),
+        (
+            "0 falls through to OMP_NUM_THREADS",
+            &[("OPENBLAS_NUM_THREADS", "0"), ("OMP_NUM_THREADS", "2")],
+        ),
+        (
+            "empty: every CPU",
+            &[("OPENBLAS_NUM_THREADS", ""), ("OMP_NUM_THREADS", "")],
+        ),
+    ];
+    for (name, env) in envs {
+        compare_code(&mut t, &d, &cwd, name, BLAS_PROBE, &[], env).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = outside(
+        dir.path(),
+        &["-c", BLAS_PROBE],
+        &[("OPENBLAS_NUM_THREADS", "2"), ("OMP_NUM_THREADS", "1")],
+        b"",
+    );
+    let c = d.client().await;
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate {
+            env: [("OPENBLAS_NUM_THREADS".to_string(), "2".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = c
+        .run_code(&forkd_ipc::RunCode {
+            session: s.session.clone(),
+            code: BLAS_PROBE.into(),
+            timeout_ms: None,
+        })
+        .await
+        .unwrap();
+    let got = String::from_utf8_lossy(&r.stdout);
+    t.verdict(
+        "OPENBLAS_NUM_THREADS=2 in a session",
+        &got,
+        &want.stdout,
+        got == want.stdout,
+    );
+    drop(c);
+    d.finish().await;
+    t.assert_all("BLAS thread variables: sandbox vs plain python");
+}
+
 // ---------------------------------------------------------------------------
 // 5. Messages
 // ---------------------------------------------------------------------------

@@ -108,7 +108,8 @@ async fn shutdown_kills_running_sandboxes_and_replies() {
     if skip_unless_root("starts daemons that create namespaces and cgroups") {
         return;
     }
-    let d = TestDaemon::start(|_| {}).await;
+    // Drained for a second, then killed.
+    let d = TestDaemon::start(|c| c.shutdown_grace_ms = 1000).await;
     let client = d.client().await;
     let c = client.clone();
     let task = tokio::spawn(async move {
@@ -138,8 +139,9 @@ async fn shutdown_kills_running_sandboxes_and_replies() {
     assert_eq!(res.killed_by, Some(KilledBy::Shutdown));
     assert_eq!((res.exit_code, res.signal), (None, Some(9)));
     assert_eq!(res.stdout, b"sleeping\n");
-    assert!(shutdown_took < Duration::from_secs(4), "{shutdown_took:?}");
-    assert!(replied < Duration::from_secs(4), "{replied:?}");
+    assert!(shutdown_took >= Duration::from_secs(1), "{shutdown_took:?}");
+    assert!(shutdown_took < Duration::from_secs(5), "{shutdown_took:?}");
+    assert!(replied < Duration::from_secs(5), "{replied:?}");
     for (pid, start) in running {
         assert!(
             !process_alive(pid, start),
@@ -360,7 +362,11 @@ async fn shutdown_refuses_requests_waiting_for_a_slot() {
     if skip_unless_root("starts daemons that create namespaces and cgroups") {
         return;
     }
-    let d = TestDaemon::start(|c| c.max_concurrent = 1).await;
+    let d = TestDaemon::start(|c| {
+        c.max_concurrent = 1;
+        c.shutdown_grace_ms = 500;
+    })
+    .await;
     let client = d.client().await;
     let (c1, c2) = (client.clone(), client.clone());
     let running = tokio::spawn(async move {
@@ -520,4 +526,119 @@ async fn kill_9_of_the_daemon_leaks_nothing_after_a_restart() {
             let _ = std::fs::remove_dir(&p);
         }
     }
+}
+
+/// SIGTERM drains: no new work (a request on an open connection and a new
+/// session are refused `shutting_down`), a sandbox that finishes within the
+/// grace ends on its own with its output; one that does not is killed when
+/// the drain is forced (a second signal), long before the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_kills_and_a_second_signal_forces() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.shutdown_grace_ms = 60_000).await;
+    let client = d.client().await;
+    let (c1, c2) = (client.clone(), client.clone());
+    let finishing = tokio::spawn(async move {
+        c1.spawn(&req(
+            "import time\nopen('/tmp/started', 'w').close()\ntime.sleep(1.5)\nprint('done')",
+        ))
+        .await
+    });
+    d.wait_for_scratch_file("started", Duration::from_secs(10))
+        .await;
+    let long = tokio::spawn(async move {
+        let mut r = req("import time\nprint('long', flush=True)\ntime.sleep(60)");
+        r.timeout_ms = Some(120_000);
+        c2.spawn(&r).await
+    });
+    while d.daemon.running() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (force_tx, force_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopping = tokio::spawn(d.shutdown_with(async move {
+        let _ = force_rx.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match client.spawn(&req("print('new')")).await {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::ShuttingDown, "{e:?}"),
+        other => panic!("a new request while draining: {other:?}"),
+    }
+    match client
+        .session_create(&forkd_ipc::SessionCreate::default())
+        .await
+    {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::ShuttingDown, "{e:?}"),
+        other => panic!("a new session while draining: {other:?}"),
+    }
+    let done = finishing.await.unwrap().expect("drained, not killed");
+    assert_eq!((done.exit_code, done.killed_by), (Some(0), None));
+    assert_eq!(done.stdout, b"done\n");
+    // The drain would wait 60 s for the long one; the second signal cuts it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !long.is_finished(),
+        "the long sandbox ended before the force"
+    );
+    let forced = Instant::now();
+    let _ = force_tx.send(());
+    let long = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("the long sandbox's reply within 10 s of the force")
+        .unwrap()
+        .expect("a result, not an error");
+    assert_eq!(long.killed_by, Some(KilledBy::Shutdown));
+    assert_eq!(long.stdout, b"long\n");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown ends within 10 s of the force")
+        .unwrap();
+    assert!(forced.elapsed() < Duration::from_secs(10));
+    drop(client);
+    stopped.assert_no_leaks().await;
+}
+
+/// A draining daemon has closed its socket: a new daemon may take the path
+/// meanwhile, and the old one, finishing, leaves the new one's socket alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_during_a_drain_keeps_its_socket() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
+    let old = TestDaemon::start(|c| c.shutdown_grace_ms = 30_000).await;
+    let client = old.client().await;
+    let c = client.clone();
+    let running = tokio::spawn(async move {
+        c.spawn(&req(
+            "import time\nopen('/tmp/started', 'w').close()\ntime.sleep(1.5)",
+        ))
+        .await
+    });
+    old.wait_for_scratch_file("started", Duration::from_secs(10))
+        .await;
+    let socket = old.socket.clone();
+    let draining = tokio::spawn(old.shutdown());
+    // The old one stops accepting at once; the new one takes the path.
+    let new = loop {
+        match TestDaemon::try_start(Some(socket.clone()), |_| {}).await {
+            Ok(d) => break d,
+            Err((forkd::StartError::AlreadyServed(_), attempt)) => {
+                attempt.assert_no_leaks().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err((e, _)) => panic!("{e:?}"),
+        }
+    };
+    running.await.unwrap().expect("drained");
+    // (The old daemon's tempdir holds the path: kept until the end.)
+    let stopped = draining.await.unwrap();
+    assert!(
+        socket.exists(),
+        "the old daemon removed the new one's socket"
+    );
+    assert_eq!(new.run("print('new')").await.stdout, b"new\n");
+    drop(client);
+    new.finish().await;
+    stopped.assert_no_leaks().await;
 }

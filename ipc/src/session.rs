@@ -386,6 +386,14 @@ pub struct SessionInfo {
     /// Its checkpoints, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointInfo>,
+    /// Branch shells made ready for its next `session_branch` (after a
+    /// branch request; `[sessions] spare_branches`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spare_branches: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Which stream a chunk of output came from.

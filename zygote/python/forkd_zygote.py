@@ -594,6 +594,65 @@ def apply_startup_env(env):
                 pass
         sys.stdout = sys.__stdout__ = _std_stream(1, "<stdout>", sys.stdout.errors, unbuffered)
         sys.stderr = sys.__stderr__ = _std_stream(2, "<stderr>", "backslashreplace", unbuffered)
+    apply_thread_pools(thread_pool_settings(env))
+
+
+# Thread pools of native libraries the zygote may have loaded at one thread
+# (see the top of this file): a request's *_NUM_THREADS takes effect through
+# the library's own setter, as threadpoolctl does. Each entry: a substring of
+# the library's file name, the variables it reads at load, in its order of
+# precedence, and its setter's possible names.
+_THREAD_POOLS = (
+    ("openblas", ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"),
+     ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+      "openblas_set_num_threads64_", "openblas_set_num_threads")),
+    ("mkl_rt", ("MKL_NUM_THREADS", "OMP_NUM_THREADS"), ("MKL_Set_Num_Threads",)),
+    ("libgomp", ("OMP_NUM_THREADS",), ("omp_set_num_threads",)),
+    ("libomp", ("OMP_NUM_THREADS",), ("omp_set_num_threads",)),
+    ("libblis", ("BLIS_NUM_THREADS", "OMP_NUM_THREADS"), ("bli_thread_set_num_threads",)),
+)
+_THREAD_VARS = frozenset(v for _, names, _ in _THREAD_POOLS for v in names)
+
+
+def _positive(value):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
+def thread_pool_settings(env):
+    """(setter, threads) for each loaded pool whose count `env` changes from
+    the zygote's one thread; [] on the common path (every such variable 1 or
+    unset). Raises StartupEnvError when a loaded pool has no setter."""
+    if all(env.get(v) in (None, "1") for v in _THREAD_VARS):
+        return []
+    cpus = len(os.sched_getaffinity(0))
+    with open("/proc/self/maps") as f:
+        paths = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and ".so" in line}
+    settings = []
+    for marker, names, setters in _THREAD_POOLS:
+        for path in sorted(p for p in paths if marker in os.path.basename(p)):
+            # As the library reads them at load: the first positive one, at
+            # most the CPUs this process may run on; none: every CPU.
+            n = next((m for m in (_positive(env.get(v)) for v in names) if m is not None), cpus)
+            n = min(n, cpus)
+            lib = ctypes.CDLL(path)
+            setter = next((getattr(lib, s) for s in setters if hasattr(lib, s)), None)
+            if setter is None:
+                raise StartupEnvError(
+                    f"{'/'.join(names)} cannot take effect in a sandbox: {os.path.basename(path)} was loaded by "
+                    f"the zygote with one thread and has no setter forkd knows; set it in the zygote's env in the "
+                    f"daemon configuration ([[zygote]] env = {{ {names[0]} = \"{n}\" }}) and send the request to that zygote"
+                )
+            settings.append((setter, n))
+    return settings
+
+
+def apply_thread_pools(settings):
+    for setter, n in settings:
+        setter(ctypes.c_int(n))
 
 
 def prepare_main(program, argv):
@@ -921,6 +980,12 @@ def run_session(job):
         os.environ.update(job.get("env", {}))
         interpreter_bin_first(os.environ)
         cfg = job["session"]
+        # Checked here (a refusal fails the session's creation), applied in
+        # the interpreter: the executor itself runs no BLAS.
+        try:
+            thread_pool_settings(os.environ)
+        except StartupEnvError as e:
+            setup_failed(str(e))
         os.makedirs(cfg["cwd"], exist_ok=True)
         os.chdir(cfg["cwd"])
         # pid 1 of the sandbox: nothing in it may interrupt the executor.
@@ -933,6 +998,10 @@ def run_session(job):
         # fd 1 carries frames: a stray print must not corrupt it.
         sys.stdout = sys.stderr
         executor = Executor(cfg)
+        if executor.adopt_dir is not None:
+            # A branch's channels exist before anyone hears it started: the
+            # copy may arrive as soon as the daemon does.
+            executor.await_copy(executor.adopt_dir)
         os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
         setup_failed("session setup failed:\n" + traceback.format_exc())
@@ -1243,9 +1312,7 @@ class Executor:
     # -- the loop ----------------------------------------------------------
 
     def serve(self):
-        if self.adopt_dir is not None:
-            self.await_copy(self.adopt_dir)
-        else:
+        if self.adopt_dir is None:
             self.start_kernel()
         while True:
             timeout = None
@@ -2227,6 +2294,10 @@ def kernel_main(cwd):
     )
     sys.argv = [""]
     sys.path[0] = ""
+    try:
+        apply_thread_pools(thread_pool_settings(os.environ))
+    except StartupEnvError:
+        pass  # refused when the session was created
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main
@@ -2296,18 +2367,21 @@ def kernel_branch(req, spec):
                      f"the session runs threads of its own ({', '.join(own)}); a branch would not have them "
                      "(fork copies only the calling thread): end them first, or branch with force"})
         return False
-    outcomes = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    seeds = prng_states() if spec.get("same_seed") else None
+    # Every copy is forked first, then waited for: they join their branches
+    # side by side.
+    copies = []
     for target in spec["targets"]:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        same = bool(spec.get("same_seed"))
-        seeds = prng_states() if same else None
         err_r, err_w = os.pipe()
         pid = os.fork()
         if pid == 0:
+            for _, other in copies:
+                os.close(other)
             os.close(err_r)
             try:
                 copy_into_branch(target, seeds, err_w)
@@ -2318,6 +2392,9 @@ def kernel_branch(req, spec):
                     os._exit(1)
             return True
         os.close(err_w)
+        copies.append((pid, err_r))
+    outcomes = []
+    for pid, err_r in copies:
         with open(err_r, "rb") as f:
             why = f.read()
         _, status = os.waitpid(pid, 0)

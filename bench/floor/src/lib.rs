@@ -11,7 +11,8 @@
 //! `lo` up; rlimits (core, fsize, nofile); every capability dropped
 //! (bounding, ambient, effective, permitted, inheritable) with securebits
 //! locked; no_new_privs; landlock (same grants, ABI 6 scopes); a seccomp
-//! filter with the same deny list; parent-death signal; inherited
+//! allow-list with the same calls and argument rules (compiled here, in
+//! `policy.rs`); parent-death signal; inherited
 //! descriptors closed.
 //!
 //! The Python server loads this library with ctypes, calls [`floor_init`]

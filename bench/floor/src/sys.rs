@@ -339,11 +339,76 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<
 }
 
 /// Moves `fd` onto descriptor `target` in a child between fork and exec
-/// (dup2 leaves the copy without close-on-exec).
+/// (dup2 leaves the copy without close-on-exec; when `fd` already is
+/// `target`, dup2 does nothing, so close-on-exec is cleared instead).
 ///
 /// # Safety
-/// Only between fork and exec: dup2 is async-signal-safe.
+/// Only between fork and exec: dup2 and fcntl are async-signal-safe.
 pub unsafe fn dup_onto(fd: RawFd, target: RawFd) -> io::Result<()> {
+    if fd == target {
+        // SAFETY: forwarded caller contract; F_SETFD touches no memory.
+        return check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) });
+    }
     // SAFETY: forwarded caller contract; dup2 touches no memory.
     check(unsafe { libc::dup2(fd, target) })
+}
+
+/// Moves each `(fd, target)` onto its target in a child between fork and
+/// exec, correct even when a source is another pair's target: every source
+/// is first copied above the targets (close-on-exec copies, gone at exec).
+///
+/// # Safety
+/// Only between fork and exec: fcntl and dup2 are async-signal-safe.
+pub unsafe fn move_onto(pairs: &[(RawFd, RawFd)]) -> io::Result<()> {
+    let mut high = [0 as RawFd; 8];
+    if pairs.len() > high.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let above = pairs.iter().map(|p| p.1).max().unwrap_or(0) + 1;
+    for (slot, (fd, _)) in high.iter_mut().zip(pairs) {
+        // SAFETY: forwarded caller contract; F_DUPFD_CLOEXEC touches no memory.
+        *slot = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above) };
+        if *slot == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    for (fd, (_, target)) in high.iter().zip(pairs) {
+        // SAFETY: forwarded caller contract; the copy is above every target.
+        unsafe { dup_onto(*fd, *target)? };
+    }
+    Ok(())
+}
+
+/// A system call with integer arguments only: its result or the errno it
+/// failed with. For tests that ask the kernel what a filter answers.
+///
+/// # Safety
+/// The arguments must not make the kernel write to memory the caller does
+/// not own, and the call must not end or replace the process unexpectedly.
+pub unsafe fn raw_syscall(nr: libc::c_long, args: [libc::c_long; 6]) -> Result<libc::c_long, i32> {
+    // SAFETY: forwarded to the caller.
+    let r = unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]) };
+    if r == -1 {
+        Err(io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r)
+    }
+}
+
+/// Writes all of `data` to `fd` (no allocation).
+pub fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: reads `data`, which is alive.
+        let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        match usize::try_from(n) {
+            Ok(n) => data = &data[n..],
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -67,7 +67,8 @@ pub struct Session {
     /// The creating peer (for the audit log).
     pub peer: crate::audit::Peer,
     pub zygote: String,
-    pub labels: BTreeMap<String, String>,
+    /// Set again when a spare branch is handed out.
+    labels: Mutex<BTreeMap<String, String>>,
     pub limits: AppliedLimits,
     pub warm: bool,
     /// Host pid of its init (the executor): a branch's user namespace
@@ -79,7 +80,8 @@ pub struct Session {
     pub(crate) job: forkd_zygote::wire::Job,
     /// The session it was branched from.
     pub parent: Option<String>,
-    created: Instant,
+    /// When it was created (a spare branch: handed out).
+    created: Mutex<Instant>,
     idle_timeout: Option<Duration>,
     pidfd: Mutex<Option<OwnedFd>>,
     cgroup: Mutex<Option<forkd_pool::CgroupCleanup>>,
@@ -99,6 +101,13 @@ pub struct Session {
     checkpoints: Mutex<Vec<checkpoint::Record>>,
     /// Checkpoints being taken (counted against the quotas already).
     checkpoints_pending: AtomicUsize,
+    /// Branch shells made ahead of this session's next branch request
+    /// (docs/branch.md, "Spare branches").
+    spares: Mutex<Vec<ops::Spare>>,
+    /// A spare is being made for it.
+    refilling: std::sync::atomic::AtomicBool,
+    /// A spare branch not handed out yet: in no table, never audited.
+    hidden: std::sync::atomic::AtomicBool,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -159,6 +168,26 @@ impl Session {
         lock(&self.pidfd)
             .as_ref()
             .and_then(|fd| fd.try_clone().ok())
+    }
+
+    /// A spare branch handed out: from now on a session like any other.
+    pub(crate) fn hand_out(&self, labels: BTreeMap<String, String>, ttl: Duration) {
+        *lock(&self.labels) = labels;
+        let now = Instant::now();
+        *lock(&self.created) = now;
+        {
+            let mut life = lock(&self.life);
+            life.deadline = now + ttl;
+            life.last_used = now;
+        }
+        self.hidden.store(false, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    /// Attaches egress made after the session started (a branch's).
+    pub(crate) async fn set_egress(&self, egress: forkd_net::Egress, allow_net: Vec<String>) {
+        *self.egress.lock().await = Some(egress);
+        *lock(&self.allow_net) = allow_net;
     }
 
     /// Marks a request: the idle timer starts again.
@@ -353,8 +382,8 @@ impl Session {
             state,
             ended_by,
             killed_by,
-            labels: self.labels.clone(),
-            age_ms: millis(self.created.elapsed()),
+            labels: lock(&self.labels).clone(),
+            age_ms: millis(lock(&self.created).elapsed()),
             ttl_left_ms: if state == SessionState::Ended {
                 0
             } else {
@@ -368,6 +397,7 @@ impl Session {
             warm: self.warm,
             parent: self.parent.clone(),
             checkpoints: self.checkpoint_infos(),
+            spare_branches: u32::try_from(lock(&self.spares).len()).unwrap_or(u32::MAX),
         }
     }
 
@@ -586,10 +616,13 @@ impl Sessions {
             .live
             .values()
             .filter(|s| uid == 0 || s.owner == uid)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .filter(|s| {
+                let own = lock(&s.labels);
+                labels.iter().all(|(k, v)| own.get(k) == Some(v))
+            })
             .cloned()
             .collect();
-        sessions.sort_by_key(|s| s.created);
+        sessions.sort_by_key(|s| *lock(&s.created));
         sessions.iter().map(|s| s.info()).collect()
     }
 
@@ -600,6 +633,9 @@ impl Sessions {
 
     /// Room for one more session of `uid`'s, or the error that says why not.
     fn admit(&self, uid: u32) -> Result<(), ErrorReply> {
+        if self.state.is_draining() {
+            return Err(crate::sandbox::shutting_down());
+        }
         let table = lock(&self.table);
         if table.live.len() >= self.cfg.max {
             return Err(error(
@@ -635,6 +671,11 @@ impl Sessions {
         why: SessionEnd,
         network: Option<forkd_ipc::NetworkReport>,
     ) {
+        // Its spares die with it (they live in its pid namespace).
+        lock(&session.spares).clear();
+        if session.hidden.load(Ordering::Relaxed) {
+            return; // a spare never handed out: nobody knew of it
+        }
         self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
         self.audit(
             "session_ended",

@@ -156,6 +156,7 @@ pub async fn create(
             allow_net: req.allow_net.clone(),
             workspace: workspace.map(Arc::new),
             parent: None,
+            hidden: false,
         },
     )
     .await?;
@@ -178,6 +179,8 @@ struct NewSession {
     allow_net: Vec<String>,
     workspace: Option<Arc<crate::workspace::Ready>>,
     parent: Option<String>,
+    /// A spare branch: registered only when handed out.
+    hidden: bool,
 }
 
 /// Hands `job` to an isolated child, waits for its executor to start, and
@@ -189,6 +192,7 @@ async fn start_session(
     new: NewSession,
 ) -> Result<Arc<Session>, ErrorReply> {
     let frame = job.frame().map_err(|e| invalid(e.to_string()))?;
+    let new_hidden = new.hidden;
     let (Some(job_w), Some(out_r), Some(err_r), Some(status_r)) = (
         child.job.take(),
         child.stdout.take(),
@@ -228,14 +232,14 @@ async fn start_session(
         owner: new.owner,
         peer: new.peer,
         zygote: new.zygote,
-        labels: new.labels,
+        labels: Mutex::new(new.labels),
         limits: new.limits,
         warm: new.warm,
         pid,
         policy: new.policy,
         job,
         parent: new.parent,
-        created: now,
+        created: Mutex::new(now),
         idle_timeout: new.idle_timeout,
         pidfd: Mutex::new(Some(pidfd)),
         cgroup: Mutex::new(Some(cgroup)),
@@ -247,6 +251,9 @@ async fn start_session(
         workspace: Mutex::new(new.workspace),
         checkpoints: Mutex::new(Vec::new()),
         checkpoints_pending: std::sync::atomic::AtomicUsize::new(0),
+        spares: Mutex::new(Vec::new()),
+        refilling: std::sync::atomic::AtomicBool::new(false),
+        hidden: std::sync::atomic::AtomicBool::new(new.hidden),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -262,7 +269,9 @@ async fn start_session(
     });
     let out_r = receiver(out_r)?;
     let err_r = receiver(err_r)?;
-    sessions.insert(session.clone());
+    if !new_hidden {
+        sessions.insert(session.clone());
+    }
     tokio::spawn(actor::run(
         sessions.clone(),
         session.clone(),
@@ -303,7 +312,7 @@ pub async fn branch(
     if let Some(grandparent) = &parent.parent {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session, or checkpoint by branching it before it changes", parent.id),
+            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session (a branch can checkpoint and restore itself)", parent.id),
         ));
     }
     if parent.has_workspace() {
@@ -426,6 +435,11 @@ pub async fn branch(
     for (branch, _, _) in &made {
         tracing::info!(session = %branch.id, parent = %parent.id, "session branched");
     }
+    // The next branch request of this session finds its shells made.
+    let want = (req.count as usize).min(sessions.cfg.spare_branches);
+    if want > 0 {
+        tokio::spawn(refill_spares(sessions.clone(), parent.clone(), peer, want));
+    }
     Ok(made.iter().map(|(b, _, _)| b.info()).collect())
 }
 
@@ -435,8 +449,18 @@ fn lock_life_deadline(parent: &Session) -> Duration {
     Duration::from_millis(info.ttl_left_ms.max(1))
 }
 
+/// A branch shell made ahead of its parent's next branch request (docs/
+/// branch.md, "Spare branches"): its init and executor are up, waiting for a
+/// copy; it is in no table, audited and counted only once handed out.
+pub(crate) struct Spare {
+    session: Arc<Session>,
+    dir: String,
+}
+
 /// One branch session whose executor waits for the copy: returns it, where
-/// its namespaces are shown to the parent, and where its channels are.
+/// its namespaces are shown to the parent, and where its channels are. A
+/// spare of the parent's is handed out when one is ready; otherwise the
+/// shell is made now.
 async fn make_branch(
     sessions: &Arc<Sessions>,
     parent: &Arc<Session>,
@@ -446,6 +470,65 @@ async fn make_branch(
     allow_net: &[String],
     ttl: Duration,
 ) -> Result<(Arc<Session>, String, String), ErrorReply> {
+    let labels = req
+        .labels
+        .clone()
+        .unwrap_or_else(|| super::lock(&parent.labels).clone());
+    let (session, dir) = match take_spare(parent) {
+        Some(spare) => {
+            spare.session.hand_out(labels, ttl);
+            sessions.insert(spare.session.clone());
+            (spare.session, spare.dir)
+        }
+        None => {
+            let spare = make_shell(sessions, parent, parent_uid, peer, labels, ttl, false).await?;
+            (spare.session, spare.dir)
+        }
+    };
+    let helper = session.pid;
+    let ready = async {
+        if !allow_net.is_empty() {
+            let state = &sessions.state;
+            if let Some(allow) = state.network.admit(allow_net, &parent.zygote)? {
+                let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
+                let egress = state.network.attach(pidfd.as_fd(), allow).await?;
+                session.set_egress(egress, allow_net.to_vec()).await;
+            }
+        }
+        // The parent's scratch, copied while its interpreter is idle (a
+        // background command may still write: its writes land in either).
+        copy_scratch(parent.pid, helper).await
+    };
+    if let Err(e) = ready.await {
+        session.kill(SessionEnd::Died);
+        return Err(e);
+    }
+    let ns = forkd_zygote::branch::exposed_dir(helper);
+    Ok((session, ns, dir))
+}
+
+/// A live spare of `parent`'s, if it has one (dead ones are dropped).
+fn take_spare(parent: &Session) -> Option<Spare> {
+    let mut spares = super::lock(&parent.spares);
+    while let Some(spare) = spares.pop() {
+        if spare.session.state() == forkd_ipc::SessionState::Running {
+            return Some(spare);
+        }
+    }
+    None
+}
+
+/// A branch shell of `parent`: namespaces, cgroup, uid, init and an
+/// executor waiting for a copy of the parent's interpreter in `dir`.
+async fn make_shell(
+    sessions: &Arc<Sessions>,
+    parent: &Arc<Session>,
+    parent_uid: u32,
+    peer: &crate::audit::Peer,
+    labels: std::collections::BTreeMap<String, String>,
+    ttl: Duration,
+    hidden: bool,
+) -> Result<Spare, ErrorReply> {
     let state = &sessions.state;
     let mut plan = plan_for(parent.policy.clone(), &parent.limits);
     plan.branch = Some(forkd_zygote::spec::BranchOf {
@@ -460,21 +543,11 @@ async fn make_branch(
     let child = forkd_pool::prepare_branch(&zygote, &state.cgroups, state.next_sandbox_id(), plan)
         .await
         .map_err(crate::sandbox::prepare_error)?;
-    let egress = if allow_net.is_empty() {
-        None
-    } else {
-        let allow = state.network.admit(allow_net, &parent.zygote)?;
-        match allow {
-            Some(allow) => Some(state.network.attach(child.pidfd.as_fd(), allow).await?),
-            None => None,
-        }
-    };
     let dir = format!("/tmp/.forkd-branch-{}", super::new_id());
     let mut job = parent.job.clone();
     if let Some(s) = job.session.as_mut() {
         s.adopt = Some(dir.clone());
     }
-    let helper = child.pid;
     let session = start_session(
         sessions,
         child,
@@ -484,26 +557,66 @@ async fn make_branch(
             peer: *peer,
             zygote: parent.zygote.clone(),
             policy: parent.policy.clone(),
-            labels: req.labels.clone().unwrap_or_else(|| parent.labels.clone()),
+            labels,
             limits: parent.limits.clone(),
             warm: false,
             idle_timeout: parent.idle_timeout,
             ttl,
-            egress,
-            allow_net: allow_net.to_vec(),
+            egress: None,
+            allow_net: Vec::new(),
             workspace: None,
             parent: Some(parent.id.clone()),
+            hidden,
         },
     )
     .await?;
-    // The parent's scratch, copied while its interpreter is idle (a
-    // background command may still write: its writes land in either).
-    if let Err(e) = copy_scratch(parent.pid, helper).await {
-        session.kill(SessionEnd::Died);
-        return Err(e);
+    Ok(Spare { session, dir })
+}
+
+/// Makes spares for `parent` until it has `want` (one refill at a time per
+/// parent; off every request's path). A failure only means fewer spares.
+async fn refill_spares(
+    sessions: Arc<Sessions>,
+    parent: Arc<Session>,
+    peer: crate::audit::Peer,
+    want: usize,
+) {
+    if parent
+        .refilling
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
     }
-    let ns = forkd_zygote::branch::exposed_dir(helper);
-    Ok((session, ns, dir))
+    let made = async {
+        let parent_uid = crate::branch_copy::uid_of(parent.pid).ok()?;
+        let missing = want.saturating_sub(super::lock(&parent.spares).len());
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..missing {
+            let (sessions, parent) = (sessions.clone(), parent.clone());
+            set.spawn(async move {
+                let labels = super::lock(&parent.labels).clone();
+                let ttl = lock_life_deadline(&parent);
+                make_shell(&sessions, &parent, parent_uid, &peer, labels, ttl, true).await
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(Ok(spare)) if parent.state() == forkd_ipc::SessionState::Running => {
+                    super::lock(&parent.spares).push(spare)
+                }
+                Ok(Ok(spare)) => spare.session.kill(SessionEnd::Killed),
+                Ok(Err(e)) => {
+                    tracing::debug!(session = %parent.id, "a spare branch could not be made: {}", e.message)
+                }
+                Err(_) => {}
+            }
+        }
+        Some(())
+    };
+    made.await;
+    parent
+        .refilling
+        .store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// Copies the parent's scratch (`/tmp` and `/dev/shm`) into the branch's.

@@ -803,9 +803,14 @@ impl TestDaemon {
     }
 
     /// Shuts the daemon down (no checks yet).
-    pub async fn shutdown(mut self) -> Stopped {
+    pub async fn shutdown(self) -> Stopped {
+        self.shutdown_with(std::future::pending()).await
+    }
+
+    /// Shuts down, `force` ending the drain early (as a second signal does).
+    pub async fn shutdown_with(mut self, force: impl std::future::Future<Output = ()>) -> Stopped {
         let running = self.running.take().expect("not shut down yet");
-        running.shutdown().await;
+        running.shutdown_with(force).await;
         Stopped {
             tracker: self.tracker.take().expect("tracker"),
             socket: self.socket.clone(),

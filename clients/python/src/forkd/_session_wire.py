@@ -323,6 +323,8 @@ class SessionInfo:
     """The session this one was branched from."""
     checkpoints: List["CheckpointInfo"] = field(default_factory=list)
     """Its checkpoints, oldest first."""
+    spare_branches: int = 0
+    """Branch shells made ready for its next ``branch()`` call."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "SessionInfo":
@@ -348,6 +350,7 @@ class SessionInfo:
             allow_net=[str(a) for a in (obj.get("allow_net") or [])],
             parent=obj.get("parent") if isinstance(obj.get("parent"), str) else None,
             checkpoints=[CheckpointInfo.from_wire(c) for c in (obj.get("checkpoints") or [])],
+            spare_branches=_u(obj, "spare_branches"),
         )
 
 
