@@ -455,6 +455,7 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
                 cwd,
                 env: BTreeMap::new(),
                 timeout_ms,
+                stdin: false,
             };
             let mut stream = match client.command_stream(&req).await {
                 Ok(s) => s,

@@ -122,6 +122,8 @@ pub struct HttpSection {
     pub max_sessions_per_tenant: Option<usize>,
     /// Most cells one tenant may run at once.
     pub max_cells_per_tenant: Option<usize>,
+    /// Most checkpoints one tenant may hold at once.
+    pub max_checkpoints_per_tenant: Option<usize>,
     /// Seconds a client may take to send a request head (default 30).
     pub header_timeout_secs: Option<u64>,
     /// This node's name in the sandbox ids handed out (default: host name).

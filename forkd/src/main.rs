@@ -227,6 +227,7 @@ async fn start_gateway(
     opts.api_keys = args.api_keys.clone().or_else(|| http.api_keys.clone());
     opts.max_sessions_per_tenant = http.max_sessions_per_tenant;
     opts.max_cells_per_tenant = http.max_cells_per_tenant;
+    opts.max_checkpoints_per_tenant = http.max_checkpoints_per_tenant;
     if let Some(secs) = http.header_timeout_secs {
         opts.header_timeout = std::time::Duration::from_secs(secs.max(1));
     }

@@ -212,6 +212,57 @@ async fn unmodified_e2b_sdks_drive_the_gateway() {
     d.finish().await;
 }
 
+/// E2B's `fork()` on forkd's branch, snapshots refused with what to use
+/// instead, and the checkpoint extension with its per-tenant quota
+/// (`forkd/tests/e2b/fork.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_fork_maps_onto_branch_and_checkpoints_are_an_extension() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let Some(py) = install_or_skip("the E2B Python SDKs", None, sdk_python).await else {
+        return;
+    };
+    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (key_a, key_b) = ("fork-tenant-a-0123456789", "fork-tenant-b-0123456789");
+    std::fs::write(&keys, format!("{key_a} alice\n{key_b} bob\n")).unwrap();
+    let mut opts = forkd_gateway::Options::new(d.socket.clone());
+    opts.api_keys = Some(keys);
+    opts.max_sessions_per_tenant = Some(3);
+    opts.max_checkpoints_per_tenant = Some(2);
+    let gw = forkd_gateway::Gateway::new(opts).unwrap();
+    let listener = forkd_gateway::bind(&gw, "127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(forkd_gateway::serve(gw, listener, async {
+        let _ = stopped.await;
+    }));
+    let mut cmd = sdk_script(&py, "fork.py");
+    cmd.env("E2B_API_KEY", key_a)
+        .env("FORKD_E2B_KEY_B", key_b)
+        .env("E2B_API_URL", &url)
+        .env("E2B_SANDBOX_URL", &url);
+    run_to_all_ok(cmd, Duration::from_secs(300)).await;
+    // The script killed the source: its forks ended with it.
+    let c = d.client().await;
+    let live: Vec<_> = c
+        .session_list(Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.state != forkd_ipc::SessionState::Ended)
+        .collect();
+    assert!(live.is_empty(), "sessions left: {live:?}");
+    drop(c);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    d.finish().await;
+}
+
 /// The gateway's metrics router on `listener` (as `forkd-gateway --metrics-listen`).
 async fn axum_serve_metrics(
     gw: std::sync::Arc<forkd_gateway::Gateway>,

@@ -883,6 +883,127 @@ async fn the_blocking_client_streams_and_moves_files() {
     d.finish().await;
 }
 
+/// `stdin: true` gives a command a pipe fed by `command_input`: input
+/// arrives in order across chunks (one larger than a pipe's 64 KiB buffer,
+/// queued by the executor while the command is not reading, without
+/// stalling the session), EOF ends it; input to a command without stdin,
+/// after EOF, after its end or to an unknown pid is refused clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_stdin_takes_input_in_chunks_until_eof() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    let cmd = |line: &str, stdin: bool| Command {
+        session: s.clone(),
+        cmd: line.into(),
+        timeout_ms: Some(60_000),
+        stdin,
+        ..Command::default()
+    };
+    async fn started(stream: &mut forkd_ipc::RequestStream) -> u32 {
+        match stream.next_event().await.unwrap() {
+            Some(Event::CommandStarted { pid }) => pid,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // `cat` reads only once another command has made `go`: 200 KiB wait in
+    // the executor's queue meanwhile, and the session must still run that
+    // command (an executor blocked on the full pipe never would).
+    let mut stream = c
+        .command_stream(&cmd(
+            "while [ ! -e go ]; do sleep 0.05; done; cat; echo end >&2",
+            true,
+        ))
+        .await
+        .unwrap();
+    let pid = started(&mut stream).await;
+    let big: Vec<u8> = (0..200 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    c.command_input(&s, pid, b"one ", false).await.unwrap();
+    c.command_input(&s, pid, &big, false).await.unwrap();
+    c.command_input(&s, pid, b" two\n", false).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.command(&cmd("echo alive; touch go", false)),
+    )
+    .await
+    .expect("the session ran nothing while a command's input waited")
+    .unwrap();
+    assert_eq!(r.stdout, b"alive\n");
+    c.command_input(&s, pid, b"three", true).await.unwrap();
+    let e = c.command_input(&s, pid, b"more", false).await.unwrap_err();
+    assert!(format!("{e}").contains("closed already"), "{e}");
+    let r = stream.command().await.unwrap();
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "{:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(r.stderr, b"end\n");
+    let mut want = b"one ".to_vec();
+    want.extend_from_slice(&big);
+    want.extend_from_slice(b" two\nthree");
+    assert_eq!(r.stdout.len(), want.len());
+    assert!(r.stdout == want, "stdout differs from the input");
+
+    // The command ended: its pid takes no more input.
+    let e = c.command_input(&s, pid, b"late", false).await.unwrap_err();
+    match &e {
+        forkd_ipc::ClientError::Server(r) => {
+            assert_eq!(r.code, ErrorCode::NotFound, "{e}");
+            assert!(r.message.contains(&format!("pid {pid}")), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = c.command_input(&s, 999_999, b"x", true).await.unwrap_err();
+    assert!(
+        matches!(&e, forkd_ipc::ClientError::Server(r) if r.code == ErrorCode::NotFound),
+        "{e}"
+    );
+    // Without stdin: the command reads /dev/null, and input is refused.
+    let mut stream = c
+        .command_stream(&cmd("cat; sleep 30", false))
+        .await
+        .unwrap();
+    let pid = started(&mut stream).await;
+    let e = c.command_input(&s, pid, b"x", false).await.unwrap_err();
+    match &e {
+        forkd_ipc::ClientError::Server(r) => {
+            assert_eq!(r.code, ErrorCode::InvalidRequest, "{e}");
+            assert!(r.message.contains("stdin: true"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    c.command_kill(&s, pid).await.unwrap();
+    assert_eq!(stream.command().await.unwrap().signal, Some(9));
+    // A command that exits without reading: queued input is dropped, the
+    // pipe closes with it, and the session goes on.
+    let mut stream = c.command_stream(&cmd("exit 4", true)).await.unwrap();
+    let pid = started(&mut stream).await;
+    let _ = c.command_input(&s, pid, &big, false).await;
+    assert_eq!(stream.command().await.unwrap().exit_code, Some(4));
+
+    // The blocking client, from a second connection.
+    let mut stream = c.command_stream(&cmd("wc -c", true)).await.unwrap();
+    let pid = started(&mut stream).await;
+    let socket = d.socket.clone();
+    let s2 = s.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut b = forkd_ipc::Client::connect(&socket).unwrap();
+        b.command_input(&s2, pid, &[7u8; 70_000], true).unwrap();
+    })
+    .await
+    .unwrap();
+    let r = stream.command().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "70000");
+    drop(c);
+    d.finish().await;
+}
+
 /// One connection may have only `max_requests_per_connection` session
 /// requests in flight: the next is answered `busy` at once (not queued, so an
 /// interrupt or cancel still gets through), and the bound frees as replies go.

@@ -229,6 +229,23 @@ impl Codec {
     }
 
     /// One data envelope.
+    /// The length of the first envelope of `buf` when it is complete
+    /// (`None`: more bytes are needed), for reading a client stream as it
+    /// arrives; a message over [`MAX_MESSAGE`] is refused.
+    pub fn next_envelope(buf: &[u8]) -> Result<Option<usize>, RpcError> {
+        let [_, a, b, c, d, ..] = buf else {
+            return Ok(None);
+        };
+        let len = usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).unwrap_or(usize::MAX);
+        if len > MAX_MESSAGE {
+            return Err(RpcError::new(
+                Code::ResourceExhausted,
+                format!("a message of {len} bytes is over the {MAX_MESSAGE}-byte limit"),
+            ));
+        }
+        Ok((buf.len() >= 5 + len).then_some(5 + len))
+    }
+
     pub fn envelope<T: prost::Message + Serialize>(self, msg: &T) -> Bytes {
         frame(0, &self.encode(msg))
     }
@@ -310,5 +327,54 @@ mod tests {
         assert!(std::str::from_utf8(&end[5..])
             .unwrap()
             .contains("not_found"));
+    }
+
+    #[test]
+    fn a_client_stream_is_read_message_by_message() {
+        use pb::{InputEvent, StreamInputRequest};
+        let start = StreamInputRequest {
+            event: Some(InputEvent::Start(pb::ProcessRef {
+                process: Some(pb::ProcessSelector {
+                    selector: Some(pb::Selector::Pid(7)),
+                }),
+            })),
+        };
+        let data = StreamInputRequest {
+            event: Some(InputEvent::Data(pb::InputData {
+                input: Some(pb::ProcessInput {
+                    input: Some(pb::Input::Stdin(b"ab".to_vec())),
+                }),
+            })),
+        };
+        for codec in [Codec::Json, Codec::Proto] {
+            let mut body = codec.envelope(&start).to_vec();
+            body.extend_from_slice(&codec.envelope(&data));
+            // Byte by byte, as a slow client might send it.
+            let (mut buf, mut msgs) = (Vec::new(), Vec::<StreamInputRequest>::new());
+            for b in &body {
+                buf.push(*b);
+                if let Some(n) = Codec::next_envelope(&buf).unwrap() {
+                    msgs.push(codec.unenvelope(&buf[..n]).unwrap());
+                    buf.drain(..n);
+                }
+            }
+            assert!(buf.is_empty());
+            assert_eq!(msgs, vec![start.clone(), data.clone()]);
+        }
+        let huge = [0u8, 0x7f, 0xff, 0xff, 0xff];
+        assert_eq!(
+            Codec::next_envelope(&huge).unwrap_err().code,
+            Code::ResourceExhausted
+        );
+        // What the E2B Python SDK sends (its own encoder's bytes).
+        let sdk = [0x12, 0x06, 0x12, 0x04, 0x0a, 0x02, b'a', b'b'];
+        assert_eq!(
+            Codec::Proto.decode::<StreamInputRequest>(&sdk).unwrap(),
+            data
+        );
+        let json: StreamInputRequest = Codec::Json
+            .decode(br#"{"data":{"input":{"stdin":"YWI="}}}"#)
+            .unwrap();
+        assert_eq!(json, data);
     }
 }

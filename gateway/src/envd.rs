@@ -460,6 +460,8 @@ async fn run_command(
         cwd: cfg.cwd.clone().filter(|s| !s.is_empty()),
         env: cfg.envs.clone().into_iter().collect(),
         timeout_ms: Some(timeout_ms),
+        // envd's default when the field is absent (older SDKs) is on.
+        stdin: req.stdin.unwrap_or(true),
     };
     let mut stream = match c.command_stream(&cmd).await {
         Ok(s) => s,
@@ -548,13 +550,123 @@ fn selected(
     found.ok_or_else(|| RpcError::new(Code::NotFound, "no such running process in this sandbox"))
 }
 
+/// Sends `input` (stdin bytes) to the selected process of `sandbox`, then
+/// closes its stdin if `eof`.
+async fn send_input(
+    gw: &Gateway,
+    sandbox: &str,
+    sel: Option<pb::ProcessSelector>,
+    input: Option<pb::ProcessInput>,
+    eof: bool,
+) -> Result<(), RpcError> {
+    let (pid, _) = selected(gw, sandbox, sel)?;
+    let data = match input.and_then(|i| i.input) {
+        Some(pb::Input::Stdin(d)) => d,
+        Some(pb::Input::Pty(_)) => {
+            return Err(RpcError::new(
+                Code::Unimplemented,
+                "PTY input: forkd commands have no PTY (see docs/e2b.md)",
+            ))
+        }
+        None if eof => Vec::new(),
+        None => {
+            return Err(RpcError::new(
+                Code::InvalidArgument,
+                "input.stdin is required",
+            ))
+        }
+    };
+    let c = gw.daemon().await?;
+    c.command_input(sandbox, pid, &data, eof)
+        .await
+        .map_err(input_error)
+}
+
+/// `StreamInput` (a client stream): a start event naming the process, then
+/// data events, each passed on as it arrives (the body is read as a stream:
+/// each message is bounded, the stream is not).
+async fn stream_input(
+    gw: &Gateway,
+    sandbox: &str,
+    codec: Codec,
+    body: axum::body::Body,
+) -> Result<(), RpcError> {
+    use futures_util::StreamExt;
+    let mut frames = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut sel: Option<Option<pb::ProcessSelector>> = None;
+    loop {
+        while let Some(n) = Codec::next_envelope(&buf)? {
+            let msg: pb::StreamInputRequest = codec.unenvelope(&buf[..n])?;
+            buf.drain(..n);
+            match (msg.event, &sel) {
+                (Some(pb::InputEvent::Start(s)), None) => sel = Some(s.process),
+                (Some(pb::InputEvent::Start(_)), Some(_)) => {
+                    return Err(RpcError::new(
+                        Code::InvalidArgument,
+                        "the input stream has a second start event",
+                    ))
+                }
+                (_, None) => {
+                    return Err(RpcError::new(
+                        Code::InvalidArgument,
+                        "the input stream must begin with a start event naming the process",
+                    ))
+                }
+                (Some(pb::InputEvent::Data(d)), Some(s)) => {
+                    send_input(gw, sandbox, s.clone(), d.input, false).await?;
+                }
+                (Some(pb::InputEvent::Keepalive(_)) | None, Some(_)) => {}
+            }
+        }
+        match frames.next().await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            Some(Err(e)) => {
+                return Err(RpcError::new(
+                    Code::Canceled,
+                    format!("the input stream broke off: {e}"),
+                ))
+            }
+            None => break,
+        }
+    }
+    if !buf.is_empty() {
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            "malformed envelope: the input stream ended inside a message",
+        ));
+    }
+    if sel.is_none() {
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            "the input stream must begin with a start event naming the process",
+        ));
+    }
+    Ok(())
+}
+
+/// The daemon's answer to `command_input` as envd's: a process that ended
+/// (or never was) is not found; a stdin that is closed or was never asked
+/// for is a failed precondition.
+fn input_error(e: ClientError) -> RpcError {
+    match &e {
+        ClientError::Server(r) if r.code == ErrorCode::NotFound => {
+            RpcError::new(Code::NotFound, r.message.clone())
+        }
+        ClientError::Server(r) if r.code == ErrorCode::InvalidRequest => {
+            RpcError::new(Code::FailedPrecondition, r.message.clone())
+        }
+        _ => e.into(),
+    }
+}
+
 #[utoipa::path(post, path = "/process.Process/{method}", tag = "envd", security(("AccessTokenAuth" = []), ("TrafficTokenAuth" = []), ("ApiKeyAuth" = [])),
     params(("method" = crate::openapi::ProcessMethod, Path, description = "The RPC"), ("E2b-Sandbox-Id" = String, Header, description = "The sandbox (`s-HEX` or `s-HEX--NODE`)"), ("E2b-Sandbox-Port" = Option<String>, Header, description = "49983 (envd) or 49999 (code interpreter); any other port is refused with 502")),
-    request_body(description = "One protobuf or JSON message (unary), or one enveloped message (server streams)", content(
+    request_body(description = "One protobuf or JSON message (unary), one enveloped message (server streams), or enveloped messages back to back (StreamInput: a start event, then data events)", content(
         (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"),
         (crate::openapi::Binary = "application/proto"), (Object = "application/json"))),
     responses(
-        (status = 200, description = "The answer, or for Start and Connect a stream of enveloped events ending in an end-of-stream message", content(
+        (status = 200, description = "The answer, or for Start, Connect and StreamInput enveloped messages ending in an end-of-stream message", content(
             (crate::openapi::Binary = "application/connect+proto"), (Object = "application/connect+json"),
             (crate::openapi::Binary = "application/proto"), (Object = "application/json"))),
         (status = "4XX", description = "A unary call's Connect error", body = crate::openapi::ConnectError),
@@ -565,12 +677,36 @@ pub(crate) async fn process(
     Path(method): Path<String>,
     sb: Sandbox,
     headers: HeaderMap,
-    body: Bytes,
+    raw: axum::body::Body,
 ) -> Response {
-    let streaming = matches!(method.as_str(), "Start" | "Connect");
+    let streaming = matches!(method.as_str(), "Start" | "Connect" | "StreamInput");
     let codec = match Codec::of(&headers, streaming) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
+    };
+    if method == "StreamInput" {
+        return match stream_input(&gw, &sb.id, codec, raw).await {
+            Ok(()) => {
+                let mut out = codec.envelope(&pb::Empty {}).to_vec();
+                out.extend_from_slice(&end_stream(None));
+                codec.stream(futures_util::stream::iter([Ok(Bytes::from(out))]))
+            }
+            Err(e) => codec.stream_error(e),
+        };
+    }
+    // Every other call is one bounded message.
+    let body = match axum::body::to_bytes(raw, gw.opts.max_body).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body could not be read or is over {} bytes: {e}",
+                    gw.opts.max_body
+                ),
+            )
+            .into_response()
+        }
     };
     let ka = keepalive(&headers);
     match method.as_str() {
@@ -653,12 +789,29 @@ pub(crate) async fn process(
                 Err(e) => e.into_response(),
             }
         }
-        "SendInput" | "StreamInput" | "CloseStdin" | "Update" => RpcError::new(
+        "SendInput" => {
+            let req: pb::SendInputRequest = match codec.decode(&body) {
+                Ok(r) => r,
+                Err(e) => return e.into_response(),
+            };
+            match send_input(&gw, &sb.id, req.process, req.input, false).await {
+                Ok(()) => codec.unary(&pb::Empty {}),
+                Err(e) => e.into_response(),
+            }
+        }
+        "CloseStdin" => {
+            let req: pb::ProcessRef = match codec.decode(&body) {
+                Ok(r) => r,
+                Err(e) => return e.into_response(),
+            };
+            match send_input(&gw, &sb.id, req.process, None, true).await {
+                Ok(()) => codec.unary(&pb::Empty {}),
+                Err(e) => e.into_response(),
+            }
+        }
+        "Update" => RpcError::new(
             Code::Unimplemented,
-            format!(
-                "process.Process/{method}: forkd commands take no stdin and have no PTY \
-                 (see docs/e2b.md)"
-            ),
+            "process.Process/Update resizes a PTY: forkd commands have no PTY (see docs/e2b.md)",
         )
         .into_response(),
         other => RpcError::new(

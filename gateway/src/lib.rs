@@ -19,6 +19,7 @@ pub mod connect;
 mod control;
 mod envd;
 pub mod error;
+mod fork;
 pub mod forward;
 mod interp;
 pub mod metrics;
@@ -69,6 +70,8 @@ pub mod labels {
     pub const CWD: &str = "e2b.cwd";
     /// Prefix of E2B metadata keys.
     pub const META: &str = "e2b.meta.";
+    /// A fork's source sandbox.
+    pub const FORKED_FROM: &str = "e2b.forked_from";
 }
 
 /// How the gateway runs.
@@ -94,6 +97,9 @@ pub struct Options {
     /// Most cells one tenant may run at once, across its sandboxes (`None`:
     /// no bound beyond the daemon's); more are answered 429.
     pub max_cells_per_tenant: Option<usize>,
+    /// Most checkpoints one tenant may hold at once, across its sandboxes
+    /// (`None`: only the daemon's per-session and per-uid bounds apply).
+    pub max_checkpoints_per_tenant: Option<usize>,
     /// A request head must arrive within this (slowloris).
     pub header_timeout: std::time::Duration,
     /// This node's name, carried in the sandbox ids handed out
@@ -117,6 +123,7 @@ impl Options {
             max_run_ms: 3_600_000,
             max_sessions_per_tenant: None,
             max_cells_per_tenant: None,
+            max_checkpoints_per_tenant: None,
             header_timeout: std::time::Duration::from_secs(30),
             node: None,
             peers: BTreeMap::new(),
@@ -169,6 +176,8 @@ pub struct Gateway {
     watchers: watch::Watchers,
     /// Cells running now, by tenant (for `max_cells_per_tenant`).
     cells: Arc<Mutex<HashMap<String, usize>>>,
+    /// Held while a checkpoint is counted against its tenant's quota and taken.
+    checkpoint_lock: tokio::sync::Mutex<()>,
     /// The other nodes (see [`forward`]).
     peers: forward::Peers,
 }
@@ -214,6 +223,7 @@ impl Gateway {
             metrics: metrics::Metrics::default(),
             watchers: watch::Watchers::default(),
             cells: Arc::new(Mutex::new(HashMap::new())),
+            checkpoint_lock: tokio::sync::Mutex::new(()),
             peers,
         }))
     }
@@ -466,6 +476,13 @@ fn api_routes() -> OpenApiRouter<Arc<Gateway>> {
         .routes(routes!(control::resume))
         .routes(routes!(control::connect))
         .routes(routes!(control::connect_v2))
+        .routes(routes!(fork::fork))
+        .routes(routes!(fork::create_snapshot))
+        .routes(routes!(fork::list_snapshots))
+        // forkd's checkpoints (an extension of E2B's API).
+        .routes(routes!(fork::checkpoint, fork::checkpoints))
+        .routes(routes!(fork::delete_checkpoint))
+        .routes(routes!(fork::restore))
         // envd (port 49983): Connect RPCs, health.
         .routes(routes!(envd::process))
         .routes(routes!(envd::filesystem))

@@ -34,6 +34,9 @@ struct Args {
     /// Most cells one tenant may run at once (more: 429).
     #[arg(long)]
     max_cells_per_tenant: Option<usize>,
+    /// Most checkpoints one tenant may hold at once (more: 429).
+    #[arg(long)]
+    max_checkpoints_per_tenant: Option<usize>,
     /// Seconds a client may take to send a request head (slowloris).
     #[arg(long, default_value_t = 30)]
     header_timeout_secs: u64,
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         opts.max_upload = args.max_upload;
         opts.max_sessions_per_tenant = args.max_sessions_per_tenant;
         opts.max_cells_per_tenant = args.max_cells_per_tenant;
+        opts.max_checkpoints_per_tenant = args.max_checkpoints_per_tenant;
         opts.header_timeout = std::time::Duration::from_secs(args.header_timeout_secs.max(1));
         opts.node = Some(
             args.node

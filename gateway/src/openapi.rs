@@ -29,9 +29,10 @@ pub struct ConnectError {
 }
 
 /// The methods of envd's `process.Process` Connect service. `Start` and
-/// `Connect` are server streams (`application/connect+proto` or
-/// `application/connect+json`); the others are unary (`application/proto`
-/// or `application/json`).
+/// `Connect` are server streams and `StreamInput` a client stream
+/// (`application/connect+proto` or `application/connect+json`); the others
+/// are unary (`application/proto` or `application/json`). `Update` (a PTY
+/// resize) is refused: forkd commands have no PTY.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code, reason = "a schema: the names are the served methods")]
 pub enum ProcessMethod {

@@ -334,6 +334,42 @@ pub struct SendInputRequest {
     pub input: Option<ProcessInput>,
 }
 
+/// `CloseStdinRequest`, and `StreamInputRequest.StartEvent`.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ProcessRef {
+    #[prost(message, optional, tag = "1")]
+    pub process: Option<ProcessSelector>,
+}
+
+/// `StreamInputRequest.DataEvent`.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct InputData {
+    #[prost(message, optional, tag = "2")]
+    pub input: Option<ProcessInput>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum InputEvent {
+    #[prost(message, tag = "1")]
+    Start(ProcessRef),
+    #[prost(message, tag = "2")]
+    Data(InputData),
+    #[prost(message, tag = "3")]
+    Keepalive(KeepAlive),
+}
+
+/// One message of the client stream of `StreamInput`.
+#[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct StreamInputRequest {
+    #[prost(oneof = "InputEvent", tags = "1, 2, 3")]
+    #[serde(flatten)]
+    pub event: Option<InputEvent>,
+}
+
 #[derive(Clone, PartialEq, prost::Message, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct SendSignalRequest {

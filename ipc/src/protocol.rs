@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::bytes::{b64, b64_opt};
 use crate::session::{
-    Cancel, CellResult, CheckpointInfo, CheckpointRef, Command, CommandKill, CommandResult,
-    DisplayData, FileData, FileEntry, FilePath, FileRead, FileWrite, RunCode, SessionBranch,
-    SessionCheckpoint, SessionCreate, SessionInfo, SessionList, SessionRef, SetNetwork, SetTtl,
-    Stream,
+    Cancel, CellResult, CheckpointInfo, CheckpointRef, Command, CommandInput, CommandKill,
+    CommandResult, DisplayData, FileData, FileEntry, FilePath, FileRead, FileWrite, RunCode,
+    SessionBranch, SessionCheckpoint, SessionCreate, SessionInfo, SessionList, SessionRef,
+    SetNetwork, SetTtl, Stream,
 };
 pub use crate::terms::{AppliedLimits, KilledBy, Limits, WorkspaceMode, WorkspaceRequest};
 
@@ -99,6 +99,8 @@ pub enum RequestBody {
     Command(Command),
     /// Kill a running command.
     CommandKill(CommandKill),
+    /// Feed a running command's stdin; answered with [`ResponseBody::Done`].
+    CommandInput(CommandInput),
     /// Write a file chunk; answered with [`ResponseBody::Done`].
     FileWrite(FileWrite),
     /// Read a file chunk; answered with [`ResponseBody::FileData`].
@@ -146,6 +148,7 @@ impl RequestBody {
             RequestBody::Cancel(_) => "cancel",
             RequestBody::Command(_) => "command",
             RequestBody::CommandKill(_) => "command_kill",
+            RequestBody::CommandInput(_) => "command_input",
             RequestBody::FileWrite(_) => "file_write",
             RequestBody::FileRead(_) => "file_read",
             RequestBody::FileList(_) => "file_list",
@@ -166,9 +169,9 @@ mod wire {
 
     use super::{RequestBody, SpawnRequest};
     use crate::session::{
-        Cancel, CheckpointRef, Command, CommandKill, FilePath, FileRead, FileWrite, RunCode,
-        SessionBranch, SessionCheckpoint, SessionCreate, SessionList, SessionRef, SetNetwork,
-        SetTtl,
+        Cancel, CheckpointRef, Command, CommandInput, CommandKill, FilePath, FileRead, FileWrite,
+        RunCode, SessionBranch, SessionCheckpoint, SessionCreate, SessionList, SessionRef,
+        SetNetwork, SetTtl,
     };
 
     #[derive(Deserialize)]
@@ -196,6 +199,7 @@ mod wire {
         Cancel(Cancel),
         Command(Command),
         CommandKill(CommandKill),
+        CommandInput(CommandInput),
         FileWrite(FileWrite),
         FileRead(FileRead),
         FileList(FilePath),
@@ -234,6 +238,7 @@ mod wire {
                 RequestBodyWire::Cancel(r) => RequestBody::Cancel(r),
                 RequestBodyWire::Command(r) => RequestBody::Command(r),
                 RequestBodyWire::CommandKill(r) => RequestBody::CommandKill(r),
+                RequestBodyWire::CommandInput(r) => RequestBody::CommandInput(r),
                 RequestBodyWire::FileWrite(r) => RequestBody::FileWrite(r),
                 RequestBodyWire::FileRead(r) => RequestBody::FileRead(r),
                 RequestBodyWire::FileList(r) => RequestBody::FileList(r),

@@ -199,6 +199,29 @@ pub struct Command {
     /// The command's process group is killed after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Give the command a stdin pipe fed by `command_input` (default: stdin
+    /// is `/dev/null`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+}
+
+/// `command_input`: bytes for the stdin of a command started with
+/// `stdin: true`, and/or its end (`eof`). Answered with `done` once the
+/// executor has taken the bytes (written, or queued while the pipe is
+/// full); at most [`MAX_FILE_CHUNK`] bytes a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandInput {
+    /// The session.
+    pub session: String,
+    /// The pid `command_started` reported.
+    pub pid: u32,
+    /// The bytes (base64 on the wire).
+    #[serde(default, with = "b64", skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<u8>,
+    /// Close the command's stdin after these bytes (the command reads EOF).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eof: bool,
 }
 
 /// `command_kill`: SIGKILL to a running command's process group.

@@ -13,10 +13,10 @@ use crate::client::{
 };
 use crate::protocol::{RequestBody, Response, ResponseBody};
 use crate::session::{
-    CellResult, CheckpointInfo, CheckpointRef, Command, CommandKill, CommandResult, DisplayData,
-    FileData, FileEntry, FilePath, FileRead, FileWrite, RunCode, SessionBranch, SessionCheckpoint,
-    SessionCreate, SessionInfo, SessionList, SessionRef, SetNetwork, SetTtl, Stream,
-    MAX_FILE_CHUNK,
+    CellResult, CheckpointInfo, CheckpointRef, Command, CommandInput, CommandKill, CommandResult,
+    DisplayData, FileData, FileEntry, FilePath, FileRead, FileWrite, RunCode, SessionBranch,
+    SessionCheckpoint, SessionCreate, SessionInfo, SessionList, SessionRef, SetNetwork, SetTtl,
+    Stream, MAX_FILE_CHUNK,
 };
 
 /// A streamed event of a cell or command, before its final result.
@@ -339,6 +339,24 @@ impl Client {
             pid,
         }))?;
         expect_done("command_kill", resp)
+    }
+
+    /// Sends `data` to the stdin of a command started with `stdin: true`
+    /// (in requests of at most [`MAX_FILE_CHUNK`]), then closes it if
+    /// `eof`. Returns once the executor holds the bytes, not when the
+    /// command has read them.
+    pub fn command_input(
+        &mut self,
+        id: &str,
+        pid: u32,
+        data: &[u8],
+        eof: bool,
+    ) -> Result<(), ClientError> {
+        for req in input_requests(id, pid, data, eof) {
+            let resp = self.simple(&RequestBody::CommandInput(req))?;
+            expect_done("command_input", resp)?;
+        }
+        Ok(())
     }
 
     /// Writes a whole file, in chunks of at most [`MAX_FILE_CHUNK`].
@@ -703,6 +721,22 @@ impl AsyncClient {
         expect_done("command_kill", resp)
     }
 
+    /// Sends `data` to the stdin of a command started with `stdin: true`,
+    /// then closes it if `eof` (see [`Client::command_input`]).
+    pub async fn command_input(
+        &self,
+        id: &str,
+        pid: u32,
+        data: &[u8],
+        eof: bool,
+    ) -> Result<(), ClientError> {
+        for req in input_requests(id, pid, data, eof) {
+            let resp = self.simple(&RequestBody::CommandInput(req)).await?;
+            expect_done("command_input", resp)?;
+        }
+        Ok(())
+    }
+
     /// Writes a whole file, in chunks of at most [`MAX_FILE_CHUNK`].
     pub async fn write_file(
         &self,
@@ -779,6 +813,26 @@ impl AsyncClient {
     }
 }
 
+/// `command_input` requests for `data`: chunks of at most
+/// [`MAX_FILE_CHUNK`], `eof` on the last (one empty request for no data).
+fn input_requests(id: &str, pid: u32, data: &[u8], eof: bool) -> Vec<CommandInput> {
+    let mut chunks: Vec<&[u8]> = data.chunks(MAX_FILE_CHUNK).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| CommandInput {
+            session: id.to_owned(),
+            pid,
+            data: c.to_vec(),
+            eof: eof && i == last,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -793,5 +847,19 @@ mod tests {
             parts,
             vec![(false, MAX_FILE_CHUNK), (true, MAX_FILE_CHUNK), (true, 5)]
         );
+    }
+
+    #[test]
+    fn input_is_chunked_with_eof_on_the_last() {
+        let close = input_requests("s", 3, &[], true);
+        assert_eq!(close.len(), 1);
+        assert!(close[0].eof && close[0].data.is_empty());
+        let data = vec![1u8; MAX_FILE_CHUNK + 1];
+        let parts: Vec<_> = input_requests("s", 3, &data, true)
+            .into_iter()
+            .map(|r| (r.data.len(), r.eof))
+            .collect();
+        assert_eq!(parts, vec![(MAX_FILE_CHUNK, false), (1, true)]);
+        assert!(!input_requests("s", 3, b"x", false)[0].eof);
     }
 }

@@ -97,7 +97,7 @@ linecache.cache[_SCRIPT] = (1, None, ["\n"], _SCRIPT)
 
 # The wire's shapes and version are defined in zygote/src/wire.rs; this file
 # mirrors them (a Rust test checks these lines against it).
-WIRE_VERSION = 5
+WIRE_VERSION = 6
 CONTROL_FD = 3
 # In a child: the status pipe, moved onto fd 3 (replacing the control socket,
 # which the child must not keep). It carries one-byte tagged reports:
@@ -925,6 +925,7 @@ EXEC_HEADER_MAX = 12 << 20
 EXEC_PAYLOAD_MAX = 8 << 20
 KERNEL_MESSAGE_MAX = 12 << 20
 OUTPUT_CHUNK = 64 << 10
+STDIN_QUEUE_MAX = 16 << 20  # bytes of a command's stdin the executor holds for it
 # os.read(fd, n) allocates n bytes first: 1 MiB costs ~20 us (an mmap and
 # munmap) where 64 KiB costs ~1 us, so reads start small and grow only while
 # they come back full (a file transfer), shrinking again after.
@@ -1274,6 +1275,8 @@ class Executor:
         self.kernel_buf = bytearray()
         self.execution_count = 0
         self.commands = {}  # pid -> (Running, Popen, [Stream])
+        # pid -> {"file": Popen.stdin (None once closed), "buf": bytes queued, "eof": closing}
+        self.stdins = {}
         # id -> {"pid": the frozen copy (our child), "scratch": ScratchCopy, "restores": n}
         self.checkpoints = {}
         self.restoring = None  # {"req", "id", "pid", "dir", "deadline"} while a copy wakes
@@ -1393,6 +1396,8 @@ class Executor:
             self.adopt_req = req
             if self.kernel is not None and self.kernel["pid"] is not None:
                 self.adopted()
+        elif op == "command_input":
+            self.send(self.command_input(req, msg["pid"], payload, msg["eof"]))
         elif op == "kill_command":
             pid = msg["pid"]
             if pid in self.commands:
@@ -1978,7 +1983,7 @@ class Executor:
                 ["/bin/sh", "-c", msg["cmd"]],
                 cwd=cwd,
                 env=env,
-                stdin=self.devnull,
+                stdin=subprocess.PIPE if msg.get("stdin") else self.devnull,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
@@ -1989,6 +1994,11 @@ class Executor:
         running = Running(req)
         streams = [Stream(proc.stdout.fileno(), "stdout"), Stream(proc.stderr.fileno(), "stderr")]
         self.commands[proc.pid] = (running, proc, streams)
+        if proc.stdin is not None:
+            # Written only as the pipe has room: a command that does not read
+            # its input must never block the executor.
+            os.set_blocking(proc.stdin.fileno(), False)
+            self.stdins[proc.pid] = {"file": proc.stdin, "buf": bytearray(), "eof": False}
         for st in streams:
             self.watch(st.fd, self.on_command_output)
         self.send({"op": "command_started", "req": req, "pid": proc.pid})
@@ -2003,8 +2013,81 @@ class Executor:
                         streams.remove(st)
                     return
 
+    def command_input(self, req, pid, data, eof):
+        """Takes input for a command's stdin: written now as far as the pipe
+        has room, the rest queued and written as the command reads."""
+        if pid not in self.commands:
+            return {"op": "failed", "req": req, "code": "not_found", "message": f"no running command with pid {pid}"}
+        st = self.stdins.get(pid)
+        if st is None:
+            why = f"command {pid} was started without stdin (start it with stdin: true)"
+            return {"op": "failed", "req": req, "code": "invalid_request", "message": why}
+        if st["eof"]:
+            why = f"the stdin of command {pid} is closed already"
+            return {"op": "failed", "req": req, "code": "invalid_request", "message": why}
+        if data and len(st["buf"]) + len(data) > STDIN_QUEUE_MAX:
+            why = (
+                f"command {pid} is not reading its stdin: {len(st['buf'])} bytes wait for it already "
+                f"(at most {STDIN_QUEUE_MAX} are queued); send the rest once it has read them"
+            )
+            return {"op": "failed", "req": req, "code": "invalid_request", "message": why}
+        st["buf"] += data
+        st["eof"] = bool(eof)
+        self.pump_stdin(pid)
+        return {"op": "done", "req": req}
+
+    def pump_stdin(self, pid):
+        st = self.stdins[pid]
+        fd = st["file"].fileno()
+        while st["buf"]:
+            try:
+                del st["buf"][:os.write(fd, st["buf"])]
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except BrokenPipeError:
+                # Nobody reads it any more: what is queued is for no one.
+                st["buf"].clear()
+                st["eof"] = True
+        waiting = fd in self.handlers
+        if st["buf"] and not waiting:
+            self.handlers[fd] = self.on_stdin_room
+            self.poller.register(fd, select.POLLOUT)
+        elif not st["buf"]:
+            if waiting:
+                del self.handlers[fd]
+                self.poller.unregister(fd)
+            if st["eof"]:
+                self.close_stdin(pid)
+
+    def on_stdin_room(self, fd):
+        for pid, st in self.stdins.items():
+            if st["file"] is not None and st["file"].fileno() == fd:
+                self.pump_stdin(pid)
+                return
+
+    def close_stdin(self, pid):
+        st = self.stdins[pid]
+        if st["file"] is None:
+            return
+        fd = st["file"].fileno()
+        if self.handlers.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+        self.closed.add(fd)
+        try:
+            st["file"].close()
+        except OSError:
+            pass
+        st["file"] = None
+        st["buf"] = bytearray()
+        st["eof"] = True
+
     def command_done(self, pid, status):
         running, proc, streams = self.commands.pop(pid)
+        if pid in self.stdins:
+            self.close_stdin(pid)
+            del self.stdins[pid]
         for st in streams:
             self.forward(st, running)
             self.handlers.pop(st.fd, None)

@@ -42,7 +42,7 @@ use crate::spec::{InitConfig, InitInfo};
 
 /// Version of the daemon–zygote–child wire. Bump on any incompatible change
 /// to a type in this module (and to `WIRE_VERSION` in `forkd_zygote.py`).
-pub const WIRE_VERSION: u32 = 5;
+pub const WIRE_VERSION: u32 = 6;
 
 /// Largest control message either side sends (the zygote reads with this cap).
 pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
@@ -242,11 +242,20 @@ pub enum ToExecutor {
         cmd: String,
         cwd: Option<String>,
         env: BTreeMap<String, String>,
+        /// A stdin pipe (fed by `CommandInput`) instead of `/dev/null`.
+        stdin: bool,
     },
     /// SIGKILL to the process group of the command with this pid.
     KillCommand {
         req: u64,
         pid: u32,
+    },
+    /// The payload goes to the stdin of the command with this pid (queued
+    /// while its pipe is full); `eof` closes it after that.
+    CommandInput {
+        req: u64,
+        pid: u32,
+        eof: bool,
     },
     /// Write the payload to `path` (create or truncate, or append).
     Write {

@@ -273,6 +273,32 @@ class SyncSessionTest(DaemonTest):
         self.assertEqual((r.exit_code, r.stdout, "".join(seen)), (5, "hi\n", "hi\n"))
         self.assertEqual(s.commands.run("exec /nonexistent").exit_code, 127)
 
+    def test_command_stdin_send_and_close(self) -> None:
+        fk = self.client(timeout=CALL_BOUND)
+        s = self.session(fk)
+        h = s.commands.run("cat", background=True, stdin=True)
+        assert isinstance(h, forkd.CommandHandle)
+        big = bytes(range(256)) * 400  # 100 KiB: more than a pipe holds
+        h.send_stdin("text, ")
+        s.commands.send_stdin(h.pid, big)
+        h.send_stdin(b"bytes")
+        h.close_stdin()
+        r = h.wait()
+        self.assertEqual(r.exit_code, 0)
+        want = b"text, " + big + b"bytes"
+        self.assertEqual(r.stdout, want.decode("utf-8", errors="replace"))
+        with self.assertRaises(FileNotFound):
+            s.commands.send_stdin(h.pid, "after the end")
+        with self.assertRaises(InvalidArgument):
+            s.commands.run("cat", stdin="yes")  # type: ignore[arg-type]
+        # Without stdin=True the command reads /dev/null and input is refused.
+        h = s.commands.run("cat; sleep 30", background=True)
+        assert isinstance(h, forkd.CommandHandle)
+        with self.assertRaisesRegex(forkd.errors.InvalidRequest, "stdin: true"):
+            h.send_stdin("x")
+        h.kill()
+        self.assertEqual(h.wait().signal, 9)
+
     def test_pause_resume_ttl_and_listing(self) -> None:
         fk = self.client(timeout=CALL_BOUND)
         s = self.session(fk, labels={"job": "pause"})
@@ -573,6 +599,12 @@ class AsyncSessionTest(DaemonTest):
                     h = await s.commands.run("echo s; exit 4", background=True)
                     r = await asyncio.wait_for(h.wait(), 20)
                     self.assertEqual((r.exit_code, r.stdout), (4, "s\n"))
+                    h = await s.commands.run("wc -l", background=True, stdin=True)
+                    await h.send_stdin("a\nb\n")
+                    await s.commands.send_stdin(h.pid, b"c\n")
+                    await h.close_stdin()
+                    r = await asyncio.wait_for(h.wait(), 20)
+                    self.assertEqual((r.exit_code, r.stdout.strip()), (0, "3"))
                     self.assertEqual([i.id for i in await fk.sessions()], [sid])
                 with self.assertRaises(SessionEnded):
                     await fk.attach(sid)

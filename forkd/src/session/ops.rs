@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkd_ipc::{
-    CellError, CellResult, Command, CommandResult, DisplayData, ErrorCode, ErrorReply, FileData,
-    FileEntry, FileRead, FileWrite, Response, ResponseBody, RunCode, SessionCreate, SessionEnd,
-    SessionInfo, SessionState, SpawnRequest, Stream, MAX_FILE_CHUNK,
+    CellError, CellResult, Command, CommandInput, CommandResult, DisplayData, ErrorCode,
+    ErrorReply, FileData, FileEntry, FileRead, FileWrite, Response, ResponseBody, RunCode,
+    SessionCreate, SessionEnd, SessionInfo, SessionState, SpawnRequest, Stream, MAX_FILE_CHUNK,
 };
 use forkd_zygote::wire::{
     ExecDisplay, ExecEntry, ExecStream, FromExecutor, SessionJob, StatusDecoder, ToExecutor,
@@ -870,6 +870,7 @@ pub async fn command(
         cmd: c.cmd,
         cwd: c.cwd,
         env: c.env,
+        stdin: c.stdin,
     };
     let mut rx = session.request(&msg, req, &[])?;
     let deadline = tokio::time::sleep(Duration::from_millis(timeout_ms));
@@ -953,6 +954,25 @@ pub async fn command_kill(session: Arc<Session>, pid: u32) -> Result<(), ErrorRe
     match one(&session, ToExecutor::KillCommand { req, pid }, req, &[]).await? {
         (FromExecutor::Done { .. }, _) => Ok(()),
         _ => Err(unexpected("command_kill")),
+    }
+}
+
+/// Feeds a running command's stdin (and/or closes it).
+pub async fn command_input(session: Arc<Session>, i: CommandInput) -> Result<(), ErrorReply> {
+    if i.data.len() > MAX_FILE_CHUNK {
+        return Err(invalid(format!(
+            "a command_input request holds at most {MAX_FILE_CHUNK} bytes; send the rest in further requests"
+        )));
+    }
+    let req = session.next_req();
+    let msg = ToExecutor::CommandInput {
+        req,
+        pid: i.pid,
+        eof: i.eof,
+    };
+    match one(&session, msg, req, &i.data).await? {
+        (FromExecutor::Done { .. }, _) => Ok(()),
+        _ => Err(unexpected("command_input")),
     }
 }
 
@@ -1246,6 +1266,10 @@ pub async fn serve(
             }
             B::CommandKill(k) => {
                 command_kill(sessions.usable(&k.session, uid)?, k.pid).await?;
+                ResponseBody::Done {}
+            }
+            B::CommandInput(i) => {
+                command_input(sessions.usable(&i.session, uid)?, i).await?;
                 ResponseBody::Done {}
             }
             B::FileWrite(w) => {

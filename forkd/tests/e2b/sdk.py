@@ -188,6 +188,50 @@ time.sleep(0.5)
 r = sb.commands.connect(h.pid).wait()
 check("connect to a running command", r.exit_code == 0 and "n4" in r.stdout and "n1" not in r.stdout, repr(r))
 
+# Stdin: send_stdin (several chunks, one larger than a pipe holds), then
+# close_stdin ends `cat`; stream_input delivers a client stream in order.
+h = sb.commands.run("cat", background=True, stdin=True)
+big = "0123456789abcdef" * 6000  # 96 KiB
+sb.commands.send_stdin(h.pid, "first ")
+h.send_stdin(big)
+sb.commands.send_stdin(h.pid, b" last")
+sb.commands.close_stdin(h.pid)
+r = h.wait()
+check("send_stdin and close_stdin", r.exit_code == 0 and r.stdout == "first " + big + " last", repr(r.stdout[:80]))
+try:
+    sb.commands.send_stdin(h.pid, "late")
+    raise AssertionError("input to an ended command passed")
+except NotFoundException as err:
+    check("send_stdin to an ended command is not found", "no" in str(err), repr(err))
+# stream_input passes each chunk on as it arrives: the second is sent only
+# once the first has reached the command (a gateway that waited for the
+# whole stream would never let it).
+h = sb.commands.run("cat > /tmp/in.txt", background=True, stdin=True)
+
+
+def chunks():
+    yield "a\n"
+    for _ in range(200):
+        if sb.files.read("/tmp/in.txt") == "a\n":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the first chunk did not reach the command while the stream was open")
+    yield b"b\n"
+
+
+sb.commands.stream_input(h.pid, chunks())
+sb.commands.close_stdin(h.pid)
+r = h.wait()
+check("stream_input streams", r.exit_code == 0 and sb.files.read("/tmp/in.txt") == "a\nb\n", repr(r))
+h = sb.commands.run("cat; sleep 30", background=True)
+try:
+    sb.commands.send_stdin(h.pid, "x")
+    raise AssertionError("input to a command without stdin passed")
+except SandboxException as err:
+    check("send_stdin without stdin=True is refused", "stdin" in str(err), repr(err))
+sb.commands.kill(h.pid)
+
 # Timeout and info.
 sb.set_timeout(120)
 inf = sb.get_info()

@@ -223,6 +223,26 @@ def iter_write_chunks(session: str, path: str, data: memoryview, mode: Optional[
             return
 
 
+def iter_input_chunks(session: str, pid: Any, data: memoryview, eof: bool):
+    """``command_input`` fields for ``data`` in chunks of at most 8 MiB,
+    ``eof`` on the last (no data: one request)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise InvalidArgument("pid", f"must be a positive integer, got {pid!r}")
+    n = len(data)
+    off = 0
+    while True:
+        chunk = data[off : off + MAX_FILE_CHUNK]
+        off += len(chunk)
+        f: Dict[str, Any] = {"session": session, "pid": pid}
+        if len(chunk):
+            f["data"] = B64Payload(chunk)
+        if eof and off >= n:
+            f["eof"] = True
+        yield f
+        if off >= n:
+            return
+
+
 def check_mode(mode: Any) -> Optional[int]:
     if mode is None:
         return None
@@ -579,8 +599,12 @@ def run_code_fields(session: str, code: Any, timeout: Any) -> Dict[str, Any]:
     return f
 
 
-def command_fields(session: str, cmd: Any, cwd: Any, envs: Any, timeout: Any) -> Dict[str, Any]:
+def command_fields(session: str, cmd: Any, cwd: Any, envs: Any, timeout: Any, stdin: Any = False) -> Dict[str, Any]:
     f: Dict[str, Any] = {"session": session, "cmd": check_str("cmd", cmd)}
+    if not isinstance(stdin, bool):
+        raise InvalidArgument("stdin", f"must be a bool, got {type(stdin).__name__}")
+    if stdin:
+        f["stdin"] = True
     if cwd is not None:
         f["cwd"] = check_str("cwd", cwd)
     e = str_map("envs", envs)

@@ -32,6 +32,7 @@ from ._session_wire import (
     check_str,
     command_fields,
     expect_kind,
+    iter_input_chunks,
     iter_write_chunks,
     run_code_fields,
     seconds_ms,
@@ -334,6 +335,7 @@ class Commands:
         on_stdout: Optional[Callable[[str], Any]] = None,
         on_stderr: Optional[Callable[[str], Any]] = None,
         background: bool = False,
+        stdin: bool = False,
     ) -> Union[CommandResult, "CommandHandle"]:
         """Runs ``cmd`` and returns its :class:`~forkd.CommandResult`
         (``.exit_code``, ``.stdout``, ``.stderr``; a non-zero exit is not
@@ -347,8 +349,11 @@ class Commands:
             envs: variables laid over the session's environment.
             timeout: seconds; the command's process group is killed then.
             on_stdout, on_stderr: called with text chunks as they come.
+            stdin: give the command a stdin pipe, fed by :meth:`send_stdin`
+                and closed by :meth:`close_stdin` (default: ``/dev/null``);
+                meant with ``background=True``.
         """
-        fields = command_fields(self._s.id, cmd, cwd, envs, timeout)
+        fields = command_fields(self._s.id, cmd, cwd, envs, timeout, stdin)
         if not isinstance(background, bool):
             raise InvalidArgument("background", f"must be a bool, got {type(background).__name__}")
         col = StreamCollector(check_callback("on_stdout", on_stdout), check_callback("on_stderr", on_stderr))
@@ -370,6 +375,22 @@ class Commands:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise InvalidArgument("pid", f"must be a positive integer, got {pid!r}")
         self._s._client._v2("command_kill", {"session": self._s.id, "pid": pid})
+
+    def send_stdin(self, pid: int, data: Union[bytes, bytearray, memoryview, str]) -> None:
+        """Sends ``data`` (bytes, or text as UTF-8) to the stdin of the
+        command with ``pid``, started with ``stdin=True``. Returns once the
+        sandbox holds the bytes (the command may read them later).
+        Raises :class:`~forkd.FileNotFound` (code ``not_found``) for an
+        ended or unknown pid, :class:`~forkd.InvalidRequest` for a command
+        without stdin or whose stdin is closed."""
+        view = as_bytes("data", data)
+        for fields in iter_input_chunks(self._s.id, pid, view, False):
+            self._s._client._v2("command_input", fields)
+
+    def close_stdin(self, pid: int) -> None:
+        """Closes the stdin of the command with ``pid`` (it reads EOF)."""
+        for fields in iter_input_chunks(self._s.id, pid, memoryview(b""), True):
+            self._s._client._v2("command_input", fields)
 
 
 class CommandHandle:
@@ -446,6 +467,14 @@ class CommandHandle:
         returns its result, with ``signal`` 9)."""
         if self._result is None:
             self._s.commands.kill(self.pid)
+
+    def send_stdin(self, data: Union[bytes, bytearray, memoryview, str]) -> None:
+        """Sends ``data`` to the command's stdin (``stdin=True``)."""
+        self._s.commands.send_stdin(self.pid, data)
+
+    def close_stdin(self) -> None:
+        """Closes the command's stdin: it reads EOF."""
+        self._s.commands.close_stdin(self.pid)
 
     def close(self) -> None:
         """Closes the handle's connection (killing the command if it runs)."""
@@ -706,10 +735,11 @@ class AsyncCommands:
         on_stdout: Optional[Callable[[str], Any]] = None,
         on_stderr: Optional[Callable[[str], Any]] = None,
         background: bool = False,
+        stdin: bool = False,
     ) -> Union[CommandResult, "AsyncCommandHandle"]:
         """Runs ``cmd``; as :meth:`Commands.run`. With ``background=True``
         returns an :class:`AsyncCommandHandle` once the command started."""
-        fields = command_fields(self._s.id, cmd, cwd, envs, timeout)
+        fields = command_fields(self._s.id, cmd, cwd, envs, timeout, stdin)
         if not isinstance(background, bool):
             raise InvalidArgument("background", f"must be a bool, got {type(background).__name__}")
         col = StreamCollector(check_callback("on_stdout", on_stdout), check_callback("on_stderr", on_stderr))
@@ -751,6 +781,17 @@ class AsyncCommands:
             raise InvalidArgument("pid", f"must be a positive integer, got {pid!r}")
         await self._s._client._v2("command_kill", {"session": self._s.id, "pid": pid})
 
+    async def send_stdin(self, pid: int, data: Union[bytes, bytearray, memoryview, str]) -> None:
+        """Sends ``data`` to the stdin of command ``pid``; as :meth:`Commands.send_stdin`."""
+        view = as_bytes("data", data)
+        for fields in iter_input_chunks(self._s.id, pid, view, False):
+            await self._s._client._v2("command_input", fields)
+
+    async def close_stdin(self, pid: int) -> None:
+        """Closes the stdin of command ``pid`` (it reads EOF)."""
+        for fields in iter_input_chunks(self._s.id, pid, memoryview(b""), True):
+            await self._s._client._v2("command_input", fields)
+
 
 class AsyncCommandHandle:
     """A command running in the background on the client's connection."""
@@ -769,6 +810,14 @@ class AsyncCommandHandle:
         """SIGKILL to the command's process group."""
         if not self._task.done():
             await self._s.commands.kill(self.pid)
+
+    async def send_stdin(self, data: Union[bytes, bytearray, memoryview, str]) -> None:
+        """Sends ``data`` to the command's stdin (``stdin=True``)."""
+        await self._s.commands.send_stdin(self.pid, data)
+
+    async def close_stdin(self) -> None:
+        """Closes the command's stdin: it reads EOF."""
+        await self._s.commands.close_stdin(self.pid)
 
     def cancel(self) -> None:
         """Stops following the command and kills it (``cancel`` request)."""
