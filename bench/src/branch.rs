@@ -342,8 +342,10 @@ pub async fn run(mut args: BranchArgs) -> Result<std::process::ExitCode> {
         Some(vec!["numpy".into()]),
     );
     config.zygotes[0].warm_pool = 2;
-    config.sessions.max = args.k + 16;
-    config.sessions.max_per_uid = args.k + 16;
+    // k branches, k spare shells made beside them (they count as sessions
+    // when made), the parents.
+    config.sessions.max = 2 * args.k + 16;
+    config.sessions.max_per_uid = 2 * args.k + 16;
     let most = args.sizes_mb.iter().max().copied().unwrap_or(first) * 1_000_000;
     config.limits.max.memory_bytes = config.limits.max.memory_bytes.max(2 * most + (512 << 20));
     let running = forkd::start(config, Some(&socket)).await?;

@@ -94,6 +94,7 @@ pub fn run(config: &Config, mut print: impl FnMut(&Check)) -> Vec<Check> {
     add(seccomp(), &mut all);
     add(landlock(), &mut all);
     add(cgroups(config), &mut all);
+    add(rcu_expedited(), &mut all);
     add(library(config), &mut all);
     match config.validate().and_then(|_| config.load_policies()) {
         Ok(_) => add(
@@ -415,6 +416,24 @@ fn cgroup_mounts() -> (Vec<String>, Vec<String>) {
         }
     }
     (v1, v2)
+}
+
+/// Moving a process between cgroups waits for an RCU grace period (the
+/// cgroup threadgroup lock): 5–10 ms on an idle host unless grace periods
+/// are expedited. forkd moves processes off the request path (the warm pool),
+/// except a branch's copy of the interpreter (docs/branch.md): measured
+/// there, k=1 went from ~22 to ~8 ms with expedited grace periods.
+fn rcu_expedited() -> Check {
+    let name = "rcu_expedited";
+    match std::fs::read_to_string("/sys/kernel/rcu_expedited") {
+        Ok(v) if v.trim() == "1" => Check::pass(name, "expedited RCU grace periods (fast cgroup moves)"),
+        Ok(_) => Check::warn(
+            name,
+            "RCU grace periods are not expedited: a session branch and a spawn without the warm pool wait 5-10 ms per cgroup move on an idle host",
+            "for faster branches: echo 1 > /sys/kernel/rcu_expedited (or boot with rcupdate.rcu_expedited=1); it is host-wide (more IPIs), so it is the operator's choice",
+        ),
+        Err(e) => Check::pass(name, format!("not tunable here ({e})")),
+    }
 }
 
 fn cgroups(config: &Config) -> Check {

@@ -185,6 +185,18 @@ fn doctor_passes_the_core_checks_on_this_machine() {
     }
     assert_eq!(code, 0, "{report}");
     assert!(!report.contains("FAIL"));
+    // A host-wide tuning: reported as it is, with the way to change it.
+    let expedited = std::fs::read_to_string("/sys/kernel/rcu_expedited").map(|v| v.trim() == "1");
+    match expedited {
+        Ok(false) => {
+            assert_eq!(verdict(&report, "rcu_expedited"), "WARN", "{report}");
+            assert!(
+                report.contains("echo 1 > /sys/kernel/rcu_expedited"),
+                "{report}"
+            );
+        }
+        _ => assert_eq!(verdict(&report, "rcu_expedited"), "PASS", "{report}"),
+    }
     // Its private daemon and probe cgroups are gone.
     let pattern = "/doctor-";
     for mount in cgroup_mounts() {

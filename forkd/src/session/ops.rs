@@ -308,6 +308,7 @@ pub async fn branch(
             req.count
         )));
     }
+    let started = Instant::now();
     parent.usable()?;
     if let Some(grandparent) = &parent.parent {
         return Err(error(
@@ -376,6 +377,7 @@ pub async fn branch(
         }
     }
     made.extend(slots.into_iter().flatten());
+    let shells_ready = started.elapsed();
     let result = async {
         if let Some(e) = first_error {
             return Err(e);
@@ -415,6 +417,7 @@ pub async fn branch(
                 ));
             }
         }
+        tracing::debug!(parent = %parent.id, copied = ?started.elapsed(), "branch copies forked");
         let mut adopting = tokio::task::JoinSet::new();
         for (branch, _, _) in &made {
             let (branch, parent) = (branch.clone(), parent.clone());
@@ -435,6 +438,13 @@ pub async fn branch(
     for (branch, _, _) in &made {
         tracing::info!(session = %branch.id, parent = %parent.id, "session branched");
     }
+    tracing::debug!(
+        parent = %parent.id,
+        count = req.count,
+        shells_and_scratch = ?shells_ready,
+        total = ?started.elapsed(),
+        "branch request served"
+    );
     // The next branch request of this session finds its shells made.
     let want = (req.count as usize).min(sessions.cfg.spare_branches);
     if want > 0 {
@@ -616,9 +626,17 @@ async fn refill_spares(
                 Err(_) => {}
             }
         }
+        tracing::debug!(
+            session = %parent.id,
+            spares = super::lock(&parent.spares).len(),
+            want,
+            "spare branches made"
+        );
         Some(())
     };
-    made.await;
+    if made.await.is_none() {
+        tracing::debug!(session = %parent.id, "no spare branches: the session is not running");
+    }
     parent
         .refilling
         .store(false, std::sync::atomic::Ordering::Release);
@@ -664,6 +682,7 @@ async fn adopt(branch: &Arc<Session>, parent: &Session) -> Result<(), ErrorReply
             ))
         }
     };
+    tracing::debug!(session = %branch.id, "branch copy adopted");
     let helper = branch.pid;
     let procs = parent.cgroup_procs();
     let to = branch.cgroup_procs();
