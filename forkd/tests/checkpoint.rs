@@ -64,6 +64,7 @@ async fn restore_puts_back_memory_modules_seeds_scratch_and_open_files() {
         "import os, sys, random, subprocess\nimport numpy as np\nnp.random.random()\nx = 41\na = np.arange(1_000_000)\n\
          open('/tmp/f.txt', 'w').write('before')\nos.mkdir('/tmp/d'); open('/tmp/d/g', 'w').write('g')\n\
          os.chmod('/tmp/d/g', 0o000)\nos.symlink('f.txt', '/tmp/l'); os.link('/tmp/f.txt', '/tmp/hard')\n\
+         os.mkdir('/tmp/shut'); open('/tmp/shut/in', 'w').write('in'); os.chmod('/tmp/shut', 0o000)\n\
          open('/dev/shm/m', 'wb').write(b'\\0' * 3_000_000)\nfh = open('/tmp/f.txt'); fh.read(3)\nNone",
     )
     .await;
@@ -100,6 +101,10 @@ async fn restore_puts_back_memory_modules_seeds_scratch_and_open_files() {
         assert_eq!(
             text(&c, &s, "open('/tmp/f.txt').read(), os.readlink('/tmp/l'), os.stat('/tmp/hard').st_nlink, oct(os.stat('/tmp/d/g').st_mode & 0o777), os.path.getsize('/dev/shm/m'), os.path.exists('/tmp/new')").await,
             "('before', 'f.txt', 2, '0o0', 3000000, False)"
+        );
+        assert_eq!(
+            text(&c, &s, "os.chmod('/tmp/shut', 0o700); r = open('/tmp/shut/in').read(); os.chmod('/tmp/shut', 0o000); r").await,
+            "'in'"
         );
         let alive = format!("os.path.exists('/proc/{sleeper}')");
         assert_eq!(text(&c, &s, &alive).await, "False");

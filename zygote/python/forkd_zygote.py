@@ -1145,14 +1145,18 @@ class ScratchCopy:
             self._walk(root, root, "", os.lstat(root).st_dev, {})
 
     def _walk(self, root, path, rel, dev, inodes):
-        st_dir = os.lstat(path)
-        old = _owner_may(path, st_dir, 0o500)
+        # A directory the user made unreadable or untraversable is opened
+        # for the walk (as its owner could) and closed again after it.
+        old = _owner_may(path, os.lstat(path), 0o500)
         try:
-            with os.scandir(path) as it:
-                names = sorted(e.name for e in it)
+            self._walk_open(root, path, rel, dev, inodes)
         finally:
             if old is not None:
                 os.chmod(path, old)
+
+    def _walk_open(self, root, path, rel, dev, inodes):
+        with os.scandir(path) as it:
+            names = sorted(e.name for e in it)
         for name in names:
             if not rel and name.startswith(".forkd-"):
                 continue  # forkd's own hand-over directories
