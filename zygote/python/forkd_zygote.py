@@ -1208,7 +1208,9 @@ class ScratchCopy:
                 try:
                     os.mkdir(full, 0o700)
                 except FileExistsError:
-                    pass  # holds a mount point, so it was kept
+                    # Kept by the wipe: it holds a mount point (the sandbox's
+                    # set-up made it, as root), so it stays as it is.
+                    continue
                 dirs.append((full, mode, atime, mtime))
             elif kind == "file":
                 fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -209,10 +209,19 @@ except NotFoundException as err:
 h = sb.commands.run("cat > /tmp/in.txt", background=True, stdin=True)
 
 
+def on_disk():
+    # A connection of its own: the SDK's pooled ones may be idle past the
+    # gateway's 2 s head deadline here, which the server closes (a reuse
+    # racing that close is reset, as with any HTTP/1.1 keep-alive).
+    r = httpx.get(URL + "/files", params={"path": "/tmp/in.txt"},
+                  headers={"E2b-Sandbox-Id": sb.sandbox_id, "X-Access-Token": sb._envd_access_token})
+    return r.text if r.status_code == 200 else None
+
+
 def chunks():
     yield "a\n"
     for _ in range(200):
-        if sb.files.read("/tmp/in.txt") == "a\n":
+        if on_disk() == "a\n":
             break
         time.sleep(0.05)
     else:
