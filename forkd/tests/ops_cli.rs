@@ -319,3 +319,27 @@ fn embedded_only_options_require_embedded() {
         assert!(stderr.contains("--embedded"), "{args:?}: {stderr}");
     }
 }
+
+/// A timeout that is not a positive number of seconds gets forkd's message
+/// (clap's own for `-1` advised `-- -1`, which hands it to the program), exit
+/// 2; no daemon or root is needed to see it.
+#[test]
+fn a_timeout_that_is_not_positive_is_refused_with_the_rule() {
+    for value in ["-1", "0", "-0.5", "nan"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(["--timeout", value, "-c", "print(1)"])
+            .env("FORKD_SOCKET", "/nonexistent/forkd.sock")
+            .output()
+            .expect("run forkd-run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {stderr}");
+        assert_eq!(
+            stderr.trim(),
+            format!(
+                "forkd-run: --timeout {} must be a positive number of seconds",
+                value.parse::<f64>().unwrap()
+            ),
+            "{value}"
+        );
+    }
+}

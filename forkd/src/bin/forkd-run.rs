@@ -31,7 +31,9 @@ struct Args {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
     /// Wall-clock limit in seconds (fractions allowed).
-    #[arg(long)]
+    // Negative values parse, so that `--timeout -1` gets forkd's message
+    // (clap's own would suggest `-- -1`, which makes it the program's argument).
+    #[arg(long, allow_negative_numbers = true)]
     timeout: Option<f64>,
     /// Memory limit, e.g. 256M or 1G.
     #[arg(long, value_parser = forkd::size::parse_size)]
