@@ -9,34 +9,9 @@
 
 mod common;
 
+use common::cells::{cell, create, text};
 use common::*;
-use forkd_ipc::{AsyncClient, RunCode, SessionBranch, SessionCreate};
-
-fn cell(session: &str, code: &str) -> RunCode {
-    RunCode {
-        session: session.into(),
-        code: code.into(),
-        timeout_ms: Some(30_000),
-    }
-}
-
-async fn text(c: &AsyncClient, s: &str, code: &str) -> String {
-    let r = c.run_code(&cell(s, code)).await.unwrap();
-    assert!(
-        r.error.is_none(),
-        "{code}: {:?}\n{}",
-        r.error,
-        String::from_utf8_lossy(&r.stderr)
-    );
-    r.text.unwrap_or_default()
-}
-
-async fn create(c: &AsyncClient) -> String {
-    c.session_create(&SessionCreate::default())
-        .await
-        .unwrap()
-        .session
-}
+use forkd_ipc::{AsyncClient, SessionBranch};
 
 /// The error a refused branch request gets, as text.
 async fn refused(c: &AsyncClient, req: SessionBranch) -> String {

@@ -27,6 +27,7 @@
 
 #![allow(dead_code)]
 
+pub mod cells;
 pub mod scrape;
 
 use std::collections::{BTreeMap, BTreeSet};
