@@ -93,6 +93,10 @@ struct Args {
     /// Small, fast run (smoke test).
     #[arg(long)]
     quick: bool,
+    /// Throttle every sandbox's disk reads to this many bytes/s
+    /// (`[limits.io] read_bps`), to measure what the throttle costs per spawn.
+    #[arg(long)]
+    io_read_bps: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Default, Clone)]
@@ -240,6 +244,7 @@ fn config(args: &Args, warm_pool: usize) -> forkd::Config {
     );
     config.zygotes[0].warm_pool = warm_pool;
     config.max_concurrent = 4096;
+    config.limits.io.read_bps = args.io_read_bps;
     config
 }
 

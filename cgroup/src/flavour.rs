@@ -34,6 +34,12 @@ pub(crate) trait Flavour: Sync {
         self.apply_limits(dir, ctl, plan)
     }
 
+    /// Writes the block I/O limits into a new sandbox directory (only the
+    /// hierarchy carrying the I/O controller). Default: nothing.
+    fn apply_io(&self, _dir: &Path, _ctl: Ctl, _io: &crate::IoThrottle) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// Reads the counters of a sandbox's directories (one per hierarchy),
     /// without `populated`.
     fn stats(&self, dirs: &[PathBuf], ctls: &[Ctl]) -> Result<Stats, Error>;
@@ -49,6 +55,8 @@ pub(crate) struct Ctl {
     pub(crate) cpu: bool,
     pub(crate) cpuacct: bool,
     pub(crate) pids: bool,
+    /// v1 `blkio` / v2 `io` (only when block I/O limits are configured).
+    pub(crate) io: bool,
 }
 
 impl Ctl {
@@ -58,6 +66,7 @@ impl Ctl {
             "cpu" => self.cpu = true,
             "cpuacct" => self.cpuacct = true,
             "pids" => self.pids = true,
+            "blkio" | "io" => self.io = true,
             _ => {}
         }
     }
@@ -67,6 +76,7 @@ impl Ctl {
             "cpu" => self.cpu,
             "cpuacct" => self.cpuacct,
             "pids" => self.pids,
+            "blkio" | "io" => self.io,
             _ => false,
         }
     }

@@ -28,6 +28,7 @@
 mod error;
 mod flavour;
 mod freezer;
+pub mod io;
 pub mod kmem;
 mod parse;
 mod sys;
@@ -44,6 +45,7 @@ use tracing::{debug, info, warn};
 pub use error::Error;
 use flavour::{Ctl, Flavour, Hier};
 pub use freezer::Freezer;
+pub use io::IoThrottle;
 
 pub(crate) const MOUNTINFO: &str = "/proc/self/mountinfo";
 pub(crate) const DEFAULT_V2_ROOT: &str = "/sys/fs/cgroup";
@@ -143,6 +145,12 @@ pub struct Config {
     /// needing a missing controller are then refused by [`Manager::create`].
     /// Default `false`: [`Manager::new`] fails instead.
     pub allow_missing_controllers: bool,
+    /// Block I/O limits for every sandbox (not read from the `[cgroup]`
+    /// table: the daemon resolves `[limits.io]` and its devices at start).
+    /// `None` or inactive: no `blkio` hierarchy (v1) or `io` controller (v2)
+    /// is used, so an unset limit costs nothing per sandbox.
+    #[serde(skip)]
+    pub io: Option<IoThrottle>,
 }
 
 impl Default for Config {
@@ -153,6 +161,7 @@ impl Default for Config {
             parent: "forkd".to_owned(),
             instance: format!("d{}", std::process::id()),
             allow_missing_controllers: false,
+            io: None,
         }
     }
 }
@@ -209,6 +218,8 @@ pub struct Manager {
     instance: String,
     /// Where controller availability came from, for error messages.
     origin: PathBuf,
+    /// Block I/O limits written into every new sandbox cgroup.
+    io: Option<IoThrottle>,
 }
 
 /// The controllers a limit kind needs, with the limit's name.
@@ -264,6 +275,7 @@ impl Manager {
             hiers,
             instance: cfg.instance.clone(),
             origin,
+            io: cfg.io.clone().filter(IoThrottle::is_active),
         };
         info!(mode = ?mgr.mode, bases = ?mgr.base_dirs(), enforced = mgr.limits_enforced(), "cgroup manager ready");
         Ok(mgr)
@@ -275,6 +287,7 @@ impl Manager {
             hiers: Vec::new(),
             instance: cfg.instance.clone(),
             origin: PathBuf::new(),
+            io: None,
         }
     }
 
@@ -292,6 +305,11 @@ impl Manager {
     /// This instance's base directories, one per hierarchy (empty when disabled).
     pub fn base_dirs(&self) -> Vec<&Path> {
         self.hiers.iter().map(|h| h.base.as_path()).collect()
+    }
+
+    /// The block I/O limits every sandbox gets (`None`: not throttled).
+    pub fn io_throttle(&self) -> Option<&IoThrottle> {
+        self.io.as_ref()
     }
 
     fn has(&self, controller: &str) -> bool {
@@ -335,6 +353,9 @@ impl Manager {
                 sb.ctls.push(h.ctl);
                 sb.procs.push(dir.join("cgroup.procs"));
                 self.mode.flavour().apply_limits(&dir, h.ctl, &plan)?;
+                if let Some(io) = &self.io {
+                    self.mode.flavour().apply_io(&dir, h.ctl, io)?;
+                }
             }
             Ok(())
         })();

@@ -28,7 +28,13 @@ impl Flavour for V1 {
     ) -> Result<(Vec<Hier>, PathBuf), Error> {
         // Group controllers by mount point so co-mounted ones share a directory.
         let mut found: Vec<(PathBuf, Ctl)> = Vec::new();
-        for c in ["memory", "cpu", "cpuacct", "pids"] {
+        let io = cfg.io.as_ref().is_some_and(crate::IoThrottle::is_active);
+        let wanted: &[&'static str] = if io {
+            &["memory", "cpu", "cpuacct", "pids", "blkio"]
+        } else {
+            &["memory", "cpu", "cpuacct", "pids"]
+        };
+        for &c in wanted {
             match mount(mounts, c) {
                 Some(m) => match found.iter_mut().find(|(p, _)| *p == m.mount_point) {
                     Some((_, ctl)) => ctl.set(c),
@@ -39,6 +45,8 @@ impl Flavour for V1 {
                     }
                 },
                 None if c == "cpuacct" => {}
+                // Configured limits are never dropped silently.
+                None if c == "blkio" => return Err(Error::V1NotMounted { controller: c }),
                 None if cfg.allow_missing_controllers => {
                     warn!("cgroup v1 `{c}` is not mounted: that limit cannot be enforced")
                 }
@@ -75,6 +83,13 @@ impl Flavour for V1 {
         }
         if let (Some(p), true) = (plan.pids, ctl.pids) {
             sys::write(&dir.join("pids.max"), &p.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn apply_io(&self, dir: &Path, ctl: Ctl, io: &crate::IoThrottle) -> Result<(), Error> {
+        if ctl.io {
+            io.apply_v1(dir)?;
         }
         Ok(())
     }

@@ -94,6 +94,17 @@ impl Flavour for V2 {
                 });
             }
         }
+        if cfg.io.as_ref().is_some_and(crate::IoThrottle::is_active) {
+            // Configured limits are never dropped silently.
+            if !parse::has_word(&avail, "io") {
+                return Err(Error::ControllerUnavailable {
+                    controller: "io",
+                    path: controllers_file,
+                });
+            }
+            ctl.set("io");
+            enable.push("io");
+        }
         enable_controllers(&root, &enable)?;
         let parent = root.join(&cfg.parent);
         sys::mkdir(&parent)?;
@@ -116,6 +127,13 @@ impl Flavour for V2 {
         }
         if let (Some(p), true) = (plan.pids, ctl.pids) {
             sys::write(&dir.join("pids.max"), &p.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn apply_io(&self, dir: &Path, ctl: Ctl, io: &crate::IoThrottle) -> Result<(), Error> {
+        if ctl.io {
+            io.apply_v2(dir)?;
         }
         Ok(())
     }

@@ -264,6 +264,7 @@ impl Guard {
             parent: PARENT.into(),
             instance,
             allow_missing_controllers: allow_missing,
+            io: None,
         };
         let m = Manager::new(&cfg)?;
         self.dirs

@@ -300,6 +300,45 @@ pub struct LimitsSection {
     pub default: LimitValues,
     /// The most a request may ask for.
     pub max: LimitValues,
+    /// `[limits.io]`: block I/O limits every sandbox gets.
+    pub io: IoLimits,
+}
+
+/// `[limits.io]`: per-sandbox block I/O limits on the devices backing the
+/// bound trees (v1 `blkio` throttle, v2 `io.max`). Unset (the default): not
+/// throttled, and no extra cgroup work per sandbox. Reads from the page
+/// cache are never throttled; only I/O that reaches the disk is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IoLimits {
+    /// Bytes read per second (`"10M"`).
+    #[serde(deserialize_with = "crate::size::deserialize_opt")]
+    pub read_bps: Option<u64>,
+    /// Bytes written per second.
+    #[serde(deserialize_with = "crate::size::deserialize_opt")]
+    pub write_bps: Option<u64>,
+    /// Read operations per second.
+    pub read_iops: Option<u64>,
+    /// Write operations per second.
+    pub write_iops: Option<u64>,
+    /// More paths (or block device nodes) whose devices are throttled,
+    /// beside those backing the policies' read-only trees, `/etc`, each
+    /// zygote's interpreter and its `PYTHONPATH`.
+    pub paths: Vec<PathBuf>,
+}
+
+impl IoLimits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        [
+            self.read_bps,
+            self.write_bps,
+            self.read_iops,
+            self.write_iops,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
 }
 
 impl Default for LimitsSection {
@@ -325,6 +364,7 @@ impl Default for LimitsSection {
                 open_files: 4096,
                 file_size_bytes: 1024 * MIB,
             },
+            io: IoLimits::default(),
         }
     }
 }
@@ -334,6 +374,7 @@ impl Default for LimitsSection {
 struct RawLimits {
     default: PartialLimits,
     max: PartialLimits,
+    io: IoLimits,
 }
 
 /// One limits table as written: every key optional.
@@ -375,6 +416,7 @@ impl From<RawLimits> for LimitsSection {
         LimitsSection {
             default: raw.default.over(base.default),
             max: raw.max.over(base.max),
+            io: raw.io,
         }
     }
 }
@@ -497,6 +539,19 @@ impl Config {
             if !(default.is_finite() && default > 0.0 && default <= max) {
                 return Err(ConfigError::Invalid(format!(
                     "limits.default.{name} ({default}) must be positive and at most limits.max.{name} ({max})"
+                )));
+            }
+        }
+        let io = &self.limits.io;
+        for (name, v) in [
+            ("read_bps", io.read_bps),
+            ("write_bps", io.write_bps),
+            ("read_iops", io.read_iops),
+            ("write_iops", io.write_iops),
+        ] {
+            if v == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.io.{name} = 0 would stop all disk I/O; set a positive rate or remove the key (unset: not throttled)"
                 )));
             }
         }
@@ -686,6 +741,22 @@ mod tests {
             .bound_for(&ZygoteSection::default())
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn io_limits_take_sizes_and_refuse_zero() {
+        let c = Config::from_toml("[limits.io]\nread_bps = \"10M\"\nwrite_iops = 200\n").unwrap();
+        assert_eq!(c.limits.io.read_bps, Some(10 * MIB));
+        assert_eq!(c.limits.io.write_iops, Some(200));
+        assert_eq!((c.limits.io.write_bps, c.limits.io.read_iops), (None, None));
+        assert!(c.limits.io.any());
+        assert!(!Config::from_toml("").unwrap().limits.io.any());
+        let e = Config::from_toml("[limits.io]\nread_iops = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("limits.io.read_iops"), "{e}");
+        assert!(Config::from_toml("[limits.io]\nread_bsp = 1\n").is_err());
     }
 
     #[test]

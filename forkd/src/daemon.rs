@@ -393,7 +393,7 @@ pub async fn start_with(
         sys::euid() == 0,
     )?;
     let zygotes = zygote_configs(&settings)?;
-    let cgroups = Arc::new(cgroup_manager(&settings.config.cgroup)?);
+    let cgroups = Arc::new(cgroup_manager(&crate::io_limits::cgroup_config(&settings))?);
     let pool = Supervisor::start(zygotes);
     // From here on a failure must stop the zygotes and remove the cgroups.
     let undo = |pool: Supervisor, cgroups: Arc<forkd_cgroup::Manager>| async move {

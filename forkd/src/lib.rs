@@ -15,6 +15,7 @@ pub mod cli_session;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod io_limits;
 pub mod locate;
 pub mod metrics;
 pub mod metrics_http;

@@ -30,6 +30,9 @@ timeout 1200 debootstrap --variant=minbase --include=python3,python3-numpy,iprou
     exit 1
 }
 cp "$work"/kernel/lib/modules/*/kernel/drivers/net/veth.ko "$work/rootfs/lib/veth.ko"
+# brd: a RAM block device, for the block I/O throttle test (io.max needs a
+# disk and the guest's root is in RAM).
+cp "$work"/kernel/lib/modules/*/kernel/drivers/block/brd.ko "$work/rootfs/lib/brd.ko"
 # Trim what the guest never reads: every megabyte is unpacked into its RAM.
 rm -rf "$work"/rootfs/usr/share/{doc,man,info,locale,lintian} \
     "$work"/rootfs/var/cache/apt/*.bin "$work"/rootfs/var/cache/apt/archives/*.deb \
