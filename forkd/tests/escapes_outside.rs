@@ -683,3 +683,100 @@ async fn block_io_of_a_sandbox_is_throttled_on_its_own_budget() {
     );
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_on_shared_bound_files_do_not_reach_other_tenants() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    // A file in an interpreter path (bound in every sandbox) and one of the
+    // policy's system trees. The host holds an exclusive lock on the first
+    // all along.
+    let fixture = fixture_dir("flock");
+    let shared = fixture.join("shared.txt");
+    std::fs::write(&shared, "shared").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let host_file = std::fs::File::open(&shared).unwrap();
+    // SAFETY: flock(2) on a descriptor this test owns; no memory is passed.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&host_file), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "the host's own lock");
+    let policy = fixture.join("private-locks.toml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policy/default.toml"
+    ))
+    .unwrap()
+    .replacen("[filesystem]\n", "[filesystem]\nprivate_locks = true\n", 1);
+    std::fs::write(&policy, text).unwrap();
+    let pythonpath = with_pythonpath(&fixture);
+    let d = TestDaemon::start(|c| {
+        pythonpath(c);
+        c.policies.insert("default".into(), policy.clone());
+    })
+    .await;
+
+    let files = format!(
+        "FILES = [{:?}, \"/usr/bin/env\"]",
+        shared.display().to_string()
+    );
+    let mut holder = probe(&format!(
+        r#"{files}
+held = [open(f, "rb") for f in FILES]
+R["holder ex"] = op(lambda: [fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB) for h in held[1:]] and "held")
+# Inside one sandbox a lock still excludes: a second open of the same file.
+R["own second fd"] = op(lambda: fcntl.flock(open(FILES[1], "rb"), fcntl.LOCK_SH | fcntl.LOCK_NB))
+open("/tmp/locked", "w").close()
+time.sleep(4)
+"#
+    ));
+    holder.timeout_ms = Some(30_000);
+    let hold = d.spawn(&holder);
+    let other = async {
+        let found = d
+            .wait_for_scratch_file("locked", Duration::from_secs(30))
+            .await;
+        assert!(!found.is_empty(), "the holder never took its locks");
+        let r = d
+            .spawn(&probe(&format!(
+                r#"{files}
+for name, f in zip(("bound file locked by the host", "/usr file locked by another sandbox"), FILES):
+    R[name] = op(lambda: fcntl.flock(open(f, "rb"), fcntl.LOCK_SH | fcntl.LOCK_NB))
+    R[name + ", exclusive"] = op(lambda: fcntl.flock(open(f, "rb"), fcntl.LOCK_EX | fcntl.LOCK_NB))
+# Locks on the sandbox's own scratch files keep working between its processes.
+fd = open("/tmp/mine", "w")
+fcntl.flock(fd, fcntl.LOCK_EX)
+R["scratch lock from a child"] = op(lambda: os.waitstatus_to_exitcode(os.system("python3 -c 'import fcntl; fcntl.flock(open(\"/tmp/mine\"), fcntl.LOCK_EX | fcntl.LOCK_NB)' 2>/dev/null")))
+"#
+            )))
+            .await
+            .unwrap();
+        bystander_ok(&d).await;
+        r
+    };
+    let (h, r) = tokio::join!(hold, other);
+    let (h, r) = (table(&h.unwrap()), table(&r));
+    check(
+        "holder",
+        &h,
+        &[
+            ("holder ex", &["ok:held"]),
+            ("own second fd", &["errno:EAGAIN"]),
+        ],
+    );
+    check(
+        "other tenant",
+        &r,
+        &[
+            ("bound file locked by the host", &["ok:None"]),
+            ("bound file locked by the host, exclusive", &["ok:None"]),
+            ("/usr file locked by another sandbox", &["ok:None"]),
+            (
+                "/usr file locked by another sandbox, exclusive",
+                &["ok:None"],
+            ),
+            ("scratch lock from a child", &["ok:1"]),
+        ],
+    );
+    drop(host_file);
+    d.finish().await;
+}

@@ -5,6 +5,7 @@
 //!   base     the default policy, as the zygote's root would run it (uid 0)
 //!   uid      plus its own uid/gid (what a root daemon does)
 //!   no-mask  uid, without the /proc masks
+//!   locks    uid, with `private_locks` (an overlay per bound tree)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
@@ -21,10 +22,21 @@ use std::time::Instant;
 use forkd_zygote::isolate::{isolate_child, Prepared};
 use forkd_zygote::{sys, template, ChildSpec, Policy};
 
-fn prepared(policy: &Policy, mask: bool) -> Prepared {
-    let paths: Vec<String> = Vec::new();
+fn prepared(policy: &Policy, mask: bool, private_locks: bool) -> Prepared {
+    // Interpreter trees bound beside the policy's (a venv, a pyenv prefix):
+    // `ISOLATE_COST_PATHS=/a:/b`; each is one more overlay with private locks.
+    let paths: Vec<String> = std::env::var("ISOLATE_COST_PATHS")
+        .map(|v| {
+            v.split(':')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut fs = policy.filesystem.clone();
+    fs.private_locks = private_locks;
     Prepared {
-        template: template::build(&policy.filesystem, &paths).expect("template"),
+        template: template::build(&fs, &paths).expect("template"),
         seccomp: policy.compile_seccomp().expect("seccomp"),
         landlock: policy.landlock,
         proc_masked: if mask {
@@ -90,8 +102,9 @@ fn main() {
     // Keep fd 3 for the children's reports (opened before anything else).
     let _reserved = std::fs::File::open("/dev/null").unwrap();
     let policy = Policy::default_policy();
-    let masked = prepared(&policy, true);
-    let unmasked = prepared(&policy, false);
+    let masked = prepared(&policy, true, false);
+    let unmasked = prepared(&policy, false, false);
+    let locks = prepared(&policy, true, true);
     // One shared network namespace: its creation is not what is measured.
     let own_net = std::fs::File::open("/proc/self/ns/net").unwrap();
     sys::unshare(libc::CLONE_NEWNET).unwrap();
@@ -110,10 +123,11 @@ fn main() {
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 3] = [
+    let variants: [(&str, ChildSpec, &Prepared); 4] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
+        ("locks", spec(Some(1_879_048_192)), &locks),
     ];
     let mut times: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];
     for _ in 0..n {

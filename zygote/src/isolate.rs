@@ -168,6 +168,28 @@ pub fn isolate_with<K: Kernel>(
         }
     }
 
+    // Private inodes for the bound trees (policy `private_locks`): a lock
+    // taken on a file there cannot reach another sandbox or the host.
+    let mut lock_dirs = Vec::new();
+    if spec.branch.is_none() {
+        for (dir, options) in &policy.template.private_lock_dirs {
+            k.mount(
+                Some(c"overlay"),
+                dir,
+                Some(c"overlay"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                Some(options),
+            )
+            .map_err(at("mount a private overlay on a bound tree"))?;
+            // Landlock knows the layers' inodes, not the overlay's: the
+            // overlay's root gets the bound trees' rule.
+            let fd = k
+                .open(dir, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(at("open a private overlay"))?;
+            lock_dirs.push((fd, AccessFs::from_read(LANDLOCK_ABI)));
+        }
+    }
+
     // Binds the fresh tmpfs mounts below would hide (a venv under /tmp):
     // keep a handle on each to bind it again on top.
     let shadowed = reopen_shadowed(k, &policy.template.shadowed)?;
@@ -192,12 +214,13 @@ pub fn isolate_with<K: Kernel>(
         rebind(k, path, fd).map_err(at("bind an interpreter path under /tmp"))?;
     }
     drop(shadowed);
-    let workspace_rules = match workspace {
+    let mut workspace_rules = match workspace {
         Some(ws) => k
             .attach_workspace(ws, LANDLOCK_ABI)
             .map_err(at("workspace"))?,
         None => Vec::new(),
     };
+    workspace_rules.append(&mut lock_dirs);
     k.chdir(c"/tmp").map_err(at("chdir to scratch"))?;
 
     k.sethostname(hostname.as_bytes())
@@ -474,6 +497,7 @@ mod tests {
                 },
                 bound: Vec::new(),
                 shadowed: vec![PathBuf::from("/tmp/venv")],
+                private_lock_dirs: Vec::new(),
             },
             seccomp: policy.compile_seccomp().expect("default policy compiles"),
             landlock: policy.landlock,

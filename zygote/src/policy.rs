@@ -81,6 +81,14 @@ pub struct FilesystemPolicy {
     /// kernel are skipped.
     #[serde(default)]
     pub proc_masked: Vec<String>,
+    /// Give each sandbox its own inodes for the bound directory trees (a
+    /// read-only overlayfs per tree, per child), so `flock()` and POSIX
+    /// locks on a shared file cannot block another tenant: locks belong to
+    /// inodes, and bind mounts share the host's. Costs one overlay mount
+    /// per tree per sandbox (SECURITY.md); single-file binds (`/etc`
+    /// entries) keep the host's inode. Default off.
+    #[serde(default)]
+    pub private_locks: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

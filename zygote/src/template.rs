@@ -114,7 +114,14 @@ pub struct Template {
     /// Bound paths that lie under a per-child tmpfs (/tmp, /dev/shm), e.g. a
     /// venv in /tmp: each child binds them again on top of its fresh tmpfs.
     pub shadowed: Vec<PathBuf>,
+    /// With `private_locks`: (directory, overlay options) of each bound
+    /// tree a child covers with its own read-only overlay.
+    pub private_lock_dirs: Vec<(CString, CString)>,
 }
+
+/// An empty directory of the read-only root: the second lower layer of the
+/// per-child overlays (overlayfs wants two lower layers without an upper).
+pub const EMPTY_LOWER: &str = "/dev/.empty";
 
 /// Mount points each child covers with a fresh tmpfs.
 pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
@@ -204,6 +211,9 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     // /workspace: the default mount point of a request's workspace.
     for dir in ["/proc", "/tmp", "/dev/shm", "/workspace", SCRATCH_STAGE] {
         out.push((PathBuf::from(dir), Entry::Dir));
+    }
+    if fs.private_locks {
+        out.push((PathBuf::from(EMPTY_LOWER), Entry::Dir));
     }
     // E2B-style home: the scratch under the name agent code expects (a
     // symlink in the shared template costs nothing per child; a bind
@@ -324,6 +334,11 @@ pub fn build(
     };
     drop(hold_w);
     let _ = sys::waitpid(pid);
+    let private_lock_dirs = if fs.private_locks {
+        private_lock_dirs(&entries)?
+    } else {
+        Vec::new()
+    };
     let shadowed = entries
         .iter()
         .filter(|(inner, e)| {
@@ -336,7 +351,36 @@ pub fn build(
         landlock,
         bound,
         shadowed,
+        private_lock_dirs,
     })
+}
+
+/// The overlay of each bound directory outside the per-child tmpfs mounts
+/// (those are bound again per child). A path overlayfs options cannot
+/// carry (`,` `:` `\\`) refuses, naming it.
+fn private_lock_dirs(
+    entries: &[(PathBuf, Entry)],
+) -> Result<Vec<(CString, CString)>, TemplateError> {
+    let mut out = Vec::new();
+    for (inner, e) in entries {
+        let Entry::Bind { is_dir: true, .. } = e else {
+            continue;
+        };
+        if PER_CHILD_TMPFS.iter().any(|t| inner.starts_with(t)) {
+            continue;
+        }
+        let text = inner.to_string_lossy();
+        if text.contains([',', ':', '\\']) || inner.to_str().is_none() {
+            return Err(TemplateError::Helper(format!(
+                "private_locks: bound directory {text} has a character overlayfs options cannot carry (',' ':' '\\' or non-UTF-8); rename it or turn private_locks off"
+            )));
+        }
+        out.push((
+            c(inner)?,
+            CString::new(format!("lowerdir={text}:{EMPTY_LOWER}")).expect("no NUL in a path"),
+        ));
+    }
+    Ok(out)
 }
 
 const STAGE: &str = "/tmp";
@@ -468,6 +512,7 @@ mod tests {
             devices_rw: vec!["null".into()],
             devices_ro: vec![],
             proc_masked: vec![],
+            private_locks: false,
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
