@@ -392,6 +392,12 @@ pub async fn start_with(
         &settings.config.zygotes,
         sys::euid() == 0,
     )?;
+    if sys::euid() != 0 {
+        tracing::warn!(
+            "{}",
+            crate::doctor::rootless_shared_uid_warning(sys::euid())
+        );
+    }
     let zygotes = zygote_configs(&settings)?;
     let cgroups = Arc::new(cgroup_manager(&crate::io_limits::cgroup_config(&settings))?);
     let pool = Supervisor::start(zygotes);

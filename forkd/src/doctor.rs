@@ -94,6 +94,7 @@ pub fn run(config: &Config, mut print: impl FnMut(&Check)) -> Vec<Check> {
     add(seccomp(), &mut all);
     add(landlock(), &mut all);
     add(cgroups(config), &mut all);
+    add(sandbox_ids(crate::sys::euid()), &mut all);
     add(rcu_expedited(), &mut all);
     add(library(config), &mut all);
     match config.validate().and_then(|_| config.load_policies()) {
@@ -128,6 +129,29 @@ pub fn run(config: &Config, mut print: impl FnMut(&Check)) -> Vec<Check> {
         add(end_to_end(config), &mut all);
     }
     all
+}
+
+/// Whether each sandbox gets its own uid: a root daemon leases them; a
+/// rootless one shares its own (per-sandbox ids through `newuidmap` and
+/// `/etc/subuid` are not implemented).
+fn sandbox_ids(euid: u32) -> Check {
+    if euid == 0 {
+        Check::pass(
+            "sandbox ids",
+            "each sandbox runs as its own uid (sandbox_uid_base, sandbox_uid_count)",
+        )
+    } else {
+        Check::warn(
+            "sandbox ids",
+            rootless_shared_uid_warning(euid),
+            "run the daemon as root for per-sandbox uids",
+        )
+    }
+}
+
+/// The one line a rootless daemon logs at start and `forkd doctor` prints.
+pub fn rootless_shared_uid_warning(euid: u32) -> String {
+    format!("rootless: every sandbox runs as uid {euid} and shares its per-user kernel budgets (pipe buffers, pending signals, inotify); per-sandbox ids through newuidmap and a subordinate range in /etc/subuid are not implemented")
 }
 
 /// Exit status for a report: 0 without failures (warnings allowed), else 1.

@@ -249,6 +249,15 @@ print(open("scratch.txt").read())
         warnings, 1,
         "expected one warning about unenforced limits:\n{log}"
     );
+    // All its sandboxes share the daemon's uid: said once too.
+    let shared_uid = log
+        .lines()
+        .filter(|l| l.contains("rootless: every sandbox runs as uid"))
+        .count();
+    assert_eq!(
+        shared_uid, 1,
+        "expected one warning about the shared uid:\n{log}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !processes_of(uid).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
