@@ -523,6 +523,10 @@ time.sleep(2)
     d.finish().await;
 }
 
+/// The repository's default policy, compiled in: the cgroup v2 guest runs
+/// this test binary without the source tree.
+const DEFAULT_POLICY: &str = include_str!("../../policy/default.toml");
+
 /// Reads the first `size` bytes of `path` with O_DIRECT (the page cache
 /// cannot serve it) in 1 MiB page-aligned chunks; records the bytes and
 /// seconds taken.
@@ -590,12 +594,7 @@ async fn block_io_of_a_sandbox_is_throttled_on_its_own_budget() {
     };
     let policy = fixture.join("ram0-policy.toml");
     if sources[0] == ram {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../policy/default.toml"
-        ))
-        .unwrap();
-        let text = text.replace(
+        let text = DEFAULT_POLICY.replace(
             r#"devices_ro = ["random", "urandom"]"#,
             r#"devices_ro = ["random", "urandom", "ram0"]"#,
         );
@@ -701,12 +700,11 @@ async fn locks_on_shared_bound_files_do_not_reach_other_tenants() {
     let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&host_file), libc::LOCK_EX) };
     assert_eq!(rc, 0, "the host's own lock");
     let policy = fixture.join("private-locks.toml");
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../policy/default.toml"
-    ))
-    .unwrap()
-    .replacen("[filesystem]\n", "[filesystem]\nprivate_locks = true\n", 1);
+    let text = DEFAULT_POLICY.replacen("private_locks = false", "private_locks = true", 1);
+    assert!(
+        text.contains("private_locks = true"),
+        "the default policy's private_locks line changed"
+    );
     std::fs::write(&policy, text).unwrap();
     let pythonpath = with_pythonpath(&fixture);
     let d = TestDaemon::start(|c| {
