@@ -724,17 +724,23 @@ R["holder ex"] = op(lambda: [fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB) for h
 # Inside one sandbox a lock still excludes: a second open of the same file.
 R["own second fd"] = op(lambda: fcntl.flock(open(FILES[1], "rb"), fcntl.LOCK_SH | fcntl.LOCK_NB))
 open("/tmp/locked", "w").close()
-time.sleep(4)
+# Hold them until the test has seen the other tenant's attempts.
+deadline = time.monotonic() + 120
+while not os.path.exists("/tmp/release") and time.monotonic() < deadline:
+    time.sleep(0.05)
+R["released"] = str(os.path.exists("/tmp/release"))
 "#
     ));
-    holder.timeout_ms = Some(30_000);
-    let hold = d.spawn(&holder);
-    let other = async {
-        let found = d
-            .wait_for_scratch_file("locked", Duration::from_secs(30))
-            .await;
-        assert!(!found.is_empty(), "the holder never took its locks");
-        let r = d
+    holder.timeout_ms = Some(150_000);
+    let (h, r) = {
+        let mut hold = std::pin::pin!(d.spawn(&holder));
+        // A holder that ends before taking its locks says why.
+        let found = tokio::select! {
+            h = &mut hold => panic!("the holder ended before taking its locks: {h:?}"),
+            found = d.wait_for_scratch_file("locked", Duration::from_secs(90)) => found,
+        };
+        let other = async {
+            let r = d
             .spawn(&probe(&format!(
                 r#"{files}
 for name, f in zip(("bound file locked by the host", "/usr file locked by another sandbox"), FILES):
@@ -748,17 +754,23 @@ R["scratch lock from a child"] = op(lambda: os.waitstatus_to_exitcode(os.system(
             )))
             .await
             .unwrap();
-        bystander_ok(&d).await;
-        r
+            bystander_ok(&d).await;
+            r
+        };
+        let r = table(&other.await);
+        for (pid, _) in &found {
+            let _ = std::fs::write(format!("/proc/{pid}/root/tmp/release"), "");
+        }
+        let h = table(&hold.await.unwrap());
+        (h, r)
     };
-    let (h, r) = tokio::join!(hold, other);
-    let (h, r) = (table(&h.unwrap()), table(&r));
     check(
         "holder",
         &h,
         &[
             ("holder ex", &["ok:held"]),
             ("own second fd", &["errno:EAGAIN"]),
+            ("released", &["True"]),
         ],
     );
     check(

@@ -33,6 +33,8 @@ cp "$work"/kernel/lib/modules/*/kernel/drivers/net/veth.ko "$work/rootfs/lib/vet
 # brd: a RAM block device, for the block I/O throttle test (io.max needs a
 # disk and the guest's root is in RAM).
 cp "$work"/kernel/lib/modules/*/kernel/drivers/block/brd.ko "$work/rootfs/lib/brd.ko"
+# overlay: policies with private_locks (and overlay workspaces) mount it.
+cp "$work"/kernel/lib/modules/*/kernel/fs/overlayfs/overlay.ko "$work/rootfs/lib/overlay.ko"
 # Trim what the guest never reads: every megabyte is unpacked into its RAM.
 rm -rf "$work"/rootfs/usr/share/{doc,man,info,locale,lintian} \
     "$work"/rootfs/var/cache/apt/*.bin "$work"/rootfs/var/cache/apt/archives/*.deb \

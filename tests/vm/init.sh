@@ -38,6 +38,8 @@ ip link set lo up 2>/dev/null || true
 python3 -c 'import ctypes, os; fd = os.open("/lib/veth.ko", os.O_RDONLY); ctypes.CDLL(None).syscall(313, fd, b"", 0)' 2>/dev/null || true
 # brd (one 32 MiB RAM disk, /dev/ram0) for the block I/O throttle test.
 python3 -c 'import ctypes, os; fd = os.open("/lib/brd.ko", os.O_RDONLY); ctypes.CDLL(None).syscall(313, fd, b"rd_nr=1 rd_size=32768", 0)' 2>/dev/null || true
+# overlayfs for policies with private_locks.
+python3 -c 'import ctypes, os; fd = os.open("/lib/overlay.ko", os.O_RDONLY); ctypes.CDLL(None).syscall(313, fd, b"", 0)' 2>/dev/null || true
 
 poweroff_now() {
     sync

@@ -361,6 +361,17 @@ pub fn build(
 fn private_lock_dirs(
     entries: &[(PathBuf, Entry)],
 ) -> Result<Vec<(CString, CString)>, TemplateError> {
+    // Refuse here, once, rather than fail every spawn: overlayfs is often a
+    // module (Debian's), which a sandbox's mount does not load.
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("overlay"))
+    {
+        return Err(TemplateError::Helper(
+            "private_locks needs overlayfs, which this kernel does not have loaded (no `overlay` in /proc/filesystems): run `modprobe overlay` (or load it at boot), or turn private_locks off".into(),
+        ));
+    }
     let mut out = Vec::new();
     for (inner, e) in entries {
         let Entry::Bind { is_dir: true, .. } = e else {
