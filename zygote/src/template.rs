@@ -541,6 +541,45 @@ mod tests {
     }
 
     #[test]
+    fn private_locks_overlay_each_bound_directory_outside_the_scratch() {
+        let has_overlay = std::fs::read_to_string("/proc/filesystems")
+            .unwrap_or_default()
+            .contains("overlay");
+        let bind = |p: &str, is_dir| {
+            (
+                PathBuf::from(p),
+                Entry::Bind {
+                    host: PathBuf::from(p),
+                    is_dir,
+                },
+            )
+        };
+        let entries = [
+            bind("/usr", true),
+            bind("/etc/passwd", false),
+            bind("/tmp/venv", true),
+            (PathBuf::from("/proc"), Entry::Dir),
+        ];
+        let got = private_lock_dirs(&entries);
+        if !has_overlay {
+            let e = got.unwrap_err().to_string();
+            assert!(e.contains("modprobe overlay"), "{e}");
+            return;
+        }
+        let got: Vec<(String, String)> = got
+            .unwrap()
+            .into_iter()
+            .map(|(d, o)| (d.into_string().unwrap(), o.into_string().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [("/usr".to_owned(), format!("lowerdir=/usr:{EMPTY_LOWER}"))]
+        );
+        let e = private_lock_dirs(&[bind("/opt/a,b", true)]).unwrap_err();
+        assert!(e.to_string().contains("/opt/a,b"), "{e}");
+    }
+
+    #[test]
     fn staged_paths_stay_under_the_stage() {
         assert_eq!(staged(Path::new("/usr/lib")), PathBuf::from("/tmp/usr/lib"));
         assert_eq!(staged(Path::new("/")), PathBuf::from("/tmp"));
