@@ -65,6 +65,7 @@ pub struct Config {
     /// How long shutdown waits for killed sandboxes to be reported.
     pub shutdown_grace_ms: u64,
     /// Limit on one client frame's size, bytes (at most the protocol's 16 MiB).
+    #[serde(deserialize_with = "crate::size::deserialize_usize")]
     pub max_frame_bytes: usize,
     /// Network namespaces kept made ahead of requests (0: each child makes
     /// its own). Only a root daemon can make them.

@@ -195,6 +195,18 @@ class Zygote:
             send(self.sock, {"op": "importing", "module": name})
             try:
                 importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                # Not installed: the fix, not importlib's frames.
+                missing = e.name or name
+                own = name == missing or name.startswith(missing + ".")
+                fatal(
+                    self.sock,
+                    f"preload module {name!r} failed to import in {sys.executable} "
+                    f"(Python {sys.version.split()[0]}): ModuleNotFoundError: {e}; install "
+                    f"{'it' if own else repr(missing)} into that interpreter (e.g. "
+                    f"{sys.executable} -m pip install {missing.split('.')[0]}) or remove "
+                    f"{name!r} from the zygote's preload (--preload, or preload in the config)",
+                )
             except BaseException:
                 fatal(
                     self.sock,

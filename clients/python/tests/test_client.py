@@ -170,6 +170,28 @@ class DaemonTest(unittest.TestCase):
         return fk
 
 
+class UnenforcedLimitsTest(DaemonTest):
+    """A daemon without cgroups (as rootless without delegation): results say
+    so and the client warns once per process, not once per run."""
+
+    config_text = '[cgroup]\nmode = "disabled"\n'
+
+    def test_warns_once_per_process(self) -> None:
+        import warnings
+
+        forkd._protocol._warned_unenforced = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fk = self.client()
+            runs = [fk.run("print(1)", memory="64M", timeout=30) for _ in range(3)]
+        self.assertEqual([r.stdout for r in runs], [b"1\n"] * 3)
+        self.assertEqual([r.limits_enforced for r in runs], [False] * 3)
+        mine = [w for w in caught if issubclass(w.category, forkd.LimitsNotEnforced)]
+        self.assertEqual(len(mine), 1, [str(w.message) for w in caught])
+        self.assertIn("could not enforce memory/cpu/pids limits", str(mine[0].message))
+        self.assertIn("forkd doctor", str(mine[0].message))
+
+
 class SyncClientTest(DaemonTest):
     def test_ping_returns_daemon_version(self) -> None:
         v = self.client().ping()
@@ -277,6 +299,20 @@ class SyncClientTest(DaemonTest):
         self.assertEqual(r.limits["memory_bytes"], 64 * 1024 * 1024)
         if r.limits["cgroup_enforced"]:
             self.assertLessEqual(r.usage.peak_memory_bytes, 64 * 1024 * 1024)
+            # Said in words with the limit and the peak, whatever stderr holds.
+            self.assertRegex(r.kill_message, r"^killed: out of memory \(limit 64 MiB, peak \d+(\.\d)? (KiB|MiB)\)$")
+            self.assertTrue(r.limits_enforced)
+
+    def test_enforced_limits_do_not_warn(self) -> None:
+        import warnings
+
+        forkd._protocol._warned_unenforced = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = self.client().run("print(1)", timeout=30)
+        if r.limits["cgroup_enforced"]:
+            self.assertEqual([w for w in caught if issubclass(w.category, forkd.LimitsNotEnforced)], [])
+            self.assertIsNone(r.kill_message)
 
     def test_limit_above_policy_refused(self) -> None:
         fk = self.client()

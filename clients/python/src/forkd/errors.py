@@ -40,7 +40,14 @@ __all__ = [
     "Busy",
     "CheckpointNotFound",
     "error_from_reply",
+    "LimitsNotEnforced",
 ]
+
+
+class LimitsNotEnforced(UserWarning):
+    """Warned once per process: the daemon ran a sandbox without memory, cpu
+    and pids limits because it has no usable cgroup (rootless without a
+    delegated subtree, or ``cgroup.mode = "disabled"``)."""
 
 
 class ForkdError(Exception):
