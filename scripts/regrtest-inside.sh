@@ -11,7 +11,9 @@
 #   PYTHON (default .venv/bin/python), BIN (default target/debug), MODULE_TIMEOUT (s, default 300)
 #
 # Verdicts: pass, fail, env_changed, no_tests, skipped, timeout, other:RC.
-# Exit status: 0 when no module passes outside and fails inside, else 1.
+#   scripts/regrtest-inside.sh --sample        # the bounded CI sample (scripts/test.sh)
+# Exit status: 0 when no module passes outside and fails inside (apart from
+# scripts/regrtest-expected.tsv, explained in docs/fidelity.md), else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,7 +29,16 @@ if ! "$PYTHON" -c 'import test.libregrtest' 2>/dev/null; then
     exit 2
 fi
 
-if [ $# -gt 0 ]; then
+# --sample: the bounded CI run (scripts/test.sh), modules that pass on both
+# sides in seconds and cover files, processes, signals, locale, pwd/grp,
+# ctypes, sqlite, sockets via select: under 5 minutes for both sides.
+SAMPLE=(test_json test_re test_shutil test_sqlite3 test_select test_datetime test_math
+    test_glob test_locale test_fileio test_mmap test_stat test_pwd test_grp test_sys
+    test_platform test_site test_cmd_line_script test_exceptions test_atexit test_ctypes
+    test_hashlib test_getpass test_genericpath test_subprocess)
+if [ "${1:-}" = --sample ]; then
+    MODULES=("${SAMPLE[@]}")
+elif [ $# -gt 0 ]; then
     MODULES=("$@")
 else
     mapfile -t MODULES < <("$PYTHON" -m test --list-tests)
@@ -116,7 +127,10 @@ for m in "${MODULES[@]}"; do
     o=- i=-
     if [ "$SIDE" != inside ]; then
         d=$(mktemp -d)
-        (cd "$d" && timeout -k 10 "$MODULE_TIMEOUT" "$PYTHON" -m test "$m" </dev/null >"$OUT/outside/$m.log" 2>&1)
+        # The caller's environment stays out (a PYTHONUNBUFFERED=1 there fails
+        # test_cmd_line), as it does for the sandbox.
+        (cd "$d" && timeout -k 10 "$MODULE_TIMEOUT" env -i PATH="$PATH" HOME="$HOME" LANG="${LANG:-C.UTF-8}" TMPDIR=/tmp \
+            "$PYTHON" -m test "$m" </dev/null >"$OUT/outside/$m.log" 2>&1)
         o=$(verdict "$OUT/outside/$m.log" $?)
         rm -rf "$d"
     fi
@@ -136,6 +150,13 @@ echo "== summary (${#MODULES[@]} modules)"
 echo "pass outside: $(count 2 pass)   pass inside: $(count 3 pass)"
 echo "== modules whose verdict differs (module, outside, inside)"
 awk -F'\t' '$2!=$3 && $2!="-" && $3!="-"' "$OUT/results.tsv"
-worse=$(awk -F'\t' '$2=="pass" && $3!="pass" && $3!="-"' "$OUT/results.tsv" | wc -l)
-echo "pass outside, not inside: $worse"
+# Differences docs/fidelity.md explains (isolation-caused, or open with an
+# owner) are listed apart and do not fail the run.
+EXPECTED=${EXPECTED:-scripts/regrtest-expected.tsv}
+awk -F'\t' '$2=="pass" && $3!="pass" && $3!="-"' "$OUT/results.tsv" | cut -f1 | sort >"$OUT/worse.txt"
+grep -v '^#' "$EXPECTED" | cut -f1 | sort >"$OUT/expected.txt"
+echo "pass outside, not inside, documented in docs/fidelity.md: $(comm -12 "$OUT/worse.txt" "$OUT/expected.txt" | tr '\n' ' ')"
+comm -23 "$OUT/worse.txt" "$OUT/expected.txt" >"$OUT/unexplained.txt"
+worse=$(wc -l <"$OUT/unexplained.txt")
+echo "pass outside, not inside, unexplained: $worse $(tr '\n' ' ' <"$OUT/unexplained.txt")"
 [ "$worse" = 0 ]
