@@ -331,7 +331,11 @@ impl Default for LimitsSection {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a table: [limits.default] or [limits.max]"
+)]
 struct RawLimits {
     default: PartialLimits,
     max: PartialLimits,

@@ -261,3 +261,69 @@ fn unenforced_limits_are_said_once() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("not enforced"), "{err}");
 }
+
+/// Limits that cannot mean anything are refused by forkd-run itself (usage
+/// error, exit 2) with the rule, before any daemon is asked: `--cpus -1`
+/// got clap's advice to write `-- -1` (which makes it the program's
+/// argument), `--cpus nan` ran with the default, `--concurrency 0` ran with 1.
+#[test]
+fn meaningless_limits_are_refused_with_the_rule() {
+    for (args, want) in [
+        (
+            &["--cpus", "-1"][..],
+            "forkd-run: --cpus -1 must be a positive number of cores, e.g. 0.5 or 2",
+        ),
+        (
+            &["--cpus", "0"],
+            "forkd-run: --cpus 0 must be a positive number of cores, e.g. 0.5 or 2",
+        ),
+        (
+            &["--cpus", "nan"],
+            "forkd-run: --cpus NaN must be a positive number of cores, e.g. 0.5 or 2",
+        ),
+        (
+            &["--pids", "0"],
+            "forkd-run: --pids 0: a sandbox needs at least 1 process",
+        ),
+        (
+            &["-n", "2", "--concurrency", "0"],
+            "forkd-run: --concurrency must be at least 1",
+        ),
+    ] {
+        let mut all = args.to_vec();
+        all.extend(["-c", "print(1)"]);
+        let out = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(&all)
+            .env("FORKD_SOCKET", "/nonexistent/forkd.sock")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run forkd-run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim(), want, "{args:?}");
+    }
+}
+
+/// A limits key given a value instead of a table names what is expected,
+/// not serde's internal type name (`expected struct RawLimits`).
+#[test]
+fn a_limits_value_that_is_not_a_table_says_what_is_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("forkd.toml");
+    std::fs::write(&cfg, "limits = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run forkd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid type: integer `5`, expected a table: [limits.default] or [limits.max]"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("RawLimits"), "{stderr}");
+}

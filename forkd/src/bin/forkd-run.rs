@@ -42,7 +42,8 @@ struct Args {
     #[arg(long)]
     pids: Option<u64>,
     /// CPU limit in cores.
-    #[arg(long)]
+    // Negative values parse, so that `--cpus -1` gets forkd's message (as --timeout).
+    #[arg(long, allow_negative_numbers = true)]
     cpus: Option<f64>,
     /// Output limit (stdout+stderr), e.g. 1M.
     #[arg(long, value_parser = forkd::size::parse_size)]
@@ -347,6 +348,19 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         }
         None => None,
     };
+    if let Some(c) = args.cpus {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(format!(
+                "--cpus {c} must be a positive number of cores, e.g. 0.5 or 2"
+            ));
+        }
+    }
+    if args.pids == Some(0) {
+        return Err("--pids 0: a sandbox needs at least 1 process".into());
+    }
+    if args.concurrency == Some(0) {
+        return Err("--concurrency must be at least 1".into());
+    }
     Ok(SpawnRequest {
         zygote: args.zygote.clone(),
         program,
