@@ -327,3 +327,26 @@ fn a_limits_value_that_is_not_a_table_says_what_is_expected() {
     );
     assert!(!stderr.contains("RawLimits"), "{stderr}");
 }
+
+/// `--log-level nonsense` used to be taken as a filter for a module named
+/// `nonsense`, which hid every log line; it is refused, listing the levels.
+#[test]
+fn a_log_level_that_is_not_one_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["--log-level", "nonsense", "--check-config"])
+        .output()
+        .expect("run forkd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'nonsense' for '--log-level <LOG_LEVEL>': `nonsense` is not a level: use one of off, error, warn, info, debug, trace or a filter like `info,forkd_pool=debug`"),
+        "{stderr}"
+    );
+    for ok in ["warn", "info,forkd_pool=debug"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+            .args(["--log-level", ok, "--help"])
+            .output()
+            .expect("run forkd");
+        assert_eq!(out.status.code(), Some(0), "{ok}");
+    }
+}
