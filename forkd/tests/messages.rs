@@ -350,3 +350,28 @@ fn a_log_level_that_is_not_one_is_refused() {
         assert_eq!(out.status.code(), Some(0), "{ok}");
     }
 }
+
+/// A mistyped socket path says which directory is missing (and nothing is
+/// created); a stale socket file says nobody listens.
+#[test]
+fn a_mistyped_socket_path_names_the_missing_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("fokrd/forkd.sock");
+    let (code, err) = forkd_run(&["--socket", typo.to_str().unwrap(), "-c", "print(1)"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "forkd-run: no forkd daemon is listening on {}: start one with `forkd` (or run `forkd-run --embedded`), or point FORKD_SOCKET at the right socket (its directory {} does not exist: check the path for a typo)\n",
+            typo.display(),
+            typo.parent().unwrap().display()
+        )),
+        "{err}"
+    );
+    assert!(!typo.parent().unwrap().exists(), "a directory was created");
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let (code, err) = forkd_run(&["--socket", stale.to_str().unwrap(), "-c", "print(1)"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no forkd daemon is listening on"), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+}
