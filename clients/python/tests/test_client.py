@@ -526,6 +526,25 @@ class NoDaemonTest(unittest.TestCase):
 
         asyncio.run(main())
 
+    def test_mistyped_socket_directory_is_named(self) -> None:
+        path = os.path.join(self.tmp.name, "fokrd", "forkd.sock")
+        want = (
+            f"no forkd daemon is listening on {path}: start one with `forkd` (or run "
+            f"`forkd-run --embedded`), or point FORKD_SOCKET at the right socket (its directory "
+            f"{os.path.dirname(path)} does not exist: check the path for a typo)"
+        )
+        with self.assertRaises(DaemonNotRunning) as cm:
+            Forkd(path)
+        self.assertEqual(str(cm.exception), want)
+
+        async def main() -> None:
+            with self.assertRaises(DaemonNotRunning) as cm2:
+                await AsyncForkd(path).ping()
+            self.assertEqual(str(cm2.exception), want)
+
+        asyncio.run(main())
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
+
     def test_default_socket_path(self) -> None:
         old = os.environ.get("FORKD_SOCKET")
         try:
