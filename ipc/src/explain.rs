@@ -79,4 +79,76 @@ mod tests {
         assert_eq!(format_bytes(812), "812 B");
         assert_eq!(format_bytes((498 << 20) + (3 << 20) / 10), "498.3 MiB");
     }
+
+    fn result(killed_by: &str, signal: Option<i32>, peak: u64) -> SpawnResult {
+        serde_json::from_value(serde_json::json!({
+            "sandbox": 1, "zygote": "default", "exit_code": null, "signal": signal,
+            "killed_by": serde_json::from_str::<serde_json::Value>(killed_by).unwrap(),
+            "stdout": "", "stderr": "", "stdout_truncated": false, "stderr_truncated": false,
+            "timings": {"total_us": 0, "fork_us": 0, "isolated_us": 0, "run_us": 0},
+            "usage": {"cpu_user_us": 0, "cpu_system_us": 0, "peak_memory_bytes": peak},
+            "limits": {"timeout_ms": 1500, "memory_bytes": 536870912u64, "cpus": 1.0, "pids": 64,
+                       "output_bytes": 1048576, "scratch_bytes": 0, "open_files": 0,
+                       "file_size_bytes": 0, "cgroup_enforced": false}
+        }))
+        .unwrap()
+    }
+
+    /// The same words as the Python client's `Execution.kill_message`
+    /// (clients/python/tests/test_client.py checks the same table).
+    #[test]
+    fn kills_read_as_one_line() {
+        let mut r = result("\"timeout\"", Some(9), 0);
+        r.limits.timeout_ms = 30_000;
+        assert_eq!(
+            r.kill_message().as_deref(),
+            Some("killed: timed out after 30 s (the timeout)")
+        );
+        for (killed_by, signal, peak, want) in [
+            (
+                "\"oom\"",
+                Some(9),
+                536_608_768,
+                Some("killed: out of memory (limit 512 MiB, peak 511.8 MiB)"),
+            ),
+            (
+                "\"oom\"",
+                Some(9),
+                0,
+                Some("killed: out of memory (limit 512 MiB)"),
+            ),
+            (
+                "\"timeout\"",
+                Some(9),
+                0,
+                Some("killed: timed out after 1.5 s (the timeout)"),
+            ),
+            (
+                "\"pids\"",
+                None,
+                0,
+                Some(
+                    "killed: process/thread limit reached (pids 64); a fork or thread start failed",
+                ),
+            ),
+            (
+                "\"output_limit\"",
+                Some(9),
+                0,
+                Some("killed: output over the limit (1 MiB of stdout+stderr)"),
+            ),
+            ("\"signal\"", Some(11), 0, Some("killed by signal 11")),
+            (
+                "\"shutdown\"",
+                Some(9),
+                0,
+                Some("killed: the daemon shut down while it ran"),
+            ),
+            ("null", None, 0, None),
+        ] {
+            let r = result(killed_by, signal, peak);
+            assert_eq!(r.kill_message().as_deref(), want, "{killed_by}");
+            assert!(!r.limits_enforced());
+        }
+    }
 }

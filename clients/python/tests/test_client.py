@@ -498,6 +498,32 @@ class WorkspaceTest(DaemonTest):
                 fk.run("1", workspace=forkd.Workspace())
 
 
+class KillMessageTest(unittest.TestCase):
+    """``Execution.kill_message`` says the same words as forkd-run and Rust's
+    ``SpawnResult::kill_message`` (ipc/src/explain.rs checks the same table)."""
+
+    def test_kills_read_as_one_line(self) -> None:
+        from forkd._protocol import _parse_result
+
+        limits = {"timeout_ms": 1500, "memory_bytes": 536870912, "pids": 64, "output_bytes": 1048576}
+        for killed_by, signal, peak, want in [
+            ("oom", 9, 536608768, "killed: out of memory (limit 512 MiB, peak 511.8 MiB)"),
+            ("oom", 9, 0, "killed: out of memory (limit 512 MiB)"),
+            ("timeout", 9, 0, "killed: timed out after 1.5 s (the timeout)"),
+            ("timeout", 9, 0, "killed: timed out after 30 s (the timeout)"),
+            ("pids", None, 0, "killed: process/thread limit reached (pids 64); a fork or thread start failed"),
+            ("output_limit", 9, 0, "killed: output over the limit (1 MiB of stdout+stderr)"),
+            ("signal", 11, 0, "killed by signal 11"),
+            ("shutdown", 9, 0, "killed: the daemon shut down while it ran"),
+            (None, None, 0, None),
+        ]:
+            lim = dict(limits, timeout_ms=30000) if want and "30 s" in want else limits
+            r = _parse_result(
+                {"killed_by": killed_by, "signal": signal, "usage": {"peak_memory_bytes": peak}, "limits": lim}
+            )
+            self.assertEqual(r.kill_message, want, killed_by)
+
+
 class NoDaemonTest(unittest.TestCase):
     """Failure modes that need no daemon (or a fake one on a real socket)."""
 

@@ -207,7 +207,10 @@ class Execution:
                 msg += f", peak {format_bytes(self.usage.peak_memory_bytes)}"
             return msg + ")"
         if k == "timeout":
-            return f"killed: timed out after {int(lim.get('timeout_ms', 0)) / 1000} s (the timeout)"
+            secs = int(lim.get("timeout_ms", 0)) / 1000
+            # As Rust prints an f64: 30, 1.5.
+            shown = str(int(secs)) if secs.is_integer() else repr(secs)
+            return f"killed: timed out after {shown} s (the timeout)"
         if k == "pids":
             return (
                 f"killed: process/thread limit reached (pids {lim.get('pids')}); "
