@@ -334,3 +334,220 @@ async fn spare_branches_are_made_ready_and_handed_out() {
     drop(c);
     d.finish().await;
 }
+
+/// The pid of host process `pid` in its innermost pid namespace.
+fn inner_pid(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// A branch outlives its parent (docs/branch.md, "Lifetime"): killing the
+/// parent ends it as a session (out of the lists, its interpreter, commands
+/// and spares gone, its scratch emptied, audited) while its branches answer
+/// cells, files and commands and say `parent_ended`; its init stays, alone
+/// in its cgroup and counted against the session limits, until the last
+/// branch ends; then it goes with its cgroup, and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_outlives_its_killed_parent() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let a2 = audit.clone();
+    let d = TestDaemon::start(move |c| {
+        c.sessions.spare_branches = 1;
+        c.sessions.max_per_uid = 3;
+        c.audit_log = Some(a2);
+    })
+    .await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(
+        &c,
+        &s,
+        "import subprocess\nx = 41\nopen('/tmp/marker-parent', 'w').write('parent')\nlinger = subprocess.Popen(['sleep', '1000'])\nNone",
+    )
+    .await;
+    // The parent's processes, seen from the host: its init (pid 1 inside),
+    // its interpreter and the lingering command share its scratch.
+    let parent_procs = d
+        .wait_for_scratch_file("marker-parent", std::time::Duration::from_secs(10))
+        .await;
+    let init = parent_procs
+        .iter()
+        .find(|(pid, _)| inner_pid(*pid) == Some(1))
+        .copied()
+        .expect("the parent's init");
+    let init_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", init.0)).unwrap();
+    let branches = c.session_branch(branch_of(&s, 2)).await.unwrap();
+    let (b1, b2) = (&branches[0].session, &branches[1].session);
+    for _ in 0..500 {
+        if c.session_info(&s).await.unwrap().spare_branches == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let killed = c.session_kill(&s).await.unwrap();
+    assert_eq!(killed.state, forkd_ipc::SessionState::Ended, "{killed:?}");
+    assert_eq!(killed.ended_by, Some(forkd_ipc::SessionEnd::Killed));
+    // Out of the lists, refused as ended; its branches carry on.
+    let listed: Vec<String> = c
+        .session_list(Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.session)
+        .collect();
+    assert!(
+        !listed.contains(&s) && listed.contains(b1) && listed.contains(b2),
+        "{listed:?}"
+    );
+    let e = c.run_code(&cell(&s, "1")).await.unwrap_err().to_string();
+    assert!(e.contains("ended"), "{e}");
+    for b in [b1, b2] {
+        assert_eq!(text(&c, b, "x + 1").await, "42");
+        assert_eq!(
+            text(&c, b, "open('/tmp/marker-parent').read()").await,
+            "'parent'"
+        );
+        let info = c.session_info(b).await.unwrap();
+        assert_eq!(info.parent.as_deref(), Some(s.as_str()));
+        assert!(info.parent_ended, "{info:?}");
+        let r = c
+            .command(&forkd_ipc::Command {
+                session: b.clone(),
+                cmd: "echo alive; cat /tmp/marker-parent".into(),
+                cwd: None,
+                env: Default::default(),
+                timeout_ms: Some(20_000),
+                stdin: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.stdout, b"alive\nparent", "{r:?}");
+    }
+    // Only the parent's init is left of it: its interpreter and command are
+    // gone, its scratch is empty, its spare went.
+    assert!(
+        process_alive(init.0, init.1),
+        "the parent's init went with its branches alive"
+    );
+    for (pid, start) in &parent_procs {
+        if *pid != init.0 {
+            assert!(
+                wait_until(std::time::Duration::from_secs(5), || !process_alive(
+                    *pid, *start
+                ))
+                .await,
+                "process {pid} of the ended parent lives on"
+            );
+        }
+    }
+    assert!(!std::path::Path::new(&format!("/proc/{}/root/tmp/marker-parent", init.0)).exists());
+    let remnant = c.session_info(&s).await.unwrap();
+    assert_eq!(remnant.usage.pids, 1, "{remnant:?}");
+    assert_eq!(remnant.spare_branches, 0, "{remnant:?}");
+    // The remnant counts against the owner's sessions: 2 branches + 1.
+    let e = c
+        .session_create(&forkd_ipc::SessionCreate::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("max_per_uid"), "{e}");
+
+    // One branch ends: the other still answers, the init stays.
+    c.session_kill(b1).await.unwrap();
+    assert_eq!(text(&c, b2, "x").await, "41");
+    assert!(process_alive(init.0, init.1));
+    // The last one ends: the init goes, and its cgroup with it.
+    c.session_kill(b2).await.unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || !process_alive(
+            init.0, init.1
+        ))
+        .await,
+        "the parent's init outlived its last branch"
+    );
+    let memory_cgroup = init_cgroup
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+        .unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || {
+            !std::path::Path::new(&format!("/sys/fs/cgroup/memory{memory_cgroup}")).exists()
+        })
+        .await,
+        "the parent's cgroup {memory_cgroup} is left"
+    );
+    // Room again: a new session is admitted.
+    let fresh = create(&c).await;
+    c.session_kill(&fresh).await.unwrap();
+    let events: Vec<(String, String)> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["session"] == s.as_str())
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap().to_string(),
+                r["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        events.contains(&("session_ended".into(), "killed".into())),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&("session_reaped".into(), "ok".into())),
+        "{events:?}"
+    );
+    drop(c);
+    d.finish().await;
+}
+
+/// A parent that reaches its TTL with a live branch ends the same way; the
+/// daemon's shutdown then reaps what is left of it (leak check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_outlives_its_parents_ttl() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate {
+            ttl_ms: Some(4_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session;
+    text(&c, &s, "x = 41").await;
+    let b = c.session_branch(branch_of(&s, 1)).await.unwrap();
+    let b = &b[0].session;
+    c.session_set_ttl(b, 120_000).await.unwrap();
+    let mut ended = None;
+    for _ in 0..300 {
+        let info = c.session_info(&s).await.unwrap();
+        if info.state == forkd_ipc::SessionState::Ended {
+            ended = Some(info);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ended = ended.expect("the parent's TTL never ended it");
+    assert_eq!(ended.ended_by, Some(forkd_ipc::SessionEnd::Ttl));
+    assert_eq!(text(&c, b, "x + 1").await, "42");
+    assert!(c.session_info(b).await.unwrap().parent_ended);
+    drop(c);
+    d.finish().await;
+}

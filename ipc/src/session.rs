@@ -390,6 +390,10 @@ pub struct SessionInfo {
     /// branch request; `[sessions] spare_branches`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub spare_branches: u32,
+    /// (A branch.) Its parent ended while it lives on; `parent` still names
+    /// it (docs/branch.md, "Lifetime").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parent_ended: bool,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -1233,6 +1233,18 @@ class ScratchCopy:
             os.utime(full, ns=(atime, mtime))
 
 
+def _real_uid(pid):
+    """The real uid of process pid (None when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _wipe(path, dev):
     """Removes what path holds on its own filesystem (mount points and the
     directories above them stay)."""
@@ -1398,6 +1410,8 @@ class Executor:
             self.next_cell()
         elif op == "drop_checkpoint":
             self.send(self.drop_checkpoint(req, msg["id"]))
+        elif op == "retire":
+            self.retire(req)
         elif op == "adopt":
             self.adopt_req = req
             if self.kernel is not None and self.kernel["pid"] is not None:
@@ -1940,10 +1954,35 @@ class Executor:
         os.close(kernel["cell_w"])
         self.kernel_buf = bytearray()
 
-    def sweep_processes(self, keep):
+    def retire(self, req):
+        """The session ended while branches of it live (docs/branch.md,
+        "Lifetime"): its interpreter, commands, checkpoints and every other
+        process of its uid end, its scratch is emptied; this executor stays,
+        idle, as the init (reaper) of the pid namespace the branches' live
+        below, until the daemon kills it after the last branch ended.
+        Processes of other uids (the branches' helpers) are left alone."""
+        self.queue.clear()
+        self.cell = None
+        self.restoring = None
+        self.discard_kernel()
+        for pid in list(self.commands):
+            self.kill_group(pid)
+        for ck in self.checkpoints.values():
+            self.forget(ck)
+        self.checkpoints.clear()
+        self.sweep_processes(set(), uid=os.getuid())
+        for root in SCRATCH_ROOTS:
+            try:
+                _wipe(root, os.lstat(root).st_dev)
+            except OSError:
+                pass  # what stays is charged to the remnant until it goes
+        self.send({"op": "done", "req": req})
+
+    def sweep_processes(self, keep, uid=None):
         """SIGKILL to every process of the session this executor may signal,
-        but itself and `keep`, until none is left (a dying one may fork no
-        more, a new one is found on the next pass)."""
+        but itself and `keep` (and, given `uid`, those of another uid), until
+        none is left (a dying one may fork no more, a new one is found on the
+        next pass)."""
         me = os.getpid()
         for _ in range(200):
             found = False
@@ -1960,6 +1999,8 @@ class Executor:
                     continue
                 if state in (b"Z", b"X"):
                     continue  # reaped in on_wake
+                if uid is not None and _real_uid(pid) != uid:
+                    continue
                 try:
                     os.kill(pid, signal.SIGKILL)
                     found = True

@@ -319,6 +319,12 @@ pub enum ToExecutor {
         req: u64,
         id: String,
     },
+    /// The session ended while branches of it live: end its interpreter,
+    /// commands, checkpoints and processes of its uid, empty its scratch,
+    /// and stay only as their pid namespace's init; answered `done`.
+    Retire {
+        req: u64,
+    },
 }
 
 /// One directory entry, as the executor reports it.

@@ -33,6 +33,10 @@ pub(super) struct Channels {
 /// When the session's TTL or idle timeout next needs a look.
 fn next_check(session: &Session) -> Instant {
     let life = lock(&session.life);
+    if life.state == SessionState::Ended {
+        // A remnant (or a session about to go): no timer applies.
+        return Instant::now() + std::time::Duration::from_secs(3600);
+    }
     let mut at = life.deadline;
     if let (Some(idle), SessionState::Running) = (session.idle_timeout, life.state) {
         at = at.min(life.last_used + idle);
@@ -40,8 +44,8 @@ fn next_check(session: &Session) -> Instant {
     at
 }
 
-/// Kills the session if its TTL or idle timeout has passed.
-fn enforce_timers(session: &Session) {
+/// Ends the session if its TTL or idle timeout has passed.
+fn enforce_timers(sessions: &Arc<Sessions>, session: &Arc<Session>) {
     let now = Instant::now();
     let why = {
         let life = lock(&session.life);
@@ -58,7 +62,7 @@ fn enforce_timers(session: &Session) {
     };
     if let Some(why) = why {
         tracing::info!(session = %session.id, ?why, "session expired");
-        session.kill(why);
+        sessions.end(session, why);
     }
 }
 
@@ -92,11 +96,15 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         tokio::select! {
             _ = &mut exited => break,
             m = from_handlers.recv() => {
-                if let Some(ActorMsg::Request { req, frame, replies }) = m {
-                    if let Some(r) = replies {
-                        pending.insert(req, r);
+                match m {
+                    Some(ActorMsg::Request { req, frame, replies }) => {
+                        if let Some(r) = replies {
+                            pending.insert(req, r);
+                        }
+                        let _ = frames.send(frame);
                     }
-                    let _ = frames.send(frame);
+                    Some(ActorMsg::Forget) => pending.clear(),
+                    None => {}
                 }
             }
             n = out_r.read(&mut buf), if out_open => match n {
@@ -127,11 +135,15 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
                     }
                 },
             },
-            _ = tokio::time::sleep_until(check_at) => enforce_timers(&session),
+            _ = tokio::time::sleep_until(check_at) => enforce_timers(&sessions, &session),
             _ = session.changed.notified() => {}
             _ = stopping(&mut shutdown), if !shutting_down => {
                 shutting_down = true;
-                session.kill(SessionEnd::Shutdown);
+                if session.is_remnant() {
+                    session.reap();
+                } else {
+                    session.kill(SessionEnd::Shutdown);
+                }
             }
         }
     }

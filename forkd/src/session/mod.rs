@@ -15,6 +15,7 @@
 
 mod actor;
 pub mod checkpoint;
+mod lifetime;
 pub mod ops;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -46,6 +47,9 @@ enum ActorMsg {
         frame: Vec<u8>,
         replies: Option<mpsc::UnboundedSender<ExecReply>>,
     },
+    /// The session ended as a session (its remnant stays): drop the
+    /// requests still waiting, so they learn it ended.
+    Forget,
 }
 
 /// What changes over a session's life.
@@ -108,6 +112,11 @@ pub struct Session {
     refilling: std::sync::atomic::AtomicBool,
     /// A spare branch not handed out yet: in no table, never audited.
     hidden: std::sync::atomic::AtomicBool,
+    /// Ended as a session while its branches live: its init stays as their
+    /// pid namespace's reaper ([`lifetime`]).
+    remnant: std::sync::atomic::AtomicBool,
+    /// (A branch.) Its parent ended as a session.
+    parent_ended: std::sync::atomic::AtomicBool,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -398,6 +407,7 @@ impl Session {
             parent: self.parent.clone(),
             checkpoints: self.checkpoint_infos(),
             spare_branches: u32::try_from(lock(&self.spares).len()).unwrap_or(u32::MAX),
+            parent_ended: self.parent_ended.load(Ordering::Relaxed),
         }
     }
 
@@ -462,6 +472,8 @@ struct Table {
     live: HashMap<String, Arc<Session>>,
     /// Recently ended sessions, oldest first (for `session_info`).
     ended: VecDeque<Arc<Session>>,
+    /// Ended sessions whose init stays until their branches end.
+    remnants: HashMap<String, Arc<Session>>,
 }
 
 impl Sessions {
@@ -489,13 +501,15 @@ impl Sessions {
     pub(crate) fn spare_room(&self, uid: u32) -> usize {
         let table = lock(&self.table);
         let held = |s: &Arc<Session>| 1 + lock(&s.spares).len();
-        let all: usize = table.live.values().map(held).sum();
+        let all: usize =
+            table.live.values().map(held).sum::<usize>() + Self::remnants_of(&table, None);
         let own: usize = table
             .live
             .values()
             .filter(|s| s.owner == uid)
             .map(held)
-            .sum();
+            .sum::<usize>()
+            + Self::remnants_of(&table, Some(uid));
         self.cfg
             .max
             .saturating_sub(all)
@@ -656,7 +670,9 @@ impl Sessions {
             return Err(crate::sandbox::shutting_down());
         }
         let table = lock(&self.table);
-        if table.live.len() >= self.cfg.max {
+        // A remnant (an ended parent kept for its branches) still holds a
+        // process and a cgroup: it counts until reaped.
+        if table.live.len() + Self::remnants_of(&table, None) >= self.cfg.max {
             return Err(error(
                 ErrorCode::LimitExceedsPolicy,
                 format!(
@@ -665,7 +681,8 @@ impl Sessions {
                 ),
             ));
         }
-        let own = table.live.values().filter(|s| s.owner == uid).count();
+        let own = table.live.values().filter(|s| s.owner == uid).count()
+            + Self::remnants_of(&table, Some(uid));
         if own >= self.cfg.max_per_uid {
             return Err(error(
                 ErrorCode::LimitExceedsPolicy,
@@ -695,6 +712,10 @@ impl Sessions {
         if session.hidden.load(Ordering::Relaxed) {
             return; // a spare never handed out: nobody knew of it
         }
+        if session.is_remnant() {
+            self.forget_remnant(session); // ended and recorded already
+            return;
+        }
         self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
         self.audit(
             "session_ended",
@@ -710,14 +731,19 @@ impl Sessions {
                 table.ended.pop_front();
             }
         }
+        drop(table);
+        if let Some(parent) = &session.parent {
+            self.reap_if_orphaned(parent);
+        }
     }
 
-    /// Kills every live session (daemon shutdown).
+    /// Kills every live session (daemon shutdown), remnants too.
     pub fn kill_all(&self, why: SessionEnd) {
         let live: Vec<Arc<Session>> = lock(&self.table).live.values().cloned().collect();
         for s in live {
             s.kill(why);
         }
+        self.reap_remnants();
     }
 }
 

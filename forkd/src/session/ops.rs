@@ -254,6 +254,8 @@ async fn start_session(
         spares: Mutex::new(Vec::new()),
         refilling: std::sync::atomic::AtomicBool::new(false),
         hidden: std::sync::atomic::AtomicBool::new(new.hidden),
+        remnant: std::sync::atomic::AtomicBool::new(false),
+        parent_ended: std::sync::atomic::AtomicBool::new(false),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -463,7 +465,7 @@ fn lock_life_deadline(parent: &Session) -> Duration {
 /// branch.md, "Spare branches"): its init and executor are up, waiting for a
 /// copy; it is in no table, audited and counted only once handed out.
 pub(crate) struct Spare {
-    session: Arc<Session>,
+    pub(super) session: Arc<Session>,
     dir: String,
 }
 
@@ -1097,9 +1099,11 @@ pub fn interrupt(session: &Session) {
     session.send(&ToExecutor::Interrupt { req: 0 });
 }
 
-/// Kills the session and waits (bounded) until its processes are gone.
-pub async fn kill(session: Arc<Session>) -> SessionInfo {
-    session.kill(SessionEnd::Killed);
+/// Kills the session and waits (bounded) until its processes are gone (a
+/// session with live branches: until it ended as a session, see
+/// [`super::lifetime`]).
+pub async fn kill(sessions: &Arc<Sessions>, session: Arc<Session>) -> SessionInfo {
+    sessions.end(&session, SessionEnd::Killed);
     let mut ended = session.ended.subscribe();
     let _ = tokio::time::timeout(KILL_WAIT, ended.wait_for(|e| *e)).await;
     session.info()
@@ -1222,7 +1226,9 @@ pub async fn serve(
                 sessions: sessions.list(uid, &l.labels),
             },
             B::SessionInfo(r) => ResponseBody::Session(sessions.get(&r.session, uid)?.info()),
-            B::SessionKill(r) => ResponseBody::Session(kill(sessions.get(&r.session, uid)?).await),
+            B::SessionKill(r) => {
+                ResponseBody::Session(kill(&sessions, sessions.get(&r.session, uid)?).await)
+            }
             B::SessionPause(r) => {
                 let s = sessions.get(&r.session, uid)?;
                 s.pause(true)?;

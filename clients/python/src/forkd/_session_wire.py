@@ -325,6 +325,8 @@ class SessionInfo:
     """Its checkpoints, oldest first."""
     spare_branches: int = 0
     """Branch shells made ready for its next ``branch()`` call."""
+    parent_ended: bool = False
+    """(A branch.) Its parent ended while it lives on (``parent`` still names it)."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "SessionInfo":
@@ -351,6 +353,7 @@ class SessionInfo:
             parent=obj.get("parent") if isinstance(obj.get("parent"), str) else None,
             checkpoints=[CheckpointInfo.from_wire(c) for c in (obj.get("checkpoints") or [])],
             spare_branches=_u(obj, "spare_branches"),
+            parent_ended=bool(obj.get("parent_ended", False)),
         )
 
 
