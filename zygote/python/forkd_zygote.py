@@ -1298,6 +1298,7 @@ class Executor:
         # id -> {"pid": the frozen copy (our child), "scratch": ScratchCopy, "restores": n}
         self.checkpoints = {}
         self.restoring = None  # {"req", "id", "pid", "dir", "deadline"} while a copy wakes
+        self.dormant = False  # ended keeping checkpoints: no interpreter until a restore
         self.devnull = os.open("/dev/null", os.O_RDWR)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -1405,13 +1406,21 @@ class Executor:
         elif op == "checkpoint":
             self.queue.append((req, {"checkpoint": msg["id"], "force": msg["force"]}))
             self.next_cell()
+        elif op == "restore" and self.dormant:
+            # The session ended keeping checkpoints and comes back: no
+            # interpreter runs, so the restore is not queued behind one.
+            self.dormant = False
+            ck = self.checkpoints.get(msg["id"])
+            if ck is None or ck["pid"] is None or not our_live_child(ck["pid"]):
+                self.start_kernel()  # lost: it goes on with a fresh one
+            self.begin_restore(req, msg["id"])
         elif op == "restore":
             self.queue.append((req, {"restore": msg["id"]}))
             self.next_cell()
         elif op == "drop_checkpoint":
             self.send(self.drop_checkpoint(req, msg["id"]))
         elif op == "retire":
-            self.retire(req)
+            self.retire(req, msg.get("keep") or [])
         elif op == "adopt":
             self.adopt_req = req
             if self.kernel is not None and self.kernel["pid"] is not None:
@@ -1954,23 +1963,24 @@ class Executor:
         os.close(kernel["cell_w"])
         self.kernel_buf = bytearray()
 
-    def retire(self, req):
-        """The session ended while branches of it live (docs/branch.md,
-        "Lifetime"): its interpreter, commands, checkpoints and every other
-        process of its uid end, its scratch is emptied; this executor stays,
-        idle, as the init (reaper) of the pid namespace the branches' live
-        below, until the daemon kills it after the last branch ended.
-        Processes of other uids (the branches' helpers) are left alone."""
+    def retire(self, req, keep):
+        """The session ended while branches of it live, or keeping the
+        checkpoints `keep` (docs/branch.md, "Lifetime"): its interpreter,
+        commands, other checkpoints and every other process of its uid end,
+        its scratch is emptied; this executor stays, idle, as the init
+        (reaper) of the pid namespace the branches live below, and keeps the
+        kept checkpoints for a restore, until the daemon kills it. Processes
+        of other uids (the branches' helpers) are left alone."""
         self.queue.clear()
         self.cell = None
         self.restoring = None
         self.discard_kernel()
         for pid in list(self.commands):
             self.kill_group(pid)
-        for ck in self.checkpoints.values():
-            self.forget(ck)
-        self.checkpoints.clear()
-        self.sweep_processes(set(), uid=os.getuid())
+        for cid in [c for c in self.checkpoints if c not in keep]:
+            self.forget(self.checkpoints.pop(cid))
+        self.dormant = bool(self.checkpoints)
+        self.sweep_processes({c["pid"] for c in self.checkpoints.values()}, uid=os.getuid())
         for root in SCRATCH_ROOTS:
             try:
                 _wipe(root, os.lstat(root).st_dev)

@@ -324,6 +324,10 @@ pub enum ToExecutor {
     /// and stay only as their pid namespace's init; answered `done`.
     Retire {
         req: u64,
+        /// Checkpoints to keep (and their processes): the session ended
+        /// with kept checkpoints and may be restored.
+        #[serde(default)]
+        keep: Vec<String>,
     },
 }
 

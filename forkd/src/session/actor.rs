@@ -37,6 +37,7 @@ fn next_check(session: &Session) -> Instant {
         // A remnant (or a session about to go): no timer applies.
         return Instant::now() + std::time::Duration::from_secs(3600);
     }
+    // (Dormant: `deadline` is when its kept checkpoints expire.)
     let mut at = life.deadline;
     if let (Some(idle), SessionState::Running) = (session.idle_timeout, life.state) {
         at = at.min(life.last_used + idle);
@@ -189,7 +190,7 @@ fn retire(sessions: &Sessions, session: &Session, network: Option<forkd_ipc::Net
     lock(&session.pidfd).take();
     drop(cgroup); // removed by the reaper, off this task
     sessions.retire(session, ended_by, network);
-    let _ = session.ended.send(true);
+    session.ended.send_replace(true);
 }
 
 /// Logs what the executor writes to its stderr (bounded), then discards.

@@ -12,12 +12,19 @@
 //! against `[sessions] max` and `max_per_uid` until the last branch has
 //! ended, and then it is killed and cleaned up like any ended session
 //! (cgroup, uid, mounts), with a `session_reaped` record.
+//!
+//! A session that ends with checkpoints taken with `keep` goes *dormant*
+//! instead (state `ended_with_checkpoints`): the same end, but its executor
+//! keeps those checkpoints (their frozen copies and scratch copies), it
+//! stays listed and counted, and `session_restore` brings it back, running,
+//! under the same id. It goes when its last kept checkpoint is deleted, when
+//! it is killed, or `[sessions] kept_checkpoint_ttl_secs` after it ended.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_ipc::SessionEnd;
+use forkd_ipc::{ErrorReply, SessionEnd, SessionInfo, SessionState};
 use forkd_zygote::wire::{FromExecutor, ToExecutor};
 
 use super::{end_index, lock, ActorMsg, Session, Sessions, END_LABELS};
@@ -44,15 +51,50 @@ impl Session {
 }
 
 impl Sessions {
-    /// Ends `session` for `why`: outright when no branch of it lives,
-    /// otherwise as a session, leaving the remnant its branches need.
+    /// Ends `session` for `why`: dormant when it keeps checkpoints taken
+    /// with `keep`; otherwise outright when no branch of it lives, or as a
+    /// session, leaving the remnant its branches need.
     pub(crate) fn end(self: &Arc<Self>, session: &Arc<Session>, why: SessionEnd) {
+        if let Some((why, keep)) = self.begin_dormant(session, why) {
+            tokio::spawn(finish_end(self.clone(), session.clone(), why, keep));
+            return;
+        }
         match self.begin_remnant(session, why) {
             Some(why) => {
-                tokio::spawn(finish_remnant(self.clone(), session.clone(), why));
+                tokio::spawn(finish_end(self.clone(), session.clone(), why, Vec::new()));
             }
             None => session.kill(why),
         }
+    }
+
+    /// Marks a running or paused `session` with kept checkpoints ended
+    /// (dormant) until `kept_checkpoint_ttl_secs` from now; returns the
+    /// reason and the checkpoints it keeps.
+    fn begin_dormant(
+        &self,
+        session: &Arc<Session>,
+        why: SessionEnd,
+    ) -> Option<(SessionEnd, Vec<String>)> {
+        if session.hidden.load(Ordering::Relaxed) {
+            return None;
+        }
+        let keep = session.kept_checkpoints();
+        if keep.is_empty() {
+            return None;
+        }
+        {
+            let mut life = lock(&session.life);
+            if !matches!(life.state, SessionState::Running | SessionState::Paused) {
+                return None;
+            }
+            life.state = SessionState::EndedWithCheckpoints;
+            life.ended_by = Some(why);
+            life.deadline =
+                std::time::Instant::now() + Duration::from_secs(self.cfg.kept_checkpoint_ttl_secs);
+        }
+        session.changed.notify_one();
+        tracing::info!(session = %session.id, ?why, kept = keep.len(), "session ended with kept checkpoints");
+        Some((why, keep))
     }
 
     /// Marks `session` ended and moves it to the remnants when a branch of
@@ -115,13 +157,6 @@ impl Sessions {
         }
     }
 
-    /// A remnant's processes are gone: forgets it (its cgroup and uid go
-    /// with the actor's cleanup).
-    pub(super) fn forget_remnant(&self, session: &Session) {
-        lock(&self.table).remnants.remove(&session.id);
-        self.audit("session_reaped", session, "ok", None);
-    }
-
     /// Remnants now (counted against the session limits).
     pub(super) fn remnants_of(table: &super::Table, uid: Option<u32>) -> usize {
         table
@@ -139,10 +174,16 @@ impl Sessions {
     }
 }
 
-/// The asynchronous half of ending a session with live branches: its
-/// executor ends its processes; then the record, and the remnant waits for
-/// its branches (or goes at once if they ended meanwhile).
-async fn finish_remnant(sessions: Arc<Sessions>, session: Arc<Session>, why: SessionEnd) {
+/// The asynchronous half of ending a session as a session (dormant, with
+/// the checkpoints `keep`, or a remnant for its live branches): its executor
+/// ends its processes; then the record (once per end), and a remnant waits
+/// for its branches (or goes at once if they ended meanwhile).
+async fn finish_end(
+    sessions: Arc<Sessions>,
+    session: Arc<Session>,
+    why: SessionEnd,
+    keep: Vec<String>,
+) {
     if let Some(f) = lock(&session.freezer).as_ref() {
         let _ = f.thaw();
     }
@@ -150,27 +191,36 @@ async fn finish_remnant(sessions: Arc<Sessions>, session: Arc<Session>, why: Ses
     for spare in std::mem::take(&mut *lock(&session.spares)) {
         spare.session.kill(SessionEnd::Killed);
     }
-    lock(&session.checkpoints).clear();
-    let network = session.egress.lock().await.take().map(|egress| {
-        let report = egress.finish();
-        sessions.metrics.record_network(&report);
-        report
-    });
+    lock(&session.checkpoints).retain(|r| r.kept && !keep.is_empty());
+    let dormant = !keep.is_empty();
+    // A dormant session keeps its egress for its return (nothing of it
+    // runs meanwhile).
+    let network = if dormant {
+        None
+    } else {
+        session.egress.lock().await.take().map(|egress| {
+            let report = egress.finish();
+            sessions.metrics.record_network(&report);
+            report
+        })
+    };
     let req = session.next_req();
     let retired = tokio::time::timeout(
         RETIRE_WAIT,
-        super::ops::one(&session, ToExecutor::Retire { req }, req, &[]),
+        super::ops::one(&session, ToExecutor::Retire { req, keep }, req, &[]),
     )
     .await;
     // Requests that waited on the session now learn it ended.
     let _ = session.to_actor.send(ActorMsg::Forget);
-    sessions.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
-    sessions.audit(
-        "session_ended",
-        &session,
-        END_LABELS[end_index(why)],
-        network,
-    );
+    if !session.end_recorded.swap(true, Ordering::Relaxed) {
+        sessions.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
+        sessions.audit(
+            "session_ended",
+            &session,
+            END_LABELS[end_index(why)],
+            network,
+        );
+    }
     match retired {
         Ok(Ok((FromExecutor::Done { .. }, _))) => {}
         other => {
@@ -183,6 +233,41 @@ async fn finish_remnant(sessions: Arc<Sessions>, session: Arc<Session>, why: Ses
             session.reap();
         }
     }
-    let _ = session.ended.send(true);
-    sessions.reap_if_orphaned(&session.id);
+    session.ended.send_replace(true);
+    if !dormant {
+        sessions.reap_if_orphaned(&session.id);
+    }
+}
+
+/// `session_restore` of a dormant session: it runs again (under the same
+/// id, with `[sessions] default_ttl_ms`), then takes checkpoint `id`'s
+/// state as any restore does (if that fails, it runs a fresh interpreter).
+pub(crate) async fn revive(
+    sessions: &Arc<Sessions>,
+    session: Arc<Session>,
+    id: &str,
+) -> Result<SessionInfo, ErrorReply> {
+    if !session.has_checkpoint(id) {
+        return Err(session.unknown_checkpoint(id));
+    }
+    {
+        let mut life = lock(&session.life);
+        if life.state != SessionState::EndedWithCheckpoints {
+            drop(life);
+            session.usable()?;
+            return Err(session.ended_error());
+        }
+        let now = std::time::Instant::now();
+        life.state = SessionState::Running;
+        life.ended_by = None;
+        life.killed_by = None;
+        life.deadline = now + Duration::from_millis(sessions.cfg.default_ttl_ms);
+        life.last_used = now;
+    }
+    session.end_recorded.store(false, Ordering::Relaxed);
+    session.ended.send_replace(false);
+    session.changed.notify_one();
+    sessions.audit("session_revived", &session, "ok", None);
+    tracing::info!(session = %session.id, checkpoint = id, "ended session restored");
+    super::checkpoint::restore(sessions, session, id).await
 }

@@ -117,6 +117,9 @@ pub struct Session {
     remnant: std::sync::atomic::AtomicBool,
     /// (A branch.) Its parent ended as a session.
     parent_ended: std::sync::atomic::AtomicBool,
+    /// Its `session_ended` record is written (it ended as a session and
+    /// stays, dormant or a remnant): its final end writes `session_reaped`.
+    end_recorded: std::sync::atomic::AtomicBool,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -223,7 +226,7 @@ impl Session {
                     self.id
                 ),
             )),
-            SessionState::Ended => Err(self.ended_error()),
+            SessionState::Ended | SessionState::EndedWithCheckpoints => Err(self.ended_error()),
         }
     }
 
@@ -246,6 +249,12 @@ impl Session {
                 "its processes died (the daemon's log may say more)".to_string()
             }
         };
+        if life.state == SessionState::EndedWithCheckpoints {
+            return error(
+                ErrorCode::SessionEnded,
+                format!("session {} has ended: {why}; it keeps checkpoints: session_restore one of them to run it again (session_checkpoints lists them)", self.id),
+            );
+        }
         error(
             ErrorCode::SessionEnded,
             format!("session {} has ended: {why}; create a new one", self.id),
@@ -280,7 +289,7 @@ impl Session {
     pub fn pause(&self, paused: bool) -> Result<(), ErrorReply> {
         let mut life = lock(&self.life);
         match (life.state, paused) {
-            (SessionState::Ended, _) => {
+            (SessionState::Ended | SessionState::EndedWithCheckpoints, _) => {
                 drop(life);
                 return Err(self.ended_error());
             }
@@ -393,7 +402,10 @@ impl Session {
             killed_by,
             labels: lock(&self.labels).clone(),
             age_ms: millis(lock(&self.created).elapsed()),
-            ttl_left_ms: if state == SessionState::Ended {
+            ttl_left_ms: if matches!(
+                state,
+                SessionState::Ended | SessionState::EndedWithCheckpoints
+            ) {
                 0
             } else {
                 millis(deadline.saturating_duration_since(Instant::now()))
@@ -712,19 +724,21 @@ impl Sessions {
         if session.hidden.load(Ordering::Relaxed) {
             return; // a spare never handed out: nobody knew of it
         }
-        if session.is_remnant() {
-            self.forget_remnant(session); // ended and recorded already
-            return;
+        if session.end_recorded.load(Ordering::Relaxed) {
+            // Ended as a session before (dormant, or a remnant): now gone.
+            self.audit("session_reaped", session, "ok", network);
+        } else {
+            self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
+            self.audit(
+                "session_ended",
+                session,
+                END_LABELS[end_index(why)],
+                network,
+            );
         }
-        self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
-        self.audit(
-            "session_ended",
-            session,
-            END_LABELS[end_index(why)],
-            network,
-        );
         let id = session.id.as_str();
         let mut table = lock(&self.table);
+        table.remnants.remove(id);
         if let Some(s) = table.live.remove(id) {
             table.ended.push_back(s);
             while table.ended.len() > self.cfg.remember_ended {

@@ -256,6 +256,7 @@ async fn start_session(
         hidden: std::sync::atomic::AtomicBool::new(new.hidden),
         remnant: std::sync::atomic::AtomicBool::new(false),
         parent_ended: std::sync::atomic::AtomicBool::new(false),
+        end_recorded: std::sync::atomic::AtomicBool::new(false),
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -1103,8 +1104,12 @@ pub fn interrupt(session: &Session) {
 /// session with live branches: until it ended as a session, see
 /// [`super::lifetime`]).
 pub async fn kill(sessions: &Arc<Sessions>, session: Arc<Session>) -> SessionInfo {
-    sessions.end(&session, SessionEnd::Killed);
     let mut ended = session.ended.subscribe();
+    if session.state() == SessionState::EndedWithCheckpoints {
+        // Dormant: "ended" once what is left of it is gone.
+        session.ended.send_replace(false);
+    }
+    sessions.end(&session, SessionEnd::Killed);
     let _ = tokio::time::timeout(KILL_WAIT, ended.wait_for(|e| *e)).await;
     session.info()
 }
@@ -1260,19 +1265,30 @@ pub async fn serve(
             }
             B::SessionCheckpoint(c) => {
                 let s = sessions.usable(&c.session, uid)?;
-                ResponseBody::Checkpoint(super::checkpoint::take(&sessions, s, c.force).await?)
+                ResponseBody::Checkpoint(
+                    super::checkpoint::take(&sessions, s, c.force, c.keep).await?,
+                )
             }
             B::SessionRestore(r) => {
-                let s = sessions.usable(&r.session, uid)?;
-                ResponseBody::Session(
-                    super::checkpoint::restore(&sessions, s, &r.checkpoint).await?,
-                )
+                let s = sessions.get(&r.session, uid)?;
+                ResponseBody::Session(if s.state() == SessionState::EndedWithCheckpoints {
+                    super::lifetime::revive(&sessions, s, &r.checkpoint).await?
+                } else {
+                    s.usable()?;
+                    s.touch();
+                    super::checkpoint::restore(&sessions, s, &r.checkpoint).await?
+                })
             }
             B::SessionCheckpoints(r) => ResponseBody::Checkpoints {
                 checkpoints: sessions.get(&r.session, uid)?.checkpoint_infos(),
             },
             B::SessionCheckpointDelete(r) => {
-                let s = sessions.usable(&r.session, uid)?;
+                // A dormant session's kept checkpoints can be deleted too.
+                let s = sessions.get(&r.session, uid)?;
+                if s.state() != SessionState::EndedWithCheckpoints {
+                    s.usable()?;
+                    s.touch();
+                }
                 super::checkpoint::delete(&sessions, s, &r.checkpoint).await?;
                 ResponseBody::Done {}
             }
