@@ -195,6 +195,14 @@ async fn a_checkpoint_killed_from_inside_is_reported_lost() {
     );
     run(arg(&["checkpoint", &s, "--delete", ck])).await.unwrap();
     assert_eq!(run(arg(&["checkpoint", &s, "--list"])).await.unwrap(), "");
+    // --keep: listed as kept, and the killed session comes back from it.
+    let kept = run(arg(&["checkpoint", &s, "--keep"])).await.unwrap();
+    let kept = kept.trim();
+    let listed = run(arg(&["checkpoint", &s, "--list"])).await.unwrap();
+    assert!(listed.trim_end().ends_with("kept"), "{listed}");
+    c.session_kill(&s).await.unwrap();
+    run(arg(&["restore", &s, kept])).await.unwrap();
+    assert_eq!(text(&c, &s, "x").await, "'cli'");
     drop(c);
     d.finish().await;
 }

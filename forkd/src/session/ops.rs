@@ -316,7 +316,7 @@ pub async fn branch(
     if let Some(grandparent) = &parent.parent {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session (a branch can checkpoint and restore itself)", parent.id),
+            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: its copies would need user namespaces inside this branch's, whose uid map holds only the branch's own uid, so they could not get host uids of their own (docs/branch.md, \"Branches of a branch\"); branch the original session instead (branches outlive it: kill it to keep only the branches you want), or checkpoint and restore this branch", parent.id),
         ));
     }
     if parent.has_workspace() {
