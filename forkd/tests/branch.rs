@@ -551,3 +551,25 @@ async fn a_branch_outlives_its_parents_ttl() {
     drop(c);
     d.finish().await;
 }
+
+/// Restoring a parent kills the processes the parent started, not its
+/// branches (they run as their own uids below its pid namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_the_parent_leaves_its_branches() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(&c, &s, "x = 41").await;
+    let ck = c.session_checkpoint(&s, false).await.unwrap();
+    let b = c.session_branch(branch_of(&s, 1)).await.unwrap();
+    let b = &b[0].session;
+    text(&c, &s, "x = 0").await;
+    c.session_restore(&s, &ck.checkpoint).await.unwrap();
+    assert_eq!(text(&c, &s, "x").await, "41");
+    assert_eq!(text(&c, b, "x + 1").await, "42");
+    drop(c);
+    d.finish().await;
+}

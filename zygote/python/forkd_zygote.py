@@ -1888,7 +1888,9 @@ class Executor:
         self.discard_kernel()
         for pid in list(self.commands):
             self.kill_group(pid)
-        self.sweep_processes({c["pid"] for c in self.checkpoints.values()})
+        # Only its own uid's: its branches' processes (their uids, below its
+        # pid namespace) are not its to kill.
+        self.sweep_processes({c["pid"] for c in self.checkpoints.values()}, uid=os.getuid())
         try:
             ck["scratch"].restore()
             d = restore_dir(ck["pid"])
