@@ -402,6 +402,9 @@ async fn a_kept_checkpoint_outlives_its_session_and_restores_it() {
     assert_eq!(left, vec![kept.checkpoint.clone()]);
     let (code, _) = code_of(c.session_restore(&s, &unkept.checkpoint).await.unwrap_err());
     assert_eq!(code, ErrorCode::UnknownCheckpoint);
+    // Its time is kept_checkpoint_ttl_secs', not a TTL to extend.
+    let (code, _) = code_of(c.session_set_ttl(&s, 60_000).await.unwrap_err());
+    assert_eq!(code, ErrorCode::SessionEnded);
     // Its interpreter is gone; its init holds the frozen copy.
     assert!(process_alive(init.0, init.1));
     // Counted: against the sessions (1 + this one = max_per_uid 2) and the

@@ -1132,7 +1132,10 @@ pub fn set_ttl(
             ),
         ));
     }
-    if session.state() == SessionState::Ended {
+    if matches!(
+        session.state(),
+        SessionState::Ended | SessionState::EndedWithCheckpoints
+    ) {
         return Err(session.ended_error());
     }
     session.set_ttl(Duration::from_millis(ttl_ms));
@@ -1172,7 +1175,10 @@ pub async fn set_network(
     session: &Session,
     allow_net: Vec<String>,
 ) -> Result<SessionInfo, ErrorReply> {
-    if session.state() == SessionState::Ended {
+    if matches!(
+        session.state(),
+        SessionState::Ended | SessionState::EndedWithCheckpoints
+    ) {
         return Err(session.ended_error());
     }
     let network = &sessions.state.network;
