@@ -467,6 +467,18 @@ async fn a_branch_outlives_its_killed_parent() {
     c.session_kill(b1).await.unwrap();
     assert_eq!(text(&c, b2, "x").await, "41");
     assert!(process_alive(init.0, init.1));
+    // Its cgroup directories, in every hierarchy (v1 or v2), go too.
+    let dirs: Vec<std::path::PathBuf> = init_cgroup
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .filter(|p| p.contains(&d.instance))
+        .flat_map(|p| {
+            cgroup_mounts()
+                .into_iter()
+                .map(move |m| m.join(p.trim_start_matches('/')))
+        })
+        .collect();
+    assert!(dirs.iter().any(|p| p.exists()), "{init_cgroup}: {dirs:?}");
     // The last one ends: the init goes, and its cgroup with it.
     c.session_kill(b2).await.unwrap();
     assert!(
@@ -476,16 +488,12 @@ async fn a_branch_outlives_its_killed_parent() {
         .await,
         "the parent's init outlived its last branch"
     );
-    let memory_cgroup = init_cgroup
-        .lines()
-        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
-        .unwrap();
     assert!(
         wait_until(std::time::Duration::from_secs(10), || {
-            !std::path::Path::new(&format!("/sys/fs/cgroup/memory{memory_cgroup}")).exists()
+            dirs.iter().all(|p| !p.exists())
         })
         .await,
-        "the parent's cgroup {memory_cgroup} is left"
+        "the parent's cgroups are left: {dirs:?}"
     );
     // Room again: a new session is admitted.
     let fresh = create(&c).await;
