@@ -107,9 +107,11 @@ impl Sessions {
         if session.hidden.load(Ordering::Relaxed) || !table.live.contains_key(&session.id) {
             return None;
         }
+        // Live branches, and ended ones kept for their own branches.
         let branches: Vec<Arc<Session>> = table
             .live
             .values()
+            .chain(table.remnants.values())
             .filter(|s| s.parent.as_deref() == Some(session.id.as_str()))
             .cloned()
             .collect();
@@ -150,6 +152,7 @@ impl Sessions {
         if !table
             .live
             .values()
+            .chain(table.remnants.values())
             .any(|s| s.parent.as_deref() == Some(parent))
         {
             tracing::debug!(session = %parent, "the last branch ended: reaping the remnant");

@@ -117,6 +117,8 @@ pub struct Session {
     remnant: std::sync::atomic::AtomicBool,
     /// (A branch.) Its parent ended as a session.
     parent_ended: std::sync::atomic::AtomicBool,
+    /// (A first-level branch.) The host uids its own branches get.
+    pub(crate) descendant_uids: Option<forkd_pool::uids::UidRange>,
     /// Its `session_ended` record is written (it ended as a session and
     /// stays, dormant or a remnant): its final end writes `session_reaped`.
     end_recorded: std::sync::atomic::AtomicBool,

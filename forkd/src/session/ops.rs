@@ -208,6 +208,7 @@ async fn start_session(
     let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
     let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
     let cgroup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
+    let descendant_uids = child.descendant_uids.take();
     // From here on the child is ours: anything that fails kills it.
     let guard = KillOnDrop(Some(
         child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?,
@@ -257,6 +258,7 @@ async fn start_session(
         remnant: std::sync::atomic::AtomicBool::new(false),
         parent_ended: std::sync::atomic::AtomicBool::new(false),
         end_recorded: std::sync::atomic::AtomicBool::new(false),
+        descendant_uids,
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -313,10 +315,10 @@ pub async fn branch(
     }
     let started = Instant::now();
     parent.usable()?;
-    if let Some(grandparent) = &parent.parent {
+    if let (Some(grandparent), None) = (&parent.parent, &parent.descendant_uids) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: its copies would need user namespaces inside this branch's, whose uid map holds only the branch's own uid, so they could not get host uids of their own (docs/branch.md, \"Branches of a branch\"); branch the original session instead (branches outlive it: kill it to keep only the branches you want), or checkpoint and restore this branch", parent.id),
+            format!("session {} is a branch of a branch (of {grandparent}); it cannot be branched: its copies would need user namespaces inside its own, whose uid map holds only its own uid, so they could not get host uids of their own (docs/branch.md, \"Branches of a branch\"); branch {grandparent} or the session it was branched from instead, or checkpoint and restore this one", parent.id),
         ));
     }
     if parent.has_workspace() {
@@ -332,7 +334,13 @@ pub async fn branch(
             "branching needs a root daemon (each branch runs as its own uid in a user namespace the parent's uid owns); this daemon is rootless",
         ));
     }
-    let parent_uid = crate::branch_copy::uid_of(parent.pid).map_err(|e| {
+    let parent_init = init_pid(&parent).map_err(|e| {
+        error(
+            ErrorCode::SessionEnded,
+            format!("session {} is not running ({e})", parent.id),
+        )
+    })?;
+    let parent_uid = crate::branch_copy::uid_of(parent_init).map_err(|e| {
         error(
             ErrorCode::SessionEnded,
             format!("session {} is not running ({e})", parent.id),
@@ -510,7 +518,11 @@ async fn make_branch(
         }
         // The parent's scratch, copied while its interpreter is idle (a
         // background command may still write: its writes land in either).
-        copy_scratch(parent.pid, helper).await
+        copy_scratch(
+            init_pid(parent).map_err(|e| internal("parent init", e))?,
+            helper,
+        )
+        .await
     };
     if let Err(e) = ready.await {
         session.kill(SessionEnd::Died);
@@ -543,19 +555,40 @@ async fn make_shell(
     hidden: bool,
 ) -> Result<Spare, ErrorReply> {
     let state = &sessions.state;
+    if let Some(block) = parent.descendant_uids.as_ref() {
+        if block.in_use() >= block.count() {
+            return Err(error(
+                ErrorCode::LimitExceedsPolicy,
+                format!(
+                    "branch {} already has {} live branches and spare shells, the most a branch may have (its user namespace maps that many uids for them); kill some first",
+                    parent.id,
+                    block.count()
+                ),
+            ));
+        }
+    }
     let mut plan = plan_for(parent.policy.clone(), &parent.limits);
     plan.branch = Some(forkd_zygote::spec::BranchOf {
-        parent_pid: parent.pid,
+        parent_pid: init_pid(parent).map_err(|e| internal("parent init", e))?,
         parent_uid,
+        // Filled in with the uid it is given (forkd_pool::prepare_branch).
+        block: None,
+        inner_uid: None,
     });
     let zygote = state
         .pool
         .get(&parent.zygote)
         .await
         .map_err(crate::sandbox::pool_error)?;
-    let child = forkd_pool::prepare_branch(&zygote, &state.cgroups, state.next_sandbox_id(), plan)
-        .await
-        .map_err(crate::sandbox::prepare_error)?;
+    let child = forkd_pool::prepare_branch(
+        &zygote,
+        &state.cgroups,
+        state.next_sandbox_id(),
+        plan,
+        parent.descendant_uids.as_ref(),
+    )
+    .await
+    .map_err(crate::sandbox::prepare_error)?;
     let dir = format!("/tmp/.forkd-branch-{}", super::new_id());
     let mut job = parent.job.clone();
     if let Some(s) = job.session.as_mut() {
@@ -601,7 +634,7 @@ async fn refill_spares(
         return;
     }
     let made = async {
-        let parent_uid = crate::branch_copy::uid_of(parent.pid).ok()?;
+        let parent_uid = crate::branch_copy::uid_of(init_pid(&parent).ok()?).ok()?;
         // (Two statements: spare_room locks every session's spares, this
         // one's included.)
         let have = super::lock(&parent.spares).len();
@@ -643,6 +676,15 @@ async fn refill_spares(
     parent
         .refilling
         .store(false, std::sync::atomic::Ordering::Release);
+}
+
+/// Host pid of the session's init: its `pid` itself, or for a branch, the
+/// init below its helper.
+fn init_pid(session: &Session) -> std::io::Result<i32> {
+    match session.parent {
+        Some(_) => crate::branch_copy::init_pids(session.pid).map(|(init, _)| init),
+        None => Ok(session.pid),
+    }
 }
 
 /// Copies the parent's scratch (`/tmp` and `/dev/shm`) into the branch's.
