@@ -961,6 +961,9 @@ pub struct SessionsSection {
     /// last request asked, at most this many; 0: none). Each holds an
     /// executor (~2 MB) and a uid until used or the session ends.
     pub spare_branches: usize,
+    /// How long checkpoints taken with `keep` outlive their session's end
+    /// (then they and what is left of the session go), seconds.
+    pub kept_checkpoint_ttl_secs: u64,
 }
 
 impl Default for SessionsSection {
@@ -977,6 +980,7 @@ impl Default for SessionsSection {
             max_checkpoints_per_session: 16,
             max_checkpoints_per_uid: 64,
             spare_branches: 16,
+            kept_checkpoint_ttl_secs: 3600,
         }
     }
 }

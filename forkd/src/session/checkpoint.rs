@@ -27,6 +27,8 @@ pub(crate) struct Record {
     created: Instant,
     scratch_bytes: u64,
     restores: u64,
+    /// Taken with `keep`: outlives the session's end.
+    pub(super) kept: bool,
 }
 
 /// A checkpoint counted against the quotas while it is being taken.
@@ -39,13 +41,14 @@ impl Slot {
     }
 
     /// The checkpoint exists: it is counted by its record from now on.
-    fn commit(mut self, id: String, scratch_bytes: u64) -> CheckpointInfo {
+    fn commit(mut self, id: String, scratch_bytes: u64, kept: bool) -> CheckpointInfo {
         let session = self.0.take().expect("a slot is committed once");
         let record = Record {
             id,
             created: Instant::now(),
             scratch_bytes,
             restores: 0,
+            kept,
         };
         let info = record.info(&session.id);
         lock(&session.checkpoints).push(record);
@@ -70,6 +73,7 @@ impl Record {
             age_ms: millis(self.created.elapsed()),
             scratch_bytes: self.scratch_bytes,
             restores: self.restores,
+            kept: self.kept,
         }
     }
 }
@@ -88,7 +92,16 @@ impl Session {
             .collect()
     }
 
-    fn has_checkpoint(&self, id: &str) -> bool {
+    /// The ids of its checkpoints taken with `keep`.
+    pub(super) fn kept_checkpoints(&self) -> Vec<String> {
+        lock(&self.checkpoints)
+            .iter()
+            .filter(|r| r.kept)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    pub(super) fn has_checkpoint(&self, id: &str) -> bool {
         lock(&self.checkpoints).iter().any(|r| r.id == id)
     }
 
@@ -96,7 +109,7 @@ impl Session {
         lock(&self.checkpoints).retain(|r| r.id != id);
     }
 
-    fn unknown_checkpoint(&self, id: &str) -> ErrorReply {
+    pub(super) fn unknown_checkpoint(&self, id: &str) -> ErrorReply {
         error(
             ErrorCode::UnknownCheckpoint,
             format!(
@@ -112,6 +125,7 @@ pub async fn take(
     sessions: &Arc<Sessions>,
     session: Arc<Session>,
     force: bool,
+    keep: bool,
 ) -> Result<CheckpointInfo, ErrorReply> {
     if session.has_workspace() {
         return Err(error(
@@ -132,7 +146,7 @@ pub async fn take(
         _ => return Err(unexpected("session_checkpoint")),
     };
     session.touch();
-    let info = slot.commit(id.clone(), scratch_bytes);
+    let info = slot.commit(id.clone(), scratch_bytes, keep);
     sessions.audit_record("session_checkpointed", &session, "ok", None, Some(id));
     Ok(info)
 }
@@ -209,6 +223,12 @@ pub async fn delete(
         None,
         Some(id.to_owned()),
     );
+    if session.state() == forkd_ipc::SessionState::EndedWithCheckpoints
+        && session.kept_checkpoints().is_empty()
+    {
+        // Nothing left to restore: what is left of the session goes.
+        sessions.end(&session, forkd_ipc::SessionEnd::Killed);
+    }
     Ok(())
 }
 
