@@ -99,12 +99,17 @@ impl Drop for ReadyChild {
 /// Sends SIGKILL through a pidfd. Killing a pid namespace's init kills every
 /// process in it; an exited process is not an error.
 pub fn kill_pidfd(pidfd: BorrowedFd<'_>) {
+    signal_pidfd(pidfd, libc::SIGKILL);
+}
+
+/// Sends `sig` through a pidfd; an exited process is not an error.
+pub fn signal_pidfd(pidfd: BorrowedFd<'_>, sig: libc::c_int) {
     // SAFETY: pidfd_send_signal with a borrowed, open pidfd and no siginfo.
     unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            sig,
             std::ptr::null::<libc::siginfo_t>(),
             0u32,
         );

@@ -37,6 +37,8 @@ pub struct Prepared {
     pub landlock: LandlockLevel,
     /// /proc files covered with /dev/null in every child (absolute, as C strings).
     pub proc_masked: Vec<CString>,
+    /// Mount a private devpts instance on /dev/pts in every child.
+    pub devpts: bool,
 }
 
 /// One tmpfs for /tmp and /dev/shm together (one `scratch_bytes` budget),
@@ -187,6 +189,18 @@ pub fn isolate_with<K: Kernel>(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             r => r.map_err(at("mask a /proc file"))?,
         }
+    }
+    if policy.devpts {
+        // Its own instance: no host pty (nor another sandbox's) is in it,
+        // and ptmx (the template's /dev/ptmx links here) opens only its own.
+        k.mount(
+            Some(c"devpts"),
+            c"/dev/pts",
+            Some(c"devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(c"newinstance,ptmxmode=0666,mode=620"),
+        )
+        .map_err(at("mount /dev/pts"))?;
     }
     for (path, fd) in &shadowed {
         rebind(k, path, fd).map_err(at("bind an interpreter path under /tmp"))?;
@@ -344,6 +358,18 @@ fn apply_landlock<K: Kernel>(
     // expect): the root holds only what the template put there, and the
     // workspace hides `none` paths with whiteouts, not with landlock.
     let root = k.open(c"/", dir, 0).map_err(at("open /"))?;
+    // The sandbox's own devpts: ptys are opened, read, written and
+    // configured (termios ioctls are device ioctls to landlock). Missing
+    // only where the probe runs (the zygote's own root, see probe_landlock).
+    let pts = if policy.devpts {
+        match k.open(c"/dev/pts", dir, 0) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(at("open /dev/pts")(e)),
+        }
+    } else {
+        None
+    };
 
     let mut rules: Vec<LandlockRule<'_>> = Vec::new();
     rules.extend(paths.read_exec_dirs.iter().map(|fd| (fd.as_fd(), read_dir)));
@@ -363,6 +389,12 @@ fn apply_landlock<K: Kernel>(
     rules.push((scratch.as_fd(), all));
     rules.push((shm.as_fd(), all));
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
+    if let Some(pts) = &pts {
+        rules.push((
+            pts.as_fd(),
+            rw_file | AccessFs::ReadDir | AccessFs::IoctlDev,
+        ));
+    }
     if spec.branchable || spec.branch.is_some() {
         // The scratch grant where a branch's fresh scratch is covered too:
         // landlock walks up through mount points but checks no rule on the
@@ -476,6 +508,7 @@ mod tests {
                 shadowed: vec![PathBuf::from("/tmp/venv")],
             },
             seccomp: policy.compile_seccomp().expect("default policy compiles"),
+            devpts: policy.filesystem.devpts,
             landlock: policy.landlock,
             proc_masked: vec![c"/proc/keys".to_owned()],
         }
@@ -548,6 +581,11 @@ mod tests {
                 "mount(/dev/null, /proc/keys, -, BIND, -)".into(),
                 "mask a /proc file",
             ),
+            (
+                "mount(devpts, /dev/pts, devpts, NOSUID|NOEXEC, newinstance,ptmxmode=0666,mode=620)"
+                    .into(),
+                "mount /dev/pts",
+            ),
             ("is_dir()".into(), "bind an interpreter path under /tmp"),
             (
                 "make_mount_point(/tmp/venv, dir=true)".into(),
@@ -590,9 +628,10 @@ mod tests {
             ("open(/dev/shm, O_PATH|O_DIRECTORY)".into(), "open /dev/shm"),
             ("open(/proc, O_PATH|O_DIRECTORY)".into(), "open /proc"),
             ("open(/, O_PATH|O_DIRECTORY)".into(), "open /"),
-            // The template's one directory, /tmp, /dev/shm and /proc.
+            ("open(/dev/pts, O_PATH|O_DIRECTORY)".into(), "open /dev/pts"),
+            // The template's one directory, /tmp, /dev/shm, /proc and /dev/pts.
             (
-                "restrict_landlock(V6, BestEffort, 5 rules)".into(),
+                "restrict_landlock(V6, BestEffort, 6 rules)".into(),
                 "landlock",
             ),
             (

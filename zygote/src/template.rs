@@ -124,6 +124,9 @@ pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
 /// then covers both.
 pub const SCRATCH_STAGE: &str = "/dev/.scratch";
 
+/// Where a sandbox's private devpts instance is mounted (policy `devpts`).
+pub const DEVPTS: &str = "/dev/pts";
+
 /// Plans the root's entries: (path inside the root, entry), parents first.
 fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, Entry)> {
     let mut out: Vec<(PathBuf, Entry)> = Vec::new();
@@ -204,6 +207,16 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     // /workspace: the default mount point of a request's workspace.
     for dir in ["/proc", "/tmp", "/dev/shm", "/workspace", SCRATCH_STAGE] {
         out.push((PathBuf::from(dir), Entry::Dir));
+    }
+    if fs.devpts {
+        // Each sandbox mounts its own devpts instance here; ptmx is its.
+        out.push((PathBuf::from(DEVPTS), Entry::Dir));
+        out.push((
+            PathBuf::from("/dev/ptmx"),
+            Entry::Symlink {
+                target: PathBuf::from("pts/ptmx"),
+            },
+        ));
     }
     // E2B-style home: the scratch under the name agent code expects (a
     // symlink in the shared template costs nothing per child; a bind
@@ -468,6 +481,7 @@ mod tests {
             devices_rw: vec!["null".into()],
             devices_ro: vec![],
             proc_masked: vec![],
+            devpts: true,
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
