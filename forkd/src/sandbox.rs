@@ -108,6 +108,9 @@ fn same_isolation(pool: &ChildPlan, wanted: &ChildPlan) -> bool {
         && pool.scratch_bytes == wanted.scratch_bytes
         && pool.open_files == wanted.open_files
         && pool.file_size_bytes == wanted.file_size_bytes
+        // The CPU count it shows (/sys/devices/system/cpu/online) is written
+        // at isolation.
+        && pool.cpu_count() == wanted.cpu_count()
 }
 
 pub(crate) fn prepare_error(e: PrepareError) -> ErrorReply {

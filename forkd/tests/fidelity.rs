@@ -23,7 +23,7 @@ use forkd_ipc::{ErrorCode, InlineFile, Program, SpawnRequest, SpawnResult};
 
 /// How a run ended and what it printed, with each side's working directory
 /// replaced by `<CWD>` (the only intended difference).
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Run {
     stdout: String,
     stderr: String,
@@ -724,6 +724,55 @@ async fn ptys_work_inside_and_reach_no_host_pty() {
     }
     d.finish().await;
     t.assert_all("ptys: sandbox vs plain python, and no host pty");
+}
+
+const CPU_PROBE: &str = "import multiprocessing, os\nprint(os.cpu_count(), multiprocessing.cpu_count(), len(open('/sys/devices/system/cpu/online').read().strip().split(',')) > 0)\n";
+
+/// `os.cpu_count()` (and multiprocessing's) inside is the sandbox's cpu
+/// limit rounded up, at most the host's: plain python's count where the
+/// limit covers the host, fewer where it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_count_follows_the_cpu_limit() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    let dir = tempfile::tempdir().unwrap();
+    let outside_run = outside(dir.path(), &["-c", CPU_PROBE], &[], b"");
+    let host: u32 = outside_run
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut limits = vec![(f64::from(host), host), (f64::from(host) + 7.0, host)];
+    if host > 1 {
+        limits.push((1.0, 1));
+        limits.push((0.5, 1));
+        limits.push((f64::from(host) - 0.5, host));
+        limits.push((1.01, 2));
+    }
+    for (cpus, want) in limits {
+        let mut r = request(Program::Code(CPU_PROBE.into()), &[], &[]);
+        r.limits.cpus = Some(cpus);
+        let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+        // Plain python on a host with `want` CPUs prints this.
+        let expected = Run {
+            stdout: format!("{want} {want} True\n"),
+            ..outside_run.clone()
+        };
+        t.verdict(
+            &format!("cpus = {cpus} on {host} host CPUs"),
+            &format!("{got:?}"),
+            &format!("{expected:?}"),
+            got == expected,
+        );
+    }
+    d.finish().await;
+    t.assert_all("os.cpu_count() under a cpu limit");
 }
 
 const BLAS_PROBE: &str = "import ctypes, numpy as np\npath = next(l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l and '.so' in l)\nlib = ctypes.CDLL(path)\nget = next(getattr(lib, n) for n in ('scipy_openblas_get_num_threads64_', 'scipy_openblas_get_num_threads', 'openblas_get_num_threads64_', 'openblas_get_num_threads') if hasattr(lib, n))\na = np.ones((300, 300))\nprint(get(), float((a @ a).sum()))\n";

@@ -34,6 +34,22 @@ pub struct ChildPlan {
     pub branch: Option<forkd_zygote::spec::BranchOf>,
 }
 
+impl ChildPlan {
+    /// The CPUs the cgroup's cpu limit amounts to, rounded up (at least 1);
+    /// None without an enforced limit.
+    pub fn cpu_count(&self) -> Option<u32> {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a validated finite positive CPU count, clamped to u32"
+        )]
+        self.cgroup
+            .cpus
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .map(|c| c.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error("cannot create the sandbox's cgroup: {0}")]
@@ -220,6 +236,7 @@ async fn prepare_child(
         isolate: plan.isolate,
         workspace: plan.workspace.clone(),
         uid: uid.as_ref().map(crate::uids::Lease::id),
+        cpus: plan.cpu_count(),
         // Every session may be branched, and sessions take children from
         // the warm pool: every child without a workspace gets the grant.
         branchable: plan.workspace.is_none(),

@@ -110,6 +110,7 @@ fn main() {
         isolate: true,
         workspace: None,
         uid,
+        cpus: Some(1),
         branchable: false,
         branch: None,
     };

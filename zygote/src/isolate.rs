@@ -175,6 +175,14 @@ pub fn isolate_with<K: Kernel>(
     let shadowed = reopen_shadowed(k, &policy.template.shadowed)?;
 
     mount_scratch(k, spec.scratch_bytes, uid)?;
+    if let Some(host) = policy.template.host_cpus {
+        // What /sys/devices/system/cpu/online (a link to it) shows: the CPUs
+        // of its cpu limit, so os.cpu_count() and libraries sizing thread
+        // pools by it follow the limit. A file write, not a mount.
+        let text = crate::template::cpu_online_text(spec.cpus, host);
+        k.write_file(c"/dev/.scratch/.cpu-online", text.as_bytes())
+            .map_err(at("write the sandbox's CPU list"))?;
+    }
     k.mount(
         Some(c"proc"),
         c"/proc",
@@ -358,6 +366,16 @@ fn apply_landlock<K: Kernel>(
     // expect): the root holds only what the template put there, and the
     // workspace hides `none` paths with whiteouts, not with landlock.
     let root = k.open(c"/", dir, 0).map_err(at("open /"))?;
+    // Its CPU list (see isolate_with); absent where the probe runs.
+    let cpu_online = if policy.template.host_cpus.is_some() {
+        match k.open(c"/dev/.scratch/.cpu-online", libc::O_PATH, 0) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(at("open the CPU list")(e)),
+        }
+    } else {
+        None
+    };
     // The sandbox's own devpts: ptys are opened, read, written and
     // configured (termios ioctls are device ioctls to landlock). Missing
     // only where the probe runs (the zygote's own root, see probe_landlock).
@@ -389,6 +407,9 @@ fn apply_landlock<K: Kernel>(
     rules.push((scratch.as_fd(), all));
     rules.push((shm.as_fd(), all));
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
+    if let Some(cpu_online) = &cpu_online {
+        rules.push((cpu_online.as_fd(), AccessFs::ReadFile.into()));
+    }
     if let Some(pts) = &pts {
         rules.push((
             pts.as_fd(),
@@ -434,6 +455,7 @@ pub fn probe_landlock(policy: &Prepared) -> Result<LandlockStatus, String> {
                 isolate: true,
                 workspace: None,
                 uid: None,
+                cpus: None,
                 branchable: false,
                 branch: None,
             };
@@ -506,6 +528,7 @@ mod tests {
                 },
                 bound: Vec::new(),
                 shadowed: vec![PathBuf::from("/tmp/venv")],
+                host_cpus: Some(4),
             },
             seccomp: policy.compile_seccomp().expect("default policy compiles"),
             devpts: policy.filesystem.devpts,
@@ -524,6 +547,7 @@ mod tests {
             isolate: true,
             workspace: None,
             uid,
+            cpus: Some(2),
             branchable: false,
             branch: None,
         }
@@ -572,6 +596,10 @@ mod tests {
             (
                 "mount(/dev/.scratch/shm, /dev/shm, -, BIND, -)".into(),
                 "bind a scratch directory",
+            ),
+            (
+                "write_file(/dev/.scratch/.cpu-online, \"0-1\\n\")".into(),
+                "write the sandbox's CPU list",
             ),
             (
                 "mount(proc, /proc, proc, RDONLY|NOSUID|NODEV|NOEXEC, -)".into(),
@@ -628,10 +656,15 @@ mod tests {
             ("open(/dev/shm, O_PATH|O_DIRECTORY)".into(), "open /dev/shm"),
             ("open(/proc, O_PATH|O_DIRECTORY)".into(), "open /proc"),
             ("open(/, O_PATH|O_DIRECTORY)".into(), "open /"),
-            ("open(/dev/pts, O_PATH|O_DIRECTORY)".into(), "open /dev/pts"),
-            // The template's one directory, /tmp, /dev/shm, /proc and /dev/pts.
             (
-                "restrict_landlock(V6, BestEffort, 6 rules)".into(),
+                "open(/dev/.scratch/.cpu-online, O_PATH)".into(),
+                "open the CPU list",
+            ),
+            ("open(/dev/pts, O_PATH|O_DIRECTORY)".into(), "open /dev/pts"),
+            // The template's one directory, /tmp, /dev/shm, /proc, the CPU
+            // list and /dev/pts.
+            (
+                "restrict_landlock(V6, BestEffort, 7 rules)".into(),
                 "landlock",
             ),
             (
