@@ -866,6 +866,9 @@ def run_job(job, lib):
         mark_program_start()
         os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
+        if lib.forkd_terminating():
+            # The timeout's SIGTERM came just before the program started.
+            os._exit(128 + signal.SIGTERM)
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
 
     code, uncaught = run_main(program, main)
