@@ -6,6 +6,7 @@
 //!   uid      plus its own uid/gid (what a root daemon does)
 //!   no-mask  uid, without the /proc masks
 //!   no-pts   uid, without the private devpts mount (policy `devpts = false`)
+//!   no-cpus  uid, without the per-sandbox CPU list (/sys/devices/system/cpu/online)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
@@ -95,6 +96,8 @@ fn main() {
     let masked = prepared(&policy, true, true);
     let unmasked = prepared(&policy, false, true);
     let no_pts = prepared(&policy, true, false);
+    let mut no_cpus = prepared(&policy, true, true);
+    no_cpus.template.host_cpus = None;
     // One shared network namespace: its creation is not what is measured.
     let own_net = std::fs::File::open("/proc/self/ns/net").unwrap();
     sys::unshare(libc::CLONE_NEWNET).unwrap();
@@ -114,11 +117,12 @@ fn main() {
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 4] = [
+    let variants: [(&str, ChildSpec, &Prepared); 5] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
         ("no-pts", spec(Some(1_879_048_192)), &no_pts),
+        ("no-cpus", spec(Some(1_879_048_192)), &no_cpus),
     ];
     let mut times: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];
     for _ in 0..n {

@@ -86,6 +86,11 @@ pub struct FilesystemPolicy {
     /// mount per sandbox (made before the request for warm-pool children).
     #[serde(default)]
     pub devpts: bool,
+    /// `/sys/devices/system/cpu/online` shows each sandbox the CPUs of its
+    /// cpu limit (rounded up), so `os.cpu_count()` follows it. Costs a file
+    /// write per sandbox (made before the request for warm-pool children).
+    #[serde(default)]
+    pub cpu_count: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -243,7 +243,7 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     for dir in ["/proc", "/tmp", "/dev/shm", "/workspace", SCRATCH_STAGE] {
         out.push((PathBuf::from(dir), Entry::Dir));
     }
-    if host_cpu_count().is_some() {
+    if fs.cpu_count && host_cpu_count().is_some() {
         out.push((PathBuf::from("/sys/devices/system/cpu"), Entry::Dir));
         out.push((
             PathBuf::from(HOST_CPU_ONLINE),
@@ -397,7 +397,7 @@ pub fn build(
         landlock,
         bound,
         shadowed,
-        host_cpus: host_cpu_count(),
+        host_cpus: host_cpu_count().filter(|_| fs.cpu_count),
     })
 }
 
@@ -543,6 +543,7 @@ mod tests {
             devices_ro: vec![],
             proc_masked: vec![],
             devpts: true,
+            cpu_count: true,
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
