@@ -174,7 +174,14 @@ pub fn isolate_with<K: Kernel>(
     // keep a handle on each to bind it again on top.
     let shadowed = reopen_shadowed(k, &policy.template.shadowed)?;
 
-    mount_scratch(k, spec.scratch_bytes, uid)?;
+    // The CPU list below takes one page of the scratch tmpfs: add it, so
+    // that /tmp and /dev/shm keep exactly `scratch_bytes` (x86-64 pages).
+    let cpu_page = if policy.template.host_cpus.is_some() {
+        4096
+    } else {
+        0
+    };
+    mount_scratch(k, spec.scratch_bytes.saturating_add(cpu_page), uid)?;
     if let Some(host) = policy.template.host_cpus {
         // What /sys/devices/system/cpu/online (a link to it) shows: the CPUs
         // of its cpu limit, so os.cpu_count() and libraries sizing thread
@@ -564,7 +571,11 @@ mod tests {
     /// Every call of a sandbox with its own uid and a fresh network namespace,
     /// in order, with the step an error in it is reported as.
     fn expected(policy: &Prepared) -> Vec<(String, &'static str)> {
-        let scratch_opts = format!("size={SCRATCH},nr_inodes=65536,mode=700,uid={UID},gid={UID}");
+        // One page more than the scratch: the CPU list's.
+        let scratch_opts = format!(
+            "size={},nr_inodes=65536,mode=700,uid={UID},gid={UID}",
+            SCRATCH + 4096
+        );
         let calls: Vec<(String, &'static str)> = vec![
             ("pdeathsig(9)".into(), "set parent-death signal"),
             (format!("join_cgroup({CGROUP})"), "join cgroup"),
