@@ -159,6 +159,34 @@ pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
     }
 }
 
+/// BLAS thread pools sized as they would size themselves on a machine with
+/// the CPUs of the sandbox's cpu limit (rounded up, at most the host's): the
+/// base environment's one thread becomes that many where the request sets
+/// none of these variables. One thread (the default limit) costs nothing;
+/// more costs the zygote's setter call in the child.
+fn blas_threads_for_limit(
+    job: &mut forkd_zygote::wire::Job,
+    req: &SpawnRequest,
+    limits: &AppliedLimits,
+) {
+    const VARS: [&str; 3] = ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"];
+    if !limits.cgroup_enforced || VARS.iter().any(|v| req.env.contains_key(*v)) {
+        return;
+    }
+    let host = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a validated positive CPU count, clamped to the host's"
+    )]
+    let n = (limits.cpus.ceil().max(1.0) as usize).min(host);
+    if n > 1 {
+        for v in VARS {
+            job.env.insert(v.to_string(), n.to_string());
+        }
+    }
+}
+
 /// Bounded capture of stdout and stderr, sharing one byte budget.
 struct Output {
     stdout: Vec<u8>,
@@ -332,7 +360,11 @@ pub async fn run_sandbox_with(
         limits,
         timeout_grace,
     } = admitted;
-    let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+    let mut job = job_for(&req);
+    blas_threads_for_limit(&mut job, &req, &limits);
+    let job = job
+        .frame()
+        .map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
     // `None` (no allowlist) costs nothing further: no network, as always.
     let allow = state.network.admit(&req.allow_net, &zygote_name)?;
     let mut shutdown = state.shutdown_signal();

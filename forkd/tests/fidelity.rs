@@ -813,7 +813,33 @@ async fn blas_thread_variables_take_effect_as_at_start_up() {
     for (name, env) in envs {
         compare_code(&mut t, &d, &cwd, name, BLAS_PROBE, &[], env).await;
     }
+    // No thread variable: as many threads as the cpu limit allows (rounded
+    // up, at most the host's), as plain python on a machine of that size.
     let dir = tempfile::tempdir().unwrap();
+    let host_run = outside(dir.path(), &["-c", BLAS_PROBE], &[], b"");
+    let host: u32 = host_run
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for cpus in [1.0, 1.5, f64::from(host)] {
+        let mut r = request(Program::Code(BLAS_PROBE.into()), &[], &[]);
+        r.limits.cpus = Some(cpus);
+        let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+        let threads = (cpus.ceil() as u32).min(host);
+        let mut want = host_run.clone();
+        want.stdout = want
+            .stdout
+            .replacen(&host.to_string(), &threads.to_string(), 1);
+        t.verdict(
+            &format!("no variable, cpus = {cpus} on {host} host CPUs"),
+            &format!("{got:?}"),
+            &format!("{want:?}"),
+            got == want,
+        );
+    }
     let want = outside(
         dir.path(),
         &["-c", BLAS_PROBE],
