@@ -923,3 +923,26 @@ async fn an_interpreter_that_is_not_python_is_named_as_such() {
         );
     }
 }
+
+const ACCOUNT_PROBE: &str = "import os, pwd, grp, pathlib\ne = pwd.getpwuid(os.getuid())\nprint(e.pw_uid == os.getuid() != 0, e.pw_name, e.pw_dir, grp.getgrgid(os.getgid()).gr_name)\nprint(os.path.expanduser('~' + e.pw_name), pwd.getpwnam('root').pw_uid)\ndel os.environ['HOME']\nprint(os.path.expanduser('~'), pathlib.Path.home())\ntry:\n    open('/etc/passwd', 'a')\nexcept OSError as x:\n    print(type(x).__name__)\n";
+
+/// Code that looks its user up (`pwd.getpwuid(os.getuid())`, `~` without
+/// HOME, `pathlib.Path.home()`) finds an ordinary user, as under plain
+/// python run by a user with an account: each sandbox's own uid has an entry
+/// (named `user`, home /home/user) beside the host's, which it cannot change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_user_has_an_account() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    for _ in 0..2 {
+        let r = d.run(ACCOUNT_PROBE).await;
+        assert_eq!(r.exit_code, Some(0), "{}", r.stderr_lossy());
+        assert_eq!(
+            r.stdout_lossy(),
+            "True user /home/user user\n/home/user 0\n/home/user /home/user\nPermissionError\n"
+        );
+    }
+    d.finish().await;
+}

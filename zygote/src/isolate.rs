@@ -174,14 +174,40 @@ pub fn isolate_with<K: Kernel>(
     // keep a handle on each to bind it again on top.
     let shadowed = reopen_shadowed(k, &policy.template.shadowed)?;
 
-    // The CPU list below takes one page of the scratch tmpfs: add it, so
-    // that /tmp and /dev/shm keep exactly `scratch_bytes` (x86-64 pages).
+    // Its /etc/passwd and /etc/group (the root links them here): the host's
+    // with an entry for its own uid, so code that looks the user up works.
+    let accounts = match (&policy.template.passwd, &policy.template.group, uid) {
+        (Some(passwd), Some(group), Some(id)) => {
+            Some(crate::template::account_files(passwd, group, id))
+        }
+        (Some(passwd), Some(group), None) => Some((passwd.clone(), group.clone())),
+        _ => None,
+    };
+    // The CPU list and the account files below take pages of the scratch
+    // tmpfs: add them, so that /tmp and /dev/shm keep exactly
+    // `scratch_bytes` (x86-64 pages).
+    let pages = |len: usize| u64::try_from(len.div_ceil(4096) * 4096).unwrap_or(u64::MAX);
     let cpu_page = if policy.template.host_cpus.is_some() {
         4096
     } else {
         0
     };
-    mount_scratch(k, spec.scratch_bytes.saturating_add(cpu_page), uid)?;
+    let account_pages = accounts
+        .as_ref()
+        .map_or(0, |(p, g)| pages(p.len()).saturating_add(pages(g.len())));
+    mount_scratch(
+        k,
+        spec.scratch_bytes
+            .saturating_add(cpu_page)
+            .saturating_add(account_pages),
+        uid,
+    )?;
+    if let Some((passwd, group)) = &accounts {
+        k.write_file(c"/dev/.scratch/.passwd", passwd)
+            .map_err(at("write the sandbox's /etc/passwd"))?;
+        k.write_file(c"/dev/.scratch/.group", group)
+            .map_err(at("write the sandbox's /etc/group"))?;
+    }
     if let Some(host) = policy.template.host_cpus {
         // What /sys/devices/system/cpu/online (a link to it) shows: the CPUs
         // of its cpu limit, so os.cpu_count() and libraries sizing thread
@@ -383,6 +409,17 @@ fn apply_landlock<K: Kernel>(
     } else {
         None
     };
+    // Its account files (see isolate_with); absent where the probe runs.
+    let mut accounts = Vec::new();
+    if policy.template.passwd.is_some() && policy.template.group.is_some() {
+        for file in [c"/dev/.scratch/.passwd", c"/dev/.scratch/.group"] {
+            match k.open(file, libc::O_PATH, 0) {
+                Ok(fd) => accounts.push(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(at("open the sandbox's account files")(e)),
+            }
+        }
+    }
     // The sandbox's own devpts: ptys are opened, read, written and
     // configured (termios ioctls are device ioctls to landlock). Missing
     // only where the probe runs (the zygote's own root, see probe_landlock).
@@ -417,6 +454,11 @@ fn apply_landlock<K: Kernel>(
     if let Some(cpu_online) = &cpu_online {
         rules.push((cpu_online.as_fd(), AccessFs::ReadFile.into()));
     }
+    rules.extend(
+        accounts
+            .iter()
+            .map(|fd| (fd.as_fd(), AccessFs::ReadFile.into())),
+    );
     if let Some(pts) = &pts {
         rules.push((
             pts.as_fd(),
@@ -536,6 +578,8 @@ mod tests {
                 bound: Vec::new(),
                 shadowed: vec![PathBuf::from("/tmp/venv")],
                 host_cpus: Some(4),
+                passwd: None,
+                group: None,
             },
             seccomp: policy.compile_seccomp().expect("default policy compiles"),
             devpts: policy.filesystem.devpts,

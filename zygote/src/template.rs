@@ -118,6 +118,68 @@ pub struct Template {
     /// `/sys/devices/system/cpu/online` (a link to [`CPU_ONLINE`], which each
     /// child writes with its own count).
     pub host_cpus: Option<u32>,
+    /// The host's `/etc/passwd` and `/etc/group` when the policy lists them:
+    /// each child writes them with an entry for its own uid added (the root's
+    /// /etc/passwd and /etc/group link to [`PASSWD`] and [`GROUP`]), so
+    /// `pwd.getpwuid(os.getuid())` answers as for an ordinary user.
+    pub passwd: Option<Vec<u8>>,
+    pub group: Option<Vec<u8>>,
+}
+
+/// Where a child writes its /etc/passwd and /etc/group (links in the root):
+/// the host's entries plus one for the sandbox's uid.
+pub const PASSWD: &str = "/dev/.scratch/.passwd";
+pub const GROUP: &str = "/dev/.scratch/.group";
+
+/// `/etc` entries each child writes for itself, and where.
+const PER_CHILD_ETC: [(&str, &str); 2] = [("passwd", PASSWD), ("group", GROUP)];
+
+/// The host's copy of a per-child /etc entry, when the policy lists it and it
+/// is a regular file (a host symlink is kept as a symlink, as other entries).
+fn per_child_etc(fs: &FilesystemPolicy, name: &str) -> Option<Vec<u8>> {
+    let path = Path::new("/etc").join(name);
+    let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+    (is_file && fs.etc.iter().any(|e| e == name))
+        .then(|| std::fs::read(&path).ok())
+        .flatten()
+}
+
+/// What a child writes as /etc/passwd and /etc/group: the host's, plus an
+/// entry named `user` (home /home/user) for `uid` when no entry has that id.
+pub fn account_files(passwd: &[u8], group: &[u8], uid: u32) -> (Vec<u8>, Vec<u8>) {
+    let has_id = |table: &[u8], field: usize| {
+        table
+            .split(|&b| b == b'\n')
+            .any(|line| line.split(|&b| b == b':').nth(field) == Some(uid.to_string().as_bytes()))
+    };
+    let has_name = |table: &[u8], name: &str| {
+        table
+            .split(|&b| b == b'\n')
+            .any(|line| line.split(|&b| b == b':').next() == Some(name.as_bytes()))
+    };
+    let name = if has_name(passwd, "user") {
+        format!("sandbox{uid}")
+    } else {
+        "user".to_string()
+    };
+    let with = |table: &[u8], present: bool, line: String| {
+        let mut out = table.to_vec();
+        if !present {
+            if !out.is_empty() && !out.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(line.as_bytes());
+        }
+        out
+    };
+    (
+        with(
+            passwd,
+            has_id(passwd, 2),
+            format!("{name}:x:{uid}:{uid}:forkd sandbox:/home/user:/bin/sh\n"),
+        ),
+        with(group, has_id(group, 2), format!("{name}:x:{uid}:\n")),
+    )
 }
 
 /// Where a child writes the CPU list `/sys/devices/system/cpu/online` (a
@@ -217,6 +279,13 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     }
     for e in &fs.etc {
         let path = Path::new("/etc").join(e);
+        if let Some((_, target)) = PER_CHILD_ETC.iter().find(|(name, _)| name == e) {
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                let target = PathBuf::from(target);
+                out.push((path, Entry::Symlink { target }));
+                continue;
+            }
+        }
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_symlink() => {
                 if let Ok(target) = std::fs::read_link(&path) {
@@ -398,6 +467,8 @@ pub fn build(
         bound,
         shadowed,
         host_cpus: host_cpu_count().filter(|_| fs.cpu_count),
+        passwd: per_child_etc(fs, "passwd"),
+        group: per_child_etc(fs, "group"),
     })
 }
 
@@ -521,6 +592,29 @@ fn assemble(entries: &[(PathBuf, Entry)]) -> Result<(), TemplateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_files_add_the_sandbox_user_once() {
+        let passwd = b"root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/bin/false";
+        let group = b"root:x:0:\n";
+        let (p, g) = account_files(passwd, group, 100_000);
+        assert_eq!(
+            String::from_utf8(p).unwrap(),
+            "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/bin/false\n\
+             user:x:100000:100000:forkd sandbox:/home/user:/bin/sh\n"
+        );
+        assert_eq!(String::from_utf8(g).unwrap(), "root:x:0:\nuser:x:100000:\n");
+        // An id the host already names (a branch is uid 0 in its namespace)
+        // keeps the host's entry.
+        let (p, g) = account_files(passwd, group, 0);
+        assert_eq!(p, passwd);
+        assert_eq!(g, group);
+        // A host account already called `user` keeps its name.
+        let (p, _) = account_files(b"user:x:1000:1000::/home/user:/bin/sh\n", group, 7);
+        assert!(String::from_utf8(p)
+            .unwrap()
+            .ends_with("\nsandbox7:x:7:7:forkd sandbox:/home/user:/bin/sh\n"));
+    }
 
     #[test]
     fn cpu_lists() {
