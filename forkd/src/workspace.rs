@@ -451,6 +451,246 @@ fn make_upper(base: &Path, scratch_bytes: u64) -> std::io::Result<Upper> {
     Ok(upper)
 }
 
+impl Ready {
+    /// The workspace of a branch of the session holding this one: the same
+    /// plan (host directory, hidden paths, mounts) over a new upper layer
+    /// holding a copy of this one's at this instant (docs/branch.md,
+    /// "Workspaces"). The branch's writes land in its own layer; the host
+    /// directory stays the lower layer of both, never written.
+    pub async fn for_branch(&self, scratch_bytes: u64) -> Result<Ready, ErrorReply> {
+        let failed = |e: std::io::Error| ErrorReply {
+            code: ErrorCode::SpawnFailed,
+            message: format!("cannot copy the workspace's changes for the branch: {e}"),
+        };
+        let Some(Upper::Detached(from)) = &self.upper else {
+            return Err(invalid(
+                "only an overlay workspace of a root daemon can be copied for a branch".into(),
+            ));
+        };
+        let from = rustix::fs::openat(
+            from,
+            "upper",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| failed(e.into()))?;
+        let mut plan = self.plan.clone();
+        tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
+            let upper = make_upper(Path::new("/"), scratch_bytes).map_err(failed)?;
+            let Upper::Detached(to) = &upper else {
+                return Err(failed(std::io::Error::other("not a detached layer")));
+            };
+            let to_dir = rustix::fs::openat(
+                to,
+                "upper",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| failed(e.into()))?;
+            copy_layer(&from, &to_dir, &mut std::collections::HashMap::new(), 0).map_err(failed)?;
+            copy_attrs(&from, &to_dir).map_err(failed)?;
+            plan.upper = Some(upper.path());
+            Ok(Ready {
+                plan,
+                upper: Some(upper),
+            })
+        })
+        .await
+        .map_err(|e| ErrorReply {
+            code: ErrorCode::Internal,
+            message: format!("workspace copy: {e}"),
+        })?
+    }
+}
+
+/// Deepest directory nesting an upper layer copy follows (the copy
+/// recurses on a blocking thread's stack).
+const MAX_LAYER_DEPTH: usize = 256;
+
+/// Copies one upper layer directory into another, as overlayfs reads it:
+/// files, directories, symlinks, FIFOs, whiteouts (0/0 character devices),
+/// hard links, owners, modes, times and xattrs (`trusted.overlay.opaque`
+/// marks a directory opaque). The session may change its layer meanwhile:
+/// every step is an `openat` with `O_NOFOLLOW` on a directory descriptor
+/// of this layer (a tmpfs that holds no other mount), so a name swapped for
+/// a symlink is skipped, never followed.
+fn copy_layer(
+    from: &OwnedFd,
+    to: &OwnedFd,
+    links: &mut std::collections::HashMap<u64, (OwnedFd, std::ffi::CString)>,
+    depth: usize,
+) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, Dir, FileType, Mode as FsMode};
+    use rustix::io::Errno;
+    if depth > MAX_LAYER_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "the workspace's changes nest deeper than {MAX_LAYER_DEPTH} directories"
+        )));
+    }
+    let nofollow = OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir_fd = |d: &OwnedFd| rustix::io::dup(d);
+    for entry in Dir::read_from(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        let st = match rustix::fs::statat(from, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => continue, // removed meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        let mode = FsMode::from_raw_mode(st.st_mode) & FsMode::from_bits_truncate(0o7777);
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                let src = match rustix::fs::openat(
+                    from,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | nofollow,
+                    FsMode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                rustix::fs::mkdirat(to, name, FsMode::from_bits_truncate(0o700))?;
+                let dst = rustix::fs::openat(
+                    to,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | nofollow,
+                    FsMode::empty(),
+                )?;
+                copy_layer(&src, &dst, links, depth + 1)?;
+                copy_attrs(&src, &dst)?;
+            }
+            FileType::RegularFile => {
+                if st.st_nlink > 1 {
+                    if let Some((dir, first)) = links.get(&st.st_ino) {
+                        rustix::fs::linkat(dir, first.as_c_str(), to, name, AtFlags::empty())?;
+                        continue;
+                    }
+                }
+                let src = match rustix::fs::openat(
+                    from,
+                    name,
+                    OFlags::RDONLY | nofollow,
+                    FsMode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT | Errno::LOOP) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let dst = rustix::fs::openat(
+                    to,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | nofollow,
+                    FsMode::from_bits_truncate(0o600),
+                )?;
+                let mut r = std::fs::File::from(src);
+                let mut w = std::fs::File::from(dst);
+                std::io::copy(&mut r, &mut w)?;
+                copy_attrs(&r, &w)?;
+                if st.st_nlink > 1 {
+                    links.insert(st.st_ino, (dir_fd(to)?, name.to_owned()));
+                }
+            }
+            FileType::Symlink => {
+                let target = match rustix::fs::readlinkat(from, name, Vec::new()) {
+                    Ok(t) => t,
+                    Err(Errno::NOENT | Errno::INVAL) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                rustix::fs::symlinkat(target.as_c_str(), to, name)?;
+                rustix::fs::chownat(
+                    to,
+                    name,
+                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            // A whiteout: the lower entry of that name is deleted.
+            FileType::CharacterDevice if st.st_rdev == 0 => {
+                rustix::fs::mknodat(to, name, FileType::CharacterDevice, FsMode::empty(), 0)?;
+                rustix::fs::chownat(
+                    to,
+                    name,
+                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            FileType::Fifo => {
+                rustix::fs::mknodat(to, name, FileType::Fifo, mode, 0)?;
+                rustix::fs::chownat(
+                    to,
+                    name,
+                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            // Sockets are not data; other devices cannot be made through
+            // the overlay (no CAP_MKNOD, nodev).
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Owner, mode, times and extended attributes of `from` onto `to` (the
+/// daemon is root: `trusted.*` included, which carries overlayfs' markers).
+fn copy_attrs(from: impl rustix::fd::AsFd, to: impl rustix::fd::AsFd) -> std::io::Result<()> {
+    let st = rustix::fs::fstat(&from)?;
+    let mut names = vec![0u8; 4096];
+    let n = match rustix::fs::flistxattr(&from, &mut names) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::RANGE) => {
+            names = vec![0u8; 65536];
+            rustix::fs::flistxattr(&from, &mut names)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let mut value = vec![0u8; 65536];
+        let len = match rustix::fs::fgetxattr(&from, name.as_c_str(), &mut value) {
+            Ok(len) => len,
+            Err(rustix::io::Errno::NODATA) => continue, // removed meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        rustix::fs::fsetxattr(
+            &to,
+            name.as_c_str(),
+            &value[..len],
+            rustix::fs::XattrFlags::empty(),
+        )?;
+    }
+    rustix::fs::fchown(
+        &to,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+    )?;
+    rustix::fs::fchmod(
+        &to,
+        rustix::fs::Mode::from_raw_mode(st.st_mode) & rustix::fs::Mode::from_bits_truncate(0o7777),
+    )?;
+    let ts = |s: i64, ns: i64| rustix::fs::Timespec {
+        tv_sec: s,
+        tv_nsec: ns as _,
+    };
+    rustix::fs::futimens(
+        &to,
+        &rustix::fs::Timestamps {
+            last_access: ts(st.st_atime as i64, st.st_atime_nsec as i64),
+            last_modification: ts(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        },
+    )?;
+    Ok(())
+}
+
 /// Largest delta returned in a result (it travels base64 in one frame).
 pub const MAX_DELTA_BYTES: usize = 8 * 1024 * 1024;
 

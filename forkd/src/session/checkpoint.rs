@@ -116,7 +116,7 @@ pub async fn take(
     if session.has_workspace() {
         return Err(error(
             ErrorCode::InvalidRequest,
-            "a session with a workspace cannot be checkpointed yet (a direct workspace's host files cannot be put back); create it without one to checkpoint it",
+            "a session with a workspace cannot be checkpointed yet (a direct workspace's host files cannot be put back, and putting an overlay's back means replacing its mount); create it without one to checkpoint it, or branch it (overlay mode) to keep a state",
         ));
     }
     let slot = sessions.reserve_checkpoint(&session)?;
