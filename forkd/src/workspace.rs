@@ -457,7 +457,7 @@ impl Ready {
     /// holding a copy of this one's at this instant (docs/branch.md,
     /// "Workspaces"). The branch's writes land in its own layer; the host
     /// directory stays the lower layer of both, never written.
-    pub async fn for_branch(&self, scratch_bytes: u64) -> Result<Ready, ErrorReply> {
+    pub async fn with_copied_layer(&self, scratch_bytes: u64) -> Result<Ready, ErrorReply> {
         let failed = |e: std::io::Error| ErrorReply {
             code: ErrorCode::SpawnFailed,
             message: format!("cannot copy the workspace's changes for the branch: {e}"),
@@ -501,6 +501,75 @@ impl Ready {
             message: format!("workspace copy: {e}"),
         })?
     }
+}
+
+impl Ready {
+    /// Mounts this workspace at its mount point in the mount namespace of
+    /// the process `pidfd` names (a session's init; a pidfd, so a reused
+    /// pid cannot redirect it) in place of the one there (a restore). A
+    /// thread of its own makes the overlay while it still sees the host,
+    /// then leaves the daemon's shared filesystem context (`unshare
+    /// (CLONE_FS)`, which `setns` into a mount namespace needs), enters the
+    /// session's mount namespace, detaches what is mounted at the mount
+    /// point (without following a symlink) and attaches the new tree; the
+    /// thread ends there. Only for `/workspace` (the session cannot change
+    /// that path: the sandbox's root is read-only) and plans without
+    /// landlock grants (`MountPlan::branchable`).
+    pub async fn remount_in(&self, pidfd: OwnedFd) -> Result<(), ErrorReply> {
+        if !self.plan.branchable() || self.plan.mount_point != forkd_workspace::DEFAULT_MOUNT_POINT
+        {
+            return Err(invalid(format!(
+                "only an overlay workspace at {} without `view` rules can be put back",
+                forkd_workspace::DEFAULT_MOUNT_POINT
+            )));
+        }
+        let plan = self.plan.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(remount_thread(&plan, &pidfd));
+        });
+        rx.await
+            .map_err(|_| std::io::Error::other("the remount thread panicked"))
+            .and_then(|r| r)
+            .map_err(|e| ErrorReply {
+                code: ErrorCode::Internal,
+                message: format!("putting the workspace back: {e}"),
+            })
+    }
+}
+
+/// The body of [`Ready::remount_in`]'s thread (which ends after it: its
+/// filesystem context is then the session's).
+fn remount_thread(plan: &MountPlan, pidfd: &OwnedFd) -> std::io::Result<()> {
+    let prepared = forkd_zygote::workspace::prepare(plan).map_err(std::io::Error::other)?;
+    // SAFETY: unshare and setns change only this thread's filesystem
+    // context and mount namespace; the thread does nothing else afterwards.
+    unsafe {
+        if libc::unshare(libc::CLONE_FS) != 0
+            || libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWNS) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mp = std::ffi::CString::new(plan.mount_point.as_str()).map_err(std::io::Error::other)?;
+    // The stack at the mount point (a bind on the root sits on the base).
+    for _ in 0..64 {
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break; // nothing mounted there any more
+            }
+            return Err(e);
+        }
+    }
+    prepared
+        .attach(
+            forkd_zygote::isolate::LANDLOCK_ABI,
+            forkd_zygote::sys::landlock_abi(),
+        )
+        .map(drop)
+        .map_err(std::io::Error::other)
 }
 
 /// Deepest directory nesting an upper layer copy follows (the copy

@@ -1279,9 +1279,11 @@ async fn workspace_branch_refusals_and_no_leaks() {
     let sv = create(ws(&t.proj, WorkspaceMode::Overlay)).await; // docs=view
     let e = server_error(c.session_branch(branch(&sv, 1)).await.unwrap_err());
     assert!(e.message.contains("`view`"), "{e:?}");
+    for id in [&sd, &sv] {
+        let e = server_error(c.session_checkpoint(id, false).await.unwrap_err());
+        assert!(e.message.contains("cannot be checkpointed"), "{e:?}");
+    }
     let so = create(ws_branchable(&t.proj)).await;
-    let e = server_error(c.session_checkpoint(&so, false).await.unwrap_err());
-    assert!(e.message.contains("checkpointed yet"), "{e:?}");
     for id in [&sd, &sv] {
         c.session_kill(id).await.unwrap();
     }
@@ -1302,6 +1304,92 @@ async fn workspace_branch_refusals_and_no_leaks() {
         }
     }
     c.session_kill(&so).await.unwrap();
+    drop(c);
+    d.finish().await;
+}
+
+/// Checkpoint and restore of an overlay-workspace session: the restore
+/// puts the workspace's layer back as it was (files written after the
+/// checkpoint disappear, deleted ones come back, changed ones revert), the
+/// rules hold on the remounted workspace, a checkpoint restores twice, and
+/// the host directory never changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_session_checkpoint_restores_the_workspace() {
+    if skip_unless_root("starts a daemon that mounts workspaces") {
+        return;
+    }
+    let t = tree();
+    let d = start(&t.base).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate {
+            workspace: Some(ws_branchable(&t.proj)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session;
+    let text = |code: &'static str| {
+        let (c, s) = (c.clone(), s.clone());
+        async move { common::cells::text(&c, &s, code).await }
+    };
+    text("import os\nx = 1\nopen('/workspace/out/a.txt', 'w').write('A')\nos.unlink('/workspace/out/old.txt')").await;
+    let ck = c.session_checkpoint(&s, false).await.unwrap().checkpoint;
+    let look = "(x, sorted(os.listdir('/workspace/out')), sorted(os.listdir('/workspace/out/keep')), open('/workspace/out/a.txt').read())";
+    let want = "(1, ['a.txt', 'keep'], ['k.txt'], 'A')";
+    for round in 0..2 {
+        text("x = 2\nopen('/workspace/out/a.txt', 'w').write('A2')\nopen('/workspace/out/b.txt', 'w').write('B')\nos.unlink('/workspace/out/keep/k.txt')").await;
+        assert_eq!(
+            text(look).await,
+            "(2, ['a.txt', 'b.txt', 'keep'], [], 'A2')",
+            "round {round}"
+        );
+        c.session_restore(&s, &ck).await.unwrap();
+        assert_eq!(text(look).await, want, "after restore {round}");
+    }
+    let got = probe_cell(
+        &c,
+        &s,
+        r#"
+R["secret"] = op(lambda: read(W + "/secrets/key"))
+R["env"] = op(lambda: read(W + "/.env"))
+R["src_write"] = op(lambda: write(W + "/src/a.py"))
+R["hardlink_in"] = op(lambda: os.link(W + "/src/a.py", W + "/out/hl"))
+R["out_write"] = op(lambda: write(W + "/out/c.txt", "C"))
+"#,
+    )
+    .await;
+    let mut table = Table::new();
+    expect(
+        &mut table,
+        &got,
+        &[
+            ("secret", &["ENOENT"]),
+            ("env", &["ENOENT"]),
+            ("src_write", &["EROFS"]),
+            ("hardlink_in", &["EXDEV"]),
+            ("out_write", &["ok:1"]),
+        ],
+    );
+    table.assert_all("the restored workspace");
+    let delta = tar_entries(&c.session_workspace_delta(&s).await.unwrap());
+    assert_eq!(
+        delta.get("out/a.txt").map(Vec::as_slice),
+        Some(&b"A"[..]),
+        "{:?}",
+        delta.keys()
+    );
+    assert!(delta.contains_key("out/.wh.old.txt") && delta.contains_key("out/c.txt"));
+    assert!(!delta.contains_key("out/b.txt") && !delta.contains_key("out/keep/.wh.k.txt"));
+    assert_eq!(
+        fs::read_to_string(t.proj.join("out/old.txt")).unwrap(),
+        "old"
+    );
+    assert!(t.proj.join("out/keep/k.txt").exists());
+    for f in ["out/a.txt", "out/b.txt", "out/c.txt"] {
+        assert!(!t.proj.join(f).exists(), "{f} reached the host");
+    }
+    c.session_kill(&s).await.unwrap();
     drop(c);
     d.finish().await;
 }

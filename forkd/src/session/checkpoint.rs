@@ -27,6 +27,8 @@ pub(crate) struct Record {
     created: Instant,
     scratch_bytes: u64,
     restores: u64,
+    /// The overlay workspace's layer as it was (copied again per restore).
+    workspace: Option<Arc<crate::workspace::Ready>>,
 }
 
 /// A checkpoint counted against the quotas while it is being taken.
@@ -39,13 +41,19 @@ impl Slot {
     }
 
     /// The checkpoint exists: it is counted by its record from now on.
-    fn commit(mut self, id: String, scratch_bytes: u64) -> CheckpointInfo {
+    fn commit(
+        mut self,
+        id: String,
+        scratch_bytes: u64,
+        workspace: Option<Arc<crate::workspace::Ready>>,
+    ) -> CheckpointInfo {
         let session = self.0.take().expect("a slot is committed once");
         let record = Record {
             id,
             created: Instant::now(),
             scratch_bytes,
             restores: 0,
+            workspace,
         };
         let info = record.info(&session.id);
         lock(&session.checkpoints).push(record);
@@ -113,10 +121,13 @@ pub async fn take(
     session: Arc<Session>,
     force: bool,
 ) -> Result<CheckpointInfo, ErrorReply> {
-    if session.has_workspace() {
+    let workspace = lock(&session.workspace).clone();
+    if workspace.as_ref().is_some_and(|w| {
+        !w.plan.branchable() || w.plan.mount_point != forkd_workspace::DEFAULT_MOUNT_POINT
+    }) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            "a session with a workspace cannot be checkpointed yet (a direct workspace's host files cannot be put back, and putting an overlay's back means replacing its mount); create it without one to checkpoint it, or branch it (overlay mode) to keep a state",
+            "a session with a direct workspace, `view` rules or a mount point other than /workspace cannot be checkpointed (host files cannot be put back; `view` rules and other mount points are not built yet); use an overlay workspace at /workspace without `view` rules",
         ));
     }
     let slot = sessions.reserve_checkpoint(&session)?;
@@ -131,8 +142,15 @@ pub async fn take(
         (FromExecutor::Checkpointed { scratch_bytes, .. }, _) => scratch_bytes,
         _ => return Err(unexpected("session_checkpoint")),
     };
+    // The workspace's layer right after the interpreter's copy was made.
+    let layer = match &workspace {
+        Some(w) => Some(Arc::new(
+            w.with_copied_layer(session.limits.scratch_bytes).await?,
+        )),
+        None => None,
+    };
     session.touch();
-    let info = slot.commit(id.clone(), scratch_bytes);
+    let info = slot.commit(id.clone(), scratch_bytes, layer);
     sessions.audit_record("session_checkpointed", &session, "ok", None, Some(id));
     Ok(info)
 }
@@ -146,6 +164,18 @@ pub async fn restore(
 ) -> Result<SessionInfo, ErrorReply> {
     if !session.has_checkpoint(id) {
         return Err(session.unknown_checkpoint(id));
+    }
+    // The workspace first: its mount is replaced by one over a fresh copy
+    // of the checkpoint's layer (the checkpoint keeps its own).
+    let kept = lock(&session.checkpoints)
+        .iter()
+        .find(|r| r.id == id)
+        .and_then(|r| r.workspace.clone());
+    if let Some(kept) = kept {
+        let fresh = kept.with_copied_layer(session.limits.scratch_bytes).await?;
+        let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
+        fresh.remount_in(pidfd).await?;
+        *lock(&session.workspace) = Some(Arc::new(fresh));
     }
     let req = session.next_req();
     let msg = ToExecutor::Restore {

@@ -458,7 +458,7 @@ pub async fn branch(
     let want = (req.count as usize).min(sessions.cfg.spare_branches);
     // A spare of a workspace session could not hold the delta of the
     // moment it is handed out (its overlay is mounted when it is made).
-    if want > 0 && workspace.is_none() {
+    if want > 0 && !parent.has_workspace() {
         tokio::spawn(refill_spares(sessions.clone(), parent.clone(), peer, want));
     }
     Ok(made.iter().map(|(b, _, _)| b.info()).collect())
@@ -499,7 +499,9 @@ async fn make_branch(
     // branch's own (made before its shell, which mounts it).
     let workspace = super::lock(&parent.workspace).clone();
     let workspace = match workspace {
-        Some(ws) => Some(Arc::new(ws.for_branch(parent.limits.scratch_bytes).await?)),
+        Some(ws) => Some(Arc::new(
+            ws.with_copied_layer(parent.limits.scratch_bytes).await?,
+        )),
         None => None,
     };
     let spare = if workspace.is_none() {
