@@ -487,7 +487,11 @@ impl Ready {
                 rustix::fs::Mode::empty(),
             )
             .map_err(|e| failed(e.into()))?;
-            copy_layer(&from, &to_dir, &mut std::collections::HashMap::new(), 0).map_err(failed)?;
+            let mut links = Links {
+                root: rustix::io::dup(&to_dir).map_err(|e| failed(e.into()))?,
+                first: std::collections::HashMap::new(),
+            };
+            copy_layer(&from, &to_dir, Path::new(""), &mut links, 0).map_err(failed)?;
             copy_attrs(&from, &to_dir).map_err(failed)?;
             plan.upper = Some(upper.path());
             Ok(Ready {
@@ -583,21 +587,31 @@ const MAX_LAYER_DEPTH: usize = 256;
 /// every step is an `openat` with `O_NOFOLLOW` on a directory descriptor
 /// of this layer (a tmpfs that holds no other mount), so a name swapped for
 /// a symlink is skipped, never followed.
+/// Hard links of a layer copy: where each multiply-linked inode was first
+/// copied, as a path beneath the new layer's root (which only the daemon
+/// reaches: no symlink of the session's is on that path's directories).
+/// Paths, not descriptors: the session decides how many there are.
+struct Links {
+    root: OwnedFd,
+    first: std::collections::HashMap<u64, PathBuf>,
+}
+
 fn copy_layer(
     from: &OwnedFd,
     to: &OwnedFd,
-    links: &mut std::collections::HashMap<u64, (OwnedFd, std::ffi::CString)>,
+    rel: &Path,
+    links: &mut Links,
     depth: usize,
 ) -> std::io::Result<()> {
     use rustix::fs::{AtFlags, Dir, FileType, Mode as FsMode};
     use rustix::io::Errno;
+    use std::os::unix::ffi::OsStrExt;
     if depth > MAX_LAYER_DEPTH {
         return Err(std::io::Error::other(format!(
             "the workspace's changes nest deeper than {MAX_LAYER_DEPTH} directories"
         )));
     }
     let nofollow = OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let dir_fd = |d: &OwnedFd| rustix::io::dup(d);
     for entry in Dir::read_from(from)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -629,14 +643,19 @@ fn copy_layer(
                     OFlags::RDONLY | OFlags::DIRECTORY | nofollow,
                     FsMode::empty(),
                 )?;
-                copy_layer(&src, &dst, links, depth + 1)?;
+                let sub = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                copy_layer(&src, &dst, &sub, links, depth + 1)?;
                 copy_attrs(&src, &dst)?;
             }
             FileType::RegularFile => {
                 if st.st_nlink > 1 {
-                    if let Some((dir, first)) = links.get(&st.st_ino) {
-                        rustix::fs::linkat(dir, first.as_c_str(), to, name, AtFlags::empty())?;
-                        continue;
+                    if let Some(first) = links.first.get(&st.st_ino) {
+                        match rustix::fs::linkat(&links.root, first, to, name, AtFlags::empty()) {
+                            Ok(()) => continue,
+                            // Too deep to name: a copy of its own instead.
+                            Err(Errno::NAMETOOLONG) => {}
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                 }
                 let src = match rustix::fs::openat(
@@ -660,7 +679,8 @@ fn copy_layer(
                 std::io::copy(&mut r, &mut w)?;
                 copy_attrs(&r, &w)?;
                 if st.st_nlink > 1 {
-                    links.insert(st.st_ino, (dir_fd(to)?, name.to_owned()));
+                    let path = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                    links.first.entry(st.st_ino).or_insert(path);
                 }
             }
             FileType::Symlink => {

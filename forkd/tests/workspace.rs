@@ -1063,6 +1063,9 @@ shutil.rmtree(W + "/out/keep"); os.mkdir(W + "/out/keep"); write(W + "/out/keep/
 os.mkdir(W + "/out/sub"); write(W + "/out/sub/f", "F")
 os.link(W + "/out/s1.txt", W + "/out/s1.link")
 os.symlink("s1.txt", W + "/out/s1.sym")
+# For the daemon's copy: a symlink it must not follow, a link across dirs.
+os.symlink("/etc", W + "/out/evil")
+os.mkdir(W + "/out/sub/deeper"); os.link(W + "/out/sub/f", W + "/out/sub/deeper/g")
 # The session can be branched, and that widened nothing: still no device
 # nodes (a 0/0 one would be a whiteout) and no overlay markers.
 R["s_whiteout"] = op(lambda: os.mknod(W + "/out/w", 0o600 | stat.S_IFCHR, 0))
@@ -1107,6 +1110,8 @@ R["keep"] = op(lambda: sorted(os.listdir(W + "/out/keep")))
 R["sub"] = op(lambda: read(W + "/out/sub/f"))
 R["link"] = op(lambda: (os.stat(W + "/out/s1.link").st_nlink, read(W + "/out/s1.link")))
 R["sym"] = op(lambda: os.readlink(W + "/out/s1.sym"))
+R["evil"] = op(lambda: (os.path.islink(W + "/out/evil"), os.readlink(W + "/out/evil")))
+R["deep_link"] = op(lambda: (os.stat(W + "/out/sub/deeper/g").st_nlink, os.stat(W + "/out/sub/deeper/g").st_ino == os.stat(W + "/out/sub/f").st_ino))
 R["listed"] = op(lambda: sorted(n for n in os.listdir(W) if n in ("secrets", ".env")))
 R["secret"] = op(lambda: read(W + "/secrets/key"))
 R["secret_deep"] = op(lambda: os.stat(W + "/secrets/deep/x"))
@@ -1140,6 +1145,8 @@ R["opaque"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y")
                 ("sub", &["ok:'F'"]),
                 ("link", &["ok:(2, 'S1')"]),
                 ("sym", &["ok:'s1.txt'"]),
+                ("evil", &["ok:(True, '/etc')"]),
+                ("deep_link", &["ok:(2, True)"]),
                 ("listed", &["ok:[]"]),
                 ("secret", &["ENOENT"]),
                 ("secret_deep", &["ENOENT"]),
