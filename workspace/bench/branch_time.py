@@ -8,7 +8,7 @@ a 200-file tree; each session holds numpy and a 50 MB array, and the
 workspace session has written 100 files (1 MB) into `out/`. Per round:
 branch(1) until the branch answers `x + 1`, then checkpoint, restore.
 """
-import os, statistics, subprocess, sys, tempfile, time
+import os, shutil, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "clients", "python", "src"))
 import forkd  # noqa: E402
 bin_, py, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -54,3 +54,4 @@ try:
         run("overlay workspace, 100-file 1 MB delta, 200-file tree", forkd.Workspace(path=root, rules=["out=write", "src/d0=none"], overlay=True))
 finally:
     p.terminate(); p.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
