@@ -65,6 +65,7 @@ pub struct Config {
     /// How long shutdown waits for killed sandboxes to be reported.
     pub shutdown_grace_ms: u64,
     /// Limit on one client frame's size, bytes (at most the protocol's 16 MiB).
+    #[serde(deserialize_with = "crate::size::deserialize_usize")]
     pub max_frame_bytes: usize,
     /// Network namespaces kept made ahead of requests (0: each child makes
     /// its own). Only a root daemon can make them.
@@ -330,7 +331,11 @@ impl Default for LimitsSection {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a table: [limits.default] or [limits.max]"
+)]
 struct RawLimits {
     default: PartialLimits,
     max: PartialLimits,
@@ -956,6 +961,9 @@ pub struct SessionsSection {
     /// last request asked, at most this many; 0: none). Each holds an
     /// executor (~2 MB) and a uid until used or the session ends.
     pub spare_branches: usize,
+    /// How long checkpoints taken with `keep` outlive their session's end
+    /// (then they and what is left of the session go), seconds.
+    pub kept_checkpoint_ttl_secs: u64,
 }
 
 impl Default for SessionsSection {
@@ -972,6 +980,7 @@ impl Default for SessionsSection {
             max_checkpoints_per_session: 16,
             max_checkpoints_per_uid: 64,
             spare_branches: 16,
+            kept_checkpoint_ttl_secs: 3600,
         }
     }
 }

@@ -1214,15 +1214,47 @@ R["opaque"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y")
     for f in ["out/s1.txt", "out/s2.txt", "out/b1.txt", "out/b2.txt"] {
         assert!(!t.proj.join(f).exists(), "{f} reached the host");
     }
+    // A branch with a workspace is not branched again; it checkpoints and
+    // restores its own workspace.
+    let e = server_error(
+        c.session_branch(forkd_ipc::SessionBranch {
+            session: b2.clone(),
+            count: 1,
+            same_seed: false,
+            force: false,
+            labels: None,
+        })
+        .await
+        .unwrap_err(),
+    );
+    assert!(e.message.contains("branch with a workspace"), "{e:?}");
+    let ck = c.session_checkpoint(&b2, false).await.unwrap().checkpoint;
+    common::cells::text(&c, &b2, "open('/workspace/out/b2.txt', 'w').write('B2-LATER'); open('/workspace/out/b2b.txt', 'w').write('x')").await;
+    c.session_restore(&b2, &ck).await.unwrap();
+    assert_eq!(
+        common::cells::text(&c, &b2, "import os; (open('/workspace/out/b2.txt').read(), os.path.exists('/workspace/out/b2b.txt'))").await,
+        "('B2', False)",
+        "branch 2 after its restore"
+    );
+    assert_eq!(
+        common::cells::text(&c, &s, look).await,
+        "(['s1.txt', 's2.txt'], 'S1')"
+    );
     // A branch ends without touching the session's workspace.
     c.session_kill(&b1).await.unwrap();
     assert_eq!(
         common::cells::text(&c, &s, look).await,
         "(['s1.txt', 's2.txt'], 'S1')"
     );
-    for id in [&b2, &s] {
-        c.session_kill(id).await.unwrap();
-    }
+    // A branch outlives its parent (docs/branch.md, "Lifetime"), workspace
+    // included, though both run as uid 0.
+    c.session_kill(&s).await.unwrap();
+    assert_eq!(
+        common::cells::text(&c, &b2, "open('/workspace/out/b2.txt').read()").await,
+        "'B2'",
+        "branch 2 after its parent ended"
+    );
+    c.session_kill(&b2).await.unwrap();
     drop(c);
     d.finish().await;
 }

@@ -62,6 +62,8 @@ pub struct ReadyChild {
     pub exited: oneshot::Receiver<Result<Exited, ZygoteError>>,
     pub cgroup: CgroupCleanup,
     pub forked_at: Instant,
+    /// (A first-level session branch.) The ids its own branches get.
+    pub descendant_uids: Option<crate::uids::UidRange>,
 }
 
 impl ReadyChild {
@@ -144,14 +146,24 @@ pub async fn prepare(
 /// a root helper that makes the branch's namespaces (see
 /// `forkd_zygote::branch`); the returned pid and pidfd are that helper's,
 /// which lives exactly as long as the branch's init.
+///
+/// `uids`: the parent branch's block when the parent is itself a branch
+/// (the new branch's uid comes from it, and it gets no block of its own);
+/// otherwise the branch gets a block of [`BRANCH_UID_BLOCK`] ids for its
+/// own branches ([`ReadyChild::descendant_uids`]).
 pub async fn prepare_branch(
     zygote: &Zygote,
     cgroups: &Arc<Manager>,
     sandbox: u64,
     plan: ChildPlan,
+    uids: Option<&crate::uids::UidRange>,
 ) -> Result<ReadyChild, PrepareError> {
-    prepare_child(zygote, cgroups, None, sandbox, plan, false).await
+    prepare_child_from(zygote, cgroups, None, sandbox, plan, false, uids).await
 }
+
+/// Ids a first-level branch keeps for its own branches (and their spares)
+/// alive at once: its user namespace maps them beside its own.
+pub const BRANCH_UID_BLOCK: u32 = 32;
 
 /// [`prepare`] for a child parked in the warm pool: it pre-touches the
 /// memory a job writes while it waits, so a request does not pay for
@@ -174,6 +186,18 @@ async fn prepare_child(
     plan: ChildPlan,
     parked: bool,
 ) -> Result<ReadyChild, PrepareError> {
+    prepare_child_from(zygote, cgroups, netns, sandbox, plan, parked, None).await
+}
+
+async fn prepare_child_from(
+    zygote: &Zygote,
+    cgroups: &Arc<Manager>,
+    netns: Option<&NetnsStock>,
+    sandbox: u64,
+    mut plan: ChildPlan,
+    parked: bool,
+    from: Option<&crate::uids::UidRange>,
+) -> Result<ReadyChild, PrepareError> {
     let limits = plan.cgroup;
     let manager = cgroups.clone();
     let cgroup =
@@ -190,9 +214,33 @@ async fn prepare_child(
     // an idmapped mount (TODO); it keeps the capability-less uid 0.
     // SAFETY: geteuid cannot fail.
     let uid = if plan.isolate && plan.workspace.is_none() && unsafe { libc::geteuid() } == 0 {
-        Some(crate::uids::global().lease().map_err(PrepareError::Uid)?)
+        Some(
+            from.unwrap_or(crate::uids::global())
+                .lease()
+                .map_err(PrepareError::Uid)?,
+        )
     } else {
         None
+    };
+    // A session branch: ids for its own branches, mapped in its user
+    // namespace (kept with its uid until its helper is reaped), or, as a
+    // branch of a branch, its uid as its parent's namespace maps it.
+    let mut descendant_uids = None;
+    if let (Some(branch), Some(lease)) = (plan.branch.as_mut(), uid.as_ref()) {
+        match from {
+            Some(block) => branch.inner_uid = Some(lease.id() - block.base() + 1),
+            None => {
+                let block = crate::uids::global()
+                    .lease_block(BRANCH_UID_BLOCK)
+                    .map_err(PrepareError::Uid)?;
+                branch.block = Some((block.base(), block.count()));
+                descendant_uids = Some(block);
+            }
+        }
+    }
+    let uid = match (uid, &descendant_uids) {
+        (Some(lease), Some(block)) => Some(lease.keep(block.clone())),
+        (uid, _) => uid,
     };
     let (job_r, job_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
     let (stdout_r, stdout_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
@@ -269,5 +317,6 @@ async fn prepare_child(
         exited: forked.exited,
         cgroup,
         forked_at: Instant::now(),
+        descendant_uids,
     })
 }

@@ -70,6 +70,15 @@ pub struct BranchOf {
     pub parent_pid: i32,
     /// The parent session's uid: the owner of the branch's user namespace.
     pub parent_uid: u32,
+    /// Host ids (first, count) the branch's user namespace maps from its
+    /// uid 1 on, for its own branches' uids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<(u32, u32)>,
+    /// (A branch of a branch.) The branch's uid as its parent's user
+    /// namespace maps it (from the parent's block): its user namespace is
+    /// made inside the parent's, whose uid 0 owns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_uid: Option<u32>,
 }
 
 fn yes() -> bool {

@@ -27,6 +27,8 @@ pub(crate) struct Record {
     created: Instant,
     scratch_bytes: u64,
     restores: u64,
+    /// Taken with `keep`: outlives the session's end.
+    pub(super) kept: bool,
     /// The overlay workspace's layer as it was (copied again per restore).
     workspace: Option<Arc<crate::workspace::Ready>>,
 }
@@ -45,6 +47,7 @@ impl Slot {
         mut self,
         id: String,
         scratch_bytes: u64,
+        kept: bool,
         workspace: Option<Arc<crate::workspace::Ready>>,
     ) -> CheckpointInfo {
         let session = self.0.take().expect("a slot is committed once");
@@ -53,6 +56,7 @@ impl Slot {
             created: Instant::now(),
             scratch_bytes,
             restores: 0,
+            kept,
             workspace,
         };
         let info = record.info(&session.id);
@@ -78,6 +82,7 @@ impl Record {
             age_ms: millis(self.created.elapsed()),
             scratch_bytes: self.scratch_bytes,
             restores: self.restores,
+            kept: self.kept,
         }
     }
 }
@@ -96,7 +101,16 @@ impl Session {
             .collect()
     }
 
-    fn has_checkpoint(&self, id: &str) -> bool {
+    /// The ids of its checkpoints taken with `keep`.
+    pub(super) fn kept_checkpoints(&self) -> Vec<String> {
+        lock(&self.checkpoints)
+            .iter()
+            .filter(|r| r.kept)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    pub(super) fn has_checkpoint(&self, id: &str) -> bool {
         lock(&self.checkpoints).iter().any(|r| r.id == id)
     }
 
@@ -104,7 +118,7 @@ impl Session {
         lock(&self.checkpoints).retain(|r| r.id != id);
     }
 
-    fn unknown_checkpoint(&self, id: &str) -> ErrorReply {
+    pub(super) fn unknown_checkpoint(&self, id: &str) -> ErrorReply {
         error(
             ErrorCode::UnknownCheckpoint,
             format!(
@@ -120,6 +134,7 @@ pub async fn take(
     sessions: &Arc<Sessions>,
     session: Arc<Session>,
     force: bool,
+    keep: bool,
 ) -> Result<CheckpointInfo, ErrorReply> {
     let workspace = lock(&session.workspace).clone();
     if workspace.as_ref().is_some_and(|w| {
@@ -150,7 +165,7 @@ pub async fn take(
         None => None,
     };
     session.touch();
-    let info = slot.commit(id.clone(), scratch_bytes, layer);
+    let info = slot.commit(id.clone(), scratch_bytes, keep, layer);
     sessions.audit_record("session_checkpointed", &session, "ok", None, Some(id));
     Ok(info)
 }
@@ -239,6 +254,12 @@ pub async fn delete(
         None,
         Some(id.to_owned()),
     );
+    if session.state() == forkd_ipc::SessionState::EndedWithCheckpoints
+        && session.kept_checkpoints().is_empty()
+    {
+        // Nothing left to restore: what is left of the session goes.
+        sessions.end(&session, forkd_ipc::SessionEnd::Killed);
+    }
     Ok(())
 }
 

@@ -208,6 +208,7 @@ async fn start_session(
     let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
     let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
     let cgroup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
+    let descendant_uids = child.descendant_uids.take();
     // From here on the child is ours: anything that fails kills it.
     let guard = KillOnDrop(Some(
         child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?,
@@ -254,6 +255,10 @@ async fn start_session(
         spares: Mutex::new(Vec::new()),
         refilling: std::sync::atomic::AtomicBool::new(false),
         hidden: std::sync::atomic::AtomicBool::new(new.hidden),
+        remnant: std::sync::atomic::AtomicBool::new(false),
+        parent_ended: std::sync::atomic::AtomicBool::new(false),
+        end_recorded: std::sync::atomic::AtomicBool::new(false),
+        descendant_uids,
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -310,10 +315,16 @@ pub async fn branch(
     }
     let started = Instant::now();
     parent.usable()?;
-    if let Some(grandparent) = &parent.parent {
+    if let (Some(of), true) = (&parent.parent, parent.has_workspace()) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session (a branch can checkpoint and restore itself)", parent.id),
+            format!("session {} is a branch with a workspace (of {of}); it cannot be branched: like every workspace sandbox it runs as uid 0, with no host uids for branches of its own (docs/branch.md, \"Workspaces\"); branch {of} instead, or checkpoint and restore this one", parent.id),
+        ));
+    }
+    if let (Some(grandparent), None) = (&parent.parent, &parent.descendant_uids) {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            format!("session {} is a branch of a branch (of {grandparent}); it cannot be branched: its copies would need user namespaces inside its own, whose uid map holds only its own uid, so they could not get host uids of their own (docs/branch.md, \"Branches of a branch\"); branch {grandparent} or the session it was branched from instead, or checkpoint and restore this one", parent.id),
         ));
     }
     let workspace = super::lock(&parent.workspace).clone();
@@ -338,7 +349,13 @@ pub async fn branch(
             "branching needs a root daemon (each branch runs as its own uid in a user namespace the parent's uid owns); this daemon is rootless",
         ));
     }
-    let parent_uid = crate::branch_copy::uid_of(parent.pid).map_err(|e| {
+    let parent_init = init_pid(&parent).map_err(|e| {
+        error(
+            ErrorCode::SessionEnded,
+            format!("session {} is not running ({e})", parent.id),
+        )
+    })?;
+    let parent_uid = crate::branch_copy::uid_of(parent_init).map_err(|e| {
         error(
             ErrorCode::SessionEnded,
             format!("session {} is not running ({e})", parent.id),
@@ -474,7 +491,7 @@ fn lock_life_deadline(parent: &Session) -> Duration {
 /// branch.md, "Spare branches"): its init and executor are up, waiting for a
 /// copy; it is in no table, audited and counted only once handed out.
 pub(crate) struct Spare {
-    session: Arc<Session>,
+    pub(super) session: Arc<Session>,
     dir: String,
 }
 
@@ -535,7 +552,11 @@ async fn make_branch(
         }
         // The parent's scratch, copied while its interpreter is idle (a
         // background command may still write: its writes land in either).
-        copy_scratch(parent.pid, helper).await
+        copy_scratch(
+            init_pid(parent).map_err(|e| internal("parent init", e))?,
+            helper,
+        )
+        .await
     };
     if let Err(e) = ready.await {
         session.kill(SessionEnd::Died);
@@ -573,20 +594,41 @@ async fn make_shell(
     workspace: Option<Arc<crate::workspace::Ready>>,
 ) -> Result<Spare, ErrorReply> {
     let state = &sessions.state;
+    if let Some(block) = parent.descendant_uids.as_ref() {
+        if block.in_use() >= block.count() {
+            return Err(error(
+                ErrorCode::LimitExceedsPolicy,
+                format!(
+                    "branch {} already has {} live branches and spare shells, the most a branch may have (its user namespace maps that many uids for them); kill some first",
+                    parent.id,
+                    block.count()
+                ),
+            ));
+        }
+    }
     let mut plan = plan_for(parent.policy.clone(), &parent.limits);
     plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     plan.branch = Some(forkd_zygote::spec::BranchOf {
-        parent_pid: parent.pid,
+        parent_pid: init_pid(parent).map_err(|e| internal("parent init", e))?,
         parent_uid,
+        // Filled in with the uid it is given (forkd_pool::prepare_branch).
+        block: None,
+        inner_uid: None,
     });
     let zygote = state
         .pool
         .get(&parent.zygote)
         .await
         .map_err(crate::sandbox::pool_error)?;
-    let child = forkd_pool::prepare_branch(&zygote, &state.cgroups, state.next_sandbox_id(), plan)
-        .await
-        .map_err(crate::sandbox::prepare_error)?;
+    let child = forkd_pool::prepare_branch(
+        &zygote,
+        &state.cgroups,
+        state.next_sandbox_id(),
+        plan,
+        parent.descendant_uids.as_ref(),
+    )
+    .await
+    .map_err(crate::sandbox::prepare_error)?;
     let dir = format!("/tmp/.forkd-branch-{}", super::new_id());
     let mut job = parent.job.clone();
     if let Some(s) = job.session.as_mut() {
@@ -632,7 +674,7 @@ async fn refill_spares(
         return;
     }
     let made = async {
-        let parent_uid = crate::branch_copy::uid_of(parent.pid).ok()?;
+        let parent_uid = crate::branch_copy::uid_of(init_pid(&parent).ok()?).ok()?;
         // (Two statements: spare_room locks every session's spares, this
         // one's included.)
         let have = super::lock(&parent.spares).len();
@@ -677,6 +719,15 @@ async fn refill_spares(
     parent
         .refilling
         .store(false, std::sync::atomic::Ordering::Release);
+}
+
+/// Host pid of the session's init: its `pid` itself, or for a branch, the
+/// init below its helper.
+fn init_pid(session: &Session) -> std::io::Result<i32> {
+    match session.parent {
+        Some(_) => crate::branch_copy::init_pids(session.pid).map(|(init, _)| init),
+        None => Ok(session.pid),
+    }
 }
 
 /// Copies the parent's scratch (`/tmp` and `/dev/shm`) into the branch's.
@@ -1134,10 +1185,16 @@ pub fn interrupt(session: &Session) {
     session.send(&ToExecutor::Interrupt { req: 0 });
 }
 
-/// Kills the session and waits (bounded) until its processes are gone.
-pub async fn kill(session: Arc<Session>) -> SessionInfo {
-    session.kill(SessionEnd::Killed);
+/// Kills the session and waits (bounded) until its processes are gone (a
+/// session with live branches: until it ended as a session, see
+/// [`super::lifetime`]).
+pub async fn kill(sessions: &Arc<Sessions>, session: Arc<Session>) -> SessionInfo {
     let mut ended = session.ended.subscribe();
+    if session.state() == SessionState::EndedWithCheckpoints {
+        // Dormant: "ended" once what is left of it is gone.
+        session.ended.send_replace(false);
+    }
+    sessions.end(&session, SessionEnd::Killed);
     let _ = tokio::time::timeout(KILL_WAIT, ended.wait_for(|e| *e)).await;
     session.info()
 }
@@ -1160,7 +1217,10 @@ pub fn set_ttl(
             ),
         ));
     }
-    if session.state() == SessionState::Ended {
+    if matches!(
+        session.state(),
+        SessionState::Ended | SessionState::EndedWithCheckpoints
+    ) {
         return Err(session.ended_error());
     }
     session.set_ttl(Duration::from_millis(ttl_ms));
@@ -1200,7 +1260,10 @@ pub async fn set_network(
     session: &Session,
     allow_net: Vec<String>,
 ) -> Result<SessionInfo, ErrorReply> {
-    if session.state() == SessionState::Ended {
+    if matches!(
+        session.state(),
+        SessionState::Ended | SessionState::EndedWithCheckpoints
+    ) {
         return Err(session.ended_error());
     }
     let network = &sessions.state.network;
@@ -1259,7 +1322,9 @@ pub async fn serve(
                 sessions: sessions.list(uid, &l.labels),
             },
             B::SessionInfo(r) => ResponseBody::Session(sessions.get(&r.session, uid)?.info()),
-            B::SessionKill(r) => ResponseBody::Session(kill(sessions.get(&r.session, uid)?).await),
+            B::SessionKill(r) => {
+                ResponseBody::Session(kill(&sessions, sessions.get(&r.session, uid)?).await)
+            }
             B::SessionPause(r) => {
                 let s = sessions.get(&r.session, uid)?;
                 s.pause(true)?;
@@ -1291,19 +1356,30 @@ pub async fn serve(
             }
             B::SessionCheckpoint(c) => {
                 let s = sessions.usable(&c.session, uid)?;
-                ResponseBody::Checkpoint(super::checkpoint::take(&sessions, s, c.force).await?)
+                ResponseBody::Checkpoint(
+                    super::checkpoint::take(&sessions, s, c.force, c.keep).await?,
+                )
             }
             B::SessionRestore(r) => {
-                let s = sessions.usable(&r.session, uid)?;
-                ResponseBody::Session(
-                    super::checkpoint::restore(&sessions, s, &r.checkpoint).await?,
-                )
+                let s = sessions.get(&r.session, uid)?;
+                ResponseBody::Session(if s.state() == SessionState::EndedWithCheckpoints {
+                    super::lifetime::revive(&sessions, s, &r.checkpoint).await?
+                } else {
+                    s.usable()?;
+                    s.touch();
+                    super::checkpoint::restore(&sessions, s, &r.checkpoint).await?
+                })
             }
             B::SessionCheckpoints(r) => ResponseBody::Checkpoints {
                 checkpoints: sessions.get(&r.session, uid)?.checkpoint_infos(),
             },
             B::SessionCheckpointDelete(r) => {
-                let s = sessions.usable(&r.session, uid)?;
+                // A dormant session's kept checkpoints can be deleted too.
+                let s = sessions.get(&r.session, uid)?;
+                if s.state() != SessionState::EndedWithCheckpoints {
+                    s.usable()?;
+                    s.touch();
+                }
                 super::checkpoint::delete(&sessions, s, &r.checkpoint).await?;
                 ResponseBody::Done {}
             }
