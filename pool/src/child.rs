@@ -34,6 +34,22 @@ pub struct ChildPlan {
     pub branch: Option<forkd_zygote::spec::BranchOf>,
 }
 
+impl ChildPlan {
+    /// The CPUs the cgroup's cpu limit amounts to, rounded up (at least 1);
+    /// None without an enforced limit.
+    pub fn cpu_count(&self) -> Option<u32> {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a validated finite positive CPU count, clamped to u32"
+        )]
+        self.cgroup
+            .cpus
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .map(|c| c.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error("cannot create the sandbox's cgroup: {0}")]
@@ -101,12 +117,17 @@ impl Drop for ReadyChild {
 /// Sends SIGKILL through a pidfd. Killing a pid namespace's init kills every
 /// process in it; an exited process is not an error.
 pub fn kill_pidfd(pidfd: BorrowedFd<'_>) {
+    signal_pidfd(pidfd, libc::SIGKILL);
+}
+
+/// Sends `sig` through a pidfd; an exited process is not an error.
+pub fn signal_pidfd(pidfd: BorrowedFd<'_>, sig: libc::c_int) {
     // SAFETY: pidfd_send_signal with a borrowed, open pidfd and no siginfo.
     unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            sig,
             std::ptr::null::<libc::siginfo_t>(),
             0u32,
         );
@@ -267,6 +288,7 @@ async fn prepare_child_from(
             .as_ref()
             .map(crate::uids::Lease::id)
             .or_else(|| (plan.branch.is_some() && plan.workspace.is_some()).then_some(0)),
+        cpus: plan.cpu_count(),
         // Every session may be branched, and sessions take children from
         // the warm pool: every child without a workspace gets the grant, and
         // one whose workspace mounts alone enforce (overlay, no `view`).

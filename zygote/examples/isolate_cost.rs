@@ -5,6 +5,8 @@
 //!   base     the default policy, as the zygote's root would run it (uid 0)
 //!   uid      plus its own uid/gid (what a root daemon does)
 //!   no-mask  uid, without the /proc masks
+//!   no-pts   uid, without the private devpts mount (policy `devpts = false`)
+//!   no-cpus  uid, without the per-sandbox CPU list (/sys/devices/system/cpu/online)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
@@ -21,7 +23,7 @@ use std::time::Instant;
 use forkd_zygote::isolate::{isolate_child, Prepared};
 use forkd_zygote::{sys, template, ChildSpec, Policy};
 
-fn prepared(policy: &Policy, mask: bool) -> Prepared {
+fn prepared(policy: &Policy, mask: bool, devpts: bool) -> Prepared {
     let paths: Vec<String> = Vec::new();
     Prepared {
         template: template::build(&policy.filesystem, &paths).expect("template"),
@@ -37,6 +39,7 @@ fn prepared(policy: &Policy, mask: bool) -> Prepared {
         } else {
             Vec::new()
         },
+        devpts: devpts && policy.filesystem.devpts,
     }
 }
 
@@ -90,8 +93,11 @@ fn main() {
     // Keep fd 3 for the children's reports (opened before anything else).
     let _reserved = std::fs::File::open("/dev/null").unwrap();
     let policy = Policy::default_policy();
-    let masked = prepared(&policy, true);
-    let unmasked = prepared(&policy, false);
+    let masked = prepared(&policy, true, true);
+    let unmasked = prepared(&policy, false, true);
+    let no_pts = prepared(&policy, true, false);
+    let mut no_cpus = prepared(&policy, true, true);
+    no_cpus.template.host_cpus = None;
     // One shared network namespace: its creation is not what is measured.
     let own_net = std::fs::File::open("/proc/self/ns/net").unwrap();
     sys::unshare(libc::CLONE_NEWNET).unwrap();
@@ -107,13 +113,16 @@ fn main() {
         isolate: true,
         workspace: None,
         uid,
+        cpus: Some(1),
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 3] = [
+    let variants: [(&str, ChildSpec, &Prepared); 5] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
+        ("no-pts", spec(Some(1_879_048_192)), &no_pts),
+        ("no-cpus", spec(Some(1_879_048_192)), &no_cpus),
     ];
     let mut times: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];
     for _ in 0..n {

@@ -176,6 +176,7 @@ class Zygote:
         lib.forkd_info.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_info.restype = ctypes.c_int64
         lib.forkd_report_signals.argtypes = [ctypes.c_int]
+        lib.forkd_terminating.argtypes = []
         lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_branch_join.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_branch_seal.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
@@ -606,6 +607,11 @@ def apply_startup_env(env):
                 pass
         sys.stdout = sys.__stdout__ = _std_stream(1, "<stdout>", sys.stdout.errors, unbuffered)
         sys.stderr = sys.__stderr__ = _std_stream(2, "<stderr>", "backslashreplace", unbuffered)
+        try:
+            # stdin stays buffered under -u; only its write_through follows.
+            sys.stdin.reconfigure(write_through=unbuffered)
+        except (AttributeError, ValueError, OSError):
+            pass
     apply_thread_pools(thread_pool_settings(env))
 
 
@@ -719,6 +725,10 @@ def run_main(program, main):
         uncaught = e
     else:
         return 0, None
+    if isinstance(uncaught, KeyboardInterrupt) and _LIB is not None and _LIB.forkd_terminating():
+        # The daemon's timeout stopped it (SIGTERM, turned into this
+        # interrupt so that finally and atexit ran): no traceback of ours.
+        return 128 + signal.SIGTERM, uncaught
     # Outside the except block: an exception the hook raises must not
     # chain onto this one (the interpreter's hook call has no context).
     report_uncaught(uncaught)
@@ -868,10 +878,14 @@ def run_job(job, lib):
         mark_program_start()
         os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
+        if lib.forkd_terminating():
+            # The timeout's SIGTERM came just before the program started.
+            os._exit(128 + signal.SIGTERM)
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
 
     code, uncaught = run_main(program, main)
     interrupted = isinstance(uncaught, KeyboardInterrupt)
+    terminated = interrupted and code == 128 + signal.SIGTERM
     del uncaught, main
     finalize_like_python()
     try:
@@ -886,6 +900,10 @@ def run_job(job, lib):
         except BaseException:
             if code == 0:
                 code = 120
+    if terminated:
+        # As python killed by SIGTERM (the reporter for SIG_DFL tells the daemon).
+        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(code)
     if interrupted:
         # As python: end by SIGINT itself (the shell sees 130). This process
         # is pid 1 of its namespace, where a self-sent default signal is

@@ -48,6 +48,11 @@ pub struct ChildSpec {
     /// zygote's (a rootless zygote's user namespace maps only that one).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// The CPUs its cgroup's cpu limit amounts to, rounded up (None: not
+    /// enforced); `/sys/devices/system/cpu/online` shows that many (at most
+    /// the host's), so `os.cpu_count()` and what sizes itself by it follow.
+    #[serde(default)]
+    pub cpus: Option<u32>,
     /// A session that may be branched: landlock grants its scratch rights
     /// on the sandbox's root (read-only mounts keep the rest read-only), so
     /// that a copy of its interpreter can use a branch's fresh scratch

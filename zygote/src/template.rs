@@ -114,6 +114,41 @@ pub struct Template {
     /// Bound paths that lie under a per-child tmpfs (/tmp, /dev/shm), e.g. a
     /// venv in /tmp: each child binds them again on top of its fresh tmpfs.
     pub shadowed: Vec<PathBuf>,
+    /// The host's online CPU count, when the root has
+    /// `/sys/devices/system/cpu/online` (a link to [`CPU_ONLINE`], which each
+    /// child writes with its own count).
+    pub host_cpus: Option<u32>,
+}
+
+/// Where a child writes the CPU list `/sys/devices/system/cpu/online` (a
+/// link in the root) shows: in its own scratch stage, so each sandbox has
+/// its own (`os.cpu_count()` follows its cpu limit).
+pub const CPU_ONLINE: &str = "/dev/.scratch/.cpu-online";
+const HOST_CPU_ONLINE: &str = "/sys/devices/system/cpu/online";
+
+/// The number of CPUs in a kernel CPU list (`0-3,6`), or None if malformed.
+pub fn cpu_list_count(list: &str) -> Option<u32> {
+    let mut n = 0u32;
+    for part in list.trim().split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let a = part.parse::<u32>().ok()?;
+                (a, a)
+            }
+        };
+        n = n.checked_add(b.checked_sub(a)?.checked_add(1)?)?;
+    }
+    (n > 0).then_some(n)
+}
+
+/// What `online` shows for a sandbox allowed `cpus` CPUs (rounded up) on a
+/// host with `host` online: the first that many, at most the host's.
+pub fn cpu_online_text(cpus: Option<u32>, host: u32) -> String {
+    match cpus.map_or(host, |c| c.clamp(1, host)) {
+        1 => "0\n".to_string(),
+        n => format!("0-{}\n", n - 1),
+    }
 }
 
 /// Mount points each child covers with a fresh tmpfs.
@@ -123,6 +158,9 @@ pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
 /// its `tmp` and `shm` directories to /tmp and /dev/shm: one size limit
 /// then covers both.
 pub const SCRATCH_STAGE: &str = "/dev/.scratch";
+
+/// Where a sandbox's private devpts instance is mounted (policy `devpts`).
+pub const DEVPTS: &str = "/dev/pts";
 
 /// Plans the root's entries: (path inside the root, entry), parents first.
 fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, Entry)> {
@@ -205,6 +243,25 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     for dir in ["/proc", "/tmp", "/dev/shm", "/workspace", SCRATCH_STAGE] {
         out.push((PathBuf::from(dir), Entry::Dir));
     }
+    if fs.cpu_count && host_cpu_count().is_some() {
+        out.push((PathBuf::from("/sys/devices/system/cpu"), Entry::Dir));
+        out.push((
+            PathBuf::from(HOST_CPU_ONLINE),
+            Entry::Symlink {
+                target: PathBuf::from(CPU_ONLINE),
+            },
+        ));
+    }
+    if fs.devpts {
+        // Each sandbox mounts its own devpts instance here; ptmx is its.
+        out.push((PathBuf::from(DEVPTS), Entry::Dir));
+        out.push((
+            PathBuf::from("/dev/ptmx"),
+            Entry::Symlink {
+                target: PathBuf::from("pts/ptmx"),
+            },
+        ));
+    }
     // E2B-style home: the scratch under the name agent code expects (a
     // symlink in the shared template costs nothing per child; a bind
     // would cost a mount each).
@@ -228,6 +285,10 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
         ));
     }
     out
+}
+
+fn host_cpu_count() -> Option<u32> {
+    cpu_list_count(&std::fs::read_to_string(HOST_CPU_ONLINE).ok()?)
 }
 
 fn open_path(path: &Path) -> io::Result<OwnedFd> {
@@ -336,6 +397,7 @@ pub fn build(
         landlock,
         bound,
         shadowed,
+        host_cpus: host_cpu_count().filter(|_| fs.cpu_count),
     })
 }
 
@@ -461,6 +523,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_list_count("0\n"), Some(1));
+        assert_eq!(cpu_list_count("0-3,6,8-9\n"), Some(7));
+        assert_eq!(cpu_list_count(""), None);
+        assert_eq!(cpu_list_count("3-1"), None);
+        assert_eq!(cpu_online_text(Some(1), 4), "0\n");
+        assert_eq!(cpu_online_text(Some(2), 4), "0-1\n");
+        assert_eq!(cpu_online_text(Some(9), 4), "0-3\n");
+        assert_eq!(cpu_online_text(None, 2), "0-1\n");
+    }
+
+    #[test]
     fn plan_skips_nested_and_missing_paths() {
         let fs = FilesystemPolicy {
             read_only: vec!["/usr".into(), "/definitely/missing".into()],
@@ -468,6 +542,8 @@ mod tests {
             devices_rw: vec!["null".into()],
             devices_ro: vec![],
             proc_masked: vec![],
+            devpts: true,
+            cpu_count: true,
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
