@@ -283,11 +283,19 @@ async fn prepare_child_from(
         file_size_bytes: plan.file_size_bytes,
         isolate: plan.isolate,
         workspace: plan.workspace.clone(),
-        uid: uid.as_ref().map(crate::uids::Lease::id),
+        // A branch of a workspace session keeps the session's uid 0 (above).
+        uid: uid
+            .as_ref()
+            .map(crate::uids::Lease::id)
+            .or_else(|| (plan.branch.is_some() && plan.workspace.is_some()).then_some(0)),
         cpus: plan.cpu_count(),
         // Every session may be branched, and sessions take children from
-        // the warm pool: every child without a workspace gets the grant.
-        branchable: plan.workspace.is_none(),
+        // the warm pool: every child without a workspace gets the grant, and
+        // one whose workspace mounts alone enforce (overlay, no `view`).
+        branchable: plan
+            .workspace
+            .as_ref()
+            .is_none_or(forkd_zygote::workspace::MountPlan::branchable),
         branch: plan.branch.clone(),
     };
     let spec =
@@ -305,7 +313,11 @@ async fn prepare_child_from(
         },
     };
     let forked = match (plan.branch.is_some(), uid) {
-        (true, Some(uid)) => zygote.spawn_branch(sandbox, &spec, fds, uid).await,
+        (true, Some(uid)) => zygote.spawn_branch(sandbox, &spec, fds, Some(uid)).await,
+        // A workspace session's branch keeps its uid 0 (`spec.uid`).
+        (true, None) if plan.workspace.is_some() => {
+            zygote.spawn_branch(sandbox, &spec, fds, None).await
+        }
         (true, None) => {
             return Err(PrepareError::Io(std::io::Error::other(
                 "a session branch needs a root daemon (its own uid)",

@@ -412,9 +412,9 @@ impl Zygote {
         id: u64,
         spec: &str,
         fds: SpawnFds,
-        uid: crate::uids::Lease,
+        uid: Option<crate::uids::Lease>,
     ) -> Result<Forked, ZygoteError> {
-        self.order(id, spec, fds, false, true, Some(uid)).await
+        self.order(id, spec, fds, false, true, uid).await
     }
 
     async fn order(

@@ -471,7 +471,13 @@ fn apply_landlock<K: Kernel>(
         // directory a mount covers, so only the root is common to a session
         // and its branches. Read-only mounts keep everything else
         // read-only; device ioctls stay refused.
-        rules.push((root.as_fd(), all & !AccessFs::IoctlDev));
+        let mut wide = all & !AccessFs::IoctlDev;
+        if spec.workspace.is_some() {
+            // As a workspace's own grants: no device nodes (a 0/0 character
+            // device is an overlayfs whiteout, which needs no CAP_MKNOD).
+            wide &= !(AccessFs::MakeChar | AccessFs::MakeBlock);
+        }
+        rules.push((root.as_fd(), wide));
     } else {
         rules.push((root.as_fd(), AccessFs::ReadDir.into()));
     }

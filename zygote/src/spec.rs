@@ -56,8 +56,8 @@ pub struct ChildSpec {
     /// A session that may be branched: landlock grants its scratch rights
     /// on the sandbox's root (read-only mounts keep the rest read-only), so
     /// that a copy of its interpreter can use a branch's fresh scratch
-    /// (docs/branch.md). Never with a workspace (its landlock rules would be
-    /// widened).
+    /// (docs/branch.md). With a workspace only where mounts alone enforce
+    /// it (overlay, no `view`: `MountPlan::branchable`), so nothing widens.
     #[serde(default)]
     pub branchable: bool,
     /// Make this child a branch of a running session: its namespaces are

@@ -34,6 +34,7 @@ from forkd.errors import (  # noqa: E402
     ProtocolError,
     CheckpointNotFound,
     InvalidArgument,
+    InvalidRequest,
     SessionEnded,
     SessionNotFound,
     SessionPaused,
@@ -711,6 +712,27 @@ class SessionWorkspaceTest(DaemonTest):
         with open(os.path.join(root, "out", "y"), "rb") as f:
             self.assertEqual(f.read(), b"from the client")
         self.assertFalse(os.path.exists(os.path.join(root, "z")))
+
+    def test_branches_of_an_overlay_session_get_their_own_changes(self) -> None:
+        root = os.path.join(self.tmp.name, "ws", "branched")
+        os.makedirs(os.path.join(root, "out"))
+        fk = self.client(timeout=CALL_BOUND)
+        with fk.session(workspace=forkd.Workspace(path=root, rules=["out=write"], overlay=True)) as s:
+            s.run_code("open('/workspace/out/f', 'w').write('S')")
+            [b] = s.branch()
+            try:
+                self.assertEqual(b.run_code("open('/workspace/out/f').read()").text, "'S'")
+                b.run_code("open('/workspace/out/f', 'w').write('B')")
+                self.assertEqual(s.run_code("open('/workspace/out/f').read()").text, "'S'")
+                self.assertEqual(b.run_code("open('/workspace/out/f').read()").text, "'B'")
+            finally:
+                b.kill()
+        self.assertFalse(os.path.exists(os.path.join(root, "out", "f")))
+        # Direct mode: refused, naming the mode to use.
+        with fk.session(workspace=forkd.Workspace(path=root, rules=["out=write"])) as s:
+            with self.assertRaises(InvalidRequest) as cm:
+                s.branch()
+            self.assertIn("mode overlay", str(cm.exception))
 
 
 class VersionTest(unittest.TestCase):

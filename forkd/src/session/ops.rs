@@ -315,17 +315,32 @@ pub async fn branch(
     }
     let started = Instant::now();
     parent.usable()?;
+    if let (Some(of), true) = (&parent.parent, parent.has_workspace()) {
+        return Err(error(
+            ErrorCode::InvalidRequest,
+            format!("session {} is a branch with a workspace (of {of}); it cannot be branched: like every workspace sandbox it runs as uid 0, with no host uids for branches of its own (docs/branch.md, \"Workspaces\"); branch {of} instead, or checkpoint and restore this one", parent.id),
+        ));
+    }
     if let (Some(grandparent), None) = (&parent.parent, &parent.descendant_uids) {
         return Err(error(
             ErrorCode::InvalidRequest,
             format!("session {} is a branch of a branch (of {grandparent}); it cannot be branched: its copies would need user namespaces inside its own, whose uid map holds only its own uid, so they could not get host uids of their own (docs/branch.md, \"Branches of a branch\"); branch {grandparent} or the session it was branched from instead, or checkpoint and restore this one", parent.id),
         ));
     }
-    if parent.has_workspace() {
-        return Err(error(
-            ErrorCode::InvalidRequest,
-            "a session with a workspace cannot be branched yet (its landlock rules would have to be widened); create it without one to branch it",
-        ));
+    let workspace = super::lock(&parent.workspace).clone();
+    if let Some(ws) = &workspace {
+        if !ws.plan_is_overlay() {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                "a session with a direct workspace cannot be branched: its branches would share the host directory's files with it and each other; create the session with workspace mode overlay to branch it (each branch gets its own copy of the changes)",
+            ));
+        }
+        if ws.plan.has_view() {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                "a session whose workspace has `view` rules cannot be branched: `view` is enforced by landlock rules on this session's own mount, which a copy of its interpreter keeps and which cannot cover a branch's workspace; use `none` or `read` for those paths to branch it",
+            ));
+        }
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -458,7 +473,9 @@ pub async fn branch(
     );
     // The next branch request of this session finds its shells made.
     let want = (req.count as usize).min(sessions.cfg.spare_branches);
-    if want > 0 {
+    // A spare of a workspace session could not hold the delta of the
+    // moment it is handed out (its overlay is mounted when it is made).
+    if want > 0 && !parent.has_workspace() {
         tokio::spawn(refill_spares(sessions.clone(), parent.clone(), peer, want));
     }
     Ok(made.iter().map(|(b, _, _)| b.info()).collect())
@@ -495,14 +512,31 @@ async fn make_branch(
         .labels
         .clone()
         .unwrap_or_else(|| super::lock(&parent.labels).clone());
-    let (session, dir) = match take_spare(parent) {
+    // The parent's workspace changes at this instant, in a layer of the
+    // branch's own (made before its shell, which mounts it).
+    let workspace = super::lock(&parent.workspace).clone();
+    let workspace = match workspace {
+        Some(ws) => Some(Arc::new(
+            ws.with_copied_layer(parent.limits.scratch_bytes).await?,
+        )),
+        None => None,
+    };
+    let spare = if workspace.is_none() {
+        take_spare(parent)
+    } else {
+        None
+    };
+    let (session, dir) = match spare {
         Some(spare) => {
             spare.session.hand_out(labels, ttl);
             sessions.insert(spare.session.clone());
             (spare.session, spare.dir)
         }
         None => {
-            let spare = make_shell(sessions, parent, parent_uid, peer, labels, ttl, false).await?;
+            let spare = make_shell(
+                sessions, parent, parent_uid, peer, labels, ttl, false, workspace,
+            )
+            .await?;
             (spare.session, spare.dir)
         }
     };
@@ -545,6 +579,10 @@ fn take_spare(parent: &Session) -> Option<Spare> {
 
 /// A branch shell of `parent`: namespaces, cgroup, uid, init and an
 /// executor waiting for a copy of the parent's interpreter in `dir`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the shell's own settings, each used once"
+)]
 async fn make_shell(
     sessions: &Arc<Sessions>,
     parent: &Arc<Session>,
@@ -553,6 +591,7 @@ async fn make_shell(
     labels: std::collections::BTreeMap<String, String>,
     ttl: Duration,
     hidden: bool,
+    workspace: Option<Arc<crate::workspace::Ready>>,
 ) -> Result<Spare, ErrorReply> {
     let state = &sessions.state;
     if let Some(block) = parent.descendant_uids.as_ref() {
@@ -568,6 +607,7 @@ async fn make_shell(
         }
     }
     let mut plan = plan_for(parent.policy.clone(), &parent.limits);
+    plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     plan.branch = Some(forkd_zygote::spec::BranchOf {
         parent_pid: init_pid(parent).map_err(|e| internal("parent init", e))?,
         parent_uid,
@@ -610,7 +650,7 @@ async fn make_shell(
             ttl,
             egress: None,
             allow_net: Vec::new(),
-            workspace: None,
+            workspace,
             parent: Some(parent.id.clone()),
             hidden,
         },
@@ -647,7 +687,10 @@ async fn refill_spares(
             set.spawn(async move {
                 let labels = super::lock(&parent.labels).clone();
                 let ttl = lock_life_deadline(&parent);
-                make_shell(&sessions, &parent, parent_uid, &peer, labels, ttl, true).await
+                make_shell(
+                    &sessions, &parent, parent_uid, &peer, labels, ttl, true, None,
+                )
+                .await
             });
         }
         while let Some(joined) = set.join_next().await {
