@@ -21,6 +21,9 @@ cargo test --workspace --no-fail-fast --quiet 2>&1 | tee "$log" || status=$?
 cargo run --quiet -p forkd-bench --bin forkd-bench -- --quick --python "$FORKD_TEST_PYTHON" || status=$?
 # The session figures' scenarios (create, cells, streaming, idle sessions, files) must not rot.
 cargo run --quiet -p forkd-bench --bin forkd-bench -- sessions --quick --python "$FORKD_TEST_PYTHON" || status=$?
+# CPython's regrtest, a fixed sample of 25 modules, outside vs inside forkd:
+# fails when one passes outside and not inside (docs/fidelity.md).
+timeout 600 scripts/regrtest-inside.sh --sample 2>&1 | tail -n 8 || status=$?
 # Python client (clients/python): unittest against a real daemon.
 "$FORKD_TEST_PYTHON" -m unittest discover -s clients/python/tests -v 2>&1 | tee -a "$log" || status=$?
 # Deployment files, offline (no cluster, no systemd needed): the Kubernetes

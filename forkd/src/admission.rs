@@ -32,6 +32,8 @@ pub struct Resolved {
     pub zygote: String,
     pub policy: String,
     pub limits: AppliedLimits,
+    /// SIGTERM-to-SIGKILL grace on a timeout (`[limits.default] timeout_grace_ms`).
+    pub timeout_grace: std::time::Duration,
 }
 
 fn invalid(message: String) -> ErrorReply {
@@ -129,6 +131,7 @@ impl Admission {
             zygote,
             policy,
             limits,
+            timeout_grace: std::time::Duration::from_millis(self.limits.default.timeout_grace_ms),
         })
     }
 }

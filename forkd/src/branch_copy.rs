@@ -301,9 +301,10 @@ pub fn init_pids(helper: i32) -> io::Result<(i32, i32)> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect();
-    // host, the parent session's namespace, the branch's (where it is 1)
+    // host, the parent session's namespace (and its parent's, for a
+    // branch of a branch), the branch's (where it is 1)
     match levels.as_slice() {
-        [_, in_parent, 1] => Ok((host, *in_parent)),
+        [_, .., in_parent, 1] if levels.len() >= 3 => Ok((host, *in_parent)),
         other => Err(io::Error::other(format!(
             "unexpected pid namespace levels {other:?} of the branch's init"
         ))),

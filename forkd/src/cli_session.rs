@@ -117,12 +117,17 @@ enum SessionCmd {
         /// Checkpoint although the session runs threads of its own.
         #[arg(long)]
         force: bool,
+        /// Keep the checkpoint beyond the session's end (kill, TTL): the
+        /// ended session can be restored from it
+        /// (`[sessions] kept_checkpoint_ttl_secs`).
+        #[arg(long)]
+        keep: bool,
         /// List the session's checkpoints instead (id, age, scratch bytes,
         /// restores).
-        #[arg(long, conflicts_with_all = ["delete", "force"])]
+        #[arg(long, conflicts_with_all = ["delete", "force", "keep"])]
         list: bool,
         /// Drop this checkpoint instead.
-        #[arg(long, value_name = "CHECKPOINT", conflicts_with = "force")]
+        #[arg(long, value_name = "CHECKPOINT", conflicts_with_all = ["force", "keep"])]
         delete: Option<String>,
         /// Print JSON.
         #[arg(long)]
@@ -365,6 +370,7 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
         SessionCmd::Checkpoint {
             id,
             force,
+            keep,
             list,
             delete,
             json,
@@ -376,8 +382,12 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
                             print_json(k);
                         } else {
                             println!(
-                                "{}\t{} ms\t{} B\t{} restores",
-                                k.checkpoint, k.age_ms, k.scratch_bytes, k.restores
+                                "{}\t{} ms\t{} B\t{} restores{}",
+                                k.checkpoint,
+                                k.age_ms,
+                                k.scratch_bytes,
+                                k.restores,
+                                if k.kept { "\tkept" } else { "" }
                             );
                         }
                     }
@@ -385,7 +395,12 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
             } else if let Some(ck) = delete {
                 client.session_checkpoint_delete(&id, &ck).await
             } else {
-                client.session_checkpoint(&id, force).await.map(|k| {
+                let req = forkd_ipc::SessionCheckpoint {
+                    session: id.clone(),
+                    force,
+                    keep,
+                };
+                client.session_checkpoint_with(req).await.map(|k| {
                     if json {
                         print_json(&k);
                     } else {

@@ -65,6 +65,7 @@ pub struct Config {
     /// How long shutdown waits for killed sandboxes to be reported.
     pub shutdown_grace_ms: u64,
     /// Limit on one client frame's size, bytes (at most the protocol's 16 MiB).
+    #[serde(deserialize_with = "crate::size::deserialize_usize")]
     pub max_frame_bytes: usize,
     /// Network namespaces kept made ahead of requests (0: each child makes
     /// its own). Only a root daemon can make them.
@@ -346,6 +347,7 @@ impl Default for LimitsSection {
         LimitsSection {
             default: LimitValues {
                 timeout_ms: 30_000,
+                timeout_grace_ms: 200,
                 memory_bytes: 512 * MIB,
                 cpus: 1.0,
                 pids: 64,
@@ -356,6 +358,7 @@ impl Default for LimitsSection {
             },
             max: LimitValues {
                 timeout_ms: 600_000,
+                timeout_grace_ms: 10_000,
                 memory_bytes: 8192 * MIB,
                 cpus: 64.0,
                 pids: 4096,
@@ -370,7 +373,11 @@ impl Default for LimitsSection {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a table: [limits.default] or [limits.max]"
+)]
 struct RawLimits {
     default: PartialLimits,
     max: PartialLimits,
@@ -382,6 +389,7 @@ struct RawLimits {
 #[serde(default, deny_unknown_fields)]
 struct PartialLimits {
     timeout_ms: Option<u64>,
+    timeout_grace_ms: Option<u64>,
     #[serde(deserialize_with = "crate::size::deserialize_opt")]
     memory_bytes: Option<u64>,
     cpus: Option<f64>,
@@ -399,6 +407,7 @@ impl PartialLimits {
     fn over(self, base: LimitValues) -> LimitValues {
         LimitValues {
             timeout_ms: self.timeout_ms.unwrap_or(base.timeout_ms),
+            timeout_grace_ms: self.timeout_grace_ms.unwrap_or(base.timeout_grace_ms),
             memory_bytes: self.memory_bytes.unwrap_or(base.memory_bytes),
             cpus: self.cpus.unwrap_or(base.cpus),
             pids: self.pids.unwrap_or(base.pids),
@@ -424,6 +433,10 @@ impl From<RawLimits> for LimitsSection {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimitValues {
     pub timeout_ms: u64,
+    /// On a timeout: SIGTERM, this long for the program to end (flushing
+    /// its output), then SIGKILL; 0 kills at once. Only `[limits.default]`'s
+    /// is used (a request cannot set it).
+    pub timeout_grace_ms: u64,
     pub memory_bytes: u64,
     pub cpus: f64,
     pub pids: u64,
@@ -535,6 +548,12 @@ impl Config {
                 m.file_size_bytes as f64,
             ),
         ];
+        if d.timeout_grace_ms > m.timeout_grace_ms {
+            return Err(ConfigError::Invalid(format!(
+                "limits.default.timeout_grace_ms ({}) must be at most limits.max.timeout_grace_ms ({}); 0 kills at once on a timeout",
+                d.timeout_grace_ms, m.timeout_grace_ms
+            )));
+        }
         for (name, default, max) in pairs {
             if !(default.is_finite() && default > 0.0 && default <= max) {
                 return Err(ConfigError::Invalid(format!(
@@ -670,6 +689,22 @@ pub fn apply_overrides(config: &mut Config, python: Option<PathBuf>, preload: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeout_grace_is_a_partial_limit_bounded_by_its_max() {
+        let c = Config::from_toml("[limits.default]\ntimeout_grace_ms = 0\n").unwrap();
+        assert_eq!(c.limits.default.timeout_grace_ms, 0);
+        assert_eq!(c.limits.default.timeout_ms, 30_000);
+        assert_eq!(Config::default().limits.default.timeout_grace_ms, 200);
+        let e = Config::from_toml("[limits.default]\ntimeout_grace_ms = 20000\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: limits.default.timeout_grace_ms (20000) must be at most limits.max.timeout_grace_ms (10000); 0 kills at once on a timeout"
+        );
+    }
     use crate::admission::{Admission, Resolved};
     use forkd_ipc::{ErrorCode, ErrorReply, InlineFile, Limits, Program, SpawnRequest};
 
@@ -1027,6 +1062,9 @@ pub struct SessionsSection {
     /// last request asked, at most this many; 0: none). Each holds an
     /// executor (~2 MB) and a uid until used or the session ends.
     pub spare_branches: usize,
+    /// How long checkpoints taken with `keep` outlive their session's end
+    /// (then they and what is left of the session go), seconds.
+    pub kept_checkpoint_ttl_secs: u64,
 }
 
 impl Default for SessionsSection {
@@ -1043,6 +1081,7 @@ impl Default for SessionsSection {
             max_checkpoints_per_session: 16,
             max_checkpoints_per_uid: 64,
             spare_branches: 16,
+            kept_checkpoint_ttl_secs: 3600,
         }
     }
 }

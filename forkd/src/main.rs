@@ -27,8 +27,9 @@ struct Args {
     /// Comma-separated preload modules of the default zygote (overrides the config).
     #[arg(long, value_delimiter = ',', global = true)]
     preload: Option<Vec<String>>,
-    /// Log level when RUST_LOG is unset.
-    #[arg(long, default_value = "info", global = true)]
+    /// Log level when RUST_LOG is unset: error, warn, info, debug, trace, or
+    /// a filter like `info,forkd_pool=debug`.
+    #[arg(long, default_value = "info", global = true, value_parser = parse_log_level)]
     log_level: String,
     /// Log line format (overrides the config's log_format).
     #[arg(long, value_enum)]
@@ -74,6 +75,21 @@ enum Command {
     /// One of the doctor's probes, run in a child process (internal).
     #[command(name = "__probe", hide = true)]
     Probe { what: String },
+}
+
+/// A bare word that is not a level would silently become a filter for a
+/// module of that name (and hide every log line): refuse it.
+fn parse_log_level(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_filter = s.contains('=') || s.contains(',') || s.contains("::");
+    if LEVELS.contains(&s.to_ascii_lowercase().as_str()) || is_filter {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not a level: use one of {} or a filter like `info,forkd_pool=debug`",
+            LEVELS.join(", ")
+        ))
+    }
 }
 
 fn main() -> ExitCode {

@@ -23,10 +23,22 @@ const MAX_CONCURRENT_SCRAPES: usize = 16;
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for metrics on {listen}: {source}")]
+#[error(
+    "cannot listen for metrics on {listen}: {source}{}",
+    listen_advice(source)
+)]
 pub struct MetricsListenError {
     listen: String,
     source: std::io::Error,
+}
+
+/// What to do about a failed bind of the metrics listener.
+fn listen_advice(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "; another process listens there: stop it or choose another address (--metrics-listen, or metrics_listen in the config)",
+        std::io::ErrorKind::PermissionDenied => "; choose a port above 1023 or a path the daemon may create",
+        _ => "",
+    }
 }
 
 /// A bound metrics listener, not yet serving.

@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::admission::Resolved;
 use crate::state::{stopping, State};
-use forkd_pool::kill_pidfd;
+use forkd_pool::{kill_pidfd, signal_pidfd};
 
 /// How long a killed sandbox may take to be reported before the request fails.
 const KILL_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,6 +108,9 @@ fn same_isolation(pool: &ChildPlan, wanted: &ChildPlan) -> bool {
         && pool.scratch_bytes == wanted.scratch_bytes
         && pool.open_files == wanted.open_files
         && pool.file_size_bytes == wanted.file_size_bytes
+        // The CPU count it shows (/sys/devices/system/cpu/online) is written
+        // at isolation.
+        && pool.cpu_count() == wanted.cpu_count()
 }
 
 pub(crate) fn prepare_error(e: PrepareError) -> ErrorReply {
@@ -153,6 +156,34 @@ pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
             })
             .collect(),
         session: None,
+    }
+}
+
+/// BLAS thread pools sized as they would size themselves on a machine with
+/// the CPUs of the sandbox's cpu limit (rounded up, at most the host's): the
+/// base environment's one thread becomes that many where the request sets
+/// none of these variables. One thread (the default limit) costs nothing;
+/// more costs the zygote's setter call in the child.
+fn blas_threads_for_limit(
+    job: &mut forkd_zygote::wire::Job,
+    req: &SpawnRequest,
+    limits: &AppliedLimits,
+) {
+    const VARS: [&str; 3] = ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"];
+    if !limits.cgroup_enforced || VARS.iter().any(|v| req.env.contains_key(*v)) {
+        return;
+    }
+    let host = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a validated positive CPU count, clamped to the host's"
+    )]
+    let n = (limits.cpus.ceil().max(1.0) as usize).min(host);
+    if n > 1 {
+        for v in VARS {
+            job.env.insert(v.to_string(), n.to_string());
+        }
     }
 }
 
@@ -327,8 +358,13 @@ pub async fn run_sandbox_with(
         zygote: zygote_name,
         policy,
         limits,
+        timeout_grace,
     } = admitted;
-    let job = job_frame(&req).map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
+    let mut job = job_for(&req);
+    blas_threads_for_limit(&mut job, &req, &limits);
+    let job = job
+        .frame()
+        .map_err(|e| error(ErrorCode::InvalidRequest, e.to_string()))?;
     // `None` (no allowlist) costs nothing further: no network, as always.
     let allow = state.network.admit(&req.allow_net, &zygote_name)?;
     let mut shutdown = state.shutdown_signal();
@@ -352,7 +388,13 @@ pub async fn run_sandbox_with(
     let mut live = hand_off(child, job, req.stdin, limits.output_bytes)?;
     let deadline =
         tokio::time::Instant::from_std(t_handoff + Duration::from_millis(limits.timeout_ms));
-    let watched = watch(&mut live, deadline, &mut shutdown, &mut client_gone).await;
+    let watched = watch(
+        &mut live,
+        (deadline, timeout_grace),
+        &mut shutdown,
+        &mut client_gone,
+    )
+    .await;
     let t_exit = Instant::now();
     let ended = collect(live, watched).await?;
     let mut result = report(ended, id, zygote_name, limits, warm, (t0, t_forked, t_exit))?;
@@ -568,10 +610,12 @@ struct Watched {
 }
 
 /// Waits for the sandbox's exit (or its own exit report), killing it on
-/// timeout, output flood, shutdown or a vanished client.
+/// timeout, output flood, shutdown or a vanished client. A timeout first
+/// sends SIGTERM (the program ends gracefully, flushing its output) and
+/// SIGKILLs only when `grace` has passed (at once when it is zero).
 async fn watch(
     live: &mut Live,
-    deadline: tokio::time::Instant,
+    (deadline, grace): (tokio::time::Instant, Duration),
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     client_gone: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Watched {
@@ -579,6 +623,8 @@ async fn watch(
     let mut watch_finish = true;
     let mut abandoned = false;
     let mut killed_by: Option<KilledBy> = None;
+    // Set while a timeout's SIGTERM grace runs: when to SIGKILL.
+    let mut kill_at: Option<tokio::time::Instant> = None;
     let exit: Result<Exited, ErrorReply> = loop {
         tokio::select! {
             r = &mut live.exited => {
@@ -605,6 +651,15 @@ async fn watch(
             }
             _ = tokio::time::sleep_until(deadline), if killed_by.is_none() => {
                 killed_by = Some(KilledBy::Timeout);
+                if grace.is_zero() {
+                    kill_pidfd(live.pidfd.as_fd());
+                } else {
+                    signal_pidfd(live.pidfd.as_fd(), libc::SIGTERM);
+                    kill_at = Some(tokio::time::Instant::now() + grace);
+                }
+            }
+            _ = tokio::time::sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {
+                kill_at = None;
                 kill_pidfd(live.pidfd.as_fd());
             }
             _ = live.exceeded.notified(), if killed_by.is_none() => {
@@ -617,9 +672,10 @@ async fn watch(
             }
             _ = stopping(client_gone), if !abandoned => {
                 abandoned = true;
+                kill_at = None;
                 kill_pidfd(live.pidfd.as_fd());
             }
-            _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() => {
+            _ = tokio::time::sleep(KILL_REPORT_TIMEOUT), if killed_by.is_some() && kill_at.is_none() => {
                 break Err(error(ErrorCode::Internal, "the sandbox did not exit within 10 s of SIGKILL"));
             }
         }

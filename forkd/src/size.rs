@@ -46,6 +46,12 @@ pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Err
     }
 }
 
+/// Serde: a size held in a `usize` (`max_frame_bytes = "1M"`).
+pub fn deserialize_usize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = deserialize(d)?;
+    usize::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too large")))
+}
+
 /// Serde: an optional size.
 pub fn deserialize_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     deserialize(d).map(Some)
@@ -67,5 +73,32 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");
         }
         assert!(parse_size("x").unwrap_err().contains("512M"));
+    }
+
+    /// Every size key of the configuration takes `512M`-style strings.
+    #[test]
+    fn every_size_in_the_config_takes_suffixes() {
+        let c = crate::Config::from_toml(
+            "max_frame_bytes = \"1M\"\n[network]\nbandwidth = \"10M\"\n\
+             [limits.default]\nmemory_bytes = \"512M\"\noutput_bytes = \"2M\"\n\
+             scratch_bytes = \"128M\"\nfile_size_bytes = \"32M\"\n\
+             [limits.max]\nmemory_bytes = \"1G\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_frame_bytes, 1 << 20);
+        assert_eq!(c.network.bandwidth, Some(10 << 20));
+        let d = c.limits.default;
+        assert_eq!(
+            (
+                d.memory_bytes,
+                d.output_bytes,
+                d.scratch_bytes,
+                d.file_size_bytes
+            ),
+            (512 << 20, 2 << 20, 128 << 20, 32 << 20)
+        );
+        assert_eq!(c.limits.max.memory_bytes, 1 << 30);
+        let e = crate::Config::from_toml("max_frame_bytes = \"12X\"").unwrap_err();
+        assert!(e.to_string().contains("is not a size like 512M"), "{e}");
     }
 }

@@ -451,6 +451,335 @@ fn make_upper(base: &Path, scratch_bytes: u64) -> std::io::Result<Upper> {
     Ok(upper)
 }
 
+impl Ready {
+    /// The workspace of a branch of the session holding this one: the same
+    /// plan (host directory, hidden paths, mounts) over a new upper layer
+    /// holding a copy of this one's at this instant (docs/branch.md,
+    /// "Workspaces"). The branch's writes land in its own layer; the host
+    /// directory stays the lower layer of both, never written.
+    pub async fn with_copied_layer(&self, scratch_bytes: u64) -> Result<Ready, ErrorReply> {
+        let failed = |e: std::io::Error| ErrorReply {
+            code: ErrorCode::SpawnFailed,
+            message: format!("cannot copy the workspace's changes for the branch: {e}"),
+        };
+        let Some(Upper::Detached(from)) = &self.upper else {
+            return Err(invalid(
+                "only an overlay workspace of a root daemon can be copied for a branch".into(),
+            ));
+        };
+        let from = rustix::fs::openat(
+            from,
+            "upper",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| failed(e.into()))?;
+        let mut plan = self.plan.clone();
+        tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
+            let upper = make_upper(Path::new("/"), scratch_bytes).map_err(failed)?;
+            let Upper::Detached(to) = &upper else {
+                return Err(failed(std::io::Error::other("not a detached layer")));
+            };
+            let to_dir = rustix::fs::openat(
+                to,
+                "upper",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| failed(e.into()))?;
+            let mut links = Links {
+                root: rustix::io::dup(&to_dir).map_err(|e| failed(e.into()))?,
+                first: std::collections::HashMap::new(),
+            };
+            copy_layer(&from, &to_dir, Path::new(""), &mut links, 0).map_err(failed)?;
+            copy_attrs(&from, &to_dir).map_err(failed)?;
+            plan.upper = Some(upper.path());
+            Ok(Ready {
+                plan,
+                upper: Some(upper),
+            })
+        })
+        .await
+        .map_err(|e| ErrorReply {
+            code: ErrorCode::Internal,
+            message: format!("workspace copy: {e}"),
+        })?
+    }
+}
+
+impl Ready {
+    /// Mounts this workspace at its mount point in the mount namespace of
+    /// the process `pidfd` names (a session's init; a pidfd, so a reused
+    /// pid cannot redirect it) in place of the one there (a restore). A
+    /// thread of its own makes the overlay while it still sees the host,
+    /// then leaves the daemon's shared filesystem context (`unshare
+    /// (CLONE_FS)`, which `setns` into a mount namespace needs), enters the
+    /// session's mount namespace, detaches what is mounted at the mount
+    /// point (without following a symlink) and attaches the new tree; the
+    /// thread ends there. Only for `/workspace` (the session cannot change
+    /// that path: the sandbox's root is read-only) and plans without
+    /// landlock grants (`MountPlan::branchable`).
+    pub async fn remount_in(&self, pidfd: OwnedFd) -> Result<(), ErrorReply> {
+        if !self.plan.branchable() || self.plan.mount_point != forkd_workspace::DEFAULT_MOUNT_POINT
+        {
+            return Err(invalid(format!(
+                "only an overlay workspace at {} without `view` rules can be put back",
+                forkd_workspace::DEFAULT_MOUNT_POINT
+            )));
+        }
+        let plan = self.plan.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(remount_thread(&plan, &pidfd));
+        });
+        rx.await
+            .map_err(|_| std::io::Error::other("the remount thread panicked"))
+            .and_then(|r| r)
+            .map_err(|e| ErrorReply {
+                code: ErrorCode::Internal,
+                message: format!("putting the workspace back: {e}"),
+            })
+    }
+}
+
+/// The body of [`Ready::remount_in`]'s thread (which ends after it: its
+/// filesystem context is then the session's).
+fn remount_thread(plan: &MountPlan, pidfd: &OwnedFd) -> std::io::Result<()> {
+    let prepared = forkd_zygote::workspace::prepare(plan).map_err(std::io::Error::other)?;
+    // SAFETY: unshare and setns change only this thread's filesystem
+    // context and mount namespace; the thread does nothing else afterwards.
+    unsafe {
+        if libc::unshare(libc::CLONE_FS) != 0
+            || libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWNS) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mp = std::ffi::CString::new(plan.mount_point.as_str()).map_err(std::io::Error::other)?;
+    // The stack at the mount point (a bind on the root sits on the base).
+    for _ in 0..64 {
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break; // nothing mounted there any more
+            }
+            return Err(e);
+        }
+    }
+    prepared
+        .attach(
+            forkd_zygote::isolate::LANDLOCK_ABI,
+            forkd_zygote::sys::landlock_abi(),
+        )
+        .map(drop)
+        .map_err(std::io::Error::other)
+}
+
+/// Deepest directory nesting an upper layer copy follows (the copy
+/// recurses on a blocking thread's stack).
+const MAX_LAYER_DEPTH: usize = 256;
+
+/// Copies one upper layer directory into another, as overlayfs reads it:
+/// files, directories, symlinks, FIFOs, whiteouts (0/0 character devices),
+/// hard links, owners, modes, times and xattrs (`trusted.overlay.opaque`
+/// marks a directory opaque). The session may change its layer meanwhile:
+/// every step is an `openat` with `O_NOFOLLOW` on a directory descriptor
+/// of this layer (a tmpfs that holds no other mount), so a name swapped for
+/// a symlink is skipped, never followed.
+/// Hard links of a layer copy: where each multiply-linked inode was first
+/// copied, as a path beneath the new layer's root (which only the daemon
+/// reaches: no symlink of the session's is on that path's directories).
+/// Paths, not descriptors: the session decides how many there are.
+struct Links {
+    root: OwnedFd,
+    first: std::collections::HashMap<u64, PathBuf>,
+}
+
+fn copy_layer(
+    from: &OwnedFd,
+    to: &OwnedFd,
+    rel: &Path,
+    links: &mut Links,
+    depth: usize,
+) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, Dir, FileType, Mode as FsMode};
+    use rustix::io::Errno;
+    use std::os::unix::ffi::OsStrExt;
+    if depth > MAX_LAYER_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "the workspace's changes nest deeper than {MAX_LAYER_DEPTH} directories"
+        )));
+    }
+    let nofollow = OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    for entry in Dir::read_from(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        let st = match rustix::fs::statat(from, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => continue, // removed meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        let mode = FsMode::from_raw_mode(st.st_mode) & FsMode::from_bits_truncate(0o7777);
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                let src = match rustix::fs::openat(
+                    from,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | nofollow,
+                    FsMode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                rustix::fs::mkdirat(to, name, FsMode::from_bits_truncate(0o700))?;
+                let dst = rustix::fs::openat(
+                    to,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | nofollow,
+                    FsMode::empty(),
+                )?;
+                let sub = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                copy_layer(&src, &dst, &sub, links, depth + 1)?;
+                copy_attrs(&src, &dst)?;
+            }
+            FileType::RegularFile => {
+                if st.st_nlink > 1 {
+                    if let Some(first) = links.first.get(&st.st_ino) {
+                        match rustix::fs::linkat(&links.root, first, to, name, AtFlags::empty()) {
+                            Ok(()) => continue,
+                            // Too deep to name: a copy of its own instead.
+                            Err(Errno::NAMETOOLONG) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                let src = match rustix::fs::openat(
+                    from,
+                    name,
+                    OFlags::RDONLY | nofollow,
+                    FsMode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT | Errno::LOOP) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let dst = rustix::fs::openat(
+                    to,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | nofollow,
+                    FsMode::from_bits_truncate(0o600),
+                )?;
+                let mut r = std::fs::File::from(src);
+                let mut w = std::fs::File::from(dst);
+                std::io::copy(&mut r, &mut w)?;
+                copy_attrs(&r, &w)?;
+                if st.st_nlink > 1 {
+                    let path = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                    links.first.entry(st.st_ino).or_insert(path);
+                }
+            }
+            FileType::Symlink => {
+                let target = match rustix::fs::readlinkat(from, name, Vec::new()) {
+                    Ok(t) => t,
+                    Err(Errno::NOENT | Errno::INVAL) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                rustix::fs::symlinkat(target.as_c_str(), to, name)?;
+                rustix::fs::chownat(
+                    to,
+                    name,
+                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            // A whiteout: the lower entry of that name is deleted.
+            FileType::CharacterDevice if st.st_rdev == 0 => {
+                rustix::fs::mknodat(to, name, FileType::CharacterDevice, FsMode::empty(), 0)?;
+                rustix::fs::chownat(
+                    to,
+                    name,
+                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            FileType::Fifo => {
+                rustix::fs::mknodat(to, name, FileType::Fifo, mode, 0)?;
+                rustix::fs::chownat(
+                    to,
+                    name,
+                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            // Sockets are not data; other devices cannot be made through
+            // the overlay (no CAP_MKNOD, nodev).
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Owner, mode, times and extended attributes of `from` onto `to` (the
+/// daemon is root: `trusted.*` included, which carries overlayfs' markers).
+fn copy_attrs(from: impl rustix::fd::AsFd, to: impl rustix::fd::AsFd) -> std::io::Result<()> {
+    let st = rustix::fs::fstat(&from)?;
+    let mut names = vec![0u8; 4096];
+    let n = match rustix::fs::flistxattr(&from, &mut names) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::RANGE) => {
+            names = vec![0u8; 65536];
+            rustix::fs::flistxattr(&from, &mut names)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let mut value = vec![0u8; 65536];
+        let len = match rustix::fs::fgetxattr(&from, name.as_c_str(), &mut value) {
+            Ok(len) => len,
+            Err(rustix::io::Errno::NODATA) => continue, // removed meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        rustix::fs::fsetxattr(
+            &to,
+            name.as_c_str(),
+            &value[..len],
+            rustix::fs::XattrFlags::empty(),
+        )?;
+    }
+    rustix::fs::fchown(
+        &to,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+    )?;
+    rustix::fs::fchmod(
+        &to,
+        rustix::fs::Mode::from_raw_mode(st.st_mode) & rustix::fs::Mode::from_bits_truncate(0o7777),
+    )?;
+    let ts = |s: i64, ns: i64| rustix::fs::Timespec {
+        tv_sec: s,
+        tv_nsec: ns as _,
+    };
+    rustix::fs::futimens(
+        &to,
+        &rustix::fs::Timestamps {
+            last_access: ts(st.st_atime as i64, st.st_atime_nsec as i64),
+            last_modification: ts(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        },
+    )?;
+    Ok(())
+}
+
 /// Largest delta returned in a result (it travels base64 in one frame).
 pub const MAX_DELTA_BYTES: usize = 8 * 1024 * 1024;
 

@@ -195,6 +195,14 @@ async fn a_checkpoint_killed_from_inside_is_reported_lost() {
     );
     run(arg(&["checkpoint", &s, "--delete", ck])).await.unwrap();
     assert_eq!(run(arg(&["checkpoint", &s, "--list"])).await.unwrap(), "");
+    // --keep: listed as kept, and the killed session comes back from it.
+    let kept = run(arg(&["checkpoint", &s, "--keep"])).await.unwrap();
+    let kept = kept.trim();
+    let listed = run(arg(&["checkpoint", &s, "--list"])).await.unwrap();
+    assert!(listed.trim_end().ends_with("kept"), "{listed}");
+    c.session_kill(&s).await.unwrap();
+    run(arg(&["restore", &s, kept])).await.unwrap();
+    assert_eq!(text(&c, &s, "x").await, "'cli'");
     drop(c);
     d.finish().await;
 }
@@ -290,6 +298,232 @@ async fn quotas_refusals_records_and_cycles() {
             .any(|r| r["event"] == "session_restored"
                 && r["checkpoint"] == forced.checkpoint.as_str())
     );
+    drop(c);
+    d.finish().await;
+}
+
+fn keep(session: &str) -> forkd_ipc::SessionCheckpoint {
+    forkd_ipc::SessionCheckpoint {
+        session: session.into(),
+        force: false,
+        keep: true,
+    }
+}
+
+/// The host pid of `session`'s init (pid 1 inside), found through a file
+/// its code makes in its scratch.
+async fn init_of(d: &TestDaemon, c: &forkd_ipc::AsyncClient, session: &str) -> (i32, u64) {
+    let name = format!("init-of-{session}");
+    text(
+        c,
+        session,
+        &format!("open('/tmp/{name}', 'w').write('1')\nNone"),
+    )
+    .await;
+    let found = d
+        .wait_for_scratch_file(&name, std::time::Duration::from_secs(10))
+        .await;
+    text(
+        c,
+        session,
+        &format!("import os\nos.remove('/tmp/{name}')\nNone"),
+    )
+    .await;
+    *found
+        .iter()
+        .find(|(pid, _)| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .and_then(|v| v.split_whitespace().last().map(str::to_owned))
+                })
+                .as_deref()
+                == Some("1")
+        })
+        .expect("the session's init")
+}
+
+/// A checkpoint taken with `keep` outlives its session's end: the killed
+/// session is `ended_with_checkpoints`, listed and counted, refuses cells
+/// with the way back, keeps only its kept checkpoints (an unkept one is
+/// `unknown_checkpoint`), and `session_restore` brings it back under the same
+/// id with the checkpoint's memory and scratch. Ended again, deleting its
+/// last kept checkpoint takes what is left of it (init, cgroup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_checkpoint_outlives_its_session_and_restores_it() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let a2 = audit.clone();
+    let d = TestDaemon::start(move |c| {
+        c.sessions.max_per_uid = 2;
+        c.sessions.max_checkpoints_per_uid = 2;
+        c.audit_log = Some(a2);
+    })
+    .await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(
+        &c,
+        &s,
+        "import numpy as np\nx = 41\na = np.arange(10)\nopen('/tmp/f', 'w').write('kept')\nNone",
+    )
+    .await;
+    let kept = c.session_checkpoint_with(keep(&s)).await.unwrap();
+    assert!(kept.kept, "{kept:?}");
+    text(&c, &s, "x = 7\nopen('/tmp/f', 'w').write('unkept')\nNone").await;
+    let unkept = c.session_checkpoint(&s, false).await.unwrap();
+    assert!(!unkept.kept);
+    let init = init_of(&d, &c, &s).await;
+
+    let ended = c.session_kill(&s).await.unwrap();
+    assert_eq!(
+        ended.state,
+        forkd_ipc::SessionState::EndedWithCheckpoints,
+        "{ended:?}"
+    );
+    assert_eq!(ended.ended_by, Some(forkd_ipc::SessionEnd::Killed));
+    let listed = c.session_list(Default::default()).await.unwrap();
+    assert!(listed.iter().any(|i| i.session == s), "{listed:?}");
+    let (code, message) = code_of(c.run_code(&common::cells::cell(&s, "1")).await.unwrap_err());
+    assert_eq!(code, ErrorCode::SessionEnded);
+    assert!(message.contains("session_restore"), "{message}");
+    let left: Vec<String> = c
+        .session_checkpoints(&s)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.checkpoint)
+        .collect();
+    assert_eq!(left, vec![kept.checkpoint.clone()]);
+    let (code, _) = code_of(c.session_restore(&s, &unkept.checkpoint).await.unwrap_err());
+    assert_eq!(code, ErrorCode::UnknownCheckpoint);
+    // Its time is kept_checkpoint_ttl_secs', not a TTL to extend.
+    let (code, _) = code_of(c.session_set_ttl(&s, 60_000).await.unwrap_err());
+    assert_eq!(code, ErrorCode::SessionEnded);
+    // Its interpreter is gone; its init holds the frozen copy.
+    assert!(process_alive(init.0, init.1));
+    // Counted: against the sessions (1 + this one = max_per_uid 2) and the
+    // checkpoints (1 kept + 1 = max_checkpoints_per_uid 2).
+    let t = create(&c).await;
+    let (code, message) = code_of(
+        c.session_create(&forkd_ipc::SessionCreate::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::LimitExceedsPolicy, "{message}");
+    c.session_checkpoint(&t, false).await.unwrap();
+    let (_, message) = code_of(c.session_checkpoint(&t, false).await.unwrap_err());
+    assert!(message.contains("max_checkpoints_per_uid"), "{message}");
+    c.session_kill(&t).await.unwrap();
+
+    // Back, under the same id, in the kept state.
+    let back = c.session_restore(&s, &kept.checkpoint).await.unwrap();
+    assert_eq!(back.state, forkd_ipc::SessionState::Running, "{back:?}");
+    assert!(back.ttl_left_ms > 0);
+    assert_eq!(
+        text(&c, &s, "x, int(a.sum()), open('/tmp/f').read()").await,
+        "(41, 45, 'kept')"
+    );
+    text(&c, &s, "x = 1").await;
+    // Restored again while running (the checkpoint stays).
+    c.session_restore(&s, &kept.checkpoint).await.unwrap();
+    assert_eq!(text(&c, &s, "x").await, "41");
+
+    // Ended again; deleting the last kept checkpoint takes the rest.
+    let init = init_of(&d, &c, &s).await;
+    let ended = c.session_kill(&s).await.unwrap();
+    assert_eq!(ended.state, forkd_ipc::SessionState::EndedWithCheckpoints);
+    c.session_checkpoint_delete(&s, &kept.checkpoint)
+        .await
+        .unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || !process_alive(
+            init.0, init.1
+        ))
+        .await,
+        "the ended session's init outlived its last kept checkpoint"
+    );
+    // Retired (out of the list) once the zygote has reaped the init.
+    let mut listed = true;
+    for _ in 0..200 {
+        listed = c
+            .session_list(Default::default())
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.session == s);
+        if !listed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(!listed, "the ended session is still listed");
+    let gone = c.session_info(&s).await.unwrap();
+    assert_eq!(gone.state, forkd_ipc::SessionState::Ended, "{gone:?}");
+    let events: Vec<String> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["session"] == s.as_str())
+        .map(|r| r["event"].as_str().unwrap().to_string())
+        .collect();
+    for e in [
+        "session_ended",
+        "session_revived",
+        "session_restored",
+        "session_reaped",
+    ] {
+        assert!(events.iter().any(|x| x == e), "{e} not in {events:?}");
+    }
+    drop(c);
+    d.finish().await;
+}
+
+/// A dormant session goes `kept_checkpoint_ttl_secs` after it ended, with
+/// its init; a session without kept checkpoints ends as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_checkpoints_expire() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.sessions.kept_checkpoint_ttl_secs = 1).await;
+    let c = d.client().await;
+    let s = create(&c).await;
+    text(&c, &s, "x = 41").await;
+    let kept = c.session_checkpoint_with(keep(&s)).await.unwrap();
+    let init = init_of(&d, &c, &s).await;
+    c.session_kill(&s).await.unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(15), || !process_alive(
+            init.0, init.1
+        ))
+        .await,
+        "the kept checkpoint did not expire"
+    );
+    // Retired once the zygote has reaped the init.
+    let mut gone = c.session_info(&s).await.unwrap();
+    for _ in 0..200 {
+        if gone.state == forkd_ipc::SessionState::Ended {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        gone = c.session_info(&s).await.unwrap();
+    }
+    assert_eq!(gone.state, forkd_ipc::SessionState::Ended, "{gone:?}");
+    let (code, _) = code_of(c.session_restore(&s, &kept.checkpoint).await.unwrap_err());
+    assert_eq!(code, ErrorCode::SessionEnded);
+    // Not kept: the end is final.
+    let t = create(&c).await;
+    let ck = c.session_checkpoint(&t, false).await.unwrap();
+    let ended = c.session_kill(&t).await.unwrap();
+    assert_eq!(ended.state, forkd_ipc::SessionState::Ended);
+    let (code, _) = code_of(c.session_restore(&t, &ck.checkpoint).await.unwrap_err());
+    assert_eq!(code, ErrorCode::SessionEnded);
     drop(c);
     d.finish().await;
 }

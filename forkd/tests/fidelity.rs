@@ -23,7 +23,7 @@ use forkd_ipc::{ErrorCode, InlineFile, Program, SpawnRequest, SpawnResult};
 
 /// How a run ended and what it printed, with each side's working directory
 /// replaced by `<CWD>` (the only intended difference).
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Run {
     stdout: String,
     stderr: String,
@@ -618,6 +618,163 @@ async fn startup_environment_is_applied_as_python_would_or_refused() {
     t.assert_all("start-up environment: sandbox vs plain python");
 }
 
+const STDIO_PROBE: &str = "import os, stat, sys\nfor s in (sys.stdin, sys.stdout, sys.stderr):\n    try:\n        pos = s.tell()\n    except OSError as e:\n        pos = repr(e)\n    print(s.name, s.mode, s.encoding, s.errors, s.newlines, s.line_buffering, s.write_through, s.seekable(), s.buffer.seekable(), getattr(s.buffer, 'raw', s.buffer).seekable(), s.isatty(), type(s.buffer).__name__, type(getattr(s.buffer, 'raw', s.buffer)).__name__, pos, stat.S_ISFIFO(os.fstat(s.fileno()).st_mode))\nprint([os.isatty(fd) for fd in range(3)])\nsys.stdout.reconfigure(line_buffering=True)\nprint('line-buffered now', sys.stdout.line_buffering)\nos.write(1, b'raw\\n')\nprint('block')\nos.write(1, b'raw again\\n')\nprint(repr(sys.stdin.read()))\nsys.stderr.write('e\\u20ac\\udcff\\n')\n";
+
+/// sys.stdin/stdout/stderr are what python makes on pipes: not seekable,
+/// not terminals, the same encoding, errors and buffering, and
+/// reconfigure() works (the zygote started on pipes, never /dev/null).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_streams_are_pythons_on_pipes() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    let envs: &[(&str, &[(&str, &str)])] = &[
+        ("no locale", &[]),
+        ("LANG=C.UTF-8", &[("LANG", "C.UTF-8")]),
+        ("LC_ALL=C", &[("LC_ALL", "C")]),
+        (
+            "LC_ALL=POSIX, LANG=C.UTF-8",
+            &[("LC_ALL", "POSIX"), ("LANG", "C.UTF-8")],
+        ),
+        ("PYTHONUNBUFFERED", &[("PYTHONUNBUFFERED", "1")]),
+    ];
+    let stdin = "h\u{e9}llo\nworld".as_bytes();
+    for (name, env) in envs {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let want = outside(&dir, &["-c", STDIO_PROBE], env, stdin);
+        let mut r = request(Program::Code(STDIO_PROBE.into()), &[], env);
+        r.stdin = stdin.to_vec();
+        let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+        t.verdict(name, &format!("{got:?}"), &format!("{want:?}"), got == want);
+    }
+    d.finish().await;
+    t.assert_all("stdio streams: sandbox vs plain python");
+}
+
+const PTY_PROBE: &str = "import os, pty, subprocess, sys, termios, tty\nm, s = os.openpty()\nprint(os.isatty(m), os.isatty(s), os.ttyname(s).startswith('/dev/pts/'), os.stat(os.ttyname(s)).st_uid == os.getuid())\nos.write(s, b'hello\\n')\nprint(os.read(m, 100))\nbefore = termios.tcgetattr(s)\ntty.setraw(s)\nprint(termios.tcgetattr(s) != before)\nos.close(m); os.close(s)\nm, s = pty.openpty()\np = subprocess.Popen([sys.executable, '-c', 'import os, sys; print(os.isatty(0), os.isatty(1), sys.stdout.isatty(), sys.stdout.line_buffering, os.ttyname(1) == os.ttyname(0))'], stdin=s, stdout=s, stderr=s)\nos.close(s)\nout = b''\nwhile True:\n    try:\n        d = os.read(m, 1024)\n    except OSError:\n        break\n    if not d:\n        break\n    out += d\nprint(p.wait(), out)\nsys.stdout.flush()\npty.spawn([sys.executable, '-c', 'import sys; print(\"in pty.spawn\", sys.stdin.isatty())'])\nprint(subprocess.run(['script', '-qec', 'echo via script', '/dev/null'], capture_output=True, stdin=subprocess.DEVNULL).stdout)\n";
+
+/// ptys work inside as outside: os.openpty, termios, a subprocess on a
+/// pty, pty.spawn and `script`. The sandbox's /dev/pts is its own: a host
+/// pty is not in it, and TIOCSTI (typing into a terminal) is refused even on
+/// the sandbox's own controlling terminal. A sandbox running alongside keeps
+/// working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ptys_work_inside_and_reach_no_host_pty() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    compare_code(
+        &mut t,
+        &d,
+        &cwd,
+        "ptys",
+        PTY_PROBE,
+        &[],
+        &[("PATH", "/usr/bin:/bin")],
+    )
+    .await;
+
+    // A host pty, open while the sandbox looks for it.
+    let mut host_master = 0;
+    let mut host_slave = 0;
+    // SAFETY: openpty with valid out-pointers and no name/termios/winsize.
+    let r = unsafe {
+        libc::openpty(
+            &mut host_master,
+            &mut host_slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty on the host");
+    let host_name = std::fs::read_link(format!("/proc/self/fd/{host_slave}")).unwrap();
+    let host_name = host_name.to_str().unwrap().to_string();
+    let bystander = {
+        let c = d.client().await;
+        tokio::spawn(async move {
+            c.spawn(&req(
+                "import time\nfor i in range(20):\n    time.sleep(0.05)\nprint('bystander ok')",
+            ))
+            .await
+        })
+    };
+    let escape = format!(
+        "import errno, fcntl, os, termios\nprint(sorted(os.listdir('/dev/pts')))\ntry:\n    os.open({host_name:?}, os.O_RDWR)\n    print('host pty opened')\nexcept OSError as e:\n    print('host pty:', errno.errorcode[e.errno])\nm, s = os.openpty()\nprint(sorted(os.listdir('/dev/pts')))\nos.setsid()\nfcntl.ioctl(s, termios.TIOCSCTTY, 0)\ntry:\n    fcntl.ioctl(s, termios.TIOCSTI, b'x')\n    print('TIOCSTI allowed')\nexcept OSError as e:\n    print('TIOCSTI:', errno.errorcode[e.errno])\n"
+    );
+    let r = d.run(&escape).await;
+    t.check(
+        "the sandbox's /dev/pts, a host pty, TIOCSTI",
+        &format!("{}{}", r.stdout_lossy(), r.stderr_lossy()),
+        &["['ptmx']\nhost pty: ENOENT\n['0', 'ptmx']\nTIOCSTI: EPERM\n"],
+    );
+    let b = bystander.await.unwrap().unwrap();
+    t.check("bystander", &b.stdout_lossy(), &["bystander ok\n"]);
+    // SAFETY: closing the descriptors openpty gave us.
+    unsafe {
+        libc::close(host_master);
+        libc::close(host_slave);
+    }
+    d.finish().await;
+    t.assert_all("ptys: sandbox vs plain python, and no host pty");
+}
+
+const CPU_PROBE: &str = "import multiprocessing, os\nprint(os.cpu_count(), multiprocessing.cpu_count(), len(open('/sys/devices/system/cpu/online').read().strip().split(',')) > 0)\n";
+
+/// `os.cpu_count()` (and multiprocessing's) inside is the sandbox's cpu
+/// limit rounded up, at most the host's: plain python's count where the
+/// limit covers the host, fewer where it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_count_follows_the_cpu_limit() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    let dir = tempfile::tempdir().unwrap();
+    let outside_run = outside(dir.path(), &["-c", CPU_PROBE], &[], b"");
+    let host: u32 = outside_run
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut limits = vec![(f64::from(host), host), (f64::from(host) + 7.0, host)];
+    if host > 1 {
+        limits.push((1.0, 1));
+        limits.push((0.5, 1));
+        limits.push((f64::from(host) - 0.5, host));
+        limits.push((1.01, 2));
+    }
+    for (cpus, want) in limits {
+        let mut r = request(Program::Code(CPU_PROBE.into()), &[], &[]);
+        r.limits.cpus = Some(cpus);
+        let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+        // Plain python on a host with `want` CPUs prints this.
+        let expected = Run {
+            stdout: format!("{want} {want} True\n"),
+            ..outside_run.clone()
+        };
+        t.verdict(
+            &format!("cpus = {cpus} on {host} host CPUs"),
+            &format!("{got:?}"),
+            &format!("{expected:?}"),
+            got == expected,
+        );
+    }
+    d.finish().await;
+    t.assert_all("os.cpu_count() under a cpu limit");
+}
+
 const BLAS_PROBE: &str = "import ctypes, numpy as np\npath = next(l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l and '.so' in l)\nlib = ctypes.CDLL(path)\nget = next(getattr(lib, n) for n in ('scipy_openblas_get_num_threads64_', 'scipy_openblas_get_num_threads', 'openblas_get_num_threads64_', 'openblas_get_num_threads') if hasattr(lib, n))\na = np.ones((300, 300))\nprint(get(), float((a @ a).sum()))\n";
 
 /// A request's BLAS thread variables give the thread count plain `python`
@@ -656,7 +813,33 @@ async fn blas_thread_variables_take_effect_as_at_start_up() {
     for (name, env) in envs {
         compare_code(&mut t, &d, &cwd, name, BLAS_PROBE, &[], env).await;
     }
+    // No thread variable: as many threads as the cpu limit allows (rounded
+    // up, at most the host's), as plain python on a machine of that size.
     let dir = tempfile::tempdir().unwrap();
+    let host_run = outside(dir.path(), &["-c", BLAS_PROBE], &[], b"");
+    let host: u32 = host_run
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for cpus in [1.0, 1.5, f64::from(host)] {
+        let mut r = request(Program::Code(BLAS_PROBE.into()), &[], &[]);
+        r.limits.cpus = Some(cpus);
+        let got = from_result(&d.spawn(&r).await.unwrap(), &cwd);
+        let threads = (cpus.ceil() as u32).min(host);
+        let mut want = host_run.clone();
+        want.stdout = want
+            .stdout
+            .replacen(&host.to_string(), &threads.to_string(), 1);
+        t.verdict(
+            &format!("no variable, cpus = {cpus} on {host} host CPUs"),
+            &format!("{got:?}"),
+            &format!("{want:?}"),
+            got == want,
+        );
+    }
     let want = outside(
         dir.path(),
         &["-c", BLAS_PROBE],
@@ -739,4 +922,27 @@ async fn an_interpreter_that_is_not_python_is_named_as_such() {
             "{stderr}"
         );
     }
+}
+
+const ACCOUNT_PROBE: &str = "import os, pwd, grp, pathlib\ne = pwd.getpwuid(os.getuid())\nprint(e.pw_uid == os.getuid() != 0, e.pw_name, e.pw_dir, grp.getgrgid(os.getgid()).gr_name)\nprint(os.path.expanduser('~' + e.pw_name), pwd.getpwnam('root').pw_uid)\ndel os.environ['HOME']\nprint(os.path.expanduser('~'), pathlib.Path.home())\ntry:\n    open('/etc/passwd', 'a')\nexcept OSError as x:\n    print(type(x).__name__)\n";
+
+/// Code that looks its user up (`pwd.getpwuid(os.getuid())`, `~` without
+/// HOME, `pathlib.Path.home()`) finds an ordinary user, as under plain
+/// python run by a user with an account: each sandbox's own uid has an entry
+/// (named `user`, home /home/user) beside the host's, which it cannot change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_user_has_an_account() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    for _ in 0..2 {
+        let r = d.run(ACCOUNT_PROBE).await;
+        assert_eq!(r.exit_code, Some(0), "{}", r.stderr_lossy());
+        assert_eq!(
+            r.stdout_lossy(),
+            "True user /home/user user\n/home/user 0\n/home/user /home/user\nPermissionError\n"
+        );
+    }
+    d.finish().await;
 }

@@ -196,7 +196,8 @@ async fn busy_loop_and_its_child_die_at_the_timeout() {
         res.exit_code, res.signal, res.killed_by, res.timings
     );
     assert_eq!(res.killed_by, Some(KilledBy::Timeout));
-    assert_eq!((res.exit_code, res.signal), (None, Some(9)));
+    // The timeout's SIGTERM interrupted the loop: it ended by SIGTERM.
+    assert_eq!((res.exit_code, res.signal), (None, Some(15)));
     assert_eq!(res.stdout_lossy(), "child 2\n");
     assert!(res.timings.total_us >= 2_000_000, "{:?}", res.timings);
     // Killed promptly: the program ran no longer than the timeout plus the
@@ -374,4 +375,83 @@ async fn low_open_files_limit_with_many_sandboxes_running() {
     }
     drop(client);
     d.finish().await;
+}
+
+/// A timeout sends SIGTERM first: a program at Python's default disposition
+/// stops gracefully (its `finally`, atexit functions and the final flush of
+/// buffered output run, as for an interrupt, with no traceback) and ends by
+/// SIGTERM; a SIGTERM handler of its own runs; a program that ignores
+/// SIGTERM is SIGKILLed once the grace has passed; a grace of 0 SIGKILLs at
+/// once (buffered output lost). The result says `killed_by: timeout` each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_sends_sigterm_then_sigkill_after_the_grace() {
+    if skip_unless_root("starts daemons that create namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.limits.default.timeout_grace_ms = 1_000).await;
+    let run = |code: &str| {
+        let mut r = req(code);
+        r.timeout_ms = Some(1_000);
+        r
+    };
+    let mut t = Table::new();
+    let summary = |res: &forkd_ipc::SpawnResult| {
+        format!(
+            "{:?} {:?} {:?} out={:?} err={:?}",
+            res.killed_by,
+            res.exit_code,
+            res.signal,
+            res.stdout_lossy(),
+            res.stderr_lossy()
+        )
+    };
+
+    let res = d
+        .spawn(&run("import atexit, sys, time\natexit.register(lambda: print('atexit'))\nprint('buffered')\nsys.stderr.write('to stderr\\n')\ntry:\n    time.sleep(30)\nfinally:\n    print('finally')\n"))
+        .await
+        .unwrap();
+    t.check(
+        "default SIGTERM: finally, atexit and buffered output arrive",
+        &summary(&res),
+        &["Some(Timeout) None Some(15) out=\"buffered\\nfinally\\natexit\\n\" err=\"to stderr\\n\""],
+    );
+    let res = d
+        .spawn(&run("import signal, sys, time\ndef bye(signum, frame):\n    print('handler', signum)\n    sys.exit(3)\nsignal.signal(signal.SIGTERM, bye)\nprint('buffered')\ntime.sleep(30)\n"))
+        .await
+        .unwrap();
+    t.check(
+        "the program's own SIGTERM handler runs",
+        &summary(&res),
+        &["Some(Timeout) Some(3) None out=\"buffered\\nhandler 15\\n\" err=\"\""],
+    );
+    let t0 = Instant::now();
+    let res = d
+        .spawn(&run("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('lost')\nwhile True:\n    time.sleep(0.01)\n"))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    t.check(
+        "SIGTERM ignored: SIGKILL after the grace",
+        &summary(&res),
+        &["Some(Timeout) None Some(9) out=\"\" err=\"\""],
+    );
+    t.check(
+        "  ... not before the timeout plus the grace",
+        &(took >= Duration::from_millis(2_000)).to_string(),
+        &["true"],
+    );
+    d.finish().await;
+
+    let d = TestDaemon::start(|c| c.limits.default.timeout_grace_ms = 0).await;
+    let res = d
+        .spawn(&run("import time\nprint('lost')\ntry:\n    time.sleep(30)\nfinally:\n    print('finally')\n"))
+        .await
+        .unwrap();
+    t.check(
+        "grace 0: SIGKILL at once",
+        &summary(&res),
+        &["Some(Timeout) None Some(9) out=\"\" err=\"\""],
+    );
+    d.finish().await;
+    t.assert_all("timeout: SIGTERM, grace, SIGKILL");
 }

@@ -974,3 +974,461 @@ async fn a_session_keeps_its_workspace_and_its_rules() {
     drop(c);
     d.finish().await;
 }
+
+/// Rules that mounts alone enforce (no `view`): what a branchable session
+/// may have.
+fn rules_without_view() -> Vec<String> {
+    ["secrets=none", "**/*.env=none", "out=write"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn ws_branchable(path: &Path) -> WorkspaceRequest {
+    WorkspaceRequest {
+        path: Some(path.display().to_string()),
+        rules: rules_without_view(),
+        mode: WorkspaceMode::Overlay,
+        ..Default::default()
+    }
+}
+
+/// Runs `body` (after PRELUDE) as a cell of session `s` and returns its `R`.
+async fn probe_cell(c: &forkd_ipc::AsyncClient, s: &str, body: &str) -> BTreeMap<String, String> {
+    let r = c
+        .run_code(&common::cells::cell(
+            s,
+            &format!("{PRELUDE}{body}\nprint(json.dumps(R))\n"),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        r.error.is_none(),
+        "{:?}\n{}",
+        r.error,
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let out = String::from_utf8_lossy(&r.stdout).to_string();
+    serde_json::from_str(out.lines().last().unwrap_or("{}")).expect("probe JSON")
+}
+
+/// The entries of a delta tar: name and content.
+fn tar_entries(tar: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(tar);
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().display().to_string();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            (name, data)
+        })
+        .collect()
+}
+
+/// Issue 18's "branches of a session get their own copy of the delta": a
+/// branch of an overlay-workspace session starts with the session's
+/// changes (files, a deletion, an opaque directory, a hard link, a
+/// symlink), keeps its rules (hidden paths absent, read paths read-only,
+/// the escapes fail), and from then on writes only its own layer: the
+/// session, a sibling and the host never see its writes, nor it theirs.
+/// Each exports its own delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_session_branches_each_get_their_own_delta() {
+    if skip_unless_root("starts a daemon that mounts workspaces and branches sessions") {
+        return;
+    }
+    let t = tree();
+    let d = start(&t.base).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate {
+            workspace: Some(ws_branchable(&t.proj)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session;
+    let before = probe_cell(
+        &c,
+        &s,
+        r#"
+import shutil, stat
+x = 41
+write(W + "/out/s1.txt", "S1")
+os.unlink(W + "/out/old.txt")
+shutil.rmtree(W + "/out/keep"); os.mkdir(W + "/out/keep"); write(W + "/out/keep/n.txt", "N")
+os.mkdir(W + "/out/sub"); write(W + "/out/sub/f", "F")
+os.link(W + "/out/s1.txt", W + "/out/s1.link")
+os.symlink("s1.txt", W + "/out/s1.sym")
+# For the daemon's copy: a symlink it must not follow, a link across dirs.
+os.symlink("/etc", W + "/out/evil")
+os.mkdir(W + "/out/sub/deeper"); os.link(W + "/out/sub/f", W + "/out/sub/deeper/g")
+# The session can be branched, and that widened nothing: still no device
+# nodes (a 0/0 one would be a whiteout) and no overlay markers.
+R["s_whiteout"] = op(lambda: os.mknod(W + "/out/w", 0o600 | stat.S_IFCHR, 0))
+R["s_opaque"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y"))
+R["s_src_write"] = op(lambda: write(W + "/src/a.py"))
+"#,
+    )
+    .await;
+    let mut table = Table::new();
+    expect(
+        &mut table,
+        &before,
+        &[
+            ("s_whiteout", &["EACCES", "EPERM"]),
+            ("s_opaque", &["EPERM"]),
+            ("s_src_write", &["EROFS"]),
+        ],
+    );
+    table.assert_all("overlay session before branching");
+
+    let branches = c
+        .session_branch(forkd_ipc::SessionBranch {
+            session: s.clone(),
+            count: 2,
+            same_seed: false,
+            force: false,
+            labels: None,
+        })
+        .await
+        .unwrap();
+    let (b1, b2) = (branches[0].session.clone(), branches[1].session.clone());
+    for b in [&b1, &b2] {
+        let got = probe_cell(
+            &c,
+            b,
+            r#"
+import stat
+R["x"] = op(lambda: x)
+R["s1"] = op(lambda: read(W + "/out/s1.txt"))
+R["old"] = op(lambda: read(W + "/out/old.txt"))
+R["keep"] = op(lambda: sorted(os.listdir(W + "/out/keep")))
+R["sub"] = op(lambda: read(W + "/out/sub/f"))
+R["link"] = op(lambda: (os.stat(W + "/out/s1.link").st_nlink, read(W + "/out/s1.link")))
+R["sym"] = op(lambda: os.readlink(W + "/out/s1.sym"))
+R["evil"] = op(lambda: (os.path.islink(W + "/out/evil"), os.readlink(W + "/out/evil")))
+R["deep_link"] = op(lambda: (os.stat(W + "/out/sub/deeper/g").st_nlink, os.stat(W + "/out/sub/deeper/g").st_ino == os.stat(W + "/out/sub/f").st_ino))
+R["listed"] = op(lambda: sorted(n for n in os.listdir(W) if n in ("secrets", ".env")))
+R["secret"] = op(lambda: read(W + "/secrets/key"))
+R["secret_deep"] = op(lambda: os.stat(W + "/secrets/deep/x"))
+R["env"] = op(lambda: read(W + "/.env"))
+R["src"] = op(lambda: read(W + "/src/a.py") == "print('a')")
+R["src_write"] = op(lambda: write(W + "/src/a.py"))
+R["src_new"] = op(lambda: write(W + "/src/new.py"))
+R["dotdot"] = op(lambda: read(W + "/out/../secrets/key"))
+R["rel_to_secret"] = op(lambda: read(W + "/src/to_secret"))
+R["abs_out"] = op(lambda: read(W + "/src/abs_out"))
+R["my_symlink"] = op(lambda: (os.symlink("../secrets/key", W + "/out/sym"), read(W + "/out/sym")))
+R["hardlink_in"] = op(lambda: os.link(W + "/src/a.py", W + "/out/hl"))
+R["rename_to_read"] = op(lambda: os.rename(W + "/out/s1.txt", W + "/src/s1.txt"))
+R["rename_from_read"] = op(lambda: os.rename(W + "/src/a.py", W + "/out/a.py"))
+R["proc_root"] = op(lambda: read("/proc/self/root/workspace/secrets/key"))
+R["proc_fd"] = op(lambda: read("/proc/self/fd/%d/../secrets/key" % os.open(W + "/out", os.O_RDONLY)))
+R["whiteout"] = op(lambda: os.mknod(W + "/out/w", 0o600 | stat.S_IFCHR, 0))
+R["opaque"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y"))
+"#,
+        )
+        .await;
+        let mut table = Table::new();
+        expect(
+            &mut table,
+            &got,
+            &[
+                ("x", &["ok:41"]),
+                ("s1", &["ok:'S1'"]),
+                ("old", &["ENOENT"]),
+                ("keep", &["ok:['n.txt']"]),
+                ("sub", &["ok:'F'"]),
+                ("link", &["ok:(2, 'S1')"]),
+                ("sym", &["ok:'s1.txt'"]),
+                ("evil", &["ok:(True, '/etc')"]),
+                ("deep_link", &["ok:(2, True)"]),
+                ("listed", &["ok:[]"]),
+                ("secret", &["ENOENT"]),
+                ("secret_deep", &["ENOENT"]),
+                ("env", &["ENOENT"]),
+                ("src", &["ok:True"]),
+                ("src_write", &["EROFS"]),
+                ("src_new", &["EROFS"]),
+                ("dotdot", &["ENOENT"]),
+                ("rel_to_secret", &["ENOENT"]),
+                ("abs_out", &["ENOENT"]),
+                ("my_symlink", &["ENOENT"]),
+                ("hardlink_in", &["EXDEV"]),
+                ("rename_to_read", &["EXDEV"]),
+                ("rename_from_read", &["EXDEV"]),
+                ("proc_root", &["ENOENT"]),
+                ("proc_fd", &["ENOENT"]),
+                ("whiteout", &["EACCES", "EPERM"]),
+                ("opaque", &["EPERM"]),
+            ],
+        );
+        table.assert_all("a branch's workspace");
+    }
+    // Divergence: each writes its own layer.
+    common::cells::text(&c, &b1, "open('/workspace/out/b1.txt', 'w').write('B1'); open('/workspace/out/s1.txt', 'w').write('B1MOD')").await;
+    common::cells::text(&c, &b2, "open('/workspace/out/b2.txt', 'w').write('B2')").await;
+    common::cells::text(&c, &s, "open('/workspace/out/s2.txt', 'w').write('S2')").await;
+    let look = "import os; (sorted(n for n in os.listdir('/workspace/out') if n[:1] in 'bs' and n.endswith('.txt')), open('/workspace/out/s1.link').read())";
+    assert_eq!(
+        common::cells::text(&c, &s, look).await,
+        "(['s1.txt', 's2.txt'], 'S1')",
+        "the session"
+    );
+    assert_eq!(
+        common::cells::text(&c, &b1, look).await,
+        "(['b1.txt', 's1.txt'], 'B1MOD')",
+        "branch 1 (its write through one name of a hard link shows through the other)"
+    );
+    assert_eq!(
+        common::cells::text(&c, &b2, look).await,
+        "(['b2.txt', 's1.txt'], 'S1')",
+        "branch 2"
+    );
+    // Each exports its own delta.
+    let d1 = tar_entries(&c.session_workspace_delta(&b1).await.unwrap());
+    let ds = tar_entries(&c.session_workspace_delta(&s).await.unwrap());
+    assert_eq!(
+        d1.get("out/b1.txt").map(Vec::as_slice),
+        Some(&b"B1"[..]),
+        "{:?}",
+        d1.keys()
+    );
+    assert_eq!(d1.get("out/s1.txt").map(Vec::as_slice), Some(&b"B1MOD"[..]));
+    assert!(d1.contains_key("out/.wh.old.txt"), "{:?}", d1.keys());
+    assert!(d1.contains_key("out/keep/.wh..wh..opq"), "{:?}", d1.keys());
+    assert_eq!(d1.get("out/sub/f").map(Vec::as_slice), Some(&b"F"[..]));
+    assert!(!d1.contains_key("out/s2.txt") && !d1.contains_key("out/b2.txt"));
+    assert_eq!(ds.get("out/s1.txt").map(Vec::as_slice), Some(&b"S1"[..]));
+    assert!(ds.contains_key("out/s2.txt") && !ds.contains_key("out/b1.txt"));
+    // The host directory never changed.
+    assert_eq!(
+        fs::read_to_string(t.proj.join("out/old.txt")).unwrap(),
+        "old"
+    );
+    assert!(t.proj.join("out/keep/k.txt").exists());
+    for f in ["out/s1.txt", "out/s2.txt", "out/b1.txt", "out/b2.txt"] {
+        assert!(!t.proj.join(f).exists(), "{f} reached the host");
+    }
+    // A branch with a workspace is not branched again; it checkpoints and
+    // restores its own workspace.
+    let e = server_error(
+        c.session_branch(forkd_ipc::SessionBranch {
+            session: b2.clone(),
+            count: 1,
+            same_seed: false,
+            force: false,
+            labels: None,
+        })
+        .await
+        .unwrap_err(),
+    );
+    assert!(e.message.contains("branch with a workspace"), "{e:?}");
+    let ck = c.session_checkpoint(&b2, false).await.unwrap().checkpoint;
+    common::cells::text(&c, &b2, "open('/workspace/out/b2.txt', 'w').write('B2-LATER'); open('/workspace/out/b2b.txt', 'w').write('x')").await;
+    c.session_restore(&b2, &ck).await.unwrap();
+    assert_eq!(
+        common::cells::text(&c, &b2, "import os; (open('/workspace/out/b2.txt').read(), os.path.exists('/workspace/out/b2b.txt'))").await,
+        "('B2', False)",
+        "branch 2 after its restore"
+    );
+    assert_eq!(
+        common::cells::text(&c, &s, look).await,
+        "(['s1.txt', 's2.txt'], 'S1')"
+    );
+    // A branch ends without touching the session's workspace.
+    c.session_kill(&b1).await.unwrap();
+    assert_eq!(
+        common::cells::text(&c, &s, look).await,
+        "(['s1.txt', 's2.txt'], 'S1')"
+    );
+    // A branch outlives its parent (docs/branch.md, "Lifetime"), workspace
+    // included, though both run as uid 0.
+    c.session_kill(&s).await.unwrap();
+    assert_eq!(
+        common::cells::text(&c, &b2, "open('/workspace/out/b2.txt').read()").await,
+        "'B2'",
+        "branch 2 after its parent ended"
+    );
+    c.session_kill(&b2).await.unwrap();
+    drop(c);
+    d.finish().await;
+}
+
+/// Workspace sessions a branch cannot be made of say why and what to do
+/// (direct mode; `view` rules), through the client and forkd-run; a
+/// checkpoint is refused; and branch/kill cycles of an overlay session
+/// leave no mount, process or descriptor behind (`finish`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_branch_refusals_and_no_leaks() {
+    if skip_unless_root("starts a daemon that mounts workspaces and branches sessions") {
+        return;
+    }
+    let t = tree();
+    let d = start(&t.base).await;
+    let c = d.client().await;
+    let create = |w: WorkspaceRequest| {
+        let c = c.clone();
+        async move {
+            c.session_create(&forkd_ipc::SessionCreate {
+                workspace: Some(w),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .session
+        }
+    };
+    let branch = |s: &str, count| forkd_ipc::SessionBranch {
+        session: s.into(),
+        count,
+        same_seed: false,
+        force: false,
+        labels: None,
+    };
+    let mut direct = ws_branchable(&t.proj);
+    direct.mode = WorkspaceMode::Direct;
+    let sd = create(direct).await;
+    let e = server_error(c.session_branch(branch(&sd, 1)).await.unwrap_err());
+    assert_eq!(e.code, forkd_ipc::ErrorCode::InvalidRequest, "{e:?}");
+    assert!(
+        e.message.contains("direct") && e.message.contains("mode overlay"),
+        "{e:?}"
+    );
+    let (socket, sid) = (d.socket.clone(), sd.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+            .args(["session", "branch", "--socket"])
+            .arg(&socket)
+            .arg(sid.as_str())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mode overlay"),
+        "{out:?}"
+    );
+    let sv = create(ws(&t.proj, WorkspaceMode::Overlay)).await; // docs=view
+    let e = server_error(c.session_branch(branch(&sv, 1)).await.unwrap_err());
+    assert!(e.message.contains("`view`"), "{e:?}");
+    for id in [&sd, &sv] {
+        let e = server_error(c.session_checkpoint(id, false).await.unwrap_err());
+        assert!(e.message.contains("cannot be checkpointed"), "{e:?}");
+    }
+    let so = create(ws_branchable(&t.proj)).await;
+    for id in [&sd, &sv] {
+        c.session_kill(id).await.unwrap();
+    }
+    common::cells::text(&c, &so, "open('/workspace/out/s.txt', 'w').write('S')").await;
+    let n = std::env::var("FORKD_WS_BRANCH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    for i in 0..n {
+        let bs = c.session_branch(branch(&so, 2)).await.unwrap();
+        for b in &bs {
+            assert_eq!(
+                common::cells::text(&c, &b.session, "open('/workspace/out/s.txt').read()").await,
+                "'S'",
+                "cycle {i}"
+            );
+            c.session_kill(&b.session).await.unwrap();
+        }
+    }
+    c.session_kill(&so).await.unwrap();
+    drop(c);
+    d.finish().await;
+}
+
+/// Checkpoint and restore of an overlay-workspace session: the restore
+/// puts the workspace's layer back as it was (files written after the
+/// checkpoint disappear, deleted ones come back, changed ones revert), the
+/// rules hold on the remounted workspace, a checkpoint restores twice, and
+/// the host directory never changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_session_checkpoint_restores_the_workspace() {
+    if skip_unless_root("starts a daemon that mounts workspaces") {
+        return;
+    }
+    let t = tree();
+    let d = start(&t.base).await;
+    let c = d.client().await;
+    let s = c
+        .session_create(&forkd_ipc::SessionCreate {
+            workspace: Some(ws_branchable(&t.proj)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session;
+    let text = |code: &'static str| {
+        let (c, s) = (c.clone(), s.clone());
+        async move { common::cells::text(&c, &s, code).await }
+    };
+    text("import os\nx = 1\nopen('/workspace/out/a.txt', 'w').write('A')\nos.unlink('/workspace/out/old.txt')").await;
+    let ck = c.session_checkpoint(&s, false).await.unwrap().checkpoint;
+    let look = "(x, sorted(os.listdir('/workspace/out')), sorted(os.listdir('/workspace/out/keep')), open('/workspace/out/a.txt').read())";
+    let want = "(1, ['a.txt', 'keep'], ['k.txt'], 'A')";
+    for round in 0..2 {
+        text("x = 2\nopen('/workspace/out/a.txt', 'w').write('A2')\nopen('/workspace/out/b.txt', 'w').write('B')\nos.unlink('/workspace/out/keep/k.txt')").await;
+        assert_eq!(
+            text(look).await,
+            "(2, ['a.txt', 'b.txt', 'keep'], [], 'A2')",
+            "round {round}"
+        );
+        c.session_restore(&s, &ck).await.unwrap();
+        assert_eq!(text(look).await, want, "after restore {round}");
+    }
+    let got = probe_cell(
+        &c,
+        &s,
+        r#"
+R["secret"] = op(lambda: read(W + "/secrets/key"))
+R["env"] = op(lambda: read(W + "/.env"))
+R["src_write"] = op(lambda: write(W + "/src/a.py"))
+R["hardlink_in"] = op(lambda: os.link(W + "/src/a.py", W + "/out/hl"))
+R["out_write"] = op(lambda: write(W + "/out/c.txt", "C"))
+"#,
+    )
+    .await;
+    let mut table = Table::new();
+    expect(
+        &mut table,
+        &got,
+        &[
+            ("secret", &["ENOENT"]),
+            ("env", &["ENOENT"]),
+            ("src_write", &["EROFS"]),
+            ("hardlink_in", &["EXDEV"]),
+            ("out_write", &["ok:1"]),
+        ],
+    );
+    table.assert_all("the restored workspace");
+    let delta = tar_entries(&c.session_workspace_delta(&s).await.unwrap());
+    assert_eq!(
+        delta.get("out/a.txt").map(Vec::as_slice),
+        Some(&b"A"[..]),
+        "{:?}",
+        delta.keys()
+    );
+    assert!(delta.contains_key("out/.wh.old.txt") && delta.contains_key("out/c.txt"));
+    assert!(!delta.contains_key("out/b.txt") && !delta.contains_key("out/keep/.wh.k.txt"));
+    assert_eq!(
+        fs::read_to_string(t.proj.join("out/old.txt")).unwrap(),
+        "old"
+    );
+    assert!(t.proj.join("out/keep/k.txt").exists());
+    for f in ["out/a.txt", "out/b.txt", "out/c.txt"] {
+        assert!(!t.proj.join(f).exists(), "{f} reached the host");
+    }
+    c.session_kill(&s).await.unwrap();
+    drop(c);
+    d.finish().await;
+}

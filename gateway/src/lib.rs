@@ -629,7 +629,11 @@ pub async fn bind(
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Io {
-            what: format!("cannot listen on {addr}"),
+            what: if source.kind() == std::io::ErrorKind::AddrInUse {
+                format!("cannot listen on {addr} (another process listens there: stop it or choose another address)")
+            } else {
+                format!("cannot listen on {addr}")
+            },
             source,
         })
 }

@@ -277,9 +277,26 @@ fn connect_error(path: &Path, e: io::Error) -> ClientError {
             path: path.to_owned(),
         }
     } else {
+        // A mistyped path: say which part is missing, not just ENOENT.
+        let source = match path.parent() {
+            Some(dir)
+                if e.kind() == io::ErrorKind::NotFound
+                    && !dir.as_os_str().is_empty()
+                    && !dir.exists() =>
+            {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "its directory {} does not exist: check the path for a typo",
+                        dir.display()
+                    ),
+                )
+            }
+            _ => e,
+        };
         ClientError::Connect {
             path: path.to_owned(),
-            source: e,
+            source,
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod bytes;
 pub mod client;
+pub mod explain;
 pub mod frame;
 pub mod protocol;
 pub mod session;

@@ -137,6 +137,11 @@ pub struct SessionCheckpoint {
     /// (the copy has only the thread that forked).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// Keep it beyond the session's end (kill, TTL, idle timeout), for
+    /// `[sessions] kept_checkpoint_ttl_secs`: the ended session can then be
+    /// brought back with `session_restore`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
 }
 
 /// `session_restore` and `session_checkpoint_delete`: one checkpoint of a
@@ -164,6 +169,9 @@ pub struct CheckpointInfo {
     /// Times it was restored.
     #[serde(default)]
     pub restores: u64,
+    /// Taken with `keep`: it outlives the session's end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 /// `run_code`: one cell in the session's `__main__`.
@@ -309,6 +317,12 @@ pub enum SessionState {
     Paused,
     /// Ended; see `ended_by`.
     Ended,
+    /// Ended (see `ended_by`) with checkpoints taken with `keep`: only
+    /// `session_restore` (which brings it back, running), `session_info`,
+    /// `session_checkpoints`, `session_checkpoint_delete` and `session_kill`
+    /// are served; it goes when its last kept checkpoint is deleted or
+    /// `[sessions] kept_checkpoint_ttl_secs` after it ended.
+    EndedWithCheckpoints,
 }
 
 /// Why a session ended.
@@ -390,6 +404,10 @@ pub struct SessionInfo {
     /// branch request; `[sessions] spare_branches`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub spare_branches: u32,
+    /// (A branch.) Its parent ended while it lives on; `parent` still names
+    /// it (docs/branch.md, "Lifetime").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parent_ended: bool,
 }
 
 fn is_zero(n: &u32) -> bool {

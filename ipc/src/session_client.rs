@@ -258,8 +258,18 @@ impl Client {
             self.simple(&RequestBody::SessionCheckpoint(SessionCheckpoint {
                 session: id.to_owned(),
                 force,
+                keep: false,
             }))?,
         )
+    }
+
+    /// [`Self::session_checkpoint`] with every option (`keep`: the
+    /// checkpoint outlives the session's end).
+    pub fn session_checkpoint_with(
+        &mut self,
+        req: SessionCheckpoint,
+    ) -> Result<CheckpointInfo, ClientError> {
+        expect_checkpoint(self.simple(&RequestBody::SessionCheckpoint(req))?)
     }
 
     /// Puts the session back in the state of `checkpoint` (same id; the
@@ -618,9 +628,19 @@ impl AsyncClient {
             self.simple(&RequestBody::SessionCheckpoint(SessionCheckpoint {
                 session: id.to_owned(),
                 force,
+                keep: false,
             }))
             .await?,
         )
+    }
+
+    /// [`Self::session_checkpoint`] with every option (`keep`: the
+    /// checkpoint outlives the session's end).
+    pub async fn session_checkpoint_with(
+        &self,
+        req: SessionCheckpoint,
+    ) -> Result<CheckpointInfo, ClientError> {
+        expect_checkpoint(self.simple(&RequestBody::SessionCheckpoint(req)).await?)
     }
 
     /// Puts the session back in the state of `checkpoint` (same id; the

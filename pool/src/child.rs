@@ -34,6 +34,22 @@ pub struct ChildPlan {
     pub branch: Option<forkd_zygote::spec::BranchOf>,
 }
 
+impl ChildPlan {
+    /// The CPUs the cgroup's cpu limit amounts to, rounded up (at least 1);
+    /// None without an enforced limit.
+    pub fn cpu_count(&self) -> Option<u32> {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a validated finite positive CPU count, clamped to u32"
+        )]
+        self.cgroup
+            .cpus
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .map(|c| c.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error("cannot create the sandbox's cgroup: {0}")]
@@ -62,6 +78,8 @@ pub struct ReadyChild {
     pub exited: oneshot::Receiver<Result<Exited, ZygoteError>>,
     pub cgroup: CgroupCleanup,
     pub forked_at: Instant,
+    /// (A first-level session branch.) The ids its own branches get.
+    pub descendant_uids: Option<crate::uids::UidRange>,
 }
 
 impl ReadyChild {
@@ -99,12 +117,17 @@ impl Drop for ReadyChild {
 /// Sends SIGKILL through a pidfd. Killing a pid namespace's init kills every
 /// process in it; an exited process is not an error.
 pub fn kill_pidfd(pidfd: BorrowedFd<'_>) {
+    signal_pidfd(pidfd, libc::SIGKILL);
+}
+
+/// Sends `sig` through a pidfd; an exited process is not an error.
+pub fn signal_pidfd(pidfd: BorrowedFd<'_>, sig: libc::c_int) {
     // SAFETY: pidfd_send_signal with a borrowed, open pidfd and no siginfo.
     unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            sig,
             std::ptr::null::<libc::siginfo_t>(),
             0u32,
         );
@@ -144,14 +167,24 @@ pub async fn prepare(
 /// a root helper that makes the branch's namespaces (see
 /// `forkd_zygote::branch`); the returned pid and pidfd are that helper's,
 /// which lives exactly as long as the branch's init.
+///
+/// `uids`: the parent branch's block when the parent is itself a branch
+/// (the new branch's uid comes from it, and it gets no block of its own);
+/// otherwise the branch gets a block of [`BRANCH_UID_BLOCK`] ids for its
+/// own branches ([`ReadyChild::descendant_uids`]).
 pub async fn prepare_branch(
     zygote: &Zygote,
     cgroups: &Arc<Manager>,
     sandbox: u64,
     plan: ChildPlan,
+    uids: Option<&crate::uids::UidRange>,
 ) -> Result<ReadyChild, PrepareError> {
-    prepare_child(zygote, cgroups, None, sandbox, plan, false).await
+    prepare_child_from(zygote, cgroups, None, sandbox, plan, false, uids).await
 }
+
+/// Ids a first-level branch keeps for its own branches (and their spares)
+/// alive at once: its user namespace maps them beside its own.
+pub const BRANCH_UID_BLOCK: u32 = 32;
 
 /// [`prepare`] for a child parked in the warm pool: it pre-touches the
 /// memory a job writes while it waits, so a request does not pay for
@@ -174,6 +207,18 @@ async fn prepare_child(
     plan: ChildPlan,
     parked: bool,
 ) -> Result<ReadyChild, PrepareError> {
+    prepare_child_from(zygote, cgroups, netns, sandbox, plan, parked, None).await
+}
+
+async fn prepare_child_from(
+    zygote: &Zygote,
+    cgroups: &Arc<Manager>,
+    netns: Option<&NetnsStock>,
+    sandbox: u64,
+    mut plan: ChildPlan,
+    parked: bool,
+    from: Option<&crate::uids::UidRange>,
+) -> Result<ReadyChild, PrepareError> {
     let limits = plan.cgroup;
     let manager = cgroups.clone();
     let cgroup =
@@ -190,9 +235,33 @@ async fn prepare_child(
     // an idmapped mount (TODO); it keeps the capability-less uid 0.
     // SAFETY: geteuid cannot fail.
     let uid = if plan.isolate && plan.workspace.is_none() && unsafe { libc::geteuid() } == 0 {
-        Some(crate::uids::global().lease().map_err(PrepareError::Uid)?)
+        Some(
+            from.unwrap_or(crate::uids::global())
+                .lease()
+                .map_err(PrepareError::Uid)?,
+        )
     } else {
         None
+    };
+    // A session branch: ids for its own branches, mapped in its user
+    // namespace (kept with its uid until its helper is reaped), or, as a
+    // branch of a branch, its uid as its parent's namespace maps it.
+    let mut descendant_uids = None;
+    if let (Some(branch), Some(lease)) = (plan.branch.as_mut(), uid.as_ref()) {
+        match from {
+            Some(block) => branch.inner_uid = Some(lease.id() - block.base() + 1),
+            None => {
+                let block = crate::uids::global()
+                    .lease_block(BRANCH_UID_BLOCK)
+                    .map_err(PrepareError::Uid)?;
+                branch.block = Some((block.base(), block.count()));
+                descendant_uids = Some(block);
+            }
+        }
+    }
+    let uid = match (uid, &descendant_uids) {
+        (Some(lease), Some(block)) => Some(lease.keep(block.clone())),
+        (uid, _) => uid,
     };
     let (job_r, job_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
     let (stdout_r, stdout_w) = forkd_zygote::sys::pipe().map_err(PrepareError::Io)?;
@@ -214,10 +283,19 @@ async fn prepare_child(
         file_size_bytes: plan.file_size_bytes,
         isolate: plan.isolate,
         workspace: plan.workspace.clone(),
-        uid: uid.as_ref().map(crate::uids::Lease::id),
+        // A branch of a workspace session keeps the session's uid 0 (above).
+        uid: uid
+            .as_ref()
+            .map(crate::uids::Lease::id)
+            .or_else(|| (plan.branch.is_some() && plan.workspace.is_some()).then_some(0)),
+        cpus: plan.cpu_count(),
         // Every session may be branched, and sessions take children from
-        // the warm pool: every child without a workspace gets the grant.
-        branchable: plan.workspace.is_none(),
+        // the warm pool: every child without a workspace gets the grant, and
+        // one whose workspace mounts alone enforce (overlay, no `view`).
+        branchable: plan
+            .workspace
+            .as_ref()
+            .is_none_or(forkd_zygote::workspace::MountPlan::branchable),
         branch: plan.branch.clone(),
     };
     let spec =
@@ -235,7 +313,11 @@ async fn prepare_child(
         },
     };
     let forked = match (plan.branch.is_some(), uid) {
-        (true, Some(uid)) => zygote.spawn_branch(sandbox, &spec, fds, uid).await,
+        (true, Some(uid)) => zygote.spawn_branch(sandbox, &spec, fds, Some(uid)).await,
+        // A workspace session's branch keeps its uid 0 (`spec.uid`).
+        (true, None) if plan.workspace.is_some() => {
+            zygote.spawn_branch(sandbox, &spec, fds, None).await
+        }
         (true, None) => {
             return Err(PrepareError::Io(std::io::Error::other(
                 "a session branch needs a root daemon (its own uid)",
@@ -257,5 +339,6 @@ async fn prepare_child(
         exited: forked.exited,
         cgroup,
         forked_at: Instant::now(),
+        descendant_uids,
     })
 }

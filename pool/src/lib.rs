@@ -24,8 +24,8 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 pub use child::{
-    kill_pidfd, prepare, prepare_branch, prepare_parked, CgroupCleanup, ChildPlan, PrepareError,
-    ReadyChild,
+    kill_pidfd, prepare, prepare_branch, prepare_parked, signal_pidfd, CgroupCleanup, ChildPlan,
+    PrepareError, ReadyChild,
 };
 pub use netns::NetnsStock;
 pub use sys::set_nonblocking;

@@ -39,6 +39,27 @@ struct Inner {
     base: u32,
     count: u32,
     state: Mutex<State>,
+    /// (A block of another range.) Its slots there, freed when this range
+    /// and every lease from it are gone.
+    _block: Option<Block>,
+}
+
+/// Consecutive slots of a range, held by a sub-range ([`UidRange::lease_block`]).
+struct Block {
+    range: Arc<Inner>,
+    start: u32,
+    count: u32,
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.range.state.lock() {
+            for slot in self.start..self.start + self.count {
+                s.used[slot as usize] = false;
+            }
+            s.in_use -= self.count;
+        }
+    }
 }
 
 /// A range of sandbox ids.
@@ -49,12 +70,21 @@ pub struct UidRange(Arc<Inner>);
 pub struct Lease {
     range: Arc<Inner>,
     slot: u32,
+    /// A range this lease keeps leased as long as it lives (a branch's
+    /// block for its descendants).
+    _held: Option<UidRange>,
 }
 
 impl Lease {
     /// The uid, which is also the gid.
     pub fn id(&self) -> u32 {
         self.range.base + self.slot
+    }
+
+    /// Keeps `range` leased as long as this lease lives.
+    pub fn keep(mut self, range: UidRange) -> Lease {
+        self._held = Some(range);
+        self
     }
 }
 
@@ -88,6 +118,58 @@ impl UidRange {
                 used: vec![false; count as usize],
                 in_use: 0,
             }),
+            _block: None,
+        })))
+    }
+
+    /// The first id.
+    pub fn base(&self) -> u32 {
+        self.0.base
+    }
+
+    /// How many ids.
+    pub fn count(&self) -> u32 {
+        self.0.count
+    }
+
+    /// `count` consecutive free ids of this range as a range of their own
+    /// (a session branch's ids for its own branches, which its user
+    /// namespace maps); they return here once that range and every lease
+    /// from it are gone.
+    pub fn lease_block(&self, count: u32) -> Result<UidRange, UidError> {
+        let inner = &self.0;
+        let mut s = inner
+            .state
+            .lock()
+            .map_err(|_| UidError::Exhausted(inner.count))?;
+        let mut run = 0u32;
+        let mut found = None;
+        for slot in 0..inner.count {
+            run = if s.used[slot as usize] { 0 } else { run + 1 };
+            if run == count {
+                found = Some(slot + 1 - count);
+                break;
+            }
+        }
+        let start = found.ok_or(UidError::Exhausted(inner.count))?;
+        for slot in start..start + count {
+            s.used[slot as usize] = true;
+        }
+        s.in_use += count;
+        drop(s);
+        Ok(UidRange(Arc::new(Inner {
+            base: inner.base + start,
+            count,
+            state: Mutex::new(State {
+                next: 0,
+                used: vec![false; count as usize],
+                in_use: 0,
+            }),
+            _block: Some(Block {
+                range: inner.clone(),
+                start,
+                count,
+            }),
         })))
     }
 
@@ -110,6 +192,7 @@ impl UidRange {
         Ok(Lease {
             range: inner.clone(),
             slot,
+            _held: None,
         })
     }
 
@@ -137,6 +220,24 @@ pub fn global() -> &'static UidRange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_is_its_own_range_and_returns_when_its_last_holder_goes() {
+        let r = UidRange::new(1000, 8).unwrap();
+        let first = r.lease().unwrap();
+        let block = r.lease_block(4).unwrap();
+        assert_eq!((block.base(), block.count(), r.in_use()), (1001, 4, 5));
+        let inner = block.lease().unwrap();
+        assert_eq!(inner.id(), 1001);
+        let kept = first.keep(block.clone());
+        drop(block);
+        assert_eq!(r.in_use(), 5, "held by the lease that keeps it");
+        drop(kept);
+        assert_eq!(r.in_use(), 4, "and by a lease from it");
+        drop(inner);
+        assert_eq!(r.in_use(), 0);
+        assert!(r.lease_block(9).is_err());
+    }
 
     #[test]
     fn leases_are_unique_until_dropped() {

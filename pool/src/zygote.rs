@@ -176,8 +176,12 @@ impl Zygote {
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .envs(&cfg.env)
             .current_dir("/")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            // Pipes, not /dev/null: the interpreter builds sys.stdin/stdout
+            // once and caches what it saw (seekable, a character device),
+            // and every child inherits those objects over its own pipes.
+            // Its stdin is at EOF; its stdout is logged as stderr is.
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(false)
             // Its own process group: a terminal's ^C reaches the daemon,
@@ -192,12 +196,22 @@ impl Zygote {
         // pid namespace as its pid, so kills must use this one.
         let process_id = child.id().unwrap_or(0);
 
+        drop(child.stdin.take());
         if let Some(stderr) = child.stderr.take() {
             let name = cfg.name.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     tracing::warn!(zygote = %name, "zygote stderr: {line}");
+                }
+            });
+        }
+        if let Some(stdout) = child.stdout.take() {
+            let name = cfg.name.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::warn!(zygote = %name, "zygote stdout: {line}");
                 }
             });
         }
@@ -398,9 +412,9 @@ impl Zygote {
         id: u64,
         spec: &str,
         fds: SpawnFds,
-        uid: crate::uids::Lease,
+        uid: Option<crate::uids::Lease>,
     ) -> Result<Forked, ZygoteError> {
-        self.order(id, spec, fds, false, true, Some(uid)).await
+        self.order(id, spec, fds, false, true, uid).await
     }
 
     async fn order(

@@ -146,6 +146,8 @@ GUEST_TESTS=(
     "sessions pause_stops_cpu_and_resume_continues"
     "branch a_branch_copies_state_and_scratch_then_diverges"
     "branch spare_branches_are_made_ready_and_handed_out"
+    "branch a_branch_outlives_its_killed_parent"
+    "branch a_branch_of_a_branch"
     "checkpoint restore_puts_back_memory_modules_seeds_scratch_and_open_files"
     "checkpoint quotas_refusals_records_and_cycles"
     "egress a_session_keeps_its_allowlist_across_cells_and_commands"

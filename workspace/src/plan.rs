@@ -110,6 +110,20 @@ impl MountPlan {
         self.kind == Kind::Overlay || !self.hidden.is_empty()
     }
 
+    /// Some path is `view`: its rules include landlock grants narrower than
+    /// full access (keyed on this mount's own inodes).
+    pub fn has_view(&self) -> bool {
+        self.grants.iter().any(|g| g.access != Access::Full)
+    }
+
+    /// A session with this workspace can be branched: an overlay (a branch
+    /// gets its own upper layer) enforced by mounts alone (no `view`: a
+    /// copy of the session's interpreter keeps its landlock domain, whose
+    /// workspace rules would name the session's mount, not the branch's).
+    pub fn branchable(&self) -> bool {
+        self.kind == Kind::Overlay && !self.has_view()
+    }
+
     /// Items the child handles: mounts, whiteouts and landlock rules.
     pub fn items(&self) -> usize {
         self.hidden.len() + self.binds.len() + self.grants.len()

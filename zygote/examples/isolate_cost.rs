@@ -5,6 +5,8 @@
 //!   base     the default policy, as the zygote's root would run it (uid 0)
 //!   uid      plus its own uid/gid (what a root daemon does)
 //!   no-mask  uid, without the /proc masks
+//!   no-pts   uid, without the private devpts mount (policy `devpts = false`)
+//!   no-cpus  uid, without the per-sandbox CPU list (/sys/devices/system/cpu/online)
 //!   locks    uid, with `private_locks` (an overlay per bound tree)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
@@ -22,7 +24,7 @@ use std::time::Instant;
 use forkd_zygote::isolate::{isolate_child, Prepared};
 use forkd_zygote::{sys, template, ChildSpec, Policy};
 
-fn prepared(policy: &Policy, mask: bool, private_locks: bool) -> Prepared {
+fn prepared(policy: &Policy, mask: bool, devpts: bool, private_locks: bool) -> Prepared {
     // Interpreter trees bound beside the policy's (a venv, a pyenv prefix):
     // `ISOLATE_COST_PATHS=/a:/b`; each is one more overlay with private locks.
     let paths: Vec<String> = std::env::var("ISOLATE_COST_PATHS")
@@ -49,6 +51,7 @@ fn prepared(policy: &Policy, mask: bool, private_locks: bool) -> Prepared {
         } else {
             Vec::new()
         },
+        devpts: devpts && policy.filesystem.devpts,
     }
 }
 
@@ -102,9 +105,12 @@ fn main() {
     // Keep fd 3 for the children's reports (opened before anything else).
     let _reserved = std::fs::File::open("/dev/null").unwrap();
     let policy = Policy::default_policy();
-    let masked = prepared(&policy, true, false);
-    let unmasked = prepared(&policy, false, false);
-    let locks = prepared(&policy, true, true);
+    let masked = prepared(&policy, true, true, false);
+    let unmasked = prepared(&policy, false, true, false);
+    let no_pts = prepared(&policy, true, false, false);
+    let locks = prepared(&policy, true, true, true);
+    let mut no_cpus = prepared(&policy, true, true, false);
+    no_cpus.template.host_cpus = None;
     // One shared network namespace: its creation is not what is measured.
     let own_net = std::fs::File::open("/proc/self/ns/net").unwrap();
     sys::unshare(libc::CLONE_NEWNET).unwrap();
@@ -120,13 +126,16 @@ fn main() {
         isolate: true,
         workspace: None,
         uid,
+        cpus: Some(1),
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 4] = [
+    let variants: [(&str, ChildSpec, &Prepared); 6] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
+        ("no-pts", spec(Some(1_879_048_192)), &no_pts),
+        ("no-cpus", spec(Some(1_879_048_192)), &no_cpus),
         ("locks", spec(Some(1_879_048_192)), &locks),
     ];
     let mut times: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];

@@ -176,6 +176,7 @@ class Zygote:
         lib.forkd_info.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_info.restype = ctypes.c_int64
         lib.forkd_report_signals.argtypes = [ctypes.c_int]
+        lib.forkd_terminating.argtypes = []
         lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_branch_join.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_branch_seal.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
@@ -195,6 +196,18 @@ class Zygote:
             send(self.sock, {"op": "importing", "module": name})
             try:
                 importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                # Not installed: the fix, not importlib's frames.
+                missing = e.name or name
+                own = name == missing or name.startswith(missing + ".")
+                fatal(
+                    self.sock,
+                    f"preload module {name!r} failed to import in {sys.executable} "
+                    f"(Python {sys.version.split()[0]}): ModuleNotFoundError: {e}; install "
+                    f"{'it' if own else repr(missing)} into that interpreter (e.g. "
+                    f"{sys.executable} -m pip install {missing.split('.')[0]}) or remove "
+                    f"{name!r} from the zygote's preload (--preload, or preload in the config)",
+                )
             except BaseException:
                 fatal(
                     self.sock,
@@ -594,6 +607,11 @@ def apply_startup_env(env):
                 pass
         sys.stdout = sys.__stdout__ = _std_stream(1, "<stdout>", sys.stdout.errors, unbuffered)
         sys.stderr = sys.__stderr__ = _std_stream(2, "<stderr>", "backslashreplace", unbuffered)
+        try:
+            # stdin stays buffered under -u; only its write_through follows.
+            sys.stdin.reconfigure(write_through=unbuffered)
+        except (AttributeError, ValueError, OSError):
+            pass
     apply_thread_pools(thread_pool_settings(env))
 
 
@@ -707,6 +725,10 @@ def run_main(program, main):
         uncaught = e
     else:
         return 0, None
+    if isinstance(uncaught, KeyboardInterrupt) and _LIB is not None and _LIB.forkd_terminating():
+        # The daemon's timeout stopped it (SIGTERM, turned into this
+        # interrupt so that finally and atexit ran): no traceback of ours.
+        return 128 + signal.SIGTERM, uncaught
     # Outside the except block: an exception the hook raises must not
     # chain onto this one (the interpreter's hook call has no context).
     report_uncaught(uncaught)
@@ -856,10 +878,14 @@ def run_job(job, lib):
         mark_program_start()
         os.write(STATUS_FD, TAG_STARTED)
     except BaseException:
+        if lib.forkd_terminating():
+            # The timeout's SIGTERM came just before the program started.
+            os._exit(128 + signal.SIGTERM)
         setup_failed("sandbox setup failed:\n" + traceback.format_exc())
 
     code, uncaught = run_main(program, main)
     interrupted = isinstance(uncaught, KeyboardInterrupt)
+    terminated = interrupted and code == 128 + signal.SIGTERM
     del uncaught, main
     finalize_like_python()
     try:
@@ -874,6 +900,10 @@ def run_job(job, lib):
         except BaseException:
             if code == 0:
                 code = 120
+    if terminated:
+        # As python killed by SIGTERM (the reporter for SIG_DFL tells the daemon).
+        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(code)
     if interrupted:
         # As python: end by SIGINT itself (the shell sees 130). This process
         # is pid 1 of its namespace, where a self-sent default signal is
@@ -1233,6 +1263,18 @@ class ScratchCopy:
             os.utime(full, ns=(atime, mtime))
 
 
+def _real_uid(pid):
+    """The real uid of process pid (None when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _wipe(path, dev):
     """Removes what path holds on its own filesystem (mount points and the
     directories above them stay)."""
@@ -1286,6 +1328,7 @@ class Executor:
         # id -> {"pid": the frozen copy (our child), "scratch": ScratchCopy, "restores": n}
         self.checkpoints = {}
         self.restoring = None  # {"req", "id", "pid", "dir", "deadline"} while a copy wakes
+        self.dormant = False  # ended keeping checkpoints: no interpreter until a restore
         self.devnull = os.open("/dev/null", os.O_RDWR)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -1393,11 +1436,21 @@ class Executor:
         elif op == "checkpoint":
             self.queue.append((req, {"checkpoint": msg["id"], "force": msg["force"]}))
             self.next_cell()
+        elif op == "restore" and self.dormant:
+            # The session ended keeping checkpoints and comes back: no
+            # interpreter runs, so the restore is not queued behind one.
+            self.dormant = False
+            ck = self.checkpoints.get(msg["id"])
+            if ck is None or ck["pid"] is None or not our_live_child(ck["pid"]):
+                self.start_kernel()  # lost: it goes on with a fresh one
+            self.begin_restore(req, msg["id"])
         elif op == "restore":
             self.queue.append((req, {"restore": msg["id"]}))
             self.next_cell()
         elif op == "drop_checkpoint":
             self.send(self.drop_checkpoint(req, msg["id"]))
+        elif op == "retire":
+            self.retire(req, msg.get("keep") or [])
         elif op == "adopt":
             self.adopt_req = req
             if self.kernel is not None and self.kernel["pid"] is not None:
@@ -1865,7 +1918,9 @@ class Executor:
         self.discard_kernel()
         for pid in list(self.commands):
             self.kill_group(pid)
-        self.sweep_processes({c["pid"] for c in self.checkpoints.values()})
+        # Only its own uid's: its branches' processes (their uids, below its
+        # pid namespace) are not its to kill.
+        self.sweep_processes({c["pid"] for c in self.checkpoints.values()}, uid=os.getuid())
         try:
             ck["scratch"].restore()
             d = restore_dir(ck["pid"])
@@ -1940,10 +1995,36 @@ class Executor:
         os.close(kernel["cell_w"])
         self.kernel_buf = bytearray()
 
-    def sweep_processes(self, keep):
+    def retire(self, req, keep):
+        """The session ended while branches of it live, or keeping the
+        checkpoints `keep` (docs/branch.md, "Lifetime"): its interpreter,
+        commands, other checkpoints and every other process of its uid end,
+        its scratch is emptied; this executor stays, idle, as the init
+        (reaper) of the pid namespace the branches live below, and keeps the
+        kept checkpoints for a restore, until the daemon kills it. Processes
+        of other uids (the branches' helpers) are left alone."""
+        self.queue.clear()
+        self.cell = None
+        self.restoring = None
+        self.discard_kernel()
+        for pid in list(self.commands):
+            self.kill_group(pid)
+        for cid in [c for c in self.checkpoints if c not in keep]:
+            self.forget(self.checkpoints.pop(cid))
+        self.dormant = bool(self.checkpoints)
+        self.sweep_processes({c["pid"] for c in self.checkpoints.values()}, uid=os.getuid())
+        for root in SCRATCH_ROOTS:
+            try:
+                _wipe(root, os.lstat(root).st_dev)
+            except OSError:
+                pass  # what stays is charged to the remnant until it goes
+        self.send({"op": "done", "req": req})
+
+    def sweep_processes(self, keep, uid=None):
         """SIGKILL to every process of the session this executor may signal,
-        but itself and `keep`, until none is left (a dying one may fork no
-        more, a new one is found on the next pass)."""
+        but itself and `keep` (and, given `uid`, those of another uid), until
+        none is left (a dying one may fork no more, a new one is found on the
+        next pass)."""
         me = os.getpid()
         for _ in range(200):
             found = False
@@ -1960,6 +2041,8 @@ class Executor:
                     continue
                 if state in (b"Z", b"X"):
                     continue  # reaped in on_wake
+                if uid is not None and _real_uid(pid) != uid:
+                    continue
                 try:
                     os.kill(pid, signal.SIGKILL)
                     found = True

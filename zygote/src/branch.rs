@@ -57,13 +57,45 @@ pub fn make_shell(branch: &BranchOf, branch_uid: u32, template: BorrowedFd<'_>) 
     let helper = match unsafe { sys::fork() }.map_err(step("fork the map writer"))? {
         sys::Fork::Child => {
             drop((ready_w, done_r, born_w, shown_r, keep_w));
+            // Opened first, as root: the parent's init may not be dumpable.
+            let parent_ns = |name: &str| {
+                let path = format!("/proc/{}/ns/{name}", branch.parent_pid);
+                sys::open(
+                    &sys::cstring(std::path::Path::new(&path))?,
+                    libc::O_RDONLY,
+                    0,
+                )
+            };
+            let mnt = parent_ns("mnt");
             let mut byte = [0u8; 1];
-            let ok = sys::read_exact(ready_r.as_fd(), &mut byte).is_ok()
-                && write_maps(me, branch_uid).is_ok();
+            let mut ok = sys::read_exact(ready_r.as_fd(), &mut byte).is_ok() && mnt.is_ok();
+            // A branch of a branch: its user namespace lies inside the
+            // parent's, and the kernel takes its maps only from a writer in
+            // the parent's, in the parent's ids (its uid 0 then owns the
+            // socket too).
+            let (id, owner) = match branch.inner_uid {
+                Some(inner) => {
+                    ok = ok
+                        && parent_ns("user")
+                            .and_then(|u| sys::setns(u.as_fd(), libc::CLONE_NEWUSER))
+                            .is_ok();
+                    (inner, 0)
+                }
+                None => (branch_uid, branch.parent_uid),
+            };
+            ok = ok && write_maps(me, id, branch.block).is_ok();
+            if branch.inner_uid.is_some() {
+                // Only now: the shell's /proc files belong to host root (it
+                // is not dumpable), which this process still is; the socket
+                // below is made as the parent's uid 0.
+                ok = ok && sys::set_ids(0, 0).is_ok();
+            }
             let _ = sys::write_all(done_w.as_fd(), &[u8::from(ok)]);
             drop(done_w);
-            if ok && sys::read_exact(born_r.as_fd(), &mut byte).is_ok() {
-                expose(me, branch.parent_pid, branch.parent_uid, shown_w, keep_r);
+            if let (true, Ok(mnt)) = (ok, mnt) {
+                if sys::read_exact(born_r.as_fd(), &mut byte).is_ok() {
+                    expose(me, mnt, owner, shown_w, keep_r);
+                }
             }
             sys::exit_now(0)
         }
@@ -82,11 +114,34 @@ pub fn make_shell(branch: &BranchOf, branch_uid: u32, template: BorrowedFd<'_>) 
         .map_err(step("open the parent session's pid namespace"))?;
         sys::setns(pidns.as_fd(), libc::CLONE_NEWPID)
             .map_err(step("enter the parent session's pid namespace"))?;
+        let parent_user = match branch.inner_uid {
+            Some(_) => Some(
+                sys::open(
+                    &sys::cstring(std::path::Path::new(&format!(
+                        "/proc/{}/ns/user",
+                        branch.parent_pid
+                    )))?,
+                    libc::O_RDONLY,
+                    0,
+                )
+                .map_err(step("open the parent branch's user namespace"))?,
+            ),
+            None => None,
+        };
         sys::setns(template, libc::CLONE_NEWNS).map_err(step("enter the sandbox root"))?;
         // The parent session's uid owns the user namespace: a copy of its
-        // interpreter may enter it, nobody else (but root) can.
-        sys::become_user(branch.parent_uid, branch.parent_uid)
-            .map_err(step("become the parent session's uid"))?;
+        // interpreter may enter it, nobody else (but root) can. A parent
+        // that is itself a branch runs in its own user namespace: the new
+        // one is made inside it, by its uid 0 (the parent's host uid).
+        match parent_user {
+            Some(user) => {
+                sys::setns(user.as_fd(), libc::CLONE_NEWUSER)
+                    .map_err(step("enter the parent branch's user namespace"))?;
+                sys::set_ids(0, 0).map_err(step("become the parent branch's uid"))?;
+            }
+            None => sys::become_user(branch.parent_uid, branch.parent_uid)
+                .map_err(step("become the parent session's uid"))?,
+        }
         sys::unshare(libc::CLONE_NEWUSER).map_err(step("unshare the user namespace"))?;
         sys::write_all(ready_w.as_fd(), b"u").map_err(step("signal the map writer"))?;
         let mut ok = [0u8; 1];
@@ -125,6 +180,12 @@ pub fn make_shell(branch: &BranchOf, branch_uid: u32, template: BorrowedFd<'_>) 
         mirror(init)
     }
     sys::set_parent_death_signal(libc::SIGKILL).map_err(step("set parent-death signal"))?;
+    if branch.inner_uid.is_some() {
+        // The map writer shows our namespaces from inside the parent
+        // branch's user namespace, where only a dumpable process's are
+        // open to it (the init stays dumpable until sealed anyway).
+        sys::set_dumpable().map_err(step("set dumpable"))?;
+    }
     sys::write_all(born_w.as_fd(), b"b").map_err(step("signal the map writer"))?;
     drop(born_w);
     let mut shown = Vec::new();
@@ -168,7 +229,7 @@ pub const EXPOSED: [(&str, libc::c_int); 7] = [
 /// a landlocked process ptrace-class access (which /proc's namespace files
 /// and pidfd setns need) to a process outside its domain, and the kernel
 /// refuses to bind a mount namespace file into an older mount namespace.
-fn expose(shell: libc::pid_t, parent: i32, parent_uid: u32, shown: OwnedFd, keep: OwnedFd) {
+fn expose(shell: libc::pid_t, mnt: OwnedFd, parent_uid: u32, shown: OwnedFd, keep: OwnedFd) {
     let dir = exposed_dir(shell);
     let sock = format!("{dir}/sock");
     let made = (|| -> io::Result<(Vec<OwnedFd>, std::os::unix::net::UnixListener)> {
@@ -188,8 +249,6 @@ fn expose(shell: libc::pid_t, parent: i32, parent_uid: u32, shown: OwnedFd, keep
                 )
             })?);
         }
-        let mnt = sys::cstring(std::path::Path::new(&format!("/proc/{parent}/ns/mnt")))?;
-        let mnt = sys::open(&mnt, libc::O_RDONLY, 0)?;
         sys::setns(mnt.as_fd(), libc::CLONE_NEWNS)
             .map_err(step("enter the parent's mount namespace"))?;
         std::fs::create_dir(&dir).map_err(step("make the directory"))?;
@@ -284,10 +343,16 @@ fn mirror(child: libc::pid_t) -> ! {
     sys::exit_now(libc::WEXITSTATUS(status))
 }
 
-fn write_maps(pid: libc::pid_t, id: u32) -> io::Result<()> {
-    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {id} 1"))?;
+/// uid 0 is `id`; with a block, uids 1.. are the block's (its own
+/// branches' ids, which their user namespaces, made inside this one, map).
+fn write_maps(pid: libc::pid_t, id: u32, block: Option<(u32, u32)>) -> io::Result<()> {
+    let map = match block {
+        Some((base, count)) => format!("0 {id} 1\n1 {base} {count}"),
+        None => format!("0 {id} 1"),
+    };
+    std::fs::write(format!("/proc/{pid}/uid_map"), &map)?;
     std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
-    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {id} 1"))
+    std::fs::write(format!("/proc/{pid}/gid_map"), &map)
 }
 
 /// In a fresh fork of a session's interpreter: enters the namespaces of the

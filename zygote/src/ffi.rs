@@ -98,6 +98,7 @@ fn init(config: &[u8]) -> Result<State, String> {
             seccomp,
             landlock: policy.landlock,
             proc_masked,
+            devpts: policy.filesystem.devpts,
         };
         let status = crate::isolate::probe_landlock(&prepared)
             .map_err(|e| format!("policy `{name}`: {e}"))?;
@@ -309,7 +310,37 @@ pub unsafe extern "C" fn forkd_child_isolate(
 /// Descriptor the signal reporter writes to (the status pipe), or -1.
 static REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-extern "C" fn report_signal_and_exit(sig: libc::c_int) {
+/// CPython's `PyErr_SetInterruptEx` (3.10+), documented as callable from a C
+/// signal handler without the GIL; 0 when the interpreter lacks it.
+static SET_INTERRUPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Set when the daemon asked the program to stop (SIGTERM from outside the
+/// sandbox, i.e. a timeout's grace period began).
+static TERMINATING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn report_signal_and_exit(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // A SIGTERM from outside the pid namespace (sender pid 0 as seen from
+    // here: the daemon's timeout) stops the program gracefully: Python gets
+    // an interrupt at its next check, so `finally`, atexit and the final
+    // flush of buffered output run; the daemon SIGKILLs after its grace.
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let external = sig == libc::SIGTERM
+        && !info.is_null()
+        && unsafe { (*info).si_code == libc::SI_USER && (*info).si_pid() == 0 };
+    let set_interrupt = SET_INTERRUPT.load(std::sync::atomic::Ordering::Relaxed);
+    if external && set_interrupt != 0 {
+        TERMINATING.store(true, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the address is PyErr_SetInterruptEx's, looked up by name
+        // in this process; it is async-signal-safe by its documentation.
+        let f: extern "C" fn(libc::c_int) -> libc::c_int =
+            unsafe { std::mem::transmute(set_interrupt) };
+        f(libc::SIGINT);
+        return;
+    }
     let fd = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
     // A fixed array, not StatusReport::encode: a signal handler must not allocate.
     #[allow(
@@ -326,13 +357,23 @@ extern "C" fn report_signal_and_exit(sig: libc::c_int) {
     }
 }
 
+/// 1 once the daemon's SIGTERM asked the program to stop (the interrupt
+/// Python then raised is the daemon's, not the user's), else 0.
+#[no_mangle]
+pub extern "C" fn forkd_terminating() -> i32 {
+    i32::from(TERMINATING.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// The program runs as pid 1 of its pid namespace, and the kernel drops
 /// signals a namespace's init sends itself while their action is the default
 /// (`os.kill(os.getpid(), SIGTERM)`, and `abort()` would end as SIGSEGV).
 /// This installs, for every signal whose default action terminates and whose
 /// disposition is still the default, a handler that reports `K<signal>` on
 /// `fd` and exits with 128+signal, so the daemon can report the signal the
-/// program meant to die of. Returns 0, or an errno.
+/// program meant to die of. A SIGTERM from outside the sandbox (the daemon's
+/// timeout) instead interrupts Python (KeyboardInterrupt, marked by
+/// [`forkd_terminating`]) so the program ends gracefully within the grace.
+/// Returns 0, or an errno.
 #[no_mangle]
 pub extern "C" fn forkd_report_signals(fd: i32) -> i32 {
     const FATAL: [libc::c_int; 21] = [
@@ -359,6 +400,11 @@ pub extern "C" fn forkd_report_signals(fd: i32) -> i32 {
         libc::SIGSYS,
     ];
     REPORT_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name; the result
+    // is only stored (null when the interpreter does not export it).
+    let set_interrupt =
+        unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"PyErr_SetInterruptEx".as_ptr()) };
+    SET_INTERRUPT.store(set_interrupt as usize, std::sync::atomic::Ordering::Relaxed);
     for sig in FATAL {
         // SAFETY: sigaction with valid out/in pointers to zeroed, then filled,
         // plain-data structs; the handler only calls async-signal-safe functions.
@@ -372,6 +418,7 @@ pub extern "C" fn forkd_report_signals(fd: i32) -> i32 {
             }
             let mut new: libc::sigaction = std::mem::zeroed();
             new.sa_sigaction = report_signal_and_exit as *const () as usize;
+            new.sa_flags = libc::SA_SIGINFO;
             libc::sigemptyset(&mut new.sa_mask);
             if libc::sigaction(sig, &new, std::ptr::null_mut()) != 0 {
                 return *libc::__errno_location();

@@ -37,6 +37,8 @@ pub struct Prepared {
     pub landlock: LandlockLevel,
     /// /proc files covered with /dev/null in every child (absolute, as C strings).
     pub proc_masked: Vec<CString>,
+    /// Mount a private devpts instance on /dev/pts in every child.
+    pub devpts: bool,
 }
 
 /// One tmpfs for /tmp and /dev/shm together (one `scratch_bytes` budget),
@@ -194,7 +196,48 @@ pub fn isolate_with<K: Kernel>(
     // keep a handle on each to bind it again on top.
     let shadowed = reopen_shadowed(k, &policy.template.shadowed)?;
 
-    mount_scratch(k, spec.scratch_bytes, uid)?;
+    // Its /etc/passwd and /etc/group (the root links them here): the host's
+    // with an entry for its own uid, so code that looks the user up works.
+    let accounts = match (&policy.template.passwd, &policy.template.group, uid) {
+        (Some(passwd), Some(group), Some(id)) => {
+            Some(crate::template::account_files(passwd, group, id))
+        }
+        (Some(passwd), Some(group), None) => Some((passwd.clone(), group.clone())),
+        _ => None,
+    };
+    // The CPU list and the account files below take pages of the scratch
+    // tmpfs: add them, so that /tmp and /dev/shm keep exactly
+    // `scratch_bytes` (x86-64 pages).
+    let pages = |len: usize| u64::try_from(len.div_ceil(4096) * 4096).unwrap_or(u64::MAX);
+    let cpu_page = if policy.template.host_cpus.is_some() {
+        4096
+    } else {
+        0
+    };
+    let account_pages = accounts
+        .as_ref()
+        .map_or(0, |(p, g)| pages(p.len()).saturating_add(pages(g.len())));
+    mount_scratch(
+        k,
+        spec.scratch_bytes
+            .saturating_add(cpu_page)
+            .saturating_add(account_pages),
+        uid,
+    )?;
+    if let Some((passwd, group)) = &accounts {
+        k.write_file(c"/dev/.scratch/.passwd", passwd)
+            .map_err(at("write the sandbox's /etc/passwd"))?;
+        k.write_file(c"/dev/.scratch/.group", group)
+            .map_err(at("write the sandbox's /etc/group"))?;
+    }
+    if let Some(host) = policy.template.host_cpus {
+        // What /sys/devices/system/cpu/online (a link to it) shows: the CPUs
+        // of its cpu limit, so os.cpu_count() and libraries sizing thread
+        // pools by it follow the limit. A file write, not a mount.
+        let text = crate::template::cpu_online_text(spec.cpus, host);
+        k.write_file(c"/dev/.scratch/.cpu-online", text.as_bytes())
+            .map_err(at("write the sandbox's CPU list"))?;
+    }
     k.mount(
         Some(c"proc"),
         c"/proc",
@@ -209,6 +252,18 @@ pub fn isolate_with<K: Kernel>(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             r => r.map_err(at("mask a /proc file"))?,
         }
+    }
+    if policy.devpts {
+        // Its own instance: no host pty (nor another sandbox's) is in it,
+        // and ptmx (the template's /dev/ptmx links here) opens only its own.
+        k.mount(
+            Some(c"devpts"),
+            c"/dev/pts",
+            Some(c"devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(c"newinstance,ptmxmode=0666,mode=620"),
+        )
+        .map_err(at("mount /dev/pts"))?;
     }
     for (path, fd) in &shadowed {
         rebind(k, path, fd).map_err(at("bind an interpreter path under /tmp"))?;
@@ -367,6 +422,39 @@ fn apply_landlock<K: Kernel>(
     // expect): the root holds only what the template put there, and the
     // workspace hides `none` paths with whiteouts, not with landlock.
     let root = k.open(c"/", dir, 0).map_err(at("open /"))?;
+    // Its CPU list (see isolate_with); absent where the probe runs.
+    let cpu_online = if policy.template.host_cpus.is_some() {
+        match k.open(c"/dev/.scratch/.cpu-online", libc::O_PATH, 0) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(at("open the CPU list")(e)),
+        }
+    } else {
+        None
+    };
+    // Its account files (see isolate_with); absent where the probe runs.
+    let mut accounts = Vec::new();
+    if policy.template.passwd.is_some() && policy.template.group.is_some() {
+        for file in [c"/dev/.scratch/.passwd", c"/dev/.scratch/.group"] {
+            match k.open(file, libc::O_PATH, 0) {
+                Ok(fd) => accounts.push(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(at("open the sandbox's account files")(e)),
+            }
+        }
+    }
+    // The sandbox's own devpts: ptys are opened, read, written and
+    // configured (termios ioctls are device ioctls to landlock). Missing
+    // only where the probe runs (the zygote's own root, see probe_landlock).
+    let pts = if policy.devpts {
+        match k.open(c"/dev/pts", dir, 0) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(at("open /dev/pts")(e)),
+        }
+    } else {
+        None
+    };
 
     let mut rules: Vec<LandlockRule<'_>> = Vec::new();
     rules.extend(paths.read_exec_dirs.iter().map(|fd| (fd.as_fd(), read_dir)));
@@ -386,13 +474,33 @@ fn apply_landlock<K: Kernel>(
     rules.push((scratch.as_fd(), all));
     rules.push((shm.as_fd(), all));
     rules.push((proc_fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir));
+    if let Some(cpu_online) = &cpu_online {
+        rules.push((cpu_online.as_fd(), AccessFs::ReadFile.into()));
+    }
+    rules.extend(
+        accounts
+            .iter()
+            .map(|fd| (fd.as_fd(), AccessFs::ReadFile.into())),
+    );
+    if let Some(pts) = &pts {
+        rules.push((
+            pts.as_fd(),
+            rw_file | AccessFs::ReadDir | AccessFs::IoctlDev,
+        ));
+    }
     if spec.branchable || spec.branch.is_some() {
         // The scratch grant where a branch's fresh scratch is covered too:
         // landlock walks up through mount points but checks no rule on the
         // directory a mount covers, so only the root is common to a session
         // and its branches. Read-only mounts keep everything else
         // read-only; device ioctls stay refused.
-        rules.push((root.as_fd(), all & !AccessFs::IoctlDev));
+        let mut wide = all & !AccessFs::IoctlDev;
+        if spec.workspace.is_some() {
+            // As a workspace's own grants: no device nodes (a 0/0 character
+            // device is an overlayfs whiteout, which needs no CAP_MKNOD).
+            wide &= !(AccessFs::MakeChar | AccessFs::MakeBlock);
+        }
+        rules.push((root.as_fd(), wide));
     } else {
         rules.push((root.as_fd(), AccessFs::ReadDir.into()));
     }
@@ -425,6 +533,7 @@ pub fn probe_landlock(policy: &Prepared) -> Result<LandlockStatus, String> {
                 isolate: true,
                 workspace: None,
                 uid: None,
+                cpus: None,
                 branchable: false,
                 branch: None,
             };
@@ -498,8 +607,12 @@ mod tests {
                 bound: Vec::new(),
                 shadowed: vec![PathBuf::from("/tmp/venv")],
                 private_lock_dirs: Vec::new(),
+                host_cpus: Some(4),
+                passwd: None,
+                group: None,
             },
             seccomp: policy.compile_seccomp().expect("default policy compiles"),
+            devpts: policy.filesystem.devpts,
             landlock: policy.landlock,
             proc_masked: vec![c"/proc/keys".to_owned()],
         }
@@ -515,6 +628,7 @@ mod tests {
             isolate: true,
             workspace: None,
             uid,
+            cpus: Some(2),
             branchable: false,
             branch: None,
         }
@@ -531,7 +645,11 @@ mod tests {
     /// Every call of a sandbox with its own uid and a fresh network namespace,
     /// in order, with the step an error in it is reported as.
     fn expected(policy: &Prepared) -> Vec<(String, &'static str)> {
-        let scratch_opts = format!("size={SCRATCH},nr_inodes=65536,mode=700,uid={UID},gid={UID}");
+        // One page more than the scratch: the CPU list's.
+        let scratch_opts = format!(
+            "size={},nr_inodes=65536,mode=700,uid={UID},gid={UID}",
+            SCRATCH + 4096
+        );
         let calls: Vec<(String, &'static str)> = vec![
             ("pdeathsig(9)".into(), "set parent-death signal"),
             (format!("join_cgroup({CGROUP})"), "join cgroup"),
@@ -565,12 +683,21 @@ mod tests {
                 "bind a scratch directory",
             ),
             (
+                "write_file(/dev/.scratch/.cpu-online, \"0-1\\n\")".into(),
+                "write the sandbox's CPU list",
+            ),
+            (
                 "mount(proc, /proc, proc, RDONLY|NOSUID|NODEV|NOEXEC, -)".into(),
                 "mount /proc",
             ),
             (
                 "mount(/dev/null, /proc/keys, -, BIND, -)".into(),
                 "mask a /proc file",
+            ),
+            (
+                "mount(devpts, /dev/pts, devpts, NOSUID|NOEXEC, newinstance,ptmxmode=0666,mode=620)"
+                    .into(),
+                "mount /dev/pts",
             ),
             ("is_dir()".into(), "bind an interpreter path under /tmp"),
             (
@@ -614,9 +741,15 @@ mod tests {
             ("open(/dev/shm, O_PATH|O_DIRECTORY)".into(), "open /dev/shm"),
             ("open(/proc, O_PATH|O_DIRECTORY)".into(), "open /proc"),
             ("open(/, O_PATH|O_DIRECTORY)".into(), "open /"),
-            // The template's one directory, /tmp, /dev/shm and /proc.
             (
-                "restrict_landlock(V6, BestEffort, 5 rules)".into(),
+                "open(/dev/.scratch/.cpu-online, O_PATH)".into(),
+                "open the CPU list",
+            ),
+            ("open(/dev/pts, O_PATH|O_DIRECTORY)".into(), "open /dev/pts"),
+            // The template's one directory, /tmp, /dev/shm, /proc, the CPU
+            // list and /dev/pts.
+            (
+                "restrict_landlock(V6, BestEffort, 7 rules)".into(),
                 "landlock",
             ),
             (

@@ -77,6 +77,8 @@ pub trait Kernel {
     ) -> io::Result<()>;
     /// mkdir, chmod to `mode` and, with an owner, chown.
     fn mkdir_owned(&self, path: &CStr, mode: libc::mode_t, owner: Option<u32>) -> io::Result<()>;
+    /// Creates (or replaces) a file holding `data`.
+    fn write_file(&self, path: &CStr, data: &[u8]) -> io::Result<()>;
     /// Whether an open descriptor refers to a directory.
     fn is_dir(&self, fd: BorrowedFd<'_>) -> io::Result<bool>;
     /// Creates `path` (and its parents) as an empty directory or file, to bind on.
@@ -188,6 +190,11 @@ impl Kernel for LinuxKernel {
     #[inline]
     fn mkdir_owned(&self, path: &CStr, mode: libc::mode_t, owner: Option<u32>) -> io::Result<()> {
         sys::mkdir_owned(path, mode, owner)
+    }
+    #[inline]
+    fn write_file(&self, path: &CStr, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::write(std::ffi::OsStr::from_bytes(path.to_bytes()), data)
     }
     #[inline]
     fn is_dir(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
@@ -500,6 +507,10 @@ pub(crate) mod recorder {
             owner: Option<u32>,
         ) -> io::Result<()> {
             self.record("mkdir", format!("{}, {mode:o}, {owner:?}", s(path)))
+        }
+        fn write_file(&self, path: &CStr, data: &[u8]) -> io::Result<()> {
+            let data = String::from_utf8_lossy(data);
+            self.record("write_file", format!("{}, {data:?}", s(path)))
         }
         fn is_dir(&self, _fd: BorrowedFd<'_>) -> io::Result<bool> {
             self.record("is_dir", String::new())?;

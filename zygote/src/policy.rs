@@ -89,6 +89,16 @@ pub struct FilesystemPolicy {
     /// entries) keep the host's inode. Default off.
     #[serde(default)]
     pub private_locks: bool,
+    /// A private devpts instance on /dev/pts (and /dev/ptmx) in every
+    /// sandbox, for pty users (`os.openpty`, `pty.spawn`, `script`). Costs a
+    /// mount per sandbox (made before the request for warm-pool children).
+    #[serde(default)]
+    pub devpts: bool,
+    /// `/sys/devices/system/cpu/online` shows each sandbox the CPUs of its
+    /// cpu limit (rounded up), so `os.cpu_count()` follows it. Costs a file
+    /// write per sandbox (made before the request for warm-pool children).
+    #[serde(default)]
+    pub cpu_count: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,6 +138,10 @@ pub struct ArgRules {
     /// fail with ENOTTY.
     #[serde(default = "default_ioctl_types")]
     pub ioctl_types: Vec<u8>,
+    /// ioctl() requests that fail with EPERM although their type is allowed
+    /// (`TIOCSTI`: typing into a terminal's input; `TIOCLINUX`).
+    #[serde(default = "default_ioctl_deny")]
+    pub ioctl_deny: Vec<String>,
     /// fcntl() commands that fail with EPERM.
     #[serde(default = "default_fcntl_deny")]
     pub fcntl_deny: Vec<String>,
@@ -142,6 +156,7 @@ impl Default for ArgRules {
             socket_families: default_families(),
             netlink_protocols: default_netlink(),
             ioctl_types: default_ioctl_types(),
+            ioctl_deny: default_ioctl_deny(),
             fcntl_deny: default_fcntl_deny(),
             deny_clone_namespaces: true,
         }
@@ -152,6 +167,10 @@ fn default_families() -> Vec<String> {
     ["AF_UNIX", "AF_INET", "AF_INET6"]
         .map(String::from)
         .to_vec()
+}
+
+fn default_ioctl_deny() -> Vec<String> {
+    vec!["TIOCSTI".into(), "TIOCLINUX".into()]
 }
 
 fn default_netlink() -> Vec<String> {

@@ -128,11 +128,23 @@ fn fcntl_number(name: &str) -> Option<u32> {
     } as u32)
 }
 
+/// An ioctl request `ioctl_deny` may name.
+fn ioctl_number(name: &str) -> Option<u32> {
+    // Both are 16-bit request numbers (type 'T'), as the filter compares them.
+    let n = match name {
+        "TIOCSTI" => libc::TIOCSTI,
+        "TIOCLINUX" => libc::TIOCLINUX,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
 /// The checked argument rules, as numbers.
 struct Rules {
     families: Vec<u32>,
     netlink_protocols: Vec<u32>,
     ioctl_types: Vec<u32>,
+    ioctl_deny: Vec<u32>,
     fcntl_deny: Vec<u32>,
 }
 
@@ -162,13 +174,16 @@ fn leaf_code(leaf: Leaf, rules: &Rules) -> Vec<sock_filter> {
             p.push(ret_allow());
             p
         }
-        // ld request; and 0xff00; jeq type_i → allow; ret ENOTTY; ret allow
+        // ld request; [jeq deny_j → ret EPERM]; and 0xff00; jeq type_i → allow;
+        // ret ENOTTY; ret allow
         Leaf::Ioctl => {
             let n = rules.ioctl_types.len();
-            let mut p = vec![
-                insn(BPF_LD_W_ABS, 0, 0, off_arg_lo(1)),
-                insn(BPF_AND_K, 0, 0, 0xff00),
-            ];
+            let mut p = vec![insn(BPF_LD_W_ABS, 0, 0, off_arg_lo(1))];
+            for d in &rules.ioctl_deny {
+                p.push(insn(BPF_JEQ_K, 0, 1, *d));
+                p.push(ret_errno(libc::EPERM));
+            }
+            p.push(insn(BPF_AND_K, 0, 0, 0xff00));
             for (i, t) in rules.ioctl_types.iter().enumerate() {
                 p.push(insn(BPF_JEQ_K, jump(n - i), 0, t << 8));
             }
@@ -278,6 +293,17 @@ pub fn compile(policy: &SeccompPolicy) -> Result<BpfProgram, PolicyError> {
             })
             .collect::<Result<_, _>>()?,
         ioctl_types: r.ioctl_types.iter().map(|t| u32::from(*t)).collect(),
+        ioctl_deny: r
+            .ioctl_deny
+            .iter()
+            .map(|c| {
+                ioctl_number(c).ok_or_else(|| {
+                    PolicyError::Seccomp(format!(
+                        "unknown ioctl request `{c}` in ioctl_deny (known: TIOCSTI, TIOCLINUX)"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?,
         fcntl_deny: r
             .fcntl_deny
             .iter()
@@ -293,6 +319,7 @@ pub fn compile(policy: &SeccompPolicy) -> Result<BpfProgram, PolicyError> {
     if rules.families.len() > 200
         || rules.netlink_protocols.len() > 8
         || rules.ioctl_types.len() > 200
+        || rules.ioctl_deny.len() > 16
         || rules.fcntl_deny.len() > 200
     {
         return Err(PolicyError::Seccomp("too many argument values".into()));
@@ -486,6 +513,10 @@ mod tests {
         assert_eq!(run(&p, "clone3", a(0, 0)), ENOSYS);
         assert_eq!(run(&p, "ioctl", a(1, libc::TCGETS)), ALLOW);
         assert_eq!(run(&p, "ioctl", a(1, libc::FIONBIO)), ALLOW);
+        assert_eq!(run(&p, "ioctl", a(1, libc::TIOCGPTN)), ALLOW);
+        assert_eq!(run(&p, "ioctl", a(1, libc::TIOCSPTLCK)), ALLOW);
+        assert_eq!(run(&p, "ioctl", a(1, libc::TIOCSTI)), EPERM);
+        assert_eq!(run(&p, "ioctl", a(1, libc::TIOCLINUX)), EPERM);
         assert_eq!(run(&p, "ioctl", a(1, libc::SIOCGIFFLAGS)), ALLOW);
         assert_eq!(run(&p, "ioctl", a(1, 0x4004_6602)), ENOTTY); // FS_IOC_GETVERSION-like
         assert_eq!(run(&p, "ioctl", a(1, 0x8010_aa01)), ENOTTY);

@@ -48,11 +48,16 @@ pub struct ChildSpec {
     /// zygote's (a rootless zygote's user namespace maps only that one).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// The CPUs its cgroup's cpu limit amounts to, rounded up (None: not
+    /// enforced); `/sys/devices/system/cpu/online` shows that many (at most
+    /// the host's), so `os.cpu_count()` and what sizes itself by it follow.
+    #[serde(default)]
+    pub cpus: Option<u32>,
     /// A session that may be branched: landlock grants its scratch rights
     /// on the sandbox's root (read-only mounts keep the rest read-only), so
     /// that a copy of its interpreter can use a branch's fresh scratch
-    /// (docs/branch.md). Never with a workspace (its landlock rules would be
-    /// widened).
+    /// (docs/branch.md). With a workspace only where mounts alone enforce
+    /// it (overlay, no `view`: `MountPlan::branchable`), so nothing widens.
     #[serde(default)]
     pub branchable: bool,
     /// Make this child a branch of a running session: its namespaces are
@@ -70,6 +75,15 @@ pub struct BranchOf {
     pub parent_pid: i32,
     /// The parent session's uid: the owner of the branch's user namespace.
     pub parent_uid: u32,
+    /// Host ids (first, count) the branch's user namespace maps from its
+    /// uid 1 on, for its own branches' uids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<(u32, u32)>,
+    /// (A branch of a branch.) The branch's uid as its parent's user
+    /// namespace maps it (from the parent's block): its user namespace is
+    /// made inside the parent's, whose uid 0 owns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_uid: Option<u32>,
 }
 
 fn yes() -> bool {

@@ -117,6 +117,103 @@ pub struct Template {
     /// With `private_locks`: (directory, overlay options) of each bound
     /// tree a child covers with its own read-only overlay.
     pub private_lock_dirs: Vec<(CString, CString)>,
+    /// The host's online CPU count, when the root has
+    /// `/sys/devices/system/cpu/online` (a link to [`CPU_ONLINE`], which each
+    /// child writes with its own count).
+    pub host_cpus: Option<u32>,
+    /// The host's `/etc/passwd` and `/etc/group` when the policy lists them:
+    /// each child writes them with an entry for its own uid added (the root's
+    /// /etc/passwd and /etc/group link to [`PASSWD`] and [`GROUP`]), so
+    /// `pwd.getpwuid(os.getuid())` answers as for an ordinary user.
+    pub passwd: Option<Vec<u8>>,
+    pub group: Option<Vec<u8>>,
+}
+
+/// Where a child writes its /etc/passwd and /etc/group (links in the root):
+/// the host's entries plus one for the sandbox's uid.
+pub const PASSWD: &str = "/dev/.scratch/.passwd";
+pub const GROUP: &str = "/dev/.scratch/.group";
+
+/// `/etc` entries each child writes for itself, and where.
+const PER_CHILD_ETC: [(&str, &str); 2] = [("passwd", PASSWD), ("group", GROUP)];
+
+/// The host's copy of a per-child /etc entry, when the policy lists it and it
+/// is a regular file (a host symlink is kept as a symlink, as other entries).
+fn per_child_etc(fs: &FilesystemPolicy, name: &str) -> Option<Vec<u8>> {
+    let path = Path::new("/etc").join(name);
+    let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+    (is_file && fs.etc.iter().any(|e| e == name))
+        .then(|| std::fs::read(&path).ok())
+        .flatten()
+}
+
+/// What a child writes as /etc/passwd and /etc/group: the host's, plus an
+/// entry named `user` (home /home/user) for `uid` when no entry has that id.
+pub fn account_files(passwd: &[u8], group: &[u8], uid: u32) -> (Vec<u8>, Vec<u8>) {
+    let has_id = |table: &[u8], field: usize| {
+        table
+            .split(|&b| b == b'\n')
+            .any(|line| line.split(|&b| b == b':').nth(field) == Some(uid.to_string().as_bytes()))
+    };
+    let has_name = |table: &[u8], name: &str| {
+        table
+            .split(|&b| b == b'\n')
+            .any(|line| line.split(|&b| b == b':').next() == Some(name.as_bytes()))
+    };
+    let name = if has_name(passwd, "user") {
+        format!("sandbox{uid}")
+    } else {
+        "user".to_string()
+    };
+    let with = |table: &[u8], present: bool, line: String| {
+        let mut out = table.to_vec();
+        if !present {
+            if !out.is_empty() && !out.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(line.as_bytes());
+        }
+        out
+    };
+    (
+        with(
+            passwd,
+            has_id(passwd, 2),
+            format!("{name}:x:{uid}:{uid}:forkd sandbox:/home/user:/bin/sh\n"),
+        ),
+        with(group, has_id(group, 2), format!("{name}:x:{uid}:\n")),
+    )
+}
+
+/// Where a child writes the CPU list `/sys/devices/system/cpu/online` (a
+/// link in the root) shows: in its own scratch stage, so each sandbox has
+/// its own (`os.cpu_count()` follows its cpu limit).
+pub const CPU_ONLINE: &str = "/dev/.scratch/.cpu-online";
+const HOST_CPU_ONLINE: &str = "/sys/devices/system/cpu/online";
+
+/// The number of CPUs in a kernel CPU list (`0-3,6`), or None if malformed.
+pub fn cpu_list_count(list: &str) -> Option<u32> {
+    let mut n = 0u32;
+    for part in list.trim().split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let a = part.parse::<u32>().ok()?;
+                (a, a)
+            }
+        };
+        n = n.checked_add(b.checked_sub(a)?.checked_add(1)?)?;
+    }
+    (n > 0).then_some(n)
+}
+
+/// What `online` shows for a sandbox allowed `cpus` CPUs (rounded up) on a
+/// host with `host` online: the first that many, at most the host's.
+pub fn cpu_online_text(cpus: Option<u32>, host: u32) -> String {
+    match cpus.map_or(host, |c| c.clamp(1, host)) {
+        1 => "0\n".to_string(),
+        n => format!("0-{}\n", n - 1),
+    }
 }
 
 /// An empty directory of the read-only root: the second lower layer of the
@@ -130,6 +227,9 @@ pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
 /// its `tmp` and `shm` directories to /tmp and /dev/shm: one size limit
 /// then covers both.
 pub const SCRATCH_STAGE: &str = "/dev/.scratch";
+
+/// Where a sandbox's private devpts instance is mounted (policy `devpts`).
+pub const DEVPTS: &str = "/dev/pts";
 
 /// Plans the root's entries: (path inside the root, entry), parents first.
 fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, Entry)> {
@@ -186,6 +286,13 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     }
     for e in &fs.etc {
         let path = Path::new("/etc").join(e);
+        if let Some((_, target)) = PER_CHILD_ETC.iter().find(|(name, _)| name == e) {
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                let target = PathBuf::from(target);
+                out.push((path, Entry::Symlink { target }));
+                continue;
+            }
+        }
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_symlink() => {
                 if let Ok(target) = std::fs::read_link(&path) {
@@ -215,6 +322,25 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     if fs.private_locks {
         out.push((PathBuf::from(EMPTY_LOWER), Entry::Dir));
     }
+    if fs.cpu_count && host_cpu_count().is_some() {
+        out.push((PathBuf::from("/sys/devices/system/cpu"), Entry::Dir));
+        out.push((
+            PathBuf::from(HOST_CPU_ONLINE),
+            Entry::Symlink {
+                target: PathBuf::from(CPU_ONLINE),
+            },
+        ));
+    }
+    if fs.devpts {
+        // Each sandbox mounts its own devpts instance here; ptmx is its.
+        out.push((PathBuf::from(DEVPTS), Entry::Dir));
+        out.push((
+            PathBuf::from("/dev/ptmx"),
+            Entry::Symlink {
+                target: PathBuf::from("pts/ptmx"),
+            },
+        ));
+    }
     // E2B-style home: the scratch under the name agent code expects (a
     // symlink in the shared template costs nothing per child; a bind
     // would cost a mount each).
@@ -238,6 +364,10 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
         ));
     }
     out
+}
+
+fn host_cpu_count() -> Option<u32> {
+    cpu_list_count(&std::fs::read_to_string(HOST_CPU_ONLINE).ok()?)
 }
 
 fn open_path(path: &Path) -> io::Result<OwnedFd> {
@@ -352,6 +482,9 @@ pub fn build(
         bound,
         shadowed,
         private_lock_dirs,
+        host_cpus: host_cpu_count().filter(|_| fs.cpu_count),
+        passwd: per_child_etc(fs, "passwd"),
+        group: per_child_etc(fs, "group"),
     })
 }
 
@@ -516,6 +649,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn account_files_add_the_sandbox_user_once() {
+        let passwd = b"root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/bin/false";
+        let group = b"root:x:0:\n";
+        let (p, g) = account_files(passwd, group, 100_000);
+        assert_eq!(
+            String::from_utf8(p).unwrap(),
+            "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/bin/false\n\
+             user:x:100000:100000:forkd sandbox:/home/user:/bin/sh\n"
+        );
+        assert_eq!(String::from_utf8(g).unwrap(), "root:x:0:\nuser:x:100000:\n");
+        // An id the host already names (a branch is uid 0 in its namespace)
+        // keeps the host's entry.
+        let (p, g) = account_files(passwd, group, 0);
+        assert_eq!(p, passwd);
+        assert_eq!(g, group);
+        // A host account already called `user` keeps its name.
+        let (p, _) = account_files(b"user:x:1000:1000::/home/user:/bin/sh\n", group, 7);
+        assert!(String::from_utf8(p)
+            .unwrap()
+            .ends_with("\nsandbox7:x:7:7:forkd sandbox:/home/user:/bin/sh\n"));
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_list_count("0\n"), Some(1));
+        assert_eq!(cpu_list_count("0-3,6,8-9\n"), Some(7));
+        assert_eq!(cpu_list_count(""), None);
+        assert_eq!(cpu_list_count("3-1"), None);
+        assert_eq!(cpu_online_text(Some(1), 4), "0\n");
+        assert_eq!(cpu_online_text(Some(2), 4), "0-1\n");
+        assert_eq!(cpu_online_text(Some(9), 4), "0-3\n");
+        assert_eq!(cpu_online_text(None, 2), "0-1\n");
+    }
+
+    #[test]
     fn plan_skips_nested_and_missing_paths() {
         let fs = FilesystemPolicy {
             read_only: vec!["/usr".into(), "/definitely/missing".into()],
@@ -524,6 +692,8 @@ mod tests {
             devices_ro: vec![],
             proc_masked: vec![],
             private_locks: false,
+            devpts: true,
+            cpu_count: true,
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();

@@ -319,6 +319,16 @@ pub enum ToExecutor {
         req: u64,
         id: String,
     },
+    /// The session ended while branches of it live: end its interpreter,
+    /// commands, checkpoints and processes of its uid, empty its scratch,
+    /// and stay only as their pid namespace's init; answered `done`.
+    Retire {
+        req: u64,
+        /// Checkpoints to keep (and their processes): the session ended
+        /// with kept checkpoints and may be restored.
+        #[serde(default)]
+        keep: Vec<String>,
+    },
 }
 
 /// One directory entry, as the executor reports it.

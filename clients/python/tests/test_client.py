@@ -170,6 +170,28 @@ class DaemonTest(unittest.TestCase):
         return fk
 
 
+class UnenforcedLimitsTest(DaemonTest):
+    """A daemon without cgroups (as rootless without delegation): results say
+    so and the client warns once per process, not once per run."""
+
+    config_text = '[cgroup]\nmode = "disabled"\n'
+
+    def test_warns_once_per_process(self) -> None:
+        import warnings
+
+        forkd._protocol._warned_unenforced = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fk = self.client()
+            runs = [fk.run("print(1)", memory="64M", timeout=30) for _ in range(3)]
+        self.assertEqual([r.stdout for r in runs], [b"1\n"] * 3)
+        self.assertEqual([r.limits_enforced for r in runs], [False] * 3)
+        mine = [w for w in caught if issubclass(w.category, forkd.LimitsNotEnforced)]
+        self.assertEqual(len(mine), 1, [str(w.message) for w in caught])
+        self.assertIn("could not enforce memory/cpu/pids limits", str(mine[0].message))
+        self.assertIn("forkd doctor", str(mine[0].message))
+
+
 class SyncClientTest(DaemonTest):
     def test_ping_returns_daemon_version(self) -> None:
         v = self.client().ping()
@@ -262,8 +284,9 @@ class SyncClientTest(DaemonTest):
         r = self.client().run("import time\nprint('start', flush=True)\ntime.sleep(60)", timeout=1.0)
         elapsed = time.monotonic() - t0
         self.assertEqual(r.killed_by, "timeout")
-        self.assertEqual((r.exit_code, r.signal), (None, 9))
-        self.assertEqual(r.shell_status, 137)
+        # SIGTERM first: the sleeping program stops gracefully, by SIGTERM.
+        self.assertEqual((r.exit_code, r.signal), (None, 15))
+        self.assertEqual(r.shell_status, 143)
         self.assertEqual(r.stdout, b"start\n")
         self.assertEqual(r.limits["timeout_ms"], 1000)
         self.assertLess(elapsed, 20)
@@ -277,6 +300,20 @@ class SyncClientTest(DaemonTest):
         self.assertEqual(r.limits["memory_bytes"], 64 * 1024 * 1024)
         if r.limits["cgroup_enforced"]:
             self.assertLessEqual(r.usage.peak_memory_bytes, 64 * 1024 * 1024)
+            # Said in words with the limit and the peak, whatever stderr holds.
+            self.assertRegex(r.kill_message, r"^killed: out of memory \(limit 64 MiB, peak \d+(\.\d)? (KiB|MiB)\)$")
+            self.assertTrue(r.limits_enforced)
+
+    def test_enforced_limits_do_not_warn(self) -> None:
+        import warnings
+
+        forkd._protocol._warned_unenforced = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = self.client().run("print(1)", timeout=30)
+        if r.limits["cgroup_enforced"]:
+            self.assertEqual([w for w in caught if issubclass(w.category, forkd.LimitsNotEnforced)], [])
+            self.assertIsNone(r.kill_message)
 
     def test_limit_above_policy_refused(self) -> None:
         fk = self.client()
@@ -462,6 +499,32 @@ class WorkspaceTest(DaemonTest):
                 fk.run("1", workspace=forkd.Workspace())
 
 
+class KillMessageTest(unittest.TestCase):
+    """``Execution.kill_message`` says the same words as forkd-run and Rust's
+    ``SpawnResult::kill_message`` (ipc/src/explain.rs checks the same table)."""
+
+    def test_kills_read_as_one_line(self) -> None:
+        from forkd._protocol import _parse_result
+
+        limits = {"timeout_ms": 1500, "memory_bytes": 536870912, "pids": 64, "output_bytes": 1048576}
+        for killed_by, signal, peak, want in [
+            ("oom", 9, 536608768, "killed: out of memory (limit 512 MiB, peak 511.8 MiB)"),
+            ("oom", 9, 0, "killed: out of memory (limit 512 MiB)"),
+            ("timeout", 9, 0, "killed: timed out after 1.5 s (the timeout)"),
+            ("timeout", 9, 0, "killed: timed out after 30 s (the timeout)"),
+            ("pids", None, 0, "killed: process/thread limit reached (pids 64); a fork or thread start failed"),
+            ("output_limit", 9, 0, "killed: output over the limit (1 MiB of stdout+stderr)"),
+            ("signal", 11, 0, "killed by signal 11"),
+            ("shutdown", 9, 0, "killed: the daemon shut down while it ran"),
+            (None, None, 0, None),
+        ]:
+            lim = dict(limits, timeout_ms=30000) if want and "30 s" in want else limits
+            r = _parse_result(
+                {"killed_by": killed_by, "signal": signal, "usage": {"peak_memory_bytes": peak}, "limits": lim}
+            )
+            self.assertEqual(r.kill_message, want, killed_by)
+
+
 class NoDaemonTest(unittest.TestCase):
     """Failure modes that need no daemon (or a fake one on a real socket)."""
 
@@ -489,6 +552,25 @@ class NoDaemonTest(unittest.TestCase):
             self.assertIn(path, str(cm2.exception))
 
         asyncio.run(main())
+
+    def test_mistyped_socket_directory_is_named(self) -> None:
+        path = os.path.join(self.tmp.name, "fokrd", "forkd.sock")
+        want = (
+            f"no forkd daemon is listening on {path}: start one with `forkd` (or run "
+            f"`forkd-run --embedded`), or point FORKD_SOCKET at the right socket (its directory "
+            f"{os.path.dirname(path)} does not exist: check the path for a typo)"
+        )
+        with self.assertRaises(DaemonNotRunning) as cm:
+            Forkd(path)
+        self.assertEqual(str(cm.exception), want)
+
+        async def main() -> None:
+            with self.assertRaises(DaemonNotRunning) as cm2:
+                await AsyncForkd(path).ping()
+            self.assertEqual(str(cm2.exception), want)
+
+        asyncio.run(main())
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
 
     def test_default_socket_path(self) -> None:
         old = os.environ.get("FORKD_SOCKET")

@@ -34,6 +34,7 @@ from forkd.errors import (  # noqa: E402
     ProtocolError,
     CheckpointNotFound,
     InvalidArgument,
+    InvalidRequest,
     SessionEnded,
     SessionNotFound,
     SessionPaused,
@@ -504,6 +505,46 @@ class CheckpointTest(DaemonTest):
 
         asyncio.run(main())
 
+    def test_kept_checkpoint_outlives_the_session_sync_and_async(self) -> None:
+        fk = self.client(timeout=CALL_BOUND)
+        s = fk.session(ttl=120)
+        self.addCleanup(s.kill)
+        s.run_code("x = 41")
+        s.files.write("note.txt", "kept")
+        kept = s.checkpoint(keep=True)
+        dropped = s.checkpoint()
+        self.assertEqual([(c.id, c.kept) for c in s.checkpoints()], [(kept, True), (dropped, False)])
+        info = s.kill()
+        self.assertEqual(info.state, "ended_with_checkpoints")
+        self.assertIn(s.id, [i.id for i in fk.sessions()])
+        with self.assertRaises(SessionEnded):
+            s.run_code("1")
+        self.assertEqual([c.id for c in s.checkpoints()], [kept])
+        with self.assertRaises(CheckpointNotFound):
+            s.restore(dropped)
+        self.assertEqual(s.restore(kept).state, "running")
+        self.assertEqual(s.run_code("x + 1").text, "42")
+        self.assertEqual(s.files.read("note.txt", format="text"), "kept")
+
+        async def main() -> None:
+            async with AsyncForkd(self.sock_path, timeout=CALL_BOUND) as afk:
+                a = await afk.attach(s.id)
+                await a.run_code("y = 'kept'")
+                c = await a.checkpoint(keep=True)
+                await a.kill()
+                self.assertEqual((await a.info()).state, "ended_with_checkpoints")
+                await a.restore(c)
+                self.assertEqual((await a.run_code("y")).text, "'kept'")
+                await a.kill()
+                await a.delete_checkpoint(c)
+                # The last kept checkpoint: what is left of the session goes.
+                await a.delete_checkpoint(kept)
+                self.assertEqual((await a.checkpoints()), [])
+
+        asyncio.run(main())
+        with self.assertRaises(SessionEnded):
+            s.run_code("1")
+
 
 class AsyncSessionTest(DaemonTest):
     def test_cancel_one_cell_leaves_a_concurrent_cell_on_the_connection_alone(self) -> None:
@@ -671,6 +712,27 @@ class SessionWorkspaceTest(DaemonTest):
         with open(os.path.join(root, "out", "y"), "rb") as f:
             self.assertEqual(f.read(), b"from the client")
         self.assertFalse(os.path.exists(os.path.join(root, "z")))
+
+    def test_branches_of_an_overlay_session_get_their_own_changes(self) -> None:
+        root = os.path.join(self.tmp.name, "ws", "branched")
+        os.makedirs(os.path.join(root, "out"))
+        fk = self.client(timeout=CALL_BOUND)
+        with fk.session(workspace=forkd.Workspace(path=root, rules=["out=write"], overlay=True)) as s:
+            s.run_code("open('/workspace/out/f', 'w').write('S')")
+            [b] = s.branch()
+            try:
+                self.assertEqual(b.run_code("open('/workspace/out/f').read()").text, "'S'")
+                b.run_code("open('/workspace/out/f', 'w').write('B')")
+                self.assertEqual(s.run_code("open('/workspace/out/f').read()").text, "'S'")
+                self.assertEqual(b.run_code("open('/workspace/out/f').read()").text, "'B'")
+            finally:
+                b.kill()
+        self.assertFalse(os.path.exists(os.path.join(root, "out", "f")))
+        # Direct mode: refused, naming the mode to use.
+        with fk.session(workspace=forkd.Workspace(path=root, rules=["out=write"])) as s:
+            with self.assertRaises(InvalidRequest) as cm:
+                s.branch()
+            self.assertIn("mode overlay", str(cm.exception))
 
 
 class VersionTest(unittest.TestCase):

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use forkd_ipc::{AsyncClient, ClientError, Limits, Program, SpawnRequest, SpawnResult};
+use forkd_ipc::{AsyncClient, ClientError, KilledBy, Limits, Program, SpawnRequest, SpawnResult};
 use hdrhistogram::Histogram;
 
 /// Run Python code in an isolated forkd sandbox and mirror its output and exit status.
@@ -42,7 +42,8 @@ struct Args {
     #[arg(long)]
     pids: Option<u64>,
     /// CPU limit in cores.
-    #[arg(long)]
+    // Negative values parse, so that `--cpus -1` gets forkd's message (as --timeout).
+    #[arg(long, allow_negative_numbers = true)]
     cpus: Option<f64>,
     /// Output limit (stdout+stderr), e.g. 1M.
     #[arg(long, value_parser = forkd::size::parse_size)]
@@ -347,6 +348,19 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         }
         None => None,
     };
+    if let Some(c) = args.cpus {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(format!(
+                "--cpus {c} must be a positive number of cores, e.g. 0.5 or 2"
+            ));
+        }
+    }
+    if args.pids == Some(0) {
+        return Err("--pids 0: a sandbox needs at least 1 process".into());
+    }
+    if args.concurrency == Some(0) {
+        return Err("--concurrency must be at least 1".into());
+    }
     Ok(SpawnRequest {
         zygote: args.zygote.clone(),
         program,
@@ -558,6 +572,9 @@ fn tempdir() -> std::io::Result<PathBuf> {
     Err(std::io::Error::other("no free temporary directory name"))
 }
 
+/// Said once per command when the daemon could not enforce the limits.
+const UNENFORCED: &str = "forkd-run: warning: memory/cpu/pids limits were not enforced (the daemon has no usable cgroup, e.g. rootless without a delegated subtree; `forkd doctor` says why)";
+
 fn report_limits(result: &SpawnResult) {
     if result.stdout_truncated || result.stderr_truncated {
         eprintln!(
@@ -565,16 +582,24 @@ fn report_limits(result: &SpawnResult) {
             result.limits.output_bytes
         );
     }
-    if let Some(k) = result.killed_by {
-        eprintln!(
+    match (result.killed_by, result.kill_message()) {
+        // The limit, the peak and the flag to raise: stderr may be empty.
+        (Some(KilledBy::Oom), Some(m)) => eprintln!("forkd-run: sandbox {m}; raise --memory"),
+        (Some(KilledBy::Timeout), Some(m)) => eprintln!("forkd-run: sandbox {m}; raise --timeout"),
+        (Some(KilledBy::Pids), Some(m)) => eprintln!("forkd-run: sandbox {m}; raise --pids"),
+        (Some(KilledBy::OutputLimit), Some(m)) => {
+            eprintln!("forkd-run: sandbox {m}; raise --output-limit")
+        }
+        (Some(k), _) => eprintln!(
             "forkd-run: sandbox killed by {}",
             serde_json::to_string(&k)
                 .unwrap_or_default()
                 .trim_matches('"')
-        );
+        ),
+        (None, _) => {}
     }
-    if !result.limits.cgroup_enforced {
-        eprintln!("forkd-run: warning: memory/cpu/pids limits were not enforced (daemon has no usable cgroup)");
+    if !result.limits_enforced() {
+        eprintln!("{UNENFORCED}");
     }
 }
 
@@ -639,6 +664,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
     let mut outputs: BTreeMap<String, usize> = BTreeMap::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut results = Vec::new();
+    let mut unenforced = false;
     for task in tasks {
         let (elapsed, r) = match task.await {
             Ok(x) => x,
@@ -650,6 +676,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
         let _ = latency.record(u64::try_from(elapsed.as_micros().max(1)).unwrap_or(u64::MAX));
         match r {
             Ok(result) => {
+                unenforced |= !result.limits_enforced();
                 let out = result.stdout_lossy();
                 let good = result.exit_code == Some(0)
                     && args
@@ -686,6 +713,9 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
             "{}",
             serde_json::to_string_pretty(&results).unwrap_or_default()
         );
+    }
+    if unenforced {
+        eprintln!("{UNENFORCED}");
     }
     for (out, count) in &outputs {
         eprintln!("{count:>6} × {out}");

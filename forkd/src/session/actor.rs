@@ -33,6 +33,11 @@ pub(super) struct Channels {
 /// When the session's TTL or idle timeout next needs a look.
 fn next_check(session: &Session) -> Instant {
     let life = lock(&session.life);
+    if life.state == SessionState::Ended {
+        // A remnant (or a session about to go): no timer applies.
+        return Instant::now() + std::time::Duration::from_secs(3600);
+    }
+    // (Dormant: `deadline` is when its kept checkpoints expire.)
     let mut at = life.deadline;
     if let (Some(idle), SessionState::Running) = (session.idle_timeout, life.state) {
         at = at.min(life.last_used + idle);
@@ -40,8 +45,8 @@ fn next_check(session: &Session) -> Instant {
     at
 }
 
-/// Kills the session if its TTL or idle timeout has passed.
-fn enforce_timers(session: &Session) {
+/// Ends the session if its TTL or idle timeout has passed.
+fn enforce_timers(sessions: &Arc<Sessions>, session: &Arc<Session>) {
     let now = Instant::now();
     let why = {
         let life = lock(&session.life);
@@ -58,7 +63,7 @@ fn enforce_timers(session: &Session) {
     };
     if let Some(why) = why {
         tracing::info!(session = %session.id, ?why, "session expired");
-        session.kill(why);
+        sessions.end(session, why);
     }
 }
 
@@ -92,11 +97,15 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
         tokio::select! {
             _ = &mut exited => break,
             m = from_handlers.recv() => {
-                if let Some(ActorMsg::Request { req, frame, replies }) = m {
-                    if let Some(r) = replies {
-                        pending.insert(req, r);
+                match m {
+                    Some(ActorMsg::Request { req, frame, replies }) => {
+                        if let Some(r) = replies {
+                            pending.insert(req, r);
+                        }
+                        let _ = frames.send(frame);
                     }
-                    let _ = frames.send(frame);
+                    Some(ActorMsg::Forget) => pending.clear(),
+                    None => {}
                 }
             }
             n = out_r.read(&mut buf), if out_open => match n {
@@ -127,11 +136,15 @@ pub(super) async fn run(sessions: Arc<Sessions>, session: Arc<Session>, ch: Chan
                     }
                 },
             },
-            _ = tokio::time::sleep_until(check_at) => enforce_timers(&session),
+            _ = tokio::time::sleep_until(check_at) => enforce_timers(&sessions, &session),
             _ = session.changed.notified() => {}
             _ = stopping(&mut shutdown), if !shutting_down => {
                 shutting_down = true;
-                session.kill(SessionEnd::Shutdown);
+                if session.is_remnant() {
+                    session.reap();
+                } else {
+                    session.kill(SessionEnd::Shutdown);
+                }
             }
         }
     }
@@ -177,7 +190,7 @@ fn retire(sessions: &Sessions, session: &Session, network: Option<forkd_ipc::Net
     lock(&session.pidfd).take();
     drop(cgroup); // removed by the reaper, off this task
     sessions.retire(session, ended_by, network);
-    let _ = session.ended.send(true);
+    session.ended.send_replace(true);
 }
 
 /// Logs what the executor writes to its stderr (bounded), then discards.

@@ -27,6 +27,10 @@ pub(crate) struct Record {
     created: Instant,
     scratch_bytes: u64,
     restores: u64,
+    /// Taken with `keep`: outlives the session's end.
+    pub(super) kept: bool,
+    /// The overlay workspace's layer as it was (copied again per restore).
+    workspace: Option<Arc<crate::workspace::Ready>>,
 }
 
 /// A checkpoint counted against the quotas while it is being taken.
@@ -39,13 +43,21 @@ impl Slot {
     }
 
     /// The checkpoint exists: it is counted by its record from now on.
-    fn commit(mut self, id: String, scratch_bytes: u64) -> CheckpointInfo {
+    fn commit(
+        mut self,
+        id: String,
+        scratch_bytes: u64,
+        kept: bool,
+        workspace: Option<Arc<crate::workspace::Ready>>,
+    ) -> CheckpointInfo {
         let session = self.0.take().expect("a slot is committed once");
         let record = Record {
             id,
             created: Instant::now(),
             scratch_bytes,
             restores: 0,
+            kept,
+            workspace,
         };
         let info = record.info(&session.id);
         lock(&session.checkpoints).push(record);
@@ -70,6 +82,7 @@ impl Record {
             age_ms: millis(self.created.elapsed()),
             scratch_bytes: self.scratch_bytes,
             restores: self.restores,
+            kept: self.kept,
         }
     }
 }
@@ -88,7 +101,16 @@ impl Session {
             .collect()
     }
 
-    fn has_checkpoint(&self, id: &str) -> bool {
+    /// The ids of its checkpoints taken with `keep`.
+    pub(super) fn kept_checkpoints(&self) -> Vec<String> {
+        lock(&self.checkpoints)
+            .iter()
+            .filter(|r| r.kept)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    pub(super) fn has_checkpoint(&self, id: &str) -> bool {
         lock(&self.checkpoints).iter().any(|r| r.id == id)
     }
 
@@ -96,7 +118,7 @@ impl Session {
         lock(&self.checkpoints).retain(|r| r.id != id);
     }
 
-    fn unknown_checkpoint(&self, id: &str) -> ErrorReply {
+    pub(super) fn unknown_checkpoint(&self, id: &str) -> ErrorReply {
         error(
             ErrorCode::UnknownCheckpoint,
             format!(
@@ -112,11 +134,15 @@ pub async fn take(
     sessions: &Arc<Sessions>,
     session: Arc<Session>,
     force: bool,
+    keep: bool,
 ) -> Result<CheckpointInfo, ErrorReply> {
-    if session.has_workspace() {
+    let workspace = lock(&session.workspace).clone();
+    if workspace.as_ref().is_some_and(|w| {
+        !w.plan.branchable() || w.plan.mount_point != forkd_workspace::DEFAULT_MOUNT_POINT
+    }) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            "a session with a workspace cannot be checkpointed yet (a direct workspace's host files cannot be put back); create it without one to checkpoint it",
+            "a session with a direct workspace, `view` rules or a mount point other than /workspace cannot be checkpointed (host files cannot be put back; `view` rules and other mount points are not built yet); use an overlay workspace at /workspace without `view` rules",
         ));
     }
     let slot = sessions.reserve_checkpoint(&session)?;
@@ -131,8 +157,15 @@ pub async fn take(
         (FromExecutor::Checkpointed { scratch_bytes, .. }, _) => scratch_bytes,
         _ => return Err(unexpected("session_checkpoint")),
     };
+    // The workspace's layer right after the interpreter's copy was made.
+    let layer = match &workspace {
+        Some(w) => Some(Arc::new(
+            w.with_copied_layer(session.limits.scratch_bytes).await?,
+        )),
+        None => None,
+    };
     session.touch();
-    let info = slot.commit(id.clone(), scratch_bytes);
+    let info = slot.commit(id.clone(), scratch_bytes, keep, layer);
     sessions.audit_record("session_checkpointed", &session, "ok", None, Some(id));
     Ok(info)
 }
@@ -146,6 +179,18 @@ pub async fn restore(
 ) -> Result<SessionInfo, ErrorReply> {
     if !session.has_checkpoint(id) {
         return Err(session.unknown_checkpoint(id));
+    }
+    // The workspace first: its mount is replaced by one over a fresh copy
+    // of the checkpoint's layer (the checkpoint keeps its own).
+    let kept = lock(&session.checkpoints)
+        .iter()
+        .find(|r| r.id == id)
+        .and_then(|r| r.workspace.clone());
+    if let Some(kept) = kept {
+        let fresh = kept.with_copied_layer(session.limits.scratch_bytes).await?;
+        let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
+        fresh.remount_in(pidfd).await?;
+        *lock(&session.workspace) = Some(Arc::new(fresh));
     }
     let req = session.next_req();
     let msg = ToExecutor::Restore {
@@ -209,6 +254,12 @@ pub async fn delete(
         None,
         Some(id.to_owned()),
     );
+    if session.state() == forkd_ipc::SessionState::EndedWithCheckpoints
+        && session.kept_checkpoints().is_empty()
+    {
+        // Nothing left to restore: what is left of the session goes.
+        sessions.end(&session, forkd_ipc::SessionEnd::Killed);
+    }
     Ok(())
 }
 

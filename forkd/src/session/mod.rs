@@ -15,6 +15,7 @@
 
 mod actor;
 pub mod checkpoint;
+mod lifetime;
 pub mod ops;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -46,6 +47,9 @@ enum ActorMsg {
         frame: Vec<u8>,
         replies: Option<mpsc::UnboundedSender<ExecReply>>,
     },
+    /// The session ended as a session (its remnant stays): drop the
+    /// requests still waiting, so they learn it ended.
+    Forget,
 }
 
 /// What changes over a session's life.
@@ -108,6 +112,16 @@ pub struct Session {
     refilling: std::sync::atomic::AtomicBool,
     /// A spare branch not handed out yet: in no table, never audited.
     hidden: std::sync::atomic::AtomicBool,
+    /// Ended as a session while its branches live: its init stays as their
+    /// pid namespace's reaper ([`lifetime`]).
+    remnant: std::sync::atomic::AtomicBool,
+    /// (A branch.) Its parent ended as a session.
+    parent_ended: std::sync::atomic::AtomicBool,
+    /// (A first-level branch.) The host uids its own branches get.
+    pub(crate) descendant_uids: Option<forkd_pool::uids::UidRange>,
+    /// Its `session_ended` record is written (it ended as a session and
+    /// stays, dormant or a remnant): its final end writes `session_reaped`.
+    end_recorded: std::sync::atomic::AtomicBool,
     to_actor: mpsc::UnboundedSender<ActorMsg>,
     life: Mutex<Life>,
     /// Wakes the actor when the deadline or state changed.
@@ -214,7 +228,7 @@ impl Session {
                     self.id
                 ),
             )),
-            SessionState::Ended => Err(self.ended_error()),
+            SessionState::Ended | SessionState::EndedWithCheckpoints => Err(self.ended_error()),
         }
     }
 
@@ -237,6 +251,12 @@ impl Session {
                 "its processes died (the daemon's log may say more)".to_string()
             }
         };
+        if life.state == SessionState::EndedWithCheckpoints {
+            return error(
+                ErrorCode::SessionEnded,
+                format!("session {} has ended: {why}; it keeps checkpoints: session_restore one of them to run it again (session_checkpoints lists them)", self.id),
+            );
+        }
         error(
             ErrorCode::SessionEnded,
             format!("session {} has ended: {why}; create a new one", self.id),
@@ -271,7 +291,7 @@ impl Session {
     pub fn pause(&self, paused: bool) -> Result<(), ErrorReply> {
         let mut life = lock(&self.life);
         match (life.state, paused) {
-            (SessionState::Ended, _) => {
+            (SessionState::Ended | SessionState::EndedWithCheckpoints, _) => {
                 drop(life);
                 return Err(self.ended_error());
             }
@@ -384,7 +404,10 @@ impl Session {
             killed_by,
             labels: lock(&self.labels).clone(),
             age_ms: millis(lock(&self.created).elapsed()),
-            ttl_left_ms: if state == SessionState::Ended {
+            ttl_left_ms: if matches!(
+                state,
+                SessionState::Ended | SessionState::EndedWithCheckpoints
+            ) {
                 0
             } else {
                 millis(deadline.saturating_duration_since(Instant::now()))
@@ -398,6 +421,7 @@ impl Session {
             parent: self.parent.clone(),
             checkpoints: self.checkpoint_infos(),
             spare_branches: u32::try_from(lock(&self.spares).len()).unwrap_or(u32::MAX),
+            parent_ended: self.parent_ended.load(Ordering::Relaxed),
         }
     }
 
@@ -462,6 +486,8 @@ struct Table {
     live: HashMap<String, Arc<Session>>,
     /// Recently ended sessions, oldest first (for `session_info`).
     ended: VecDeque<Arc<Session>>,
+    /// Ended sessions whose init stays until their branches end.
+    remnants: HashMap<String, Arc<Session>>,
 }
 
 impl Sessions {
@@ -489,13 +515,15 @@ impl Sessions {
     pub(crate) fn spare_room(&self, uid: u32) -> usize {
         let table = lock(&self.table);
         let held = |s: &Arc<Session>| 1 + lock(&s.spares).len();
-        let all: usize = table.live.values().map(held).sum();
+        let all: usize =
+            table.live.values().map(held).sum::<usize>() + Self::remnants_of(&table, None);
         let own: usize = table
             .live
             .values()
             .filter(|s| s.owner == uid)
             .map(held)
-            .sum();
+            .sum::<usize>()
+            + Self::remnants_of(&table, Some(uid));
         self.cfg
             .max
             .saturating_sub(all)
@@ -656,7 +684,9 @@ impl Sessions {
             return Err(crate::sandbox::shutting_down());
         }
         let table = lock(&self.table);
-        if table.live.len() >= self.cfg.max {
+        // A remnant (an ended parent kept for its branches) still holds a
+        // process and a cgroup: it counts until reaped.
+        if table.live.len() + Self::remnants_of(&table, None) >= self.cfg.max {
             return Err(error(
                 ErrorCode::LimitExceedsPolicy,
                 format!(
@@ -665,7 +695,8 @@ impl Sessions {
                 ),
             ));
         }
-        let own = table.live.values().filter(|s| s.owner == uid).count();
+        let own = table.live.values().filter(|s| s.owner == uid).count()
+            + Self::remnants_of(&table, Some(uid));
         if own >= self.cfg.max_per_uid {
             return Err(error(
                 ErrorCode::LimitExceedsPolicy,
@@ -695,29 +726,40 @@ impl Sessions {
         if session.hidden.load(Ordering::Relaxed) {
             return; // a spare never handed out: nobody knew of it
         }
-        self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
-        self.audit(
-            "session_ended",
-            session,
-            END_LABELS[end_index(why)],
-            network,
-        );
+        if session.end_recorded.load(Ordering::Relaxed) {
+            // Ended as a session before (dormant, or a remnant): now gone.
+            self.audit("session_reaped", session, "ok", network);
+        } else {
+            self.counts.ended[end_index(why)].fetch_add(1, Ordering::Relaxed);
+            self.audit(
+                "session_ended",
+                session,
+                END_LABELS[end_index(why)],
+                network,
+            );
+        }
         let id = session.id.as_str();
         let mut table = lock(&self.table);
+        table.remnants.remove(id);
         if let Some(s) = table.live.remove(id) {
             table.ended.push_back(s);
             while table.ended.len() > self.cfg.remember_ended {
                 table.ended.pop_front();
             }
         }
+        drop(table);
+        if let Some(parent) = &session.parent {
+            self.reap_if_orphaned(parent);
+        }
     }
 
-    /// Kills every live session (daemon shutdown).
+    /// Kills every live session (daemon shutdown), remnants too.
     pub fn kill_all(&self, why: SessionEnd) {
         let live: Vec<Arc<Session>> = lock(&self.table).live.values().cloned().collect();
         for s in live {
             s.kill(why);
         }
+        self.reap_remnants();
     }
 }
 

@@ -208,6 +208,7 @@ async fn start_session(
     let pidfd = child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?;
     let exited = std::mem::replace(&mut child.exited, tokio::sync::oneshot::channel().1);
     let cgroup = std::mem::replace(&mut child.cgroup, forkd_pool::CgroupCleanup(None));
+    let descendant_uids = child.descendant_uids.take();
     // From here on the child is ours: anything that fails kills it.
     let guard = KillOnDrop(Some(
         child.pidfd.try_clone().map_err(|e| internal("pidfd", e))?,
@@ -254,6 +255,10 @@ async fn start_session(
         spares: Mutex::new(Vec::new()),
         refilling: std::sync::atomic::AtomicBool::new(false),
         hidden: std::sync::atomic::AtomicBool::new(new.hidden),
+        remnant: std::sync::atomic::AtomicBool::new(false),
+        parent_ended: std::sync::atomic::AtomicBool::new(false),
+        end_recorded: std::sync::atomic::AtomicBool::new(false),
+        descendant_uids,
         to_actor,
         life: Mutex::new(Life {
             state: SessionState::Running,
@@ -310,17 +315,32 @@ pub async fn branch(
     }
     let started = Instant::now();
     parent.usable()?;
-    if let Some(grandparent) = &parent.parent {
+    if let (Some(of), true) = (&parent.parent, parent.has_workspace()) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is itself a branch (of {grandparent}); branching a branch is not supported yet: branch the original session (a branch can checkpoint and restore itself)", parent.id),
+            format!("session {} is a branch with a workspace (of {of}); it cannot be branched: like every workspace sandbox it runs as uid 0, with no host uids for branches of its own (docs/branch.md, \"Workspaces\"); branch {of} instead, or checkpoint and restore this one", parent.id),
         ));
     }
-    if parent.has_workspace() {
+    if let (Some(grandparent), None) = (&parent.parent, &parent.descendant_uids) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            "a session with a workspace cannot be branched yet (its landlock rules would have to be widened); create it without one to branch it",
+            format!("session {} is a branch of a branch (of {grandparent}); it cannot be branched: its copies would need user namespaces inside its own, whose uid map holds only its own uid, so they could not get host uids of their own (docs/branch.md, \"Branches of a branch\"); branch {grandparent} or the session it was branched from instead, or checkpoint and restore this one", parent.id),
         ));
+    }
+    let workspace = super::lock(&parent.workspace).clone();
+    if let Some(ws) = &workspace {
+        if !ws.plan_is_overlay() {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                "a session with a direct workspace cannot be branched: its branches would share the host directory's files with it and each other; create the session with workspace mode overlay to branch it (each branch gets its own copy of the changes)",
+            ));
+        }
+        if ws.plan.has_view() {
+            return Err(error(
+                ErrorCode::InvalidRequest,
+                "a session whose workspace has `view` rules cannot be branched: `view` is enforced by landlock rules on this session's own mount, which a copy of its interpreter keeps and which cannot cover a branch's workspace; use `none` or `read` for those paths to branch it",
+            ));
+        }
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -329,7 +349,13 @@ pub async fn branch(
             "branching needs a root daemon (each branch runs as its own uid in a user namespace the parent's uid owns); this daemon is rootless",
         ));
     }
-    let parent_uid = crate::branch_copy::uid_of(parent.pid).map_err(|e| {
+    let parent_init = init_pid(&parent).map_err(|e| {
+        error(
+            ErrorCode::SessionEnded,
+            format!("session {} is not running ({e})", parent.id),
+        )
+    })?;
+    let parent_uid = crate::branch_copy::uid_of(parent_init).map_err(|e| {
         error(
             ErrorCode::SessionEnded,
             format!("session {} is not running ({e})", parent.id),
@@ -447,7 +473,9 @@ pub async fn branch(
     );
     // The next branch request of this session finds its shells made.
     let want = (req.count as usize).min(sessions.cfg.spare_branches);
-    if want > 0 {
+    // A spare of a workspace session could not hold the delta of the
+    // moment it is handed out (its overlay is mounted when it is made).
+    if want > 0 && !parent.has_workspace() {
         tokio::spawn(refill_spares(sessions.clone(), parent.clone(), peer, want));
     }
     Ok(made.iter().map(|(b, _, _)| b.info()).collect())
@@ -463,7 +491,7 @@ fn lock_life_deadline(parent: &Session) -> Duration {
 /// branch.md, "Spare branches"): its init and executor are up, waiting for a
 /// copy; it is in no table, audited and counted only once handed out.
 pub(crate) struct Spare {
-    session: Arc<Session>,
+    pub(super) session: Arc<Session>,
     dir: String,
 }
 
@@ -484,14 +512,31 @@ async fn make_branch(
         .labels
         .clone()
         .unwrap_or_else(|| super::lock(&parent.labels).clone());
-    let (session, dir) = match take_spare(parent) {
+    // The parent's workspace changes at this instant, in a layer of the
+    // branch's own (made before its shell, which mounts it).
+    let workspace = super::lock(&parent.workspace).clone();
+    let workspace = match workspace {
+        Some(ws) => Some(Arc::new(
+            ws.with_copied_layer(parent.limits.scratch_bytes).await?,
+        )),
+        None => None,
+    };
+    let spare = if workspace.is_none() {
+        take_spare(parent)
+    } else {
+        None
+    };
+    let (session, dir) = match spare {
         Some(spare) => {
             spare.session.hand_out(labels, ttl);
             sessions.insert(spare.session.clone());
             (spare.session, spare.dir)
         }
         None => {
-            let spare = make_shell(sessions, parent, parent_uid, peer, labels, ttl, false).await?;
+            let spare = make_shell(
+                sessions, parent, parent_uid, peer, labels, ttl, false, workspace,
+            )
+            .await?;
             (spare.session, spare.dir)
         }
     };
@@ -507,7 +552,11 @@ async fn make_branch(
         }
         // The parent's scratch, copied while its interpreter is idle (a
         // background command may still write: its writes land in either).
-        copy_scratch(parent.pid, helper).await
+        copy_scratch(
+            init_pid(parent).map_err(|e| internal("parent init", e))?,
+            helper,
+        )
+        .await
     };
     if let Err(e) = ready.await {
         session.kill(SessionEnd::Died);
@@ -530,6 +579,10 @@ fn take_spare(parent: &Session) -> Option<Spare> {
 
 /// A branch shell of `parent`: namespaces, cgroup, uid, init and an
 /// executor waiting for a copy of the parent's interpreter in `dir`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the shell's own settings, each used once"
+)]
 async fn make_shell(
     sessions: &Arc<Sessions>,
     parent: &Arc<Session>,
@@ -538,21 +591,44 @@ async fn make_shell(
     labels: std::collections::BTreeMap<String, String>,
     ttl: Duration,
     hidden: bool,
+    workspace: Option<Arc<crate::workspace::Ready>>,
 ) -> Result<Spare, ErrorReply> {
     let state = &sessions.state;
+    if let Some(block) = parent.descendant_uids.as_ref() {
+        if block.in_use() >= block.count() {
+            return Err(error(
+                ErrorCode::LimitExceedsPolicy,
+                format!(
+                    "branch {} already has {} live branches and spare shells, the most a branch may have (its user namespace maps that many uids for them); kill some first",
+                    parent.id,
+                    block.count()
+                ),
+            ));
+        }
+    }
     let mut plan = plan_for(parent.policy.clone(), &parent.limits);
+    plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     plan.branch = Some(forkd_zygote::spec::BranchOf {
-        parent_pid: parent.pid,
+        parent_pid: init_pid(parent).map_err(|e| internal("parent init", e))?,
         parent_uid,
+        // Filled in with the uid it is given (forkd_pool::prepare_branch).
+        block: None,
+        inner_uid: None,
     });
     let zygote = state
         .pool
         .get(&parent.zygote)
         .await
         .map_err(crate::sandbox::pool_error)?;
-    let child = forkd_pool::prepare_branch(&zygote, &state.cgroups, state.next_sandbox_id(), plan)
-        .await
-        .map_err(crate::sandbox::prepare_error)?;
+    let child = forkd_pool::prepare_branch(
+        &zygote,
+        &state.cgroups,
+        state.next_sandbox_id(),
+        plan,
+        parent.descendant_uids.as_ref(),
+    )
+    .await
+    .map_err(crate::sandbox::prepare_error)?;
     let dir = format!("/tmp/.forkd-branch-{}", super::new_id());
     let mut job = parent.job.clone();
     if let Some(s) = job.session.as_mut() {
@@ -574,7 +650,7 @@ async fn make_shell(
             ttl,
             egress: None,
             allow_net: Vec::new(),
-            workspace: None,
+            workspace,
             parent: Some(parent.id.clone()),
             hidden,
         },
@@ -598,7 +674,7 @@ async fn refill_spares(
         return;
     }
     let made = async {
-        let parent_uid = crate::branch_copy::uid_of(parent.pid).ok()?;
+        let parent_uid = crate::branch_copy::uid_of(init_pid(&parent).ok()?).ok()?;
         // (Two statements: spare_room locks every session's spares, this
         // one's included.)
         let have = super::lock(&parent.spares).len();
@@ -611,7 +687,10 @@ async fn refill_spares(
             set.spawn(async move {
                 let labels = super::lock(&parent.labels).clone();
                 let ttl = lock_life_deadline(&parent);
-                make_shell(&sessions, &parent, parent_uid, &peer, labels, ttl, true).await
+                make_shell(
+                    &sessions, &parent, parent_uid, &peer, labels, ttl, true, None,
+                )
+                .await
             });
         }
         while let Some(joined) = set.join_next().await {
@@ -640,6 +719,15 @@ async fn refill_spares(
     parent
         .refilling
         .store(false, std::sync::atomic::Ordering::Release);
+}
+
+/// Host pid of the session's init: its `pid` itself, or for a branch, the
+/// init below its helper.
+fn init_pid(session: &Session) -> std::io::Result<i32> {
+    match session.parent {
+        Some(_) => crate::branch_copy::init_pids(session.pid).map(|(init, _)| init),
+        None => Ok(session.pid),
+    }
 }
 
 /// Copies the parent's scratch (`/tmp` and `/dev/shm`) into the branch's.
@@ -1097,10 +1185,16 @@ pub fn interrupt(session: &Session) {
     session.send(&ToExecutor::Interrupt { req: 0 });
 }
 
-/// Kills the session and waits (bounded) until its processes are gone.
-pub async fn kill(session: Arc<Session>) -> SessionInfo {
-    session.kill(SessionEnd::Killed);
+/// Kills the session and waits (bounded) until its processes are gone (a
+/// session with live branches: until it ended as a session, see
+/// [`super::lifetime`]).
+pub async fn kill(sessions: &Arc<Sessions>, session: Arc<Session>) -> SessionInfo {
     let mut ended = session.ended.subscribe();
+    if session.state() == SessionState::EndedWithCheckpoints {
+        // Dormant: "ended" once what is left of it is gone.
+        session.ended.send_replace(false);
+    }
+    sessions.end(&session, SessionEnd::Killed);
     let _ = tokio::time::timeout(KILL_WAIT, ended.wait_for(|e| *e)).await;
     session.info()
 }
@@ -1123,7 +1217,10 @@ pub fn set_ttl(
             ),
         ));
     }
-    if session.state() == SessionState::Ended {
+    if matches!(
+        session.state(),
+        SessionState::Ended | SessionState::EndedWithCheckpoints
+    ) {
         return Err(session.ended_error());
     }
     session.set_ttl(Duration::from_millis(ttl_ms));
@@ -1163,7 +1260,10 @@ pub async fn set_network(
     session: &Session,
     allow_net: Vec<String>,
 ) -> Result<SessionInfo, ErrorReply> {
-    if session.state() == SessionState::Ended {
+    if matches!(
+        session.state(),
+        SessionState::Ended | SessionState::EndedWithCheckpoints
+    ) {
         return Err(session.ended_error());
     }
     let network = &sessions.state.network;
@@ -1222,7 +1322,9 @@ pub async fn serve(
                 sessions: sessions.list(uid, &l.labels),
             },
             B::SessionInfo(r) => ResponseBody::Session(sessions.get(&r.session, uid)?.info()),
-            B::SessionKill(r) => ResponseBody::Session(kill(sessions.get(&r.session, uid)?).await),
+            B::SessionKill(r) => {
+                ResponseBody::Session(kill(&sessions, sessions.get(&r.session, uid)?).await)
+            }
             B::SessionPause(r) => {
                 let s = sessions.get(&r.session, uid)?;
                 s.pause(true)?;
@@ -1254,19 +1356,30 @@ pub async fn serve(
             }
             B::SessionCheckpoint(c) => {
                 let s = sessions.usable(&c.session, uid)?;
-                ResponseBody::Checkpoint(super::checkpoint::take(&sessions, s, c.force).await?)
+                ResponseBody::Checkpoint(
+                    super::checkpoint::take(&sessions, s, c.force, c.keep).await?,
+                )
             }
             B::SessionRestore(r) => {
-                let s = sessions.usable(&r.session, uid)?;
-                ResponseBody::Session(
-                    super::checkpoint::restore(&sessions, s, &r.checkpoint).await?,
-                )
+                let s = sessions.get(&r.session, uid)?;
+                ResponseBody::Session(if s.state() == SessionState::EndedWithCheckpoints {
+                    super::lifetime::revive(&sessions, s, &r.checkpoint).await?
+                } else {
+                    s.usable()?;
+                    s.touch();
+                    super::checkpoint::restore(&sessions, s, &r.checkpoint).await?
+                })
             }
             B::SessionCheckpoints(r) => ResponseBody::Checkpoints {
                 checkpoints: sessions.get(&r.session, uid)?.checkpoint_infos(),
             },
             B::SessionCheckpointDelete(r) => {
-                let s = sessions.usable(&r.session, uid)?;
+                // A dormant session's kept checkpoints can be deleted too.
+                let s = sessions.get(&r.session, uid)?;
+                if s.state() != SessionState::EndedWithCheckpoints {
+                    s.usable()?;
+                    s.touch();
+                }
                 super::checkpoint::delete(&sessions, s, &r.checkpoint).await?;
                 ResponseBody::Done {}
             }

@@ -45,6 +45,7 @@ from .errors import (
     InvalidArgument,
     InvalidRequest,
     LimitExceedsPolicy,
+    LimitsNotEnforced,
     PermissionDenied,
     ProtocolError,
     RequestRefused,
@@ -67,6 +68,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Forkd",
+    "LimitsNotEnforced",
     "AsyncForkd",
     "Execution",
     "Timings",

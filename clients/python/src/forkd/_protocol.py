@@ -8,10 +8,11 @@ import binascii
 import json
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import ProtocolError, RequestRefused, error_from_reply
+from .errors import LimitsNotEnforced, ProtocolError, RequestRefused, error_from_reply
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -23,6 +24,7 @@ __all__ = [
     "Timings",
     "Usage",
     "Execution",
+    "format_bytes",
     "default_socket_path",
     "parse_size",
     "encode_frame",
@@ -186,6 +188,46 @@ class Execution:
         return self.exit_code == 0 and self.killed_by is None
 
     @property
+    def limits_enforced(self) -> bool:
+        """False when the daemon could not enforce the memory, cpu and pids
+        limits (no usable cgroup, e.g. rootless without a delegated subtree)."""
+        return bool(self.limits.get("cgroup_enforced", True))
+
+    @property
+    def kill_message(self) -> Optional[str]:
+        """Why the sandbox was killed, as forkd-run prints it, e.g.
+        ``"killed: out of memory (limit 512 MiB, peak 511.8 MiB)"``; ``None``
+        when the program ended on its own (stderr may be empty after a kill)."""
+        k, lim = self.killed_by, self.limits
+        if k is None:
+            return None
+        if k == "oom":
+            msg = f"killed: out of memory (limit {format_bytes(int(lim.get('memory_bytes', 0)))}"
+            if self.usage.peak_memory_bytes:
+                msg += f", peak {format_bytes(self.usage.peak_memory_bytes)}"
+            return msg + ")"
+        if k == "timeout":
+            secs = int(lim.get("timeout_ms", 0)) / 1000
+            # As Rust prints an f64: 30, 1.5.
+            shown = str(int(secs)) if secs.is_integer() else repr(secs)
+            return f"killed: timed out after {shown} s (the timeout)"
+        if k == "pids":
+            return (
+                f"killed: process/thread limit reached (pids {lim.get('pids')}); "
+                "a fork or thread start failed"
+            )
+        if k == "output_limit":
+            return (
+                f"killed: output over the limit "
+                f"({format_bytes(int(lim.get('output_bytes', 0)))} of stdout+stderr)"
+            )
+        if k == "signal":
+            return f"killed by signal {self.signal}" if self.signal is not None else "killed by a signal"
+        if k == "shutdown":
+            return "killed: the daemon shut down while it ran"
+        return f"killed: {k}"
+
+    @property
     def shell_status(self) -> int:
         """Exit status as a shell reports it: exit code, else 128 + signal,
         else 255."""
@@ -194,6 +236,36 @@ class Execution:
         if self.signal is not None:
             return 128 + self.signal
         return 255
+
+
+def format_bytes(n: int) -> str:
+    """A byte count as people read it: ``512 MiB``, ``1 GiB``, ``498.3 MiB``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    unit = 0
+    while unit + 1 < len(units) and n >= 1 << (10 * (unit + 1)):
+        unit += 1
+    scale = 1 << (10 * unit)
+    if n % scale == 0:
+        return f"{n // scale} {units[unit]}"
+    return f"{n / scale:.1f} {units[unit]}"
+
+
+_warned_unenforced = False
+
+
+def _warn_unenforced_once(r: "Execution") -> None:
+    """One warning per process when the daemon ran without limits."""
+    global _warned_unenforced
+    if r.limits_enforced or _warned_unenforced:
+        return
+    _warned_unenforced = True
+    warnings.warn(
+        "forkd: the daemon could not enforce memory/cpu/pids limits (no usable cgroup, "
+        "e.g. rootless without a delegated subtree); sandboxes run without them. "
+        "Run `forkd doctor` on the daemon's host to see why.",
+        LimitsNotEnforced,
+        stacklevel=4,
+    )
 
 
 def default_socket_path() -> str:
@@ -484,7 +556,15 @@ def _opt_str(obj: Mapping[str, Any], key: str) -> Optional[str]:
 
 
 def parse_result(obj: Mapping[str, Any]) -> Execution:
-    """An :class:`Execution` from a ``result`` response (unknown fields ignored)."""
+    """An :class:`Execution` from a ``result`` response (unknown fields ignored).
+    Warns once per process (:class:`forkd.LimitsNotEnforced`) when the
+    daemon reports that it could not enforce the limits."""
+    r = _parse_result(obj)
+    _warn_unenforced_once(r)
+    return r
+
+
+def _parse_result(obj: Mapping[str, Any]) -> Execution:
     t = obj.get("timings") or {}
     u = obj.get("usage") or {}
     killed = obj.get("killed_by")

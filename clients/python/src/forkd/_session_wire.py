@@ -278,6 +278,8 @@ class CheckpointInfo:
     """Bytes of the scratch copy it keeps (``/tmp``, ``/dev/shm``)."""
     restores: int = 0
     """Times it was restored."""
+    kept: bool = False
+    """Taken with ``keep=True``: it outlives the session's end."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "CheckpointInfo":
@@ -290,6 +292,7 @@ class CheckpointInfo:
             age_ms=_u(obj, "age_ms"),
             scratch_bytes=_u(obj, "scratch_bytes"),
             restores=_u(obj, "restores"),
+            kept=bool(obj.get("kept", False)),
         )
 
 
@@ -302,7 +305,8 @@ class SessionInfo:
     """The session id (``session`` on the wire)."""
     zygote: str
     state: str
-    """``"running"``, ``"paused"`` or ``"ended"``."""
+    """``"running"``, ``"paused"``, ``"ended"``, or ``"ended_with_checkpoints"``
+    (ended keeping checkpoints taken with ``keep=True``: ``restore`` runs it again)."""
     ended_by: Optional[str] = None
     """``"killed"``, ``"ttl"``, ``"idle"``, ``"died"``, ``"shutdown"`` once ended."""
     killed_by: Optional[str] = None
@@ -325,6 +329,8 @@ class SessionInfo:
     """Its checkpoints, oldest first."""
     spare_branches: int = 0
     """Branch shells made ready for its next ``branch()`` call."""
+    parent_ended: bool = False
+    """(A branch.) Its parent ended while it lives on (``parent`` still names it)."""
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> "SessionInfo":
@@ -351,6 +357,7 @@ class SessionInfo:
             parent=obj.get("parent") if isinstance(obj.get("parent"), str) else None,
             checkpoints=[CheckpointInfo.from_wire(c) for c in (obj.get("checkpoints") or [])],
             spare_branches=_u(obj, "spare_branches"),
+            parent_ended=bool(obj.get("parent_ended", False)),
         )
 
 

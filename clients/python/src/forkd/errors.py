@@ -9,6 +9,7 @@ not an exception: it is an :class:`forkd.Execution` with ``killed_by`` set.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Type
 
 __all__ = [
@@ -40,7 +41,14 @@ __all__ = [
     "Busy",
     "CheckpointNotFound",
     "error_from_reply",
+    "LimitsNotEnforced",
 ]
+
+
+class LimitsNotEnforced(UserWarning):
+    """Warned once per process: the daemon ran a sandbox without memory, cpu
+    and pids limits because it has no usable cgroup (rootless without a
+    delegated subtree, or ``cgroup.mode = "disabled"``)."""
 
 
 class ForkdError(Exception):
@@ -52,6 +60,10 @@ class DaemonNotRunning(ForkdError):
 
     def __init__(self, socket_path: str, reason: str = "") -> None:
         self.socket_path = socket_path
+        directory = os.path.dirname(os.fspath(socket_path))
+        if reason and directory and not os.path.isdir(directory):
+            # A mistyped path: say which part is missing, not just ENOENT.
+            reason = f"its directory {directory} does not exist: check the path for a typo"
         msg = (
             f"no forkd daemon is listening on {socket_path}: start one with `forkd` "
             f"(or run `forkd-run --embedded`), or point FORKD_SOCKET at the right socket"

@@ -224,14 +224,19 @@ class Session:
         sessions = expect_kind(resp, "sessions", "session_branch").get("sessions") or []
         return [Session(self._client, SessionInfo.from_wire(s).id) for s in sessions]
 
-    def checkpoint(self, force: bool = False) -> str:
+    def checkpoint(self, force: bool = False, keep: bool = False) -> str:
         """Keeps a frozen copy of this session as it is now (its interpreter,
         copy-on-write, and its scratch) and returns its id, for
         :meth:`restore`. A running cell is waited for; a session running
         threads of its own is refused unless ``force``. Each checkpoint counts
         against the daemon's quotas and the session's memory limit, and dies
-        with the session. See docs/branch.md."""
+        with the session unless ``keep``: a kept one outlives the session's
+        end (kill, TTL) for the daemon's ``kept_checkpoint_ttl_secs``; the
+        ended session (state ``"ended_with_checkpoints"``) then runs again
+        with :meth:`restore`. See docs/branch.md."""
         fields = {"session": self.id, "force": bool(force)}
+        if keep:
+            fields["keep"] = True
         resp = self._client._v2("session_checkpoint", fields)
         return CheckpointInfo.from_wire(expect_kind(resp, "checkpoint", "session_checkpoint")).id
 
@@ -607,9 +612,11 @@ class AsyncSession:
         sessions = expect_kind(resp, "sessions", "session_branch").get("sessions") or []
         return [AsyncSession(self._client, SessionInfo.from_wire(s).id) for s in sessions]
 
-    async def checkpoint(self, force: bool = False) -> str:
+    async def checkpoint(self, force: bool = False, keep: bool = False) -> str:
         """Keeps a frozen copy of this session; as :meth:`Session.checkpoint`."""
         fields = {"session": self.id, "force": bool(force)}
+        if keep:
+            fields["keep"] = True
         resp = await self._client._v2("session_checkpoint", fields)
         return CheckpointInfo.from_wire(expect_kind(resp, "checkpoint", "session_checkpoint")).id
 
