@@ -1433,18 +1433,19 @@ R["out_write"] = op(lambda: write(W + "/out/c.txt", "C"))
     d.finish().await;
 }
 
+/// The requester of [`direct_workspace_runs_as_its_own_uid_and_writes_as_the_requester`].
+const OWNER: (u32, u32) = (4242, 4243);
+
 /// A direct workspace's sandbox runs as its own leased uid, not uid 0: its
 /// host mounts are idmapped so that the requester's files are its own and
 /// what it writes lands on the host as the requester's, while host files of
 /// other users (root's included) stay as unwritable as for any stranger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_workspace_runs_as_its_own_uid_and_writes_as_the_requester() {
-    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
-    use std::os::unix::process::CommandExt;
+    use std::os::unix::fs::{chown, PermissionsExt};
     if skip_unless_root("starts a daemon that mounts workspaces") {
         return;
     }
-    const OWNER: (u32, u32) = (4242, 4243);
     let dir = tempfile::Builder::new()
         .prefix("forkd-wsuid-")
         .tempdir()
@@ -1460,6 +1461,7 @@ async fn direct_workspace_runs_as_its_own_uid_and_writes_as_the_requester() {
     fs::write(proj.join("src/secret"), "ROOT-SECRET").unwrap();
     fs::set_permissions(proj.join("src/secret"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::write(proj.join("out/rootfile"), "ROOT").unwrap();
+    fs::write(proj.join("hidden.txt"), "H").unwrap();
     fs::set_permissions(proj.join("out/rootfile"), fs::Permissions::from_mode(0o644)).unwrap();
     for p in ["", "src", "src/mine.txt", "out"] {
         chown(proj.join(p), Some(OWNER.0), Some(OWNER.1)).unwrap();
@@ -1484,14 +1486,34 @@ R["root_file_chmod"] = op(lambda: os.chmod(W + "/out/rootfile", 0o666))
 R["root_dir_create"] = op(lambda: write(W + "/out/rootdir/x"))
 R["root_secret_read"] = op(lambda: read(W + "/src/secret"))
 R["chown_to_root"] = op(lambda: os.chown(W + "/out/new.txt", 0, 0))
+R["hidden"] = op(lambda: read(W + "/hidden.txt"))
 print(json.dumps(R))
 "#;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
-        .arg("--socket")
+    // Without and with a `none` path: the base is a clone of the host
+    // directory, or an overlay over it (the mask); both are idmapped.
+    for extra in [None, Some("hidden.txt=none")] {
+        probe_as_owner(&d, &proj, extra, body);
+    }
+    // The sandbox next door keeps working.
+    assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
+    d.finish().await;
+}
+
+fn probe_as_owner(d: &TestDaemon, proj: &Path, extra: Option<&str>, body: &str) {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let _ = fs::remove_file(proj.join("out/new.txt"));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"));
+    cmd.arg("--socket")
         .arg(&d.socket)
         .arg("--workspace")
-        .arg(&proj)
-        .args(["--rule", "out=write", "-c"])
+        .arg(proj)
+        .args(["--rule", "out=write"]);
+    if let Some(rule) = extra {
+        cmd.args(["--rule", rule]);
+    }
+    let out = cmd
+        .arg("-c")
         .arg(format!("{PRELUDE}{body}"))
         .uid(OWNER.0)
         .gid(OWNER.1)
@@ -1533,7 +1555,7 @@ print(json.dumps(R))
             ("chown_to_root", &["EPERM", "EOVERFLOW", "EINVAL"]),
         ],
     );
-    table.assert_all("direct workspace as its own uid");
+    table.assert_all(&format!("direct workspace as its own uid ({extra:?})"));
     // On the host: the new file is the requester's, root's files are untouched.
     let meta = fs::metadata(proj.join("out/new.txt")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), OWNER, "written as the requester");
@@ -1544,7 +1566,9 @@ print(json.dumps(R))
     let meta = fs::metadata(proj.join("out/rootfile")).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o644));
     assert!(!proj.join("out/rootdir/x").exists());
-    // The sandbox next door keeps working.
-    assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
-    d.finish().await;
+    assert_eq!(
+        got.get("hidden").map(String::as_str),
+        Some(if extra.is_some() { "ENOENT" } else { "ok:'H'" }),
+        "{extra:?}"
+    );
 }

@@ -314,7 +314,20 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
         if let Some(mask) = &mask {
             fsconfig_set_fd(&fs, "lowerdir+", mask).map_err(errno("overlay mask layer"))?;
         }
-        fsconfig_set_fd(&fs, "lowerdir+", &root).map_err(errno("overlay host layer"))?;
+        // Direct mode idmaps the host layer too (overlayfs cannot be
+        // idmapped itself, EINVAL; 6.18 takes idmapped layers), so the
+        // requester's files read as the sandbox's.
+        let idmapped_root = match &userns {
+            Some(ns) => {
+                let clone =
+                    open_tree(&root, "", CLONE).map_err(errno("clone the host directory"))?;
+                idmap(clone.as_fd(), Some(ns)).map_err(at("idmap the host directory"))?;
+                Some(clone)
+            }
+            None => None,
+        };
+        let host_layer = idmapped_root.as_ref().map_or(root.as_fd(), AsFd::as_fd);
+        fsconfig_set_fd(&fs, "lowerdir+", host_layer).map_err(errno("overlay host layer"))?;
         if plan.kind == Kind::Overlay {
             let upper = plan
                 .upper
