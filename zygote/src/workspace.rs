@@ -144,42 +144,48 @@ const ATTR_IDMAP: u64 = MountAttrFlags::MOUNT_ATTR_IDMAP.bits() as u64;
 /// as the overflow id, which the sandbox's uid is not.
 ///
 /// The kernel offers no way to make a user namespace without a process in
-/// it: a helper is cloned into a new one with `CLONE_VFORK` and exits at
-/// once, so this process resumes with a zombie whose credentials (and so
-/// its user namespace) live until it is reaped: its maps are written from
-/// here (root in the parent namespace), its namespace is opened, and it is
-/// reaped. No signal, and no wait for a helper to be scheduled again (a
-/// kill-and-reap version had a 2-3 ms tail on a loaded machine). This
-/// process is pid 1 of a new pid namespace while the host's /proc is
-/// mounted: the helper's pid there comes from its pidfd's fdinfo.
+/// it: a helper is cloned into a new one with `CLONE_VM | CLONE_VFORK` (no
+/// copy of this large process's page tables; this process waits until the
+/// helper is gone) on a small stack of its own, and returns at once, so this
+/// process resumes with a zombie whose credentials (and so its user
+/// namespace) live until it is reaped: its maps are written from here (root
+/// in the parent namespace), its namespace is opened, and it is reaped. No
+/// signal, and no wait for a helper to be scheduled again (a kill-and-reap
+/// version had a 2-3 ms tail on a loaded machine). This process is pid 1 of
+/// a new pid namespace while the host's /proc is mounted: the helper's pid
+/// there comes from its pidfd's fdinfo.
 fn idmap_userns(owner: (u32, u32), inner: u32) -> io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
+    extern "C" fn helper(_: *mut libc::c_void) -> libc::c_int {
+        0
+    }
+    let mut stack = vec![0u8; 16 * 1024];
     let mut pidfd: libc::c_int = -1;
-    let flags = (libc::CLONE_NEWUSER | libc::CLONE_PIDFD | libc::CLONE_VFORK | libc::SIGCHLD)
-        as libc::c_ulong;
-    // SAFETY: a fork-like clone (no CLONE_VM, no new stack: the child has
-    // its own copy of memory) of this single-threaded process; `pidfd` is a
-    // live c_int the kernel writes the pidfd into (CLONE_PIDFD with the
-    // legacy clone uses the parent_tid argument). The child only calls the
-    // exit syscall: no destructors, no atexit handlers, no locks.
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_PIDFD
+        | libc::CLONE_VM
+        | libc::CLONE_VFORK
+        | libc::SIGCHLD;
+    // SAFETY: glibc's clone runs `helper` on the top of `stack` (16-byte
+    // aligned, alive until clone returns: CLONE_VFORK suspends this process
+    // until the helper has exited), and `helper` touches no memory but that
+    // stack. `pidfd` is a live c_int the kernel writes the pidfd into
+    // (CLONE_PIDFD uses the parent_tid argument).
     let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
+        let top = stack.as_mut_ptr().add(stack.len());
+        let top = top.sub(top as usize % 16);
+        libc::clone(
+            helper,
+            top.cast(),
             flags,
-            0usize,
+            std::ptr::null_mut(),
             &mut pidfd as *mut libc::c_int,
-            0usize,
-            0usize,
         )
     };
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
-    if pid == 0 {
-        // SAFETY: ends the cloned child at once (see above).
-        unsafe { libc::syscall(libc::SYS_exit, 0) };
-        unreachable!("exit returned");
-    }
+    drop(stack);
     // SAFETY: clone succeeded with CLONE_PIDFD: `pidfd` is a new descriptor
     // owned by nobody else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
