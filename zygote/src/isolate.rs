@@ -294,6 +294,10 @@ pub fn isolate_with<K: Kernel>(
         .map_err(at("RLIMIT_MSGQUEUE"))?;
     k.setrlimit(libc::RLIMIT_SIGPENDING, SIGPENDING)
         .map_err(at("RLIMIT_SIGPENDING"))?;
+    // No real-time scheduling whatever the daemon was started with: the
+    // policy allows sched_setscheduler (SCHED_BATCH/IDLE, as for any user).
+    k.setrlimit(libc::RLIMIT_RTPRIO, 0)
+        .map_err(at("RLIMIT_RTPRIO"))?;
     k.setrlimit(libc::RLIMIT_FSIZE, spec.file_size_bytes)
         .map_err(at("RLIMIT_FSIZE"))?;
 
@@ -724,6 +728,7 @@ mod tests {
                 format!("setrlimit(SIGPENDING, {SIGPENDING})"),
                 "RLIMIT_SIGPENDING",
             ),
+            ("setrlimit(RTPRIO, 0)".into(), "RLIMIT_RTPRIO"),
             (format!("setrlimit(FSIZE, {FSIZE})"), "RLIMIT_FSIZE"),
             ("drop_bounding_cap(0)".into(), "drop bounding capability"),
             ("drop_bounding_cap(1)".into(), "drop bounding capability"),
