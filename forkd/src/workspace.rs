@@ -397,6 +397,14 @@ pub async fn prepare(
     let base = config.dir.clone();
     tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
         let mut plan = cached_plan(&checked)?;
+        // Direct mode writes the host directory: a root daemon's sandbox,
+        // which runs as its own uid, writes it as the requester through an
+        // idmapped mount (zygote workspace.rs). Overlay mode writes only
+        // its own upper layer and keeps uid 0 (docs/workspaces.md).
+        // SAFETY: geteuid has no preconditions.
+        if checked.kind == Kind::Direct && unsafe { libc::geteuid() } == 0 {
+            plan.owner = who.map(|w| (w.uid, w.gid));
+        }
         let upper = if checked.kind == Kind::Overlay {
             let upper = make_upper(&base, scratch_bytes).map_err(|e| ErrorReply {
                 code: ErrorCode::SpawnFailed,

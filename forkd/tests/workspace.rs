@@ -1432,3 +1432,143 @@ R["out_write"] = op(lambda: write(W + "/out/c.txt", "C"))
     drop(c);
     d.finish().await;
 }
+
+/// The requester of [`direct_workspace_runs_as_its_own_uid_and_writes_as_the_requester`].
+const OWNER: (u32, u32) = (4242, 4243);
+
+/// A direct workspace's sandbox runs as its own leased uid, not uid 0: its
+/// host mounts are idmapped so that the requester's files are its own and
+/// what it writes lands on the host as the requester's, while host files of
+/// other users (root's included) stay as unwritable as for any stranger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_workspace_runs_as_its_own_uid_and_writes_as_the_requester() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if skip_unless_root("starts a daemon that mounts workspaces") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("forkd-wsuid-")
+        .tempdir()
+        .unwrap();
+    let base = fs::canonicalize(dir.path()).unwrap();
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).unwrap();
+    let proj = base.join("proj");
+    for d in ["src", "out", "out/rootdir"] {
+        fs::create_dir_all(proj.join(d)).unwrap();
+    }
+    fs::write(proj.join("src/mine.txt"), "MINE").unwrap();
+    fs::set_permissions(proj.join("src/mine.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(proj.join("src/secret"), "ROOT-SECRET").unwrap();
+    fs::set_permissions(proj.join("src/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(proj.join("out/rootfile"), "ROOT").unwrap();
+    fs::write(proj.join("hidden.txt"), "H").unwrap();
+    fs::set_permissions(proj.join("out/rootfile"), fs::Permissions::from_mode(0o644)).unwrap();
+    for p in ["", "src", "src/mine.txt", "out"] {
+        chown(proj.join(p), Some(OWNER.0), Some(OWNER.1)).unwrap();
+    }
+    let roots = base.clone();
+    let d = TestDaemon::start(move |c| {
+        c.workspace_roots = vec![roots];
+        c.allowed_uids = Some(vec![0, OWNER.0]);
+    })
+    .await;
+    if let Some(sock_dir) = d.socket.parent() {
+        fs::set_permissions(sock_dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o777)).unwrap();
+    let body = r#"
+R["uid"] = "%d:%d" % (os.getuid(), os.getgid())
+R["write_new"] = op(lambda: write(W + "/out/new.txt", "new"))
+R["new_is_mine"] = op(lambda: os.stat(W + "/out/new.txt").st_uid == os.getuid())
+R["requester_file"] = op(lambda: (os.stat(W + "/src/mine.txt").st_uid == os.getuid(), read(W + "/src/mine.txt")))
+R["root_file_write"] = op(lambda: write(W + "/out/rootfile", "pwned"))
+R["root_file_chmod"] = op(lambda: os.chmod(W + "/out/rootfile", 0o666))
+R["root_dir_create"] = op(lambda: write(W + "/out/rootdir/x"))
+R["root_secret_read"] = op(lambda: read(W + "/src/secret"))
+R["chown_to_root"] = op(lambda: os.chown(W + "/out/new.txt", 0, 0))
+R["hidden"] = op(lambda: read(W + "/hidden.txt"))
+print(json.dumps(R))
+"#;
+    // Without and with a `none` path: the base is a clone of the host
+    // directory, or an overlay over it (the mask); both are idmapped.
+    for extra in [None, Some("hidden.txt=none")] {
+        probe_as_owner(&d, &proj, extra, body);
+    }
+    // The sandbox next door keeps working.
+    assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
+    d.finish().await;
+}
+
+fn probe_as_owner(d: &TestDaemon, proj: &Path, extra: Option<&str>, body: &str) {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let _ = fs::remove_file(proj.join("out/new.txt"));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"));
+    cmd.arg("--socket")
+        .arg(&d.socket)
+        .arg("--workspace")
+        .arg(proj)
+        .args(["--rule", "out=write"]);
+    if let Some(rule) = extra {
+        cmd.args(["--rule", rule]);
+    }
+    let out = cmd
+        .arg("-c")
+        .arg(format!("{PRELUDE}{body}"))
+        .uid(OWNER.0)
+        .gid(OWNER.1)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout} stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: BTreeMap<String, String> =
+        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("probe JSON");
+    let ids = got.get("uid").cloned().unwrap_or_default();
+    let (uid, gid) = ids.split_once(':').expect("uid:gid");
+    assert_ne!(
+        uid, "0",
+        "a direct workspace's sandbox must not run as uid 0"
+    );
+    assert_ne!(
+        uid,
+        OWNER.0.to_string(),
+        "it runs as its own uid, not the requester's"
+    );
+    assert_eq!(uid, gid, "its gid is its uid");
+    let mut table = Table::new();
+    expect(
+        &mut table,
+        &got,
+        &[
+            ("write_new", &["ok:3"]),
+            ("new_is_mine", &["ok:True"]),
+            ("requester_file", &["ok:(True, 'MINE')"]),
+            ("root_file_write", &["EACCES"]),
+            ("root_file_chmod", &["EPERM", "EOVERFLOW"]),
+            ("root_dir_create", &["EACCES"]),
+            ("root_secret_read", &["EACCES"]),
+            ("chown_to_root", &["EPERM", "EOVERFLOW", "EINVAL"]),
+        ],
+    );
+    table.assert_all(&format!("direct workspace as its own uid ({extra:?})"));
+    // On the host: the new file is the requester's, root's files are untouched.
+    let meta = fs::metadata(proj.join("out/new.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), OWNER, "written as the requester");
+    assert_eq!(
+        fs::read_to_string(proj.join("out/rootfile")).unwrap(),
+        "ROOT"
+    );
+    let meta = fs::metadata(proj.join("out/rootfile")).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o644));
+    assert!(!proj.join("out/rootdir/x").exists());
+    assert_eq!(
+        got.get("hidden").map(String::as_str),
+        Some(if extra.is_some() { "ENOENT" } else { "ok:'H'" }),
+        "{extra:?}"
+    );
+}

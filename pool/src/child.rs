@@ -230,11 +230,12 @@ async fn prepare_child_from(
 
     // A root daemon runs each sandbox as its own unprivileged uid. A rootless
     // one cannot (its zygote's user namespace maps one id): its sandboxes
-    // keep that id. Neither can a sandbox with a workspace yet: its writable
-    // areas belong to host users, and writing them as another uid would need
-    // an idmapped mount (TODO); it keeps the capability-less uid 0.
+    // keep that id. A direct workspace (`owner` set) is idmapped so that
+    // this uid writes as the requester; an overlay workspace, whose layers
+    // are not idmapped, keeps the capability-less uid 0.
+    let own_uid = plan.workspace.as_ref().is_none_or(|w| w.owner.is_some());
     // SAFETY: geteuid cannot fail.
-    let uid = if plan.isolate && plan.workspace.is_none() && unsafe { libc::geteuid() } == 0 {
+    let uid = if plan.isolate && own_uid && unsafe { libc::geteuid() } == 0 {
         Some(
             from.unwrap_or(crate::uids::global())
                 .lease()
@@ -282,7 +283,10 @@ async fn prepare_child_from(
         open_files: plan.open_files,
         file_size_bytes: plan.file_size_bytes,
         isolate: plan.isolate,
-        workspace: plan.workspace.clone(),
+        workspace: plan.workspace.clone().map(|mut w| {
+            w.idmap_to = w.owner.and(uid.as_ref().map(crate::uids::Lease::id));
+            w
+        }),
         // A branch of a workspace session keeps the session's uid 0 (above).
         uid: uid
             .as_ref()

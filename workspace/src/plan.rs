@@ -102,6 +102,15 @@ pub struct MountPlan {
     /// Host entries visited while planning (diagnostics).
     #[serde(default)]
     pub visited: u64,
+    /// Direct mode, root daemon: the requester's uid and gid (as the daemon
+    /// checked them), which files the sandbox writes get on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<(u32, u32)>,
+    /// The sandbox's own uid (= gid) when it has one and `owner` is set: the
+    /// workspace's host mounts are idmapped so that this id acts as `owner`
+    /// (zygote workspace.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idmap_to: Option<u32>,
 }
 
 impl MountPlan {
@@ -585,6 +594,8 @@ pub fn plan_stamped(
         binds,
         grants: sum.grants,
         visited: w.visited,
+        owner: None,
+        idmap_to: None,
     };
     if plan.items() > MAX_PLAN_ITEMS {
         return Err(PlanError::TooLarge {

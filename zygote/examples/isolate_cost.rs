@@ -8,6 +8,9 @@
 //!   no-pts   uid, without the private devpts mount (policy `devpts = false`)
 //!   no-cpus  uid, without the per-sandbox CPU list (/sys/devices/system/cpu/online)
 //!   locks    uid, with `private_locks` (an overlay per bound tree)
+//!   ws       uid, with a direct workspace (a clone of a host directory)
+//!   ws-idmap ws, idmapped to an owner (what a root daemon does: the cost
+//!            of the user namespace helper and `MOUNT_ATTR_IDMAP`)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
@@ -117,6 +120,33 @@ fn main() {
     let netns: std::os::fd::OwnedFd = std::fs::File::open("/proc/self/ns/net").unwrap().into();
     sys::setns(own_net.as_fd(), libc::CLONE_NEWNET).unwrap();
     let own_pid: std::os::fd::OwnedFd = std::fs::File::open("/proc/self/ns/pid").unwrap().into();
+    // A host directory for the workspace variants.
+    let ws_dir = std::env::temp_dir().join(format!("isolate-cost-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&ws_dir).unwrap();
+    let ws_meta = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&ws_dir).unwrap();
+        (m.dev(), m.ino())
+    };
+    let ws_plan = |owner: Option<(u32, u32)>| forkd_workspace::MountPlan {
+        host_root: ws_dir.clone(),
+        root_dev: ws_meta.0,
+        root_ino: ws_meta.1,
+        mount_point: forkd_workspace::DEFAULT_MOUNT_POINT.into(),
+        kind: forkd_workspace::Kind::Direct,
+        upper: None,
+        root_mode: forkd_workspace::Mode::Write,
+        hidden: Vec::new(),
+        binds: Vec::new(),
+        grants: Vec::new(),
+        visited: 0,
+        owner,
+        idmap_to: owner.map(|_| 1_879_048_192),
+    };
+    let with_ws = |mut s: ChildSpec, owner: Option<(u32, u32)>| {
+        s.workspace = Some(ws_plan(owner));
+        s
+    };
     let spec = |uid: Option<u32>| ChildSpec {
         policy: "default".into(),
         cgroup_procs: Vec::new(),
@@ -130,13 +160,19 @@ fn main() {
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 6] = [
+    let variants: [(&str, ChildSpec, &Prepared); 8] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
         ("no-pts", spec(Some(1_879_048_192)), &no_pts),
         ("no-cpus", spec(Some(1_879_048_192)), &no_cpus),
         ("locks", spec(Some(1_879_048_192)), &locks),
+        ("ws", with_ws(spec(Some(1_879_048_192)), None), &masked),
+        (
+            "ws-idmap",
+            with_ws(spec(Some(1_879_048_192)), Some((4242, 4243))),
+            &masked,
+        ),
     ];
     let mut times: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];
     for _ in 0..n {
@@ -147,6 +183,7 @@ fn main() {
             sys::setns(own_pid.as_fd(), libc::CLONE_NEWPID).unwrap();
         }
     }
+    let _ = std::fs::remove_dir(&ws_dir);
     for ((name, _, _), mut t) in variants.iter().zip(times) {
         t.sort_unstable();
         if t.is_empty() {

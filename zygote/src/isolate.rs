@@ -991,6 +991,8 @@ mod tests {
             binds: Vec::new(),
             grants: Vec::new(),
             visited: 0,
+            owner: None,
+            idmap_to: None,
         });
         run(&k, &spec, None).expect("nothing fails");
         let log = k.rendered();

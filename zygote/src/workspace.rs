@@ -80,6 +80,16 @@ const CLONE: OpenTreeFlags = OpenTreeFlags::OPEN_TREE_CLONE
 
 /// `mount_setattr(fd, "", AT_EMPTY_PATH, set/clear)` on one detached mount.
 fn mount_setattr(fd: BorrowedFd<'_>, set: u64, clear: u64) -> io::Result<()> {
+    mount_setattr_ns(fd, set, clear, None)
+}
+
+/// [`mount_setattr`] with a user namespace (`MOUNT_ATTR_IDMAP`).
+fn mount_setattr_ns(
+    fd: BorrowedFd<'_>,
+    set: u64,
+    clear: u64,
+    userns: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
     #[repr(C)]
     struct MountAttr {
         attr_set: u64,
@@ -91,7 +101,7 @@ fn mount_setattr(fd: BorrowedFd<'_>, set: u64, clear: u64) -> io::Result<()> {
         attr_set: set,
         attr_clr: clear,
         propagation: 0,
-        userns_fd: 0,
+        userns_fd: userns.map_or(0, |ns| ns.as_raw_fd() as u64),
     };
     // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from `attr`,
     // a live, initialized repr(C) struct matching the kernel's `mount_attr`
@@ -122,6 +132,101 @@ fn set_writable(fd: BorrowedFd<'_>, write: bool) -> io::Result<()> {
         mount_setattr(fd, ATTR_SAFE, ATTR_RDONLY)
     } else {
         mount_setattr(fd, ATTR_SAFE | ATTR_RDONLY, 0)
+    }
+}
+
+const ATTR_IDMAP: u64 = MountAttrFlags::MOUNT_ATTR_IDMAP.bits() as u64;
+
+/// A user namespace whose only mappings send `owner`'s uid and gid to
+/// `inner` (the sandbox's uid, which is also its gid): as the idmap of a
+/// mount, files of `owner` appear as `inner`'s, files `inner` creates are
+/// written as `owner`'s, and every other id (host root included) appears
+/// as the overflow id, which the sandbox's uid is not.
+///
+/// The kernel offers no way to make a user namespace without a process in
+/// it: a helper is cloned into a new one with `CLONE_VM | CLONE_VFORK` (no
+/// copy of this large process's page tables; this process waits until the
+/// helper is gone) on a small stack of its own, and returns at once, so this
+/// process resumes with a zombie whose credentials (and so its user
+/// namespace) live until it is reaped: its maps are written from here (root
+/// in the parent namespace), its namespace is opened, and it is reaped. No
+/// signal, and no wait for a helper to be scheduled again (a kill-and-reap
+/// version had a 2-3 ms tail on a loaded machine). This process is pid 1 of
+/// a new pid namespace while the host's /proc is mounted: the helper's pid
+/// there comes from its pidfd's fdinfo.
+fn idmap_userns(owner: (u32, u32), inner: u32) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    extern "C" fn helper(_: *mut libc::c_void) -> libc::c_int {
+        0
+    }
+    let mut stack = vec![0u8; 16 * 1024];
+    let mut pidfd: libc::c_int = -1;
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_PIDFD
+        | libc::CLONE_VM
+        | libc::CLONE_VFORK
+        | libc::SIGCHLD;
+    // SAFETY: glibc's clone runs `helper` on the top of `stack` (16-byte
+    // aligned, alive until clone returns: CLONE_VFORK suspends this process
+    // until the helper has exited), and `helper` touches no memory but that
+    // stack. `pidfd` is a live c_int the kernel writes the pidfd into
+    // (CLONE_PIDFD uses the parent_tid argument).
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len());
+        let top = top.sub(top as usize % 16);
+        libc::clone(
+            helper,
+            top.cast(),
+            flags,
+            std::ptr::null_mut(),
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(stack);
+    // SAFETY: clone succeeded with CLONE_PIDFD: `pidfd` is a new descriptor
+    // owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let made = (|| {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+        let host_pid: i32 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .and_then(|p| p.trim().parse().ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| io::Error::other("no pid in the helper's pidfd fdinfo"))?;
+        std::fs::write(
+            format!("/proc/{host_pid}/uid_map"),
+            format!("{} {inner} 1", owner.0),
+        )?;
+        std::fs::write(
+            format!("/proc/{host_pid}/gid_map"),
+            format!("{} {inner} 1", owner.1),
+        )?;
+        let ns = std::fs::File::open(format!("/proc/{host_pid}/ns/user"))?;
+        Ok(OwnedFd::from(ns))
+    })();
+    // SAFETY: reaps our own (exited) child by its pidfd; `info` is a zeroed
+    // siginfo_t the kernel fills in (all-zero is a valid siginfo_t).
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED,
+        );
+    }
+    made
+}
+
+/// Idmaps one detached mount with `userns` (see [`idmap_userns`]).
+fn idmap(fd: BorrowedFd<'_>, userns: Option<&OwnedFd>) -> io::Result<()> {
+    match userns {
+        Some(ns) => mount_setattr_ns(fd, ATTR_IDMAP, 0, Some(ns.as_fd())),
+        None => Ok(()),
     }
 }
 
@@ -187,6 +292,14 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
         ));
     }
     let root_write = plan.root_mode == Mode::Write;
+    // The host mounts the sandbox may write, idmapped to the requester.
+    let userns = match (plan.owner, plan.idmap_to) {
+        (Some(owner), Some(inner)) => Some(
+            idmap_userns(owner, inner)
+                .map_err(at("make the user namespace of the workspace's idmap"))?,
+        ),
+        _ => None,
+    };
     let base = if plan.base_is_overlay() {
         let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(errno("open overlayfs"))?;
         if !in_initial_userns() {
@@ -200,7 +313,20 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
         if let Some(mask) = &mask {
             fsconfig_set_fd(&fs, "lowerdir+", mask).map_err(errno("overlay mask layer"))?;
         }
-        fsconfig_set_fd(&fs, "lowerdir+", &root).map_err(errno("overlay host layer"))?;
+        // Direct mode idmaps the host layer too (overlayfs cannot be
+        // idmapped itself, EINVAL; 6.18 takes idmapped layers), so the
+        // requester's files read as the sandbox's.
+        let idmapped_root = match &userns {
+            Some(ns) => {
+                let clone =
+                    open_tree(&root, "", CLONE).map_err(errno("clone the host directory"))?;
+                idmap(clone.as_fd(), Some(ns)).map_err(at("idmap the host directory"))?;
+                Some(clone)
+            }
+            None => None,
+        };
+        let host_layer = idmapped_root.as_ref().map_or(root.as_fd(), AsFd::as_fd);
+        fsconfig_set_fd(&fs, "lowerdir+", host_layer).map_err(errno("overlay host layer"))?;
         if plan.kind == Kind::Overlay {
             let upper = plan
                 .upper
@@ -240,6 +366,7 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
     } else {
         let base = open_tree(&root, "", CLONE).map_err(errno("clone the host directory"))?;
         set_writable(base.as_fd(), root_write).map_err(at("set the workspace's mount flags"))?;
+        idmap(base.as_fd(), userns.as_ref()).map_err(at("idmap the host directory"))?;
         base
     };
     let mut host_clones = Vec::new();
@@ -249,6 +376,7 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
         let clone = open_tree(&fd, "", CLONE).map_err(errno(format!("clone `{}`", bind.path)))?;
         set_writable(clone.as_fd(), bind.write)
             .map_err(at(format!("mount flags of `{}`", bind.path)))?;
+        idmap(clone.as_fd(), userns.as_ref()).map_err(at(format!("idmap `{}`", bind.path)))?;
         host_clones.push((i, clone));
     }
     Ok(Prepared {
