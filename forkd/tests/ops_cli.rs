@@ -141,10 +141,19 @@ fn doctor(dir: &Path, toml: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Whether a report line is check `name`'s: the whole name in its column
+/// (`TAG  name` padded to 22, then a space), so `sandbox` is not `sandbox ids`.
+fn is_check(line: &str, name: &str) -> bool {
+    let pad = " ".repeat(23usize.saturating_sub(name.len()).max(1));
+    line.get(6..)
+        .and_then(|rest| rest.strip_prefix(name))
+        .is_some_and(|after| after.starts_with(&pad))
+}
+
 fn verdict<'a>(report: &'a str, name: &str) -> &'a str {
     report
         .lines()
-        .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with(name)))
+        .find(|l| is_check(l, name))
         .map(|l| &l[..4])
         .unwrap_or_else(|| panic!("no `{name}` line in:\n{report}"))
 }
@@ -233,10 +242,7 @@ fn doctor_fails_with_a_fix_for_a_missing_interpreter_or_preload() {
     );
     let fix_after = |name: &str| {
         let lines: Vec<&str> = report.lines().collect();
-        let i = lines
-            .iter()
-            .position(|l| l.get(6..).is_some_and(|r| r.starts_with(name)))
-            .unwrap();
+        let i = lines.iter().position(|l| is_check(l, name)).unwrap();
         lines[i + 1].trim_start().starts_with("fix: ")
     };
     assert!(fix_after("python [default]"), "{report}");
