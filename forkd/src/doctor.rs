@@ -443,18 +443,34 @@ fn cgroup_mounts() -> (Vec<String>, Vec<String>) {
 }
 
 /// Moving a process between cgroups waits for an RCU grace period (the
-/// cgroup threadgroup lock): 5–10 ms on an idle host unless grace periods
-/// are expedited. forkd moves processes off the request path (the warm pool),
-/// except a branch's copy of the interpreter (docs/branch.md): measured
-/// there, k=1 went from ~22 to ~8 ms with expedited grace periods.
+/// cgroup threadgroup lock): 5–15 ms on an idle host unless a cgroup
+/// hierarchy is mounted with `favordynmods` (the lock stays on its slow,
+/// grace-period-free path; measured 14 ms → 0.47 ms for a move into four v1
+/// hierarchies) or grace periods are expedited. forkd moves processes off the
+/// request path (the warm pool), except a branch's copy of the interpreter
+/// (docs/branch.md): k=1 went from ~22 to ~8 ms with expedited grace periods.
 fn rcu_expedited() -> Check {
     let name = "rcu_expedited";
+    let favordynmods = std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            matches!(f.get(2), Some(&"cgroup" | &"cgroup2"))
+                && f.get(3)
+                    .is_some_and(|o| o.split(',').any(|o| o == "favordynmods"))
+        })
+    });
+    if favordynmods {
+        return Check::pass(
+            name,
+            "a cgroup hierarchy is mounted with favordynmods (fast cgroup moves)",
+        );
+    }
     match std::fs::read_to_string("/sys/kernel/rcu_expedited") {
         Ok(v) if v.trim() == "1" => Check::pass(name, "expedited RCU grace periods (fast cgroup moves)"),
         Ok(_) => Check::warn(
             name,
-            "RCU grace periods are not expedited: a session branch and a spawn without the warm pool wait 5-10 ms per cgroup move on an idle host",
-            "for faster branches: echo 1 > /sys/kernel/rcu_expedited (or boot with rcupdate.rcu_expedited=1); it is host-wide (more IPIs), so it is the operator's choice",
+            "cgroup moves wait for an RCU grace period: a session branch and a spawn without the warm pool wait 5-15 ms per move on an idle host",
+            "for faster branches: mount -o remount,favordynmods /sys/fs/cgroup (the cgroup2 mount; fork and exit take a slightly slower lock), or echo 1 > /sys/kernel/rcu_expedited (host-wide, more IPIs); the operator's choice",
         ),
         Err(e) => Check::pass(name, format!("not tunable here ({e})")),
     }
