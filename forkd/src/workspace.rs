@@ -425,6 +425,17 @@ pub async fn prepare(
 }
 
 /// Makes the upper layer (see [`Upper`]) with `upper/` and `work/` in it.
+/// The `upper` directory of a detached layer (its `upper` and `work` pair),
+/// never through a symlink.
+fn open_upper_dir(layer: impl rustix::fd::AsFd) -> std::io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        layer,
+        "upper",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
 fn make_upper(base: &Path, scratch_bytes: u64) -> std::io::Result<Upper> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -475,26 +486,14 @@ impl Ready {
                 "only an overlay workspace of a root daemon can be copied for a branch".into(),
             ));
         };
-        let from = rustix::fs::openat(
-            from,
-            "upper",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| failed(e.into()))?;
+        let from = open_upper_dir(from).map_err(failed)?;
         let mut plan = self.plan.clone();
         tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
             let upper = make_upper(Path::new("/"), scratch_bytes).map_err(failed)?;
             let Upper::Detached(to) = &upper else {
                 return Err(failed(std::io::Error::other("not a detached layer")));
             };
-            let to_dir = rustix::fs::openat(
-                to,
-                "upper",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .map_err(|e| failed(e.into()))?;
+            let to_dir = open_upper_dir(to).map_err(failed)?;
             let mut links = Links {
                 root: rustix::io::dup(&to_dir).map_err(|e| failed(e.into()))?,
                 first: std::collections::HashMap::new(),
@@ -807,17 +806,13 @@ impl Ready {
         // namespace (a rootless daemon's zygote), else in trusted.*.
         let userxattr = matches!(upper, Upper::Dir(_));
         let dir = match upper {
-            Upper::Detached(fd) => rustix::fs::openat(
-                fd,
-                "upper",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            ),
+            Upper::Detached(fd) => open_upper_dir(fd),
             Upper::Dir(d) => rustix::fs::open(
                 d.join("upper"),
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 rustix::fs::Mode::empty(),
-            ),
+            )
+            .map_err(std::io::Error::from),
         }
         .map_err(|e| format!("open the upper layer: {e}"))?;
         tokio::task::spawn_blocking(move || {
