@@ -946,3 +946,50 @@ async fn the_sandbox_user_has_an_account() {
     }
     d.finish().await;
 }
+
+const FS_VIEW_PROBE: &str = "import os, socket, stat, sys\nfor d in ('/', '/etc', '/dev'):\n    print(d, stat.S_ISDIR(os.stat(d).st_mode), len(os.listdir(d)) > 0)\netc = os.listdir('/etc')\nprint('secrets', sorted(n for n in ('shadow', 'gshadow', 'sudoers', 'ssh', 'machine-id') if n in etc), os.path.exists('/etc/shadow'))\ncwd = os.getcwd()\nprint('cwd empty', os.listdir(cwd) == [], os.access(cwd, os.W_OK | os.X_OK))\nwith open('probe.txt', 'w') as f:\n    f.write('x')\nos.mkdir('sub')\nos.remove('probe.txt')\nos.rmdir('sub')\nprint('venv bin first', os.environ['PATH'].split(':')[0] == os.path.dirname(sys.executable))\nname = socket.gethostname()\nprint('hostname', name, socket.gethostbyname(name))\nprint('in /etc/hosts', any(name in l.split()[1:] for l in open('/etc/hosts') if not l.startswith('#')))\n";
+
+const INTERPRETERS_PROBE: &str = "import subprocess\nfor cmd in (['python', '-c', 'import sys; print(sys.executable, sys.prefix)'], ['python3', '-c', 'import sys; print(sys.prefix)'], ['pip', '--version']):\n    p = subprocess.run(cmd, capture_output=True, text=True)\n    print(cmd[0], p.returncode, p.stdout.strip(), p.stderr.strip())\n";
+
+const TAR_PROBE: &str = "import os, stat, tarfile\nos.mkdir('src')\nos.chmod('src', 0o750)\nfor n, m in (('exe', 0o755), ('secret', 0o600), ('ro', 0o444)):\n    p = os.path.join('src', n)\n    with open(p, 'w') as f:\n        f.write(n)\n    os.chmod(p, m)\nwith tarfile.open('t.tar', 'w') as t:\n    t.add('src')\nos.mkdir('out')\nwith tarfile.open('t.tar') as t:\n    t.extractall('out')\nfor root, dirs, files in sorted(os.walk('out')):\n    for n in sorted(dirs + files):\n        p = os.path.join(root, n)\n        print(p, oct(stat.S_IMODE(os.stat(p).st_mode)))\nprint(os.access('out/src/exe', os.X_OK), open('out/src/secret').read())\n";
+
+/// The filesystem an ordinary user's program looks at: `/`, `/etc` and
+/// `/dev` are listable directories without the host's secrets; the working
+/// directory is empty and writable; the zygote's venv `bin` leads PATH and
+/// its `python`, `python3` and `pip` run as they do outside; the sandbox's
+/// hostname resolves through /etc/hosts; `tarfile` keeps modes as outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filesystem_view_is_an_ordinary_users() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let cwd = sandbox_cwd(&d).await;
+    let mut t = Table::new();
+    // Twice: a warm-pool child and one forked after it.
+    for _ in 0..2 {
+        let r = d.run(FS_VIEW_PROBE).await;
+        t.check(
+            "ls /, /etc, /dev; cwd; PATH; hostname",
+            &format!("{}{}", r.stdout_lossy(), r.stderr_lossy()),
+            &["/ True True\n/etc True True\n/dev True True\nsecrets [] False\ncwd empty True True\nvenv bin first True\nhostname sandbox 127.0.1.1\nin /etc/hosts True\n"],
+        );
+    }
+    // The sandbox's default PATH, given to plain python too.
+    let bin = python().parent().unwrap().display().to_string();
+    let path = format!("{bin}:/usr/local/bin:/usr/bin:/bin");
+    let env = [("PATH", path.as_str()), ("LANG", "C.UTF-8")];
+    compare_code(
+        &mut t,
+        &d,
+        &cwd,
+        "python, python3, pip on PATH",
+        INTERPRETERS_PROBE,
+        &[],
+        &env,
+    )
+    .await;
+    compare_code(&mut t, &d, &cwd, "tarfile keeps modes", TAR_PROBE, &[], &[]).await;
+    d.finish().await;
+    t.assert_all("the filesystem view: sandbox vs plain python");
+}

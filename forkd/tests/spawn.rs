@@ -119,9 +119,11 @@ async fn stdin_argv_and_env() {
     println!("sandbox env: {env:?}");
     assert_eq!(env.get("FOO").map(String::as_str), Some("bar baz"));
     assert_eq!(env.get("HOME").map(String::as_str), Some("/tmp/home"));
+    // The zygote's venv `bin` first, as activating the venv would.
+    let bin = python().parent().unwrap().display().to_string();
     assert_eq!(
         env.get("PATH").map(String::as_str),
-        Some("/usr/local/bin:/usr/bin:/bin")
+        Some(format!("{bin}:/usr/local/bin:/usr/bin:/bin").as_str())
     );
     assert!(
         !env.contains_key(MARKER_VAR),

@@ -38,7 +38,7 @@ fn prepared(policy: &Policy, mask: bool, devpts: bool, private_locks: bool) -> P
     let mut fs = policy.filesystem.clone();
     fs.private_locks = private_locks;
     Prepared {
-        template: template::build(&fs, &paths).expect("template"),
+        template: template::build(&fs, &paths, "sandbox").expect("template"),
         seccomp: policy.compile_seccomp().expect("seccomp"),
         landlock: policy.landlock,
         proc_masked: if mask {

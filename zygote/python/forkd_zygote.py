@@ -860,6 +860,7 @@ def run_job(job, lib):
         env = job.get("env", {})
         os.environ.clear()
         os.environ.update(env)
+        interpreter_bin_first(os.environ)
         try:
             write_inline_files(job.get("files", []))
         except OSError as e:

@@ -74,8 +74,12 @@ fn init(config: &[u8]) -> Result<State, String> {
         let seccomp = policy
             .compile_seccomp()
             .map_err(|e: PolicyError| format!("policy `{name}`: {e}"))?;
-        let template = template::build(&policy.filesystem, &config.interpreter_paths)
-            .map_err(|e| format!("policy `{name}`: {e}"))?;
+        let template = template::build(
+            &policy.filesystem,
+            &config.interpreter_paths,
+            &config.hostname,
+        )
+        .map_err(|e| format!("policy `{name}`: {e}"))?;
         info.seccomp_instructions
             .insert(name.clone(), seccomp.len());
         info.bound_paths.insert(

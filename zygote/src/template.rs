@@ -12,6 +12,7 @@
 use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::policy::FilesystemPolicy;
@@ -90,6 +91,11 @@ enum Entry {
     },
     Symlink {
         target: PathBuf,
+    },
+    /// A read-only file of the root with these contents (shared by every
+    /// child: no per-child cost).
+    File {
+        contents: Vec<u8>,
     },
     Dir,
 }
@@ -232,7 +238,11 @@ pub const SCRATCH_STAGE: &str = "/dev/.scratch";
 pub const DEVPTS: &str = "/dev/pts";
 
 /// Plans the root's entries: (path inside the root, entry), parents first.
-fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, Entry)> {
+fn plan(
+    fs: &FilesystemPolicy,
+    interpreter_paths: &[String],
+    hostname: &str,
+) -> Vec<(PathBuf, Entry)> {
     let mut out: Vec<(PathBuf, Entry)> = Vec::new();
     let mut binds: Vec<PathBuf> = Vec::new();
     let covered = |binds: &[PathBuf], p: &Path| binds.iter().any(|b| p.starts_with(b));
@@ -286,6 +296,12 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     }
     for e in &fs.etc {
         let path = Path::new("/etc").join(e);
+        if e == "hosts" {
+            if let Some(contents) = hosts_with(&path, hostname) {
+                out.push((path, Entry::File { contents }));
+                continue;
+            }
+        }
         if let Some((_, target)) = PER_CHILD_ETC.iter().find(|(name, _)| name == e) {
             if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
                 let target = PathBuf::from(target);
@@ -366,6 +382,29 @@ fn plan(fs: &FilesystemPolicy, interpreter_paths: &[String]) -> Vec<(PathBuf, En
     out
 }
 
+/// The root's /etc/hosts: the host's, plus `127.0.1.1 HOSTNAME` (as Debian
+/// writes for a machine's own name) when no line names the sandbox's
+/// hostname, so `gethostbyname(gethostname())` resolves as on a host. `None`
+/// (bind the host's as is) when it already does or the host's is not a file.
+fn hosts_with(path: &Path, hostname: &str) -> Option<Vec<u8>> {
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let mut hosts = std::fs::read(path).ok()?;
+    let named = String::from_utf8_lossy(&hosts).lines().any(|l| {
+        let l = l.split('#').next().unwrap_or("");
+        l.split_whitespace().skip(1).any(|n| n == hostname)
+    });
+    if named || hostname.is_empty() {
+        return None;
+    }
+    if !hosts.is_empty() && !hosts.ends_with(b"\n") {
+        hosts.push(b'\n');
+    }
+    hosts.extend_from_slice(format!("127.0.1.1\t{hostname}\n").as_bytes());
+    Some(hosts)
+}
+
 fn host_cpu_count() -> Option<u32> {
     cpu_list_count(&std::fs::read_to_string(HOST_CPU_ONLINE).ok()?)
 }
@@ -378,8 +417,9 @@ fn open_path(path: &Path) -> io::Result<OwnedFd> {
 pub fn build(
     fs: &FilesystemPolicy,
     interpreter_paths: &[String],
+    hostname: &str,
 ) -> Result<Template, TemplateError> {
-    let entries = plan(fs, interpreter_paths);
+    let entries = plan(fs, interpreter_paths, hostname);
     // Interpreter trees (a venv, a pyenv prefix, sys.path entries) and /etc
     // entries must hold no sockets or FIFOs: a sandbox could connect to or
     // read them. The policy's system trees (/usr, /lib, ...) are package-managed
@@ -453,12 +493,31 @@ pub fn build(
     let mut msg = String::new();
     let read = std::fs::File::from(ready_r).read_to_string(&mut msg);
     let result = match read {
-        Ok(_) if msg == "ok" => sys::open(
-            &CString::new(format!("/proc/{pid}/ns/mnt")).expect("no NUL"),
-            libc::O_RDONLY,
-            0,
-        )
-        .map_err(step("open helper mount namespace")),
+        Ok(_) if msg == "ok" => {
+            // Files written into the root are granted by their inode in it,
+            // reached through the helper's root while it holds it.
+            let mut files = Ok(());
+            for (inner, entry) in &entries {
+                if matches!(entry, Entry::File { .. }) {
+                    let there = format!("/proc/{pid}/root{}", inner.display());
+                    match open_path(Path::new(&there)) {
+                        Ok(fd) => landlock.read_exec_files.push(fd),
+                        Err(e) => {
+                            files = Err(step(format!("open {} in the root", inner.display()))(e));
+                            break;
+                        }
+                    }
+                }
+            }
+            files.and_then(|()| {
+                sys::open(
+                    &CString::new(format!("/proc/{pid}/ns/mnt")).expect("no NUL"),
+                    libc::O_RDONLY,
+                    0,
+                )
+                .map_err(step("open helper mount namespace"))
+            })
+        }
         Ok(_) => Err(TemplateError::Helper(msg)),
         Err(e) => Err(step("read helper status")(e)),
     };
@@ -594,6 +653,12 @@ fn assemble(entries: &[(PathBuf, Entry)]) -> Result<(), TemplateError> {
                     .map_err(step("mount proc into the root"))?;
                 }
             }
+            Entry::File { contents } => {
+                std::fs::write(&target, contents)
+                    .map_err(step(format!("write {}", target.display())))?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o444))
+                    .map_err(step(format!("chmod {}", target.display())))?;
+            }
             Entry::Symlink { target: link } => {
                 if std::fs::symlink_metadata(&target).is_err() {
                     std::os::unix::fs::symlink(link, &target)
@@ -695,7 +760,7 @@ mod tests {
             devpts: true,
             cpu_count: true,
         };
-        let entries = plan(&fs, &["/usr/lib".into(), "relative".into()]);
+        let entries = plan(&fs, &["/usr/lib".into(), "relative".into()], "sandbox");
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
         assert!(paths.contains(&PathBuf::from("/usr")));
         assert!(
@@ -708,6 +773,25 @@ mod tests {
         assert!(paths.contains(&PathBuf::from("/dev/null")));
         assert!(paths.contains(&PathBuf::from("/tmp")));
         assert!(!paths.contains(&PathBuf::from("/etc/shadow")));
+    }
+
+    #[test]
+    fn hosts_name_the_sandbox_once() {
+        let dir = std::env::temp_dir().join(format!("forkd-hosts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hosts");
+        std::fs::write(
+            &path,
+            "127.0.0.1 localhost\n# 10.0.0.1 sandbox\n127.0.0.1 vm",
+        )
+        .unwrap();
+        assert_eq!(
+            hosts_with(&path, "sandbox").unwrap(),
+            b"127.0.0.1 localhost\n# 10.0.0.1 sandbox\n127.0.0.1 vm\n127.0.1.1\tsandbox\n"
+        );
+        assert_eq!(hosts_with(&path, "vm"), None, "already named");
+        assert_eq!(hosts_with(&dir.join("absent"), "sandbox"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
