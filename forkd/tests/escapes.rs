@@ -622,6 +622,10 @@ R["lower then raise"] = op(lambda: (resource.setrlimit(resource.RLIMIT_NOFILE, (
 big = os.open("/tmp/big", os.O_WRONLY | os.O_CREAT)
 R["write past RLIMIT_FSIZE"] = op(lambda: os.write(big, b"x" * (fs[0] + 1)))
 R["write at RLIMIT_FSIZE"] = op(lambda: os.write(big, b"x"))
+R["RLIMIT_RTPRIO"] = "ok:%d/%d" % resource.getrlimit(resource.RLIMIT_RTPRIO)
+R["raise RLIMIT_RTPRIO"] = op(lambda: resource.setrlimit(resource.RLIMIT_RTPRIO, (99, 99)))
+R["SCHED_FIFO"] = op(lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10)))
+R["SCHED_BATCH"] = op(lambda: os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0)))
 "#;
     let mut r = req(&format!("{PRELUDE}{body}{EPILOGUE}"));
     r.limits.open_files = Some(128);
@@ -675,6 +679,16 @@ R["write at RLIMIT_FSIZE"] = op(lambda: os.write(big, b"x"))
         got(&res, "write at RLIMIT_FSIZE"),
         &["EFBIG"],
     );
+    // Scheduling policies an ordinary user may take are allowed; real-time
+    // ones are not, whatever RLIMIT_RTPRIO the daemon was started with.
+    t.check("RLIMIT_RTPRIO", got(&res, "RLIMIT_RTPRIO"), &["ok:0/0"]);
+    t.check(
+        "raise RLIMIT_RTPRIO",
+        got(&res, "raise RLIMIT_RTPRIO"),
+        &[not_allowed, "EPERM"],
+    );
+    t.check("SCHED_FIFO", got(&res, "SCHED_FIFO"), &["EPERM"]);
+    t.check("SCHED_BATCH", got(&res, "SCHED_BATCH"), &["ok:None"]);
     t.assert_all("rlimit escapes");
 
     // Asking the daemon for more than its configured maximum is refused,

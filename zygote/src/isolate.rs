@@ -182,24 +182,19 @@ pub fn isolate_with<K: Kernel>(
 
     // Private inodes for the bound trees (policy `private_locks`): a lock
     // taken on a file there cannot reach another sandbox or the host.
+    // Those under /tmp (a venv there) are covered after being bound again.
     let mut lock_dirs = Vec::new();
-    if spec.branch.is_none() {
-        for (dir, options) in &policy.template.private_lock_dirs {
-            k.mount(
-                Some(c"overlay"),
-                dir,
-                Some(c"overlay"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                Some(options),
-            )
-            .map_err(at("mount a private overlay on a bound tree"))?;
-            // Landlock knows the layers' inodes, not the overlay's: the
-            // overlay's root gets the bound trees' rule.
-            let fd = k
-                .open(dir, libc::O_PATH | libc::O_DIRECTORY, 0)
-                .map_err(at("open a private overlay"))?;
-            lock_dirs.push((fd, AccessFs::from_read(LANDLOCK_ABI)));
-        }
+    let (shadowed_lock_dirs, lock_dirs_now): (Vec<_>, Vec<_>) = if spec.branch.is_none() {
+        policy
+            .template
+            .private_lock_dirs
+            .iter()
+            .partition(|(dir, _)| crate::template::under_per_child_tmpfs(dir))
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    for (dir, options) in lock_dirs_now {
+        lock_dirs.push(private_overlay(k, dir, options)?);
     }
 
     // Binds the fresh tmpfs mounts below would hide (a venv under /tmp):
@@ -279,6 +274,9 @@ pub fn isolate_with<K: Kernel>(
         rebind(k, path, fd).map_err(at("bind an interpreter path under /tmp"))?;
     }
     drop(shadowed);
+    for (dir, options) in shadowed_lock_dirs {
+        lock_dirs.push(private_overlay(k, dir, options)?);
+    }
     let mut workspace_rules = match workspace {
         Some(ws) => k
             .attach_workspace(ws, LANDLOCK_ABI)
@@ -304,6 +302,10 @@ pub fn isolate_with<K: Kernel>(
         .map_err(at("RLIMIT_MSGQUEUE"))?;
     k.setrlimit(libc::RLIMIT_SIGPENDING, SIGPENDING)
         .map_err(at("RLIMIT_SIGPENDING"))?;
+    // No real-time scheduling whatever the daemon was started with: the
+    // policy allows sched_setscheduler (SCHED_BATCH/IDLE, as for any user).
+    k.setrlimit(libc::RLIMIT_RTPRIO, 0)
+        .map_err(at("RLIMIT_RTPRIO"))?;
     k.setrlimit(libc::RLIMIT_FSIZE, spec.file_size_bytes)
         .map_err(at("RLIMIT_FSIZE"))?;
 
@@ -380,6 +382,28 @@ pub fn seal_branch<K: Kernel>(
         .map_err(at("RLIMIT_NOFILE"))?;
     k.apply_seccomp(&policy.seccomp)
         .map_err(at("install seccomp filter"))
+}
+
+/// Covers a bound tree with the child's own read-only overlay (policy
+/// `private_locks`), returning its root for the landlock rule: landlock
+/// knows the layers' inodes, not the overlay's.
+fn private_overlay<K: Kernel>(
+    k: &K,
+    dir: &std::ffi::CStr,
+    options: &std::ffi::CStr,
+) -> Result<(std::os::fd::OwnedFd, BitFlags<AccessFs>), IsolateError> {
+    k.mount(
+        Some(c"overlay"),
+        dir,
+        Some(c"overlay"),
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        Some(options),
+    )
+    .map_err(at("mount a private overlay on a bound tree"))?;
+    let fd = k
+        .open(dir, libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(at("open a private overlay"))?;
+    Ok((fd, AccessFs::from_read(LANDLOCK_ABI)))
 }
 
 fn reopen_shadowed<K: Kernel>(
@@ -738,6 +762,7 @@ mod tests {
                 format!("setrlimit(SIGPENDING, {SIGPENDING})"),
                 "RLIMIT_SIGPENDING",
             ),
+            ("setrlimit(RTPRIO, 0)".into(), "RLIMIT_RTPRIO"),
             (format!("setrlimit(FSIZE, {FSIZE})"), "RLIMIT_FSIZE"),
             ("drop_bounding_cap(0)".into(), "drop bounding capability"),
             ("drop_bounding_cap(1)".into(), "drop bounding capability"),

@@ -534,6 +534,7 @@ pub(crate) mod recorder {
                 libc::RLIMIT_MEMLOCK => "MEMLOCK",
                 libc::RLIMIT_MSGQUEUE => "MSGQUEUE",
                 libc::RLIMIT_SIGPENDING => "SIGPENDING",
+                libc::RLIMIT_RTPRIO => "RTPRIO",
                 libc::RLIMIT_FSIZE => "FSIZE",
                 libc::RLIMIT_NOFILE => "NOFILE",
                 _ => "?",

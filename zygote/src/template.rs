@@ -121,7 +121,9 @@ pub struct Template {
     /// venv in /tmp: each child binds them again on top of its fresh tmpfs.
     pub shadowed: Vec<PathBuf>,
     /// With `private_locks`: (directory, overlay options) of each bound
-    /// tree a child covers with its own read-only overlay.
+    /// tree a child covers with its own read-only overlay (those under a
+    /// per-child tmpfs, see [`under_per_child_tmpfs`], after binding them
+    /// again).
     pub private_lock_dirs: Vec<(CString, CString)>,
     /// The host's online CPU count, when the root has
     /// `/sys/devices/system/cpu/online` (a link to [`CPU_ONLINE`], which each
@@ -545,9 +547,18 @@ pub fn build(
     })
 }
 
-/// The overlay of each bound directory outside the per-child tmpfs mounts
-/// (those are bound again per child). A path overlayfs options cannot
-/// carry (`,` `:` `\\`) refuses, naming it.
+/// Whether a root path lies under a per-child tmpfs (/tmp, /dev/shm), so
+/// that a child binds it again on top of its fresh tmpfs.
+pub fn under_per_child_tmpfs(path: &std::ffi::CStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let path = Path::new(std::ffi::OsStr::from_bytes(path.to_bytes()));
+    PER_CHILD_TMPFS.iter().any(|t| path.starts_with(t))
+}
+
+/// The overlay of each bound directory, including those under the per-child
+/// tmpfs mounts (a venv under /tmp: the child covers it after binding it
+/// again). A path overlayfs options cannot carry (`,` `:` `\\`) refuses,
+/// naming it.
 fn private_lock_dirs(
     entries: &[(PathBuf, Entry)],
 ) -> Result<Vec<(CString, CString)>, TemplateError> {
@@ -567,9 +578,6 @@ fn private_lock_dirs(
         let Entry::Bind { is_dir: true, .. } = e else {
             continue;
         };
-        if PER_CHILD_TMPFS.iter().any(|t| inner.starts_with(t)) {
-            continue;
-        }
         let text = inner.to_string_lossy();
         if text.contains([',', ':', '\\']) || inner.to_str().is_none() {
             return Err(TemplateError::Helper(format!(
@@ -793,7 +801,7 @@ mod tests {
     }
 
     #[test]
-    fn private_locks_overlay_each_bound_directory_outside_the_scratch() {
+    fn private_locks_overlay_each_bound_directory() {
         let has_overlay = std::fs::read_to_string("/proc/filesystems")
             .unwrap_or_default()
             .contains("overlay");
@@ -825,8 +833,17 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [("/usr".to_owned(), format!("lowerdir=/usr:{EMPTY_LOWER}"))]
+            [
+                ("/usr".to_owned(), format!("lowerdir=/usr:{EMPTY_LOWER}")),
+                (
+                    "/tmp/venv".to_owned(),
+                    format!("lowerdir=/tmp/venv:{EMPTY_LOWER}")
+                ),
+            ]
         );
+        assert!(under_per_child_tmpfs(c"/tmp/venv"));
+        assert!(!under_per_child_tmpfs(c"/tmpx/venv"));
+        assert!(!under_per_child_tmpfs(c"/usr"));
         let e = private_lock_dirs(&[bind("/opt/a,b", true)]).unwrap_err();
         assert!(e.to_string().contains("/opt/a,b"), "{e}");
     }

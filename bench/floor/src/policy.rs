@@ -291,6 +291,8 @@ pub const ALLOW: &[(&str, libc::c_long)] = calls![
     SYS_sched_setaffinity,
     SYS_sched_getparam,
     SYS_sched_getscheduler,
+    SYS_sched_setparam,
+    SYS_sched_setscheduler,
     SYS_sched_get_priority_max,
     SYS_sched_get_priority_min,
     SYS_sched_rr_get_interval,
