@@ -66,7 +66,7 @@ fn zygote_error(e: ZygoteError) -> ErrorReply {
 fn base_env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        ("HOME", "/tmp"),
+        ("HOME", "/home/user"),
         ("TMPDIR", "/tmp"),
         ("LANG", "C.UTF-8"),
         ("OPENBLAS_NUM_THREADS", "1"),

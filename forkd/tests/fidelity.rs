@@ -947,7 +947,7 @@ async fn the_sandbox_user_has_an_account() {
     d.finish().await;
 }
 
-const FS_VIEW_PROBE: &str = "import os, socket, stat, sys\nfor d in ('/', '/etc', '/dev'):\n    print(d, stat.S_ISDIR(os.stat(d).st_mode), len(os.listdir(d)) > 0)\netc = os.listdir('/etc')\nprint('secrets', sorted(n for n in ('shadow', 'gshadow', 'sudoers', 'ssh', 'machine-id') if n in etc), os.path.exists('/etc/shadow'))\ncwd = os.getcwd()\ntrees = [sys.prefix, sys.base_prefix, sys.executable] + sys.path\nmine = [n for n in os.listdir(cwd) if not any(t.startswith(os.path.join(cwd, n) + '/') for t in trees)]\nprint('cwd empty', mine == [], os.access(cwd, os.W_OK | os.X_OK))\nwith open('probe.txt', 'w') as f:\n    f.write('x')\nos.mkdir('sub')\nos.remove('probe.txt')\nos.rmdir('sub')\nprint('venv bin first', os.environ['PATH'].split(':')[0] == os.path.dirname(sys.executable))\nname = socket.gethostname()\nprint('hostname', name, socket.gethostbyname(name))\nprint('in /etc/hosts', any(name in l.split()[1:] for l in open('/etc/hosts') if not l.startswith('#')))\n";
+const FS_VIEW_PROBE: &str = "import os, socket, stat, sys\nfor d in ('/', '/etc', '/dev'):\n    print(d, stat.S_ISDIR(os.stat(d).st_mode), len(os.listdir(d)) > 0)\netc = os.listdir('/etc')\nprint('secrets', sorted(n for n in ('shadow', 'gshadow', 'sudoers', 'ssh', 'machine-id') if n in etc), os.path.exists('/etc/shadow'))\ncwd = os.getcwd()\ntrees = [sys.prefix, sys.base_prefix, sys.executable] + sys.path\nmine = [n for n in os.listdir(cwd) if not any(t.startswith(os.path.join('/tmp', n) + '/') for t in trees)]\nprint('cwd', cwd, os.environ['HOME'] == cwd, os.path.samefile(cwd, '/tmp'), mine == [], os.access(cwd, os.W_OK | os.X_OK))\nwith open('probe.txt', 'w') as f:\n    f.write('x')\nos.mkdir('sub')\nos.remove('probe.txt')\nos.rmdir('sub')\nprint('venv bin first', os.environ['PATH'].split(':')[0] == os.path.dirname(sys.executable))\nname = socket.gethostname()\nprint('hostname', name, socket.gethostbyname(name))\nprint('in /etc/hosts', any(name in l.split()[1:] for l in open('/etc/hosts') if not l.startswith('#')))\ntry:\n    open('/etc/hosts', 'a')\nexcept OSError as e:\n    print('/etc/hosts', type(e).__name__)\n";
 
 const INTERPRETERS_PROBE: &str = "import subprocess\nfor cmd in (['python', '-c', 'import sys; print(sys.executable, sys.prefix)'], ['python3', '-c', 'import sys; print(sys.prefix)'], ['pip', '--version']):\n    p = subprocess.run(cmd, capture_output=True, text=True)\n    print(cmd[0], p.returncode, p.stdout.strip(), p.stderr.strip())\n";
 
@@ -955,8 +955,9 @@ const TAR_PROBE: &str = "import os, stat, tarfile\nos.mkdir('src')\nos.chmod('sr
 
 /// The filesystem an ordinary user's program looks at: `/`, `/etc` and
 /// `/dev` are listable directories without the host's secrets; the working
-/// directory is empty (but for the interpreter's own trees bound under it,
-/// a venv in /tmp as in CI) and writable; the zygote's venv `bin` leads PATH and
+/// directory is `/home/user` (HOME; the scratch, as /tmp), empty (but for
+/// the mount points of the interpreter's own trees bound under /tmp, a venv
+/// there as in CI) and writable; the zygote's venv `bin` leads PATH and
 /// its `python`, `python3` and `pip` run as they do outside; the sandbox's
 /// hostname resolves through /etc/hosts; `tarfile` keeps modes as outside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -973,7 +974,7 @@ async fn the_filesystem_view_is_an_ordinary_users() {
         t.check(
             "ls /, /etc, /dev; cwd; PATH; hostname",
             &format!("{}{}", r.stdout_lossy(), r.stderr_lossy()),
-            &["/ True True\n/etc True True\n/dev True True\nsecrets [] False\ncwd empty True True\nvenv bin first True\nhostname sandbox 127.0.1.1\nin /etc/hosts True\n"],
+            &["/ True True\n/etc True True\n/dev True True\nsecrets [] False\ncwd /home/user True True True True\nvenv bin first True\nhostname sandbox 127.0.1.1\nin /etc/hosts True\n/etc/hosts PermissionError\n"],
         );
     }
     // The sandbox's default PATH, given to plain python too.

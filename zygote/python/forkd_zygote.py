@@ -2620,7 +2620,7 @@ def reopen_held(held, restoring):
         if restoring:
             wanted = kind in (stat_mode.S_IFREG, stat_mode.S_IFDIR, stat_mode.S_IFCHR)
         else:
-            wanted = kind == stat_mode.S_IFREG and path.startswith(("/tmp/", "/dev/shm/"))
+            wanted = kind == stat_mode.S_IFREG and path.startswith(("/tmp/", "/home/user/", "/dev/shm/"))
         try:
             if wanted:
                 new = os.open(path, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))

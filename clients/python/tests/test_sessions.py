@@ -214,7 +214,7 @@ class SyncSessionTest(DaemonTest):
 
         listing = s.files.list("data")
         self.assertEqual([(e.name, e.type, e.size) for e in listing], [("big.bin", "file", 100 << 20)])
-        self.assertEqual(listing[0].path, "/tmp/data/big.bin")
+        self.assertEqual(listing[0].path, "/home/user/data/big.bin")  # the working directory
         self.assertEqual(s.files.stat("/tmp/data").type, "dir")
         s.files.write("note.txt", "héllo")
         self.assertEqual(s.files.read("note.txt", format="text"), "héllo")

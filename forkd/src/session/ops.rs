@@ -26,7 +26,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// The working directory of a session's interpreter and commands: its
 /// scratch (writable, private, counted in `scratch_bytes`), by the name
-/// E2B users expect (`/home/user` is a symlink to `/tmp` in every sandbox).
+/// E2B users expect (`/home/user` is /tmp's directory bound a second time).
 pub const SESSION_CWD: &str = "/home/user";
 
 /// Where a streamed request's events go: the connection's reply queue,
