@@ -359,8 +359,13 @@ fn unprivileged_daemon_with_a_subordinate_range_runs_each_sandbox_as_its_own_uid
         return;
     }
     let helpers = ["/usr/bin/newuidmap", "/usr/bin/newgidmap"];
-    if helpers.iter().any(|h| !Path::new(h).is_file()) {
-        skipped("newuidmap/newgidmap are not installed (Debian package uidmap)");
+    let setuid_root = |h: &str| {
+        std::fs::metadata(h).is_ok_and(|m| {
+            std::os::unix::fs::MetadataExt::uid(&m) == 0 && m.permissions().mode() & 0o4000 != 0
+        })
+    };
+    if !helpers.iter().all(|h| setuid_root(h)) {
+        skipped("newuidmap/newgidmap are not installed setuid root (Debian package uidmap)");
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
