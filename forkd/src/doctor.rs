@@ -143,11 +143,7 @@ fn sandbox_ids(config: &Config, euid: u32) -> Check {
     }
     match crate::subids::why_not(config, euid) {
         Ok(sub) => Check::pass("sandbox ids", rootless_subids_line(&sub)),
-        Err(missing) => Check::warn(
-            "sandbox ids",
-            rootless_shared_uid_warning(euid, &missing),
-            missing.0,
-        ),
+        Err(missing) => Check::warn("sandbox ids", rootless_shared_uid(euid), missing.0),
     }
 }
 
@@ -164,10 +160,18 @@ pub fn rootless_subids_line(sub: &crate::subids::SubIds) -> String {
     )
 }
 
-/// The one line a rootless daemon without per-sandbox ids logs at start and
-/// `forkd doctor` prints.
+fn rootless_shared_uid(euid: u32) -> String {
+    format!("rootless: every sandbox runs as uid {euid} and shares its per-user kernel budgets (pipe buffers, pending signals, inotify, processes)")
+}
+
+/// The one line a rootless daemon without per-sandbox ids logs at start
+/// (`forkd doctor` says the same in its `sandbox ids` check).
 pub fn rootless_shared_uid_warning(euid: u32, missing: &crate::subids::Missing) -> String {
-    format!("rootless: every sandbox runs as uid {euid} and shares its per-user kernel budgets (pipe buffers, pending signals, inotify, processes); for a uid of its own per sandbox: {}", missing.0)
+    format!(
+        "{}; for a uid of its own per sandbox: {}",
+        rootless_shared_uid(euid),
+        missing.0
+    )
 }
 
 /// Exit status for a report: 0 without failures (warnings allowed), else 1.

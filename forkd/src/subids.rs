@@ -67,7 +67,10 @@ fn detect_in(
     max: u32,
 ) -> Result<SubIds, Missing> {
     let who = name.map_or_else(|| uid.to_string(), str::to_owned);
-    let line = format!("`{who}:100000:65536` (a range no other user has)");
+    const INSTALL: &str =
+        "install newuidmap/newgidmap (Debian/Ubuntu package uidmap, Fedora shadow-utils)";
+    let tools = ["newuidmap", "newgidmap"].map(helper);
+    let tools_missing = tools.iter().any(Option::is_none);
     let range = |file: &str| {
         let path = etc.join(file);
         std::fs::read_to_string(&path)
@@ -75,18 +78,16 @@ fn detect_in(
             .and_then(|t| range_in(&t, name, uid))
             .ok_or_else(|| {
                 Missing(format!(
-                    "{} has no line for {who}: add one such as {line} to /etc/subuid and /etc/subgid",
-                    path.display()
+                    "{} has no line for {who}: add one such as `{who}:100000:65536` (a range no other user has) to /etc/subuid and /etc/subgid{}",
+                    path.display(),
+                    if tools_missing { format!(", and {INSTALL}") } else { String::new() }
                 ))
             })
     };
     let (uid_start, uid_count) = range("subuid")?;
     let (gid_start, gid_count) = range("subgid")?;
-    let tools = ["newuidmap", "newgidmap"].map(helper);
     let [Some(newuidmap), Some(newgidmap)] = tools else {
-        return Err(Missing(
-            "newuidmap/newgidmap are not installed: install them (Debian/Ubuntu package uidmap, Fedora shadow-utils)".into(),
-        ));
+        return Err(Missing(format!("{INSTALL}: they are not installed")));
     };
     let count = uid_count.min(gid_count).min(max);
     if u64::from(count) < needed {
