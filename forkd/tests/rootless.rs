@@ -521,6 +521,39 @@ print(open("/proc/self/gid_map").read().split())
         "processes of {USER} or its range left: {:?}",
         processes_of_user_and_range(uid)
     );
+
+    // The lines are there but the helpers cannot work (no_new_privs stops a
+    // setuid program): the daemon does not start, says why and what to do,
+    // and leaves nothing running.
+    let mut command = forkd_command(&socket);
+    command.uid(uid).gid(gid).stderr(Stdio::piped());
+    // SAFETY: prctl takes integers only; nothing is allocated after fork.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without its mapping: {err}");
+    assert!(
+        err.contains("mapping the subordinate id range failed")
+            && err.contains("write to uid_map failed")
+            && err.contains("NoNewPrivileges"),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_of_user_and_range(uid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        processes_of_user_and_range(uid).is_empty(),
+        "processes left after the failed start: {:?}",
+        processes_of_user_and_range(uid)
+    );
 }
 
 fn wait_timeout(

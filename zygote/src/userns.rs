@@ -49,7 +49,7 @@ pub enum UsernsError {
     Threads(usize),
     #[error("cannot start the helper that maps the subordinate ids: {0}")]
     Helper(io::Error),
-    #[error("mapping the subordinate id range failed: {0}; check the daemon user's lines in /etc/subuid and /etc/subgid (e.g. `USER:100000:65536`) and that newuidmap/newgidmap are installed setuid root (Debian package uidmap), or remove the lines to run every sandbox as the daemon's uid")]
+    #[error("mapping the subordinate id range failed: {0}; check the daemon user's lines in /etc/subuid and /etc/subgid (e.g. `USER:100000:65536`) and that newuidmap/newgidmap are installed setuid root (Debian package uidmap) and that the daemon does not run with no_new_privs (systemd NoNewPrivileges=yes), which stops them, or remove the lines to run every sandbox as the daemon's uid")]
     SubordinateMap(String),
 }
 
