@@ -266,6 +266,16 @@ print(open("scratch.txt").read())
         "the warning names the line to add: {}",
         shared_uid[0]
     );
+    // `forkd doctor` as the user warns the same way, the line as its fix.
+    let report = doctor_as(uid, gid);
+    assert!(
+        report.contains(&format!(
+            "WARN  sandbox ids            rootless: every sandbox runs as uid {uid}"
+        )) && report.contains(&format!(
+            "fix: /etc/subuid has no line for {USER}: add one such as `{USER}:100000:65536`"
+        )),
+        "{report}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !processes_of(uid).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -382,6 +392,16 @@ fn unprivileged_daemon_with_a_subordinate_range_runs_each_sandbox_as_its_own_uid
     std::fs::write(&private.0, "secret").unwrap();
     std::os::unix::fs::chown(&private.0, Some(uid), Some(gid)).unwrap();
     std::fs::set_permissions(&private.0, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // `forkd doctor` as the user sees the range.
+    let report = doctor_as(uid, gid);
+    assert!(
+        report.contains(&format!(
+            "PASS  sandbox ids            rootless: each sandbox runs as its own uid of the subordinate range {SUB_START}..{}",
+            SUB_START + SUB_COUNT
+        )),
+        "{report}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -569,6 +589,19 @@ fn wait_timeout(
     }
     let _ = child.kill();
     None
+}
+
+/// `forkd doctor`'s report (stdout) as the user.
+fn doctor_as(uid: u32, gid: u32) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["doctor", "--python", "/usr/bin/python3"])
+        .env("FORKD_ZYGOTE_LIB", zygote_library())
+        .current_dir("/")
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The daemon as both rootless tests run it: Debian's interpreter (readable
