@@ -230,9 +230,10 @@ async fn prepare_child_from(
 
     // A root daemon runs each sandbox as its own unprivileged uid, and so
     // does a rootless one whose zygotes map a subordinate range; one without
-    // keeps its only mapped id for all (see `uids::per_sandbox`). A direct workspace (`owner` set) is idmapped so that
-    // this uid writes as the requester; an overlay workspace, whose layers
-    // are not idmapped, keeps the capability-less uid 0.
+    // keeps its only mapped id for all (see `uids::per_sandbox`). A direct
+    // workspace (`owner` set) is idmapped so that this uid writes as the
+    // requester; an overlay workspace, whose layers are not idmapped, keeps
+    // the capability-less uid 0.
     let own_uid = plan.workspace.as_ref().is_none_or(|w| w.owner.is_some());
     let uid = if plan.isolate && own_uid && crate::uids::per_sandbox() {
         Some(
