@@ -178,10 +178,13 @@ class Zygote:
         lib.forkd_report_signals.argtypes = [ctypes.c_int]
         lib.forkd_terminating.argtypes = []
         lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.forkd_enter_userns_mapped.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t
+        ]
         lib.forkd_branch_join.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_branch_seal.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         if msg.get("rootless"):
-            self.become_namespace_root(lib)
+            self.become_namespace_root(lib, msg.get("subids"))
         config = msg["config"]
         config["interpreter_paths"] = interpreter_paths()
         raw = json.dumps(config).encode()
@@ -244,12 +247,18 @@ class Zygote:
             },
         )
 
-    def become_namespace_root(self, lib):
-        """Rootless start: enter a user namespace of our own, then continue as
+    def become_namespace_root(self, lib, subids=None):
+        """Rootless start: enter a user namespace of our own (mapping the
+        daemon's subordinate ids too when it has some), then continue as
         pid 1 of a new pid namespace owned by it (so that pid namespaces made
         per sandbox can be left again with setns). The original process stays
         behind only to relay the inner zygote's exit to the daemon."""
-        if lib.forkd_enter_userns(self.err, ERR_CAP) != 0:
+        if subids:
+            raw = json.dumps(subids).encode()
+            failed = lib.forkd_enter_userns_mapped(raw, len(raw), self.err, ERR_CAP) != 0
+        else:
+            failed = lib.forkd_enter_userns(self.err, ERR_CAP) != 0
+        if failed:
             fatal(self.sock, "rootless zygote: " + self.err.value.decode(errors="replace"))
         errno = lib.forkd_pidns_enter_new()
         if errno != 0:

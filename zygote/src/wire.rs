@@ -62,6 +62,9 @@ pub enum ToZygote {
         config: InitConfig,
         preload: Vec<String>,
         rootless: bool,
+        /// Rootless with a subordinate id range to map (once, at start).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subids: Option<crate::userns::SubIds>,
     },
     /// Fork one child with `spec` (a [`crate::ChildSpec`] as JSON, passed
     /// unchanged to the native library). Carries the child's fds: job,
