@@ -472,7 +472,16 @@ fn main() -> ExitCode {
         eprintln!("forkd-run: -n must be at least 1");
         return ExitCode::from(2);
     }
-    forkd::init_logging(if args.embedded { "warn" } else { "error" }, false);
+    // An embedded start failure is said once, by us (exit 3), not also by
+    // the pool's log line.
+    forkd::init_logging(
+        if args.embedded {
+            "warn,forkd_pool::start=off"
+        } else {
+            "error"
+        },
+        false,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
