@@ -156,6 +156,14 @@ pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
             })
             .collect(),
         session: None,
+        line_buffered: req
+            .terminal
+            .iter()
+            .map(|s| match s {
+                forkd_ipc::Stream::Stdout => "stdout".to_string(),
+                forkd_ipc::Stream::Stderr => "stderr".to_string(),
+            })
+            .collect(),
     }
 }
 

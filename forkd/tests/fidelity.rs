@@ -655,6 +655,103 @@ async fn stdio_streams_are_pythons_on_pipes() {
     t.assert_all("stdio streams: sandbox vs plain python");
 }
 
+/// Runs `argv` with stdin, stdout and stderr on a new pty (as from a
+/// terminal) and returns what the terminal showed, with the pty's `\r\n`
+/// read as `\n`, and the exit code. The environment is empty but for
+/// `PATH` (a caller's `PYTHONUNBUFFERED` would change python's buffering).
+fn on_a_terminal(argv: &[&str]) -> (String, i32) {
+    const PTY_RUN: &str = "import os, pty, sys\npid, fd = pty.fork()\nif pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\nout = b''\nwhile True:\n    try:\n        d = os.read(fd, 65536)\n    except OSError:\n        break\n    if not d:\n        break\n    out += d\n_, status = os.waitpid(pid, 0)\nsys.stdout.buffer.write(out)\nsys.exit(os.waitstatus_to_exitcode(status))\n";
+    let out = Command::new(python())
+        .args(["-c", PTY_RUN])
+        .args(argv)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n"),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// Python on a terminal line-buffers stdout, so a line printed before a
+/// crash (`os._exit`) or a kill that cannot be stopped gracefully is shown;
+/// on a pipe it is lost. `forkd-run` on a terminal tells the daemon so and
+/// the program line-buffers the same way (its streams stay pipes:
+/// `isatty()` is false); on a pipe nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_line_buffered_when_forkd_run_is_on_a_terminal() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let socket = d.socket.display().to_string();
+    let run = env!("CARGO_BIN_EXE_forkd-run");
+    let py = python().display().to_string();
+    let mut t = Table::new();
+    let crash = "import os, sys\nprint(sys.stdout.line_buffering, sys.stderr.line_buffering, sys.stdout.isatty())\nprint('before the crash')\nsys.stderr.write('stderr line\\n')\nos._exit(3)\n";
+    let (outside, code) = on_a_terminal(&[&py, "-c", crash]);
+    t.check(
+        "python on a terminal",
+        &format!("{outside}exit {code}"),
+        &["True True True\nbefore the crash\nstderr line\nexit 3"],
+    );
+    let (inside, code) = on_a_terminal(&[run, "--socket", &socket, "-c", crash]);
+    t.check(
+        "forkd-run on a terminal (isatty stays False)",
+        &format!("{inside}exit {code}"),
+        &["True True False\nbefore the crash\nstderr line\nexit 3"],
+    );
+    // On pipes: python's block buffering, inside as outside.
+    let piped = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        format!(
+            "{:?} {:?} exit {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.status.code().unwrap_or(-1)
+        )
+    };
+    let want = piped(&[&py, "-c", crash]);
+    t.check(
+        "python on pipes loses the unflushed stdout",
+        &want,
+        &["\"\" \"stderr line\\n\" exit 3"],
+    );
+    let got = piped(&[run, "--socket", &socket, "-c", crash]);
+    t.verdict("forkd-run on pipes", &got, &want, got == want);
+
+    // A program that ignores the timeout's SIGTERM is killed: what it
+    // printed before its sleep reaches the terminal all the same.
+    let stuck = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('started')\ntime.sleep(60)\n";
+    let (inside, code) = on_a_terminal(&[run, "--socket", &socket, "--timeout", "1", "-c", stuck]);
+    t.check(
+        "killed after its timeout, on a terminal",
+        &format!("{inside}exit {code}"),
+        &["started\nforkd-run: sandbox killed: timed out after 1 s (the timeout); raise --timeout\nexit 137"],
+    );
+    let got = piped(&[run, "--socket", &socket, "--timeout", "1", "-c", stuck]);
+    t.check(
+        "the same on pipes",
+        &got,
+        &["\"\" \"forkd-run: sandbox killed: timed out after 1 s (the timeout); raise --timeout\\n\" exit 137"],
+    );
+    d.finish().await;
+    t.assert_all("line buffering on a terminal: forkd-run vs plain python");
+}
+
 const PTY_PROBE: &str = "import os, pty, subprocess, sys, termios, tty\nm, s = os.openpty()\nprint(os.isatty(m), os.isatty(s), os.ttyname(s).startswith('/dev/pts/'), os.stat(os.ttyname(s)).st_uid == os.getuid())\nos.write(s, b'hello\\n')\nprint(os.read(m, 100))\nbefore = termios.tcgetattr(s)\ntty.setraw(s)\nprint(termios.tcgetattr(s) != before)\nos.close(m); os.close(s)\nm, s = pty.openpty()\np = subprocess.Popen([sys.executable, '-c', 'import os, sys; print(os.isatty(0), os.isatty(1), sys.stdout.isatty(), sys.stdout.line_buffering, os.ttyname(1) == os.ttyname(0))'], stdin=s, stdout=s, stderr=s)\nos.close(s)\nout = b''\nwhile True:\n    try:\n        d = os.read(m, 1024)\n    except OSError:\n        break\n    if not d:\n        break\n    out += d\nprint(p.wait(), out)\nsys.stdout.flush()\npty.spawn([sys.executable, '-c', 'import sys; print(\"in pty.spawn\", sys.stdin.isatty())'])\nprint(subprocess.run(['script', '-qec', 'echo via script', '/dev/null'], capture_output=True, stdin=subprocess.DEVNULL).stdout)\n";
 
 /// ptys work inside as outside: os.openpty, termios, a subprocess on a

@@ -574,6 +574,16 @@ def _std_stream(fd, name, errors, unbuffered):
     return stream
 
 
+def line_buffer(names):
+    """The client's stream is a terminal: line-buffer ours as CPython's
+    create_stdio does on one (not under -u/PYTHONUNBUFFERED, which writes
+    through). The stream stays a pipe, so isatty() is still False."""
+    for name in names:
+        stream = sys.stdout if name == "stdout" else sys.stderr if name == "stderr" else None
+        if stream is not None and not stream.write_through and not stream.line_buffering:
+            stream.reconfigure(line_buffering=True)
+
+
 def apply_startup_env(env):
     """Applies what `python` reads from the environment at start-up, as if
     `env` had been set before the interpreter started: PYTHONPATH (sys.path
@@ -880,6 +890,7 @@ def run_job(job, lib):
             apply_startup_env(env)
         except StartupEnvError as e:
             setup_failed(str(e))
+        line_buffer(job.get("line_buffered", ()))
         errno = lib.forkd_report_signals(STATUS_FD)
         if errno != 0:
             setup_failed(f"installing signal reporters failed: {os.strerror(errno)}")

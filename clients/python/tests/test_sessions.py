@@ -174,7 +174,10 @@ class SyncSessionTest(DaemonTest):
         r = s.run_code("while True: pass", timeout=0.3)
         self.assertTrue(r.timed_out)
         self.assertEqual(r.error.name, "KeyboardInterrupt")
+        # Said as a one-shot kill is (the daemon's cell fields).
+        self.assertEqual(r.kill_message, "interrupted: timed out after 0.3 s (the timeout)")
         self.assertEqual(s.run_code("kept").text, "'yes'")
+        self.assertIsNone(s.run_code("kept").kill_message)
 
     def test_a_callback_that_raises_cancels_the_cell(self) -> None:
         fk = self.client(timeout=CALL_BOUND)

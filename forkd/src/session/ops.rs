@@ -953,9 +953,14 @@ pub async fn run_code(
                 "the interpreter was killed by the out-of-memory killer: the session may use {} MiB (limits.memory_bytes). Its state (variables, imports) is lost; a fresh interpreter runs the next cells",
                 session.limits.memory_bytes >> 20
             );
+            result.killed_by = Some(forkd_ipc::KilledBy::Oom);
+            result.memory_limit_bytes = Some(session.limits.memory_bytes);
+            result.peak_memory_bytes =
+                Some(session.usage_now().peak_memory_bytes).filter(|p| *p > 0);
         }
     }
     result.timed_out = timed_out;
+    result.timeout_ms = timed_out.then_some(timeout_ms);
     result.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     Ok(result)
 }
