@@ -11,6 +11,9 @@
 //!   ws       uid, with a direct workspace (a clone of a host directory)
 //!   ws-idmap ws, idmapped to an owner (what a root daemon does: the cost
 //!            of the user namespace helper and `MOUNT_ATTR_IDMAP`)
+//!   ov       an overlay workspace without an owner (uid 0, as before)
+//!   ov-idmap an overlay workspace as a root daemon makes it: own uid, host
+//!            and upper layers idmapped (one clone and idmap more)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
@@ -128,13 +131,22 @@ fn main() {
         let m = std::fs::metadata(&ws_dir).unwrap();
         (m.dev(), m.ino())
     };
-    let ws_plan = |owner: Option<(u32, u32)>| forkd_workspace::MountPlan {
+    // An upper layer for the overlay variants (nothing is written to it).
+    let ws_upper = std::env::temp_dir().join(format!("isolate-cost-up-{}", std::process::id()));
+    for d in ["upper", "work"] {
+        std::fs::create_dir_all(ws_upper.join(d)).unwrap();
+    }
+    let ws_plan = |owner: Option<(u32, u32)>, overlay: bool| forkd_workspace::MountPlan {
         host_root: ws_dir.clone(),
         root_dev: ws_meta.0,
         root_ino: ws_meta.1,
         mount_point: forkd_workspace::DEFAULT_MOUNT_POINT.into(),
-        kind: forkd_workspace::Kind::Direct,
-        upper: None,
+        kind: if overlay {
+            forkd_workspace::Kind::Overlay
+        } else {
+            forkd_workspace::Kind::Direct
+        },
+        upper: overlay.then(|| ws_upper.clone()),
         root_mode: forkd_workspace::Mode::Write,
         hidden: Vec::new(),
         binds: Vec::new(),
@@ -144,7 +156,11 @@ fn main() {
         idmap_to: owner.map(|_| 1_879_048_192),
     };
     let with_ws = |mut s: ChildSpec, owner: Option<(u32, u32)>| {
-        s.workspace = Some(ws_plan(owner));
+        s.workspace = Some(ws_plan(owner, false));
+        s
+    };
+    let with_ov = |mut s: ChildSpec, owner: Option<(u32, u32)>| {
+        s.workspace = Some(ws_plan(owner, true));
         s
     };
     let spec = |uid: Option<u32>| ChildSpec {
@@ -160,7 +176,7 @@ fn main() {
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 8] = [
+    let variants: [(&str, ChildSpec, &Prepared); 10] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
@@ -171,6 +187,12 @@ fn main() {
         (
             "ws-idmap",
             with_ws(spec(Some(1_879_048_192)), Some((4242, 4243))),
+            &masked,
+        ),
+        ("ov", with_ov(spec(None), None), &masked),
+        (
+            "ov-idmap",
+            with_ov(spec(Some(1_879_048_192)), Some((4242, 4243))),
             &masked,
         ),
     ];
@@ -184,6 +206,7 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir(&ws_dir);
+    let _ = std::fs::remove_dir_all(&ws_upper);
     for ((name, _, _), mut t) in variants.iter().zip(times) {
         t.sort_unstable();
         if t.is_empty() {

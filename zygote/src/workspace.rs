@@ -543,3 +543,18 @@ impl Prepared<'_> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::id_map;
+
+    #[test]
+    fn overlay_idmaps_keep_the_overlays_mounter_mapped() {
+        // Direct mode: the requester only.
+        assert_eq!(id_map(1000, 5000, false), "1000 5000 1\n");
+        // Overlay layers: host root stays root on disk.
+        assert_eq!(id_map(1000, 5000, true), "1000 5000 1\n0 0 1\n");
+        // A root requester: root's vfs id is stored as the sandbox's uid.
+        assert_eq!(id_map(0, 5000, true), "0 5000 1\n5000 0 1\n");
+    }
+}
