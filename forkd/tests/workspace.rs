@@ -1544,7 +1544,7 @@ async fn overlay_workspace_runs_as_its_own_uid() {
     let base = fs::canonicalize(dir.path()).unwrap();
     fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).unwrap();
     let proj = base.join("proj");
-    for d in ["src", "out", "out/rootdir", "out/mydir"] {
+    for d in ["src", "out", "out/rootdir", "out/mydir", "out/other"] {
         fs::create_dir_all(proj.join(d)).unwrap();
     }
     for (f, text, mode) in [
@@ -1553,6 +1553,7 @@ async fn overlay_workspace_runs_as_its_own_uid() {
         ("out/mine.txt", "MINE", 0o600),
         ("out/old.txt", "OLD", 0o644),
         ("out/mydir/m.txt", "M", 0o644),
+        ("out/other.txt", "OTHER", 0o666),
     ] {
         fs::write(proj.join(f), text).unwrap();
         fs::set_permissions(proj.join(f), fs::Permissions::from_mode(mode)).unwrap();
@@ -1567,6 +1568,11 @@ async fn overlay_workspace_runs_as_its_own_uid() {
         "out/mydir/m.txt",
     ] {
         chown(proj.join(p), Some(OWNER.0), Some(OWNER.1)).unwrap();
+    }
+    // A third user's world-writable entries: unmapped ids.
+    fs::set_permissions(proj.join("out/other"), fs::Permissions::from_mode(0o777)).unwrap();
+    for p in ["out/other", "out/other.txt"] {
+        chown(proj.join(p), Some(4343), Some(4343)).unwrap();
     }
     // Where the requester receives the delta and applies it.
     let mine = base.join("mine");
@@ -1601,6 +1607,9 @@ R["root_file_delete"] = op(lambda: os.unlink(W + "/out/rootfile"))
 R["read_area_root_write"] = op(lambda: write(W + "/src/rootfile", "pwned"))
 R["read_area_root_read"] = op(lambda: read(W + "/src/rootfile"))
 R["chown_to_root"] = op(lambda: os.chown(W + "/out/new.txt", 0, 0))
+R["other_owner"] = op(lambda: os.stat(W + "/out/other.txt").st_uid)
+R["other_write"] = op(lambda: write(W + "/out/other.txt", "pwned"))
+R["other_dir_create"] = op(lambda: write(W + "/out/other/x"))
 R["setuid_bit"] = op(lambda: (os.chmod(W + "/out/new.txt", 0o4755), os.stat(W + "/out/new.txt").st_mode & 0o7777))
 print(json.dumps(R))
 "#;
@@ -1659,6 +1668,11 @@ print(json.dumps(R))
             ("read_area_root_write", &["EROFS"]),
             ("read_area_root_read", &["ok:'ROOT'"]),
             ("chown_to_root", &["EPERM"]),
+            ("other_owner", &["ok:65534"]),
+            // The kernel writes no inode with an unmapped owner, whatever
+            // its mode (so nothing of theirs is ever copied up).
+            ("other_write", &["EACCES"]),
+            ("other_dir_create", &["EACCES"]),
             ("setuid_bit", &["ok:(None, 2541)"]),
         ],
     );
