@@ -131,11 +131,28 @@ fn main() {
         let m = std::fs::metadata(&ws_dir).unwrap();
         (m.dev(), m.ino())
     };
-    // An upper layer for the overlay variants (nothing is written to it).
-    let ws_upper = std::env::temp_dir().join(format!("isolate-cost-up-{}", std::process::id()));
-    for d in ["upper", "work"] {
-        std::fs::create_dir_all(ws_upper.join(d)).unwrap();
-    }
+    // An upper layer for the overlay variants, as the daemon makes it: a
+    // tmpfs mounted nowhere, reached through /proc/<pid>/fd/<n>.
+    let upper_mnt = {
+        use rustix::mount::{
+            fsconfig_create, fsconfig_set_string, fsmount, fsopen, FsMountFlags, FsOpenFlags,
+            MountAttrFlags,
+        };
+        let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC).unwrap();
+        fsconfig_set_string(&fs, "size", "64m").unwrap();
+        fsconfig_set_string(&fs, "mode", "0700").unwrap();
+        fsconfig_create(&fs).unwrap();
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).unwrap();
+        for d in ["upper", "work"] {
+            rustix::fs::mkdirat(&mnt, d, rustix::fs::Mode::from_raw_mode(0o755)).unwrap();
+        }
+        mnt
+    };
+    let ws_upper = std::path::PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&upper_mnt)
+    ));
     let ws_plan = |owner: Option<(u32, u32)>, overlay: bool| forkd_workspace::MountPlan {
         host_root: ws_dir.clone(),
         root_dev: ws_meta.0,
@@ -206,7 +223,7 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir(&ws_dir);
-    let _ = std::fs::remove_dir_all(&ws_upper);
+    drop(upper_mnt);
     for ((name, _, _), mut t) in variants.iter().zip(times) {
         t.sort_unstable();
         if t.is_empty() {
