@@ -228,14 +228,14 @@ async fn prepare_child_from(
             .map_err(PrepareError::Cgroup)?;
     let cgroup = CgroupCleanup(Some(cgroup));
 
-    // A root daemon runs each sandbox as its own unprivileged uid. A rootless
-    // one cannot (its zygote's user namespace maps one id): its sandboxes
-    // keep that id. A workspace with `owner` set (direct or overlay) is
-    // idmapped so that this uid acts as the requester; one without (no
-    // requester known) keeps the capability-less uid 0.
+    // A root daemon runs each sandbox as its own unprivileged uid, and so
+    // does a rootless one whose zygotes map a subordinate range; one without
+    // keeps its only mapped id for all (see `uids::per_sandbox`). A
+    // workspace with `owner` set (root daemon; direct or overlay) is
+    // idmapped so that this uid acts as the requester; one without keeps
+    // the capability-less uid 0.
     let own_uid = plan.workspace.as_ref().is_none_or(|w| w.owner.is_some());
-    // SAFETY: geteuid cannot fail.
-    let uid = if plan.isolate && own_uid && unsafe { libc::geteuid() } == 0 {
+    let uid = if plan.isolate && own_uid && crate::uids::per_sandbox() {
         Some(
             from.unwrap_or(crate::uids::global())
                 .lease()
