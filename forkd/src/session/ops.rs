@@ -318,7 +318,7 @@ pub async fn branch(
     if let (Some(of), true) = (&parent.parent, parent.has_workspace()) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is a branch with a workspace (of {of}); it cannot be branched: like every overlay-workspace sandbox it runs as uid 0, with no host uids for branches of its own (docs/branch.md, \"Workspaces\"); branch {of} instead, or checkpoint and restore this one", parent.id),
+            format!("session {} is a branch with a workspace (of {of}); it cannot be branched: branching a branch that has a workspace is not built (docs/branch.md, \"Workspaces\"); branch {of} instead, or checkpoint and restore this one", parent.id),
         ));
     }
     if let (Some(grandparent), None) = (&parent.parent, &parent.descendant_uids) {
