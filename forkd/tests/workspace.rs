@@ -289,7 +289,17 @@ R["umount_workspace"] = sc(166, (W + "/src").encode(), 2)
         "OUTSIDE"
     );
     assert!(!t.proj.join("out/wh").exists());
-    // The sandbox next door, without a workspace, still works (warm).
+    // The sandbox next door, without a workspace, still works (warm: on a
+    // loaded machine the pool may still be refilling, so wait for a child).
+    let pool = d
+        .daemon
+        .warm
+        .get("default")
+        .expect("default zygote has a pool");
+    assert!(
+        wait_until(Duration::from_secs(30), || pool.ready() > 0).await,
+        "the warm pool did not refill"
+    );
     let r = d
         .run("import os\ntry:\n    print(os.listdir('/workspace'))\nexcept OSError as e:\n    print(e.errno)")
         .await;
