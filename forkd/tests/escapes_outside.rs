@@ -699,23 +699,32 @@ async fn locks_on_shared_bound_files_do_not_reach_other_tenants() {
     // SAFETY: flock(2) on a descriptor this test owns; no memory is passed.
     let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&host_file), libc::LOCK_EX) };
     assert_eq!(rc, 0, "the host's own lock");
-    let policy = fixture.join("private-locks.toml");
-    let text = DEFAULT_POLICY.replacen("private_locks = false", "private_locks = true", 1);
+    // The default policy's: every sandbox covers the bound trees with its
+    // own overlays and /etc with one over copies (branches too).
     assert!(
-        text.contains("private_locks = true"),
-        "the default policy's private_locks line changed"
+        DEFAULT_POLICY.contains("\nprivate_locks = true"),
+        "the default policy no longer turns private_locks on"
     );
-    std::fs::write(&policy, text).unwrap();
     let pythonpath = with_pythonpath(&fixture);
-    let d = TestDaemon::start(|c| {
-        pythonpath(c);
-        c.policies.insert("default".into(), policy.clone());
-    })
-    .await;
+    let d = TestDaemon::start(pythonpath).await;
 
+    // A bound interpreter file, a /usr file, and two /etc entries (a file
+    // and one inside a directory entry).
+    let in_etc_dir = [
+        "/etc/ssl/openssl.cnf",
+        "/etc/python3.11/sitecustomize.py",
+        "/etc/fonts/fonts.conf",
+    ]
+    .into_iter()
+    .find(|f| Path::new(f).is_file())
+    .expect("a file in one of the policy's /etc directory entries");
+    let etc_files = ["/etc/ld.so.cache", in_etc_dir];
+    assert!(Path::new(etc_files[0]).is_file(), "no /etc/ld.so.cache");
     let files = format!(
-        "FILES = [{:?}, \"/usr/bin/env\"]",
-        shared.display().to_string()
+        "FILES = [{:?}, \"/usr/bin/env\", \"{}\", \"{}\"]",
+        shared.display().to_string(),
+        etc_files[0],
+        etc_files[1]
     );
     let mut holder = probe(&format!(
         r#"{files}
@@ -743,7 +752,7 @@ R["released"] = str(os.path.exists("/tmp/release"))
             let r = d
             .spawn(&probe(&format!(
                 r#"{files}
-for name, f in zip(("bound file locked by the host", "/usr file locked by another sandbox"), FILES):
+for name, f in zip(("bound file locked by the host", "/usr file locked by another sandbox", "/etc file locked by another sandbox", "/etc directory entry's file locked by another sandbox"), FILES):
     R[name] = op(lambda: fcntl.flock(open(f, "rb"), fcntl.LOCK_SH | fcntl.LOCK_NB))
     R[name + ", exclusive"] = op(lambda: fcntl.flock(open(f, "rb"), fcntl.LOCK_EX | fcntl.LOCK_NB))
 # Locks on the sandbox's own scratch files keep working between its processes.
@@ -758,6 +767,19 @@ R["scratch lock from a child"] = op(lambda: os.waitstatus_to_exitcode(os.system(
             r
         };
         let r = table(&other.await);
+        // The host's own locks on the files the holder locked inside.
+        for f in ["/usr/bin/env", etc_files[0], etc_files[1]] {
+            let file = std::fs::File::open(f).unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            // SAFETY: flock(2) on a descriptor this test owns.
+            let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+            assert_eq!(
+                rc,
+                0,
+                "the host could not lock {f} while a sandbox held it: {}",
+                std::io::Error::last_os_error()
+            );
+        }
         for (pid, _) in &found {
             let _ = std::fs::write(format!("/proc/{pid}/root/tmp/release"), "");
         }
@@ -782,6 +804,19 @@ R["scratch lock from a child"] = op(lambda: os.waitstatus_to_exitcode(os.system(
             ("/usr file locked by another sandbox", &["ok:None"]),
             (
                 "/usr file locked by another sandbox, exclusive",
+                &["ok:None"],
+            ),
+            ("/etc file locked by another sandbox", &["ok:None"]),
+            (
+                "/etc file locked by another sandbox, exclusive",
+                &["ok:None"],
+            ),
+            (
+                "/etc directory entry's file locked by another sandbox",
+                &["ok:None"],
+            ),
+            (
+                "/etc directory entry's file locked by another sandbox, exclusive",
                 &["ok:None"],
             ),
             ("scratch lock from a child", &["ok:1"]),

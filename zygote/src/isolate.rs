@@ -184,15 +184,11 @@ pub fn isolate_with<K: Kernel>(
     // taken on a file there cannot reach another sandbox or the host.
     // Those under /tmp (a venv there) are covered after being bound again.
     let mut lock_dirs = Vec::new();
-    let (shadowed_lock_dirs, lock_dirs_now): (Vec<_>, Vec<_>) = if spec.branch.is_none() {
-        policy
-            .template
-            .private_lock_dirs
-            .iter()
-            .partition(|(dir, _)| crate::template::under_per_child_tmpfs(dir))
-    } else {
-        (Vec::new(), Vec::new())
-    };
+    let (shadowed_lock_dirs, lock_dirs_now): (Vec<_>, Vec<_>) = policy
+        .template
+        .private_lock_dirs
+        .iter()
+        .partition(|(dir, _)| crate::template::under_per_child_tmpfs(dir));
     for (dir, options) in lock_dirs_now {
         lock_dirs.push(private_overlay(k, dir, options)?);
     }

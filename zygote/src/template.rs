@@ -97,6 +97,12 @@ enum Entry {
     File {
         contents: Vec<u8>,
     },
+    /// A copy of a host /etc file (policy `private_locks`): like `File`, but
+    /// granted by the landlock rule on each child's private overlay of /etc
+    /// rather than one rule per file.
+    EtcCopy {
+        contents: Vec<u8>,
+    },
     Dir,
 }
 
@@ -321,6 +327,10 @@ fn plan(
                     out.push((path, Entry::Symlink { target }));
                 }
             }
+            // With private_locks /etc is copied into the root (each child
+            // covers it with its own overlay, so a lock on /etc/hosts reaches
+            // nobody else): no host inode is bound there.
+            Ok(_) if fs.private_locks => copy_etc(&path, &mut out),
             Ok(m) => out.push((
                 path.clone(),
                 Entry::Bind {
@@ -380,6 +390,36 @@ fn plan(
         ));
     }
     out
+}
+
+/// Plans a copy of the host's /etc entry `path` (a file, or a directory tree
+/// of files, directories and symlinks) into the root. Sockets, FIFOs and
+/// device nodes are left out: nothing in a sandbox may reach a host process.
+/// Read once per zygote; host changes show in zygotes started after them.
+fn copy_etc(path: &Path, out: &mut Vec<(PathBuf, Entry)>) {
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    let ft = m.file_type();
+    if ft.is_symlink() {
+        if let Ok(target) = std::fs::read_link(path) {
+            out.push((path.to_path_buf(), Entry::Symlink { target }));
+        }
+    } else if ft.is_file() {
+        if let Ok(contents) = std::fs::read(path) {
+            out.push((path.to_path_buf(), Entry::EtcCopy { contents }));
+        }
+    } else if ft.is_dir() {
+        out.push((path.to_path_buf(), Entry::Dir));
+        let Ok(dir) = std::fs::read_dir(path) else {
+            return;
+        };
+        let mut names: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        for p in names {
+            copy_etc(&p, out);
+        }
+    }
 }
 
 /// The root's /etc/hosts: the host's, plus `127.0.1.1 HOSTNAME` (as Debian
@@ -589,6 +629,16 @@ fn private_lock_dirs(
             CString::new(format!("lowerdir={text}:{EMPTY_LOWER}")).expect("no NUL in a path"),
         ));
     }
+    // /etc holds copies (`EtcCopy`, see `plan`): one overlay covers them all.
+    if entries
+        .iter()
+        .any(|(inner, e)| matches!(e, Entry::EtcCopy { .. }) && inner.starts_with("/etc"))
+    {
+        out.push((
+            CString::new("/etc").expect("no NUL"),
+            CString::new(format!("lowerdir=/etc:{EMPTY_LOWER}")).expect("no NUL in a path"),
+        ));
+    }
     Ok(out)
 }
 
@@ -625,7 +675,7 @@ fn assemble(entries: &[(PathBuf, Entry)]) -> Result<(), TemplateError> {
     }
     let stage = CString::new(STAGE).expect("no NUL");
     let tmpfs = CString::new("tmpfs").expect("no NUL");
-    let opts = CString::new("size=1m,nr_inodes=4096,mode=0755").expect("no NUL");
+    let opts = CString::new("size=16m,nr_inodes=16384,mode=0755").expect("no NUL");
     sys::mount(
         Some(&tmpfs),
         &stage,
@@ -659,7 +709,7 @@ fn assemble(entries: &[(PathBuf, Entry)]) -> Result<(), TemplateError> {
                     .map_err(step("mount proc into the root"))?;
                 }
             }
-            Entry::File { contents } => {
+            Entry::File { contents } | Entry::EtcCopy { contents } => {
                 std::fs::write(&target, contents)
                     .map_err(step(format!("write {}", target.display())))?;
                 std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o444))
@@ -819,6 +869,12 @@ mod tests {
             bind("/etc/passwd", false),
             bind("/tmp/venv", true),
             (PathBuf::from("/proc"), Entry::Dir),
+            (
+                PathBuf::from("/etc/hosts"),
+                Entry::EtcCopy {
+                    contents: b"127.0.0.1 localhost\n".to_vec(),
+                },
+            ),
         ];
         let got = private_lock_dirs(&entries);
         if !has_overlay {
@@ -839,6 +895,7 @@ mod tests {
                     "/tmp/venv".to_owned(),
                     format!("lowerdir=/tmp/venv:{EMPTY_LOWER}")
                 ),
+                ("/etc".to_owned(), format!("lowerdir=/etc:{EMPTY_LOWER}")),
             ]
         );
         assert!(under_per_child_tmpfs(c"/tmp/venv"));
