@@ -30,6 +30,7 @@ pub mod state;
 pub(crate) mod sys;
 pub mod systemd;
 pub mod workspace;
+pub mod ws_warm;
 
 pub use config::Config;
 pub use daemon::{start, start_with, Running, StartError};
