@@ -28,7 +28,7 @@ pub struct State {
     /// Egress for requests with `allow_net`.
     pub network: crate::network::Network,
     /// Warm children per workspace (crate::ws_warm).
-    pub(crate) ws_warm: Arc<crate::ws_warm::WsWarm>,
+    pub ws_warm: Arc<crate::ws_warm::WsWarm>,
 }
 
 impl State {

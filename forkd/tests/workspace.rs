@@ -1710,3 +1710,32 @@ R["umount_workspace"] = sc(166, (W + "/src").encode(), 2)
     );
     d.finish().await;
 }
+
+/// A workspace key no request used for `idle_ms` is dropped with its warm
+/// children (killed, their cgroups and mounts gone: the leak checks at
+/// `finish` run with the daemon's other children gone too); the next
+/// request forks on demand again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_workspace_children_expire_when_idle() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let t = tree();
+    let base = t.base.clone();
+    let d = TestDaemon::start(move |c| {
+        c.workspace_roots = vec![base];
+        c.workspace_warm.idle_ms = 1500;
+    })
+    .await;
+    let mut r = req("print(1)");
+    r.workspace = Some(ws(&t.proj, WorkspaceMode::Overlay));
+    assert!(wait_warm(&d, &r).await, "served warm while in use");
+    assert!(d.daemon.ws_warm.ready() > 0, "children parked for the key");
+    assert!(
+        wait_until(Duration::from_secs(10), || d.daemon.ws_warm.ready() == 0).await,
+        "an idle key's children are dropped"
+    );
+    let res = d.spawn(&r).await.unwrap();
+    assert!(!res.warm, "an expired key forks on demand");
+    d.finish().await;
+}

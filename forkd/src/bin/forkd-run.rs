@@ -661,6 +661,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
     let mut fork_us = Vec::new();
     let mut total_us = Vec::new();
     let mut ok = 0usize;
+    let mut warm = 0usize;
     let mut outputs: BTreeMap<String, usize> = BTreeMap::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut results = Vec::new();
@@ -686,6 +687,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
                 if good {
                     ok += 1;
                 }
+                warm += usize::from(result.warm);
                 fork_us.push(result.timings.fork_us);
                 total_us.push(result.timings.total_us);
                 let key = if result.exit_code == Some(0) {
@@ -736,7 +738,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
         latency.max() as f64 / 1000.0,
     );
     eprintln!(
-        "daemon-side medians: request→forked {:.2} ms, request→result {:.2} ms",
+        "daemon-side medians: request→forked {:.2} ms, request→result {:.2} ms; {warm}/{n} from warm children",
         median(&mut fork_us) as f64 / 1000.0,
         median(&mut total_us) as f64 / 1000.0
     );
