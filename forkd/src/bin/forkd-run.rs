@@ -70,6 +70,11 @@ struct Args {
     /// With -n: how many run at once (default: all).
     #[arg(long)]
     concurrency: Option<usize>,
+    /// With -n: each copy holds its concurrency slot this many milliseconds
+    /// after its result (paces requests, e.g. to let warm children finish
+    /// isolating between them; not part of the latency).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
     /// With -n: a copy counts as OK only if its stdout (trimmed) equals this.
     #[arg(long)]
     expect: Option<String>,
@@ -645,6 +650,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
     let concurrency = args.concurrency.unwrap_or(n).max(1);
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
     let wall = Instant::now();
+    let pause = std::time::Duration::from_millis(args.pause_ms);
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
         let client = client.clone();
@@ -654,7 +660,9 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
             let _permit = gate.acquire().await;
             let t = Instant::now();
             let r = client.spawn(&req).await;
-            (t.elapsed(), r)
+            let elapsed = t.elapsed();
+            tokio::time::sleep(pause).await;
+            (elapsed, r)
         }));
     }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
