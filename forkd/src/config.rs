@@ -1033,6 +1033,18 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("sandbox_uid_count"), "{e}");
     }
+
+    #[test]
+    fn workspace_warm_is_bounded() {
+        let c = Config::from_toml("[workspace_warm]\nper_key = 0").unwrap();
+        c.validate().unwrap();
+        for bad in ["per_key = 17", "per_key = 8\nmax_keys = 9"] {
+            let c = Config::from_toml(&format!("[workspace_warm]\n{bad}")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("workspace_warm"), "{e}");
+        }
+        assert!(Config::from_toml("[workspace_warm]\nper_keys = 1").is_err());
+    }
 }
 
 // --- sections of the configuration that other modules interpret ---
