@@ -204,7 +204,7 @@ impl Running {
             refills = s.refills.load(Ordering::Relaxed),
             "warm workspace children stopped"
         );
-        d.ws_warm.shutdown();
+        d.ws_warm.shutdown().await;
         d.pool.shutdown(Duration::from_secs(2)).await;
         let stock = d.netns.clone();
         let _ = tokio::task::spawn_blocking(move || {

@@ -20,7 +20,7 @@
 //! restart drops every warm child).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,9 @@ pub struct WsWarm {
     next_id: AtomicU64,
     sweeping: AtomicBool,
     stopped: AtomicBool,
+    /// Refill tasks running (shutdown waits for them: one may be making a
+    /// child, with its cgroup, right then).
+    refills_running: AtomicUsize,
     pub stats: Stats,
 }
 
@@ -101,6 +104,7 @@ impl WsWarm {
             next_id: AtomicU64::new(1),
             sweeping: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            refills_running: AtomicUsize::new(0),
             stats: Stats::default(),
         }
     }
@@ -113,9 +117,16 @@ impl WsWarm {
             .unwrap_or(0)
     }
 
-    /// Stops refilling and kills every parked child.
-    pub fn shutdown(&self) {
+    /// Stops refilling, waits (bounded) for the refills under way, and kills
+    /// every parked child.
+    pub async fn shutdown(&self) {
         self.stopped.store(true, Ordering::Release);
+        let waited = Instant::now();
+        while self.refills_running.load(Ordering::Acquire) > 0
+            && waited.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let dropped: Vec<Entry> = self
             .entries
             .lock()
@@ -199,7 +210,7 @@ pub(crate) async fn take(
     };
     drop(evicted); // killed outside the lock; cgroups reaped in the background
     if let Some(id) = refill {
-        tokio::spawn(refill_key(state.ws_warm.clone(), id));
+        spawn_refill(&state.ws_warm, id);
     }
     if !warm.sweeping.swap(true, Ordering::AcqRel) {
         tokio::spawn(sweep(state.ws_warm.clone()));
@@ -224,6 +235,23 @@ fn internal(message: &str) -> ErrorReply {
         code: ErrorCode::Internal,
         message: message.to_string(),
     }
+}
+
+/// Starts [`refill_key`], counted in `refills_running` until it ends.
+fn spawn_refill(warm: &Arc<WsWarm>, id: u64) {
+    struct Running(Arc<WsWarm>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.refills_running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    warm.refills_running.fetch_add(1, Ordering::AcqRel);
+    let running = Running(warm.clone());
+    tokio::spawn(async move {
+        let warm = running.0.clone();
+        refill_key(warm, id).await;
+        drop(running);
+    });
 }
 
 /// Makes children for entry `id` until it holds `per_key`, then ends.
@@ -370,7 +398,7 @@ async fn sweep(warm: Arc<WsWarm>) {
                 // A zygote recycle or a death left the key short: refill it.
                 if entry.ready.len() < before && !entry.refilling {
                     entry.refilling = true;
-                    tokio::spawn(refill_key(warm.clone(), entry.id));
+                    spawn_refill(&warm, entry.id);
                 }
                 i += 1;
             }
