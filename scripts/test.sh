@@ -8,6 +8,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 scripts/venv.sh
+# The rootless tests map a subordinate id range with newuidmap/newgidmap.
+if ! command -v newuidmap >/dev/null || ! command -v newgidmap >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq uidmap
+fi
 export FORKD_TEST_PYTHON="$PWD/.venv/bin/python"
 # forkd/tests/mcp.rs pip-installs the MCP Python client; here its absence fails instead of skipping.
 export FORKD_TEST_REQUIRE_MCP_CLIENT=1

@@ -40,6 +40,7 @@ impl Floor {
             },
             start_timeout: Duration::from_secs(60),
             rootless: false,
+            subids: None,
         };
         let zygote = forkd_pool::Zygote::start(&cfg).await?;
         let no_cgroups = Arc::new(forkd_cgroup::Manager::new(&forkd_cgroup::Config {

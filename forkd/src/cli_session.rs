@@ -607,6 +607,14 @@ async fn run_cell(
             eprintln!();
         }
     }
+    if let Some(m) = r.kill_message() {
+        let raise = if r.killed_by.is_some() {
+            "create the session with a larger --memory"
+        } else {
+            "raise --timeout"
+        };
+        eprintln!("forkd-run: cell {m}; {raise}");
+    }
     let _ = std::io::stdout().flush();
     Ok(r)
 }

@@ -500,6 +500,21 @@ impl Config {
         }
     }
 
+    /// Sandbox ids this configuration needs: every running and every warm
+    /// child holds one; twice that leaves room for children of a recycled
+    /// zygote that are still ending.
+    pub fn sandbox_ids_needed(&self) -> u64 {
+        let holders = self.max_concurrent as u64
+            + self
+                .zygote_sections()
+                .iter()
+                .map(|z| z.warm_pool_bounds().1 as u64)
+                .sum::<u64>()
+            + (self.workspace_warm.per_key as u64)
+                .saturating_mul(self.workspace_warm.max_keys as u64);
+        2 * holders
+    }
+
     /// Checks cross-field rules that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_workspaces(self)?;
@@ -600,21 +615,12 @@ impl Config {
         }
         forkd_pool::uids::UidRange::new(self.sandbox_uid_base, self.sandbox_uid_count)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        // Every running and every warm child holds an id; twice that leaves
-        // room for children of a recycled zygote that are still ending.
-        let holders = self.max_concurrent as u64
-            + self
-                .zygote_sections()
-                .iter()
-                .map(|z| z.warm_pool_bounds().1 as u64)
-                .sum::<u64>()
-            + (self.workspace_warm.per_key as u64)
-                .saturating_mul(self.workspace_warm.max_keys as u64);
-        if u64::from(self.sandbox_uid_count) < 2 * holders {
+        let needed = self.sandbox_ids_needed();
+        if u64::from(self.sandbox_uid_count) < needed {
             return Err(ConfigError::Invalid(format!(
-                "sandbox_uid_count {} is too small: max_concurrent plus the warm pools (workspace_warm included) hold {holders} ids at once; give at least {}",
+                "sandbox_uid_count {} is too small: max_concurrent plus the warm pools (workspace_warm included) hold {} ids at once; give at least {needed}",
                 self.sandbox_uid_count,
-                2 * holders
+                needed / 2
             )));
         }
         self.metrics()?;

@@ -239,7 +239,10 @@ pub async fn start(config: Config, socket: Option<&Path>) -> Result<Running, Sta
 
 /// The zygotes' launch configurations (no side effects: a bad library or
 /// interpreter path fails here, before anything exists).
-fn zygote_configs(settings: &Settings) -> Result<Vec<(ZygoteConfig, Recycle)>, StartError> {
+fn zygote_configs(
+    settings: &Settings,
+    subids: Option<&crate::subids::SubIds>,
+) -> Result<Vec<(ZygoteConfig, Recycle)>, StartError> {
     let library = find_library(settings.config.zygote_library.as_deref())?;
     let init = forkd_zygote::InitConfig {
         policies: settings.policies.clone(),
@@ -261,6 +264,7 @@ fn zygote_configs(settings: &Settings) -> Result<Vec<(ZygoteConfig, Recycle)>, S
                     init: init.clone(),
                     start_timeout: z.start_timeout,
                     rootless: sys::euid() != 0,
+                    subids: subids.cloned(),
                 },
                 z.recycle,
             ))
@@ -379,6 +383,25 @@ pub async fn start_with(
     activated: Option<crate::systemd::Activated>,
 ) -> Result<Running, StartError> {
     let settings = Arc::new(Settings::new(config)?);
+    // Rootless: ids of its own per sandbox only with a subordinate range
+    // (mapped by the zygotes); else one warning saying what to add.
+    let subids = match sys::euid() {
+        0 => None,
+        euid => match crate::subids::why_not(&settings.config, euid) {
+            Ok(sub) => {
+                tracing::info!("{}", crate::doctor::rootless_subids_line(&sub));
+                let _ = forkd_pool::uids::configure_subordinate(sub.count);
+                Some(sub)
+            }
+            Err(missing) => {
+                tracing::warn!(
+                    "{}",
+                    crate::doctor::rootless_shared_uid_warning(euid, &missing)
+                );
+                None
+            }
+        },
+    };
     // Validated above; the first daemon of the process sets the range.
     let _ = forkd_pool::uids::configure(
         settings.config.sandbox_uid_base,
@@ -400,13 +423,7 @@ pub async fn start_with(
         &settings.config.zygotes,
         sys::euid() == 0,
     )?;
-    if sys::euid() != 0 {
-        tracing::warn!(
-            "{}",
-            crate::doctor::rootless_shared_uid_warning(sys::euid())
-        );
-    }
-    let zygotes = zygote_configs(&settings)?;
+    let zygotes = zygote_configs(&settings, subids.as_ref())?;
     let cgroups = Arc::new(cgroup_manager(&crate::io_limits::cgroup_config(&settings))?);
     let pool = Supervisor::start(zygotes);
     // From here on a failure must stop the zygotes and remove the cgroups.

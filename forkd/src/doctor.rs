@@ -94,7 +94,7 @@ pub fn run(config: &Config, mut print: impl FnMut(&Check)) -> Vec<Check> {
     add(seccomp(), &mut all);
     add(landlock(), &mut all);
     add(cgroups(config), &mut all);
-    add(sandbox_ids(crate::sys::euid()), &mut all);
+    add(sandbox_ids(config, crate::sys::euid()), &mut all);
     add(rcu_expedited(), &mut all);
     add(library(config), &mut all);
     match config.validate().and_then(|_| config.load_policies()) {
@@ -132,26 +132,46 @@ pub fn run(config: &Config, mut print: impl FnMut(&Check)) -> Vec<Check> {
 }
 
 /// Whether each sandbox gets its own uid: a root daemon leases them; a
-/// rootless one shares its own (per-sandbox ids through `newuidmap` and
-/// `/etc/subuid` are not implemented).
-fn sandbox_ids(euid: u32) -> Check {
+/// rootless one too when it has a subordinate range and `newuidmap` (else
+/// its sandboxes share its uid).
+fn sandbox_ids(config: &Config, euid: u32) -> Check {
     if euid == 0 {
-        Check::pass(
+        return Check::pass(
             "sandbox ids",
             "each sandbox runs as its own uid (sandbox_uid_base, sandbox_uid_count)",
-        )
-    } else {
-        Check::warn(
-            "sandbox ids",
-            rootless_shared_uid_warning(euid),
-            "run the daemon as root for per-sandbox uids",
-        )
+        );
+    }
+    match crate::subids::why_not(config, euid) {
+        Ok(sub) => Check::pass("sandbox ids", rootless_subids_line(&sub)),
+        Err(missing) => Check::warn("sandbox ids", rootless_shared_uid(euid), missing.0),
     }
 }
 
-/// The one line a rootless daemon logs at start and `forkd doctor` prints.
-pub fn rootless_shared_uid_warning(euid: u32) -> String {
-    format!("rootless: every sandbox runs as uid {euid} and shares its per-user kernel budgets (pipe buffers, pending signals, inotify); per-sandbox ids through newuidmap and a subordinate range in /etc/subuid are not implemented")
+/// What a rootless daemon with a subordinate range logs at start.
+pub fn rootless_subids_line(sub: &crate::subids::SubIds) -> String {
+    format!(
+        "rootless: each sandbox runs as its own uid of the subordinate range {}..{} (gids {}..{}), mapped by {} and {} once per zygote",
+        sub.uid_start,
+        u64::from(sub.uid_start) + u64::from(sub.count),
+        sub.gid_start,
+        u64::from(sub.gid_start) + u64::from(sub.count),
+        sub.newuidmap.display(),
+        sub.newgidmap.display()
+    )
+}
+
+fn rootless_shared_uid(euid: u32) -> String {
+    format!("rootless: every sandbox runs as uid {euid} and shares its per-user kernel budgets (pipe buffers, pending signals, inotify, processes)")
+}
+
+/// The one line a rootless daemon without per-sandbox ids logs at start
+/// (`forkd doctor` says the same in its `sandbox ids` check).
+pub fn rootless_shared_uid_warning(euid: u32, missing: &crate::subids::Missing) -> String {
+    format!(
+        "{}; for a uid of its own per sandbox: {}",
+        rootless_shared_uid(euid),
+        missing.0
+    )
 }
 
 /// Exit status for a report: 0 without failures (warnings allowed), else 1.

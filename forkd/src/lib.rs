@@ -27,6 +27,7 @@ pub mod settings;
 pub mod size;
 pub mod start_error;
 pub mod state;
+pub mod subids;
 pub(crate) mod sys;
 pub mod systemd;
 pub mod workspace;

@@ -66,7 +66,7 @@ fn zygote_error(e: ZygoteError) -> ErrorReply {
 fn base_env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        ("HOME", "/tmp"),
+        ("HOME", "/home/user"),
         ("TMPDIR", "/tmp"),
         ("LANG", "C.UTF-8"),
         ("OPENBLAS_NUM_THREADS", "1"),
@@ -156,6 +156,14 @@ pub fn job_for(req: &SpawnRequest) -> forkd_zygote::wire::Job {
             })
             .collect(),
         session: None,
+        line_buffered: req
+            .terminal
+            .iter()
+            .map(|s| match s {
+                forkd_ipc::Stream::Stdout => "stdout".to_string(),
+                forkd_ipc::Stream::Stderr => "stderr".to_string(),
+            })
+            .collect(),
     }
 }
 

@@ -415,12 +415,13 @@ pub async fn plan_request(
     let base = config.dir.clone();
     tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
         let mut plan = cached_plan(&checked)?;
-        // Direct mode writes the host directory: a root daemon's sandbox,
-        // which runs as its own uid, writes it as the requester through an
-        // idmapped mount (zygote workspace.rs). Overlay mode writes only
-        // its own upper layer and keeps uid 0 (docs/workspaces.md).
+        // A root daemon's sandbox runs as its own uid and acts on the
+        // workspace as the requester through idmapped mounts (zygote
+        // workspace.rs): the host directory in direct mode, the host layer
+        // and the upper layer in overlay mode (its files are stored as the
+        // requester's, docs/workspaces.md).
         // SAFETY: geteuid has no preconditions.
-        if checked.kind == Kind::Direct && unsafe { libc::geteuid() } == 0 {
+        if unsafe { libc::geteuid() } == 0 {
             plan.owner = who.map(|w| (w.uid, w.gid));
         }
         let pending_upper = (checked.kind == Kind::Overlay).then_some((base, scratch_bytes));
@@ -464,10 +465,14 @@ impl Ready {
         let Some((base, scratch_bytes)) = self.pending_upper.take() else {
             return Ok(());
         };
-        let upper = make_upper(&base, scratch_bytes).map_err(|e| ErrorReply {
+        let failed = |e: std::io::Error| ErrorReply {
             code: ErrorCode::SpawnFailed,
             message: format!("cannot make the overlay's upper layer: {e}"),
-        })?;
+        };
+        let upper = make_upper(&base, scratch_bytes).map_err(failed)?;
+        if let (Some(_), Upper::Detached(layer)) = (self.plan.owner, &upper) {
+            like_host_root(&self.plan, layer).map_err(failed)?;
+        }
         self.plan.upper = Some(upper.path());
         self.upper = Some(upper);
         Ok(())
@@ -487,6 +492,34 @@ impl Ready {
     }
 }
 
+/// Gives a fresh upper layer's root the owner and mode of the host
+/// directory: the overlay's root takes them from the upper layer, and
+/// through the idmap the requester's directory is the sandbox's own.
+fn like_host_root(plan: &MountPlan, layer: &OwnedFd) -> std::io::Result<()> {
+    let root = forkd_workspace::plan::open_root(&plan.host_root).map_err(std::io::Error::other)?;
+    let st = rustix::fs::fstat(&root)?;
+    if st.st_dev != plan.root_dev || st.st_ino != plan.root_ino {
+        return Err(std::io::Error::other(format!(
+            "{} was replaced after the request was planned; retry",
+            plan.host_root.display()
+        )));
+    }
+    let up = open_upper_dir(layer)?;
+    rustix::fs::fchown(
+        &up,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+    )?;
+    rustix::fs::fchmod(
+        &up,
+        rustix::fs::Mode::from_raw_mode(st.st_mode) & rustix::fs::Mode::from_bits_truncate(0o7777),
+    )?;
+    Ok(())
+}
+
+/// Makes the upper layer (see [`Upper`]) with `upper/` and `work/` in it.
+/// The `upper` directory of a detached layer (its `upper` and `work` pair),
+/// never through a symlink.
 fn open_upper_dir(layer: impl rustix::fd::AsFd) -> std::io::Result<OwnedFd> {
     Ok(rustix::fs::openat(
         layer,

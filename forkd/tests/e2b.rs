@@ -263,6 +263,112 @@ async fn e2b_fork_maps_onto_branch_and_checkpoints_are_an_extension() {
     d.finish().await;
 }
 
+/// One HTTP/1.1 request to `addr` (`Connection: close`): status and body.
+async fn http(addr: &str, method: &str, path: &str, key: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A sandbox whose session went dormant (`ended_with_checkpoints`: a
+/// client of the daemon's uid checkpointed it with `keep`, then it was
+/// killed; the gateway itself never sends `keep`) is gone for E2B, as an
+/// ended one: 404 on info, absent from the list, its tenant's quota free.
+/// Before, it was listed and shown as `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dormant_sandbox_is_gone_for_e2b() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let key = "dormant-tenant-0123456789";
+    std::fs::write(&keys, format!("{key} alice\n")).unwrap();
+    let mut opts = forkd_gateway::Options::new(d.socket.clone());
+    opts.api_keys = Some(keys);
+    opts.max_sessions_per_tenant = Some(1);
+    let gw = forkd_gateway::Gateway::new(opts).unwrap();
+    let listener = forkd_gateway::bind(&gw, "127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(forkd_gateway::serve(gw, listener, async {
+        let _ = stopped.await;
+    }));
+
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/sandboxes",
+        key,
+        r#"{"templateID":"default"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = v["sandboxID"].as_str().unwrap().to_owned();
+    let (status, body) = http(&addr, "GET", &format!("/sandboxes/{id}"), key, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""state":"running""#), "{body}");
+
+    let c = d.client().await;
+    c.session_checkpoint_with(forkd_ipc::SessionCheckpoint {
+        session: id.clone(),
+        force: false,
+        keep: true,
+    })
+    .await
+    .unwrap();
+    c.session_kill(&id).await.unwrap();
+    assert_eq!(
+        c.session_info(&id).await.unwrap().state,
+        forkd_ipc::SessionState::EndedWithCheckpoints
+    );
+    let (status, body) = http(&addr, "GET", &format!("/sandboxes/{id}"), key, "").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = http(&addr, "GET", "/sandboxes", key, "").await;
+    assert_eq!((status, body.as_str()), (200, "[]"));
+    // Its place in the quota (1) is free for a new sandbox.
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/sandboxes",
+        key,
+        r#"{"templateID":"default"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let second = v["sandboxID"].as_str().unwrap().to_owned();
+    let (status, _) = http(&addr, "DELETE", &format!("/sandboxes/{second}"), key, "").await;
+    assert_eq!(status, 204);
+    // The dormant one ends for good with a kill from its uid.
+    c.session_kill(&id).await.unwrap();
+    drop(c);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    d.finish().await;
+}
+
 /// The gateway's metrics router on `listener` (as `forkd-gateway --metrics-listen`).
 async fn axum_serve_metrics(
     gw: std::sync::Arc<forkd_gateway::Gateway>,

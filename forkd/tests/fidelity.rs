@@ -655,6 +655,103 @@ async fn stdio_streams_are_pythons_on_pipes() {
     t.assert_all("stdio streams: sandbox vs plain python");
 }
 
+/// Runs `argv` with stdin, stdout and stderr on a new pty (as from a
+/// terminal) and returns what the terminal showed, with the pty's `\r\n`
+/// read as `\n`, and the exit code. The environment is empty but for
+/// `PATH` (a caller's `PYTHONUNBUFFERED` would change python's buffering).
+fn on_a_terminal(argv: &[&str]) -> (String, i32) {
+    const PTY_RUN: &str = "import os, pty, sys\npid, fd = pty.fork()\nif pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\nout = b''\nwhile True:\n    try:\n        d = os.read(fd, 65536)\n    except OSError:\n        break\n    if not d:\n        break\n    out += d\n_, status = os.waitpid(pid, 0)\nsys.stdout.buffer.write(out)\nsys.exit(os.waitstatus_to_exitcode(status))\n";
+    let out = Command::new(python())
+        .args(["-c", PTY_RUN])
+        .args(argv)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n"),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// Python on a terminal line-buffers stdout, so a line printed before a
+/// crash (`os._exit`) or a kill that cannot be stopped gracefully is shown;
+/// on a pipe it is lost. `forkd-run` on a terminal tells the daemon so and
+/// the program line-buffers the same way (its streams stay pipes:
+/// `isatty()` is false); on a pipe nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_line_buffered_when_forkd_run_is_on_a_terminal() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let socket = d.socket.display().to_string();
+    let run = env!("CARGO_BIN_EXE_forkd-run");
+    let py = python().display().to_string();
+    let mut t = Table::new();
+    let crash = "import os, sys\nprint(sys.stdout.line_buffering, sys.stderr.line_buffering, sys.stdout.isatty())\nprint('before the crash')\nsys.stderr.write('stderr line\\n')\nos._exit(3)\n";
+    let (outside, code) = on_a_terminal(&[&py, "-c", crash]);
+    t.check(
+        "python on a terminal",
+        &format!("{outside}exit {code}"),
+        &["True True True\nbefore the crash\nstderr line\nexit 3"],
+    );
+    let (inside, code) = on_a_terminal(&[run, "--socket", &socket, "-c", crash]);
+    t.check(
+        "forkd-run on a terminal (isatty stays False)",
+        &format!("{inside}exit {code}"),
+        &["True True False\nbefore the crash\nstderr line\nexit 3"],
+    );
+    // On pipes: python's block buffering, inside as outside.
+    let piped = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        format!(
+            "{:?} {:?} exit {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.status.code().unwrap_or(-1)
+        )
+    };
+    let want = piped(&[&py, "-c", crash]);
+    t.check(
+        "python on pipes loses the unflushed stdout",
+        &want,
+        &["\"\" \"stderr line\\n\" exit 3"],
+    );
+    let got = piped(&[run, "--socket", &socket, "-c", crash]);
+    t.verdict("forkd-run on pipes", &got, &want, got == want);
+
+    // A program that ignores the timeout's SIGTERM is killed: what it
+    // printed before its sleep reaches the terminal all the same.
+    let stuck = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('started')\ntime.sleep(60)\n";
+    let (inside, code) = on_a_terminal(&[run, "--socket", &socket, "--timeout", "1", "-c", stuck]);
+    t.check(
+        "killed after its timeout, on a terminal",
+        &format!("{inside}exit {code}"),
+        &["started\nforkd-run: sandbox killed: timed out after 1 s (the timeout); raise --timeout\nexit 137"],
+    );
+    let got = piped(&[run, "--socket", &socket, "--timeout", "1", "-c", stuck]);
+    t.check(
+        "the same on pipes",
+        &got,
+        &["\"\" \"forkd-run: sandbox killed: timed out after 1 s (the timeout); raise --timeout\\n\" exit 137"],
+    );
+    d.finish().await;
+    t.assert_all("line buffering on a terminal: forkd-run vs plain python");
+}
+
 const PTY_PROBE: &str = "import os, pty, subprocess, sys, termios, tty\nm, s = os.openpty()\nprint(os.isatty(m), os.isatty(s), os.ttyname(s).startswith('/dev/pts/'), os.stat(os.ttyname(s)).st_uid == os.getuid())\nos.write(s, b'hello\\n')\nprint(os.read(m, 100))\nbefore = termios.tcgetattr(s)\ntty.setraw(s)\nprint(termios.tcgetattr(s) != before)\nos.close(m); os.close(s)\nm, s = pty.openpty()\np = subprocess.Popen([sys.executable, '-c', 'import os, sys; print(os.isatty(0), os.isatty(1), sys.stdout.isatty(), sys.stdout.line_buffering, os.ttyname(1) == os.ttyname(0))'], stdin=s, stdout=s, stderr=s)\nos.close(s)\nout = b''\nwhile True:\n    try:\n        d = os.read(m, 1024)\n    except OSError:\n        break\n    if not d:\n        break\n    out += d\nprint(p.wait(), out)\nsys.stdout.flush()\npty.spawn([sys.executable, '-c', 'import sys; print(\"in pty.spawn\", sys.stdin.isatty())'])\nprint(subprocess.run(['script', '-qec', 'echo via script', '/dev/null'], capture_output=True, stdin=subprocess.DEVNULL).stdout)\n";
 
 /// ptys work inside as outside: os.openpty, termios, a subprocess on a
@@ -947,7 +1044,7 @@ async fn the_sandbox_user_has_an_account() {
     d.finish().await;
 }
 
-const FS_VIEW_PROBE: &str = "import os, socket, stat, sys\nfor d in ('/', '/etc', '/dev'):\n    print(d, stat.S_ISDIR(os.stat(d).st_mode), len(os.listdir(d)) > 0)\netc = os.listdir('/etc')\nprint('secrets', sorted(n for n in ('shadow', 'gshadow', 'sudoers', 'ssh', 'machine-id') if n in etc), os.path.exists('/etc/shadow'))\ncwd = os.getcwd()\ntrees = [sys.prefix, sys.base_prefix, sys.executable] + sys.path\nmine = [n for n in os.listdir(cwd) if not any(t.startswith(os.path.join(cwd, n) + '/') for t in trees)]\nprint('cwd empty', mine == [], os.access(cwd, os.W_OK | os.X_OK))\nwith open('probe.txt', 'w') as f:\n    f.write('x')\nos.mkdir('sub')\nos.remove('probe.txt')\nos.rmdir('sub')\nprint('venv bin first', os.environ['PATH'].split(':')[0] == os.path.dirname(sys.executable))\nname = socket.gethostname()\nprint('hostname', name, socket.gethostbyname(name))\nprint('in /etc/hosts', any(name in l.split()[1:] for l in open('/etc/hosts') if not l.startswith('#')))\n";
+const FS_VIEW_PROBE: &str = "import os, socket, stat, sys\nfor d in ('/', '/etc', '/dev'):\n    print(d, stat.S_ISDIR(os.stat(d).st_mode), len(os.listdir(d)) > 0)\netc = os.listdir('/etc')\nprint('secrets', sorted(n for n in ('shadow', 'gshadow', 'sudoers', 'ssh', 'machine-id') if n in etc), os.path.exists('/etc/shadow'))\ncwd = os.getcwd()\ntrees = [sys.prefix, sys.base_prefix, sys.executable] + sys.path\nmine = [n for n in os.listdir(cwd) if not any(t.startswith(os.path.join('/tmp', n) + '/') for t in trees)]\nprint('cwd', cwd, os.environ['HOME'] == cwd, os.path.samefile(cwd, '/tmp'), mine == [], os.access(cwd, os.W_OK | os.X_OK))\nwith open('probe.txt', 'w') as f:\n    f.write('x')\nos.mkdir('sub')\nos.remove('probe.txt')\nos.rmdir('sub')\nprint('venv bin first', os.environ['PATH'].split(':')[0] == os.path.dirname(sys.executable))\nname = socket.gethostname()\nprint('hostname', name, socket.gethostbyname(name))\nprint('in /etc/hosts', any(name in l.split()[1:] for l in open('/etc/hosts') if not l.startswith('#')))\ntry:\n    open('/etc/hosts', 'a')\nexcept OSError as e:\n    print('/etc/hosts', type(e).__name__)\n";
 
 const INTERPRETERS_PROBE: &str = "import subprocess\nfor cmd in (['python', '-c', 'import sys; print(sys.executable, sys.prefix)'], ['python3', '-c', 'import sys; print(sys.prefix)'], ['pip', '--version']):\n    p = subprocess.run(cmd, capture_output=True, text=True)\n    print(cmd[0], p.returncode, p.stdout.strip(), p.stderr.strip())\n";
 
@@ -955,8 +1052,9 @@ const TAR_PROBE: &str = "import os, stat, tarfile\nos.mkdir('src')\nos.chmod('sr
 
 /// The filesystem an ordinary user's program looks at: `/`, `/etc` and
 /// `/dev` are listable directories without the host's secrets; the working
-/// directory is empty (but for the interpreter's own trees bound under it,
-/// a venv in /tmp as in CI) and writable; the zygote's venv `bin` leads PATH and
+/// directory is `/home/user` (HOME; the scratch, as /tmp), empty (but for
+/// the mount points of the interpreter's own trees bound under /tmp, a venv
+/// there as in CI) and writable; the zygote's venv `bin` leads PATH and
 /// its `python`, `python3` and `pip` run as they do outside; the sandbox's
 /// hostname resolves through /etc/hosts; `tarfile` keeps modes as outside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -973,7 +1071,7 @@ async fn the_filesystem_view_is_an_ordinary_users() {
         t.check(
             "ls /, /etc, /dev; cwd; PATH; hostname",
             &format!("{}{}", r.stdout_lossy(), r.stderr_lossy()),
-            &["/ True True\n/etc True True\n/dev True True\nsecrets [] False\ncwd empty True True\nvenv bin first True\nhostname sandbox 127.0.1.1\nin /etc/hosts True\n"],
+            &["/ True True\n/etc True True\n/dev True True\nsecrets [] False\ncwd /home/user True True True True\nvenv bin first True\nhostname sandbox 127.0.1.1\nin /etc/hosts True\n/etc/hosts PermissionError\n"],
         );
     }
     // The sandbox's default PATH, given to plain python too.

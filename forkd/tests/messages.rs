@@ -21,6 +21,7 @@ fn forkd_run(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_forkd-run"))
         .args(args)
         .env_remove("FORKD_SOCKET")
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .output()
         .expect("run forkd-run");
@@ -63,11 +64,11 @@ fn embedded_start_failures_exit_3_and_say_what_to_do() {
         "print(1)",
     ]);
     assert_eq!(code, 3, "{err}");
-    assert!(
-        err.contains("forkd-run: cannot start the embedded daemon: zygote `default` failed to start: `/bin/true` exited (exit code 0) without running forkd's zygote script: it does not look like a Python 3 interpreter"),
-        "{err}"
+    // Said once, by forkd-run (not also as the pool's log line).
+    assert_eq!(
+        err,
+        "forkd-run: cannot start the embedded daemon: zygote `default` failed to start: `/bin/true` exited (exit code 0) without running forkd's zygote script: it does not look like a Python 3 interpreter (anything it printed is logged as `zygote stderr`); set `python` (--python) to one, e.g. a venv's bin/python\n"
     );
-    assert!(err.contains("set `python` (--python) to one"), "{err}");
 
     let (code, err) = forkd_run(&[
         "--embedded",
@@ -79,6 +80,7 @@ fn embedded_start_failures_exit_3_and_say_what_to_do() {
         "print(1)",
     ]);
     assert_eq!(code, 3, "{err}");
+    assert_eq!(err.lines().count(), 1, "said once: {err}");
     assert!(err.contains("/nonexistent/bin/python"), "{err}");
     assert!(
         err.contains("set `python` to an existing interpreter"),
@@ -107,6 +109,17 @@ fn embedded_start_failures_exit_3_and_say_what_to_do() {
         "{err}"
     );
     assert!(!err.contains("<frozen importlib"), "{err}");
+    assert_eq!(
+        err.matches("failed to import").count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(
+        err.starts_with(
+            "forkd-run: cannot start the embedded daemon: zygote `default` failed to start: "
+        ),
+        "{err}"
+    );
 }
 
 /// A metrics or HTTP port that another process holds fails the start at

@@ -249,14 +249,32 @@ print(open("scratch.txt").read())
         warnings, 1,
         "expected one warning about unenforced limits:\n{log}"
     );
-    // All its sandboxes share the daemon's uid: said once too.
-    let shared_uid = log
+    // All its sandboxes share the daemon's uid (it has no subordinate
+    // range): said once too, with the line to add.
+    let shared_uid: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("rootless: every sandbox runs as uid"))
-        .count();
+        .collect();
     assert_eq!(
-        shared_uid, 1,
+        shared_uid.len(),
+        1,
         "expected one warning about the shared uid:\n{log}"
+    );
+    assert!(
+        shared_uid[0].contains(&format!("`{USER}:100000:65536`"))
+            && shared_uid[0].contains("/etc/subuid and /etc/subgid"),
+        "the warning names the line to add: {}",
+        shared_uid[0]
+    );
+    // `forkd doctor` as the user warns the same way, the line as its fix.
+    let report = doctor_as(uid, gid);
+    assert!(
+        report.contains(&format!(
+            "WARN  sandbox ids            rootless: every sandbox runs as uid {uid}"
+        )) && report.contains(&format!(
+            "fix: /etc/subuid has no line for {USER}: add one such as `{USER}:100000:65536`"
+        )),
+        "{report}"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !processes_of(uid).is_empty() && Instant::now() < deadline {
@@ -266,6 +284,295 @@ print(open("scratch.txt").read())
         processes_of(uid).is_empty(),
         "processes of {USER} left: {:?}",
         processes_of(uid)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Rootless with a subordinate id range (newuidmap/newgidmap)
+// ---------------------------------------------------------------------------
+
+/// Subordinate ids the test gives its user (below the root daemon's lease
+/// range and apart from common useradd ranges).
+const SUB_START: u32 = 3_000_000;
+const SUB_COUNT: u32 = 65_536;
+
+/// The user's `/etc/subuid` and `/etc/subgid` lines, added for the test; the
+/// files' contents are restored when dropped.
+struct SubordinateLines {
+    saved: Vec<(PathBuf, Option<Vec<u8>>)>,
+}
+
+impl SubordinateLines {
+    fn add() -> SubordinateLines {
+        let mut saved = Vec::new();
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            let path = PathBuf::from(file);
+            let old = std::fs::read(&path).ok();
+            let mut text = old.clone().unwrap_or_default();
+            if !text.is_empty() && !text.ends_with(b"\n") {
+                text.push(b'\n');
+            }
+            text.extend_from_slice(format!("{USER}:{SUB_START}:{SUB_COUNT}\n").as_bytes());
+            saved.push((path.clone(), old));
+            std::fs::write(&path, text).unwrap();
+        }
+        SubordinateLines { saved }
+    }
+}
+
+impl Drop for SubordinateLines {
+    fn drop(&mut self) {
+        for (path, old) in &self.saved {
+            let _ = match old {
+                Some(text) => std::fs::write(path, text),
+                None => std::fs::remove_file(path),
+            };
+        }
+    }
+}
+
+/// Processes whose real uid is the user's or in its subordinate range.
+fn processes_of_user_and_range(uid: u32) -> Vec<u32> {
+    let mut pids = processes_of(uid);
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let real = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok());
+        if real.is_some_and(|r| (SUB_START..SUB_START + SUB_COUNT).contains(&r)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A private file of the daemon's user, where every sandbox sees it (the
+/// interpreter's read-only `/usr`); removed when dropped.
+struct PrivateFile(PathBuf);
+
+impl Drop for PrivateFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn unprivileged_daemon_with_a_subordinate_range_runs_each_sandbox_as_its_own_uid() {
+    if skip_unless_root("creates a user, edits /etc/subuid and runs forkd as it") {
+        return;
+    }
+    let helpers = ["/usr/bin/newuidmap", "/usr/bin/newgidmap"];
+    let setuid_root = |h: &str| {
+        std::fs::metadata(h).is_ok_and(|m| {
+            std::os::unix::fs::MetadataExt::uid(&m) == 0 && m.permissions().mode() & 0o4000 != 0
+        })
+    };
+    if !helpers.iter().all(|h| setuid_root(h)) {
+        skipped("newuidmap/newgidmap are not installed setuid root (Debian package uidmap)");
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (uid, gid) = user_ids();
+    assert!(
+        processes_of_user_and_range(uid).is_empty(),
+        "processes of {USER} exist before the test"
+    );
+    let _lines = SubordinateLines::add();
+    let private = PrivateFile(PathBuf::from(format!(
+        "/usr/local/share/forkd-it-private-{}",
+        std::process::id()
+    )));
+    std::fs::write(&private.0, "secret").unwrap();
+    std::os::unix::fs::chown(&private.0, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&private.0, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // `forkd doctor` as the user sees the range.
+    let report = doctor_as(uid, gid);
+    assert!(
+        report.contains(&format!(
+            "PASS  sandbox ids            rootless: each sandbox runs as its own uid of the subordinate range {SUB_START}..{}",
+            SUB_START + SUB_COUNT
+        )),
+        "{report}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.path().join("forkd.sock");
+    let mut daemon = forkd_command(&socket)
+        .uid(uid)
+        .gid(gid)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start forkd as the unprivileged user");
+    wait_for_socket(&socket, &mut daemon);
+
+    let spawn = |code: String| {
+        let mut client = Client::connect(&socket).unwrap();
+        client
+            .spawn(&SpawnRequest {
+                program: Program::Code(code),
+                timeout_ms: Some(60_000),
+                ..SpawnRequest::default()
+            })
+            .unwrap()
+    };
+    // A: caps its processes at 24 (RLIMIT_NPROC counts the processes of its
+    // uid), forks until the kernel refuses, and holds them while B runs.
+    let hog = r#"
+import os, resource, time
+resource.setrlimit(resource.RLIMIT_NPROC, (24, 24))
+n, err = 0, None
+while n < 200:
+    try:
+        pid = os.fork()
+    except OSError as e:
+        err = e.errno
+        break
+    if pid == 0:
+        time.sleep(15)
+        os._exit(0)
+    n += 1
+print(os.getuid(), os.getgid(), n, err)
+time.sleep(8)
+"#;
+    // B: the same cap, a few processes of its own, and the daemon user's
+    // private file.
+    let bystander = format!(
+        r#"
+import os, resource
+resource.setrlimit(resource.RLIMIT_NPROC, (24, 24))
+kids = []
+try:
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        kids.append(pid)
+    forks = "forked"
+except OSError as e:
+    forks = f"fork errno {{e.errno}}"
+for pid in kids:
+    os.waitpid(pid, 0)
+try:
+    open("{private}").read()
+    private = "READ"
+except OSError as e:
+    private = e.errno
+print(os.getuid(), os.getgid(), forks, private)
+print(open("/proc/self/uid_map").read().split())
+print(open("/proc/self/gid_map").read().split())
+"#,
+        private = private.0.display()
+    );
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| spawn(hog.into()));
+        // A has forked its 23 well before this (B waits on a fresh child).
+        std::thread::sleep(Duration::from_secs(3));
+        let b = spawn(bystander);
+        (a.join().unwrap(), b)
+    });
+    let (a_out, b_out) = (a.stdout_lossy(), b.stdout_lossy());
+    assert_eq!(a.exit_code, Some(0), "A: {a_out} {}", a.stderr_lossy());
+    assert_eq!(b.exit_code, Some(0), "B: {b_out} {}", b.stderr_lossy());
+    let a_words: Vec<&str> = a_out.split_whitespace().collect();
+    let b_lines: Vec<&str> = b_out.lines().collect();
+    let b_words: Vec<&str> = b_lines[0].split_whitespace().collect();
+    let (a_uid, b_uid): (u32, u32) = (a_words[0].parse().unwrap(), b_words[0].parse().unwrap());
+    assert!(
+        a_uid != b_uid && (1..=SUB_COUNT).contains(&a_uid) && (1..=SUB_COUNT).contains(&b_uid),
+        "two sandboxes, two ids of the subordinate range: {a_uid} {b_uid}"
+    );
+    assert_eq!(
+        (a_words[1], b_words[1]),
+        (a_words[0], b_words[0]),
+        "gid = uid"
+    );
+    assert_eq!(
+        (a_words[2], a_words[3]),
+        ("23", "11"),
+        "A reached its process cap (EAGAIN): {a_out}"
+    );
+    assert_eq!(
+        b_words[2], "forked",
+        "B's processes are its own uid's, not A's: {b_out}"
+    );
+    assert_eq!(
+        b_words[3], "13",
+        "the daemon user's 0600 file is not the sandbox's: {b_out}"
+    );
+    assert_eq!(
+        b_lines[1],
+        format!("['0', '{uid}', '1', '1', '{SUB_START}', '{SUB_COUNT}']"),
+        "the zygote maps the daemon's uid and the range"
+    );
+    assert_eq!(
+        b_lines[2],
+        format!("['0', '{gid}', '1', '1', '{SUB_START}', '{SUB_COUNT}']")
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status =
+        wait_timeout(&mut daemon, Duration::from_secs(20)).expect("daemon exits after SIGTERM");
+    assert!(status.success(), "daemon exit status {status}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(
+        !log.contains("rootless: every sandbox runs as uid"),
+        "no shared-uid warning with a subordinate range:\n{log}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_of_user_and_range(uid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        processes_of_user_and_range(uid).is_empty(),
+        "processes of {USER} or its range left: {:?}",
+        processes_of_user_and_range(uid)
+    );
+
+    // The lines are there but the helpers cannot work (no_new_privs stops a
+    // setuid program): the daemon does not start, says why and what to do,
+    // and leaves nothing running.
+    let mut command = forkd_command(&socket);
+    command.uid(uid).gid(gid).stderr(Stdio::piped());
+    // SAFETY: prctl takes integers only; nothing is allocated after fork.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without its mapping: {err}");
+    assert!(
+        err.contains("mapping the subordinate id range failed")
+            && err.contains("write to uid_map failed")
+            && err.contains("NoNewPrivileges"),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_of_user_and_range(uid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        processes_of_user_and_range(uid).is_empty(),
+        "processes left after the failed start: {:?}",
+        processes_of_user_and_range(uid)
     );
 }
 
@@ -282,6 +589,19 @@ fn wait_timeout(
     }
     let _ = child.kill();
     None
+}
+
+/// `forkd doctor`'s report (stdout) as the user.
+fn doctor_as(uid: u32, gid: u32) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkd"))
+        .args(["doctor", "--python", "/usr/bin/python3"])
+        .env("FORKD_ZYGOTE_LIB", zygote_library())
+        .current_dir("/")
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The daemon as both rootless tests run it: Debian's interpreter (readable

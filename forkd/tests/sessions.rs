@@ -597,6 +597,126 @@ async fn another_uid_cannot_see_or_touch_a_session() {
     d.finish().await;
 }
 
+/// A cell stopped by a limit says so in one line, in the words of a
+/// one-shot kill (`kill_message`), through the client and `forkd-run
+/// session exec`; the session goes on (a fresh interpreter after an OOM
+/// kill), and a bystander session keeps its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cells_stopped_by_a_limit_say_why_in_one_line() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|c| c.limits.default.memory_bytes = 256 << 20).await;
+    let c = d.client().await;
+    let bystander = create(&c).await;
+    c.run_code(&cell(&bystander, "state = 7")).await.unwrap();
+    let s = create(&c).await;
+    let enforced = c.session_info(&s).await.unwrap().limits.cgroup_enforced;
+
+    let r = c
+        .run_code(&RunCode {
+            timeout_ms: Some(1000),
+            ..cell(&s, "import time\ntime.sleep(30)")
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.error.as_ref().unwrap().name, "KeyboardInterrupt", "{r:?}");
+    assert_eq!(
+        (r.timed_out, r.timeout_ms, r.killed_by),
+        (true, Some(1000), None)
+    );
+    assert_eq!(
+        r.kill_message().as_deref(),
+        Some("interrupted: timed out after 1 s (the timeout)")
+    );
+    // A cell that ends on its own says nothing.
+    let r = c.run_code(&cell(&s, "1 + 1")).await.unwrap();
+    assert_eq!((r.kill_message(), r.timeout_ms), (None, None), "{r:?}");
+
+    // Touching more than the limit: the OOM killer ends the interpreter.
+    const HOG: &str = "chunks = []\nwhile True:\n    chunks.append(b'x' * (16 << 20))";
+    let oom_line = |m: &str| {
+        // `killed: out of memory (limit 256 MiB, peak 255.9 MiB)`; the
+        // peak only where the cgroup reports one.
+        let rest = m.strip_prefix("killed: out of memory (limit 256 MiB")?;
+        let rest = rest.strip_suffix(')')?;
+        (rest.is_empty() || rest.strip_prefix(", peak ")?.ends_with("MiB")).then_some(())
+    };
+    if enforced {
+        let r = c.run_code(&cell(&s, HOG)).await.unwrap();
+        assert_eq!(r.error.as_ref().unwrap().name, "KernelDied", "{r:?}");
+        assert_eq!(r.killed_by, Some(forkd_ipc::KilledBy::Oom), "{r:?}");
+        assert_eq!(r.memory_limit_bytes, Some(256 << 20));
+        let m = r.kill_message().unwrap();
+        println!("an OOM-killed cell: {m}");
+        assert!(oom_line(&m).is_some(), "{m}");
+        // The session goes on in a fresh interpreter, and says nothing more.
+        let r = c.run_code(&cell(&s, "'after'")).await.unwrap();
+        assert_eq!(r.text.as_deref(), Some("'after'"), "{r:?}");
+        assert_eq!(r.kill_message(), None);
+    }
+
+    // forkd-run session exec: the same line, and what to raise.
+    let exec = |args: Vec<String>| {
+        let socket = d.socket.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+                .arg("session")
+                .arg("--socket")
+                .arg(&socket)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let out = exec(vec![
+        "exec".into(),
+        s.clone(),
+        "--timeout".into(),
+        "1".into(),
+        "-c".into(),
+        "import time\ntime.sleep(30)".into(),
+    ])
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("Traceback (most recent call last):\n"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with("KeyboardInterrupt\nforkd-run: cell interrupted: timed out after 1 s (the timeout); raise --timeout\n"),
+        "{err}"
+    );
+    if enforced {
+        let out = exec(vec!["exec".into(), s.clone(), "-c".into(), HOG.into()])
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let mut lines = err.lines();
+        assert!(
+            lines.next().unwrap().starts_with("KernelDied: the interpreter was killed by the out-of-memory killer: the session may use 256 MiB"),
+            "{err}"
+        );
+        let last = lines.next().unwrap();
+        let m = last
+            .strip_prefix("forkd-run: cell ")
+            .and_then(|m| m.strip_suffix("; create the session with a larger --memory"))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(oom_line(m).is_some(), "{err}");
+        assert_eq!(lines.next(), None, "{err}");
+    } else {
+        skipped("the OOM half: no enforced memory limit (no usable cgroup)");
+    }
+    let r = c.run_code(&cell(&bystander, "state")).await.unwrap();
+    assert_eq!(r.text.as_deref(), Some("7"), "bystander: {r:?}");
+    drop(c);
+    d.finish().await;
+}
+
 /// What user code can do to its own session: none of it reaches the
 /// daemon, the executor's channels, or a bystander session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -218,7 +218,7 @@ print(json.dumps(out))
     let res = d.spawn(&r).await.unwrap();
     assert_eq!(res.exit_code, Some(0), "stderr: {}", res.stderr_lossy());
     let v: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
-    assert_eq!(v["cwd"], "/tmp");
+    assert_eq!(v["cwd"], "/home/user");
     assert_eq!(v["value"], 42);
     assert_eq!(v["deep"], "deep");
     let got: Vec<u8> = serde_json::from_value(v["blob"].clone()).unwrap();

@@ -72,7 +72,7 @@ async fn warm_children_serve_requests_like_on_demand_ones() {
     );
     assert!(warm
         .stdout_lossy()
-        .starts_with("sandbox 0000000000000000 0000000000000000 1 2 [1] 30 /tmp"));
+        .starts_with("sandbox 0000000000000000 0000000000000000 1 2 [1] 30 /home/user"));
 
     // The numpy snippet, warm.
     let r = d.run("import numpy; print(numpy.zeros(5).tolist())").await;

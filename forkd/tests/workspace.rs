@@ -285,7 +285,17 @@ R["umount_workspace"] = sc(166, (W + "/src").encode(), 2)
         "OUTSIDE"
     );
     assert!(!t.proj.join("out/wh").exists());
-    // The sandbox next door, without a workspace, still works (warm).
+    // The sandbox next door, without a workspace, still works (warm: on a
+    // loaded machine the pool may still be refilling, so wait for a child).
+    let pool = d
+        .daemon
+        .warm
+        .get("default")
+        .expect("default zygote has a pool");
+    assert!(
+        wait_until(Duration::from_secs(30), || pool.ready() > 0).await,
+        "the warm pool did not refill"
+    );
     let r = d
         .run("import os\ntry:\n    print(os.listdir('/workspace'))\nexcept OSError as e:\n    print(e.errno)")
         .await;
@@ -1067,6 +1077,8 @@ os.mkdir(W + "/out/sub/deeper"); os.link(W + "/out/sub/f", W + "/out/sub/deeper/
 R["s_whiteout"] = op(lambda: os.mknod(W + "/out/w", 0o600 | stat.S_IFCHR, 0))
 R["s_opaque"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y"))
 R["s_src_write"] = op(lambda: write(W + "/src/a.py"))
+R["s_uid"] = op(lambda: os.getuid())
+R["s_mine"] = op(lambda: (os.getgid() == os.getuid(), os.stat(W + "/out/s1.txt").st_uid == os.getuid()))
 "#,
     )
     .await;
@@ -1078,9 +1090,17 @@ R["s_src_write"] = op(lambda: write(W + "/src/a.py"))
             ("s_whiteout", &["EACCES", "EPERM"]),
             ("s_opaque", &["EPERM"]),
             ("s_src_write", &["EROFS"]),
+            ("s_mine", &["ok:(True, True)"]),
         ],
     );
     table.assert_all("overlay session before branching");
+    // The session runs as its own uid, not host root.
+    let s_uid = before.get("s_uid").cloned().unwrap_or_default();
+    assert!(
+        s_uid.starts_with("ok:") && s_uid != "ok:0",
+        "an overlay session's uid: {s_uid}"
+    );
+    let mut host_uids = vec![s_uid];
 
     let branches = c
         .session_branch(forkd_ipc::SessionBranch {
@@ -1126,14 +1146,25 @@ R["proc_root"] = op(lambda: read("/proc/self/root/workspace/secrets/key"))
 R["proc_fd"] = op(lambda: read("/proc/self/fd/%d/../secrets/key" % os.open(W + "/out", os.O_RDONLY)))
 R["whiteout"] = op(lambda: os.mknod(W + "/out/w", 0o600 | stat.S_IFCHR, 0))
 R["opaque"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y"))
+R["host_uid"] = op(lambda: int(read("/proc/self/uid_map").split()[1]))
+R["mine"] = op(lambda: (os.stat(W + "/out/s1.txt").st_uid == os.getuid(), os.access(W + "/out/s1.txt", os.W_OK)))
 "#,
         )
         .await;
+        // Its own host uid (uid 0 of its user namespace), which owns the
+        // copy of the session's changes.
+        let host_uid = got.get("host_uid").cloned().unwrap_or_default();
+        assert!(
+            host_uid.starts_with("ok:") && !host_uids.contains(&host_uid) && host_uid != "ok:0",
+            "a branch's host uid {host_uid}, others {host_uids:?}"
+        );
+        host_uids.push(host_uid);
         let mut table = Table::new();
         expect(
             &mut table,
             &got,
             &[
+                ("mine", &["ok:(True, True)"]),
                 ("x", &["ok:41"]),
                 ("s1", &["ok:'S1'"]),
                 ("old", &["ENOENT"]),
@@ -1243,7 +1274,7 @@ R["opaque"] = op(lambda: os.setxattr(W + "/out", "trusted.overlay.opaque", b"y")
         "(['s1.txt', 's2.txt'], 'S1')"
     );
     // A branch outlives its parent (docs/branch.md, "Lifetime"), workspace
-    // included, though both run as uid 0.
+    // included.
     c.session_kill(&s).await.unwrap();
     assert_eq!(
         common::cells::text(&c, &b2, "open('/workspace/out/b2.txt').read()").await,
@@ -1391,6 +1422,8 @@ R["env"] = op(lambda: read(W + "/.env"))
 R["src_write"] = op(lambda: write(W + "/src/a.py"))
 R["hardlink_in"] = op(lambda: os.link(W + "/src/a.py", W + "/out/hl"))
 R["out_write"] = op(lambda: write(W + "/out/c.txt", "C"))
+# Still its own uid, and the restored copy (and the host layer) still its own.
+R["mine"] = op(lambda: (os.getuid() != 0, os.stat(W + "/out/a.txt").st_uid == os.getuid(), os.stat(W + "/out/keep/k.txt").st_uid == os.getuid(), write(W + "/out/a.txt", "A")))
 "#,
     )
     .await;
@@ -1399,6 +1432,7 @@ R["out_write"] = op(lambda: write(W + "/out/c.txt", "C"))
         &mut table,
         &got,
         &[
+            ("mine", &["ok:(True, True, True, 1)"]),
             ("secret", &["ENOENT"]),
             ("env", &["ENOENT"]),
             ("src_write", &["EROFS"]),
@@ -1505,6 +1539,249 @@ print(json.dumps(R))
     }
     // Root's own key is still warm: the owner's requests did not take it.
     assert!(d.spawn(&as_root).await.unwrap().warm);
+    // The sandbox next door keeps working.
+    assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
+    d.finish().await;
+}
+
+/// An overlay workspace's sandbox (root daemon) runs as its own leased uid
+/// too: the host layer and the upper layer are idmapped (requester <->
+/// sandbox uid, host root stays root), so the requester's files are its
+/// own, root's stay root's (0644: readable, not writable, in a `read` or a
+/// `write` area), what it creates or copies up is its own inside and the
+/// requester's in the upper layer, the host never changes, and the delta
+/// (which carries no owner) applies as the requester.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_workspace_runs_as_its_own_uid() {
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    if skip_unless_root("starts a daemon that mounts workspaces") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("forkd-ovluid-")
+        .tempdir()
+        .unwrap();
+    let base = fs::canonicalize(dir.path()).unwrap();
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).unwrap();
+    let proj = base.join("proj");
+    for d in ["src", "out", "out/rootdir", "out/mydir", "out/other"] {
+        fs::create_dir_all(proj.join(d)).unwrap();
+    }
+    for (f, text, mode) in [
+        ("src/rootfile", "ROOT", 0o644),
+        ("out/rootfile", "ROOT", 0o644),
+        ("out/mine.txt", "MINE", 0o600),
+        ("out/old.txt", "OLD", 0o644),
+        ("out/mydir/m.txt", "M", 0o644),
+        ("out/other.txt", "OTHER", 0o666),
+    ] {
+        fs::write(proj.join(f), text).unwrap();
+        fs::set_permissions(proj.join(f), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    for p in [
+        "",
+        "src",
+        "out",
+        "out/mine.txt",
+        "out/old.txt",
+        "out/mydir",
+        "out/mydir/m.txt",
+    ] {
+        chown(proj.join(p), Some(OWNER.0), Some(OWNER.1)).unwrap();
+    }
+    // A third user's world-writable entries: unmapped ids.
+    fs::set_permissions(proj.join("out/other"), fs::Permissions::from_mode(0o777)).unwrap();
+    for p in ["out/other", "out/other.txt"] {
+        chown(proj.join(p), Some(4343), Some(4343)).unwrap();
+    }
+    // Where the requester receives the delta and applies it.
+    let mine = base.join("mine");
+    fs::create_dir(&mine).unwrap();
+    chown(&mine, Some(OWNER.0), Some(OWNER.1)).unwrap();
+    let roots = base.clone();
+    let d = TestDaemon::start(move |c| {
+        c.workspace_roots = vec![roots];
+        c.allowed_uids = Some(vec![0, OWNER.0]);
+    })
+    .await;
+    if let Some(sock_dir) = d.socket.parent() {
+        fs::set_permissions(sock_dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o777)).unwrap();
+    let body = r#"
+me = os.getuid()
+R["uid"] = "%d:%d" % (me, os.getgid())
+R["write_new"] = op(lambda: write(W + "/out/new.txt", "new"))
+R["new_is_mine"] = op(lambda: (os.stat(W + "/out/new.txt").st_uid, os.stat(W + "/out/new.txt").st_gid) == (me, me))
+R["mkdir_new"] = op(lambda: (os.mkdir(W + "/out/newdir"), write(W + "/out/newdir/f", "F"), os.stat(W + "/out/newdir").st_uid == me))
+R["copy_up"] = op(lambda: (os.stat(W + "/out/mine.txt").st_uid == me, write(W + "/out/mine.txt", "EDITED"), os.stat(W + "/out/mine.txt").st_uid == me, read(W + "/out/mine.txt")))
+R["copy_up_dir"] = op(lambda: (write(W + "/out/mydir/n.txt", "N"), os.stat(W + "/out/mydir").st_uid == me))
+R["delete_mine"] = op(lambda: os.unlink(W + "/out/old.txt"))
+R["root_owner"] = op(lambda: (os.stat(W + "/out/rootfile").st_uid, os.stat(W + "/out/rootfile").st_mode & 0o7777))
+R["root_read"] = op(lambda: read(W + "/out/rootfile"))
+R["root_write"] = op(lambda: write(W + "/out/rootfile", "pwned"))
+R["root_append"] = op(lambda: os.open(W + "/out/rootfile", os.O_WRONLY | os.O_APPEND))
+R["root_chmod"] = op(lambda: os.chmod(W + "/out/rootfile", 0o666))
+R["root_dir_create"] = op(lambda: write(W + "/out/rootdir/x"))
+R["root_file_delete"] = op(lambda: os.unlink(W + "/out/rootfile"))
+R["read_area_root_write"] = op(lambda: write(W + "/src/rootfile", "pwned"))
+R["read_area_root_read"] = op(lambda: read(W + "/src/rootfile"))
+R["chown_to_root"] = op(lambda: os.chown(W + "/out/new.txt", 0, 0))
+R["other_owner"] = op(lambda: os.stat(W + "/out/other.txt").st_uid)
+R["other_write"] = op(lambda: write(W + "/out/other.txt", "pwned"))
+R["other_dir_create"] = op(lambda: write(W + "/out/other/x"))
+R["setuid_bit"] = op(lambda: (os.chmod(W + "/out/new.txt", 0o4755), os.stat(W + "/out/new.txt").st_mode & 0o7777))
+print(json.dumps(R))
+"#;
+    let delta = mine.join("change.tar");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--workspace")
+        .arg(&proj)
+        .args(["--workspace-mode", "overlay", "--rule", "out=write"])
+        .arg("--export-delta")
+        .arg(&delta)
+        .arg("-c")
+        .arg(format!("{PRELUDE}{body}"))
+        .uid(OWNER.0)
+        .gid(OWNER.1)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout} stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: BTreeMap<String, String> =
+        serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("probe JSON");
+    let ids = got.get("uid").cloned().unwrap_or_default();
+    let (uid, gid) = ids.split_once(':').expect("uid:gid");
+    assert_ne!(
+        uid, "0",
+        "an overlay workspace's sandbox must not run as uid 0"
+    );
+    assert_ne!(uid, OWNER.0.to_string(), "its own uid, not the requester's");
+    assert_eq!(uid, gid, "its gid is its uid");
+    let mut table = Table::new();
+    expect(
+        &mut table,
+        &got,
+        &[
+            ("write_new", &["ok:3"]),
+            ("new_is_mine", &["ok:True"]),
+            ("mkdir_new", &["ok:(None, 1, True)"]),
+            ("copy_up", &["ok:(True, 6, True, 'EDITED')"]),
+            ("copy_up_dir", &["ok:(1, True)"]),
+            ("delete_mine", &["ok:None"]),
+            ("root_owner", &["ok:(0, 420)"]),
+            ("root_read", &["ok:'ROOT'"]),
+            ("root_write", &["EACCES"]),
+            ("root_append", &["EACCES"]),
+            ("root_chmod", &["EPERM"]),
+            ("root_dir_create", &["EACCES"]),
+            // out/ is the requester's (the sandbox's): removing an entry
+            // there is a whiteout, not a write to root's file.
+            ("root_file_delete", &["ok:None"]),
+            ("read_area_root_write", &["EROFS"]),
+            ("read_area_root_read", &["ok:'ROOT'"]),
+            ("chown_to_root", &["EPERM"]),
+            ("other_owner", &["ok:65534"]),
+            // The kernel writes no inode with an unmapped owner, whatever
+            // its mode (so nothing of theirs is ever copied up).
+            ("other_write", &["EACCES"]),
+            ("other_dir_create", &["EACCES"]),
+            ("setuid_bit", &["ok:(None, 2541)"]),
+        ],
+    );
+    table.assert_all("overlay workspace as its own uid");
+    // The host never changed.
+    for (f, text) in [
+        ("out/rootfile", "ROOT"),
+        ("out/mine.txt", "MINE"),
+        ("out/old.txt", "OLD"),
+    ] {
+        assert_eq!(fs::read_to_string(proj.join(f)).unwrap(), text, "{f}");
+    }
+    for f in ["out/new.txt", "out/newdir", "out/mydir/n.txt"] {
+        assert!(!proj.join(f).exists(), "{f} reached the host");
+    }
+    // The delta: the changes, no owner (uid/gid 0 in every header), no
+    // setuid bit.
+    let tar = fs::read(&delta).unwrap();
+    assert_eq!(
+        fs::metadata(&delta).unwrap().uid(),
+        OWNER.0,
+        "the client wrote it"
+    );
+    let mut owners = std::collections::BTreeSet::new();
+    let mut archive = tar::Archive::new(&tar[..]);
+    for e in archive.entries().unwrap() {
+        let e = e.unwrap();
+        let h = e.header();
+        owners.insert((h.uid().unwrap(), h.gid().unwrap()));
+        assert_eq!(h.mode().unwrap() & 0o7000, 0, "{:?}", e.path());
+    }
+    assert_eq!(owners.into_iter().collect::<Vec<_>>(), vec![(0, 0)]);
+    let entries = tar_entries(&tar);
+    for (name, content) in [
+        ("out/new.txt", &b"new"[..]),
+        ("out/mine.txt", b"EDITED"),
+        ("out/newdir/f", b"F"),
+        ("out/mydir/n.txt", b"N"),
+    ] {
+        assert_eq!(
+            entries.get(name).map(Vec::as_slice),
+            Some(content),
+            "{name} in {:?}",
+            entries.keys()
+        );
+    }
+    for wh in ["out/.wh.old.txt", "out/.wh.rootfile"] {
+        assert!(entries.contains_key(wh), "{wh} in {:?}", entries.keys());
+    }
+    // The requester applies it to its own copy, as itself.
+    let copy = mine.join("proj");
+    copy_tree(&proj, &copy);
+    for p in [
+        "",
+        "src",
+        "out",
+        "out/mine.txt",
+        "out/old.txt",
+        "out/mydir",
+        "out/mydir/m.txt",
+    ] {
+        chown(copy.join(p), Some(OWNER.0), Some(OWNER.1)).unwrap();
+    }
+    // Deleting root's file needs only its directory, the requester's.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_forkd-run"))
+        .args(["workspace", "apply"])
+        .arg(&delta)
+        .arg(&copy)
+        .args(["--rule", "out=write"])
+        .uid(OWNER.0)
+        .gid(OWNER.1)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "apply as the requester: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(copy.join("out/mine.txt")).unwrap(),
+        "EDITED"
+    );
+    assert_eq!(fs::read_to_string(copy.join("out/newdir/f")).unwrap(), "F");
+    assert!(!copy.join("out/old.txt").exists() && !copy.join("out/rootfile").exists());
+    let meta = fs::metadata(copy.join("out/new.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), OWNER, "applied as the requester");
     // The sandbox next door keeps working.
     assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
     d.finish().await;

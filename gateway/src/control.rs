@@ -203,12 +203,8 @@ fn listed(gw: &Gateway, info: &SessionInfo) -> ListedSandbox {
         cpu_count: cpus,
         memory_mb: info.limits.memory_bytes >> 20,
         disk_size_mb: info.limits.scratch_bytes >> 20,
-        state: if info.state == SessionState::Paused {
-            "paused"
-        } else {
-            "running"
-        }
-        .into(),
+        // Only live sessions are listed (`owned`, `list`).
+        state: crate::e2b_state(info.state).unwrap_or("running").into(),
         envd_version: ENVD_VERSION.into(),
         metadata: metadata_of(&info.labels),
     }
@@ -363,14 +359,9 @@ pub(crate) async fn list(
     let sessions = c.session_list(filter).await?;
     let out = sessions
         .iter()
-        .filter(|s| s.state != SessionState::Ended)
         .filter(|s| {
-            let st = if s.state == SessionState::Paused {
-                "paused"
-            } else {
-                "running"
-            };
-            states.as_ref().map_or(true, |v| v.iter().any(|x| x == st))
+            crate::e2b_state(s.state)
+                .is_some_and(|st| states.as_ref().map_or(true, |v| v.iter().any(|x| x == st)))
         })
         .map(|s| listed(&gw, s))
         .collect();

@@ -15,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forkd_ipc::{CheckpointInfo, ClientError, ErrorCode, SessionBranch, SessionState};
+use forkd_ipc::{CheckpointInfo, ClientError, ErrorCode, SessionBranch};
 use serde::{Deserialize, Serialize};
 
 use crate::control::{body, SandboxModel};
@@ -70,7 +70,7 @@ async fn held(gw: &Gateway, tenant: &str) -> Result<usize, ApiError> {
     Ok(c.session_list(l)
         .await?
         .iter()
-        .filter(|s| s.state != SessionState::Ended)
+        .filter(|s| crate::e2b_state(s.state).is_some())
         .count())
 }
 
@@ -288,7 +288,7 @@ pub(crate) async fn checkpoint(
             .session_list(l)
             .await?
             .iter()
-            .filter(|s| s.state != SessionState::Ended)
+            .filter(|s| crate::e2b_state(s.state).is_some())
             .map(|s| s.checkpoints.len())
             .sum();
         if held >= max {

@@ -184,7 +184,7 @@ impl Gateway {
         let found = c.session_list(l).await?;
         found
             .into_iter()
-            .find(|s| s.state != forkd_ipc::SessionState::Ended)
+            .find(|s| crate::e2b_state(s.state).is_some())
             .map(|s| s.session)
             .ok_or_else(|| {
                 ApiError::new(
@@ -450,7 +450,7 @@ async fn parent_info(gw: &Gateway, sandbox: &str) -> Result<SessionInfo, ApiErro
         .session_info(sandbox)
         .await
         .map_err(|_| ApiError::sandbox_not_found(sandbox))?;
-    if info.state == forkd_ipc::SessionState::Ended {
+    if crate::e2b_state(info.state).is_none() {
         return Err(ApiError::sandbox_not_found(sandbox));
     }
     Ok(info)

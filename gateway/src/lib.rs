@@ -54,6 +54,20 @@ pub const JUPYTER_PORT: u16 = 49999;
 /// (default user, octet-stream uploads) without file metadata (0.6.2).
 pub const ENVD_VERSION: &str = "0.5.7";
 
+/// A forkd session's E2B state: `running` or `paused`; `None` once it
+/// ended. A dormant session (`ended_with_checkpoints`: ended, keeping
+/// checkpoints taken with `keep`) is ended here too: nothing of it runs,
+/// E2B has no such state, and the gateway never sends `keep` (a client of
+/// the daemon's uid can, on a gateway's session), so the E2B API shows it
+/// as gone (404) and it holds no place in the tenant's quota.
+pub(crate) fn e2b_state(state: SessionState) -> Option<&'static str> {
+    match state {
+        SessionState::Running => Some("running"),
+        SessionState::Paused => Some("paused"),
+        SessionState::Ended | SessionState::EndedWithCheckpoints => None,
+    }
+}
+
 /// Label names on the sessions the gateway creates.
 pub mod labels {
     /// The owning tenant.
@@ -266,7 +280,7 @@ impl Gateway {
         };
         let mine = info.labels.get(labels::TENANT).map(String::as_str) == Some(tenant)
             && info.labels.get(labels::KIND).map(String::as_str) == Some(kind);
-        if !mine || info.state == SessionState::Ended {
+        if !mine || e2b_state(info.state).is_none() {
             return Err(ApiError::sandbox_not_found(id));
         }
         Ok(info)
@@ -309,7 +323,7 @@ impl Gateway {
             .session_list(l)
             .await?
             .iter()
-            .filter(|s| s.state != SessionState::Ended)
+            .filter(|s| e2b_state(s.state).is_some())
             .count();
         if held >= max {
             return Err(ApiError::new(
@@ -645,6 +659,23 @@ pub async fn bind(
 )]
 mod tests {
     use super::*;
+
+    /// Every daemon state maps to E2B's: a dormant session is gone, as an
+    /// ended one (E2B has no state for it).
+    #[test]
+    fn session_states_map_to_e2b_states() {
+        for (state, want) in [
+            (SessionState::Running, Some("running")),
+            (SessionState::Paused, Some("paused")),
+            (SessionState::Ended, None),
+            (SessionState::EndedWithCheckpoints, None),
+        ] {
+            assert_eq!(e2b_state(state), want, "{state:?}");
+        }
+        // The wire spelling the daemon sends for the dormant state.
+        let dormant: SessionState = serde_json::from_str("\"ended_with_checkpoints\"").unwrap();
+        assert_eq!(e2b_state(dormant), None);
+    }
 
     #[test]
     fn a_tenant_runs_at_most_its_quota_of_cells_and_a_finished_cell_frees_its_slot() {

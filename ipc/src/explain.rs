@@ -2,7 +2,7 @@
 //! print the same words (the Python client mirrors them in
 //! `Execution.kill_message`), so a kill never shows as a bare empty stderr.
 
-use crate::{KilledBy, SpawnResult};
+use crate::{CellResult, KilledBy, SpawnResult};
 
 /// A byte count as people read it: `512 MiB`, `1 GiB`, `498.3 MiB`, `812 B`.
 pub fn format_bytes(n: u64) -> String {
@@ -24,26 +24,62 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// `killed: out of memory (limit 512 MiB, peak 511.8 MiB)`; without the
+/// peak when it is unknown (0).
+fn out_of_memory(limit: u64, peak: u64) -> String {
+    if peak > 0 {
+        format!(
+            "killed: out of memory (limit {}, peak {})",
+            format_bytes(limit),
+            format_bytes(peak)
+        )
+    } else {
+        format!("killed: out of memory (limit {})", format_bytes(limit))
+    }
+}
+
+/// `timed out after 1.5 s (the timeout)`.
+fn timed_out(timeout_ms: u64) -> String {
+    #[allow(clippy::cast_precision_loss, reason = "milliseconds shown as seconds")]
+    let secs = timeout_ms as f64 / 1000.0;
+    format!("timed out after {secs} s (the timeout)")
+}
+
+impl CellResult {
+    /// Why a limit stopped the cell, in [`SpawnResult::kill_message`]'s
+    /// words: `killed: out of memory (limit 512 MiB, peak 511.8 MiB)` (the
+    /// interpreter was replaced), `interrupted: timed out after 30 s (the
+    /// timeout)` (the cell got `KeyboardInterrupt`; the session keeps its
+    /// state) or `killed: timed out after ...` (it did not stop within the
+    /// interrupt grace: the interpreter was replaced); `None` when no limit
+    /// stopped it.
+    pub fn kill_message(&self) -> Option<String> {
+        if self.killed_by == Some(KilledBy::Oom) {
+            return Some(out_of_memory(
+                self.memory_limit_bytes.unwrap_or(0),
+                self.peak_memory_bytes.unwrap_or(0),
+            ));
+        }
+        if self.timed_out {
+            let replaced = self.error.as_ref().is_some_and(|e| e.name == "KernelDied");
+            return Some(format!(
+                "{}: {}",
+                if replaced { "killed" } else { "interrupted" },
+                timed_out(self.timeout_ms.unwrap_or(0))
+            ));
+        }
+        None
+    }
+}
+
 impl SpawnResult {
     /// Why the sandbox was killed, e.g. `killed: out of memory (limit 512
     /// MiB, peak 511.8 MiB)`; `None` when the program ended on its own.
     pub fn kill_message(&self) -> Option<String> {
         let l = &self.limits;
         Some(match self.killed_by? {
-            KilledBy::Oom if self.usage.peak_memory_bytes > 0 => format!(
-                "killed: out of memory (limit {}, peak {})",
-                format_bytes(l.memory_bytes),
-                format_bytes(self.usage.peak_memory_bytes)
-            ),
-            KilledBy::Oom => format!(
-                "killed: out of memory (limit {})",
-                format_bytes(l.memory_bytes)
-            ),
-            KilledBy::Timeout => {
-                #[allow(clippy::cast_precision_loss, reason = "milliseconds shown as seconds")]
-                let secs = l.timeout_ms as f64 / 1000.0;
-                format!("killed: timed out after {secs} s (the timeout)")
-            }
+            KilledBy::Oom => out_of_memory(l.memory_bytes, self.usage.peak_memory_bytes),
+            KilledBy::Timeout => format!("killed: {}", timed_out(l.timeout_ms)),
             KilledBy::Pids => format!(
                 "killed: process/thread limit reached (pids {}); a fork or thread start failed",
                 l.pids
@@ -149,6 +185,53 @@ mod tests {
             let r = result(killed_by, signal, peak);
             assert_eq!(r.kill_message().as_deref(), want, "{killed_by}");
             assert!(!r.limits_enforced());
+        }
+    }
+
+    /// Cells: the same words, from the cell's own fields (the Python
+    /// client's `CellResult.kill_message` checks the same table).
+    #[test]
+    fn cells_stopped_by_a_limit_read_as_one_line() {
+        let cell = |v: serde_json::Value| -> CellResult {
+            let mut base = serde_json::json!({"execution_count": 1, "stdout": "", "stderr": "", "duration_us": 5});
+            base.as_object_mut()
+                .unwrap()
+                .extend(v.as_object().unwrap().clone());
+            serde_json::from_value(base).unwrap()
+        };
+        let died = serde_json::json!({"name": "KernelDied", "value": "", "traceback": ""});
+        let interrupted =
+            serde_json::json!({"name": "KeyboardInterrupt", "value": "", "traceback": ""});
+        for (fields, want) in [
+            (
+                serde_json::json!({"killed_by": "oom", "memory_limit_bytes": 268435456u64, "peak_memory_bytes": 268173312u64, "error": died}),
+                Some("killed: out of memory (limit 256 MiB, peak 255.8 MiB)"),
+            ),
+            (
+                serde_json::json!({"killed_by": "oom", "memory_limit_bytes": 268435456u64, "error": died}),
+                Some("killed: out of memory (limit 256 MiB)"),
+            ),
+            (
+                serde_json::json!({"timed_out": true, "timeout_ms": 1500, "error": interrupted}),
+                Some("interrupted: timed out after 1.5 s (the timeout)"),
+            ),
+            (
+                serde_json::json!({"timed_out": true, "timeout_ms": 30000, "error": died}),
+                Some("killed: timed out after 30 s (the timeout)"),
+            ),
+            // A cell that caught the KeyboardInterrupt and went on.
+            (
+                serde_json::json!({"timed_out": true, "timeout_ms": 2000}),
+                Some("interrupted: timed out after 2 s (the timeout)"),
+            ),
+            (serde_json::json!({"error": died}), None),
+            (serde_json::json!({}), None),
+        ] {
+            assert_eq!(
+                cell(fields.clone()).kill_message().as_deref(),
+                want,
+                "{fields}"
+            );
         }
     }
 }

@@ -291,6 +291,11 @@ pub struct SpawnRequest {
     /// A host directory mounted into the sandbox with per-path modes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceRequest>,
+    /// The client's own streams that are terminals (`forkd-run` on a tty):
+    /// the program line-buffers these as `python` does on a terminal. They
+    /// stay pipes (`isatty()` is false). Empty: Python's pipe buffering.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub terminal: Vec<Stream>,
 }
 
 /// Python source, or a script path as seen inside the sandbox.

@@ -478,6 +478,19 @@ pub struct CellResult {
     pub timed_out: bool,
     /// Wall time in the session, microseconds.
     pub duration_us: u64,
+    /// `oom` when the out-of-memory killer killed the interpreter during
+    /// the cell (its error is then `KernelDied`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub killed_by: Option<KilledBy>,
+    /// With `timed_out`: the cell's timeout, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// With `killed_by`: the session's memory limit, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// With `killed_by`: the session's peak memory use, bytes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// The final answer to `command` (kind `command`).

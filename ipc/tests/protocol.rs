@@ -45,6 +45,7 @@ fn sample_spawn() -> SpawnRequest {
         policy: Some("default".into()),
         workspace: None,
         allow_net: vec![],
+        terminal: vec![],
     }
 }
 
@@ -145,6 +146,21 @@ fn minimal_spawn_request_exact_json() {
         serde_json::from_str(r#"{"v":1,"id":2,"op":"spawn","program":{"script":"/opt/job.py"}}"#)
             .unwrap();
     assert_eq!(parsed, req);
+}
+
+/// `terminal` (added within version 2) is absent when empty, so a request
+/// without it reads as before, and names the streams in snake case.
+#[test]
+fn terminal_streams_exact_json() {
+    let mut spawn = sample_spawn();
+    assert!(!serde_json::to_string(&spawn).unwrap().contains("terminal"));
+    spawn.terminal = vec![Stream::Stdout, Stream::Stderr];
+    let text = serde_json::to_string(&spawn).unwrap();
+    assert!(
+        text.ends_with(r#""policy":"default","terminal":["stdout","stderr"]}"#),
+        "{text}"
+    );
+    round_trip(&spawn);
 }
 
 #[test]

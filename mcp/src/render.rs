@@ -53,14 +53,22 @@ pub fn cell(r: &CellResult) -> CallToolResult {
     if let (Some(text), false) = (&r.text, r.results.iter().any(|d| d.main)) {
         content.push(ContentBlock::text(text.clone()));
     }
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     if r.stdout_truncated || r.stderr_truncated {
-        notes.push("output was cut at the session's output limit (and the code interrupted)");
+        notes
+            .push("output was cut at the session's output limit (and the code interrupted)".into());
     }
-    if r.timed_out {
-        notes.push("the code hit its timeout and was interrupted (a session keeps its state)");
+    // The same one line as the CLI and clients (`ipc::explain`): which limit
+    // stopped the cell, and whether the session kept its state.
+    if let Some(why) = r.kill_message() {
+        let kept = r.error.as_ref().is_none_or(|e| e.name != "KernelDied");
+        notes.push(if kept {
+            format!("{why}; the session keeps its state")
+        } else {
+            format!("{why}; the session's interpreter was replaced and its state is lost")
+        });
     }
-    let failed = r.error.is_some() || r.timed_out;
+    let failed = r.error.is_some() || r.timed_out || r.killed_by.is_some();
     if let Some(e) = &r.error {
         let mut tb = e.traceback.trim_end().to_owned();
         let last = format!("{}: {}", e.name, e.value);
@@ -243,6 +251,41 @@ mod tests {
         assert!(
             t.ends_with("line 1\nZeroDivisionError: division by zero"),
             "{t}"
+        );
+    }
+
+    #[test]
+    fn cells_stopped_by_a_limit_say_which_in_the_clients_words() {
+        let timed_out = CellResult {
+            timed_out: true,
+            timeout_ms: Some(1500),
+            ..Default::default()
+        };
+        let r = cell(&timed_out);
+        assert_eq!(r.is_error, Some(true));
+        assert_eq!(
+            texts(&r),
+            vec![format!(
+                "[forkd] {}; the session keeps its state",
+                timed_out.kill_message().unwrap()
+            )]
+        );
+        assert!(texts(&r)[0].starts_with("[forkd] interrupted: timed out after 1.5 s"));
+        let oom = cell(&CellResult {
+            killed_by: Some(forkd_ipc::KilledBy::Oom),
+            memory_limit_bytes: Some(256 << 20),
+            peak_memory_bytes: Some(256 << 20),
+            error: Some(CellError {
+                name: "KernelDied".into(),
+                value: "the interpreter died".into(),
+                traceback: String::new(),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(oom.is_error, Some(true));
+        assert_eq!(
+            texts(&oom).last().unwrap(),
+            "[forkd] killed: out of memory (limit 256 MiB, peak 256 MiB); the session's interpreter was replaced and its state is lost"
         );
     }
 

@@ -228,14 +228,14 @@ async fn prepare_child_from(
             .map_err(PrepareError::Cgroup)?;
     let cgroup = CgroupCleanup(Some(cgroup));
 
-    // A root daemon runs each sandbox as its own unprivileged uid. A rootless
-    // one cannot (its zygote's user namespace maps one id): its sandboxes
-    // keep that id. A direct workspace (`owner` set) is idmapped so that
-    // this uid writes as the requester; an overlay workspace, whose layers
-    // are not idmapped, keeps the capability-less uid 0.
+    // A root daemon runs each sandbox as its own unprivileged uid, and so
+    // does a rootless one whose zygotes map a subordinate range; one without
+    // keeps its only mapped id for all (see `uids::per_sandbox`). A
+    // workspace with `owner` set (root daemon; direct or overlay) is
+    // idmapped so that this uid acts as the requester; one without keeps
+    // the capability-less uid 0.
     let own_uid = plan.workspace.as_ref().is_none_or(|w| w.owner.is_some());
-    // SAFETY: geteuid cannot fail.
-    let uid = if plan.isolate && own_uid && unsafe { libc::geteuid() } == 0 {
+    let uid = if plan.isolate && own_uid && crate::uids::per_sandbox() {
         Some(
             from.unwrap_or(crate::uids::global())
                 .lease()
@@ -287,7 +287,7 @@ async fn prepare_child_from(
             w.idmap_to = w.owner.and(uid.as_ref().map(crate::uids::Lease::id));
             w
         }),
-        // A branch of a workspace session keeps the session's uid 0 (above).
+        // A branch of a workspace session without an owner keeps uid 0.
         uid: uid
             .as_ref()
             .map(crate::uids::Lease::id)
@@ -318,7 +318,7 @@ async fn prepare_child_from(
     };
     let forked = match (plan.branch.is_some(), uid) {
         (true, Some(uid)) => zygote.spawn_branch(sandbox, &spec, fds, Some(uid)).await,
-        // A workspace session's branch keeps its uid 0 (`spec.uid`).
+        // A workspace session's branch without an owner: uid 0 (`spec.uid`).
         (true, None) if plan.workspace.is_some() => {
             zygote.spawn_branch(sandbox, &spec, fds, None).await
         }

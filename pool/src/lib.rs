@@ -226,7 +226,9 @@ async fn supervise(slot: Arc<Slot>, cfg: ZygoteConfig) {
                 z
             }
             Err(e) => {
-                tracing::error!(zygote = %cfg.name, "{e}");
+                // Its own target: a front end that reports the start's error
+                // itself (`forkd-run --embedded`) leaves this line out.
+                tracing::error!(target: "forkd_pool::start", zygote = %cfg.name, "{e}");
                 slot.stats.start_failures.fetch_add(1, Ordering::Relaxed);
                 slot.state.send_replace(SlotState::Failed(e));
                 tokio::select! {

@@ -1,7 +1,10 @@
-//! Per-sandbox user and group ids (root daemons).
+//! Per-sandbox user and group ids (root daemons, and rootless daemons with a
+//! subordinate id range).
 //!
 //! Every sandbox runs as its own unprivileged uid (and gid of the same
-//! number), taken from a range no host account uses. Per-user kernel budgets
+//! number), taken from a range no host account uses: for a root daemon host
+//! ids, for a rootless one the ids `1..=count` of its zygotes' user
+//! namespaces, which map its subordinate range ([`configure_subordinate`]). Per-user kernel budgets
 //! (pipe buffers, inotify, POSIX message queues, locked shared memory,
 //! pending signals, RLIMIT_NPROC) are then per sandbox, and owner checks fail
 //! on host objects (root-owned files, sockets, leases).
@@ -12,6 +15,7 @@
 //! process in it is gone, so no process of the old sandbox can hold the id
 //! when it is handed out again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Default first id: far above any account range (useradd, systemd dynamic
@@ -209,6 +213,27 @@ pub fn configure(base: u32, count: u32) -> Result<(), UidError> {
     let range = UidRange::new(base, count)?;
     let _ = RANGE.set(range);
     Ok(())
+}
+
+static SUBORDINATE: AtomicBool = AtomicBool::new(false);
+
+/// A rootless daemon whose zygotes map `count` subordinate ids: sandbox ids
+/// are namespace ids `1..=count`. The first call of this or [`configure`]
+/// wins.
+pub fn configure_subordinate(count: u32) -> Result<(), UidError> {
+    let range = UidRange::new(1, count)?;
+    if RANGE.set(range).is_ok() {
+        SUBORDINATE.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Whether each sandbox gets its own id: always for a root daemon; for a
+/// rootless one only with a subordinate range (otherwise its zygotes map
+/// just its own uid, which every sandbox keeps).
+pub fn per_sandbox() -> bool {
+    // SAFETY: geteuid cannot fail.
+    (unsafe { libc::geteuid() } == 0) || SUBORDINATE.load(Ordering::Relaxed)
 }
 
 /// The process-wide range (the defaults unless [`configure`] ran first).

@@ -74,6 +74,8 @@ pub struct ZygoteConfig {
     pub start_timeout: Duration,
     /// Unprivileged daemon: the zygote makes a user namespace of its own first.
     pub rootless: bool,
+    /// Rootless: a subordinate id range its user namespace maps too.
+    pub subids: Option<forkd_zygote::userns::SubIds>,
 }
 
 pub use forkd_zygote::wire::{Exited, ReadyInfo};
@@ -235,6 +237,7 @@ impl Zygote {
             config: cfg.init.clone(),
             preload: cfg.preload.clone(),
             rootless: cfg.rootless,
+            subids: cfg.subids.clone(),
         };
         if let Err(e) = send(&shared, &init.encode(), &[]).await {
             // Gone before reading init: it ran nothing of ours.

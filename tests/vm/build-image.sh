@@ -22,8 +22,9 @@ cp "$work"/kernel/boot/config-* "$work/kernel-config"
 
 # The root filesystem. minbase already has util-linux (mount, setpriv) and
 # passwd (useradd) for the guest's init script; iproute2 and the veth module
-# are for the egress tests' test hosts (a veth pair into a network namespace).
-timeout 1200 debootstrap --variant=minbase --include=python3,python3-numpy,iproute2 \
+# are for the egress tests' test hosts (a veth pair into a network namespace);
+# uidmap (setuid newuidmap/newgidmap) for the rootless subordinate-id test.
+timeout 1200 debootstrap --variant=minbase --include=python3,python3-numpy,iproute2,uidmap \
     "$suite" "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || {
     tail -30 "$work/debootstrap.log" >&2
     echo "build-image.sh: debootstrap $suite from $mirror failed (log above)" >&2

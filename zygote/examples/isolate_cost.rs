@@ -11,6 +11,9 @@
 //!   ws       uid, with a direct workspace (a clone of a host directory)
 //!   ws-idmap ws, idmapped to an owner (what a root daemon does: the cost
 //!            of the user namespace helper and `MOUNT_ATTR_IDMAP`)
+//!   ov       an overlay workspace without an owner (uid 0, as before)
+//!   ov-idmap an overlay workspace as a root daemon makes it: own uid, host
+//!            and upper layers idmapped (one clone and idmap more)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
@@ -128,13 +131,39 @@ fn main() {
         let m = std::fs::metadata(&ws_dir).unwrap();
         (m.dev(), m.ino())
     };
-    let ws_plan = |owner: Option<(u32, u32)>| forkd_workspace::MountPlan {
+    // An upper layer for the overlay variants, as the daemon makes it: a
+    // tmpfs mounted nowhere, reached through /proc/<pid>/fd/<n>.
+    let upper_mnt = {
+        use rustix::mount::{
+            fsconfig_create, fsconfig_set_string, fsmount, fsopen, FsMountFlags, FsOpenFlags,
+            MountAttrFlags,
+        };
+        let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC).unwrap();
+        fsconfig_set_string(&fs, "size", "64m").unwrap();
+        fsconfig_set_string(&fs, "mode", "0700").unwrap();
+        fsconfig_create(&fs).unwrap();
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).unwrap();
+        for d in ["upper", "work"] {
+            rustix::fs::mkdirat(&mnt, d, rustix::fs::Mode::from_raw_mode(0o755)).unwrap();
+        }
+        mnt
+    };
+    let ws_upper = std::path::PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&upper_mnt)
+    ));
+    let ws_plan = |owner: Option<(u32, u32)>, overlay: bool| forkd_workspace::MountPlan {
         host_root: ws_dir.clone(),
         root_dev: ws_meta.0,
         root_ino: ws_meta.1,
         mount_point: forkd_workspace::DEFAULT_MOUNT_POINT.into(),
-        kind: forkd_workspace::Kind::Direct,
-        upper: None,
+        kind: if overlay {
+            forkd_workspace::Kind::Overlay
+        } else {
+            forkd_workspace::Kind::Direct
+        },
+        upper: overlay.then(|| ws_upper.clone()),
         root_mode: forkd_workspace::Mode::Write,
         hidden: Vec::new(),
         binds: Vec::new(),
@@ -144,7 +173,11 @@ fn main() {
         idmap_to: owner.map(|_| 1_879_048_192),
     };
     let with_ws = |mut s: ChildSpec, owner: Option<(u32, u32)>| {
-        s.workspace = Some(ws_plan(owner));
+        s.workspace = Some(ws_plan(owner, false));
+        s
+    };
+    let with_ov = |mut s: ChildSpec, owner: Option<(u32, u32)>| {
+        s.workspace = Some(ws_plan(owner, true));
         s
     };
     let spec = |uid: Option<u32>| ChildSpec {
@@ -160,7 +193,7 @@ fn main() {
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 8] = [
+    let variants: [(&str, ChildSpec, &Prepared); 10] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
@@ -171,6 +204,12 @@ fn main() {
         (
             "ws-idmap",
             with_ws(spec(Some(1_879_048_192)), Some((4242, 4243))),
+            &masked,
+        ),
+        ("ov", with_ov(spec(None), None), &masked),
+        (
+            "ov-idmap",
+            with_ov(spec(Some(1_879_048_192)), Some((4242, 4243))),
             &masked,
         ),
     ];
@@ -184,6 +223,7 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir(&ws_dir);
+    drop(upper_mnt);
     for ((name, _, _), mut t) in variants.iter().zip(times) {
         t.sort_unstable();
         if t.is_empty() {

@@ -178,10 +178,13 @@ class Zygote:
         lib.forkd_report_signals.argtypes = [ctypes.c_int]
         lib.forkd_terminating.argtypes = []
         lib.forkd_enter_userns.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.forkd_enter_userns_mapped.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t
+        ]
         lib.forkd_branch_join.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
         lib.forkd_branch_seal.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         if msg.get("rootless"):
-            self.become_namespace_root(lib)
+            self.become_namespace_root(lib, msg.get("subids"))
         config = msg["config"]
         config["interpreter_paths"] = interpreter_paths()
         raw = json.dumps(config).encode()
@@ -244,12 +247,18 @@ class Zygote:
             },
         )
 
-    def become_namespace_root(self, lib):
-        """Rootless start: enter a user namespace of our own, then continue as
+    def become_namespace_root(self, lib, subids=None):
+        """Rootless start: enter a user namespace of our own (mapping the
+        daemon's subordinate ids too when it has some), then continue as
         pid 1 of a new pid namespace owned by it (so that pid namespaces made
         per sandbox can be left again with setns). The original process stays
         behind only to relay the inner zygote's exit to the daemon."""
-        if lib.forkd_enter_userns(self.err, ERR_CAP) != 0:
+        if subids:
+            raw = json.dumps(subids).encode()
+            failed = lib.forkd_enter_userns_mapped(raw, len(raw), self.err, ERR_CAP) != 0
+        else:
+            failed = lib.forkd_enter_userns(self.err, ERR_CAP) != 0
+        if failed:
             fatal(self.sock, "rootless zygote: " + self.err.value.decode(errors="replace"))
         errno = lib.forkd_pidns_enter_new()
         if errno != 0:
@@ -565,6 +574,16 @@ def _std_stream(fd, name, errors, unbuffered):
     return stream
 
 
+def line_buffer(names):
+    """The client's stream is a terminal: line-buffer ours as CPython's
+    create_stdio does on one (not under -u/PYTHONUNBUFFERED, which writes
+    through). The stream stays a pipe, so isatty() is still False."""
+    for name in names:
+        stream = sys.stdout if name == "stdout" else sys.stderr if name == "stderr" else None
+        if stream is not None and not stream.write_through and not stream.line_buffering:
+            stream.reconfigure(line_buffering=True)
+
+
 def apply_startup_env(env):
     """Applies what `python` reads from the environment at start-up, as if
     `env` had been set before the interpreter started: PYTHONPATH (sys.path
@@ -871,6 +890,7 @@ def run_job(job, lib):
             apply_startup_env(env)
         except StartupEnvError as e:
             setup_failed(str(e))
+        line_buffer(job.get("line_buffered", ()))
         errno = lib.forkd_report_signals(STATUS_FD)
         if errno != 0:
             setup_failed(f"installing signal reporters failed: {os.strerror(errno)}")
@@ -2620,7 +2640,7 @@ def reopen_held(held, restoring):
         if restoring:
             wanted = kind in (stat_mode.S_IFREG, stat_mode.S_IFDIR, stat_mode.S_IFCHR)
         else:
-            wanted = kind == stat_mode.S_IFREG and path.startswith(("/tmp/", "/dev/shm/"))
+            wanted = kind == stat_mode.S_IFREG and path.startswith(("/tmp/", "/home/user/", "/dev/shm/"))
         try:
             if wanted:
                 new = os.open(path, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))

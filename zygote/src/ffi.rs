@@ -175,6 +175,33 @@ pub unsafe extern "C" fn forkd_enter_userns(err: *mut u8, err_cap: usize) -> i32
     }
 }
 
+/// Rootless start with a subordinate id range: [`forkd_enter_userns`] that
+/// also maps the range given as JSON ([`crate::userns::SubIds`]).
+///
+/// # Safety
+/// `subids` must be valid for reads of `len` bytes; `err` valid for writes
+/// of `err_cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn forkd_enter_userns_mapped(
+    subids: *const u8,
+    len: usize,
+    err: *mut u8,
+    err_cap: usize,
+) -> i32 {
+    // SAFETY: forwarded caller contract.
+    let raw = unsafe { input(subids, len) };
+    let result = serde_json::from_slice::<crate::userns::SubIds>(raw)
+        .map_err(|e| format!("bad subordinate id range: {e}"))
+        .and_then(|sub| {
+            crate::userns::enter_mapped_user_namespace(&sub).map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(()) => 0,
+        // SAFETY: forwarded caller contract.
+        Err(msg) => unsafe { fail(&msg, err, err_cap) },
+    }
+}
+
 /// Rootless start, in the inner zygote: a private mount namespace with a
 /// /proc of its own pid namespace.
 #[no_mangle]

@@ -67,6 +67,16 @@ fn mount_scratch<K: Kernel>(k: &K, bytes: u64, uid: Option<u32>) -> Result<(), I
         k.mount(Some(dir), target, None, libc::MS_BIND, None)
             .map_err(at("bind a scratch directory"))?;
     }
+    // The home and working directory: /tmp's directory under the name an
+    // ordinary user's cwd has (landlock's /tmp rule is on the same inode).
+    k.mount(
+        Some(c"/dev/.scratch/tmp"),
+        c"/home/user",
+        None,
+        libc::MS_BIND,
+        None,
+    )
+    .map_err(at("bind a scratch directory"))?;
     // The stage stays mounted: an unmount waits for an expedited RCU grace
     // period, which serialises concurrent spawns (seconds under a burst).
     // /dev/.scratch/{tmp,shm} are the same directories as /tmp and /dev/shm
@@ -274,7 +284,7 @@ pub fn isolate_with<K: Kernel>(
         None => Vec::new(),
     };
     workspace_rules.append(&mut lock_dirs);
-    k.chdir(c"/tmp").map_err(at("chdir to scratch"))?;
+    k.chdir(c"/home/user").map_err(at("chdir to scratch"))?;
 
     k.sethostname(hostname.as_bytes())
         .map_err(at("set hostname"))?;
@@ -707,6 +717,10 @@ mod tests {
                 "bind a scratch directory",
             ),
             (
+                "mount(/dev/.scratch/tmp, /home/user, -, BIND, -)".into(),
+                "bind a scratch directory",
+            ),
+            (
                 "write_file(/dev/.scratch/.cpu-online, \"0-1\\n\")".into(),
                 "write the sandbox's CPU list",
             ),
@@ -732,7 +746,7 @@ mod tests {
                 "mount(/proc/self/fd/N, /tmp/venv, -, BIND, -)".into(),
                 "bind an interpreter path under /tmp",
             ),
-            ("chdir(/tmp)".into(), "chdir to scratch"),
+            ("chdir(/home/user)".into(), "chdir to scratch"),
             ("sethostname(sandbox)".into(), "set hostname"),
             ("loopback_up()".into(), "bring loopback up"),
             ("setrlimit(CORE, 0)".into(), "RLIMIT_CORE"),
@@ -865,7 +879,7 @@ mod tests {
         );
         b(
             "mount(tmpfs",
-            "chdir(/tmp)",
+            "chdir(/home/user)",
             "the working directory is the child's scratch",
         );
         b(

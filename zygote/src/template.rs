@@ -231,6 +231,10 @@ pub const EMPTY_LOWER: &str = "/dev/.empty";
 /// Mount points each child covers with a fresh tmpfs.
 pub const PER_CHILD_TMPFS: [&str; 2] = ["/tmp", "/dev/shm"];
 
+/// The sandbox's home and working directory: the same scratch directory as
+/// /tmp, bound a second time (a mount point in the root).
+pub const HOME: &str = "/home/user";
+
 /// Empty mount point where each child mounts its one scratch tmpfs and binds
 /// its `tmp` and `shm` directories to /tmp and /dev/shm: one size limit
 /// then covers both.
@@ -359,15 +363,9 @@ fn plan(
             },
         ));
     }
-    // E2B-style home: the scratch under the name agent code expects (a
-    // symlink in the shared template costs nothing per child; a bind
-    // would cost a mount each).
-    out.push((
-        PathBuf::from("/home/user"),
-        Entry::Symlink {
-            target: PathBuf::from("/tmp"),
-        },
-    ));
+    // The home and working directory: each child binds its scratch here
+    // too, so `os.getcwd()` says /home/user as for an ordinary user.
+    out.push((PathBuf::from(HOME), Entry::Dir));
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),

@@ -62,6 +62,9 @@ pub enum ToZygote {
         config: InitConfig,
         preload: Vec<String>,
         rootless: bool,
+        /// Rootless with a subordinate id range to map (once, at start).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subids: Option<crate::userns::SubIds>,
     },
     /// Fork one child with `spec` (a [`crate::ChildSpec`] as JSON, passed
     /// unchanged to the native library). Carries the child's fds: job,
@@ -180,6 +183,10 @@ pub struct Job {
     /// `program`, and reads [`ToExecutor`] frames from the job pipe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<SessionJob>,
+    /// `"stdout"`/`"stderr"`: streams the program line-buffers, as Python
+    /// does on a terminal (the client's stream is one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub line_buffered: Vec<String>,
 }
 
 /// How a session child runs.
@@ -860,6 +867,7 @@ mod tests {
             env: BTreeMap::from([("K".into(), "V".into())]),
             files: vec![],
             session: None,
+            line_buffered: vec!["stdout".into()],
         };
         let frame = job.frame().expect("frame");
         let len = u32::from_be_bytes(frame[..4].try_into().expect("4 bytes")) as usize;

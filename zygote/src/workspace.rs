@@ -143,6 +143,12 @@ const ATTR_IDMAP: u64 = MountAttrFlags::MOUNT_ATTR_IDMAP.bits() as u64;
 /// written as `owner`'s, and every other id (host root included) appears
 /// as the overflow id, which the sandbox's uid is not.
 ///
+/// `mounter`: the layers of an overlay also need host root (the overlay's
+/// mounter, which makes its work directory, whiteouts and copy-up files
+/// with its own credentials) mapped: root stays root (or, when `owner` is
+/// root, root's vfs id 0 is stored as `inner`, the one host id that is
+/// then free). So root's files appear as root's, still not the sandbox's.
+///
 /// The kernel offers no way to make a user namespace without a process in
 /// it: a helper is cloned into a new one with `CLONE_VM | CLONE_VFORK` (no
 /// copy of this large process's page tables; this process waits until the
@@ -154,7 +160,7 @@ const ATTR_IDMAP: u64 = MountAttrFlags::MOUNT_ATTR_IDMAP.bits() as u64;
 /// version had a 2-3 ms tail on a loaded machine). This process is pid 1 of
 /// a new pid namespace while the host's /proc is mounted: the helper's pid
 /// there comes from its pidfd's fdinfo.
-fn idmap_userns(owner: (u32, u32), inner: u32) -> io::Result<OwnedFd> {
+fn idmap_userns(owner: (u32, u32), inner: u32, mounter: bool) -> io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     extern "C" fn helper(_: *mut libc::c_void) -> libc::c_int {
         0
@@ -199,11 +205,11 @@ fn idmap_userns(owner: (u32, u32), inner: u32) -> io::Result<OwnedFd> {
             .ok_or_else(|| io::Error::other("no pid in the helper's pidfd fdinfo"))?;
         std::fs::write(
             format!("/proc/{host_pid}/uid_map"),
-            format!("{} {inner} 1", owner.0),
+            id_map(owner.0, inner, mounter),
         )?;
         std::fs::write(
             format!("/proc/{host_pid}/gid_map"),
-            format!("{} {inner} 1", owner.1),
+            id_map(owner.1, inner, mounter),
         )?;
         let ns = std::fs::File::open(format!("/proc/{host_pid}/ns/user"))?;
         Ok(OwnedFd::from(ns))
@@ -220,6 +226,21 @@ fn idmap_userns(owner: (u32, u32), inner: u32) -> io::Result<OwnedFd> {
         );
     }
     made
+}
+
+/// One uid or gid map of [`idmap_userns`]: `owner` (on disk) is `inner`
+/// (to the sandbox); with `mounter`, host id 0 is also mapped, to 0 on disk,
+/// or to `inner` on disk when `owner` is 0 itself (neither side of a map
+/// may repeat an id).
+fn id_map(owner: u32, inner: u32, mounter: bool) -> String {
+    let mut map = format!("{owner} {inner} 1\n");
+    if mounter && inner != 0 {
+        let disk = if owner == 0 { inner } else { 0 };
+        if disk != owner {
+            map.push_str(&format!("{disk} 0 1\n"));
+        }
+    }
+    map
 }
 
 /// Idmaps one detached mount with `userns` (see [`idmap_userns`]).
@@ -295,7 +316,7 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
     // The host mounts the sandbox may write, idmapped to the requester.
     let userns = match (plan.owner, plan.idmap_to) {
         (Some(owner), Some(inner)) => Some(
-            idmap_userns(owner, inner)
+            idmap_userns(owner, inner, plan.kind == Kind::Overlay)
                 .map_err(at("make the user namespace of the workspace's idmap"))?,
         ),
         _ => None,
@@ -313,9 +334,9 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
         if let Some(mask) = &mask {
             fsconfig_set_fd(&fs, "lowerdir+", mask).map_err(errno("overlay mask layer"))?;
         }
-        // Direct mode idmaps the host layer too (overlayfs cannot be
-        // idmapped itself, EINVAL; 6.18 takes idmapped layers), so the
-        // requester's files read as the sandbox's.
+        // The host layer is idmapped too (overlayfs cannot be idmapped
+        // itself, EINVAL; 6.18 takes idmapped layers), so the requester's
+        // files read as the sandbox's.
         let idmapped_root = match &userns {
             Some(ns) => {
                 let clone =
@@ -327,6 +348,9 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
         };
         let host_layer = idmapped_root.as_ref().map_or(root.as_fd(), AsFd::as_fd);
         fsconfig_set_fd(&fs, "lowerdir+", host_layer).map_err(errno("overlay host layer"))?;
+        // The upper layer's idmapped clone: held until the overlay is
+        // made (closing a detached mount's last descriptor dissolves it).
+        let mut upper_clone = None;
         if plan.kind == Kind::Overlay {
             let upper = plan
                 .upper
@@ -334,9 +358,26 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
                 .ok_or_else(|| other("overlay", "no upper directory in the plan"))?;
             // The daemon's path (often `/proc/<daemon>/fd/<n>`, a detached
             // tmpfs: a magic link by design), so opened as given.
+            let layer = rustix::fs::open(
+                upper,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                FsMode::empty(),
+            )
+            .map_err(errno("open the overlay's upper layer"))?;
+            // With an idmap, a clone of the layer idmapped as the lower is:
+            // what the sandbox's uid writes is stored as the requester's
+            // (upper and work stay on one mount, as overlayfs requires).
+            if let Some(ns) = &userns {
+                let clone = open_tree(&layer, "", CLONE)
+                    .map_err(errno("clone the overlay's upper layer"))?;
+                idmap(clone.as_fd(), Some(ns)).map_err(at("idmap the upper layer"))?;
+                upper_clone = Some(clone);
+            }
+            let layer = upper_clone.as_ref().map_or(layer.as_fd(), AsFd::as_fd);
             let open_dir = |name: &str| {
-                rustix::fs::open(
-                    upper.join(name),
+                rustix::fs::openat(
+                    layer,
+                    name,
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     FsMode::empty(),
                 )
@@ -358,6 +399,7 @@ pub fn prepare(plan: &MountPlan) -> Result<Prepared<'_>, WorkspaceError> {
             }
         }
         fsconfig_create(&fs).map_err(errno("create the overlay"))?;
+        drop(upper_clone);
         let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
         if plan.kind == Kind::Direct || !root_write {
             attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
@@ -499,5 +541,20 @@ impl Prepared<'_> {
                 Ok((fd, rights(g.access, abi)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_map;
+
+    #[test]
+    fn overlay_idmaps_keep_the_overlays_mounter_mapped() {
+        // Direct mode: the requester only.
+        assert_eq!(id_map(1000, 5000, false), "1000 5000 1\n");
+        // Overlay layers: host root stays root on disk.
+        assert_eq!(id_map(1000, 5000, true), "1000 5000 1\n0 0 1\n");
+        // A root requester: root's vfs id is stored as the sandbox's uid.
+        assert_eq!(id_map(0, 5000, true), "0 5000 1\n5000 0 1\n");
     }
 }

@@ -524,6 +524,29 @@ class KillMessageTest(unittest.TestCase):
             )
             self.assertEqual(r.kill_message, want, killed_by)
 
+    def test_cells_stopped_by_a_limit_read_as_one_line(self) -> None:
+        from forkd._session_wire import CellResult
+
+        died = {"name": "KernelDied", "value": "", "traceback": ""}
+        interrupted = {"name": "KeyboardInterrupt", "value": "", "traceback": ""}
+        for fields, want in [
+            (
+                {"killed_by": "oom", "memory_limit_bytes": 268435456, "peak_memory_bytes": 268173312, "error": died},
+                "killed: out of memory (limit 256 MiB, peak 255.8 MiB)",
+            ),
+            ({"killed_by": "oom", "memory_limit_bytes": 268435456, "error": died}, "killed: out of memory (limit 256 MiB)"),
+            (
+                {"timed_out": True, "timeout_ms": 1500, "error": interrupted},
+                "interrupted: timed out after 1.5 s (the timeout)",
+            ),
+            ({"timed_out": True, "timeout_ms": 30000, "error": died}, "killed: timed out after 30 s (the timeout)"),
+            ({"timed_out": True, "timeout_ms": 2000}, "interrupted: timed out after 2 s (the timeout)"),
+            ({"error": died}, None),
+            ({}, None),
+        ]:
+            wire = dict({"execution_count": 1, "stdout": "", "stderr": "", "duration_us": 5}, **fields)
+            self.assertEqual(CellResult.from_wire(wire).kill_message, want, fields)
+
 
 class NoDaemonTest(unittest.TestCase):
     """Failure modes that need no daemon (or a fake one on a real socket)."""

@@ -174,7 +174,10 @@ class SyncSessionTest(DaemonTest):
         r = s.run_code("while True: pass", timeout=0.3)
         self.assertTrue(r.timed_out)
         self.assertEqual(r.error.name, "KeyboardInterrupt")
+        # Said as a one-shot kill is (the daemon's cell fields).
+        self.assertEqual(r.kill_message, "interrupted: timed out after 0.3 s (the timeout)")
         self.assertEqual(s.run_code("kept").text, "'yes'")
+        self.assertIsNone(s.run_code("kept").kill_message)
 
     def test_a_callback_that_raises_cancels_the_cell(self) -> None:
         fk = self.client(timeout=CALL_BOUND)
@@ -214,7 +217,7 @@ class SyncSessionTest(DaemonTest):
 
         listing = s.files.list("data")
         self.assertEqual([(e.name, e.type, e.size) for e in listing], [("big.bin", "file", 100 << 20)])
-        self.assertEqual(listing[0].path, "/tmp/data/big.bin")
+        self.assertEqual(listing[0].path, "/home/user/data/big.bin")  # the working directory
         self.assertEqual(s.files.stat("/tmp/data").type, "dir")
         s.files.write("note.txt", "héllo")
         self.assertEqual(s.files.read("note.txt", format="text"), "héllo")

@@ -384,7 +384,25 @@ fn build_request(args: &Args) -> Result<SpawnRequest, String> {
         policy: args.policy.clone(),
         workspace: build_workspace(args)?,
         allow_net: args.allow_net.clone(),
+        terminal: terminal_streams(args),
     })
+}
+
+/// Our streams that are terminals, where the program's output is mirrored
+/// (not with --json or -n): the program line-buffers them, as `python`
+/// does on a terminal, so a line printed before a crash or a kill shows.
+fn terminal_streams(args: &Args) -> Vec<forkd_ipc::Stream> {
+    if args.json || args.count != 1 {
+        return Vec::new();
+    }
+    let mut streams = Vec::new();
+    if std::io::stdout().is_terminal() {
+        streams.push(forkd_ipc::Stream::Stdout);
+    }
+    if std::io::stderr().is_terminal() {
+        streams.push(forkd_ipc::Stream::Stderr);
+    }
+    streams
 }
 
 /// As with python, everything after `-c CODE` or `-m MODULE` is the
@@ -459,7 +477,16 @@ fn main() -> ExitCode {
         eprintln!("forkd-run: -n must be at least 1");
         return ExitCode::from(2);
     }
-    forkd::init_logging(if args.embedded { "warn" } else { "error" }, false);
+    // An embedded start failure is said once, by us (exit 3), not also by
+    // the pool's log line.
+    forkd::init_logging(
+        if args.embedded {
+            "warn,forkd_pool::start=off"
+        } else {
+            "error"
+        },
+        false,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

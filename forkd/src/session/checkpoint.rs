@@ -187,8 +187,18 @@ pub async fn restore(
         .find(|r| r.id == id)
         .and_then(|r| r.workspace.clone());
     if let Some(kept) = kept {
-        let fresh = kept.with_copied_layer(session.limits.scratch_bytes).await?;
+        let mut fresh = kept.with_copied_layer(session.limits.scratch_bytes).await?;
         let pidfd = session.pidfd().ok_or_else(|| session.ended_error())?;
+        // Idmapped for the session's own host uid, as its first mount was.
+        if fresh.plan.owner.is_some() {
+            let uid = crate::branch_copy::uid_of(session.pid).map_err(|e| {
+                error(
+                    ErrorCode::Internal,
+                    format!("the session's uid for its workspace: {e}"),
+                )
+            })?;
+            fresh.plan.idmap_to = (uid != 0).then_some(uid);
+        }
         fresh.remount_in(pidfd).await?;
         *lock(&session.workspace) = Some(Arc::new(fresh));
     }

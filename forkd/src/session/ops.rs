@@ -26,7 +26,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// The working directory of a session's interpreter and commands: its
 /// scratch (writable, private, counted in `scratch_bytes`), by the name
-/// E2B users expect (`/home/user` is a symlink to `/tmp` in every sandbox).
+/// E2B users expect (`/home/user` is /tmp's directory bound a second time).
 pub const SESSION_CWD: &str = "/home/user";
 
 /// Where a streamed request's events go: the connection's reply queue,
@@ -318,7 +318,7 @@ pub async fn branch(
     if let (Some(of), true) = (&parent.parent, parent.has_workspace()) {
         return Err(error(
             ErrorCode::InvalidRequest,
-            format!("session {} is a branch with a workspace (of {of}); it cannot be branched: like every overlay-workspace sandbox it runs as uid 0, with no host uids for branches of its own (docs/branch.md, \"Workspaces\"); branch {of} instead, or checkpoint and restore this one", parent.id),
+            format!("session {} is a branch with a workspace (of {of}); it cannot be branched: branching a branch that has a workspace is not built (docs/branch.md, \"Workspaces\"); branch {of} instead, or checkpoint and restore this one", parent.id),
         ));
     }
     if let (Some(grandparent), None) = (&parent.parent, &parent.descendant_uids) {
@@ -953,9 +953,14 @@ pub async fn run_code(
                 "the interpreter was killed by the out-of-memory killer: the session may use {} MiB (limits.memory_bytes). Its state (variables, imports) is lost; a fresh interpreter runs the next cells",
                 session.limits.memory_bytes >> 20
             );
+            result.killed_by = Some(forkd_ipc::KilledBy::Oom);
+            result.memory_limit_bytes = Some(session.limits.memory_bytes);
+            result.peak_memory_bytes =
+                Some(session.usage_now().peak_memory_bytes).filter(|p| *p > 0);
         }
     }
     result.timed_out = timed_out;
+    result.timeout_ms = timed_out.then_some(timeout_ms);
     result.duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     Ok(result)
 }

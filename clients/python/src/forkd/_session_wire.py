@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from ._protocol import SESSION_PROTOCOL_VERSION, B64Payload, Workspace, _unb64, parse_size
+from ._protocol import SESSION_PROTOCOL_VERSION, B64Payload, Workspace, _unb64, format_bytes, parse_size
 from .errors import InvalidArgument, ProtocolError
 
 __all__ = [
@@ -265,6 +265,11 @@ def _u(obj: Mapping[str, Any], key: str) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
+def _opt_u(obj: Mapping[str, Any], key: str) -> Optional[int]:
+    v = obj.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -422,6 +427,37 @@ class CellResult:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     duration_us: int = 0
+    killed_by: Optional[str] = None
+    """``"oom"`` when the out-of-memory killer killed the interpreter during
+    the cell (``error`` is then ``KernelDied``)."""
+    timeout_ms: Optional[int] = None
+    """With ``timed_out``: the cell's timeout, milliseconds."""
+    memory_limit_bytes: Optional[int] = None
+    """With ``killed_by``: the session's memory limit, bytes."""
+    peak_memory_bytes: Optional[int] = None
+    """With ``killed_by``: the session's peak memory use, bytes, when known."""
+
+    @property
+    def kill_message(self) -> Optional[str]:
+        """Why a limit stopped the cell, in ``Execution.kill_message``'s words:
+        ``"killed: out of memory (limit 512 MiB, peak 511.8 MiB)"`` (the
+        interpreter was replaced), ``"interrupted: timed out after 30 s (the
+        timeout)"`` (``KeyboardInterrupt``; the session keeps its state) or
+        ``"killed: timed out after ..."`` (it did not stop within the
+        interrupt grace: the interpreter was replaced); ``None`` when no limit
+        stopped it. ipc/src/explain.rs has the same words."""
+        if self.killed_by == "oom":
+            msg = f"killed: out of memory (limit {format_bytes(self.memory_limit_bytes or 0)}"
+            if self.peak_memory_bytes:
+                msg += f", peak {format_bytes(self.peak_memory_bytes)}"
+            return msg + ")"
+        if self.timed_out:
+            secs = (self.timeout_ms or 0) / 1000
+            # As Rust prints an f64: 30, 1.5.
+            shown = str(int(secs)) if secs.is_integer() else repr(secs)
+            how = "killed" if self.error is not None and self.error.name == "KernelDied" else "interrupted"
+            return f"{how}: timed out after {shown} s (the timeout)"
+        return None
 
     @property
     def stdout(self) -> str:
@@ -461,6 +497,10 @@ class CellResult:
             stdout_truncated=bool(obj.get("stdout_truncated", False)),
             stderr_truncated=bool(obj.get("stderr_truncated", False)),
             duration_us=_u(obj, "duration_us"),
+            killed_by=obj["killed_by"] if isinstance(obj.get("killed_by"), str) else None,
+            timeout_ms=_opt_u(obj, "timeout_ms"),
+            memory_limit_bytes=_opt_u(obj, "memory_limit_bytes"),
+            peak_memory_bytes=_opt_u(obj, "peak_memory_bytes"),
         )
 
 
