@@ -99,6 +99,8 @@ pub struct Config {
     /// Where a rootless daemon's overlay workspaces keep their upper layers;
     /// default `workspaces/` beside the configured (or default) socket.
     pub workspace_dir: Option<PathBuf>,
+    /// Warm children per workspace (docs/workspaces.md, "Warm children").
+    pub workspace_warm: WorkspaceWarmSection,
     /// Egress bound and resolver settings (requests with `allow_net`).
     pub network: NetworkSection,
     /// Session lifetimes and bounds.
@@ -212,6 +214,7 @@ impl Default for Config {
             workspaces: BTreeMap::new(),
             workspace_roots: Vec::new(),
             workspace_dir: None,
+            workspace_warm: WorkspaceWarmSection::default(),
             network: NetworkSection::default(),
             sessions: SessionsSection::default(),
             http: HttpSection::default(),
@@ -506,7 +509,9 @@ impl Config {
                 .zygote_sections()
                 .iter()
                 .map(|z| z.warm_pool_bounds().1 as u64)
-                .sum::<u64>();
+                .sum::<u64>()
+            + (self.workspace_warm.per_key as u64)
+                .saturating_mul(self.workspace_warm.max_keys as u64);
         2 * holders
     }
 
@@ -613,7 +618,7 @@ impl Config {
         let needed = self.sandbox_ids_needed();
         if u64::from(self.sandbox_uid_count) < needed {
             return Err(ConfigError::Invalid(format!(
-                "sandbox_uid_count {} is too small: max_concurrent plus the warm pools hold {} ids at once; give at least {needed}",
+                "sandbox_uid_count {} is too small: max_concurrent plus the warm pools (workspace_warm included) hold {} ids at once; give at least {needed}",
                 self.sandbox_uid_count,
                 needed / 2
             )));
@@ -1034,6 +1039,18 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("sandbox_uid_count"), "{e}");
     }
+
+    #[test]
+    fn workspace_warm_is_bounded() {
+        let c = Config::from_toml("[workspace_warm]\nper_key = 0").unwrap();
+        c.validate().unwrap();
+        for bad in ["per_key = 17", "per_key = 8\nmax_keys = 9"] {
+            let c = Config::from_toml(&format!("[workspace_warm]\n{bad}")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("workspace_warm"), "{e}");
+        }
+        assert!(Config::from_toml("[workspace_warm]\nper_keys = 1").is_err());
+    }
 }
 
 // --- sections of the configuration that other modules interpret ---
@@ -1248,6 +1265,15 @@ fn validate_workspaces(config: &Config) -> Result<(), ConfigError> {
         Rules::parse(&ws.rules, mode)
             .map_err(|e| ConfigError::Invalid(format!("workspaces.{name}.rules: {e}")))?;
     }
+    let w = config.workspace_warm;
+    if w.per_key > MAX_WARM_PER_KEY
+        || w.per_key.saturating_mul(w.max_keys) > MAX_WARM_WORKSPACE_CHILDREN
+    {
+        return Err(ConfigError::Invalid(format!(
+            "workspace_warm: per_key ({}) may be at most {MAX_WARM_PER_KEY} and per_key x max_keys ({}) at most {MAX_WARM_WORKSPACE_CHILDREN}; lower them (each warm child holds a sandbox uid, a cgroup and its mounts)",
+            w.per_key, w.max_keys
+        )));
+    }
     for root in &config.workspace_roots {
         if !root.is_absolute() {
             return Err(ConfigError::Invalid(format!(
@@ -1257,4 +1283,34 @@ fn validate_workspaces(config: &Config) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// Most warm children kept for one workspace key.
+const MAX_WARM_PER_KEY: usize = 16;
+/// Most warm workspace children in all.
+const MAX_WARM_WORKSPACE_CHILDREN: usize = 64;
+
+/// `[workspace_warm]`: children kept ready, with the workspace already
+/// mounted, for workspace requests seen recently (docs/workspaces.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkspaceWarmSection {
+    /// Children kept ready per key (workspace, rules, mode, requester,
+    /// zygote, policy and limits); 0 turns warm workspace children off.
+    pub per_key: usize,
+    /// Most keys kept at once; a new key drops the least recently used.
+    pub max_keys: usize,
+    /// A key no request used for this long is dropped with its children,
+    /// milliseconds.
+    pub idle_ms: u64,
+}
+
+impl Default for WorkspaceWarmSection {
+    fn default() -> Self {
+        WorkspaceWarmSection {
+            per_key: 2,
+            max_keys: 4,
+            idle_ms: 60_000,
+        }
+    }
 }

@@ -197,6 +197,14 @@ impl Running {
             );
             pool.shutdown().await;
         }
+        let s = &d.ws_warm.stats;
+        tracing::info!(
+            hits = s.hits.load(Ordering::Relaxed),
+            misses = s.misses.load(Ordering::Relaxed),
+            refills = s.refills.load(Ordering::Relaxed),
+            "warm workspace children stopped"
+        );
+        d.ws_warm.shutdown().await;
         d.pool.shutdown(Duration::from_secs(2)).await;
         let stock = d.netns.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -472,6 +480,7 @@ pub async fn start_with(
         shutdown_rx.clone(),
         draining_rx.clone(),
         network,
+        settings.config.workspace_warm.into(),
     ));
     tracing::info!(socket = %socket.display(), "forkd listening");
 

@@ -31,6 +31,7 @@ pub mod subids;
 pub(crate) mod sys;
 pub mod systemd;
 pub mod workspace;
+pub mod ws_warm;
 
 pub use config::Config;
 pub use daemon::{start, start_with, Running, StartError};

@@ -379,9 +379,14 @@ pub async fn run_sandbox_with(
     let _slot = acquire_slot(state).await?;
     let _in_flight = state.load.enter();
     let mut plan = plan_for(policy, &limits);
-    plan.workspace = workspace.as_ref().map(|w| w.plan.clone());
     let export_delta = req.workspace.as_ref().is_some_and(|w| w.export_delta);
-    let (child, warm) = obtain_child(state, &zygote_name, &plan).await?;
+    // A workspace's child may be one made warm for it (crate::ws_warm).
+    let (ws_child, workspace) =
+        crate::ws_warm::take(state, &zygote_name, &mut plan, workspace).await?;
+    let (child, warm) = match ws_child {
+        Some(child) => (child, true),
+        None => obtain_child(state, &zygote_name, &plan).await?,
+    };
     // Open the allowlist before the job (and so the program) goes in; on
     // failure the unused child is killed when dropped.
     let egress = match allow {

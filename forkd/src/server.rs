@@ -125,7 +125,7 @@ async fn spawn_request(
                     gid: peer.gid,
                     pid: peer.pid,
                 };
-                match crate::workspace::prepare(
+                match crate::workspace::plan_request(
                     &server.admission.workspaces,
                     w,
                     Some(who),

@@ -27,6 +27,8 @@ pub struct State {
     draining: watch::Receiver<bool>,
     /// Egress for requests with `allow_net`.
     pub network: crate::network::Network,
+    /// Warm children per workspace (crate::ws_warm).
+    pub ws_warm: Arc<crate::ws_warm::WsWarm>,
 }
 
 impl State {
@@ -38,6 +40,7 @@ impl State {
         shutdown: watch::Receiver<bool>,
         draining: watch::Receiver<bool>,
         network: crate::network::Network,
+        ws_warm: crate::ws_warm::Policy,
     ) -> State {
         State {
             pool: makers.supervisor.clone(),
@@ -51,6 +54,7 @@ impl State {
             shutdown,
             draining,
             network,
+            ws_warm: Arc::new(crate::ws_warm::WsWarm::new(ws_warm, makers.clone())),
         }
     }
 

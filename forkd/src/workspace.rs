@@ -349,6 +349,11 @@ fn cached_plan(checked: &Checked) -> Result<MountPlan, ErrorReply> {
 pub struct Ready {
     pub plan: MountPlan,
     upper: Option<Upper>,
+    /// Overlay mode whose upper layer is not made yet (a warm child brings
+    /// its own): where a rootless daemon makes it, and its size.
+    pending_upper: Option<(PathBuf, u64)>,
+    /// Who asked (uid, gid): warm children are kept per requester.
+    pub(crate) requester: Option<(u32, u32)>,
 }
 
 /// The overlay's upper layer. As root: a tmpfs of the sandbox's scratch
@@ -393,6 +398,19 @@ pub async fn prepare(
     who: Option<Requester>,
     scratch_bytes: u64,
 ) -> Result<Ready, ErrorReply> {
+    let ready = plan_request(config, req, who, scratch_bytes).await?;
+    ready.with_upper().await
+}
+
+/// Checks and plans (on a blocking thread), for the requesting peer, now;
+/// an overlay's upper layer is left to [`Ready::with_upper`] (or comes with
+/// a warm child, `crate::ws_warm`).
+pub async fn plan_request(
+    config: &Policy,
+    req: &WorkspaceRequest,
+    who: Option<Requester>,
+    scratch_bytes: u64,
+) -> Result<Ready, ErrorReply> {
     let checked = check(config, req, who)?;
     let base = config.dir.clone();
     tokio::task::spawn_blocking(move || -> Result<Ready, ErrorReply> {
@@ -406,27 +424,72 @@ pub async fn prepare(
         if unsafe { libc::geteuid() } == 0 {
             plan.owner = who.map(|w| (w.uid, w.gid));
         }
-        let upper = if checked.kind == Kind::Overlay {
-            let failed = |e: std::io::Error| ErrorReply {
-                code: ErrorCode::SpawnFailed,
-                message: format!("cannot make the overlay's upper layer: {e}"),
-            };
-            let upper = make_upper(&base, scratch_bytes).map_err(failed)?;
-            if let (Some(_), Upper::Detached(layer)) = (plan.owner, &upper) {
-                like_host_root(&plan, layer).map_err(failed)?;
-            }
-            plan.upper = Some(upper.path());
-            Some(upper)
-        } else {
-            None
-        };
-        Ok(Ready { plan, upper })
+        let pending_upper = (checked.kind == Kind::Overlay).then_some((base, scratch_bytes));
+        Ok(Ready {
+            plan,
+            upper: None,
+            pending_upper,
+            requester: who.map(|w| (w.uid, w.gid)),
+        })
     })
     .await
     .map_err(|e| ErrorReply {
         code: ErrorCode::Internal,
         message: format!("workspace planning: {e}"),
     })?
+}
+
+impl Ready {
+    /// Whether this workspace's child may come from warm children made for
+    /// it: direct mode, or overlay mode before its upper layer was made.
+    pub(crate) fn warmable(&self) -> bool {
+        self.upper.is_none()
+    }
+
+    /// The same workspace without an upper layer (what warm children are
+    /// keyed on and made from).
+    pub(crate) fn blank(&self) -> Ready {
+        let mut plan = self.plan.clone();
+        plan.upper = None;
+        Ready {
+            plan,
+            upper: None,
+            pending_upper: self.pending_upper.clone(),
+            requester: self.requester,
+        }
+    }
+
+    /// Makes the overlay's upper layer if it is still to be made (blocking:
+    /// a rootless daemon creates directories).
+    pub(crate) fn fill_upper(&mut self) -> Result<(), ErrorReply> {
+        let Some((base, scratch_bytes)) = self.pending_upper.take() else {
+            return Ok(());
+        };
+        let failed = |e: std::io::Error| ErrorReply {
+            code: ErrorCode::SpawnFailed,
+            message: format!("cannot make the overlay's upper layer: {e}"),
+        };
+        let upper = make_upper(&base, scratch_bytes).map_err(failed)?;
+        if let (Some(_), Upper::Detached(layer)) = (self.plan.owner, &upper) {
+            like_host_root(&self.plan, layer).map_err(failed)?;
+        }
+        self.plan.upper = Some(upper.path());
+        self.upper = Some(upper);
+        Ok(())
+    }
+
+    /// [`Ready::fill_upper`] on a blocking thread.
+    pub async fn with_upper(mut self) -> Result<Ready, ErrorReply> {
+        if self.pending_upper.is_none() {
+            return Ok(self);
+        }
+        tokio::task::spawn_blocking(move || self.fill_upper().map(|()| self))
+            .await
+            .map_err(|e| ErrorReply {
+                code: ErrorCode::Internal,
+                message: format!("workspace upper layer: {e}"),
+            })?
+    }
 }
 
 /// Gives a fresh upper layer's root the owner and mode of the host
@@ -534,6 +597,8 @@ impl Ready {
             Ok(Ready {
                 plan,
                 upper: Some(upper),
+                pending_upper: None,
+                requester: None,
             })
         })
         .await

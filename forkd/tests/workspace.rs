@@ -143,10 +143,6 @@ async fn probe(
         res.stdout_lossy(),
         res.stderr_lossy()
     );
-    assert!(
-        !res.warm,
-        "a workspace request must not take a pre-isolated warm child"
-    );
     let out = res.stdout_lossy();
     let line = out.lines().last().unwrap_or("{}");
     (serde_json::from_str(line).expect("probe JSON"), res)
@@ -1523,11 +1519,26 @@ R["chown_to_root"] = op(lambda: os.chown(W + "/out/new.txt", 0, 0))
 R["hidden"] = op(lambda: read(W + "/hidden.txt"))
 print(json.dumps(R))
 "#;
+    // Root asks for the same workspace and rules first: its warm children
+    // (made with root as the owner) must not serve the other requester, whose
+    // probe checks that it writes as itself.
+    let mut as_root = req("print(1)");
+    as_root.workspace = Some(WorkspaceRequest {
+        path: Some(proj.display().to_string()),
+        rules: vec!["out=write".into()],
+        ..Default::default()
+    });
+    assert!(
+        wait_warm(&d, &as_root).await,
+        "root's second identical request is served warm"
+    );
     // Without and with a `none` path: the base is a clone of the host
     // directory, or an overlay over it (the mask); both are idmapped.
     for extra in [None, Some("hidden.txt=none")] {
         probe_as_owner(&d, &proj, extra, body);
     }
+    // Root's own key is still warm: the owner's requests did not take it.
+    assert!(d.spawn(&as_root).await.unwrap().warm);
     // The sandbox next door keeps working.
     assert_eq!(d.run("print(6 * 7)").await.stdout_lossy(), "42\n");
     d.finish().await;
@@ -1848,4 +1859,160 @@ fn probe_as_owner(d: &TestDaemon, proj: &Path, extra: Option<&str>, body: &str) 
         Some(if extra.is_some() { "ENOENT" } else { "ok:'H'" }),
         "{extra:?}"
     );
+}
+
+/// Spawns `r` until it is served by a warm workspace child (the first of a
+/// key never is; its children are made after it); false after 20 tries.
+async fn wait_warm(d: &TestDaemon, r: &forkd_ipc::SpawnRequest) -> bool {
+    for _ in 0..20 {
+        let res = d.spawn(r).await.expect("spawn");
+        assert_eq!(res.exit_code, Some(0), "{}", res.stderr_lossy());
+        if res.warm {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
+
+/// A second identical workspace request is served by a child made warm
+/// with the workspace mounted; the escapes fail there as on demand; a plan
+/// that went stale (the host tree changed) is not served warm; an overlay's
+/// warm children each have their own upper layer (one's delta never shows
+/// another's writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_workspace_requests_are_served_warm() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let t = tree();
+    let d = start(&t.base).await;
+    let body = r#"
+R["list_root"] = op(lambda: sorted(os.listdir(W)))
+R["none_open"] = op(lambda: read(W + "/secrets/key"))
+R["none_glob"] = op(lambda: read(W + "/.env"))
+R["late_env"] = op(lambda: read(W + "/src/late.env"))
+R["read_write"] = op(lambda: write(W + "/src/a.py"))
+R["view_open"] = op(lambda: read(W + "/docs/d.md"))
+def view_mmap():
+    fd = os.open(W + "/docs/d.md", os.O_PATH)
+    return mmap.mmap(fd, 12, prot=mmap.PROT_READ)[:]
+R["view_mmap"] = op(view_mmap)
+R["view_readme"] = op(lambda: read(W + "/docs/README"))
+R["symlink_read_to_none"] = op(lambda: read(W + "/src/to_secret"))
+R["hardlink_read_into_write"] = op(lambda: os.link(W + "/src/a.py", W + "/out/a_link"))
+R["rename_write_to_read"] = op(lambda: os.rename(W + "/out/keep/k.txt", W + "/src/k.txt"))
+R["proc_1_root"] = op(lambda: read("/proc/1/root/workspace/.env"))
+R["umount_workspace"] = sc(166, (W + "/src").encode(), 2)
+"#;
+    let cases: &[(&str, &[&str])] = &[
+        ("list_root", &["ok:['docs', 'out', 'src']"]),
+        ("none_open", &["ENOENT"]),
+        ("none_glob", &["ENOENT"]),
+        ("late_env", &["ENOENT"]),
+        ("read_write", &["EROFS"]),
+        ("view_open", &["EACCES"]),
+        ("view_mmap", &["EBADF"]),
+        ("view_readme", &["ok:'readable'"]),
+        ("symlink_read_to_none", &["ENOENT"]),
+        ("hardlink_read_into_write", &["EXDEV"]),
+        ("rename_write_to_read", &["EXDEV", "EROFS"]),
+        ("proc_1_root", &["ENOENT"]),
+        ("umount_workspace", &["EPERM"]),
+    ];
+    for mode in [WorkspaceMode::Direct, WorkspaceMode::Overlay] {
+        let w = ws(&t.proj, mode);
+        let (got, first) = probe(&d, w.clone(), body).await;
+        assert!(
+            !first.warm,
+            "{mode:?}: the first request of a key forks on demand"
+        );
+        let mut table = Table::new();
+        expect(&mut table, &got, cases);
+        table.assert_all(&format!("{mode:?} on demand"));
+        let mut served = false;
+        for _ in 0..20 {
+            let (got, res) = probe(&d, w.clone(), body).await;
+            let mut table = Table::new();
+            expect(&mut table, &got, cases);
+            table.assert_all(&format!("{mode:?}, warm: {}", res.warm));
+            if res.warm {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(served, "{mode:?}: an identical request is served warm");
+    }
+    // Overlay: two warm children, each with its own upper layer.
+    let mut w = ws(&t.proj, WorkspaceMode::Overlay);
+    w.export_delta = true;
+    let mut seen = Vec::new();
+    for i in 0..6 {
+        let mut r = req(&format!(
+            "import os\nopen('/workspace/out/n{i}', 'w').write('x')\nprint(sorted(os.listdir('/workspace/out')))"
+        ));
+        r.workspace = Some(w.clone());
+        let res = d.spawn(&r).await.unwrap();
+        assert_eq!(res.exit_code, Some(0), "{}", res.stderr_lossy());
+        let names: Vec<String> = tar_entries(res.workspace_delta.as_deref().unwrap())
+            .into_keys()
+            .filter(|k| k.starts_with("out/n"))
+            .collect();
+        assert_eq!(names, vec![format!("out/n{i}")], "only its own writes");
+        assert_eq!(
+            res.stdout_lossy(),
+            format!("['keep', 'n{i}', 'old.txt']\n"),
+            "no other sandbox's writes"
+        );
+        seen.push(res.warm);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        seen.iter().skip(1).any(|w| *w),
+        "overlay with export served warm: {seen:?}"
+    );
+    // The host tree changes: a new file matches `**/*.env=none`. The
+    // re-validated plan differs, so no child made before is handed out,
+    // and the new file is hidden.
+    fs::write(t.proj.join("src/late.env"), "LATE-SECRET").unwrap();
+    let (got, res) = probe(&d, ws(&t.proj, WorkspaceMode::Direct), body).await;
+    assert!(!res.warm, "a stale plan's warm children are not handed out");
+    let mut table = Table::new();
+    expect(&mut table, &got, cases);
+    table.assert_all("after the tree changed");
+    assert!(
+        !t.proj.join("src/k.txt").exists() && t.proj.join("out/keep/k.txt").exists(),
+        "nothing moved on the host"
+    );
+    d.finish().await;
+}
+
+/// A workspace key no request used for `idle_ms` is dropped with its warm
+/// children (killed, their cgroups and mounts gone: the leak checks at
+/// `finish` run with the daemon's other children gone too); the next
+/// request forks on demand again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_workspace_children_expire_when_idle() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let t = tree();
+    let base = t.base.clone();
+    let d = TestDaemon::start(move |c| {
+        c.workspace_roots = vec![base];
+        c.workspace_warm.idle_ms = 1500;
+    })
+    .await;
+    let mut r = req("print(1)");
+    r.workspace = Some(ws(&t.proj, WorkspaceMode::Overlay));
+    assert!(wait_warm(&d, &r).await, "served warm while in use");
+    assert!(d.daemon.ws_warm.ready() > 0, "children parked for the key");
+    assert!(
+        wait_until(Duration::from_secs(10), || d.daemon.ws_warm.ready() == 0).await,
+        "an idle key's children are dropped"
+    );
+    let res = d.spawn(&r).await.unwrap();
+    assert!(!res.warm, "an expired key forks on demand");
+    d.finish().await;
 }

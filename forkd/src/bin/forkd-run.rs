@@ -70,6 +70,11 @@ struct Args {
     /// With -n: how many run at once (default: all).
     #[arg(long)]
     concurrency: Option<usize>,
+    /// With -n: each copy holds its concurrency slot this many milliseconds
+    /// after its result (paces requests, e.g. to let warm children finish
+    /// isolating between them; not part of the latency).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
     /// With -n: a copy counts as OK only if its stdout (trimmed) equals this.
     #[arg(long)]
     expect: Option<String>,
@@ -672,6 +677,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
     let concurrency = args.concurrency.unwrap_or(n).max(1);
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
     let wall = Instant::now();
+    let pause = std::time::Duration::from_millis(args.pause_ms);
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
         let client = client.clone();
@@ -681,13 +687,16 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
             let _permit = gate.acquire().await;
             let t = Instant::now();
             let r = client.spawn(&req).await;
-            (t.elapsed(), r)
+            let elapsed = t.elapsed();
+            tokio::time::sleep(pause).await;
+            (elapsed, r)
         }));
     }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
     let mut fork_us = Vec::new();
     let mut total_us = Vec::new();
     let mut ok = 0usize;
+    let mut warm = 0usize;
     let mut outputs: BTreeMap<String, usize> = BTreeMap::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut results = Vec::new();
@@ -713,6 +722,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
                 if good {
                     ok += 1;
                 }
+                warm += usize::from(result.warm);
                 fork_us.push(result.timings.fork_us);
                 total_us.push(result.timings.total_us);
                 let key = if result.exit_code == Some(0) {
@@ -763,7 +773,7 @@ async fn fan_out(client: &AsyncClient, req: &SpawnRequest, args: &Args) -> ExitC
         latency.max() as f64 / 1000.0,
     );
     eprintln!(
-        "daemon-side medians: request→forked {:.2} ms, request→result {:.2} ms",
+        "daemon-side medians: request→forked {:.2} ms, request→result {:.2} ms; {warm}/{n} from warm children",
         median(&mut fork_us) as f64 / 1000.0,
         median(&mut total_us) as f64 / 1000.0
     );
