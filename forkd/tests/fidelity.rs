@@ -872,6 +872,64 @@ async fn cpu_count_follows_the_cpu_limit() {
     t.assert_all("os.cpu_count() under a cpu limit");
 }
 
+const AFFINITY_PROBE: &str = "import os\nprint(len(os.sched_getaffinity(0)), os.cpu_count())\n";
+
+/// Policy `cpu_affinity` (opt-in): a sandbox whose cpu limit is below the
+/// host's CPUs is pinned to that many, so `os.sched_getaffinity` follows the
+/// limit as `os.cpu_count()` does; a limit covering the host pins nothing.
+/// The shipped policy leaves it off: the affinity is then the host's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sched_getaffinity_follows_the_cpu_limit_when_the_policy_pins() {
+    if skip_unless_root("starts a daemon") {
+        return;
+    }
+    const DEFAULT_POLICY: &str = include_str!("../../policy/default.toml");
+    let text = DEFAULT_POLICY.replacen("\ncpu_affinity = false", "\ncpu_affinity = true", 1);
+    assert!(
+        text.contains("\ncpu_affinity = true"),
+        "the default policy's cpu_affinity line changed"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("pinned.toml");
+    std::fs::write(&policy, text).unwrap();
+    let host = std::thread::available_parallelism().unwrap().get() as u32;
+    let pinned = TestDaemon::start(|c| {
+        c.policies.insert("default".into(), policy.clone());
+    })
+    .await;
+    let mut t = Table::new();
+    let mut limits = vec![(f64::from(host), host), (f64::from(host) + 3.0, host)];
+    if host > 1 {
+        limits.push((1.0, 1));
+        limits.push((0.5, 1));
+        limits.push((f64::from(host) - 0.5, host));
+    }
+    for (cpus, want) in &limits {
+        let mut r = request(Program::Code(AFFINITY_PROBE.into()), &[], &[]);
+        r.limits.cpus = Some(*cpus);
+        let got = pinned.spawn(&r).await.unwrap();
+        t.check(
+            &format!("pinned: cpus = {cpus} on {host} host CPUs"),
+            &format!("{}{}", got.stdout_lossy(), got.stderr_lossy()),
+            &[&format!("{want} {want}\n")],
+        );
+    }
+    pinned.finish().await;
+    if host > 1 {
+        let d = TestDaemon::start(|_| {}).await;
+        let mut r = request(Program::Code(AFFINITY_PROBE.into()), &[], &[]);
+        r.limits.cpus = Some(1.0);
+        let got = d.spawn(&r).await.unwrap();
+        t.check(
+            "shipped policy: cpus = 1, affinity stays the host's",
+            &format!("{}{}", got.stdout_lossy(), got.stderr_lossy()),
+            &[&format!("{host} 1\n")],
+        );
+        d.finish().await;
+    }
+    t.assert_all("os.sched_getaffinity under a cpu limit");
+}
+
 const BLAS_PROBE: &str = "import ctypes, numpy as np\npath = next(l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l and '.so' in l)\nlib = ctypes.CDLL(path)\nget = next(getattr(lib, n) for n in ('scipy_openblas_get_num_threads64_', 'scipy_openblas_get_num_threads', 'openblas_get_num_threads64_', 'openblas_get_num_threads') if hasattr(lib, n))\na = np.ones((300, 300))\nprint(get(), float((a @ a).sum()))\n";
 
 /// A request's BLAS thread variables give the thread count plain `python`

@@ -239,6 +239,13 @@ pub fn isolate_with<K: Kernel>(
         k.write_file(c"/dev/.scratch/.cpu-online", text.as_bytes())
             .map_err(at("write the sandbox's CPU list"))?;
     }
+    if let (true, Some(n)) = (policy.template.cpu_affinity, spec.cpus) {
+        let allowed = k.allowed_cpus().map_err(at("read the CPU affinity"))?;
+        if let Some(set) = pinned_cpus(&allowed, n, random_start()) {
+            k.pin_cpus(&set)
+                .map_err(at("pin the sandbox to its CPUs"))?;
+        }
+    }
     k.mount(
         Some(c"proc"),
         c"/proc",
@@ -378,6 +385,31 @@ pub fn seal_branch<K: Kernel>(
         .map_err(at("RLIMIT_NOFILE"))?;
     k.apply_seccomp(&policy.seccomp)
         .map_err(at("install seccomp filter"))
+}
+
+/// The `n` CPUs (policy `cpu_affinity`) of a child whose cpu limit rounds up
+/// to `n`: a run of `allowed` (cyclic) from index `start`, so children spread
+/// over the CPUs; `None` when the limit covers them all.
+fn pinned_cpus(allowed: &[usize], n: u32, start: usize) -> Option<Vec<usize>> {
+    let n = usize::try_from(n).ok()?.max(1);
+    (n < allowed.len()).then(|| {
+        (0..n)
+            .map(|i| allowed[(start + i) % allowed.len()])
+            .collect()
+    })
+}
+
+/// A start index for [`pinned_cpus`]: random, so that children made at the
+/// same time land on different CPUs (0 if the kernel has no entropy yet).
+fn random_start() -> usize {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    if got == 4 {
+        u32::from_ne_bytes(b) as usize
+    } else {
+        0
+    }
 }
 
 /// Covers a bound tree with the child's own read-only overlay (policy
@@ -638,6 +670,7 @@ mod tests {
                 shadowed: vec![PathBuf::from("/tmp/venv")],
                 private_lock_dirs: Vec::new(),
                 host_cpus: Some(4),
+                cpu_affinity: false,
                 passwd: None,
                 group: None,
             },
@@ -820,6 +853,17 @@ mod tests {
             last(log, earlier) < first(log, later),
             "`{earlier}` must come before `{later}` ({why}); calls: {log:#?}"
         );
+    }
+
+    #[test]
+    fn pinned_cpus_are_a_run_of_the_allowed_ones_and_only_below_them_all() {
+        let allowed = [0, 2, 5, 7];
+        assert_eq!(pinned_cpus(&allowed, 1, 6), Some(vec![5]));
+        assert_eq!(pinned_cpus(&allowed, 2, 3), Some(vec![7, 0]));
+        assert_eq!(pinned_cpus(&allowed, 3, 0), Some(vec![0, 2, 5]));
+        assert_eq!(pinned_cpus(&allowed, 0, 1), Some(vec![2]));
+        assert_eq!(pinned_cpus(&allowed, 4, 0), None);
+        assert_eq!(pinned_cpus(&allowed, 9, 0), None);
     }
 
     #[test]

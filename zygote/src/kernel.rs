@@ -79,6 +79,10 @@ pub trait Kernel {
     fn mkdir_owned(&self, path: &CStr, mode: libc::mode_t, owner: Option<u32>) -> io::Result<()>;
     /// Creates (or replaces) a file holding `data`.
     fn write_file(&self, path: &CStr, data: &[u8]) -> io::Result<()>;
+    /// The CPUs this process may run on (`sched_getaffinity`).
+    fn allowed_cpus(&self) -> io::Result<Vec<usize>>;
+    /// Restricts this process to `cpus` (`sched_setaffinity`).
+    fn pin_cpus(&self, cpus: &[usize]) -> io::Result<()>;
     /// Whether an open descriptor refers to a directory.
     fn is_dir(&self, fd: BorrowedFd<'_>) -> io::Result<bool>;
     /// Creates `path` (and its parents) as an empty directory or file, to bind on.
@@ -195,6 +199,34 @@ impl Kernel for LinuxKernel {
     fn write_file(&self, path: &CStr, data: &[u8]) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
         std::fs::write(std::ffi::OsStr::from_bytes(path.to_bytes()), data)
+    }
+    fn allowed_cpus(&self) -> io::Result<Vec<usize>> {
+        // SAFETY: cpu_set_t is plain data; zeroed is an empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a live cpu_set_t of the size passed.
+        if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: CPU_ISSET reads the set within its size (CPU_SETSIZE).
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect())
+    }
+    fn pin_cpus(&self, cpus: &[usize]) -> io::Result<()> {
+        // SAFETY: cpu_set_t is plain data; zeroed is an empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in cpus {
+            // SAFETY: CPU_SET ignores (does not write) CPUs past CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        // SAFETY: `set` is a live cpu_set_t of the size passed.
+        if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
     #[inline]
     fn is_dir(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
@@ -511,6 +543,13 @@ pub(crate) mod recorder {
         fn write_file(&self, path: &CStr, data: &[u8]) -> io::Result<()> {
             let data = String::from_utf8_lossy(data);
             self.record("write_file", format!("{}, {data:?}", s(path)))
+        }
+        fn allowed_cpus(&self) -> io::Result<Vec<usize>> {
+            self.record("allowed_cpus", String::new())?;
+            Ok(vec![0, 1, 2, 3])
+        }
+        fn pin_cpus(&self, cpus: &[usize]) -> io::Result<()> {
+            self.record("pin_cpus", format!("{cpus:?}"))
         }
         fn is_dir(&self, _fd: BorrowedFd<'_>) -> io::Result<bool> {
             self.record("is_dir", String::new())?;

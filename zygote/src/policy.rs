@@ -85,8 +85,9 @@ pub struct FilesystemPolicy {
     /// read-only overlayfs per tree, per child), so `flock()` and POSIX
     /// locks on a shared file cannot block another tenant: locks belong to
     /// inodes, and bind mounts share the host's. Costs one overlay mount
-    /// per tree per sandbox (SECURITY.md); single-file binds (`/etc`
-    /// entries) keep the host's inode. Default off.
+    /// per tree per sandbox (SECURITY.md); `/etc` entries are copied into
+    /// the root and covered by one more. Off when absent (the shipped policy
+    /// turns it on).
     #[serde(default)]
     pub private_locks: bool,
     /// A private devpts instance on /dev/pts (and /dev/ptmx) in every
@@ -99,6 +100,15 @@ pub struct FilesystemPolicy {
     /// write per sandbox (made before the request for warm-pool children).
     #[serde(default)]
     pub cpu_count: bool,
+    /// Pin each sandbox with a cpu limit below the host's CPUs to that many
+    /// CPUs (rounded up; a random run of the zygote's allowed CPUs), so
+    /// `os.sched_getaffinity`, `os.process_cpu_count` and thread pools sized
+    /// by the affinity (OpenBLAS, OpenMP) follow the limit. Opt-in: a pinned
+    /// sandbox cannot use an idle CPU outside its set, which the cpu limit
+    /// alone would allow; it may widen its own affinity again (the limit is
+    /// the cgroup's, not the set).
+    #[serde(default)]
+    pub cpu_affinity: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -135,6 +135,8 @@ pub struct Template {
     /// `/sys/devices/system/cpu/online` (a link to [`CPU_ONLINE`], which each
     /// child writes with its own count).
     pub host_cpus: Option<u32>,
+    /// Policy `cpu_affinity`: pin each child to its cpu limit's CPUs.
+    pub cpu_affinity: bool,
     /// The host's `/etc/passwd` and `/etc/group` when the policy lists them:
     /// each child writes them with an entry for its own uid added (the root's
     /// /etc/passwd and /etc/group link to [`PASSWD`] and [`GROUP`]), so
@@ -582,6 +584,7 @@ pub fn build(
         shadowed,
         private_lock_dirs,
         host_cpus: host_cpu_count().filter(|_| fs.cpu_count),
+        cpu_affinity: fs.cpu_affinity,
         passwd: per_child_etc(fs, "passwd"),
         group: per_child_etc(fs, "group"),
     })
@@ -815,6 +818,7 @@ mod tests {
             private_locks: false,
             devpts: true,
             cpu_count: true,
+            cpu_affinity: false,
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()], "sandbox");
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
