@@ -119,7 +119,8 @@ R["list /root"] = op(lambda: sorted(os.listdir("/root")))
 R["read /etc/shadow"] = op(lambda: open("/etc/shadow").read())
 R["read /etc/passwd"] = op(lambda: len(open("/etc/passwd").read()) > 0)
 R["list /"] = op(lambda: sorted(os.listdir("/")))
-R["list /sys"] = op(lambda: os.listdir("/sys"))
+R["list /sys"] = op(lambda: sorted(os.listdir("/sys")))
+R["list /sys/fs"] = op(lambda: os.listdir("/sys/fs"))
 R["open /dev/sda"] = op(lambda: open("/dev/sda", "rb"))
 R["open /dev/mem"] = op(lambda: open("/dev/mem", "rb"))
 R["list /home"] = op(lambda: os.listdir("/home"))
@@ -195,8 +196,18 @@ R["pivot_root"] = sc(155, b"/tmp", b"/tmp")
     };
     let minimal = list.starts_with("ok:") && absent.iter().all(|n| !list.contains(n));
     t.verdict("list /", list, "only the minimal root", minimal);
-    // /sys holds only devices/system/cpu/online, the sandbox's own CPU list.
-    t.check("list /sys", got(&res, "list /sys"), &["ok:['devices']"]);
+    // /sys holds only devices/system/cpu/online, the sandbox's own CPU list,
+    // and fs/cgroup, the mount points of its own cgroup's view.
+    t.check(
+        "list /sys",
+        got(&res, "list /sys"),
+        &["ok:['devices', 'fs']"],
+    );
+    t.check(
+        "list /sys/fs",
+        got(&res, "list /sys/fs"),
+        &["ok:['cgroup']"],
+    );
     t.check("open /dev/sda", got(&res, "open /dev/sda"), &["ENOENT"]);
     t.check("open /dev/mem", got(&res, "open /dev/mem"), &["ENOENT"]);
     // The sandbox's own /home: only the /home/user symlink to its scratch,

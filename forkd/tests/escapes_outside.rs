@@ -825,3 +825,63 @@ R["scratch lock from a child"] = op(lambda: os.waitstatus_to_exitcode(os.system(
     drop(host_file);
     d.finish().await;
 }
+
+/// Policy `cgroup_view` (on in the shipped policy): a sandbox sees its own
+/// cgroup at the host's cgroup mount points, so cgroup-aware code reads its
+/// memory limit, and nothing more: no other cgroup is in the view, no v1
+/// `release_agent`, and nothing in it can be written, created or remounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cgroup_view_is_the_sandboxs_own_cgroup_read_only() {
+    if skip_unless_root("starts a daemon that creates namespaces and cgroups") {
+        return;
+    }
+    let d = TestDaemon::start(|_| {}).await;
+    let code = r#"
+v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+mem = "/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory"
+limit = mem + ("/memory.max" if v2 else "/memory.limit_in_bytes")
+R["limit"] = op(lambda: open(limit).read().strip())
+R["usage readable"] = op(lambda: int(open(mem + ("/memory.current" if v2 else "/memory.usage_in_bytes")).read()) > 0)
+R["own cgroup is the root"] = op(lambda: all(l.split(":", 2)[2] == "/" for l in open("/proc/self/cgroup").read().splitlines()))
+R["no other cgroup listed"] = op(lambda: [n for n in os.listdir(mem) if os.path.isdir(os.path.join(mem, n))])
+R["release_agent"] = op(lambda: open(mem + "/release_agent").read())
+R["write limit"] = op(lambda: open(limit, "w").write("max\n"))
+R["write cgroup.procs"] = op(lambda: open(mem + "/cgroup.procs", "w").write("1\n"))
+R["mkdir child cgroup"] = op(lambda: os.mkdir(mem + "/escape"))
+def mount(src, target, fstype, flags, data):
+    if libc.mount(src, target, fstype, ctypes.c_ulong(flags), data) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return 0
+MS_REMOUNT, MS_BIND = 0x20, 0x1000
+R["remount rw"] = op(lambda: mount(None, mem.encode(), None, MS_REMOUNT | MS_BIND, None))
+fs = b"cgroup2" if v2 else b"cgroup"
+R["mount the hierarchy again"] = op(lambda: mount(fs, b"/tmp", fs, 0, None if v2 else b"memory"))
+R["limit after"] = op(lambda: open(limit).read().strip())
+"#;
+    let mut r = probe(code);
+    r.limits.memory_bytes = Some(300 * MIB);
+    let (res, _) = tokio::join!(d.spawn(&r), bystander_ok(&d));
+    let got = table(&res.unwrap());
+    let limit = format!("ok:{}", 300 * MIB);
+    let limit: &[&str] = &[limit.as_str()];
+    let denied: &[&str] = &["errno:EROFS", "errno:EACCES", "errno:EPERM"];
+    let expected: Vec<(&str, &[&str])> = vec![
+        ("limit", limit),
+        ("usage readable", &["ok:True"]),
+        ("own cgroup is the root", &["ok:True"]),
+        ("no other cgroup listed", &["ok:[]"]),
+        ("release_agent", &["errno:ENOENT"]),
+        ("write limit", denied),
+        ("write cgroup.procs", denied),
+        ("mkdir child cgroup", denied),
+        ("remount rw", &["errno:EPERM", "errno:ENOSYS"]),
+        (
+            "mount the hierarchy again",
+            &["errno:EPERM", "errno:ENOSYS"],
+        ),
+        ("limit after", limit),
+    ];
+    check("the cgroup view", &got, &expected);
+    d.finish().await;
+}

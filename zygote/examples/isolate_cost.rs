@@ -14,6 +14,13 @@
 //!   ov       an overlay workspace without an owner (uid 0, as before)
 //!   ov-idmap an overlay workspace as a root daemon makes it: own uid, host
 //!            and upper layers idmapped (one clone and idmap more)
+//!   cg-first cg, run first: the first cgroup join after a while waits for
+//!            an RCU grace period (the kernel's cgroup migration lock), which
+//!            the next joins then skip; it pays that for `cg` and `cg-view`
+//!   cg       uid, joining its own cgroup in each memory/cpu/pids hierarchy
+//!            (v1) or the v2 one, without the cgroup view
+//!   cg-view  cg, with the read-only view of it (policy `cgroup_view`, a
+//!            mount per hierarchy)
 //!
 //!   cargo run --release -p forkd-zygote --example isolate_cost [N]
 
@@ -117,6 +124,40 @@ fn main() {
     let locks = prepared(&policy, true, true, true);
     let mut no_cpus = prepared(&policy, true, true, false);
     no_cpus.template.host_cpus = None;
+    let mut no_view = prepared(&policy, true, true, false);
+    no_view.template.cgroup_views.clear();
+    // A cgroup of the bench's own in each hierarchy a daemon would use,
+    // which every `cg` child joins (and leaves by exiting).
+    let cgroups: Vec<std::path::PathBuf> = masked
+        .template
+        .cgroup_views
+        .iter()
+        .filter(|v| {
+            let c = v
+                .controllers
+                .as_ref()
+                .map(|c| c.to_string_lossy().into_owned());
+            match c {
+                None => !masked
+                    .template
+                    .cgroup_views
+                    .iter()
+                    .any(|o| o.controllers.is_some()),
+                Some(c) => c.split(',').any(|c| matches!(c, "memory" | "cpu" | "pids")),
+            }
+        })
+        .map(|v| {
+            v.mount_point
+                .join(format!("isolate-cost-{}", std::process::id()))
+        })
+        .collect();
+    for dir in &cgroups {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let procs: Vec<String> = cgroups
+        .iter()
+        .map(|d| d.join("cgroup.procs").display().to_string())
+        .collect();
     // One shared network namespace: its creation is not what is measured.
     let own_net = std::fs::File::open("/proc/self/ns/net").unwrap();
     sys::unshare(libc::CLONE_NEWNET).unwrap();
@@ -193,7 +234,11 @@ fn main() {
         branchable: false,
         branch: None,
     };
-    let variants: [(&str, ChildSpec, &Prepared); 10] = [
+    let in_cgroups = |mut s: ChildSpec| {
+        s.cgroup_procs = procs.clone();
+        s
+    };
+    let variants: [(&str, ChildSpec, &Prepared); 13] = [
         ("base", spec(None), &masked),
         ("uid", spec(Some(1_879_048_192)), &masked),
         ("no-mask", spec(Some(1_879_048_192)), &unmasked),
@@ -212,6 +257,9 @@ fn main() {
             with_ov(spec(Some(1_879_048_192)), Some((4242, 4243))),
             &masked,
         ),
+        ("cg-first", in_cgroups(spec(Some(1_879_048_192))), &no_view),
+        ("cg", in_cgroups(spec(Some(1_879_048_192))), &no_view),
+        ("cg-view", in_cgroups(spec(Some(1_879_048_192))), &masked),
     ];
     let mut times: Vec<Vec<u64>> = vec![Vec::new(); variants.len()];
     for _ in 0..n {
@@ -223,6 +271,9 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir(&ws_dir);
+    for dir in &cgroups {
+        let _ = std::fs::remove_dir(dir);
+    }
     drop(upper_mnt);
     for ((name, _, _), mut t) in variants.iter().zip(times) {
         t.sort_unstable();

@@ -273,6 +273,19 @@ pub fn isolate_with<K: Kernel>(
         )
         .map_err(at("mount /dev/pts"))?;
     }
+    for view in cgroup_views(policy, spec) {
+        // Its own cgroup, read-only: the cgroup namespace made above roots
+        // the hierarchy there, so no other cgroup (nor a v1 release_agent,
+        // which only the hierarchy's root has) is in it.
+        k.mount(
+            Some(&view.fstype),
+            &sys::cstring(&view.mount_point).map_err(at("cgroup mount point"))?,
+            Some(&view.fstype),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+            view.controllers.as_deref(),
+        )
+        .map_err(at("mount its cgroup read-only"))?;
+    }
     for (path, fd) in &shadowed {
         rebind(k, path, fd).map_err(at("bind an interpreter path under /tmp"))?;
     }
@@ -385,6 +398,17 @@ pub fn seal_branch<K: Kernel>(
         .map_err(at("RLIMIT_NOFILE"))?;
     k.apply_seccomp(&policy.seccomp)
         .map_err(at("install seccomp filter"))
+}
+
+/// The cgroup hierarchies (policy `cgroup_view`) a child shows itself: one
+/// per `cgroup.procs` file it joined.
+fn cgroup_views<'a>(
+    policy: &'a Prepared,
+    spec: &'a ChildSpec,
+) -> impl Iterator<Item = &'a crate::template::CgroupView> {
+    spec.cgroup_procs
+        .iter()
+        .filter_map(|procs| crate::template::cgroup_view_of(&policy.template.cgroup_views, procs))
 }
 
 /// The `n` CPUs (policy `cpu_affinity`) of a child whose cpu limit rounds up
@@ -518,6 +542,14 @@ fn apply_landlock<K: Kernel>(
         None
     };
 
+    // Its cgroup views (see isolate_with): read and listed, never written
+    // (the mounts are read-only as well).
+    let mut cgroups = Vec::new();
+    for view in cgroup_views(policy, spec) {
+        let path = sys::cstring(&view.mount_point).map_err(at("cgroup mount point"))?;
+        cgroups.push(k.open(&path, dir, 0).map_err(at("open its cgroup view"))?);
+    }
+
     let mut rules: Vec<LandlockRule<'_>> = Vec::new();
     rules.extend(paths.read_exec_dirs.iter().map(|fd| (fd.as_fd(), read_dir)));
     rules.extend(
@@ -543,6 +575,11 @@ fn apply_landlock<K: Kernel>(
         accounts
             .iter()
             .map(|fd| (fd.as_fd(), AccessFs::ReadFile.into())),
+    );
+    rules.extend(
+        cgroups
+            .iter()
+            .map(|fd| (fd.as_fd(), AccessFs::ReadFile | AccessFs::ReadDir)),
     );
     if let Some(pts) = &pts {
         rules.push((
@@ -671,6 +708,7 @@ mod tests {
                 private_lock_dirs: Vec::new(),
                 host_cpus: Some(4),
                 cpu_affinity: false,
+                cgroup_views: Vec::new(),
                 passwd: None,
                 group: None,
             },

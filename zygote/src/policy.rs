@@ -109,6 +109,14 @@ pub struct FilesystemPolicy {
     /// the cgroup's, not the set).
     #[serde(default)]
     pub cpu_affinity: bool,
+    /// Each sandbox sees its own cgroup read-only at the host's cgroup mount
+    /// points (`/sys/fs/cgroup/memory.max` on v2,
+    /// `/sys/fs/cgroup/memory/memory.limit_in_bytes` on v1), rooted there by
+    /// its cgroup namespace, as in a container: cgroup-aware code finds its
+    /// memory and CPU limits and usage. Costs a mount per hierarchy per
+    /// sandbox (made before the request for warm-pool children).
+    #[serde(default)]
+    pub cgroup_view: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

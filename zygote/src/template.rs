@@ -137,12 +137,112 @@ pub struct Template {
     pub host_cpus: Option<u32>,
     /// Policy `cpu_affinity`: pin each child to its cpu limit's CPUs.
     pub cpu_affinity: bool,
+    /// Policy `cgroup_view`: the host's cgroup hierarchies, each of which a
+    /// child mounts read-only at the same path (rooted at its own cgroup by
+    /// its cgroup namespace) when it joined a cgroup there.
+    pub cgroup_views: Vec<CgroupView>,
     /// The host's `/etc/passwd` and `/etc/group` when the policy lists them:
     /// each child writes them with an entry for its own uid added (the root's
     /// /etc/passwd and /etc/group link to [`PASSWD`] and [`GROUP`]), so
     /// `pwd.getpwuid(os.getuid())` answers as for an ordinary user.
     pub passwd: Option<Vec<u8>>,
     pub group: Option<Vec<u8>>,
+}
+
+/// A cgroup hierarchy mounted on the host, as a child mounts it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupView {
+    /// Its mount point, on the host and in the root.
+    pub mount_point: PathBuf,
+    /// `cgroup2`, or `cgroup` (v1).
+    pub fstype: CString,
+    /// v1: the controllers (`memory`, `cpu,cpuacct`) that name the
+    /// hierarchy; a non-initial cgroup namespace may mount only one that
+    /// exists, so they must be exactly the host's.
+    pub controllers: Option<CString>,
+}
+
+/// The cgroup v1 controllers (a v1 mount's other super options are flags).
+const V1_CONTROLLERS: [&str; 14] = [
+    "cpuset",
+    "cpu",
+    "cpuacct",
+    "blkio",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "perf_event",
+    "net_prio",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
+];
+
+/// The cgroup hierarchies in a `/proc/self/mountinfo` text: v2 mounts and v1
+/// mounts of controllers (named-only v1 hierarchies such as systemd's hold
+/// no limits and are left out). Each mount point once (the first).
+pub fn cgroup_views(mountinfo: &str) -> Vec<CgroupView> {
+    let mut out: Vec<CgroupView> = Vec::new();
+    for line in mountinfo.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mount_point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mut right = right.split(' ');
+        let (Some(fstype), Some(_source), Some(super_options)) =
+            (right.next(), right.next(), right.next())
+        else {
+            continue;
+        };
+        // Octal escapes (\040) mean an unusual mount point: not ours to show.
+        if !mount_point.starts_with('/') || mount_point.contains('\\') {
+            continue;
+        }
+        let controllers = match fstype {
+            "cgroup2" => None,
+            "cgroup" => {
+                let names: Vec<&str> = super_options
+                    .split(',')
+                    .filter(|o| V1_CONTROLLERS.contains(o))
+                    .collect();
+                if names.is_empty() {
+                    continue;
+                }
+                Some(names.join(","))
+            }
+            _ => continue,
+        };
+        let mount_point = PathBuf::from(mount_point);
+        if out.iter().any(|v| v.mount_point == mount_point) {
+            continue;
+        }
+        let (Ok(fstype), Ok(controllers)) = (
+            CString::new(fstype),
+            controllers.map(CString::new).transpose(),
+        ) else {
+            continue;
+        };
+        out.push(CgroupView {
+            mount_point,
+            fstype,
+            controllers,
+        });
+    }
+    out
+}
+
+/// The view a child that joined `procs` (a `cgroup.procs` file) mounts: the
+/// hierarchy with the longest mount point above it.
+pub fn cgroup_view_of<'a>(views: &'a [CgroupView], procs: &str) -> Option<&'a CgroupView> {
+    views
+        .iter()
+        .filter(|v| Path::new(procs).starts_with(&v.mount_point))
+        .max_by_key(|v| v.mount_point.as_os_str().len())
 }
 
 /// Where a child writes its /etc/passwd and /etc/group (links in the root):
@@ -365,6 +465,11 @@ fn plan(
             },
         ));
     }
+    if fs.cgroup_view {
+        for view in host_cgroup_views() {
+            out.push((view.mount_point, Entry::Dir));
+        }
+    }
     if fs.devpts {
         // Each sandbox mounts its own devpts instance here; ptmx is its.
         out.push((PathBuf::from(DEVPTS), Entry::Dir));
@@ -445,6 +550,12 @@ fn hosts_with(path: &Path, hostname: &str) -> Option<Vec<u8>> {
     }
     hosts.extend_from_slice(format!("127.0.1.1\t{hostname}\n").as_bytes());
     Some(hosts)
+}
+
+fn host_cgroup_views() -> Vec<CgroupView> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| cgroup_views(&text))
+        .unwrap_or_default()
 }
 
 fn host_cpu_count() -> Option<u32> {
@@ -585,6 +696,11 @@ pub fn build(
         private_lock_dirs,
         host_cpus: host_cpu_count().filter(|_| fs.cpu_count),
         cpu_affinity: fs.cpu_affinity,
+        cgroup_views: if fs.cgroup_view {
+            host_cgroup_views()
+        } else {
+            Vec::new()
+        },
         passwd: per_child_etc(fs, "passwd"),
         group: per_child_etc(fs, "group"),
     })
@@ -772,6 +888,63 @@ fn assemble(entries: &[(PathBuf, Entry)]) -> Result<(), TemplateError> {
 mod tests {
     use super::*;
 
+    /// A hybrid host's mountinfo (this machine's shape, shortened) and a
+    /// v2-only host's line.
+    const HYBRID: &str = "\
+25 31 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+29 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+30 29 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+31 29 0:28 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+35 29 0:32 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,cpu,cpuacct
+36 29 0:33 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,memory
+37 29 0:34 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,pids
+90 31 0:28 /x /srv/my\\040cgroup rw - cgroup cgroup rw,pids
+";
+
+    #[test]
+    fn cgroup_views_are_the_controller_hierarchies_and_v2() {
+        let views = cgroup_views(HYBRID);
+        let shown: Vec<(String, String, Option<String>)> = views
+            .iter()
+            .map(|v| {
+                (
+                    v.mount_point.display().to_string(),
+                    v.fstype.to_str().unwrap().to_string(),
+                    v.controllers
+                        .as_ref()
+                        .map(|c| c.to_str().unwrap().to_string()),
+                )
+            })
+            .collect();
+        let own =
+            |a: &str, b: &str, c: Option<&str>| (a.to_string(), b.to_string(), c.map(String::from));
+        assert_eq!(
+            shown,
+            vec![
+                own("/sys/fs/cgroup/unified", "cgroup2", None),
+                own("/sys/fs/cgroup/cpu,cpuacct", "cgroup", Some("cpu,cpuacct")),
+                own("/sys/fs/cgroup/memory", "cgroup", Some("memory")),
+                own("/sys/fs/cgroup/pids", "cgroup", Some("pids")),
+            ]
+        );
+        let procs = "/sys/fs/cgroup/memory/forkd/i/sandbox-3/cgroup.procs";
+        assert_eq!(
+            cgroup_view_of(&views, procs).map(|v| v.mount_point.clone()),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        // Not a prefix of the path's components: /sys/fs/cgroup/memoryx.
+        assert!(cgroup_view_of(&views, "/sys/fs/cgroup/memoryx/a/cgroup.procs").is_none());
+
+        let v2 = "40 25 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        let views = cgroup_views(v2);
+        assert_eq!(views.len(), 1);
+        assert_eq!(
+            cgroup_view_of(&views, "/sys/fs/cgroup/forkd/i/s/cgroup.procs")
+                .map(|v| v.fstype.clone()),
+            Some(CString::new("cgroup2").unwrap())
+        );
+    }
+
     #[test]
     fn account_files_add_the_sandbox_user_once() {
         let passwd = b"root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/bin/false";
@@ -819,6 +992,7 @@ mod tests {
             devpts: true,
             cpu_count: true,
             cpu_affinity: false,
+            cgroup_view: false,
         };
         let entries = plan(&fs, &["/usr/lib".into(), "relative".into()], "sandbox");
         let paths: Vec<_> = entries.iter().map(|(p, _)| p.clone()).collect();
