@@ -485,6 +485,14 @@ async fn session_cmd(client: &AsyncClient, cmd: SessionCmd) -> ExitCode {
             }
             match stream.command().await {
                 Ok(r) => {
+                    if let Some(m) = r.kill_message() {
+                        let fix = if r.timed_out {
+                            "raise --timeout"
+                        } else {
+                            "write less output, or to a file in the session"
+                        };
+                        eprintln!("forkd-run: command {m}; {fix}");
+                    }
                     let status = match (r.exit_code, r.signal) {
                         (Some(c), _) => c,
                         (None, Some(s)) => 128 + s,

@@ -381,6 +381,10 @@ async fn commands_run_in_the_sandbox_with_exit_codes() {
     let r = c.command(&slow).await.unwrap();
     assert!(r.timed_out);
     assert_eq!(r.signal, Some(9));
+    assert_eq!(
+        r.kill_message().as_deref(),
+        Some("killed: timed out after 0.3 s (the timeout)")
+    );
     // A background command, killed by pid.
     let mut stream = c
         .command_stream(&cmd("echo started; sleep 30"))
@@ -690,6 +694,23 @@ async fn cells_stopped_by_a_limit_say_why_in_one_line() {
         err.ends_with("KeyboardInterrupt\nforkd-run: cell interrupted: timed out after 1 s (the timeout); raise --timeout\n"),
         "{err}"
     );
+    // forkd-run session sh: a command's kill in the same words.
+    let out = exec(vec![
+        "sh".into(),
+        s.clone(),
+        "--timeout".into(),
+        "0.5".into(),
+        "sleep".into(),
+        "30".into(),
+    ])
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 9), "{err}");
+    assert_eq!(
+        err,
+        "forkd-run: command killed: timed out after 0.5 s (the timeout); raise --timeout\n"
+    );
     if enforced {
         let out = exec(vec!["exec".into(), s.clone(), "-c".into(), HOG.into()])
             .await
@@ -779,6 +800,24 @@ except OSError:
         .unwrap();
     assert!(r.stdout_truncated, "{:?}", r.error);
     assert!(r.stdout.len() <= 1 << 20);
+    // And a command's: it is killed, and says why.
+    let r = c
+        .command(&Command {
+            session: s.clone(),
+            cmd: "yes".into(),
+            cwd: None,
+            env: BTreeMap::new(),
+            timeout_ms: Some(20_000),
+            stdin: false,
+        })
+        .await
+        .unwrap();
+    assert!(r.stdout_truncated && !r.timed_out, "{r:?}");
+    assert!(r.stdout.len() <= 1 << 20);
+    assert_eq!(
+        r.kill_message().as_deref(),
+        Some("killed: output over the limit (1 MiB of stdout+stderr)")
+    );
     // Memory beyond the limit: the interpreter is OOM-killed and replaced.
     let r = c
         .run_code(&cell(

@@ -2,7 +2,7 @@
 //! print the same words (the Python client mirrors them in
 //! `Execution.kill_message`), so a kill never shows as a bare empty stderr.
 
-use crate::{CellResult, KilledBy, SpawnResult};
+use crate::{CellResult, CommandResult, KilledBy, SpawnResult};
 
 /// A byte count as people read it: `512 MiB`, `1 GiB`, `498.3 MiB`, `812 B`.
 pub fn format_bytes(n: u64) -> String {
@@ -72,6 +72,36 @@ impl CellResult {
     }
 }
 
+/// `killed: output over the limit (1 MiB of stdout+stderr)`.
+fn output_over(limit: u64) -> String {
+    format!(
+        "killed: output over the limit ({} of stdout+stderr)",
+        format_bytes(limit)
+    )
+}
+
+impl CommandResult {
+    /// Why a limit stopped the command, in [`SpawnResult::kill_message`]'s
+    /// words: `killed: timed out after 30 s (the timeout)` or `killed:
+    /// output over the limit (1 MiB of stdout+stderr)`; `None` when it ended
+    /// on its own (its `exit_code` or `signal` says how).
+    pub fn kill_message(&self) -> Option<String> {
+        if self.timed_out {
+            return Some(format!(
+                "killed: {}",
+                timed_out(self.timeout_ms.unwrap_or(0))
+            ));
+        }
+        if self.stdout_truncated || self.stderr_truncated {
+            return Some(match self.output_limit_bytes {
+                Some(limit) => output_over(limit),
+                None => "killed: output over the limit".to_string(),
+            });
+        }
+        None
+    }
+}
+
 impl SpawnResult {
     /// Why the sandbox was killed, e.g. `killed: out of memory (limit 512
     /// MiB, peak 511.8 MiB)`; `None` when the program ended on its own.
@@ -84,10 +114,7 @@ impl SpawnResult {
                 "killed: process/thread limit reached (pids {}); a fork or thread start failed",
                 l.pids
             ),
-            KilledBy::OutputLimit => format!(
-                "killed: output over the limit ({} of stdout+stderr)",
-                format_bytes(l.output_bytes)
-            ),
+            KilledBy::OutputLimit => output_over(l.output_bytes),
             KilledBy::Signal => match self.signal {
                 Some(sig) => format!("killed by signal {sig}"),
                 None => "killed by a signal".to_string(),
@@ -185,6 +212,43 @@ mod tests {
             let r = result(killed_by, signal, peak);
             assert_eq!(r.kill_message().as_deref(), want, "{killed_by}");
             assert!(!r.limits_enforced());
+        }
+    }
+
+    /// Commands: the same words, from the command's own fields (the Python
+    /// client's `CommandResult.kill_message` checks the same table).
+    #[test]
+    fn commands_stopped_by_a_limit_read_as_one_line() {
+        let command = |v: serde_json::Value| -> CommandResult {
+            let mut base =
+                serde_json::json!({"exit_code": null, "signal": 9, "stdout": "", "stderr": ""});
+            base.as_object_mut()
+                .unwrap()
+                .extend(v.as_object().unwrap().clone());
+            serde_json::from_value(base).unwrap()
+        };
+        for (fields, want) in [
+            (
+                serde_json::json!({"timed_out": true, "timeout_ms": 1500}),
+                Some("killed: timed out after 1.5 s (the timeout)"),
+            ),
+            (
+                serde_json::json!({"stdout_truncated": true, "output_limit_bytes": 1048576}),
+                Some("killed: output over the limit (1 MiB of stdout+stderr)"),
+            ),
+            (
+                serde_json::json!({"stderr_truncated": true}),
+                Some("killed: output over the limit"),
+            ),
+            // Its own end: the status says it.
+            (serde_json::json!({}), None),
+            (serde_json::json!({"exit_code": 3, "signal": null}), None),
+        ] {
+            assert_eq!(
+                command(fields.clone()).kill_message().as_deref(),
+                want,
+                "{fields}"
+            );
         }
     }
 

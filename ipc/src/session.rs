@@ -515,6 +515,13 @@ pub struct CommandResult {
     /// The command hit its timeout and was killed.
     #[serde(default)]
     pub timed_out: bool,
+    /// With `timed_out`: the command's timeout (added within version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// With a `*_truncated` flag: the session's `output_bytes`, the budget
+    /// of stdout and stderr together (added within version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_limit_bytes: Option<u64>,
 }
 
 /// A directory entry or a `file_stat` answer.

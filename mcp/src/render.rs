@@ -96,11 +96,11 @@ pub fn cell(r: &CellResult) -> CallToolResult {
 /// A command: its status line, then stdout and stderr; `is_error` unless it
 /// exited 0.
 pub fn command(r: &CommandResult) -> CallToolResult {
-    let status = match (r.exit_code, r.signal) {
-        (_, _) if r.timed_out => "timed out and was killed".to_owned(),
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
-        (None, None) => "ended without an exit status".to_owned(),
+    let status = match (r.exit_code, r.signal, r.kill_message()) {
+        (_, _, Some(why)) => why,
+        (Some(code), _, _) => format!("exit code {code}"),
+        (None, Some(sig), _) => format!("killed by signal {sig}"),
+        (None, None, _) => "ended without an exit status".to_owned(),
     };
     let mut content = vec![ContentBlock::text(status)];
     if !r.stdout.is_empty() {
@@ -308,10 +308,14 @@ mod tests {
         let killed = command(&CommandResult {
             signal: Some(9),
             timed_out: true,
+            timeout_ms: Some(2000),
             ..Default::default()
         });
         assert_eq!(killed.is_error, Some(true));
-        assert_eq!(texts(&killed)[0], "timed out and was killed");
+        assert_eq!(
+            texts(&killed)[0],
+            "killed: timed out after 2 s (the timeout)"
+        );
     }
 
     #[test]

@@ -547,6 +547,22 @@ class KillMessageTest(unittest.TestCase):
             wire = dict({"execution_count": 1, "stdout": "", "stderr": "", "duration_us": 5}, **fields)
             self.assertEqual(CellResult.from_wire(wire).kill_message, want, fields)
 
+    def test_commands_stopped_by_a_limit_read_as_one_line(self) -> None:
+        from forkd._session_wire import CommandResult
+
+        for fields, want in [
+            ({"timed_out": True, "timeout_ms": 1500}, "killed: timed out after 1.5 s (the timeout)"),
+            (
+                {"stdout_truncated": True, "output_limit_bytes": 1048576},
+                "killed: output over the limit (1 MiB of stdout+stderr)",
+            ),
+            ({"stderr_truncated": True}, "killed: output over the limit"),
+            ({}, None),
+            ({"exit_code": 3, "signal": None}, None),
+        ]:
+            wire = dict({"exit_code": None, "signal": 9, "stdout": "", "stderr": ""}, **fields)
+            self.assertEqual(CommandResult.from_wire(wire).kill_message, want, fields)
+
 
 class NoDaemonTest(unittest.TestCase):
     """Failure modes that need no daemon (or a fake one on a real socket)."""

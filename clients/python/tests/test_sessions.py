@@ -259,6 +259,7 @@ class SyncSessionTest(DaemonTest):
         self.assertEqual(("".join(out), "".join(err)), (r.stdout, r.stderr))
         r = s.commands.run("sleep 30", timeout=0.3)
         self.assertTrue(r.timed_out)
+        self.assertEqual(r.kill_message, "killed: timed out after 0.3 s (the timeout)")
         self.assertEqual(r.signal, 9)
 
         h = s.commands.run("echo started; sleep 30", background=True)

@@ -1042,6 +1042,9 @@ pub async fn command(
         return Err(cancelled_error());
     }
     result.timed_out = timed_out;
+    result.timeout_ms = timed_out.then_some(timeout_ms);
+    result.output_limit_bytes =
+        (result.stdout_truncated || result.stderr_truncated).then_some(session.limits.output_bytes);
     Ok(result)
 }
 

@@ -517,6 +517,29 @@ class CommandResult:
     timed_out: bool = False
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    timeout_ms: Optional[int] = None
+    """With ``timed_out``: the command's timeout, milliseconds."""
+    output_limit_bytes: Optional[int] = None
+    """With a ``*_truncated`` flag: the session's output budget (stdout and
+    stderr together), bytes."""
+
+    @property
+    def kill_message(self) -> Optional[str]:
+        """Why a limit stopped the command, in ``Execution.kill_message``'s
+        words: ``"killed: timed out after 30 s (the timeout)"`` or ``"killed:
+        output over the limit (1 MiB of stdout+stderr)"``; ``None`` when it
+        ended on its own (``exit_code`` or ``signal`` says how).
+        ipc/src/explain.rs has the same words."""
+        if self.timed_out:
+            secs = (self.timeout_ms or 0) / 1000
+            # As Rust prints an f64: 30, 1.5.
+            shown = str(int(secs)) if secs.is_integer() else repr(secs)
+            return f"killed: timed out after {shown} s (the timeout)"
+        if self.stdout_truncated or self.stderr_truncated:
+            if self.output_limit_bytes is None:
+                return "killed: output over the limit"
+            return f"killed: output over the limit ({format_bytes(self.output_limit_bytes)} of stdout+stderr)"
+        return None
 
     @property
     def stdout(self) -> str:
@@ -545,6 +568,8 @@ class CommandResult:
             timed_out=bool(obj.get("timed_out", False)),
             stdout_truncated=bool(obj.get("stdout_truncated", False)),
             stderr_truncated=bool(obj.get("stderr_truncated", False)),
+            timeout_ms=_opt_u(obj, "timeout_ms"),
+            output_limit_bytes=_opt_u(obj, "output_limit_bytes"),
         )
 
 
