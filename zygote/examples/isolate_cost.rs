@@ -14,10 +14,11 @@
 //!   ov       an overlay workspace without an owner (uid 0, as before)
 //!   ov-idmap an overlay workspace as a root daemon makes it: own uid, host
 //!            and upper layers idmapped (one clone and idmap more)
-//!   cg-first cg, run first: the first cgroup join after a while waits for
-//!            an RCU grace period (the kernel's cgroup migration lock), which
-//!            the next joins then skip; it pays that for `cg` and `cg-view`
-//!   cg       uid, joining its own cgroup in each memory/cpu/pids hierarchy
+//!   cg-first cg, run first: a cgroup join after other work may wait for
+//!            an RCU grace period (the kernel's cgroup migration lock; ms),
+//!            which joins right after it skip; it pays that for `cg` and
+//!            `cg-view`, so their difference is the view's
+//!   cg       uid, joining its own cgroup in each memory/cpu/cpuacct/pids hierarchy
 //!            (v1) or the v2 one, without the cgroup view
 //!   cg-view  cg, with the read-only view of it (policy `cgroup_view`, a
 //!            mount per hierarchy)
@@ -143,7 +144,9 @@ fn main() {
                     .cgroup_views
                     .iter()
                     .any(|o| o.controllers.is_some()),
-                Some(c) => c.split(',').any(|c| matches!(c, "memory" | "cpu" | "pids")),
+                Some(c) => c
+                    .split(',')
+                    .any(|c| matches!(c, "memory" | "cpu" | "cpuacct" | "pids")),
             }
         })
         .map(|v| {
