@@ -277,14 +277,26 @@ pub fn isolate_with<K: Kernel>(
         // Its own cgroup, read-only: the cgroup namespace made above roots
         // the hierarchy there, so no other cgroup (nor a v1 release_agent,
         // which only the hierarchy's root has) is in it.
-        k.mount(
+        let mounted = k.mount(
             Some(&view.fstype),
             &sys::cstring(&view.mount_point).map_err(at("cgroup mount point"))?,
             Some(&view.fstype),
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
             view.controllers.as_deref(),
-        )
-        .map_err(at("mount its cgroup read-only"))?;
+        );
+        match mounted {
+            Ok(()) => {}
+            // A hierarchy this kernel will not mount again from here (v1
+            // options that differ from the host's mount, a user namespace
+            // that may not): its mount point stays an empty directory, as
+            // documented, rather than failing every sandbox on that host.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBUSY | libc::EINVAL | libc::EPERM | libc::ENODEV)
+                ) => {}
+            Err(e) => return Err(at("mount its cgroup read-only")(e)),
+        }
     }
     for (path, fd) in &shadowed {
         rebind(k, path, fd).map_err(at("bind an interpreter path under /tmp"))?;
@@ -1156,6 +1168,67 @@ mod tests {
                 "the message names the step and the errno: {message}"
             );
         }
+    }
+
+    /// Policy `cgroup_view`: the hierarchy of a joined cgroup is mounted
+    /// read-only after /dev/pts and granted read and list; a kernel that
+    /// refuses that mount (EBUSY, EPERM, ...) leaves it out, any other
+    /// errno is an error.
+    #[test]
+    fn a_joined_cgroup_is_mounted_read_only_or_left_out_when_refused() {
+        let with_view = || {
+            let mut p = prepared();
+            p.template.cgroup_views = crate::template::cgroup_views(
+                "40 25 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n",
+            );
+            p
+        };
+        const MOUNT: &str =
+            "mount(cgroup2, /sys/fs/cgroup, cgroup2, RDONLY|NOSUID|NODEV|NOEXEC, -)";
+        let k = Recorder::default();
+        isolate_with(
+            &k,
+            &spec(Some(UID)),
+            &with_view(),
+            "sandbox",
+            LAST_CAP,
+            None,
+        )
+        .expect("isolates");
+        let ran = k.rendered();
+        let at = |call: &str| ran.iter().position(|c| c == call);
+        let mounted = at(MOUNT).unwrap_or_else(|| panic!("no cgroup mount: {ran:#?}"));
+        assert!(at("mount(devpts, /dev/pts, devpts, NOSUID|NOEXEC, newinstance,ptmxmode=0666,mode=620)") < Some(mounted));
+        let opened = at("open(/sys/fs/cgroup, O_PATH|O_DIRECTORY)")
+            .unwrap_or_else(|| panic!("the view is not granted: {ran:#?}"));
+        assert!(mounted < opened);
+
+        for errno in [libc::EBUSY, libc::EPERM] {
+            let k = Recorder::fail_first("mount(cgroup2", errno);
+            isolate_with(
+                &k,
+                &spec(Some(UID)),
+                &with_view(),
+                "sandbox",
+                LAST_CAP,
+                None,
+            )
+            .expect("a refused cgroup view is left out");
+        }
+        let k = Recorder::fail_first("mount(cgroup2", libc::EIO);
+        let err = isolate_with(
+            &k,
+            &spec(Some(UID)),
+            &with_view(),
+            "sandbox",
+            LAST_CAP,
+            None,
+        )
+        .expect_err("EIO mounting the view is an error");
+        assert_eq!(
+            (err.step(), err.io_error().raw_os_error()),
+            ("mount its cgroup read-only", Some(libc::EIO))
+        );
     }
 
     /// The two errors the sequence tolerates, and only with their errno.
