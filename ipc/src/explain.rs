@@ -83,8 +83,10 @@ fn output_over(limit: u64) -> String {
 impl CommandResult {
     /// Why a limit stopped the command, in [`SpawnResult::kill_message`]'s
     /// words: `killed: timed out after 30 s (the timeout)` or `killed:
-    /// output over the limit (1 MiB of stdout+stderr)`; `None` when it ended
-    /// on its own (its `exit_code` or `signal` says how).
+    /// output over the limit (1 MiB of stdout+stderr)`; `output cut at the
+    /// limit (...)` when the output was cut but the command exited before
+    /// the kill reached it (its `exit_code` is its own); `None` when no
+    /// limit touched it (its `exit_code` or `signal` says how it ended).
     pub fn kill_message(&self) -> Option<String> {
         if self.timed_out {
             return Some(format!(
@@ -93,9 +95,15 @@ impl CommandResult {
             ));
         }
         if self.stdout_truncated || self.stderr_truncated {
-            return Some(match self.output_limit_bytes {
-                Some(limit) => output_over(limit),
-                None => "killed: output over the limit".to_string(),
+            let killed = self.exit_code.is_none();
+            return Some(match (killed, self.output_limit_bytes) {
+                (true, Some(limit)) => output_over(limit),
+                (true, None) => "killed: output over the limit".to_string(),
+                (false, Some(limit)) => format!(
+                    "output cut at the limit ({} of stdout+stderr)",
+                    format_bytes(limit)
+                ),
+                (false, None) => "output cut at the limit".to_string(),
             });
         }
         None
@@ -239,6 +247,11 @@ mod tests {
             (
                 serde_json::json!({"stderr_truncated": true}),
                 Some("killed: output over the limit"),
+            ),
+            // It exited before the kill reached it.
+            (
+                serde_json::json!({"stdout_truncated": true, "output_limit_bytes": 1048576, "exit_code": 0, "signal": null}),
+                Some("output cut at the limit (1 MiB of stdout+stderr)"),
             ),
             // Its own end: the status says it.
             (serde_json::json!({}), None),

@@ -96,11 +96,13 @@ pub fn cell(r: &CellResult) -> CallToolResult {
 /// A command: its status line, then stdout and stderr; `is_error` unless it
 /// exited 0.
 pub fn command(r: &CommandResult) -> CallToolResult {
-    let status = match (r.exit_code, r.signal, r.kill_message()) {
-        (_, _, Some(why)) => why,
-        (Some(code), _, _) => format!("exit code {code}"),
-        (None, Some(sig), _) => format!("killed by signal {sig}"),
-        (None, None, _) => "ended without an exit status".to_owned(),
+    let why = r.kill_message();
+    let status = match (r.exit_code, r.signal, &why) {
+        (Some(code), _, _) if !r.timed_out => format!("exit code {code}"),
+        (_, _, Some(why)) => why.clone(),
+        (Some(code), _, None) => format!("exit code {code}"),
+        (None, Some(sig), None) => format!("killed by signal {sig}"),
+        (None, None, None) => "ended without an exit status".to_owned(),
     };
     let mut content = vec![ContentBlock::text(status)];
     if !r.stdout.is_empty() {
@@ -112,10 +114,12 @@ pub fn command(r: &CommandResult) -> CallToolResult {
             lossy(&r.stderr)
         )));
     }
-    if r.stdout_truncated || r.stderr_truncated {
-        content.push(ContentBlock::text(
-            "[forkd] output was cut at the session's output limit (and the command killed)",
-        ));
+    // A cut the status line does not already say: the command exited on
+    // its own before the kill reached it.
+    if let (Some(_), Some(why)) = (r.exit_code, &why) {
+        if !r.timed_out {
+            content.push(ContentBlock::text(format!("[forkd] {why}")));
+        }
     }
     if r.exit_code == Some(0) && !r.timed_out {
         CallToolResult::success(content)
@@ -315,6 +319,36 @@ mod tests {
         assert_eq!(
             texts(&killed)[0],
             "killed: timed out after 2 s (the timeout)"
+        );
+        let flooded = command(&CommandResult {
+            signal: Some(9),
+            stdout: b"y\n".to_vec(),
+            stdout_truncated: true,
+            output_limit_bytes: Some(1 << 20),
+            ..Default::default()
+        });
+        assert_eq!(
+            texts(&flooded),
+            vec![
+                "killed: output over the limit (1 MiB of stdout+stderr)",
+                "y\n"
+            ]
+        );
+        let cut = command(&CommandResult {
+            exit_code: Some(0),
+            stdout: b"y\n".to_vec(),
+            stdout_truncated: true,
+            output_limit_bytes: Some(1 << 20),
+            ..Default::default()
+        });
+        assert_eq!(cut.is_error, Some(false));
+        assert_eq!(
+            texts(&cut),
+            vec![
+                "exit code 0",
+                "y\n",
+                "[forkd] output cut at the limit (1 MiB of stdout+stderr)"
+            ]
         );
     }
 

@@ -557,6 +557,10 @@ class KillMessageTest(unittest.TestCase):
                 "killed: output over the limit (1 MiB of stdout+stderr)",
             ),
             ({"stderr_truncated": True}, "killed: output over the limit"),
+            (
+                {"stdout_truncated": True, "output_limit_bytes": 1048576, "exit_code": 0, "signal": None},
+                "output cut at the limit (1 MiB of stdout+stderr)",
+            ),
             ({}, None),
             ({"exit_code": 3, "signal": None}, None),
         ]:

@@ -527,8 +527,10 @@ class CommandResult:
     def kill_message(self) -> Optional[str]:
         """Why a limit stopped the command, in ``Execution.kill_message``'s
         words: ``"killed: timed out after 30 s (the timeout)"`` or ``"killed:
-        output over the limit (1 MiB of stdout+stderr)"``; ``None`` when it
-        ended on its own (``exit_code`` or ``signal`` says how).
+        output over the limit (1 MiB of stdout+stderr)"``; ``"output cut at
+        the limit (...)"`` when the output was cut but the command exited
+        before the kill reached it (``exit_code`` is its own); ``None`` when
+        no limit touched it (``exit_code`` or ``signal`` says how it ended).
         ipc/src/explain.rs has the same words."""
         if self.timed_out:
             secs = (self.timeout_ms or 0) / 1000
@@ -536,9 +538,10 @@ class CommandResult:
             shown = str(int(secs)) if secs.is_integer() else repr(secs)
             return f"killed: timed out after {shown} s (the timeout)"
         if self.stdout_truncated or self.stderr_truncated:
+            what = "killed: output over the limit" if self.exit_code is None else "output cut at the limit"
             if self.output_limit_bytes is None:
-                return "killed: output over the limit"
-            return f"killed: output over the limit ({format_bytes(self.output_limit_bytes)} of stdout+stderr)"
+                return what
+            return f"{what} ({format_bytes(self.output_limit_bytes)} of stdout+stderr)"
         return None
 
     @property
