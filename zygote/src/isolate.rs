@@ -1176,25 +1176,16 @@ mod tests {
     /// errno is an error.
     #[test]
     fn a_joined_cgroup_is_mounted_read_only_or_left_out_when_refused() {
-        let with_view = || {
-            let mut p = prepared();
-            p.template.cgroup_views = crate::template::cgroup_views(
-                "40 25 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n",
-            );
-            p
-        };
+        let mut with_view = prepared();
+        with_view.template.cgroup_views = crate::template::cgroup_views(
+            "40 25 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n",
+        );
+        let run =
+            |k: &Recorder| isolate_with(k, &spec(Some(UID)), &with_view, "sandbox", LAST_CAP, None);
         const MOUNT: &str =
             "mount(cgroup2, /sys/fs/cgroup, cgroup2, RDONLY|NOSUID|NODEV|NOEXEC, -)";
         let k = Recorder::default();
-        isolate_with(
-            &k,
-            &spec(Some(UID)),
-            &with_view(),
-            "sandbox",
-            LAST_CAP,
-            None,
-        )
-        .expect("isolates");
+        run(&k).expect("isolates");
         let ran = k.rendered();
         let at = |call: &str| ran.iter().position(|c| c == call);
         let mounted = at(MOUNT).unwrap_or_else(|| panic!("no cgroup mount: {ran:#?}"));
@@ -1205,26 +1196,10 @@ mod tests {
 
         for errno in [libc::EBUSY, libc::EPERM] {
             let k = Recorder::fail_first("mount(cgroup2", errno);
-            isolate_with(
-                &k,
-                &spec(Some(UID)),
-                &with_view(),
-                "sandbox",
-                LAST_CAP,
-                None,
-            )
-            .expect("a refused cgroup view is left out");
+            run(&k).expect("a refused cgroup view is left out");
         }
         let k = Recorder::fail_first("mount(cgroup2", libc::EIO);
-        let err = isolate_with(
-            &k,
-            &spec(Some(UID)),
-            &with_view(),
-            "sandbox",
-            LAST_CAP,
-            None,
-        )
-        .expect_err("EIO mounting the view is an error");
+        let err = run(&k).expect_err("EIO mounting the view is an error");
         assert_eq!(
             (err.step(), err.io_error().raw_os_error()),
             ("mount its cgroup read-only", Some(libc::EIO))
