@@ -505,13 +505,19 @@ fn like_host_root(plan: &MountPlan, layer: &OwnedFd) -> std::io::Result<()> {
         )));
     }
     let up = open_upper_dir(layer)?;
+    take_owner_and_mode(&up, &st)
+}
+
+/// Gives `fd` the owner, group and permission bits (setuid/setgid/sticky
+/// included) that `st` records.
+fn take_owner_and_mode(fd: impl rustix::fd::AsFd, st: &rustix::fs::Stat) -> std::io::Result<()> {
     rustix::fs::fchown(
-        &up,
+        &fd,
         Some(rustix::fs::Uid::from_raw(st.st_uid)),
         Some(rustix::fs::Gid::from_raw(st.st_gid)),
     )?;
     rustix::fs::fchmod(
-        &up,
+        &fd,
         rustix::fs::Mode::from_raw_mode(st.st_mode) & rustix::fs::Mode::from_bits_truncate(0o7777),
     )?;
     Ok(())
@@ -859,15 +865,7 @@ fn copy_attrs(from: impl rustix::fd::AsFd, to: impl rustix::fd::AsFd) -> std::io
             rustix::fs::XattrFlags::empty(),
         )?;
     }
-    rustix::fs::fchown(
-        &to,
-        Some(rustix::fs::Uid::from_raw(st.st_uid)),
-        Some(rustix::fs::Gid::from_raw(st.st_gid)),
-    )?;
-    rustix::fs::fchmod(
-        &to,
-        rustix::fs::Mode::from_raw_mode(st.st_mode) & rustix::fs::Mode::from_bits_truncate(0o7777),
-    )?;
+    take_owner_and_mode(&to, &st)?;
     let ts = |s: i64, ns: i64| rustix::fs::Timespec {
         tv_sec: s,
         tv_nsec: ns as _,
